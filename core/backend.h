@@ -87,6 +87,12 @@ class Backend {
   virtual absl::Status CopyToDevice(const Tensor& host, Tensor* device) = 0;
   // Copies device -> existing host tensor (same dtype and element count); waits for the copy.
   virtual absl::Status ToHost(const Tensor& device, Tensor* host) = 0;
+  // Copies device -> device (same dtype and element count), ordered on the compute stream.
+  virtual absl::Status CopyDevice(const Tensor& src, Tensor* dst) {
+    return absl::UnimplementedError("CopyDevice is not implemented by this backend");
+  }
+  // Fills a device tensor with zeros, ordered on the compute stream.
+  virtual absl::Status Zero(Tensor* t) { return absl::UnimplementedError("Zero is not implemented by this backend"); }
   virtual absl::Status Synchronize() = 0;
   virtual MemoryReport memory_report() const = 0;
   // Bytes the backend may still allocate (limit or free device memory).

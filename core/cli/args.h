@@ -1,0 +1,48 @@
+// Command-line arguments in the `--name value` / `--name=value` form the CLIs document
+// (dashes, as in `--max-new-tokens`). Unknown flags, missing values and unparsable numbers are
+// errors that name the flag; the caller prints them and exits non-zero.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace specontext {
+
+class Args {
+ public:
+  struct Flag {
+    std::string name;     // without dashes
+    std::string help;
+    bool is_bool = false; // takes no value
+    bool repeated = false;
+    std::string default_value;
+  };
+
+  void Define(Flag flag);
+  // Parses argv[first..argc). Positional words are kept in positional().
+  absl::Status Parse(int argc, char** argv, int first = 1);
+
+  bool Has(const std::string& name) const;
+  std::string GetString(const std::string& name) const;
+  std::vector<std::string> GetAll(const std::string& name) const;
+  absl::StatusOr<int64_t> GetInt(const std::string& name) const;
+  absl::StatusOr<double> GetDouble(const std::string& name) const;
+  bool GetBool(const std::string& name) const;
+  // Sizes like 4GiB, 512MiB, 1000000 (bytes).
+  absl::StatusOr<int64_t> GetBytes(const std::string& name) const;
+  const std::vector<std::string>& positional() const { return positional_; }
+  std::string Usage() const;
+
+ private:
+  const Flag* Find(const std::string& name) const;
+  std::vector<Flag> flags_;
+  std::map<std::string, std::vector<std::string>> values_;
+  std::vector<std::string> positional_;
+};
+
+}  // namespace specontext

@@ -1,0 +1,19 @@
+// A small persistent thread pool for the CPU backend's element-wise and attention loops.
+// Workers sleep on a condition variable between calls (never spin), so the pool behaves on
+// oversubscribed machines (CI, services sharing cores) where OpenMP's spin-waiting did not.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace specontext {
+
+// Sets the number of threads used by ParallelFor (0 = hardware concurrency). Call before use.
+void SetCpuThreads(int threads);
+int CpuThreads();
+
+// Runs fn(begin, end) over [0, n) split into contiguous ranges across the pool; the caller takes
+// part. Runs inline when n * cost_per_item is below ~50k "operations" or the pool has one thread.
+void ParallelFor(int64_t n, int64_t cost_per_item, const std::function<void(int64_t, int64_t)>& fn);
+
+}  // namespace specontext

@@ -1,0 +1,292 @@
+#include "core/model/engine.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "core/log.h"
+#include "core/status_macros.h"
+#include "core/tokenizer/tokenizer.h"
+
+namespace specontext {
+
+std::string_view FinishReasonName(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kNone: return "none";
+    case FinishReason::kStopToken: return "stop";
+    case FinishReason::kStopString: return "stop_string";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kCancelled: return "cancelled";
+    case FinishReason::kError: return "error";
+  }
+  return "?";
+}
+
+struct Engine::Sequence {
+  uint64_t id = 0;
+  GenerationRequest req;
+  StreamCallback callback;
+  std::unique_ptr<SequenceKv> kv;
+  std::vector<int32_t> tokens;  // prompt, then generated
+  int32_t n_cached = 0;         // tokens whose KV is in `kv`
+  int32_t prompt_len = 0;
+  int32_t capacity = 0;
+  Sampler sampler{SamplingParams{}};
+  std::unique_ptr<StreamDecoder> decoder;
+  std::string text;     // decoded text not yet emitted (held back for stop strings)
+  absl::Time admitted, first_token;
+  GenerationStats stats;
+  bool finished = false;
+};
+
+Engine::Engine(Transformer* model, const Tokenizer* tokenizer, EngineOptions options)
+    : model_(model), tokenizer_(tokenizer), options_(options) {
+  for (int64_t id : model->config().eos_token_ids) eos_ids_.push_back(static_cast<int32_t>(id));
+  if (tokenizer != nullptr) {
+    for (int32_t id : tokenizer->eos_ids()) {
+      if (std::find(eos_ids_.begin(), eos_ids_.end(), id) == eos_ids_.end()) eos_ids_.push_back(id);
+    }
+  }
+}
+
+Engine::~Engine() = default;
+
+absl::Status Engine::Validate(GenerationRequest& r) const {
+  const ModelConfig& c = model_->config();
+  if (r.prompt.empty()) return absl::InvalidArgumentError("the prompt has no tokens");
+  for (int32_t id : r.prompt) {
+    if (id < 0 || id >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token id ", id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
+  }
+  const int64_t context = c.max_position_embeddings;
+  if (static_cast<int64_t>(r.prompt.size()) >= context) {
+    return absl::InvalidArgumentError(absl::StrCat("the prompt has ", r.prompt.size(),
+                                                   " tokens but the model's context is ", context,
+                                                   " tokens (at least one must remain for generation)"));
+  }
+  if (r.max_new_tokens <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("max_new_tokens must be positive, got ", r.max_new_tokens));
+  }
+  r.max_new_tokens = static_cast<int32_t>(std::min<int64_t>(r.max_new_tokens, context - r.prompt.size()));
+  RETURN_IF_ERROR(ValidateSamplingParams(r.sampling));
+  for (int32_t id : r.stop_token_ids) {
+    if (id < 0 || id >= c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("stop token id ", id, " is outside the vocabulary"));
+    }
+  }
+  for (const std::string& s : r.stop_strings) {
+    if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
+  }
+  if (!r.stop_strings.empty() && tokenizer_ == nullptr) {
+    return absl::InvalidArgumentError("stop strings need a tokenizer");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> Engine::Submit(GenerationRequest request, StreamCallback callback) {
+  RETURN_IF_ERROR(Validate(request));
+  auto s = std::make_unique<Sequence>();
+  s->req = std::move(request);
+  s->callback = std::move(callback);
+  s->tokens = s->req.prompt;
+  s->prompt_len = static_cast<int32_t>(s->tokens.size());
+  s->capacity = s->prompt_len + s->req.max_new_tokens;
+  s->sampler = Sampler(s->req.sampling);
+  if (tokenizer_ != nullptr) s->decoder = std::make_unique<StreamDecoder>(*tokenizer_, /*skip_special=*/true);
+  s->stats.prompt_tokens = s->prompt_len;
+  absl::MutexLock lock(&mu_);
+  if (static_cast<int32_t>(queue_.size()) >= options_.max_queue) {
+    return absl::ResourceExhaustedError(absl::StrCat("the request queue is full (", options_.max_queue, ")"));
+  }
+  s->id = next_id_++;
+  const uint64_t id = s->id;
+  queue_.push_back(std::move(s));
+  return id;
+}
+
+void Engine::Cancel(uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  cancelled_.insert(id);
+}
+
+bool Engine::HasWork() const {
+  absl::MutexLock lock(&mu_);
+  return !queue_.empty() || !running_.empty();
+}
+
+int32_t Engine::queued() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int32_t>(queue_.size());
+}
+
+void Engine::Admit() {
+  while (static_cast<int32_t>(running_.size()) < options_.max_batch) {
+    std::unique_ptr<Sequence> s;
+    {
+      absl::MutexLock lock(&mu_);
+      if (queue_.empty()) return;
+      s = std::move(queue_.front());
+      queue_.pop_front();
+      if (cancelled_.erase(s->id) > 0) {
+        Finish(*s, FinishReason::kCancelled);
+        continue;
+      }
+    }
+    auto kv = model_->AllocateKv(s->capacity);
+    if (!kv.ok()) {
+      if (absl::IsResourceExhausted(kv.status()) && !running_.empty()) {
+        absl::MutexLock lock(&mu_);  // wait for running sequences to free memory
+        queue_.push_front(std::move(s));
+        return;
+      }
+      Finish(*s, FinishReason::kError, kv.status());
+      continue;
+    }
+    s->kv = *std::move(kv);
+    s->admitted = absl::Now();
+    running_.push_back(std::move(s));
+  }
+}
+
+void Engine::Emit(Sequence& s, int32_t token) {
+  s.tokens.push_back(token);
+  ++s.stats.generated_tokens;
+  const absl::Time now = absl::Now();
+  if (s.stats.generated_tokens == 1) {
+    s.first_token = now;
+    s.stats.time_to_first_token_ms = absl::ToDoubleMilliseconds(now - s.admitted);
+  }
+  s.stats.decode_ms = absl::ToDoubleMilliseconds(now - s.first_token);
+  const bool is_eos = !s.req.ignore_eos && std::find(eos_ids_.begin(), eos_ids_.end(), token) != eos_ids_.end();
+  const bool is_stop = std::find(s.req.stop_token_ids.begin(), s.req.stop_token_ids.end(), token) !=
+                       s.req.stop_token_ids.end();
+  StreamEvent ev;
+  ev.token = token;
+  if (is_eos || is_stop) {
+    if (s.callback) s.callback(ev);
+    Finish(s, FinishReason::kStopToken);
+    return;
+  }
+  if (s.decoder != nullptr) {
+    s.text += s.decoder->Push(token);
+    // Emit what cannot be the start of a stop string; stop at the first complete one.
+    size_t stop_at = std::string::npos;
+    for (const std::string& stop : s.req.stop_strings) stop_at = std::min(stop_at, s.text.find(stop));
+    if (stop_at != std::string::npos) {
+      ev.text = s.text.substr(0, stop_at);
+      s.text.clear();
+      if (s.callback) s.callback(ev);
+      Finish(s, FinishReason::kStopString);
+      return;
+    }
+    size_t hold = 0;
+    for (const std::string& stop : s.req.stop_strings) {
+      for (size_t len = std::min(stop.size() - 1, s.text.size()); len > hold; --len) {
+        if (s.text.compare(s.text.size() - len, len, stop, 0, len) == 0) {
+          hold = len;
+          break;
+        }
+      }
+    }
+    ev.text = s.text.substr(0, s.text.size() - hold);
+    s.text.erase(0, s.text.size() - hold);
+  }
+  if (s.callback) s.callback(ev);
+  if (s.stats.generated_tokens >= s.req.max_new_tokens ||
+      static_cast<int32_t>(s.tokens.size()) >= s.capacity) {
+    Finish(s, FinishReason::kLength);
+  }
+}
+
+void Engine::Finish(Sequence& s, FinishReason reason, absl::Status status) {
+  if (s.finished) return;
+  s.finished = true;
+  StreamEvent ev;
+  ev.done = true;
+  ev.reason = reason;
+  ev.status = std::move(status);
+  if (reason != FinishReason::kStopString && s.decoder != nullptr) ev.text = s.text + s.decoder->Flush();
+  s.text.clear();
+  ev.stats = s.stats;
+  s.kv.reset();
+  if (s.callback) s.callback(ev);
+}
+
+absl::Status Engine::Step() {
+  Admit();
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& s : running_) {
+      if (cancelled_.erase(s->id) > 0) Finish(*s, FinishReason::kCancelled);
+    }
+  }
+  std::erase_if(running_, [](const auto& s) { return s->finished; });
+  if (running_.empty()) return absl::OkStatus();
+
+  // Decode tokens first (one each), then prompt chunks within the step's token budget.
+  std::vector<Sequence*> included;
+  std::vector<ForwardSeq> fwd;
+  std::vector<int32_t> taken;
+  for (int pass = 0; pass < 2; ++pass) {
+    int32_t budget = options_.max_tokens_per_step;
+    for (auto& sp : running_) {
+      Sequence& s = *sp;
+      const int32_t pending = static_cast<int32_t>(s.tokens.size()) - s.n_cached;
+      const bool decoding = s.n_cached >= s.prompt_len;
+      if (pending <= 0 || decoding != (pass == 0)) continue;
+      int32_t take = pending;
+      if (!decoding) {
+        if (budget <= 0) continue;
+        take = std::min(pending, budget);
+        budget -= take;
+      }
+      included.push_back(&s);
+      taken.push_back(take);
+      fwd.push_back({std::span<const int32_t>(s.tokens.data() + s.n_cached, take), s.n_cached, s.kv.get()});
+    }
+  }
+  const int64_t vocab = model_->config().vocab_size;
+  Tensor logits = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(fwd.size()), vocab});
+  absl::Status st = model_->Forward(fwd, /*all_tokens=*/false, &logits);
+  if (!st.ok()) {
+    SPC_LOG(ERROR) << "forward failed" << Kv("status", st.ToString()) << Kv("sequences", fwd.size());
+    for (Sequence* s : included) Finish(*s, FinishReason::kError, st);
+    std::erase_if(running_, [](const auto& s) { return s->finished; });
+    return st;
+  }
+  for (size_t i = 0; i < included.size(); ++i) {
+    Sequence& s = *included[i];
+    s.n_cached += taken[i];
+    if (s.n_cached < static_cast<int32_t>(s.tokens.size())) continue;  // prompt not finished yet
+    const int32_t token =
+        s.sampler.Sample(std::span<const float>(logits.as<float>() + i * vocab, static_cast<size_t>(vocab)));
+    Emit(s, token);
+  }
+  std::erase_if(running_, [](const auto& s) { return s->finished; });
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GenerationResult> Engine::Generate(GenerationRequest request, const StreamCallback& callback) {
+  GenerationResult result;
+  bool done = false;
+  absl::Status error;
+  ASSIGN_OR_RETURN(uint64_t id, Submit(std::move(request), [&](const StreamEvent& ev) {
+                     if (ev.token >= 0) result.tokens.push_back(ev.token);
+                     result.text += ev.text;
+                     if (ev.done) {
+                       done = true;
+                       result.reason = ev.reason;
+                       result.stats = ev.stats;
+                       error = ev.status;
+                     }
+                     if (callback) callback(ev);
+                   }));
+  (void)id;
+  while (!done) RETURN_IF_ERROR(Step());
+  RETURN_IF_ERROR(error);
+  return result;
+}
+
+}  // namespace specontext

@@ -1,0 +1,109 @@
+// Continuous-batching generation over one Transformer: requests join and leave between steps;
+// each step runs one ragged forward mixing prompt chunks and decode tokens.
+//
+// Threading: Submit() and Cancel() may be called from any thread; Step() and Generate() from one
+// engine thread. Callbacks run on the engine thread.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "core/model/sampler.h"
+#include "core/model/transformer.h"
+
+namespace specontext {
+
+class Tokenizer;
+class StreamDecoder;
+
+struct GenerationRequest {
+  std::vector<int32_t> prompt;             // token ids, non-empty
+  SamplingParams sampling;
+  int32_t max_new_tokens = 128;            // clamped to the model's context
+  std::vector<int32_t> stop_token_ids;     // in addition to the model's EOS ids
+  std::vector<std::string> stop_strings;   // need a tokenizer; the stop string is not emitted
+  bool ignore_eos = false;
+};
+
+enum class FinishReason : uint8_t { kNone, kStopToken, kStopString, kLength, kCancelled, kError };
+std::string_view FinishReasonName(FinishReason reason);
+
+struct GenerationStats {
+  int32_t prompt_tokens = 0;
+  int32_t generated_tokens = 0;
+  double time_to_first_token_ms = 0;  // from admission to the first sampled token
+  double decode_ms = 0;               // from the first to the last token
+};
+
+struct StreamEvent {
+  int32_t token = -1;          // the sampled token (-1 on a final event without a token)
+  std::string text;            // newly complete text (UTF-8), possibly empty
+  bool done = false;
+  FinishReason reason = FinishReason::kNone;
+  absl::Status status;         // set when reason is kError
+  GenerationStats stats;       // filled on the final event
+};
+using StreamCallback = std::function<void(const StreamEvent&)>;
+
+struct GenerationResult {
+  std::vector<int32_t> tokens;
+  std::string text;
+  FinishReason reason = FinishReason::kNone;
+  GenerationStats stats;
+};
+
+struct EngineOptions {
+  int32_t max_batch = 32;            // sequences decoding at once
+  int32_t max_tokens_per_step = 512; // prompt-chunk budget of one step
+  int32_t max_queue = 1024;          // Submit fails with ResourceExhausted past this
+};
+
+class Engine {
+ public:
+  // `tokenizer` may be null (no text, no stop strings). Both must outlive the engine.
+  Engine(Transformer* model, const Tokenizer* tokenizer, EngineOptions options);
+  ~Engine();
+
+  // Validates and queues a request. Errors: InvalidArgument (bad request), ResourceExhausted (queue full).
+  absl::StatusOr<uint64_t> Submit(GenerationRequest request, StreamCallback callback);
+  // Finishes a request with kCancelled at the next step; unknown ids are ignored.
+  void Cancel(uint64_t id);
+  // Admits what fits, runs one forward, samples and streams. A no-op when idle.
+  absl::Status Step();
+  bool HasWork() const;
+  int32_t running() const { return static_cast<int32_t>(running_.size()); }
+  int32_t queued() const;
+
+  // Runs one request to completion on the calling thread (the CLI's path).
+  absl::StatusOr<GenerationResult> Generate(GenerationRequest request, const StreamCallback& callback = {});
+
+  Transformer* model() const { return model_; }
+
+ private:
+  struct Sequence;
+  absl::Status Validate(GenerationRequest& request) const;
+  void Admit();
+  void Emit(Sequence& s, int32_t token);
+  void Finish(Sequence& s, FinishReason reason, absl::Status status = absl::OkStatus());
+
+  Transformer* model_;
+  const Tokenizer* tokenizer_;
+  EngineOptions options_;
+  std::vector<int32_t> eos_ids_;
+
+  mutable absl::Mutex mu_;
+  std::deque<std::unique_ptr<Sequence>> queue_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+
+  std::vector<std::unique_ptr<Sequence>> running_;  // engine thread only
+};
+
+}  // namespace specontext

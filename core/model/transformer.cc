@@ -1,0 +1,205 @@
+#include "core/model/transformer.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "core/log.h"
+#include "core/status_macros.h"
+
+namespace specontext {
+namespace {
+
+std::string LayerName(int l, const char* suffix) { return absl::StrCat("model.layers.", l, ".", suffix); }
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const Checkpoint& checkpoint,
+                                                               Backend* backend,
+                                                               const LoadProgress& progress) {
+  if (checkpoint.weights == nullptr) return absl::InvalidArgumentError("checkpoint has no weights");
+  std::unique_ptr<Transformer> model(new Transformer(checkpoint.config, backend));
+  RETURN_IF_ERROR(model->LoadWeights(*checkpoint.weights, progress));
+  ASSIGN_OR_RETURN(RopeFrequencies freqs, ComputeRopeFrequencies(model->config_));
+  Tensor host(freqs.inv_freq.data(), DType::kF32, {static_cast<int64_t>(freqs.inv_freq.size())});
+  ASSIGN_OR_RETURN(model->inv_freq_, backend->ToDevice(host, DType::kF32, MemoryKind::kWeights));
+  model->rope_.inv_freq = &model->inv_freq_;
+  model->rope_.interleaved = model->config_.rope_interleaved;
+  model->rope_.attention_scaling = freqs.attention_scaling;
+  return model;
+}
+
+absl::Status Transformer::LoadWeights(const WeightSource& weights, const LoadProgress& progress) {
+  const ModelConfig& c = config_;
+  std::vector<std::pair<std::string, Tensor*>> wanted;
+  wanted.emplace_back("model.embed_tokens.weight", &embed_);
+  layers_.resize(c.num_hidden_layers);
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    LayerWeights& w = layers_[l];
+    for (auto [suffix, t] : std::initializer_list<std::pair<const char*, Tensor*>>{
+             {"input_layernorm.weight", &w.input_norm},
+             {"post_attention_layernorm.weight", &w.post_attention_norm},
+             {"self_attn.q_proj.weight", &w.wq},
+             {"self_attn.k_proj.weight", &w.wk},
+             {"self_attn.v_proj.weight", &w.wv},
+             {"self_attn.o_proj.weight", &w.wo},
+             {"mlp.gate_proj.weight", &w.w_gate},
+             {"mlp.up_proj.weight", &w.w_up},
+             {"mlp.down_proj.weight", &w.w_down}}) {
+      wanted.emplace_back(LayerName(l, suffix), t);
+    }
+    if (c.attention_bias) {
+      wanted.emplace_back(LayerName(l, "self_attn.q_proj.bias"), &w.bq);
+      wanted.emplace_back(LayerName(l, "self_attn.k_proj.bias"), &w.bk);
+      wanted.emplace_back(LayerName(l, "self_attn.v_proj.bias"), &w.bv);
+    }
+    if (c.qk_norm) {
+      wanted.emplace_back(LayerName(l, "self_attn.q_norm.weight"), &w.q_norm);
+      wanted.emplace_back(LayerName(l, "self_attn.k_norm.weight"), &w.k_norm);
+    }
+  }
+  wanted.emplace_back("model.norm.weight", &final_norm_);
+  if (!c.tie_word_embeddings) wanted.emplace_back("lm_head.weight", &lm_head_);
+
+  int64_t total = 0, done = 0;
+  std::vector<Tensor> host(wanted.size());
+  for (size_t i = 0; i < wanted.size(); ++i) {
+    ASSIGN_OR_RETURN(host[i], weights.Get(wanted[i].first));
+    total += host[i].nbytes();
+  }
+  const DType dtype = backend_->compute_dtype();
+  for (size_t i = 0; i < wanted.size(); ++i) {
+    auto t = backend_->ToDevice(host[i], dtype, MemoryKind::kWeights);
+    if (!t.ok()) {
+      return absl::Status(t.status().code(), absl::StrCat("loading ", wanted[i].first, ": ",
+                                                          t.status().message()));
+    }
+    *wanted[i].second = *std::move(t);
+    done += host[i].nbytes();
+    if (progress) progress(done, total);
+  }
+  if (c.tie_word_embeddings) lm_head_ = embed_;
+  SPC_LOG(INFO) << "weights loaded" << Kv("tensors", wanted.size()) << Kv("bytes", total)
+                << Kv("backend", backend_->name());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<SequenceKv>> Transformer::AllocateKv(int32_t capacity) const {
+  if (capacity <= 0) return absl::InvalidArgumentError("KV capacity must be positive");
+  auto kv = std::make_unique<SequenceKv>();
+  kv->capacity = capacity;
+  const Shape shape{config_.num_key_value_heads, capacity, config_.head_dim};
+  for (int l = 0; l < config_.num_hidden_layers; ++l) {
+    ASSIGN_OR_RETURN(Tensor k, backend_->Alloc(backend_->compute_dtype(), shape, MemoryKind::kKvCache));
+    ASSIGN_OR_RETURN(Tensor v, backend_->Alloc(backend_->compute_dtype(), shape, MemoryKind::kKvCache));
+    kv->k.push_back(std::move(k));
+    kv->v.push_back(std::move(v));
+  }
+  return kv;
+}
+
+int64_t Transformer::KvBytesPerToken() const {
+  return 2 * config_.num_hidden_layers * config_.kv_dim() *
+         static_cast<int64_t>(DTypeSize(backend_->compute_dtype()));
+}
+
+absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, const Tensor& positions) {
+  const ModelConfig& c = config_;
+  const LayerWeights& w = layers_[l];
+  Backend& b = *backend_;
+  const DType dt = b.compute_dtype();
+  const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, hd = c.head_dim;
+  ASSIGN_OR_RETURN(Tensor q, b.Alloc(dt, {n, nh * hd}, MemoryKind::kWorkspace));
+  ASSIGN_OR_RETURN(Tensor k, b.Alloc(dt, {n, nkv * hd}, MemoryKind::kWorkspace));
+  ASSIGN_OR_RETURN(Tensor v, b.Alloc(dt, {n, nkv * hd}, MemoryKind::kWorkspace));
+  RETURN_IF_ERROR(b.Linear(h, w.wq, w.bq.empty() ? nullptr : &w.bq, &q));
+  RETURN_IF_ERROR(b.Linear(h, w.wk, w.bk.empty() ? nullptr : &w.bk, &k));
+  RETURN_IF_ERROR(b.Linear(h, w.wv, w.bv.empty() ? nullptr : &w.bv, &v));
+  ASSIGN_OR_RETURN(Tensor q3, q.Reshape({n, nh, hd}));
+  ASSIGN_OR_RETURN(Tensor k3, k.Reshape({n, nkv, hd}));
+  ASSIGN_OR_RETURN(Tensor v3, v.Reshape({n, nkv, hd}));
+  if (c.qk_norm) {
+    ASSIGN_OR_RETURN(Tensor qr, q.Reshape({n * nh, hd}));
+    ASSIGN_OR_RETURN(Tensor kr, k.Reshape({n * nkv, hd}));
+    RETURN_IF_ERROR(b.RmsNorm(qr, w.q_norm, static_cast<float>(c.rms_norm_eps), &qr));
+    RETURN_IF_ERROR(b.RmsNorm(kr, w.k_norm, static_cast<float>(c.rms_norm_eps), &kr));
+  }
+  RETURN_IF_ERROR(b.Rope(&q3, positions, rope_));
+  RETURN_IF_ERROR(b.Rope(&k3, positions, rope_));
+  RETURN_IF_ERROR(b.KvAppend(l, k3, v3));
+  ASSIGN_OR_RETURN(Tensor attn, b.Alloc(dt, {n, nh, hd}, MemoryKind::kWorkspace));
+  RETURN_IF_ERROR(b.Attention(l, q3, 1.0f / std::sqrt(static_cast<float>(hd)), &attn));
+  ASSIGN_OR_RETURN(Tensor attn2, attn.Reshape({n, nh * hd}));
+  ASSIGN_OR_RETURN(Tensor o, b.Alloc(dt, {n, c.hidden_size}, MemoryKind::kWorkspace));
+  RETURN_IF_ERROR(b.Linear(attn2, w.wo, nullptr, &o));
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  RETURN_IF_ERROR(b.AddRmsNorm(&residual, o, w.post_attention_norm, eps, &h));
+
+  ASSIGN_OR_RETURN(Tensor gate, b.Alloc(dt, {n, c.intermediate_size}, MemoryKind::kWorkspace));
+  ASSIGN_OR_RETURN(Tensor up, b.Alloc(dt, {n, c.intermediate_size}, MemoryKind::kWorkspace));
+  RETURN_IF_ERROR(b.Linear(h, w.w_gate, nullptr, &gate));
+  RETURN_IF_ERROR(b.Linear(h, w.w_up, nullptr, &up));
+  RETURN_IF_ERROR(b.SwiGlu(gate, up, &gate));
+  RETURN_IF_ERROR(b.Linear(gate, w.w_down, nullptr, &o));
+  const Tensor& next_norm = l + 1 < c.num_hidden_layers ? layers_[l + 1].input_norm : final_norm_;
+  return b.AddRmsNorm(&residual, o, next_norm, eps, &h);
+}
+
+absl::Status Transformer::Forward(std::span<const ForwardSeq> seqs, bool all_tokens, Tensor* logits) {
+  const ModelConfig& c = config_;
+  Backend& b = *backend_;
+  BatchDesc batch;
+  std::vector<int32_t> ids, positions, last_rows;
+  for (const ForwardSeq& s : seqs) {
+    if (s.kv == nullptr || s.tokens.empty()) {
+      return absl::InvalidArgumentError("forward: every sequence needs KV storage and at least one token");
+    }
+    if (s.past_len + static_cast<int64_t>(s.tokens.size()) > s.kv->capacity) {
+      return absl::OutOfRangeError(absl::StrCat("forward: ", s.past_len + s.tokens.size(),
+                                                " tokens exceed the sequence's KV capacity ", s.kv->capacity));
+    }
+    batch.seqs.push_back({static_cast<int32_t>(ids.size()), static_cast<int32_t>(s.tokens.size()), s.past_len});
+    batch.kv.push_back(s.kv);
+    for (size_t i = 0; i < s.tokens.size(); ++i) {
+      if (s.tokens[i] < 0 || s.tokens[i] >= c.vocab_size) {
+        return absl::OutOfRangeError(absl::StrCat("token id ", s.tokens[i], " outside the vocabulary [0, ",
+                                                  c.vocab_size, ")"));
+      }
+      ids.push_back(s.tokens[i]);
+      positions.push_back(s.past_len + static_cast<int32_t>(i));
+    }
+    last_rows.push_back(static_cast<int32_t>(ids.size()) - 1);
+  }
+  const int64_t n = static_cast<int64_t>(ids.size());
+  batch.n_tokens = static_cast<int32_t>(n);
+  const int64_t n_out = all_tokens ? n : static_cast<int64_t>(seqs.size());
+  if (logits->dtype() != DType::kF32 || logits->numel() != n_out * c.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("forward: logits buffer ", logits->DebugString(),
+                                                   ", expected f32[", n_out, ", ", c.vocab_size, "]"));
+  }
+  RETURN_IF_ERROR(b.PrepareBatch(batch));
+
+  const DType dt = b.compute_dtype();
+  ASSIGN_OR_RETURN(Tensor d_ids, b.ToDevice(Tensor(ids.data(), DType::kI32, {n}), DType::kI32,
+                                            MemoryKind::kWorkspace));
+  ASSIGN_OR_RETURN(Tensor d_pos, b.ToDevice(Tensor(positions.data(), DType::kI32, {n}), DType::kI32,
+                                            MemoryKind::kWorkspace));
+  ASSIGN_OR_RETURN(Tensor residual, b.Alloc(dt, {n, c.hidden_size}, MemoryKind::kWorkspace));
+  ASSIGN_OR_RETURN(Tensor h, b.Alloc(dt, {n, c.hidden_size}, MemoryKind::kWorkspace));
+  RETURN_IF_ERROR(b.Embedding(embed_, d_ids, &residual));
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  RETURN_IF_ERROR(b.RmsNorm(residual, layers_[0].input_norm, eps, &h));
+  for (int l = 0; l < c.num_hidden_layers; ++l) RETURN_IF_ERROR(Layer(l, n, residual, h, d_pos));
+
+  Tensor rows = h;
+  if (!all_tokens) {
+    ASSIGN_OR_RETURN(Tensor d_last, b.ToDevice(Tensor(last_rows.data(), DType::kI32, {n_out}), DType::kI32,
+                                               MemoryKind::kWorkspace));
+    ASSIGN_OR_RETURN(rows, b.Alloc(dt, {n_out, c.hidden_size}, MemoryKind::kWorkspace));
+    RETURN_IF_ERROR(b.Embedding(h, d_last, &rows));
+  }
+  ASSIGN_OR_RETURN(Tensor d_logits, b.Alloc(DType::kF32, {n_out, c.vocab_size}, MemoryKind::kWorkspace));
+  RETURN_IF_ERROR(b.Linear(rows, lm_head_, nullptr, &d_logits));
+  return b.ToHost(d_logits, logits);
+}
+
+}  // namespace specontext

@@ -1,0 +1,69 @@
+// The decoder-only transformer of every supported family (Llama 2/3/3.1/3.2, Qwen2/2.5, Qwen3),
+// written once against the Backend interface.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/backend.h"
+#include "core/io/weight_source.h"
+#include "core/model/rope_frequencies.h"
+
+namespace specontext {
+
+struct LayerWeights {
+  Tensor input_norm, post_attention_norm;   // [d]
+  Tensor wq, wk, wv, wo;                     // [q_dim, d], [kv_dim, d], [kv_dim, d], [d, q_dim]
+  Tensor bq, bk, bv;                         // biases or empty
+  Tensor q_norm, k_norm;                     // [head_dim] or empty
+  Tensor w_gate, w_up, w_down;               // [I, d], [I, d], [d, I]
+};
+
+// Called while weights load: bytes done, bytes in all.
+using LoadProgress = std::function<void(int64_t done, int64_t total)>;
+
+// One sequence's part of a forward pass.
+struct ForwardSeq {
+  std::span<const int32_t> tokens;  // new tokens
+  int32_t past_len = 0;             // tokens already in kv
+  SequenceKv* kv = nullptr;
+};
+
+class Transformer {
+ public:
+  // Uploads the checkpoint's weights to `backend` (which must outlive the model).
+  static absl::StatusOr<std::unique_ptr<Transformer>> Load(const Checkpoint& checkpoint,
+                                                           Backend* backend,
+                                                           const LoadProgress& progress = {});
+
+  const ModelConfig& config() const { return config_; }
+  Backend* backend() const { return backend_; }
+
+  // KV storage for one sequence of up to `capacity` tokens (MemoryKind::kKvCache).
+  absl::StatusOr<std::unique_ptr<SequenceKv>> AllocateKv(int32_t capacity) const;
+  // Bytes of KV one token takes across all layers.
+  int64_t KvBytesPerToken() const;
+
+  // Runs the new tokens of every sequence and appends their KV. Writes f32 logits to `logits`
+  // (host): [n_seqs, vocab] for the last token of each sequence, or [n_tokens, vocab] for every
+  // token when `all_tokens` (tests, scoring).
+  absl::Status Forward(std::span<const ForwardSeq> seqs, bool all_tokens, Tensor* logits);
+
+ private:
+  Transformer(const ModelConfig& config, Backend* backend) : config_(config), backend_(backend) {}
+  absl::Status LoadWeights(const WeightSource& weights, const LoadProgress& progress);
+  absl::Status Layer(int l, int64_t n, Tensor& residual, Tensor& h, const Tensor& positions);
+
+  ModelConfig config_;
+  Backend* backend_;
+  Tensor embed_, final_norm_, lm_head_;
+  std::vector<LayerWeights> layers_;
+  Tensor inv_freq_;
+  RopeArgs rope_;
+};
+
+}  // namespace specontext

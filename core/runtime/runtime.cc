@@ -1,0 +1,154 @@
+#include "core/runtime/runtime.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/cpu/parallel_for.h"
+#include "core/log.h"
+#include "core/status_macros.h"
+#ifdef SPECONTEXT_HAVE_CUDA
+#include "core/cuda/cuda_backend.h"
+#endif
+
+extern "C" void openblas_set_num_threads(int num_threads);
+
+namespace specontext {
+
+std::vector<std::string> AvailableBackends() {
+#ifdef SPECONTEXT_HAVE_CUDA
+  return {"cpu", "cuda"};
+#else
+  return {"cpu"};
+#endif
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int64_t memory_limit) {
+  if (name == "cpu") return MakeCpuBackend(memory_limit);
+#ifdef SPECONTEXT_HAVE_CUDA
+  if (name == "cuda" || name == "auto") {
+    CudaBackendOptions options;
+    options.memory_limit = memory_limit;
+    auto backend = MakeCudaBackend(options);
+    if (backend.ok() || name == "cuda") return backend;
+    SPC_LOG(INFO) << "no usable GPU, using the CPU backend" << Kv("reason", backend.status().ToString());
+  }
+#else
+  if (name == "cuda") {
+    return absl::UnavailableError("this build has no CUDA backend (configure with nvcc to build it)");
+  }
+#endif
+  if (name == "auto") return MakeCpuBackend(memory_limit);
+  return absl::InvalidArgumentError(absl::StrCat("unknown backend \"", name, "\" (available: ",
+                                                 absl::StrJoin(AvailableBackends(), ", "), ", auto)"));
+}
+
+namespace {
+
+class ProgressLine {
+ public:
+  explicit ProgressLine(bool enabled) : enabled_(enabled), tty_(isatty(STDERR_FILENO)) {}
+  // Large checkpoints only; a terminal gets one rewritten line, a log one line per 10%.
+  void Update(int64_t done, int64_t total) {
+    if (!enabled_ || total < (int64_t{64} << 20)) return;
+    const int pct = static_cast<int>(100 * done / total);
+    if (pct < next_pct_ && done != total) return;
+    next_pct_ = pct + (tty_ ? 2 : 10);
+    std::fprintf(stderr, "%sloading weights: %3d%% (%.2f / %.2f GB)%s", tty_ ? "\r" : "", pct, done / 1e9,
+                 total / 1e9, done == total || !tty_ ? "\n" : "");
+    std::fflush(stderr);
+  }
+
+ private:
+  bool enabled_;
+  bool tty_;
+  int next_pct_ = 0;
+};
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path) {
+  if (path.size() > 5 && path.substr(path.size() - 5) == ".json") return LoadHfTokenizer(path);
+  if (std::filesystem::is_directory(path)) return LoadHfTokenizer(path + "/tokenizer.json");
+  return LoadLlama2cTokenizer(path);
+}
+
+}  // namespace
+
+absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
+  if (options.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
+  const int threads = options.threads > 0 ? options.threads
+                                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  openblas_set_num_threads(threads);
+  SetCpuThreads(threads);
+  Runtime rt;
+  ASSIGN_OR_RETURN(rt.checkpoint, OpenCheckpoint(options.model_path));
+  std::string tok_path = options.tokenizer_path;
+  if (tok_path.empty()) tok_path = rt.checkpoint.tokenizer_path;
+  if (!tok_path.empty()) {
+    auto tok = LoadTokenizer(tok_path);
+    if (!tok.ok()) {
+      return absl::Status(tok.status().code(),
+                          absl::StrCat("tokenizer ", tok_path, ": ", tok.status().message()));
+    }
+    rt.tokenizer = *std::move(tok);
+    if (rt.tokenizer->vocab_size() > rt.checkpoint.config.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("the tokenizer has ", rt.tokenizer->vocab_size(),
+                                                     " tokens but the model's vocabulary has only ",
+                                                     rt.checkpoint.config.vocab_size));
+    }
+  }
+  ASSIGN_OR_RETURN(rt.backend, MakeBackend(options.backend, options.gpu_memory_limit));
+  ProgressLine progress(options.show_progress);
+  ASSIGN_OR_RETURN(rt.model, Transformer::Load(rt.checkpoint, rt.backend.get(),
+                                               [&](int64_t done, int64_t total) { progress.Update(done, total); }));
+  return rt;
+}
+
+absl::StatusOr<std::vector<int32_t>> EncodePrompt(const Runtime& rt, const std::string& text, bool templated) {
+  std::vector<int32_t> ids;
+  if (rt.tokenizer != nullptr) {
+    ASSIGN_OR_RETURN(ids, rt.tokenizer->Encode(text, !templated && rt.tokenizer->default_add_bos()));
+  } else if (!text.empty()) {
+    return absl::InvalidArgumentError("the model has no tokenizer: pass --tokenizer FILE");
+  }
+  if (ids.empty()) {
+    const int64_t bos = rt.tokenizer != nullptr && rt.tokenizer->bos_id() >= 0 ? rt.tokenizer->bos_id()
+                                                                                 : rt.checkpoint.config.bos_token_id;
+    if (bos < 0) return absl::InvalidArgumentError("the prompt is empty and the model has no BOS token");
+    ids.push_back(static_cast<int32_t>(bos));
+  }
+  return ids;
+}
+
+}  // namespace specontext
+
+namespace specontext {
+
+absl::StatusOr<ChatTemplateKind> ResolveChatTemplate(const std::string& name, const Runtime& rt) {
+  if (name != "auto") return ParseChatTemplateKind(name);
+  if (!rt.checkpoint.tokenizer_path.empty()) {
+    const auto config = std::filesystem::path(rt.checkpoint.tokenizer_path).parent_path() / "tokenizer_config.json";
+    std::ifstream in(config);
+    if (in.good()) {
+      std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      auto kind = DetectChatTemplateFromConfig(text);
+      if (kind.ok() && *kind != ChatTemplateKind::kNone) return *kind;
+    }
+  }
+  switch (rt.checkpoint.config.arch) {
+    case Architecture::kQwen2: return ChatTemplateKind::kChatml;
+    case Architecture::kQwen3: return ChatTemplateKind::kQwen3;
+    case Architecture::kLlama:
+      if (rt.tokenizer != nullptr && rt.tokenizer->TokenToId("<|start_header_id|>").has_value()) {
+        return ChatTemplateKind::kLlama3;
+      }
+      break;
+  }
+  return absl::InvalidArgumentError("cannot tell this model's chat format: pass --chat-template NAME");
+}
+
+}  // namespace specontext

@@ -1,0 +1,48 @@
+// Everything a program needs to generate: a backend, the checkpoint, the model and its tokenizer.
+// Shared by the CLI, the services and the benchmarks.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/backend.h"
+#include "core/io/weight_source.h"
+#include "core/model/transformer.h"
+#include "core/tokenizer/chat_template.h"
+#include "core/tokenizer/tokenizer.h"
+
+namespace specontext {
+
+struct RuntimeOptions {
+  std::string model_path;       // HF directory or llama2.c .bin
+  std::string tokenizer_path;   // optional: tokenizer.json or llama2.c tokenizer .bin
+  std::string backend = "auto"; // "cpu", "cuda" or "auto" (cuda when built and a GPU is present)
+  int64_t gpu_memory_limit = 0; // bytes, 0 = all
+  int threads = 0;              // CPU threads, 0 = all cores
+  bool show_progress = false;   // a progress line on stderr while weights load
+};
+
+struct Runtime {
+  std::unique_ptr<Backend> backend;
+  Checkpoint checkpoint;
+  std::unique_ptr<Transformer> model;
+  std::unique_ptr<Tokenizer> tokenizer;  // null when none was found
+};
+
+// Names of the backends compiled into this build ("cpu", and "cuda" when built with CUDA).
+std::vector<std::string> AvailableBackends();
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int64_t memory_limit);
+absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options);
+
+// Tokenizes a prompt (with the tokenizer's default BOS unless `templated`: chat templates write
+// their own). Empty text gives just BOS (the config's when the tokenizer has none).
+absl::StatusOr<std::vector<int32_t>> EncodePrompt(const Runtime& runtime, const std::string& text,
+                                                  bool templated = false);
+
+// "auto" finds the chat format from tokenizer_config.json's chat_template, else from the
+// architecture; other names are parsed (llama3, chatml, qwen3, deepseek-r1, none).
+absl::StatusOr<ChatTemplateKind> ResolveChatTemplate(const std::string& name, const Runtime& runtime);
+
+}  // namespace specontext

@@ -1,0 +1,156 @@
+// Continuous batching gives each request the tokens it would get alone; bad requests are refused.
+#include "core/model/engine.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "tests/model/random_model.h"
+
+namespace specontext {
+namespace {
+
+struct EngineFixture : ::testing::Test {
+  void SetUp() override {
+    backend = MakeCpuBackend();
+    ModelConfig c = testing::TinyConfig();
+    c.eos_token_ids = {};  // random weights: never stop early
+    Checkpoint ck = testing::RandomCheckpoint(c, 11);
+    model = std::move(Transformer::Load(ck, backend.get())).value();
+  }
+  GenerationRequest Request(std::vector<int32_t> prompt, int max_new, float temperature = 0, uint64_t seed = 0) {
+    GenerationRequest r;
+    r.prompt = std::move(prompt);
+    r.max_new_tokens = max_new;
+    r.sampling.temperature = temperature;
+    r.sampling.seed = seed;
+    return r;
+  }
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Transformer> model;
+};
+
+TEST_F(EngineFixture, ConcurrentRequestsEqualSingleRuns) {
+  std::vector<GenerationRequest> reqs = {Request({1, 5, 9}, 12), Request({3}, 7),
+                                         Request({4, 4, 4, 4, 4, 4, 4, 8, 30, 60}, 15),
+                                         Request({7, 8}, 10, 0.9f, 42)};
+  std::vector<std::vector<int32_t>> alone;
+  for (const auto& r : reqs) {
+    Engine e(model.get(), nullptr, EngineOptions{});
+    alone.push_back(e.Generate(r).value().tokens);
+    EXPECT_EQ(static_cast<int>(alone.back().size()), r.max_new_tokens);
+  }
+  EngineOptions opts;
+  opts.max_batch = 3;          // the fourth request waits for a free slot
+  opts.max_tokens_per_step = 4; // prompts are prefilled in chunks beside decodes
+  Engine engine(model.get(), nullptr, opts);
+  std::vector<std::vector<int32_t>> got(reqs.size());
+  std::vector<bool> done(reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_TRUE(engine.Submit(reqs[i], [&, i](const StreamEvent& ev) {
+                        if (ev.token >= 0) got[i].push_back(ev.token);
+                        if (ev.done) {
+                          done[i] = true;
+                          EXPECT_EQ(ev.reason, FinishReason::kLength);
+                          EXPECT_EQ(ev.stats.generated_tokens, reqs[i].max_new_tokens);
+                        }
+                      }).ok());
+  }
+  int steps = 0;
+  while (engine.HasWork()) {
+    ASSERT_TRUE(engine.Step().ok());
+    ASSERT_LE(engine.running(), 3);
+    ASSERT_LT(++steps, 1000);
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_TRUE(done[i]);
+    EXPECT_EQ(got[i], alone[i]) << "request " << i;
+  }
+}
+
+TEST_F(EngineFixture, StopTokenAndCancel) {
+  Engine e(model.get(), nullptr, EngineOptions{});
+  const auto free_run = e.Generate(Request({1, 2, 3}, 8)).value().tokens;
+  GenerationRequest r = Request({1, 2, 3}, 8);
+  r.stop_token_ids = {free_run[3]};
+  auto stopped = e.Generate(r).value();
+  EXPECT_EQ(stopped.reason, FinishReason::kStopToken);
+  const auto first = std::find(free_run.begin(), free_run.end(), free_run[3]) - free_run.begin();
+  EXPECT_EQ(static_cast<int64_t>(stopped.tokens.size()), first + 1);
+
+  FinishReason reason = FinishReason::kNone;
+  int tokens = 0;
+  auto id = e.Submit(Request({1, 2, 3}, 50), [&](const StreamEvent& ev) {
+    if (ev.token >= 0) ++tokens;
+    if (ev.done) reason = ev.reason;
+  });
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(e.Step().ok());
+  ASSERT_TRUE(e.Step().ok());
+  e.Cancel(*id);
+  while (e.HasWork()) ASSERT_TRUE(e.Step().ok());
+  EXPECT_EQ(reason, FinishReason::kCancelled);
+  EXPECT_EQ(tokens, 2);
+  EXPECT_EQ(backend->memory_report().bytes[static_cast<size_t>(MemoryKind::kKvCache)], 0);
+}
+
+TEST_F(EngineFixture, SeededSamplingIsReproducible) {
+  Engine e(model.get(), nullptr, EngineOptions{});
+  auto a = e.Generate(Request({5}, 20, 1.0f, 9)).value().tokens;
+  auto b = e.Generate(Request({5}, 20, 1.0f, 9)).value().tokens;
+  auto c = e.Generate(Request({5}, 20, 1.0f, 10)).value().tokens;
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+}
+
+TEST_F(EngineFixture, RejectsBadRequests) {
+  Engine e(model.get(), nullptr, EngineOptions{});
+  auto code = [&](GenerationRequest r) { return e.Submit(std::move(r), {}).status().code(); };
+  EXPECT_EQ(code(Request({}, 4)), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Request({1, 97}, 4)), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Request({1, -1}, 4)), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Request(std::vector<int32_t>(256, 1), 4)), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Request({1}, 0)), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Request({1}, 4, -1.0f)), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Request({1}, 4, NAN)), absl::StatusCode::kInvalidArgument);
+  GenerationRequest top_p = Request({1}, 4, 1.0f);
+  top_p.sampling.top_p = 1.5f;
+  EXPECT_EQ(code(top_p), absl::StatusCode::kInvalidArgument);
+  top_p.sampling.top_p = 0.0f;
+  EXPECT_EQ(code(top_p), absl::StatusCode::kInvalidArgument);
+  GenerationRequest stops = Request({1}, 4);
+  stops.stop_strings = {"x"};  // no tokenizer
+  EXPECT_EQ(code(stops), absl::StatusCode::kInvalidArgument);
+  // A huge max_new_tokens is clamped to the context, not refused.
+  auto r = e.Generate(Request(std::vector<int32_t>(250, 3), 1 << 30));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->tokens.size(), 6u);
+  EXPECT_EQ(r->reason, FinishReason::kLength);
+}
+
+TEST(Sampler, TopKOneAndTinyTopPAreGreedy) {
+  std::vector<float> logits = {0.1f, 2.0f, 1.9f, -3.0f};
+  for (uint64_t seed = 0; seed < 20; ++seed) {
+    Sampler k1({1.0f, 1, 1.0f, seed});
+    EXPECT_EQ(k1.Sample(logits), 1);
+    Sampler p({1.0f, 0, 0.01f, seed});
+    EXPECT_EQ(p.Sample(logits), 1);
+  }
+}
+
+TEST(Sampler, FrequenciesFollowSoftmax) {
+  std::vector<float> logits = {0.0f, std::log(2.0f), std::log(5.0f)};  // probabilities 1/8, 2/8, 5/8
+  Sampler s({1.0f, 0, 1.0f, 123});
+  std::vector<int> counts(3);
+  const int n = 40000;
+  for (int i = 0; i < n; ++i) ++counts[s.Sample(logits)];
+  EXPECT_NEAR(counts[0] / double(n), 0.125, 0.01);
+  EXPECT_NEAR(counts[1] / double(n), 0.25, 0.01);
+  EXPECT_NEAR(counts[2] / double(n), 0.625, 0.01);
+  // top_k = 2 removes the least likely token entirely.
+  Sampler k2({1.0f, 2, 1.0f, 5});
+  for (int i = 0; i < 2000; ++i) EXPECT_NE(k2.Sample(logits), 0);
+}
+
+}  // namespace
+}  // namespace specontext

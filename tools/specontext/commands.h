@@ -1,0 +1,9 @@
+// Subcommands of the `specontext` CLI. Each returns the process exit code.
+#pragma once
+
+namespace specontext {
+
+int GenerateMain(int argc, char** argv);
+int BenchMain(int argc, char** argv);
+
+}  // namespace specontext

@@ -1,0 +1,136 @@
+// `specontext generate`: streams a completion to stdout, then a one-line summary to stderr.
+#include "tools/specontext/commands.h"
+
+#include <cstdio>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "core/cli/args.h"
+#include "core/log.h"
+#include "core/model/engine.h"
+#include "core/runtime/runtime.h"
+#include "core/status_macros.h"
+#include "core/tokenizer/chat_template.h"
+
+namespace specontext {
+namespace {
+
+void DefineGenerateFlags(Args& args) {
+  args.Define({"model", "HF model directory or llama2.c .bin checkpoint"});
+  args.Define({"tokenizer", "tokenizer.json or llama2.c tokenizer .bin (default: beside the model)"});
+  args.Define({"prompt", "prompt text; empty starts from BOS", false, false, ""});
+  args.Define({"max-new-tokens", "tokens to generate at most", false, false, "128"});
+  args.Define({"temperature", "0 = greedy", false, false, "0"});
+  args.Define({"top-k", "sample among the k most likely tokens; 0 = off", false, false, "0"});
+  args.Define({"top-p", "nucleus sampling threshold in (0, 1]", false, false, "1"});
+  args.Define({"seed", "sampling seed", false, false, "0"});
+  args.Define({"stop", "stop string (repeatable)", false, true});
+  args.Define({"stop-token-id", "stop token id (repeatable)", false, true});
+  args.Define({"ignore-eos", "keep generating past end-of-sequence tokens", true});
+  args.Define({"chat-template", "wrap the prompt as a user message: none, auto, llama3, chatml, "
+                                "qwen3, deepseek-r1", false, false, "none"});
+  args.Define({"system", "system message for --chat-template"});
+  args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
+  args.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
+  args.Define({"threads", "CPU threads (0 = all cores)", false, false, "0"});
+  args.Define({"log-level", "debug, info, warning or error", false, false, "warning"});
+}
+
+absl::Status RunGenerate(const Args& args) {
+  if (!args.Has("model")) return absl::InvalidArgumentError("--model is required");
+  LogLevel level;
+  if (!ParseLogLevel(args.GetString("log-level"), &level)) {
+    return absl::InvalidArgumentError("--log-level must be debug, info, warning or error");
+  }
+  SetLogLevel(level);
+  RuntimeOptions ro;
+  ro.model_path = args.GetString("model");
+  ro.tokenizer_path = args.GetString("tokenizer");
+  ro.backend = args.GetString("backend");
+  ASSIGN_OR_RETURN(ro.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
+  ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads"));
+  ro.threads = static_cast<int>(threads);
+  ro.show_progress = true;
+
+  GenerationRequest req;
+  ASSIGN_OR_RETURN(int64_t max_new, args.GetInt("max-new-tokens"));
+  if (max_new <= 0 || max_new > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError("--max-new-tokens must be a positive number of tokens");
+  }
+  req.max_new_tokens = static_cast<int32_t>(max_new);
+  ASSIGN_OR_RETURN(double temperature, args.GetDouble("temperature"));
+  ASSIGN_OR_RETURN(int64_t top_k, args.GetInt("top-k"));
+  ASSIGN_OR_RETURN(double top_p, args.GetDouble("top-p"));
+  ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed"));
+  req.sampling = {static_cast<float>(temperature), static_cast<int32_t>(top_k), static_cast<float>(top_p),
+                  static_cast<uint64_t>(seed)};
+  RETURN_IF_ERROR(ValidateSamplingParams(req.sampling));
+  req.stop_strings = args.GetAll("stop");
+  for (const std::string& s : args.GetAll("stop-token-id")) {
+    int32_t id;
+    if (!absl::SimpleAtoi(s, &id)) return absl::InvalidArgumentError("--stop-token-id expects integers");
+    req.stop_token_ids.push_back(id);
+  }
+  req.ignore_eos = args.GetBool("ignore-eos");
+
+  ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
+  std::string prompt = args.GetString("prompt");
+  const std::string template_name = args.GetString("chat-template");
+  if (template_name != "none") {
+    ASSIGN_OR_RETURN(ChatTemplateKind kind, ResolveChatTemplate(template_name, rt));
+    std::vector<ChatMessage> messages;
+    if (args.Has("system")) messages.push_back({"system", args.GetString("system")});
+    messages.push_back({"user", prompt});
+    ASSIGN_OR_RETURN(prompt, ApplyChatTemplate(kind, messages, /*add_generation_prompt=*/true));
+  }
+  ASSIGN_OR_RETURN(req.prompt, EncodePrompt(rt, prompt, /*templated=*/template_name != "none"));
+
+  Engine engine(rt.model.get(), rt.tokenizer.get(), EngineOptions{});
+  const absl::Time start = absl::Now();
+  ASSIGN_OR_RETURN(GenerationResult result, engine.Generate(std::move(req), [](const StreamEvent& ev) {
+                     if (!ev.text.empty()) {
+                       std::fwrite(ev.text.data(), 1, ev.text.size(), stdout);
+                       std::fflush(stdout);
+                     }
+                   }));
+  const double total_s = absl::ToDoubleSeconds(absl::Now() - start);
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+  const double decode_s = result.stats.decode_ms / 1e3;
+  const int gen = result.stats.generated_tokens;
+  std::fprintf(stderr,
+               "%s",
+               absl::StrFormat("[summary] prompt_tokens=%d generated_tokens=%d tokens_per_s=%.2f "
+                               "ttft_ms=%.1f total_s=%.2f finish=%s backend=%s\n",
+                               result.stats.prompt_tokens, gen,
+                               gen > 1 && decode_s > 0 ? (gen - 1) / decode_s : (total_s > 0 ? gen / total_s : 0),
+                               result.stats.time_to_first_token_ms, total_s,
+                               std::string(FinishReasonName(result.reason)), rt.backend->name())
+                   .c_str());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int GenerateMain(int argc, char** argv) {
+  Args args;
+  DefineGenerateFlags(args);
+  absl::Status st = args.Parse(argc, argv, 2);
+  if (st.ok() && !args.positional().empty()) {
+    st = absl::InvalidArgumentError("unexpected argument \"" + args.positional()[0] + "\"");
+  }
+  if (!st.ok()) {
+    std::fprintf(stderr, "specontext generate: %s\n\nflags:\n%s", std::string(st.message()).c_str(),
+                 args.Usage().c_str());
+    return 2;
+  }
+  st = RunGenerate(args);
+  if (!st.ok()) {
+    std::fprintf(stderr, "specontext generate: error: %s\n", std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace specontext

@@ -1,0 +1,26 @@
+// specontext: the engine's command-line interface.
+#include <cstdio>
+#include <cstring>
+
+#include "tools/specontext/commands.h"
+
+namespace {
+
+constexpr char kUsage[] =
+    "usage: specontext COMMAND [flags]\n"
+    "commands:\n"
+    "  generate   generate text from a prompt (specontext generate --help)\n"
+    "  bench      prefill and decode benchmarks against the memory floor\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "help") == 0) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  if (std::strcmp(argv[1], "generate") == 0) return specontext::GenerateMain(argc, argv);
+  if (std::strcmp(argv[1], "bench") == 0) return specontext::BenchMain(argc, argv);
+  std::fprintf(stderr, "specontext: unknown command \"%s\"\n%s", argv[1], kUsage);
+  return 2;
+}
