@@ -1,0 +1,171 @@
+// Black-box tests of `specontext generate`: it works on real files and turns every kind of bad
+// input into a clear message and a non-zero exit, never a crash.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "tools/random_checkpoint/random_checkpoint.h"
+
+namespace specontext {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct CliRun {
+  int exit_code = -1;
+  bool signaled = false;
+  std::string out, err;
+};
+
+std::string Quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+CliRun Cli(const std::vector<std::string>& args) {
+  static int n = 0;
+  const std::string err_path = (fs::temp_directory_path() / absl::StrCat("spc_cli_err_", getpid(), "_", n++)).string();
+  std::string cmd = SPECONTEXT_CLI;
+  for (const auto& a : args) cmd += " " + Quote(a);
+  cmd += " 2>" + err_path;
+  CliRun r;
+  FILE* p = popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t got;
+  while ((got = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), got);
+  const int status = pclose(p);
+  r.signaled = WIFSIGNALED(status);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream e(err_path);
+  r.err.assign(std::istreambuf_iterator<char>(e), {});
+  fs::remove(err_path);
+  return r;
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new fs::path(fs::temp_directory_path() / absl::StrCat("spc_cli_", getpid()));
+    fs::remove_all(*dir_);
+    ModelConfig c = RandomCheckpointPreset("tiny-llama").value();
+    RandomCheckpointOptions o;
+    o.dtype = DType::kF32;
+    o.seed = 3;
+    ASSERT_TRUE(WriteRandomCheckpoint(c, Good(), o).ok());
+  }
+  static void TearDownTestSuite() {
+    fs::remove_all(*dir_);
+    delete dir_;
+  }
+  static std::string Good() { return (*dir_ / "good").string(); }
+  // A copy of the good checkpoint, to be broken by the test.
+  static std::string Copy(const std::string& name) {
+    const fs::path p = *dir_ / name;
+    fs::remove_all(p);
+    fs::copy(Good(), p, fs::copy_options::recursive);
+    return p.string();
+  }
+  static void Write(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
+  static std::string Read(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  void ExpectError(const CliRun& r, const std::string& needle) {
+    EXPECT_FALSE(r.signaled) << r.err;
+    EXPECT_NE(r.exit_code, 0) << r.out;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << "stderr: " << r.err;
+  }
+  static fs::path* dir_;
+};
+fs::path* CliTest::dir_ = nullptr;
+
+TEST_F(CliTest, GeneratesFromAnHfDirectory) {
+  CliRun r = Cli({"generate", "--model", Good(), "--prompt", "Hello world", "--max-new-tokens", "7", "--temperature", "0"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("generated_tokens=7"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("tokens_per_s="), std::string::npos);
+  CliRun again = Cli({"generate", "--model", Good(), "--prompt", "Hello world", "--max-new-tokens", "7", "--temperature", "0"});
+  EXPECT_EQ(r.out, again.out);
+}
+
+TEST_F(CliTest, StoriesFromBos) {
+  CliRun r = Cli({"generate", "--model", SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin", "--tokenizer",
+               SPECONTEXT_MODEL_DIR "/stories260K/tok512.bin", "--prompt", "", "--max-new-tokens", "30",
+               "--temperature", "0"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out.rfind("Once upon a time, there was a little girl named Lily.", 0), 0u) << r.out;
+}
+
+TEST_F(CliTest, MissingAndTruncatedFiles) {
+  ExpectError(Cli({"generate", "--model", (*dir_ / "nope").string(), "--prompt", "x"}), "nope");
+  const std::string trunc = Copy("truncated");
+  const std::string st = Read(trunc + "/model.safetensors");
+  Write(trunc + "/model.safetensors", st.substr(0, st.size() / 2));
+  ExpectError(Cli({"generate", "--model", trunc, "--prompt", "x"}), "safetensors");
+  const std::string bin = (*dir_ / "stories.bin").string();
+  Write(bin, Read(SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin").substr(0, 5000));
+  ExpectError(Cli({"generate", "--model", bin, "--tokenizer", SPECONTEXT_MODEL_DIR "/stories260K/tok512.bin",
+                   "--prompt", ""}),
+              "stories.bin");
+}
+
+TEST_F(CliTest, LyingSafetensorsHeader) {
+  const std::string d = Copy("lying");
+  std::string st = Read(d + "/model.safetensors");
+  // Point the first data_offsets far past the end of the file, keeping the header length.
+  const size_t pos = st.find("\"data_offsets\":[");
+  ASSERT_NE(pos, std::string::npos);
+  const size_t close = st.find(']', pos);
+  std::string repl = "\"data_offsets\":[0,999999999";
+  repl.resize(close - pos, ' ');
+  repl.back() = '9';
+  st.replace(pos, close - pos, repl);
+  Write(d + "/model.safetensors", st);
+  ExpectError(Cli({"generate", "--model", d, "--prompt", "x"}), "safetensors");
+}
+
+TEST_F(CliTest, BadConfigs) {
+  std::string d = Copy("badjson");
+  Write(d + "/config.json", "{\"hidden_size\": 64,");
+  ExpectError(Cli({"generate", "--model", d, "--prompt", "x"}), "config.json");
+  d = Copy("badarch");
+  std::string cfg = Read(d + "/config.json");
+  cfg.replace(cfg.find("LlamaForCausalLM"), 16, "MambaForCausalLM");
+  const size_t mt = cfg.find("\"llama\"");
+  if (mt != std::string::npos) cfg.replace(mt, 7, "\"mamba\"");
+  Write(d + "/config.json", cfg);
+  ExpectError(Cli({"generate", "--model", d, "--prompt", "x"}), "architecture");
+  d = Copy("badshape");
+  cfg = Read(d + "/config.json");
+  const size_t is = cfg.find("\"intermediate_size\"");
+  ASSERT_NE(is, std::string::npos);
+  const size_t colon = cfg.find(':', is), end = cfg.find_first_of(",}", colon);
+  cfg.replace(colon + 1, end - colon - 1, " 96");
+  Write(d + "/config.json", cfg);
+  ExpectError(Cli({"generate", "--model", d, "--prompt", "x"}), "shape");
+}
+
+TEST_F(CliTest, BadFlagsAndPrompts) {
+  ExpectError(Cli({"generate", "--model", Good(), "--temperature", "nan"}), "temperature");
+  ExpectError(Cli({"generate", "--model", Good(), "--temperature", "-1"}), "temperature");
+  ExpectError(Cli({"generate", "--model", Good(), "--top-p", "1.5"}), "top_p");
+  ExpectError(Cli({"generate", "--model", Good(), "--max-new-tokens", "0"}), "max-new-tokens");
+  ExpectError(Cli({"generate", "--model", Good(), "--bogus", "1"}), "--bogus");
+  ExpectError(Cli({"generate", "--prompt", "x"}), "--model");
+  ExpectError(Cli({"generate", "--model", Good(), "--backend", "tpu"}), "tpu");
+  std::string long_prompt;
+  for (int i = 0; i < 3000; ++i) long_prompt += "word ";
+  ExpectError(Cli({"generate", "--model", Good(), "--prompt", long_prompt}), "context");
+  ExpectError(Cli({"generate", "--model", SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin", "--prompt", "hi"}),
+              "tokenizer");
+  ExpectError(Cli({"frobnicate"}), "unknown command");
+}
+
+}  // namespace
+}  // namespace specontext
