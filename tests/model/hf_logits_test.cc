@@ -52,6 +52,7 @@ TEST_P(HfLogits, MatchTransformers) {
     // Relative to the logits' scale: single near-zero logits make per-element ratios meaningless.
     worst = std::max(worst, std::fabs(got - expected[i]) / max_abs);
   }
+  std::printf("%s: max |ours - HF| / max |HF| = %.2e\n", name.c_str(), worst);
   EXPECT_LT(worst, 1e-4) << name;
 }
 
