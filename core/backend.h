@@ -75,8 +75,10 @@ class Backend {
 
   virtual DeviceKind device() const = 0;
   virtual std::string name() const = 0;
-  // Dtype of weights, activations and KV on this backend (f32 on CPU, bf16 on CUDA).
+  // Dtype of activations and KV on this backend (f32 on CPU, bf16 on CUDA).
   virtual DType compute_dtype() const = 0;
+  // Dtype a weight matrix stored as `stored` is kept in (Linear and Embedding accept it).
+  virtual DType weight_dtype(DType stored) const { return compute_dtype(); }
 
   // ---- memory -----------------------------------------------------------------------------
   // Allocates an uninitialised device tensor. Fails with ResourceExhausted past the memory limit.
@@ -107,8 +109,8 @@ class Backend {
   // residual += x; out = RmsNorm(residual, w).  residual, x, out [n, d].
   virtual absl::Status AddRmsNorm(Tensor* residual, const Tensor& x, const Tensor& w, float eps,
                                   Tensor* out) = 0;
-  // out = x · wᵀ (+ bias).  x [n, k], w [m, k] (HF layout), bias [m] or null, out [n, m].
-  // out may be f32 while x and w are the compute dtype (logits).
+  // out = x · wᵀ (+ bias).  x [n, k], w [m, k] (HF layout, weight_dtype()), bias [m] or null,
+  // out [n, m]. out may be f32 while x is the compute dtype (logits).
   virtual absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor* out) = 0;
   // Rotates x in place.  x [n, heads, head_dim], positions [n] i32.
   virtual absl::Status Rope(Tensor* x, const Tensor& positions, const RopeArgs& rope) = 0;

@@ -1,11 +1,10 @@
 #include "core/cpu/cpu_backend.h"
 
-#include <cblas.h>
-
 #include <cmath>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/cpu/cpu_gemm.h"
 #include "core/cpu/parallel_for.h"
 #include "core/status_macros.h"
 
@@ -115,7 +114,7 @@ absl::Status CpuBackend::Zero(Tensor* t) {
 absl::Status CpuBackend::ToHost(const Tensor& device, Tensor* host) { return CopyToDevice(device, host); }
 
 absl::Status CpuBackend::Embedding(const Tensor& table, const Tensor& ids, Tensor* out) {
-  RETURN_IF_ERROR(CheckTensor(table, "embedding table", DType::kF32, 2));
+  if (table.dtype() != DType::kBF16) RETURN_IF_ERROR(CheckTensor(table, "embedding table", DType::kF32, 2));
   RETURN_IF_ERROR(CheckTensor(ids, "embedding ids", DType::kI32, 1));
   RETURN_IF_ERROR(CheckTensor(*out, "embedding out", DType::kF32, 2));
   const int64_t n = ids.dim(0), d = table.dim(1), rows = table.dim(0);
@@ -130,7 +129,11 @@ absl::Status CpuBackend::Embedding(const Tensor& table, const Tensor& ids, Tenso
     }
   }
   for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(out->as<float>() + i * d, table.as<float>() + id[i] * d, d * sizeof(float));
+    if (table.dtype() == DType::kBF16) {
+      ConvertToF32(table.as<uint16_t>() + id[i] * d, DType::kBF16, out->as<float>() + i * d, d);
+    } else {
+      std::memcpy(out->as<float>() + i * d, table.as<float>() + id[i] * d, d * sizeof(float));
+    }
   }
   return absl::OkStatus();
 }
@@ -178,7 +181,7 @@ absl::Status CpuBackend::AddRmsNorm(Tensor* residual, const Tensor& x, const Ten
 
 absl::Status CpuBackend::Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor* out) {
   RETURN_IF_ERROR(CheckTensor(x, "linear x", DType::kF32, 2));
-  RETURN_IF_ERROR(CheckTensor(w, "linear weight", DType::kF32, 2));
+  if (w.dtype() != DType::kBF16) RETURN_IF_ERROR(CheckTensor(w, "linear weight", DType::kF32, 2));
   RETURN_IF_ERROR(CheckTensor(*out, "linear out", DType::kF32, 2));
   const int64_t n = x.dim(0), k = x.dim(1), m = w.dim(0);
   if (w.dim(1) != k || out->dim(0) != n || out->dim(1) != m) {
@@ -190,12 +193,10 @@ absl::Status CpuBackend::Linear(const Tensor& x, const Tensor& w, const Tensor* 
     return absl::InvalidArgumentError("linear: bias size differs from output features");
   }
   if (n == 0) return absl::OkStatus();
-  if (n == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, m, k, 1.0f, w.as<float>(), k, x.as<float>(), 1, 0.0f,
-                out->as<float>(), 1);
+  if (w.dtype() == DType::kBF16) {
+    LinearBf16(x.as<float>(), w.as<uint16_t>(), out->as<float>(), n, k, m);
   } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, m, k, 1.0f, x.as<float>(), k,
-                w.as<float>(), k, 0.0f, out->as<float>(), m);
+    LinearF32(x.as<float>(), w.as<float>(), out->as<float>(), n, k, m);
   }
   if (bias != nullptr) {
     for (int64_t i = 0; i < n; ++i) {

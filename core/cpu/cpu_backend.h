@@ -17,6 +17,8 @@ class CpuBackend : public Backend {
   DeviceKind device() const override { return DeviceKind::kCpu; }
   std::string name() const override { return "cpu"; }
   DType compute_dtype() const override { return DType::kF32; }
+  // bf16 checkpoints stay bf16 (half the bytes decode must read); everything else becomes f32.
+  DType weight_dtype(DType stored) const override { return stored == DType::kBF16 ? DType::kBF16 : DType::kF32; }
 
   absl::StatusOr<Tensor> Alloc(DType dtype, Shape shape, MemoryKind kind) override;
   absl::StatusOr<Tensor> ToDevice(const Tensor& host, DType dtype, MemoryKind kind) override;

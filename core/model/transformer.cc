@@ -66,8 +66,9 @@ absl::Status Transformer::LoadWeights(const WeightSource& weights, const LoadPro
     ASSIGN_OR_RETURN(host[i], weights.Get(wanted[i].first));
     total += host[i].nbytes();
   }
-  const DType dtype = backend_->compute_dtype();
   for (size_t i = 0; i < wanted.size(); ++i) {
+    // Matrices may stay in a narrower dtype (bf16 on the CPU); norms and biases use the compute dtype.
+    const DType dtype = host[i].ndim() == 2 ? backend_->weight_dtype(host[i].dtype()) : backend_->compute_dtype();
     auto t = backend_->ToDevice(host[i], dtype, MemoryKind::kWeights);
     if (!t.ok()) {
       return absl::Status(t.status().code(), absl::StrCat("loading ", wanted[i].first, ": ",

@@ -33,6 +33,30 @@ TEST(CpuOps, LinearWithBiasMatchesLoops) {
   }
 }
 
+TEST(CpuOps, Bf16WeightsMatchF32OfTheSameValues) {
+  std::mt19937 rng(5);
+  auto b = MakeCpuBackend();
+  for (int n : {1, 3, 8, 9, 20}) {
+    const int k = 97, m = 130;
+    Tensor x = Random({n, k}, rng), w = Random({m, k}, rng);
+    for (int64_t i = 0; i < w.numel(); ++i) w.as<float>()[i] = Bf16ToF32(F32ToBf16(w.as<float>()[i]));
+    Tensor w16 = b->ToDevice(w, DType::kBF16, MemoryKind::kWeights).value();
+    ASSERT_EQ(w16.dtype(), DType::kBF16);
+    Tensor ref = Tensor::HostEmpty(DType::kF32, {n, m}), got = Tensor::HostEmpty(DType::kF32, {n, m});
+    ASSERT_TRUE(b->Linear(x, w, nullptr, &ref).ok());
+    ASSERT_TRUE(b->Linear(x, w16, nullptr, &got).ok());
+    for (int64_t i = 0; i < ref.numel(); ++i) {
+      ASSERT_NEAR(got.as<float>()[i], ref.as<float>()[i], 1e-4 * (1 + std::fabs(ref.as<float>()[i]))) << n;
+    }
+    std::vector<int32_t> ids = {5, 0, 129};
+    Tensor ids_t(ids.data(), DType::kI32, {3});
+    Tensor e32 = Tensor::HostEmpty(DType::kF32, {3, k}), e16 = Tensor::HostEmpty(DType::kF32, {3, k});
+    ASSERT_TRUE(b->Embedding(w, ids_t, &e32).ok());
+    ASSERT_TRUE(b->Embedding(w16, ids_t, &e16).ok());
+    for (int64_t i = 0; i < e32.numel(); ++i) ASSERT_EQ(e32.as<float>()[i], e16.as<float>()[i]);
+  }
+}
+
 TEST(CpuOps, RopeRotatesPairsByPosition) {
   std::mt19937 rng(2);
   auto b = MakeCpuBackend();

@@ -1,0 +1,71 @@
+#include "core/cpu/cpu_gemm.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "core/cpu/parallel_for.h"
+
+namespace specontext {
+namespace {
+
+constexpr int64_t kGemvMaxRows = 8;  // up to this many activation rows use the bf16 GEMV
+
+// One output row block of the bf16 GEMV. Compiled for AVX-512, AVX2 and baseline x86-64, picked at
+// run time; -ffast-math on this file lets the compiler vectorise the reductions.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void GemvBf16Rows(
+    const float* x, const uint16_t* w, float* out, int64_t n, int64_t k, int64_t m, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint16_t* row = w + j * k;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = x + i * k;
+      float acc = 0.0f;
+      for (int64_t e = 0; e < k; ++e) {
+        const uint32_t bits = static_cast<uint32_t>(row[e]) << 16;
+        float wf;
+        std::memcpy(&wf, &bits, 4);
+        acc += xi[e] * wf;
+      }
+      out[i * m + j] = acc;
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void Bf16RowsToF32(const uint16_t* w, float* out,
+                                                                                  int64_t count) {
+  for (int64_t e = 0; e < count; ++e) {
+    const uint32_t bits = static_cast<uint32_t>(w[e]) << 16;
+    std::memcpy(&out[e], &bits, 4);
+  }
+}
+
+}  // namespace
+
+void LinearF32(const float* x, const float* w, float* out, int64_t n, int64_t k, int64_t m) {
+  if (n == 1) {
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, m, k, 1.0f, w, k, x, 1, 0.0f, out, 1);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, m, k, 1.0f, x, k, w, k, 0.0f, out, m);
+  }
+}
+
+void LinearBf16(const float* x, const uint16_t* w, float* out, int64_t n, int64_t k, int64_t m) {
+  if (n <= kGemvMaxRows) {
+    ParallelFor(m, n * k, [&](int64_t j0, int64_t j1) { GemvBf16Rows(x, w, out, n, k, m, j0, j1); });
+    return;
+  }
+  // Blocks of weight rows converted to f32, then one sgemm per block into out's columns.
+  const int64_t block = std::max<int64_t>(64, std::min<int64_t>(m, (int64_t{8} << 20) / (4 * k)));
+  std::vector<float> wf(static_cast<size_t>(block * k));
+  for (int64_t j0 = 0; j0 < m; j0 += block) {
+    const int64_t rows = std::min(block, m - j0);
+    ParallelFor(rows, k, [&](int64_t r0, int64_t r1) {
+      Bf16RowsToF32(w + (j0 + r0) * k, wf.data() + r0 * k, (r1 - r0) * k);
+    });
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, k, 1.0f, x, k, wf.data(), k, 0.0f, out + j0, m);
+  }
+}
+
+}  // namespace specontext

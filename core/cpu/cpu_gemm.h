@@ -1,0 +1,15 @@
+// Linear layers on the CPU: f32 weights go to OpenBLAS sgemm/sgemv; bf16 weights (half the bytes,
+// which is what decode is bound by) use a vectorised bf16 GEMV for a few rows and, for prefill,
+// OpenBLAS sgemm over row blocks converted to f32.
+#pragma once
+
+#include <cstdint>
+
+namespace specontext {
+
+// out[n, m] = x[n, k] · w[m, k]ᵀ, w in bf16 (uint16 bit patterns).
+void LinearBf16(const float* x, const uint16_t* w, float* out, int64_t n, int64_t k, int64_t m);
+// out[n, m] = x[n, k] · w[m, k]ᵀ in f32.
+void LinearF32(const float* x, const float* w, float* out, int64_t n, int64_t k, int64_t m);
+
+}  // namespace specontext
