@@ -7,6 +7,7 @@ packages=(
   libgtest-dev libgmock-dev googletest libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libcpp-httplib-dev clang libclang-rt-14-dev
+  prometheus  # promtool check metrics + a real server scraping /metrics in the service tests
 )
 missing=()
 for p in "${packages[@]}"; do
