@@ -28,11 +28,31 @@ struct Checkpoint {
   GenerationDefaults generation;
   std::unique_ptr<WeightSource> weights;
   std::string tokenizer_path;  // tokenizer.json beside the weights, or "" when absent
+                               // (llama2.c: tok<vocab>.bin or tokenizer.bin beside the .bin file)
 };
 
 // Opens an HF directory (config.json, model.safetensors or model.safetensors.index.json,
 // optional generation_config.json and tokenizer.json) or a llama2.c .bin file.
 // Checks that every tensor the architecture needs exists with the shape config.json implies.
+// A path to a .safetensors or .json file inside an HF directory opens that directory.
 absl::StatusOr<Checkpoint> OpenCheckpoint(const std::string& path);
+
+/// "model.layers.<layer>.<suffix>", e.g. LayerTensorName(3, "self_attn.q_proj.weight").
+std::string LayerTensorName(int layer, std::string_view suffix);
+
+/// One tensor the architecture needs, with the shape the config implies.
+struct ExpectedTensor {
+  std::string name;
+  Shape shape;
+};
+/// Every tensor `config` requires, in load order: embed [V,d]; per layer q_proj [q_dim,d],
+/// k_proj/v_proj [kv_dim,d], o_proj [d,q_dim], q/k/v biases [q_dim]/[kv_dim] when attention_bias,
+/// q_norm/k_norm [head_dim] when qk_norm, input/post_attention layernorms [d], gate/up [I,d],
+/// down [d,I]; model.norm [d]; lm_head [V,d] unless tie_word_embeddings.
+std::vector<ExpectedTensor> ExpectedTensors(const ModelConfig& config);
+
+/// Checks that every ExpectedTensors() entry exists in `weights`, has that shape and a floating dtype.
+/// InvalidArgument naming the tensor, the expected and the actual shape.
+absl::Status ValidateWeights(const ModelConfig& config, const WeightSource& weights);
 
 }  // namespace specontext

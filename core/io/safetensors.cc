@@ -1,0 +1,248 @@
+// safetensors parsing and the memory-mapped WeightSource (single file and sharded index).
+#include "core/io/safetensors.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <limits>
+#include <unordered_map>
+
+#include "absl/strings/str_cat.h"
+#include "core/io/file_util.h"
+#include "core/status_macros.h"
+#include "nlohmann/json.hpp"
+
+namespace specontext {
+namespace {
+
+using json = nlohmann::json;
+
+absl::Status Bad(const std::string& msg) {
+  return absl::InvalidArgumentError(absl::StrCat("safetensors: ", msg));
+}
+
+// Converts a JSON number to a non-negative integer; floats, negatives and huge values are rejected.
+bool AsNonNegativeInt(const json& v, uint64_t* out) {
+  if (v.is_number_unsigned()) {
+    *out = v.get<uint64_t>();
+    return true;
+  }
+  if (v.is_number_integer()) {
+    const int64_t x = v.get<int64_t>();
+    if (x < 0) return false;
+    *out = static_cast<uint64_t>(x);
+    return true;
+  }
+  return false;
+}
+
+absl::StatusOr<SafetensorsEntry> ParseEntry(const std::string& name, const json& v, uint64_t data_size) {
+  const std::string where = absl::StrCat("tensor \"", name, "\": ");
+  if (!v.is_object()) return Bad(where + "entry is not an object");
+  for (const char* key : {"dtype", "shape", "data_offsets"}) {
+    if (!v.contains(key)) return Bad(absl::StrCat(where, "missing \"", key, "\""));
+  }
+  SafetensorsEntry e;
+  e.name = name;
+  const json& dt = v["dtype"];
+  if (!dt.is_string()) return Bad(where + "\"dtype\" is not a string");
+  absl::StatusOr<DType> dtype = ParseSafetensorsDType(dt.get<std::string>());
+  if (!dtype.ok()) return Bad(absl::StrCat(where, dtype.status().message()));
+  e.dtype = *dtype;
+
+  const json& shape = v["shape"];
+  if (!shape.is_array()) return Bad(where + "\"shape\" is not an array");
+  if (shape.size() > 8) return Bad(absl::StrCat(where, "rank ", shape.size(), " is more than 8"));
+  uint64_t numel = 1;
+  for (const json& d : shape) {
+    uint64_t dim = 0;
+    if (!AsNonNegativeInt(d, &dim)) {
+      return Bad(absl::StrCat(where, "shape has a negative or non-integer dimension ", d.dump()));
+    }
+    if (dim > (1ull << 48) || __builtin_mul_overflow(numel, dim, &numel)) {
+      return Bad(where + "shape is too large");
+    }
+    e.shape.push_back(static_cast<int64_t>(dim));
+  }
+  const json& off = v["data_offsets"];
+  if (!off.is_array() || off.size() != 2 || !AsNonNegativeInt(off[0], &e.begin) ||
+      !AsNonNegativeInt(off[1], &e.end)) {
+    return Bad(where + "\"data_offsets\" must be two non-negative integers [begin, end]");
+  }
+  if (e.begin > e.end) {
+    return Bad(absl::StrCat(where, "data_offsets begin ", e.begin, " > end ", e.end));
+  }
+  if (e.end > data_size) {
+    return Bad(absl::StrCat(where, "data_offsets end ", e.end, " is past the data section (", data_size,
+                            " bytes)"));
+  }
+  uint64_t expected = 0;
+  if (__builtin_mul_overflow(numel, static_cast<uint64_t>(DTypeSize(e.dtype)), &expected) ||
+      expected != e.end - e.begin) {
+    return Bad(absl::StrCat(where, "shape ", ShapeToString(e.shape), " of ",
+                            std::string(SafetensorsDTypeName(e.dtype)), " needs ", numel, " x ",
+                            DTypeSize(e.dtype), " bytes but data_offsets span ", e.end - e.begin));
+  }
+  return e;
+}
+
+// Tensor views into one buffer. Lookup by name through an index into `entries_`.
+class BufferWeights final : public WeightSource {
+ public:
+  BufferWeights(const uint8_t* data, SafetensorsHeader header, std::shared_ptr<void> storage)
+      : data_(data), header_(std::move(header)), storage_(std::move(storage)) {
+    for (size_t i = 0; i < header_.tensors.size(); ++i) by_name_.emplace(header_.tensors[i].name, i);
+  }
+  bool Has(std::string_view name) const override { return by_name_.count(std::string(name)) > 0; }
+  absl::StatusOr<Tensor> Get(std::string_view name) const override {
+    auto it = by_name_.find(std::string(name));
+    if (it == by_name_.end()) {
+      return absl::NotFoundError(absl::StrCat("tensor \"", std::string(name), "\" not found"));
+    }
+    const SafetensorsEntry& e = header_.tensors[it->second];
+    // const_cast: Tensor has no const view type; the mapping is PROT_READ, so writes would fault.
+    auto* p = const_cast<uint8_t*>(data_ + header_.data_start + e.begin);
+    return Tensor(p, e.dtype, e.shape, DeviceKind::kCpu, storage_);
+  }
+  std::vector<std::string> Names() const override {
+    std::vector<std::string> names;
+    names.reserve(header_.tensors.size());
+    for (const SafetensorsEntry& e : header_.tensors) names.push_back(e.name);
+    return names;
+  }
+
+ private:
+  const uint8_t* data_;
+  SafetensorsHeader header_;
+  std::shared_ptr<void> storage_;
+  std::unordered_map<std::string, size_t> by_name_;
+};
+
+// Names routed to the shard that holds them.
+class ShardedWeights final : public WeightSource {
+ public:
+  ShardedWeights(std::vector<std::unique_ptr<WeightSource>> shards,
+                 std::vector<std::pair<std::string, size_t>> names)
+      : shards_(std::move(shards)), order_(std::move(names)) {
+    for (const auto& [name, shard] : order_) route_.emplace(name, shard);
+  }
+  bool Has(std::string_view name) const override { return route_.count(std::string(name)) > 0; }
+  absl::StatusOr<Tensor> Get(std::string_view name) const override {
+    auto it = route_.find(std::string(name));
+    if (it == route_.end()) {
+      return absl::NotFoundError(absl::StrCat("tensor \"", std::string(name), "\" not found"));
+    }
+    return shards_[it->second]->Get(name);
+  }
+  std::vector<std::string> Names() const override {
+    std::vector<std::string> names;
+    names.reserve(order_.size());
+    for (const auto& p : order_) names.push_back(p.first);
+    return names;
+  }
+
+ private:
+  std::vector<std::unique_ptr<WeightSource>> shards_;
+  std::vector<std::pair<std::string, size_t>> order_;
+  std::unordered_map<std::string, size_t> route_;
+};
+
+absl::Status WithPath(const std::string& path, const absl::Status& s) {
+  return absl::Status(s.code(), absl::StrCat(path, ": ", s.message()));
+}
+
+}  // namespace
+
+absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, size_t size) {
+  if (size < 8) return Bad(absl::StrCat("file is ", size, " bytes, shorter than the 8-byte header length"));
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | data[i];  // little-endian regardless of host
+  if (n > kMaxSafetensorsHeaderBytes) {
+    return Bad(absl::StrCat("header length ", n, " is absurd (limit ", kMaxSafetensorsHeaderBytes, ")"));
+  }
+  if (n > size - 8) {
+    return Bad(absl::StrCat("header length ", n, " runs past the end of the file (", size, " bytes)"));
+  }
+  SafetensorsHeader h;
+  h.data_start = 8 + n;
+  h.data_size = size - h.data_start;
+  json root = json::parse(data + 8, data + 8 + n, nullptr, /*allow_exceptions=*/false);
+  if (root.is_discarded()) return Bad("header is not valid JSON");
+  if (!root.is_object()) return Bad("header is not a JSON object");
+  for (auto it = root.begin(); it != root.end(); ++it) {
+    if (it.key() == "__metadata__") {
+      if (!it.value().is_object()) return Bad("__metadata__ is not an object");
+      for (auto m = it.value().begin(); m != it.value().end(); ++m) {
+        if (!m.value().is_string()) {
+          return Bad(absl::StrCat("__metadata__ value of \"", m.key(), "\" is not a string"));
+        }
+        h.metadata.emplace(m.key(), m.value().get<std::string>());
+      }
+      continue;
+    }
+    ASSIGN_OR_RETURN(SafetensorsEntry e, ParseEntry(it.key(), it.value(), h.data_size));
+    h.tensors.push_back(std::move(e));
+  }
+  // Overlap check on a copy sorted by offset; empty tensors overlap nothing.
+  std::vector<const SafetensorsEntry*> sorted;
+  for (const SafetensorsEntry& e : h.tensors) {
+    if (e.end > e.begin) sorted.push_back(&e);
+  }
+  std::sort(sorted.begin(), sorted.end(),
+            [](const SafetensorsEntry* a, const SafetensorsEntry* b) { return a->begin < b->begin; });
+  for (size_t i = 1; i < sorted.size(); ++i) {
+    if (sorted[i]->begin < sorted[i - 1]->end) {
+      return Bad(absl::StrCat("tensors \"", sorted[i - 1]->name, "\" [", sorted[i - 1]->begin, ", ",
+                              sorted[i - 1]->end, ") and \"", sorted[i]->name, "\" [", sorted[i]->begin,
+                              ", ", sorted[i]->end, ") overlap"));
+    }
+  }
+  return h;
+}
+
+absl::StatusOr<std::unique_ptr<WeightSource>> SafetensorsFromBuffer(const uint8_t* data, size_t size,
+                                                                   std::shared_ptr<void> storage) {
+  ASSIGN_OR_RETURN(SafetensorsHeader h, ParseSafetensorsHeader(data, size));
+  return std::unique_ptr<WeightSource>(new BufferWeights(data, std::move(h), std::move(storage)));
+}
+
+absl::StatusOr<std::unique_ptr<WeightSource>> OpenSafetensors(const std::string& path) {
+  absl::StatusOr<MappedFile> mf = MapFileReadOnly(path);
+  if (!mf.ok()) return mf.status();
+  absl::StatusOr<std::unique_ptr<WeightSource>> ws = SafetensorsFromBuffer(mf->data, mf->size, mf->storage);
+  if (!ws.ok()) return WithPath(path, ws.status());
+  return ws;
+}
+
+absl::StatusOr<std::unique_ptr<WeightSource>> OpenSafetensorsIndex(const std::string& index_path) {
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(index_path, 64u << 20));
+  json root = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  auto bad = [&](const std::string& msg) { return absl::InvalidArgumentError(absl::StrCat(index_path, ": ", msg)); };
+  if (root.is_discarded() || !root.is_object()) return bad("not a JSON object");
+  if (!root.contains("weight_map") || !root["weight_map"].is_object()) return bad("missing object \"weight_map\"");
+  const std::filesystem::path dir = std::filesystem::path(index_path).parent_path();
+  std::vector<std::unique_ptr<WeightSource>> shards;
+  std::unordered_map<std::string, size_t> shard_of_file;
+  std::vector<std::pair<std::string, size_t>> names;
+  for (auto it = root["weight_map"].begin(); it != root["weight_map"].end(); ++it) {
+    if (!it.value().is_string()) return bad(absl::StrCat("weight_map[\"", it.key(), "\"] is not a string"));
+    const std::string file = it.value().get<std::string>();
+    // Shards live beside the index: refuse paths that would escape the directory.
+    if (file.empty() || file.find('/') != std::string::npos || file == "." || file == "..") {
+      return bad(absl::StrCat("shard file name \"", file, "\" for \"", it.key(), "\" is not a plain file name"));
+    }
+    auto found = shard_of_file.find(file);
+    if (found == shard_of_file.end()) {
+      ASSIGN_OR_RETURN(std::unique_ptr<WeightSource> shard, OpenSafetensors((dir / file).string()));
+      found = shard_of_file.emplace(file, shards.size()).first;
+      shards.push_back(std::move(shard));
+    }
+    if (!shards[found->second]->Has(it.key())) {
+      return bad(absl::StrCat("tensor \"", it.key(), "\" is listed in the index but missing from shard ", file));
+    }
+    names.emplace_back(it.key(), found->second);
+  }
+  if (names.empty()) return bad("weight_map is empty");
+  return std::unique_ptr<WeightSource>(new ShardedWeights(std::move(shards), std::move(names)));
+}
+
+}  // namespace specontext
