@@ -1,0 +1,76 @@
+#include "core/sparse/index_sets.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace specontext {
+
+void IndexSets::Reset(int32_t n_seqs_in, int32_t n_kv_heads_in, int32_t sets_per_seq_in,
+                      int32_t budget_in) {
+  n_seqs = n_seqs_in;
+  n_kv_heads = n_kv_heads_in;
+  sets_per_seq = sets_per_seq_in;
+  budget = budget_in;
+  seq_len.assign(n_seqs, 0);
+  indptr.assign(1, 0);
+  indices.clear();
+}
+
+absl::Status ValidateIndexSets(const IndexSets& s) {
+  if (s.n_seqs < 0 || s.n_kv_heads <= 0 || s.budget <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("index sets: bad layout n_seqs=", s.n_seqs,
+                                                   " n_kv_heads=", s.n_kv_heads, " budget=", s.budget));
+  }
+  if (s.sets_per_seq != 1 && s.sets_per_seq != s.n_kv_heads) {
+    return absl::InvalidArgumentError(absl::StrCat("index sets: sets_per_seq=", s.sets_per_seq,
+                                                   " must be 1 or n_kv_heads=", s.n_kv_heads));
+  }
+  if (static_cast<int64_t>(s.seq_len.size()) != s.n_seqs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("index sets: seq_len has ", s.seq_len.size(), " entries, want ", s.n_seqs));
+  }
+  if (static_cast<int64_t>(s.indptr.size()) != static_cast<int64_t>(s.n_sets()) + 1 || s.indptr[0] != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("index sets: indptr has ", s.indptr.size(),
+                                                   " entries, want ", s.n_sets() + 1, " starting at 0"));
+  }
+  if (s.indptr.back() != static_cast<int64_t>(s.indices.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("index sets: indptr ends at ", s.indptr.back(),
+                                                   " but there are ", s.indices.size(), " indices"));
+  }
+  for (int32_t set = 0; set < s.n_sets(); ++set) {
+    const int32_t b = s.indptr[set], e = s.indptr[set + 1];
+    const int32_t seq = set / s.sets_per_seq;
+    if (e < b || e - b > s.budget) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("index sets: set ", set, " has ", e - b, " positions (budget ", s.budget, ")"));
+    }
+    for (int32_t j = b; j < e; ++j) {
+      const int32_t p = s.indices[j];
+      if (p < 0 || p >= s.seq_len[seq]) {
+        return absl::InvalidArgumentError(absl::StrCat("index sets: set ", set, " position ", p,
+                                                       " outside [0, ", s.seq_len[seq], ")"));
+      }
+      if (j > b && p <= s.indices[j - 1]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("index sets: set ", set, " positions not strictly ascending at ", p));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateBudget(int64_t budget, int64_t sink, int64_t max_context) {
+  if (budget < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("budget must be at least 1 token, got ", budget));
+  }
+  if (sink < 0 || sink > budget) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sink must be in [0, budget=", budget, "], got ", sink));
+  }
+  if (max_context > 0 && budget > max_context) {
+    return absl::InvalidArgumentError(absl::StrCat("budget ", budget,
+                                                   " is larger than the context length ", max_context));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace specontext
