@@ -1,0 +1,192 @@
+// specontext-generator: the generation service (specontext.v1.Generator, grpc.health.v1, reflection)
+// with Prometheus /metrics on its own port. SIGTERM/SIGINT drain: new calls are refused, calls in
+// flight finish, then the process exits 0.
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/server.h>
+#include <grpcpp/server_builder.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "core/cli/args.h"
+#include "core/log.h"
+#include "core/metrics/metrics_server.h"
+#include "core/runtime/runtime.h"
+#include "core/sparse/retrieval_head.h"
+#include "core/status_macros.h"
+#include "generator/engine_loop.h"
+#include "generator/generator_service.h"
+#include "generator/server_common.h"
+
+namespace specontext::generator {
+namespace {
+
+void DefineFlags(Args& a) {
+  a.Define({"model", "HF model directory or llama2.c .bin checkpoint", false, false, ""});
+  a.Define({"tokenizer", "tokenizer.json or llama2.c tokenizer .bin (default: beside the model)", false, false, ""});
+  a.Define({"listen", "gRPC address HOST:PORT (port 0 picks a free one)", false, false, "127.0.0.1:50051"});
+  a.Define({"metrics-port", "port of the Prometheus /metrics server (0 picks a free one)", false, false, "9464"});
+  a.Define({"metrics-host", "address the /metrics server binds", false, false, "0.0.0.0"});
+  a.Define({"retriever", "none, inproc or HOST:PORT of a specontext-retriever", false, false, "none"});
+  a.Define({"retrieval-head", "retrieval head for --retriever inproc", false, false, ""});
+  a.Define({"budget", "default sparse budget (tokens per KV head per step); 0 = dense", false, false, "0"});
+  a.Define({"kvstore", "name of the shared-memory KV store segment", false, false, ""});
+  a.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
+  a.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
+  a.Define({"threads", "CPU threads of the backend (0 = all cores)", false, false, "0"});
+  a.Define({"max-batch", "sequences decoding at once", false, false, "32"});
+  a.Define({"max-tokens-per-step", "prompt tokens per engine step", false, false, "512"});
+  a.Define({"max-queue", "requests waiting for admission before RESOURCE_EXHAUSTED", false, false, "256"});
+  a.Define({"max-message-bytes", "largest gRPC message accepted or sent", false, false, "4MiB"});
+  a.Define({"max-prompt-bytes", "largest prompt text", false, false, "1MiB"});
+  a.Define({"chat-template", "template for chat messages: none, llama3, chatml, qwen3, deepseek-r1", false, false,
+            "none"});
+  a.Define({"tls-cert", "PEM certificate chain: serve TLS", false, false, ""});
+  a.Define({"tls-key", "PEM private key for --tls-cert", false, false, ""});
+  a.Define({"tls-client-ca", "PEM CA: require client certificates signed by it (mutual TLS)", false, false, ""});
+  a.Define({"drain-timeout-s", "longest wait for calls in flight after SIGTERM", false, false, "300"});
+  a.Define({"port-file", "write \"GRPC_PORT METRICS_PORT\" here once serving", false, false, ""});
+  a.Define({"log-level", "debug, info, warning or error", false, false, "info"});
+}
+
+absl::Status Run(const Args& args) {
+  if (!args.Has("model")) return absl::InvalidArgumentError("--model is required");
+  LogLevel level;
+  if (!ParseLogLevel(args.GetString("log-level"), &level)) {
+    return absl::InvalidArgumentError("--log-level must be debug, info, warning or error");
+  }
+  SetLogLevel(level);
+
+  RuntimeOptions ro;
+  ro.model_path = args.GetString("model");
+  ro.tokenizer_path = args.GetString("tokenizer");
+  ro.backend = args.GetString("backend");
+  ASSIGN_OR_RETURN(ro.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
+  ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads"));
+  ro.threads = static_cast<int>(threads);
+
+  ServiceOptions so;
+  so.model_path = ro.model_path;
+  ASSIGN_OR_RETURN(so.limits.default_budget, args.GetInt("budget"));
+  if (so.limits.default_budget < 0) return absl::InvalidArgumentError("--budget must be >= 0");
+  ASSIGN_OR_RETURN(so.limits.max_prompt_bytes, args.GetBytes("max-prompt-bytes"));
+  ASSIGN_OR_RETURN(so.limits.chat_template, ParseChatTemplateKind(args.GetString("chat-template")));
+  EngineOptions eo;
+  ASSIGN_OR_RETURN(int64_t max_batch, args.GetInt("max-batch"));
+  ASSIGN_OR_RETURN(int64_t max_queue, args.GetInt("max-queue"));
+  ASSIGN_OR_RETURN(int64_t max_step_tokens, args.GetInt("max-tokens-per-step"));
+  if (max_batch < 1 || max_queue < 1 || max_step_tokens < 1) {
+    return absl::InvalidArgumentError("--max-batch, --max-queue and --max-tokens-per-step must be >= 1");
+  }
+  eo.max_batch = static_cast<int32_t>(max_batch);
+  eo.max_queue = static_cast<int32_t>(max_queue);
+  eo.max_tokens_per_step = static_cast<int32_t>(max_step_tokens);
+  so.max_batch = eo.max_batch;
+  so.max_queue = eo.max_queue;
+  ASSIGN_OR_RETURN(int64_t max_message, args.GetBytes("max-message-bytes"));
+  if (max_message < 1024 || max_message > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError("--max-message-bytes must be between 1KiB and 1GiB");
+  }
+  ASSIGN_OR_RETURN(int64_t drain_timeout_s, args.GetInt("drain-timeout-s"));
+  ASSIGN_OR_RETURN(int64_t metrics_port, args.GetInt("metrics-port"));
+
+  // The sparse path: the engine runs dense until the retrieval path is wired into it; the flags are
+  // accepted so deployments keep one command line, and the fallback is what gets counted.
+  so.retriever = args.GetString("retriever");
+  if (so.retriever != "none" && so.retriever != "inproc" &&
+      std::vector<std::string>(absl::StrSplit(so.retriever, ':')).size() < 2) {
+    return absl::InvalidArgumentError("--retriever must be none, inproc or HOST:PORT");
+  }
+  if (so.retriever == "inproc" && args.GetString("retrieval-head").empty()) {
+    SPC_LOG(WARNING) << "--retriever inproc without --retrieval-head: decoding stays dense";
+  }
+
+  TlsOptions tls{args.GetString("tls-cert"), args.GetString("tls-key"), args.GetString("tls-client-ca")};
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, MakeServerCredentials(tls));
+
+  ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
+  // In-process retriever: load the head now so a head that does not fit the model fails at startup.
+  std::unique_ptr<RetrievalHead> head;
+  if (so.retriever == "inproc" && args.Has("retrieval-head") && !args.GetString("retrieval-head").empty()) {
+    ASSIGN_OR_RETURN(head, RetrievalHead::Load(args.GetString("retrieval-head"), rt.checkpoint.config,
+                                               rt.checkpoint.weights.get()));
+    SPC_LOG(INFO) << "retrieval head loaded" << Kv("parameters", head->parameter_count())
+                  << Kv("kv_heads", head->n_kv_heads());
+  }
+  metrics::Registry registry;
+  ASSIGN_OR_RETURN(GeneratorMetrics gm, RegisterGeneratorMetrics(&registry));
+  Engine engine(rt.model.get(), rt.tokenizer.get(), eo);
+  EngineLoop loop(&engine, rt.backend.get(), &gm);
+  GeneratorService service(&rt, &loop, &gm, so);
+
+  EnableStandardServices();
+  grpc::ServerBuilder builder;
+  int grpc_port = 0;
+  builder.AddListeningPort(args.GetString("listen"), creds, &grpc_port);
+  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(max_message));
+  builder.SetMaxSendMessageSize(static_cast<int>(max_message));
+  loop.Start();
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || grpc_port == 0) {
+    loop.Stop();
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", args.GetString("listen")));
+  }
+  server->GetHealthCheckService()->SetServingStatus(true);
+
+  metrics::MetricsServer metrics_server(&registry, args.GetString("metrics-host"), static_cast<int>(metrics_port));
+  metrics_server.SetReadiness([&service] { return !service.draining(); });
+  if (absl::Status st = metrics_server.Start(); !st.ok()) {
+    server->Shutdown();
+    loop.Stop();
+    return st;
+  }
+  RETURN_IF_ERROR(WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port()));
+  SPC_LOG(INFO) << "specontext-generator serving" << Kv("grpc_port", grpc_port)
+                << Kv("metrics_port", metrics_server.port()) << Kv("backend", rt.backend->name())
+                << Kv("retriever", so.retriever);
+
+  const int sig = WaitForTerminationSignal();
+  SPC_LOG(INFO) << "draining" << Kv("signal", sig) << Kv("active_calls", service.active_calls());
+  service.StartDraining();
+  gm.draining->Set(1);
+  server->GetHealthCheckService()->SetServingStatus(false);
+  const absl::Time give_up = absl::Now() + absl::Seconds(drain_timeout_s);
+  while ((service.active_calls() > 0 || !loop.Idle()) && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  // Calls still open after the drain timeout are cancelled by the shutdown deadline.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  loop.Stop();
+  metrics_server.Stop();
+  SPC_LOG(INFO) << "drained; exiting";
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace specontext::generator
+
+int main(int argc, char** argv) {
+  specontext::BlockTerminationSignals();
+  specontext::Args args;
+  specontext::generator::DefineFlags(args);
+  absl::Status st = args.Parse(argc, argv);
+  if (st.ok() && !args.positional().empty()) {
+    st = absl::InvalidArgumentError("unexpected argument \"" + args.positional()[0] + "\"");
+  }
+  if (!st.ok()) {
+    std::fprintf(stderr, "specontext-generator: %s\n\nflags:\n%s", std::string(st.message()).c_str(),
+                 args.Usage().c_str());
+    return 2;
+  }
+  st = specontext::generator::Run(args);
+  if (!st.ok()) {
+    std::fprintf(stderr, "specontext-generator: error: %s\n", std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,156 @@
+#include "generator/generator_service.h"
+
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "core/log.h"
+#include "core/status_grpc.h"
+#include "generator/event_channel.h"
+
+namespace specontext::generator {
+namespace {
+
+v1::FinishReason ToProto(FinishReason r) {
+  switch (r) {
+    case FinishReason::kStopToken: return v1::FINISH_REASON_STOP;
+    case FinishReason::kStopString: return v1::FINISH_REASON_STOP_STRING;
+    case FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
+    default: return v1::FINISH_REASON_UNSPECIFIED;
+  }
+}
+
+// How often a handler waiting for events checks its call for cancellation and deadline.
+constexpr absl::Duration kPollInterval = absl::Milliseconds(20);
+// How long a cancelled call waits for the engine to confirm before returning anyway.
+constexpr absl::Duration kCancelConfirmWait = absl::Seconds(1);
+
+}  // namespace
+
+grpc::Status GeneratorService::Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
+                                        grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  const absl::Time arrival = absl::Now();
+  ++active_calls_;
+  metrics_->active_calls->Increment();
+  grpc::Status status = Serve(context, *request, writer);
+  metrics_->active_calls->Decrement();
+  --active_calls_;
+  metrics_->CountRequest(StatusCodeName(status.error_code()));
+  metrics_->request_latency->Observe(absl::ToDoubleSeconds(absl::Now() - arrival));
+  if (!status.ok() && status.error_code() != grpc::StatusCode::CANCELLED &&
+      status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) {
+    SPC_LOG(INFO) << "Generate rejected" << Kv("peer", context->peer())
+                  << Kv("code", StatusCodeName(status.error_code())) << Kv("message", status.error_message());
+  }
+  return status;
+}
+
+grpc::Status GeneratorService::Serve(grpc::ServerContext* context, const v1::GenerateRequest& request,
+                                     grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  const absl::Time arrival = absl::Now();
+  if (draining_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is draining (shutting down)");
+  absl::StatusOr<PreparedRequest> prepared = PrepareRequest(request, *runtime_, options_.limits);
+  if (!prepared.ok()) return ToGrpcStatus(prepared.status());
+  const std::string request_id = prepared->request_id.empty()
+                                     ? absl::StrCat("req-", next_request_id_.fetch_add(1))
+                                     : prepared->request_id;
+  const int32_t prompt_tokens = static_cast<int32_t>(prepared->engine.prompt.size());
+
+  // Shared with the engine's callback, which may outlive this frame only until the final event.
+  auto channel = std::make_shared<EventChannel>(options_.channel_capacity);
+  absl::StatusOr<uint64_t> id =
+      loop_->Submit(std::move(prepared->engine), [channel](const StreamEvent& ev) { channel->Push(ev); });
+  if (!id.ok()) return ToGrpcStatus(id.status());
+
+  bool cancel_sent = false;
+  bool write_failed = false;
+  absl::Time cancel_at = absl::InfiniteFuture();
+  absl::Time first_token = absl::InfinitePast();
+  EventBatch batch;
+  while (true) {
+    if (!cancel_sent && (context->IsCancelled() || write_failed)) {
+      loop_->Cancel(*id);  // frees the sequence's KV at the engine's next step
+      cancel_sent = true;
+      cancel_at = absl::Now();
+    }
+    if (!channel->Pop(kPollInterval, &batch)) {
+      // A request still queued behind a full batch is only finished when the engine reaches it; the
+      // callback owns the channel, so the handler need not hold a gRPC thread until then.
+      if (cancel_sent && absl::Now() - cancel_at > kCancelConfirmWait) break;
+      continue;
+    }
+    if (!batch.tokens.empty() && first_token == absl::InfinitePast()) {
+      first_token = batch.first_token_at;
+      metrics_->ttft->Observe(absl::ToDoubleSeconds(first_token - arrival));
+    }
+    metrics_->tokens_generated->Increment(static_cast<double>(batch.tokens.size()));
+    if (cancel_sent) {
+      if (batch.done) break;
+      continue;  // wait for the engine to confirm; nothing more goes to the client
+    }
+    v1::GenerateResponse response;
+    response.set_request_id(request_id);
+    response.mutable_token_ids()->Add(batch.tokens.begin(), batch.tokens.end());
+    response.set_text(batch.text);
+    if (batch.done) {
+      if (batch.reason == FinishReason::kError) break;  // reported as the call's status below
+      response.set_done(true);
+      response.set_finish_reason(ToProto(batch.reason));
+      v1::Usage* usage = response.mutable_usage();
+      const GenerationStats& s = batch.stats;
+      usage->set_prompt_tokens(prompt_tokens);
+      usage->set_generated_tokens(s.generated_tokens);
+      usage->set_time_to_first_token_ms(first_token == absl::InfinitePast()
+                                            ? s.time_to_first_token_ms
+                                            : absl::ToDoubleMilliseconds(first_token - arrival));
+      usage->set_queue_ms(std::max(0.0, usage->time_to_first_token_ms() - s.time_to_first_token_ms));
+      usage->set_tokens_per_second(s.generated_tokens > 1 && s.decode_ms > 0
+                                       ? (s.generated_tokens - 1) * 1e3 / s.decode_ms
+                                       : 0.0);
+      if (s.generated_tokens > 1 && s.decode_ms > 0) {
+        metrics_->tpot->Observe(s.decode_ms / 1e3 / (s.generated_tokens - 1));
+      }
+      v1::SparsityStats* sp = response.mutable_sparsity();
+      // The engine runs dense until the sparse path is wired in; report what actually happened.
+      sp->set_sparse(false);
+      sp->set_budget(prepared->sparse ? prepared->budget : 0);
+    }
+    if (!writer->Write(response)) write_failed = true;
+    if (batch.done) break;
+  }
+  metrics_->prompt_tokens->Increment(prompt_tokens);
+  metrics_->merged_events->Increment(static_cast<double>(channel->merged()));
+  if (batch.reason == FinishReason::kError) return ToGrpcStatus(batch.status);
+  if (cancel_sent) {
+    metrics_->cancelled->Increment();
+    if (context->deadline() <= std::chrono::system_clock::now()) {
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the deadline passed before generation finished");
+    }
+    return grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled");
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status GeneratorService::GetModelInfo(grpc::ServerContext*, const v1::ModelInfoRequest*,
+                                            v1::ModelInfo* info) {
+  const ModelConfig& c = runtime_->model->config();
+  info->set_model_path(options_.model_path);
+  info->set_architecture(c.model_type);
+  info->set_vocab_size(static_cast<int32_t>(c.vocab_size));
+  info->set_max_context(static_cast<int32_t>(c.max_position_embeddings));
+  info->set_n_layers(static_cast<int32_t>(c.num_hidden_layers));
+  info->set_n_heads(static_cast<int32_t>(c.num_attention_heads));
+  info->set_n_kv_heads(static_cast<int32_t>(c.num_key_value_heads));
+  info->set_head_dim(static_cast<int32_t>(c.head_dim));
+  info->set_backend(std::string(runtime_->backend->name()));
+  info->set_has_tokenizer(runtime_->tokenizer != nullptr);
+  for (int64_t id : c.eos_token_ids) info->add_eos_token_ids(static_cast<int32_t>(id));
+  info->set_default_budget(options_.limits.default_budget);
+  info->set_retriever(options_.retriever);
+  info->set_max_batch(options_.max_batch);
+  info->set_max_queue(options_.max_queue);
+  return grpc::Status::OK;
+}
+
+}  // namespace specontext::generator

@@ -1,0 +1,41 @@
+// Pieces every SpeContext gRPC server binary shares: credentials (TLS, mutual TLS), the standard
+// health and reflection services, the readiness file tests wait for, and SIGTERM handling.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
+
+#include "absl/status/statusor.h"
+
+namespace specontext {
+
+struct TlsOptions {
+  std::string cert_path;       // PEM server certificate chain; empty = plaintext
+  std::string key_path;        // PEM private key
+  std::string client_ca_path;  // PEM CA: when set, clients must present a certificate it signed (mTLS)
+};
+
+/// Insecure credentials when no certificate is given; InvalidArgument when only one of cert/key is
+/// set or a client CA is given without a certificate; NotFound naming an unreadable file.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const TlsOptions& tls);
+
+/// Enables grpc.health.v1.Health and server reflection for builders created afterwards.
+void EnableStandardServices();
+
+/// Blocks SIGTERM and SIGINT in the calling thread (call first in main, before any thread starts, so
+/// every thread inherits the mask), to be received by WaitForTerminationSignal().
+void BlockTerminationSignals();
+/// Waits for SIGTERM or SIGINT; returns the signal number.
+int WaitForTerminationSignal();
+
+/// Writes "grpc_port metrics_port\n" to `path` atomically (write + rename), so a test or supervisor
+/// that polls for the file sees it complete. A no-op when `path` is empty.
+absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_port);
+
+/// Reads a whole file (NotFound naming it when it cannot be opened).
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path);
+
+}  // namespace specontext

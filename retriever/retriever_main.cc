@@ -1,0 +1,142 @@
+// specontext-retriever: serves a retrieval head over specontext.v1.Retriever (plus grpc.health.v1
+// and reflection), Prometheus /metrics on its own port; SIGTERM stops it (open streams are cancelled).
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/server.h>
+#include <grpcpp/server_builder.h>
+
+#include "absl/strings/str_cat.h"
+#include "core/cli/args.h"
+#include "core/io/file_util.h"
+#include "core/io/weight_source.h"
+#include "core/log.h"
+#include "core/metrics/metrics_server.h"
+#include "core/status_macros.h"
+#include "generator/server_common.h"
+#include "retriever/retriever_service.h"
+
+namespace specontext::retriever {
+namespace {
+
+void DefineFlags(Args& a) {
+  a.Define({"head", "retrieval head directory (config.json + model.safetensors)", false, false, ""});
+  a.Define({"model", "target model: needed when the head shares the target's embedding", false, false, ""});
+  a.Define({"listen", "gRPC address HOST:PORT (port 0 picks a free one)", false, false, "127.0.0.1:50052"});
+  a.Define({"metrics-port", "port of the Prometheus /metrics server (0 picks a free one)", false, false, "9465"});
+  a.Define({"metrics-host", "address the /metrics server binds", false, false, "0.0.0.0"});
+  a.Define({"max-sequences", "open sequences per session", false, false, "256"});
+  a.Define({"max-tokens-per-sequence", "retrieval K cache rows per sequence", false, false, "131072"});
+  a.Define({"max-message-bytes", "largest gRPC message accepted or sent", false, false, "64MiB"});
+  a.Define({"tls-cert", "PEM certificate chain: serve TLS", false, false, ""});
+  a.Define({"tls-key", "PEM private key for --tls-cert", false, false, ""});
+  a.Define({"tls-client-ca", "PEM CA: require client certificates signed by it (mutual TLS)", false, false, ""});
+  a.Define({"port-file", "write \"GRPC_PORT METRICS_PORT\" here once serving", false, false, ""});
+  a.Define({"log-level", "debug, info, warning or error", false, false, "info"});
+}
+
+// The target's config: from the model when given, else from the dimensions the head recorded.
+absl::StatusOr<std::unique_ptr<RetrievalHead>> LoadHead(const std::string& head_dir, const std::string& model,
+                                                        Checkpoint* checkpoint) {
+  if (!model.empty()) {
+    ASSIGN_OR_RETURN(*checkpoint, OpenCheckpoint(model));
+    return RetrievalHead::Load(head_dir, checkpoint->config, checkpoint->weights.get());
+  }
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(head_dir + "/config.json", 1 << 20));
+  ASSIGN_OR_RETURN(RetrievalHeadConfig hc, ParseRetrievalHeadConfig(text));
+  if (!hc.own_embedding) {
+    return absl::InvalidArgumentError("this head shares the target's embedding: pass --model");
+  }
+  ModelConfig target;
+  target.vocab_size = hc.target.vocab_size;
+  target.hidden_size = hc.target.hidden_size;
+  target.num_hidden_layers = hc.target.num_hidden_layers;
+  target.num_key_value_heads = hc.target.num_key_value_heads;
+  target.head_dim = hc.target.head_dim;
+  return RetrievalHead::Load(head_dir, target, nullptr);
+}
+
+absl::Status Run(const Args& args) {
+  if (args.GetString("head").empty()) return absl::InvalidArgumentError("--head is required");
+  LogLevel level;
+  if (!ParseLogLevel(args.GetString("log-level"), &level)) {
+    return absl::InvalidArgumentError("--log-level must be debug, info, warning or error");
+  }
+  SetLogLevel(level);
+  SessionLimits limits;
+  ASSIGN_OR_RETURN(int64_t max_seqs, args.GetInt("max-sequences"));
+  ASSIGN_OR_RETURN(int64_t max_tokens, args.GetInt("max-tokens-per-sequence"));
+  if (max_seqs < 1 || max_seqs > (1 << 20) || max_tokens < 1 || max_tokens > (1 << 24)) {
+    return absl::InvalidArgumentError("--max-sequences and --max-tokens-per-sequence are out of range");
+  }
+  limits.max_sequences = static_cast<int32_t>(max_seqs);
+  limits.max_tokens_per_sequence = static_cast<int32_t>(max_tokens);
+  ASSIGN_OR_RETURN(int64_t max_message, args.GetBytes("max-message-bytes"));
+  if (max_message < 1024 || max_message > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError("--max-message-bytes must be between 1KiB and 1GiB");
+  }
+  ASSIGN_OR_RETURN(int64_t metrics_port, args.GetInt("metrics-port"));
+  TlsOptions tls{args.GetString("tls-cert"), args.GetString("tls-key"), args.GetString("tls-client-ca")};
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, MakeServerCredentials(tls));
+
+  Checkpoint checkpoint;
+  ASSIGN_OR_RETURN(std::unique_ptr<RetrievalHead> head,
+                   LoadHead(args.GetString("head"), args.GetString("model"), &checkpoint));
+  metrics::Registry registry;
+  ASSIGN_OR_RETURN(RetrieverMetrics rm, RegisterRetrieverMetrics(&registry));
+  RetrieverService service(head.get(), args.GetString("head"), limits, &rm);
+
+  EnableStandardServices();
+  grpc::ServerBuilder builder;
+  int grpc_port = 0;
+  builder.AddListeningPort(args.GetString("listen"), creds, &grpc_port);
+  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(max_message));
+  builder.SetMaxSendMessageSize(static_cast<int>(max_message));
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || grpc_port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", args.GetString("listen")));
+  }
+  server->GetHealthCheckService()->SetServingStatus(true);
+  metrics::MetricsServer metrics_server(&registry, args.GetString("metrics-host"), static_cast<int>(metrics_port));
+  if (absl::Status st = metrics_server.Start(); !st.ok()) {
+    server->Shutdown();
+    return st;
+  }
+  RETURN_IF_ERROR(WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port()));
+  SPC_LOG(INFO) << "specontext-retriever serving" << Kv("grpc_port", grpc_port)
+                << Kv("metrics_port", metrics_server.port()) << Kv("head", args.GetString("head"))
+                << Kv("parameters", head->parameter_count());
+  const int sig = WaitForTerminationSignal();
+  SPC_LOG(INFO) << "stopping" << Kv("signal", sig);
+  server->GetHealthCheckService()->SetServingStatus(false);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  metrics_server.Stop();
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace specontext::retriever
+
+int main(int argc, char** argv) {
+  specontext::BlockTerminationSignals();
+  specontext::Args args;
+  specontext::retriever::DefineFlags(args);
+  absl::Status st = args.Parse(argc, argv);
+  if (st.ok() && !args.positional().empty()) {
+    st = absl::InvalidArgumentError("unexpected argument \"" + args.positional()[0] + "\"");
+  }
+  if (!st.ok()) {
+    std::fprintf(stderr, "specontext-retriever: %s\n\nflags:\n%s", std::string(st.message()).c_str(),
+                 args.Usage().c_str());
+    return 2;
+  }
+  st = specontext::retriever::Run(args);
+  if (!st.ok()) {
+    std::fprintf(stderr, "specontext-retriever: error: %s\n", std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

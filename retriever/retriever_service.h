@@ -1,0 +1,50 @@
+// specontext.v1.Retriever over RetrieverSession: one session per Session stream, freed when the
+// stream ends, fails or is cancelled. Per-sequence errors come back as RetrieverError messages and the
+// stream stays open; only a broken stream ends it.
+#pragma once
+
+#include <string>
+
+#include "core/metrics/metrics.h"
+#include "proto/specontext.grpc.pb.h"
+#include "retriever/retriever_session.h"
+
+namespace specontext::retriever {
+
+struct RetrieverMetrics {
+  metrics::CounterFamily* messages = nullptr;  // spc_retriever_messages_total{kind}
+  metrics::CounterFamily* errors = nullptr;    // spc_retriever_errors_total{code}
+  metrics::Histogram* select_latency = nullptr;
+  metrics::Gauge* sessions = nullptr;
+  metrics::Gauge* sequences = nullptr;
+  metrics::Gauge* cache_bytes = nullptr;
+};
+absl::StatusOr<RetrieverMetrics> RegisterRetrieverMetrics(metrics::Registry* registry);
+
+class RetrieverService final : public v1::Retriever::Service {
+ public:
+  /// Everything passed in must outlive the service.
+  RetrieverService(const RetrievalHead* head, std::string head_path, SessionLimits limits, RetrieverMetrics* metrics)
+      : head_(head), head_path_(std::move(head_path)), limits_(limits), metrics_(metrics) {}
+
+  grpc::Status Session(grpc::ServerContext* context,
+                       grpc::ServerReaderWriter<v1::RetrieverResponse, v1::RetrieverRequest>* stream) override;
+  grpc::Status GetInfo(grpc::ServerContext* context, const v1::RetrieverInfoRequest* request,
+                       v1::RetrieverInfo* info) override;
+
+  const RetrieverTotals& totals() const { return totals_; }
+
+ private:
+  void Refresh();
+
+  const RetrievalHead* head_;
+  std::string head_path_;
+  SessionLimits limits_;
+  RetrieverMetrics* metrics_;
+  RetrieverTotals totals_;
+};
+
+/// Packs a selection into the wire format (same CSR arrays).
+void ToProto(const SelectionResult& selection, uint64_t step, v1::Selection* out);
+
+}  // namespace specontext::retriever

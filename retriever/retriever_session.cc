@@ -1,0 +1,129 @@
+#include "retriever/retriever_session.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+
+namespace specontext::retriever {
+
+RetrieverSession::RetrieverSession(const RetrievalHead* head, SessionLimits limits, RetrieverTotals* totals)
+    : head_(head), limits_(limits), totals_(totals) {
+  if (totals_ != nullptr) ++totals_->sessions;
+}
+
+RetrieverSession::~RetrieverSession() {
+  if (totals_ == nullptr) return;
+  for (auto& [id, s] : seqs_) {
+    totals_->cache_bytes -= s.accounted_bytes;
+    --totals_->sequences;
+  }
+  --totals_->sessions;
+}
+
+void RetrieverSession::Account(Sequence& s) {
+  const int64_t now = s.cache->bytes() + static_cast<int64_t>(s.last_q.nbytes());
+  if (totals_ != nullptr) totals_->cache_bytes += now - s.accounted_bytes;
+  s.accounted_bytes = now;
+}
+
+absl::Status RetrieverSession::Open(uint64_t id, int32_t max_tokens) {
+  if (seqs_.contains(id)) return absl::AlreadyExistsError(absl::StrCat("sequence ", id, " is already open"));
+  if (open_sequences() >= limits_.max_sequences) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the session already holds ", limits_.max_sequences, " sequences (the limit)"));
+  }
+  if (max_tokens < 1 || max_tokens > limits_.max_tokens_per_sequence) {
+    return absl::InvalidArgumentError(absl::StrCat("open: max_tokens must be in [1, ", limits_.max_tokens_per_sequence,
+                                                   "], got ", max_tokens));
+  }
+  Sequence s;
+  s.cache = std::make_unique<RetrievalKvCache>(head_->n_kv_heads(), head_->head_dim(),
+                                               std::min<int64_t>(max_tokens, 256));
+  s.max_tokens = max_tokens;
+  auto [it, inserted] = seqs_.emplace(id, std::move(s));
+  Account(it->second);
+  if (totals_ != nullptr) ++totals_->sequences;
+  return absl::OkStatus();
+}
+
+absl::Status RetrieverSession::Observe(uint64_t id, const std::vector<int32_t>& ids, const std::vector<float>& fused) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("observe: sequence ", id, " is not open"));
+  Sequence& s = it->second;
+  const int64_t n = static_cast<int64_t>(ids.size());
+  if (n == 0 || n > limits_.max_tokens_per_observe) {
+    return absl::InvalidArgumentError(absl::StrCat("observe: 1 to ", limits_.max_tokens_per_observe,
+                                                   " token ids per message, got ", n));
+  }
+  if (s.cache->len() + n > s.max_tokens) {
+    return absl::ResourceExhaustedError(absl::StrCat("observe: sequence ", id, " would hold ", s.cache->len() + n,
+                                                     " tokens; it was opened for ", s.max_tokens));
+  }
+  const int64_t vocab = head_->config().attn.vocab_size;
+  for (int32_t t : ids) {
+    if (t < 0 || t >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("observe: token id ", t, " is outside the vocabulary [0, ",
+                                                     vocab, ")"));
+    }
+  }
+  const int64_t fw = head_->fused_width();
+  Tensor fused_t;
+  if (fw > 0) {
+    if (static_cast<int64_t>(fused.size()) != n * fw) {
+      return absl::InvalidArgumentError(absl::StrCat("observe: hidden must hold ", n, " x ", fw, " floats, got ",
+                                                     fused.size()));
+    }
+    fused_t = Tensor::HostEmpty(DType::kF32, {n, fw});
+    std::memcpy(fused_t.as<float>(), fused.data(), fused.size() * sizeof(float));
+  } else if (!fused.empty()) {
+    return absl::InvalidArgumentError("observe: this head takes no hidden states");
+  }
+  const int64_t nh = head_->n_heads(), hd = head_->head_dim();
+  Tensor q = Tensor::HostEmpty(DType::kF32, {n, nh, hd});
+  RETURN_IF_ERROR(head_->Observe(ids, fused_t, s.cache.get(), &q));
+  if (s.last_q.data() == nullptr) s.last_q = Tensor::HostEmpty(DType::kF32, {nh, hd});
+  std::memcpy(s.last_q.as<float>(), q.as<float>() + (n - 1) * nh * hd, nh * hd * sizeof(float));
+  Account(s);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SelectionResult> RetrieverSession::Select(const std::vector<uint64_t>& ids, int32_t budget) {
+  if (ids.empty()) return absl::InvalidArgumentError("select: no sequence ids");
+  if (budget < 1 || budget > limits_.max_budget) {
+    return absl::InvalidArgumentError(absl::StrCat("select: budget must be in [1, ", limits_.max_budget, "], got ",
+                                                   budget));
+  }
+  std::vector<SelectionQuery> batch;
+  batch.reserve(ids.size());
+  for (uint64_t id : ids) {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("select: sequence ", id, " is not open"));
+    const Sequence& s = it->second;
+    if (s.cache->len() == 0) {
+      return absl::FailedPreconditionError(absl::StrCat("select: sequence ", id, " has observed no token"));
+    }
+    SelectionQuery q;
+    q.q = s.last_q;
+    q.k_cache = s.cache->k();
+    q.len = s.cache->len() - 1;  // the current token's past
+    q.budget = budget;
+    batch.push_back(std::move(q));
+  }
+  SelectionOptions options;
+  options.budget = budget;
+  return SelectTopB(batch, options);
+}
+
+absl::Status RetrieverSession::Close(uint64_t id) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("close: sequence ", id, " is not open"));
+  if (totals_ != nullptr) {
+    totals_->cache_bytes -= it->second.accounted_bytes;
+    --totals_->sequences;
+  }
+  seqs_.erase(it);
+  return absl::OkStatus();
+}
+
+}  // namespace specontext::retriever

@@ -1,0 +1,72 @@
+// The retriever's per-stream state, usable in-process (the generator's `--retriever inproc`) or
+// behind the Retriever.Session gRPC stream: sequences are opened, observe their new tokens (the head
+// appends their K to the sequence's retrieval K cache) and are selected in batches (top-B index sets
+// per sequence x KV head, core/sparse's CSR layout). Everything is freed when the session is destroyed.
+//
+// Threading: one session is used by one thread at a time; sessions share the (const) head.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "core/sparse/retrieval_head.h"
+#include "core/sparse/selection.h"
+
+namespace specontext::retriever {
+
+struct SessionLimits {
+  int32_t max_sequences = 256;               // open at once in one session
+  int32_t max_tokens_per_sequence = 1 << 17; // retrieval K cache rows
+  int32_t max_tokens_per_observe = 1 << 14;  // tokens in one Observe
+  int32_t max_budget = 1 << 16;
+};
+
+/// Live totals over all sessions of one process (for metrics and tests); owned by the caller.
+struct RetrieverTotals {
+  std::atomic<int64_t> sessions{0};
+  std::atomic<int64_t> sequences{0};
+  std::atomic<int64_t> cache_bytes{0};
+};
+
+class RetrieverSession {
+ public:
+  /// `head` and `totals` (may be null) must outlive the session.
+  RetrieverSession(const RetrievalHead* head, SessionLimits limits, RetrieverTotals* totals);
+  ~RetrieverSession();
+  RetrieverSession(const RetrieverSession&) = delete;
+  RetrieverSession& operator=(const RetrieverSession&) = delete;
+
+  /// AlreadyExists for a live id; ResourceExhausted past max_sequences; InvalidArgument for max_tokens.
+  absl::Status Open(uint64_t sequence_id, int32_t max_tokens);
+  /// Appends the K of `ids` (at the next positions) and keeps the last token's query for Select.
+  /// `fused`: [n, head.fused_width()] f32 for EAGLE-3 heads, empty otherwise.
+  absl::Status Observe(uint64_t sequence_id, const std::vector<int32_t>& ids, const std::vector<float>& fused);
+  /// Index sets of the batch, in order: the last observed token's query scored against the past
+  /// (every earlier position). NotFound for an unknown id, FailedPrecondition before any Observe.
+  absl::StatusOr<SelectionResult> Select(const std::vector<uint64_t>& sequence_ids, int32_t budget);
+  /// Frees the sequence (unknown ids: NotFound).
+  absl::Status Close(uint64_t sequence_id);
+
+  int32_t open_sequences() const { return static_cast<int32_t>(seqs_.size()); }
+  const RetrievalHead& head() const { return *head_; }
+
+ private:
+  struct Sequence {
+    std::unique_ptr<RetrievalKvCache> cache;
+    Tensor last_q;  // [n_heads, head_dim] the latest token's query
+    int32_t max_tokens = 0;
+    int64_t accounted_bytes = 0;
+  };
+  void Account(Sequence& s);
+
+  const RetrievalHead* head_;
+  SessionLimits limits_;
+  RetrieverTotals* totals_;
+  absl::flat_hash_map<uint64_t, Sequence> seqs_;
+};
+
+}  // namespace specontext::retriever

@@ -1,0 +1,62 @@
+// Test harness: runs the real service binaries on loopback (ports picked by the server: port 0 and
+// --port-file), and small helpers to call them and read their /metrics.
+#pragma once
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "proto/specontext.grpc.pb.h"
+
+namespace specontext::testing {
+
+/// stories260K: tests/data/stories260K or models/stories260K (it may move); empty when absent.
+std::string ModelDir();
+
+/// One child process running a service binary with --listen 127.0.0.1:0 --metrics-port 0.
+class ServerProcess {
+ public:
+  ~ServerProcess();
+  /// Starts `binary` with `args` (plus the listen/port-file flags) and waits until it serves.
+  absl::Status Start(const std::string& binary, std::vector<std::string> args, double timeout_s = 60);
+  /// Sends `sig`; WaitExit() returns the exit code (or 128 + signal).
+  void Signal(int sig);
+  absl::StatusOr<int> WaitExit(double timeout_s);
+  bool Running();
+
+  std::string address() const { return "127.0.0.1:" + std::to_string(grpc_port_); }
+  int grpc_port() const { return grpc_port_; }
+  int metrics_port() const { return metrics_port_; }
+  const std::string& log_path() const { return log_path_; }
+
+ private:
+  pid_t pid_ = -1;
+  int grpc_port_ = 0;
+  int metrics_port_ = 0;
+  std::string dir_;
+  std::string log_path_;
+};
+
+std::unique_ptr<v1::Generator::Stub> GeneratorStub(const std::string& address);
+
+/// The body of GET /metrics.
+absl::StatusOr<std::string> FetchMetrics(int port);
+/// Value of the sample `name_with_labels` (e.g. `spc_device_memory_bytes{kind="kv_cache"}`).
+absl::StatusOr<double> MetricValue(const std::string& body, const std::string& name_with_labels);
+
+/// Runs a command, returns its stdout; the exit code goes to *exit_code.
+std::string RunCommand(const std::vector<std::string>& argv, int* exit_code);
+
+struct StreamResult {
+  std::vector<int32_t> tokens;
+  std::string text;
+  v1::GenerateResponse final;  // the done message
+  int messages = 0;
+  grpc::Status status;
+};
+StreamResult CallGenerate(v1::Generator::Stub* stub, const v1::GenerateRequest& req, double timeout_s = 120);
+
+}  // namespace specontext::testing
