@@ -1,0 +1,270 @@
+// CudaBackend: ragged-batch metadata (PrepareBatch), KV append and attention dispatch.
+//
+// PrepareBatch validates the batch on the host and uploads, in one copy, the per-sequence
+// metadata, the token-row -> sequence map and the K/V pointers of every layer. The first Attention
+// call after it builds the work lists (prefill tiles; decode splits sized to fill the GPU) for the
+// model's head count and uploads them in a second copy; later layers reuse both.
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "core/cpu/cpu_backend.h"
+#include "core/cuda/cuda_backend_impl.h"
+#include "core/cuda/cuda_check.h"
+#include "core/status_macros.h"
+
+namespace specontext::cuda {
+namespace {
+
+size_t Align16(size_t v) { return (v + 15) / 16 * 16; }
+
+}  // namespace
+
+absl::Status CudaBackend::EnsureBuffer(Tensor* buf, size_t bytes) {
+  if (!buf->empty() && buf->nbytes() >= bytes) return absl::OkStatus();
+  const size_t grown = std::max(bytes, buf->empty() ? size_t{4096} : buf->nbytes() * 2);
+  ASSIGN_OR_RETURN(*buf, memory_->Alloc(DType::kU8, {static_cast<int64_t>(grown)}, MemoryKind::kWorkspace));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Upload(PinnedStaging& staging, const void* src, size_t bytes, void* dst) {
+  if (bytes == 0) return absl::OkStatus();
+  // The previous copy out of this staging buffer must be done before it is rewritten.
+  RETURN_IF_CUDA_ERROR(cudaEventSynchronize(staging.ready));
+  if (staging.bytes < bytes) {
+    if (staging.host != nullptr) RETURN_IF_CUDA_ERROR(cudaFreeHost(staging.host));
+    staging.host = nullptr;
+    const size_t grown = std::max(bytes, staging.bytes * 2);
+    RETURN_IF_CUDA_ERROR(cudaHostAlloc(&staging.host, grown, cudaHostAllocDefault));
+    staging.bytes = grown;
+  }
+  std::memcpy(staging.host, src, bytes);
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dst, staging.host, bytes, cudaMemcpyHostToDevice, stream_));
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(staging.ready, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
+  batch_valid_ = false;
+  planned_heads_ = 0;
+  if (batch.seqs.size() != batch.kv.size()) return absl::InvalidArgumentError("batch: one SequenceKv per slice is required");
+  const int n_seqs = static_cast<int>(batch.seqs.size());
+  if (n_seqs == 0) return absl::InvalidArgumentError("batch: no sequences");
+  int64_t sum = 0;
+  for (const SeqSlice& s : batch.seqs) sum += s.n_tokens;
+  if (sum != batch.n_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("batch: n_tokens ", batch.n_tokens, " differs from the slices' sum ", sum));
+  }
+  const SequenceKv* first = batch.kv[0];
+  if (first == nullptr || first->k.empty() || first->k.size() != first->v.size()) {
+    return absl::InvalidArgumentError("batch: sequence 0 has no KV layers");
+  }
+  const int n_layers = static_cast<int>(first->k.size());
+  const int64_t n_kv = first->k[0].ndim() == 3 ? first->k[0].dim(0) : 0;
+  const int64_t hd = first->k[0].ndim() == 3 ? first->k[0].dim(2) : 0;
+  std::vector<int32_t> row_seq(batch.n_tokens, -1);
+  std::vector<AttnSeq> seqs(n_seqs);
+  std::vector<const void*> k_ptrs(size_t(n_layers) * n_seqs), v_ptrs(size_t(n_layers) * n_seqs);
+  for (int i = 0; i < n_seqs; ++i) {
+    const SeqSlice& s = batch.seqs[i];
+    const SequenceKv* kv = batch.kv[i];
+    if (kv == nullptr || static_cast<int>(kv->k.size()) != n_layers || kv->v.size() != kv->k.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("batch: sequence ", i, " does not have ", n_layers, " KV layers"));
+    }
+    if (s.n_tokens < 0 || s.past_len < 0 || s.token_begin < 0 || s.token_begin + s.n_tokens > batch.n_tokens) {
+      return absl::InvalidArgumentError(absl::StrCat("batch: slice ", i, " is out of range"));
+    }
+    if (s.past_len + s.n_tokens > kv->capacity) {
+      return absl::OutOfRangeError(absl::StrCat("batch: sequence ", i, " needs ", s.past_len + s.n_tokens,
+                                                " KV slots but has capacity ", kv->capacity));
+    }
+    for (int l = 0; l < n_layers; ++l) {
+      for (const Tensor* t : {&kv->k[l], &kv->v[l]}) {
+        if (t->dtype() != DType::kBF16 || t->device() != DeviceKind::kCuda || t->ndim() != 3 ||
+            t->dim(0) != n_kv || t->dim(1) != kv->capacity || t->dim(2) != hd) {
+          return absl::InvalidArgumentError(absl::StrCat("batch: sequence ", i, " layer ", l, " cache ",
+                                                         t->DebugString(), ", expected bf16@cuda [", n_kv, ", ",
+                                                         kv->capacity, ", ", hd, "]"));
+        }
+      }
+      k_ptrs[size_t(l) * n_seqs + i] = kv->k[l].data();
+      v_ptrs[size_t(l) * n_seqs + i] = kv->v[l].data();
+    }
+    for (int32_t t = 0; t < s.n_tokens; ++t) {
+      if (row_seq[s.token_begin + t] != -1) {
+        return absl::InvalidArgumentError(absl::StrCat("batch: slices ", row_seq[s.token_begin + t], " and ", i,
+                                                       " overlap at row ", s.token_begin + t));
+      }
+      row_seq[s.token_begin + t] = i;
+    }
+    seqs[i] = AttnSeq{s.token_begin, s.n_tokens, s.past_len, kv->capacity};
+  }
+  off_row_seq_ = Align16(sizeof(AttnSeq) * n_seqs);
+  off_k_ptrs_ = off_row_seq_ + Align16(sizeof(int32_t) * row_seq.size());
+  off_v_ptrs_ = off_k_ptrs_ + sizeof(void*) * k_ptrs.size();
+  const size_t total = off_v_ptrs_ + sizeof(void*) * v_ptrs.size();
+  std::vector<char> host(total, 0);
+  std::memcpy(host.data(), seqs.data(), sizeof(AttnSeq) * n_seqs);
+  std::memcpy(host.data() + off_row_seq_, row_seq.data(), sizeof(int32_t) * row_seq.size());
+  std::memcpy(host.data() + off_k_ptrs_, k_ptrs.data(), sizeof(void*) * k_ptrs.size());
+  std::memcpy(host.data() + off_v_ptrs_, v_ptrs.data(), sizeof(void*) * v_ptrs.size());
+  RETURN_IF_ERROR(EnsureBuffer(&meta_, total));
+  RETURN_IF_ERROR(Upload(batch_staging_, host.data(), total, meta_.data()));
+  batch_ = batch;
+  n_layers_ = n_layers;
+  n_kv_ = static_cast<int>(n_kv);
+  head_dim_ = static_cast<int>(hd);
+  batch_valid_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::PlanAttention(int n_heads) {
+  const int group = n_heads / n_kv_;
+  std::vector<AttnWorkItem> prefill, decode;
+  std::vector<AttnCombineItem> combine;
+  const bool decode_ok = group <= kDecodeBlockM;
+  int64_t decode_keys = 0;
+  for (const SeqSlice& s : batch_.seqs) {
+    if (s.n_tokens == 1 && decode_ok) decode_keys += s.past_len + 1;
+  }
+  // Split sizes: enough CTAs (n_kv per split) for about two waves over the SMs.
+  const int64_t target_ctas = 2 * int64_t{sm_count_};
+  int64_t chunk = (decode_keys * n_kv_ + target_ctas - 1) / target_ctas;
+  // At least two stages per split: below that the per-CTA prologue and merge dominate.
+  chunk = std::max<int64_t>(2 * kDecodeKeysPerStage,
+                            (chunk + kDecodeKeysPerStage - 1) / kDecodeKeysPerStage * kDecodeKeysPerStage);
+  int slots = 0;
+  for (int i = 0; i < static_cast<int>(batch_.seqs.size()); ++i) {
+    const SeqSlice& s = batch_.seqs[i];
+    if (s.n_tokens == 0) continue;
+    if (s.n_tokens == 1 && decode_ok) {
+      const int len = s.past_len + 1;
+      int splits = static_cast<int>((len + chunk - 1) / chunk);
+      if (splits == 1) {
+        decode.push_back({i, 0, 0, len, -1, {}});
+        continue;
+      }
+      // Equal parts (whole stages) rather than full chunks and a short tail.
+      const int per = (len / splits + kDecodeKeysPerStage) / kDecodeKeysPerStage * kDecodeKeysPerStage;
+      splits = (len + per - 1) / per;
+      combine.push_back({i, slots, splits, 0});
+      for (int j = 0; j < splits; ++j) {
+        decode.push_back({i, 0, j * per, std::min(len, (j + 1) * per), slots + j, {}});
+      }
+      slots += splits;
+      continue;
+    }
+    // Prefill tiles, the longest (last rows, most keys) first for a better tail.
+    const int rows = s.n_tokens * group;
+    for (int r0 = (rows - 1) / kPrefillBlockM * kPrefillBlockM; r0 >= 0; r0 -= kPrefillBlockM) {
+      const int t_last = (std::min(rows, r0 + kPrefillBlockM) - 1) / group;
+      prefill.push_back({i, r0, 0, s.past_len + t_last + 1, -1, {}});
+    }
+  }
+  off_decode_ = sizeof(AttnWorkItem) * prefill.size();
+  off_combine_ = off_decode_ + sizeof(AttnWorkItem) * decode.size();
+  const size_t total = off_combine_ + sizeof(AttnCombineItem) * combine.size();
+  std::vector<char> host(total);
+  if (!prefill.empty()) std::memcpy(host.data(), prefill.data(), off_decode_);
+  if (!decode.empty()) std::memcpy(host.data() + off_decode_, decode.data(), sizeof(AttnWorkItem) * decode.size());
+  if (!combine.empty()) std::memcpy(host.data() + off_combine_, combine.data(), sizeof(AttnCombineItem) * combine.size());
+  RETURN_IF_ERROR(EnsureBuffer(&plan_, total));
+  RETURN_IF_ERROR(Upload(plan_staging_, host.data(), total, plan_.data()));
+  if (slots > 0) {
+    const size_t rows = size_t(slots) * n_kv_ * kDecodeBlockM;
+    off_lse_ = rows * head_dim_ * sizeof(float);
+    RETURN_IF_ERROR(EnsureBuffer(&partials_, off_lse_ + rows * sizeof(float)));
+  }
+  n_prefill_items_ = static_cast<int>(prefill.size());
+  n_decode_items_ = static_cast<int>(decode.size());
+  n_combine_ = static_cast<int>(combine.size());
+  planned_heads_ = n_heads;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::KvAppend(int layer, const Tensor& k, const Tensor& v) {
+  if (!batch_valid_) return absl::FailedPreconditionError("kv_append: PrepareBatch was not called");
+  RETURN_IF_ERROR(CheckTensor(k, "kv_append k", DType::kBF16, 3));
+  RETURN_IF_ERROR(CheckSameShape(k, v, "kv_append k/v"));
+  if (k.device() != DeviceKind::kCuda || v.device() != DeviceKind::kCuda) {
+    return absl::InvalidArgumentError("kv_append: k and v must be on the GPU");
+  }
+  if (layer < 0 || layer >= n_layers_) return absl::InvalidArgumentError(absl::StrCat("kv_append: layer ", layer, " out of range"));
+  if (k.dim(0) != batch_.n_tokens || k.dim(1) != n_kv_ || k.dim(2) != head_dim_) {
+    return absl::InvalidArgumentError(absl::StrCat("kv_append: k ", ShapeToString(k.shape()), ", expected [",
+                                                   batch_.n_tokens, ", ", n_kv_, ", ", head_dim_, "]"));
+  }
+  const int n_seqs = static_cast<int>(batch_.seqs.size());
+  char* meta = static_cast<char*>(meta_.data());
+  KvAppendParams p;
+  p.k = k.data();
+  p.v = v.data();
+  p.seqs = reinterpret_cast<const AttnSeq*>(meta);
+  p.row_seq = reinterpret_cast<const int32_t*>(meta + off_row_seq_);
+  p.k_ptrs = reinterpret_cast<void* const*>(meta + off_k_ptrs_) + size_t(layer) * n_seqs;
+  p.v_ptrs = reinterpret_cast<void* const*>(meta + off_v_ptrs_) + size_t(layer) * n_seqs;
+  p.n_tokens = batch_.n_tokens;
+  p.n_kv = n_kv_;
+  p.head_dim = head_dim_;
+  RETURN_IF_CUDA_ERROR(LaunchKvAppend(p, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Attention(int layer, const Tensor& q, float scale, Tensor* out) {
+  if (!batch_valid_) return absl::FailedPreconditionError("attention: PrepareBatch was not called");
+  RETURN_IF_ERROR(CheckTensor(q, "attention q", DType::kBF16, 3));
+  RETURN_IF_ERROR(CheckSameShape(q, *out, "attention q/out"));
+  if (q.device() != DeviceKind::kCuda || out->device() != DeviceKind::kCuda || out->dtype() != DType::kBF16) {
+    return absl::InvalidArgumentError("attention: q and out must be bf16 on the GPU");
+  }
+  if (layer < 0 || layer >= n_layers_) return absl::InvalidArgumentError(absl::StrCat("attention: layer ", layer, " out of range"));
+  const int64_t n_heads = q.dim(1);
+  if (q.dim(0) != batch_.n_tokens || q.dim(2) != head_dim_ || n_heads % n_kv_ != 0 || n_heads == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attention: q ", ShapeToString(q.shape()), " does not fit ",
+                                                   batch_.n_tokens, " tokens, ", n_kv_, " KV heads of dim ", head_dim_));
+  }
+  if (batch_.n_tokens == 0) return absl::OkStatus();
+  const int n_seqs = static_cast<int>(batch_.seqs.size());
+  char* meta = static_cast<char*>(meta_.data());
+  AttnParams p;
+  p.q = q.data();
+  p.out = out->data();
+  p.seqs = reinterpret_cast<const AttnSeq*>(meta);
+  p.row_seq = reinterpret_cast<const int32_t*>(meta + off_row_seq_);
+  p.k_ptrs = reinterpret_cast<const void* const*>(meta + off_k_ptrs_) + size_t(layer) * n_seqs;
+  p.v_ptrs = reinterpret_cast<const void* const*>(meta + off_v_ptrs_) + size_t(layer) * n_seqs;
+  p.n_heads = static_cast<int>(n_heads);
+  p.n_kv = n_kv_;
+  p.head_dim = head_dim_;
+  p.scale = scale;
+  p.n_tokens = batch_.n_tokens;
+  if (!MmaHeadDimSupported(head_dim_)) {
+    if (head_dim_ > 256) return absl::UnimplementedError(absl::StrCat("attention: head_dim ", head_dim_, " > 256"));
+    RETURN_IF_CUDA_ERROR(LaunchAttentionSimple(p, stream_));
+    return absl::OkStatus();
+  }
+  if (planned_heads_ != n_heads) RETURN_IF_ERROR(PlanAttention(static_cast<int>(n_heads)));
+  char* plan = static_cast<char*>(plan_.data());
+  if (!partials_.empty()) {
+    p.partial_o = partials_.as<float>();
+    p.partial_lse = reinterpret_cast<float*>(static_cast<char*>(partials_.data()) + off_lse_);
+  }
+  if (n_prefill_items_ > 0) {
+    p.items = reinterpret_cast<const AttnWorkItem*>(plan);
+    p.n_items = n_prefill_items_;
+    RETURN_IF_CUDA_ERROR(LaunchAttentionMma(p, AttnKernel::kPrefill, stream_));
+  }
+  if (n_decode_items_ > 0) {
+    p.items = reinterpret_cast<const AttnWorkItem*>(plan + off_decode_);
+    p.n_items = n_decode_items_;
+    RETURN_IF_CUDA_ERROR(LaunchAttentionMma(p, AttnKernel::kDecode, stream_));
+  }
+  if (n_combine_ > 0) {
+    p.combine = reinterpret_cast<const AttnCombineItem*>(plan + off_combine_);
+    p.n_combine = n_combine_;
+    RETURN_IF_CUDA_ERROR(LaunchAttentionCombine(p, stream_));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace specontext::cuda

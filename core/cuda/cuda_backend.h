@@ -1,0 +1,38 @@
+// The CUDA backend: bf16 weights, activations and KV cache with f32 accumulation; GEMMs through
+// cuBLAS (or a custom GEMV for very small batches), own kernels for everything else.
+//
+// All work is enqueued on one non-default compute stream owned by the backend. Ops allocate
+// nothing themselves; PrepareBatch uploads the batch metadata once per forward into buffers that
+// are reused (and only grown) across forwards, so a decode step can later be captured in a graph.
+// This header does not include CUDA headers: model code may include it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "core/backend.h"
+
+namespace specontext {
+
+struct CudaBackendOptions {
+  int device = 0;             // CUDA device ordinal
+  int64_t memory_limit = 0;   // bytes the backend may allocate (--gpu-memory-limit); 0 = no limit
+  // Linear with at most this many rows uses the custom GEMV kernel instead of cuBLAS (0 = never,
+  // at most 8). Set from measurements (bench: cuda_linear_bench).
+  int gemv_max_n = 0;
+  int64_t cublas_workspace_bytes = int64_t{32} << 20;  // fixed cuBLAS workspace (graph capture)
+};
+
+// Creates the backend on `options.device`. Fails with FailedPrecondition when no CUDA device is
+// usable (no driver, no GPU, bad ordinal) and ResourceExhausted when the limit is too small.
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions& options);
+
+// Number of CUDA devices the runtime sees (0 without a driver or GPU). Never fails.
+int CudaDeviceCount();
+
+// The compute stream of a backend made by MakeCudaBackend, as a `cudaStream_t` cast to void*, for
+// CUDA code outside the backend (sampling, graph capture). InvalidArgument for other backends.
+absl::StatusOr<void*> CudaComputeStream(Backend& backend);
+
+}  // namespace specontext

@@ -1,0 +1,93 @@
+// KV append and causal GQA attention over per-sequence caches, for a ragged batch.
+//
+// Caches: per sequence and layer, K and V are bf16 [n_kv, capacity, head_dim]; the kernels get
+// them through device arrays of per-sequence pointers (one entry per sequence for the layer).
+// Query "rows" of a sequence are (token, head-in-group) pairs, r = t * group + h, so one CTA
+// serves every query head of a KV head and K/V are read once per group, not once per head.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace specontext::cuda {
+
+// Per-sequence metadata, uploaded once per forward by PrepareBatch.
+struct AttnSeq {
+  int32_t token_begin;  // first activation row
+  int32_t n_tokens;     // new tokens this step
+  int32_t past_len;     // cached tokens before this step; new token t sits at past_len + t
+  int32_t capacity;     // cache rows per KV head
+};
+
+// One CTA's work (times n_kv via blockIdx.y): query rows [row_begin, row_begin + BLOCK_M) of
+// sequence `seq` against keys [key_begin, key_end). out_slot < 0: write the normalised output;
+// otherwise write a partial (O, log2-sum-exp) into partial slot out_slot for the combine kernel.
+struct AttnWorkItem {
+  int32_t seq;
+  int32_t row_begin;
+  int32_t key_begin;
+  int32_t key_end;
+  int32_t out_slot;
+  int32_t pad[3];
+};
+
+// Merges the n_splits partials of one decode tile (rows [0, group) of token 0 of `seq`).
+struct AttnCombineItem {
+  int32_t seq;
+  int32_t slot_begin;
+  int32_t n_splits;
+  int32_t pad;
+};
+
+struct AttnParams {
+  const void* q = nullptr;  // bf16 [n_tokens, n_heads, head_dim]
+  void* out = nullptr;      // bf16 [n_tokens, n_heads, head_dim]
+  const AttnSeq* seqs = nullptr;
+  const void* const* k_ptrs = nullptr;  // [n_seqs] bf16 [n_kv, capacity, head_dim]
+  const void* const* v_ptrs = nullptr;
+  const AttnWorkItem* items = nullptr;
+  int n_items = 0;
+  const AttnCombineItem* combine = nullptr;
+  int n_combine = 0;
+  int n_heads = 0;
+  int n_kv = 0;
+  int head_dim = 0;
+  float scale = 1.0f;  // softmax scale (applied to q·k)
+  float* partial_o = nullptr;    // [slots, n_kv, kDecodeBlockM, head_dim] f32
+  float* partial_lse = nullptr;  // [slots, n_kv, kDecodeBlockM]
+  // Simple kernel only: token row -> sequence index.
+  const int32_t* row_seq = nullptr;
+  int n_tokens = 0;
+};
+
+// Tensor-core kernels exist for these head dims; others use the simple kernel.
+inline bool MmaHeadDimSupported(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+constexpr int kPrefillBlockM = 64;  // query rows per prefill CTA (4 warps x 16)
+constexpr int kDecodeBlockM = 16;   // query rows per decode CTA (the group, padded)
+constexpr int kDecodeKeysPerStage = 64;  // 4 warps x 16 keys; split sizes are multiples of it
+
+enum class AttnKernel : uint8_t { kPrefill, kDecode };
+// Runs the tensor-core kernel over p.items (grid n_items x n_kv).
+cudaError_t LaunchAttentionMma(const AttnParams& p, AttnKernel kind, cudaStream_t stream);
+// Merges split partials into p.out (grid n_combine x n_kv).
+cudaError_t LaunchAttentionCombine(const AttnParams& p, cudaStream_t stream);
+// Any head_dim <= 256: one warp per (token, head), f32 throughout. Slow; for odd models.
+cudaError_t LaunchAttentionSimple(const AttnParams& p, cudaStream_t stream);
+
+// Copies new K/V rows into the caches: k, v bf16 [n_tokens, n_kv, head_dim].
+struct KvAppendParams {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const AttnSeq* seqs = nullptr;
+  const int32_t* row_seq = nullptr;  // [n_tokens]
+  void* const* k_ptrs = nullptr;     // [n_seqs] for the layer
+  void* const* v_ptrs = nullptr;
+  int n_tokens = 0;
+  int n_kv = 0;
+  int head_dim = 0;
+};
+cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream);
+
+}  // namespace specontext::cuda
