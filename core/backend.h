@@ -19,6 +19,10 @@
 
 namespace specontext {
 
+struct IndexSets;      // core/sparse/index_sets.h
+struct CopyList;       // core/sparse/elastic.h
+struct ElasticCounters;
+
 // Where device memory goes; every allocation is tagged and accounted (see MemoryReport).
 enum class MemoryKind : uint8_t {
   kWeights,
@@ -49,10 +53,34 @@ struct SeqSlice {
 
 // KV storage of one sequence, allocated by the backend with kind kKvCache.
 // k[layer] and v[layer] are [n_kv_heads, capacity, head_dim] in the backend's compute dtype.
+//
+// KV tiers (sparse decode, DESIGN.md §1 part 3): a layer the memory planner offloaded keeps its full KV in
+// pinned host memory, host_k/host_v[layer] [n_kv_heads, capacity, head_dim] (AllocPinnedHost), and a device
+// slot buffer slot_k/slot_v[layer] [n_kv_heads, budget, head_dim] (kind kPrefetch) holding the rows of the
+// current index sets at the slots of the sequence's SlotMap (core/sparse/elastic.h). For such a layer
+// k/v[layer] alias host_k/host_v[layer] (same tensor) so that dense ops of a prefill can still address it
+// (on CUDA: pinned memory mapped into the device address space). Empty host_k = every layer resident.
 struct SequenceKv {
   std::vector<Tensor> k;
   std::vector<Tensor> v;
   int32_t capacity = 0;
+  std::vector<Tensor> host_k, host_v;  // [n_layers] (or empty); non-empty tensors only for offloaded layers
+  std::vector<Tensor> slot_k, slot_v;  // [n_layers] (or empty); non-empty tensors only for offloaded layers
+  int32_t slot_budget = 0;             // B: rows per KV head of the slot buffers
+
+  bool offloaded(int layer) const {
+    return layer >= 0 && static_cast<size_t>(layer) < host_k.size() && !host_k[layer].empty();
+  }
+};
+
+// The sparse part of a decode batch (DESIGN.md §4): every sequence of the prepared BatchDesc decodes exactly
+// one token. `sets` are the index sets of the step (core/sparse/index_sets.h CSR layout, one entry per
+// sequence of the batch, in order); `slots` is ElasticPlan::slots (parallel to sets->indices) giving the slot
+// of each position in the slot buffers of offloaded layers (may be empty when no layer is offloaded).
+// Both arrays are host memory; a device backend copies them in PrepareSparseDecode.
+struct SparseDecodeDesc {
+  const IndexSets* sets = nullptr;
+  std::span<const int32_t> slots;
 };
 
 // A ragged batch: its slices and, per slice, the sequence's KV storage.
@@ -93,6 +121,11 @@ class Backend {
   virtual absl::Status CopyDevice(const Tensor& src, Tensor* dst) {
     return absl::UnimplementedError("CopyDevice is not implemented by this backend");
   }
+  // dst = src[:, col_begin : col_begin + dst.dim(1)].  src [n, m], dst [n, c], same dtype. Splits
+  // the output of a fused projection (QKV, gate/up) into contiguous tensors.
+  virtual absl::Status CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) {
+    return absl::UnimplementedError("CopyColumns is not implemented by this backend");
+  }
   // Fills a device tensor with zeros, ordered on the compute stream.
   virtual absl::Status Zero(Tensor* t) { return absl::UnimplementedError("Zero is not implemented by this backend"); }
   virtual absl::Status Synchronize() = 0;
@@ -126,6 +159,59 @@ class Backend {
   // Causal attention of the new tokens over each sequence's cache (past and new tokens), GQA.
   // q, out [n_tokens, n_heads, head_dim].
   virtual absl::Status Attention(int layer, const Tensor& q, float scale, Tensor* out) = 0;
+
+  // ---- KV tiers and sparse decode (SpeContext; DESIGN.md §4). Defaults: Unimplemented. ---------
+  // Allocates host memory the device can copy from fast (CUDA: cudaHostAlloc, mapped + portable), tagged
+  // `kind` and accounted in host_memory_report(), never in memory_report() nor against the device limit.
+  // The tensor must be addressable by this backend's kernels (CUDA: a UVA pointer, valid on host and device,
+  // tagged DeviceKind::kCuda so that it can stand in for k/v[layer] of an offloaded layer) and readable by the
+  // host after Synchronize().
+  virtual absl::StatusOr<Tensor> AllocPinnedHost(DType dtype, Shape shape, MemoryKind kind) {
+    return absl::UnimplementedError("AllocPinnedHost is not implemented by this backend");
+  }
+  // Live pinned host bytes per kind (limit 0).
+  virtual MemoryReport host_memory_report() const { return {}; }
+  // Copies a whole device tensor into a pinned host tensor of the same dtype and element count, ordered
+  // after the compute stream's earlier work; returns when the copy is done (layer moves, rare).
+  virtual absl::Status CopyToPinnedHost(const Tensor& device, Tensor* host) {
+    return absl::UnimplementedError("CopyToPinnedHost is not implemented by this backend");
+  }
+  // Writes the new tokens' K and V of an offloaded `layer` into each sequence's host copy host_k/host_v at
+  // past_len + i (batch from PrepareBatch). k, v [n_tokens, n_kv_heads, head_dim] device tensors.
+  // CUDA: an async device->host copy on the copy stream, ordered after k/v were written (event on the
+  // compute stream); the k/v buffers must not be reused before it completes; the host rows are complete
+  // before any later ElasticLoad / CopyToPinnedHost / Synchronize of that layer reads them.
+  virtual absl::Status KvAppendHost(int layer, const Tensor& k, const Tensor& v) {
+    return absl::UnimplementedError("KvAppendHost is not implemented by this backend");
+  }
+  // Sets the index sets (and slots) of the decode batch last given to PrepareBatch, used by ElasticLoad and
+  // SparseAttention until the next call. sets->n_seqs == batch size, each sequence n_tokens == 1,
+  // sets->seq_len[i] == past_len[i], sets->n_kv_heads == the model's KV heads. The backend copies what it
+  // needs (CUDA: one async H2D copy per array); the caller may reuse the host arrays after it returns.
+  virtual absl::Status PrepareSparseDecode(const SparseDecodeDesc& desc) {
+    return absl::UnimplementedError("PrepareSparseDecode is not implemented by this backend");
+  }
+  // Elastic load of one offloaded layer: for every sequence i and set s of it, each RowCopy {token, slot}
+  // of copies copies K and V rows host_k/v[layer][h, token, :] -> slot_k/v[layer][h, slot, :] for every KV
+  // head h that set s covers. Checks token < capacity and slot < slot_budget. Adds rows/bytes to
+  // `counters` (may be null).
+  // CUDA contract: a gather kernel reading mapped pinned memory, enqueued on the copy stream after (a) the
+  // previous step's SparseAttention of this layer (it overwrites freed slots) and (b) earlier KvAppendHost
+  // of this layer; it records one event per layer, and SparseAttention(layer) waits only on that event.
+  // The CopyList is host memory, consumed (copied) before the call returns.
+  virtual absl::Status ElasticLoad(int layer, const CopyList& copies, ElasticCounters* counters) {
+    return absl::UnimplementedError("ElasticLoad is not implemented by this backend");
+  }
+  // Sparse decode attention of `layer` (DESIGN.md §3): for sequence i and query head h (KV head
+  // g = h / (n_heads / n_kv_heads)), exact softmax attention of q[i, h] over the past positions of the set
+  // of (i, g) plus the current token (k_cur[i, g], v_cur[i, g]). A resident layer gathers the positions
+  // from kv[i]->k/v[layer]; an offloaded layer reads kv[i]->slot_k/v[layer] at the slots of the prepared
+  // desc (after its ElasticLoad). q, out [n_seqs, n_heads, head_dim]; k_cur, v_cur [n_seqs, n_kv, head_dim].
+  // The current token must also have been appended (KvAppend / KvAppendHost) but is read from k_cur/v_cur.
+  virtual absl::Status SparseAttention(int layer, const Tensor& q, const Tensor& k_cur, const Tensor& v_cur,
+                                       float scale, Tensor* out) {
+    return absl::UnimplementedError("SparseAttention is not implemented by this backend");
+  }
 };
 
 // The CPU backend (always built). `memory_limit` 0 means no limit.

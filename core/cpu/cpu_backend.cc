@@ -106,6 +106,26 @@ absl::Status CpuBackend::CopyToDevice(const Tensor& host, Tensor* device) {
   return absl::OkStatus();
 }
 
+absl::Status CheckCopyColumns(const Tensor& src, int64_t col_begin, const Tensor& dst) {
+  if (src.ndim() != 2 || dst.ndim() != 2 || src.dtype() != dst.dtype() || src.dim(0) != dst.dim(0) ||
+      col_begin < 0 || col_begin + dst.dim(1) > src.dim(1)) {
+    return absl::InvalidArgumentError(absl::StrCat("CopyColumns: ", src.DebugString(), " columns from ", col_begin,
+                                                   " into ", dst.DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) {
+  RETURN_IF_ERROR(CheckCopyColumns(src, col_begin, *dst));
+  const size_t es = DTypeSize(src.dtype());
+  const int64_t n = src.dim(0), m = src.dim(1), c = dst->dim(1);
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(static_cast<char*>(dst->data()) + i * c * es,
+                static_cast<const char*>(src.data()) + (i * m + col_begin) * es, c * es);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::Zero(Tensor* t) {
   std::memset(t->data(), 0, t->nbytes());
   return absl::OkStatus();
@@ -256,6 +276,7 @@ absl::Status CpuBackend::PrepareBatch(const BatchDesc& batch) {
   for (const SeqSlice& s : batch.seqs) n += s.n_tokens;
   if (n != batch.n_tokens) return absl::InvalidArgumentError("batch: n_tokens differs from the slices' sum");
   batch_ = batch;
+  sparse_sets_.n_seqs = -1;  // a new batch needs its own PrepareSparseDecode
   return absl::OkStatus();
 }
 

@@ -7,6 +7,7 @@
 
 #include "core/backend.h"
 #include "core/cpu/cpu_memory.h"
+#include "core/sparse/index_sets.h"
 
 namespace specontext {
 
@@ -26,6 +27,7 @@ class CpuBackend : public Backend {
   absl::Status ToHost(const Tensor& device, Tensor* host) override;
   absl::Status CopyDevice(const Tensor& src, Tensor* dst) override { return CopyToDevice(src, dst); }
   absl::Status Zero(Tensor* t) override;
+  absl::Status CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) override;
   absl::Status Synchronize() override { return absl::OkStatus(); }
   MemoryReport memory_report() const override { return memory_->Report(); }
   int64_t available_bytes() const override;
@@ -41,14 +43,29 @@ class CpuBackend : public Backend {
   absl::Status KvAppend(int layer, const Tensor& k, const Tensor& v) override;
   absl::Status Attention(int layer, const Tensor& q, float scale, Tensor* out) override;
 
+  // KV tiers and sparse decode (cpu_sparse.cc). "Pinned host" memory is plain memory with its own
+  // accounting (host_memory_report), outside the device limit.
+  absl::StatusOr<Tensor> AllocPinnedHost(DType dtype, Shape shape, MemoryKind kind) override;
+  MemoryReport host_memory_report() const override { return host_memory_->Report(); }
+  absl::Status CopyToPinnedHost(const Tensor& device, Tensor* host) override;
+  absl::Status KvAppendHost(int layer, const Tensor& k, const Tensor& v) override;
+  absl::Status PrepareSparseDecode(const SparseDecodeDesc& desc) override;
+  absl::Status ElasticLoad(int layer, const CopyList& copies, ElasticCounters* counters) override;
+  absl::Status SparseAttention(int layer, const Tensor& q, const Tensor& k_cur, const Tensor& v_cur, float scale,
+                               Tensor* out) override;
+
  private:
   std::shared_ptr<CpuMemory> memory_;
+  std::shared_ptr<CpuMemory> host_memory_ = std::make_shared<CpuMemory>(0);
   BatchDesc batch_;
+  IndexSets sparse_sets_;            // copy of the prepared sparse decode sets
+  std::vector<int32_t> sparse_slots_;
 };
 
 // Shape checks shared by the backends' argument validation.
 absl::Status CheckTensor(const Tensor& t, std::string_view what, DType dtype, int ndim);
 absl::Status CheckSameShape(const Tensor& a, const Tensor& b, std::string_view what);
+absl::Status CheckCopyColumns(const Tensor& src, int64_t col_begin, const Tensor& dst);
 // Validates a ragged batch against q/k rows and each sequence's KV capacity and layer count.
 absl::Status CheckBatch(const BatchDesc& batch, int layer, int64_t n_rows);
 

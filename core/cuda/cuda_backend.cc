@@ -182,6 +182,19 @@ absl::Status CudaBackend::CopyDevice(const Tensor& src, Tensor* dst) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) {
+  RETURN_IF_ERROR(CheckCopyColumns(src, col_begin, *dst));
+  if (src.device() != DeviceKind::kCuda || dst->device() != DeviceKind::kCuda) {
+    return absl::InvalidArgumentError("CopyColumns: tensors must be on the GPU");
+  }
+  if (dst->nbytes() == 0) return absl::OkStatus();
+  const size_t es = DTypeSize(src.dtype());
+  RETURN_IF_CUDA_ERROR(cudaMemcpy2DAsync(dst->data(), dst->dim(1) * es,
+                                         static_cast<const char*>(src.data()) + col_begin * es, src.dim(1) * es,
+                                         dst->dim(1) * es, src.dim(0), cudaMemcpyDeviceToDevice, stream_));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::Zero(Tensor* t) {
   if (t->device() != DeviceKind::kCuda) return absl::InvalidArgumentError(absl::StrCat("Zero: ", t->DebugString(), " is not on the GPU"));
   if (t->nbytes() == 0) return absl::OkStatus();

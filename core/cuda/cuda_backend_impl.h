@@ -40,6 +40,7 @@ class CudaBackend : public Backend {
   absl::Status ToHost(const Tensor& device, Tensor* host) override;
   absl::Status CopyDevice(const Tensor& src, Tensor* dst) override;
   absl::Status Zero(Tensor* t) override;
+  absl::Status CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) override;
   absl::Status Synchronize() override;
   MemoryReport memory_report() const override { return memory_->Report(); }
   int64_t available_bytes() const override { return memory_->Available(); }

@@ -31,6 +31,7 @@ struct Engine::Sequence {
   int32_t n_cached = 0;         // tokens whose KV is in `kv`
   int32_t prompt_len = 0;
   int32_t capacity = 0;
+  int32_t budget = 0;           // sparse mode: resolved budget
   Sampler sampler{SamplingParams{}};
   std::unique_ptr<StreamDecoder> decoder;
   std::string text;     // decoded text not yet emitted (held back for stop strings)
@@ -81,6 +82,10 @@ absl::Status Engine::Validate(GenerationRequest& r) const {
   }
   if (!r.stop_strings.empty() && tokenizer_ == nullptr) {
     return absl::InvalidArgumentError("stop strings need a tokenizer");
+  }
+  if (r.budget < 0 || r.budget > context) {
+    return absl::InvalidArgumentError(absl::StrCat("budget ", r.budget, " must be in [1, ", context,
+                                                   "] (the model's context), or 0 for the engine's default"));
   }
   return absl::OkStatus();
 }
@@ -134,7 +139,16 @@ void Engine::Admit() {
         continue;
       }
     }
-    auto kv = model_->AllocateKv(s->capacity);
+    absl::StatusOr<std::unique_ptr<SequenceKv>> kv;
+    if (options_.sparse != nullptr) {
+      // A dense request attends to every past token; otherwise its budget, never more than it can have.
+      const int32_t budget = s->req.dense ? s->capacity
+                             : s->req.budget > 0 ? s->req.budget : options_.sparse->default_budget();
+      s->budget = std::max(1, std::min(budget, s->capacity));
+      kv = options_.sparse->AllocateKv(s->id, s->capacity, s->budget);
+    } else {
+      kv = model_->AllocateKv(s->capacity);
+    }
     if (!kv.ok()) {
       if (absl::IsResourceExhausted(kv.status()) && !running_.empty()) {
         absl::MutexLock lock(&mu_);  // wait for running sequences to free memory
@@ -210,6 +224,7 @@ void Engine::Finish(Sequence& s, FinishReason reason, absl::Status status) {
   if (reason != FinishReason::kStopString && s.decoder != nullptr) ev.text = s.text + s.decoder->Flush();
   s.text.clear();
   ev.stats = s.stats;
+  if (s.kv != nullptr && options_.sparse != nullptr) options_.sparse->Release(s.id);
   s.kv.reset();
   if (s.callback) s.callback(ev);
 }
@@ -249,7 +264,14 @@ absl::Status Engine::Step() {
   }
   const int64_t vocab = model_->config().vocab_size;
   Tensor logits = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(fwd.size()), vocab});
-  absl::Status st = model_->Forward(fwd, /*all_tokens=*/false, &logits);
+  absl::Status st;
+  if (options_.sparse != nullptr) {
+    std::vector<SparseStepSeq> seqs;
+    for (Sequence* s : included) seqs.push_back({s->id, s->budget});
+    st = options_.sparse->Forward(fwd, seqs, &logits);
+  } else {
+    st = model_->Forward(fwd, /*all_tokens=*/false, &logits);
+  }
   if (!st.ok()) {
     SPC_LOG(ERROR) << "forward failed" << Kv("status", st.ToString()) << Kv("sequences", fwd.size());
     for (Sequence* s : included) Finish(*s, FinishReason::kError, st);
@@ -266,6 +288,10 @@ absl::Status Engine::Step() {
   }
   std::erase_if(running_, [](const auto& s) { return s->finished; });
   return absl::OkStatus();
+}
+
+SparseEngineStats Engine::sparse_stats() const {
+  return options_.sparse != nullptr ? options_.sparse->stats() : SparseEngineStats{};
 }
 
 absl::StatusOr<GenerationResult> Engine::Generate(GenerationRequest request, const StreamCallback& callback) {

@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "core/model/sampler.h"
+#include "core/model/sparse_hooks.h"
 #include "core/model/transformer.h"
 
 namespace specontext {
@@ -30,6 +31,11 @@ struct GenerationRequest {
   std::vector<int32_t> stop_token_ids;     // in addition to the model's EOS ids
   std::vector<std::string> stop_strings;   // need a tokenizer; the stop string is not emitted
   bool ignore_eos = false;
+  // Sparse mode only (EngineOptions::sparse set): past tokens attended per KV head; 0 = the engine's
+  // default (--budget). Must not exceed the model's context.
+  int32_t budget = 0;
+  // Sparse mode only: attend to every past token (budget = the sequence's capacity; exact dense attention).
+  bool dense = false;
 };
 
 enum class FinishReason : uint8_t { kNone, kStopToken, kStopString, kLength, kCancelled, kError };
@@ -63,6 +69,9 @@ struct EngineOptions {
   int32_t max_batch = 32;            // sequences decoding at once
   int32_t max_tokens_per_step = 512; // prompt-chunk budget of one step
   int32_t max_queue = 1024;          // Submit fails with ResourceExhausted past this
+  // SpeContext sparse decoding (retrieval head, KV tiers, elastic loading, memory planner); null = dense.
+  // Must be built for the same model; shared so the caller can keep a handle (stats, test hooks).
+  std::shared_ptr<SparseDecodeHooks> sparse;
 };
 
 class Engine {
@@ -85,6 +94,9 @@ class Engine {
   absl::StatusOr<GenerationResult> Generate(GenerationRequest request, const StreamCallback& callback = {});
 
   Transformer* model() const { return model_; }
+  bool sparse() const { return options_.sparse != nullptr; }
+  // Sparse mode counters and planner state (zeros in dense mode). Engine thread.
+  SparseEngineStats sparse_stats() const;
 
  private:
   struct Sequence;

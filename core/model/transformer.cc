@@ -103,7 +103,8 @@ int64_t Transformer::KvBytesPerToken() const {
          static_cast<int64_t>(DTypeSize(backend_->compute_dtype()));
 }
 
-absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, const Tensor& positions) {
+absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, const Tensor& positions,
+                                bool offloaded, const SparseForward* sparse) {
   const ModelConfig& c = config_;
   const LayerWeights& w = layers_[l];
   Backend& b = *backend_;
@@ -126,9 +127,14 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
   }
   RETURN_IF_ERROR(b.Rope(&q3, positions, rope_));
   RETURN_IF_ERROR(b.Rope(&k3, positions, rope_));
-  RETURN_IF_ERROR(b.KvAppend(l, k3, v3));
+  RETURN_IF_ERROR(offloaded ? b.KvAppendHost(l, k3, v3) : b.KvAppend(l, k3, v3));
   ASSIGN_OR_RETURN(Tensor attn, b.Alloc(dt, {n, nh, hd}, MemoryKind::kWorkspace));
-  RETURN_IF_ERROR(b.Attention(l, q3, 1.0f / std::sqrt(static_cast<float>(hd)), &attn));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  if (sparse != nullptr && !sparse->dense_attention) {
+    RETURN_IF_ERROR(b.SparseAttention(l, q3, k3, v3, scale, &attn));
+  } else {
+    RETURN_IF_ERROR(b.Attention(l, q3, scale, &attn));
+  }
   ASSIGN_OR_RETURN(Tensor attn2, attn.Reshape({n, nh * hd}));
   ASSIGN_OR_RETURN(Tensor o, b.Alloc(dt, {n, c.hidden_size}, MemoryKind::kWorkspace));
   RETURN_IF_ERROR(b.Linear(attn2, w.wo, nullptr, &o));
@@ -146,6 +152,25 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
 }
 
 absl::Status Transformer::Forward(std::span<const ForwardSeq> seqs, bool all_tokens, Tensor* logits) {
+  return Forward(seqs, all_tokens, logits, nullptr, nullptr);
+}
+
+absl::Status Transformer::Capture(int l, int64_t n, const Tensor& residual, HiddenCapture* capture) const {
+  const int64_t d = config_.hidden_size, width = static_cast<int64_t>(capture->layers.size()) * d;
+  for (size_t j = 0; j < capture->layers.size(); ++j) {
+    if (capture->layers[j] != l) continue;
+    Tensor host = Tensor::HostEmpty(residual.dtype(), {n, d});
+    RETURN_IF_ERROR(backend_->ToHost(residual, &host));
+    for (int64_t i = 0; i < n; ++i) {
+      ConvertToF32(static_cast<const char*>(host.data()) + i * d * DTypeSize(host.dtype()), host.dtype(),
+                   capture->out.as<float>() + i * width + j * d, d);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Transformer::Forward(std::span<const ForwardSeq> seqs, bool all_tokens, Tensor* logits,
+                                  const SparseForward* sparse, HiddenCapture* capture) {
   const ModelConfig& c = config_;
   Backend& b = *backend_;
   BatchDesc batch;
@@ -178,6 +203,28 @@ absl::Status Transformer::Forward(std::span<const ForwardSeq> seqs, bool all_tok
                                                    ", expected f32[", n_out, ", ", c.vocab_size, "]"));
   }
   RETURN_IF_ERROR(b.PrepareBatch(batch));
+  if (sparse != nullptr) {
+    for (const ForwardSeq& s : seqs) {
+      if (s.tokens.size() != 1) return absl::InvalidArgumentError("sparse forward: every sequence decodes one token");
+    }
+    if (!sparse->dense_attention) RETURN_IF_ERROR(b.PrepareSparseDecode(sparse->desc));
+    // Elastic loads of every offloaded layer go first: on CUDA they run on the copy stream, hidden behind
+    // the compute of the layers before (each SparseAttention waits only on its own layer's event).
+    for (size_t l = 0; l < sparse->layer_copies.size(); ++l) {
+      if (sparse->layer_copies[l] != nullptr) {
+        RETURN_IF_ERROR(b.ElasticLoad(static_cast<int>(l), *sparse->layer_copies[l], sparse->counters));
+      }
+    }
+  }
+  if (capture != nullptr) {
+    for (int32_t l : capture->layers) {
+      if (l < 0 || l > c.num_hidden_layers) {
+        return absl::InvalidArgumentError(absl::StrCat("hidden capture: layer ", l, " outside [0, ",
+                                                       c.num_hidden_layers, "]"));
+      }
+    }
+    capture->out = Tensor::HostEmpty(DType::kF32, {n, static_cast<int64_t>(capture->layers.size()) * c.hidden_size});
+  }
 
   const DType dt = b.compute_dtype();
   ASSIGN_OR_RETURN(Tensor d_ids, b.ToDevice(Tensor(ids.data(), DType::kI32, {n}), DType::kI32,
@@ -189,7 +236,11 @@ absl::Status Transformer::Forward(std::span<const ForwardSeq> seqs, bool all_tok
   RETURN_IF_ERROR(b.Embedding(embed_, d_ids, &residual));
   const float eps = static_cast<float>(c.rms_norm_eps);
   RETURN_IF_ERROR(b.RmsNorm(residual, layers_[0].input_norm, eps, &h));
-  for (int l = 0; l < c.num_hidden_layers; ++l) RETURN_IF_ERROR(Layer(l, n, residual, h, d_pos));
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    if (capture != nullptr) RETURN_IF_ERROR(Capture(l, n, residual, capture));
+    RETURN_IF_ERROR(Layer(l, n, residual, h, d_pos, seqs.front().kv->offloaded(l), sparse));
+  }
+  if (capture != nullptr) RETURN_IF_ERROR(Capture(c.num_hidden_layers, n, residual, capture));
 
   Tensor rows = h;
   if (!all_tokens) {

@@ -26,6 +26,26 @@ struct LayerWeights {
 // Called while weights load: bytes done, bytes in all.
 using LoadProgress = std::function<void(int64_t done, int64_t total)>;
 
+struct CopyList;
+struct ElasticCounters;
+
+// The sparse decode part of a forward (SpeContext, DESIGN.md §4): every sequence decodes one token.
+struct SparseForward {
+  SparseDecodeDesc desc;                        // index sets (+ slots for offloaded layers)
+  // [n_layers] copies to run into each offloaded layer's slot buffers before it (null: none / resident).
+  std::vector<const CopyList*> layer_copies;
+  ElasticCounters* counters = nullptr;          // rows/bytes loaded (may be null)
+  // Exact dense attention instead of SparseAttention (every past <= its budget and no layer offloaded).
+  bool dense_attention = false;
+};
+
+// Hidden states to capture for an EAGLE-3 retrieval head: the residual stream entering each of `layers`
+// (HF hidden_states[l]) for every new token, concatenated: out [n_tokens, layers.size() * hidden] f32 host.
+struct HiddenCapture {
+  std::vector<int32_t> layers;
+  Tensor out;  // filled by Forward
+};
+
 // One sequence's part of a forward pass.
 struct ForwardSeq {
   std::span<const int32_t> tokens;  // new tokens
@@ -52,11 +72,17 @@ class Transformer {
   // (host): [n_seqs, vocab] for the last token of each sequence, or [n_tokens, vocab] for every
   // token when `all_tokens` (tests, scoring).
   absl::Status Forward(std::span<const ForwardSeq> seqs, bool all_tokens, Tensor* logits);
+  // The same with optional sparse decode (null: dense) and hidden-state capture (null: none). Layers a
+  // sequence's SequenceKv marks offloaded append to the host copy (Backend::KvAppendHost).
+  absl::Status Forward(std::span<const ForwardSeq> seqs, bool all_tokens, Tensor* logits,
+                       const SparseForward* sparse, HiddenCapture* capture);
 
  private:
   Transformer(const ModelConfig& config, Backend* backend) : config_(config), backend_(backend) {}
   absl::Status LoadWeights(const WeightSource& weights, const LoadProgress& progress);
-  absl::Status Layer(int l, int64_t n, Tensor& residual, Tensor& h, const Tensor& positions);
+  absl::Status Layer(int l, int64_t n, Tensor& residual, Tensor& h, const Tensor& positions, bool offloaded,
+                     const SparseForward* sparse);
+  absl::Status Capture(int l, int64_t n, const Tensor& residual, HiddenCapture* capture) const;
 
   ModelConfig config_;
   Backend* backend_;

@@ -162,8 +162,12 @@ TEST_F(CliTest, BadFlagsAndPrompts) {
   std::string long_prompt;
   for (int i = 0; i < 3000; ++i) long_prompt += "word ";
   ExpectError(Cli({"generate", "--model", Good(), "--prompt", long_prompt}), "context");
-  ExpectError(Cli({"generate", "--model", SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin", "--prompt", "hi"}),
-              "tokenizer");
+  // A llama2.c checkpoint alone (no tok512.bin beside it) cannot tokenize a prompt.
+  const std::string lone = (*dir_ / "lone").string();
+  std::filesystem::create_directories(lone);
+  fs::copy_file(SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin", lone + "/stories260K.bin",
+                fs::copy_options::overwrite_existing);
+  ExpectError(Cli({"generate", "--model", lone + "/stories260K.bin", "--prompt", "hi"}), "tokenizer");
   ExpectError(Cli({"frobnicate"}), "unknown command");
 }
 

@@ -156,6 +156,30 @@ TEST(CudaOpsTest, SwiGluMatchesCpu) {
   }
 }
 
+TEST(CudaOpsTest, CopyColumnsMatchesCpuAndKeepsSentinels) {
+  SPC_GPU_OR_SKIP(gpu);
+  Env e;
+  for (auto [n, m, begin, c] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 97, 3, 17},
+                                {5, 6144, 4096, 1024}, {33, 2049, 0, 2049}}) {
+    Tensor src = RandomHost({n, m}, e.rng);
+    Tensor cdst = Cpu(*e.cpu, RandomHost({n, c}, e.rng));
+    ASSERT_TRUE(e.cpu->CopyColumns(Cpu(*e.cpu, src), begin, &cdst).ok());
+    // The GPU destination sits inside a larger buffer whose other rows must stay untouched.
+    Tensor guard = Gpu(*gpu, RandomHost({n + 2, c}, e.rng));
+    const Tensor before = DeviceToF32(*gpu, guard);
+    Tensor gdst = guard.Rows(1, n + 1);
+    ASSERT_TRUE(gpu->CopyColumns(Gpu(*gpu, src), begin, &gdst).ok());
+    const Tensor after = DeviceToF32(*gpu, guard);
+    ExpectClose(after.Rows(1, n + 1), cdst, {1e-2, 8e-3, 8e-3}, "copy_columns");
+    for (int64_t j = 0; j < c; ++j) {
+      ASSERT_EQ(after.as<float>()[j], before.as<float>()[j]);
+      ASSERT_EQ(after.as<float>()[(n + 1) * c + j], before.as<float>()[(n + 1) * c + j]);
+    }
+  }
+  Tensor small = Gpu(*gpu, RandomHost({2, 8}, e.rng)), big = Gpu(*gpu, RandomHost({2, 8}, e.rng));
+  EXPECT_FALSE(gpu->CopyColumns(small, 4, &big).ok());
+}
+
 TEST(CudaOpsTest, RejectsHostTensorsAndWrongDtypes) {
   SPC_GPU_OR_SKIP(gpu);
   Env e;

@@ -39,7 +39,8 @@ double Median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
-// Device copy bandwidth (bytes read + written per second) over a 1 GiB buffer, best of 5.
+// Device copy bandwidth over a 1 GiB buffer, best of 5, counting bytes read plus bytes written:
+// the rate at which the memory moves bytes, so a step that must read N bytes takes at least N / bw.
 absl::StatusOr<double> CopyBandwidth(Backend& b) {
   const int64_t n = int64_t{256} << 20;
   ASSIGN_OR_RETURN(Tensor src, b.Alloc(DType::kF32, {n}, MemoryKind::kOther));
@@ -156,7 +157,7 @@ absl::Status RunBench(const Args& args) {
       }
       const double ms = Median(times);
       const double bytes = weight_bytes + double(batch) * ctx * kv_token;
-      const double floor_ms = bytes / bw * 2 * 1e3;  // bw counts read + write bytes
+      const double floor_ms = bytes / bw * 1e3;  // bw: bytes moved (read + written) per second by a copy
       emit.Line(absl::StrFormat(
           R"({"kind":"decode","batch":%d,"context":%d,"step_ms":%.3f,"floor_ms":%.3f,"ratio_to_floor":%.2f,"tokens_per_s":%.1f})",
           batch, ctx, ms, floor_ms, ms / floor_ms, batch * 1e3 / ms));

@@ -5,5 +5,6 @@ namespace specontext {
 
 int GenerateMain(int argc, char** argv);
 int BenchMain(int argc, char** argv);
+int PruneMain(int argc, char** argv);
 
 }  // namespace specontext

@@ -10,7 +10,8 @@ constexpr char kUsage[] =
     "usage: specontext COMMAND [flags]\n"
     "commands:\n"
     "  generate   generate text from a prompt (specontext generate --help)\n"
-    "  bench      prefill and decode benchmarks against the memory floor\n";
+    "  bench      prefill and decode benchmarks against the memory floor\n"
+    "  prune      write a retrieval head from an EAGLE-3 draft or a small model (specontext prune --help)\n";
 
 }  // namespace
 
@@ -21,6 +22,7 @@ int main(int argc, char** argv) {
   }
   if (std::strcmp(argv[1], "generate") == 0) return specontext::GenerateMain(argc, argv);
   if (std::strcmp(argv[1], "bench") == 0) return specontext::BenchMain(argc, argv);
+  if (std::strcmp(argv[1], "prune") == 0) return specontext::PruneMain(argc, argv);
   std::fprintf(stderr, "specontext: unknown command \"%s\"\n%s", argv[1], kUsage);
   return 2;
 }

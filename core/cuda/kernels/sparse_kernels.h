@@ -1,0 +1,83 @@
+// Sparse decode kernels (SpeContext): attention over index sets and the elastic host->GPU row gather.
+//
+// Both address K/V through per-sequence tables built by CudaBackend (cuda_sparse.cc) so that the same
+// kernels serve GPU-resident layers (full cache, row = token position) and offloaded layers (slot buffer,
+// row = slot). Index sets use the CSR layout of core/sparse/index_sets.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace specontext::cuda {
+
+// Where one sequence's K/V of one layer live for sparse attention: bf16 [n_kv, rows, head_dim].
+struct SparseKvPtrs {
+  const void* k;
+  const void* v;
+  int64_t rows;  // capacity (resident layer) or slot budget (offloaded layer): the per-head row stride
+};
+
+// Keys per tile of the sparse attention kernel (one warp's worth: lane j owns key j in the softmax).
+constexpr int kSparseTile = 32;
+constexpr int kSparseMaxGroup = 16;   // query heads per KV head
+constexpr int kSparseMaxHeadDim = 256;
+
+struct SparseAttnParams {
+  const void* q = nullptr;      // bf16 [n_seqs, n_heads, head_dim]
+  const void* k_cur = nullptr;  // bf16 [n_seqs, n_kv, head_dim]
+  const void* v_cur = nullptr;
+  void* out = nullptr;          // bf16 [n_seqs, n_heads, head_dim]
+  const SparseKvPtrs* kv = nullptr;  // [n_seqs] for the layer
+  const int32_t* indptr = nullptr;   // [n_seqs * sets_per_seq + 1]
+  const int32_t* rows = nullptr;     // [indptr[n_sets]] row of each set entry (position or slot)
+  int sets_per_seq = 1;
+  int n_seqs = 0;
+  int n_heads = 0;
+  int n_kv = 0;
+  int head_dim = 0;
+  float scale = 1.0f;
+  // Split-K: each (seq, KV head) list of n_set + 1 keys (the set, then the current token) is cut into
+  // chunks of `chunk` keys (a multiple of kSparseTile); grid.x = max_splits. With max_splits > 1 every
+  // CTA writes a partial and the combine kernel merges them.
+  int chunk = 0;
+  int max_splits = 1;
+  float* partial_o = nullptr;    // [n_seqs, n_kv, max_splits, group, head_dim] f32 (normalised)
+  float* partial_lse = nullptr;  // [n_seqs, n_kv, max_splits, group] natural-log sum-exp
+};
+
+// Shared memory the attention kernel needs (dynamic); <= SparseAttnMaxSmem().
+size_t SparseAttnSmemBytes(int group, int head_dim);
+cudaError_t LaunchSparseAttention(const SparseAttnParams& p, cudaStream_t stream);
+
+// One row copy of the elastic loader: token row of the host copy -> slot of the slot buffer, for set `set`.
+struct ElasticCopy {
+  int32_t token;
+  int32_t slot;
+  int32_t set;
+  int32_t pad;
+};
+
+// Per sequence of one offloaded layer: source (mapped pinned host, UVA pointers) and destination.
+struct ElasticSeqPtrs {
+  const void* host_k;
+  const void* host_v;
+  void* slot_k;
+  void* slot_v;
+  int64_t capacity;  // host rows per KV head
+  int64_t slots;     // slot rows per KV head
+};
+
+struct ElasticGatherParams {
+  const ElasticCopy* copies = nullptr;  // [n_copies]
+  const ElasticSeqPtrs* seqs = nullptr; // [n_seqs]
+  int64_t n_copies = 0;
+  int sets_per_seq = 1;
+  int n_kv = 0;
+  int64_t row_bytes = 0;  // head_dim * element size; a multiple of 16
+};
+// Copies, for every copy and every KV head its set covers, the K and the V row. Rows are read with
+// 16-byte loads from mapped host memory, several in flight per thread.
+cudaError_t LaunchElasticGather(const ElasticGatherParams& p, int sm_count, cudaStream_t stream);
+
+}  // namespace specontext::cuda

@@ -1,0 +1,44 @@
+#include "core/runtime/sparse_runtime.h"
+
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+
+namespace specontext {
+
+absl::StatusOr<SparseRuntime> MakeSparseRuntime(const Runtime& rt, const SparseRuntimeOptions& o) {
+  if (rt.model == nullptr) return absl::FailedPreconditionError("sparse mode: no model loaded");
+  const int64_t context = rt.model->config().max_position_embeddings;
+  if (o.budget < 1 || o.budget > context) {
+    return absl::InvalidArgumentError(absl::StrCat("--budget must be in [1, ", context,
+                                                   "] (the model's context), got ", o.budget));
+  }
+  if (o.sink < 0 || o.sink > o.budget) {
+    return absl::InvalidArgumentError(absl::StrCat("--sink must be in [0, --budget=", o.budget, "], got ", o.sink));
+  }
+  SparseOptions so;
+  so.budget = static_cast<int32_t>(o.budget);
+  so.sink = static_cast<int32_t>(o.sink);
+  if (o.selection == "head") {
+    so.mode = SelectionMode::kHeadLevel;
+  } else if (o.selection == "batch") {
+    so.mode = SelectionMode::kBatchLevel;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("--selection must be head or batch, got \"", o.selection, "\""));
+  }
+  so.gpu_memory_limit = o.gpu_memory_limit;
+  if (o.retrieval_head.empty()) {
+    return absl::InvalidArgumentError("--sparse needs --retrieval-head DIR (write one with `specontext prune`)");
+  }
+  SparseRuntime out;
+  auto head = RetrievalHead::Load(o.retrieval_head, rt.model->config(), rt.checkpoint.weights.get());
+  if (!head.ok()) {
+    return absl::Status(head.status().code(), absl::StrCat("--retrieval-head: ", head.status().message()));
+  }
+  out.head = *std::move(head);
+  auto dec = SparseDecoder::Create(rt.model.get(), out.head.get(), so);
+  if (!dec.ok()) return absl::Status(dec.status().code(), absl::StrCat("--sparse: ", dec.status().message()));
+  out.decoder = std::shared_ptr<SparseDecoder>(std::move(*dec));
+  return out;
+}
+
+}  // namespace specontext

@@ -1,0 +1,32 @@
+// SpeContext sparse mode for programs built on Runtime (CLI, services, benchmarks): loads the retrieval
+// head and builds the SparseDecoder that EngineOptions::sparse takes.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "core/model/sparse_decoder.h"
+#include "core/runtime/runtime.h"
+#include "core/sparse/retrieval_head.h"
+
+namespace specontext {
+
+struct SparseRuntimeOptions {
+  std::string retrieval_head;     // head directory (specontext prune), required
+  int64_t budget = 2048;          // --budget: past tokens per KV head
+  int64_t sink = 1;               // --sink: first tokens always attended
+  std::string selection = "head"; // "head" (one set per KV head) or "batch" (one set per sequence)
+  int64_t gpu_memory_limit = 0;   // --gpu-memory-limit for the planner (0: the backend's limit, else off)
+};
+
+struct SparseRuntime {
+  std::unique_ptr<RetrievalHead> head;      // must outlive the decoder (declared first, destroyed last)
+  std::shared_ptr<SparseDecoder> decoder;   // put into EngineOptions::sparse
+};
+
+/// Validates the options against the loaded model and builds the sparse decoder. Errors name the flag.
+absl::StatusOr<SparseRuntime> MakeSparseRuntime(const Runtime& runtime, const SparseRuntimeOptions& options);
+
+}  // namespace specontext

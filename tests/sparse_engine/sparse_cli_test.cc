@@ -1,0 +1,150 @@
+// Black-box tests of `specontext prune` and `specontext generate --sparse`: the happy path and every bad
+// input giving a clear message and a non-zero exit.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "tools/random_checkpoint/random_checkpoint.h"
+
+namespace specontext {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct CliRun {
+  int exit_code = -1;
+  std::string out, err;
+};
+
+std::string Quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+CliRun Cli(const std::vector<std::string>& args) {
+  static int n = 0;
+  const std::string err_path = (fs::temp_directory_path() / absl::StrCat("spc_se_cli_err_", getpid(), "_", n++)).string();
+  std::string cmd = SPECONTEXT_CLI;
+  for (const auto& a : args) cmd += " " + Quote(a);
+  cmd += " 2>" + err_path;
+  CliRun r;
+  FILE* p = popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t got;
+  while ((got = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), got);
+  const int status = pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream e(err_path);
+  r.err.assign(std::istreambuf_iterator<char>(e), {});
+  fs::remove(err_path);
+  return r;
+}
+
+class SparseCliTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    root_ = new fs::path(fs::temp_directory_path() / absl::StrCat("spc_se_cli_", getpid()));
+    fs::remove_all(*root_);
+    ModelConfig c = RandomCheckpointPreset("tiny-llama-tied-gqa").value();
+    RandomCheckpointOptions o;
+    o.dtype = DType::kF32;
+    o.seed = 9;
+    o.num_threads = 2;
+    ASSERT_TRUE(WriteRandomCheckpoint(c, Model(), o).ok());
+    ModelConfig other = RandomCheckpointPreset("tiny-llama").value();  // other KV heads and vocabulary
+    o.seed = 10;
+    ASSERT_TRUE(WriteRandomCheckpoint(other, Other(), o).ok());
+  }
+  static void TearDownTestSuite() {
+    fs::remove_all(*root_);
+    delete root_;
+  }
+  static std::string Model() { return (*root_ / "model").string(); }
+  static std::string Other() { return (*root_ / "other").string(); }
+  static std::string Head() { return (*root_ / "head").string(); }
+  static std::string Dir(const std::string& n) { return (*root_ / n).string(); }
+
+  static CliRun Generate(std::vector<std::string> extra) {
+    std::vector<std::string> a = {"generate", "--model", Model(), "--backend", "cpu", "--max-new-tokens", "12",
+                                  "--ignore-eos", "--threads", "2"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return Cli(a);
+  }
+  static fs::path* root_;
+};
+fs::path* SparseCliTest::root_ = nullptr;
+
+TEST_F(SparseCliTest, PruneThenGenerateSparse) {
+  CliRun p = Cli({"prune", "--source", Model(), "--kind", "layer", "--target", Model(), "--out", Head()});
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  EXPECT_NE(p.out.find("parameters before:"), std::string::npos) << p.out;
+  EXPECT_NE(p.out.find("parameters after:"), std::string::npos) << p.out;
+  EXPECT_TRUE(fs::exists(Head() + "/config.json"));
+
+  CliRun dense = Generate({"--prompt", "hello world"});
+  ASSERT_EQ(dense.exit_code, 0) << dense.err;
+  // Budget above the length: the dense text; a small budget with a device limit runs the sparse path.
+  CliRun sparse = Generate({"--prompt", "hello world", "--sparse", "--retrieval-head", Head(), "--budget", "64"});
+  ASSERT_EQ(sparse.exit_code, 0) << sparse.err;
+  EXPECT_EQ(sparse.out, dense.out);
+  EXPECT_NE(sparse.err.find("[sparse] budget=64"), std::string::npos) << sparse.err;
+  CliRun small = Generate({"--prompt", "hello world", "--sparse", "--retrieval-head", Head(), "--budget", "4",
+                           "--sink", "2"});
+  ASSERT_EQ(small.exit_code, 0) << small.err;
+  EXPECT_EQ(small.err.find("sparse_steps=0"), std::string::npos) << small.err;
+}
+
+TEST_F(SparseCliTest, BadInputGivesClearErrors) {
+  ASSERT_EQ(Cli({"prune", "--source", Model(), "--kind", "layer", "--target", Model(), "--out", Head()}).exit_code, 0);
+  struct Case {
+    std::vector<std::string> args;
+    std::string want;
+  };
+  const std::vector<Case> cases = {
+      {{"--sparse", "--retrieval-head", Head(), "--budget", "0"}, "--budget"},
+      {{"--sparse", "--retrieval-head", Head(), "--budget", "100000000"}, "context"},
+      {{"--sparse", "--retrieval-head", Head(), "--sink", "99", "--budget", "8"}, "--sink"},
+      {{"--sparse"}, "--retrieval-head"},
+      {{"--budget", "16"}, "need --sparse"},
+      {{"--sparse", "--retrieval-head", Dir("missing")}, "--retrieval-head"},
+      {{"--sparse", "--retrieval-head", Head(), "--selection", "row"}, "--selection"},
+  };
+  for (const Case& c : cases) {
+    CliRun r = Generate(c.args);
+    EXPECT_NE(r.exit_code, 0) << c.want;
+    EXPECT_NE(r.err.find(c.want), std::string::npos) << "want \"" << c.want << "\" in: " << r.err;
+  }
+  // A head pruned for another model (other KV heads and vocabulary) does not fit this one.
+  ASSERT_EQ(Cli({"prune", "--source", Other(), "--kind", "layer", "--target", Other(), "--out", Dir("other_head")})
+                .exit_code,
+            0);
+  CliRun r = Generate({"--sparse", "--retrieval-head", Dir("other_head")});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--retrieval-head"), std::string::npos) << r.err;
+  // Corrupt head files.
+  fs::create_directories(Dir("corrupt"));
+  fs::copy_file(Head() + "/model.safetensors", Dir("corrupt") + "/model.safetensors");
+  std::ofstream(Dir("corrupt") + "/config.json") << "{ not json";
+  r = Generate({"--sparse", "--retrieval-head", Dir("corrupt")});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("corrupt"), std::string::npos) << r.err;
+  // prune's own flags.
+  r = Cli({"prune", "--source", Model(), "--kind", "mlp", "--target", Model(), "--out", Dir("x")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--kind"), std::string::npos) << r.err;
+  r = Cli({"prune", "--source", Model(), "--kind", "layer", "--out", Dir("x")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--target"), std::string::npos) << r.err;
+  r = Cli({"prune", "--source", Dir("nope"), "--kind", "layer", "--target", Model(), "--out", Dir("x")});
+  EXPECT_NE(r.exit_code, 0);
+}
+
+}  // namespace
+}  // namespace specontext

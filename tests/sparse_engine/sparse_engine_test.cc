@@ -1,0 +1,297 @@
+// The sparse decode path end to end on the CPU backend: a tiny random checkpoint, a `layer` retrieval head
+// pruned from it, the Engine in sparse mode against the Engine in dense mode.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <fstream>
+
+#include "core/model/engine.h"
+#include "core/model/kv_tiers.h"
+#include "core/sparse/elastic.h"
+#include "tests/sparse_engine/tiny_setup.h"
+
+namespace specontext {
+namespace {
+
+using testing::LoadTiny;
+using testing::RandomPrompt;
+using testing::Tiny;
+
+std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, int n, int32_t budget = 0) {
+  GenerationRequest r;
+  r.prompt = prompt;
+  r.max_new_tokens = n;
+  r.ignore_eos = true;
+  r.budget = budget;
+  auto res = engine.Generate(r);
+  EXPECT_TRUE(res.ok()) << res.status();
+  return res.ok() ? res->tokens : std::vector<int32_t>{};
+}
+
+std::shared_ptr<SparseDecoder> MakeDecoder(Tiny& t, int32_t budget, int64_t limit = 0, int32_t sink = 1,
+                                           SelectionMode mode = SelectionMode::kHeadLevel) {
+  SparseOptions o;
+  o.mode = mode;
+  o.budget = budget;
+  o.sink = sink;
+  o.gpu_memory_limit = limit;
+  auto d = SparseDecoder::Create(t.model.get(), t.head.get(), o);
+  EXPECT_TRUE(d.ok()) << d.status();
+  return d.ok() ? std::shared_ptr<SparseDecoder>(std::move(*d)) : nullptr;
+}
+
+class SparseEngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto t = LoadTiny();
+    ASSERT_TRUE(t.ok()) << t.status();
+    tiny_ = *std::move(t);
+    prompt_ = RandomPrompt(10, tiny_->checkpoint.config.vocab_size, 5);
+    Engine dense(tiny_->model.get(), nullptr, EngineOptions{});
+    dense_ = Greedy(dense, prompt_, 40);
+    ASSERT_EQ(dense_.size(), 40u);
+  }
+  std::unique_ptr<Tiny> tiny_;
+  std::vector<int32_t> prompt_, dense_;
+};
+
+TEST_F(SparseEngineTest, BudgetAtLeastTheLengthGivesTheDenseTokens) {
+  EngineOptions eo;
+  eo.sparse = MakeDecoder(*tiny_, 64);
+  Engine sparse(tiny_->model.get(), nullptr, eo);
+  EXPECT_EQ(Greedy(sparse, prompt_, 40), dense_);
+  EXPECT_GT(sparse.sparse_stats().dense_steps, 0);
+  EXPECT_EQ(sparse.sparse_stats().sparse_steps, 0);
+
+  // The same with layers 1 and 2 offloaded from the start: sparse attention over slot buffers that hold
+  // every past token is exact dense attention.
+  auto dec = MakeDecoder(*tiny_, 64);
+  ASSERT_TRUE(dec->OffloadLayers(1).ok());
+  eo.sparse = dec;
+  Engine offloaded(tiny_->model.get(), nullptr, eo);
+  EXPECT_EQ(Greedy(offloaded, prompt_, 40), dense_);
+  const SparseEngineStats st = offloaded.sparse_stats();
+  EXPECT_GT(st.sparse_steps, 0);
+  EXPECT_EQ(st.offloaded_layers, 2);
+  EXPECT_GT(st.elastic.rows_loaded, 0);
+  EXPECT_GT(st.elastic.overlap_ratio(), 0.5);  // sets only grow by one token per step
+}
+
+TEST_F(SparseEngineTest, SmallBudgetSelectsWithinBudgetAndLayerMovesDoNotChangeOutputs) {
+  constexpr int32_t kB = 6;
+  EngineOptions eo;
+  eo.sparse = MakeDecoder(*tiny_, kB);
+  Engine ref(tiny_->model.get(), nullptr, eo);
+  const std::vector<int32_t> want = Greedy(ref, prompt_, 40);
+  ASSERT_EQ(want.size(), 40u);
+  EXPECT_GT(ref.sparse_stats().sparse_steps, 0);
+  EXPECT_LT(ref.sparse_stats().last_captured_mass, 1.0) << "a budget of 6 out of ~50 tokens drops some mass";
+
+  auto dec = MakeDecoder(*tiny_, kB);
+  eo.sparse = dec;
+  Engine moved(tiny_->model.get(), nullptr, eo);
+  GenerationRequest r;
+  r.prompt = prompt_;
+  r.max_new_tokens = 40;
+  r.ignore_eos = true;
+  std::vector<int32_t> got;
+  bool done = false;
+  ASSERT_TRUE(moved.Submit(r, [&](const StreamEvent& ev) {
+                    if (ev.token >= 0) got.push_back(ev.token);
+                    done = done || ev.done;
+                  }).ok());
+  const size_t kv_index = static_cast<size_t>(MemoryKind::kKvCache);
+  int64_t steps = 0;
+  while (!done) {
+    ASSERT_TRUE(moved.Step().ok());
+    ++steps;
+    const IndexSets& sets = dec->last_sets();
+    if (sets.n_seqs == 1) {
+      for (int32_t g = 0; g < sets.n_kv_heads; ++g) {
+        auto pos = sets.Positions(0, g);
+        EXPECT_EQ(static_cast<int32_t>(pos.size()), std::min(kB, sets.seq_len[0]));
+        if (!pos.empty()) EXPECT_EQ(pos[0], 0) << "the sink token is always selected";
+      }
+    }
+    if (steps == 6 || steps == 14) {
+      const int64_t device_kv = tiny_->backend->memory_report().bytes[kv_index];
+      ASSERT_TRUE(dec->OffloadLayers(steps == 6 ? 2 : 0).ok());
+      EXPECT_LT(tiny_->backend->memory_report().bytes[kv_index], device_kv) << "device KV is freed";
+      EXPECT_GT(tiny_->backend->host_memory_report().total, 0);
+    }
+  }
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(moved.sparse_stats().offloaded_layers, 3);
+  EXPECT_EQ(moved.sparse_stats().layer_moves, 3);
+}
+
+TEST_F(SparseEngineTest, BatchLevelSelectionSharesOneSetAndSurvivesLayerMoves) {
+  EngineOptions eo;
+  auto ref_dec = MakeDecoder(*tiny_, 5, 0, 2, SelectionMode::kBatchLevel);
+  eo.sparse = ref_dec;
+  Engine ref(tiny_->model.get(), nullptr, eo);
+  const std::vector<int32_t> want = Greedy(ref, prompt_, 30);
+  EXPECT_EQ(ref_dec->last_sets().sets_per_seq, 1);
+  EXPECT_EQ(ref_dec->last_sets().Positions(0, 0).size(), 5u);
+  auto dec = MakeDecoder(*tiny_, 5, 0, 2, SelectionMode::kBatchLevel);
+  ASSERT_TRUE(dec->OffloadLayers(0).ok());
+  eo.sparse = dec;
+  Engine moved(tiny_->model.get(), nullptr, eo);
+  EXPECT_EQ(Greedy(moved, prompt_, 30), want);
+  EXPECT_GT(dec->stats().elastic.rows_loaded, 0);
+}
+
+TEST_F(SparseEngineTest, PlannerMovesLayersUnderADeviceLimitWithoutChangingOutputs) {
+  constexpr int32_t kB = 6;
+  EngineOptions eo;
+  eo.sparse = MakeDecoder(*tiny_, kB);
+  Engine ref(tiny_->model.get(), nullptr, eo);
+  const std::vector<int32_t> want = Greedy(ref, prompt_, 40);
+
+  // A limit where everything fits at 20 tokens but not at 50: measure the planner's model, then set it.
+  auto probe = MakeDecoder(*tiny_, kB, int64_t{1} << 40);
+  ASSERT_TRUE(probe->planner().has_value());
+  const MemoryPlanner& p = *probe->planner();
+  const int64_t limit = static_cast<int64_t>(p.fixed_bytes() + 30 * p.PerTokenBytes(0));
+  auto dec = MakeDecoder(*tiny_, kB, limit);
+  auto st0 = dec->planner()->Thresholds(1);
+  ASSERT_TRUE(st0.ok());
+  ASSERT_GT((*st0)[0], 20);
+  ASSERT_LT((*st0)[0], 50);
+  eo.sparse = dec;
+  Engine limited(tiny_->model.get(), nullptr, eo);
+  EXPECT_EQ(Greedy(limited, prompt_, 40), want);
+  EXPECT_GT(limited.sparse_stats().offloaded_layers, 0);
+  EXPECT_GT(limited.sparse_stats().layer_moves, 0);
+}
+
+TEST_F(SparseEngineTest, ElasticSlotBuffersEqualAFullReload) {
+  auto dec = MakeDecoder(*tiny_, 5);
+  ASSERT_TRUE(dec->OffloadLayers(1).ok());
+  const ModelConfig& c = tiny_->checkpoint.config;
+  auto kv = dec->AllocateKv(1, 64, 5);
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  std::vector<int32_t> tokens = prompt_;
+  int32_t cached = 0;
+  for (int step = 0; step < 25; ++step) {
+    ForwardSeq f{std::span<const int32_t>(tokens.data() + cached, tokens.size() - cached), cached, kv->get()};
+    Tensor logits = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
+    ASSERT_TRUE(dec->Forward({&f, 1}, std::vector<SparseStepSeq>{{1, 5}}, &logits).ok());
+    cached = static_cast<int32_t>(tokens.size());
+    const float* lg = logits.as<float>();
+    tokens.push_back(static_cast<int32_t>(std::max_element(lg, lg + c.vocab_size) - lg));
+    if (step == 0) continue;
+    // Every position of the step's sets sits in its mapped slot of every offloaded layer, exactly as a full
+    // reload (FullReloadCopies into fresh buffers) would have put it.
+    const IndexSets& sets = dec->last_sets();
+    const SlotMap* map = dec->slot_map(1);
+    ASSERT_NE(map, nullptr);
+    std::vector<int32_t> slots;
+    for (int32_t s = 0; s < sets.n_sets(); ++s) {
+      for (int32_t p : sets.SetPositions(s)) slots.push_back(map->SlotOf(s, p));
+    }
+    const CopyList full = FullReloadCopies(sets, slots);
+    for (int l = 1; l < c.num_hidden_layers; ++l) {
+      SequenceKv& k = **kv;
+      Tensor fk = Tensor::HostEmpty(DType::kF32, k.slot_k[l].shape()), fv = Tensor::HostEmpty(DType::kF32, k.slot_v[l].shape());
+      std::vector<LayerRows> rows = {{k.host_k[l], k.host_v[l], fk, fv}};
+      ASSERT_TRUE(ExecuteCopiesCpu(full, rows, nullptr).ok());
+      const int64_t hd = c.head_dim, b = k.slot_budget;
+      for (int32_t g = 0; g < sets.n_kv_heads; ++g) {
+        for (int32_t p : sets.Positions(0, g)) {
+          const int32_t slot = map->SlotOf(sets.SetIndex(0, g), p);
+          ASSERT_GE(slot, 0);
+          const int64_t off = (g * b + slot) * hd;
+          EXPECT_EQ(std::memcmp(k.slot_k[l].as<float>() + off, fk.as<float>() + off, hd * 4), 0);
+          EXPECT_EQ(std::memcmp(k.slot_v[l].as<float>() + off, fv.as<float>() + off, hd * 4), 0);
+        }
+      }
+    }
+  }
+  EXPECT_GT(dec->stats().elastic.bytes_full_reload, dec->stats().elastic.bytes_loaded)
+      << "elastic loading moves less than full reloads once sets overlap";
+}
+
+TEST_F(SparseEngineTest, BadInputIsRefusedClearly) {
+  SparseOptions o;
+  o.budget = 0;
+  auto d = SparseDecoder::Create(tiny_->model.get(), tiny_->head.get(), o);
+  ASSERT_FALSE(d.ok());
+  EXPECT_NE(d.status().message().find("budget"), std::string::npos) << d.status();
+  o.budget = static_cast<int32_t>(tiny_->checkpoint.config.max_position_embeddings) + 1;
+  d = SparseDecoder::Create(tiny_->model.get(), tiny_->head.get(), o);
+  ASSERT_FALSE(d.ok());
+  EXPECT_NE(d.status().message().find("context"), std::string::npos) << d.status();
+
+  // A per-request budget larger than the context.
+  EngineOptions eo;
+  eo.sparse = MakeDecoder(*tiny_, 8);
+  Engine engine(tiny_->model.get(), nullptr, eo);
+  GenerationRequest r;
+  r.prompt = prompt_;
+  r.budget = static_cast<int32_t>(tiny_->checkpoint.config.max_position_embeddings) + 5;
+  auto id = engine.Submit(r, {});
+  ASSERT_FALSE(id.ok());
+  EXPECT_NE(id.status().message().find("budget"), std::string::npos);
+
+  // A head made for a model with other KV heads does not load for this one.
+  ModelConfig other = tiny_->checkpoint.config;
+  other.num_key_value_heads = 4;
+  auto files = testing::TinyFiles(7);
+  ASSERT_TRUE(files.ok());
+  auto bad = RetrievalHead::Load(files->second, other, nullptr);
+  ASSERT_FALSE(bad.ok());
+
+  // Corrupt head files.
+  const std::string dir = testing::TestDir("corrupt_head");
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(files->second + "/model.safetensors", dir + "/model.safetensors",
+                             std::filesystem::copy_options::overwrite_existing);
+  std::ofstream(dir + "/config.json") << "{\"architectures\": [";
+  auto corrupt = RetrievalHead::Load(dir, tiny_->checkpoint.config, tiny_->checkpoint.weights.get());
+  ASSERT_FALSE(corrupt.ok());
+  EXPECT_NE(corrupt.status().message().find(dir), std::string::npos) << corrupt.status();
+  std::filesystem::copy_file(files->second + "/config.json", dir + "/config.json",
+                             std::filesystem::copy_options::overwrite_existing);
+  std::filesystem::resize_file(dir + "/model.safetensors", 100);
+  corrupt = RetrievalHead::Load(dir, tiny_->checkpoint.config, tiny_->checkpoint.weights.get());
+  EXPECT_FALSE(corrupt.ok());
+}
+
+TEST_F(SparseEngineTest, BatchOfRequestsWithOwnBudgetsAndADenseOne) {
+  EngineOptions eo;
+  auto dec = MakeDecoder(*tiny_, 6);
+  ASSERT_TRUE(dec->OffloadLayers(2).ok());
+  eo.sparse = dec;
+  Engine engine(tiny_->model.get(), nullptr, eo);
+  // Request 0: dense inside sparse mode -> the dense engine's tokens. Requests 1, 2: their own budgets,
+  // decoded in one batch, each equal to the same request run alone.
+  std::vector<std::vector<int32_t>> got(3);
+  std::vector<int32_t> budgets = {0, 4, 9};
+  for (int i = 0; i < 3; ++i) {
+    GenerationRequest r;
+    r.prompt = i == 0 ? prompt_ : RandomPrompt(7 + i, tiny_->checkpoint.config.vocab_size, 20 + i);
+    r.max_new_tokens = 40;
+    r.ignore_eos = true;
+    r.dense = i == 0;
+    r.budget = budgets[i];
+    ASSERT_TRUE(engine.Submit(r, [&got, i](const StreamEvent& ev) {
+                        if (ev.token >= 0) got[i].push_back(ev.token);
+                      }).ok());
+  }
+  while (engine.HasWork()) ASSERT_TRUE(engine.Step().ok());
+  EXPECT_EQ(got[0], dense_);
+  for (int i = 1; i < 3; ++i) {
+    auto alone_dec = MakeDecoder(*tiny_, 6);
+    ASSERT_TRUE(alone_dec->OffloadLayers(2).ok());
+    EngineOptions ao;
+    ao.sparse = alone_dec;
+    Engine alone(tiny_->model.get(), nullptr, ao);
+    EXPECT_EQ(Greedy(alone, RandomPrompt(7 + i, tiny_->checkpoint.config.vocab_size, 20 + i), 40, budgets[i]),
+              got[i])
+        << "request " << i;
+  }
+}
+
+}  // namespace
+}  // namespace specontext

@@ -1,0 +1,70 @@
+// Shared setup of the sparse engine tests: a tiny random checkpoint written with the random-checkpoint
+// library, a `layer` retrieval head pruned from it, and a model loaded on a fresh CPU backend.
+#pragma once
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/backend.h"
+#include "core/model/sparse_decoder.h"
+#include "core/model/transformer.h"
+#include "core/sparse/retrieval_head.h"
+#include "core/status_macros.h"
+#include "tools/random_checkpoint/random_checkpoint.h"
+
+namespace specontext::testing {
+
+// The preset has 3 layers, 8 query heads over 2 KV heads (GQA) and head_dim 8.
+inline constexpr char kPreset[] = "tiny-llama-tied-gqa";
+
+inline std::string TestDir(const std::string& name) {
+  return (std::filesystem::temp_directory_path() / absl::StrCat("spc_se_", getpid(), "_", name)).string();
+}
+
+// Writes (once per process and seed) the checkpoint and its pruned `layer` head; returns {model, head} dirs.
+inline absl::StatusOr<std::pair<std::string, std::string>> TinyFiles(uint64_t seed) {
+  const std::string model = TestDir(absl::StrCat("model", seed)), head = TestDir(absl::StrCat("head", seed));
+  if (!std::filesystem::exists(head + "/config.json")) {
+    ASSIGN_OR_RETURN(ModelConfig c, RandomCheckpointPreset(kPreset));
+    RandomCheckpointOptions o;
+    o.dtype = DType::kF32;
+    o.seed = seed;
+    o.num_threads = 2;
+    RETURN_IF_ERROR(WriteRandomCheckpoint(c, model, o));
+    RETURN_IF_ERROR(PruneToRetrievalHead(model, RetrievalHeadKind::kLayer, c, kPreset, head).status());
+  }
+  return std::make_pair(model, head);
+}
+
+struct Tiny {
+  Checkpoint checkpoint;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Transformer> model;
+  std::unique_ptr<RetrievalHead> head;
+};
+
+inline absl::StatusOr<std::unique_ptr<Tiny>> LoadTiny(uint64_t seed = 7, int64_t memory_limit = 0) {
+  ASSIGN_OR_RETURN(auto files, TinyFiles(seed));
+  auto t = std::make_unique<Tiny>();
+  ASSIGN_OR_RETURN(t->checkpoint, OpenCheckpoint(files.first));
+  t->backend = MakeCpuBackend(memory_limit);
+  ASSIGN_OR_RETURN(t->model, Transformer::Load(t->checkpoint, t->backend.get()));
+  ASSIGN_OR_RETURN(t->head, RetrievalHead::Load(files.second, t->checkpoint.config, t->checkpoint.weights.get()));
+  return t;
+}
+
+inline std::vector<int32_t> RandomPrompt(int n, int64_t vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> d(3, static_cast<int32_t>(vocab) - 1);
+  std::vector<int32_t> p(n);
+  for (int32_t& t : p) t = d(rng);
+  return p;
+}
+
+}  // namespace specontext::testing
