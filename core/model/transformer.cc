@@ -1,6 +1,7 @@
 #include "core/model/transformer.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
@@ -28,59 +29,122 @@ absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const Checkpoint&
   return model;
 }
 
+namespace {
+
+// Stacks host matrices (or vectors) along dimension 0, in the parts' dtype when they agree, else f32.
+absl::StatusOr<Tensor> ConcatRows(const std::vector<Tensor>& parts) {
+  DType dtype = parts[0].dtype();
+  int64_t rows = 0;
+  for (const Tensor& p : parts) {
+    if (p.ndim() != parts[0].ndim() || (p.ndim() == 2 && p.dim(1) != parts[0].dim(1))) {
+      return absl::InvalidArgumentError("fused projections disagree on their input size");
+    }
+    if (p.dtype() != dtype) dtype = DType::kF32;
+    rows += p.dim(0);
+  }
+  Shape shape = parts[0].shape();
+  shape[0] = rows;
+  Tensor out = Tensor::HostEmpty(dtype, shape);
+  char* dst = static_cast<char*>(out.data());
+  for (const Tensor& p : parts) {
+    if (p.dtype() == dtype) {
+      std::memcpy(dst, p.data(), p.nbytes());
+    } else {
+      ConvertToF32(p.data(), p.dtype(), reinterpret_cast<float*>(dst), p.numel());
+    }
+    dst += p.numel() * DTypeSize(dtype);
+  }
+  return out;
+}
+
+}  // namespace
+
 absl::Status Transformer::LoadWeights(const WeightSource& weights, const LoadProgress& progress) {
   const ModelConfig& c = config_;
-  std::vector<std::pair<std::string, Tensor*>> wanted;
-  wanted.emplace_back("model.embed_tokens.weight", &embed_);
+  // Each destination tensor is filled from one or more checkpoint tensors (stacked by rows).
+  struct Wanted {
+    std::vector<std::string> names;
+    Tensor* dst;
+  };
+  std::vector<Wanted> wanted;
+  wanted.push_back({{"model.embed_tokens.weight"}, &embed_});
   layers_.resize(c.num_hidden_layers);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     LayerWeights& w = layers_[l];
-    for (auto [suffix, t] : std::initializer_list<std::pair<const char*, Tensor*>>{
-             {"input_layernorm.weight", &w.input_norm},
-             {"post_attention_layernorm.weight", &w.post_attention_norm},
-             {"self_attn.q_proj.weight", &w.wq},
-             {"self_attn.k_proj.weight", &w.wk},
-             {"self_attn.v_proj.weight", &w.wv},
-             {"self_attn.o_proj.weight", &w.wo},
-             {"mlp.gate_proj.weight", &w.w_gate},
-             {"mlp.up_proj.weight", &w.w_up},
-             {"mlp.down_proj.weight", &w.w_down}}) {
-      wanted.emplace_back(LayerName(l, suffix), t);
-    }
+    auto names = [l](std::initializer_list<const char*> suffixes) {
+      std::vector<std::string> out;
+      for (const char* s : suffixes) out.push_back(LayerName(l, s));
+      return out;
+    };
+    wanted.push_back({names({"input_layernorm.weight"}), &w.input_norm});
+    wanted.push_back({names({"post_attention_layernorm.weight"}), &w.post_attention_norm});
+    wanted.push_back({names({"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"}),
+                      &w.w_qkv});
+    wanted.push_back({names({"self_attn.o_proj.weight"}), &w.wo});
+    wanted.push_back({names({"mlp.gate_proj.weight", "mlp.up_proj.weight"}), &w.w_gate_up});
+    wanted.push_back({names({"mlp.down_proj.weight"}), &w.w_down});
     if (c.attention_bias) {
-      wanted.emplace_back(LayerName(l, "self_attn.q_proj.bias"), &w.bq);
-      wanted.emplace_back(LayerName(l, "self_attn.k_proj.bias"), &w.bk);
-      wanted.emplace_back(LayerName(l, "self_attn.v_proj.bias"), &w.bv);
+      wanted.push_back({names({"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}),
+                        &w.b_qkv});
     }
     if (c.qk_norm) {
-      wanted.emplace_back(LayerName(l, "self_attn.q_norm.weight"), &w.q_norm);
-      wanted.emplace_back(LayerName(l, "self_attn.k_norm.weight"), &w.k_norm);
+      wanted.push_back({names({"self_attn.q_norm.weight"}), &w.q_norm});
+      wanted.push_back({names({"self_attn.k_norm.weight"}), &w.k_norm});
     }
   }
-  wanted.emplace_back("model.norm.weight", &final_norm_);
-  if (!c.tie_word_embeddings) wanted.emplace_back("lm_head.weight", &lm_head_);
+  wanted.push_back({{"model.norm.weight"}, &final_norm_});
+  if (!c.tie_word_embeddings) wanted.push_back({{"lm_head.weight"}, &lm_head_});
 
   int64_t total = 0, done = 0;
-  std::vector<Tensor> host(wanted.size());
+  std::vector<std::vector<Tensor>> host(wanted.size());
   for (size_t i = 0; i < wanted.size(); ++i) {
-    ASSIGN_OR_RETURN(host[i], weights.Get(wanted[i].first));
-    total += host[i].nbytes();
+    for (const std::string& name : wanted[i].names) {
+      ASSIGN_OR_RETURN(Tensor t, weights.Get(name));
+      total += t.nbytes();
+      host[i].push_back(std::move(t));
+    }
   }
   for (size_t i = 0; i < wanted.size(); ++i) {
+    Tensor src = host[i][0];
+    if (host[i].size() > 1) {
+      ASSIGN_OR_RETURN(src, ConcatRows(host[i]));
+    }
     // Matrices may stay in a narrower dtype (bf16 on the CPU); norms and biases use the compute dtype.
-    const DType dtype = host[i].ndim() == 2 ? backend_->weight_dtype(host[i].dtype()) : backend_->compute_dtype();
-    auto t = backend_->ToDevice(host[i], dtype, MemoryKind::kWeights);
+    const DType dtype = src.ndim() == 2 ? backend_->weight_dtype(src.dtype()) : backend_->compute_dtype();
+    auto t = backend_->ToDevice(src, dtype, MemoryKind::kWeights);
     if (!t.ok()) {
-      return absl::Status(t.status().code(), absl::StrCat("loading ", wanted[i].first, ": ",
+      return absl::Status(t.status().code(), absl::StrCat("loading ", wanted[i].names[0], ": ",
                                                           t.status().message()));
     }
-    *wanted[i].second = *std::move(t);
-    done += host[i].nbytes();
+    *wanted[i].dst = *std::move(t);
+    for (const Tensor& h : host[i]) done += h.nbytes();
+    host[i].clear();  // drop the mapping views and the stacked copy early
     if (progress) progress(done, total);
   }
   if (c.tie_word_embeddings) lm_head_ = embed_;
   SPC_LOG(INFO) << "weights loaded" << Kv("tensors", wanted.size()) << Kv("bytes", total)
                 << Kv("backend", backend_->name());
+  return absl::OkStatus();
+}
+
+absl::Status Transformer::SplitColumns(const Tensor& fused, std::initializer_list<int64_t> widths,
+                                       std::initializer_list<Tensor*> parts) const {
+  const int64_t n = fused.dim(0);
+  const size_t es = DTypeSize(fused.dtype());
+  int64_t begin = 0;
+  auto part = parts.begin();
+  for (int64_t width : widths) {
+    if (n == 1) {
+      // One row: each column range is contiguous, so a view avoids the copy.
+      **part = Tensor(static_cast<char*>(fused.data()) + begin * es, fused.dtype(), {1, width}, fused.device(),
+                      fused.storage());
+    } else {
+      ASSIGN_OR_RETURN(**part, backend_->Alloc(fused.dtype(), {n, width}, MemoryKind::kWorkspace));
+      RETURN_IF_ERROR(backend_->CopyColumns(fused, begin, *part));
+    }
+    begin += width;
+    ++part;
+  }
   return absl::OkStatus();
 }
 
@@ -110,12 +174,10 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
   Backend& b = *backend_;
   const DType dt = b.compute_dtype();
   const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, hd = c.head_dim;
-  ASSIGN_OR_RETURN(Tensor q, b.Alloc(dt, {n, nh * hd}, MemoryKind::kWorkspace));
-  ASSIGN_OR_RETURN(Tensor k, b.Alloc(dt, {n, nkv * hd}, MemoryKind::kWorkspace));
-  ASSIGN_OR_RETURN(Tensor v, b.Alloc(dt, {n, nkv * hd}, MemoryKind::kWorkspace));
-  RETURN_IF_ERROR(b.Linear(h, w.wq, w.bq.empty() ? nullptr : &w.bq, &q));
-  RETURN_IF_ERROR(b.Linear(h, w.wk, w.bk.empty() ? nullptr : &w.bk, &k));
-  RETURN_IF_ERROR(b.Linear(h, w.wv, w.bv.empty() ? nullptr : &w.bv, &v));
+  ASSIGN_OR_RETURN(Tensor qkv, b.Alloc(dt, {n, (nh + 2 * nkv) * hd}, MemoryKind::kWorkspace));
+  RETURN_IF_ERROR(b.Linear(h, w.w_qkv, w.b_qkv.empty() ? nullptr : &w.b_qkv, &qkv));
+  Tensor q, k, v;
+  RETURN_IF_ERROR(SplitColumns(qkv, {nh * hd, nkv * hd, nkv * hd}, {&q, &k, &v}));
   ASSIGN_OR_RETURN(Tensor q3, q.Reshape({n, nh, hd}));
   ASSIGN_OR_RETURN(Tensor k3, k.Reshape({n, nkv, hd}));
   ASSIGN_OR_RETURN(Tensor v3, v.Reshape({n, nkv, hd}));
@@ -141,10 +203,10 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
   const float eps = static_cast<float>(c.rms_norm_eps);
   RETURN_IF_ERROR(b.AddRmsNorm(&residual, o, w.post_attention_norm, eps, &h));
 
-  ASSIGN_OR_RETURN(Tensor gate, b.Alloc(dt, {n, c.intermediate_size}, MemoryKind::kWorkspace));
-  ASSIGN_OR_RETURN(Tensor up, b.Alloc(dt, {n, c.intermediate_size}, MemoryKind::kWorkspace));
-  RETURN_IF_ERROR(b.Linear(h, w.w_gate, nullptr, &gate));
-  RETURN_IF_ERROR(b.Linear(h, w.w_up, nullptr, &up));
+  ASSIGN_OR_RETURN(Tensor gate_up, b.Alloc(dt, {n, 2 * c.intermediate_size}, MemoryKind::kWorkspace));
+  RETURN_IF_ERROR(b.Linear(h, w.w_gate_up, nullptr, &gate_up));
+  Tensor gate, up;
+  RETURN_IF_ERROR(SplitColumns(gate_up, {c.intermediate_size, c.intermediate_size}, {&gate, &up}));
   RETURN_IF_ERROR(b.SwiGlu(gate, up, &gate));
   RETURN_IF_ERROR(b.Linear(gate, w.w_down, nullptr, &o));
   const Tensor& next_norm = l + 1 < c.num_hidden_layers ? layers_[l + 1].input_norm : final_norm_;

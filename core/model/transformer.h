@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <span>
 #include <vector>
@@ -15,12 +16,16 @@
 
 namespace specontext {
 
+// Projections that read the same input are fused at load time (one GEMM instead of three or two:
+// decode reads each weight once and small GEMMs run far from their floor on the GPU).
 struct LayerWeights {
   Tensor input_norm, post_attention_norm;   // [d]
-  Tensor wq, wk, wv, wo;                     // [q_dim, d], [kv_dim, d], [kv_dim, d], [d, q_dim]
-  Tensor bq, bk, bv;                         // biases or empty
+  Tensor w_qkv;                              // [q_dim + 2 kv_dim, d]: q_proj, k_proj, v_proj rows
+  Tensor b_qkv;                              // [q_dim + 2 kv_dim] or empty
+  Tensor wo;                                 // [d, q_dim]
   Tensor q_norm, k_norm;                     // [head_dim] or empty
-  Tensor w_gate, w_up, w_down;               // [I, d], [I, d], [d, I]
+  Tensor w_gate_up;                          // [2 I, d]: gate_proj, up_proj rows
+  Tensor w_down;                             // [d, I]
 };
 
 // Called while weights load: bytes done, bytes in all.
@@ -79,6 +84,10 @@ class Transformer {
 
  private:
   Transformer(const ModelConfig& config, Backend* backend) : config_(config), backend_(backend) {}
+  // Splits the rows of a fused projection's output into column ranges of `widths` (views when there
+  // is one row, copies otherwise).
+  absl::Status SplitColumns(const Tensor& fused, std::initializer_list<int64_t> widths,
+                            std::initializer_list<Tensor*> parts) const;
   absl::Status LoadWeights(const WeightSource& weights, const LoadProgress& progress);
   absl::Status Layer(int l, int64_t n, Tensor& residual, Tensor& h, const Tensor& positions, bool offloaded,
                      const SparseForward* sparse);
