@@ -134,10 +134,6 @@ void Engine::Admit() {
       if (queue_.empty()) return;
       s = std::move(queue_.front());
       queue_.pop_front();
-      if (cancelled_.erase(s->id) > 0) {
-        Finish(*s, FinishReason::kCancelled);
-        continue;
-      }
     }
     absl::StatusOr<std::unique_ptr<SequenceKv>> kv;
     if (options_.sparse != nullptr) {
@@ -229,14 +225,34 @@ void Engine::Finish(Sequence& s, FinishReason reason, absl::Status status) {
   if (s.callback) s.callback(ev);
 }
 
-absl::Status Engine::Step() {
-  Admit();
+void Engine::ApplyCancellations() {
+  // Collected under the lock, finished outside it: callbacks may call back into the engine.
+  std::vector<std::unique_ptr<Sequence>> dropped;
+  std::vector<Sequence*> stopped;
   {
     absl::MutexLock lock(&mu_);
-    for (auto& s : running_) {
-      if (cancelled_.erase(s->id) > 0) Finish(*s, FinishReason::kCancelled);
+    if (cancelled_.empty()) return;
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      if (cancelled_.contains((*it)->id)) {
+        dropped.push_back(std::move(*it));
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
     }
+    for (auto& s : running_) {
+      if (cancelled_.contains(s->id)) stopped.push_back(s.get());
+    }
+    // Every live request was just matched; what is left names finished or unknown requests.
+    cancelled_.clear();
   }
+  for (auto& s : dropped) Finish(*s, FinishReason::kCancelled);
+  for (Sequence* s : stopped) Finish(*s, FinishReason::kCancelled);
+}
+
+absl::Status Engine::Step() {
+  ApplyCancellations();
+  Admit();
   std::erase_if(running_, [](const auto& s) { return s->finished; });
   if (running_.empty()) return absl::OkStatus();
 

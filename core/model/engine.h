@@ -102,6 +102,8 @@ class Engine {
   struct Sequence;
   absl::Status Validate(GenerationRequest& request) const;
   void Admit();
+  // Finishes cancelled requests, queued or running, with kCancelled.
+  void ApplyCancellations();
   void Emit(Sequence& s, int32_t token);
   void Finish(Sequence& s, FinishReason reason, absl::Status status = absl::OkStatus());
 

@@ -94,6 +94,32 @@ TEST_F(EngineFixture, StopTokenAndCancel) {
   EXPECT_EQ(backend->memory_report().bytes[static_cast<size_t>(MemoryKind::kKvCache)], 0);
 }
 
+TEST_F(EngineFixture, CancellingAQueuedRequestFinishesItAtTheNextStep) {
+  EngineOptions opts;
+  opts.max_batch = 1;  // the second request waits behind the first
+  Engine e(model.get(), nullptr, opts);
+  FinishReason first = FinishReason::kNone, second = FinishReason::kNone;
+  auto a = e.Submit(Request({1, 2}, 40), [&](const StreamEvent& ev) {
+    if (ev.done) first = ev.reason;
+  });
+  auto b = e.Submit(Request({3, 4}, 40), [&](const StreamEvent& ev) {
+    if (ev.done) {
+      second = ev.reason;
+      e.Cancel(12345);  // callbacks may call back into the engine
+    }
+  });
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(e.Step().ok());
+  EXPECT_EQ(e.queued(), 1);
+  e.Cancel(*b);
+  ASSERT_TRUE(e.Step().ok());
+  EXPECT_EQ(second, FinishReason::kCancelled);
+  EXPECT_EQ(first, FinishReason::kNone);  // still running
+  EXPECT_EQ(e.queued(), 0);
+  while (e.HasWork()) ASSERT_TRUE(e.Step().ok());
+  EXPECT_EQ(first, FinishReason::kLength);
+}
+
 TEST_F(EngineFixture, SeededSamplingIsReproducible) {
   Engine e(model.get(), nullptr, EngineOptions{});
   auto a = e.Generate(Request({5}, 20, 1.0f, 9)).value().tokens;
