@@ -50,6 +50,7 @@ if(NOT CMAKE_SCRIPT_MODE_FILE)
       -DMANIFEST=${PROJECT_BINARY_DIR}/bundle_manifest.txt
       -DBUNDLE_DIR=${PROJECT_BINARY_DIR}/bundle
       -DDATA_DIR=${SPECONTEXT_DATA_DIR}
+      -DMODEL_DIR=${PROJECT_SOURCE_DIR}/models
       -DTOKENIZER_DIR=${PROJECT_BINARY_DIR}/test_data/tokenizers
       -DBUILD_DIR=${PROJECT_BINARY_DIR}
       -DSTRIP=${CMAKE_STRIP}
@@ -125,6 +126,7 @@ endforeach()
 # Test data travels too (small); the tokenizer archive is unpacked on the GPU machine.
 get_filename_component(data_real "${DATA_DIR}" REALPATH)
 file(COPY "${data_real}/" DESTINATION "${BUNDLE_DIR}/data")
+file(COPY "${MODEL_DIR}/" DESTINATION "${BUNDLE_DIR}/models")
 configure_file("${SCRIPTS_DIR}/bundle-env.sh.in" "${BUNDLE_DIR}/env.sh" @ONLY)
 file(COPY "${SCRIPTS_DIR}/run-gpu-tests.sh" DESTINATION "${BUNDLE_DIR}"
      FILE_PERMISSIONS OWNER_READ OWNER_WRITE OWNER_EXECUTE GROUP_READ GROUP_EXECUTE WORLD_READ WORLD_EXECUTE)

@@ -128,7 +128,7 @@ std::vector<int32_t> Greedy(Transformer& model, int n) {
 
 TEST(CudaModelTest, Stories260KGreedyTextIsIdentical) {
   SPC_GPU_OR_SKIP(gpu);
-  const std::string path = std::string(SPECONTEXT_TEST_DATA) + "/stories260K/stories260K.bin";
+  const std::string path = std::string(SPECONTEXT_MODEL_DIR) + "/stories260K/stories260K.bin";
   Model cpu = Load(path, MakeCpuBackend());
   Model cuda = Load(path, std::move(gpu));
   ASSERT_TRUE(cpu.model && cuda.model);

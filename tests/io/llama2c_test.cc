@@ -13,7 +13,7 @@ namespace specontext {
 namespace {
 
 using ::testing::HasSubstr;
-const std::string kStories = std::string(SPECONTEXT_TEST_DATA) + "/stories260K/stories260K.bin";
+const std::string kStories = std::string(SPECONTEXT_MODEL_DIR) + "/stories260K/stories260K.bin";
 
 float FloatAt(const std::string& bytes, uint64_t float_index) {
   float f;
@@ -41,7 +41,7 @@ TEST(Llama2cTest, Stories260KShapesAndConfig) {
   EXPECT_EQ(c.bos_token_id, 1);
   EXPECT_EQ(c.eos_token_ids, std::vector<int64_t>({2}));
   EXPECT_FALSE(ck->weights->Has("lm_head.weight"));
-  EXPECT_EQ(ck->tokenizer_path, std::string(SPECONTEXT_TEST_DATA) + "/stories260K/tok512.bin");
+  EXPECT_EQ(ck->tokenizer_path, std::string(SPECONTEXT_MODEL_DIR) + "/stories260K/tok512.bin");
   EXPECT_EQ(ck->weights->Names().size(), 2u + 9u * 5u);
 
   const WeightSource& w = *ck->weights;

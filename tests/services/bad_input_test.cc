@@ -36,7 +36,7 @@ class BadInput : public ::testing::Test {
  protected:
   void SetUp() override {
     const std::string dir = ModelDir();
-    if (dir.empty()) GTEST_SKIP() << "stories260K not found";
+    if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";
     ASSERT_TRUE(server_.Start(SPC_GENERATOR_BIN, {"--model", dir + "/stories260K.bin", "--tokenizer",
                                                   dir + "/tok512.bin", "--backend", "cpu", "--threads", "1",
                                                   "--log-level", "warning", "--max-message-bytes", "256KiB",

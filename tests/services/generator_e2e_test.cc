@@ -32,7 +32,7 @@ class GeneratorE2E : public ::testing::Test {
     server_ = nullptr;
   }
   void SetUp() override {
-    if (ModelDir().empty()) GTEST_SKIP() << "stories260K not found";
+    if (ModelDir().empty()) GTEST_FAIL() << "stories260K not found in models/";
     ASSERT_NE(server_, nullptr);
     stub_ = GeneratorStub(server_->address());
   }

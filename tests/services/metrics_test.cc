@@ -46,7 +46,7 @@ class ServicesMetrics : public ::testing::Test {
  protected:
   void SetUp() override {
     const std::string dir = ModelDir();
-    if (dir.empty()) GTEST_SKIP() << "stories260K not found";
+    if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";
     rng_.seed(std::random_device{}());
     head_dir_ = WriteRandomHead(rng_);
     absl::Status st = generator_.Start(SPC_GENERATOR_BIN, {"--model", dir + "/stories260K.bin", "--tokenizer",

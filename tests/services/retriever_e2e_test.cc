@@ -218,7 +218,7 @@ namespace {
 // another model is refused with a message naming the mismatch.
 TEST(GeneratorInprocRetriever, LoadsAFittingHeadAndRefusesAMismatchedOne) {
   const std::string dir = ModelDir();
-  if (dir.empty()) GTEST_SKIP() << "stories260K not found";
+  if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";
   std::mt19937 rng(std::random_device{}());
   const std::string head_dir = WriteRandomHead(rng);
   const std::vector<std::string> model_args = {"--model", dir + "/stories260K.bin", "--tokenizer", dir + "/tok512.bin",

@@ -20,11 +20,9 @@
 namespace specontext::testing {
 
 std::string ModelDir() {
-  for (const char* rel : {"/stories260K", "/../../models/stories260K"}) {
-    const std::string dir = std::string(SPECONTEXT_TEST_DATA) + rel;
-    if (std::filesystem::exists(dir + "/stories260K.bin") && std::filesystem::exists(dir + "/tok512.bin")) {
-      return dir;
-    }
+  const std::string dir = std::string(SPECONTEXT_MODEL_DIR) + "/stories260K";
+  if (std::filesystem::exists(dir + "/stories260K.bin") && std::filesystem::exists(dir + "/tok512.bin")) {
+    return dir;
   }
   return "";
 }

@@ -13,7 +13,7 @@
 
 namespace specontext::testing {
 
-/// stories260K: tests/data/stories260K or models/stories260K (it may move); empty when absent.
+/// The embedded stories260K model folder (models/stories260K); empty when absent.
 std::string ModelDir();
 
 /// One child process running a service binary with --listen 127.0.0.1:0 --metrics-port 0.

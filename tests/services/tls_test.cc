@@ -12,7 +12,7 @@ namespace {
 
 TEST(GeneratorTls, MutualTlsServesOnlyClientsWithACertificate) {
   const std::string dir = ModelDir();
-  if (dir.empty()) GTEST_SKIP() << "stories260K not found";
+  if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";
   if (!std::filesystem::exists("/usr/bin/openssl")) GTEST_SKIP() << "openssl not installed";
   const std::string certs = "/tmp/spc_tls_" + std::to_string(std::random_device{}());
   std::filesystem::create_directories(certs);

@@ -9,7 +9,7 @@ namespace specontext {
 namespace {
 
 std::unique_ptr<Tokenizer> Load() {
-  auto tok = LoadLlama2cTokenizer(std::string(SPECONTEXT_TEST_DATA) + "/stories260K/tok512.bin");
+  auto tok = LoadLlama2cTokenizer(std::string(SPECONTEXT_MODEL_DIR) + "/stories260K/tok512.bin");
   EXPECT_TRUE(tok.ok()) << tok.status();
   return tok.ok() ? std::move(tok).value() : nullptr;
 }
@@ -84,7 +84,7 @@ TEST(Llama2cTokenizerTest, RandomTextRoundTrips) {
 
 TEST(Llama2cTokenizerTest, MalformedFilesAreRejected) {
   const std::string good =
-      testing::ReadFile(std::string(SPECONTEXT_TEST_DATA) + "/stories260K/tok512.bin");
+      testing::ReadFile(std::string(SPECONTEXT_MODEL_DIR) + "/stories260K/tok512.bin");
   ASSERT_GT(good.size(), 100u);
   EXPECT_FALSE(ParseLlama2cTokenizer("").ok());
   EXPECT_FALSE(ParseLlama2cTokenizer(good.substr(0, good.size() - 3)).ok());

@@ -60,7 +60,7 @@ TEST(StreamDecoderTest, RandomIdsMatchDecode) {
 }
 
 TEST(StreamDecoderTest, Llama2cByteFallbackAndLeadingSpace) {
-  auto tok = LoadLlama2cTokenizer(std::string(SPECONTEXT_TEST_DATA) + "/stories260K/tok512.bin");
+  auto tok = LoadLlama2cTokenizer(std::string(SPECONTEXT_MODEL_DIR) + "/stories260K/tok512.bin");
   ASSERT_TRUE(tok.ok()) << tok.status();
   const std::string text = "Once upon a time 🐍 there was a 日本 cat";
   auto ids = (*tok)->Encode(text, /*add_bos=*/true);
