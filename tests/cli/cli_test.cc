@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "tests/common/cli_runner.h"
 #include "tools/random_checkpoint/random_checkpoint.h"
 
 namespace specontext {
@@ -16,37 +17,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct CliRun {
-  int exit_code = -1;
-  bool signaled = false;
-  std::string out, err;
-};
+using testing::CliRun;
 
-std::string Quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-CliRun Cli(const std::vector<std::string>& args) {
-  static int n = 0;
-  const std::string err_path = (fs::temp_directory_path() / absl::StrCat("spc_cli_err_", getpid(), "_", n++)).string();
-  std::string cmd = SPECONTEXT_CLI;
-  for (const auto& a : args) cmd += " " + Quote(a);
-  cmd += " 2>" + err_path;
-  CliRun r;
-  FILE* p = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf;
-  size_t got;
-  while ((got = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), got);
-  const int status = pclose(p);
-  r.signaled = WIFSIGNALED(status);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream e(err_path);
-  r.err.assign(std::istreambuf_iterator<char>(e), {});
-  fs::remove(err_path);
-  return r;
-}
+CliRun Cli(const std::vector<std::string>& args) { return testing::RunCli(SPECONTEXT_CLI, args); }
 
 class CliTest : public ::testing::Test {
  protected:

@@ -7,12 +7,16 @@
 namespace specontext {
 namespace {
 
-TEST(Stories260K, GreedyFromBosTellsTheKnownStory) {
+absl::StatusOr<Runtime> LoadStories() {
   RuntimeOptions ro;
   ro.model_path = SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin";
   ro.tokenizer_path = SPECONTEXT_MODEL_DIR "/stories260K/tok512.bin";
   ro.backend = "cpu";
-  auto rt = LoadRuntime(ro);
+  return LoadRuntime(ro);
+}
+
+TEST(Stories260K, GreedyFromBosTellsTheKnownStory) {
+  auto rt = LoadStories();
   ASSERT_TRUE(rt.ok()) << rt.status();
   auto prompt = EncodePrompt(*rt, "");
   ASSERT_TRUE(prompt.ok()) << prompt.status();
@@ -30,11 +34,7 @@ TEST(Stories260K, GreedyFromBosTellsTheKnownStory) {
 }
 
 TEST(Stories260K, StopStringEndsBeforeIt) {
-  RuntimeOptions ro;
-  ro.model_path = SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin";
-  ro.tokenizer_path = SPECONTEXT_MODEL_DIR "/stories260K/tok512.bin";
-  ro.backend = "cpu";
-  auto rt = LoadRuntime(ro);
+  auto rt = LoadStories();
   ASSERT_TRUE(rt.ok()) << rt.status();
   Engine engine(rt->model.get(), rt->tokenizer.get(), EngineOptions{});
   GenerationRequest req;
