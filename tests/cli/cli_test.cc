@@ -67,6 +67,24 @@ TEST_F(CliTest, GeneratesFromAnHfDirectory) {
   EXPECT_EQ(r.out, again.out);
 }
 
+TEST_F(CliTest, GenerationConfigSetsSamplingDefaults) {
+  const std::string d = Copy("sampling");
+  Write(d + "/generation_config.json", R"({"do_sample": true, "temperature": 1.3, "top_p": 0.95, "top_k": 50})");
+  auto run = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = {"generate", "--model", d, "--prompt", "Hello", "--max-new-tokens", "24"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    CliRun r = Cli(args);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r.out;
+  };
+  const std::string greedy =
+      Cli({"generate", "--model", Good(), "--prompt", "Hello", "--max-new-tokens", "24", "--temperature", "0"}).out;
+  EXPECT_EQ(run({"--temperature", "0"}), greedy);  // the flag wins
+  EXPECT_NE(run({"--seed", "1"}), run({"--seed", "2"}));  // sampling by default
+  Write(d + "/generation_config.json", R"({"do_sample": true, "temperature": -2})");
+  ExpectError(Cli({"generate", "--model", d, "--prompt", "x"}), "generation_config.json");
+}
+
 TEST_F(CliTest, StoriesFromBos) {
   CliRun r = Cli({"generate", "--model", SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin", "--tokenizer",
                SPECONTEXT_MODEL_DIR "/stories260K/tok512.bin", "--prompt", "", "--max-new-tokens", "30",

@@ -22,9 +22,12 @@ void DefineGenerateFlags(Args& args) {
   args.Define({"tokenizer", "tokenizer.json or llama2.c tokenizer .bin (default: beside the model)"});
   args.Define({"prompt", "prompt text; empty starts from BOS", false, false, ""});
   args.Define({"max-new-tokens", "tokens to generate at most", false, false, "128"});
-  args.Define({"temperature", "0 = greedy", false, false, "0"});
-  args.Define({"top-k", "sample among the k most likely tokens; 0 = off", false, false, "0"});
-  args.Define({"top-p", "nucleus sampling threshold in (0, 1]", false, false, "1"});
+  args.Define({"temperature", "0 = greedy (default: generation_config.json's when it samples, else 0)", false,
+               false, "0"});
+  args.Define({"top-k", "sample among the k most likely tokens; 0 = off (default: generation_config.json)",
+               false, false, "0"});
+  args.Define({"top-p", "nucleus sampling threshold in (0, 1] (default: generation_config.json)", false, false,
+               "1"});
   args.Define({"seed", "sampling seed", false, false, "0"});
   args.Define({"stop", "stop string (repeatable)", false, true});
   args.Define({"stop-token-id", "stop token id (repeatable)", false, true});
@@ -96,6 +99,14 @@ absl::Status RunGenerate(const Args& args) {
   }
 
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
+  // Like HF, a checkpoint whose generation_config.json samples sets the defaults; flags override them.
+  if (const GenerationDefaults& gd = rt.checkpoint.generation; gd.do_sample) {
+    if (!args.Has("temperature")) req.sampling.temperature = static_cast<float>(gd.temperature);
+    if (!args.Has("top-k")) req.sampling.top_k = static_cast<int32_t>(gd.top_k);
+    if (!args.Has("top-p")) req.sampling.top_p = static_cast<float>(gd.top_p);
+    absl::Status st = ValidateSamplingParams(req.sampling);
+    if (!st.ok()) return absl::InvalidArgumentError(absl::StrCat("generation_config.json: ", st.message()));
+  }
   SparseRuntime srt;
   EngineOptions eo;
   if (sparse) {
