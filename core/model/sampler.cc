@@ -25,31 +25,59 @@ int32_t Sampler::Sample(std::span<const float> logits) {
   if (params_.temperature == 0.0f || params_.top_k == 1) {
     return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   }
-  // Candidates sorted by logit (descending), cut by top-k, then by cumulative probability top-p.
+  const float inv_t = 1.0f / params_.temperature;
+  const float mx = *std::max_element(logits.begin(), logits.end()) * inv_t;
+  if (params_.top_k == 0 && params_.top_p >= 1.0f) {
+    // Plain temperature sampling: one pass, no ordering needed.
+    double sum = 0;
+    for (float l : logits) sum += std::exp(static_cast<double>(l * inv_t - mx));
+    std::uniform_real_distribution<double> u(0.0, sum);
+    double r = u(rng_);
+    for (int32_t i = 0; i < vocab; ++i) {
+      r -= std::exp(static_cast<double>(logits[i] * inv_t - mx));
+      if (r <= 0) return i;
+    }
+    return vocab - 1;
+  }
+  // Candidates by logit (descending, ties to the lower id), cut by top-k, then by cumulative top-p.
+  // Only the head of the order is needed: sort a prefix and widen it while it holds too little mass.
+  auto by_logit = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
   std::vector<int32_t> idx(vocab);
   std::iota(idx.begin(), idx.end(), 0);
-  int32_t k = params_.top_k > 0 ? std::min(params_.top_k, vocab) : vocab;
-  auto by_logit = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-  if (k < vocab) {
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), by_logit);
-    idx.resize(k);
-  } else {
-    std::sort(idx.begin(), idx.end(), by_logit);
-  }
-  const float inv_t = 1.0f / params_.temperature;
-  const float mx = logits[idx[0]] * inv_t;
-  std::vector<double> probs(idx.size());
-  double sum = 0;
-  for (size_t i = 0; i < idx.size(); ++i) {
-    probs[i] = std::exp(static_cast<double>(logits[idx[i]] * inv_t - mx));
-    sum += probs[i];
-  }
-  size_t keep = idx.size();
-  if (params_.top_p < 1.0f) {
+  double total = 0;
+  for (float l : logits) total += std::exp(static_cast<double>(l * inv_t - mx));
+  const int32_t k_limit = params_.top_k > 0 ? std::min(params_.top_k, vocab) : vocab;
+  const bool top_p_of_all = params_.top_k == 0 && params_.top_p < 1.0f;
+  int32_t sorted = top_p_of_all ? std::min<int32_t>(k_limit, 1024) : k_limit;
+  std::vector<double> probs;
+  size_t keep = 0;
+  for (;;) {
+    std::partial_sort(idx.begin(), idx.begin() + sorted, idx.end(), by_logit);
+    probs.resize(sorted);
     double cum = 0;
-    for (size_t i = 0; i < idx.size(); ++i) {
-      cum += probs[i] / sum;
-      if (cum >= params_.top_p) {
+    keep = sorted;
+    bool covered = false;
+    for (int32_t i = 0; i < sorted; ++i) {
+      probs[i] = std::exp(static_cast<double>(logits[idx[i]] * inv_t - mx));
+      cum += probs[i];
+      if (top_p_of_all && cum / total >= params_.top_p) {
+        keep = i + 1;
+        covered = true;
+        break;
+      }
+    }
+    if (covered || sorted == k_limit) break;
+    sorted = std::min(k_limit, sorted * 8);
+  }
+  if (params_.top_k > 0 && params_.top_p < 1.0f) {
+    // top_p applies to the distribution renormalised over the top-k candidates.
+    double k_sum = 0;
+    for (int32_t i = 0; i < static_cast<int32_t>(probs.size()) && i < k_limit; ++i) k_sum += probs[i];
+    double cum = 0;
+    keep = probs.size();
+    for (size_t i = 0; i < probs.size(); ++i) {
+      cum += probs[i];
+      if (cum / k_sum >= params_.top_p) {
         keep = i + 1;
         break;
       }

@@ -164,6 +164,25 @@ TEST(Sampler, TopKOneAndTinyTopPAreGreedy) {
   }
 }
 
+TEST(Sampler, TopPWidensPastTheFirstCandidatesOfAFlatDistribution) {
+  std::vector<float> flat(5000, 0.25f);  // equal logits: the order is by id
+  Sampler s({0.7f, 0, 0.5f, 3});
+  int max_id = 0;
+  for (int i = 0; i < 3000; ++i) {
+    const int id = s.Sample(flat);
+    ASSERT_LT(id, 2500);
+    max_id = std::max(max_id, id);
+  }
+  EXPECT_GT(max_id, 1024);
+}
+
+TEST(Sampler, TopPAppliesWithinTopK) {
+  std::vector<float> logits = {0.0f, std::log(2.0f), std::log(5.0f)};  // 1/8, 2/8, 5/8
+  // top-2 leaves {5/7, 2/7}; top_p 0.6 keeps only the first.
+  Sampler s({1.0f, 2, 0.6f, 8});
+  for (int i = 0; i < 500; ++i) ASSERT_EQ(s.Sample(logits), 2);
+}
+
 TEST(Sampler, FrequenciesFollowSoftmax) {
   std::vector<float> logits = {0.0f, std::log(2.0f), std::log(5.0f)};  // probabilities 1/8, 2/8, 5/8
   Sampler s({1.0f, 0, 1.0f, 123});
