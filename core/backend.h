@@ -178,9 +178,9 @@ class Backend {
   }
   // Writes the new tokens' K and V of an offloaded `layer` into each sequence's host copy host_k/host_v at
   // past_len + i (batch from PrepareBatch). k, v [n_tokens, n_kv_heads, head_dim] device tensors.
-  // CUDA: an async device->host copy on the copy stream, ordered after k/v were written (event on the
-  // compute stream); the k/v buffers must not be reused before it completes; the host rows are complete
-  // before any later ElasticLoad / CopyToPinnedHost / Synchronize of that layer reads them.
+  // CUDA: the append kernel writes the mapped pinned rows directly, on the compute stream (so k/v may be
+  // reused, and a dense Attention of the layer reads the rows, in stream order), and records a per-layer
+  // event that the layer's next ElasticLoad waits on.
   virtual absl::Status KvAppendHost(int layer, const Tensor& k, const Tensor& v) {
     return absl::UnimplementedError("KvAppendHost is not implemented by this backend");
   }

@@ -121,7 +121,11 @@ absl::Status CudaBackend::SyncAndCheck() {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Synchronize() { return SyncAndCheck(); }
+// Also waits for the copy stream, so slot buffers and host KV rows are final for any reader.
+absl::Status CudaBackend::Synchronize() {
+  RETURN_IF_ERROR(SyncCopyStream());
+  return SyncAndCheck();
+}
 
 absl::StatusOr<Tensor> CudaBackend::Alloc(DType dtype, Shape shape, MemoryKind kind) {
   return memory_->Alloc(dtype, std::move(shape), kind);

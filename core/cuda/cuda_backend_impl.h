@@ -56,6 +56,20 @@ class CudaBackend : public Backend {
   absl::Status KvAppend(int layer, const Tensor& k, const Tensor& v) override;
   absl::Status Attention(int layer, const Tensor& q, float scale, Tensor* out) override;
 
+  // ---- KV tiers and sparse decode (cuda_sparse.cc) ----
+  absl::StatusOr<Tensor> AllocPinnedHost(DType dtype, Shape shape, MemoryKind kind) override;
+  MemoryReport host_memory_report() const override;
+  absl::Status CopyToPinnedHost(const Tensor& device, Tensor* host) override;
+  absl::Status KvAppendHost(int layer, const Tensor& k, const Tensor& v) override;
+  absl::Status PrepareSparseDecode(const SparseDecodeDesc& desc) override;
+  absl::Status ElasticLoad(int layer, const CopyList& copies, ElasticCounters* counters) override;
+  absl::Status SparseAttention(int layer, const Tensor& q, const Tensor& k_cur, const Tensor& v_cur, float scale,
+                               Tensor* out) override;
+  // Waits for the copy stream (elastic loads). SparseAttention(layer) orders itself after its layer's
+  // load; code that reads slot buffers otherwise (tests, benchmarks) calls this first.
+  absl::Status SyncCopyStream();
+  struct SparseState;  // internal (cuda_sparse_state.h)
+
   cudaStream_t stream() const { return stream_; }
   int sm_count() const { return sm_count_; }
 
@@ -97,6 +111,12 @@ class CudaBackend : public Backend {
   Tensor partials_;  // split-K partial O and LSE
   size_t off_lse_ = 0;
   PinnedStaging plan_staging_;
+
+  // ---- KV tiers and sparse decode (cuda_sparse.cc): copy stream, per-layer events, index-set buffers.
+  // Created on first use; shared_ptr because the type is complete only in cuda_sparse_state.h.
+  absl::StatusOr<SparseState*> Sparse();
+  absl::Status EnsureTierTables(int layer);
+  std::shared_ptr<SparseState> sparse_;
 };
 
 }  // namespace specontext::cuda

@@ -1,0 +1,143 @@
+// CudaSelectTopB: validates on the host (same rules as SelectTopB), uploads one per-sequence table,
+// runs the selection kernels on the backend's compute stream and copies the CSR positions and the
+// captured mass back.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/cuda/cuda_backend.h"
+#include "core/cuda/cuda_check.h"
+#include "core/cuda/kernels/selection_kernels.h"
+#include "core/cuda/selection.h"
+#include "core/status_macros.h"
+
+namespace specontext {
+namespace {
+
+absl::Status CheckQuery(const SelectionQuery& s, size_t i, int64_t* n_q, int64_t* n_kv, int64_t* hd) {
+  const Tensor &q = s.q, &k = s.k_cache;
+  auto ok_type = [](const Tensor& t) { return t.dtype() == DType::kF32 || t.dtype() == DType::kBF16; };
+  if (q.empty() || !ok_type(q) || q.ndim() != 2 || q.device() != DeviceKind::kCuda) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda selection: seq ", i,
+                                                   " q must be f32/bf16 on the GPU [n_q_heads, head_dim], got ",
+                                                   q.DebugString()));
+  }
+  if (k.empty() || !ok_type(k) || k.ndim() != 3 || k.device() != DeviceKind::kCuda) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda selection: seq ", i,
+                                                   " k_cache must be f32/bf16 on the GPU [n_kv_heads, capacity, "
+                                                   "head_dim], got ",
+                                                   k.DebugString()));
+  }
+  if (i == 0) {
+    *n_q = q.dim(0);
+    *n_kv = k.dim(0);
+    *hd = q.dim(1);
+    if (*n_kv <= 0 || *n_q % *n_kv != 0 || *hd <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("cuda selection: n_q_heads=", *n_q,
+                                                     " must be a positive multiple of n_kv_heads=", *n_kv));
+    }
+  }
+  if (q.dim(0) != *n_q || q.dim(1) != *hd || k.dim(0) != *n_kv || k.dim(2) != *hd) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda selection: seq ", i, " shapes q ", q.DebugString(), " k ",
+                                                   k.DebugString(), " differ from the batch's"));
+  }
+  if (s.len < 0 || s.len > k.dim(1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda selection: seq ", i, " len ", s.len, " outside [0, capacity=", k.dim(1), "]"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CudaSelectTopB(Backend& backend, std::span<const SelectionQuery> batch, const SelectionOptions& options,
+                            SelectionResult* out) {
+  ASSIGN_OR_RETURN(void* stream_ptr, CudaComputeStream(backend));
+  if (out == nullptr) return absl::InvalidArgumentError("cuda selection: no output");
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  RETURN_IF_ERROR(ValidateBudget(options.budget, options.sink, 0));
+  if (batch.empty()) return absl::InvalidArgumentError("cuda selection: empty batch");
+  int64_t n_q = 0, n_kv = 0, hd = 0;
+  int32_t max_budget = options.budget;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    RETURN_IF_ERROR(CheckQuery(batch[i], i, &n_q, &n_kv, &hd));
+    if (batch[i].q.dtype() != batch[0].q.dtype() || batch[i].k_cache.dtype() != batch[0].k_cache.dtype()) {
+      return absl::InvalidArgumentError(absl::StrCat("cuda selection: seq ", i, " dtypes differ from seq 0's"));
+    }
+    if (batch[i].budget != 0) {
+      RETURN_IF_ERROR(ValidateBudget(batch[i].budget, options.sink, 0));
+      max_budget = std::max(max_budget, batch[i].budget);
+    }
+  }
+  const bool batch_level = options.mode == SelectionMode::kBatchLevel;
+  const int64_t sets_per_seq = batch_level ? 1 : n_kv;
+  const int n_seqs = static_cast<int>(batch.size());
+
+  out->sets.Reset(n_seqs, static_cast<int32_t>(n_kv), static_cast<int32_t>(sets_per_seq), max_budget);
+  out->n_q_heads = static_cast<int32_t>(n_q);
+  std::vector<cuda::SelSeq> seqs(n_seqs);
+  int32_t max_len = 0, total = 0;
+  for (int i = 0; i < n_seqs; ++i) {
+    const SelectionQuery& s = batch[i];
+    const int32_t budget = s.budget != 0 ? s.budget : options.budget;
+    const int32_t k_sel = std::min(budget, s.len);
+    const int32_t keep = std::max(0, std::min({options.sink, k_sel, s.len}));
+    seqs[i] = {s.q.data(), s.k_cache.data(), s.k_cache.dim(1), s.len, k_sel, keep, total};
+    out->sets.seq_len[i] = s.len;
+    for (int64_t set = 0; set < sets_per_seq; ++set) {
+      total += k_sel;
+      out->sets.indptr.push_back(total);
+    }
+    max_len = std::max(max_len, s.len);
+  }
+  out->sets.indices.resize(total);
+  out->captured_mass.assign(size_t(n_seqs) * n_q, 0.0f);
+
+  // One workspace block: [seqs][logits][stats][combined][indices][mass][flag].
+  auto align = [](size_t v) { return (v + 255) / 256 * 256; };
+  const size_t b_seqs = align(sizeof(cuda::SelSeq) * n_seqs);
+  const size_t b_logits = align(sizeof(float) * size_t(n_seqs) * n_q * max_len);
+  const size_t b_stats = align(sizeof(float) * size_t(n_seqs) * n_q * 2);
+  const size_t b_comb = align(sizeof(float) * size_t(n_seqs) * sets_per_seq * max_len);
+  const size_t b_idx = align(sizeof(int32_t) * std::max<int32_t>(total, 1));
+  const size_t b_mass = align(sizeof(float) * size_t(n_seqs) * n_q);
+  const size_t bytes = b_seqs + b_logits + b_stats + b_comb + b_idx + b_mass + 256;
+  ASSIGN_OR_RETURN(Tensor work, backend.Alloc(DType::kU8, {static_cast<int64_t>(bytes)}, MemoryKind::kWorkspace));
+  char* base = static_cast<char*>(work.data());
+  cuda::SelectionParams p;
+  p.seqs = reinterpret_cast<const cuda::SelSeq*>(base);
+  p.logits = reinterpret_cast<float*>(base + b_seqs);
+  p.stats = reinterpret_cast<float*>(base + b_seqs + b_logits);
+  p.combined = reinterpret_cast<float*>(base + b_seqs + b_logits + b_stats);
+  p.indices = reinterpret_cast<int32_t*>(base + b_seqs + b_logits + b_stats + b_comb);
+  p.mass = reinterpret_cast<float*>(base + b_seqs + b_logits + b_stats + b_comb + b_idx);
+  p.error_flag = reinterpret_cast<int*>(base + b_seqs + b_logits + b_stats + b_comb + b_idx + b_mass);
+  p.n_seqs = n_seqs;
+  p.n_q = static_cast<int>(n_q);
+  p.n_kv = static_cast<int>(n_kv);
+  p.head_dim = static_cast<int>(hd);
+  p.sets_per_seq = static_cast<int>(sets_per_seq);
+  p.heads_per_set = static_cast<int>(batch_level ? n_q : n_q / n_kv);
+  p.max_len = max_len;
+  p.scale = options.scale != 0.0f ? options.scale : 1.0f / std::sqrt(static_cast<float>(hd));
+  p.q_bf16 = batch[0].q.dtype() == DType::kBF16;
+  p.k_bf16 = batch[0].k_cache.dtype() == DType::kBF16;
+
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(base, seqs.data(), sizeof(cuda::SelSeq) * n_seqs, cudaMemcpyHostToDevice, stream));
+  RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.error_flag, 0, sizeof(int), stream));
+  RETURN_IF_CUDA_ERROR(cuda::LaunchSelection(p, stream));
+  int flag = 0;
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(&flag, p.error_flag, sizeof(int), cudaMemcpyDeviceToHost, stream));
+  if (total > 0) {
+    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(out->sets.indices.data(), p.indices, sizeof(int32_t) * total,
+                                         cudaMemcpyDeviceToHost, stream));
+  }
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(out->captured_mass.data(), p.mass, sizeof(float) * n_seqs * n_q,
+                                       cudaMemcpyDeviceToHost, stream));
+  RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
+  if (flag != 0) return absl::InvalidArgumentError("cuda selection: a query head has a non-finite score");
+  return absl::OkStatus();
+}
+
+}  // namespace specontext

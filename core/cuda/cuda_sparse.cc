@@ -1,0 +1,338 @@
+// CudaBackend: KV tiers and sparse decode (backend.h "KV tiers and sparse decode"; DESIGN.md §1, §4).
+//
+// Streams and ordering. Elastic loads run on a dedicated copy stream:
+//   KvAppendHost(l)      compute: append kernel writing the mapped pinned host rows; records append_done[l]
+//   ElasticLoad(l)       copy waits attn_done[l] (the previous step's SparseAttention(l) read the slots it
+//                        overwrites) and append_done[l]; gather kernel; records load_done[l]
+//   SparseAttention(l)   compute waits load_done[l] only (offloaded layers); records attn_done[l]
+// Per-(layer, sequence) pointer tables (where attention reads K/V, where the gather reads and writes) are
+// uploaded once per batch; the index sets once per step; a copy list once per distinct list (every
+// offloaded layer of a step shares one list, so it is uploaded once per step).
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/cpu/cpu_backend.h"
+#include "core/cuda/cuda_backend_impl.h"
+#include "core/cuda/cuda_check.h"
+#include "core/cuda/cuda_sparse_state.h"
+#include "core/sparse/elastic.h"
+#include "core/sparse/index_sets.h"
+#include "core/status_macros.h"
+
+namespace specontext::cuda {
+namespace {
+
+absl::Status NewEvent(cudaEvent_t* e) {
+  RETURN_IF_CUDA_ERROR(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+  return absl::OkStatus();
+}
+
+
+}  // namespace
+
+// Every sequence must have `layer` in the same tier (the planner moves layers for all sequences).
+absl::Status CheckSparseTier(const BatchDesc& batch, int layer, bool offloaded, const char* op) {
+  for (size_t i = 0; i < batch.kv.size(); ++i) {
+    const SequenceKv* kv = batch.kv[i];
+    if (kv->offloaded(layer) != offloaded) {
+      return absl::FailedPreconditionError(absl::StrCat(op, ": layer ", layer, " of sequence ", i, " is ",
+                                                        offloaded ? "not offloaded" : "offloaded"));
+    }
+    if (!offloaded) continue;
+    if (layer >= static_cast<int>(kv->slot_k.size()) || layer >= static_cast<int>(kv->slot_v.size()) ||
+        layer >= static_cast<int>(kv->host_v.size()) || kv->slot_k[layer].empty() || kv->slot_v[layer].empty() ||
+        kv->host_v[layer].empty()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(op, ": offloaded layer ", layer, " of sequence ", i, " has no slot buffer"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckSparseBf16(const Tensor& t, const char* what, int64_t d0, int64_t d1, int64_t d2) {
+  if (t.empty() || t.dtype() != DType::kBF16 || t.device() != DeviceKind::kCuda || t.ndim() != 3 ||
+      t.dim(0) != d0 || t.dim(1) != d1 || t.dim(2) != d2) {
+    return absl::InvalidArgumentError(absl::StrCat("sparse attention: ", what, " must be bf16@cuda [", d0, ", ", d1,
+                                                   ", ", d2, "], got ", t.DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EnsureDeviceBuffer(CudaMemory& memory, Tensor* buf, size_t bytes, MemoryKind kind) {
+  if (!buf->empty() && buf->nbytes() >= bytes) return absl::OkStatus();
+  const size_t grown = std::max(bytes, buf->empty() ? size_t{4096} : buf->nbytes() * 2);
+  *buf = Tensor();  // a kPrefetch block is freed with cudaFree, which waits for the device first
+  ASSIGN_OR_RETURN(*buf, memory.Alloc(DType::kU8, {static_cast<int64_t>(grown)}, kind));
+  return absl::OkStatus();
+}
+
+absl::Status StagedUpload(PinnedStaging& staging, const void* src, size_t bytes, void* dst, cudaStream_t stream) {
+  if (bytes == 0) return absl::OkStatus();
+  RETURN_IF_CUDA_ERROR(cudaEventSynchronize(staging.ready));
+  if (staging.bytes < bytes) {
+    if (staging.host != nullptr) RETURN_IF_CUDA_ERROR(cudaFreeHost(staging.host));
+    staging.host = nullptr;
+    const size_t grown = std::max(bytes, staging.bytes * 2);
+    RETURN_IF_CUDA_ERROR(cudaHostAlloc(&staging.host, grown, cudaHostAllocDefault));
+    staging.bytes = grown;
+  }
+  std::memcpy(staging.host, src, bytes);
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dst, staging.host, bytes, cudaMemcpyHostToDevice, stream));
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(staging.ready, stream));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CudaBackend::SparseState*> CudaBackend::Sparse() {
+  if (sparse_ != nullptr) return sparse_.get();
+  auto s = std::make_shared<SparseState>();
+  RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
+  RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&s->copy, cudaStreamNonBlocking));
+  RETURN_IF_ERROR(NewEvent(&s->copy_mark));
+  RETURN_IF_ERROR(NewEvent(&s->compute_mark));
+  RETURN_IF_ERROR(NewEvent(&s->tables_ready));
+  for (PinnedStaging* st : {&s->table_staging, &s->sets_staging, &s->copy_staging}) {
+    RETURN_IF_ERROR(NewEvent(&st->ready));
+  }
+  sparse_ = std::move(s);
+  return sparse_.get();
+}
+
+absl::Status CudaBackend::SyncCopyStream() {
+  if (sparse_ == nullptr) return absl::OkStatus();
+  RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(sparse_->copy));
+  return absl::OkStatus();
+}
+
+// ---- pinned host memory ------------------------------------------------------------------------
+
+absl::StatusOr<Tensor> CudaBackend::AllocPinnedHost(DType dtype, Shape shape, MemoryKind kind) {
+  for (int64_t d : shape) {
+    if (d < 0) return absl::InvalidArgumentError(absl::StrCat("AllocPinnedHost: negative dimension in ", ShapeToString(shape)));
+  }
+  if (kind == MemoryKind::kCount) return absl::InvalidArgumentError("AllocPinnedHost: kCount is not a memory kind");
+  ASSIGN_OR_RETURN(SparseState * sp, Sparse());
+  const int64_t bytes = std::max<int64_t>(256, NumElements(shape) * static_cast<int64_t>(DTypeSize(dtype)));
+  RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
+  void* p = nullptr;
+  const cudaError_t err = cudaHostAlloc(&p, static_cast<size_t>(bytes), cudaHostAllocMapped | cudaHostAllocPortable);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return absl::ResourceExhaustedError(absl::StrCat("cudaHostAlloc of ", bytes, " pinned bytes (",
+                                                     std::string(MemoryKindName(kind)), ") failed: ",
+                                                     cudaGetErrorString(err)));
+  }
+  // With unified addressing the device pointer of mapped memory equals the host pointer; check it so
+  // that one pointer serves host code and kernels.
+  void* dev = nullptr;
+  RETURN_IF_CUDA_ERROR(cudaHostGetDevicePointer(&dev, p, 0));
+  if (dev != p) {
+    cudaFreeHost(p);
+    return absl::FailedPreconditionError("AllocPinnedHost: mapped pinned memory has a different device address (no UVA)");
+  }
+  std::shared_ptr<HostCounters> c = sp->host;
+  c->bytes[static_cast<size_t>(kind)].fetch_add(bytes);
+  const int64_t total = c->total.fetch_add(bytes) + bytes;
+  int64_t peak = c->peak.load();
+  while (total > peak && !c->peak.compare_exchange_weak(peak, total)) {
+  }
+  std::shared_ptr<void> storage(p, [c, kind, bytes](void* q) {
+    cudaFreeHost(q);
+    c->bytes[static_cast<size_t>(kind)].fetch_sub(bytes);
+    c->total.fetch_sub(bytes);
+  });
+  return Tensor(p, dtype, std::move(shape), DeviceKind::kCuda, std::move(storage));
+}
+
+MemoryReport CudaBackend::host_memory_report() const {
+  MemoryReport r;
+  if (sparse_ == nullptr) return r;
+  const HostCounters& c = *sparse_->host;
+  for (size_t i = 0; i < r.bytes.size(); ++i) r.bytes[i] = c.bytes[i].load();
+  r.total = c.total.load();
+  r.peak = c.peak.load();
+  return r;
+}
+
+absl::Status CudaBackend::CopyToPinnedHost(const Tensor& device, Tensor* host) {
+  if (host == nullptr || host->empty() || device.dtype() != host->dtype() || device.numel() != host->numel() ||
+      device.device() != DeviceKind::kCuda) {
+    return absl::InvalidArgumentError(absl::StrCat("CopyToPinnedHost: ", device.DebugString(), " into ",
+                                                   host == nullptr ? std::string("null") : host->DebugString()));
+  }
+  // Earlier appends to this host tensor (copy stream) come first, then the compute stream's work.
+  RETURN_IF_ERROR(SyncCopyStream());
+  if (device.nbytes() > 0) {
+    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(host->data(), device.data(), device.nbytes(), cudaMemcpyDefault, stream_));
+  }
+  return SyncAndCheck();
+}
+
+absl::Status CudaBackend::KvAppendHost(int layer, const Tensor& k, const Tensor& v) {
+  if (!batch_valid_) return absl::FailedPreconditionError("kv_append_host: PrepareBatch was not called");
+  if (layer < 0 || layer >= n_layers_) {
+    return absl::InvalidArgumentError(absl::StrCat("kv_append_host: layer ", layer, " out of range"));
+  }
+  RETURN_IF_ERROR(CheckSparseTier(batch_, layer, /*offloaded=*/true, "kv_append_host"));
+  for (size_t i = 0; i < batch_.kv.size(); ++i) {
+    const SequenceKv* kv = batch_.kv[i];
+    if (kv->k[layer].data() != kv->host_k[layer].data() || kv->v[layer].data() != kv->host_v[layer].data()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("kv_append_host: k/v of offloaded layer ", layer, " do not alias the host copy"));
+    }
+  }
+  ASSIGN_OR_RETURN(SparseState * sp, Sparse());
+  RETURN_IF_ERROR(EnsureLayerEvents(sp, n_layers_));
+  // The append kernel writes the mapped host rows directly (k/v[layer] alias host_k/v, so the batch
+  // metadata already holds those pointers), on the compute stream: a dense attention of a prefill chunk
+  // reads those rows next, and the model reuses the k/v workspace right after, so an append on another
+  // stream would have to be waited for at once anyway. At decode it moves n_seqs x n_kv x 2 rows (a few
+  // microseconds). Loads of this layer on the copy stream wait for it through append_done.
+  RETURN_IF_ERROR(KvAppend(layer, k, v));
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->append_done[layer], stream_));
+  return absl::OkStatus();
+}
+
+// ---- tables and index sets --------------------------------------------------------------------
+
+absl::Status CudaBackend::EnsureTierTables(int layer) {
+  ASSIGN_OR_RETURN(SparseState * sp, Sparse());
+  const int n_seqs = static_cast<int>(batch_.kv.size());
+  bool fresh = sp->tab_kv == batch_.kv && static_cast<int>(sp->attn_tab.size()) == n_layers_ * n_seqs;
+  for (int i = 0; fresh && i < n_seqs; ++i) {
+    const SequenceKv* kv = batch_.kv[i];
+    const bool off = kv->offloaded(layer);
+    const SparseKvPtrs& a = sp->attn_tab[size_t(layer) * n_seqs + i];
+    const ElasticSeqPtrs& e = sp->elastic_tab[size_t(layer) * n_seqs + i];
+    fresh = off ? (a.k == kv->slot_k[layer].data() && e.host_k == kv->host_k[layer].data() &&
+                   e.slot_v == kv->slot_v[layer].data() && e.host_v == kv->host_v[layer].data())
+                : (a.k == kv->k[layer].data() && a.v == kv->v[layer].data());
+  }
+  if (fresh) return absl::OkStatus();
+  sp->attn_tab.assign(size_t(n_layers_) * n_seqs, SparseKvPtrs{});
+  sp->elastic_tab.assign(size_t(n_layers_) * n_seqs, ElasticSeqPtrs{});
+  for (int l = 0; l < n_layers_; ++l) {
+    for (int i = 0; i < n_seqs; ++i) {
+      const SequenceKv* kv = batch_.kv[i];
+      SparseKvPtrs& a = sp->attn_tab[size_t(l) * n_seqs + i];
+      if (!kv->offloaded(l)) {
+        a = {kv->k[l].data(), kv->v[l].data(), kv->capacity};
+        continue;
+      }
+      if (static_cast<int>(kv->slot_k.size()) <= l || kv->slot_k[l].empty() || kv->slot_v[l].empty() ||
+          kv->host_v.size() <= size_t(l) || kv->host_v[l].empty()) {
+        continue;  // reported by CheckTier when the layer is used
+      }
+      const Tensor &hk = kv->host_k[l], &sk = kv->slot_k[l];
+      for (const Tensor* t : {&hk, &kv->host_v[l], &sk, &kv->slot_v[l]}) {
+        if (t->dtype() != DType::kBF16 || t->device() != DeviceKind::kCuda || t->ndim() != 3 || t->dim(0) != n_kv_ ||
+            t->dim(2) != head_dim_) {
+          return absl::InvalidArgumentError(absl::StrCat("kv tiers: sequence ", i, " layer ", l, " tensor ",
+                                                         t->DebugString(), ", expected bf16@cuda [", n_kv_,
+                                                         ", rows, ", head_dim_, "]"));
+        }
+      }
+      if (kv->host_v[l].dim(1) != hk.dim(1) || kv->slot_v[l].dim(1) != sk.dim(1)) {
+        return absl::InvalidArgumentError(absl::StrCat("kv tiers: sequence ", i, " layer ", l, " K/V rows differ"));
+      }
+      a = {sk.data(), kv->slot_v[l].data(), sk.dim(1)};
+      sp->elastic_tab[size_t(l) * n_seqs + i] = {hk.data(), kv->host_v[l].data(), sk.data(), kv->slot_v[l].data(),
+                                                 hk.dim(1), sk.dim(1)};
+    }
+  }
+  sp->tab_kv = batch_.kv;
+  const size_t attn_bytes = sizeof(SparseKvPtrs) * sp->attn_tab.size();
+  sp->off_elastic = Align16Bytes(attn_bytes);
+  const size_t total = sp->off_elastic + sizeof(ElasticSeqPtrs) * sp->elastic_tab.size();
+  std::vector<char> host(total, 0);
+  std::memcpy(host.data(), sp->attn_tab.data(), attn_bytes);
+  std::memcpy(host.data() + sp->off_elastic, sp->elastic_tab.data(), sizeof(ElasticSeqPtrs) * sp->elastic_tab.size());
+  // Loads of the copy stream may still read the old tables: order the rewrite after them.
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->copy_mark, sp->copy));
+  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(stream_, sp->copy_mark, 0));
+  RETURN_IF_ERROR(EnsureDeviceBuffer(*memory_, &sp->tables, total, MemoryKind::kPrefetch));
+  RETURN_IF_ERROR(StagedUpload(sp->table_staging, host.data(), total, sp->tables.data(), stream_));
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->tables_ready, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
+  ASSIGN_OR_RETURN(SparseState * sp, Sparse());
+  sp->sets_valid = false;
+  if (!batch_valid_) return absl::FailedPreconditionError("sparse decode: PrepareBatch was not called");
+  if (desc.sets == nullptr) return absl::InvalidArgumentError("sparse decode: no index sets");
+  const IndexSets& sets = *desc.sets;
+  RETURN_IF_ERROR(ValidateIndexSets(sets));
+  const int n_seqs = static_cast<int>(batch_.seqs.size());
+  if (sets.n_seqs != n_seqs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sparse decode: ", sets.n_seqs, " sequences of index sets for a batch of ", n_seqs));
+  }
+  if (sets.n_kv_heads != n_kv_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sparse decode: index sets for ", sets.n_kv_heads, " KV heads, the model has ", n_kv_));
+  }
+  for (int i = 0; i < n_seqs; ++i) {
+    const SeqSlice& s = batch_.seqs[i];
+    if (s.n_tokens != 1 || s.past_len != sets.seq_len[i]) {
+      return absl::InvalidArgumentError(absl::StrCat("sparse decode: sequence ", i, " has ", s.n_tokens,
+                                                     " new tokens and ", s.past_len, " past, sets chosen from ",
+                                                     sets.seq_len[i], " (need 1 token and equal past)"));
+    }
+  }
+  if (!desc.slots.empty() && desc.slots.size() != sets.indices.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sparse decode: ", desc.slots.size(), " slots for ", sets.indices.size(), " positions"));
+  }
+  // Slots index every offloaded layer's slot buffer: check them against the smallest of the sequence's.
+  for (int i = 0; i < n_seqs && !desc.slots.empty(); ++i) {
+    const SequenceKv* kv = batch_.kv[i];
+    int64_t rows = -1;
+    for (size_t l = 0; l < kv->slot_k.size(); ++l) {
+      if (kv->offloaded(static_cast<int>(l)) && !kv->slot_k[l].empty()) {
+        rows = rows < 0 ? kv->slot_k[l].dim(1) : std::min(rows, kv->slot_k[l].dim(1));
+      }
+    }
+    if (rows < 0) continue;
+    for (int32_t j = sets.indptr[i * sets.sets_per_seq]; j < sets.indptr[(i + 1) * sets.sets_per_seq]; ++j) {
+      if (desc.slots[j] < 0 || desc.slots[j] >= rows) {
+        return absl::InvalidArgumentError(absl::StrCat("sparse decode: sequence ", i, " slot ", desc.slots[j],
+                                                       " outside its ", rows, " slot rows"));
+      }
+    }
+  }
+  const size_t n_ptr = sets.indptr.size(), n_idx = sets.indices.size();
+  sp->off_pos = Align16Bytes(sizeof(int32_t) * n_ptr);
+  sp->off_slots = sp->off_pos + Align16Bytes(sizeof(int32_t) * n_idx);
+  const size_t total = sp->off_slots + sizeof(int32_t) * (desc.slots.empty() ? 0 : n_idx);
+  std::vector<char> host(std::max<size_t>(total, 16), 0);
+  std::memcpy(host.data(), sets.indptr.data(), sizeof(int32_t) * n_ptr);
+  if (n_idx > 0) std::memcpy(host.data() + sp->off_pos, sets.indices.data(), sizeof(int32_t) * n_idx);
+  if (!desc.slots.empty() && n_idx > 0) {
+    std::memcpy(host.data() + sp->off_slots, desc.slots.data(), sizeof(int32_t) * n_idx);
+  }
+  // The previous step's loads are done by now (its attention waited on them); order after them anyway.
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->copy_mark, sp->copy));
+  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(stream_, sp->copy_mark, 0));
+  RETURN_IF_ERROR(EnsureBuffer(&sp->sets_buf, host.size()));
+  RETURN_IF_ERROR(StagedUpload(sp->sets_staging, host.data(), host.size(), sp->sets_buf.data(), stream_));
+  sp->n_seqs = n_seqs;
+  sp->sets_per_seq = sets.sets_per_seq;
+  sp->has_slots = !desc.slots.empty();
+  sp->sum_keys = 0;
+  sp->max_keys = 0;
+  for (int i = 0; i < n_seqs; ++i) {
+    for (int g = 0; g < n_kv_; ++g) {
+      const int32_t s = sets.SetIndex(i, g);
+      const int keys = sets.indptr[s + 1] - sets.indptr[s] + 1;
+      sp->sum_keys += keys;
+      sp->max_keys = std::max(sp->max_keys, keys);
+    }
+  }
+  sp->sets_valid = true;
+  return EnsureTierTables(0);
+}
+
+}  // namespace specontext::cuda

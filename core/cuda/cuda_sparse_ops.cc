@@ -1,0 +1,195 @@
+// CudaBackend: ElasticLoad (gather of changed rows on the copy stream) and SparseAttention (decode over
+// index sets). Stream ordering is described in cuda_sparse.cc.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/cpu/cpu_backend.h"
+#include "core/cuda/cuda_backend_impl.h"
+#include "core/cuda/cuda_check.h"
+#include "core/cuda/cuda_sparse_state.h"
+#include "core/status_macros.h"
+
+namespace specontext::cuda {
+namespace {
+
+bool SameList(const CudaBackend::SparseState& sp, const CopyList& cl) {
+  return sp.last_sets_per_seq == cl.sets_per_seq && sp.last_ptr == cl.copy_ptr &&
+         sp.last_copies.size() == cl.copies.size() &&
+         (cl.copies.empty() ||
+          std::memcmp(sp.last_copies.data(), cl.copies.data(), sizeof(RowCopy) * cl.copies.size()) == 0);
+}
+
+}  // namespace
+
+absl::Status EnsureLayerEvents(CudaBackend::SparseState* sp, int n_layers) {
+  for (auto* v : {&sp->load_done, &sp->attn_done, &sp->append_done}) {
+    while (static_cast<int>(v->size()) < n_layers) {
+      cudaEvent_t e = nullptr;
+      RETURN_IF_CUDA_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      v->push_back(e);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::ElasticLoad(int layer, const CopyList& cl, ElasticCounters* counters) {
+  if (!batch_valid_) return absl::FailedPreconditionError("elastic_load: PrepareBatch was not called");
+  if (layer < 0 || layer >= n_layers_) {
+    return absl::InvalidArgumentError(absl::StrCat("elastic_load: layer ", layer, " out of range"));
+  }
+  RETURN_IF_ERROR(CheckSparseTier(batch_, layer, /*offloaded=*/true, "elastic_load"));
+  const int n_seqs = static_cast<int>(batch_.kv.size());
+  if (cl.n_seqs != n_seqs || cl.n_kv_heads != n_kv_ || (cl.sets_per_seq != 1 && cl.sets_per_seq != n_kv_) ||
+      static_cast<int64_t>(cl.copy_ptr.size()) != int64_t{cl.n_seqs} * cl.sets_per_seq + 1 || cl.copy_ptr[0] != 0 ||
+      cl.copy_ptr.back() != static_cast<int64_t>(cl.copies.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("elastic_load: copy list of ", cl.n_seqs, " sequences, ",
+                                                   cl.n_kv_heads, " KV heads, ", cl.sets_per_seq,
+                                                   " sets per sequence, ", cl.copy_ptr.size(),
+                                                   " pointers does not fit the batch (", n_seqs, " sequences, ",
+                                                   n_kv_, " KV heads)"));
+  }
+  for (size_t s = 0; s + 1 < cl.copy_ptr.size(); ++s) {
+    if (cl.copy_ptr[s + 1] < cl.copy_ptr[s]) return absl::InvalidArgumentError("elastic_load: copy_ptr decreases");
+  }
+  ASSIGN_OR_RETURN(SparseState * sp, Sparse());
+  RETURN_IF_ERROR(EnsureLayerEvents(sp, n_layers_));
+  RETURN_IF_ERROR(EnsureTierTables(layer));
+  const bool same = SameList(*sp, cl);
+  if (!same) {
+    sp->max_token.assign(n_seqs, -1);
+    sp->max_slot.assign(n_seqs, -1);
+    std::vector<ElasticCopy> recs(cl.copies.size());
+    for (int32_t set = 0; set < n_seqs * cl.sets_per_seq; ++set) {
+      const int seq = set / cl.sets_per_seq;
+      for (int32_t c = cl.copy_ptr[set]; c < cl.copy_ptr[set + 1]; ++c) {
+        const RowCopy& rc = cl.copies[c];
+        if (rc.token < 0 || rc.slot < 0) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("elastic_load: seq ", seq, " copy token ", rc.token, " -> slot ", rc.slot, " is negative"));
+        }
+        sp->max_token[seq] = std::max(sp->max_token[seq], rc.token);
+        sp->max_slot[seq] = std::max(sp->max_slot[seq], rc.slot);
+        recs[c] = {rc.token, rc.slot, set, 0};
+      }
+    }
+    // Upload on the copy stream: ordered after the previous gathers that read the old list.
+    RETURN_IF_ERROR(EnsureDeviceBuffer(*memory_, &sp->copies_buf, std::max<size_t>(16, sizeof(ElasticCopy) * recs.size()),
+                                       MemoryKind::kPrefetch));
+    RETURN_IF_ERROR(StagedUpload(sp->copy_staging, recs.data(), sizeof(ElasticCopy) * recs.size(),
+                                 sp->copies_buf.data(), sp->copy));
+    sp->last_ptr = cl.copy_ptr;
+    sp->last_copies = cl.copies;
+    sp->last_sets_per_seq = cl.sets_per_seq;
+    sp->n_copies = static_cast<int64_t>(cl.copies.size());
+  }
+  // Bounds against this layer's tensors (per sequence maxima: O(n_seqs) per layer).
+  for (int i = 0; i < n_seqs; ++i) {
+    const ElasticSeqPtrs& e = sp->elastic_tab[size_t(layer) * n_seqs + i];
+    if (sp->max_token[i] >= e.capacity || sp->max_slot[i] >= e.slots) {
+      sp->last_ptr.clear();  // force a re-check next time
+      return absl::InvalidArgumentError(absl::StrCat("elastic_load: seq ", i, " copies up to token ", sp->max_token[i],
+                                                     " -> slot ", sp->max_slot[i], " outside capacity ", e.capacity,
+                                                     " / slots ", e.slots));
+    }
+  }
+  // (a) the previous step's attention of this layer read the slots being overwritten; (b) appends of this
+  // layer's new rows to the host copy; the tables.
+  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->attn_done[layer], 0));
+  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->append_done[layer], 0));
+  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->tables_ready, 0));
+  ElasticGatherParams p;
+  p.copies = static_cast<const ElasticCopy*>(sp->copies_buf.data());
+  p.seqs = reinterpret_cast<const ElasticSeqPtrs*>(static_cast<const char*>(sp->tables.data()) + sp->off_elastic) +
+           size_t(layer) * n_seqs;
+  p.n_copies = sp->n_copies;
+  p.sets_per_seq = cl.sets_per_seq;
+  p.n_kv = n_kv_;
+  p.row_bytes = int64_t{head_dim_} * 2;
+  if (p.row_bytes % 16 != 0) {
+    return absl::UnimplementedError(absl::StrCat("elastic_load: head_dim ", head_dim_, " is not a multiple of 8"));
+  }
+  RETURN_IF_CUDA_ERROR(LaunchElasticGather(p, sm_count_, sp->copy));
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->load_done[layer], sp->copy));
+  if (counters != nullptr) {
+    counters->rows_loaded += 2 * cl.head_rows;
+    counters->bytes_loaded += 2 * cl.head_rows * p.row_bytes;
+    counters->bytes_full_reload += 2 * cl.full_reload_rows * p.row_bytes;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::SparseAttention(int layer, const Tensor& q, const Tensor& k_cur, const Tensor& v_cur,
+                                          float scale, Tensor* out) {
+  if (!batch_valid_) return absl::FailedPreconditionError("sparse attention: PrepareBatch was not called");
+  ASSIGN_OR_RETURN(SparseState * sp, Sparse());
+  const int n_seqs = static_cast<int>(batch_.seqs.size());
+  if (!sp->sets_valid || sp->n_seqs != n_seqs) {
+    return absl::FailedPreconditionError("sparse attention: PrepareSparseDecode was not called for this batch");
+  }
+  if (layer < 0 || layer >= n_layers_) {
+    return absl::InvalidArgumentError(absl::StrCat("sparse attention: layer ", layer, " out of range"));
+  }
+  if (out == nullptr) return absl::InvalidArgumentError("sparse attention: no output");
+  const int64_t n_heads = q.ndim() == 3 ? q.dim(1) : 0;
+  if (n_heads == 0 || n_heads % n_kv_ != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("sparse attention: q ", q.DebugString(), " does not fit ", n_kv_,
+                                                   " KV heads"));
+  }
+  RETURN_IF_ERROR(CheckSparseBf16(q, "q", n_seqs, n_heads, head_dim_));
+  RETURN_IF_ERROR(CheckSparseBf16(*out, "out", n_seqs, n_heads, head_dim_));
+  RETURN_IF_ERROR(CheckSparseBf16(k_cur, "k_cur", n_seqs, n_kv_, head_dim_));
+  RETURN_IF_ERROR(CheckSparseBf16(v_cur, "v_cur", n_seqs, n_kv_, head_dim_));
+  const int group = static_cast<int>(n_heads / n_kv_);
+  if (group > kSparseMaxGroup || head_dim_ > kSparseMaxHeadDim || head_dim_ % 8 != 0) {
+    return absl::UnimplementedError(absl::StrCat("sparse attention: group ", group, " (max ", kSparseMaxGroup,
+                                                 ") or head_dim ", head_dim_, " (max ", kSparseMaxHeadDim,
+                                                 ", multiple of 8) not supported"));
+  }
+  const bool offloaded = batch_.kv[0]->offloaded(layer);
+  RETURN_IF_ERROR(CheckSparseTier(batch_, layer, offloaded, "sparse attention"));
+  if (offloaded && !sp->has_slots) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("sparse attention: offloaded layer ", layer, " but the prepared batch has no slots"));
+  }
+  RETURN_IF_ERROR(EnsureLayerEvents(sp, n_layers_));
+  RETURN_IF_ERROR(EnsureTierTables(layer));
+
+  SparseAttnParams p;
+  p.q = q.data();
+  p.k_cur = k_cur.data();
+  p.v_cur = v_cur.data();
+  p.out = out->data();
+  p.kv = static_cast<const SparseKvPtrs*>(sp->tables.data()) + size_t(layer) * n_seqs;
+  const char* sets = static_cast<const char*>(sp->sets_buf.data());
+  p.indptr = reinterpret_cast<const int32_t*>(sets);
+  p.rows = reinterpret_cast<const int32_t*>(sets + (offloaded ? sp->off_slots : sp->off_pos));
+  p.sets_per_seq = sp->sets_per_seq;
+  p.n_seqs = n_seqs;
+  p.n_heads = static_cast<int>(n_heads);
+  p.n_kv = n_kv_;
+  p.head_dim = head_dim_;
+  p.scale = scale;
+  // Split-K: chunks sized for about two CTAs per SM over all (sequence, KV head) lists, at least four
+  // tiles each so that the per-CTA prologue and the combine stay small.
+  const int64_t target = 2 * int64_t{sm_count_};
+  int64_t chunk = (sp->sum_keys + target - 1) / target;
+  chunk = std::max<int64_t>(4 * kSparseTile, (chunk + kSparseTile - 1) / kSparseTile * kSparseTile);
+  p.chunk = static_cast<int>(chunk);
+  p.max_splits = static_cast<int>((sp->max_keys + chunk - 1) / chunk);
+  if (p.max_splits > 1) {
+    const size_t rows = size_t(n_seqs) * n_kv_ * p.max_splits * group;
+    const size_t off_lse = Align16Bytes(rows * head_dim_ * sizeof(float));
+    RETURN_IF_ERROR(EnsureBuffer(&sp->partials, off_lse + rows * sizeof(float)));
+    p.partial_o = sp->partials.as<float>();
+    p.partial_lse = reinterpret_cast<float*>(static_cast<char*>(sp->partials.data()) + off_lse);
+  }
+  // An offloaded layer waits only for its own load (an event never recorded is complete).
+  if (offloaded) RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(stream_, sp->load_done[layer], 0));
+  RETURN_IF_CUDA_ERROR(LaunchSparseAttention(p, stream_));
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->attn_done[layer], stream_));
+  return absl::OkStatus();
+}
+
+}  // namespace specontext::cuda

@@ -1,0 +1,89 @@
+// Internal state of CudaBackend's KV tiers and sparse decode (cuda_sparse.cc, cuda_sparse_ops.cc).
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "core/cuda/cuda_backend_impl.h"
+#include "core/cuda/kernels/sparse_kernels.h"
+#include "core/sparse/elastic.h"
+
+namespace specontext::cuda {
+
+inline size_t Align16Bytes(size_t v) { return (v + 15) / 16 * 16; }
+
+// Live pinned host bytes per kind; outlives the backend through the tensors' deleters.
+struct HostCounters {
+  std::atomic<int64_t> bytes[static_cast<size_t>(MemoryKind::kCount)] = {};
+  std::atomic<int64_t> total{0};
+  std::atomic<int64_t> peak{0};
+};
+
+struct CudaBackend::SparseState {
+  cudaStream_t copy = nullptr;
+  std::shared_ptr<HostCounters> host = std::make_shared<HostCounters>();
+  std::vector<cudaEvent_t> load_done, attn_done, append_done;  // per layer
+  cudaEvent_t copy_mark = nullptr;                // scratch: cross-stream ordering points
+  cudaEvent_t compute_mark = nullptr;
+  cudaEvent_t tables_ready = nullptr;
+
+  // Per-(layer, seq) tables: [SparseKvPtrs x L*S][ElasticSeqPtrs x L*S]; host copies for staleness checks.
+  std::vector<SparseKvPtrs> attn_tab;
+  std::vector<ElasticSeqPtrs> elastic_tab;
+  std::vector<const SequenceKv*> tab_kv;
+  Tensor tables;
+  size_t off_elastic = 0;
+  PinnedStaging table_staging;
+
+  // Index sets of the step: [indptr][positions][slots].
+  bool sets_valid = false;
+  int n_seqs = 0, sets_per_seq = 1, n_set_kv = 0;
+  bool has_slots = false;
+  int64_t sum_keys = 0;  // Σ over (seq, KV head) of |set| + 1
+  int max_keys = 0;
+  Tensor sets_buf;
+  size_t off_pos = 0, off_slots = 0;
+  PinnedStaging sets_staging;
+  Tensor partials;
+
+  // Copy list last uploaded (reused while identical) and its per-seq bounds.
+  std::vector<int32_t> last_ptr;
+  std::vector<RowCopy> last_copies;
+  int last_sets_per_seq = 0;
+  std::vector<int32_t> max_token, max_slot;  // [n_seqs], -1 when none
+  Tensor copies_buf;
+  int64_t n_copies = 0;
+  PinnedStaging copy_staging;  // `ready` recorded on the copy stream
+
+  ~SparseState() {
+    if (copy != nullptr) cudaStreamSynchronize(copy);
+    for (auto* v : {&load_done, &attn_done, &append_done}) {
+      for (cudaEvent_t e : *v) cudaEventDestroy(e);
+    }
+    for (cudaEvent_t e : {copy_mark, compute_mark, tables_ready}) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
+    for (PinnedStaging* s : {&table_staging, &sets_staging, &copy_staging}) {
+      if (s->ready != nullptr) cudaEventDestroy(s->ready);
+      if (s->host != nullptr) cudaFreeHost(s->host);
+    }
+    if (copy != nullptr) cudaStreamDestroy(copy);
+  }
+};
+
+// Copies `bytes` from `src` through pinned `staging` to device `dst` on `stream` (waits for the
+// previous copy out of the staging buffer first).
+absl::Status StagedUpload(PinnedStaging& staging, const void* src, size_t bytes, void* dst, cudaStream_t stream);
+
+// Grows `buf` to at least `bytes`, allocated as `kind`. Buffers the copy stream reads use kPrefetch, not
+// kWorkspace: a released workspace block is handed out again at once, ordered only on the compute stream.
+absl::Status EnsureDeviceBuffer(CudaMemory& memory, Tensor* buf, size_t bytes, MemoryKind kind);
+// One load_done, attn_done and append_done event per layer, created when the layer count is first seen.
+absl::Status EnsureLayerEvents(CudaBackend::SparseState* sp, int n_layers);
+// Every sequence of `batch` must have `layer` in the same tier (offloaded: with host copy and slot buffers).
+absl::Status CheckSparseTier(const BatchDesc& batch, int layer, bool offloaded, const char* op);
+// t is bf16 on the GPU with shape [d0, d1, d2].
+absl::Status CheckSparseBf16(const Tensor& t, const char* what, int64_t d0, int64_t d1, int64_t d2);
+
+}  // namespace specontext::cuda

@@ -1,0 +1,261 @@
+// Elastic-loading benchmark (SpeContext, DESIGN.md §1 part 2): host->GPU gather bandwidth of ElasticLoad for
+// 256- and 512-byte rows (head_dim 128 / 256, bf16) at budget 2048 x 8 KV heads x 32 offloaded layers, one
+// sequence, against a pinned bulk copy of the same bytes; then elastic vs full reload (bytes and time) at
+// index-set overlaps 0.5-0.95. Time is wall time of the 32 ElasticLoad calls until the copy stream is idle
+// (launch overhead included), best of --reps. Last, decode-kernel timings (sparse attention of one layer,
+// selection) at R in {1, 8, 32} and S in {8K, 32K}.
+//
+//   cuda_gather_bench [--capacity 16384] [--reps 5]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/cuda/cuda_backend.h"
+#include "core/cuda/cuda_backend_impl.h"
+#include "core/cuda/selection.h"
+#include "core/sparse/elastic.h"
+#include "core/sparse/index_sets.h"
+
+namespace specontext {
+namespace {
+
+constexpr int kKv = 8, kLayers = 32, kBudget = 2048;
+
+#define CHECK_OK(expr)                                                              \
+  do {                                                                              \
+    absl::Status s_ = (expr);                                                       \
+    if (!s_.ok()) {                                                                 \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
+      std::exit(1);                                                                 \
+    }                                                                               \
+  } while (0)
+
+double Seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+IndexSets Sets(int len, std::mt19937& rng, const IndexSets* prev, double keep) {
+  IndexSets s;
+  s.Reset(1, kKv, kKv, kBudget);
+  s.seq_len[0] = len;
+  for (int h = 0; h < kKv; ++h) {
+    std::vector<int32_t> out;
+    std::vector<char> used(len, 0);
+    if (prev != nullptr) {
+      auto p = prev->SetPositions(h);
+      const int n_keep = static_cast<int>(keep * p.size());
+      std::vector<int32_t> v(p.begin(), p.end());
+      std::shuffle(v.begin(), v.end(), rng);
+      for (int i = 0; i < n_keep; ++i) {
+        out.push_back(v[i]);
+        used[v[i]] = 1;
+      }
+    }
+    while (static_cast<int>(out.size()) < kBudget) {
+      const int32_t t = static_cast<int32_t>(rng() % len);
+      if (!used[t]) {
+        used[t] = 1;
+        out.push_back(t);
+      }
+    }
+    std::sort(out.begin(), out.end());
+    s.indices.insert(s.indices.end(), out.begin(), out.end());
+    s.indptr.push_back(static_cast<int32_t>(s.indices.size()));
+  }
+  return s;
+}
+
+// Best wall time of `reps` rounds of ElasticLoad over all layers.
+double TimeLoads(cuda::CudaBackend& b, const CopyList& cl, int reps) {
+  double best = 1e30;
+  for (int r = 0; r < reps + 1; ++r) {  // the first round uploads the list and warms up
+    CHECK_OK(b.SyncCopyStream());
+    const double t0 = Seconds();
+    for (int l = 0; l < kLayers; ++l) CHECK_OK(b.ElasticLoad(l, cl, nullptr));
+    CHECK_OK(b.SyncCopyStream());
+    if (r > 0) best = std::min(best, Seconds() - t0);
+  }
+  return best;
+}
+
+void Run(int hd, int capacity, int reps) {
+  auto made = MakeCudaBackend({});
+  CHECK_OK(made.status());
+  auto* b = dynamic_cast<cuda::CudaBackend*>(made->get());
+  const int64_t row_bytes = int64_t{hd} * 2;
+  SequenceKv kv;
+  kv.capacity = capacity;
+  kv.slot_budget = kBudget;
+  for (int l = 0; l < kLayers; ++l) {
+    for (auto* v : {&kv.host_k, &kv.host_v}) {
+      auto t = b->AllocPinnedHost(DType::kBF16, {kKv, capacity, hd}, MemoryKind::kKvCache);
+      CHECK_OK(t.status());
+      std::memset(t->data(), l + 1, t->nbytes());
+      v->push_back(*t);
+    }
+    kv.k.push_back(kv.host_k.back());
+    kv.v.push_back(kv.host_v.back());
+    for (auto* v : {&kv.slot_k, &kv.slot_v}) {
+      auto t = b->Alloc(DType::kBF16, {kKv, kBudget, hd}, MemoryKind::kPrefetch);
+      CHECK_OK(t.status());
+      v->push_back(*t);
+    }
+  }
+  BatchDesc batch;
+  batch.seqs = {{0, 1, capacity - 1}};
+  batch.kv = {&kv};
+  batch.n_tokens = 1;
+  CHECK_OK(b->PrepareBatch(batch));
+  std::mt19937 rng(12345);
+  const int len = capacity - 1;
+
+  // Full reload of S_now.
+  SlotMap map(kKv, kBudget);
+  IndexSets last = Sets(len, rng, nullptr, 0);
+  std::vector<const SlotMap*> cm{&map};
+  std::vector<SlotMap*> mm{&map};
+  auto plan0 = PlanElasticLoads(cm, last);
+  CHECK_OK(plan0.status());
+  const CopyList full = FullReloadCopies(last, plan0->slots);
+  const double full_bytes = 2.0 * full.head_rows * row_bytes * kLayers;
+  const double t_full = TimeLoads(*b, full, reps);
+  // Pinned bulk copy of the same byte count (contiguous), for reference.
+  const size_t per_layer = static_cast<size_t>(2 * full.head_rows * row_bytes);
+  void* dst = nullptr;
+  cudaMalloc(&dst, per_layer);
+  cudaStream_t st;
+  cudaStreamCreate(&st);
+  double t_bulk = 1e30;
+  for (int r = 0; r < reps + 1; ++r) {
+    cudaStreamSynchronize(st);
+    const double t0 = Seconds();
+    for (int l = 0; l < kLayers; ++l) {
+      cudaMemcpyAsync(dst, kv.host_k[l].data(), std::min(per_layer, kv.host_k[l].nbytes()), cudaMemcpyHostToDevice, st);
+    }
+    cudaStreamSynchronize(st);
+    if (r > 0) t_bulk = std::min(t_bulk, Seconds() - t0);
+  }
+  const double bulk_bytes = double(std::min(per_layer, kv.host_k[0].nbytes())) * kLayers;
+  std::printf("row %lld B | full reload: %d layers x %d KV heads x %d rows x K+V = %.1f MB in %.3f ms = %.1f GB/s "
+              "(gather of mapped pinned rows) | pinned bulk copy: %.1f GB/s\n",
+              static_cast<long long>(row_bytes), kLayers, kKv, kBudget, full_bytes / 1e6, t_full * 1e3,
+              full_bytes / t_full / 1e9, bulk_bytes / t_bulk / 1e9);
+  CHECK_OK(ApplyElasticPlan(*plan0, last, mm));
+
+  for (double keep : {0.5, 0.7, 0.8, 0.9, 0.95}) {
+    IndexSets now = Sets(len, rng, &last, keep);
+    auto plan = PlanElasticLoads(cm, now);
+    CHECK_OK(plan.status());
+    const double bytes = 2.0 * plan->copies.head_rows * row_bytes * kLayers;
+    const double t = TimeLoads(*b, plan->copies, reps);
+    std::printf("row %lld B | overlap %.2f: elastic %lld rows/layer (K+V) %.1f MB in %.3f ms (%.1f GB/s) vs full "
+                "%.1f MB in %.3f ms: %.2fx less time\n",
+                static_cast<long long>(row_bytes), plan->overlap_ratio(),
+                static_cast<long long>(2 * plan->copies.head_rows), bytes / 1e6, t * 1e3, bytes / t / 1e9,
+                full_bytes / 1e6, t_full * 1e3, t_full / t);
+    CHECK_OK(ApplyElasticPlan(*plan, now, mm));
+    last = std::move(now);
+  }
+  cudaFree(dst);
+  cudaStreamDestroy(st);
+}
+
+// Decode-side kernels at the paper's shape (Llama-3.1-8B: 32 query heads, 8 KV heads, head_dim 128, B = 2048):
+// SparseAttention of one resident layer and CudaSelectTopB (fused score + top-k, incl. the copy of the sets to
+// the host), for R requests at context S. Mean of --reps after a warm-up.
+void RunDecodeKernels(int reps) {
+  auto made = MakeCudaBackend({});
+  CHECK_OK(made.status());
+  Backend& b = **made;
+  constexpr int kHeads = 32, kHd = 128;
+  for (int ctx : {8192, 32768}) {
+    for (int r : {1, 8, 32}) {
+      std::mt19937 rng(r * 7 + ctx);
+      std::vector<SequenceKv> kv(r);
+      BatchDesc batch;
+      std::vector<SelectionQuery> sel;
+      for (int i = 0; i < r; ++i) {
+        kv[i].capacity = ctx;
+        for (auto* v : {&kv[i].k, &kv[i].v}) {
+          auto t = b.Alloc(DType::kBF16, {kKv, ctx, kHd}, MemoryKind::kKvCache);
+          CHECK_OK(t.status());
+          CHECK_OK(b.Zero(&*t));
+          v->push_back(*t);
+        }
+        batch.seqs.push_back({i, 1, ctx - 1});
+        batch.kv.push_back(&kv[i]);
+        auto q = b.Alloc(DType::kBF16, {kHeads, kHd}, MemoryKind::kRetrieval);
+        CHECK_OK(q.status());
+        CHECK_OK(b.Zero(&*q));
+        sel.push_back({*q, kv[i].k[0], ctx - 1, 0});
+      }
+      batch.n_tokens = r;
+      CHECK_OK(b.PrepareBatch(batch));
+      IndexSets sets;
+      sets.Reset(r, kKv, kKv, kBudget);
+      for (int i = 0; i < r; ++i) {
+        sets.seq_len[i] = ctx - 1;
+        for (int h = 0; h < kKv; ++h) {
+          IndexSets one = Sets(ctx - 1, rng, nullptr, 0);
+          auto p = one.SetPositions(0);
+          sets.indices.insert(sets.indices.end(), p.begin(), p.end());
+          sets.indptr.push_back(static_cast<int32_t>(sets.indices.size()));
+        }
+      }
+      CHECK_OK(b.PrepareSparseDecode({&sets, {}}));
+      auto q = b.Alloc(DType::kBF16, {r, kHeads, kHd}, MemoryKind::kWorkspace);
+      auto kc = b.Alloc(DType::kBF16, {r, kKv, kHd}, MemoryKind::kWorkspace);
+      auto out = b.Alloc(DType::kBF16, {r, kHeads, kHd}, MemoryKind::kWorkspace);
+      CHECK_OK(b.Zero(&*q));
+      CHECK_OK(b.Zero(&*kc));
+      CHECK_OK(b.SparseAttention(0, *q, *kc, *kc, 0.088f, &*out));
+      CHECK_OK(b.Synchronize());
+      double t0 = Seconds();
+      for (int i = 0; i < reps; ++i) CHECK_OK(b.SparseAttention(0, *q, *kc, *kc, 0.088f, &*out));
+      CHECK_OK(b.Synchronize());
+      const double t_attn = (Seconds() - t0) / reps;
+      SelectionOptions opt;
+      opt.budget = kBudget;
+      SelectionResult res;
+      CHECK_OK(CudaSelectTopB(b, sel, opt, &res));
+      t0 = Seconds();
+      for (int i = 0; i < reps; ++i) CHECK_OK(CudaSelectTopB(b, sel, opt, &res));
+      const double t_sel = (Seconds() - t0) / reps;
+      const double attn_bytes = 2.0 * r * kKv * (kBudget + 1) * kHd * 2;
+      std::printf("decode R=%d S=%d B=%d: sparse attention (one layer) %.1f us (%.0f GB/s of gathered K/V) | "
+                  "selection (fused score + top-k over the K cache, sets to host) %.1f us\n",
+                  r, ctx, kBudget, t_attn * 1e6, attn_bytes / t_attn / 1e9, t_sel * 1e6);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace specontext
+
+int main(int argc, char** argv) {
+  int capacity = 16384, reps = 5;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--capacity") capacity = std::atoi(argv[i + 1]);
+    else if (a == "--reps") reps = std::atoi(argv[i + 1]);
+  }
+  if (specontext::CudaDeviceCount() == 0) {
+    std::fprintf(stderr, "no CUDA device\n");
+    return 1;
+  }
+  if (capacity <= specontext::kBudget) {
+    std::fprintf(stderr, "--capacity must exceed the budget %d\n", specontext::kBudget);
+    return 1;
+  }
+  for (int hd : {128, 256}) specontext::Run(hd, capacity, reps);
+  specontext::RunDecodeKernels(std::max(reps, 20));
+  return 0;
+}
