@@ -42,6 +42,15 @@ void EngineLoop::UpdateGauges() {
   metrics_->running->Set(engine_->running());
   // The backend is used by one thread at a time: this one.
   metrics_->UpdateMemory(backend_->memory_report());
+  if (engine_->sparse()) {
+    const RetrievalPathStats r = RetrievalStatsNow();
+    metrics_->sparse.Update(engine_->sparse_stats(), r);
+    // Fallbacks and reconnects have their own families (spc_retrieval_fallback_steps_total, ...).
+    const double fb = static_cast<double>(r.fallback_steps) - metrics_->retriever_fallback_steps->Value();
+    if (fb > 0) metrics_->retriever_fallback_steps->Increment(fb);
+    const double rc = static_cast<double>(r.reconnects) - metrics_->retriever_reconnects->Value();
+    if (rc > 0) metrics_->retriever_reconnects->Increment(rc);
+  }
 }
 
 void EngineLoop::Run() {

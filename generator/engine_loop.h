@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <thread>
 
 #include "absl/status/statusor.h"
@@ -34,6 +35,16 @@ class EngineLoop {
   /// Any thread: no request queued or running.
   bool Idle() const { return !engine_->HasWork(); }
 
+  /// Split mode: where the retrieval-path counters (remote steps, fallbacks, reconnects) come from.
+  /// Set before Start(); `source` must be safe to call from any thread.
+  void SetRetrievalStats(std::function<RetrievalPathStats()> source) { retrieval_stats_ = std::move(source); }
+  /// Engine thread only (stream callbacks run there): the SpeContext counters now.
+  SparseEngineStats SparseStatsNow() const { return engine_->sparse_stats(); }
+  /// Any thread.
+  RetrievalPathStats RetrievalStatsNow() const {
+    return retrieval_stats_ ? retrieval_stats_() : RetrievalPathStats{};
+  }
+
  private:
   void Run();
   void UpdateGauges();
@@ -41,6 +52,7 @@ class EngineLoop {
   Engine* engine_;
   Backend* backend_;
   GeneratorMetrics* metrics_;
+  std::function<RetrievalPathStats()> retrieval_stats_;
   mutable absl::Mutex mu_;
   bool wake_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;

@@ -16,11 +16,11 @@
 #include "core/log.h"
 #include "core/metrics/metrics_server.h"
 #include "core/runtime/runtime.h"
-#include "core/sparse/retrieval_head.h"
 #include "core/status_macros.h"
 #include "generator/engine_loop.h"
 #include "generator/generator_service.h"
 #include "generator/server_common.h"
+#include "generator/sparse_setup.h"
 
 namespace specontext::generator {
 namespace {
@@ -32,9 +32,18 @@ void DefineFlags(Args& a) {
   a.Define({"metrics-port", "port of the Prometheus /metrics server (0 picks a free one)", false, false, "9464"});
   a.Define({"metrics-host", "address the /metrics server binds", false, false, "0.0.0.0"});
   a.Define({"retriever", "none, inproc or HOST:PORT of a specontext-retriever", false, false, "none"});
-  a.Define({"retrieval-head", "retrieval head for --retriever inproc", false, false, ""});
-  a.Define({"budget", "default sparse budget (tokens per KV head per step); 0 = dense", false, false, "0"});
-  a.Define({"kvstore", "name of the shared-memory KV store segment", false, false, ""});
+  a.Define({"retrieval-head", "retrieval head directory (specontext prune): turns on sparse decoding", false, false,
+            ""});
+  a.Define({"budget", "default sparse budget (past tokens per KV head per step); 0 = dense unless a request sets one",
+            false, false, "0"});
+  a.Define({"sink", "first tokens always attended in sparse mode", false, false, "1"});
+  a.Define({"selection", "head (one set per KV head) or batch (one set per sequence)", false, false, "head"});
+  a.Define({"retriever-deadline-ms", "split mode: longest wait for a step's index sets before falling back",
+            false, false, "200"});
+
+  a.Define({"kvstore", "name of the shared-memory KV store segment (created or attached)", false, false, ""});
+  a.Define({"kvstore-blocks", "blocks of the segment when this process creates it", false, false, "4096"});
+  a.Define({"kvstore-block-bytes", "bytes per block when this process creates it", false, false, "64KiB"});
   a.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   a.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
   a.Define({"threads", "CPU threads of the backend (0 = all cores)", false, false, "0"});
@@ -94,33 +103,42 @@ absl::Status Run(const Args& args) {
   ASSIGN_OR_RETURN(int64_t drain_timeout_s, args.GetInt("drain-timeout-s"));
   ASSIGN_OR_RETURN(int64_t metrics_port, args.GetInt("metrics-port"));
 
-  // The sparse path: the engine runs dense until the retrieval path is wired into it; the flags are
-  // accepted so deployments keep one command line, and the fallback is what gets counted.
+  // Where index sets come from (generator/sparse_setup.h reads the rest of the sparse flags).
   so.retriever = args.GetString("retriever");
   if (so.retriever != "none" && so.retriever != "inproc" &&
       std::vector<std::string>(absl::StrSplit(so.retriever, ':')).size() < 2) {
     return absl::InvalidArgumentError("--retriever must be none, inproc or HOST:PORT");
-  }
-  if (so.retriever == "inproc" && args.GetString("retrieval-head").empty()) {
-    SPC_LOG(WARNING) << "--retriever inproc without --retrieval-head: decoding stays dense";
   }
 
   TlsOptions tls{args.GetString("tls-cert"), args.GetString("tls-key"), args.GetString("tls-client-ca")};
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, MakeServerCredentials(tls));
 
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
-  // In-process retriever: load the head now so a head that does not fit the model fails at startup.
-  std::unique_ptr<RetrievalHead> head;
-  if (so.retriever == "inproc" && args.Has("retrieval-head") && !args.GetString("retrieval-head").empty()) {
-    ASSIGN_OR_RETURN(head, RetrievalHead::Load(args.GetString("retrieval-head"), rt.checkpoint.config,
-                                               rt.checkpoint.weights.get()));
-    SPC_LOG(INFO) << "retrieval head loaded" << Kv("parameters", head->parameter_count())
-                  << Kv("kv_heads", head->n_kv_heads());
-  }
   metrics::Registry registry;
   ASSIGN_OR_RETURN(GeneratorMetrics gm, RegisterGeneratorMetrics(&registry));
+  // Sparse decoding: the head is loaded now so one that does not fit the model fails at startup.
+  ASSIGN_OR_RETURN(SparseSetup sparse, SetUpSparse(args, rt, so.retriever, &gm));
+  so.sparse_engine = sparse.hooks != nullptr;
+  eo.sparse = sparse.hooks;
+  std::unique_ptr<KvStoreTracker> kvstore;
+  if (!args.GetString("kvstore").empty()) {
+    KvStoreTrackerOptions ko;
+    ko.name = args.GetString("kvstore");
+    ASSIGN_OR_RETURN(int64_t blocks, args.GetInt("kvstore-blocks"));
+    ASSIGN_OR_RETURN(int64_t block_bytes, args.GetBytes("kvstore-block-bytes"));
+    if (blocks < 1 || block_bytes < 64 || block_bytes % 64 != 0) {
+      return absl::InvalidArgumentError("--kvstore-blocks must be >= 1 and --kvstore-block-bytes a multiple of 64");
+    }
+    ko.blocks = static_cast<uint64_t>(blocks);
+    ko.block_bytes = static_cast<uint64_t>(block_bytes);
+    ko.ends_per_request = eo.sparse != nullptr ? 2 : 1;  // sparse: KvStoreHooks::Release ends it too
+    ASSIGN_OR_RETURN(kvstore, KvStoreTracker::Create(ko, &registry));
+    so.kvstore = kvstore.get();
+    if (eo.sparse != nullptr) eo.sparse = std::make_shared<KvStoreHooks>(eo.sparse, kvstore.get());
+  }
   Engine engine(rt.model.get(), rt.tokenizer.get(), eo);
   EngineLoop loop(&engine, rt.backend.get(), &gm);
+  if (sparse.path_stats) loop.SetRetrievalStats(sparse.path_stats);
   GeneratorService service(&rt, &loop, &gm, so);
 
   EnableStandardServices();

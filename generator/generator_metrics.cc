@@ -90,6 +90,7 @@ absl::StatusOr<GeneratorMetrics> RegisterGeneratorMetrics(metrics::Registry* r) 
                                                 "Live backend memory by kind.", {"kind"}));
   ASSIGN_OR_RETURN(m.device_memory_peak, gauge("spc_device_memory_peak_bytes", "Peak live backend memory."));
   ASSIGN_OR_RETURN(m.host_rss, gauge("spc_host_resident_memory_bytes", "Resident host memory of the process."));
+  ASSIGN_OR_RETURN(m.sparse, RegisterSparseMetrics(r));
   return m;
 }
 

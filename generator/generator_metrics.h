@@ -6,6 +6,7 @@
 #include "absl/status/statusor.h"
 #include "core/backend.h"
 #include "core/metrics/metrics.h"
+#include "generator/sparse_metrics.h"
 
 namespace specontext::generator {
 
@@ -29,6 +30,7 @@ struct GeneratorMetrics {
   metrics::GaugeFamily* device_memory = nullptr;  // spc_device_memory_bytes{kind}
   metrics::Gauge* device_memory_peak = nullptr;
   metrics::Gauge* host_rss = nullptr;
+  SparseMetrics sparse;  // SpeContext counters (zeros while dense)
 
   /// Counts one finished call under its gRPC status code name ("OK", "INVALID_ARGUMENT", ...).
   void CountRequest(const std::string& code);

@@ -1,5 +1,6 @@
 #include "generator/generator_service.h"
 
+#include <algorithm>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
@@ -59,9 +60,27 @@ grpc::Status GeneratorService::Serve(grpc::ServerContext* context, const v1::Gen
 
   // Shared with the engine's callback, which may outlive this frame only until the final event.
   auto channel = std::make_shared<EventChannel>(options_.channel_capacity);
-  absl::StatusOr<uint64_t> id =
-      loop_->Submit(std::move(prepared->engine), [channel](const StreamEvent& ev) { channel->Push(ev); });
+  // The engine's SpeContext counters are read on the engine thread when the request finishes; the
+  // channel's lock orders that write before the handler reads it after popping the final event.
+  struct FinalStats {
+    SparseEngineStats engine;
+    RetrievalPathStats path;
+  };
+  auto final_stats = std::make_shared<FinalStats>();
+  EngineLoop* loop = loop_;
+  const int64_t fallback_at_submit = loop_->RetrievalStatsNow().fallback_steps;  // thread-safe source
+  absl::StatusOr<uint64_t> id = loop_->Submit(std::move(prepared->engine),
+                                              [channel, final_stats, loop](const StreamEvent& ev) {
+                                                if (ev.done) {
+                                                  final_stats->engine = loop->SparseStatsNow();
+                                                  final_stats->path = loop->RetrievalStatsNow();
+                                                }
+                                                channel->Push(ev);
+                                              });
   if (!id.ok()) return ToGrpcStatus(id.status());
+  KvStoreTracker* kv = options_.kvstore;
+  if (kv != nullptr) kv->Begin(*id, static_cast<uint64_t>(prompt_tokens));
+  int64_t generated = 0;
 
   bool cancel_sent = false;
   bool write_failed = false;
@@ -85,6 +104,8 @@ grpc::Status GeneratorService::Serve(grpc::ServerContext* context, const v1::Gen
       metrics_->ttft->Observe(absl::ToDoubleSeconds(first_token - arrival));
     }
     metrics_->tokens_generated->Increment(static_cast<double>(batch.tokens.size()));
+    generated += static_cast<int64_t>(batch.tokens.size());
+    if (kv != nullptr && !batch.tokens.empty()) kv->SetTokens(*id, static_cast<uint64_t>(prompt_tokens + generated));
     if (cancel_sent) {
       if (batch.done) break;
       continue;  // wait for the engine to confirm; nothing more goes to the client
@@ -112,13 +133,21 @@ grpc::Status GeneratorService::Serve(grpc::ServerContext* context, const v1::Gen
         metrics_->tpot->Observe(s.decode_ms / 1e3 / (s.generated_tokens - 1));
       }
       v1::SparsityStats* sp = response.mutable_sparsity();
-      // The engine runs dense until the sparse path is wired in; report what actually happened.
-      sp->set_sparse(false);
-      sp->set_budget(prepared->sparse ? prepared->budget : 0);
+      const bool sparse = prepared->sparse && options_.sparse_engine;
+      sp->set_sparse(sparse);
+      sp->set_budget(sparse ? prepared->budget : 0);
+      if (options_.sparse_engine) FillSparsityStats(final_stats->engine, final_stats->path, sp);
+      // Decode steps of this request (the first token comes from the prompt's forward).
+      const int64_t decode_steps = sparse ? std::max(0, s.generated_tokens - 1) : 0;
+      const int64_t fallback = std::min<int64_t>(decode_steps, final_stats->path.fallback_steps -
+                                                                    fallback_at_submit);
+      sp->set_fallback_steps(std::max<int64_t>(0, fallback));
+      sp->set_retrieval_steps(decode_steps - sp->fallback_steps());
     }
     if (!writer->Write(response)) write_failed = true;
     if (batch.done) break;
   }
+  if (kv != nullptr) kv->End(*id);
   metrics_->prompt_tokens->Increment(prompt_tokens);
   metrics_->merged_events->Increment(static_cast<double>(channel->merged()));
   if (batch.reason == FinishReason::kError) return ToGrpcStatus(batch.status);

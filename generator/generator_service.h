@@ -10,6 +10,7 @@
 #include "core/runtime/runtime.h"
 #include "generator/engine_loop.h"
 #include "generator/generator_metrics.h"
+#include "generator/kvstore_tracker.h"
 #include "generator/request_builder.h"
 #include "proto/specontext.grpc.pb.h"
 
@@ -20,6 +21,8 @@ struct ServiceOptions {
   size_t channel_capacity = 64;  // pending response messages per call before events are merged
   std::string model_path;
   std::string retriever = "none";
+  bool sparse_engine = false;
+  KvStoreTracker* kvstore = nullptr;  // --kvstore: per-request table entries (may be null)  // the engine runs with SparseDecodeHooks (--retriever inproc|HOST:PORT + head)
   int32_t max_batch = 0;
   int32_t max_queue = 0;
 };

@@ -129,6 +129,9 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& req, c
   g.stop_strings.assign(req.stop().begin(), req.stop().end());
   g.stop_token_ids.assign(req.stop_token_ids().begin(), req.stop_token_ids().end());
   g.ignore_eos = req.ignore_eos();
+  // Only read by an engine in sparse mode: a request without a budget (and no --budget) stays dense.
+  g.dense = !out.sparse;
+  g.budget = out.sparse ? static_cast<int32_t>(out.budget) : 0;
   if (!g.stop_strings.empty() && rt.tokenizer == nullptr) {
     return absl::InvalidArgumentError("stop strings need a tokenizer: start the server with --tokenizer");
   }

@@ -77,7 +77,7 @@ grpc::Status RetrieverService::Session(grpc::ServerContext* context,
       const absl::Time t0 = absl::Now();
       absl::StatusOr<SelectionResult> sel =
           session.Select({req.select().sequence_ids().begin(), req.select().sequence_ids().end()},
-                         req.select().budget());
+                         req.select().budget(), req.select().has_sink() ? req.select().sink() : 1);
       if (sel.ok()) {
         ToProto(*sel, req.select().step(), resp.mutable_selection());
         reply = true;

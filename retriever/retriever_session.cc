@@ -88,11 +88,15 @@ absl::Status RetrieverSession::Observe(uint64_t id, const std::vector<int32_t>& 
   return absl::OkStatus();
 }
 
-absl::StatusOr<SelectionResult> RetrieverSession::Select(const std::vector<uint64_t>& ids, int32_t budget) {
+absl::StatusOr<SelectionResult> RetrieverSession::Select(const std::vector<uint64_t>& ids, int32_t budget,
+                                                         int32_t sink) {
   if (ids.empty()) return absl::InvalidArgumentError("select: no sequence ids");
   if (budget < 1 || budget > limits_.max_budget) {
     return absl::InvalidArgumentError(absl::StrCat("select: budget must be in [1, ", limits_.max_budget, "], got ",
                                                    budget));
+  }
+  if (sink < 0 || sink > budget) {
+    return absl::InvalidArgumentError(absl::StrCat("select: sink must be in [0, budget=", budget, "], got ", sink));
   }
   std::vector<SelectionQuery> batch;
   batch.reserve(ids.size());
@@ -112,6 +116,7 @@ absl::StatusOr<SelectionResult> RetrieverSession::Select(const std::vector<uint6
   }
   SelectionOptions options;
   options.budget = budget;
+  options.sink = sink;
   return SelectTopB(batch, options);
 }
 

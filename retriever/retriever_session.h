@@ -46,8 +46,9 @@ class RetrieverSession {
   /// `fused`: [n, head.fused_width()] f32 for EAGLE-3 heads, empty otherwise.
   absl::Status Observe(uint64_t sequence_id, const std::vector<int32_t>& ids, const std::vector<float>& fused);
   /// Index sets of the batch, in order: the last observed token's query scored against the past
-  /// (every earlier position). NotFound for an unknown id, FailedPrecondition before any Observe.
-  absl::StatusOr<SelectionResult> Select(const std::vector<uint64_t>& sequence_ids, int32_t budget);
+  /// (every earlier position); `sink` first positions always kept. NotFound for an unknown id, FailedPrecondition before any Observe.
+  absl::StatusOr<SelectionResult> Select(const std::vector<uint64_t>& sequence_ids, int32_t budget,
+                                         int32_t sink = 1);
   /// Frees the sequence (unknown ids: NotFound).
   absl::Status Close(uint64_t sequence_id);
 

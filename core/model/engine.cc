@@ -297,6 +297,9 @@ absl::Status Engine::Step() {
   for (size_t i = 0; i < included.size(); ++i) {
     Sequence& s = *included[i];
     s.n_cached += taken[i];
+    if (options_.prefill_progress && s.stats.generated_tokens == 0) {
+      options_.prefill_progress(s.id, std::min(s.n_cached, s.prompt_len), s.prompt_len);
+    }
     if (s.n_cached < static_cast<int32_t>(s.tokens.size())) continue;  // prompt not finished yet
     const int32_t token =
         s.sampler.Sample(std::span<const float>(logits.as<float>() + i * vocab, static_cast<size_t>(vocab)));

@@ -72,6 +72,8 @@ struct EngineOptions {
   // SpeContext sparse decoding (retrieval head, KV tiers, elastic loading, memory planner); null = dense.
   // Must be built for the same model; shared so the caller can keep a handle (stats, test hooks).
   std::shared_ptr<SparseDecodeHooks> sparse;
+  // Called on the engine thread after each prompt chunk of a request: prompt tokens done, prompt size.
+  std::function<void(uint64_t id, int32_t done, int32_t total)> prefill_progress;
 };
 
 class Engine {

@@ -68,6 +68,16 @@ TEST_F(EngineFixture, ConcurrentRequestsEqualSingleRuns) {
   }
 }
 
+TEST_F(EngineFixture, ReportsPrefillProgressPerChunk) {
+  EngineOptions opts;
+  opts.max_tokens_per_step = 4;
+  std::vector<std::pair<int32_t, int32_t>> seen;
+  opts.prefill_progress = [&](uint64_t, int32_t done, int32_t total) { seen.emplace_back(done, total); };
+  Engine e(model.get(), nullptr, opts);
+  ASSERT_TRUE(e.Generate(Request(std::vector<int32_t>(10, 3), 3)).ok());
+  EXPECT_EQ(seen, (std::vector<std::pair<int32_t, int32_t>>{{4, 10}, {8, 10}, {10, 10}}));
+}
+
 TEST_F(EngineFixture, StopTokenAndCancel) {
   Engine e(model.get(), nullptr, EngineOptions{});
   const auto free_run = e.Generate(Request({1, 2, 3}, 8)).value().tokens;

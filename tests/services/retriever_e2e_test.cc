@@ -213,9 +213,9 @@ TEST(RetrieverSessionInProcess, ClosingAndDestroyingFreeEverything) {
 namespace specontext::testing {
 namespace {
 
-// `--retriever inproc` loads the head into the generator at startup: a fitting head serves (decoding
-// stays dense until the engine takes index sets, so output equals the engine CLI's); a head made for
-// another model is refused with a message naming the mismatch.
+// `--retriever inproc` loads the head into the generator at startup: a fitting head serves (with no
+// --budget, requests that name no budget run dense, so output equals the engine CLI's dense output); a
+// head made for another model is refused with a message naming the mismatch.
 TEST(GeneratorInprocRetriever, LoadsAFittingHeadAndRefusesAMismatchedOne) {
   const std::string dir = ModelDir();
   if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";

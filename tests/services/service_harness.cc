@@ -35,14 +35,16 @@ ServerProcess::~ServerProcess() {
   if (!dir_.empty()) std::filesystem::remove_all(dir_);
 }
 
-absl::Status ServerProcess::Start(const std::string& binary, std::vector<std::string> args, double timeout_s) {
+absl::Status ServerProcess::Start(const std::string& binary, std::vector<std::string> args, double timeout_s,
+                                  const std::string& listen) {
   char tmpl[] = "/tmp/spc_service_test_XXXXXX";
   if (mkdtemp(tmpl) == nullptr) return absl::InternalError("mkdtemp failed");
   dir_ = tmpl;
   const std::string port_file = dir_ + "/ports";
   log_path_ = dir_ + "/server.log";
   args.insert(args.begin(), binary);
-  for (const char* a : {"--listen", "127.0.0.1:0", "--metrics-port", "0", "--metrics-host", "127.0.0.1"}) {
+  for (const std::string& a : {std::string("--listen"), listen, std::string("--metrics-port"), std::string("0"),
+                               std::string("--metrics-host"), std::string("127.0.0.1")}) {
     args.push_back(a);
   }
   args.push_back("--port-file");

@@ -21,7 +21,11 @@ class ServerProcess {
  public:
   ~ServerProcess();
   /// Starts `binary` with `args` (plus the listen/port-file flags) and waits until it serves.
-  absl::Status Start(const std::string& binary, std::vector<std::string> args, double timeout_s = 60);
+  /// `listen` is the gRPC address (a fixed port lets a restarted server take its predecessor's place).
+  absl::Status Start(const std::string& binary, std::vector<std::string> args, double timeout_s = 60,
+                     const std::string& listen = "127.0.0.1:0");
+  /// The child's pid (-1 when none).
+  pid_t pid() const { return pid_; }
   /// Sends `sig`; WaitExit() returns the exit code (or 128 + signal).
   void Signal(int sig);
   absl::StatusOr<int> WaitExit(double timeout_s);

@@ -122,6 +122,16 @@ absl::Status RunGenerate(const Args& args) {
     std::fprintf(stderr, "[usage] prompt_tokens=%d generated_tokens=%d ttft_ms=%.1f tokens_per_s=%.2f finish=%s\n",
                  u.prompt_tokens(), u.generated_tokens(), u.time_to_first_token_ms(), u.tokens_per_second(),
                  v1::FinishReason_Name(last.finish_reason()).c_str());
+    const v1::SparsityStats& sp = last.sparsity();
+    if (sp.sparse()) {
+      std::fprintf(stderr,
+                   "[sparsity] budget=%lld retrieval_steps=%lld fallback_steps=%lld overlap=%.3f "
+                   "kv_bytes_loaded=%lld full_reload_bytes=%lld offloaded_layers=%d captured_mass=%.3f\n",
+                   static_cast<long long>(sp.budget()), static_cast<long long>(sp.retrieval_steps()),
+                   static_cast<long long>(sp.fallback_steps()), sp.elastic_overlap_ratio(),
+                   static_cast<long long>(sp.kv_bytes_loaded()), static_cast<long long>(sp.full_reload_bytes()),
+                   sp.offloaded_layers(), sp.captured_attention_mass());
+    }
   }
   return absl::OkStatus();
 }

@@ -109,6 +109,12 @@ absl::Status RunGenerate(const Args& args) {
   }
   SparseRuntime srt;
   EngineOptions eo;
+  // Long prompts take a while to prefill: show how far it got (stderr, every chunk).
+  eo.prefill_progress = [](uint64_t, int32_t done, int32_t total) {
+    if (total < 4096) return;
+    std::fprintf(stderr, "prefill: %d / %d tokens%s", done, total, done == total ? "\n" : "\r");
+    std::fflush(stderr);
+  };
   if (sparse) {
     ASSIGN_OR_RETURN(srt, MakeSparseRuntime(rt, so));
     eo.sparse = srt.decoder;

@@ -1,0 +1,278 @@
+#include "generator/remote_sparse_decoder.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "core/log.h"
+#include "core/model/kv_tiers.h"
+#include "core/status_macros.h"
+#include "generator/remote_sparse_stream.h"
+
+namespace specontext::generator {
+
+RemoteSparseDecoder::RemoteSparseDecoder(Transformer* model, RemoteSparseOptions options)
+    : model_(model), options_(std::move(options)) {}
+
+absl::StatusOr<std::shared_ptr<RemoteSparseDecoder>> RemoteSparseDecoder::Create(Transformer* model,
+                                                                                 RemoteSparseOptions options) {
+  if (model == nullptr) return absl::InvalidArgumentError("remote sparse decoding needs a model");
+  const int64_t context = model->config().max_position_embeddings;
+  if (options.budget < 1 || options.budget > context) {
+    return absl::InvalidArgumentError(absl::StrCat("--budget must be in [1, ", context, "], got ", options.budget));
+  }
+  if (options.sink < 0 || options.sink > options.budget) {
+    return absl::InvalidArgumentError(absl::StrCat("--sink must be in [0, --budget], got ", options.sink));
+  }
+  std::shared_ptr<RemoteSparseDecoder> d(new RemoteSparseDecoder(model, std::move(options)));
+  d->gpu_layers_ = static_cast<int32_t>(model->config().num_hidden_layers);
+  d->reload_pending_.assign(model->config().num_hidden_layers, false);
+  RETURN_IF_ERROR(d->MakePlanner());
+  d->connector_ = std::thread([raw = d.get()] { raw->ConnectLoop(); });
+  return d;
+}
+
+RemoteSparseDecoder::~RemoteSparseDecoder() {
+  std::shared_ptr<Stream> s;
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+    s = stream_;
+  }
+  if (s != nullptr) s->context.TryCancel();  // unblocks its reader
+  if (connector_.joinable()) connector_.join();
+  {
+    absl::MutexLock lock(&mu_);
+    s = std::move(stream_);
+  }
+  if (s != nullptr) {
+    s->context.TryCancel();
+    if (s->reader.joinable()) s->reader.join();
+  }
+}
+
+absl::StatusOr<std::unique_ptr<SequenceKv>> RemoteSparseDecoder::AllocateKv(uint64_t id, int32_t capacity,
+                                                                            int32_t budget) {
+  budget = std::max(1, std::min(budget, capacity));
+  ASSIGN_OR_RETURN(std::unique_ptr<SequenceKv> kv,
+                   AllocateTieredKv(*model_->backend(), model_->config(), capacity, gpu_layers_, budget));
+  Seq& seq = seqs_[id];
+  seq = Seq{};
+  seq.kv = kv.get();
+  seq.capacity = capacity;
+  seq.budget = budget;
+  seq.map = std::make_unique<SlotMap>(static_cast<int32_t>(model_->config().num_key_value_heads), budget);
+  if (std::shared_ptr<Stream> s = Usable(); s != nullptr && seq.session != s->generation) {
+    v1::RetrieverRequest open;
+    open.mutable_open()->set_sequence_id(id);
+    open.mutable_open()->set_max_tokens(capacity);
+    if (Send(*s, open)) {
+      seq.session = s->generation;
+    } else {
+      MarkBroken(s);
+    }
+  }
+  return kv;
+}
+
+void RemoteSparseDecoder::Release(uint64_t id) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return;
+  const uint64_t session = it->second.session;
+  seqs_.erase(it);
+  std::shared_ptr<Stream> s;
+  {
+    absl::MutexLock lock(&mu_);
+    s = stream_;
+  }
+  if (s != nullptr && session == s->generation) {
+    v1::RetrieverRequest close;
+    close.mutable_close()->set_sequence_id(id);
+    if (!Send(*s, close)) MarkBroken(s);
+  }
+}
+
+namespace {
+
+// The proto's index sets (one Select's answer) into core/sparse's struct, validated.
+absl::StatusOr<IndexSets> FromProto(const v1::IndexSets& p) {
+  IndexSets s;
+  s.n_seqs = p.n_seqs();
+  s.n_kv_heads = p.n_kv_heads();
+  s.sets_per_seq = p.sets_per_seq();
+  s.budget = p.budget();
+  s.seq_len.assign(p.seq_len().begin(), p.seq_len().end());
+  s.indptr.assign(p.indptr().begin(), p.indptr().end());
+  s.indices.assign(p.indices().begin(), p.indices().end());
+  RETURN_IF_ERROR(ValidateIndexSets(s));
+  return s;
+}
+
+}  // namespace
+
+std::optional<IndexSets> RemoteSparseDecoder::SelectRemote(std::span<Seq* const> seqs,
+                                                           std::span<const uint64_t> ids) {
+  std::shared_ptr<Stream> s = Usable();
+  if (s == nullptr) return std::nullopt;
+  const absl::Time t0 = absl::Now();
+  const absl::Time deadline = t0 + options_.step_deadline;
+  // One Select per distinct budget (the service takes one budget per Select); merged in batch order.
+  std::vector<int32_t> budgets;
+  for (Seq* q : seqs) budgets.push_back(q->budget);
+  std::sort(budgets.begin(), budgets.end());
+  budgets.erase(std::unique(budgets.begin(), budgets.end()), budgets.end());
+  absl::flat_hash_map<uint64_t, std::pair<const IndexSets*, int32_t>> where;  // id -> (answer, row)
+  std::vector<IndexSets> answers(budgets.size());
+  for (size_t g = 0; g < budgets.size(); ++g) {
+    v1::RetrieverRequest req;
+    v1::Select* sel = req.mutable_select();
+    std::vector<uint64_t> group;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if (seqs[i]->budget == budgets[g]) group.push_back(ids[i]);
+    }
+    sel->mutable_sequence_ids()->Add(group.begin(), group.end());
+    sel->set_budget(budgets[g]);
+    sel->set_sink(std::min(options_.sink, budgets[g]));
+    const uint64_t step = ++step_;
+    sel->set_step(step);
+    if (!Send(*s, req)) {
+      MarkBroken(s);
+      return std::nullopt;
+    }
+    // Wait for this step's answer; answers of earlier (abandoned) steps are dropped.
+    std::optional<v1::RetrieverResponse> got;
+    {
+      absl::MutexLock lock(&s->mu);
+      while (!got.has_value()) {
+        while (!s->inbox.empty()) {
+          v1::RetrieverResponse r = std::move(s->inbox.front());
+          s->inbox.pop_front();
+          if (r.has_selection() && r.selection().step() == step) {
+            got = std::move(r);
+            break;
+          }
+          if (r.has_error()) {
+            SPC_LOG(WARNING) << "retriever error" << Kv("sequence", r.error().sequence_id())
+                             << Kv("message", r.error().message());
+          }
+        }
+        if (got.has_value() || s->broken) break;
+        auto ready = [&s] { return !s->inbox.empty() || s->broken; };
+        if (!s->mu.AwaitWithDeadline(absl::Condition(&ready), deadline)) break;
+      }
+    }
+    if (!got.has_value()) return std::nullopt;  // late or down: this step falls back
+    if (got->has_error()) {
+      SPC_LOG(WARNING) << "retriever select failed" << Kv("message", got->error().message());
+      s->resynced = false;  // the session may have lost sequences: re-open them next step
+      return std::nullopt;
+    }
+    absl::StatusOr<IndexSets> sets = FromProto(got->selection().sets());
+    if (!sets.ok() || sets->n_seqs != static_cast<int32_t>(group.size())) {
+      SPC_LOG(WARNING) << "retriever sent malformed index sets" << Kv("status", sets.status().ToString());
+      return std::nullopt;
+    }
+    double mass = 0;
+    for (float m : got->selection().attention_mass()) mass += m;
+    if (got->selection().attention_mass_size() > 0) last_mass_ = mass / got->selection().attention_mass_size();
+    answers[g] = *std::move(sets);
+    for (size_t r = 0; r < group.size(); ++r) where[group[r]] = {&answers[g], static_cast<int32_t>(r)};
+  }
+  if (options_.retrieval_latency != nullptr) {
+    options_.retrieval_latency->Observe(absl::ToDoubleSeconds(absl::Now() - t0));
+  }
+  if (answers.size() == 1) return std::move(answers[0]);
+  IndexSets merged;
+  merged.n_seqs = static_cast<int32_t>(ids.size());
+  merged.n_kv_heads = answers[0].n_kv_heads;
+  merged.sets_per_seq = answers[0].sets_per_seq;
+  merged.indptr.push_back(0);
+  for (const IndexSets& a : answers) merged.budget = std::max(merged.budget, a.budget);
+  for (uint64_t id : ids) {
+    const auto [a, row] = where[id];
+    merged.seq_len.push_back(a->seq_len[row]);
+    for (int32_t h = 0; h < a->sets_per_seq; ++h) {
+      const int32_t set = row * a->sets_per_seq + h;
+      merged.indices.insert(merged.indices.end(), a->indices.begin() + a->indptr[set],
+                            a->indices.begin() + a->indptr[set + 1]);
+      merged.indptr.push_back(static_cast<int32_t>(merged.indices.size()));
+    }
+  }
+  return merged;
+}
+
+absl::Status RemoteSparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps,
+                                          Tensor* logits) {
+  if (fwd.size() != steps.size()) return absl::InvalidArgumentError("sparse forward: one SparseStepSeq per sequence");
+  RETURN_IF_ERROR(PlanLayers(fwd));
+  const int64_t vocab = model_->config().vocab_size;
+  // As SparseDecoder: prompt chunks and decode tokens run as two forwards (uniform attention per forward).
+  for (int pass = 0; pass < 2; ++pass) {
+    std::vector<ForwardSeq> part;
+    std::vector<Seq*> seqs;
+    std::vector<uint64_t> ids;
+    std::vector<size_t> rows;
+    for (size_t i = 0; i < fwd.size(); ++i) {
+      const bool decode = fwd[i].tokens.size() == 1 && fwd[i].past_len > 0;
+      if (decode != (pass == 1)) continue;
+      auto it = seqs_.find(steps[i].id);
+      if (it == seqs_.end() || it->second.kv != fwd[i].kv) {
+        return absl::FailedPreconditionError(absl::StrCat("sparse forward: sequence ", steps[i].id,
+                                                          " was not allocated by this decoder"));
+      }
+      part.push_back(fwd[i]);
+      seqs.push_back(&it->second);
+      ids.push_back(steps[i].id);
+      rows.push_back(i);
+    }
+    if (part.empty()) continue;
+    // Stream the new tokens to the retriever first (it computes their K while we run the forward).
+    std::shared_ptr<Stream> s = Usable();
+    for (size_t j = 0; j < part.size(); ++j) {
+      seqs[j]->tokens.insert(seqs[j]->tokens.end(), part[j].tokens.begin(), part[j].tokens.end());
+      if (s == nullptr) continue;
+      if (seqs[j]->session != s->generation) {
+        s->resynced = false;  // a sequence missed the session (admitted while it was down)
+        continue;
+      }
+      v1::RetrieverRequest obs;
+      obs.mutable_observe()->set_sequence_id(ids[j]);
+      obs.mutable_observe()->mutable_token_ids()->Add(part[j].tokens.begin(), part[j].tokens.end());
+      if (!Send(*s, obs)) {
+        MarkBroken(s);
+        s = nullptr;
+      }
+    }
+    Tensor out = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(part.size()), vocab});
+    if (pass == 0) {
+      RETURN_IF_ERROR(model_->Forward(part, /*all_tokens=*/false, &out, nullptr, nullptr));
+    } else {
+      RETURN_IF_ERROR(Decode(part, seqs, ids, &out));
+    }
+    for (size_t j = 0; j < part.size(); ++j) {
+      std::memcpy(logits->as<float>() + rows[j] * vocab, out.as<float>() + j * vocab, vocab * sizeof(float));
+    }
+  }
+  return absl::OkStatus();
+}
+
+SparseEngineStats RemoteSparseDecoder::stats() const {
+  SparseEngineStats s = stats_;
+  s.gpu_layers = gpu_layers_;
+  s.offloaded_layers = static_cast<int32_t>(model_->config().num_hidden_layers) - gpu_layers_;
+  s.host_kv_bytes = model_->backend()->host_memory_report().total;
+  s.device_bytes = model_->backend()->memory_report().total;
+  s.last_captured_mass = last_mass_;
+  return s;
+}
+
+RetrievalPathStats RemoteSparseDecoder::path_stats() const {
+  RetrievalPathStats r;
+  r.remote_steps = remote_steps_;
+  r.fallback_steps = fallback_steps_;
+  r.reconnects = reconnects_;
+  r.connected = connected_;
+  return r;
+}
+
+}  // namespace specontext::generator

@@ -1,0 +1,147 @@
+// RemoteSparseDecoder's KV tiers: the measured-mode memory planner and layer moves (as SparseDecoder
+// does them), and one decode forward with index sets from the retriever or, when they are missing, the
+// fallback (exact dense with every layer resident; sink + recent window with offloaded layers).
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "core/log.h"
+#include "core/model/kv_tiers.h"
+#include "core/status_macros.h"
+#include "generator/remote_sparse_decoder.h"
+
+namespace specontext::generator {
+namespace {
+
+// Per sequence and KV head: every past position when the past fits the budget, else the first `sink`
+// positions and the most recent budget - sink ones. The same layout SelectTopB produces (ascending CSR,
+// sets_per_seq = n_kv_heads).
+IndexSets WindowSets(std::span<const ForwardSeq> part, std::span<const int32_t> budgets, int32_t sink,
+                     int32_t n_kv) {
+  IndexSets s;
+  s.n_seqs = static_cast<int32_t>(part.size());
+  s.n_kv_heads = n_kv;
+  s.sets_per_seq = n_kv;
+  s.indptr.push_back(0);
+  for (size_t i = 0; i < part.size(); ++i) {
+    const int32_t past = part[i].past_len, b = budgets[i];
+    s.budget = std::max(s.budget, b);
+    s.seq_len.push_back(past);
+    const int32_t keep_first = past <= b ? past : std::min(sink, b);
+    const int32_t recent_from = past <= b ? past : past - (b - keep_first);
+    for (int32_t h = 0; h < n_kv; ++h) {
+      for (int32_t t = 0; t < keep_first; ++t) s.indices.push_back(t);
+      for (int32_t t = std::max(recent_from, keep_first); t < past; ++t) s.indices.push_back(t);
+      s.indptr.push_back(static_cast<int32_t>(s.indices.size()));
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
+absl::Status RemoteSparseDecoder::MakePlanner() {
+  const ModelConfig& c = model_->config();
+  Backend& b = *model_->backend();
+  const MemoryReport rep = b.memory_report();
+  const int64_t limit = options_.gpu_memory_limit > 0 ? options_.gpu_memory_limit : rep.limit;
+  if (limit <= 0) return absl::OkStatus();  // no device limit: every layer stays resident
+  MemoryPlannerConfig pc;
+  pc.mode = MemoryModelMode::kMeasured;
+  pc.n_layers = static_cast<int32_t>(c.num_hidden_layers);
+  pc.n_kv_heads = static_cast<int32_t>(c.num_key_value_heads);
+  pc.head_dim = static_cast<int32_t>(c.head_dim);
+  pc.alpha = static_cast<int32_t>(c.num_attention_heads / c.num_key_value_heads);
+  pc.kv_elem_bytes = static_cast<int32_t>(DTypeSize(b.compute_dtype()));
+  pc.budget = options_.budget;
+  pc.max_context = c.max_position_embeddings;
+  pc.gpu_memory_bytes = limit;
+  pc.measured.weights = rep.bytes[static_cast<size_t>(MemoryKind::kWeights)];
+  pc.measured.graph_pools = rep.bytes[static_cast<size_t>(MemoryKind::kGraphs)];
+  pc.measured.other = rep.total - pc.measured.weights - pc.measured.graph_pools;
+  // The same bound on one step's transient activations as SparseDecoder uses (a 512-token chunk plus f32
+  // logits of a 32-sequence batch), so both modes move layers at the same points.
+  pc.measured.workspace =
+      512 * (4 * c.hidden_size + 2 * c.intermediate_size + c.q_dim() + 2 * c.kv_dim()) * pc.kv_elem_bytes +
+      32 * c.vocab_size * 4;
+  auto planner = MemoryPlanner::Create(pc);
+  if (!planner.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("memory planner (device limit ", limit,
+                                                   " bytes): ", planner.status().message()));
+  }
+  planner_.emplace(*std::move(planner));
+  return absl::OkStatus();
+}
+
+absl::Status RemoteSparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd) {
+  if (!planner_.has_value() || seqs_.empty()) return absl::OkStatus();
+  int64_t total = 0;
+  for (const auto& [id, seq] : seqs_) total += static_cast<int64_t>(seq.tokens.size());
+  for (const ForwardSeq& f : fwd) total += static_cast<int64_t>(f.tokens.size());
+  ASSIGN_OR_RETURN(LayerMovePlan plan,
+                   planner_->PlanMoves(gpu_layers_, total, static_cast<int32_t>(seqs_.size())));
+  // From the last layer backward, so the resident first layers hide the later layers' loads.
+  for (int32_t l = gpu_layers_ - 1; l >= plan.gpu_layers_after; --l) {
+    for (auto& [id, seq] : seqs_) RETURN_IF_ERROR(MoveLayerToHost(*model_->backend(), seq.kv, l, seq.budget));
+    reload_pending_[l] = true;
+    gpu_layers_ = l;
+    ++stats_.layer_moves;
+    SPC_LOG(INFO) << "layer moved to host" << Kv("layer", l) << Kv("sequences", seqs_.size());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::span<Seq* const> seqs,
+                                         std::span<const uint64_t> ids, Tensor* out) {
+  const int32_t n_layers = static_cast<int32_t>(model_->config().num_hidden_layers);
+  const int32_t n_kv = static_cast<int32_t>(model_->config().num_key_value_heads);
+  const bool offloaded = gpu_layers_ < n_layers;
+  bool all_small = true;
+  std::vector<int32_t> budgets;
+  for (size_t j = 0; j < part.size(); ++j) {
+    all_small = all_small && part[j].past_len <= seqs[j]->budget;
+    budgets.push_back(seqs[j]->budget);
+  }
+  SparseForward sf;
+  std::optional<IndexSets> sets;
+  if (all_small) {
+    // Every past position is selected: the sets need no retriever (offloaded layers still need them).
+    if (offloaded) sets = WindowSets(part, budgets, options_.sink, n_kv);
+  } else {
+    sets = SelectRemote(seqs, ids);
+    if (sets.has_value()) {
+      ++remote_steps_;
+    } else {
+      ++fallback_steps_;
+      if (offloaded) sets = WindowSets(part, budgets, options_.sink, n_kv);  // what the slots can hold
+    }
+  }
+  sf.dense_attention = !sets.has_value();
+  std::optional<ElasticPlan> plan;
+  CopyList full;
+  std::vector<SlotMap*> maps;
+  if (sets.has_value()) {
+    sf.desc.sets = &*sets;
+    if (offloaded) {
+      for (Seq* q : seqs) maps.push_back(q->map.get());
+      std::vector<const SlotMap*> cmaps(maps.begin(), maps.end());
+      ASSIGN_OR_RETURN(plan, PlanElasticLoads(cmaps, *sets));
+      sf.desc.slots = plan->slots;
+      if (std::find(reload_pending_.begin(), reload_pending_.end(), true) != reload_pending_.end()) {
+        full = FullReloadCopies(*sets, plan->slots);
+      }
+      sf.layer_copies.assign(n_layers, nullptr);
+      for (int32_t l = gpu_layers_; l < n_layers; ++l) sf.layer_copies[l] = reload_pending_[l] ? &full : &plan->copies;
+      sf.counters = &stats_.elastic;
+      stats_.elastic.AddPlan(*plan);
+    }
+  }
+  RETURN_IF_ERROR(model_->Forward(part, /*all_tokens=*/false, out, &sf, nullptr));
+  if (plan.has_value()) {
+    RETURN_IF_ERROR(ApplyElasticPlan(*plan, *sets, maps));
+    std::fill(reload_pending_.begin(), reload_pending_.end(), false);
+  }
+  ++(sf.dense_attention ? stats_.dense_steps : stats_.sparse_steps);
+  return absl::OkStatus();
+}
+
+}  // namespace specontext::generator

@@ -1,0 +1,84 @@
+#include "generator/sparse_metrics.h"
+
+#include <algorithm>
+
+#include "core/status_macros.h"
+
+namespace specontext::generator {
+namespace {
+
+// Counters only move forward: advance a counter to the engine's cumulative value.
+void AdvanceTo(metrics::Counter* c, double value) {
+  const double delta = value - c->Value();
+  if (delta > 0) c->Increment(delta);
+}
+
+}  // namespace
+
+void SparseMetrics::Update(const SparseEngineStats& s, const RetrievalPathStats& r) {
+  overlap_ratio->Set(s.elastic.overlap_ratio());
+  AdvanceTo(rows_loaded, static_cast<double>(s.elastic.rows_loaded));
+  AdvanceTo(bytes_loaded, static_cast<double>(s.elastic.bytes_loaded));
+  AdvanceTo(bytes_full_reload, static_cast<double>(s.elastic.bytes_full_reload));
+  AdvanceTo(bytes_avoided, static_cast<double>(std::max<int64_t>(0, s.elastic.bytes_full_reload -
+                                                                        s.elastic.bytes_loaded)));
+  AdvanceTo(sparse_steps, static_cast<double>(s.sparse_steps));
+  AdvanceTo(dense_steps, static_cast<double>(s.dense_steps));
+  AdvanceTo(layer_moves, static_cast<double>(s.layer_moves));
+  AdvanceTo(remote_steps, static_cast<double>(r.remote_steps));
+  offloaded_layers->Set(s.offloaded_layers);
+  gpu_layers->Set(s.gpu_layers);
+  host_kv_bytes->Set(static_cast<double>(s.host_kv_bytes));
+  captured_mass->Set(s.last_captured_mass);
+  retriever_connected->Set(r.connected ? 1 : 0);
+}
+
+absl::StatusOr<SparseMetrics> RegisterSparseMetrics(metrics::Registry* r) {
+  SparseMetrics m;
+  auto counter = [&](const char* name, const char* help) -> absl::StatusOr<metrics::Counter*> {
+    ASSIGN_OR_RETURN(metrics::CounterFamily * f, r->AddCounter(name, help));
+    return f->WithLabels({});
+  };
+  auto gauge = [&](const char* name, const char* help) -> absl::StatusOr<metrics::Gauge*> {
+    ASSIGN_OR_RETURN(metrics::GaugeFamily * f, r->AddGauge(name, help));
+    return f->WithLabels({});
+  };
+  ASSIGN_OR_RETURN(m.overlap_ratio, gauge("spc_elastic_overlap_ratio",
+                                          "Elastic loading: selected rows already in the slot buffers / rows selected."));
+  ASSIGN_OR_RETURN(m.rows_loaded, counter("spc_kv_rows_loaded_total", "KV rows copied into slot buffers."));
+  ASSIGN_OR_RETURN(m.bytes_loaded, counter("spc_kv_bytes_loaded_total", "KV bytes copied into slot buffers."));
+  ASSIGN_OR_RETURN(m.bytes_full_reload, counter("spc_kv_bytes_full_reload_total",
+                                                "KV bytes a full reload of every selected row would have moved."));
+  ASSIGN_OR_RETURN(m.bytes_avoided, counter("spc_kv_bytes_avoided_total",
+                                            "KV bytes elastic loading did not move (full reload minus loaded)."));
+  ASSIGN_OR_RETURN(m.sparse_steps, counter("spc_sparse_decode_steps_total", "Decode forwards with sparse attention."));
+  ASSIGN_OR_RETURN(m.dense_steps, counter("spc_dense_decode_steps_total",
+                                          "Decode forwards on the exact dense path (every past within its budget)."));
+  ASSIGN_OR_RETURN(m.layer_moves, counter("spc_kv_layer_moves_total", "Layers whose KV moved to host memory."));
+  ASSIGN_OR_RETURN(m.remote_steps, counter("spc_retrieval_remote_steps_total",
+                                           "Decode steps whose index sets came from the retriever service."));
+  ASSIGN_OR_RETURN(m.offloaded_layers, gauge("spc_offloaded_layers", "Layers whose KV lives in host memory."));
+  ASSIGN_OR_RETURN(m.gpu_layers, gauge("spc_resident_layers", "Layers whose full KV is on the device."));
+  ASSIGN_OR_RETURN(m.host_kv_bytes, gauge("spc_host_kv_bytes", "Pinned host bytes holding offloaded KV."));
+  ASSIGN_OR_RETURN(m.captured_mass, gauge("spc_captured_attention_mass",
+                                          "Last step: mean retrieval-head attention mass the selection kept."));
+  ASSIGN_OR_RETURN(m.retriever_connected, gauge("spc_retriever_connected",
+                                                "1 while the session with a remote retriever is up."));
+  return m;
+}
+
+void FillSparsityStats(const SparseEngineStats& s, const RetrievalPathStats& r, v1::SparsityStats* out) {
+  out->set_kv_bytes_loaded(s.elastic.bytes_loaded);
+  out->set_kv_bytes_avoided(std::max<int64_t>(0, s.elastic.bytes_full_reload - s.elastic.bytes_loaded));
+  out->set_elastic_overlap_ratio(s.elastic.overlap_ratio());
+  out->set_kv_rows_loaded(s.elastic.rows_loaded);
+  out->set_full_reload_bytes(s.elastic.bytes_full_reload);
+  out->set_offloaded_layers(s.offloaded_layers);
+  out->set_engine_sparse_steps(s.sparse_steps);
+  out->set_engine_dense_steps(s.dense_steps);
+  out->set_captured_attention_mass(s.last_captured_mass);
+  out->set_layer_moves(s.layer_moves);
+  out->set_reconnects(r.reconnects);
+}
+
+}  // namespace specontext::generator

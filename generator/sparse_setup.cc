@@ -1,0 +1,66 @@
+#include "generator/sparse_setup.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "core/log.h"
+#include "core/status_macros.h"
+#include "generator/remote_sparse_decoder.h"
+
+namespace specontext::generator {
+
+absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, const std::string& retriever,
+                                        GeneratorMetrics* metrics) {
+  SparseSetup out;
+  const std::string head = args.GetString("retrieval-head");
+  ASSIGN_OR_RETURN(int64_t budget, args.GetInt("budget"));
+  ASSIGN_OR_RETURN(int64_t sink, args.GetInt("sink"));
+  const int64_t context = rt.model->config().max_position_embeddings;
+  // --budget 0 keeps requests that name no budget dense; the decoder still needs a default >= 1.
+  const int64_t decoder_budget = budget > 0 ? budget : std::min<int64_t>(2048, context);
+  if (retriever == "none") {
+    if (!head.empty()) {
+      return absl::InvalidArgumentError("--retrieval-head needs --retriever inproc (or use --retriever HOST:PORT)");
+    }
+    return out;
+  }
+  if (retriever == "inproc") {
+    if (head.empty()) {
+      SPC_LOG(WARNING) << "--retriever inproc without --retrieval-head: decoding stays dense";
+      return out;
+    }
+    SparseRuntimeOptions so;
+    so.retrieval_head = head;
+    so.budget = decoder_budget;
+    so.sink = sink;
+    so.selection = args.GetString("selection");
+    ASSIGN_OR_RETURN(so.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
+    ASSIGN_OR_RETURN(out.inproc, MakeSparseRuntime(rt, so));
+    out.hooks = out.inproc.decoder;
+    SPC_LOG(INFO) << "sparse decoding in process" << Kv("head", head) << Kv("budget", so.budget)
+                  << Kv("sink", so.sink) << Kv("head_parameters", out.inproc.head->parameter_count());
+    return out;
+  }
+  // Split mode: the retriever service holds the head.
+  if (!head.empty()) SPC_LOG(WARNING) << "--retrieval-head is ignored with a remote --retriever";
+  RemoteSparseOptions ro;
+  ro.address = retriever;
+  ro.budget = static_cast<int32_t>(decoder_budget);
+  ro.sink = static_cast<int32_t>(sink);
+  if (args.GetString("selection") != "head") {
+    return absl::InvalidArgumentError("--selection batch is not supported with a remote --retriever");
+  }
+  ASSIGN_OR_RETURN(int64_t deadline_ms, args.GetInt("retriever-deadline-ms"));
+  if (deadline_ms < 1) return absl::InvalidArgumentError("--retriever-deadline-ms must be >= 1");
+  ro.step_deadline = absl::Milliseconds(deadline_ms);
+  ASSIGN_OR_RETURN(ro.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
+  ro.retrieval_latency = metrics != nullptr ? metrics->retrieval_latency : nullptr;
+  ASSIGN_OR_RETURN(std::shared_ptr<RemoteSparseDecoder> dec, RemoteSparseDecoder::Create(rt.model.get(), ro));
+  out.path_stats = [dec] { return dec->path_stats(); };
+  out.hooks = dec;
+  SPC_LOG(INFO) << "sparse decoding with a remote retriever" << Kv("address", retriever) << Kv("budget", ro.budget)
+                << Kv("deadline_ms", deadline_ms);
+  return out;
+}
+
+}  // namespace specontext::generator
