@@ -192,19 +192,5 @@ int main(int argc, char** argv) {
   specontext::BlockTerminationSignals();
   specontext::Args args;
   specontext::generator::DefineFlags(args);
-  absl::Status st = args.Parse(argc, argv);
-  if (st.ok() && !args.positional().empty()) {
-    st = absl::InvalidArgumentError("unexpected argument \"" + args.positional()[0] + "\"");
-  }
-  if (!st.ok()) {
-    std::fprintf(stderr, "specontext-generator: %s\n\nflags:\n%s", std::string(st.message()).c_str(),
-                 args.Usage().c_str());
-    return 2;
-  }
-  st = specontext::generator::Run(args);
-  if (!st.ok()) {
-    std::fprintf(stderr, "specontext-generator: error: %s\n", std::string(st.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return specontext::RunCommand("specontext-generator", args, argc, argv, 1, specontext::generator::Run);
 }

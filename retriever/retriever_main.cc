@@ -124,19 +124,5 @@ int main(int argc, char** argv) {
   specontext::BlockTerminationSignals();
   specontext::Args args;
   specontext::retriever::DefineFlags(args);
-  absl::Status st = args.Parse(argc, argv);
-  if (st.ok() && !args.positional().empty()) {
-    st = absl::InvalidArgumentError("unexpected argument \"" + args.positional()[0] + "\"");
-  }
-  if (!st.ok()) {
-    std::fprintf(stderr, "specontext-retriever: %s\n\nflags:\n%s", std::string(st.message()).c_str(),
-                 args.Usage().c_str());
-    return 2;
-  }
-  st = specontext::retriever::Run(args);
-  if (!st.ok()) {
-    std::fprintf(stderr, "specontext-retriever: error: %s\n", std::string(st.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return specontext::RunCommand("specontext-retriever", args, argc, argv, 1, specontext::retriever::Run);
 }

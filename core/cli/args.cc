@@ -1,6 +1,7 @@
 #include "core/cli/args.h"
 
 #include <cmath>
+#include <cstdio>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -113,6 +114,25 @@ std::string Args::Usage() const {
     absl::StrAppend(&out, "\n");
   }
   return out;
+}
+
+int RunCommand(const std::string& name, Args& args, int argc, char** argv, int first,
+               const std::function<absl::Status(const Args&)>& run) {
+  absl::Status st = args.Parse(argc, argv, first);
+  if (st.ok() && !args.positional().empty()) {
+    st = absl::InvalidArgumentError("unexpected argument \"" + args.positional()[0] + "\"");
+  }
+  if (!st.ok()) {
+    std::fprintf(stderr, "%s: %s\n\nflags:\n%s", name.c_str(), std::string(st.message()).c_str(),
+                 args.Usage().c_str());
+    return 2;
+  }
+  st = run(args);
+  if (!st.ok()) {
+    std::fprintf(stderr, "%s: error: %s\n", name.c_str(), std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
 }
 
 }  // namespace specontext

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -44,5 +45,11 @@ class Args {
   std::map<std::string, std::vector<std::string>> values_;
   std::vector<std::string> positional_;
 };
+
+// The shared shape of a command's main: parses argv[first..) into `args` (usage error: message, flags
+// and exit 2; stray positional words are errors), then runs `run` (error: message and exit 1).
+// `name` prefixes the messages ("specontext generate").
+int RunCommand(const std::string& name, Args& args, int argc, char** argv, int first,
+               const std::function<absl::Status(const Args&)>& run);
 
 }  // namespace specontext

@@ -179,13 +179,7 @@ int BenchMain(int argc, char** argv) {
   args.Define({"prefill-chunk", "prefill chunk size", false, false, "8192"});
   args.Define({"steps", "timed decode steps per point", false, false, "20"});
   args.Define({"out", "append JSON lines to this file"});
-  absl::Status st = args.Parse(argc, argv, 2);
-  if (st.ok()) st = RunBench(args);
-  if (!st.ok()) {
-    std::fprintf(stderr, "specontext bench: error: %s\n", std::string(st.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return RunCommand("specontext bench", args, argc, argv, 2, RunBench);
 }
 
 }  // namespace specontext

@@ -170,21 +170,7 @@ absl::Status RunGenerate(const Args& args) {
 int GenerateMain(int argc, char** argv) {
   Args args;
   DefineGenerateFlags(args);
-  absl::Status st = args.Parse(argc, argv, 2);
-  if (st.ok() && !args.positional().empty()) {
-    st = absl::InvalidArgumentError("unexpected argument \"" + args.positional()[0] + "\"");
-  }
-  if (!st.ok()) {
-    std::fprintf(stderr, "specontext generate: %s\n\nflags:\n%s", std::string(st.message()).c_str(),
-                 args.Usage().c_str());
-    return 2;
-  }
-  st = RunGenerate(args);
-  if (!st.ok()) {
-    std::fprintf(stderr, "specontext generate: error: %s\n", std::string(st.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return RunCommand("specontext generate", args, argc, argv, 2, RunGenerate);
 }
 
 }  // namespace specontext

@@ -54,20 +54,7 @@ int PruneMain(int argc, char** argv) {
   args.Define({"kind", "eagle3 or layer"});
   args.Define({"target", "target model directory (its config decides the head's fit)"});
   args.Define({"out", "output directory of the retrieval head"});
-  absl::Status st = args.Parse(argc, argv, 2);
-  if (st.ok() && !args.positional().empty()) {
-    st = absl::InvalidArgumentError("unexpected argument \"" + args.positional()[0] + "\"");
-  }
-  if (!st.ok()) {
-    std::fprintf(stderr, "specontext prune: %s\n\nflags:\n%s", std::string(st.message()).c_str(), args.Usage().c_str());
-    return 2;
-  }
-  st = RunPrune(args);
-  if (!st.ok()) {
-    std::fprintf(stderr, "specontext prune: error: %s\n", std::string(st.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return RunCommand("specontext prune", args, argc, argv, 2, RunPrune);
 }
 
 }  // namespace specontext
