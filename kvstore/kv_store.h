@@ -50,6 +50,9 @@ struct KvStoreOptions {
   std::string owner_label;  // shown by inspect, truncated to 31 bytes
   // How long to wait for a segment that another process is still initialising.
   absl::Duration init_wait = absl::Seconds(2);
+  // How long to wait for the segment's lock before failing with DeadlineExceeded: a holder that is
+  // stopped (SIGSTOP, a debugger) or hung must not hang every other process.
+  absl::Duration lock_timeout = absl::Seconds(10);
   // Test hook: called with the mutex held in the middle of Allocate, once per block (step = 1..n),
   // after the block left the free list and before it is linked into the sequence, i.e. while the
   // segment is inconsistent. Lets tests die in the middle of a mutation.
@@ -201,6 +204,7 @@ class KvStore {
   KvStoreStats StatsLocked() const;
 
   std::string name_;
+  absl::Duration lock_timeout_ = absl::Seconds(10);
   int fd_ = -1;
   uint8_t* base_ = nullptr;
   size_t mapping_bytes_ = 0;

@@ -1,4 +1,5 @@
 // Creating, attaching, mapping and closing segments; owner registration; the segment mutex.
+#include <ctime>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -79,6 +80,7 @@ absl::StatusOr<std::unique_ptr<KvStore>> KvStore::Open(const KvStoreOptions& opt
   std::unique_ptr<KvStore> store(new KvStore());
   ASSIGN_OR_RETURN(store->name_, NormalizeName(options.name));
   store->apply_hook_ = options.apply_hook_for_testing;
+  store->lock_timeout_ = options.lock_timeout;
   store->pid_ = ::getpid();
   const bool may_create = options.mode != OpenMode::kAttach;
   if (may_create) {
@@ -254,7 +256,21 @@ absl::Status KvStore::RegisterOwner(const std::string& label) {
 
 absl::StatusOr<KvStore::Lock> KvStore::Acquire() {
   if (state_ == nullptr) return absl::FailedPreconditionError("kvstore: handle is closed");
-  int rc = pthread_mutex_lock(&state_->mutex);
+  timespec deadline;
+  ::clock_gettime(CLOCK_REALTIME, &deadline);
+  const int64_t timeout_ns = absl::ToInt64Nanoseconds(lock_timeout_);
+  deadline.tv_sec += timeout_ns / 1000000000;
+  deadline.tv_nsec += timeout_ns % 1000000000;
+  if (deadline.tv_nsec >= 1000000000) {
+    deadline.tv_sec += 1;
+    deadline.tv_nsec -= 1000000000;
+  }
+  int rc = pthread_mutex_timedlock(&state_->mutex, &deadline);
+  if (rc == ETIMEDOUT) {
+    return absl::DeadlineExceededError(absl::StrCat("kvstore: segment ", name_, " stayed locked for ",
+                                                    absl::FormatDuration(lock_timeout_),
+                                                    " (its holder is stopped or hung)"));
+  }
   if (rc == EOWNERDEAD) {
     // The previous holder died inside a mutation: repair what it may have left half done, then
     // mark the mutex usable again.

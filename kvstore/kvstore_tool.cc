@@ -108,6 +108,7 @@ int main(int argc, char** argv) {
     o.mode = OpenMode::kCreate;
     o.geometry = g;
     o.register_owner = false;
+    o.lock_timeout = absl::Seconds(2);  // a look must not wait long behind a stopped process
     auto store = KvStore::Open(o);
     if (!store.ok()) return Fail(store.status());
     std::printf("created %s: %llu blocks x %llu bytes, %zu bytes mapped%s\n",

@@ -231,6 +231,39 @@ TEST(MultiProcessTest, SigkilledOwnerIsReclaimedOnAttach) {
   EXPECT_TRUE((*restarted)->CheckConsistency().ok());
 }
 
+// A holder that stops (SIGSTOP, a debugger) while it has the lock must not hang other processes:
+// they fail with DeadlineExceeded after their lock timeout, and work again once the holder is gone.
+TEST(MultiProcessTest, StoppedHolderTimesOutInsteadOfHanging) {
+  ScopedSegmentName name("stopped");
+  auto parent = KvStore::Open(Options(name.str(), 32, 256));
+  ASSERT_TRUE(parent.ok());
+  Child child([&](Child& c) {
+    KvStoreOptions o = Options(name.str(), 32, 256, OpenMode::kAttach);
+    o.apply_hook_for_testing = [&c](uint32_t) {
+      c.Signal('m');  // holding the mutex now
+      for (;;) ::pause();
+    };
+    auto s = KvStore::Open(o);
+    if (!s.ok()) return 1;
+    (*s)->Allocate(9, 2).IgnoreError();
+    return 2;
+  });
+  ASSERT_EQ(child.AwaitChild(), 'm');
+  KvStoreOptions look = Options(name.str(), 32, 256, OpenMode::kAttach);
+  look.register_owner = false;
+  look.lock_timeout = absl::Milliseconds(300);
+  auto observer = KvStore::Open(look);
+  const absl::Time start = absl::Now();
+  absl::Status st = observer.ok() ? (*observer)->Stats().status() : observer.status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kDeadlineExceeded) << st;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  child.Kill();
+  child.Wait();
+  auto stats = (*parent)->Stats();
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->used_blocks, 0u);
+}
+
 // A child dies while holding the segment mutex in the middle of an allocation (some blocks linked,
 // free list half updated). The next locker gets EOWNERDEAD, repairs, and no block leaks.
 TEST(MultiProcessTest, SigkillWhileHoldingTheMutex) {
