@@ -8,6 +8,7 @@ packages=(
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libcpp-httplib-dev clang libclang-rt-14-dev
   prometheus  # promtool check metrics + a real server scraping /metrics in the service tests
+  openssl python3 xz-utils  # TLS test certificates, deploy/ checks, packed test data
 )
 missing=()
 for p in "${packages[@]}"; do
