@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "core/cpu/parallel_for.h"
 #include "core/log.h"
 #include "core/status_macros.h"
 #include "core/tokenizer/tokenizer.h"
@@ -294,17 +295,26 @@ absl::Status Engine::Step() {
     std::erase_if(running_, [](const auto& s) { return s->finished; });
     return st;
   }
+  std::vector<int32_t> sample_rows;  // rows of `included` whose prompt is complete: they get a token
   for (size_t i = 0; i < included.size(); ++i) {
     Sequence& s = *included[i];
     s.n_cached += taken[i];
     if (options_.prefill_progress && s.stats.generated_tokens == 0) {
       options_.prefill_progress(s.id, std::min(s.n_cached, s.prompt_len), s.prompt_len);
     }
-    if (s.n_cached < static_cast<int32_t>(s.tokens.size())) continue;  // prompt not finished yet
-    const int32_t token =
-        s.sampler.Sample(std::span<const float>(logits.as<float>() + i * vocab, static_cast<size_t>(vocab)));
-    Emit(s, token);
+    if (s.n_cached == static_cast<int32_t>(s.tokens.size())) sample_rows.push_back(static_cast<int32_t>(i));
   }
+  // Sampling reads a whole vocabulary row per sequence: run the rows in parallel (each sequence owns its
+  // sampler), then emit in order on this thread (callbacks are not thread-safe).
+  std::vector<int32_t> tokens(sample_rows.size());
+  ParallelFor(static_cast<int64_t>(sample_rows.size()), 8 * vocab, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int32_t i = sample_rows[j];
+      tokens[j] = included[i]->sampler.Sample(
+          std::span<const float>(logits.as<float>() + i * vocab, static_cast<size_t>(vocab)));
+    }
+  });
+  for (size_t j = 0; j < sample_rows.size(); ++j) Emit(*included[sample_rows[j]], tokens[j]);
   std::erase_if(running_, [](const auto& s) { return s->finished; });
   return absl::OkStatus();
 }
