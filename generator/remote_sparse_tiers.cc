@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
 #include "core/model/kv_tiers.h"
+#include "core/model/sparse_decoder.h"
 #include "core/status_macros.h"
 #include "generator/remote_sparse_decoder.h"
 
@@ -40,35 +41,8 @@ IndexSets WindowSets(std::span<const ForwardSeq> part, std::span<const int32_t> 
 }  // namespace
 
 absl::Status RemoteSparseDecoder::MakePlanner() {
-  const ModelConfig& c = model_->config();
-  Backend& b = *model_->backend();
-  const MemoryReport rep = b.memory_report();
-  const int64_t limit = options_.gpu_memory_limit > 0 ? options_.gpu_memory_limit : rep.limit;
-  if (limit <= 0) return absl::OkStatus();  // no device limit: every layer stays resident
-  MemoryPlannerConfig pc;
-  pc.mode = MemoryModelMode::kMeasured;
-  pc.n_layers = static_cast<int32_t>(c.num_hidden_layers);
-  pc.n_kv_heads = static_cast<int32_t>(c.num_key_value_heads);
-  pc.head_dim = static_cast<int32_t>(c.head_dim);
-  pc.alpha = static_cast<int32_t>(c.num_attention_heads / c.num_key_value_heads);
-  pc.kv_elem_bytes = static_cast<int32_t>(DTypeSize(b.compute_dtype()));
-  pc.budget = options_.budget;
-  pc.max_context = c.max_position_embeddings;
-  pc.gpu_memory_bytes = limit;
-  pc.measured.weights = rep.bytes[static_cast<size_t>(MemoryKind::kWeights)];
-  pc.measured.graph_pools = rep.bytes[static_cast<size_t>(MemoryKind::kGraphs)];
-  pc.measured.other = rep.total - pc.measured.weights - pc.measured.graph_pools;
-  // The same bound on one step's transient activations as SparseDecoder uses (a 512-token chunk plus f32
-  // logits of a 32-sequence batch), so both modes move layers at the same points.
-  pc.measured.workspace =
-      512 * (4 * c.hidden_size + 2 * c.intermediate_size + c.q_dim() + 2 * c.kv_dim()) * pc.kv_elem_bytes +
-      32 * c.vocab_size * 4;
-  auto planner = MemoryPlanner::Create(pc);
-  if (!planner.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("memory planner (device limit ", limit,
-                                                   " bytes): ", planner.status().message()));
-  }
-  planner_.emplace(*std::move(planner));
+  // The same planner as in-process decoding, so both modes move layers at the same points.
+  ASSIGN_OR_RETURN(planner_, MakeMeasuredPlanner(*model_, options_.budget, options_.gpu_memory_limit));
   return absl::OkStatus();
 }
 

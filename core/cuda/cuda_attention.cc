@@ -11,6 +11,7 @@
 #include "core/cpu/cpu_backend.h"
 #include "core/cuda/cuda_backend_impl.h"
 #include "core/cuda/cuda_check.h"
+#include "core/cuda/cuda_sparse_state.h"
 #include "core/status_macros.h"
 
 namespace specontext::cuda {
@@ -21,27 +22,11 @@ size_t Align16(size_t v) { return (v + 15) / 16 * 16; }
 }  // namespace
 
 absl::Status CudaBackend::EnsureBuffer(Tensor* buf, size_t bytes) {
-  if (!buf->empty() && buf->nbytes() >= bytes) return absl::OkStatus();
-  const size_t grown = std::max(bytes, buf->empty() ? size_t{4096} : buf->nbytes() * 2);
-  ASSIGN_OR_RETURN(*buf, memory_->Alloc(DType::kU8, {static_cast<int64_t>(grown)}, MemoryKind::kWorkspace));
-  return absl::OkStatus();
+  return EnsureDeviceBuffer(*memory_, buf, bytes, MemoryKind::kWorkspace);
 }
 
 absl::Status CudaBackend::Upload(PinnedStaging& staging, const void* src, size_t bytes, void* dst) {
-  if (bytes == 0) return absl::OkStatus();
-  // The previous copy out of this staging buffer must be done before it is rewritten.
-  RETURN_IF_CUDA_ERROR(cudaEventSynchronize(staging.ready));
-  if (staging.bytes < bytes) {
-    if (staging.host != nullptr) RETURN_IF_CUDA_ERROR(cudaFreeHost(staging.host));
-    staging.host = nullptr;
-    const size_t grown = std::max(bytes, staging.bytes * 2);
-    RETURN_IF_CUDA_ERROR(cudaHostAlloc(&staging.host, grown, cudaHostAllocDefault));
-    staging.bytes = grown;
-  }
-  std::memcpy(staging.host, src, bytes);
-  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dst, staging.host, bytes, cudaMemcpyHostToDevice, stream_));
-  RETURN_IF_CUDA_ERROR(cudaEventRecord(staging.ready, stream_));
-  return absl::OkStatus();
+  return StagedUpload(staging, src, bytes, dst, stream_);
 }
 
 absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {

@@ -71,6 +71,7 @@ absl::Status EnsureDeviceBuffer(CudaMemory& memory, Tensor* buf, size_t bytes, M
 
 absl::Status StagedUpload(PinnedStaging& staging, const void* src, size_t bytes, void* dst, cudaStream_t stream) {
   if (bytes == 0) return absl::OkStatus();
+  // The previous copy out of this staging buffer must be done before it is rewritten.
   RETURN_IF_CUDA_ERROR(cudaEventSynchronize(staging.ready));
   if (staging.bytes < bytes) {
     if (staging.host != nullptr) RETURN_IF_CUDA_ERROR(cudaFreeHost(staging.host));

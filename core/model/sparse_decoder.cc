@@ -27,6 +27,39 @@ SparseDecoder::SparseDecoder(Transformer* model, const RetrievalHead* head, cons
 
 SparseDecoder::~SparseDecoder() = default;
 
+absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transformer& model, int32_t budget,
+                                                                 int64_t gpu_memory_limit) {
+  const ModelConfig& c = model.config();
+  Backend& b = *model.backend();
+  const MemoryReport rep = b.memory_report();
+  const int64_t limit = gpu_memory_limit > 0 ? gpu_memory_limit : rep.limit;
+  if (limit <= 0) return std::nullopt;  // no device limit: every layer stays resident
+  MemoryPlannerConfig pc;
+  pc.mode = MemoryModelMode::kMeasured;
+  pc.n_layers = static_cast<int32_t>(c.num_hidden_layers);
+  pc.n_kv_heads = static_cast<int32_t>(c.num_key_value_heads);
+  pc.head_dim = static_cast<int32_t>(c.head_dim);
+  pc.alpha = static_cast<int32_t>(c.num_attention_heads / c.num_key_value_heads);
+  pc.kv_elem_bytes = static_cast<int32_t>(DTypeSize(b.compute_dtype()));
+  pc.budget = budget;
+  pc.max_context = c.max_position_embeddings;
+  pc.gpu_memory_bytes = limit;
+  pc.measured.weights = rep.bytes[static_cast<size_t>(MemoryKind::kWeights)];
+  pc.measured.graph_pools = rep.bytes[static_cast<size_t>(MemoryKind::kGraphs)];
+  pc.measured.other = rep.total - pc.measured.weights - pc.measured.graph_pools;
+  // Activations of one step are transient: bound them by a 512-token step (the engine's default chunk)
+  // plus f32 logits of a 32-sequence batch.
+  pc.measured.workspace =
+      512 * (4 * c.hidden_size + 2 * c.intermediate_size + c.q_dim() + 2 * c.kv_dim()) * pc.kv_elem_bytes +
+      32 * c.vocab_size * 4;
+  auto planner = MemoryPlanner::Create(pc);
+  if (!planner.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("memory planner (device limit ", limit,
+                                                   " bytes): ", planner.status().message()));
+  }
+  return std::optional<MemoryPlanner>(*std::move(planner));
+}
+
 absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer* model, const RetrievalHead* head,
                                                                      const SparseOptions& options) {
   if (model == nullptr || head == nullptr) return absl::InvalidArgumentError("sparse decoding needs a model and a retrieval head");
@@ -43,35 +76,7 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
   std::unique_ptr<SparseDecoder> d(new SparseDecoder(model, head, options));
   d->gpu_layers_ = static_cast<int32_t>(c.num_hidden_layers);
   d->reload_pending_.assign(c.num_hidden_layers, false);
-  Backend& b = *model->backend();
-  const MemoryReport rep = b.memory_report();
-  const int64_t limit = options.gpu_memory_limit > 0 ? options.gpu_memory_limit : rep.limit;
-  if (limit > 0) {
-    MemoryPlannerConfig pc;
-    pc.mode = MemoryModelMode::kMeasured;
-    pc.n_layers = static_cast<int32_t>(c.num_hidden_layers);
-    pc.n_kv_heads = static_cast<int32_t>(c.num_key_value_heads);
-    pc.head_dim = static_cast<int32_t>(c.head_dim);
-    pc.alpha = static_cast<int32_t>(c.num_attention_heads / c.num_key_value_heads);
-    pc.kv_elem_bytes = static_cast<int32_t>(DTypeSize(b.compute_dtype()));
-    pc.budget = options.budget;
-    pc.max_context = c.max_position_embeddings;
-    pc.gpu_memory_bytes = limit;
-    const int64_t elem = pc.kv_elem_bytes;
-    pc.measured.weights = rep.bytes[static_cast<size_t>(MemoryKind::kWeights)];
-    pc.measured.graph_pools = rep.bytes[static_cast<size_t>(MemoryKind::kGraphs)];
-    pc.measured.other = rep.total - pc.measured.weights - pc.measured.graph_pools;
-    // Activations of one step are transient: bound them by a 512-token step (the engine's default chunk)
-    // plus f32 logits of a 32-sequence batch.
-    pc.measured.workspace = 512 * (4 * c.hidden_size + 2 * c.intermediate_size + c.q_dim() + 2 * c.kv_dim()) * elem +
-                            32 * c.vocab_size * 4;
-    auto planner = MemoryPlanner::Create(pc);
-    if (!planner.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("memory planner (device limit ", limit,
-                                                     " bytes): ", planner.status().message()));
-    }
-    d->planner_.emplace(*std::move(planner));
-  }
+  ASSIGN_OR_RETURN(d->planner_, MakeMeasuredPlanner(*model, options.budget, options.gpu_memory_limit));
   return d;
 }
 

@@ -37,6 +37,12 @@ struct SparseOptions {
   int64_t gpu_memory_limit = 0;
 };
 
+// The measured-mode memory planner for `model` under `gpu_memory_limit` (0: the backend's own limit);
+// nullopt when there is no device limit (every layer stays resident). Shared by the in-process and the
+// split (remote retriever) decoders so both move layers at the same points.
+absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transformer& model, int32_t budget,
+                                                                 int64_t gpu_memory_limit);
+
 class SparseDecoder : public SparseDecodeHooks {
  public:
   /// `model` and `head` must outlive the decoder. Validates the head against the model (dims, KV heads,
