@@ -60,11 +60,7 @@ absl::StatusOr<std::unique_ptr<RetrievalHead>> LoadHead(const std::string& head_
 
 absl::Status Run(const Args& args) {
   if (args.GetString("head").empty()) return absl::InvalidArgumentError("--head is required");
-  LogLevel level;
-  if (!ParseLogLevel(args.GetString("log-level"), &level)) {
-    return absl::InvalidArgumentError("--log-level must be debug, info, warning or error");
-  }
-  SetLogLevel(level);
+  RETURN_IF_ERROR(ApplyLogLevelFlag(args));
   SessionLimits limits;
   ASSIGN_OR_RETURN(int64_t max_seqs, args.GetInt("max-sequences"));
   ASSIGN_OR_RETURN(int64_t max_tokens, args.GetInt("max-tokens-per-sequence"));

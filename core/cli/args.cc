@@ -7,6 +7,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "core/log.h"
 
 namespace specontext {
 
@@ -114,6 +115,15 @@ std::string Args::Usage() const {
     absl::StrAppend(&out, "\n");
   }
   return out;
+}
+
+absl::Status ApplyLogLevelFlag(const Args& args) {
+  LogLevel level;
+  if (!ParseLogLevel(args.GetString("log-level"), &level)) {
+    return absl::InvalidArgumentError("--log-level must be debug, info, warning or error");
+  }
+  SetLogLevel(level);
+  return absl::OkStatus();
 }
 
 int RunCommand(const std::string& name, Args& args, int argc, char** argv, int first,

@@ -46,6 +46,9 @@ class Args {
   std::vector<std::string> positional_;
 };
 
+// Sets the process log level from --log-level (debug, info, warning, error).
+absl::Status ApplyLogLevelFlag(const Args& args);
+
 // The shared shape of a command's main: parses argv[first..) into `args` (usage error: message, flags
 // and exit 2; stray positional words are errors), then runs `run` (error: message and exit 1).
 // `name` prefixes the messages ("specontext generate").

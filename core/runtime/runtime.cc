@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/cli/args.h"
 #include "core/cpu/parallel_for.h"
 #include "core/log.h"
 #include "core/status_macros.h"
@@ -106,6 +107,18 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
   ASSIGN_OR_RETURN(rt.model, Transformer::Load(rt.checkpoint, rt.backend.get(),
                                                [&](int64_t done, int64_t total) { progress.Update(done, total); }));
   return rt;
+}
+
+absl::StatusOr<RuntimeOptions> RuntimeOptionsFromArgs(const Args& args) {
+  if (!args.Has("model")) return absl::InvalidArgumentError("--model is required");
+  RuntimeOptions ro;
+  ro.model_path = args.GetString("model");
+  ro.tokenizer_path = args.GetString("tokenizer");
+  ro.backend = args.GetString("backend");
+  ASSIGN_OR_RETURN(ro.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
+  ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads"));
+  ro.threads = static_cast<int>(threads);
+  return ro;
 }
 
 absl::StatusOr<std::vector<int32_t>> EncodePrompt(const Runtime& rt, const std::string& text, bool templated) {

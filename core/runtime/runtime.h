@@ -36,6 +36,11 @@ std::vector<std::string> AvailableBackends();
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int64_t memory_limit);
 absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options);
 
+class Args;
+// RuntimeOptions from the flags the serving CLIs share: --model (required), --tokenizer, --backend,
+// --gpu-memory-limit, --threads.
+absl::StatusOr<RuntimeOptions> RuntimeOptionsFromArgs(const Args& args);
+
 // Tokenizes a prompt (with the tokenizer's default BOS unless `templated`: chat templates write
 // their own). Empty text gives just BOS (the config's when the tokenizer has none).
 absl::StatusOr<std::vector<int32_t>> EncodePrompt(const Runtime& runtime, const std::string& text,

@@ -47,19 +47,8 @@ void DefineGenerateFlags(Args& args) {
 }
 
 absl::Status RunGenerate(const Args& args) {
-  if (!args.Has("model")) return absl::InvalidArgumentError("--model is required");
-  LogLevel level;
-  if (!ParseLogLevel(args.GetString("log-level"), &level)) {
-    return absl::InvalidArgumentError("--log-level must be debug, info, warning or error");
-  }
-  SetLogLevel(level);
-  RuntimeOptions ro;
-  ro.model_path = args.GetString("model");
-  ro.tokenizer_path = args.GetString("tokenizer");
-  ro.backend = args.GetString("backend");
-  ASSIGN_OR_RETURN(ro.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
-  ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads"));
-  ro.threads = static_cast<int>(threads);
+  RETURN_IF_ERROR(ApplyLogLevelFlag(args));
+  ASSIGN_OR_RETURN(RuntimeOptions ro, RuntimeOptionsFromArgs(args));
   ro.show_progress = true;
 
   GenerationRequest req;
