@@ -8,6 +8,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -22,6 +23,9 @@ namespace specontext {
 struct IndexSets;      // core/sparse/index_sets.h
 struct CopyList;       // core/sparse/elastic.h
 struct ElasticCounters;
+struct SelectionQuery;    // core/sparse/selection.h
+struct SelectionOptions;
+struct SelectionResult;
 
 // Where device memory goes; every allocation is tagged and accounted (see MemoryReport).
 enum class MemoryKind : uint8_t {
@@ -51,6 +55,19 @@ struct SeqSlice {
   int32_t past_len = 0;     // tokens already in the KV cache before this step
 };
 
+class Backend;
+
+// Where the host copies of offloaded layers (SequenceKv::host_k/host_v) come from, when not from
+// Backend::AllocPinnedHost: the services' shared-memory kvstore (generator/kvstore_host_tier.h). Used by
+// core/model/kv_tiers.h. Called from the engine thread.
+class HostKvAllocator {
+ public:
+  virtual ~HostKvAllocator() = default;
+  // An uninitialised host tensor of `dtype` and `shape` ([n_kv_heads, capacity, head_dim]) that `backend`
+  // addresses as it does AllocPinnedHost memory (see WrapHostTensor); its storage keeps the memory alive.
+  virtual absl::StatusOr<Tensor> Alloc(Backend& backend, DType dtype, const Shape& shape) = 0;
+};
+
 // KV storage of one sequence, allocated by the backend with kind kKvCache.
 // k[layer] and v[layer] are [n_kv_heads, capacity, head_dim] in the backend's compute dtype.
 //
@@ -67,6 +84,8 @@ struct SequenceKv {
   std::vector<Tensor> host_k, host_v;  // [n_layers] (or empty); non-empty tensors only for offloaded layers
   std::vector<Tensor> slot_k, slot_v;  // [n_layers] (or empty); non-empty tensors only for offloaded layers
   int32_t slot_budget = 0;             // B: rows per KV head of the slot buffers
+  // Where layers moved to host later get host_k/host_v (null: Backend::AllocPinnedHost).
+  std::shared_ptr<HostKvAllocator> host_allocator;
 
   bool offloaded(int layer) const {
     return layer >= 0 && static_cast<size_t>(layer) < host_k.size() && !host_k[layer].empty();
@@ -90,11 +109,29 @@ struct BatchDesc {
   int32_t n_tokens = 0;               // sum of seqs[i].n_tokens
 };
 
+// One destination of Backend::ScatterRows: rows [row_begin, row_begin + n_rows) of the source go to
+// positions [pos, pos + n_rows) of `dst` [heads, capacity, d] (e.g. a sequence's retrieval K cache, or a
+// pool of per-sequence rows viewed as [1, slots, d]).
+struct RowScatter {
+  Tensor* dst = nullptr;
+  int32_t row_begin = 0;
+  int32_t n_rows = 0;
+  int32_t pos = 0;
+};
+
 // Parameters of rotary position embeddings, resolved by the model from config.json.
 struct RopeArgs {
   const Tensor* inv_freq = nullptr;  // [head_dim / 2] f32, already scaled (llama3, linear, ...)
   bool interleaved = false;          // pairs (x[2i], x[2i+1]) as in llama2.c; else halves as in HF
   float attention_scaling = 1.0f;    // multiplies cos/sin (YaRN mscale); 1 otherwise
+};
+
+// One row of Backend::SampleTokens, with core/model/sampler.h semantics.
+struct TokenSampling {
+  float temperature = 0.0f;  // 0 (or top_k 1): greedy, lowest id on ties
+  int32_t top_k = 0;         // 0 = off
+  float top_p = 1.0f;        // in (0, 1]
+  float uniform = 0.0f;      // the row's draw in [0, 1) from the request's seeded generator; unused when greedy
 };
 
 class Backend {
@@ -125,6 +162,25 @@ class Backend {
   // the output of a fused projection (QKV, gate/up) into contiguous tensors.
   virtual absl::Status CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) {
     return absl::UnimplementedError("CopyColumns is not implemented by this backend");
+  }
+  // dst[:, col_begin : col_begin + src.dim(1)] = src.  src [n, c], dst [n, m], same dtype. The inverse of
+  // CopyColumns: builds a concatenation (the EAGLE-3 head's cat(embedding, fused features)).
+  virtual absl::Status CopyToColumns(const Tensor& src, int64_t col_begin, Tensor* dst) {
+    return absl::UnimplementedError("CopyToColumns is not implemented by this backend");
+  }
+  // For every segment s and row r < s.n_rows: (*s.dst)[h, s.pos + r, :] = src[s.row_begin + r, h, :] for
+  // each h.  src [n, heads, d]; each dst [heads, capacity, d], same dtype. Checks rows < n and
+  // pos + n_rows <= capacity before writing anything. Ordered on the compute stream (appends the retrieval
+  // head's K of a whole ragged batch to the sequences' caches in one launch).
+  virtual absl::Status ScatterRows(const Tensor& src, std::span<const RowScatter> segments) {
+    return absl::UnimplementedError("ScatterRows is not implemented by this backend");
+  }
+  // Top-B selection (core/sparse/selection.h SelectTopB contract) of batch[0, n) whose q and k_cache are
+  // tensors of this backend; the result is host memory (the elastic planner runs on the host). CPU: the
+  // reference SelectTopB; CUDA: the fused score + top-k kernels (core/cuda/selection.h), one host wait.
+  virtual absl::Status SelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
+                                       SelectionResult* out) {
+    return absl::UnimplementedError("SelectIndexSets is not implemented by this backend");
   }
   // Fills a device tensor with zeros, ordered on the compute stream.
   virtual absl::Status Zero(Tensor* t) { return absl::UnimplementedError("Zero is not implemented by this backend"); }
@@ -171,6 +227,24 @@ class Backend {
   }
   // Live pinned host bytes per kind (limit 0).
   virtual MemoryReport host_memory_report() const { return {}; }
+  // Host memory the backend did not allocate (a kvstore shared-memory segment) made usable as AllocPinnedHost
+  // memory is: CUDA page-locks and maps [ptr, ptr + bytes) (cudaHostRegister, mapped + portable), once per
+  // region (core/cuda/cuda_host_register.cc); the CPU backend has nothing to do. `ptr` must be page aligned.
+  // Unregister with the same `ptr` after the device's last use of it (Synchronize) and before it is unmapped.
+  virtual absl::Status RegisterHostMemory(void* ptr, size_t bytes) {
+    return absl::UnimplementedError("RegisterHostMemory is not implemented by this backend");
+  }
+  virtual absl::Status UnregisterHostMemory(void* ptr) {
+    return absl::UnimplementedError("UnregisterHostMemory is not implemented by this backend");
+  }
+  // A tensor of `dtype`/`shape` over host memory at `host` that this backend's kernels address like an
+  // AllocPinnedHost tensor (a stand-in for host_k/host_v): on CUDA `host` must lie in a registered region and
+  // the tensor is tagged kCuda with the device-mapped pointer, which must equal `host` (UVA, so one pointer
+  // serves host code and kernels; FailedPrecondition otherwise). `storage` becomes the tensor's storage.
+  // Not accounted in host_memory_report() (the owner of the memory accounts for it).
+  virtual absl::StatusOr<Tensor> WrapHostTensor(void* host, DType dtype, Shape shape, std::shared_ptr<void> storage) {
+    return absl::UnimplementedError("WrapHostTensor is not implemented by this backend");
+  }
   // Copies a whole device tensor into a pinned host tensor of the same dtype and element count, ordered
   // after the compute stream's earlier work; returns when the copy is done (layer moves, rare).
   virtual absl::Status CopyToPinnedHost(const Tensor& device, Tensor* host) {
@@ -211,6 +285,30 @@ class Backend {
   virtual absl::Status SparseAttention(int layer, const Tensor& q, const Tensor& k_cur, const Tensor& v_cur,
                                        float scale, Tensor* out) {
     return absl::UnimplementedError("SparseAttention is not implemented by this backend");
+  }
+
+  // ---- step graphs and device-side token selection (optional; defaults: none) --------------------
+  // Whether RunStepGraph records and replays graphs (CUDA graphs).
+  virtual bool step_graphs() const { return false; }
+  // Turns graph recording on or off where supported (benchmarks show both; on by default on CUDA).
+  virtual void set_step_graphs(bool enabled) {}
+  // Runs `body`, ops on this backend, as the replayable step `key`. Contract for `body`: tensors it uses
+  // that were allocated outside it keep their addresses while `key` is in use (inputs are refreshed by
+  // copies before the call); its ops' shapes depend only on `key`; it uploads nothing and never waits for
+  // the device. Workspace it allocates belongs to the step's graph (MemoryKind::kGraphs). A backend that
+  // records graphs captures `body` on the first call for `key` (again when buffers of its own that the
+  // batch metadata lives in have moved) and later replays it without calling `body`; a `body` that cannot
+  // be recorded runs directly. Default: `body()`.
+  virtual absl::Status RunStepGraph(uint64_t key, const std::function<absl::Status()>& body) { return body(); }
+  // Forgets the graphs of keys in [key_begin, key_end) and frees their memory (their owner is going away).
+  virtual void DropStepGraphs(uint64_t key_begin, uint64_t key_end) {}
+  // Whether SampleTokens is implemented (then the engine samples on the device, downloading only ids).
+  virtual bool device_sampling() const { return false; }
+  // tokens[i] = the token row i of `logits` [rows.size(), vocab] f32 (a tensor of this backend) selects
+  // under rows[i]; waits for the result.
+  virtual absl::Status SampleTokens(const Tensor& logits, std::span<const TokenSampling> rows,
+                                    std::span<int32_t> tokens) {
+    return absl::UnimplementedError("SampleTokens is not implemented by this backend");
   }
 };
 

@@ -19,6 +19,7 @@
 #include "core/status_macros.h"
 #include "generator/engine_loop.h"
 #include "generator/generator_service.h"
+#include "generator/kvstore_host_tier.h"
 #include "generator/server_common.h"
 #include "generator/sparse_setup.h"
 
@@ -46,6 +47,7 @@ void DefineFlags(Args& a) {
   a.Define({"kvstore-block-bytes", "bytes per block when this process creates it", false, false, "64KiB"});
   a.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   a.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
+  DefineCudaGraphsFlag(a);
   a.Define({"threads", "CPU threads of the backend (0 = all cores)", false, false, "0"});
   a.Define({"max-batch", "sequences decoding at once", false, false, "32"});
   a.Define({"max-tokens-per-step", "prompt tokens per engine step", false, false, "512"});
@@ -122,7 +124,14 @@ absl::Status Run(const Args& args) {
     ko.ends_per_request = eo.sparse != nullptr ? 2 : 1;  // sparse: KvStoreHooks::Release ends it too
     ASSIGN_OR_RETURN(kvstore, KvStoreTracker::Create(ko, &registry));
     so.kvstore = kvstore.get();
-    if (eo.sparse != nullptr) eo.sparse = std::make_shared<KvStoreHooks>(eo.sparse, kvstore.get());
+    // The host KV tier lives in the segment when the backend can address it (CUDA: cudaHostRegister).
+    const absl::Status registered = kvstore->RegisterWith(rt.backend.get());
+    if (!registered.ok()) {
+      SPC_LOG(WARNING) << "kvstore: host KV tiers stay in pinned memory" << Kv("status", registered.ToString());
+    }
+    if (eo.sparse != nullptr) {
+      eo.sparse = std::make_shared<KvStoreHooks>(eo.sparse, kvstore.get(), rt.backend.get(), registered.ok());
+    }
   }
   Engine engine(rt.model.get(), rt.tokenizer.get(), eo);
   EngineLoop loop(&engine, rt.backend.get(), &gm);

@@ -28,6 +28,11 @@ class CpuBackend : public Backend {
   absl::Status CopyDevice(const Tensor& src, Tensor* dst) override { return CopyToDevice(src, dst); }
   absl::Status Zero(Tensor* t) override;
   absl::Status CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) override;
+  // Retrieval head support (cpu_retrieval_ops.cc).
+  absl::Status CopyToColumns(const Tensor& src, int64_t col_begin, Tensor* dst) override;
+  absl::Status ScatterRows(const Tensor& src, std::span<const RowScatter> segments) override;
+  absl::Status SelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
+                               SelectionResult* out) override;
   absl::Status Synchronize() override { return absl::OkStatus(); }
   MemoryReport memory_report() const override { return memory_->Report(); }
   int64_t available_bytes() const override;
@@ -48,6 +53,12 @@ class CpuBackend : public Backend {
   absl::StatusOr<Tensor> AllocPinnedHost(DType dtype, Shape shape, MemoryKind kind) override;
   MemoryReport host_memory_report() const override { return host_memory_->Report(); }
   absl::Status CopyToPinnedHost(const Tensor& device, Tensor* host) override;
+  // Host memory is what the CPU backend computes on: nothing to register, tensors are plain views.
+  absl::Status RegisterHostMemory(void*, size_t) override { return absl::OkStatus(); }
+  absl::Status UnregisterHostMemory(void*) override { return absl::OkStatus(); }
+  absl::StatusOr<Tensor> WrapHostTensor(void* host, DType dtype, Shape shape, std::shared_ptr<void> storage) override {
+    return Tensor(host, dtype, std::move(shape), DeviceKind::kCpu, std::move(storage));
+  }
   absl::Status KvAppendHost(int layer, const Tensor& k, const Tensor& v) override;
   absl::Status PrepareSparseDecode(const SparseDecodeDesc& desc) override;
   absl::Status ElasticLoad(int layer, const CopyList& copies, ElasticCounters* counters) override;
@@ -66,6 +77,9 @@ class CpuBackend : public Backend {
 absl::Status CheckTensor(const Tensor& t, std::string_view what, DType dtype, int ndim);
 absl::Status CheckSameShape(const Tensor& a, const Tensor& b, std::string_view what);
 absl::Status CheckCopyColumns(const Tensor& src, int64_t col_begin, const Tensor& dst);
+// CopyToColumns / ScatterRows argument checks (cpu_retrieval_ops.cc), shared with the CUDA backend.
+absl::Status CheckCopyToColumns(const Tensor& src, int64_t col_begin, const Tensor& dst);
+absl::Status CheckScatterRows(const Tensor& src, std::span<const RowScatter> segments);
 // Validates a ragged batch against q/k rows and each sequence's KV capacity and layer count.
 absl::Status CheckBatch(const BatchDesc& batch, int layer, int64_t n_rows);
 

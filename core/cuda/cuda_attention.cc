@@ -1,9 +1,12 @@
 // CudaBackend: ragged-batch metadata (PrepareBatch), KV append and attention dispatch.
 //
 // PrepareBatch validates the batch on the host and uploads, in one copy, the per-sequence
-// metadata, the token-row -> sequence map and the K/V pointers of every layer. The first Attention
-// call after it builds the work lists (prefill tiles; decode splits sized to fill the GPU) for the
-// model's head count and uploads them in a second copy; later layers reuse both.
+// metadata, the token-row -> sequence map and the K/V pointers of every layer. A decode-only batch
+// (every sequence one new token) needs nothing more: its split-K plan is derived on the device from
+// each length, on a grid fixed by the batch size (DecodeSplitPlan), so Attention uploads nothing and a
+// CUDA graph of the step stays valid as the sequences grow. Other batches: the first Attention call
+// builds the work lists (prefill tiles; decode splits sized to fill the GPU) for the model's head
+// count and uploads them in a second copy; later layers reuse both.
 #include <algorithm>
 #include <cstring>
 
@@ -26,12 +29,14 @@ absl::Status CudaBackend::EnsureBuffer(Tensor* buf, size_t bytes) {
 }
 
 absl::Status CudaBackend::Upload(PinnedStaging& staging, const void* src, size_t bytes, void* dst) {
+  if (capturing_) return absl::FailedPreconditionError("an upload cannot be recorded in a CUDA graph");
   return StagedUpload(staging, src, bytes, dst, stream_);
 }
 
 absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
   batch_valid_ = false;
   planned_heads_ = 0;
+  ++batch_serial_;  // invalidates the prefill staging plan (cuda_prefill_staging.cc)
   if (batch.seqs.size() != batch.kv.size()) return absl::InvalidArgumentError("batch: one SequenceKv per slice is required");
   const int n_seqs = static_cast<int>(batch.seqs.size());
   if (n_seqs == 0) return absl::InvalidArgumentError("batch: no sequences");
@@ -93,7 +98,23 @@ absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
   std::memcpy(host.data() + off_row_seq_, row_seq.data(), sizeof(int32_t) * row_seq.size());
   std::memcpy(host.data() + off_k_ptrs_, k_ptrs.data(), sizeof(void*) * k_ptrs.size());
   std::memcpy(host.data() + off_v_ptrs_, v_ptrs.data(), sizeof(void*) * v_ptrs.size());
+  const void* old_meta = meta_.data();
   RETURN_IF_ERROR(EnsureBuffer(&meta_, total));
+  if (meta_.data() != old_meta) ++layout_epoch_;
+  // A decode-only batch gets its split plan on the device (fixed grid for the batch size): size the
+  // partials for the most splits it may use, here, so that Attention uploads and allocates nothing.
+  decode_only_ = true;
+  for (const SeqSlice& s : batch.seqs) decode_only_ = decode_only_ && s.n_tokens == 1;
+  max_splits_ = 0;
+  if (decode_only_ && MmaHeadDimSupported(static_cast<int>(hd)) && n_kv > 0) {
+    max_splits_ = DecodeMaxSplits(n_seqs, static_cast<int>(n_kv), sm_count_);
+    if (max_splits_ > 1) {
+      const size_t rows = size_t(n_seqs) * max_splits_ * n_kv * kDecodeBlockM;
+      const void* old_partials = partials_.data();
+      RETURN_IF_ERROR(EnsureBuffer(&partials_, rows * (hd + 1) * sizeof(float)));
+      if (partials_.data() != old_partials) ++layout_epoch_;
+    }
+  }
   RETURN_IF_ERROR(Upload(batch_staging_, host.data(), total, meta_.data()));
   batch_ = batch;
   n_layers_ = n_layers;
@@ -104,6 +125,9 @@ absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
 }
 
 absl::Status CudaBackend::PlanAttention(int n_heads) {
+  if (capturing_) {
+    return absl::FailedPreconditionError("attention: this batch needs a host-built plan, which a graph cannot hold");
+  }
   const int group = n_heads / n_kv_;
   std::vector<AttnWorkItem> prefill, decode;
   std::vector<AttnCombineItem> combine;
@@ -119,8 +143,11 @@ absl::Status CudaBackend::PlanAttention(int n_heads) {
   chunk = std::max<int64_t>(2 * kDecodeKeysPerStage,
                             (chunk + kDecodeKeysPerStage - 1) / kDecodeKeysPerStage * kDecodeKeysPerStage);
   int slots = 0;
+  prefill_item_begin_.assign(batch_.seqs.size() + 1, 0);
   for (int i = 0; i < static_cast<int>(batch_.seqs.size()); ++i) {
     const SeqSlice& s = batch_.seqs[i];
+    // Prefill items stay grouped by sequence, in order: prefill staging launches them a few sequences at a time.
+    prefill_item_begin_[i] = static_cast<int32_t>(prefill.size());
     if (s.n_tokens == 0) continue;
     if (s.n_tokens == 1 && decode_ok) {
       const int len = s.past_len + 1;
@@ -146,6 +173,7 @@ absl::Status CudaBackend::PlanAttention(int n_heads) {
       prefill.push_back({i, r0, 0, s.past_len + t_last + 1, -1, {}});
     }
   }
+  prefill_item_begin_.back() = static_cast<int32_t>(prefill.size());
   off_decode_ = sizeof(AttnWorkItem) * prefill.size();
   off_combine_ = off_decode_ + sizeof(AttnWorkItem) * decode.size();
   const size_t total = off_combine_ + sizeof(AttnCombineItem) * combine.size();
@@ -158,7 +186,9 @@ absl::Status CudaBackend::PlanAttention(int n_heads) {
   if (slots > 0) {
     const size_t rows = size_t(slots) * n_kv_ * kDecodeBlockM;
     off_lse_ = rows * head_dim_ * sizeof(float);
-    RETURN_IF_ERROR(EnsureBuffer(&partials_, off_lse_ + rows * sizeof(float)));
+    const void* old_partials = partials_.data();
+    RETURN_IF_ERROR(EnsureBuffer(&partials_, rows * (head_dim_ + 1) * sizeof(float)));
+    if (partials_.data() != old_partials) ++layout_epoch_;
   }
   n_prefill_items_ = static_cast<int>(prefill.size());
   n_decode_items_ = static_cast<int>(decode.size());
@@ -228,11 +258,28 @@ absl::Status CudaBackend::Attention(int layer, const Tensor& q, float scale, Ten
     RETURN_IF_CUDA_ERROR(LaunchAttentionSimple(p, stream_));
     return absl::OkStatus();
   }
+  if (max_splits_ > 0 && n_heads / n_kv_ <= kDecodeBlockM) {
+    p.n_seqs = n_seqs;
+    p.max_splits = max_splits_;
+    if (max_splits_ > 1) {
+      const size_t rows = size_t(n_seqs) * max_splits_ * n_kv_ * kDecodeBlockM;
+      p.partial_o = partials_.as<float>();
+      p.partial_lse = p.partial_o + rows * head_dim_;
+    }
+    RETURN_IF_CUDA_ERROR(LaunchAttentionDecode(p, stream_));
+    return absl::OkStatus();
+  }
   if (planned_heads_ != n_heads) RETURN_IF_ERROR(PlanAttention(static_cast<int>(n_heads)));
   char* plan = static_cast<char*>(plan_.data());
   if (!partials_.empty()) {
     p.partial_o = partials_.as<float>();
     p.partial_lse = reinterpret_cast<float*>(static_cast<char*>(partials_.data()) + off_lse_);
+  }
+  if (!decode_only_ && n_prefill_items_ > 0 && prefill_staging_limit_ > 0) {
+    // Offloaded layers of a prefill: the tiles read a device copy instead of mapped host memory.
+    bool done = false;
+    RETURN_IF_ERROR(StagedPrefillAttention(layer, p, &done));
+    if (done) return absl::OkStatus();
   }
   if (n_prefill_items_ > 0) {
     p.items = reinterpret_cast<const AttnWorkItem*>(plan);

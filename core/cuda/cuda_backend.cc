@@ -70,6 +70,9 @@ CudaBackend::CudaBackend(const CudaBackendOptions& options) : options_(options) 
 CudaBackend::~CudaBackend() {
   cudaSetDevice(options_.device);
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  DestroyGraphs();
+  sampler_.reset();
+  if (sampled_host_ != nullptr) cudaFreeHost(sampled_host_);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
   for (PinnedStaging* s : {&batch_staging_, &plan_staging_}) {
     if (s->ready != nullptr) cudaEventDestroy(s->ready);
@@ -85,6 +88,7 @@ CudaBackend::~CudaBackend() {
 }
 
 absl::Status CudaBackend::Init() {
+  graphs_enabled_ = options_.cuda_graphs;
   RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
   cudaDeviceProp prop;
   RETURN_IF_CUDA_ERROR(cudaGetDeviceProperties(&prop, options_.device));

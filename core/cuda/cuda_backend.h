@@ -24,6 +24,8 @@ struct CudaBackendOptions {
   // cuBLAS wins.
   int gemv_max_n = 1;
   int64_t cublas_workspace_bytes = int64_t{32} << 20;  // fixed cuBLAS workspace (graph capture)
+  // Record dense decode steps as CUDA graphs (Backend::RunStepGraph); Backend::set_step_graphs changes it.
+  bool cuda_graphs = true;
 };
 
 // Creates the backend on `options.device`. Fails with FailedPrecondition when no CUDA device is

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <cublas_v2.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,6 +42,11 @@ class CudaBackend : public Backend {
   absl::Status CopyDevice(const Tensor& src, Tensor* dst) override;
   absl::Status Zero(Tensor* t) override;
   absl::Status CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) override;
+  // Retrieval head support (cuda_retrieval_ops.cc; selection in cuda_selection.cc).
+  absl::Status CopyToColumns(const Tensor& src, int64_t col_begin, Tensor* dst) override;
+  absl::Status ScatterRows(const Tensor& src, std::span<const RowScatter> segments) override;
+  absl::Status SelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
+                               SelectionResult* out) override;
   absl::Status Synchronize() override;
   MemoryReport memory_report() const override { return memory_->Report(); }
   int64_t available_bytes() const override { return memory_->Available(); }
@@ -65,10 +71,50 @@ class CudaBackend : public Backend {
   absl::Status ElasticLoad(int layer, const CopyList& copies, ElasticCounters* counters) override;
   absl::Status SparseAttention(int layer, const Tensor& q, const Tensor& k_cur, const Tensor& v_cur, float scale,
                                Tensor* out) override;
+  // ---- host memory registered by its owner, e.g. a kvstore segment (cuda_host_register.cc) ----
+  absl::Status RegisterHostMemory(void* ptr, size_t bytes) override;
+  absl::Status UnregisterHostMemory(void* ptr) override;
+  absl::StatusOr<Tensor> WrapHostTensor(void* host, DType dtype, Shape shape, std::shared_ptr<void> storage) override;
   // Waits for the copy stream (elastic loads). SparseAttention(layer) orders itself after its layer's
   // load; code that reads slot buffers otherwise (tests, benchmarks) calls this first.
   absl::Status SyncCopyStream();
   struct SparseState;  // internal (cuda_sparse_state.h)
+
+  // ---- prefill attention of offloaded layers from a device copy (cuda_prefill_staging.cc) ----
+  // A batch with prefill tokens reads K/V of an offloaded layer once per 64-row query tile; over mapped host
+  // memory that is PCIe traffic times the tile count. Attention(l) of such a batch first copies each prefill
+  // sequence's rows [0, past_len + n_tokens) of layer l (after this step's KvAppendHost) into a device
+  // staging buffer (kWorkspace, reused by every layer) and runs the tiles over the copy. Sequences are
+  // staged in rounds whose bytes fit the limit; a sequence larger than the limit (or a buffer that cannot be
+  // allocated) keeps the direct path, with a warning. Decode-only batches never stage.
+  static constexpr int64_t kDefaultPrefillStagingBytes = int64_t{1} << 30;
+  struct PrefillStagingStats {
+    int64_t staged_layers = 0;  // Attention calls that read a staged copy
+    int64_t staged_copies = 0;  // (sequence, layer) K+V copies made
+    int64_t staged_bytes = 0;   // bytes copied from host into the staging buffer
+    int64_t direct_seqs = 0;    // (sequence, batch) pairs left on the direct path (too large / no memory)
+    int64_t max_rounds = 0;     // most rounds one batch needed
+  };
+  PrefillStagingStats prefill_staging_stats() const { return prefill_staging_stats_; }
+  // Bytes the staging buffer may take (K and V of the sequences of one round); 0 turns staging off.
+  void set_prefill_staging_limit(int64_t bytes) { prefill_staging_limit_ = bytes < 0 ? 0 : bytes; }
+  int64_t prefill_staging_limit() const { return prefill_staging_limit_; }
+
+  // ---- step graphs (cuda_graph.cc) and token selection (cuda_sampling_ops.cc) ----
+  bool step_graphs() const override { return graphs_enabled_; }
+  void set_step_graphs(bool enabled) override { graphs_enabled_ = enabled; }
+  absl::Status RunStepGraph(uint64_t key, const std::function<absl::Status()>& body) override;
+  void DropStepGraphs(uint64_t key_begin, uint64_t key_end) override;
+  bool device_sampling() const override { return true; }
+  absl::Status SampleTokens(const Tensor& logits, std::span<const TokenSampling> rows,
+                            std::span<int32_t> tokens) override;
+  // Graphs recorded so far (tests): captures and replays since the backend was made.
+  struct GraphStats {
+    int64_t captures = 0;
+    int64_t replays = 0;
+    int64_t fallbacks = 0;  // bodies that could not be recorded and ran directly
+  };
+  GraphStats graph_stats() const { return graph_stats_; }
 
   cudaStream_t stream() const { return stream_; }
   int sm_count() const { return sm_count_; }
@@ -112,11 +158,48 @@ class CudaBackend : public Backend {
   size_t off_lse_ = 0;
   PinnedStaging plan_staging_;
 
+  // ---- decode-only batches: split plan on the device (cuda_attention.cc) ----
+  bool decode_only_ = false;
+  int max_splits_ = 0;  // 0: not a decode-only batch the device plan serves
+
+  // ---- step graphs (cuda_graph.cc) ----
+  struct StepGraph;
+  void DestroyGraphs();
+  bool graphs_enabled_ = true;
+  bool capturing_ = false;       // a stream capture is in progress: uploads and plans refuse
+  uint64_t layout_epoch_ = 0;    // bumped when a buffer graphs read (meta_, partials_) moves
+  std::map<uint64_t, std::shared_ptr<StepGraph>> graphs_;
+  GraphStats graph_stats_;
+
+  // ---- token selection (cuda_sampling_ops.cc): created on first use ----
+  std::shared_ptr<void> sampler_;  // CudaSampler
+  Tensor sampled_;                 // [max rows] i32 device
+  int* sampled_host_ = nullptr;    // pinned
+  int sampled_capacity_ = 0;
+
   // ---- KV tiers and sparse decode (cuda_sparse.cc): copy stream, per-layer events, index-set buffers.
   // Created on first use; shared_ptr because the type is complete only in cuda_sparse_state.h.
   absl::StatusOr<SparseState*> Sparse();
   absl::Status EnsureTierTables(int layer);
   std::shared_ptr<SparseState> sparse_;
+  std::vector<std::pair<char*, size_t>> registered_host_;  // RegisterHostMemory regions: base, bytes
+
+  // ---- prefill staging (cuda_prefill_staging.cc): `p` is Attention's parameters for `layer` (plan built);
+  // runs the layer's attention over staged copies and sets *done, or leaves *done false (direct path).
+  struct PrefillStagingState;
+  absl::Status StagedPrefillAttention(int layer, AttnParams p, bool* done);
+  absl::Status PlanPrefillStaging(PrefillStagingState* st);
+  std::shared_ptr<PrefillStagingState> prefill_staging_;
+  PrefillStagingStats prefill_staging_stats_;
+  int64_t prefill_staging_limit_ = kDefaultPrefillStagingBytes;
+  uint64_t batch_serial_ = 0;                // bumped by PrepareBatch
+  std::vector<int32_t> prefill_item_begin_;  // [n_seqs + 1]: each sequence's prefill items in plan_ (PlanAttention)
+
+  // ---- retrieval head ops (cuda_retrieval_ops.cc): ScatterRows' segment table and its pinned staging,
+  // created on first use (shared_ptr: the type is complete only there; it frees its own event and memory).
+  struct RetrievalOpsState;
+  absl::StatusOr<RetrievalOpsState*> RetrievalOps();
+  std::shared_ptr<RetrievalOpsState> retrieval_ops_;
 };
 
 }  // namespace specontext::cuda

@@ -17,6 +17,27 @@ int64_t RoundUp(int64_t bytes) { return std::max<int64_t>(kAlign, (bytes + kAlig
 
 }  // namespace
 
+struct CudaMemory::Pool {
+  std::shared_ptr<CudaMemory> memory;
+  std::mutex mu;
+  std::map<int64_t, std::set<void*>> free;     // rounded size -> free blocks
+  std::vector<std::pair<void*, int64_t>> owned;  // every block, for the release
+  ~Pool() {
+    for (auto& [p, bytes] : owned) memory->Release(p, bytes, MemoryKind::kGraphs);
+  }
+};
+
+std::shared_ptr<CudaMemory::Pool> CudaMemory::NewPool() {
+  auto pool = std::make_shared<Pool>();
+  pool->memory = shared_from_this();
+  return pool;
+}
+
+void CudaMemory::SetActivePool(std::shared_ptr<Pool> pool) {
+  std::lock_guard<std::mutex> lock(mu_);
+  active_pool_ = std::move(pool);
+}
+
 CudaMemory::~CudaMemory() { TrimWorkspaceCache(); }
 
 bool CudaMemory::Reserve(int64_t bytes) {
@@ -106,6 +127,34 @@ absl::StatusOr<Tensor> CudaMemory::Alloc(DType dtype, Shape shape, MemoryKind ki
   }
   if (kind == MemoryKind::kCount) return absl::InvalidArgumentError("Alloc: kCount is not a memory kind");
   const int64_t bytes = RoundUp(NumElements(shape) * static_cast<int64_t>(DTypeSize(dtype)));
+  std::shared_ptr<Pool> pool;
+  if (kind == MemoryKind::kWorkspace) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pool = active_pool_;
+  }
+  if (pool != nullptr) {
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(pool->mu);
+      auto it = pool->free.find(bytes);
+      if (it != pool->free.end() && !it->second.empty()) {
+        p = *it->second.begin();
+        it->second.erase(it->second.begin());
+      }
+    }
+    if (p == nullptr) {
+      auto p_or = RawAlloc(bytes, MemoryKind::kGraphs);
+      if (!p_or.ok()) return p_or.status();
+      p = *p_or;
+      std::lock_guard<std::mutex> lock(pool->mu);
+      pool->owned.emplace_back(p, bytes);
+    }
+    std::shared_ptr<void> storage(p, [pool, bytes](void* q) {
+      std::lock_guard<std::mutex> lock(pool->mu);
+      pool->free[bytes].insert(q);
+    });
+    return Tensor(p, dtype, std::move(shape), DeviceKind::kCuda, std::move(storage));
+  }
   auto p_or = RawAlloc(bytes, kind);
   if (!p_or.ok()) return p_or.status();
   void* p = *p_or;

@@ -41,6 +41,14 @@ class CudaMemory : public std::enable_shared_from_this<CudaMemory> {
   int64_t limit() const { return limit_; }
   int device() const { return device_; }
 
+  // Graph pools (CUDA graphs, cuda_graph.cc): while a pool is active, workspace allocations come
+  // from it instead of the shared cache and are accounted as MemoryKind::kGraphs. Its blocks return
+  // to the pool when freed, never to the cache, so a captured graph's temporaries cannot be handed
+  // to anything else; the pool gives its memory back when the last reference (graph or tensor) goes.
+  struct Pool;
+  std::shared_ptr<Pool> NewPool();
+  void SetActivePool(std::shared_ptr<Pool> pool);  // null: none
+
  private:
   absl::StatusOr<void*> RawAlloc(int64_t bytes, MemoryKind kind);
   void Release(void* p, int64_t bytes, MemoryKind kind);
@@ -52,6 +60,7 @@ class CudaMemory : public std::enable_shared_from_this<CudaMemory> {
   std::mutex mu_;  // guards ws_cache_
   std::map<int64_t, std::set<void*>> ws_cache_;  // rounded size -> free blocks
   std::atomic<int64_t> bytes_[static_cast<size_t>(MemoryKind::kCount)] = {};
+  std::shared_ptr<Pool> active_pool_;  // guarded by mu_
   std::atomic<int64_t> total_{0};
   std::atomic<int64_t> peak_{0};
 };

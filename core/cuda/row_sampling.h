@@ -12,7 +12,9 @@ struct RowSampling {
   float temperature = 1.0f;  // <= 0: greedy
   float top_p = 1.0f;        // in (0, 1]
   int32_t top_k = 0;         // 0: no top-k
-  int32_t pad = 0;
+  // The draw in [0, 1) when >= 0 (the engine passes the request's seeded host generator's draw, so a
+  // seed gives the same draws on every backend); < 0: derived from (seed, step).
+  float uniform = -1.0f;
 };
 static_assert(sizeof(RowSampling) == 32);
 

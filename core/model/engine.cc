@@ -279,43 +279,70 @@ absl::Status Engine::Step() {
       fwd.push_back({std::span<const int32_t>(s.tokens.data() + s.n_cached, take), s.n_cached, s.kv.get()});
     }
   }
-  const int64_t vocab = model_->config().vocab_size;
-  Tensor logits = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(fwd.size()), vocab});
-  absl::Status st;
-  if (options_.sparse != nullptr) {
-    std::vector<SparseStepSeq> seqs;
-    for (Sequence* s : included) seqs.push_back({s->id, s->budget});
-    st = options_.sparse->Forward(fwd, seqs, &logits);
-  } else {
-    st = model_->Forward(fwd, /*all_tokens=*/false, &logits);
+  std::vector<int32_t> sample_rows;  // rows of `included` whose prompt completes this step: they get a token
+  for (size_t i = 0; i < included.size(); ++i) {
+    if (included[i]->n_cached + taken[i] == static_cast<int32_t>(included[i]->tokens.size())) {
+      sample_rows.push_back(static_cast<int32_t>(i));
+    }
   }
+  std::vector<int32_t> tokens;
+  const absl::Status st = ForwardAndSample(fwd, included, sample_rows, &tokens);
   if (!st.ok()) {
     SPC_LOG(ERROR) << "forward failed" << Kv("status", st.ToString()) << Kv("sequences", fwd.size());
     for (Sequence* s : included) Finish(*s, FinishReason::kError, st);
     std::erase_if(running_, [](const auto& s) { return s->finished; });
     return st;
   }
-  std::vector<int32_t> sample_rows;  // rows of `included` whose prompt is complete: they get a token
   for (size_t i = 0; i < included.size(); ++i) {
     Sequence& s = *included[i];
     s.n_cached += taken[i];
     if (options_.prefill_progress && s.stats.generated_tokens == 0) {
       options_.prefill_progress(s.id, std::min(s.n_cached, s.prompt_len), s.prompt_len);
     }
-    if (s.n_cached == static_cast<int32_t>(s.tokens.size())) sample_rows.push_back(static_cast<int32_t>(i));
+  }
+  for (size_t j = 0; j < sample_rows.size(); ++j) Emit(*included[sample_rows[j]], tokens[j]);
+  std::erase_if(running_, [](const auto& s) { return s->finished; });
+  return absl::OkStatus();
+}
+
+absl::Status Engine::ForwardAndSample(std::span<const ForwardSeq> fwd, const std::vector<Sequence*>& included,
+                                      const std::vector<int32_t>& sample_rows, std::vector<int32_t>* tokens) {
+  tokens->assign(sample_rows.size(), -1);
+  Backend& backend = *model_->backend();
+  if (options_.sparse == nullptr && options_.device_sampling && backend.device_sampling()) {
+    ASSIGN_OR_RETURN(Tensor logits, model_->ForwardDevice(fwd, /*all_tokens=*/false));
+    if (sample_rows.empty()) return absl::OkStatus();  // prompt chunks only
+    // Every row is selected (rows without a token this step, greedily: cheaper than a gather); only the
+    // sampled rows draw from their request's generator, as the host sampler would.
+    std::vector<TokenSampling> rows(fwd.size());
+    for (int32_t i : sample_rows) {
+      Sampler& sampler = included[i]->sampler;
+      const SamplingParams& p = sampler.params();
+      rows[i] = TokenSampling{p.temperature, p.top_k, p.top_p, sampler.greedy() ? 0.0f : sampler.NextUniform()};
+    }
+    std::vector<int32_t> all(fwd.size());
+    RETURN_IF_ERROR(backend.SampleTokens(logits, rows, all));
+    for (size_t j = 0; j < sample_rows.size(); ++j) (*tokens)[j] = all[sample_rows[j]];
+    return absl::OkStatus();
+  }
+  const int64_t vocab = model_->config().vocab_size;
+  Tensor logits = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(fwd.size()), vocab});
+  if (options_.sparse != nullptr) {
+    std::vector<SparseStepSeq> seqs;
+    for (Sequence* s : included) seqs.push_back({s->id, s->budget});
+    RETURN_IF_ERROR(options_.sparse->Forward(fwd, seqs, &logits));
+  } else {
+    RETURN_IF_ERROR(model_->Forward(fwd, /*all_tokens=*/false, &logits));
   }
   // Sampling reads a whole vocabulary row per sequence: run the rows in parallel (each sequence owns its
-  // sampler), then emit in order on this thread (callbacks are not thread-safe).
-  std::vector<int32_t> tokens(sample_rows.size());
+  // sampler); the caller emits in order on its thread (callbacks are not thread-safe).
   ParallelFor(static_cast<int64_t>(sample_rows.size()), 8 * vocab, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int32_t i = sample_rows[j];
-      tokens[j] = included[i]->sampler.Sample(
+      (*tokens)[j] = included[i]->sampler.Sample(
           std::span<const float>(logits.as<float>() + i * vocab, static_cast<size_t>(vocab)));
     }
   });
-  for (size_t j = 0; j < sample_rows.size(); ++j) Emit(*included[sample_rows[j]], tokens[j]);
-  std::erase_if(running_, [](const auto& s) { return s->finished; });
   return absl::OkStatus();
 }
 

@@ -72,6 +72,9 @@ struct EngineOptions {
   // SpeContext sparse decoding (retrieval head, KV tiers, elastic loading, memory planner); null = dense.
   // Must be built for the same model; shared so the caller can keep a handle (stats, test hooks).
   std::shared_ptr<SparseDecodeHooks> sparse;
+  // Dense mode on a backend with Backend::device_sampling() (CUDA): keep the logits on the device and pick
+  // the tokens there, downloading only their ids. Off: download the logits and sample on the host.
+  bool device_sampling = true;
   // Called on the engine thread after each prompt chunk of a request: prompt tokens done, prompt size.
   std::function<void(uint64_t id, int32_t done, int32_t total)> prefill_progress;
 };
@@ -108,6 +111,10 @@ class Engine {
   void ApplyCancellations();
   void Emit(Sequence& s, int32_t token);
   void Finish(Sequence& s, FinishReason reason, absl::Status status = absl::OkStatus());
+  // Runs the step's forward and picks a token for each of `sample_rows` (rows of `fwd`), on the device
+  // when the backend can (dense mode), else from host logits.
+  absl::Status ForwardAndSample(std::span<const ForwardSeq> fwd, const std::vector<Sequence*>& included,
+                                const std::vector<int32_t>& sample_rows, std::vector<int32_t>* tokens);
 
   Transformer* model_;
   const Tokenizer* tokenizer_;

@@ -20,6 +20,12 @@ absl::Status ValidateSamplingParams(const SamplingParams& p) {
   return absl::OkStatus();
 }
 
+float Sampler::NextUniform() {
+  // uniform_real_distribution(0, sum) is sum times this same canonical draw (one generator call).
+  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
+  return std::min(static_cast<float>(u), std::nextafter(1.0f, 0.0f));
+}
+
 int32_t Sampler::Sample(std::span<const float> logits) {
   const int32_t vocab = static_cast<int32_t>(logits.size());
   if (params_.temperature == 0.0f || params_.top_k == 1) {
@@ -83,15 +89,22 @@ int32_t Sampler::Sample(std::span<const float> logits) {
       }
     }
   }
+  // The draw walks the kept tokens in id order, as the plain-temperature path above and the GPU sampler
+  // (Backend::SampleTokens) do: the same draw then picks the same token on every backend.
+  std::vector<std::pair<int32_t, double>> kept(keep);
   double kept_sum = 0;
-  for (size_t i = 0; i < keep; ++i) kept_sum += probs[i];
+  for (size_t i = 0; i < keep; ++i) {
+    kept[i] = {idx[i], probs[i]};
+    kept_sum += probs[i];
+  }
+  std::sort(kept.begin(), kept.end());
   std::uniform_real_distribution<double> u(0.0, kept_sum);
   double r = u(rng_);
   for (size_t i = 0; i < keep; ++i) {
-    r -= probs[i];
-    if (r <= 0) return idx[i];
+    r -= kept[i].second;
+    if (r <= 0) return kept[i].first;
   }
-  return idx[keep - 1];
+  return kept[keep - 1].first;
 }
 
 }  // namespace specontext

@@ -24,6 +24,12 @@ class Sampler {
   explicit Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
   // Picks a token from logits [vocab] (f32). Greedy ties resolve to the lowest id.
   int32_t Sample(std::span<const float> logits);
+  // Whether Sample is an argmax (temperature 0 or top_k 1): it then draws nothing from the generator.
+  bool greedy() const { return params_.temperature == 0.0f || params_.top_k == 1; }
+  const SamplingParams& params() const { return params_; }
+  // The next draw in [0, 1) from the request's generator: the very value Sample would scale by the kept
+  // mass, so a device sampler given it (Backend::SampleTokens) follows the same seeded stream.
+  float NextUniform();
 
  private:
   SamplingParams params_;

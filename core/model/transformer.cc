@@ -192,7 +192,7 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
   RETURN_IF_ERROR(offloaded ? b.KvAppendHost(l, k3, v3) : b.KvAppend(l, k3, v3));
   ASSIGN_OR_RETURN(Tensor attn, b.Alloc(dt, {n, nh, hd}, MemoryKind::kWorkspace));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  if (sparse != nullptr && !sparse->dense_attention) {
+  if (sparse != nullptr && !sparse->dense_attention && (offloaded || !sparse->dense_resident_layers)) {
     RETURN_IF_ERROR(b.SparseAttention(l, q3, k3, v3, scale, &attn));
   } else {
     RETURN_IF_ERROR(b.Attention(l, q3, scale, &attn));
@@ -219,6 +219,17 @@ absl::Status Transformer::Forward(std::span<const ForwardSeq> seqs, bool all_tok
 
 absl::Status Transformer::Capture(int l, int64_t n, const Tensor& residual, HiddenCapture* capture) const {
   const int64_t d = config_.hidden_size, width = static_cast<int64_t>(capture->layers.size()) * d;
+  if (capture->on_device) {
+    const DType dt = backend_->compute_dtype();
+    for (size_t j = 0; j < capture->layers.size(); ++j) {
+      if (capture->layers[j] != l) continue;
+      if (capture->out.shape() != Shape{n, width} || capture->out.dtype() != dt) {
+        ASSIGN_OR_RETURN(capture->out, backend_->Alloc(dt, {n, width}, MemoryKind::kWorkspace));
+      }
+      RETURN_IF_ERROR(backend_->CopyToColumns(residual, static_cast<int64_t>(j) * d, &capture->out));
+    }
+    return absl::OkStatus();
+  }
   for (size_t j = 0; j < capture->layers.size(); ++j) {
     if (capture->layers[j] != l) continue;
     Tensor host = Tensor::HostEmpty(residual.dtype(), {n, d});
@@ -233,6 +244,19 @@ absl::Status Transformer::Capture(int l, int64_t n, const Tensor& residual, Hidd
 
 absl::Status Transformer::Forward(std::span<const ForwardSeq> seqs, bool all_tokens, Tensor* logits,
                                   const SparseForward* sparse, HiddenCapture* capture) {
+  int64_t n_tokens = 0;
+  for (const ForwardSeq& s : seqs) n_tokens += static_cast<int64_t>(s.tokens.size());
+  const int64_t n_out = all_tokens ? n_tokens : static_cast<int64_t>(seqs.size());
+  if (logits->dtype() != DType::kF32 || logits->numel() != n_out * config_.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("forward: logits buffer ", logits->DebugString(),
+                                                   ", expected f32[", n_out, ", ", config_.vocab_size, "]"));
+  }
+  ASSIGN_OR_RETURN(Tensor d_logits, ForwardDevice(seqs, all_tokens, sparse, capture));
+  return backend_->ToHost(d_logits, logits);
+}
+
+absl::StatusOr<Tensor> Transformer::ForwardDevice(std::span<const ForwardSeq> seqs, bool all_tokens,
+                                                  const SparseForward* sparse, HiddenCapture* capture) {
   const ModelConfig& c = config_;
   Backend& b = *backend_;
   BatchDesc batch;
@@ -260,11 +284,15 @@ absl::Status Transformer::Forward(std::span<const ForwardSeq> seqs, bool all_tok
   const int64_t n = static_cast<int64_t>(ids.size());
   batch.n_tokens = static_cast<int32_t>(n);
   const int64_t n_out = all_tokens ? n : static_cast<int64_t>(seqs.size());
-  if (logits->dtype() != DType::kF32 || logits->numel() != n_out * c.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat("forward: logits buffer ", logits->DebugString(),
-                                                   ", expected f32[", n_out, ", ", c.vocab_size, "]"));
-  }
+  if (seqs.empty()) return absl::InvalidArgumentError("forward: no sequences");
   RETURN_IF_ERROR(b.PrepareBatch(batch));
+  if (sparse == nullptr && capture == nullptr && n == static_cast<int64_t>(seqs.size()) && b.step_graphs()) {
+    bool resident = true;
+    for (const ForwardSeq& s : seqs) {
+      for (int l = 0; l < c.num_hidden_layers; ++l) resident = resident && !s.kv->offloaded(l);
+    }
+    if (resident) return DecodeStep(ids, positions);
+  }
   if (sparse != nullptr) {
     for (const ForwardSeq& s : seqs) {
       if (s.tokens.size() != 1) return absl::InvalidArgumentError("sparse forward: every sequence decodes one token");
@@ -285,7 +313,8 @@ absl::Status Transformer::Forward(std::span<const ForwardSeq> seqs, bool all_tok
                                                        c.num_hidden_layers, "]"));
       }
     }
-    capture->out = Tensor::HostEmpty(DType::kF32, {n, static_cast<int64_t>(capture->layers.size()) * c.hidden_size});
+    const int64_t width = static_cast<int64_t>(capture->layers.size()) * c.hidden_size;
+    if (!capture->on_device) capture->out = Tensor::HostEmpty(DType::kF32, {n, width});
   }
 
   const DType dt = b.compute_dtype();
@@ -313,7 +342,7 @@ absl::Status Transformer::Forward(std::span<const ForwardSeq> seqs, bool all_tok
   }
   ASSIGN_OR_RETURN(Tensor d_logits, b.Alloc(DType::kF32, {n_out, c.vocab_size}, MemoryKind::kWorkspace));
   RETURN_IF_ERROR(b.Linear(rows, lm_head_, nullptr, &d_logits));
-  return b.ToHost(d_logits, logits);
+  return d_logits;
 }
 
 }  // namespace specontext

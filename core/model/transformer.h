@@ -42,12 +42,19 @@ struct SparseForward {
   ElasticCounters* counters = nullptr;          // rows/bytes loaded (may be null)
   // Exact dense attention instead of SparseAttention (every past <= its budget and no layer offloaded).
   bool dense_attention = false;
+  // With dense_attention false: resident layers attend densely anyway (Attention over their full KV) and only
+  // offloaded layers use SparseAttention over `desc` (split mode's fallback when the retriever is down or late:
+  // dense over what is on the GPU plus the sink + recent window the slot buffers hold).
+  bool dense_resident_layers = false;
 };
 
 // Hidden states to capture for an EAGLE-3 retrieval head: the residual stream entering each of `layers`
-// (HF hidden_states[l]) for every new token, concatenated: out [n_tokens, layers.size() * hidden] f32 host.
+// (HF hidden_states[l]) for every new token, concatenated: out [n_tokens, layers.size() * hidden], either
+// f32 host (downloaded per fusion layer) or, when `on_device`, a backend tensor in the compute dtype filled
+// with Backend::CopyToColumns in stream order (no host wait; kWorkspace, reused while its shape fits).
 struct HiddenCapture {
   std::vector<int32_t> layers;
+  bool on_device = false;
   Tensor out;  // filled by Forward
 };
 
@@ -67,6 +74,9 @@ class Transformer {
 
   const ModelConfig& config() const { return config_; }
   Backend* backend() const { return backend_; }
+  // The token embedding table on the backend [vocab, hidden] (weight dtype); a retrieval head sharing the
+  // target's embedding reads it instead of uploading a copy.
+  const Tensor& embedding() const { return embed_; }
 
   // KV storage for one sequence of up to `capacity` tokens (MemoryKind::kKvCache).
   absl::StatusOr<std::unique_ptr<SequenceKv>> AllocateKv(int32_t capacity) const;
@@ -81,6 +91,12 @@ class Transformer {
   // sequence's SequenceKv marks offloaded append to the host copy (Backend::KvAppendHost).
   absl::Status Forward(std::span<const ForwardSeq> seqs, bool all_tokens, Tensor* logits,
                        const SparseForward* sparse, HiddenCapture* capture);
+  // The same, leaving the logits on the backend: f32 [n_seqs or n_tokens, vocab], valid until the next
+  // forward (the engine samples from it on the device). A dense step where every sequence decodes one
+  // token runs through Backend::RunStepGraph (a CUDA graph per batch size; transformer_graph.cc).
+  absl::StatusOr<Tensor> ForwardDevice(std::span<const ForwardSeq> seqs, bool all_tokens,
+                                       const SparseForward* sparse = nullptr, HiddenCapture* capture = nullptr);
+  ~Transformer();
 
  private:
   Transformer(const ModelConfig& config, Backend* backend) : config_(config), backend_(backend) {}
@@ -92,6 +108,12 @@ class Transformer {
   absl::Status Layer(int l, int64_t n, Tensor& residual, Tensor& h, const Tensor& positions, bool offloaded,
                      const SparseForward* sparse);
   absl::Status Capture(int l, int64_t n, const Tensor& residual, HiddenCapture* capture) const;
+  // Dense decode step of `ids` (one token per sequence, batch already prepared) through the step graph
+  // of its batch size (transformer_graph.cc); returns the bucket's device logits [n, vocab].
+  absl::StatusOr<Tensor> DecodeStep(std::span<const int32_t> ids, std::span<const int32_t> positions);
+  // The recorded part of DecodeStep: embedding, layers and LM head from fixed input buffers.
+  absl::Status DecodeBody(int64_t n, const Tensor& ids, const Tensor& positions, Tensor* logits);
+  struct DecodeGraphs;  // per batch size: fixed input and logits buffers
 
   ModelConfig config_;
   Backend* backend_;
@@ -99,6 +121,7 @@ class Transformer {
   std::vector<LayerWeights> layers_;
   Tensor inv_freq_;
   RopeArgs rope_;
+  std::shared_ptr<DecodeGraphs> graphs_;  // shared: the type is complete only in transformer_graph.cc
 };
 
 }  // namespace specontext

@@ -103,6 +103,7 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
     }
   }
   ASSIGN_OR_RETURN(rt.backend, MakeBackend(options.backend, options.gpu_memory_limit));
+  rt.backend->set_step_graphs(options.cuda_graphs);
   ProgressLine progress(options.show_progress);
   ASSIGN_OR_RETURN(rt.model, Transformer::Load(rt.checkpoint, rt.backend.get(),
                                                [&](int64_t done, int64_t total) { progress.Update(done, total); }));
@@ -118,7 +119,19 @@ absl::StatusOr<RuntimeOptions> RuntimeOptionsFromArgs(const Args& args) {
   ASSIGN_OR_RETURN(ro.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
   ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads"));
   ro.threads = static_cast<int>(threads);
+  ASSIGN_OR_RETURN(ro.cuda_graphs, CudaGraphsFromArgs(args));
   return ro;
+}
+
+void DefineCudaGraphsFlag(Args& args) {
+  args.Define({"cuda-graphs", "record dense decode steps as CUDA graphs (true or false)", false, false, "true"});
+}
+
+absl::StatusOr<bool> CudaGraphsFromArgs(const Args& args) {
+  const std::string v = args.GetString("cuda-graphs");
+  if (v.empty() || v == "true" || v == "1") return true;
+  if (v == "false" || v == "0") return false;
+  return absl::InvalidArgumentError(absl::StrCat("--cuda-graphs expects true or false, got \"", v, "\""));
 }
 
 absl::StatusOr<std::vector<int32_t>> EncodePrompt(const Runtime& rt, const std::string& text, bool templated) {

@@ -22,6 +22,7 @@ struct RuntimeOptions {
   int64_t gpu_memory_limit = 0; // bytes, 0 = all
   int threads = 0;              // CPU threads, 0 = all cores
   bool show_progress = false;   // a progress line on stderr while weights load
+  bool cuda_graphs = true;      // record dense decode steps as CUDA graphs (Backend::set_step_graphs)
 };
 
 struct Runtime {
@@ -38,8 +39,13 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options);
 
 class Args;
 // RuntimeOptions from the flags the serving CLIs share: --model (required), --tokenizer, --backend,
-// --gpu-memory-limit, --threads.
+// --gpu-memory-limit, --threads, and --cuda-graphs=true|false where the CLI defines it (see
+// DefineCudaGraphsFlag).
 absl::StatusOr<RuntimeOptions> RuntimeOptionsFromArgs(const Args& args);
+// Defines --cuda-graphs (default true) on a CLI's Args.
+void DefineCudaGraphsFlag(Args& args);
+// Parses --cuda-graphs: true when the flag is not defined or not given.
+absl::StatusOr<bool> CudaGraphsFromArgs(const Args& args);
 
 // Tokenizes a prompt (with the tokenizer's default BOS unless `templated`: chat templates write
 // their own). Empty text gives just BOS (the config's when the tokenizer has none).

@@ -89,7 +89,7 @@ void CheckDistribution(Backend& gpu, CudaSampler* sampler, int vocab, float temp
   for (int i = 0; i < n; ++i) std::memcpy(l.as<float>() + int64_t{i} * vocab, one.data(), vocab * 4);
   std::vector<RowSampling> rows(n);
   const uint64_t seed = rng();
-  for (int i = 0; i < n; ++i) rows[i] = RowSampling{seed, static_cast<uint64_t>(i), temperature, top_p, top_k, 0};
+  for (int i = 0; i < n; ++i) rows[i] = RowSampling{seed, static_cast<uint64_t>(i), temperature, top_p, top_k, -1.0f};
   std::vector<int32_t> got = Select(gpu, sampler, l, &rows);
   // Expected: softmax(x / T), keep top-k, then the smallest prefix reaching top_p, renormalise.
   const float* x = one.as<float>();
@@ -144,7 +144,7 @@ TEST(CudaSamplingTest, LargeVocabStaysInTopK) {
   ASSERT_TRUE(sampler.ok());
   Tensor l = Logits(batch, vocab, rng, 2.0f);
   std::vector<RowSampling> rows(batch);
-  for (int64_t i = 0; i < batch; ++i) rows[i] = RowSampling{rng(), 7, 1.0f, 0.95f, 50, 0};
+  for (int64_t i = 0; i < batch; ++i) rows[i] = RowSampling{rng(), 7, 1.0f, 0.95f, 50, -1.0f};
   std::vector<int32_t> got = Select(*gpu, sampler->get(), l, &rows);
   for (int64_t i = 0; i < batch; ++i) {
     const float* row = l.as<float>() + i * vocab;

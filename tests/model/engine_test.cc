@@ -3,7 +3,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <random>
 
 #include "tests/model/random_model.h"
 
@@ -205,6 +208,71 @@ TEST(Sampler, FrequenciesFollowSoftmax) {
   // top_k = 2 removes the least likely token entirely.
   Sampler k2({1.0f, 2, 1.0f, 5});
   for (int i = 0; i < 2000; ++i) EXPECT_NE(k2.Sample(logits), 0);
+}
+
+// A device sampler is handed Sampler::NextUniform() and picks the kept token (top-k, then top-p) whose
+// cumulative mass, walking the kept tokens in id order, first reaches u * kept mass: with the same seed that is the token
+// Sample() picks, step after step (the GPU engine's seeded output follows the host's).
+TEST(Sampler, NextUniformIsTheDrawSampleUses) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(seed);
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> val(-3.0f, 3.0f);
+  for (const SamplingParams base : {SamplingParams{0.8f, 0, 1.0f, 0}, SamplingParams{1.3f, 7, 1.0f, 0},
+                                    SamplingParams{1.0f, 0, 0.6f, 0}, SamplingParams{0.9f, 9, 0.8f, 0}}) {
+    SamplingParams p = base;
+    p.seed = rng();
+    Sampler a(p), b(p);
+    EXPECT_FALSE(a.greedy());
+    int agree = 0;
+    for (int step = 0; step < 200; ++step) {
+      std::vector<float> logits(40);
+      for (float& x : logits) x = val(rng);
+      const int32_t want = a.Sample(logits);
+      const double u = b.NextUniform();
+      ASSERT_GE(u, 0.0);
+      ASSERT_LT(u, 1.0);
+      // Reference pick from u: order by logit (ties to the lower id), cut by top-k then top-p.
+      std::vector<int32_t> idx(logits.size());
+      std::iota(idx.begin(), idx.end(), 0);
+      std::sort(idx.begin(), idx.end(), [&](int32_t x, int32_t y) { return logits[x] > logits[y] || (logits[x] == logits[y] && x < y); });
+      std::vector<double> pr;
+      for (int32_t i : idx) pr.push_back(std::exp(double(logits[i]) / p.temperature));
+      size_t keep = p.top_k > 0 ? std::min<size_t>(p.top_k, pr.size()) : pr.size();
+      double mass = 0;
+      for (size_t i = 0; i < keep; ++i) mass += pr[i];
+      if (p.top_p < 1.0f) {
+        double cum = 0;
+        for (size_t i = 0; i < keep; ++i) {
+          cum += pr[i];
+          if (cum / mass >= p.top_p) {
+            keep = i + 1;
+            break;
+          }
+        }
+        mass = 0;
+        for (size_t i = 0; i < keep; ++i) mass += pr[i];
+      }
+      // The kept tokens are walked in id order.
+      std::vector<std::pair<int32_t, double>> kept;
+      for (size_t i = 0; i < keep; ++i) kept.push_back({idx[i], pr[i]});
+      std::sort(kept.begin(), kept.end());
+      double r = u * mass;
+      int32_t got = kept.back().first;
+      for (const auto& [id, q] : kept) {
+        r -= q;
+        if (r <= 0) {
+          got = id;
+          break;
+        }
+      }
+      agree += got == want;
+    }
+    // u is rounded to float: a pick may differ only when the draw lands within ~1e-7 of a boundary.
+    EXPECT_GE(agree, 199) << "T " << p.temperature << " top_k " << p.top_k << " top_p " << p.top_p;
+  }
+  EXPECT_TRUE(Sampler({0.0f, 0, 1.0f, 1}).greedy());
+  EXPECT_TRUE(Sampler({1.0f, 1, 1.0f, 1}).greedy());
 }
 
 }  // namespace

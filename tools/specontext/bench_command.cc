@@ -4,7 +4,9 @@
 // Method: decode steps run B sequences whose caches already hold S tokens (zeroed KV: the step
 // reads the same bytes whatever the values), one new token each; the time is the median wall time
 // of Forward() (which includes metadata upload and the logits download) over --steps steps after
-// warm-up. Prefill runs one prompt of P tokens in chunks of --prefill-chunk.
+// warm-up, with and without CUDA graphs (--cuda-graphs both), and also with the logits kept on the
+// device and greedy tokens picked there (sampled_step_ms: what the engine pays on CUDA). Prefill runs
+// one prompt of P tokens in chunks of --prefill-chunk.
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -67,6 +69,42 @@ struct Emitter {
   }
 };
 
+struct DecodeTimes {
+  double forward_ms = 0;  // Forward(): logits downloaded (what a host sampler pays)
+  double sampled_ms = 0;  // ForwardDevice() + greedy Backend::SampleTokens (the engine on CUDA)
+};
+
+// Median step times over `steps` steps after 3 warm-up steps, each variant from position `ctx` on.
+absl::StatusOr<DecodeTimes> TimeDecode(Transformer& model, const std::vector<std::unique_ptr<SequenceKv>>& kvs,
+                                       int64_t ctx, int64_t steps) {
+  Backend& b = *model.backend();
+  const int64_t batch = static_cast<int64_t>(kvs.size());
+  std::vector<int32_t> step_tokens(batch, 1), sampled(batch);
+  Tensor logits = Tensor::HostEmpty(DType::kF32, {batch, model.config().vocab_size});
+  std::vector<TokenSampling> greedy(batch);
+  DecodeTimes out;
+  for (int variant = 0; variant < 2; ++variant) {
+    if (variant == 1 && !b.device_sampling()) break;
+    std::vector<double> times;
+    for (int64_t step = 0; step < steps + 3; ++step) {
+      std::vector<ForwardSeq> seqs;
+      for (int64_t i = 0; i < batch; ++i) {
+        seqs.push_back({std::span<const int32_t>(&step_tokens[i], 1), static_cast<int32_t>(ctx + step), kvs[i].get()});
+      }
+      const absl::Time t0 = absl::Now();
+      if (variant == 0) {
+        RETURN_IF_ERROR(model.Forward(seqs, false, &logits));
+      } else {
+        ASSIGN_OR_RETURN(Tensor d_logits, model.ForwardDevice(seqs, false));
+        RETURN_IF_ERROR(b.SampleTokens(d_logits, greedy, sampled));
+      }
+      if (step >= 3) times.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
+    }
+    (variant == 0 ? out.forward_ms : out.sampled_ms) = Median(times);
+  }
+  return out;
+}
+
 absl::Status RunBench(const Args& args) {
   if (!args.Has("model")) return absl::InvalidArgumentError("--model is required");
   RuntimeOptions ro;
@@ -80,8 +118,16 @@ absl::Status RunBench(const Args& args) {
   ASSIGN_OR_RETURN(int64_t steps, args.GetInt("steps"));
   ASSIGN_OR_RETURN(int64_t chunk, args.GetInt("prefill-chunk"));
   if (steps <= 0 || chunk <= 0) return absl::InvalidArgumentError("--steps and --prefill-chunk must be positive");
+  const std::string graphs_flag = args.GetString("cuda-graphs");
+  if (graphs_flag != "both" && graphs_flag != "true" && graphs_flag != "false") {
+    return absl::InvalidArgumentError(absl::StrCat("--cuda-graphs expects true, false or both, got \"", graphs_flag, "\""));
+  }
+  ro.cuda_graphs = graphs_flag != "false";
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
   Backend& b = *rt.backend;
+  const bool graphs_default = b.step_graphs();
+  std::vector<bool> graph_modes = {graphs_default};
+  if (graphs_flag == "both" && graphs_default) graph_modes = {false, true};
   Transformer& model = *rt.model;
   const ModelConfig& c = model.config();
   Emitter emit;
@@ -142,25 +188,17 @@ absl::Status RunBench(const Args& args) {
                                   st.message()));
         continue;
       }
-      std::vector<int32_t> step_tokens(batch, 1);
-      Tensor logits = Tensor::HostEmpty(DType::kF32, {batch, c.vocab_size});
-      std::vector<double> times;
-      for (int64_t step = 0; step < steps + 3; ++step) {
-        std::vector<ForwardSeq> seqs;
-        for (int64_t i = 0; i < batch; ++i) {
-          seqs.push_back({std::span<const int32_t>(&step_tokens[i], 1), static_cast<int32_t>(ctx + step),
-                          kvs[i].get()});
-        }
-        const absl::Time t0 = absl::Now();
-        RETURN_IF_ERROR(model.Forward(seqs, false, &logits));
-        if (step >= 3) times.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
-      }
-      const double ms = Median(times);
       const double bytes = weight_bytes + double(batch) * ctx * kv_token;
       const double floor_ms = bytes / bw * 1e3;  // bw: bytes moved (read + written) per second by a copy
-      emit.Line(absl::StrFormat(
-          R"({"kind":"decode","batch":%d,"context":%d,"step_ms":%.3f,"floor_ms":%.3f,"ratio_to_floor":%.2f,"tokens_per_s":%.1f})",
-          batch, ctx, ms, floor_ms, ms / floor_ms, batch * 1e3 / ms));
+      for (bool graphs : graph_modes) {
+        b.set_step_graphs(graphs);
+        ASSIGN_OR_RETURN(DecodeTimes t, TimeDecode(model, kvs, ctx, steps));
+        emit.Line(absl::StrFormat(
+            R"({"kind":"decode","batch":%d,"context":%d,"graphs":%s,"step_ms":%.3f,"floor_ms":%.3f,"ratio_to_floor":%.2f,"tokens_per_s":%.1f,"sampled_step_ms":%.3f,"sampled_ratio_to_floor":%.2f})",
+            batch, ctx, graphs ? "true" : "false", t.forward_ms, floor_ms, t.forward_ms / floor_ms,
+            batch * 1e3 / t.forward_ms, t.sampled_ms, t.sampled_ms / floor_ms));
+      }
+      b.set_step_graphs(graphs_default);
     }
   }
   return absl::OkStatus();
@@ -169,6 +207,10 @@ absl::Status RunBench(const Args& args) {
 }  // namespace
 
 int BenchMain(int argc, char** argv) {
+  // `bench --sparse`: the SpeContext decode benchmark (bench_sparse_command.cc).
+  for (int i = 2; i < argc; ++i) {
+    if (std::string(argv[i]) == "--sparse") return BenchSparseMain(argc, argv);
+  }
   Args args;
   args.Define({"model", "HF model directory or llama2.c .bin"});
   args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
@@ -178,6 +220,7 @@ int BenchMain(int argc, char** argv) {
   args.Define({"prefill", "prefill prompt lengths", false, false, "2048,8192"});
   args.Define({"prefill-chunk", "prefill chunk size", false, false, "8192"});
   args.Define({"steps", "timed decode steps per point", false, false, "20"});
+  args.Define({"cuda-graphs", "decode with CUDA graphs: true, false or both (one line each)", false, false, "both"});
   args.Define({"out", "append JSON lines to this file"});
   return RunCommand("specontext bench", args, argc, argv, 2, RunBench);
 }

@@ -44,6 +44,7 @@ void DefineGenerateFlags(Args& args) {
   args.Define({"retrieval-head", "sparse: retrieval head directory (specontext prune)"});
   args.Define({"selection", "sparse: head (one index set per KV head) or batch", false, false, "head"});
   args.Define({"log-level", "debug, info, warning or error", false, false, "warning"});
+  DefineCudaGraphsFlag(args);
 }
 
 absl::Status RunGenerate(const Args& args) {

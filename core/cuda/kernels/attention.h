@@ -59,6 +59,11 @@ struct AttnParams {
   // Simple kernel only: token row -> sequence index.
   const int32_t* row_seq = nullptr;
   int n_tokens = 0;
+  // Decode-only batches (LaunchAttentionDecode): the grid is fixed by the batch size, not by the
+  // lengths, so a CUDA graph of the step stays valid as sequences grow. Sequence s owns partial
+  // slots [s * max_splits, (s + 1) * max_splits).
+  int n_seqs = 0;
+  int max_splits = 0;
 };
 
 // Tensor-core kernels exist for these head dims; others use the simple kernel.
@@ -68,7 +73,37 @@ constexpr int kPrefillBlockM = 64;  // query rows per prefill CTA (4 warps x 16)
 constexpr int kDecodeBlockM = 16;   // query rows per decode CTA (the group, padded)
 constexpr int kDecodeKeysPerStage = 64;  // 4 warps x 16 keys; split sizes are multiples of it
 
+constexpr int kMaxDecodeSplits = 64;
+
+// Split-K plan of one decoding sequence of `len` keys (cached + the new one), computed the same way
+// on the host and in the kernels: at most `max_splits` splits of at least two stages each, equal
+// parts in whole stages. Gives the split count and the keys per split (the last may be shorter).
+__host__ __device__ inline void DecodeSplitPlan(int len, int max_splits, int* splits, int* per) {
+  constexpr int kMinKeys = 2 * kDecodeKeysPerStage;
+  int n = (len + kMinKeys - 1) / kMinKeys;
+  n = n < 1 ? 1 : (n > max_splits ? max_splits : n);
+  const int keys = (len + n - 1) / n;
+  *per = (keys + kDecodeKeysPerStage - 1) / kDecodeKeysPerStage * kDecodeKeysPerStage;
+  *splits = (len + *per - 1) / *per;
+}
+
+// Splits per sequence for a decode-only batch: about two waves of CTAs (n_seqs x n_kv x splits)
+// over the SMs, never more than kMaxDecodeSplits. Depends only on the batch's shape.
+inline int DecodeMaxSplits(int n_seqs, int n_kv, int sm_count) {
+  const int ctas = n_seqs * n_kv;
+  int s = (2 * sm_count + ctas - 1) / (ctas > 0 ? ctas : 1);
+  return s < 1 ? 1 : (s > kMaxDecodeSplits ? kMaxDecodeSplits : s);
+}
+
 enum class AttnKernel : uint8_t { kPrefill, kDecode };
+// Decode-only batch (every sequence one new token, group <= kDecodeBlockM, MMA head dim): split-K
+// attention with the plan derived on the device from each sequence's length (grid n_seqs x
+// max_splits x n_kv; CTAs past a sequence's split count exit at once), then the merge of the
+// splits (grid n_seqs x n_kv x group; measured faster on the H100 at batch 1 than merging in the last
+// split's CTA, which serialises the merge on one CTA). p.items is unused.
+cudaError_t LaunchAttentionDecode(const AttnParams& p, cudaStream_t stream);
+// The merge pass of LaunchAttentionDecode (sequences with one split return at once).
+cudaError_t LaunchAttentionDecodeCombine(const AttnParams& p, cudaStream_t stream);
 // Runs the tensor-core kernel over p.items (grid n_items x n_kv).
 cudaError_t LaunchAttentionMma(const AttnParams& p, AttnKernel kind, cudaStream_t stream);
 // Merges split partials into p.out (grid n_combine x n_kv).

@@ -51,6 +51,45 @@ __global__ void CombineKernel(AttnParams p) {
   }
 }
 
+// Decode-only merge: one CTA per (sequence, KV head, query head of the group), one thread per
+// output element. The split weights are computed once into shared memory; the loads of the
+// splits' partials are independent, so they overlap instead of forming a dependent chain.
+__global__ void DecodeCombineKernel(AttnParams p) {
+  const int s_idx = blockIdx.x, kvh = blockIdx.y, row = blockIdx.z;
+  const AttnSeq s = p.seqs[s_idx];
+  int splits, per;
+  DecodeSplitPlan(s.past_len + 1, p.max_splits, &splits, &per);
+  if (splits <= 1) return;  // the decode kernel wrote the output itself
+  __shared__ float s_w[kMaxDecodeSplits];
+  __shared__ float s_inv;
+  const size_t slot_stride = size_t(p.n_kv) * kDecodeBlockM;
+  const size_t base = (size_t(s_idx) * p.max_splits * p.n_kv + kvh) * kDecodeBlockM + row;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    float mx = -INFINITY;
+    for (int i = lane; i < splits; i += 32) mx = fmaxf(mx, p.partial_lse[base + i * slot_stride]);
+    mx = WarpMax(mx);
+    float sum = 0.0f;
+    for (int i = lane; i < splits; i += 32) {
+      const float lse = p.partial_lse[base + i * slot_stride];
+      const float w = lse == -INFINITY ? 0.0f : exp2f(lse - mx);
+      s_w[i] = w;
+      sum += w;
+    }
+    sum = WarpSum(sum);
+    if (lane == 0) s_inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  }
+  __syncthreads();
+  const int group = p.n_heads / p.n_kv;
+  bf16* out = static_cast<bf16*>(p.out) + (size_t(s.token_begin) * p.n_heads + kvh * group + row) * p.head_dim;
+  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int i = 0; i < splits; ++i) acc += s_w[i] * p.partial_o[(base + i * slot_stride) * p.head_dim + d];
+    out[d] = __float2bfloat16(acc * s_inv);
+  }
+}
+
 constexpr int kSimpleMaxPerLane = 8;  // head_dim <= 256
 
 // One warp per (token row, query head); f32 online softmax over the row's causal keys.
@@ -121,6 +160,13 @@ cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
 cudaError_t LaunchAttentionCombine(const AttnParams& p, cudaStream_t stream) {
   if (p.n_combine == 0) return cudaSuccess;
   CombineKernel<<<dim3(p.n_combine, p.n_kv), 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAttentionDecodeCombine(const AttnParams& p, cudaStream_t stream) {
+  if (p.n_seqs == 0 || p.max_splits <= 1) return cudaSuccess;
+  const int group = p.n_heads / p.n_kv;
+  DecodeCombineKernel<<<dim3(p.n_seqs, p.n_kv, group), p.head_dim <= 64 ? 64 : 128, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

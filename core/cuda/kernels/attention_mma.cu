@@ -70,7 +70,18 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   __shared__ float s_m[WARPS_N][kBlockM];
   __shared__ float s_l[WARPS_N][kBlockM];
 
-  const AttnWorkItem item = p.items[blockIdx.x];
+  AttnWorkItem item;
+  if (p.items != nullptr) {
+    item = p.items[blockIdx.x];
+  } else {
+    // Decode-only batch: this CTA is split j of sequence s; the plan follows from the length alone.
+    const int s = blockIdx.x / p.max_splits, j = blockIdx.x % p.max_splits;
+    const int len = p.seqs[s].past_len + 1;
+    int splits, per;
+    DecodeSplitPlan(len, p.max_splits, &splits, &per);
+    if (j >= splits) return;  // the whole CTA leaves before any barrier
+    item = AttnWorkItem{s, 0, j * per, min(len, (j + 1) * per), splits > 1 ? s * p.max_splits + j : -1, {}};
+  }
   const int kvh = blockIdx.y;
   const AttnSeq seq = p.seqs[item.seq];
   const int group = p.n_heads / p.n_kv;
@@ -279,7 +290,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
 }
 
 template <int HD, int WARPS_M, int WARPS_N, int BLOCK_N>
-cudaError_t Launch(const AttnParams& p, cudaStream_t stream) {
+cudaError_t Launch(const AttnParams& p, cudaStream_t stream, int grid_x) {
   using Cfg = MmaConfig<HD, WARPS_M, WARPS_N, BLOCK_N>;
   auto kernel = AttentionMmaKernel<HD, WARPS_M, WARPS_N, BLOCK_N>;
   // Raising the dynamic shared-memory limit is per kernel and idempotent; done on every launch
@@ -287,7 +298,7 @@ cudaError_t Launch(const AttnParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
-  dim3 grid(p.n_items, p.n_kv);
+  dim3 grid(grid_x, p.n_kv);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
@@ -300,13 +311,28 @@ cudaError_t LaunchAttentionMma(const AttnParams& p, AttnKernel kind, cudaStream_
   // each other's prologue and merge; prefill: 64 x 64 tiles.
   static_assert(kPrefillBlockM == 16 * 4 && kDecodeBlockM == 16 && kDecodeKeysPerStage == 4 * 16);
   if (kind == AttnKernel::kPrefill) {
-    if (p.head_dim == 128) return Launch<128, 4, 1, 64>(p, stream);
-    if (p.head_dim == 64) return Launch<64, 4, 1, 64>(p, stream);
+    if (p.head_dim == 128) return Launch<128, 4, 1, 64>(p, stream, p.n_items);
+    if (p.head_dim == 64) return Launch<64, 4, 1, 64>(p, stream, p.n_items);
   } else {
-    if (p.head_dim == 128) return Launch<128, 1, 4, 16>(p, stream);
-    if (p.head_dim == 64) return Launch<64, 1, 4, 16>(p, stream);
+    if (p.head_dim == 128) return Launch<128, 1, 4, 16>(p, stream, p.n_items);
+    if (p.head_dim == 64) return Launch<64, 1, 4, 16>(p, stream, p.n_items);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t LaunchAttentionDecode(const AttnParams& p, cudaStream_t stream) {
+  if (p.n_seqs == 0) return cudaSuccess;
+  if (p.items != nullptr || p.max_splits < 1 || p.max_splits > kMaxDecodeSplits ||
+      p.n_heads / p.n_kv > kDecodeBlockM) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.max_splits > 1 && (p.partial_o == nullptr || p.partial_lse == nullptr)) return cudaErrorInvalidValue;
+  const int grid_x = p.n_seqs * p.max_splits;
+  cudaError_t err = cudaErrorInvalidValue;
+  if (p.head_dim == 128) err = Launch<128, 1, 4, 16>(p, stream, grid_x);
+  if (p.head_dim == 64) err = Launch<64, 1, 4, 16>(p, stream, grid_x);
+  if (err != cudaSuccess || p.max_splits == 1) return err;
+  return LaunchAttentionDecodeCombine(p, stream);
 }
 
 }  // namespace specontext::cuda

@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SamplingParams p) {
     floor_key = SelectMassKey(x, p.vocab, floor_key, r.top_p * z, mx, inv_t, sh);
     z = KeptMass(x, p.vocab, floor_key, mx, inv_t, scratch);
   }
-  const float u = Uniform(r.seed, r.step) * z;
+  const float u = (r.uniform >= 0.0f ? r.uniform : Uniform(r.seed, r.step)) * z;
   if (threadIdx.x == 0) s_found = INT_MAX;
   float carry = 0.0f;
   int last_kept = -1;

@@ -1,0 +1,79 @@
+// CPU backend ops used by the retrieval head on the backend (core/sparse/retrieval_head_device.h):
+// column concatenation, row scatter into per-sequence caches, and top-B selection (the reference).
+// The argument checks are shared with the CUDA backend so both reject the same inputs.
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "core/cpu/cpu_backend.h"
+#include "core/sparse/selection.h"
+#include "core/status_macros.h"
+
+namespace specontext {
+
+absl::Status CheckCopyToColumns(const Tensor& src, int64_t col_begin, const Tensor& dst) {
+  if (src.ndim() != 2 || dst.ndim() != 2 || src.dtype() != dst.dtype() || src.dim(0) != dst.dim(0) ||
+      col_begin < 0 || col_begin + src.dim(1) > dst.dim(1)) {
+    return absl::InvalidArgumentError(absl::StrCat("CopyToColumns: ", src.DebugString(), " into columns from ",
+                                                   col_begin, " of ", dst.DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckScatterRows(const Tensor& src, std::span<const RowScatter> segments) {
+  if (src.ndim() != 3) {
+    return absl::InvalidArgumentError(absl::StrCat("ScatterRows: source ", src.DebugString(),
+                                                   " must be [n, heads, d]"));
+  }
+  const int64_t n = src.dim(0), heads = src.dim(1), d = src.dim(2);
+  for (size_t s = 0; s < segments.size(); ++s) {
+    const RowScatter& g = segments[s];
+    const Tensor* dst = g.dst;
+    if (dst == nullptr || dst->ndim() != 3 || dst->dtype() != src.dtype() || dst->dim(0) != heads ||
+        dst->dim(2) != d) {
+      return absl::InvalidArgumentError(absl::StrCat("ScatterRows: segment ", s, " destination ",
+                                                     dst == nullptr ? "null" : dst->DebugString(),
+                                                     " does not fit source ", src.DebugString()));
+    }
+    if (g.n_rows < 0 || g.row_begin < 0 || g.row_begin + g.n_rows > n || g.pos < 0 ||
+        g.pos + static_cast<int64_t>(g.n_rows) > dst->dim(1)) {
+      return absl::OutOfRangeError(absl::StrCat("ScatterRows: segment ", s, " rows [", g.row_begin, ", ",
+                                                g.row_begin + g.n_rows, ") of ", n, " to positions [", g.pos,
+                                                ", ", g.pos + g.n_rows, ") of capacity ", dst->dim(1)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::CopyToColumns(const Tensor& src, int64_t col_begin, Tensor* dst) {
+  RETURN_IF_ERROR(CheckCopyToColumns(src, col_begin, *dst));
+  const size_t es = DTypeSize(src.dtype());
+  const int64_t n = src.dim(0), c = src.dim(1), m = dst->dim(1);
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(static_cast<char*>(dst->data()) + (i * m + col_begin) * es,
+                static_cast<const char*>(src.data()) + i * c * es, c * es);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::ScatterRows(const Tensor& src, std::span<const RowScatter> segments) {
+  RETURN_IF_ERROR(CheckScatterRows(src, segments));
+  const int64_t heads = src.dim(1);
+  const size_t row_bytes = src.dim(2) * DTypeSize(src.dtype());
+  for (const RowScatter& g : segments) {
+    const int64_t cap = g.dst->dim(1);
+    for (int32_t r = 0; r < g.n_rows; ++r) {
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(static_cast<char*>(g.dst->data()) + (h * cap + g.pos + r) * row_bytes,
+                    static_cast<const char*>(src.data()) + ((g.row_begin + r) * heads + h) * row_bytes, row_bytes);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::SelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
+                                         SelectionResult* out) {
+  return SelectTopB(std::span<const SelectionQuery>(batch, n), options, out);
+}
+
+}  // namespace specontext
