@@ -5,12 +5,15 @@
 //   ElasticLoad(l)       copy waits attn_done[l] (the previous step's SparseAttention(l) read the slots it
 //                        overwrites) and append_done[l]; gather kernel; records load_done[l]
 //   SparseAttention(l)   compute waits load_done[l] only (offloaded layers); records attn_done[l]
+//   Attention(l)         (a batch with prefill tokens) compute: bulk copies of the host rows [0, past + n) into a
+//                        device staging buffer, then the tiles over the copy (cuda_prefill_staging.cc)
 // Per-(layer, sequence) pointer tables (where attention reads K/V, where the gather reads and writes) are
 // uploaded once per batch; the index sets once per step; a copy list once per distinct list (every
 // offloaded layer of a step shares one list, so it is uploaded once per step).
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -334,6 +337,78 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   }
   sp->sets_valid = true;
   return EnsureTierTables(0);
+}
+
+// ---- copy time hidden vs exposed -----------------------------------------------------------------
+
+namespace {
+
+constexpr uint8_t kLoadTimed = 1, kWaitTimed = 2;
+
+absl::Status EnsureTimingEvents(CudaBackend::SparseState* sp, int layer) {
+  const size_t n = static_cast<size_t>(layer) + 1;
+  for (auto* v : {&sp->t_load_start, &sp->t_load_end, &sp->t_wait_arrive, &sp->t_wait_pass}) {
+    while (v->size() < n) {
+      cudaEvent_t e = nullptr;
+      RETURN_IF_CUDA_ERROR(cudaEventCreate(&e));  // timing enabled
+      v->push_back(e);
+    }
+  }
+  if (sp->timing.size() < n) sp->timing.resize(n, 0);
+  return absl::OkStatus();
+}
+
+// Milliseconds from `a` to `b` when both completed; nullopt otherwise (clearing the not-ready error so
+// that a later cudaGetLastError after a launch does not report it).
+std::optional<float> ElapsedMs(cudaEvent_t a, cudaEvent_t b) {
+  float ms = 0;
+  if (cudaEventElapsedTime(&ms, a, b) != cudaSuccess) {
+    cudaGetLastError();
+    return std::nullopt;
+  }
+  return ms;
+}
+
+}  // namespace
+
+absl::Status ReadLoadTiming(CudaBackend::SparseState* sp, int layer, ElasticCounters* counters) {
+  RETURN_IF_ERROR(EnsureTimingEvents(sp, layer));
+  const uint8_t t = sp->timing[layer];
+  sp->timing[layer] = 0;
+  if (counters == nullptr || t != (kLoadTimed | kWaitTimed)) return absl::OkStatus();
+  const std::optional<float> dur = ElapsedMs(sp->t_load_start[layer], sp->t_load_end[layer]);
+  const std::optional<float> wait = ElapsedMs(sp->t_wait_arrive[layer], sp->t_wait_pass[layer]);
+  if (!dur.has_value() || !wait.has_value()) return absl::OkStatus();  // not complete: the sample is dropped
+  // The wait also covers copy-stream work queued ahead of this load (the copy list upload before the
+  // first load of a step): all of it is copy time the compute stream did not hide.
+  counters->copy_timed_loads += 1;
+  counters->copy_seconds += std::max(0.0f, *dur) * 1e-3;
+  counters->copy_exposed_seconds += std::max(0.0f, *wait) * 1e-3;
+  return absl::OkStatus();
+}
+
+absl::Status RecordLoadStart(CudaBackend::SparseState* sp, int layer) {
+  RETURN_IF_ERROR(EnsureTimingEvents(sp, layer));
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->t_load_start[layer], sp->copy));
+  return absl::OkStatus();
+}
+
+absl::Status RecordLoadEnd(CudaBackend::SparseState* sp, int layer) {
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->t_load_end[layer], sp->copy));
+  sp->timing[layer] = kLoadTimed;
+  return absl::OkStatus();
+}
+
+absl::Status WaitForElasticLoad(CudaBackend::SparseState* sp, cudaStream_t compute, int layer) {
+  RETURN_IF_ERROR(EnsureTimingEvents(sp, layer));
+  const bool timed = sp->timing[layer] == kLoadTimed;
+  if (timed) RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->t_wait_arrive[layer], compute));
+  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(compute, sp->load_done[layer], 0));
+  if (timed) {
+    RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->t_wait_pass[layer], compute));
+    sp->timing[layer] |= kWaitTimed;
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace specontext::cuda

@@ -96,9 +96,11 @@ absl::Status CudaBackend::ElasticLoad(int layer, const CopyList& cl, ElasticCoun
   }
   // (a) the previous step's attention of this layer read the slots being overwritten; (b) appends of this
   // layer's new rows to the host copy; the tables.
+  RETURN_IF_ERROR(ReadLoadTiming(sp, layer, counters));  // the previous step's load of this layer
   RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->attn_done[layer], 0));
   RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->append_done[layer], 0));
   RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->tables_ready, 0));
+  RETURN_IF_ERROR(RecordLoadStart(sp, layer));
   ElasticGatherParams p;
   p.copies = static_cast<const ElasticCopy*>(sp->copies_buf.data());
   p.seqs = reinterpret_cast<const ElasticSeqPtrs*>(static_cast<const char*>(sp->tables.data()) + sp->off_elastic) +
@@ -111,6 +113,7 @@ absl::Status CudaBackend::ElasticLoad(int layer, const CopyList& cl, ElasticCoun
     return absl::UnimplementedError(absl::StrCat("elastic_load: head_dim ", head_dim_, " is not a multiple of 8"));
   }
   RETURN_IF_CUDA_ERROR(LaunchElasticGather(p, sm_count_, sp->copy));
+  RETURN_IF_ERROR(RecordLoadEnd(sp, layer));
   RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->load_done[layer], sp->copy));
   if (counters != nullptr) {
     counters->rows_loaded += 2 * cl.head_rows;
@@ -171,13 +174,8 @@ absl::Status CudaBackend::SparseAttention(int layer, const Tensor& q, const Tens
   p.n_kv = n_kv_;
   p.head_dim = head_dim_;
   p.scale = scale;
-  // Split-K: chunks sized for about two CTAs per SM over all (sequence, KV head) lists, at least four
-  // tiles each so that the per-CTA prologue and the combine stay small.
-  const int64_t target = 2 * int64_t{sm_count_};
-  int64_t chunk = (sp->sum_keys + target - 1) / target;
-  chunk = std::max<int64_t>(4 * kSparseTile, (chunk + kSparseTile - 1) / kSparseTile * kSparseTile);
-  p.chunk = static_cast<int>(chunk);
-  p.max_splits = static_cast<int>((sp->max_keys + chunk - 1) / chunk);
+  // Split-K over the (sequence, KV head) lists: the kernel file owns the plan (the benchmark uses it too).
+  PlanSparseAttention(sp->sum_keys, sp->max_keys, sm_count_, &p);
   if (p.max_splits > 1) {
     const size_t rows = size_t(n_seqs) * n_kv_ * p.max_splits * group;
     const size_t off_lse = Align16Bytes(rows * head_dim_ * sizeof(float));
@@ -186,7 +184,7 @@ absl::Status CudaBackend::SparseAttention(int layer, const Tensor& q, const Tens
     p.partial_lse = reinterpret_cast<float*>(static_cast<char*>(sp->partials.data()) + off_lse);
   }
   // An offloaded layer waits only for its own load (an event never recorded is complete).
-  if (offloaded) RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(stream_, sp->load_done[layer], 0));
+  if (offloaded) RETURN_IF_ERROR(WaitForElasticLoad(sp, stream_, layer));
   RETURN_IF_CUDA_ERROR(LaunchSparseAttention(p, stream_));
   RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->attn_done[layer], stream_));
   return absl::OkStatus();

@@ -56,9 +56,15 @@ struct CudaBackend::SparseState {
   int64_t n_copies = 0;
   PinnedStaging copy_staging;  // `ready` recorded on the copy stream
 
+  // Copy time hidden vs exposed (ElasticCounters::copy_*), per layer, timing events: load start/end on the
+  // copy stream; compute arrival at the layer's wait and passing it on the compute stream. `timing` bit 1:
+  // a load was recorded, bit 2: its wait was recorded; read back at the layer's next ElasticLoad.
+  std::vector<cudaEvent_t> t_load_start, t_load_end, t_wait_arrive, t_wait_pass;
+  std::vector<uint8_t> timing;
+
   ~SparseState() {
     if (copy != nullptr) cudaStreamSynchronize(copy);
-    for (auto* v : {&load_done, &attn_done, &append_done}) {
+    for (auto* v : {&load_done, &attn_done, &append_done, &t_load_start, &t_load_end, &t_wait_arrive, &t_wait_pass}) {
       for (cudaEvent_t e : *v) cudaEventDestroy(e);
     }
     for (cudaEvent_t e : {copy_mark, compute_mark, tables_ready}) {
@@ -81,6 +87,14 @@ absl::Status StagedUpload(PinnedStaging& staging, const void* src, size_t bytes,
 absl::Status EnsureDeviceBuffer(CudaMemory& memory, Tensor* buf, size_t bytes, MemoryKind kind);
 // One load_done, attn_done and append_done event per layer, created when the layer count is first seen.
 absl::Status EnsureLayerEvents(CudaBackend::SparseState* sp, int n_layers);
+// Copy timing (cuda_sparse.cc). RecordLoadStart/End bracket a layer's gather on the copy stream; before
+// that, ReadLoadTiming adds the layer's previous timed load (complete by then: the host synchronised on
+// the previous step's logits) to `counters`. WaitForElasticLoad is the compute stream's wait on
+// load_done[layer], bracketed by the arrival/pass events whose distance is the exposed copy time.
+absl::Status ReadLoadTiming(CudaBackend::SparseState* sp, int layer, ElasticCounters* counters);
+absl::Status RecordLoadStart(CudaBackend::SparseState* sp, int layer);
+absl::Status RecordLoadEnd(CudaBackend::SparseState* sp, int layer);
+absl::Status WaitForElasticLoad(CudaBackend::SparseState* sp, cudaStream_t compute, int layer);
 // Every sequence of `batch` must have `layer` in the same tier (offloaded: with host copy and slot buffers).
 absl::Status CheckSparseTier(const BatchDesc& batch, int layer, bool offloaded, const char* op);
 // t is bf16 on the GPU with shape [d0, d1, d2].

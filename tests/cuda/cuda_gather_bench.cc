@@ -2,10 +2,10 @@
 // 256- and 512-byte rows (head_dim 128 / 256, bf16) at budget 2048 x 8 KV heads x 32 offloaded layers, one
 // sequence, against a pinned bulk copy of the same bytes; then elastic vs full reload (bytes and time) at
 // index-set overlaps 0.5-0.95. Time is wall time of the 32 ElasticLoad calls until the copy stream is idle
-// (launch overhead included), best of --reps. Last, decode-kernel timings (sparse attention of one layer,
-// selection) at R in {1, 8, 32} and S in {8K, 32K}.
+// (launch overhead included), best of --reps. Then the decode kernels against their floors
+// (cuda_decode_bench.inc): sparse attention over a shape sweep, selection at R in {1, 8, 32}, S in {8K, 32K}.
 //
-//   cuda_gather_bench [--capacity 16384] [--reps 5]
+//   cuda_gather_bench [--capacity 16384] [--reps 5] [--section all|elastic|attn|select]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -168,84 +168,19 @@ void Run(int hd, int capacity, int reps) {
   cudaStreamDestroy(st);
 }
 
-// Decode-side kernels at the paper's shape (Llama-3.1-8B: 32 query heads, 8 KV heads, head_dim 128, B = 2048):
-// SparseAttention of one resident layer and CudaSelectTopB (fused score + top-k, incl. the copy of the sets to
-// the host), for R requests at context S. Mean of --reps after a warm-up.
-void RunDecodeKernels(int reps) {
-  auto made = MakeCudaBackend({});
-  CHECK_OK(made.status());
-  Backend& b = **made;
-  constexpr int kHeads = 32, kHd = 128;
-  for (int ctx : {8192, 32768}) {
-    for (int r : {1, 8, 32}) {
-      std::mt19937 rng(r * 7 + ctx);
-      std::vector<SequenceKv> kv(r);
-      BatchDesc batch;
-      std::vector<SelectionQuery> sel;
-      for (int i = 0; i < r; ++i) {
-        kv[i].capacity = ctx;
-        for (auto* v : {&kv[i].k, &kv[i].v}) {
-          auto t = b.Alloc(DType::kBF16, {kKv, ctx, kHd}, MemoryKind::kKvCache);
-          CHECK_OK(t.status());
-          CHECK_OK(b.Zero(&*t));
-          v->push_back(*t);
-        }
-        batch.seqs.push_back({i, 1, ctx - 1});
-        batch.kv.push_back(&kv[i]);
-        auto q = b.Alloc(DType::kBF16, {kHeads, kHd}, MemoryKind::kRetrieval);
-        CHECK_OK(q.status());
-        CHECK_OK(b.Zero(&*q));
-        sel.push_back({*q, kv[i].k[0], ctx - 1, 0});
-      }
-      batch.n_tokens = r;
-      CHECK_OK(b.PrepareBatch(batch));
-      IndexSets sets;
-      sets.Reset(r, kKv, kKv, kBudget);
-      for (int i = 0; i < r; ++i) {
-        sets.seq_len[i] = ctx - 1;
-        for (int h = 0; h < kKv; ++h) {
-          IndexSets one = Sets(ctx - 1, rng, nullptr, 0);
-          auto p = one.SetPositions(0);
-          sets.indices.insert(sets.indices.end(), p.begin(), p.end());
-          sets.indptr.push_back(static_cast<int32_t>(sets.indices.size()));
-        }
-      }
-      CHECK_OK(b.PrepareSparseDecode({&sets, {}}));
-      auto q = b.Alloc(DType::kBF16, {r, kHeads, kHd}, MemoryKind::kWorkspace);
-      auto kc = b.Alloc(DType::kBF16, {r, kKv, kHd}, MemoryKind::kWorkspace);
-      auto out = b.Alloc(DType::kBF16, {r, kHeads, kHd}, MemoryKind::kWorkspace);
-      CHECK_OK(b.Zero(&*q));
-      CHECK_OK(b.Zero(&*kc));
-      CHECK_OK(b.SparseAttention(0, *q, *kc, *kc, 0.088f, &*out));
-      CHECK_OK(b.Synchronize());
-      double t0 = Seconds();
-      for (int i = 0; i < reps; ++i) CHECK_OK(b.SparseAttention(0, *q, *kc, *kc, 0.088f, &*out));
-      CHECK_OK(b.Synchronize());
-      const double t_attn = (Seconds() - t0) / reps;
-      SelectionOptions opt;
-      opt.budget = kBudget;
-      SelectionResult res;
-      CHECK_OK(CudaSelectTopB(b, sel, opt, &res));
-      t0 = Seconds();
-      for (int i = 0; i < reps; ++i) CHECK_OK(CudaSelectTopB(b, sel, opt, &res));
-      const double t_sel = (Seconds() - t0) / reps;
-      const double attn_bytes = 2.0 * r * kKv * (kBudget + 1) * kHd * 2;
-      std::printf("decode R=%d S=%d B=%d: sparse attention (one layer) %.1f us (%.0f GB/s of gathered K/V) | "
-                  "selection (fused score + top-k over the K cache, sets to host) %.1f us\n",
-                  r, ctx, kBudget, t_attn * 1e6, attn_bytes / t_attn / 1e9, t_sel * 1e6);
-    }
-  }
-}
-
 }  // namespace
 }  // namespace specontext
 
+#include "tests/cuda/cuda_decode_bench.inc"
+
 int main(int argc, char** argv) {
   int capacity = 16384, reps = 5;
+  std::string section = "all";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--capacity") capacity = std::atoi(argv[i + 1]);
     else if (a == "--reps") reps = std::atoi(argv[i + 1]);
+    else if (a == "--section") section = argv[i + 1];
   }
   if (specontext::CudaDeviceCount() == 0) {
     std::fprintf(stderr, "no CUDA device\n");
@@ -255,7 +190,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--capacity must exceed the budget %d\n", specontext::kBudget);
     return 1;
   }
-  for (int hd : {128, 256}) specontext::Run(hd, capacity, reps);
-  specontext::RunDecodeKernels(std::max(reps, 20));
+  const double copy_gbs = specontext::bench::CopyBandwidth();
+  std::printf("device copy bandwidth (read + write, 1 GiB D2D): %.0f GB/s: the floors below use it\n", copy_gbs);
+  if (section == "all" || section == "elastic") {
+    for (int hd : {128, 256}) specontext::Run(hd, capacity, reps);
+  }
+  if (section == "all" || section == "attn") specontext::bench::AttentionSweep(copy_gbs, std::max(reps, 10));
+  if (section == "all" || section == "select") specontext::bench::SelectionSweep(copy_gbs, std::max(reps, 10));
   return 0;
 }

@@ -1,6 +1,7 @@
 // CudaSelectTopB against the CPU reference SelectTopB on fresh random inputs: batches of sequences of
-// different lengths and budgets, GQA 1/4/8, head- and batch-level, f32 and bf16 inputs (bf16-representable
-// values, so both paths see the same numbers), exact ties (duplicated K rows), sink handling, bad input.
+// different lengths and budgets, GQA 1/2/4/8, head_dim 64/128, head- and batch-level, f32 and bf16 inputs
+// (bf16-representable values, so both paths see the same numbers; bf16 takes the tensor-core score kernel),
+// exact ties (duplicated K rows), sink handling, contexts past the shared-memory top-B, bad input.
 // Sets must be equal; a position may differ only when its weight is within rounding of the set's boundary.
 #include <algorithm>
 #include <cmath>
@@ -116,7 +117,9 @@ void RunCase(Backend& gpu, const SelCase& c) {
           << boundary << (c.ties ? " (exact ties must match)" : "");
     }
   }
-  if (c.ties) EXPECT_EQ(differ, 0) << what << ": exact ties must follow the lower-position rule";
+  if (c.ties) {
+    EXPECT_EQ(differ, 0) << what << ": exact ties must follow the lower-position rule";
+  }
   ASSERT_EQ(got.captured_mass.size(), want->captured_mass.size());
   for (size_t i = 0; i < got.captured_mass.size(); ++i) {
     EXPECT_NEAR(got.captured_mass[i], want->captured_mass[i], 2e-4 + (differ > 0 ? 1e-3 : 0)) << what << " head " << i;
@@ -140,6 +143,36 @@ TEST(CudaSelectionTest, MatchesCpuBatchLevelAndBf16) {
   RunCase(*gpu, c);
 }
 
+// bf16 q and K with head_dim 64/128 and group <= 8 take the tensor-core score kernel; the others the
+// CUDA-core one. Lengths cross the 256-key score chunks and the 16-key tiles at odd points.
+TEST(CudaSelectionTest, Bf16TensorCorePathGqa148) {
+  SPC_GPU_OR_SKIP(gpu);
+  for (const auto& c : std::vector<SelCase>{
+           {128, 8, 4, 2048, 1, SelectionMode::kHeadLevel, {8191, 2049, 17, 300}},
+           {64, 4, 8, 257, 2, SelectionMode::kHeadLevel, {4099, 1, 258, 257}},
+           {128, 2, 1, 1023, 1, SelectionMode::kHeadLevel, {3001, 1022, 1024}},
+           {64, 8, 1, 33, 0, SelectionMode::kHeadLevel, {513, 40}, {7, 0}},
+           {128, 4, 8, 129, 1, SelectionMode::kBatchLevel, {2049, 17, 1}},
+           {128, 1, 2, 4096, 1, SelectionMode::kHeadLevel, {4097, 4095, 4096}},
+       }) {
+    SelCase b = c;
+    b.dtype = DType::kBF16;
+    RunCase(*gpu, b);
+  }
+}
+
+// Past the shared-memory capacity of the top-B kernel (about 55K positions on an H100) the combined
+// weights live in global memory.
+TEST(CudaSelectionTest, LongContextGlobalPath) {
+  SPC_GPU_OR_SKIP(gpu);
+  SelCase c{64, 2, 4, 2047, 1, SelectionMode::kHeadLevel, {60001, 1000}};
+  c.dtype = DType::kBF16;
+  RunCase(*gpu, c);
+  c.dtype = DType::kF32;
+  c.mode = SelectionMode::kBatchLevel;
+  RunCase(*gpu, c);
+}
+
 TEST(CudaSelectionTest, ExactTiesPickLowerPositions) {
   SPC_GPU_OR_SKIP(gpu);
   SelCase c{64, 2, 4, 100, 1, SelectionMode::kHeadLevel, {2049, 700}};
@@ -148,6 +181,10 @@ TEST(CudaSelectionTest, ExactTiesPickLowerPositions) {
   c.sink = 0;
   c.budget = 33;
   c.mode = SelectionMode::kBatchLevel;
+  RunCase(*gpu, c);
+  c.dtype = DType::kBF16;  // tensor-core scores: equal rows must still score exactly equal
+  c.mode = SelectionMode::kHeadLevel;
+  c.budget = 1000;
   RunCase(*gpu, c);
 }
 

@@ -1,6 +1,7 @@
 // KV tiers and sparse decode of the CUDA backend against the CPU backend (core/cpu/cpu_sparse.cc) and the
 // core/sparse references, on fresh random inputs: sparse attention over index sets for resident and
-// offloaded layers (GQA 1/4/8, lengths 1/17/2049, odd budgets, head- and batch-level sets, split-K), elastic
+// offloaded layers (GQA 1/2/3/4/8/12/16, head_dim 32/64/80/128/256, lengths 1 to 5000, odd budgets, head- and
+// batch-level sets, split-K; both the tensor-core and the generic kernel), elastic
 // loads over several steps (slot buffers bit-exact against a host mirror, sentinel rows around and between
 // them untouched), KV appends to pinned host memory, pinned host accounting. Selection: cuda_selection_test.cc.
 #include <algorithm>
@@ -301,10 +302,26 @@ TEST(CudaSparseTest, AttentionAndElasticBatchLevel) {
   RunCase(*gpu, {256, 2, 2, 31, true, {100}});
 }
 
+// The tensor-core kernel (head_dim 64/128, group <= 8): GQA 1/4/8, odd budgets, batches of different
+// lengths (one split or many per list, lists shorter than a warp tile).
+TEST(CudaSparseTest, TensorCoreKernelShapes) {
+  SPC_GPU_OR_SKIP(gpu);
+  RunCase(*gpu, {64, 8, 4, 257, false, {3000, 17, 1, 700, 256}});
+  RunCase(*gpu, {128, 8, 8, 2047, false, {4100, 2047, 5}});
+  RunCase(*gpu, {64, 2, 1, 101, false, {1, 2, 150, 99, 102}});
+  RunCase(*gpu, {128, 4, 1, 4095, false, {5000, 4095}});
+  RunCase(*gpu, {64, 4, 8, 31, true, {40, 33, 3}});
+  std::vector<int> lens;
+  for (int i = 0; i < 12; ++i) lens.push_back(1 + 397 * i);
+  RunCase(*gpu, {128, 2, 4, 1000, false, lens}, 2);
+}
+
 TEST(CudaSparseTest, WideHeadsAndLargeGroups) {
   SPC_GPU_OR_SKIP(gpu);
   RunCase(*gpu, {256, 1, 16, 129, false, {2049, 60}});
   RunCase(*gpu, {32, 4, 2, 9, false, {17, 1}});
+  RunCase(*gpu, {80, 2, 3, 33, false, {50, 17}});  // head_dim not a multiple of 32: the generic kernel
+  RunCase(*gpu, {128, 1, 12, 65, false, {300}});   // group > 8: the generic kernel
 }
 
 }  // namespace

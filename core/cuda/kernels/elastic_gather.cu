@@ -2,7 +2,11 @@
 // buffers. Rows are 256-512 bytes, far too small for one cudaMemcpy each, so one kernel moves them all:
 // every thread owns 16-byte pieces of rows (consecutive threads, consecutive pieces of one row, so a warp
 // reads whole rows in 128-byte PCIe requests) and keeps kUnroll loads in flight before storing, which is
-// what hides the ~1-2 us latency of reads across PCIe.
+// what hides the ~1-2 us latency of reads across PCIe. The grid is small on purpose: the gather runs on the
+// copy stream beside the decode's compute, and blocks stalled on PCIe reads hold their SM's thread slots, so a
+// grid filling every SM (as before 2026-11-24 08:00) serialised the compute behind the copies (R 32, S 32K:
+// a 58 ms forward for 40 ms of copies and ~15 ms of compute on the H100). kMaxBlocks x kThreads x kUnroll
+// x 16 B = 1 MiB in flight is far above PCIe's bandwidth-delay product (~50 GB/s x a few us).
 #include <algorithm>
 
 #include "core/cuda/kernels/common.cuh"
@@ -12,7 +16,8 @@ namespace specontext::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kUnroll = 4;
+constexpr int kUnroll = 8;
+constexpr int kMaxBlocks = 32;
 
 struct Piece {
   const uint4* src;
@@ -68,9 +73,9 @@ cudaError_t LaunchElasticGather(const ElasticGatherParams& p, int sm_count, cuda
   const int heads_cov = p.sets_per_seq == 1 ? p.n_kv : 1;
   const int64_t n_items = p.n_copies * heads_cov * 2 * chunks;
   const int64_t per_block = int64_t(kThreads) * kUnroll;
-  // Enough blocks for many reads in flight on every SM (PCIe latency), capped so a block loops over
-  // several groups when the list is long.
-  const int64_t blocks = std::min<int64_t>((n_items + per_block - 1) / per_block, int64_t(sm_count) * 16);
+  // Few blocks, each with many reads in flight (see the top of the file); a block loops over several groups
+  // when the list is long.
+  const int64_t blocks = std::min<int64_t>((n_items + per_block - 1) / per_block, std::min(sm_count, kMaxBlocks));
   ElasticGatherKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, n_items, chunks, heads_cov);
   return cudaGetLastError();
 }

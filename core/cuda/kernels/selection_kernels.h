@@ -1,6 +1,7 @@
 // Fused score + top-B selection kernels (the CUDA side of core/sparse/selection.h; entry point in
-// core/cuda/selection.h). Four launches per batch: scores, per-head softmax statistics, the group max of
-// the softmax weights, and a radix select + ordered compaction per set; a fifth sums the captured mass.
+// core/cuda/selection.h). Two launches per batch: scores (one pass over each K cache, the GQA group's
+// query heads together, logits and per-chunk softmax partials out), then one CTA per set: softmax
+// statistics, the set's combined weights in shared memory, radix select, ordered compaction, captured mass.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,13 +34,16 @@ struct SelectionParams {
   bool q_bf16 = false;     // else f32
   bool k_bf16 = false;
   float* logits = nullptr;    // [n_seqs, n_q, max_len] scale * q·k
-  float* stats = nullptr;     // [n_seqs, n_q, 2] max and 1/sum of exp
-  float* combined = nullptr;  // [n_seqs * sets_per_seq, max_len] group max of the softmax weights
+  float* stats = nullptr;     // SelectionStatsFloats(): [n_seqs, n_q, chunks of max_len] (max, Σexp) pairs
+  float* combined = nullptr;  // [n_seqs * sets_per_seq, max_len] set max of the softmax weights; used only
+                              // when max_len exceeds what shared memory holds (about 55K positions on H100)
   int32_t* indices = nullptr; // CSR positions (set s of seq i at out_begin + s * k_sel)
   float* mass = nullptr;      // [n_seqs, n_q]
   int* error_flag = nullptr;  // set to 1 when a score is not finite
 };
 
+// Floats the `stats` buffer needs (per-chunk softmax partials of every query head).
+size_t SelectionStatsFloats(int n_seqs, int n_q, int max_len);
 cudaError_t LaunchSelection(const SelectionParams& p, cudaStream_t stream);
 
 }  // namespace specontext::cuda

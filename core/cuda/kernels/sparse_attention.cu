@@ -1,11 +1,18 @@
 // Sparse decode attention over index sets (one token per sequence), GQA-aware, split-K with a combine.
 //
-// One CTA per (split, KV head, sequence) serves all `group` query heads of the KV head, so every gathered
-// K/V row is read once per group. The CTA walks its keys in tiles of kSparseTile: it gathers the rows
-// (16-byte loads; the row index comes from the set, either a token position of the full cache or a slot
-// of the slot buffer; the key after the set is the current token, read from k_cur/v_cur), scores them
-// against the group's queries, and updates an exact online softmax (f32).
+// Two kernels serve SparseAttnParams:
+// - SparseAttentionMmaKernel (head_dim 64/128, group <= 8): tensor cores, one warp per 16-key tile with its
+//   own online softmax, K/V rows loaded from global memory straight into mma fragments (no shared-memory
+//   staging, no block barrier in the key loop), the warps of a CTA merged at the end. Layout notes below.
+// - SparseAttentionKernel (generic: any head_dim multiple of 8 up to 256, group up to 16): one CTA per
+//   (split, KV head, sequence) walks tiles of kSparseTile keys staged in shared memory, scores them against
+//   the group's queries on CUDA cores, and updates an exact online softmax (f32).
+// Both read every gathered K/V row once per GQA group; the row index comes from the set (a token position
+// of the full cache or a slot of the slot buffer); the key after the set is the current token, read from
+// k_cur/v_cur.
+#include <algorithm>
 #include <cfloat>
+#include <cmath>
 
 #include "core/cuda/kernels/common.cuh"
 #include "core/cuda/kernels/sparse_kernels.h"
@@ -163,6 +170,228 @@ __global__ void __launch_bounds__(kThreads) SparseAttentionKernel(SparseAttnPara
   }
 }
 
+// ---- Tensor-core kernel ------------------------------------------------------------------------------
+// mma.sync m16n8k16 (bf16 in, f32 accumulate), thread (r = lane / 4, c = lane % 4):
+//  S = Q·Kᵀ: A = the group's queries (row r = head r, rows 8-15 zero), B = K (n = key). The thread loads
+//   16 bytes of key row r (n-tile 0) and 8 + r (n-tile 1) at dims 32j + 8c; k-chunk 2j + h of the mma
+//   pairs dims 32j + 8c + 4h + {0..3}: a permutation of the head dimension that Q's fragment (loaded the
+//   same way) follows, so every dot product is unchanged. No shuffles, no shared memory.
+//  Oᵀ = Vᵀ·Pᵀ: A = Vᵀ (m = dim, k = key), B = Pᵀ, which is S's accumulator (head r, keys 2c, 2c+1 and
+//   8+2c, 9+2c) as is. The thread loads dims [64q + 8r, +8) of key rows 2c, 2c+1, 2c+8, 2c+9; row m of
+//   m-tile 4q + e is dim 64q + 8r + 2e (m = r) or that + 1 (m = r + 8), so Oᵀ's accumulator leaves the
+//   thread holding 8 contiguous dims of heads 2c and 2c+1, and the V fragment is built with byte permutes.
+// Every 16-byte access is one contiguous 64-byte (K) or 128-byte (V) piece of a row across its lanes.
+constexpr int kMmaWarps = 4;
+constexpr int kMmaTile = 16;  // keys per warp iteration
+constexpr int kMmaMaxGroup = 8;
+
+__device__ __forceinline__ uint4 LoadStream16(const bf16* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr));
+  return v;
+}
+
+// Word i (0..3, a compile-time constant after unrolling) of a 16-byte vector.
+__device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ void MmaBf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                        uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two f32 as bf16x2 (lo in the low half); *sum gets the rounded values, so that the softmax denominator
+// matches the weights the mma sees.
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi, float* sum) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  const float2 f = __bfloat1622float2(v);
+  *sum += f.x + f.y;
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// At most 168 registers (3 CTAs per SM at head_dim 128): 2 CTAs per SM were not faster (H100, 2026-11-24).
+template <int HD>
+__global__ void __launch_bounds__(kMmaWarps * 32, 3) SparseAttentionMmaKernel(SparseAttnParams p) {
+  constexpr int NJ = HD / 32;  // 16-byte K loads per key row and thread (two k-chunks each)
+  constexpr int NQ = HD / 64;  // 16-byte V loads per key row and thread
+  constexpr int NM = HD / 16;  // m-tiles of Oᵀ
+  __shared__ __align__(16) float sO[kMmaWarps][kMmaMaxGroup][HD];
+  __shared__ float sM[kMmaWarps][kMmaMaxGroup], sL[kMmaWarps][kMmaMaxGroup];
+
+  const int seq = blockIdx.z, g = blockIdx.y, split = blockIdx.x;
+  const int group = p.n_heads / p.n_kv;
+  const int set = seq * p.sets_per_seq + (p.sets_per_seq == 1 ? 0 : g);
+  const int b = p.indptr[set];
+  const int n_set = p.indptr[set + 1] - b;
+  const int total = n_set + 1;  // the set, then the current token
+  const int k0 = split * p.chunk;
+  if (k0 >= total) return;
+  const int k1 = min(total, k0 + p.chunk);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, c = lane & 3;
+
+  const SparseKvPtrs kv = p.kv[seq];
+  const bf16* k_head = static_cast<const bf16*>(kv.k) + int64_t(g) * kv.rows * HD;
+  const bf16* v_head = static_cast<const bf16*>(kv.v) + int64_t(g) * kv.rows * HD;
+  const bf16* k_cur = static_cast<const bf16*>(p.k_cur) + (int64_t(seq) * p.n_kv + g) * HD;
+  const bf16* v_cur = static_cast<const bf16*>(p.v_cur) + (int64_t(seq) * p.n_kv + g) * HD;
+  const int32_t* rows = p.rows + b;
+
+  uint4 qf[NJ];
+  {
+    const bf16* q = static_cast<const bf16*>(p.q) + (int64_t(seq) * p.n_heads + int64_t(g) * group + r) * HD;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      qf[j] = r < group ? *reinterpret_cast<const uint4*>(q + 32 * j + 8 * c) : make_uint4(0, 0, 0, 0);
+    }
+  }
+  const float scale_log2 = p.scale * 1.4426950408889634f;  // scores in log2 units: exp2f below
+  float m_r = -INFINITY, l_r = 0.0f;  // head r's running max (quad-uniform) and this thread's share of Σp
+  float o[NM][4];
+#pragma unroll
+  for (int i = 0; i < NM; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
+  // Lane l < 16 holds the row of key t + l (-1: the current token); the next tile's is loaded one
+  // iteration ahead so that the gather does not wait on the index load.
+  auto row_of = [&](int key) { return key < n_set ? __ldg(rows + key) : -1; };
+  int t = k0 + warp * kMmaTile;
+  int my_row = lane < kMmaTile && t + lane < k1 ? row_of(t + lane) : 0;
+  for (; t < k1; t += kMmaWarps * kMmaTile) {
+    const int tn = t + kMmaWarps * kMmaTile;
+    const int next_row = lane < kMmaTile && tn + lane < k1 ? row_of(tn + lane) : 0;
+    uint4 kf[2][NJ];
+#pragma unroll
+    for (int tt = 0; tt < 2; ++tt) {
+      const int key = 8 * tt + r;
+      const int row = __shfl_sync(0xffffffffu, my_row, key);
+      const bf16* src = (row >= 0 ? k_head + int64_t(row) * HD : k_cur) + 8 * c;
+      const bool ok = t + key < k1;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) kf[tt][j] = ok ? LoadStream16(src + 32 * j) : make_uint4(0, 0, 0, 0);
+    }
+    uint4 vf[4][NQ];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const int key = 2 * c + (kk & 1) + 8 * (kk >> 1);
+      const int row = __shfl_sync(0xffffffffu, my_row, key);
+      const bf16* src = (row >= 0 ? v_head + int64_t(row) * HD : v_cur) + 8 * r;
+      const bool ok = t + key < k1;  // a missing row must be 0, not garbage: 0 * NaN is NaN
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) vf[kk][q] = ok ? LoadStream16(src + 64 * q) : make_uint4(0, 0, 0, 0);
+    }
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int tt = 0; tt < 2; ++tt) {
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          MmaBf16(s[tt], Word(qf[j], 2 * h), 0u, Word(qf[j], 2 * h + 1), 0u, Word(kf[tt][j], 2 * h),
+                  Word(kf[tt][j], 2 * h + 1));
+        }
+      }
+    }
+    // Head r's scores of keys 2c, 2c+1, 8+2c, 9+2c; keys past the range are -inf.
+    float x[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = 2 * c + (e & 1) + 8 * (e >> 1);
+      x[e] = t + key < k1 ? s[e >> 1][e & 1] * scale_log2 : -INFINITY;
+    }
+    float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_r, mx);  // finite: key t is in range
+    const float corr = exp2f(m_r - m_new);  // 0 on the first tile
+    m_r = m_new;
+    float psum = 0.0f;
+    const uint32_t p01 = PackBf16(exp2f(x[0] - m_new), exp2f(x[1] - m_new), &psum);
+    const uint32_t p23 = PackBf16(exp2f(x[2] - m_new), exp2f(x[3] - m_new), &psum);
+    l_r = l_r * corr + psum;
+    // This thread's Oᵀ columns are heads 2c and 2c+1: their correction lives in quads 2c and 2c+1.
+    const float ca = __shfl_sync(0xffffffffu, corr, 8 * c), cb = __shfl_sync(0xffffffffu, corr, 8 * c + 4);
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float(&acc)[4] = o[4 * q + e];
+        acc[0] *= ca;
+        acc[1] *= cb;
+        acc[2] *= ca;
+        acc[3] *= cb;
+        const uint32_t w0 = Word(vf[0][q], e), w1 = Word(vf[1][q], e);
+        const uint32_t w8 = Word(vf[2][q], e), w9 = Word(vf[3][q], e);
+        MmaBf16(acc, __byte_perm(w0, w1, 0x5410), __byte_perm(w0, w1, 0x7632), __byte_perm(w8, w9, 0x5410),
+                __byte_perm(w8, w9, 0x7632), p01, p23);
+      }
+    }
+    my_row = next_row;
+  }
+
+  // Merge the warps (each saw a quarter of the CTA's keys) through shared memory.
+  l_r += __shfl_xor_sync(0xffffffffu, l_r, 1);
+  l_r += __shfl_xor_sync(0xffffffffu, l_r, 2);
+  if (c == 0) {
+    sM[warp][r] = m_r;
+    sL[warp][r] = l_r;
+  }
+#pragma unroll
+  for (int q = 0; q < NQ; ++q) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int d = 64 * q + 8 * r + 2 * e;
+      *reinterpret_cast<float2*>(&sO[warp][2 * c][d]) = make_float2(o[4 * q + e][0], o[4 * q + e][2]);
+      *reinterpret_cast<float2*>(&sO[warp][2 * c + 1][d]) = make_float2(o[4 * q + e][1], o[4 * q + e][3]);
+    }
+  }
+  __syncthreads();
+  for (int it = threadIdx.x; it < group * (HD / 8); it += blockDim.x) {
+    const int h = it / (HD / 8), d0 = (it % (HD / 8)) * 8;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) M = fmaxf(M, sM[w][h]);
+    float f[kMmaWarps], L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) {
+      f[w] = sM[w][h] == -INFINITY ? 0.0f : exp2f(sM[w][h] - M);  // a warp without keys adds nothing
+      L += f[w] * sL[w][h];
+    }
+    const float inv = 1.0f / L;
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      float a = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kMmaWarps; ++w) a = fmaf(f[w], sO[w][h][d0 + e], a);
+      acc[e] = a * inv;
+    }
+    if (p.max_splits == 1) {
+      Bf16x8 v;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v.v[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
+      *reinterpret_cast<Bf16x8*>(static_cast<bf16*>(p.out) + (int64_t(seq) * p.n_heads + int64_t(g) * group + h) * HD +
+                                 d0) = v;
+    } else {
+      const int64_t slot = (int64_t(seq) * p.n_kv + g) * p.max_splits + split;
+      float4* dst = reinterpret_cast<float4*>(p.partial_o + (slot * group + h) * HD + d0);
+      dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+      if (d0 == 0) p.partial_lse[slot * group + h] = (M + log2f(L)) * 0.6931471805599453f;  // natural log
+    }
+  }
+}
+
+bool UseMma(const SparseAttnParams& p) {
+  const int group = p.n_kv > 0 ? p.n_heads / p.n_kv : 0;
+  return p.variant == 0 && group >= 1 && group <= kMmaMaxGroup && (p.head_dim == 64 || p.head_dim == 128);
+}
+
 // Merges the splits of one (sequence, query head): softmax-weighted by each split's log-sum-exp.
 __global__ void SparseCombineKernel(SparseAttnParams p) {
   const int seq = blockIdx.x / p.n_heads, h = blockIdx.x % p.n_heads;
@@ -187,6 +416,51 @@ __global__ void SparseCombineKernel(SparseAttnParams p) {
 
 }  // namespace
 
+void PlanSparseAttention(int64_t sum_keys, int max_keys, int sm_count, SparseAttnParams* p) {
+  max_keys = std::max(max_keys, 1);
+  if (UseMma(*p)) {
+    // CTAs of one chunk each run in waves of `resident` (as many as fit on the SMs at once): pick the
+    // chunk (the list cut into s even pieces of whole warp tiles) that minimises waves x (chunk + a
+    // per-CTA overhead of half a tile round), i.e. the busiest SM's work. A short batch gets one partial
+    // wave of the smallest chunks (latency); a long one few splits in full waves (no tail).
+    constexpr int kUnit = kMmaWarps * kMmaTile;
+    static int per_sm[2] = {0, 0};  // head_dim 64, 128
+    int& occ = per_sm[p->head_dim == 64 ? 0 : 1];
+    if (occ == 0) {
+      const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &occ, p->head_dim == 64 ? SparseAttentionMmaKernel<64> : SparseAttentionMmaKernel<128>, kMmaWarps * 32, 0);
+      if (e != cudaSuccess || occ <= 0) occ = 3;
+    }
+    const double resident = double(sm_count) * occ, lists = double(sum_keys) / max_keys;
+    int64_t best_chunk = 0, prev = -1;
+    double best = 0;
+    for (int64_t split = 1;; ++split) {  // up to 512 even cuts, then the smallest chunk
+      const int64_t chunk =
+          split > 512 ? kUnit : std::max<int64_t>(kUnit, ((max_keys + split - 1) / split + kUnit - 1) / kUnit * kUnit);
+      if (chunk != prev) {
+        const int64_t splits = (max_keys + chunk - 1) / chunk;
+        const double cost = std::ceil(std::ceil(lists * splits - 1e-9) / resident) * double(chunk + kUnit / 2);
+        if (best_chunk == 0 || cost < best) {
+          best = cost;
+          best_chunk = chunk;
+        }
+        prev = chunk;
+      }
+      if (chunk == kUnit) break;
+    }
+    p->chunk = static_cast<int>(best_chunk);
+    p->max_splits = static_cast<int>((max_keys + best_chunk - 1) / best_chunk);
+    return;
+  }
+  // Generic kernel: chunks sized for about two CTAs per SM over all lists, at least four tiles each so
+  // that the per-CTA prologue and the combine stay small.
+  const int64_t target = 2 * int64_t{sm_count};
+  int64_t chunk = (sum_keys + target - 1) / target;
+  chunk = std::max<int64_t>(4 * kSparseTile, (chunk + kSparseTile - 1) / kSparseTile * kSparseTile);
+  p->chunk = static_cast<int>(chunk);
+  p->max_splits = static_cast<int>((max_keys + chunk - 1) / chunk);
+}
+
 size_t SparseAttnSmemBytes(int group, int head_dim) { return static_cast<size_t>(Layout(group, head_dim).total); }
 
 cudaError_t LaunchSparseAttention(const SparseAttnParams& p, cudaStream_t stream) {
@@ -196,12 +470,20 @@ cudaError_t LaunchSparseAttention(const SparseAttnParams& p, cudaStream_t stream
       p.chunk <= 0 || p.chunk % kSparseTile != 0 || p.max_splits < 1) {
     return cudaErrorInvalidValue;
   }
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      SparseAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      static_cast<int>(SparseAttnSmemBytes(kSparseMaxGroup, kSparseMaxHeadDim)));
-  if (attr != cudaSuccess) return attr;
   const dim3 grid(p.max_splits, p.n_kv, p.n_seqs);
-  SparseAttentionKernel<<<grid, kThreads, SparseAttnSmemBytes(group, p.head_dim), stream>>>(p);
+  if (UseMma(p)) {
+    if (p.head_dim == 64) {
+      SparseAttentionMmaKernel<64><<<grid, kMmaWarps * 32, 0, stream>>>(p);
+    } else {
+      SparseAttentionMmaKernel<128><<<grid, kMmaWarps * 32, 0, stream>>>(p);
+    }
+  } else {
+    static const cudaError_t attr = cudaFuncSetAttribute(
+        SparseAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(SparseAttnSmemBytes(kSparseMaxGroup, kSparseMaxHeadDim)));
+    if (attr != cudaSuccess) return attr;
+    SparseAttentionKernel<<<grid, kThreads, SparseAttnSmemBytes(group, p.head_dim), stream>>>(p);
+  }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.max_splits == 1) return err;
   SparseCombineKernel<<<p.n_seqs * p.n_heads, 128, 0, stream>>>(p);

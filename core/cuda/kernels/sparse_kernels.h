@@ -18,7 +18,9 @@ struct SparseKvPtrs {
   int64_t rows;  // capacity (resident layer) or slot budget (offloaded layer): the per-head row stride
 };
 
-// Keys per tile of the sparse attention kernel (one warp's worth: lane j owns key j in the softmax).
+// Keys per tile of the generic sparse attention kernel (one warp's worth: lane j owns key j in the
+// softmax). The tensor-core kernel (head_dim 64/128, group <= 8) walks 16-key tiles per warp, 64 per CTA
+// round; its chunks are multiples of 64.
 constexpr int kSparseTile = 32;
 constexpr int kSparseMaxGroup = 16;   // query heads per KV head
 constexpr int kSparseMaxHeadDim = 256;
@@ -44,10 +46,20 @@ struct SparseAttnParams {
   int max_splits = 1;
   float* partial_o = nullptr;    // [n_seqs, n_kv, max_splits, group, head_dim] f32 (normalised)
   float* partial_lse = nullptr;  // [n_seqs, n_kv, max_splits, group] natural-log sum-exp
+  // 0: the fastest kernel for the shape; 1: the generic kernel (benchmarks compare the two).
+  int variant = 0;
 };
 
-// Shared memory the attention kernel needs (dynamic); <= SparseAttnMaxSmem().
+// Split-K plan for a batch: `sum_keys` = Σ over (sequence, KV head) lists of n_set + 1, `max_keys` the
+// longest list. Call it after filling the shape fields and `variant` (the plan depends on the kernel).
+// Sets p->chunk and p->max_splits (the partial buffers need
+// n_seqs * n_kv * max_splits * group * (head_dim + 1) floats when max_splits > 1).
+void PlanSparseAttention(int64_t sum_keys, int max_keys, int sm_count, SparseAttnParams* p);
+
+// Dynamic shared memory the generic attention kernel needs (the tensor-core kernel uses static memory).
 size_t SparseAttnSmemBytes(int group, int head_dim);
+// Attention kernel (+ the combine kernel when max_splits > 1) on `stream`; cudaErrorInvalidValue for an
+// unsupported shape (group > 16, head_dim > 256 or not a multiple of 8, a bad plan).
 cudaError_t LaunchSparseAttention(const SparseAttnParams& p, cudaStream_t stream);
 
 // One row copy of the elastic loader: token row of the host copy -> slot of the slot buffer, for set `set`.
