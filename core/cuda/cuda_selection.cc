@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/cuda/cuda_backend.h"
+#include "core/cuda/cuda_backend_impl.h"
 #include "core/cuda/cuda_check.h"
 #include "core/cuda/kernels/selection_kernels.h"
 #include "core/cuda/selection.h"
@@ -98,7 +99,7 @@ absl::Status CudaSelectTopB(Backend& backend, std::span<const SelectionQuery> ba
   auto align = [](size_t v) { return (v + 255) / 256 * 256; };
   const size_t b_seqs = align(sizeof(cuda::SelSeq) * n_seqs);
   const size_t b_logits = align(sizeof(float) * size_t(n_seqs) * n_q * max_len);
-  const size_t b_stats = align(sizeof(float) * size_t(n_seqs) * n_q * 2);
+  const size_t b_stats = align(sizeof(float) * cuda::SelectionStatsFloats(n_seqs, static_cast<int>(n_q), max_len));
   const size_t b_comb = align(sizeof(float) * size_t(n_seqs) * sets_per_seq * max_len);
   const size_t b_idx = align(sizeof(int32_t) * std::max<int32_t>(total, 1));
   const size_t b_mass = align(sizeof(float) * size_t(n_seqs) * n_q);
@@ -138,6 +139,12 @@ absl::Status CudaSelectTopB(Backend& backend, std::span<const SelectionQuery> ba
   RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
   if (flag != 0) return absl::InvalidArgumentError("cuda selection: a query head has a non-finite score");
   return absl::OkStatus();
+}
+
+// The backend's selection op (Backend::SelectIndexSets) is this kernel path.
+absl::Status cuda::CudaBackend::SelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
+                                                SelectionResult* out) {
+  return CudaSelectTopB(*this, std::span<const SelectionQuery>(batch, n), options, out);
 }
 
 }  // namespace specontext

@@ -1,6 +1,7 @@
 #include "core/model/sparse_decoder.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -11,15 +12,36 @@
 
 namespace specontext {
 
+namespace {
+
+using PhaseClock = std::chrono::steady_clock;
+
+// Seconds since *t, and *t moved to now (one clock read per phase boundary).
+double Lap(PhaseClock::time_point& t) {
+  const PhaseClock::time_point now = PhaseClock::now();
+  const double s = std::chrono::duration<double>(now - t).count();
+  t = now;
+  return s;
+}
+
+// A view of `t`'s storage from element `offset` with `shape` (no copy).
+Tensor View(const Tensor& t, int64_t offset, Shape shape) {
+  return Tensor(static_cast<char*>(t.data()) + offset * DTypeSize(t.dtype()), t.dtype(), std::move(shape), t.device(),
+                t.storage());
+}
+
+}  // namespace
+
 struct SparseDecoder::SeqState {
-  SeqState(int64_t n_kv, int64_t hd, int32_t cap, int32_t n_sets, int32_t b)
-      : cache(n_kv, hd, std::min<int64_t>(cap, 256)), map(n_sets, b), budget(b) {}
+  SeqState(int32_t n_sets, int32_t b) : map(n_sets, b), budget(b) {}
   SequenceKv* kv = nullptr;
-  RetrievalKvCache cache;
+  Tensor cache;            // retrieval head K cache [n_kv, capacity, hd], backend tensor (kRetrieval)
+  int32_t cache_len = 0;   // rows of `cache` written
   SlotMap map;
   int32_t budget;
-  int32_t len = 0;                 // tokens whose KV exists
-  std::vector<float> last_hidden;  // eagle3: fused features of the last processed position
+  int32_t len = 0;         // tokens whose KV exists
+  int32_t hidden_slot = -1;  // eagle3: row of hidden_pool_
+  PreviousSets prev_sets;    // synthetic_overlap: the sets of the last sparse step
 };
 
 SparseDecoder::SparseDecoder(Transformer* model, const RetrievalHead* head, const SparseOptions& options)
@@ -28,12 +50,19 @@ SparseDecoder::SparseDecoder(Transformer* model, const RetrievalHead* head, cons
 SparseDecoder::~SparseDecoder() = default;
 
 absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transformer& model, int32_t budget,
-                                                                 int64_t gpu_memory_limit) {
+                                                                 int64_t gpu_memory_limit,
+                                                                 int64_t retrieval_cache_per_token) {
   const ModelConfig& c = model.config();
   Backend& b = *model.backend();
   const MemoryReport rep = b.memory_report();
-  const int64_t limit = gpu_memory_limit > 0 ? gpu_memory_limit : rep.limit;
-  if (limit <= 0) return std::nullopt;  // no device limit: every layer stays resident
+  int64_t limit = gpu_memory_limit > 0 ? gpu_memory_limit : rep.limit;
+  if (limit <= 0 && b.device() != DeviceKind::kCpu) {
+    // No limit given: plan for the device's own memory (what is allocated plus what is still free), less a
+    // margin for what the allocator does not see (cuBLAS workspaces, graph pools' growth, fragmentation).
+    constexpr int64_t kMargin = int64_t{2} << 30;
+    limit = std::max<int64_t>(0, rep.total + b.available_bytes() - kMargin);
+  }
+  if (limit <= 0) return std::nullopt;  // CPU without a limit: every layer stays resident
   MemoryPlannerConfig pc;
   pc.mode = MemoryModelMode::kMeasured;
   pc.n_layers = static_cast<int32_t>(c.num_hidden_layers);
@@ -46,12 +75,20 @@ absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transform
   pc.gpu_memory_bytes = limit;
   pc.measured.weights = rep.bytes[static_cast<size_t>(MemoryKind::kWeights)];
   pc.measured.graph_pools = rep.bytes[static_cast<size_t>(MemoryKind::kGraphs)];
-  pc.measured.other = rep.total - pc.measured.weights - pc.measured.graph_pools;
+  pc.measured.retrieval_weights = rep.bytes[static_cast<size_t>(MemoryKind::kRetrieval)];
+  pc.measured.retrieval_cache_per_token = retrieval_cache_per_token;
+  pc.measured.other = rep.total - pc.measured.weights - pc.measured.graph_pools - pc.measured.retrieval_weights;
   // Activations of one step are transient: bound them by a 512-token step (the engine's default chunk)
   // plus f32 logits of a 32-sequence batch.
   pc.measured.workspace =
       512 * (4 * c.hidden_size + 2 * c.intermediate_size + c.q_dim() + 2 * c.kv_dim()) * pc.kv_elem_bytes +
       32 * c.vocab_size * 4;
+  if (b.device() != DeviceKind::kCpu) {
+    // Prefill over an offloaded layer stages that layer's K/V rows of a sequence on the device (the CUDA
+    // backend's prefill staging, at most 1 GiB): reserve one sequence's worth at the longest context.
+    const int64_t staging = 2 * c.kv_dim() * static_cast<int64_t>(c.max_position_embeddings) * pc.kv_elem_bytes;
+    pc.measured.workspace += std::min<int64_t>(staging, int64_t{1} << 30);
+  }
   auto planner = MemoryPlanner::Create(pc);
   if (!planner.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("memory planner (device limit ", limit,
@@ -73,11 +110,50 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
     absl::Status st = ValidateBudget(options.budget, options.sink, c.max_position_embeddings);
     if (!st.ok()) return absl::InvalidArgumentError(absl::StrCat("--budget/--sink: ", st.message()));
   }
+  if (!(options.synthetic_overlap >= 0.0 && options.synthetic_overlap <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("synthetic overlap must be in [0, 1], got ",
+                                                   options.synthetic_overlap));
+  }
   std::unique_ptr<SparseDecoder> d(new SparseDecoder(model, head, options));
   d->gpu_layers_ = static_cast<int32_t>(c.num_hidden_layers);
   d->reload_pending_.assign(c.num_hidden_layers, false);
-  ASSIGN_OR_RETURN(d->planner_, MakeMeasuredPlanner(*model, options.budget, options.gpu_memory_limit));
+  if (options.synthetic_overlap > 0) d->synthetic_.emplace(options.synthetic_overlap);
+  // The head's weights go up before the planner measures the device. A head that shares the target's
+  // embedding reads the model's table on the backend instead of uploading a second copy (1 GB for an 8B
+  // target's head); it was loaded from the same checkpoint tensor, so shape and dtype agree unless the
+  // backend stores the two differently, in which case the head keeps its own upload.
+  const Tensor* shared = nullptr;
+  const Tensor& embed = model->embedding();
+  if (!head->config().own_embedding && !embed.empty() &&
+      embed.shape() == Shape{head->config().attn.vocab_size, head->config().attn.hidden_size} &&
+      embed.dtype() == model->backend()->weight_dtype(head->embedding_dtype())) {
+    shared = &embed;
+  }
+  ASSIGN_OR_RETURN(d->dhead_, DeviceRetrievalHead::Create(*head, model->backend(), shared));
+  ASSIGN_OR_RETURN(d->planner_, MakeMeasuredPlanner(*model, options.budget, options.gpu_memory_limit,
+                                                    d->dhead_->cache_bytes_per_token()));
   return d;
+}
+
+absl::StatusOr<int32_t> SparseDecoder::TakeHiddenSlot() {
+  Backend& b = *model_->backend();
+  const int64_t fw = head_->fused_width();
+  if (free_hidden_slots_.empty()) {
+    // Grow the pool (rare: admissions past the largest batch so far), keeping the live rows.
+    const int64_t old = hidden_pool_.empty() ? 0 : hidden_pool_.dim(0), grown = std::max<int64_t>(8, 2 * old);
+    ASSIGN_OR_RETURN(Tensor pool, b.Alloc(b.compute_dtype(), {grown, fw}, MemoryKind::kRetrieval));
+    if (old > 0) {
+      Tensor head_rows = View(pool, 0, {old, fw});
+      RETURN_IF_ERROR(b.CopyDevice(hidden_pool_, &head_rows));
+    }
+    hidden_pool_ = std::move(pool);
+    for (int64_t s = grown - 1; s >= old; --s) free_hidden_slots_.push_back(static_cast<int32_t>(s));
+  }
+  const int32_t slot = free_hidden_slots_.back();
+  free_hidden_slots_.pop_back();
+  Tensor row = View(hidden_pool_, slot * fw, {1, fw});
+  RETURN_IF_ERROR(b.Zero(&row));  // position 0 pairs with zeros (EAGLE-3)
+  return slot;
 }
 
 absl::StatusOr<std::unique_ptr<SequenceKv>> SparseDecoder::AllocateKv(uint64_t id, int32_t capacity, int32_t budget) {
@@ -86,18 +162,32 @@ absl::StatusOr<std::unique_ptr<SequenceKv>> SparseDecoder::AllocateKv(uint64_t i
   ASSIGN_OR_RETURN(std::unique_ptr<SequenceKv> kv,
                    AllocateTieredKv(*model_->backend(), c, capacity, gpu_layers_, budget));
   const int32_t n_sets = options_.mode == SelectionMode::kHeadLevel ? static_cast<int32_t>(c.num_key_value_heads) : 1;
-  auto st = std::make_unique<SeqState>(head_->n_kv_heads(), head_->head_dim(), capacity, n_sets, budget);
+  auto st = std::make_unique<SeqState>(n_sets, budget);
   st->kv = kv.get();
-  st->last_hidden.assign(head_->fused_width(), 0.0f);  // position 0 pairs with zeros (EAGLE-3)
+  ASSIGN_OR_RETURN(st->cache, dhead_->AllocateCache(capacity));
+  if (head_->fused_width() > 0) {
+    ASSIGN_OR_RETURN(st->hidden_slot, TakeHiddenSlot());
+  }
+  Release(id);  // an id reused without Release must not leak its hidden slot
   seqs_[id] = std::move(st);
   return kv;
 }
 
-void SparseDecoder::Release(uint64_t id) { seqs_.erase(id); }
+void SparseDecoder::Release(uint64_t id) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return;
+  if (it->second->hidden_slot >= 0) free_hidden_slots_.push_back(it->second->hidden_slot);
+  seqs_.erase(it);
+}
 
-const RetrievalKvCache* SparseDecoder::retrieval_cache(uint64_t id) const {
+const Tensor* SparseDecoder::retrieval_cache(uint64_t id) const {
   auto it = seqs_.find(id);
   return it == seqs_.end() ? nullptr : &it->second->cache;
+}
+
+int32_t SparseDecoder::retrieval_len(uint64_t id) const {
+  auto it = seqs_.find(id);
+  return it == seqs_.end() ? 0 : it->second->cache_len;
 }
 
 const SlotMap* SparseDecoder::slot_map(uint64_t id) const {
@@ -132,43 +222,99 @@ absl::Status SparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd) {
   return absl::OkStatus();
 }
 
-absl::Status SparseDecoder::ObserveTokens(SeqState& st, std::span<const int32_t> tokens, const HiddenCapture* capture,
-                                          int64_t first_row, Tensor* q_last) {
-  const int64_t n = static_cast<int64_t>(tokens.size()), fw = head_->fused_width();
+absl::StatusOr<HiddenCapture*> SparseDecoder::PrepareCapture(int64_t n_tokens) {
+  const int64_t fw = head_->fused_width();
+  if (fw == 0) return nullptr;
+  Backend& b = *model_->backend();
+  capture_.on_device = true;
+  capture_.layers.clear();
+  for (int64_t l : head_->config().fusion_layers) capture_.layers.push_back(static_cast<int32_t>(l));
+  if (capture_buffer_.empty() || capture_buffer_.dim(0) < n_tokens) {
+    ASSIGN_OR_RETURN(capture_buffer_, b.Alloc(b.compute_dtype(), {n_tokens, fw}, MemoryKind::kWorkspace));
+  }
+  capture_.out = View(capture_buffer_, 0, {n_tokens, fw});
+  return &capture_;
+}
+
+absl::Status SparseDecoder::Observe(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
+                                    const HiddenCapture* capture, Tensor* q) {
+  Backend& b = *model_->backend();
+  const DType dt = b.compute_dtype();
+  ids_.clear();
+  head_seqs_.clear();
+  for (size_t i = 0; i < fwd.size(); ++i) {
+    SeqState& st = *states[i];
+    if (st.cache_len != fwd[i].past_len) {
+      return absl::InternalError(absl::StrCat("retrieval cache holds ", st.cache_len, " tokens, sequence has ",
+                                              fwd[i].past_len));
+    }
+    ids_.insert(ids_.end(), fwd[i].tokens.begin(), fwd[i].tokens.end());
+    head_seqs_.push_back({&st.cache, static_cast<int32_t>(fwd[i].tokens.size()), st.cache_len});
+  }
+  const int64_t n = static_cast<int64_t>(ids_.size()), n_seqs = static_cast<int64_t>(fwd.size());
+  ASSIGN_OR_RETURN(*q, b.Alloc(dt, {n, head_->n_heads(), head_->head_dim()}, MemoryKind::kWorkspace));
   Tensor fused;
+  const int64_t fw = head_->fused_width();
   if (fw > 0) {
-    // EAGLE-3 pairs token t with the target's features of position t-1.
-    fused = Tensor::HostEmpty(DType::kF32, {n, fw});
-    std::memcpy(fused.as<float>(), st.last_hidden.data(), fw * sizeof(float));
-    for (int64_t j = 1; j < n; ++j) {
-      std::memcpy(fused.as<float>() + j * fw, capture->out.as<float>() + (first_row + j - 1) * fw, fw * sizeof(float));
+    // EAGLE-3 pairs token t with the target's features of position t-1: a sequence's first new token takes
+    // its pool row (the previous forward's last row; zeros at position 0), the others the capture's row
+    // before them. gather_ = [pool rows of the sequences][capture rows of every token (first rows: 0)].
+    gather_.assign(n_seqs + n, 0);
+    int64_t row = 0;
+    for (int64_t i = 0; i < n_seqs; ++i) {
+      gather_[i] = states[i]->hidden_slot;
+      for (size_t j = 1; j < fwd[i].tokens.size(); ++j) gather_[n_seqs + row + j] = static_cast<int32_t>(row + j - 1);
+      row += static_cast<int64_t>(fwd[i].tokens.size());
+    }
+    ASSIGN_OR_RETURN(Tensor idx, b.Alloc(DType::kI32, {n_seqs + n}, MemoryKind::kWorkspace));
+    RETURN_IF_ERROR(b.CopyToDevice(Tensor(gather_.data(), DType::kI32, {n_seqs + n}), &idx));
+    ASSIGN_OR_RETURN(fused, b.Alloc(dt, {n, fw}, MemoryKind::kWorkspace));
+    if (n == n_seqs) {  // one token per sequence (decode): every row comes from the pool
+      RETURN_IF_ERROR(b.Embedding(hidden_pool_, View(idx, 0, {n_seqs}), &fused));
+    } else {
+      if (capture == nullptr || capture->out.shape() != Shape{n, fw}) {
+        return absl::InternalError("sparse decoder: eagle3 prompt chunks need the forward's hidden capture");
+      }
+      RETURN_IF_ERROR(b.Embedding(capture->out, View(idx, n_seqs, {n}), &fused));
+      ASSIGN_OR_RETURN(Tensor first, b.Alloc(dt, {n_seqs, fw}, MemoryKind::kWorkspace));
+      RETURN_IF_ERROR(b.Embedding(hidden_pool_, View(idx, 0, {n_seqs}), &first));
+      Tensor fused_rows = View(fused, 0, {1, n, fw});
+      scatter_.clear();
+      int32_t first_row = 0;
+      for (int64_t i = 0; i < n_seqs; ++i) {
+        scatter_.push_back({&fused_rows, static_cast<int32_t>(i), 1, first_row});
+        first_row += head_seqs_[i].n_tokens;
+      }
+      RETURN_IF_ERROR(b.ScatterRows(View(first, 0, {n_seqs, 1, fw}), scatter_));
     }
   }
-  Tensor q = Tensor::HostEmpty(DType::kF32, {n, head_->n_heads(), head_->head_dim()});
-  RETURN_IF_ERROR(head_->Observe(std::vector<int32_t>(tokens.begin(), tokens.end()), fused, &st.cache, &q));
-  if (q_last != nullptr) {
-    *q_last = Tensor::HostEmpty(DType::kF32, {head_->n_heads(), head_->head_dim()});
-    std::memcpy(q_last->data(), q.as<float>() + (n - 1) * q_last->numel(), q_last->nbytes());
-  }
+  RETURN_IF_ERROR(dhead_->Observe(ids_, head_seqs_, fw > 0 ? &fused : nullptr, q));
+  for (size_t i = 0; i < fwd.size(); ++i) states[i]->cache_len += static_cast<int32_t>(fwd[i].tokens.size());
   return absl::OkStatus();
+}
+
+absl::Status SparseDecoder::KeepLastHidden(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
+                                           const HiddenCapture& capture) {
+  const int64_t fw = head_->fused_width(), slots = hidden_pool_.dim(0);
+  Tensor pool = View(hidden_pool_, 0, {1, slots, fw});
+  scatter_.clear();
+  int32_t row = 0;
+  for (size_t i = 0; i < fwd.size(); ++i) {
+    row += static_cast<int32_t>(fwd[i].tokens.size());
+    scatter_.push_back({&pool, row - 1, 1, states[i]->hidden_slot});
+  }
+  return model_->backend()->ScatterRows(View(capture.out, 0, {capture.out.dim(0), 1, fw}), scatter_);
 }
 
 absl::Status SparseDecoder::Prefill(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
                                     Tensor* logits) {
-  HiddenCapture capture;
-  for (int64_t l : head_->config().fusion_layers) capture.layers.push_back(static_cast<int32_t>(l));
-  HiddenCapture* cap = head_->fused_width() > 0 ? &capture : nullptr;
+  int64_t n = 0;
+  for (const ForwardSeq& f : fwd) n += static_cast<int64_t>(f.tokens.size());
+  ASSIGN_OR_RETURN(HiddenCapture * cap, PrepareCapture(n));
   RETURN_IF_ERROR(model_->Forward(fwd, /*all_tokens=*/false, logits, nullptr, cap));
-  int64_t row = 0;
-  for (size_t i = 0; i < fwd.size(); ++i) {
-    SeqState& st = *states[i];
-    RETURN_IF_ERROR(ObserveTokens(st, fwd[i].tokens, cap, row, nullptr));
-    row += static_cast<int64_t>(fwd[i].tokens.size());
-    if (cap != nullptr) {
-      const int64_t fw = head_->fused_width();
-      std::memcpy(st.last_hidden.data(), capture.out.as<float>() + (row - 1) * fw, fw * sizeof(float));
-    }
-  }
+  Tensor q;
+  RETURN_IF_ERROR(Observe(fwd, states, cap, &q));
+  if (cap != nullptr) RETURN_IF_ERROR(KeepLastHidden(fwd, states, *cap));
   return absl::OkStatus();
 }
 
@@ -176,66 +322,81 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
                                    Tensor* logits) {
   const int32_t n_layers = static_cast<int32_t>(model_->config().num_hidden_layers);
   const bool offloaded = gpu_layers_ < n_layers;
+  SparseStepSeconds& secs = stats_.decode_seconds;
+  const PhaseClock::time_point start = PhaseClock::now();
+  PhaseClock::time_point t = start;
+  Tensor q;  // [n_seqs, n_heads, head_dim]: the current tokens' queries, on the backend
+  RETURN_IF_ERROR(Observe(fwd, states, nullptr, &q));
+  secs.observe += Lap(t);
   bool all_small = true;
-  std::vector<SelectionQuery> queries(fwd.size());
-  for (size_t i = 0; i < fwd.size(); ++i) {
-    SeqState& st = *states[i];
-    if (st.cache.len() != fwd[i].past_len) {
-      return absl::InternalError(absl::StrCat("retrieval cache holds ", st.cache.len(), " tokens, sequence has ",
-                                              fwd[i].past_len));
-    }
-    RETURN_IF_ERROR(ObserveTokens(st, fwd[i].tokens, nullptr, 0, &queries[i].q));
-    queries[i].k_cache = st.cache.k();
-    queries[i].len = fwd[i].past_len;
-    queries[i].budget = st.budget;
-    all_small = all_small && fwd[i].past_len <= st.budget;
-  }
+  for (size_t i = 0; i < fwd.size(); ++i) all_small = all_small && fwd[i].past_len <= states[i]->budget;
   SparseForward sf;
   sf.dense_attention = all_small && !offloaded;
-  SelectionOptions so;
-  so.budget = options_.budget;
-  so.sink = options_.sink;
-  so.mode = options_.mode;
-  std::optional<ElasticPlan> plan;
-  CopyList full;
-  std::vector<SlotMap*> maps;
+  bool planned = false;
+  maps_.clear();
   if (!sf.dense_attention) {
-    RETURN_IF_ERROR(SelectTopB(queries, so, &selection_));
-    const IndexSets& sets = selection_.sets;
-    sf.desc.sets = &sets;
-    if (offloaded) {
-      for (SeqState* st : states) maps.push_back(&st->map);
-      std::vector<const SlotMap*> cmaps(maps.begin(), maps.end());
-      ASSIGN_OR_RETURN(plan, PlanElasticLoads(cmaps, sets));
-      sf.desc.slots = plan->slots;
-      if (std::find(reload_pending_.begin(), reload_pending_.end(), true) != reload_pending_.end()) {
-        full = FullReloadCopies(sets, plan->slots);
-      }
-      sf.layer_copies.assign(n_layers, nullptr);
-      for (int32_t l = gpu_layers_; l < n_layers; ++l) sf.layer_copies[l] = reload_pending_[l] ? &full : &plan->copies;
-      sf.counters = &stats_.elastic;
-      stats_.elastic.AddPlan(*plan);
+    const int64_t nq = head_->n_heads(), hd = head_->head_dim();
+    queries_.resize(fwd.size());
+    for (size_t i = 0; i < fwd.size(); ++i) {
+      queries_[i].q = View(q, static_cast<int64_t>(i) * nq * hd, {nq, hd});
+      queries_[i].k_cache = states[i]->cache;
+      queries_[i].len = fwd[i].past_len;
+      queries_[i].budget = states[i]->budget;
     }
+    SelectionOptions so;
+    so.budget = options_.budget;
+    so.sink = options_.sink;
+    so.mode = options_.mode;
+    RETURN_IF_ERROR(model_->backend()->SelectIndexSets(queries_.data(), queries_.size(), so, &selection_));
     double mass = 0;
     for (float m : selection_.captured_mass) mass += m;
     if (!selection_.captured_mass.empty()) stats_.last_captured_mass = mass / selection_.captured_mass.size();
-  }
-  HiddenCapture capture;
-  for (int64_t l : head_->config().fusion_layers) capture.layers.push_back(static_cast<int32_t>(l));
-  HiddenCapture* cap = head_->fused_width() > 0 ? &capture : nullptr;
-  RETURN_IF_ERROR(model_->Forward(fwd, /*all_tokens=*/false, logits, &sf, cap));
-  if (plan.has_value()) {
-    RETURN_IF_ERROR(ApplyElasticPlan(*plan, selection_.sets, maps));
-    std::fill(reload_pending_.begin(), reload_pending_.end(), false);
-  }
-  if (!sf.dense_attention) last_sets_ = selection_.sets;
-  ++(sf.dense_attention ? stats_.dense_steps : stats_.sparse_steps);
-  if (cap != nullptr) {
-    const int64_t fw = head_->fused_width();
-    for (size_t i = 0; i < fwd.size(); ++i) {
-      std::memcpy(states[i]->last_hidden.data(), capture.out.as<float>() + i * fw, fw * sizeof(float));
+    secs.select += Lap(t);
+    if (synthetic_.has_value()) {
+      prev_.clear();
+      for (SeqState* st : states) prev_.push_back(&st->prev_sets);
+      RETURN_IF_ERROR(synthetic_->Apply(options_.sink, prev_, &selection_.sets));
+      secs.synthetic += Lap(t);
+    }
+    const IndexSets& sets = selection_.sets;
+    sf.desc.sets = &sets;
+    if (offloaded) {
+      cmaps_.clear();
+      for (SeqState* st : states) {
+        maps_.push_back(&st->map);
+        cmaps_.push_back(&st->map);
+      }
+      // One plan object reused every step: planning allocates nothing once its buffers have grown.
+      RETURN_IF_ERROR(PlanElasticLoads(cmaps_, sets, &plan_));
+      planned = true;
+      sf.desc.slots = plan_.slots;
+      if (std::find(reload_pending_.begin(), reload_pending_.end(), true) != reload_pending_.end()) {
+        FullReloadCopies(sets, plan_.slots, &full_);
+      }
+      layer_copies_.assign(n_layers, nullptr);
+      for (int32_t l = gpu_layers_; l < n_layers; ++l) layer_copies_[l] = reload_pending_[l] ? &full_ : &plan_.copies;
+      sf.layer_copies = std::move(layer_copies_);
+      sf.counters = &stats_.elastic;
+      stats_.elastic.AddPlan(plan_);
+      secs.plan += Lap(t);
     }
   }
+  ASSIGN_OR_RETURN(HiddenCapture * cap, PrepareCapture(static_cast<int64_t>(fwd.size())));
+  absl::Status fst = model_->Forward(fwd, /*all_tokens=*/false, logits, &sf, cap);
+  layer_copies_ = std::move(sf.layer_copies);  // back to the scratch, capacity kept
+  RETURN_IF_ERROR(fst);
+  secs.forward += Lap(t);
+  if (planned) {
+    RETURN_IF_ERROR(ApplyElasticPlan(plan_, selection_.sets, maps_));
+    std::fill(reload_pending_.begin(), reload_pending_.end(), false);
+  }
+  // The step's sets become last_sets() by a swap (O(1)); the next selection refills the other buffer.
+  if (!sf.dense_attention) std::swap(last_sets_, selection_.sets);
+  ++(sf.dense_attention ? stats_.dense_steps : stats_.sparse_steps);
+  if (cap != nullptr) RETURN_IF_ERROR(KeepLastHidden(fwd, states, *cap));
+  secs.apply += Lap(t);
+  secs.total += std::chrono::duration<double>(t - start).count();
+  ++secs.steps;
   return absl::OkStatus();
 }
 
@@ -247,9 +408,13 @@ absl::Status SparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::span<c
   // Prompt chunks run dense; single decode tokens with a past run the sparse path. Two forwards keep each
   // attention kernel uniform.
   for (int pass = 0; pass < 2; ++pass) {
-    std::vector<ForwardSeq> part;
-    std::vector<SeqState*> states;
-    std::vector<size_t> rows;
+    // Scratch reused across steps (pass 0 is done with them before pass 1 refills them).
+    std::vector<ForwardSeq>& part = pass_fwd_;
+    std::vector<SeqState*>& states = pass_states_;
+    std::vector<size_t>& rows = pass_rows_;
+    part.clear();
+    states.clear();
+    rows.clear();
     for (size_t i = 0; i < fwd.size(); ++i) {
       const bool decode = fwd[i].tokens.size() == 1 && fwd[i].past_len > 0;
       if (decode != (pass == 1)) continue;
@@ -263,10 +428,18 @@ absl::Status SparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::span<c
       rows.push_back(i);
     }
     if (part.empty()) continue;
-    Tensor out = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(part.size()), vocab});
+    // A pass holding every sequence writes the caller's logits directly (the usual decode step).
+    const bool whole = part.size() == fwd.size();
+    const int64_t n_part = static_cast<int64_t>(part.size());
+    if (!whole && (pass_logits_.empty() || pass_logits_.dim(0) < n_part || pass_logits_.dim(1) != vocab)) {
+      pass_logits_ = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(fwd.size()), vocab});
+    }
+    Tensor out = whole ? *logits : Tensor(pass_logits_.data(), DType::kF32, {n_part, vocab});
     RETURN_IF_ERROR(pass == 0 ? Prefill(part, states, &out) : Decode(part, states, &out));
     for (size_t j = 0; j < part.size(); ++j) {
-      std::memcpy(logits->as<float>() + rows[j] * vocab, out.as<float>() + j * vocab, vocab * sizeof(float));
+      if (!whole) {
+        std::memcpy(logits->as<float>() + rows[j] * vocab, out.as<float>() + j * vocab, vocab * sizeof(float));
+      }
       states[j]->len = part[j].past_len + static_cast<int32_t>(part[j].tokens.size());
     }
   }

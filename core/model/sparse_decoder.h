@@ -3,12 +3,19 @@
 //   1. the memory planner (measured mode, Backend::memory_report and the device limit) is checked and whole
 //      layers move to host from the last layer backward when a threshold is crossed;
 //   2. prompt chunks run dense (KV of offloaded layers goes to the host copy) and fill the retrieval head's
-//      K cache (eagle3 heads get the target's hidden states at their fusion layers, captured in the forward);
-//   3. decoding sequences: the head observes the current token, SelectTopB gives the index sets (head-level
-//      by default, per-request budget, `sink` first tokens), PlanElasticLoads plans every offloaded layer's
-//      copies (a layer moved since the last step gets FullReloadCopies), the forward runs them and sparse
-//      attention, then ApplyElasticPlan commits the slot maps. When every past is <= its budget and no layer
+//      K cache (eagle3 heads get the target's hidden states at their fusion layers, captured in the forward
+//      on the device);
+//   3. decoding sequences: the head observes the current tokens of the whole batch in one forward on the
+//      model's backend (DeviceRetrievalHead; its per-sequence K caches are backend tensors), the backend's
+//      selection (Backend::SelectIndexSets: the CUDA kernels, or the CPU reference) gives the index sets
+//      (head-level by default, per-request budget, `sink` first tokens) — the step's one host wait —,
+//      optionally rewritten to a fixed overlap (synthetic_overlap, benchmarks); PlanElasticLoads plans
+//      every offloaded layer's copies (a layer moved since the last step gets FullReloadCopies), the
+//      forward runs them and sparse attention, then ApplyElasticPlan commits the slot maps. When every past is <= its budget and no layer
 //      is offloaded the forward uses exact dense attention.
+// The host time of each decode phase is accumulated in SparseEngineStats::decode_seconds (no device
+// syncs added), and a step allocates no host memory once its scratch has grown (plan, copy lists and
+// index sets are reused; last_sets() is the step's sets swapped out, not copied).
 // Engine thread only.
 #pragma once
 
@@ -24,7 +31,9 @@
 #include "core/model/transformer.h"
 #include "core/sparse/memory_planner.h"
 #include "core/sparse/retrieval_head.h"
+#include "core/sparse/retrieval_head_device.h"
 #include "core/sparse/selection.h"
+#include "core/sparse/synthetic_overlap.h"
 
 namespace specontext {
 
@@ -35,19 +44,28 @@ struct SparseOptions {
   /// Device bytes the planner plans for; 0 = the backend's limit (memory_report().limit); when both are 0
   /// the planner is off (every layer stays resident unless OffloadLayers is called).
   int64_t gpu_memory_limit = 0;
+  /// Benchmark option, 0 = off (serving). In (0, 1]: after the real selection has run (its cost stays in
+  /// the step), every set is replaced by one keeping round(synthetic_overlap · |S|) positions of the same
+  /// (sequence, KV head)'s previous set and filling the rest with positions outside it, pseudo-random with
+  /// a fixed seed, the sink always kept (core/sparse/synthetic_overlap.h), so that the elastic loader sees a
+  /// controlled overlap even with random weights. Outputs are then no longer the model's.
+  double synthetic_overlap = 0;
 };
 
 // The measured-mode memory planner for `model` under `gpu_memory_limit` (0: the backend's own limit);
 // nullopt when there is no device limit (every layer stays resident). Shared by the in-process and the
-// split (remote retriever) decoders so both move layers at the same points.
+// split (remote retriever) decoders so both move layers at the same points. `retrieval_cache_per_token`:
+// device bytes of the retrieval head's K cache per token (0 when the head runs elsewhere); the head's
+// weights already on the device are measured as kRetrieval.
 absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transformer& model, int32_t budget,
-                                                                 int64_t gpu_memory_limit);
+                                                                 int64_t gpu_memory_limit,
+                                                                 int64_t retrieval_cache_per_token = 0);
 
 class SparseDecoder : public SparseDecodeHooks {
  public:
   /// `model` and `head` must outlive the decoder. Validates the head against the model (dims, KV heads,
-  /// vocabulary), the budget/sink against the context, and builds the planner. InvalidArgument /
-  /// FailedPrecondition with a clear message otherwise.
+  /// vocabulary), the budget/sink against the context, uploads the head to the model's backend and builds
+  /// the planner. InvalidArgument / FailedPrecondition with a clear message otherwise.
   static absl::StatusOr<std::unique_ptr<SparseDecoder>> Create(Transformer* model, const RetrievalHead* head,
                                                                const SparseOptions& options);
   ~SparseDecoder() override;
@@ -68,8 +86,11 @@ class SparseDecoder : public SparseDecodeHooks {
   const IndexSets& last_sets() const { return last_sets_; }
   /// The token->slot map of a live sequence (null when unknown): tests check slot buffers against it.
   const SlotMap* slot_map(uint64_t id) const;
-  /// The retrieval head's K cache of a live sequence (null when unknown).
-  const RetrievalKvCache* retrieval_cache(uint64_t id) const;
+  /// The retrieval head's K cache of a live sequence (null when unknown): a backend tensor
+  /// [n_kv_heads, capacity, head_dim] in the compute dtype whose rows [0, retrieval_len(id)) are valid.
+  const Tensor* retrieval_cache(uint64_t id) const;
+  int32_t retrieval_len(uint64_t id) const;
+  const DeviceRetrievalHead& device_head() const { return *dhead_; }
 
  private:
   struct SeqState;
@@ -77,12 +98,30 @@ class SparseDecoder : public SparseDecodeHooks {
   absl::Status PlanLayers(std::span<const ForwardSeq> fwd);
   absl::Status Prefill(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits);
   absl::Status Decode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits);
-  absl::Status ObserveTokens(SeqState& st, std::span<const int32_t> tokens, const HiddenCapture* capture,
-                             int64_t first_row, Tensor* q_last);
+  // The head observes the new tokens of `fwd` (one forward for the batch); q receives their queries
+  // [n_tokens, n_heads, head_dim]. eagle3: token t pairs with the features of t-1, from `capture` (this
+  // forward's rows) or from the sequence's row of hidden_pool_ (the previous forward's last row).
+  absl::Status Observe(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
+                       const HiddenCapture* capture, Tensor* q);
+  // eagle3: stores each sequence's last captured row into its hidden_pool_ row.
+  absl::Status KeepLastHidden(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
+                              const HiddenCapture& capture);
+  absl::StatusOr<int32_t> TakeHiddenSlot();
+  // eagle3: capture_ set up for a forward of n_tokens rows (its device output a view of capture_buffer_,
+  // grown here, so the forward itself allocates nothing for it); null for layer heads.
+  absl::StatusOr<HiddenCapture*> PrepareCapture(int64_t n_tokens);
 
   Transformer* model_;
   const RetrievalHead* head_;
+  std::unique_ptr<DeviceRetrievalHead> dhead_;
   SparseOptions options_;
+  std::optional<SyntheticOverlap> synthetic_;
+  // eagle3: per-sequence fused features of the last processed position, one row per live sequence
+  // [slots, fused_width] compute dtype (kRetrieval); rows gathered into the head's input in one op.
+  Tensor hidden_pool_;
+  HiddenCapture capture_;
+  Tensor capture_buffer_;  // [most rows so far, fused_width]: capture_.out views its first rows
+  std::vector<int32_t> free_hidden_slots_;
   std::optional<MemoryPlanner> planner_;
   int32_t gpu_layers_ = 0;
   std::vector<bool> reload_pending_;  // [L] layer moved to host since the last decode step
@@ -90,6 +129,21 @@ class SparseDecoder : public SparseDecodeHooks {
   SparseEngineStats stats_;
   IndexSets last_sets_;
   SelectionResult selection_;
+  // Per-step scratch, reused so that a decode step does not reallocate.
+  std::vector<int32_t> ids_, gather_;
+  std::vector<DeviceRetrievalHead::Seq> head_seqs_;
+  std::vector<RowScatter> scatter_;
+  std::vector<SelectionQuery> queries_;
+  std::vector<PreviousSets*> prev_;
+  ElasticPlan plan_;                           // the step's elastic plan (buffers reused)
+  CopyList full_;                              // full reload of layers moved since the last step
+  std::vector<SlotMap*> maps_;
+  std::vector<const SlotMap*> cmaps_;
+  std::vector<const CopyList*> layer_copies_;  // moved into the step's SparseForward and back
+  std::vector<ForwardSeq> pass_fwd_;           // Forward's split into prompt and decode passes
+  std::vector<SeqState*> pass_states_;
+  std::vector<size_t> pass_rows_;
+  Tensor pass_logits_;  // host logits of one pass when a step mixes prompt chunks and decode tokens
 };
 
 }  // namespace specontext

@@ -14,6 +14,20 @@
 
 namespace specontext {
 
+/// Cumulative host wall seconds of SparseDecoder's decode steps by phase (steady_clock around each phase;
+/// no device synchronisation is added, so a phase that waits for the device includes that wait: `select`
+/// the index-set download, `forward` the logits download). Benchmarks print them per step.
+struct SparseStepSeconds {
+  int64_t steps = 0;      // decode calls timed (sparse and dense)
+  double observe = 0;     // retrieval head: ids upload, forward and K-cache append (queued on the backend)
+  double select = 0;      // Backend::SelectIndexSets incl. the index-set download, captured mass
+  double synthetic = 0;   // SyntheticOverlap::Apply (benchmarks only)
+  double plan = 0;        // PlanElasticLoads, FullReloadCopies, per-layer copy lists
+  double forward = 0;     // hidden capture setup and Transformer::Forward incl. its logits download
+  double apply = 0;       // ApplyElasticPlan, keeping the sets, eagle3 hidden rows
+  double total = 0;       // whole decode calls (the phases plus glue)
+};
+
 /// Counters and planner state for the services' metrics (cumulative unless noted).
 struct SparseEngineStats {
   ElasticCounters elastic;        // overlap ratio, rows/bytes loaded, bytes a full reload would move
@@ -25,6 +39,7 @@ struct SparseEngineStats {
   int64_t host_kv_bytes = 0;      // now: pinned host bytes (Backend::host_memory_report total)
   int64_t device_bytes = 0;       // now: device bytes (Backend::memory_report total)
   double last_captured_mass = 1;  // last step: mean attention mass the selection kept (retrieval head)
+  SparseStepSeconds decode_seconds;  // host time of decode steps by phase (SparseDecoder only)
 };
 
 /// One sequence of a step as the engine hands it over.

@@ -26,6 +26,10 @@ absl::StatusOr<SparseRuntime> MakeSparseRuntime(const Runtime& rt, const SparseR
     return absl::InvalidArgumentError(absl::StrCat("--selection must be head or batch, got \"", o.selection, "\""));
   }
   so.gpu_memory_limit = o.gpu_memory_limit;
+  if (!(o.synthetic_overlap >= 0.0 && o.synthetic_overlap <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("--synthetic-overlap must be in [0, 1], got ", o.synthetic_overlap));
+  }
+  so.synthetic_overlap = o.synthetic_overlap;
   if (o.retrieval_head.empty()) {
     return absl::InvalidArgumentError("--sparse needs --retrieval-head DIR (write one with `specontext prune`)");
   }

@@ -19,6 +19,7 @@ struct SparseRuntimeOptions {
   int64_t sink = 1;               // --sink: first tokens always attended
   std::string selection = "head"; // "head" (one set per KV head) or "batch" (one set per sequence)
   int64_t gpu_memory_limit = 0;   // --gpu-memory-limit for the planner (0: the backend's limit, else off)
+  double synthetic_overlap = 0;   // benchmarks only: SparseOptions::synthetic_overlap (0 = off)
 };
 
 struct SparseRuntime {

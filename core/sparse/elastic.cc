@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/cpu/parallel_for.h"
 #include "core/status_macros.h"
 
 namespace specontext {
@@ -11,7 +12,9 @@ namespace {
 
 int32_t HeadsCovered(int32_t sets_per_seq, int32_t n_kv_heads) { return sets_per_seq == 1 ? n_kv_heads : 1; }
 
-absl::Status CheckMaps(std::span<const SlotMap* const> maps, const IndexSets& sets) {
+// MapPtr: const SlotMap* or SlotMap* (plan and apply check the same things without copying the span).
+template <typename MapPtr>
+absl::Status CheckMaps(std::span<MapPtr const> maps, const IndexSets& sets) {
   RETURN_IF_ERROR(ValidateIndexSets(sets));
   if (static_cast<int64_t>(maps.size()) != sets.n_seqs) {
     return absl::InvalidArgumentError(
@@ -52,59 +55,124 @@ void SlotMap::Clear() {
 }
 
 absl::StatusOr<ElasticPlan> PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexSets& sets) {
-  RETURN_IF_ERROR(CheckMaps(maps, sets));
   ElasticPlan plan;
+  RETURN_IF_ERROR(PlanElasticLoads(maps, sets, &plan));
+  return plan;
+}
+
+namespace {
+
+// Per-thread scratch of PlanSet: grows to the largest position / budget seen, never shrinks.
+struct PlanScratch {
+  std::vector<int32_t> slot_of;  // [> largest position] slot of a resident position, -1 elsewhere
+  std::vector<int32_t> free_slots;
+  std::vector<uint8_t> used;
+};
+
+// Plans one set: slots[j] for every position of S_now, the copies of S_now \ S_last written to `copies`
+// (room for |S_now|), returns how many; `kept` gets |S_now ∩ S_last|.
+int32_t PlanSet(std::span<const int32_t> now, std::span<const int32_t> last_tok, std::span<const int32_t> last_slot,
+                int32_t seq_len, int32_t budget, PlanScratch& scr, int32_t* slots, RowCopy* copies, int64_t* kept) {
+  const int32_t extent = std::max(seq_len, last_tok.empty() ? 0 : last_tok.back() + 1);
+  if (static_cast<int32_t>(scr.slot_of.size()) < extent) scr.slot_of.resize(extent, -1);
+  if (static_cast<int32_t>(scr.used.size()) < budget) {
+    scr.used.resize(budget);
+    scr.free_slots.resize(budget);
+  }
+  // Kept tokens keep their slots: S_last scattered into a position->slot array, read back at S_now's
+  // positions (no hashing, no data-dependent branches), then cleared again. Raw pointers in locals:
+  // the byte stores to `used` could alias anything reached through the vectors.
+  int32_t* const slot_at = scr.slot_of.data();
+  uint8_t* const used_at = scr.used.data();
+  int32_t* const free_at = scr.free_slots.data();
+  const int32_t* const now_at = now.data();
+  const int32_t n_now = static_cast<int32_t>(now.size()), n_last = static_cast<int32_t>(last_tok.size());
+  for (int32_t a = 0; a < n_last; ++a) slot_at[last_tok[a]] = last_slot[a];
+  std::memset(used_at, 0, budget);
+  int64_t k = 0;
+  for (int32_t j = 0; j < n_now; ++j) {
+    const int32_t sl = slot_at[now_at[j]];
+    slots[j] = sl;
+    used_at[sl >= 0 ? sl : 0] |= static_cast<uint8_t>(sl >= 0);
+    k += sl >= 0;
+  }
+  for (int32_t a = 0; a < n_last; ++a) slot_at[last_tok[a]] = -1;
+  // New tokens take the free slots in ascending order (freed by S_last \ S_now, or never used);
+  // |S_now| <= budget, so there are enough.
+  int32_t n_free = 0;
+  for (int32_t sl = 0; sl < budget; ++sl) {
+    free_at[n_free] = sl;
+    n_free += used_at[sl] == 0;
+  }
+  int32_t n_copies = 0;
+  for (int32_t j = 0; j < n_now; ++j) {
+    const bool fresh = slots[j] < 0;
+    const int32_t sl = fresh ? free_at[n_copies] : slots[j];
+    slots[j] = sl;
+    copies[n_copies] = {now_at[j], sl};
+    n_copies += fresh;
+  }
+  *kept = k;
+  return n_copies;
+}
+
+}  // namespace
+
+absl::Status PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexSets& sets, ElasticPlan* out) {
+  RETURN_IF_ERROR(CheckMaps(maps, sets));
+  ElasticPlan& plan = *out;
   CopyList& cl = plan.copies;
   cl.n_seqs = sets.n_seqs;
   cl.n_kv_heads = sets.n_kv_heads;
   cl.sets_per_seq = sets.sets_per_seq;
   cl.budget = sets.budget;
-  cl.copy_ptr.assign(1, 0);
-  plan.slots.assign(sets.indices.size(), -1);
-  const int32_t heads = HeadsCovered(sets.sets_per_seq, sets.n_kv_heads);
-  std::vector<uint8_t> used;
-  for (int32_t i = 0; i < sets.n_seqs; ++i) {
-    const SlotMap& map = *maps[i];
-    plan.generations.push_back(map.generation());
-    used.assign(map.budget(), 0);
-    for (int32_t s = 0; s < sets.sets_per_seq; ++s) {
-      const int32_t set = i * sets.sets_per_seq + s;
-      std::span<const int32_t> now = sets.SetPositions(set);
-      std::span<const int32_t> last_tok = map.tokens(s);
-      std::span<const int32_t> last_slot = map.slots(s);
-      std::fill(used.begin(), used.end(), 0);
-      // Merge the two ascending lists: kept tokens keep their slots.
-      size_t a = 0;
-      for (size_t j = 0; j < now.size(); ++j) {
-        while (a < last_tok.size() && last_tok[a] < now[j]) ++a;
-        if (a < last_tok.size() && last_tok[a] == now[j]) {
-          plan.slots[sets.indptr[set] + j] = last_slot[a];
-          used[last_slot[a]] = 1;
-          ++plan.kept_rows;
-        }
+  const int32_t n_sets = sets.n_seqs * sets.sets_per_seq;
+  // Each set first writes its copies at its own offset (indptr: at most one copy per position of S_now),
+  // then the copies are packed in set order: sized once, no reallocation per step.
+  cl.copies.resize(sets.indices.size());
+  plan.slots.resize(sets.indices.size());
+  plan.generations.resize(sets.n_seqs);
+  plan.scratch_set_copies.resize(n_sets);
+  std::vector<int64_t> kept(n_sets);  // small: one entry per set
+  const int64_t per_seq = int64_t{sets.sets_per_seq} * std::max<int32_t>(1, sets.budget) * 8;
+  ParallelFor(sets.n_seqs, per_seq, [&](int64_t begin, int64_t end) {
+    static thread_local PlanScratch scr;
+    for (int64_t i = begin; i < end; ++i) {
+      const SlotMap& map = *maps[i];
+      plan.generations[i] = map.generation();
+      for (int32_t s = 0; s < sets.sets_per_seq; ++s) {
+        const int32_t set = static_cast<int32_t>(i) * sets.sets_per_seq + s;
+        plan.scratch_set_copies[set] =
+            PlanSet(sets.SetPositions(set), map.tokens(s), map.slots(s), sets.seq_len[i], map.budget(), scr,
+                    plan.slots.data() + sets.indptr[set], cl.copies.data() + sets.indptr[set], &kept[set]);
       }
-      // New tokens take the free slots in ascending order (freed by S_last \ S_now, or never used).
-      int32_t next_free = 0;
-      for (size_t j = 0; j < now.size(); ++j) {
-        int32_t& slot = plan.slots[sets.indptr[set] + j];
-        if (slot >= 0) continue;
-        while (used[next_free]) ++next_free;  // |S_now| <= budget, so a free slot exists
-        slot = next_free;
-        used[next_free] = 1;
-        cl.copies.push_back({now[j], slot});
-      }
-      cl.copy_ptr.push_back(static_cast<int32_t>(cl.copies.size()));
-      plan.set_rows += static_cast<int64_t>(now.size());
-      cl.full_reload_rows += static_cast<int64_t>(now.size()) * heads;
     }
+  });
+  const int32_t heads = HeadsCovered(sets.sets_per_seq, sets.n_kv_heads);
+  cl.copy_ptr.assign(1, 0);
+  cl.full_reload_rows = 0;
+  plan.set_rows = 0;
+  plan.kept_rows = 0;
+  int64_t n_copies = 0;
+  for (int32_t set = 0; set < n_sets; ++set) {
+    const int32_t n = plan.scratch_set_copies[set];
+    if (n_copies != sets.indptr[set] && n > 0) {
+      std::memmove(cl.copies.data() + n_copies, cl.copies.data() + sets.indptr[set], n * sizeof(RowCopy));
+    }
+    n_copies += n;
+    cl.copy_ptr.push_back(static_cast<int32_t>(n_copies));
+    const int64_t rows = sets.indptr[set + 1] - sets.indptr[set];
+    plan.kept_rows += kept[set];
+    plan.set_rows += rows;
+    cl.full_reload_rows += rows * heads;
   }
-  cl.head_rows = static_cast<int64_t>(cl.copies.size()) * heads;
-  return plan;
+  cl.copies.resize(n_copies);
+  cl.head_rows = n_copies * heads;
+  return absl::OkStatus();
 }
 
 absl::Status ApplyElasticPlan(const ElasticPlan& plan, const IndexSets& sets, std::span<SlotMap* const> maps) {
-  std::vector<const SlotMap*> cmaps(maps.begin(), maps.end());
-  RETURN_IF_ERROR(CheckMaps(cmaps, sets));
+  RETURN_IF_ERROR(CheckMaps(maps, sets));
   if (plan.slots.size() != sets.indices.size() || plan.generations.size() != maps.size() ||
       plan.copies.copy_ptr.size() != sets.indptr.size()) {
     return absl::InvalidArgumentError("elastic: the plan was not made from these index sets");
@@ -115,31 +183,39 @@ absl::Status ApplyElasticPlan(const ElasticPlan& plan, const IndexSets& sets, st
                                                         " changed since the plan was made (stale plan)"));
     }
   }
-  for (int32_t i = 0; i < sets.n_seqs; ++i) {
-    SlotMap& map = *maps[i];
-    for (int32_t s = 0; s < sets.sets_per_seq; ++s) {
-      const int32_t set = i * sets.sets_per_seq + s;
-      const int32_t b = sets.indptr[set], e = sets.indptr[set + 1];
-      map.tokens_[s].assign(sets.indices.begin() + b, sets.indices.begin() + e);
-      map.slots_[s].assign(plan.slots.begin() + b, plan.slots.begin() + e);
+  ParallelFor(sets.n_seqs, int64_t{sets.sets_per_seq} * std::max<int32_t>(1, sets.budget), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      SlotMap& map = *maps[i];
+      for (int32_t s = 0; s < sets.sets_per_seq; ++s) {
+        const int32_t set = static_cast<int32_t>(i) * sets.sets_per_seq + s;
+        const int32_t b = sets.indptr[set], e = sets.indptr[set + 1];
+        map.tokens_[s].assign(sets.indices.begin() + b, sets.indices.begin() + e);
+        map.slots_[s].assign(plan.slots.begin() + b, plan.slots.begin() + e);
+      }
+      ++map.generation_;
     }
-    ++map.generation_;
-  }
+  });
   return absl::OkStatus();
 }
 
 CopyList FullReloadCopies(const IndexSets& sets, std::span<const int32_t> slots) {
   CopyList cl;
+  FullReloadCopies(sets, slots, &cl);
+  return cl;
+}
+
+void FullReloadCopies(const IndexSets& sets, std::span<const int32_t> slots, CopyList* out) {
+  CopyList& cl = *out;
   cl.n_seqs = sets.n_seqs;
   cl.n_kv_heads = sets.n_kv_heads;
   cl.sets_per_seq = sets.sets_per_seq;
   cl.budget = sets.budget;
-  cl.copy_ptr = sets.indptr;
-  cl.copies.reserve(sets.indices.size());
-  for (size_t j = 0; j < sets.indices.size() && j < slots.size(); ++j) cl.copies.push_back({sets.indices[j], slots[j]});
+  cl.copy_ptr.assign(sets.indptr.begin(), sets.indptr.end());
+  const size_t n = std::min(sets.indices.size(), slots.size());
+  cl.copies.resize(n);
+  for (size_t j = 0; j < n; ++j) cl.copies[j] = {sets.indices[j], slots[j]};
   cl.head_rows = static_cast<int64_t>(cl.copies.size()) * HeadsCovered(sets.sets_per_seq, sets.n_kv_heads);
   cl.full_reload_rows = cl.head_rows;
-  return cl;
 }
 
 void ElasticCounters::AddPlan(const ElasticPlan& plan) {

@@ -84,11 +84,19 @@ struct ElasticPlan {
   int64_t set_rows = 0;   // Σ |S_now| over sets
   int64_t kept_rows = 0;  // Σ |S_now ∩ S_last|
   double overlap_ratio() const { return set_rows == 0 ? 1.0 : static_cast<double>(kept_rows) / set_rows; }
+
+  // Per-set copy counts of PlanElasticLoads, kept so that planning into the same plan allocates nothing.
+  std::vector<int32_t> scratch_set_copies;  // [n_sets]
 };
 
 /// Plans the step for a batch: maps[i] belongs to sequence i of `sets` and must have
 /// n_sets == sets.sets_per_seq and room for each set (budget >= |set|). Does not change the maps.
+/// O(Σ |S_now| + Σ |S_last| + n_sets · budget).
 absl::StatusOr<ElasticPlan> PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexSets& sets);
+/// The same into `plan`, reusing its buffers (a decode loop keeps one plan: no allocation per step once
+/// the buffers have grown). Sequences are planned in parallel (core/cpu/parallel_for.h); the result does not
+/// depend on the thread count. On error `plan` is left unspecified.
+absl::Status PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexSets& sets, ElasticPlan* plan);
 
 /// Commits a plan made from `sets` against `maps` (same order). Refuses stale or mismatched plans.
 absl::Status ApplyElasticPlan(const ElasticPlan& plan, const IndexSets& sets, std::span<SlotMap* const> maps);
@@ -96,6 +104,8 @@ absl::Status ApplyElasticPlan(const ElasticPlan& plan, const IndexSets& sets, st
 /// The copies that fill an empty slot buffer with all of S_now in the slot layout `slots` (parallel to
 /// sets.indices): used for a layer newly moved to host, and as the reference in tests.
 CopyList FullReloadCopies(const IndexSets& sets, std::span<const int32_t> slots);
+/// The same into `out`, reusing its buffers.
+void FullReloadCopies(const IndexSets& sets, std::span<const int32_t> slots, CopyList* out);
 
 /// Byte counters of the copy engine (cumulative; one instance per engine, no globals).
 struct ElasticCounters {
@@ -105,6 +115,18 @@ struct ElasticCounters {
   int64_t rows_loaded = 0;       // rows copied (K and V each count), all layers
   int64_t bytes_loaded = 0;
   int64_t bytes_full_reload = 0; // what full reloads of the same layers would have moved
+  // Copy time (backends with a copy stream; CUDA measures with events, one load per offloaded layer and
+  // step, added when the load's events are read back, i.e. at the next ElasticLoad of that layer: the
+  // figures lag by one step). `copy_seconds` is Σ load durations on the copy stream (start after its
+  // waits to end of the gather); `copy_exposed_seconds` is Σ time the compute stream stood waiting for a
+  // load (or copy-stream work queued ahead of it) when it reached that layer's sparse attention; the
+  // rest of the duration overlapped with compute (hidden).
+  int64_t copy_timed_loads = 0;
+  double copy_seconds = 0;
+  double copy_exposed_seconds = 0;
+  double copy_hidden_seconds() const {
+    return copy_seconds > copy_exposed_seconds ? copy_seconds - copy_exposed_seconds : 0;
+  }
   void AddPlan(const ElasticPlan& plan);
   double overlap_ratio() const { return set_rows == 0 ? 1.0 : static_cast<double>(kept_rows) / set_rows; }
 };

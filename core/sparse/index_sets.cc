@@ -43,6 +43,12 @@ absl::Status ValidateIndexSets(const IndexSets& s) {
       return absl::InvalidArgumentError(
           absl::StrCat("index sets: set ", set, " has ", e - b, " positions (budget ", s.budget, ")"));
     }
+    // Fast check first (every step validates ~B positions per set): strictly ascending is one
+    // branch-free pass, and then only the first and last positions need the range check.
+    const int32_t* x = s.indices.data();
+    bool bad = e > b && (x[b] < 0 || x[e - 1] >= s.seq_len[seq]);
+    for (int32_t j = b + 1; j < e; ++j) bad |= x[j] <= x[j - 1];
+    if (!bad) continue;
     for (int32_t j = b; j < e; ++j) {
       const int32_t p = s.indices[j];
       if (p < 0 || p >= s.seq_len[seq]) {

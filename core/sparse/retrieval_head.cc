@@ -99,6 +99,7 @@ absl::StatusOr<std::unique_ptr<RetrievalHead>> RetrievalHead::Create(const Retri
   int64_t& p = h->params_;
   RETURN_IF_ERROR(GetF32(ws, "input_layernorm.weight", {hidden}, &h->input_norm_, &p));
   RETURN_IF_ERROR(GetF32(ws, "q_proj.weight", {a.num_attention_heads * hd, in}, &h->wq_, &p));
+  h->matrix_dtype_ = ws.Get("q_proj.weight")->dtype();
   RETURN_IF_ERROR(GetF32(ws, "k_proj.weight", {a.num_key_value_heads * hd, in}, &h->wk_, &p));
   if (a.attention_bias) {
     RETURN_IF_ERROR(GetF32(ws, "q_proj.bias", {a.num_attention_heads * hd}, &h->bq_, &p));

@@ -1,6 +1,7 @@
 // The retrieval head (DESIGN.md §1 part 1, §5): a pruned DLM that, for every new token, computes its K
 // (appended to the head's own per-sequence K cache) and its query, which selection (selection.h) scores
-// against that cache. CPU reference forward (f32, OpenBLAS); the CUDA forward follows the same contract.
+// against that cache. This is the CPU reference forward (f32, OpenBLAS, host K cache), used by the retriever
+// service and the tests; the engine runs the same forward on its backend (retrieval_head_device.h).
 //
 //   layer:  x = RMSNorm(embed(id))                                  q/k = x · W{q,k}ᵀ (+ bias)
 //   eagle3: x = cat(input_layernorm(embed(id)), hidden_norm(fc(h)))  q/k = x · W{q,k}ᵀ
@@ -62,6 +63,8 @@ class RetrievalHead {
   int64_t parameter_count() const { return params_; }
   /// Width of one token's fused hidden input (eagle3: 3 · target hidden; layer: 0).
   int64_t fused_width() const;
+  /// Stored dtype of the embedding table (own or the target's).
+  DType embedding_dtype() const { return embed_.dtype(); }
 
   /// Q and K of n tokens. ids, positions: n entries; fused: [n, fused_width()] f32 (eagle3) or empty.
   /// q: [n, n_heads, head_dim], k: [n, n_kv_heads, head_dim] f32, caller-allocated.
@@ -74,8 +77,10 @@ class RetrievalHead {
   absl::Status Observe(const std::vector<int32_t>& ids, const Tensor& fused, RetrievalKvCache* cache, Tensor* q) const;
 
  private:
+  friend class DeviceRetrievalHead;  // uploads the weights below (retrieval_head_device.h)
   RetrievalHead() = default;
   RetrievalHeadConfig config_;
+  DType matrix_dtype_ = DType::kF32;  // stored dtype of the projection matrices (weight_dtype on upload)
   Tensor embed_;  // [vocab, hidden] stored dtype (own or the target's), rows converted on use
   std::vector<float> input_norm_, hidden_norm_, fc_, wq_, wk_, bq_, bk_, q_norm_, k_norm_;
   std::vector<float> inv_freq_;

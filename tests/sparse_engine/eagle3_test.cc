@@ -65,6 +65,13 @@ TEST(SparseEagle3, CapturedHiddenStatesFeedTheHeadLikeAOneShotForward) {
   ASSERT_TRUE(kv.ok());
   std::vector<int32_t> tokens = testing::RandomPrompt(9, c.vocab_size, 3);
   int32_t cached = 0;
+  {
+    // The prompt in two chunks: the second chunk's first token pairs with the first chunk's last features.
+    ForwardSeq f{std::span<const int32_t>(tokens.data(), 5), 0, kv->get()};
+    Tensor logits = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
+    ASSERT_TRUE((*dec)->Forward({&f, 1}, std::vector<SparseStepSeq>{{1, 64}}, &logits).ok());
+    cached = 5;
+  }
   for (int step = 0; step < 12; ++step) {
     ForwardSeq f{std::span<const int32_t>(tokens.data() + cached, tokens.size() - cached), cached, kv->get()};
     Tensor logits = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
@@ -96,15 +103,18 @@ TEST(SparseEagle3, CapturedHiddenStatesFeedTheHeadLikeAOneShotForward) {
   Tensor q = Tensor::HostEmpty(DType::kF32, {n, (*head)->n_heads(), (*head)->head_dim()});
   Tensor k = Tensor::HostEmpty(DType::kF32, {n, (*head)->n_kv_heads(), (*head)->head_dim()});
   ASSERT_TRUE((*head)->Forward(tokens, pos, fused, &q, &k).ok());
-  const RetrievalKvCache* cache = (*dec)->retrieval_cache(1);
+  const Tensor* cache = (*dec)->retrieval_cache(1);
   ASSERT_NE(cache, nullptr);
-  ASSERT_EQ(cache->len(), n);
-  const int64_t nkv = (*head)->n_kv_heads(), hd = (*head)->head_dim(), cap_rows = cache->k().dim(1);
+  ASSERT_EQ((*dec)->retrieval_len(1), n);
+  Tensor cached_k = Tensor::HostEmpty(cache->dtype(), cache->shape());
+  ASSERT_TRUE(t.backend->ToHost(*cache, &cached_k).ok());
+  ASSERT_EQ(cached_k.dtype(), DType::kF32);
+  const int64_t nkv = (*head)->n_kv_heads(), hd = (*head)->head_dim(), cap_rows = cached_k.dim(1);
   double max_diff = 0;
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t g = 0; g < nkv; ++g) {
       for (int64_t e = 0; e < hd; ++e) {
-        const float got = cache->k().as<float>()[(g * cap_rows + i) * hd + e];
+        const float got = cached_k.as<float>()[(g * cap_rows + i) * hd + e];
         const float want = k.as<float>()[(i * nkv + g) * hd + e];
         max_diff = std::max(max_diff, static_cast<double>(std::abs(got - want)));
         ASSERT_NEAR(got, want, 1e-4 + 1e-4 * std::abs(want)) << "token " << i << " head " << g;

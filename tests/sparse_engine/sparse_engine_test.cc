@@ -152,7 +152,9 @@ TEST_F(SparseEngineTest, PlannerMovesLayersUnderADeviceLimitWithoutChangingOutpu
   auto probe = MakeDecoder(*tiny_, kB, int64_t{1} << 40);
   ASSERT_TRUE(probe->planner().has_value());
   const MemoryPlanner& p = *probe->planner();
-  const int64_t limit = static_cast<int64_t>(p.fixed_bytes() + 30 * p.PerTokenBytes(0));
+  // The next decoder uploads its own copy of the head's weights (kRetrieval) before it measures.
+  const int64_t limit =
+      static_cast<int64_t>(p.fixed_bytes() + probe->device_head().weight_bytes() + 30 * p.PerTokenBytes(0));
   auto dec = MakeDecoder(*tiny_, kB, limit);
   auto st0 = dec->planner()->Thresholds(1);
   ASSERT_TRUE(st0.ok());
@@ -163,6 +165,29 @@ TEST_F(SparseEngineTest, PlannerMovesLayersUnderADeviceLimitWithoutChangingOutpu
   EXPECT_EQ(Greedy(limited, prompt_, 40), want);
   EXPECT_GT(limited.sparse_stats().offloaded_layers, 0);
   EXPECT_GT(limited.sparse_stats().layer_moves, 0);
+}
+
+TEST_F(SparseEngineTest, SyntheticOverlapControlsTheElasticOverlap) {
+  SparseOptions o;
+  o.budget = 16;
+  o.synthetic_overlap = 0.8;
+  auto d = SparseDecoder::Create(tiny_->model.get(), tiny_->head.get(), o);
+  ASSERT_TRUE(d.ok()) << d.status();
+  std::shared_ptr<SparseDecoder> dec(std::move(*d));
+  ASSERT_TRUE(dec->OffloadLayers(1).ok());
+  EngineOptions eo;
+  eo.sparse = dec;
+  Engine e(tiny_->model.get(), nullptr, eo);
+  Greedy(e, RandomPrompt(40, tiny_->checkpoint.config.vocab_size, 9), 60);
+  const SparseEngineStats st = e.sparse_stats();
+  EXPECT_GT(st.sparse_steps, 50);
+  EXPECT_TRUE(ValidateIndexSets(dec->last_sets()).ok());
+  // round(0.8 · 16) = 13 of 16 positions kept from the previous step (the first sparse step loads all).
+  EXPECT_NEAR(st.elastic.overlap_ratio(), 13.0 / 16, 0.03);
+  // Out of range is refused.
+  o.synthetic_overlap = 1.5;
+  EXPECT_EQ(SparseDecoder::Create(tiny_->model.get(), tiny_->head.get(), o).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(SparseEngineTest, ElasticSlotBuffersEqualAFullReload) {

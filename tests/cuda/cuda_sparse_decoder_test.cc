@@ -1,0 +1,193 @@
+// SparseDecoder on the CUDA backend: the retrieval head, its K caches, the hidden-state capture of EAGLE-3
+// heads and the selection all run on the GPU. A tiny random checkpoint with a pruned `layer` head:
+// budget >= length gives the dense CUDA engine's greedy tokens; offloaded layers run sparse attention;
+// the synthetic-overlap hook controls the elastic loader's overlap; an eagle3 head's K cache on the GPU
+// matches the CPU decoder's for the same token stream (bf16 bound).
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "core/model/engine.h"
+#include "tests/cuda/cuda_test_util.h"
+#include "tests/sparse/head_fixture.h"
+#include "tests/sparse_engine/tiny_setup.h"
+
+namespace specontext::testing {
+namespace {
+
+struct GpuTiny {
+  Checkpoint checkpoint;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Transformer> model;
+  std::unique_ptr<RetrievalHead> head;
+};
+
+std::unique_ptr<GpuTiny> LoadOn(std::unique_ptr<Backend> backend) {
+  auto files = TinyFiles(7);
+  EXPECT_TRUE(files.ok()) << files.status();
+  if (!files.ok()) return nullptr;
+  auto t = std::make_unique<GpuTiny>();
+  auto ck = OpenCheckpoint(files->first);
+  EXPECT_TRUE(ck.ok()) << ck.status();
+  t->checkpoint = *std::move(ck);
+  t->backend = std::move(backend);
+  auto m = Transformer::Load(t->checkpoint, t->backend.get());
+  EXPECT_TRUE(m.ok()) << m.status();
+  t->model = *std::move(m);
+  auto h = RetrievalHead::Load(files->second, t->checkpoint.config, t->checkpoint.weights.get());
+  EXPECT_TRUE(h.ok()) << h.status();
+  t->head = *std::move(h);
+  return t;
+}
+
+std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, int n) {
+  GenerationRequest r;
+  r.prompt = prompt;
+  r.max_new_tokens = n;
+  r.ignore_eos = true;
+  auto res = engine.Generate(r);
+  EXPECT_TRUE(res.ok()) << res.status();
+  return res.ok() ? res->tokens : std::vector<int32_t>{};
+}
+
+std::shared_ptr<SparseDecoder> Decoder(Transformer* model, const RetrievalHead* head, int32_t budget,
+                                       double overlap = 0) {
+  SparseOptions o;
+  o.budget = budget;
+  o.synthetic_overlap = overlap;
+  auto d = SparseDecoder::Create(model, head, o);
+  EXPECT_TRUE(d.ok()) << d.status();
+  return d.ok() ? std::shared_ptr<SparseDecoder>(std::move(*d)) : nullptr;
+}
+
+TEST(CudaSparseDecoder, BudgetAtLeastTheLengthGivesTheDenseTokens) {
+  SPC_GPU_OR_SKIP(gpu);
+  auto t = LoadOn(std::move(gpu));
+  ASSERT_NE(t, nullptr);
+  const std::vector<int32_t> prompt = RandomPrompt(10, t->checkpoint.config.vocab_size, 5);
+  Engine dense(t->model.get(), nullptr, EngineOptions{});
+  const std::vector<int32_t> want = Greedy(dense, prompt, 40);
+  ASSERT_EQ(want.size(), 40u);
+  EngineOptions eo;
+  eo.sparse = Decoder(t->model.get(), t->head.get(), 64);
+  Engine sparse(t->model.get(), nullptr, eo);
+  EXPECT_EQ(Greedy(sparse, prompt, 40), want);
+  EXPECT_GT(sparse.sparse_stats().dense_steps, 0);
+
+  // Layers 1.. offloaded: sparse attention over slot buffers holding every past token (another kernel, so
+  // bf16 rounding may differ; the tokens agree at least for a while).
+  auto dec = Decoder(t->model.get(), t->head.get(), 64);
+  ASSERT_TRUE(dec->OffloadLayers(1).ok());
+  eo.sparse = dec;
+  Engine offloaded(t->model.get(), nullptr, eo);
+  const std::vector<int32_t> got = Greedy(offloaded, prompt, 40);
+  ASSERT_EQ(got.size(), want.size());
+  const size_t prefix = std::mismatch(got.begin(), got.end(), want.begin()).first - got.begin();
+  EXPECT_GE(prefix, 8u);
+  std::printf("offloaded sparse vs dense: %zu of 40 tokens agree before the first difference\n", prefix);
+  EXPECT_GT(offloaded.sparse_stats().sparse_steps, 0);
+  EXPECT_GT(offloaded.sparse_stats().elastic.rows_loaded, 0);
+}
+
+TEST(CudaSparseDecoder, SyntheticOverlapControlsTheElasticOverlap) {
+  SPC_GPU_OR_SKIP(gpu);
+  auto t = LoadOn(std::move(gpu));
+  ASSERT_NE(t, nullptr);
+  auto dec = Decoder(t->model.get(), t->head.get(), 16, 0.8);
+  ASSERT_TRUE(dec->OffloadLayers(1).ok());
+  EngineOptions eo;
+  eo.sparse = dec;
+  Engine e(t->model.get(), nullptr, eo);
+  Greedy(e, RandomPrompt(40, t->checkpoint.config.vocab_size, 9), 60);
+  const SparseEngineStats st = e.sparse_stats();
+  EXPECT_GT(st.sparse_steps, 50);
+  EXPECT_TRUE(ValidateIndexSets(dec->last_sets()).ok());
+  // round(0.8 · 16) = 13 of 16 kept once the sequence is long enough for fresh positions.
+  EXPECT_NEAR(st.elastic.overlap_ratio(), 13.0 / 16, 0.03);
+}
+
+// A prompt in two chunks while layers are offloaded (dense prefill attention over mapped host KV with a
+// past), with the `layer` head: the GPU decoder's logits follow the CPU decoder's.
+TEST(CudaSparseDecoder, OffloadedPromptChunksWithAPast) {
+  SPC_GPU_OR_SKIP(gpu);
+  auto g = LoadOn(std::move(gpu));
+  auto c = LoadOn(MakeCpuBackend());
+  ASSERT_TRUE(g != nullptr && c != nullptr);
+  auto gd = Decoder(g->model.get(), g->head.get(), 64), cd = Decoder(c->model.get(), c->head.get(), 64);
+  ASSERT_TRUE(gd->OffloadLayers(1).ok());
+  ASSERT_TRUE(cd->OffloadLayers(1).ok());
+  const int64_t vocab = c->checkpoint.config.vocab_size;
+  auto gkv = gd->AllocateKv(1, 64, 64), ckv = cd->AllocateKv(1, 64, 64);
+  ASSERT_TRUE(gkv.ok() && ckv.ok());
+  std::vector<int32_t> tokens = RandomPrompt(20, vocab, 13);
+  Tensor gl = Tensor::HostEmpty(DType::kF32, {1, vocab}), cl = Tensor::HostEmpty(DType::kF32, {1, vocab});
+  for (auto [begin, n] : std::vector<std::pair<int32_t, int32_t>>{{0, 7}, {7, 6}, {13, 1}, {14, 6}}) {
+    std::span<const int32_t> toks(tokens.data() + begin, n);
+    ForwardSeq fg{toks, begin, gkv->get()}, fc{toks, begin, ckv->get()};
+    absl::Status st = gd->Forward({&fg, 1}, std::vector<SparseStepSeq>{{1, 64}}, &gl);
+    ASSERT_TRUE(st.ok()) << "gpu, tokens [" << begin << ", " << begin + n << "): " << st;
+    ASSERT_TRUE(cd->Forward({&fc, 1}, std::vector<SparseStepSeq>{{1, 64}}, &cl).ok());
+    double err = 0, scale = 0;
+    for (int64_t i = 0; i < vocab; ++i) {
+      err = std::max(err, std::fabs(double(gl.as<float>()[i]) - cl.as<float>()[i]));
+      scale = std::max(scale, std::fabs(double(cl.as<float>()[i])));
+    }
+    EXPECT_LT(err / scale, 5e-2) << "tokens [" << begin << ", " << begin + n << ")";
+  }
+}
+
+TEST(CudaSparseDecoder, Eagle3CacheOnTheGpuMatchesTheCpuDecoder) {
+  SPC_GPU_OR_SKIP(gpu);
+  auto g = LoadOn(std::move(gpu));
+  auto c = LoadOn(MakeCpuBackend());
+  ASSERT_TRUE(g != nullptr && c != nullptr);
+  std::mt19937 rng(FreshSeed());
+  testing_sparse::HeadShape shape;
+  shape.kind = RetrievalHeadKind::kEagle3;
+  auto eh = testing_sparse::MakeRandomHead(shape, rng, &c->checkpoint.config, c->checkpoint.weights.get());
+  ASSERT_TRUE(eh.ok()) << eh.status();
+  const RetrievalHead& head = *eh->head;
+  // B covers the whole sequence: both decoders attend to every position, so only rounding differs.
+  auto gd = Decoder(g->model.get(), &head, 64), cd = Decoder(c->model.get(), &head, 64);
+  const int64_t vocab = c->checkpoint.config.vocab_size;
+  auto gkv = gd->AllocateKv(1, 64, 64), ckv = cd->AllocateKv(1, 64, 64);
+  ASSERT_TRUE(gkv.ok() && ckv.ok());
+  // The same forced token stream: a prompt in two chunks, then single tokens.
+  std::vector<int32_t> tokens = RandomPrompt(40, vocab, 11);
+  std::vector<std::pair<int32_t, int32_t>> steps = {{0, 7}, {7, 5}};  // {first token, count}
+  for (int32_t p = 12; p < 40; ++p) steps.push_back({p, 1});
+  Tensor logits = Tensor::HostEmpty(DType::kF32, {1, vocab});
+  for (auto [begin, n] : steps) {
+    if (begin == 12) {  // decode with the last layer offloaded: sparse attention, elastic loads
+      ASSERT_TRUE(gd->OffloadLayers(2).ok());
+      ASSERT_TRUE(cd->OffloadLayers(2).ok());
+    }
+    std::span<const int32_t> toks(tokens.data() + begin, n);
+    ForwardSeq fg{toks, begin, gkv->get()}, fc{toks, begin, ckv->get()};
+    absl::Status st = gd->Forward({&fg, 1}, std::vector<SparseStepSeq>{{1, 64}}, &logits);
+    ASSERT_TRUE(st.ok()) << "gpu, tokens [" << begin << ", " << begin + n << "): " << st;
+    st = cd->Forward({&fc, 1}, std::vector<SparseStepSeq>{{1, 64}}, &logits);
+    ASSERT_TRUE(st.ok()) << "cpu, tokens [" << begin << ", " << begin + n << "): " << st;
+  }
+  EXPECT_GT(gd->stats().sparse_steps, 0);
+  ASSERT_EQ(gd->retrieval_len(1), 40);
+  const Tensor got = DeviceToF32(*g->backend, *gd->retrieval_cache(1));
+  const Tensor& want = *cd->retrieval_cache(1);
+  double err = 0, norm = 0;
+  const int64_t nkv = head.n_kv_heads(), hd = head.head_dim();
+  for (int64_t k = 0; k < nkv; ++k) {
+    for (int64_t p = 0; p < 40; ++p) {
+      for (int64_t e = 0; e < hd; ++e) {
+        const int64_t i = (k * 64 + p) * hd + e;
+        ASSERT_TRUE(std::isfinite(got.as<float>()[i]));
+        err += std::pow(double(got.as<float>()[i]) - want.as<float>()[i], 2);
+        norm += std::pow(double(want.as<float>()[i]), 2);
+      }
+    }
+  }
+  EXPECT_LT(std::sqrt(err / norm), 3e-2) << "relative error of the eagle3 K cache, GPU vs CPU";
+}
+
+}  // namespace
+}  // namespace specontext::testing
