@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include "absl/strings/str_cat.h"
 #include "core/log.h"
 #include "core/status_macros.h"
 
@@ -52,6 +53,10 @@ absl::StatusOr<std::unique_ptr<KvStoreTracker>> KvStoreTracker::Create(const KvS
   ASSIGN_OR_RETURN(t->used_blocks_, gauge("spc_kvstore_used_blocks", "Blocks in use in the segment (all owners)."));
   ASSIGN_OR_RETURN(t->free_blocks_, gauge("spc_kvstore_free_blocks", "Free blocks in the segment."));
   ASSIGN_OR_RETURN(t->sequences_, gauge("spc_kvstore_sequences", "Sequences in the segment (all owners)."));
+  ASSIGN_OR_RETURN(t->tier_gauge_, gauge("spc_kvstore_host_tier_bytes",
+                                         "Bytes of segment blocks holding this process's host KV tier."));
+  ASSIGN_OR_RETURN(t->tier_fallbacks_, counter("spc_kvstore_host_tier_fallbacks_total",
+                                               "Host KV tier layers placed in pinned memory: no run of blocks fit."));
   t->RefreshGauges();
   t->heartbeat_thread_ = std::thread([raw = t.get()] { raw->HeartbeatLoop(); });
   return t;
@@ -63,6 +68,10 @@ KvStoreTracker::~KvStoreTracker() {
     stop_ = true;
   }
   if (heartbeat_thread_.joinable()) heartbeat_thread_.join();
+  if (backend_ != nullptr && store_ != nullptr) {
+    Count(backend_->Synchronize());  // the device's last reads of the blocks are done
+    Count(backend_->UnregisterHostMemory(store_->data_base()));
+  }
   // Close() frees this owner's sequences and releases its slot (a clean exit leaves nothing behind).
   if (store_ != nullptr) Count(store_->Close());
 }
@@ -73,7 +82,17 @@ void KvStoreTracker::Count(const absl::Status& st) {
   SPC_LOG(WARNING) << "kvstore operation failed" << Kv("status", st.ToString());
 }
 
+absl::Status KvStoreTracker::RegisterWith(Backend* backend) {
+  if (backend == nullptr) return absl::InvalidArgumentError("kvstore: no backend to register with");
+  if (backend_ != nullptr) return absl::FailedPreconditionError("kvstore: the segment is already registered");
+  absl::Status st = backend->RegisterHostMemory(store_->data_base(), store_->data_bytes());
+  if (!st.ok()) return absl::Status(st.code(), absl::StrCat("--kvstore: registering the segment: ", st.message()));
+  backend_ = backend;
+  return absl::OkStatus();
+}
+
 void KvStoreTracker::RefreshGauges() {
+  tier_gauge_->Set(static_cast<double>(tier_bytes_.load()));
   auto s = store_->Stats();
   if (!s.ok()) return;
   used_blocks_->Set(static_cast<double>(s->used_blocks));
@@ -98,7 +117,7 @@ void KvStoreTracker::Begin(uint64_t engine_id, uint64_t tokens) {
   Entry& e = entries_[engine_id];
   e.begun = true;
   if (e.ends > 0) {  // the engine finished it before the handler got here
-    if (e.ends >= ends_per_request_) entries_.erase(engine_id);
+    Settle(engine_id, e);
     return;
   }
   if (!e.in_store) {
@@ -116,63 +135,55 @@ void KvStoreTracker::SetTokens(uint64_t engine_id, uint64_t tokens) {
   Count(store_->SetTokenCount(Key(engine_id), tokens));
 }
 
-void KvStoreTracker::ReserveBytes(uint64_t engine_id, int64_t bytes) {
+absl::StatusOr<uint32_t> KvStoreTracker::AllocateRun(uint64_t engine_id, uint32_t n) {
   absl::MutexLock lock(&mu_);
-  const uint64_t bb = store_->block_bytes();
-  const uint32_t want = static_cast<uint32_t>((static_cast<uint64_t>(std::max<int64_t>(0, bytes)) + bb - 1) / bb);
+  absl::StatusOr<uint32_t> first = store_->AllocateRun(Key(engine_id), n);
+  if (!first.ok()) return first.status();
   Entry& e = entries_[engine_id];
-  if (e.ends > 0 || (e.in_store && want <= e.blocks)) return;
-  absl::Status st = store_->Allocate(Key(engine_id), want - e.blocks);  // creates the entry when new
-  if (st.ok()) {
-    e.in_store = true;
-    e.blocks = want;
+  e.in_store = true;
+  ++e.live_runs;
+  tier_bytes_ += static_cast<int64_t>(n * store_->block_bytes());
+  tier_gauge_->Set(static_cast<double>(tier_bytes_.load()));
+  return first;
+}
+
+void KvStoreTracker::FreeRun(uint64_t engine_id, uint32_t first, uint32_t n) {
+  absl::MutexLock lock(&mu_);
+  auto it = entries_.find(engine_id);
+  if (it == entries_.end() || it->second.live_runs == 0) {
+    Count(absl::InternalError(absl::StrCat("kvstore: free of an unknown run of request ", engine_id)));
+    return;
   }
-  Count(st);
+  Entry& e = it->second;
+  absl::Status st = store_->FreeRun(Key(engine_id), first, n);
+  if (!absl::IsNotFound(st)) Count(st);
+  --e.live_runs;
+  tier_bytes_ -= static_cast<int64_t>(n * store_->block_bytes());
+  tier_gauge_->Set(static_cast<double>(tier_bytes_.load()));
+  Settle(engine_id, e);
+}
+
+int64_t KvStoreTracker::CountTierFallback() {
+  tier_fallbacks_->Increment();
+  return ++tier_fallback_count_;
 }
 
 void KvStoreTracker::End(uint64_t engine_id) {
   absl::MutexLock lock(&mu_);
   Entry& e = entries_[engine_id];
+  ++e.ends;
+  Settle(engine_id, e);
+}
+
+void KvStoreTracker::Settle(uint64_t engine_id, Entry& e) {
+  if (e.ends == 0 || e.live_runs > 0) return;
   if (e.in_store) {
     absl::Status st = store_->FreeSequence(Key(engine_id));
     if (!st.ok() && !absl::IsNotFound(st)) Count(st);
     e.in_store = false;
-    e.blocks = 0;
   }
   // Forgotten once every party is done; until then later calls for the id are no-ops.
-  if (++e.ends >= ends_per_request_ && e.begun) entries_.erase(engine_id);
-}
-
-void KvStoreHooks::Sync(uint64_t id, const SequenceKv& kv) {
-  int64_t bytes = 0;
-  for (size_t l = 0; l < kv.host_k.size(); ++l) {
-    if (!kv.host_k[l].empty()) bytes += static_cast<int64_t>(kv.host_k[l].nbytes() + kv.host_v[l].nbytes());
-  }
-  tracker_->ReserveBytes(id, bytes);
-}
-
-absl::StatusOr<std::unique_ptr<SequenceKv>> KvStoreHooks::AllocateKv(uint64_t id, int32_t capacity, int32_t budget) {
-  ASSIGN_OR_RETURN(std::unique_ptr<SequenceKv> kv, inner_->AllocateKv(id, capacity, budget));
-  live_[id] = kv.get();
-  Sync(id, *kv);
-  return kv;
-}
-
-void KvStoreHooks::Release(uint64_t id) {
-  inner_->Release(id);
-  live_.erase(id);
-  tracker_->End(id);
-}
-
-absl::Status KvStoreHooks::Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs,
-                                   Tensor* logits) {
-  absl::Status st = inner_->Forward(fwd, seqs, logits);
-  // Layer moves apply to every live sequence: re-check all of them.
-  for (const auto& [id, kv] : live_) Sync(id, *kv);
-  for (size_t i = 0; i < fwd.size() && i < seqs.size(); ++i) {
-    tracker_->SetTokens(seqs[i].id, static_cast<uint64_t>(fwd[i].past_len) + fwd[i].tokens.size());
-  }
-  return st;
+  if (e.ends >= ends_per_request_ && e.begun) entries_.erase(engine_id);
 }
 
 }  // namespace specontext::generator

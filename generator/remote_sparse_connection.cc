@@ -33,8 +33,7 @@ void RemoteSparseDecoder::ConnectLoop() {
     if (up) {
       grpc::ClientContext info_ctx;
       info_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-      v1::RetrieverInfo info;
-      up = s->stub->GetInfo(&info_ctx, v1::RetrieverInfoRequest(), &info).ok();
+      up = s->stub->GetInfo(&info_ctx, v1::RetrieverInfoRequest(), &s->info).ok();
     }
     if (!up) {
       {
@@ -108,21 +107,15 @@ std::shared_ptr<RemoteSparseDecoder::Stream> RemoteSparseDecoder::Usable() {
   }
   if (s == nullptr) return nullptr;
   if (!s->resynced) {
-    // A new session knows none of the live sequences: open them and replay their tokens.
+    LearnHead(*s);
+    // A new session knows none of the live sequences: open them and replay their tokens (and features).
     for (auto& [id, seq] : seqs_) {
+      if (seq.session == s->generation) continue;  // already open on it
+      if (fused_width_ > 0 && !seq.features_complete) continue;  // cannot be replayed: stays on the fallback
       v1::RetrieverRequest open;
       open.mutable_open()->set_sequence_id(id);
       open.mutable_open()->set_max_tokens(seq.capacity);
-      bool ok = Send(*s, open);
-      // In pieces: the service caps the tokens of one Observe.
-      constexpr size_t kReplayChunk = 4096;
-      for (size_t at = 0; ok && at < seq.tokens.size(); at += kReplayChunk) {
-        const size_t end = std::min(seq.tokens.size(), at + kReplayChunk);
-        v1::RetrieverRequest obs;
-        obs.mutable_observe()->set_sequence_id(id);
-        obs.mutable_observe()->mutable_token_ids()->Add(seq.tokens.begin() + at, seq.tokens.begin() + end);
-        ok = Send(*s, obs);
-      }
+      const bool ok = Send(*s, open) && SendObserves(*s, id, seq, 0, seq.tokens.size());
       if (!ok) {
         MarkBroken(s);
         return nullptr;

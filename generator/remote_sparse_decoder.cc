@@ -61,7 +61,8 @@ absl::StatusOr<std::unique_ptr<SequenceKv>> RemoteSparseDecoder::AllocateKv(uint
   seq.kv = kv.get();
   seq.capacity = capacity;
   seq.budget = budget;
-  seq.map = std::make_unique<SlotMap>(static_cast<int32_t>(model_->config().num_key_value_heads), budget);
+  const int32_t n_sets = options_.batch_level ? 1 : static_cast<int32_t>(model_->config().num_key_value_heads);
+  seq.map = std::make_unique<SlotMap>(n_sets, budget);
   if (std::shared_ptr<Stream> s = Usable(); s != nullptr && seq.session != s->generation) {
     v1::RetrieverRequest open;
     open.mutable_open()->set_sequence_id(id);
@@ -133,6 +134,7 @@ std::optional<IndexSets> RemoteSparseDecoder::SelectRemote(std::span<Seq* const>
     sel->mutable_sequence_ids()->Add(group.begin(), group.end());
     sel->set_budget(budgets[g]);
     sel->set_sink(std::min(options_.sink, budgets[g]));
+    sel->set_batch_level(options_.batch_level);
     const uint64_t step = ++step_;
     sel->set_step(step);
     if (!Send(*s, req)) {
@@ -168,7 +170,8 @@ std::optional<IndexSets> RemoteSparseDecoder::SelectRemote(std::span<Seq* const>
       return std::nullopt;
     }
     absl::StatusOr<IndexSets> sets = FromProto(got->selection().sets());
-    if (!sets.ok() || sets->n_seqs != static_cast<int32_t>(group.size())) {
+    const int32_t want_sets = options_.batch_level ? 1 : static_cast<int32_t>(model_->config().num_key_value_heads);
+    if (!sets.ok() || sets->n_seqs != static_cast<int32_t>(group.size()) || sets->sets_per_seq != want_sets) {
       SPC_LOG(WARNING) << "retriever sent malformed index sets" << Kv("status", sets.status().ToString());
       return std::nullopt;
     }
@@ -226,28 +229,43 @@ absl::Status RemoteSparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::
       rows.push_back(i);
     }
     if (part.empty()) continue;
-    // Stream the new tokens to the retriever first (it computes their K while we run the forward).
     std::shared_ptr<Stream> s = Usable();
-    for (size_t j = 0; j < part.size(); ++j) {
-      seqs[j]->tokens.insert(seqs[j]->tokens.end(), part[j].tokens.begin(), part[j].tokens.end());
-      if (s == nullptr) continue;
-      if (seqs[j]->session != s->generation) {
-        s->resynced = false;  // a sequence missed the session (admitted while it was down)
-        continue;
-      }
-      v1::RetrieverRequest obs;
-      obs.mutable_observe()->set_sequence_id(ids[j]);
-      obs.mutable_observe()->mutable_token_ids()->Add(part[j].tokens.begin(), part[j].tokens.end());
-      if (!Send(*s, obs)) {
+    const int64_t fw = fused_width_;
+    HiddenCapture capture;
+    capture.layers = fusion_layers_;
+    HiddenCapture* cap = fw > 0 ? &capture : nullptr;
+    for (Seq* q : seqs) {
+      if (fw > 0 && q->tokens.empty()) q->last_features.assign(fw, 0.0f);  // position 0 pairs with zeros
+    }
+    auto observe = [&](size_t j, const float* fused) {
+      if (!ObserveTokens(s.get(), ids[j], *seqs[j], part[j].tokens, fused) && s != nullptr) {
         MarkBroken(s);
         s = nullptr;
+      }
+    };
+    // Decode tokens go to the retriever first (it computes their K while we run the forward): their fused
+    // row, the previous position's features, is known. A prompt chunk's rows come from its own forward.
+    if (pass == 1 || fw == 0) {
+      for (size_t j = 0; j < part.size(); ++j) {
+        observe(j, fw > 0 && seqs[j]->last_features.size() == static_cast<size_t>(fw) ? seqs[j]->last_features.data()
+                                                                                      : nullptr);
       }
     }
     Tensor out = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(part.size()), vocab});
     if (pass == 0) {
-      RETURN_IF_ERROR(model_->Forward(part, /*all_tokens=*/false, &out, nullptr, nullptr));
+      RETURN_IF_ERROR(model_->Forward(part, /*all_tokens=*/false, &out, nullptr, cap));
     } else {
-      RETURN_IF_ERROR(Decode(part, seqs, ids, &out));
+      RETURN_IF_ERROR(Decode(part, seqs, ids, &out, cap));
+    }
+    int64_t row = 0;
+    for (size_t j = 0; j < part.size() && fw > 0; ++j) {
+      const int64_t n = static_cast<int64_t>(part[j].tokens.size());
+      if (pass == 0) {
+        std::vector<float> rows = PromptFeatures(*seqs[j], capture, row, n);
+        observe(j, seqs[j]->last_features.size() == static_cast<size_t>(fw) ? rows.data() : nullptr);
+      }
+      row += n;
+      seqs[j]->last_features.assign(capture.out.as<float>() + (row - 1) * fw, capture.out.as<float>() + row * fw);
     }
     for (size_t j = 0; j < part.size(); ++j) {
       std::memcpy(logits->as<float>() + rows[j] * vocab, out.as<float>() + j * vocab, vocab * sizeof(float));

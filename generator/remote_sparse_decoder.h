@@ -4,10 +4,19 @@
 // Select and waits up to `step_deadline` for the Selection (CSR index sets). KV tiers, elastic loads and
 // the memory planner work as in SparseDecoder (remote_sparse_tiers.cc). A step whose selection is
 // missing — retriever down, late or in error — falls back and is counted; the request never fails for it:
-// with every layer resident the fallback is exact dense attention; with offloaded layers it attends to
-// the sink tokens plus the most recent (budget - sink) tokens (what the slot buffers can hold).
+// resident layers attend densely over their full KV (exact), offloaded layers to the sink tokens plus the
+// most recent (budget - sink) tokens (what their slot buffers can hold).
 // A background thread reconnects with exponential backoff; the engine thread then re-opens every live
 // sequence on the new session and re-observes its tokens, after which sparse steps resume.
+//
+// EAGLE-3 heads (RetrieverInfo.fused_width > 0, learnt from GetInfo at connect): the forwards capture the
+// target's hidden states at the head's fusion layers and every Observe carries, per token, the fused
+// features of the position before it (remote_sparse_observe.cc): decode tokens are observed before their
+// forward (their features came from the previous one), prompt chunks after theirs, split into messages of
+// at most observe_message_bytes. The features are sent (and kept for replay after a reconnect: fused_width x 2 or 4
+// bytes per token) in bf16 when the backend computes in bf16 (lossless), else in f32, so split mode selects
+// exactly what in-process mode does. A sequence prefilled before the head's needs were known cannot be
+// replayed and stays on the fallback.
 #pragma once
 
 #include <atomic>
@@ -38,6 +47,8 @@ struct RemoteSparseOptions {
   std::string address;                              // HOST:PORT of the retriever
   int32_t budget = 2048;                            // default B per KV head
   int32_t sink = 1;
+  bool batch_level = false;                         // one index set per sequence for all KV heads
+  size_t observe_message_bytes = 1 << 20;           // largest features payload of one Observe (chunks prompts)
   absl::Duration step_deadline = absl::Milliseconds(200);
   int64_t gpu_memory_limit = 0;                     // planner's device limit (0: the backend's; both 0: off)
   absl::Duration backoff_min = absl::Milliseconds(50);
@@ -61,6 +72,10 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
 
   /// Any thread.
   RetrievalPathStats path_stats() const;
+  /// Moves layers [gpu_layers, L) of every live sequence (and of later ones) to host now: the planner's
+  /// action, exposed for tests and operators (as SparseDecoder::OffloadLayers). Engine thread.
+  absl::Status OffloadLayers(int32_t gpu_layers);
+  int32_t gpu_layers() const { return gpu_layers_; }
 
  private:
   struct Seq {
@@ -70,6 +85,11 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
     std::vector<int32_t> tokens;  // every token fed so far (replayed into a new session)
     uint64_t session = 0;         // generation of the session it is open on (0: none)
     std::unique_ptr<SlotMap> map; // token -> slot of the offloaded layers' slot buffers
+    // EAGLE-3 heads: the fused features sent with each token (wire dtype, [tokens, fused_width]) for replay,
+    // and the last position's features (the next token's row).
+    std::vector<uint8_t> features;
+    std::vector<float> last_features;
+    bool features_complete = true;  // every observed token has its row (else it cannot be re-opened)
   };
   struct Stream;  // one Retriever.Session call and its reader thread
 
@@ -85,7 +105,17 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   absl::Status MakePlanner();
   absl::Status PlanLayers(std::span<const ForwardSeq> fwd);
   absl::Status Decode(std::span<const ForwardSeq> part, std::span<Seq* const> seqs, std::span<const uint64_t> ids,
-                      Tensor* out);
+                      Tensor* out, HiddenCapture* capture);
+  // remote_sparse_observe.cc. Engine thread: takes the head's feature needs from a stream's GetInfo.
+  void LearnHead(const Stream& s);
+  // Records `tokens` of `seq` (with their fused rows: [n, fused_width] f32, null for a head without features)
+  // and sends them to `s` (may be null) when the sequence is open on it; false when a send failed.
+  bool ObserveTokens(Stream* s, uint64_t id, Seq& seq, std::span<const int32_t> tokens, const float* fused);
+  // Sends tokens [from, to) of `seq` (and their recorded features) in messages within the size limit.
+  bool SendObserves(Stream& s, uint64_t id, const Seq& seq, size_t from, size_t to);
+  // Rows for `n` tokens of a prompt chunk whose forward captured `capture` from row `first_row` on.
+  std::vector<float> PromptFeatures(const Seq& seq, const HiddenCapture& capture, int64_t first_row, int64_t n) const;
+  size_t feature_bytes() const { return static_cast<size_t>(fused_width_) * (features_bf16_ ? 2 : 4); }
 
   Transformer* model_;
   RemoteSparseOptions options_;
@@ -95,6 +125,11 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   int32_t gpu_layers_ = 0;            // engine thread: layers whose KV stays on the device
   std::vector<bool> reload_pending_;  // [L] moved to host since the last decode step
   std::optional<MemoryPlanner> planner_;
+  std::vector<int32_t> fusion_layers_;  // engine thread: the head's (empty: token ids only)
+  int64_t fused_width_ = 0;
+  int32_t observe_tokens_ = 4096;       // tokens per Observe (the retriever's limit)
+  bool head_known_ = false;             // a GetInfo was seen
+  bool features_bf16_ = false;          // wire dtype of features: bf16 when the backend computes in bf16
 
   mutable absl::Mutex mu_;
   std::shared_ptr<Stream> stream_ ABSL_GUARDED_BY(mu_);

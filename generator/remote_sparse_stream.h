@@ -22,6 +22,7 @@ struct RemoteSparseDecoder::Stream {
   std::unique_ptr<v1::Retriever::Stub> stub;
   std::unique_ptr<grpc::ClientReaderWriter<v1::RetrieverRequest, v1::RetrieverResponse>> rw;
   uint64_t generation = 0;
+  v1::RetrieverInfo info;  // the retriever's GetInfo at connect (its head's needs and limits)
   std::thread reader;
   absl::Mutex mu;
   std::deque<v1::RetrieverResponse> inbox ABSL_GUARDED_BY(mu);

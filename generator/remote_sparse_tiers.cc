@@ -1,6 +1,7 @@
 // RemoteSparseDecoder's KV tiers: the measured-mode memory planner and layer moves (as SparseDecoder
 // does them), and one decode forward with index sets from the retriever or, when they are missing, the
-// fallback (exact dense with every layer resident; sink + recent window with offloaded layers).
+// fallback: exact dense attention on every resident layer, and on offloaded layers the sink + recent window
+// their slot buffers hold.
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
@@ -13,15 +14,15 @@
 namespace specontext::generator {
 namespace {
 
-// Per sequence and KV head: every past position when the past fits the budget, else the first `sink`
-// positions and the most recent budget - sink ones. The same layout SelectTopB produces (ascending CSR,
-// sets_per_seq = n_kv_heads).
+// Per sequence and set: every past position when the past fits the budget, else the first `sink` positions
+// and the most recent budget - sink ones. The same layout SelectTopB produces (ascending CSR, sets_per_seq =
+// n_kv_heads, or 1 for batch-level selection).
 IndexSets WindowSets(std::span<const ForwardSeq> part, std::span<const int32_t> budgets, int32_t sink,
-                     int32_t n_kv) {
+                     int32_t n_kv, int32_t sets_per_seq) {
   IndexSets s;
   s.n_seqs = static_cast<int32_t>(part.size());
   s.n_kv_heads = n_kv;
-  s.sets_per_seq = n_kv;
+  s.sets_per_seq = sets_per_seq;
   s.indptr.push_back(0);
   for (size_t i = 0; i < part.size(); ++i) {
     const int32_t past = part[i].past_len, b = budgets[i];
@@ -29,7 +30,7 @@ IndexSets WindowSets(std::span<const ForwardSeq> part, std::span<const int32_t> 
     s.seq_len.push_back(past);
     const int32_t keep_first = past <= b ? past : std::min(sink, b);
     const int32_t recent_from = past <= b ? past : past - (b - keep_first);
-    for (int32_t h = 0; h < n_kv; ++h) {
+    for (int32_t h = 0; h < sets_per_seq; ++h) {
       for (int32_t t = 0; t < keep_first; ++t) s.indices.push_back(t);
       for (int32_t t = std::max(recent_from, keep_first); t < past; ++t) s.indices.push_back(t);
       s.indptr.push_back(static_cast<int32_t>(s.indices.size()));
@@ -53,8 +54,16 @@ absl::Status RemoteSparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd) {
   for (const ForwardSeq& f : fwd) total += static_cast<int64_t>(f.tokens.size());
   ASSIGN_OR_RETURN(LayerMovePlan plan,
                    planner_->PlanMoves(gpu_layers_, total, static_cast<int32_t>(seqs_.size())));
+  return OffloadLayers(plan.gpu_layers_after);
+}
+
+absl::Status RemoteSparseDecoder::OffloadLayers(int32_t gpu_layers) {
+  const int32_t n_layers = static_cast<int32_t>(model_->config().num_hidden_layers);
+  if (gpu_layers < 0 || gpu_layers > n_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("gpu layers ", gpu_layers, " outside [0, ", n_layers, "]"));
+  }
   // From the last layer backward, so the resident first layers hide the later layers' loads.
-  for (int32_t l = gpu_layers_ - 1; l >= plan.gpu_layers_after; --l) {
+  for (int32_t l = gpu_layers_ - 1; l >= gpu_layers; --l) {
     for (auto& [id, seq] : seqs_) RETURN_IF_ERROR(MoveLayerToHost(*model_->backend(), seq.kv, l, seq.budget));
     reload_pending_[l] = true;
     gpu_layers_ = l;
@@ -65,9 +74,10 @@ absl::Status RemoteSparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd) {
 }
 
 absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::span<Seq* const> seqs,
-                                         std::span<const uint64_t> ids, Tensor* out) {
+                                         std::span<const uint64_t> ids, Tensor* out, HiddenCapture* capture) {
   const int32_t n_layers = static_cast<int32_t>(model_->config().num_hidden_layers);
   const int32_t n_kv = static_cast<int32_t>(model_->config().num_key_value_heads);
+  const int32_t n_sets = options_.batch_level ? 1 : n_kv;
   const bool offloaded = gpu_layers_ < n_layers;
   bool all_small = true;
   std::vector<int32_t> budgets;
@@ -79,14 +89,18 @@ absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::
   std::optional<IndexSets> sets;
   if (all_small) {
     // Every past position is selected: the sets need no retriever (offloaded layers still need them).
-    if (offloaded) sets = WindowSets(part, budgets, options_.sink, n_kv);
+    if (offloaded) sets = WindowSets(part, budgets, options_.sink, n_kv, n_sets);
   } else {
     sets = SelectRemote(seqs, ids);
     if (sets.has_value()) {
       ++remote_steps_;
     } else {
       ++fallback_steps_;
-      if (offloaded) sets = WindowSets(part, budgets, options_.sink, n_kv);  // what the slots can hold
+      // Resident layers attend densely; offloaded ones to what their slots can hold (sink + recent window).
+      if (offloaded) {
+        sets = WindowSets(part, budgets, options_.sink, n_kv, n_sets);
+        sf.dense_resident_layers = true;
+      }
     }
   }
   sf.dense_attention = !sets.has_value();
@@ -109,7 +123,7 @@ absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::
       stats_.elastic.AddPlan(*plan);
     }
   }
-  RETURN_IF_ERROR(model_->Forward(part, /*all_tokens=*/false, out, &sf, nullptr));
+  RETURN_IF_ERROR(model_->Forward(part, /*all_tokens=*/false, out, &sf, capture));
   if (plan.has_value()) {
     RETURN_IF_ERROR(ApplyElasticPlan(*plan, *sets, maps));
     std::fill(reload_pending_.begin(), reload_pending_.end(), false);

@@ -26,6 +26,8 @@ void SparseMetrics::Update(const SparseEngineStats& s, const RetrievalPathStats&
   AdvanceTo(dense_steps, static_cast<double>(s.dense_steps));
   AdvanceTo(layer_moves, static_cast<double>(s.layer_moves));
   AdvanceTo(remote_steps, static_cast<double>(r.remote_steps));
+  AdvanceTo(prefetch_hidden, s.elastic.copy_hidden_seconds());
+  AdvanceTo(prefetch_exposed, s.elastic.copy_exposed_seconds);
   offloaded_layers->Set(s.offloaded_layers);
   gpu_layers->Set(s.gpu_layers);
   host_kv_bytes->Set(static_cast<double>(s.host_kv_bytes));
@@ -57,6 +59,11 @@ absl::StatusOr<SparseMetrics> RegisterSparseMetrics(metrics::Registry* r) {
   ASSIGN_OR_RETURN(m.layer_moves, counter("spc_kv_layer_moves_total", "Layers whose KV moved to host memory."));
   ASSIGN_OR_RETURN(m.remote_steps, counter("spc_retrieval_remote_steps_total",
                                            "Decode steps whose index sets came from the retriever service."));
+  ASSIGN_OR_RETURN(m.prefetch_hidden, counter("spc_prefetch_hidden_seconds_total",
+                                              "Elastic prefetch time hidden behind compute (copy time the compute "
+                                              "stream did not wait for; GPU only)."));
+  ASSIGN_OR_RETURN(m.prefetch_exposed, counter("spc_prefetch_exposed_seconds_total",
+                                               "Elastic prefetch time the compute stream stood waiting for (GPU only)."));
   ASSIGN_OR_RETURN(m.offloaded_layers, gauge("spc_offloaded_layers", "Layers whose KV lives in host memory."));
   ASSIGN_OR_RETURN(m.gpu_layers, gauge("spc_resident_layers", "Layers whose full KV is on the device."));
   ASSIGN_OR_RETURN(m.host_kv_bytes, gauge("spc_host_kv_bytes", "Pinned host bytes holding offloaded KV."));

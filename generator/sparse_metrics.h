@@ -29,6 +29,8 @@ struct SparseMetrics {
   metrics::Counter* dense_steps = nullptr;       // spc_dense_decode_steps_total
   metrics::Counter* layer_moves = nullptr;       // spc_kv_layer_moves_total
   metrics::Counter* remote_steps = nullptr;      // spc_retrieval_remote_steps_total
+  metrics::Counter* prefetch_hidden = nullptr;   // spc_prefetch_hidden_seconds_total
+  metrics::Counter* prefetch_exposed = nullptr;  // spc_prefetch_exposed_seconds_total
   metrics::Gauge* offloaded_layers = nullptr;    // spc_offloaded_layers
   metrics::Gauge* gpu_layers = nullptr;          // spc_resident_layers
   metrics::Gauge* host_kv_bytes = nullptr;       // spc_host_kv_bytes

@@ -47,9 +47,11 @@ absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, con
   ro.address = retriever;
   ro.budget = static_cast<int32_t>(decoder_budget);
   ro.sink = static_cast<int32_t>(sink);
-  if (args.GetString("selection") != "head") {
-    return absl::InvalidArgumentError("--selection batch is not supported with a remote --retriever");
+  const std::string selection = args.GetString("selection");
+  if (selection != "head" && selection != "batch") {
+    return absl::InvalidArgumentError(absl::StrCat("--selection must be head or batch, got \"", selection, "\""));
   }
+  ro.batch_level = selection == "batch";
   ASSIGN_OR_RETURN(int64_t deadline_ms, args.GetInt("retriever-deadline-ms"));
   if (deadline_ms < 1) return absl::InvalidArgumentError("--retriever-deadline-ms must be >= 1");
   ro.step_deadline = absl::Milliseconds(deadline_ms);

@@ -133,6 +133,15 @@ class KvStore {
   absl::Status FreeTail(uint64_t id, uint32_t n);
   /// Frees every block of sequence `id` and removes it.
   absl::Status FreeSequence(uint64_t id);
+  /// Appends a run of `n` consecutive blocks (block indices first .. first + n - 1, so one contiguous
+  /// range of data_base()) to sequence `id`, creating the sequence if needed; returns `first`. First fit
+  /// over the block metadata. All or nothing: ResourceExhausted when no run of `n` free blocks exists
+  /// (also when enough blocks are free but fragmented), PermissionDenied for another owner's sequence.
+  /// What backs one tensor that must be contiguous (a host KV tier layer, kv_store_runs.cc).
+  absl::StatusOr<uint32_t> AllocateRun(uint64_t id, uint32_t n);
+  /// Frees blocks [first, first + n) of sequence `id` wherever they sit in its list (the sequence stays,
+  /// its other blocks keep their order). InvalidArgument when one of them is not the sequence's.
+  absl::Status FreeRun(uint64_t id, uint32_t first, uint32_t n);
   absl::Status SetTokenCount(uint64_t id, uint64_t tokens);
   absl::StatusOr<SequenceInfo> GetSequence(uint64_t id);
 

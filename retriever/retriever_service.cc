@@ -1,8 +1,13 @@
 #include "retriever/retriever_service.h"
 
+#include <cstring>
 #include <memory>
+#include <string>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "core/dtype.h"
 #include "core/status_macros.h"
 
 namespace specontext::retriever {
@@ -24,6 +29,29 @@ absl::StatusOr<RetrieverMetrics> RegisterRetrieverMetrics(metrics::Registry* r) 
                                             "Host bytes of the retrieval K caches and queries."));
   ASSIGN_OR_RETURN(m.cache_bytes, bytes->WithLabels({}));
   return m;
+}
+
+absl::StatusOr<std::vector<float>> FeaturesFromProto(const v1::Observe& o) {
+  if (o.features().empty()) return std::vector<float>(o.hidden().begin(), o.hidden().end());
+  if (o.hidden_size() > 0) return absl::InvalidArgumentError("observe: set hidden or features, not both");
+  const std::string& b = o.features();
+  std::vector<float> out;
+  if (o.features_dtype() == v1::FEATURE_DTYPE_BF16) {
+    if (b.size() % 2 != 0) return absl::InvalidArgumentError("observe: bf16 features need an even byte count");
+    out.resize(b.size() / 2);
+    for (size_t i = 0; i < out.size(); ++i) {
+      const uint16_t lo = static_cast<uint8_t>(b[2 * i]), hi = static_cast<uint8_t>(b[2 * i + 1]);
+      const uint16_t v = static_cast<uint16_t>(lo | (hi << 8));
+      out[i] = Bf16ToF32(v);
+    }
+  } else if (o.features_dtype() == v1::FEATURE_DTYPE_F32) {
+    if (b.size() % 4 != 0) return absl::InvalidArgumentError("observe: f32 features need a multiple of 4 bytes");
+    out.resize(b.size() / 4);
+    std::memcpy(out.data(), b.data(), b.size());  // little-endian hosts only (x86-64, aarch64)
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("observe: unknown features_dtype ", o.features_dtype()));
+  }
+  return out;
 }
 
 void ToProto(const SelectionResult& sel, uint64_t step, v1::Selection* out) {
@@ -70,14 +98,17 @@ grpc::Status RetrieverService::Session(grpc::ServerContext* context,
     } else if (req.has_observe()) {
       count("observe");
       seq = req.observe().sequence_id();
-      st = session.Observe(seq, {req.observe().token_ids().begin(), req.observe().token_ids().end()},
-                           {req.observe().hidden().begin(), req.observe().hidden().end()});
+      absl::StatusOr<std::vector<float>> fused = FeaturesFromProto(req.observe());
+      st = fused.ok() ? session.Observe(seq, {req.observe().token_ids().begin(), req.observe().token_ids().end()},
+                                        *fused)
+                      : fused.status();
     } else if (req.has_select()) {
       count("select");
       const absl::Time t0 = absl::Now();
       absl::StatusOr<SelectionResult> sel =
           session.Select({req.select().sequence_ids().begin(), req.select().sequence_ids().end()},
-                         req.select().budget(), req.select().has_sink() ? req.select().sink() : 1);
+                         req.select().budget(), req.select().has_sink() ? req.select().sink() : 1,
+                         req.select().batch_level() ? SelectionMode::kBatchLevel : SelectionMode::kHeadLevel);
       if (sel.ok()) {
         ToProto(*sel, req.select().step(), resp.mutable_selection());
         reply = true;
@@ -114,6 +145,9 @@ grpc::Status RetrieverService::GetInfo(grpc::ServerContext*, const v1::Retriever
   info->set_n_kv_heads(static_cast<int32_t>(head_->n_kv_heads()));
   info->set_max_sequences(limits_.max_sequences);
   info->set_max_tokens_per_sequence(limits_.max_tokens_per_sequence);
+  for (int64_t l : head_->config().fusion_layers) info->add_fusion_layers(static_cast<int32_t>(l));
+  info->set_fused_width(static_cast<int32_t>(head_->fused_width()));
+  info->set_max_tokens_per_observe(limits_.max_tokens_per_observe);
   return grpc::Status::OK;
 }
 

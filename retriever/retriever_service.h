@@ -46,5 +46,8 @@ class RetrieverService final : public v1::Retriever::Service {
 
 /// Packs a selection into the wire format (same CSR arrays).
 void ToProto(const SelectionResult& selection, uint64_t step, v1::Selection* out);
+/// An Observe's fused features as f32 rows (from `hidden`, or `features` in f32 or bf16); InvalidArgument
+/// for both set, a byte count that is not whole values, or an unknown dtype.
+absl::StatusOr<std::vector<float>> FeaturesFromProto(const v1::Observe& observe);
 
 }  // namespace specontext::retriever

@@ -89,7 +89,7 @@ absl::Status RetrieverSession::Observe(uint64_t id, const std::vector<int32_t>& 
 }
 
 absl::StatusOr<SelectionResult> RetrieverSession::Select(const std::vector<uint64_t>& ids, int32_t budget,
-                                                         int32_t sink) {
+                                                         int32_t sink, SelectionMode mode) {
   if (ids.empty()) return absl::InvalidArgumentError("select: no sequence ids");
   if (budget < 1 || budget > limits_.max_budget) {
     return absl::InvalidArgumentError(absl::StrCat("select: budget must be in [1, ", limits_.max_budget, "], got ",
@@ -117,6 +117,7 @@ absl::StatusOr<SelectionResult> RetrieverSession::Select(const std::vector<uint6
   SelectionOptions options;
   options.budget = budget;
   options.sink = sink;
+  options.mode = mode;
   return SelectTopB(batch, options);
 }
 

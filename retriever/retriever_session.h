@@ -47,12 +47,14 @@ class RetrieverSession {
   absl::Status Observe(uint64_t sequence_id, const std::vector<int32_t>& ids, const std::vector<float>& fused);
   /// Index sets of the batch, in order: the last observed token's query scored against the past
   /// (every earlier position); `sink` first positions always kept. NotFound for an unknown id, FailedPrecondition before any Observe.
+  /// `mode` kBatchLevel: one set per sequence shared by every KV head (sets_per_seq 1).
   absl::StatusOr<SelectionResult> Select(const std::vector<uint64_t>& sequence_ids, int32_t budget,
-                                         int32_t sink = 1);
+                                         int32_t sink = 1, SelectionMode mode = SelectionMode::kHeadLevel);
   /// Frees the sequence (unknown ids: NotFound).
   absl::Status Close(uint64_t sequence_id);
 
   int32_t open_sequences() const { return static_cast<int32_t>(seqs_.size()); }
+  const SessionLimits& limits() const { return limits_; }
   const RetrievalHead& head() const { return *head_; }
 
  private:

@@ -1,10 +1,14 @@
 #include "core/model/kv_tiers.h"
 
+#include <cstring>
+
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
 
 namespace specontext {
 namespace {
+
+thread_local ScopedHostKvAllocator* current_scope = nullptr;
 
 absl::Status AllocSlots(Backend& b, SequenceKv* kv, int layer, int64_t n_kv, int64_t hd, int32_t budget) {
   const Shape shape{n_kv, budget, hd};
@@ -21,19 +25,38 @@ void EnsureTierVectors(SequenceKv* kv) {
   kv->slot_v.resize(n);
 }
 
+absl::StatusOr<Tensor> AllocHost(Backend& b, HostKvAllocator* host, DType dtype, const Shape& shape) {
+  if (host != nullptr) return host->Alloc(b, dtype, shape);
+  return b.AllocPinnedHost(dtype, shape, MemoryKind::kKvCache);
+}
+
 }  // namespace
 
+ScopedHostKvAllocator::ScopedHostKvAllocator(std::shared_ptr<HostKvAllocator> host)
+    : host_(std::move(host)), outer_(current_scope) {
+  current_scope = this;
+}
+
+ScopedHostKvAllocator::~ScopedHostKvAllocator() { current_scope = outer_; }
+
+std::shared_ptr<HostKvAllocator> ScopedHostKvAllocator::Current() {
+  return current_scope != nullptr ? current_scope->host_ : nullptr;
+}
+
 absl::StatusOr<std::unique_ptr<SequenceKv>> AllocateTieredKv(Backend& b, const ModelConfig& c, int32_t capacity,
-                                                             int32_t gpu_layers, int32_t budget) {
+                                                             int32_t gpu_layers, int32_t budget,
+                                                             std::shared_ptr<HostKvAllocator> host) {
   if (capacity <= 0) return absl::InvalidArgumentError("KV capacity must be positive");
   if (budget <= 0) return absl::InvalidArgumentError(absl::StrCat("slot budget must be positive, got ", budget));
   const int n_layers = static_cast<int>(c.num_hidden_layers);
   if (gpu_layers < 0 || gpu_layers > n_layers) {
     return absl::InvalidArgumentError(absl::StrCat("gpu layers ", gpu_layers, " outside [0, ", n_layers, "]"));
   }
+  if (host == nullptr) host = ScopedHostKvAllocator::Current();
   auto kv = std::make_unique<SequenceKv>();
   kv->capacity = capacity;
   kv->slot_budget = budget;
+  kv->host_allocator = host;
   kv->k.resize(n_layers);
   kv->v.resize(n_layers);
   EnsureTierVectors(kv.get());
@@ -43,8 +66,8 @@ absl::StatusOr<std::unique_ptr<SequenceKv>> AllocateTieredKv(Backend& b, const M
       ASSIGN_OR_RETURN(kv->k[l], b.Alloc(b.compute_dtype(), shape, MemoryKind::kKvCache));
       ASSIGN_OR_RETURN(kv->v[l], b.Alloc(b.compute_dtype(), shape, MemoryKind::kKvCache));
     } else {
-      ASSIGN_OR_RETURN(kv->host_k[l], b.AllocPinnedHost(b.compute_dtype(), shape, MemoryKind::kKvCache));
-      ASSIGN_OR_RETURN(kv->host_v[l], b.AllocPinnedHost(b.compute_dtype(), shape, MemoryKind::kKvCache));
+      ASSIGN_OR_RETURN(kv->host_k[l], AllocHost(b, host.get(), b.compute_dtype(), shape));
+      ASSIGN_OR_RETURN(kv->host_v[l], AllocHost(b, host.get(), b.compute_dtype(), shape));
       kv->k[l] = kv->host_k[l];
       kv->v[l] = kv->host_v[l];
       RETURN_IF_ERROR(AllocSlots(b, kv.get(), l, c.num_key_value_heads, c.head_dim, budget));
@@ -61,8 +84,8 @@ absl::Status MoveLayerToHost(Backend& b, SequenceKv* kv, int layer, int32_t budg
   EnsureTierVectors(kv);
   const Tensor& dk = kv->k[layer];
   // Allocate everything first so a failure leaves the layer resident and intact.
-  ASSIGN_OR_RETURN(Tensor hk, b.AllocPinnedHost(dk.dtype(), dk.shape(), MemoryKind::kKvCache));
-  ASSIGN_OR_RETURN(Tensor hv, b.AllocPinnedHost(dk.dtype(), dk.shape(), MemoryKind::kKvCache));
+  ASSIGN_OR_RETURN(Tensor hk, AllocHost(b, kv->host_allocator.get(), dk.dtype(), dk.shape()));
+  ASSIGN_OR_RETURN(Tensor hv, AllocHost(b, kv->host_allocator.get(), dk.dtype(), dk.shape()));
   RETURN_IF_ERROR(b.CopyToPinnedHost(kv->k[layer], &hk));
   RETURN_IF_ERROR(b.CopyToPinnedHost(kv->v[layer], &hv));
   const Shape shape{dk.dim(0), budget, dk.dim(2)};
@@ -75,6 +98,41 @@ absl::Status MoveLayerToHost(Backend& b, SequenceKv* kv, int layer, int32_t budg
   kv->slot_budget = budget;
   kv->k[layer] = std::move(hk);  // drops the last reference to the device KV: its memory is freed
   kv->v[layer] = std::move(hv);
+  return absl::OkStatus();
+}
+
+absl::Status AdoptHostTier(Backend& b, SequenceKv* kv, std::shared_ptr<HostKvAllocator> host, int32_t rows) {
+  if (host == nullptr) return absl::InvalidArgumentError("adopt host tier: no allocator");
+  if (rows < 0 || rows > kv->capacity) {
+    return absl::InvalidArgumentError(absl::StrCat("adopt host tier: ", rows, " rows outside [0, ", kv->capacity, "]"));
+  }
+  // New tensors for every offloaded layer first, so a failure leaves `kv` as it was.
+  std::vector<std::pair<Tensor, Tensor>> fresh(kv->host_k.size());
+  for (size_t l = 0; l < kv->host_k.size(); ++l) {
+    if (!kv->offloaded(static_cast<int>(l))) continue;
+    const Tensor& old = kv->host_k[l];
+    ASSIGN_OR_RETURN(fresh[l].first, host->Alloc(b, old.dtype(), old.shape()));
+    ASSIGN_OR_RETURN(fresh[l].second, host->Alloc(b, old.dtype(), old.shape()));
+  }
+  // Earlier appends (CUDA: kernels writing the mapped rows) must be done before the host reads them.
+  if (rows > 0) RETURN_IF_ERROR(b.Synchronize());
+  for (size_t l = 0; l < kv->host_k.size(); ++l) {
+    if (fresh[l].first.empty()) continue;
+    for (int pass = 0; pass < 2; ++pass) {
+      const Tensor& from = pass == 0 ? kv->host_k[l] : kv->host_v[l];
+      Tensor& to = pass == 0 ? fresh[l].first : fresh[l].second;
+      const int64_t heads = from.dim(0), row_bytes = from.dim(2) * static_cast<int64_t>(DTypeSize(from.dtype()));
+      for (int64_t h = 0; h < heads && rows > 0; ++h) {
+        const int64_t off = h * from.dim(1) * row_bytes;
+        std::memcpy(static_cast<char*>(to.data()) + off, static_cast<const char*>(from.data()) + off, rows * row_bytes);
+      }
+    }
+    kv->host_k[l] = fresh[l].first;
+    kv->host_v[l] = fresh[l].second;
+    kv->k[l] = std::move(fresh[l].first);  // the old host copies are freed with their last reference
+    kv->v[l] = std::move(fresh[l].second);
+  }
+  kv->host_allocator = std::move(host);
   return absl::OkStatus();
 }
 

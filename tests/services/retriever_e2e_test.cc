@@ -181,6 +181,7 @@ TEST_F(RetrieverE2E, ErrorsKeepTheStreamOpenAndLimitsHold) {
 TEST(RetrieverSessionInProcess, ClosingAndDestroyingFreeEverything) {
   std::mt19937 rng(std::random_device{}());
   const std::string dir = WriteRandomHead(rng);
+  RemoveOnExit dir_guard{dir};
   auto head = RetrievalHead::Load(dir, Stories260KConfig(), nullptr);
   ASSERT_TRUE(head.ok()) << head.status();
   retriever::RetrieverTotals totals;
@@ -221,6 +222,7 @@ TEST(GeneratorInprocRetriever, LoadsAFittingHeadAndRefusesAMismatchedOne) {
   if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";
   std::mt19937 rng(std::random_device{}());
   const std::string head_dir = WriteRandomHead(rng);
+  RemoveOnExit head_guard{head_dir};
   const std::vector<std::string> model_args = {"--model", dir + "/stories260K.bin", "--tokenizer", dir + "/tok512.bin",
                                                "--backend", "cpu", "--threads", "1", "--log-level", "warning"};
   {

@@ -35,9 +35,15 @@ ServerProcess::~ServerProcess() {
   if (!dir_.empty()) std::filesystem::remove_all(dir_);
 }
 
+RemoveOnExit::~RemoveOnExit() {
+  std::error_code ec;
+  if (!path.empty()) std::filesystem::remove_all(path, ec);
+}
+
 absl::Status ServerProcess::Start(const std::string& binary, std::vector<std::string> args, double timeout_s,
                                   const std::string& listen) {
   char tmpl[] = "/tmp/spc_service_test_XXXXXX";
+  if (!dir_.empty()) std::filesystem::remove_all(dir_);  // a restart of the same object: the old run's log
   if (mkdtemp(tmpl) == nullptr) return absl::InternalError("mkdtemp failed");
   dir_ = tmpl;
   const std::string port_file = dir_ + "/ports";

@@ -46,6 +46,13 @@ class ServerProcess {
 
 std::unique_ptr<v1::Generator::Stub> GeneratorStub(const std::string& address);
 
+/// Removes a file or folder when it goes out of scope, so a test leaves nothing in /tmp on any exit path
+/// (a failed ASSERT returning early included).
+struct RemoveOnExit {
+  std::string path;
+  ~RemoveOnExit();
+};
+
 /// The body of GET /metrics.
 absl::StatusOr<std::string> FetchMetrics(int port);
 /// Value of the sample `name_with_labels` (e.g. `spc_device_memory_bytes{kind="kv_cache"}`).

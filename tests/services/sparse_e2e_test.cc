@@ -117,7 +117,7 @@ TEST_F(SparseServices, BadSparseFlagsAreRejected) {
       {{"--retriever", "inproc", "--retrieval-head", head_, "--budget", "4", "--sink", "9"}, "--sink"},
       {{"--retriever", "inproc", "--retrieval-head", "/nonexistent/head"}, "--retrieval-head"},
       {{"--retriever", "127.0.0.1:1", "--retriever-deadline-ms", "0"}, "--retriever-deadline-ms"},
-      {{"--retriever", "127.0.0.1:1", "--selection", "batch"}, "--selection"},
+      {{"--retriever", "127.0.0.1:1", "--selection", "tokens"}, "--selection"},
       {{"--kvstore", "spc_bad_flags", "--kvstore-block-bytes", "100"}, "--kvstore-block-bytes"},
       {{"--kvstore", "bad/name"}, "--kvstore"},
   };
@@ -138,6 +138,7 @@ TEST_F(SparseServices, BadSparseFlagsAreRejected) {
 TEST(SparseServicesTiny, PrunedHeadInprocAndSplitMatchEngineCli) {
   const std::string root = absl::StrCat("/tmp/spc_sparse_tiny_", getpid());
   std::filesystem::remove_all(root);
+  RemoveOnExit root_guard{root};
   ModelConfig c = RandomCheckpointPreset("tiny-llama-tied-gqa").value();
   RandomCheckpointOptions o;
   o.dtype = DType::kF32;
@@ -196,6 +197,55 @@ TEST(SparseServicesTiny, PrunedHeadInprocAndSplitMatchEngineCli) {
     EXPECT_GT(Metric(gen.metrics_port(), "spc_retrieval_remote_steps_total"), 0);
   }
   std::filesystem::remove_all(root);
+}
+
+// An EAGLE-3 head (`specontext prune --kind eagle3` of a random draft for the tiny checkpoint): the
+// retriever needs the target's hidden states at the head's fusion layers, which the generator streams with
+// every observed token in split mode; the greedy text equals the engine CLI's in-process sparse run.
+TEST(SparseServicesTiny, Eagle3HeadSplitMatchesEngineCli) {
+  const std::string root = absl::StrCat("/tmp/spc_sparse_eagle3_", getpid());
+  std::filesystem::remove_all(root);
+  RemoveOnExit root_guard{root};
+  ModelConfig c = RandomCheckpointPreset("tiny-llama-tied-gqa").value();
+  RandomCheckpointOptions o;
+  o.dtype = DType::kF32;
+  o.seed = std::random_device{}();
+  o.num_threads = 2;
+  ASSERT_TRUE(WriteRandomCheckpoint(c, root + "/model", o).ok());
+  o.seed += 1;
+  ASSERT_TRUE(WriteRandomEagle3Draft(c, root + "/draft", o).ok());
+  int code = -1;
+  const std::string pruned = RunCommand({SPC_ENGINE_CLI_BIN, "prune", "--source", root + "/draft", "--kind", "eagle3",
+                                         "--target", root + "/model", "--out", root + "/head"}, &code);
+  ASSERT_EQ(code, 0) << pruned;
+  const std::string prompt = "hello world, this prompt is long enough to exceed a budget of four";
+  const std::string cli = RunCommand({SPC_ENGINE_CLI_BIN, "generate", "--model", root + "/model", "--backend", "cpu",
+                                      "--prompt", prompt, "--max-new-tokens", "40", "--temperature", "0",
+                                      "--ignore-eos", "--sparse", "--retrieval-head", root + "/head", "--budget", "4",
+                                      "--sink", "2"},
+                                     &code);
+  ASSERT_EQ(code, 0);
+  v1::GenerateRequest req;
+  req.set_prompt(prompt);
+  req.set_max_new_tokens(40);
+  req.set_ignore_eos(true);
+  ServerProcess ret;
+  ASSERT_TRUE(ret.Start(SPC_RETRIEVER_BIN, {"--head", root + "/head", "--model", root + "/model", "--log-level",
+                                            "warning"}).ok());
+  ServerProcess gen;
+  std::vector<std::string> args = {"--model", root + "/model", "--backend", "cpu", "--threads", "1", "--log-level",
+                                   "warning", "--budget", "4", "--sink", "2", "--retriever", ret.address(),
+                                   "--retriever-deadline-ms", "5000"};
+  ASSERT_TRUE(gen.Start(SPC_GENERATOR_BIN, args).ok());
+  const absl::Time give_up = absl::Now() + absl::Seconds(20);
+  while (Metric(gen.metrics_port(), "spc_retriever_connected") != 1 && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  StreamResult r = CallGenerate(GeneratorStub(gen.address()).get(), req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.text + "\n", cli);
+  EXPECT_EQ(r.final.sparsity().fallback_steps(), 0);
+  EXPECT_GT(Metric(gen.metrics_port(), "spc_retrieval_remote_steps_total"), 0);
 }
 
 }  // namespace

@@ -15,6 +15,7 @@ TEST(GeneratorTls, MutualTlsServesOnlyClientsWithACertificate) {
   if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";
   if (!std::filesystem::exists("/usr/bin/openssl")) GTEST_SKIP() << "openssl not installed";
   const std::string certs = "/tmp/spc_tls_" + std::to_string(std::random_device{}());
+  RemoveOnExit certs_guard{certs};
   std::filesystem::create_directories(certs);
   const std::string script =
       "set -e; cd " + certs +
@@ -56,7 +57,6 @@ TEST(GeneratorTls, MutualTlsServesOnlyClientsWithACertificate) {
   RunCommand(base, &code);
   EXPECT_NE(code, 0);
   EXPECT_TRUE(server.Running());
-  std::filesystem::remove_all(certs);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <random>
@@ -23,7 +24,24 @@ namespace specontext::testing {
 // The preset has 3 layers, 8 query heads over 2 KV heads (GQA) and head_dim 8.
 inline constexpr char kPreset[] = "tiny-llama-tied-gqa";
 
+// Removes every TestDir of this process when it exits (checkpoints are shared by the tests of one process,
+// so they cannot go with one test).
+inline void RemoveTestDirsAtExit() {
+  static const bool registered = [] {
+    std::atexit([] {
+      const std::string prefix = absl::StrCat("spc_se_", getpid(), "_");
+      std::error_code ec;
+      for (const auto& e : std::filesystem::directory_iterator(std::filesystem::temp_directory_path(), ec)) {
+        if (e.path().filename().string().rfind(prefix, 0) == 0) std::filesystem::remove_all(e.path(), ec);
+      }
+    });
+    return true;
+  }();
+  (void)registered;
+}
+
 inline std::string TestDir(const std::string& name) {
+  RemoveTestDirsAtExit();
   return (std::filesystem::temp_directory_path() / absl::StrCat("spc_se_", getpid(), "_", name)).string();
 }
 

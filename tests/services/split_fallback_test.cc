@@ -1,0 +1,157 @@
+// Split mode's fallback when the retriever is down or late (DESIGN.md §2, issue 5): resident layers attend
+// densely over their full KV (exact), offloaded layers to the sink + recent window their slot buffers hold.
+//   1. The mechanism (SparseForward::dense_resident_layers): with layers 0..1 resident and layer 2 offloaded,
+//      the hidden states entering layers 1 and 2 equal a dense forward's exactly; attending to the window on
+//      every layer (the old fallback) changes them.
+//   2. RemoteSparseDecoder with no retriever: every decode step past the budget falls back and its logits equal
+//      that mechanism's on an identically tiered copy of the sequence (and differ from the window on every
+//      layer).
+// In process, on the tiny random checkpoint of tests/sparse_engine (3 layers, GQA 8/2, head_dim 8), CPU.
+#include <algorithm>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "absl/time/time.h"
+#include "core/model/kv_tiers.h"
+#include "core/sparse/elastic.h"
+#include "generator/remote_sparse_decoder.h"
+#include "tests/sparse_engine/tiny_setup.h"
+
+namespace specontext::testing {
+namespace {
+
+constexpr int32_t kBudget = 6, kSink = 1, kGpuLayers = 2;
+
+// Sink + most recent positions, one set per KV head (written here independently of the decoder's).
+IndexSets Window(int32_t past, int32_t n_kv) {
+  IndexSets s;
+  s.Reset(1, n_kv, n_kv, kBudget);
+  s.seq_len[0] = past;
+  s.indptr.clear();
+  s.indptr.push_back(0);
+  for (int32_t h = 0; h < n_kv; ++h) {
+    for (int32_t t = 0; t < kSink; ++t) s.indices.push_back(t);
+    for (int32_t t = past - (kBudget - kSink); t < past; ++t) s.indices.push_back(t);
+    s.indptr.push_back(static_cast<int32_t>(s.indices.size()));
+  }
+  return s;
+}
+
+// One decode forward of `token` on the tiered `kv`: window sets, every offloaded layer fully reloaded (so the
+// slot buffers do not depend on earlier steps), resident layers dense or on the window. Returns the logits
+// and, in *capture, the residual entering layers 1 and 2.
+absl::StatusOr<Tensor> WindowStep(Transformer& model, SequenceKv* kv, int32_t token, int32_t past, bool dense_resident,
+                                  HiddenCapture* capture) {
+  const int32_t n_kv = static_cast<int32_t>(model.config().num_key_value_heads);
+  const IndexSets sets = Window(past, n_kv);
+  SlotMap map(n_kv, kBudget);
+  const SlotMap* maps[] = {&map};
+  ASSIGN_OR_RETURN(ElasticPlan plan, PlanElasticLoads(maps, sets));
+  const CopyList full = FullReloadCopies(sets, plan.slots);
+  SparseForward sf;
+  sf.desc.sets = &sets;
+  sf.desc.slots = plan.slots;
+  sf.layer_copies.assign(model.config().num_hidden_layers, nullptr);
+  for (int l = kGpuLayers; l < model.config().num_hidden_layers; ++l) sf.layer_copies[l] = &full;
+  sf.dense_resident_layers = dense_resident;
+  const int32_t tokens[] = {token};
+  ForwardSeq f{tokens, past, kv};
+  Tensor logits = Tensor::HostEmpty(DType::kF32, {1, model.config().vocab_size});
+  RETURN_IF_ERROR(model.Forward({&f, 1}, false, &logits, &sf, capture));
+  return logits;
+}
+
+bool Equal(const Tensor& a, const Tensor& b) {
+  return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+}
+
+TEST(SplitFallback, ResidentLayersAttendDensely) {
+  auto tiny = LoadTiny(7);
+  ASSERT_TRUE(tiny.ok()) << tiny.status();
+  Transformer& model = *(*tiny)->model;
+  Backend& b = *(*tiny)->backend;
+  const ModelConfig& c = model.config();
+  ASSERT_EQ(c.num_hidden_layers, 3);
+  const int32_t cap = 64;
+  const std::vector<int32_t> prompt = RandomPrompt(23, c.vocab_size, std::random_device{}());
+  auto tiered = AllocateTieredKv(b, c, cap, kGpuLayers, kBudget);
+  auto dense = model.AllocateKv(cap);
+  ASSERT_TRUE(tiered.ok() && dense.ok());
+  Tensor logits = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
+  for (SequenceKv* kv : {tiered->get(), dense->get()}) {
+    ForwardSeq f{prompt, 0, kv};
+    ASSERT_TRUE(model.Forward({&f, 1}, false, &logits).ok());
+  }
+  const int32_t past = static_cast<int32_t>(prompt.size()), token = prompt[5];
+  HiddenCapture want;
+  want.layers = {1, 2};
+  {
+    const int32_t tokens[] = {token};
+    ForwardSeq f{tokens, past, dense->get()};
+    ASSERT_TRUE(model.Forward({&f, 1}, false, &logits, nullptr, &want).ok());
+  }
+  // The old fallback first (its appended row is then overwritten by the new one at the same position).
+  HiddenCapture all_window, fallback;
+  all_window.layers = fallback.layers = {1, 2};
+  ASSERT_TRUE(WindowStep(model, tiered->get(), token, past, /*dense_resident=*/false, &all_window).ok());
+  ASSERT_TRUE(WindowStep(model, tiered->get(), token, past, /*dense_resident=*/true, &fallback).ok());
+  EXPECT_TRUE(Equal(fallback.out, want.out)) << "resident layers did not attend densely";
+  EXPECT_FALSE(Equal(all_window.out, want.out)) << "the window did not change the resident layers: test is blind";
+}
+
+TEST(SplitFallback, DecoderWithoutRetrieverFallsBackPerLayer) {
+  auto tiny = LoadTiny(11);
+  ASSERT_TRUE(tiny.ok()) << tiny.status();
+  Transformer& model = *(*tiny)->model;
+  Backend& b = *(*tiny)->backend;
+  const ModelConfig& c = model.config();
+  generator::RemoteSparseOptions o;
+  o.address = "127.0.0.1:1";  // nothing listens: every selection is missing
+  o.budget = kBudget;
+  o.sink = kSink;
+  o.step_deadline = absl::Milliseconds(20);
+  o.backoff_max = absl::Milliseconds(100);
+  auto dec = generator::RemoteSparseDecoder::Create(&model, o);
+  ASSERT_TRUE(dec.ok()) << dec.status();
+  ASSERT_TRUE((*dec)->OffloadLayers(kGpuLayers).ok());
+  const int32_t cap = 64;
+  auto kv = (*dec)->AllocateKv(1, cap, kBudget);
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  auto ref = AllocateTieredKv(b, c, cap, kGpuLayers, kBudget);
+  ASSERT_TRUE(ref.ok());
+  const std::vector<int32_t> prompt = RandomPrompt(17, c.vocab_size, std::random_device{}());
+  Tensor logits = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
+  const SparseStepSeq step{1, kBudget};
+  {
+    ForwardSeq f{prompt, 0, kv->get()};
+    ASSERT_TRUE((*dec)->Forward({&f, 1}, {&step, 1}, &logits).ok());
+    ForwardSeq r{prompt, 0, ref->get()};
+    Tensor unused = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
+    ASSERT_TRUE(model.Forward({&r, 1}, false, &unused).ok());
+  }
+  int32_t past = static_cast<int32_t>(prompt.size());
+  int differs_from_all_window = 0;
+  const int kSteps = 6;
+  for (int s = 0; s < kSteps; ++s, ++past) {
+    const int32_t token = static_cast<int32_t>(
+        std::max_element(logits.as<float>(), logits.as<float>() + c.vocab_size) - logits.as<float>());
+    const int32_t tokens[] = {token};
+    ForwardSeq f{tokens, past, kv->get()};
+    ASSERT_TRUE((*dec)->Forward({&f, 1}, {&step, 1}, &logits).ok());
+    auto old = WindowStep(model, ref->get(), token, past, false, nullptr);
+    auto want = WindowStep(model, ref->get(), token, past, true, nullptr);
+    ASSERT_TRUE(old.ok() && want.ok());
+    EXPECT_TRUE(Equal(logits, *want)) << "step " << s;
+    differs_from_all_window += Equal(logits, *old) ? 0 : 1;
+  }
+  EXPECT_GT(differs_from_all_window, 0);
+  EXPECT_EQ((*dec)->path_stats().fallback_steps, kSteps);
+  EXPECT_EQ((*dec)->path_stats().remote_steps, 0);
+  (*dec)->Release(1);
+}
+
+}  // namespace
+}  // namespace specontext::testing
