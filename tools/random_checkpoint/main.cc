@@ -1,5 +1,6 @@
 // specontext-random-checkpoint: writes a random HF checkpoint with a preset's real shapes.
 //   specontext-random-checkpoint --preset=llama-3.1-8b --out=/tmp/l8b [--dtype=bf16] [--seed=0]
+//   specontext-random-checkpoint --eagle3_for=llama-3.1-8b --out=/tmp/l8b-eagle3   (an EAGLE-3 draft for it)
 #include <cstdio>
 #include <string>
 
@@ -12,6 +13,8 @@
 
 ABSL_FLAG(std::string, preset, "", "model shape preset (see --help)");
 ABSL_FLAG(std::string, out, "", "output directory");
+ABSL_FLAG(std::string, eagle3_for, "",
+          "write an EAGLE-3 draft checkpoint for this preset (after the overrides) instead of the model");
 ABSL_FLAG(std::string, dtype, "bf16", "stored dtype: bf16, f16 or f32");
 ABSL_FLAG(uint64_t, seed, 0, "random seed");
 ABSL_FLAG(int64_t, layers, 0, "override num_hidden_layers");
@@ -41,9 +44,14 @@ int main(int argc, char** argv) {
                                absl::StrJoin(RandomCheckpointPresetNames(), ", "));
   std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   if (rest.size() > 1) return Fail(std::string("unexpected argument ") + rest[1]);
-  if (absl::GetFlag(FLAGS_preset).empty()) return Fail("--preset is required (" + absl::StrJoin(RandomCheckpointPresetNames(), ", ") + ")");
+  const std::string eagle3_for = absl::GetFlag(FLAGS_eagle3_for);
+  if (!eagle3_for.empty() && !absl::GetFlag(FLAGS_preset).empty()) return Fail("give --preset or --eagle3_for, not both");
+  const std::string preset_name = eagle3_for.empty() ? absl::GetFlag(FLAGS_preset) : eagle3_for;
+  if (preset_name.empty()) {
+    return Fail("--preset (or --eagle3_for) is required (" + absl::StrJoin(RandomCheckpointPresetNames(), ", ") + ")");
+  }
   if (absl::GetFlag(FLAGS_out).empty()) return Fail("--out is required");
-  absl::StatusOr<ModelConfig> preset = RandomCheckpointPreset(absl::GetFlag(FLAGS_preset));
+  absl::StatusOr<ModelConfig> preset = RandomCheckpointPreset(preset_name);
   if (!preset.ok()) return Fail(std::string(preset.status().message()));
   ModelConfig c = *preset;
 
@@ -92,12 +100,18 @@ int main(int argc, char** argv) {
   opt.tokenizer_vocab = absl::GetFlag(FLAGS_tokenizer_vocab);
   opt.num_threads = absl::GetFlag(FLAGS_threads);
   uint64_t bytes = 0;
-  for (const ExpectedTensor& e : ExpectedTensors(c)) bytes += NumElements(e.shape) * DTypeSize(opt.dtype);
+  if (eagle3_for.empty()) {
+    for (const ExpectedTensor& e : ExpectedTensors(c)) bytes += NumElements(e.shape) * DTypeSize(opt.dtype);
+  } else {
+    for (const TensorSpec& t : Eagle3DraftTensors(Eagle3DraftShapeFor(c), opt.dtype)) bytes += t.nbytes();
+  }
   opt.progress = bytes > (256u << 20);
 
-  absl::Status s = WriteRandomCheckpoint(c, absl::GetFlag(FLAGS_out), opt);
+  absl::Status s = eagle3_for.empty() ? WriteRandomCheckpoint(c, absl::GetFlag(FLAGS_out), opt)
+                                      : WriteRandomEagle3Draft(c, absl::GetFlag(FLAGS_out), opt);
   if (!s.ok()) return Fail(std::string(s.message()));
-  std::fprintf(stderr, "specontext-random-checkpoint: wrote %s (%s, %.1f MB of weights)\n",
-               absl::GetFlag(FLAGS_out).c_str(), absl::GetFlag(FLAGS_preset).c_str(), bytes / 1e6);
+  std::fprintf(stderr, "specontext-random-checkpoint: wrote %s (%s%s, %.1f MB of weights)\n",
+               absl::GetFlag(FLAGS_out).c_str(), eagle3_for.empty() ? "" : "EAGLE-3 draft for ", preset_name.c_str(),
+               bytes / 1e6);
   return 0;
 }

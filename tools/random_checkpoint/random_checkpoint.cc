@@ -98,14 +98,6 @@ absl::Status WriteRandomCheckpoint(const ModelConfig& config_in, const std::stri
   fs::create_directories(out_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", out_dir, ": ", ec.message()));
   const fs::path dir(out_dir);
-  // Stale weights from an earlier run would shadow (index) or contradict the new ones.
-  for (const auto& entry : fs::directory_iterator(dir, ec)) {
-    const std::string name = entry.path().filename().string();
-    if (name == "model.safetensors.index.json" ||
-        (name.rfind("model", 0) == 0 && entry.path().extension() == ".safetensors")) {
-      fs::remove(entry.path(), ec);
-    }
-  }
 
   RETURN_IF_ERROR(WriteText(dir / "config.json", config_json));
   json gen = {{"_from_model_config", false}, {"do_sample", true}, {"temperature", 0.6}, {"top_p", 0.9}};
@@ -136,6 +128,24 @@ absl::Status WriteRandomCheckpoint(const ModelConfig& config_in, const std::stri
 
   std::vector<TensorSpec> specs;
   for (const ExpectedTensor& e : ExpectedTensors(config)) specs.push_back({e.name, opt.dtype, e.shape});
+  return WriteRandomTensors(std::move(specs), out_dir, opt);
+}
+
+absl::Status WriteRandomTensors(std::vector<TensorSpec> specs, const std::string& out_dir,
+                                const RandomCheckpointOptions& opt) {
+  if (opt.shard_size_bytes == 0) return absl::InvalidArgumentError("shard size must be > 0");
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", out_dir, ": ", ec.message()));
+  const fs::path dir(out_dir);
+  // Stale weights from an earlier run would shadow (index) or contradict the new ones.
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name == "model.safetensors.index.json" ||
+        (name.rfind("model", 0) == 0 && entry.path().extension() == ".safetensors")) {
+      fs::remove(entry.path(), ec);
+    }
+  }
   if (opt.edit_specs) opt.edit_specs(&specs);
 
   // Greedy sharding in load order; a tensor larger than a shard gets a shard of its own.

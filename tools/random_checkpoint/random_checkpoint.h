@@ -42,6 +42,28 @@ struct RandomCheckpointOptions {
 absl::Status WriteRandomCheckpoint(const ModelConfig& config, const std::string& out_dir,
                                    const RandomCheckpointOptions& options);
 
+/// Writes random tensors `specs` (values as WriteRandomCheckpoint draws them) as model.safetensors, or
+/// shards plus model.safetensors.index.json, into `out_dir`, replacing earlier weight files there.
+absl::Status WriteRandomTensors(std::vector<TensorSpec> specs, const std::string& out_dir,
+                                const RandomCheckpointOptions& options);
+
+/// Shape of an EAGLE-3 draft for a target: hidden/heads/head_dim/intermediate of the target, one layer,
+/// a reduced LM-head vocabulary (32000 for Llama-3 sizes).
+struct Eagle3DraftShape {
+  int64_t hidden = 0, intermediate = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, draft_vocab = 0;
+};
+Eagle3DraftShape Eagle3DraftShapeFor(const ModelConfig& target);
+/// The tensors of an EAGLE-3 draft checkpoint: fc.weight [h, 3h], midlayer.{hidden_norm, input_layernorm,
+/// post_attention_layernorm}.weight [h], midlayer.self_attn.{q,k,v}_proj.weight [*, 2h], o_proj [h, q],
+/// midlayer.mlp.{gate,up,down}_proj.weight, norm.weight [h], lm_head.weight [draft_vocab, h].
+std::vector<TensorSpec> Eagle3DraftTensors(const Eagle3DraftShape& shape, DType dtype);
+/// Writes a random EAGLE-3 draft for `target` into `out_dir`: config.json (architectures
+/// ["LlamaForCausalLMEagle3"], draft_vocab_size, YaRN from 2K positions to the target's context,
+/// eagle_config.eagle_aux_hidden_state_layer_ids = [2, L/2, L-3]) and the tensors above. No tokenizer
+/// (drafts share the target's). Llama targets only.
+absl::Status WriteRandomEagle3Draft(const ModelConfig& target, const std::string& out_dir,
+                                    const RandomCheckpointOptions& options);
+
 /// A special token of a generated tokenizer.
 struct SpecialToken {
   int64_t id;

@@ -10,7 +10,7 @@ constexpr char kUsage[] =
     "usage: specontext COMMAND [flags]\n"
     "commands:\n"
     "  generate   generate text from a prompt (specontext generate --help)\n"
-    "  bench      prefill and decode benchmarks against the memory floor\n"
+    "  bench      prefill and decode benchmarks against the memory floor (--sparse: SpeContext decode)\n"
     "  prune      write a retrieval head from an EAGLE-3 draft or a small model (specontext prune --help)\n";
 
 }  // namespace
