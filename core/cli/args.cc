@@ -6,6 +6,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "core/log.h"
 
@@ -81,6 +82,20 @@ absl::StatusOr<double> Args::GetDouble(const std::string& name) const {
   if (!absl::SimpleAtod(v, &out) || std::isnan(out)) {
     return absl::InvalidArgumentError(absl::StrCat("--", name, " expects a number, got \"", v, "\""));
   }
+  return out;
+}
+
+absl::StatusOr<std::vector<int64_t>> Args::GetPositiveIntList(const std::string& name) const {
+  const std::string text = GetString(name);
+  std::vector<int64_t> out;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    int64_t v;
+    if (!absl::SimpleAtoi(part, &v) || v <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " expects positive integers, got \"", text, "\""));
+    }
+    out.push_back(v);
+  }
+  if (out.empty()) return absl::InvalidArgumentError(absl::StrCat("--", name, " is empty"));
   return out;
 }
 

@@ -33,6 +33,8 @@ class Args {
   std::vector<std::string> GetAll(const std::string& name) const;
   absl::StatusOr<int64_t> GetInt(const std::string& name) const;
   absl::StatusOr<double> GetDouble(const std::string& name) const;
+  // A non-empty comma list of positive integers, e.g. --batch 1,4,32.
+  absl::StatusOr<std::vector<int64_t>> GetPositiveIntList(const std::string& name) const;
   bool GetBool(const std::string& name) const;
   // Sizes like 4GiB, 512MiB, 1000000 (bytes).
   absl::StatusOr<int64_t> GetBytes(const std::string& name) const;

@@ -24,42 +24,8 @@
 namespace specontext::testing {
 namespace {
 
-Tensor RandomF32(std::mt19937& rng, Shape shape, float scale) {
-  Tensor t = Tensor::HostEmpty(DType::kF32, std::move(shape));
-  std::normal_distribution<float> d(0.0f, scale);
-  for (int64_t i = 0; i < t.numel(); ++i) t.as<float>()[i] = d(rng);
-  return t;
-}
-
-// An EAGLE-3 head sharing the target's embedding, in the head format (random weights).
 std::string WriteEagle3Head(const ModelConfig& target, uint32_t seed) {
-  std::mt19937 rng(seed);
-  RetrievalHeadConfig c;
-  c.kind = RetrievalHeadKind::kEagle3;
-  c.attn = target;
-  c.attn.num_hidden_layers = 1;
-  c.attn.num_attention_heads = 4;
-  c.attn.head_dim = 8;
-  c.own_embedding = false;
-  c.fusion_layers = DefaultFusionLayers(target.num_hidden_layers);
-  c.target = {"tiny", target.vocab_size, target.hidden_size, target.num_hidden_layers, target.num_key_value_heads,
-              target.head_dim};
-  const int64_t h = target.hidden_size;
-  Tensor norm = RandomF32(rng, {h}, 0.1f), hnorm = RandomF32(rng, {h}, 0.1f);
-  for (int64_t i = 0; i < h; ++i) {
-    norm.as<float>()[i] += 1;
-    hnorm.as<float>()[i] += 1;
-  }
-  const std::string dir = TestDir(absl::StrCat("split_eagle3_", seed));
-  absl::Status st = SaveRetrievalHead(
-      dir, c,
-      {{"input_layernorm.weight", norm},
-       {"hidden_norm.weight", hnorm},
-       {"fc.weight", RandomF32(rng, {h, 3 * h}, 0.5f)},
-       {"q_proj.weight", RandomF32(rng, {c.attn.num_attention_heads * 8, 2 * h}, 0.5f)},
-       {"k_proj.weight", RandomF32(rng, {c.attn.num_key_value_heads * 8, 2 * h}, 0.5f)}});
-  EXPECT_TRUE(st.ok()) << st;
-  return dir;
+  return WriteRandomEagle3Head(target, seed, absl::StrCat("split_eagle3_", seed), 0.5f, 0.5f);
 }
 
 // The retriever service on a loopback port of this process.

@@ -12,37 +12,8 @@
 namespace specontext {
 namespace {
 
-Tensor RandomF32(std::mt19937& rng, Shape shape, float scale, float offset = 0) {
-  Tensor t = Tensor::HostEmpty(DType::kF32, std::move(shape));
-  std::normal_distribution<float> d(0.0f, scale);
-  for (int64_t i = 0; i < t.numel(); ++i) t.as<float>()[i] = offset + d(rng);
-  return t;
-}
-
-// An eagle3 head without embed_tokens.weight (own_embedding = false), written in the head format.
 std::string WriteSharedEagle3Head(const ModelConfig& target, uint32_t seed) {
-  std::mt19937 rng(seed);
-  RetrievalHeadConfig c;
-  c.kind = RetrievalHeadKind::kEagle3;
-  c.attn = target;
-  c.attn.num_hidden_layers = 1;
-  c.attn.num_attention_heads = 4;
-  c.attn.head_dim = 8;
-  c.own_embedding = false;
-  c.fusion_layers = DefaultFusionLayers(target.num_hidden_layers);
-  c.target = {"tiny", target.vocab_size, target.hidden_size, target.num_hidden_layers, target.num_key_value_heads,
-              target.head_dim};
-  const int64_t h = target.hidden_size;
-  const std::string dir = testing::TestDir(absl::StrCat("shared_eagle3_", seed));
-  absl::Status st = SaveRetrievalHead(
-      dir, c,
-      {{"input_layernorm.weight", RandomF32(rng, {h}, 0.1f, 1.0f)},
-       {"hidden_norm.weight", RandomF32(rng, {h}, 0.1f, 1.0f)},
-       {"fc.weight", RandomF32(rng, {h, 3 * h}, 0.1f)},
-       {"q_proj.weight", RandomF32(rng, {c.attn.num_attention_heads * 8, 2 * h}, 0.2f)},
-       {"k_proj.weight", RandomF32(rng, {c.attn.num_key_value_heads * 8, 2 * h}, 0.2f)}});
-  EXPECT_TRUE(st.ok()) << st;
-  return dir;
+  return testing::WriteRandomEagle3Head(target, seed, absl::StrCat("shared_eagle3_", seed));
 }
 
 int64_t RetrievalBytes(const Backend& b) {

@@ -85,4 +85,40 @@ inline std::vector<int32_t> RandomPrompt(int n, int64_t vocab, uint32_t seed) {
   return p;
 }
 
+// A normal f32 tensor of `scale` around `offset`.
+inline Tensor RandomF32(std::mt19937& rng, Shape shape, float scale, float offset = 0) {
+  Tensor t = Tensor::HostEmpty(DType::kF32, std::move(shape));
+  std::normal_distribution<float> d(0.0f, scale);
+  for (int64_t i = 0; i < t.numel(); ++i) t.as<float>()[i] = offset + d(rng);
+  return t;
+}
+
+// An EAGLE-3 head sharing the target's embedding (own_embedding = false), written directly in the head
+// format with random weights: norms near 1, fc, q/k projections of 4 query heads of dim 8 with the target's
+// KV heads, fc and q/k weights of standard deviations `fc_scale` and `qk_scale` (larger: sharper attention).
+inline std::string WriteRandomEagle3Head(const ModelConfig& target, uint32_t seed, const std::string& dir_name,
+                                         float fc_scale = 0.1f, float qk_scale = 0.2f) {
+  std::mt19937 rng(seed);
+  RetrievalHeadConfig c;
+  c.kind = RetrievalHeadKind::kEagle3;
+  c.attn = target;
+  c.attn.num_hidden_layers = 1;
+  c.attn.num_attention_heads = 4;
+  c.attn.head_dim = 8;
+  c.own_embedding = false;
+  c.fusion_layers = DefaultFusionLayers(target.num_hidden_layers);
+  c.target = {"tiny", target.vocab_size, target.hidden_size, target.num_hidden_layers, target.num_key_value_heads,
+              target.head_dim};
+  const int64_t h = target.hidden_size;
+  const std::string dir = TestDir(dir_name);
+  absl::Status st = SaveRetrievalHead(
+      dir, c,
+      {{"input_layernorm.weight", RandomF32(rng, {h}, 0.1f, 1.0f)},
+       {"hidden_norm.weight", RandomF32(rng, {h}, 0.1f, 1.0f)},
+       {"fc.weight", RandomF32(rng, {h, 3 * h}, fc_scale)},
+       {"q_proj.weight", RandomF32(rng, {c.attn.num_attention_heads * 8, 2 * h}, qk_scale)},
+       {"k_proj.weight", RandomF32(rng, {c.attn.num_key_value_heads * 8, 2 * h}, qk_scale)}});
+  return st.ok() ? dir : std::string();
+}
+
 }  // namespace specontext::testing

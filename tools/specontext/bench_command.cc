@@ -24,18 +24,6 @@
 namespace specontext {
 namespace {
 
-absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& text, const char* flag) {
-  std::vector<int64_t> out;
-  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
-    int64_t v;
-    if (!absl::SimpleAtoi(part, &v) || v <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("--", flag, " expects positive integers, got \"", text, "\""));
-    }
-    out.push_back(v);
-  }
-  return out;
-}
-
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
@@ -112,9 +100,9 @@ absl::Status RunBench(const Args& args) {
   ro.backend = args.GetString("backend");
   ASSIGN_OR_RETURN(ro.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
   ro.show_progress = true;
-  ASSIGN_OR_RETURN(std::vector<int64_t> batches, ParseList(args.GetString("batch"), "batch"));
-  ASSIGN_OR_RETURN(std::vector<int64_t> contexts, ParseList(args.GetString("context"), "context"));
-  ASSIGN_OR_RETURN(std::vector<int64_t> prefills, ParseList(args.GetString("prefill"), "prefill"));
+  ASSIGN_OR_RETURN(std::vector<int64_t> batches, args.GetPositiveIntList("batch"));
+  ASSIGN_OR_RETURN(std::vector<int64_t> contexts, args.GetPositiveIntList("context"));
+  ASSIGN_OR_RETURN(std::vector<int64_t> prefills, args.GetPositiveIntList("prefill"));
   ASSIGN_OR_RETURN(int64_t steps, args.GetInt("steps"));
   ASSIGN_OR_RETURN(int64_t chunk, args.GetInt("prefill-chunk"));
   if (steps <= 0 || chunk <= 0) return absl::InvalidArgumentError("--steps and --prefill-chunk must be positive");

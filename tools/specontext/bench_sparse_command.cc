@@ -39,19 +39,6 @@ namespace {
 
 using Json = BenchJson;
 
-absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& text, const char* flag) {
-  std::vector<int64_t> out;
-  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
-    int64_t v;
-    if (!absl::SimpleAtoi(part, &v) || v <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("--", flag, " expects positive integers, got \"", text, "\""));
-    }
-    out.push_back(v);
-  }
-  if (out.empty()) return absl::InvalidArgumentError(absl::StrCat("--", flag, " is empty"));
-  return out;
-}
-
 struct Emitter {
   std::ofstream out;
   void Line(const Json& j) {
@@ -176,8 +163,8 @@ absl::Status RunBenchSparse(const Args& args) {
   if (s.synthetic_overlap < 0 || s.synthetic_overlap >= 1) {
     return absl::InvalidArgumentError("--synthetic-overlap must be in [0, 1) (0 = off)");
   }
-  ASSIGN_OR_RETURN(std::vector<int64_t> requests, ParseList(args.GetString("requests"), "requests"));
-  ASSIGN_OR_RETURN(std::vector<int64_t> contexts, ParseList(args.GetString("context"), "context"));
+  ASSIGN_OR_RETURN(std::vector<int64_t> requests, args.GetPositiveIntList("requests"));
+  ASSIGN_OR_RETURN(std::vector<int64_t> contexts, args.GetPositiveIntList("context"));
   ASSIGN_OR_RETURN(int64_t every, args.GetInt("measure-every"));
   int64_t prompt = 0, gen = 0;
   if (args.Has("trajectory")) {
