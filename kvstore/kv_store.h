@@ -195,6 +195,8 @@ class KvStore {
   absl::StatusOr<uint32_t> FindOwnSequence(uint64_t id) const;
   absl::StatusOr<AllocPlan> PlanAllocate(uint64_t id, uint32_t n);
   void ApplyAllocate(const AllocPlan& plan, uint64_t id, uint32_t n);
+  // Marks an allocation in progress (crash repair) and creates the sequence's record when the plan says so.
+  SequenceRecord& BeginAllocate(const AllocPlan& plan, uint64_t id);
   void PushFree(uint32_t block);
   // Removes the sequences whose slot is marked in `drop` ([max_sequences]) and frees their blocks
   // by scanning block metadata (never trusting links), then rebuilds the free list. Returns blocks

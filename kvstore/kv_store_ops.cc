@@ -105,7 +105,7 @@ absl::StatusOr<KvStore::AllocPlan> KvStore::PlanAllocate(uint64_t id, uint32_t n
   return absl::DataLossError(absl::StrCat("kvstore: free list of ", name_, " is inconsistent"));
 }
 
-void KvStore::ApplyAllocate(const AllocPlan& plan, uint64_t id, uint32_t n) {
+SequenceRecord& KvStore::BeginAllocate(const AllocPlan& plan, uint64_t id) {
   state_->op_sequence_slot = plan.slot;
   state_->op_in_progress = kOpAllocate;
   SequenceRecord& s = seqs_[plan.slot];
@@ -119,6 +119,11 @@ void KvStore::ApplyAllocate(const AllocPlan& plan, uint64_t id, uint32_t n) {
     s.tail = kNone;
     s.in_use = 1;
   }
+  return s;
+}
+
+void KvStore::ApplyAllocate(const AllocPlan& plan, uint64_t id, uint32_t n) {
+  SequenceRecord& s = BeginAllocate(plan, id);
   for (uint32_t i = 0; i < n; ++i) {
     const uint32_t b = plan.blocks[i];
     state_->free_head = meta_[b].next;

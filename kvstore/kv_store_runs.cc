@@ -41,19 +41,7 @@ absl::StatusOr<uint32_t> KvStore::AllocateRun(uint64_t id, uint32_t n) {
                                                      " contiguous free blocks in ", name_, " (",
                                                      state_->free_count, " free but fragmented)"));
   }
-  state_->op_sequence_slot = plan.slot;
-  state_->op_in_progress = kOpAllocate;
-  SequenceRecord& s = seqs_[plan.slot];
-  if (plan.new_sequence) {
-    s.owner_slot = static_cast<uint32_t>(owner_slot_);
-    s.owner_generation = generation_;
-    s.sequence_id = id;
-    s.token_count = 0;
-    s.block_count = 0;
-    s.head = kNone;
-    s.tail = kNone;
-    s.in_use = 1;
-  }
+  SequenceRecord& s = BeginAllocate(plan, id);
   for (uint64_t i = 0; i < n; ++i) {
     const uint32_t b = static_cast<uint32_t>(first + i);
     meta_[b].sequence_slot = plan.slot;
