@@ -53,25 +53,8 @@ absl::Status CpuBackend::KvAppendHost(int layer, const Tensor& k, const Tensor& 
 }
 
 absl::Status CpuBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
-  if (desc.sets == nullptr) return absl::InvalidArgumentError("sparse decode: no index sets");
+  RETURN_IF_ERROR(ValidateSparseDecode(desc, batch_));
   const IndexSets& sets = *desc.sets;
-  RETURN_IF_ERROR(ValidateIndexSets(sets));
-  if (sets.n_seqs != static_cast<int32_t>(batch_.seqs.size())) {
-    return absl::InvalidArgumentError(absl::StrCat("sparse decode: ", sets.n_seqs, " sequences of index sets for a batch of ",
-                                                   batch_.seqs.size()));
-  }
-  for (int32_t i = 0; i < sets.n_seqs; ++i) {
-    const SeqSlice& s = batch_.seqs[i];
-    if (s.n_tokens != 1 || s.past_len != sets.seq_len[i]) {
-      return absl::InvalidArgumentError(absl::StrCat("sparse decode: sequence ", i, " has ", s.n_tokens,
-                                                     " new tokens and ", s.past_len, " past, sets chosen from ",
-                                                     sets.seq_len[i], " (need 1 token and equal past)"));
-    }
-  }
-  if (!desc.slots.empty() && desc.slots.size() != sets.indices.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("sparse decode: ", desc.slots.size(), " slots for ",
-                                                   sets.indices.size(), " positions"));
-  }
   sparse_sets_ = sets;
   sparse_slots_.assign(desc.slots.begin(), desc.slots.end());
   return absl::OkStatus();

@@ -286,6 +286,11 @@ absl::Status CudaBackend::Attention(int layer, const Tensor& q, float scale, Ten
     p.n_items = n_prefill_items_;
     RETURN_IF_CUDA_ERROR(LaunchAttentionMma(p, AttnKernel::kPrefill, stream_));
   }
+  return LaunchPlannedDecode(p);
+}
+
+absl::Status CudaBackend::LaunchPlannedDecode(AttnParams p) {
+  const char* plan = static_cast<const char*>(plan_.data());
   if (n_decode_items_ > 0) {
     p.items = reinterpret_cast<const AttnWorkItem*>(plan + off_decode_);
     p.n_items = n_decode_items_;

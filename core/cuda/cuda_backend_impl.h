@@ -128,6 +128,8 @@ class CudaBackend : public Backend {
   absl::Status EnsureBuffer(Tensor* buf, size_t bytes);
   // Builds and uploads the attention work lists of the current batch for `n_heads` query heads.
   absl::Status PlanAttention(int n_heads);
+  // Launches the planned decode items of the batch (plan_) and their split-K combine pass.
+  absl::Status LaunchPlannedDecode(AttnParams p);
 
   const CudaBackendOptions options_;
   std::string name_;

@@ -257,16 +257,7 @@ absl::Status CudaBackend::StagedPrefillAttention(int layer, AttnParams p, bool* 
     }
     begin = end;
   }
-  if (n_decode_items_ > 0) {
-    p.items = reinterpret_cast<const AttnWorkItem*>(plan + off_decode_);
-    p.n_items = n_decode_items_;
-    RETURN_IF_CUDA_ERROR(LaunchAttentionMma(p, AttnKernel::kDecode, stream_));
-  }
-  if (n_combine_ > 0) {
-    p.combine = reinterpret_cast<const AttnCombineItem*>(plan + off_combine_);
-    p.n_combine = n_combine_;
-    RETURN_IF_CUDA_ERROR(LaunchAttentionCombine(p, stream_));
-  }
+  RETURN_IF_ERROR(LaunchPlannedDecode(p));
   prefill_staging_stats_.staged_layers += 1;
   if (layer == st->last_layer) {
     // Back to the workspace cache (stream-ordered reuse is safe: one stream), where allocations past the limit

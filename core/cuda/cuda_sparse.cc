@@ -266,29 +266,12 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   ASSIGN_OR_RETURN(SparseState * sp, Sparse());
   sp->sets_valid = false;
   if (!batch_valid_) return absl::FailedPreconditionError("sparse decode: PrepareBatch was not called");
-  if (desc.sets == nullptr) return absl::InvalidArgumentError("sparse decode: no index sets");
+  RETURN_IF_ERROR(ValidateSparseDecode(desc, batch_));
   const IndexSets& sets = *desc.sets;
-  RETURN_IF_ERROR(ValidateIndexSets(sets));
   const int n_seqs = static_cast<int>(batch_.seqs.size());
-  if (sets.n_seqs != n_seqs) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("sparse decode: ", sets.n_seqs, " sequences of index sets for a batch of ", n_seqs));
-  }
   if (sets.n_kv_heads != n_kv_) {
     return absl::InvalidArgumentError(
         absl::StrCat("sparse decode: index sets for ", sets.n_kv_heads, " KV heads, the model has ", n_kv_));
-  }
-  for (int i = 0; i < n_seqs; ++i) {
-    const SeqSlice& s = batch_.seqs[i];
-    if (s.n_tokens != 1 || s.past_len != sets.seq_len[i]) {
-      return absl::InvalidArgumentError(absl::StrCat("sparse decode: sequence ", i, " has ", s.n_tokens,
-                                                     " new tokens and ", s.past_len, " past, sets chosen from ",
-                                                     sets.seq_len[i], " (need 1 token and equal past)"));
-    }
-  }
-  if (!desc.slots.empty() && desc.slots.size() != sets.indices.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("sparse decode: ", desc.slots.size(), " slots for ", sets.indices.size(), " positions"));
   }
   // Slots index every offloaded layer's slot buffer: check them against the smallest of the sequence's.
   for (int i = 0; i < n_seqs && !desc.slots.empty(); ++i) {

@@ -1,6 +1,8 @@
 #include "core/sparse/index_sets.h"
 
 #include "absl/strings/str_cat.h"
+#include "core/backend.h"
+#include "core/status_macros.h"
 
 namespace specontext {
 
@@ -75,6 +77,29 @@ absl::Status ValidateBudget(int64_t budget, int64_t sink, int64_t max_context) {
   if (max_context > 0 && budget > max_context) {
     return absl::InvalidArgumentError(absl::StrCat("budget ", budget,
                                                    " is larger than the context length ", max_context));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateSparseDecode(const SparseDecodeDesc& desc, const BatchDesc& batch) {
+  if (desc.sets == nullptr) return absl::InvalidArgumentError("sparse decode: no index sets");
+  const IndexSets& sets = *desc.sets;
+  RETURN_IF_ERROR(ValidateIndexSets(sets));
+  if (sets.n_seqs != static_cast<int32_t>(batch.seqs.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("sparse decode: ", sets.n_seqs,
+                                                   " sequences of index sets for a batch of ", batch.seqs.size()));
+  }
+  for (int32_t i = 0; i < sets.n_seqs; ++i) {
+    const SeqSlice& s = batch.seqs[i];
+    if (s.n_tokens != 1 || s.past_len != sets.seq_len[i]) {
+      return absl::InvalidArgumentError(absl::StrCat("sparse decode: sequence ", i, " has ", s.n_tokens,
+                                                     " new tokens and ", s.past_len, " past, sets chosen from ",
+                                                     sets.seq_len[i], " (need 1 token and equal past)"));
+    }
+  }
+  if (!desc.slots.empty() && desc.slots.size() != sets.indices.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("sparse decode: ", desc.slots.size(), " slots for ",
+                                                   sets.indices.size(), " positions"));
   }
   return absl::OkStatus();
 }

@@ -18,6 +18,9 @@
 
 namespace specontext {
 
+struct SparseDecodeDesc;  // core/backend.h
+struct BatchDesc;         // core/backend.h
+
 struct IndexSets {
   int32_t n_seqs = 0;
   int32_t n_kv_heads = 0;    // KV heads of the model the sets address
@@ -64,6 +67,11 @@ inline IndexSetsView HostView(const IndexSets& s) {
 /// Checks every invariant above (sizes, indptr monotone, positions strictly ascending and inside
 /// [0, seq_len), at most `budget` per set). InvalidArgument naming the first violation.
 absl::Status ValidateIndexSets(const IndexSets& sets);
+
+/// Checks a backend's PrepareSparseDecode input against the batch it last prepared: valid sets, one group of
+/// sets per sequence of the batch, each sequence decoding one token with past == the sets' seq_len, and slots
+/// parallel to the indices (or empty). The CPU and CUDA backends share it.
+absl::Status ValidateSparseDecode(const SparseDecodeDesc& desc, const BatchDesc& batch);
 
 /// Checks a budget against a context length: budget >= 1, 0 <= sink <= budget, budget <= max_context
 /// (when max_context > 0). InvalidArgument with a message naming the bad value.
