@@ -49,14 +49,8 @@ absl::StatusOr<GeneratorMetrics> RegisterGeneratorMetrics(metrics::Registry* r) 
                            "UNAVAILABLE", "INTERNAL"}) {
     RETURN_IF_ERROR(m.requests->WithLabels({code}).status());
   }
-  auto counter = [&](const char* name, const char* help) -> absl::StatusOr<metrics::Counter*> {
-    ASSIGN_OR_RETURN(metrics::CounterFamily * f, r->AddCounter(name, help));
-    return f->WithLabels({});
-  };
-  auto gauge = [&](const char* name, const char* help) -> absl::StatusOr<metrics::Gauge*> {
-    ASSIGN_OR_RETURN(metrics::GaugeFamily * f, r->AddGauge(name, help));
-    return f->WithLabels({});
-  };
+  auto counter = [r](const char* name, const char* help) { return r->AddUnlabeledCounter(name, help); };
+  auto gauge = [r](const char* name, const char* help) { return r->AddUnlabeledGauge(name, help); };
   auto histogram = [&](const char* name, const char* help) -> absl::StatusOr<metrics::Histogram*> {
     ASSIGN_OR_RETURN(metrics::HistogramFamily * f, r->AddHistogram(name, help, {}, latency));
     return f->WithLabels({});

@@ -31,14 +31,10 @@ absl::StatusOr<std::unique_ptr<KvStoreTracker>> KvStoreTracker::Create(const KvS
                 << Kv("name", t->store_->name()) << Kv("blocks", t->store_->geometry().block_count)
                 << Kv("block_bytes", t->store_->block_bytes()) << Kv("reclaimed_owners", r.owners)
                 << Kv("reclaimed_sequences", r.sequences) << Kv("reclaimed_blocks", r.blocks);
-  auto counter = [&](const char* name, const char* help) -> absl::StatusOr<metrics::Counter*> {
-    ASSIGN_OR_RETURN(metrics::CounterFamily * f, registry->AddCounter(name, help));
-    return f->WithLabels({});
+  auto counter = [registry](const char* name, const char* help) {
+    return registry->AddUnlabeledCounter(name, help);
   };
-  auto gauge = [&](const char* name, const char* help) -> absl::StatusOr<metrics::Gauge*> {
-    ASSIGN_OR_RETURN(metrics::GaugeFamily * f, registry->AddGauge(name, help));
-    return f->WithLabels({});
-  };
+  auto gauge = [registry](const char* name, const char* help) { return registry->AddUnlabeledGauge(name, help); };
   ASSIGN_OR_RETURN(metrics::Counter * rb, counter("spc_kvstore_reclaimed_blocks_total",
                                                   "Blocks of dead owners reclaimed when this process attached."));
   ASSIGN_OR_RETURN(metrics::Counter * rs, counter("spc_kvstore_reclaimed_sequences_total",

@@ -37,14 +37,8 @@ void SparseMetrics::Update(const SparseEngineStats& s, const RetrievalPathStats&
 
 absl::StatusOr<SparseMetrics> RegisterSparseMetrics(metrics::Registry* r) {
   SparseMetrics m;
-  auto counter = [&](const char* name, const char* help) -> absl::StatusOr<metrics::Counter*> {
-    ASSIGN_OR_RETURN(metrics::CounterFamily * f, r->AddCounter(name, help));
-    return f->WithLabels({});
-  };
-  auto gauge = [&](const char* name, const char* help) -> absl::StatusOr<metrics::Gauge*> {
-    ASSIGN_OR_RETURN(metrics::GaugeFamily * f, r->AddGauge(name, help));
-    return f->WithLabels({});
-  };
+  auto counter = [r](const char* name, const char* help) { return r->AddUnlabeledCounter(name, help); };
+  auto gauge = [r](const char* name, const char* help) { return r->AddUnlabeledGauge(name, help); };
   ASSIGN_OR_RETURN(m.overlap_ratio, gauge("spc_elastic_overlap_ratio",
                                           "Elastic loading: selected rows already in the slot buffers / rows selected."));
   ASSIGN_OR_RETURN(m.rows_loaded, counter("spc_kv_rows_loaded_total", "KV rows copied into slot buffers."));

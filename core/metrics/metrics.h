@@ -154,6 +154,9 @@ class Registry {
                                             const std::vector<std::string>& labels = {});
   absl::StatusOr<GaugeFamily*> AddGauge(const std::string& name, const std::string& help,
                                         const std::vector<std::string>& labels = {});
+  /// The single child of a new family without labels.
+  absl::StatusOr<Counter*> AddUnlabeledCounter(const std::string& name, const std::string& help);
+  absl::StatusOr<Gauge*> AddUnlabeledGauge(const std::string& name, const std::string& help);
   /// `bounds`: bucket upper bounds, strictly increasing and finite (a trailing +Inf is dropped:
   /// it is always implied). Label "le" is reserved.
   absl::StatusOr<HistogramFamily*> AddHistogram(const std::string& name, const std::string& help,

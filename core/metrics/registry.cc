@@ -122,6 +122,18 @@ absl::StatusOr<GaugeFamily*> Registry::AddGauge(const std::string& name, const s
   return raw;
 }
 
+absl::StatusOr<Counter*> Registry::AddUnlabeledCounter(const std::string& name, const std::string& help) {
+  absl::StatusOr<CounterFamily*> f = AddCounter(name, help);
+  if (!f.ok()) return f.status();
+  return (*f)->WithLabels({});
+}
+
+absl::StatusOr<Gauge*> Registry::AddUnlabeledGauge(const std::string& name, const std::string& help) {
+  absl::StatusOr<GaugeFamily*> f = AddGauge(name, help);
+  if (!f.ok()) return f.status();
+  return (*f)->WithLabels({});
+}
+
 absl::StatusOr<HistogramFamily*> Registry::AddHistogram(const std::string& name,
                                                         const std::string& help,
                                                         const std::vector<std::string>& labels,
