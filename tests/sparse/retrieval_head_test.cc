@@ -9,12 +9,14 @@
 #include "core/sparse/selection.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/sparse/head_fixture.h"
 #include "tests/sparse/test_util.h"
 
 namespace specontext {
 namespace {
 
 using testing_sparse::FreshSeed;
+using testing_sparse::NamedWeights;
 using testing_sparse::RandomF32;
 using testing_sparse::SeedTrace;
 using Named = std::vector<std::pair<std::string, Tensor>>;
@@ -103,27 +105,6 @@ std::vector<double> Project(const std::vector<double>& w, int64_t rows, const st
   return y;
 }
 
-class SimpleWeights : public WeightSource {
- public:
-  explicit SimpleWeights(Named w) : w_(std::move(w)) {}
-  bool Has(std::string_view n) const override {
-    for (const auto& [k, t] : w_) if (k == n) return true;
-    return false;
-  }
-  absl::StatusOr<Tensor> Get(std::string_view n) const override {
-    for (const auto& [k, t] : w_) if (k == n) return t;
-    return absl::NotFoundError(std::string(n));
-  }
-  std::vector<std::string> Names() const override {
-    std::vector<std::string> r;
-    for (const auto& [k, t] : w_) r.push_back(k);
-    return r;
-  }
-
- private:
-  Named w_;
-};
-
 TEST(RetrievalHead, PrunesAnEagle3DraftAndMatchesAReferenceForward) {
   const uint32_t seed = FreshSeed();
   SCOPED_TRACE(SeedTrace(seed));
@@ -139,7 +120,7 @@ TEST(RetrievalHead, PrunesAnEagle3DraftAndMatchesAReferenceForward) {
   EXPECT_EQ(report->parameters_before, before);
   EXPECT_EQ(report->parameters_after, after);
   // The target's embedding is shared.
-  SimpleWeights target_w({{"model.embed_tokens.weight", Bf16(rng, {97, h})}});
+  NamedWeights target_w({{"model.embed_tokens.weight", Bf16(rng, {97, h})}});
   auto head = RetrievalHead::Load(dst, target, &target_w);
   ASSERT_TRUE(head.ok()) << head.status();
   const RetrievalHead& rh = **head;
@@ -243,7 +224,7 @@ TEST(RetrievalHead, PruneCanStretchRopeWithYarn) {
   yarn.factor = 2.0 + rng() % 14;
   yarn.original_max_position_embeddings = 2048;
   ASSERT_TRUE(PruneToRetrievalHead(src, RetrievalHeadKind::kEagle3, target, "x", dst, &yarn).ok());
-  SimpleWeights target_w({{"model.embed_tokens.weight", Bf16(rng, {97, 48})}});
+  NamedWeights target_w({{"model.embed_tokens.weight", Bf16(rng, {97, 48})}});
   auto head = RetrievalHead::Load(dst, target, &target_w);
   ASSERT_TRUE(head.ok()) << head.status();
   EXPECT_EQ((*head)->config().attn.rope_scaling.type, "yarn");
@@ -278,7 +259,7 @@ TEST(RetrievalHead, BadHeadsGiveClearErrors) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(r.status().message(), ::testing::HasSubstr("num_key_value_heads"));
   ASSERT_TRUE(PruneToRetrievalHead(src, RetrievalHeadKind::kEagle3, target, "x", dst).ok());
-  SimpleWeights target_w({{"model.embed_tokens.weight", Bf16(rng, {97, 48})}});
+  NamedWeights target_w({{"model.embed_tokens.weight", Bf16(rng, {97, 48})}});
   // The head against a model with another vocabulary / layer count.
   ModelConfig vocab = target;
   vocab.vocab_size = 120;
@@ -319,10 +300,10 @@ TEST(RetrievalHead, BadHeadsGiveClearErrors) {
   c.kind = RetrievalHeadKind::kLayer;
   c.attn = target;
   c.target = {"tiny", 97, 48, 8, 2, 8};
-  SimpleWeights missing({{"embed_tokens.weight", RandomF32(rng, {97, 48})}, {"input_layernorm.weight", RandomF32(rng, {48})},
+  NamedWeights missing({{"embed_tokens.weight", RandomF32(rng, {97, 48})}, {"input_layernorm.weight", RandomF32(rng, {48})},
                          {"q_proj.weight", RandomF32(rng, {32, 48})}});
   EXPECT_THAT(RetrievalHead::Create(c, missing, target, nullptr).status().message(), ::testing::HasSubstr("k_proj.weight"));
-  SimpleWeights shape({{"embed_tokens.weight", RandomF32(rng, {97, 48})}, {"input_layernorm.weight", RandomF32(rng, {48})},
+  NamedWeights shape({{"embed_tokens.weight", RandomF32(rng, {97, 48})}, {"input_layernorm.weight", RandomF32(rng, {48})},
                        {"q_proj.weight", RandomF32(rng, {32, 48})}, {"k_proj.weight", RandomF32(rng, {17, 48})}});
   EXPECT_THAT(RetrievalHead::Create(c, shape, target, nullptr).status().message(), ::testing::HasSubstr("expected floating [16, 48]"));
   fs::remove_all(src);
