@@ -158,6 +158,13 @@ class Backend {
   virtual absl::Status CopyDevice(const Tensor& src, Tensor* dst) {
     return absl::UnimplementedError("CopyDevice is not implemented by this backend");
   }
+  // dst[h, r, :] = src[h, r, :] for every head h and r < rows.  src [heads, Rs, d], dst [heads, Rd, d], same
+  // dtype, heads and d, rows <= Rs and Rd; either may be device or pinned host memory of this backend.
+  // Ordered on the compute stream (a host reader of dst calls Synchronize first). Re-homes a sequence's KV
+  // between tensors of different row counts (growing device KV, moving a layer to host).
+  virtual absl::Status CopyHeadRows(const Tensor& src, Tensor* dst, int64_t rows) {
+    return absl::UnimplementedError("CopyHeadRows is not implemented by this backend");
+  }
   // dst = src[:, col_begin : col_begin + dst.dim(1)].  src [n, m], dst [n, c], same dtype. Splits
   // the output of a fused projection (QKV, gate/up) into contiguous tensors.
   virtual absl::Status CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) {

@@ -54,12 +54,16 @@ RemoteSparseDecoder::~RemoteSparseDecoder() {
 absl::StatusOr<std::unique_ptr<SequenceKv>> RemoteSparseDecoder::AllocateKv(uint64_t id, int32_t capacity,
                                                                             int32_t budget) {
   budget = std::max(1, std::min(budget, capacity));
-  ASSIGN_OR_RETURN(std::unique_ptr<SequenceKv> kv,
-                   AllocateTieredKv(*model_->backend(), model_->config(), capacity, gpu_layers_, budget));
+  // As SparseDecoder: device rows for the first chunk, planned for before they are allocated.
+  const int32_t rows = DeviceRowsFor(1, capacity, options_.kv_grow_rows);
+  RETURN_IF_ERROR(PlanTiers(DeviceRowsInFlight() + rows, static_cast<int32_t>(seqs_.size()) + 1));
+  ASSIGN_OR_RETURN(std::unique_ptr<SequenceKv> kv, AllocateTieredKv(*model_->backend(), model_->config(), capacity,
+                                                                    gpu_layers_, budget, nullptr, rows));
   Seq& seq = seqs_[id];
   seq = Seq{};
   seq.kv = kv.get();
   seq.capacity = capacity;
+  seq.rows = rows;
   seq.budget = budget;
   const int32_t n_sets = options_.batch_level ? 1 : static_cast<int32_t>(model_->config().num_key_value_heads);
   seq.map = std::make_unique<SlotMap>(n_sets, budget);
@@ -207,7 +211,7 @@ std::optional<IndexSets> RemoteSparseDecoder::SelectRemote(std::span<Seq* const>
 absl::Status RemoteSparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps,
                                           Tensor* logits) {
   if (fwd.size() != steps.size()) return absl::InvalidArgumentError("sparse forward: one SparseStepSeq per sequence");
-  RETURN_IF_ERROR(PlanLayers(fwd));
+  RETURN_IF_ERROR(PlanLayers(fwd, steps));
   const int64_t vocab = model_->config().vocab_size;
   // As SparseDecoder: prompt chunks and decode tokens run as two forwards (uniform attention per forward).
   for (int pass = 0; pass < 2; ++pass) {

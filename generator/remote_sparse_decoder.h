@@ -51,6 +51,7 @@ struct RemoteSparseOptions {
   size_t observe_message_bytes = 1 << 20;           // largest features payload of one Observe (chunks prompts)
   absl::Duration step_deadline = absl::Milliseconds(200);
   int64_t gpu_memory_limit = 0;                     // planner's device limit (0: the backend's; both 0: off)
+  int32_t kv_grow_rows = 2048;                      // device KV growth chunk (SparseOptions::kv_grow_rows)
   absl::Duration backoff_min = absl::Milliseconds(50);
   absl::Duration backoff_max = absl::Seconds(2);
   metrics::Histogram* retrieval_latency = nullptr;  // Select -> Selection, seconds (may be null)
@@ -81,6 +82,7 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   struct Seq {
     SequenceKv* kv = nullptr;
     int32_t capacity = 0;
+    int32_t rows = 0;  // device rows of its resident layers (grown in chunks before the forward needing them)
     int32_t budget = 0;
     std::vector<int32_t> tokens;  // every token fed so far (replayed into a new session)
     uint64_t session = 0;         // generation of the session it is open on (0: none)
@@ -103,7 +105,10 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   void MarkBroken(const std::shared_ptr<Stream>& s);
   // remote_sparse_tiers.cc: the planner and layer moves, and one decode forward.
   absl::Status MakePlanner();
-  absl::Status PlanLayers(std::span<const ForwardSeq> fwd);
+  // Plans the tiers for the rows the sequences hold after this forward, then grows those of `fwd`.
+  absl::Status PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps);
+  absl::Status PlanTiers(int64_t rows, int32_t n_seqs);  // moves layers when `rows` cross a threshold
+  int64_t DeviceRowsInFlight() const;
   absl::Status Decode(std::span<const ForwardSeq> part, std::span<Seq* const> seqs, std::span<const uint64_t> ids,
                       Tensor* out, HiddenCapture* capture);
   // remote_sparse_observe.cc. Engine thread: takes the head's feature needs from a stream's GetInfo.

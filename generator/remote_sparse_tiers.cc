@@ -47,14 +47,39 @@ absl::Status RemoteSparseDecoder::MakePlanner() {
   return absl::OkStatus();
 }
 
-absl::Status RemoteSparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd) {
-  if (!planner_.has_value() || seqs_.empty()) return absl::OkStatus();
-  int64_t total = 0;
-  for (const auto& [id, seq] : seqs_) total += static_cast<int64_t>(seq.tokens.size());
-  for (const ForwardSeq& f : fwd) total += static_cast<int64_t>(f.tokens.size());
-  ASSIGN_OR_RETURN(LayerMovePlan plan,
-                   planner_->PlanMoves(gpu_layers_, total, static_cast<int32_t>(seqs_.size())));
+absl::Status RemoteSparseDecoder::PlanTiers(int64_t rows, int32_t n_seqs) {
+  if (!planner_.has_value() || n_seqs == 0) return absl::OkStatus();
+  ASSIGN_OR_RETURN(LayerMovePlan plan, planner_->PlanMoves(gpu_layers_, rows, n_seqs));
   return OffloadLayers(plan.gpu_layers_after);
+}
+
+int64_t RemoteSparseDecoder::DeviceRowsInFlight() const {
+  int64_t rows = 0;
+  for (const auto& [id, seq] : seqs_) rows += seq.rows;
+  return rows;
+}
+
+absl::Status RemoteSparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps) {
+  // As SparseDecoder::PlanLayers: plan for the rows held after this step, then grow.
+  int64_t total = DeviceRowsInFlight();
+  std::vector<std::pair<Seq*, int32_t>> grow;
+  for (size_t i = 0; i < fwd.size(); ++i) {
+    auto it = seqs_.find(steps[i].id);
+    if (it == seqs_.end() || it->second.kv != fwd[i].kv) continue;  // Forward reports it
+    Seq& seq = it->second;
+    const int32_t rows = DeviceRowsFor(fwd[i].past_len + static_cast<int32_t>(fwd[i].tokens.size()), seq.capacity,
+                                       options_.kv_grow_rows);
+    if (rows <= seq.rows) continue;
+    total += rows - seq.rows;
+    grow.push_back({&seq, rows});
+  }
+  RETURN_IF_ERROR(PlanTiers(total, static_cast<int32_t>(seqs_.size())));
+  for (const auto& [seq, rows] : grow) {
+    RETURN_IF_ERROR(GrowDeviceKv(*model_->backend(), seq->kv, rows));
+    seq->rows = rows;
+    ++stats_.kv_grows;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status RemoteSparseDecoder::OffloadLayers(int32_t gpu_layers) {

@@ -58,6 +58,13 @@ absl::Status CheckBatch(const BatchDesc& batch, int layer, int64_t n_rows) {
       return absl::OutOfRangeError(absl::StrCat("batch: sequence ", i, " needs ", s.past_len + s.n_tokens,
                                                 " KV slots but has capacity ", kv->capacity));
     }
+    // Resident layers may hold fewer rows than the capacity (device KV grows in chunks).
+    const Tensor &k = kv->k[layer], &v = kv->v[layer];
+    if (k.ndim() != 3 || v.shape() != k.shape() || k.dim(1) < s.past_len + s.n_tokens || k.dim(1) > kv->capacity) {
+      return absl::OutOfRangeError(absl::StrCat("batch: sequence ", i, " layer ", layer, " cache ", k.DebugString(),
+                                                " / ", v.DebugString(), " does not hold ", s.past_len + s.n_tokens,
+                                                " rows (capacity ", kv->capacity, ")"));
+    }
   }
   return absl::OkStatus();
 }

@@ -30,6 +30,7 @@ class CpuBackend : public Backend {
   absl::Status CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) override;
   // Retrieval head support (cpu_retrieval_ops.cc).
   absl::Status CopyToColumns(const Tensor& src, int64_t col_begin, Tensor* dst) override;
+  absl::Status CopyHeadRows(const Tensor& src, Tensor* dst, int64_t rows) override;
   absl::Status ScatterRows(const Tensor& src, std::span<const RowScatter> segments) override;
   absl::Status SelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
                                SelectionResult* out) override;
@@ -79,6 +80,7 @@ absl::Status CheckSameShape(const Tensor& a, const Tensor& b, std::string_view w
 absl::Status CheckCopyColumns(const Tensor& src, int64_t col_begin, const Tensor& dst);
 // CopyToColumns / ScatterRows argument checks (cpu_retrieval_ops.cc), shared with the CUDA backend.
 absl::Status CheckCopyToColumns(const Tensor& src, int64_t col_begin, const Tensor& dst);
+absl::Status CheckCopyHeadRows(const Tensor& src, const Tensor* dst, int64_t rows);
 absl::Status CheckScatterRows(const Tensor& src, std::span<const RowScatter> segments);
 // Validates a ragged batch against q/k rows and each sequence's KV capacity and layer count.
 absl::Status CheckBatch(const BatchDesc& batch, int layer, int64_t n_rows);

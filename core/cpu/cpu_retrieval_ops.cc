@@ -1,5 +1,5 @@
 // CPU backend ops used by the retrieval head on the backend (core/sparse/retrieval_head_device.h):
-// column concatenation, row scatter into per-sequence caches, and top-B selection (the reference).
+// column concatenation, per-head row copies, row scatter into per-sequence caches, and top-B selection (the reference).
 // The argument checks are shared with the CUDA backend so both reject the same inputs.
 #include <cstring>
 
@@ -15,6 +15,16 @@ absl::Status CheckCopyToColumns(const Tensor& src, int64_t col_begin, const Tens
       col_begin < 0 || col_begin + src.dim(1) > dst.dim(1)) {
     return absl::InvalidArgumentError(absl::StrCat("CopyToColumns: ", src.DebugString(), " into columns from ",
                                                    col_begin, " of ", dst.DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckCopyHeadRows(const Tensor& src, const Tensor* dst, int64_t rows) {
+  if (dst == nullptr || src.ndim() != 3 || dst->ndim() != 3 || src.dtype() != dst->dtype() ||
+      src.dim(0) != dst->dim(0) || src.dim(2) != dst->dim(2) || rows < 0 || rows > src.dim(1) ||
+      rows > dst->dim(1)) {
+    return absl::InvalidArgumentError(absl::StrCat("CopyHeadRows: ", rows, " rows of ", src.DebugString(), " into ",
+                                                   dst == nullptr ? std::string("null") : dst->DebugString()));
   }
   return absl::OkStatus();
 }
@@ -51,6 +61,16 @@ absl::Status CpuBackend::CopyToColumns(const Tensor& src, int64_t col_begin, Ten
   for (int64_t i = 0; i < n; ++i) {
     std::memcpy(static_cast<char*>(dst->data()) + (i * m + col_begin) * es,
                 static_cast<const char*>(src.data()) + i * c * es, c * es);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::CopyHeadRows(const Tensor& src, Tensor* dst, int64_t rows) {
+  RETURN_IF_ERROR(CheckCopyHeadRows(src, dst, rows));
+  const size_t row_bytes = src.dim(2) * DTypeSize(src.dtype());
+  for (int64_t h = 0; h < src.dim(0) && rows > 0; ++h) {
+    std::memcpy(static_cast<char*>(dst->data()) + h * dst->dim(1) * row_bytes,
+                static_cast<const char*>(src.data()) + h * src.dim(1) * row_bytes, rows * row_bytes);
   }
   return absl::OkStatus();
 }

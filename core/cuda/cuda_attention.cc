@@ -1,7 +1,8 @@
 // CudaBackend: ragged-batch metadata (PrepareBatch), KV append and attention dispatch.
 //
-// PrepareBatch validates the batch on the host and uploads, in one copy, the per-sequence
-// metadata, the token-row -> sequence map and the K/V pointers of every layer. A decode-only batch
+// PrepareBatch validates the batch on the host and uploads, in one copy, the per-(layer, sequence)
+// metadata (a layer's row count may differ: resident device KV grows in chunks while host copies hold the
+// whole capacity), the token-row -> sequence map and the K/V pointers of every layer. A decode-only batch
 // (every sequence one new token) needs nothing more: its split-K plan is derived on the device from
 // each length, on a grid fixed by the batch size (DecodeSplitPlan), so Attention uploads nothing and a
 // CUDA graph of the step stays valid as the sequences grow. Other batches: the first Attention call
@@ -53,7 +54,7 @@ absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
   const int64_t n_kv = first->k[0].ndim() == 3 ? first->k[0].dim(0) : 0;
   const int64_t hd = first->k[0].ndim() == 3 ? first->k[0].dim(2) : 0;
   std::vector<int32_t> row_seq(batch.n_tokens, -1);
-  std::vector<AttnSeq> seqs(n_seqs);
+  std::vector<AttnSeq> seqs(size_t(n_layers) * n_seqs);  // [layer][sequence]
   std::vector<const void*> k_ptrs(size_t(n_layers) * n_seqs), v_ptrs(size_t(n_layers) * n_seqs);
   for (int i = 0; i < n_seqs; ++i) {
     const SeqSlice& s = batch.seqs[i];
@@ -68,17 +69,20 @@ absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
       return absl::OutOfRangeError(absl::StrCat("batch: sequence ", i, " needs ", s.past_len + s.n_tokens,
                                                 " KV slots but has capacity ", kv->capacity));
     }
+    const int64_t need = int64_t{s.past_len} + s.n_tokens;
     for (int l = 0; l < n_layers; ++l) {
+      const int64_t rows = kv->k[l].ndim() == 3 ? kv->k[l].dim(1) : 0;
       for (const Tensor* t : {&kv->k[l], &kv->v[l]}) {
         if (t->dtype() != DType::kBF16 || t->device() != DeviceKind::kCuda || t->ndim() != 3 ||
-            t->dim(0) != n_kv || t->dim(1) != kv->capacity || t->dim(2) != hd) {
+            t->dim(0) != n_kv || t->dim(1) != rows || rows < need || rows > kv->capacity || t->dim(2) != hd) {
           return absl::InvalidArgumentError(absl::StrCat("batch: sequence ", i, " layer ", l, " cache ",
                                                          t->DebugString(), ", expected bf16@cuda [", n_kv, ", ",
-                                                         kv->capacity, ", ", hd, "]"));
+                                                         need, "..", kv->capacity, ", ", hd, "] (K and V alike)"));
         }
       }
       k_ptrs[size_t(l) * n_seqs + i] = kv->k[l].data();
       v_ptrs[size_t(l) * n_seqs + i] = kv->v[l].data();
+      seqs[size_t(l) * n_seqs + i] = AttnSeq{s.token_begin, s.n_tokens, s.past_len, static_cast<int32_t>(rows)};
     }
     for (int32_t t = 0; t < s.n_tokens; ++t) {
       if (row_seq[s.token_begin + t] != -1) {
@@ -87,14 +91,13 @@ absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
       }
       row_seq[s.token_begin + t] = i;
     }
-    seqs[i] = AttnSeq{s.token_begin, s.n_tokens, s.past_len, kv->capacity};
   }
-  off_row_seq_ = Align16(sizeof(AttnSeq) * n_seqs);
+  off_row_seq_ = Align16(sizeof(AttnSeq) * seqs.size());
   off_k_ptrs_ = off_row_seq_ + Align16(sizeof(int32_t) * row_seq.size());
   off_v_ptrs_ = off_k_ptrs_ + sizeof(void*) * k_ptrs.size();
   const size_t total = off_v_ptrs_ + sizeof(void*) * v_ptrs.size();
   std::vector<char> host(total, 0);
-  std::memcpy(host.data(), seqs.data(), sizeof(AttnSeq) * n_seqs);
+  std::memcpy(host.data(), seqs.data(), sizeof(AttnSeq) * seqs.size());
   std::memcpy(host.data() + off_row_seq_, row_seq.data(), sizeof(int32_t) * row_seq.size());
   std::memcpy(host.data() + off_k_ptrs_, k_ptrs.data(), sizeof(void*) * k_ptrs.size());
   std::memcpy(host.data() + off_v_ptrs_, v_ptrs.data(), sizeof(void*) * v_ptrs.size());
@@ -214,7 +217,7 @@ absl::Status CudaBackend::KvAppend(int layer, const Tensor& k, const Tensor& v) 
   KvAppendParams p;
   p.k = k.data();
   p.v = v.data();
-  p.seqs = reinterpret_cast<const AttnSeq*>(meta);
+  p.seqs = reinterpret_cast<const AttnSeq*>(meta) + size_t(layer) * n_seqs;
   p.row_seq = reinterpret_cast<const int32_t*>(meta + off_row_seq_);
   p.k_ptrs = reinterpret_cast<void* const*>(meta + off_k_ptrs_) + size_t(layer) * n_seqs;
   p.v_ptrs = reinterpret_cast<void* const*>(meta + off_v_ptrs_) + size_t(layer) * n_seqs;
@@ -244,7 +247,7 @@ absl::Status CudaBackend::Attention(int layer, const Tensor& q, float scale, Ten
   AttnParams p;
   p.q = q.data();
   p.out = out->data();
-  p.seqs = reinterpret_cast<const AttnSeq*>(meta);
+  p.seqs = reinterpret_cast<const AttnSeq*>(meta) + size_t(layer) * n_seqs;
   p.row_seq = reinterpret_cast<const int32_t*>(meta + off_row_seq_);
   p.k_ptrs = reinterpret_cast<const void* const*>(meta + off_k_ptrs_) + size_t(layer) * n_seqs;
   p.v_ptrs = reinterpret_cast<const void* const*>(meta + off_v_ptrs_) + size_t(layer) * n_seqs;

@@ -190,6 +190,19 @@ absl::Status CudaBackend::CopyDevice(const Tensor& src, Tensor* dst) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::CopyHeadRows(const Tensor& src, Tensor* dst, int64_t rows) {
+  RETURN_IF_ERROR(CheckCopyHeadRows(src, dst, rows));
+  if (src.device() != DeviceKind::kCuda || dst->device() != DeviceKind::kCuda) {
+    return absl::InvalidArgumentError("CopyHeadRows: tensors must be device or pinned host memory of the GPU");
+  }
+  if (rows == 0 || src.dim(0) == 0) return absl::OkStatus();
+  const size_t row_bytes = src.dim(2) * DTypeSize(src.dtype());
+  // One 2D copy: a head's rows are contiguous, heads are strided by each tensor's own row count.
+  RETURN_IF_CUDA_ERROR(cudaMemcpy2DAsync(dst->data(), dst->dim(1) * row_bytes, src.data(), src.dim(1) * row_bytes,
+                                         rows * row_bytes, src.dim(0), cudaMemcpyDefault, stream_));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) {
   RETURN_IF_ERROR(CheckCopyColumns(src, col_begin, *dst));
   if (src.device() != DeviceKind::kCuda || dst->device() != DeviceKind::kCuda) {

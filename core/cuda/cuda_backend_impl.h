@@ -40,6 +40,7 @@ class CudaBackend : public Backend {
   absl::Status CopyToDevice(const Tensor& host, Tensor* device) override;
   absl::Status ToHost(const Tensor& device, Tensor* host) override;
   absl::Status CopyDevice(const Tensor& src, Tensor* dst) override;
+  absl::Status CopyHeadRows(const Tensor& src, Tensor* dst, int64_t rows) override;
   absl::Status Zero(Tensor* t) override;
   absl::Status CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) override;
   // Retrieval head support (cuda_retrieval_ops.cc; selection in cuda_selection.cc).
@@ -147,7 +148,7 @@ class CudaBackend : public Backend {
   int n_layers_ = 0;
   int n_kv_ = 0;
   int head_dim_ = 0;
-  Tensor meta_;  // [AttnSeq x S][row_seq i32 x T][k ptrs L x S][v ptrs L x S]
+  Tensor meta_;  // [AttnSeq L x S][row_seq i32 x T][k ptrs L x S][v ptrs L x S]
   size_t off_row_seq_ = 0, off_k_ptrs_ = 0, off_v_ptrs_ = 0;
   PinnedStaging batch_staging_;
 

@@ -13,7 +13,7 @@
 // of the largest round's size serves every round and layer. The kernels address K/V through per-(layer,
 // sequence) tables: [AttnSeq x L*S][k ptr x L*S][v ptr x L*S], where a staged sequence of an offloaded layer
 // has its staged pointers and capacity = rows (the per-head stride of the copy), every other entry the
-// batch's own. They are uploaded once per batch.
+// batch's own (the layer's own row count). They are uploaded once per batch.
 //
 // Per Attention(l), on the compute stream, in order: for each round, the copies of its sequences (after
 // this step's KvAppendHost(l), which wrote the new rows into the host copy on the same stream), then the
@@ -185,7 +185,7 @@ absl::Status CudaBackend::PlanPrefillStaging(PrefillStagingState* st) {
       const size_t e = size_t(l) * n_seqs + i;
       const bool staged = st->rows[i] > 0 && kv->offloaded(l);
       seqs[e] = AttnSeq{s.token_begin, s.n_tokens, s.past_len,
-                        staged ? static_cast<int32_t>(st->rows[i]) : kv->capacity};
+                        static_cast<int32_t>(staged ? st->rows[i] : kv->k[l].dim(1))};
       k_ptrs[e] = staged ? base + st->k_off[i] : kv->k[l].data();
       v_ptrs[e] = staged ? base + st->v_off[i] : kv->v[l].data();
       if (staged) {
@@ -241,7 +241,7 @@ absl::Status CudaBackend::StagedPrefillAttention(int layer, AttnParams p, bool* 
       const SequenceKv* kv = batch_.kv[i];
       if (st->rows[i] == 0 || !kv->offloaded(layer)) continue;
       // [n_kv, capacity, hd] host rows [0, rows) of every head -> [n_kv, rows, hd] compact.
-      const size_t width = size_t(st->rows[i]) * row_bytes, pitch = size_t(kv->capacity) * row_bytes;
+      const size_t width = size_t(st->rows[i]) * row_bytes, pitch = size_t(kv->k[layer].dim(1)) * row_bytes;
       RETURN_IF_CUDA_ERROR(cudaMemcpy2DAsync(base + st->k_off[i], width, kv->k[layer].data(), pitch, width, n_kv_,
                                              cudaMemcpyDefault, stream_));
       RETURN_IF_CUDA_ERROR(cudaMemcpy2DAsync(base + st->v_off[i], width, kv->v[layer].data(), pitch, width, n_kv_,

@@ -212,7 +212,7 @@ absl::Status CudaBackend::EnsureTierTables(int layer) {
     const ElasticSeqPtrs& e = sp->elastic_tab[size_t(layer) * n_seqs + i];
     fresh = off ? (a.k == kv->slot_k[layer].data() && e.host_k == kv->host_k[layer].data() &&
                    e.slot_v == kv->slot_v[layer].data() && e.host_v == kv->host_v[layer].data())
-                : (a.k == kv->k[layer].data() && a.v == kv->v[layer].data());
+                : (a.k == kv->k[layer].data() && a.v == kv->v[layer].data() && a.rows == kv->k[layer].dim(1));
   }
   if (fresh) return absl::OkStatus();
   sp->attn_tab.assign(size_t(n_layers_) * n_seqs, SparseKvPtrs{});
@@ -222,7 +222,7 @@ absl::Status CudaBackend::EnsureTierTables(int layer) {
       const SequenceKv* kv = batch_.kv[i];
       SparseKvPtrs& a = sp->attn_tab[size_t(l) * n_seqs + i];
       if (!kv->offloaded(l)) {
-        a = {kv->k[l].data(), kv->v[l].data(), kv->capacity};
+        a = {kv->k[l].data(), kv->v[l].data(), kv->k[l].dim(1)};  // rows: a resident layer may hold fewer than capacity
         continue;
       }
       if (static_cast<int>(kv->slot_k.size()) <= l || kv->slot_k[l].empty() || kv->slot_v[l].empty() ||

@@ -1,5 +1,6 @@
 #include "core/model/kv_tiers.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -45,7 +46,8 @@ std::shared_ptr<HostKvAllocator> ScopedHostKvAllocator::Current() {
 
 absl::StatusOr<std::unique_ptr<SequenceKv>> AllocateTieredKv(Backend& b, const ModelConfig& c, int32_t capacity,
                                                              int32_t gpu_layers, int32_t budget,
-                                                             std::shared_ptr<HostKvAllocator> host) {
+                                                             std::shared_ptr<HostKvAllocator> host,
+                                                             int32_t device_rows) {
   if (capacity <= 0) return absl::InvalidArgumentError("KV capacity must be positive");
   if (budget <= 0) return absl::InvalidArgumentError(absl::StrCat("slot budget must be positive, got ", budget));
   const int n_layers = static_cast<int>(c.num_hidden_layers);
@@ -60,11 +62,14 @@ absl::StatusOr<std::unique_ptr<SequenceKv>> AllocateTieredKv(Backend& b, const M
   kv->k.resize(n_layers);
   kv->v.resize(n_layers);
   EnsureTierVectors(kv.get());
+  if (device_rows < 0) return absl::InvalidArgumentError(absl::StrCat("device rows must be >= 0, got ", device_rows));
+  const int32_t rows = device_rows == 0 ? capacity : std::min(device_rows, capacity);
   const Shape shape{c.num_key_value_heads, capacity, c.head_dim};
+  const Shape device_shape{c.num_key_value_heads, rows, c.head_dim};
   for (int l = 0; l < n_layers; ++l) {
     if (l < gpu_layers) {
-      ASSIGN_OR_RETURN(kv->k[l], b.Alloc(b.compute_dtype(), shape, MemoryKind::kKvCache));
-      ASSIGN_OR_RETURN(kv->v[l], b.Alloc(b.compute_dtype(), shape, MemoryKind::kKvCache));
+      ASSIGN_OR_RETURN(kv->k[l], b.Alloc(b.compute_dtype(), device_shape, MemoryKind::kKvCache));
+      ASSIGN_OR_RETURN(kv->v[l], b.Alloc(b.compute_dtype(), device_shape, MemoryKind::kKvCache));
     } else {
       ASSIGN_OR_RETURN(kv->host_k[l], AllocHost(b, host.get(), b.compute_dtype(), shape));
       ASSIGN_OR_RETURN(kv->host_v[l], AllocHost(b, host.get(), b.compute_dtype(), shape));
@@ -83,11 +88,13 @@ absl::Status MoveLayerToHost(Backend& b, SequenceKv* kv, int layer, int32_t budg
   if (kv->offloaded(layer)) return absl::OkStatus();
   EnsureTierVectors(kv);
   const Tensor& dk = kv->k[layer];
+  const Shape host_shape{dk.dim(0), kv->capacity, dk.dim(2)};
   // Allocate everything first so a failure leaves the layer resident and intact.
-  ASSIGN_OR_RETURN(Tensor hk, AllocHost(b, kv->host_allocator.get(), dk.dtype(), dk.shape()));
-  ASSIGN_OR_RETURN(Tensor hv, AllocHost(b, kv->host_allocator.get(), dk.dtype(), dk.shape()));
-  RETURN_IF_ERROR(b.CopyToPinnedHost(kv->k[layer], &hk));
-  RETURN_IF_ERROR(b.CopyToPinnedHost(kv->v[layer], &hv));
+  ASSIGN_OR_RETURN(Tensor hk, AllocHost(b, kv->host_allocator.get(), dk.dtype(), host_shape));
+  ASSIGN_OR_RETURN(Tensor hv, AllocHost(b, kv->host_allocator.get(), dk.dtype(), host_shape));
+  RETURN_IF_ERROR(b.CopyHeadRows(kv->k[layer], &hk, dk.dim(1)));
+  RETURN_IF_ERROR(b.CopyHeadRows(kv->v[layer], &hv, dk.dim(1)));
+  RETURN_IF_ERROR(b.Synchronize());  // the host copies are complete before the device KV is dropped
   const Shape shape{dk.dim(0), budget, dk.dim(2)};
   ASSIGN_OR_RETURN(Tensor sk, b.Alloc(dk.dtype(), shape, MemoryKind::kPrefetch));
   ASSIGN_OR_RETURN(Tensor sv, b.Alloc(dk.dtype(), shape, MemoryKind::kPrefetch));
@@ -133,6 +140,40 @@ absl::Status AdoptHostTier(Backend& b, SequenceKv* kv, std::shared_ptr<HostKvAll
     kv->v[l] = std::move(fresh[l].second);
   }
   kv->host_allocator = std::move(host);
+  return absl::OkStatus();
+}
+
+int32_t DeviceRowsFor(int32_t needed, int32_t capacity, int32_t grow_rows) {
+  if (grow_rows <= 0 || needed >= capacity) return capacity;
+  const int64_t rounded = (std::max<int64_t>(needed, 1) + grow_rows - 1) / grow_rows * int64_t{grow_rows};
+  return static_cast<int32_t>(std::min<int64_t>(rounded, capacity));
+}
+
+int32_t DeviceRowsOf(const SequenceKv& kv) {
+  for (size_t l = 0; l < kv.k.size(); ++l) {
+    if (!kv.offloaded(static_cast<int>(l)) && kv.k[l].ndim() == 3) return static_cast<int32_t>(kv.k[l].dim(1));
+  }
+  return 0;
+}
+
+absl::Status GrowHeadRows(Backend& b, Tensor* t, int64_t rows, MemoryKind kind) {
+  if (t == nullptr || t->ndim() != 3) return absl::InvalidArgumentError("grow rows: not a [heads, rows, d] tensor");
+  if (t->dim(1) >= rows) return absl::OkStatus();
+  ASSIGN_OR_RETURN(Tensor grown, b.Alloc(t->dtype(), {t->dim(0), rows, t->dim(2)}, kind));
+  RETURN_IF_ERROR(b.CopyHeadRows(*t, &grown, t->dim(1)));
+  *t = std::move(grown);  // the old storage is freed with its last reference (after the copy, by stream order)
+  return absl::OkStatus();
+}
+
+absl::Status GrowDeviceKv(Backend& b, SequenceKv* kv, int32_t rows) {
+  if (rows < 0 || rows > kv->capacity) {
+    return absl::InvalidArgumentError(absl::StrCat("grow KV: ", rows, " rows outside [0, ", kv->capacity, "]"));
+  }
+  for (size_t l = 0; l < kv->k.size(); ++l) {
+    if (kv->offloaded(static_cast<int>(l))) continue;
+    RETURN_IF_ERROR(GrowHeadRows(b, &kv->k[l], rows, MemoryKind::kKvCache));
+    RETURN_IF_ERROR(GrowHeadRows(b, &kv->v[l], rows, MemoryKind::kKvCache));
+  }
   return absl::OkStatus();
 }
 

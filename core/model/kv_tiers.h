@@ -16,17 +16,39 @@
 namespace specontext {
 
 /// KV of one sequence of up to `capacity` tokens with layers >= gpu_layers offloaded.
-/// Device tensors: kKvCache (full KV), kPrefetch (slot buffers [n_kv, budget, head_dim]); host: kKvCache.
+/// Device tensors: kKvCache (full KV [n_kv, device_rows, head_dim] of the resident layers; device_rows 0 or
+/// >= capacity: capacity), kPrefetch (slot buffers [n_kv, budget, head_dim]); host: kKvCache, always
+/// [n_kv, capacity, head_dim]. Resident layers holding fewer rows than the capacity grow with GrowDeviceKv.
 /// `host` (may be null) becomes kv->host_allocator; when null, the innermost ScopedHostKvAllocator of this
 /// thread (if any) is used instead.
 absl::StatusOr<std::unique_ptr<SequenceKv>> AllocateTieredKv(Backend& backend, const ModelConfig& config,
                                                              int32_t capacity, int32_t gpu_layers, int32_t budget,
-                                                             std::shared_ptr<HostKvAllocator> host = nullptr);
+                                                             std::shared_ptr<HostKvAllocator> host = nullptr,
+                                                             int32_t device_rows = 0);
 
-/// Moves `layer` of one sequence to host: copies its full KV (all `capacity` rows; rows past the sequence
-/// are don't-care) into new host tensors (kv->host_allocator, else pinned), allocates the slot buffers, then
-/// drops the device KV so its memory is freed. The slot buffers start empty: the caller fills them
-/// (FullReloadCopies) before the layer's next sparse attention. No-op when the layer is already offloaded.
+/// Device rows a resident layer allocates to hold `needed` tokens: `needed` rounded up to a multiple of
+/// `grow_rows`, at most `capacity` (grow_rows <= 0: the whole capacity at once). Rounding up bounds how
+/// often a growing sequence re-homes its KV (every grow_rows tokens) and how much it holds unused.
+int32_t DeviceRowsFor(int32_t needed, int32_t capacity, int32_t grow_rows);
+
+/// Rows of the resident layers of `kv` (they grow together), 0 when every layer is offloaded.
+int32_t DeviceRowsOf(const SequenceKv& kv);
+
+/// Grows every resident layer of `kv` that holds fewer than `rows` rows (<= capacity) to exactly `rows`:
+/// allocates [n_kv, rows, head_dim], copies the old rows (Backend::CopyHeadRows), frees the old tensors.
+/// One layer at a time, so the extra device memory is one layer's KV. On error the layers already grown
+/// keep their new tensors (every layer stays valid).
+absl::Status GrowDeviceKv(Backend& backend, SequenceKv* kv, int32_t rows);
+
+/// Grows a [heads, R, d] tensor to [heads, rows, d] (rows > R) in `kind` memory keeping its first R rows
+/// (the retrieval head's per-sequence K cache grows with the KV). No-op when it already has `rows` rows.
+absl::Status GrowHeadRows(Backend& backend, Tensor* t, int64_t rows, MemoryKind kind);
+
+/// Moves `layer` of one sequence to host: copies its device KV (every row it holds; rows past the sequence
+/// are don't-care) into new host tensors of `capacity` rows (kv->host_allocator, else pinned), allocates
+/// the slot buffers, then drops the device KV so its memory is freed. The slot buffers start empty: the
+/// caller fills them (FullReloadCopies) before the layer's next sparse attention. No-op when the layer is
+/// already offloaded.
 absl::Status MoveLayerToHost(Backend& backend, SequenceKv* kv, int layer, int32_t budget);
 
 /// Re-homes the host copies of every offloaded layer of `kv` into tensors from `host` (which becomes

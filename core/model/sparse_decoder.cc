@@ -35,11 +35,12 @@ Tensor View(const Tensor& t, int64_t offset, Shape shape) {
 struct SparseDecoder::SeqState {
   SeqState(int32_t n_sets, int32_t b) : map(n_sets, b), budget(b) {}
   SequenceKv* kv = nullptr;
-  Tensor cache;            // retrieval head K cache [n_kv, capacity, hd], backend tensor (kRetrieval)
+  Tensor cache;            // retrieval head K cache [n_kv, rows, hd], backend tensor (kRetrieval), grows
   int32_t cache_len = 0;   // rows of `cache` written
   SlotMap map;
   int32_t budget;
   int32_t len = 0;         // tokens whose KV exists
+  int32_t capacity = 0;    // tokens the sequence may reach
   int32_t hidden_slot = -1;  // eagle3: row of hidden_pool_
   PreviousSets prev_sets;    // synthetic_overlap: the sets of the last sparse step
 };
@@ -61,6 +62,9 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
   {
     absl::Status st = ValidateBudget(options.budget, options.sink, c.max_position_embeddings);
     if (!st.ok()) return absl::InvalidArgumentError(absl::StrCat("--budget/--sink: ", st.message()));
+  }
+  if (options.kv_grow_rows < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("KV growth step must be >= 0 tokens, got ", options.kv_grow_rows));
   }
   if (!(options.synthetic_overlap >= 0.0 && options.synthetic_overlap <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat("synthetic overlap must be in [0, 1], got ",
@@ -111,12 +115,19 @@ absl::StatusOr<int32_t> SparseDecoder::TakeHiddenSlot() {
 absl::StatusOr<std::unique_ptr<SequenceKv>> SparseDecoder::AllocateKv(uint64_t id, int32_t capacity, int32_t budget) {
   budget = std::max(1, std::min(budget, capacity));
   const ModelConfig& c = model_->config();
+  // Device rows for the first chunk only; PlanLayers grows them before each forward that needs more. The
+  // planner sees them first, so an admission moves layers to host rather than failing.
+  const int32_t rows = DeviceRowsFor(1, capacity, options_.kv_grow_rows);
+  RETURN_IF_ERROR(PlanTiers(DeviceRowsInFlight() + rows, static_cast<int32_t>(seqs_.size()) + 1));
+  std::shared_ptr<HostKvAllocator> host = ScopedHostKvAllocator::Current();
+  if (host == nullptr) host = host_cache_;
   ASSIGN_OR_RETURN(std::unique_ptr<SequenceKv> kv,
-                   AllocateTieredKv(*model_->backend(), c, capacity, gpu_layers_, budget));
+                   AllocateTieredKv(*model_->backend(), c, capacity, gpu_layers_, budget, std::move(host), rows));
   const int32_t n_sets = options_.mode == SelectionMode::kHeadLevel ? static_cast<int32_t>(c.num_key_value_heads) : 1;
   auto st = std::make_unique<SeqState>(n_sets, budget);
   st->kv = kv.get();
-  ASSIGN_OR_RETURN(st->cache, dhead_->AllocateCache(capacity));
+  st->capacity = capacity;
+  ASSIGN_OR_RETURN(st->cache, dhead_->AllocateCache(rows));
   if (head_->fused_width() > 0) {
     ASSIGN_OR_RETURN(st->hidden_slot, TakeHiddenSlot());
   }
@@ -153,8 +164,10 @@ absl::Status SparseDecoder::OffloadLayers(int32_t gpu_layers) {
     return absl::InvalidArgumentError(absl::StrCat("gpu layers ", gpu_layers, " outside [0, ", n_layers, "]"));
   }
   // From the last layer backward, so the resident first layers hide the later layers' loads.
+  PhaseClock::time_point t = PhaseClock::now();
   for (int32_t l = gpu_layers_ - 1; l >= gpu_layers; --l) {
     for (auto& [id, st] : seqs_) RETURN_IF_ERROR(MoveLayerToHost(*model_->backend(), st->kv, l, st->budget));
+    stats_.layer_move_seconds += Lap(t);
     reload_pending_[l] = true;
     gpu_layers_ = l;
     ++stats_.layer_moves;
@@ -163,14 +176,43 @@ absl::Status SparseDecoder::OffloadLayers(int32_t gpu_layers) {
   return absl::OkStatus();
 }
 
-absl::Status SparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd) {
-  if (!planner_.has_value() || seqs_.empty()) return absl::OkStatus();
-  int64_t total = 0;
-  for (const auto& [id, st] : seqs_) total += st->len;
-  for (const ForwardSeq& f : fwd) total += static_cast<int64_t>(f.tokens.size());
-  ASSIGN_OR_RETURN(LayerMovePlan plan,
-                   planner_->PlanMoves(gpu_layers_, total, static_cast<int32_t>(seqs_.size())));
+absl::Status SparseDecoder::PlanTiers(int64_t rows, int32_t n_seqs) {
+  if (!planner_.has_value() || n_seqs == 0) return absl::OkStatus();
+  ASSIGN_OR_RETURN(LayerMovePlan plan, planner_->PlanMoves(gpu_layers_, rows, n_seqs));
   if (plan.gpu_layers_after < gpu_layers_) RETURN_IF_ERROR(OffloadLayers(plan.gpu_layers_after));
+  return absl::OkStatus();
+}
+
+int64_t SparseDecoder::DeviceRowsInFlight() const {
+  int64_t rows = 0;
+  for (const auto& [id, st] : seqs_) rows += st->cache.dim(1);  // the head cache grows with the KV rows
+  return rows;
+}
+
+absl::Status SparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs) {
+  // The planner plans for the rows the device will hold after this step (not tokens: a growth chunk's unused
+  // tail is memory too), so layers move to host before a growth needs their memory.
+  grow_.clear();
+  int64_t total = DeviceRowsInFlight();
+  for (size_t i = 0; i < fwd.size(); ++i) {
+    auto it = seqs_.find(seqs[i].id);
+    if (it == seqs_.end() || it->second->kv != fwd[i].kv) continue;  // Forward reports it
+    SeqState* st = it->second.get();
+    const int32_t rows = DeviceRowsFor(fwd[i].past_len + static_cast<int32_t>(fwd[i].tokens.size()), st->capacity,
+                                       options_.kv_grow_rows);
+    if (rows <= st->cache.dim(1)) continue;
+    total += rows - st->cache.dim(1);
+    grow_.push_back({st, rows});
+  }
+  RETURN_IF_ERROR(PlanTiers(total, static_cast<int32_t>(seqs_.size())));
+  Backend& b = *model_->backend();
+  PhaseClock::time_point t = PhaseClock::now();
+  for (const auto& [st, rows] : grow_) {
+    RETURN_IF_ERROR(GrowDeviceKv(b, st->kv, rows));
+    RETURN_IF_ERROR(GrowHeadRows(b, &st->cache, rows, MemoryKind::kRetrieval));
+    ++stats_.kv_grows;
+  }
+  if (!grow_.empty()) stats_.kv_grow_seconds += Lap(t);
   return absl::OkStatus();
 }
 
@@ -355,7 +397,7 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
 absl::Status SparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs,
                                     Tensor* logits) {
   if (fwd.size() != seqs.size()) return absl::InvalidArgumentError("sparse forward: one SparseStepSeq per sequence");
-  RETURN_IF_ERROR(PlanLayers(fwd));
+  RETURN_IF_ERROR(PlanLayers(fwd, seqs));
   const int64_t vocab = model_->config().vocab_size;
   // Prompt chunks run dense; single decode tokens with a past run the sparse path. Two forwards keep each
   // attention kernel uniform.

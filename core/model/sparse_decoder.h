@@ -27,6 +27,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "core/model/pinned_host_cache.h"
 #include "core/model/sparse_hooks.h"
 #include "core/model/transformer.h"
 #include "core/sparse/memory_planner.h"
@@ -50,6 +51,10 @@ struct SparseOptions {
   /// a fixed seed, the sink always kept (core/sparse/synthetic_overlap.h), so that the elastic loader sees a
   /// controlled overlap even with random weights. Outputs are then no longer the model's.
   double synthetic_overlap = 0;
+  /// Resident layers' device KV (and the retrieval head's K cache) grows in chunks of this many tokens as a
+  /// sequence grows, so the GPU holds what sequences use rather than what they may reach, and the planner
+  /// moves layers to host only when the tokens in flight need it. 0: the whole capacity at admission.
+  int32_t kv_grow_rows = 2048;
 };
 
 // The measured-mode memory planner for `model` under `gpu_memory_limit` (0: the backend's own limit);
@@ -87,15 +92,24 @@ class SparseDecoder : public SparseDecodeHooks {
   /// The token->slot map of a live sequence (null when unknown): tests check slot buffers against it.
   const SlotMap* slot_map(uint64_t id) const;
   /// The retrieval head's K cache of a live sequence (null when unknown): a backend tensor
-  /// [n_kv_heads, capacity, head_dim] in the compute dtype whose rows [0, retrieval_len(id)) are valid.
+  /// [n_kv_heads, rows, head_dim] in the compute dtype (rows <= capacity, growing with the sequence) whose
+  /// rows [0, retrieval_len(id)) are valid.
   const Tensor* retrieval_cache(uint64_t id) const;
   int32_t retrieval_len(uint64_t id) const;
   const DeviceRetrievalHead& device_head() const { return *dhead_; }
+  /// Where offloaded layers' host copies come from unless a ScopedHostKvAllocator is active at admission (the
+  /// services' kvstore): pinned blocks cached for reuse. Reserve() on it pins ahead of generation.
+  PinnedHostCache& host_cache() { return *host_cache_; }
 
  private:
   struct SeqState;
   SparseDecoder(Transformer* model, const RetrievalHead* head, const SparseOptions& options);
-  absl::Status PlanLayers(std::span<const ForwardSeq> fwd);
+  // Plans the layer tiers for the rows the sequences will hold after this forward (moving layers to host
+  // when a threshold is crossed), then grows the device KV and head caches of the sequences of `fwd`.
+  absl::Status PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs);
+  // Moves layers to host when `rows` device rows over `n_seqs` sequences cross a planner threshold.
+  absl::Status PlanTiers(int64_t rows, int32_t n_seqs);
+  int64_t DeviceRowsInFlight() const;  // device rows the live sequences hold (each grows in chunks)
   absl::Status Prefill(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits);
   absl::Status Decode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits);
   // The head observes the new tokens of `fwd` (one forward for the batch); q receives their queries
@@ -123,8 +137,10 @@ class SparseDecoder : public SparseDecodeHooks {
   Tensor capture_buffer_;  // [most rows so far, fused_width]: capture_.out views its first rows
   std::vector<int32_t> free_hidden_slots_;
   std::optional<MemoryPlanner> planner_;
+  std::shared_ptr<PinnedHostCache> host_cache_ = PinnedHostCache::Create();
   int32_t gpu_layers_ = 0;
   std::vector<bool> reload_pending_;  // [L] layer moved to host since the last decode step
+  std::vector<std::pair<SeqState*, int32_t>> grow_;  // PlanLayers scratch: sequences to grow, to rows
   absl::flat_hash_map<uint64_t, std::unique_ptr<SeqState>> seqs_;
   SparseEngineStats stats_;
   IndexSets last_sets_;

@@ -1,4 +1,4 @@
-// The retrieval head on the CUDA backend: the ops it adds (CopyToColumns, ScatterRows) against the CPU
+// The retrieval head on the CUDA backend: the ops it adds (CopyToColumns, CopyHeadRows, ScatterRows) against the CPU
 // backend at several shapes and dtypes with sentinel-filled destinations, DeviceRetrievalHead against the f32
 // host reference (bf16 bound), and the backend's selection op on the head's device outputs.
 #include <algorithm>
@@ -68,6 +68,45 @@ TEST(CudaRetrievalOps, CopyToColumnsMatchesCpu) {
   EXPECT_FALSE(gpu->CopyToColumns(a, 3, &b).ok());
   Tensor f = Upload(*gpu, RandomOf(DType::kF32, {2, 6}, rng));
   EXPECT_FALSE(gpu->CopyToColumns(a, 0, &f).ok()) << "dtypes differ";
+}
+
+TEST(CudaRetrievalOps, CopyHeadRowsMatchesCpuBetweenDeviceAndPinnedHost) {
+  SPC_GPU_OR_SKIP(gpu);
+  auto cpu = MakeCpuBackend();
+  const uint32_t seed = FreshSeed();
+  std::mt19937 rng(seed);
+  // Growing device KV (fewer rows -> more) and moving a layer to host (device rows -> pinned capacity rows).
+  struct Case { int64_t heads, rs, rd, d, rows; DType dtype; bool to_host; };
+  for (const Case& k : {Case{8, 2048, 4096, 128, 2048, DType::kBF16, false}, Case{3, 17, 40, 12, 17, DType::kF32, false},
+                        Case{8, 4096, 34832, 128, 3001, DType::kBF16, true}, Case{1, 5, 5, 64, 5, DType::kBF16, true},
+                        Case{4, 9, 16, 8, 0, DType::kF32, false}}) {
+    const std::string what = absl::StrCat("heads=", k.heads, " rs=", k.rs, " rd=", k.rd, " rows=", k.rows,
+                                          " host=", k.to_host, " seed=", seed);
+    Tensor src = RandomOf(k.dtype, {k.heads, k.rs, k.d}, rng), dst = RandomOf(k.dtype, {k.heads, k.rd, k.d}, rng);
+    Tensor want = Tensor::HostEmpty(k.dtype, dst.shape());
+    std::memcpy(want.data(), dst.data(), dst.nbytes());
+    ASSERT_TRUE(cpu->CopyHeadRows(src, &want, k.rows).ok()) << what;
+    Tensor dsrc = Upload(*gpu, src), ddst;
+    if (k.to_host) {
+      auto h = gpu->AllocPinnedHost(k.dtype, dst.shape(), MemoryKind::kKvCache);
+      ASSERT_TRUE(h.ok()) << h.status();
+      ddst = *h;
+      std::memcpy(ddst.data(), dst.data(), dst.nbytes());
+    } else {
+      ddst = Upload(*gpu, dst);
+    }
+    ASSERT_TRUE(gpu->CopyHeadRows(dsrc, &ddst, k.rows).ok()) << what;
+    ASSERT_TRUE(gpu->Synchronize().ok());
+    Tensor got = k.to_host ? ddst : Download(*gpu, ddst);
+    ExpectBytesEqual(got, want, what);
+  }
+  // Shapes that do not fit are refused by both backends, before anything is written.
+  Tensor a = RandomOf(DType::kF32, {2, 4, 8}, rng), b = RandomOf(DType::kF32, {2, 3, 8}, rng);
+  Tensor da = Upload(*gpu, a), db = Upload(*gpu, b);
+  EXPECT_EQ(cpu->CopyHeadRows(a, &b, 4).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(gpu->CopyHeadRows(da, &db, 4).code(), absl::StatusCode::kInvalidArgument);
+  Tensor c = RandomOf(DType::kF32, {3, 4, 8}, rng);
+  EXPECT_EQ(cpu->CopyHeadRows(a, &c, 2).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(CudaRetrievalOps, ScatterRowsMatchesCpuAndLeavesOtherRowsAlone) {

@@ -5,6 +5,7 @@
 // matches the CPU decoder's for the same token stream (bf16 bound).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -52,10 +53,11 @@ std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, 
 }
 
 std::shared_ptr<SparseDecoder> Decoder(Transformer* model, const RetrievalHead* head, int32_t budget,
-                                       double overlap = 0) {
+                                       double overlap = 0, int32_t grow_rows = SparseOptions{}.kv_grow_rows) {
   SparseOptions o;
   o.budget = budget;
   o.synthetic_overlap = overlap;
+  o.kv_grow_rows = grow_rows;
   auto d = SparseDecoder::Create(model, head, o);
   EXPECT_TRUE(d.ok()) << d.status();
   return d.ok() ? std::shared_ptr<SparseDecoder>(std::move(*d)) : nullptr;
@@ -135,6 +137,47 @@ TEST(CudaSparseDecoder, OffloadedPromptChunksWithAPast) {
     }
     EXPECT_LT(err / scale, 5e-2) << "tokens [" << begin << ", " << begin + n << ")";
   }
+}
+
+// Resident layers' KV growing in chunks of 8 rows (the attention kernels then see per-layer row counts:
+// resident layers fewer than the capacity, offloaded layers' host copies the whole capacity) against the same
+// decoder holding the capacity from admission: bitwise the same logits, through prompt chunks with a past,
+// decode steps with sparse attention, and a layer moved to host midway (prefill staging of its host rows).
+TEST(CudaSparseDecoder, GrowingDeviceKvGivesBitwiseTheSameLogits) {
+  SPC_GPU_OR_SKIP(gpu);
+  auto g = LoadOn(std::move(gpu));
+  ASSERT_NE(g, nullptr);
+  constexpr int32_t kB = 8, kCap = 96;
+  auto grow = Decoder(g->model.get(), g->head.get(), kB, 0, 8), full = Decoder(g->model.get(), g->head.get(), kB, 0, 0);
+  const int64_t vocab = g->checkpoint.config.vocab_size;
+  auto gkv = grow->AllocateKv(1, kCap, kB), fkv = full->AllocateKv(1, kCap, kB);
+  ASSERT_TRUE(gkv.ok() && fkv.ok());
+  EXPECT_EQ((*gkv)->k[0].dim(1), 8);
+  EXPECT_EQ((*fkv)->k[0].dim(1), kCap);
+  std::vector<int32_t> tokens = RandomPrompt(11, vocab, 17);
+  Tensor gl = Tensor::HostEmpty(DType::kF32, {1, vocab}), fl = Tensor::HostEmpty(DType::kF32, {1, vocab});
+  int32_t len = 0;
+  for (int step = 0; step < 60; ++step) {
+    if (step == 20) {
+      ASSERT_TRUE(grow->OffloadLayers(1).ok());
+      ASSERT_TRUE(full->OffloadLayers(1).ok());
+    }
+    // Prompt chunks first (7, then 4 tokens, then 9 more at step 30), else one decode token.
+    const int32_t n = step == 0 ? 7 : step == 1 ? 4 : step == 30 ? 9 : 1;
+    while (static_cast<int32_t>(tokens.size()) < len + n) tokens.push_back(static_cast<int32_t>(tokens.size() * 7 % vocab));
+    std::span<const int32_t> toks(tokens.data() + len, n);
+    ForwardSeq fg{toks, len, gkv->get()}, ff{toks, len, fkv->get()};
+    ASSERT_TRUE(grow->Forward({&fg, 1}, std::vector<SparseStepSeq>{{1, kB}}, &gl).ok()) << "step " << step;
+    ASSERT_TRUE(full->Forward({&ff, 1}, std::vector<SparseStepSeq>{{1, kB}}, &fl).ok()) << "step " << step;
+    len += n;
+    ASSERT_EQ(std::memcmp(gl.data(), fl.data(), gl.nbytes()), 0) << "step " << step << ", " << len << " tokens";
+    const float* lg = gl.as<float>();
+    tokens.resize(len);
+    tokens.push_back(static_cast<int32_t>(std::max_element(lg, lg + vocab) - lg));
+    EXPECT_EQ((*gkv)->k[0].dim(1), (len + 7) / 8 * 8) << "the resident layer holds the rows reached, rounded to 8";
+  }
+  EXPECT_GT(grow->stats().kv_grows, 5);
+  EXPECT_GT(grow->stats().sparse_steps, 20);
 }
 
 TEST(CudaSparseDecoder, Eagle3CacheOnTheGpuMatchesTheCpuDecoder) {

@@ -162,7 +162,7 @@ TEST_F(BenchSparseCliTest, TrajectoryOffloadsUnderALimitAndIntegratesStepTimes) 
   // Planner limit = limit - limit/8 (chunk <= 512 adds no activations): room for some layers' KV only.
   const int64_t limit = (fixed + 40000) * 8 / 7;
   CliRun r = Bench({"--requests", "2", "--trajectory", "32:96", "--measure-every", "32", "--synthetic-overlap", "0.75",
-                    "--gpu-memory-limit", std::to_string(limit)});
+                    "--gpu-memory-limit", std::to_string(limit), "--kv-grow-rows", "16"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const std::vector<json> lines = Lines(r.out);
   const std::vector<json> pts = OfKind(lines, "trajectory_point");
@@ -189,6 +189,10 @@ TEST_F(BenchSparseCliTest, TrajectoryOffloadsUnderALimitAndIntegratesStepTimes) 
     total_ms += 0.5 * (pts[k]["step_ms"].get<double>() + pts[k + 1]["step_ms"].get<double>()) *
                 (pts[k + 1]["context"].get<double>() - pts[k]["context"].get<double>());
   }
+  // The tier changes of the run (growths, layer moves) are part of the generation time.
+  total_ms += 1e3 * (sum[0]["kv_grow_seconds"].get<double>() + sum[0]["layer_move_seconds"].get<double>());
+  EXPECT_GT(sum[0]["kv_grows"].get<int64_t>(), 0);
+  EXPECT_NEAR(sum[0]["generate_seconds"].get<double>(), total_ms / 1e3, 1e-9 * total_ms);
   EXPECT_NEAR(sum[0]["tokens_per_s"].get<double>(), 2.0 * 96 / (total_ms / 1e3),
               1e-6 * sum[0]["tokens_per_s"].get<double>());
   EXPECT_NE(sum[0]["method"].get<std::string>().find("trapezoid"), std::string::npos);
@@ -255,6 +259,7 @@ TEST_F(BenchSparseCliTest, BadFlagsExitNonZeroNamingTheFlag) {
                                          {{"--trajectory", "32:64", "--measure-every", "2"}, "--measure-every"},
                                          {{"--retrieval-head", "/nonexistent/head"}, "--retrieval-head"},
                                          {{"--hbm-gbs", "-1"}, "--hbm-gbs"},
+                                         {{"--kv-grow-rows", "-1"}, "--kv-grow-rows"},
                                          {{"--bogus", "1"}, "--bogus"}}) {
     CliRun r = Bench(c.args);
     SCOPED_TRACE(c.args[0] + " " + c.args[1]);

@@ -29,8 +29,10 @@ std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, 
 }
 
 std::shared_ptr<SparseDecoder> MakeDecoder(Tiny& t, int32_t budget, int64_t limit = 0, int32_t sink = 1,
-                                           SelectionMode mode = SelectionMode::kHeadLevel) {
+                                           SelectionMode mode = SelectionMode::kHeadLevel,
+                                           int32_t grow_rows = SparseOptions{}.kv_grow_rows) {
   SparseOptions o;
+  o.kv_grow_rows = grow_rows;
   o.mode = mode;
   o.budget = budget;
   o.sink = sink;
@@ -316,6 +318,97 @@ TEST_F(SparseEngineTest, BatchOfRequestsWithOwnBudgetsAndADenseOne) {
               got[i])
         << "request " << i;
   }
+}
+
+TEST_F(SparseEngineTest, DeviceKvGrowsInChunksWithoutChangingOutputs) {
+  // Reference: every resident layer holds the whole capacity from admission.
+  constexpr int32_t kB = 6, kGrow = 8;
+  EngineOptions eo;
+  eo.sparse = MakeDecoder(*tiny_, kB, 0, 1, SelectionMode::kHeadLevel, /*grow_rows=*/0);
+  Engine ref(tiny_->model.get(), nullptr, eo);
+  const std::vector<int32_t> want = Greedy(ref, prompt_, 40);
+  ASSERT_EQ(want.size(), 40u);
+  EXPECT_EQ(ref.sparse_stats().kv_grows, 0);
+
+  // Growing in chunks of 8 rows (the 10-token prompt, then every 8 tokens), with a layer moved to host
+  // midway: the same tokens, and the device holds only the rows the sequence reached.
+  auto dec = MakeDecoder(*tiny_, kB, 0, 1, SelectionMode::kHeadLevel, kGrow);
+  eo.sparse = dec;
+  Engine grown(tiny_->model.get(), nullptr, eo);
+  GenerationRequest r;
+  r.prompt = prompt_;
+  r.max_new_tokens = 40;
+  r.ignore_eos = true;
+  std::vector<int32_t> got;
+  bool done = false;
+  ASSERT_TRUE(grown.Submit(r, [&](const StreamEvent& ev) {
+                     if (ev.token >= 0) got.push_back(ev.token);
+                     done = done || ev.done;
+                   }).ok());
+  const ModelConfig& c = tiny_->checkpoint.config;
+  const int64_t row_bytes = c.num_key_value_heads * c.head_dim * static_cast<int64_t>(DTypeSize(tiny_->backend->compute_dtype()));
+  const size_t kv_index = static_cast<size_t>(MemoryKind::kKvCache);
+  int64_t steps = 0;
+  while (!done) {
+    ASSERT_TRUE(grown.Step().ok());
+    ++steps;
+    if (steps == 12) ASSERT_TRUE(dec->OffloadLayers(2).ok());
+    if (done) break;
+    // Tokens whose KV exists after this step: prompt + steps - 1 generated ones fed back.
+    const int64_t len = static_cast<int64_t>(prompt_.size()) + steps - 1;
+    const int64_t rows = (len + kGrow - 1) / kGrow * kGrow;
+    const int32_t resident = dec->gpu_layers();
+    const int64_t device_kv = tiny_->backend->memory_report().bytes[kv_index];
+    EXPECT_EQ(device_kv, 2 * resident * rows * row_bytes) << "step " << steps << ": K and V of " << resident
+                                                          << " resident layers x " << rows << " rows";
+    ASSERT_NE(dec->retrieval_cache(1), nullptr);
+    EXPECT_EQ(dec->retrieval_cache(1)->dim(1), rows) << "the head's K cache grows with the KV";
+  }
+  EXPECT_EQ(got, want);
+  EXPECT_GE(grown.sparse_stats().kv_grows, 5) << "10 -> 49 tokens in chunks of 8";
+  EXPECT_EQ(grown.sparse_stats().offloaded_layers, 1);
+}
+
+TEST_F(SparseEngineTest, PlannerMovesLayersAsTheDeviceKvGrows) {
+  constexpr int32_t kB = 6, kGrow = 8;
+  EngineOptions eo;
+  eo.sparse = MakeDecoder(*tiny_, kB);
+  Engine ref(tiny_->model.get(), nullptr, eo);
+  const std::vector<int32_t> want = Greedy(ref, prompt_, 40);
+  // A limit that holds every layer for 24 rows but not 48: with the KV growing in chunks of 8 the
+  // sequence is admitted with every layer resident and the planner moves layers during generation.
+  auto probe = MakeDecoder(*tiny_, kB, int64_t{1} << 40);
+  ASSERT_TRUE(probe->planner().has_value());
+  const MemoryPlanner& p = *probe->planner();
+  const int64_t limit =
+      static_cast<int64_t>(p.fixed_bytes() + probe->device_head().weight_bytes() + 30 * p.PerTokenBytes(0));
+  auto dec = MakeDecoder(*tiny_, kB, limit, 1, SelectionMode::kHeadLevel, kGrow);
+  eo.sparse = dec;
+  Engine limited(tiny_->model.get(), nullptr, eo);
+  GenerationRequest r;
+  r.prompt = prompt_;
+  r.max_new_tokens = 40;
+  r.ignore_eos = true;
+  std::vector<int32_t> got;
+  bool done = false;
+  ASSERT_TRUE(limited.Submit(r, [&](const StreamEvent& ev) {
+                       if (ev.token >= 0) got.push_back(ev.token);
+                       done = done || ev.done;
+                     }).ok());
+  const int32_t n_layers = static_cast<int32_t>(tiny_->checkpoint.config.num_hidden_layers);
+  int32_t resident_after_first_step = -1;
+  while (!done) {
+    ASSERT_TRUE(limited.Step().ok());
+    if (resident_after_first_step < 0) resident_after_first_step = dec->gpu_layers();
+  }
+  EXPECT_EQ(resident_after_first_step, n_layers) << "16 rows fit with every layer on the device";
+  EXPECT_LT(dec->gpu_layers(), n_layers) << "48 rows do not";
+  EXPECT_EQ(got, want);
+  // A growth step below zero is refused.
+  SparseOptions bad;
+  bad.kv_grow_rows = -1;
+  EXPECT_EQ(SparseDecoder::Create(tiny_->model.get(), tiny_->head.get(), bad).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

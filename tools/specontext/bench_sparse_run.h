@@ -41,8 +41,10 @@ class SparseBenchRun {
  public:
   SparseBenchRun(const SparseBenchSetup& s, std::mt19937& rng) : s_(s), rng_(rng) {}
 
-  /// Builds the decoder, pre-plans the layers for R × capacity tokens (KV is allocated for the whole capacity)
-  /// and allocates the sequences. Memory that does not fit (device, planner, pinned host) is an error status.
+  /// Builds the decoder, checks the host can hold the layers the planner offloads at R × capacity tokens, and
+  /// allocates the sequences (device KV grows with them; with kv_grow_rows 0 it is allocated for the whole
+  /// capacity and those layers are offloaded first). Memory that does not fit (device, planner, pinned host)
+  /// is an error status.
   absl::Status Allocate(int64_t requests, int32_t capacity);
   /// Prefills every sequence up to `to` tokens (random ids), one sequence at a time in chunks.
   absl::Status Extend(int32_t to);
@@ -50,6 +52,8 @@ class SparseBenchRun {
   absl::StatusOr<BenchJson> Measure();
   /// Setup costs so far (allocation, fill) and the tiers: where a long run spends its time before a point.
   BenchJson Progress() const;
+  /// The sparse decoder's counters so far (zeros in dense mode).
+  SparseEngineStats stats() const { return dec_ != nullptr ? dec_->stats() : SparseEngineStats{}; }
 
  private:
   absl::Status Forward(std::span<const ForwardSeq> fwd, int64_t only, Tensor* logits);
@@ -58,7 +62,7 @@ class SparseBenchRun {
   std::mt19937& rng_;
   std::unique_ptr<SparseDecoder> dec_;
   std::vector<std::unique_ptr<SequenceKv>> kv_;
-  int32_t len_ = 0, capacity_ = 0, preplanned_gpu_layers_ = -1;
+  int32_t len_ = 0, capacity_ = 0, gpu_layers_at_capacity_ = -1;
   double fill_seconds_ = 0, alloc_seconds_ = 0;
 };
 
