@@ -16,10 +16,9 @@
 #   Each run is capped by `timeout` (SPC_BENCH_TIMEOUT, default 480 s per part) and writes its points as it
 #   measures them. The time goes into filling the sequences by prefill (docs/sparse.md "Benchmarks").
 #   Run times on the H100 (2026-11-24): sparse-b4 about 2 min (3 runs of 25-30 s of fill each, plus the 1B
-#   checkpoint); hf-sparse 83 s; 8B parts: 1-2 min for the checkpoint, then the fill: with the current
-#   prefill over host-resident layers R = 32 at 32K does not reach a point within a call (sparse-b2 reports
-#   the other five grid points first; sparse-b3 at R = 32 is expected to be cut by the cap: try
-#   SPC_B3_REQUESTS=8 or 16, or the engine fix described in docs/sparse.md).
+#   checkpoint; SPC_B4_QUICK=1 runs the first only); hf-sparse 83 s; 8B parts: about 30 s for the checkpoint,
+#   then sparse-b3(-synth) at R = 32 about 3 min (fills with prefill staging and growing device KV, 09:40 UTC;
+#   SPC_B3_REQUESTS sets R).
 #   hf-b3 / hf-b4    HF eager baselines measured the same way (bench/baselines/hf_sparse_bench.py): 8B with
 #                    R 1,4,8,16 (~3 min); 1B with the offloaded cache under 4 GiB (~2 min)
 #   hf-sparse        both HF parts (~5 min)
@@ -125,8 +124,10 @@ if has sparse-b4 || has sparse-bench; then
   m="--model /tmp/llama-3.2-1b --retrieval-head /tmp/llama-3.2-1b-head --gpu-memory-limit 4GiB --requests 1"
   m="$m --trajectory 2048:32768 --measure-every 2048 --steps 10"
   spc_bench 200 sparse_b4_1b.jsonl $m
-  spc_bench 150 sparse_b4_1b_synth85.jsonl $m --synthetic-overlap 0.85
-  spc_bench 150 sparse_b4_1b_dense.jsonl $m --dense
+  if [ -z "${SPC_B4_QUICK:-}" ]; then  # SPC_B4_QUICK=1: the head's own sets only
+    spc_bench 150 sparse_b4_1b_synth85.jsonl $m --synthetic-overlap 0.85
+    spc_bench 150 sparse_b4_1b_dense.jsonl $m --dense
+  fi
 fi
 HERE=$(cd "$(dirname "$0")" && pwd)
 if has hf-b3 || has hf-sparse; then

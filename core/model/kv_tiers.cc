@@ -108,6 +108,31 @@ absl::Status MoveLayerToHost(Backend& b, SequenceKv* kv, int layer, int32_t budg
   return absl::OkStatus();
 }
 
+absl::Status MoveLayerToDevice(Backend& b, SequenceKv* kv, int layer, int32_t rows) {
+  if (layer < 0 || layer >= static_cast<int>(kv->k.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("move to device: no layer ", layer));
+  }
+  if (!kv->offloaded(layer)) return absl::OkStatus();
+  if (rows <= 0 || rows > kv->capacity) {
+    return absl::InvalidArgumentError(absl::StrCat("move to device: ", rows, " rows outside [1, ", kv->capacity, "]"));
+  }
+  const Tensor& hk = kv->host_k[layer];
+  const Shape shape{hk.dim(0), rows, hk.dim(2)};
+  ASSIGN_OR_RETURN(Tensor dk, b.Alloc(hk.dtype(), shape, MemoryKind::kKvCache));
+  ASSIGN_OR_RETURN(Tensor dv, b.Alloc(hk.dtype(), shape, MemoryKind::kKvCache));
+  RETURN_IF_ERROR(b.CopyHeadRows(kv->host_k[layer], &dk, rows));
+  RETURN_IF_ERROR(b.CopyHeadRows(kv->host_v[layer], &dv, rows));
+  // The host blocks may be reused as soon as they are dropped (PinnedHostCache): the copies finish first.
+  RETURN_IF_ERROR(b.Synchronize());
+  kv->k[layer] = std::move(dk);
+  kv->v[layer] = std::move(dv);
+  kv->host_k[layer] = Tensor();
+  kv->host_v[layer] = Tensor();
+  kv->slot_k[layer] = Tensor();
+  kv->slot_v[layer] = Tensor();
+  return absl::OkStatus();
+}
+
 absl::Status AdoptHostTier(Backend& b, SequenceKv* kv, std::shared_ptr<HostKvAllocator> host, int32_t rows) {
   if (host == nullptr) return absl::InvalidArgumentError("adopt host tier: no allocator");
   if (rows < 0 || rows > kv->capacity) {

@@ -51,6 +51,12 @@ absl::Status GrowHeadRows(Backend& backend, Tensor* t, int64_t rows, MemoryKind 
 /// already offloaded.
 absl::Status MoveLayerToHost(Backend& backend, SequenceKv* kv, int layer, int32_t budget);
 
+/// Moves offloaded `layer` of one sequence back to the device: allocates its device KV of `rows` rows (the
+/// rows of the sequence's resident layers; >= the tokens it holds), copies host rows [0, rows) up, then
+/// drops the host copies and slot buffers (pinned memory back to its allocator once the copy is done).
+/// No-op when the layer is resident. On error the layer stays offloaded and intact.
+absl::Status MoveLayerToDevice(Backend& backend, SequenceKv* kv, int layer, int32_t rows);
+
 /// Re-homes the host copies of every offloaded layer of `kv` into tensors from `host` (which becomes
 /// kv->host_allocator), keeping rows [0, rows) of each KV head (the tokens the sequence holds; 0 for a
 /// sequence that was just allocated). For code that allocated `kv` without an allocator (a decorator around

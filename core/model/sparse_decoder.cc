@@ -163,6 +163,11 @@ absl::Status SparseDecoder::OffloadLayers(int32_t gpu_layers) {
   if (gpu_layers < 0 || gpu_layers > n_layers) {
     return absl::InvalidArgumentError(absl::StrCat("gpu layers ", gpu_layers, " outside [0, ", n_layers, "]"));
   }
+  gpu_layers_cap_ = std::min(gpu_layers_cap_, gpu_layers);
+  return MoveToHost(gpu_layers);
+}
+
+absl::Status SparseDecoder::MoveToHost(int32_t gpu_layers) {
   // From the last layer backward, so the resident first layers hide the later layers' loads.
   PhaseClock::time_point t = PhaseClock::now();
   for (int32_t l = gpu_layers_ - 1; l >= gpu_layers; --l) {
@@ -178,8 +183,32 @@ absl::Status SparseDecoder::OffloadLayers(int32_t gpu_layers) {
 
 absl::Status SparseDecoder::PlanTiers(int64_t rows, int32_t n_seqs) {
   if (!planner_.has_value() || n_seqs == 0) return absl::OkStatus();
-  ASSIGN_OR_RETURN(LayerMovePlan plan, planner_->PlanMoves(gpu_layers_, rows, n_seqs));
-  if (plan.gpu_layers_after < gpu_layers_) RETURN_IF_ERROR(OffloadLayers(plan.gpu_layers_after));
+  ASSIGN_OR_RETURN(LayerMovePlan plan, planner_->PlanMoves(gpu_layers_, rows, n_seqs, /*allow_return=*/true));
+  if (plan.gpu_layers_after < gpu_layers_) return MoveToHost(plan.gpu_layers_after);
+  if (plan.gpu_layers_after > gpu_layers_) {
+    // Back to the device only with room to spare (an eighth more rows and a growth chunk per sequence), so
+    // that a sequence growing or one more admission does not send the layer straight back to host.
+    const int64_t margin = rows / 8 + int64_t{n_seqs} * std::max(options_.kv_grow_rows, 1);
+    ASSIGN_OR_RETURN(int32_t keep, planner_->GpuLayersFor(rows + margin, n_seqs));
+    keep = std::min({keep, plan.gpu_layers_after, gpu_layers_cap_});
+    if (keep > gpu_layers_) return ReturnLayers(keep);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SparseDecoder::ReturnLayers(int32_t gpu_layers) {
+  // First offloaded layer first, so the resident layers stay a prefix. Each sequence gets its resident rows.
+  PhaseClock::time_point t = PhaseClock::now();
+  for (int32_t l = gpu_layers_; l < gpu_layers; ++l) {
+    for (auto& [id, st] : seqs_) {
+      RETURN_IF_ERROR(MoveLayerToDevice(*model_->backend(), st->kv, l, static_cast<int32_t>(st->cache.dim(1))));
+    }
+    reload_pending_[l] = false;
+    gpu_layers_ = l + 1;
+    ++stats_.layer_returns;
+    stats_.layer_move_seconds += Lap(t);
+    SPC_LOG(INFO) << "layer moved back to the device" << Kv("layer", l) << Kv("sequences", seqs_.size());
+  }
   return absl::OkStatus();
 }
 

@@ -82,8 +82,9 @@ class SparseDecoder : public SparseDecodeHooks {
   int32_t default_budget() const override { return options_.budget; }
   SparseEngineStats stats() const override;
 
-  /// Moves layers [gpu_layers, L) of every live sequence (and of later ones) to host now. Also the
-  /// planner's action; exposed as a test hook and for operators. Never moves layers back.
+  /// Moves layers [gpu_layers, L) of every live sequence (and of later ones) to host now, and keeps at most
+  /// `gpu_layers` resident from then on (an operator's or a test's cap: the planner still moves more to host
+  /// when it must, and brings layers back up to the cap when the sequences in flight fit again).
   absl::Status OffloadLayers(int32_t gpu_layers);
   int32_t gpu_layers() const { return gpu_layers_; }
   const std::optional<MemoryPlanner>& planner() const { return planner_; }
@@ -107,8 +108,11 @@ class SparseDecoder : public SparseDecodeHooks {
   // Plans the layer tiers for the rows the sequences will hold after this forward (moving layers to host
   // when a threshold is crossed), then grows the device KV and head caches of the sequences of `fwd`.
   absl::Status PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs);
-  // Moves layers to host when `rows` device rows over `n_seqs` sequences cross a planner threshold.
+  // Moves layers to host when `rows` device rows over `n_seqs` sequences cross a planner threshold, and back
+  // to the device when they fit again with a margin (sequences finished).
   absl::Status PlanTiers(int64_t rows, int32_t n_seqs);
+  absl::Status ReturnLayers(int32_t gpu_layers);  // layers [gpu_layers_, gpu_layers) back to the device
+  absl::Status MoveToHost(int32_t gpu_layers);    // layers [gpu_layers, gpu_layers_) to host (planner)
   int64_t DeviceRowsInFlight() const;  // device rows the live sequences hold (each grows in chunks)
   absl::Status Prefill(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits);
   absl::Status Decode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits);
@@ -139,6 +143,7 @@ class SparseDecoder : public SparseDecodeHooks {
   std::optional<MemoryPlanner> planner_;
   std::shared_ptr<PinnedHostCache> host_cache_ = PinnedHostCache::Create();
   int32_t gpu_layers_ = 0;
+  int32_t gpu_layers_cap_ = INT32_MAX;  // OffloadLayers' cap on resident layers
   std::vector<bool> reload_pending_;  // [L] layer moved to host since the last decode step
   std::vector<std::pair<SeqState*, int32_t>> grow_;  // PlanLayers scratch: sequences to grow, to rows
   absl::flat_hash_map<uint64_t, std::unique_ptr<SeqState>> seqs_;

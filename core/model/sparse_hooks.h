@@ -34,9 +34,10 @@ struct SparseEngineStats {
   int64_t sparse_steps = 0;       // decode forwards that used SparseAttention
   int64_t dense_steps = 0;        // decode forwards on the exact dense path (every past <= budget)
   int64_t layer_moves = 0;        // layers moved to host (all sequences at once count one)
+  int64_t layer_returns = 0;      // layers moved back to the device (sequences finished)
   int64_t kv_grows = 0;           // sequences whose device KV grew by a chunk (SparseOptions::kv_grow_rows)
   double kv_grow_seconds = 0;     // host wall time of those growths (copies and frees wait for the device)
-  double layer_move_seconds = 0;  // host wall time of the layer moves (host allocation, copy, free)
+  double layer_move_seconds = 0;  // host wall time of the layer moves and returns (allocation, copy, free)
   int32_t gpu_layers = 0;         // now: layers whose full KV is on the device
   int32_t offloaded_layers = 0;   // now: layers in host memory behind slot buffers
   int64_t host_kv_bytes = 0;      // now: pinned host bytes (Backend::host_memory_report total)

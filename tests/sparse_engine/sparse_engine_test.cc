@@ -411,5 +411,39 @@ TEST_F(SparseEngineTest, PlannerMovesLayersAsTheDeviceKvGrows) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(SparseEngineTest, LayersReturnToTheDeviceWhenSequencesFinish) {
+  constexpr int32_t kB = 6, kGrow = 8;
+  const int32_t vocab = static_cast<int32_t>(tiny_->checkpoint.config.vocab_size);
+  const std::vector<int32_t> short_prompt = RandomPrompt(5, vocab, 31);
+  EngineOptions eo;
+  eo.sparse = MakeDecoder(*tiny_, kB);
+  Engine ref(tiny_->model.get(), nullptr, eo);
+  const std::vector<int32_t> want_long = Greedy(ref, prompt_, 40), want_short = Greedy(ref, short_prompt, 6);
+  auto probe = MakeDecoder(*tiny_, kB, int64_t{1} << 40);
+  const MemoryPlanner& p = *probe->planner();
+  const int64_t limit =
+      static_cast<int64_t>(p.fixed_bytes() + probe->device_head().weight_bytes() + 30 * p.PerTokenBytes(0));
+  auto dec = MakeDecoder(*tiny_, kB, limit, 1, SelectionMode::kHeadLevel, kGrow);
+  eo.sparse = dec;
+  Engine e(tiny_->model.get(), nullptr, eo);
+  const int32_t n_layers = static_cast<int32_t>(tiny_->checkpoint.config.num_hidden_layers);
+  // A long sequence moves layers to host; a short one after it finds room again: the layers come back,
+  // and it decodes as with every layer resident; a second long one moves them to host again.
+  EXPECT_EQ(Greedy(e, prompt_, 40), want_long);
+  EXPECT_LT(dec->gpu_layers(), n_layers);
+  const int64_t moves = e.sparse_stats().layer_moves;
+  EXPECT_GT(moves, 0);
+  EXPECT_EQ(Greedy(e, short_prompt, 6), want_short);
+  EXPECT_EQ(dec->gpu_layers(), n_layers);
+  EXPECT_EQ(e.sparse_stats().layer_returns, moves);
+  EXPECT_EQ(e.sparse_stats().offloaded_layers, 0);
+  EXPECT_EQ(Greedy(e, prompt_, 40), want_long);
+  EXPECT_GT(e.sparse_stats().layer_moves, moves);
+  // An operator's cap holds: layers do not come back above it.
+  ASSERT_TRUE(dec->OffloadLayers(1).ok());
+  EXPECT_EQ(Greedy(e, short_prompt, 6), want_short);
+  EXPECT_EQ(dec->gpu_layers(), 1);
+}
+
 }  // namespace
 }  // namespace specontext
