@@ -57,8 +57,10 @@ absl::StatusOr<std::unique_ptr<SequenceKv>> RemoteSparseDecoder::AllocateKv(uint
   // As SparseDecoder: device rows for the first chunk, planned for before they are allocated.
   const int32_t rows = DeviceRowsFor(1, capacity, options_.kv_grow_rows);
   RETURN_IF_ERROR(PlanTiers(DeviceRowsInFlight() + rows, static_cast<int32_t>(seqs_.size()) + 1));
+  std::shared_ptr<HostKvAllocator> host = ScopedHostKvAllocator::Current();  // the kvstore tier, if any
+  if (host == nullptr) host = host_cache_;
   ASSIGN_OR_RETURN(std::unique_ptr<SequenceKv> kv, AllocateTieredKv(*model_->backend(), model_->config(), capacity,
-                                                                    gpu_layers_, budget, nullptr, rows));
+                                                                    gpu_layers_, budget, std::move(host), rows));
   Seq& seq = seqs_[id];
   seq = Seq{};
   seq.kv = kv.get();

@@ -37,6 +37,7 @@
 #include "core/model/transformer.h"
 #include "core/sparse/elastic.h"
 #include "core/sparse/index_sets.h"
+#include "core/model/pinned_host_cache.h"
 #include "core/sparse/memory_planner.h"
 #include "generator/sparse_metrics.h"
 #include "proto/specontext.grpc.pb.h"
@@ -130,6 +131,7 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   int32_t gpu_layers_ = 0;            // engine thread: layers whose KV stays on the device
   std::vector<bool> reload_pending_;  // [L] moved to host since the last decode step
   std::optional<MemoryPlanner> planner_;
+  std::shared_ptr<PinnedHostCache> host_cache_ = PinnedHostCache::Create();  // host tier without a kvstore
   std::vector<int32_t> fusion_layers_;  // engine thread: the head's (empty: token ids only)
   int64_t fused_width_ = 0;
   int32_t observe_tokens_ = 4096;       // tokens per Observe (the retriever's limit)

@@ -100,6 +100,19 @@ TEST(CudaRetrievalOps, CopyHeadRowsMatchesCpuBetweenDeviceAndPinnedHost) {
     Tensor got = k.to_host ? ddst : Download(*gpu, ddst);
     ExpectBytesEqual(got, want, what);
   }
+  // Pinned host -> device (a layer moving back to the device).
+  {
+    Tensor src = RandomOf(DType::kBF16, {8, 5000, 128}, rng), dst = RandomOf(DType::kBF16, {8, 4096, 128}, rng);
+    Tensor want = Tensor::HostEmpty(DType::kBF16, dst.shape());
+    std::memcpy(want.data(), dst.data(), dst.nbytes());
+    ASSERT_TRUE(cpu->CopyHeadRows(src, &want, 3333).ok());
+    auto h = gpu->AllocPinnedHost(DType::kBF16, src.shape(), MemoryKind::kKvCache);
+    ASSERT_TRUE(h.ok()) << h.status();
+    std::memcpy(h->data(), src.data(), src.nbytes());
+    Tensor ddst = Upload(*gpu, dst);
+    ASSERT_TRUE(gpu->CopyHeadRows(*h, &ddst, 3333).ok());
+    ExpectBytesEqual(Download(*gpu, ddst), want, absl::StrCat("host to device, seed=", seed));
+  }
   // Shapes that do not fit are refused by both backends, before anything is written.
   Tensor a = RandomOf(DType::kF32, {2, 4, 8}, rng), b = RandomOf(DType::kF32, {2, 3, 8}, rng);
   Tensor da = Upload(*gpu, a), db = Upload(*gpu, b);
