@@ -9,7 +9,8 @@
 //                        device staging buffer, then the tiles over the copy (cuda_prefill_staging.cc)
 // Per-(layer, sequence) pointer tables (where attention reads K/V, where the gather reads and writes) are
 // uploaded once per batch; the index sets once per step; a copy list once per distinct list (every
-// offloaded layer of a step shares one list, so it is uploaded once per step).
+// offloaded layer of a step shares one list, so it is uploaded once per step: within one
+// PrepareSparseDecode, the list object passed again is taken as unchanged without comparing its rows).
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -72,21 +73,32 @@ absl::Status EnsureDeviceBuffer(CudaMemory& memory, Tensor* buf, size_t bytes, M
   return absl::OkStatus();
 }
 
-absl::Status StagedUpload(PinnedStaging& staging, const void* src, size_t bytes, void* dst, cudaStream_t stream) {
-  if (bytes == 0) return absl::OkStatus();
+absl::StatusOr<char*> StagingReserve(PinnedStaging& staging, size_t bytes) {
   // The previous copy out of this staging buffer must be done before it is rewritten.
   RETURN_IF_CUDA_ERROR(cudaEventSynchronize(staging.ready));
   if (staging.bytes < bytes) {
+    const size_t grown = std::max(bytes, staging.bytes * 2);
     if (staging.host != nullptr) RETURN_IF_CUDA_ERROR(cudaFreeHost(staging.host));
     staging.host = nullptr;
-    const size_t grown = std::max(bytes, staging.bytes * 2);
+    staging.bytes = 0;
     RETURN_IF_CUDA_ERROR(cudaHostAlloc(&staging.host, grown, cudaHostAllocDefault));
     staging.bytes = grown;
   }
-  std::memcpy(staging.host, src, bytes);
+  return static_cast<char*>(staging.host);
+}
+
+absl::Status StagingCommit(PinnedStaging& staging, size_t bytes, void* dst, cudaStream_t stream) {
+  if (bytes == 0) return absl::OkStatus();
   RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dst, staging.host, bytes, cudaMemcpyHostToDevice, stream));
   RETURN_IF_CUDA_ERROR(cudaEventRecord(staging.ready, stream));
   return absl::OkStatus();
+}
+
+absl::Status StagedUpload(PinnedStaging& staging, const void* src, size_t bytes, void* dst, cudaStream_t stream) {
+  if (bytes == 0) return absl::OkStatus();
+  ASSIGN_OR_RETURN(char* host, StagingReserve(staging, bytes));
+  std::memcpy(host, src, bytes);
+  return StagingCommit(staging, bytes, dst, stream);
 }
 
 absl::StatusOr<CudaBackend::SparseState*> CudaBackend::Sparse() {
@@ -265,6 +277,7 @@ absl::Status CudaBackend::EnsureTierTables(int layer) {
 absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   ASSIGN_OR_RETURN(SparseState * sp, Sparse());
   sp->sets_valid = false;
+  ++sp->decode_epoch;
   if (!batch_valid_) return absl::FailedPreconditionError("sparse decode: PrepareBatch was not called");
   RETURN_IF_ERROR(ValidateSparseDecode(desc, batch_));
   const IndexSets& sets = *desc.sets;
@@ -273,8 +286,19 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
     return absl::InvalidArgumentError(
         absl::StrCat("sparse decode: index sets for ", sets.n_kv_heads, " KV heads, the model has ", n_kv_));
   }
+  const size_t n_ptr = sets.indptr.size(), n_idx = sets.indices.size();
+  const bool has_slots = !desc.slots.empty();
+  sp->off_pos = Align16Bytes(sizeof(int32_t) * n_ptr);
+  sp->off_slots = sp->off_pos + Align16Bytes(sizeof(int32_t) * n_idx);
+  const size_t total = std::max<size_t>(sp->off_slots + sizeof(int32_t) * (has_slots ? n_idx : 0), 16);
+  // [indptr][positions][slots] straight into the pinned staging buffer (one pass over each array; the
+  // slots are range-checked while they are copied).
+  ASSIGN_OR_RETURN(char* host, StagingReserve(sp->sets_staging, total));
+  std::memcpy(host, sets.indptr.data(), sizeof(int32_t) * n_ptr);
+  if (n_idx > 0) std::memcpy(host + sp->off_pos, sets.indices.data(), sizeof(int32_t) * n_idx);
   // Slots index every offloaded layer's slot buffer: check them against the smallest of the sequence's.
-  for (int i = 0; i < n_seqs && !desc.slots.empty(); ++i) {
+  int32_t* slots_out = reinterpret_cast<int32_t*>(host + sp->off_slots);
+  for (int i = 0; i < n_seqs && has_slots; ++i) {
     const SequenceKv* kv = batch_.kv[i];
     int64_t rows = -1;
     for (size_t l = 0; l < kv->slot_k.size(); ++l) {
@@ -282,32 +306,29 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
         rows = rows < 0 ? kv->slot_k[l].dim(1) : std::min(rows, kv->slot_k[l].dim(1));
       }
     }
-    if (rows < 0) continue;
-    for (int32_t j = sets.indptr[i * sets.sets_per_seq]; j < sets.indptr[(i + 1) * sets.sets_per_seq]; ++j) {
-      if (desc.slots[j] < 0 || desc.slots[j] >= rows) {
-        return absl::InvalidArgumentError(absl::StrCat("sparse decode: sequence ", i, " slot ", desc.slots[j],
+    const int32_t b = sets.indptr[i * sets.sets_per_seq], e = sets.indptr[(i + 1) * sets.sets_per_seq];
+    const int32_t* in = desc.slots.data();
+    uint32_t hi = 0;  // unsigned: a negative slot compares as huge
+    for (int32_t j = b; j < e; ++j) {
+      slots_out[j] = in[j];
+      hi = std::max(hi, static_cast<uint32_t>(in[j]));
+    }
+    if (rows < 0 || e == b || hi < static_cast<uint64_t>(rows)) continue;
+    for (int32_t j = b; j < e; ++j) {
+      if (in[j] < 0 || in[j] >= rows) {
+        return absl::InvalidArgumentError(absl::StrCat("sparse decode: sequence ", i, " slot ", in[j],
                                                        " outside its ", rows, " slot rows"));
       }
     }
   }
-  const size_t n_ptr = sets.indptr.size(), n_idx = sets.indices.size();
-  sp->off_pos = Align16Bytes(sizeof(int32_t) * n_ptr);
-  sp->off_slots = sp->off_pos + Align16Bytes(sizeof(int32_t) * n_idx);
-  const size_t total = sp->off_slots + sizeof(int32_t) * (desc.slots.empty() ? 0 : n_idx);
-  std::vector<char> host(std::max<size_t>(total, 16), 0);
-  std::memcpy(host.data(), sets.indptr.data(), sizeof(int32_t) * n_ptr);
-  if (n_idx > 0) std::memcpy(host.data() + sp->off_pos, sets.indices.data(), sizeof(int32_t) * n_idx);
-  if (!desc.slots.empty() && n_idx > 0) {
-    std::memcpy(host.data() + sp->off_slots, desc.slots.data(), sizeof(int32_t) * n_idx);
-  }
   // The previous step's loads are done by now (its attention waited on them); order after them anyway.
   RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->copy_mark, sp->copy));
   RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(stream_, sp->copy_mark, 0));
-  RETURN_IF_ERROR(EnsureBuffer(&sp->sets_buf, host.size()));
-  RETURN_IF_ERROR(StagedUpload(sp->sets_staging, host.data(), host.size(), sp->sets_buf.data(), stream_));
+  RETURN_IF_ERROR(EnsureBuffer(&sp->sets_buf, total));
+  RETURN_IF_ERROR(StagingCommit(sp->sets_staging, total, sp->sets_buf.data(), stream_));
   sp->n_seqs = n_seqs;
   sp->sets_per_seq = sets.sets_per_seq;
-  sp->has_slots = !desc.slots.empty();
+  sp->has_slots = has_slots;
   sp->sum_keys = 0;
   sp->max_keys = 0;
   for (int i = 0; i < n_seqs; ++i) {

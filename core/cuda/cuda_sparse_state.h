@@ -47,11 +47,18 @@ struct CudaBackend::SparseState {
   PinnedStaging sets_staging;
   Tensor partials;
 
+  // Selection results come down through this (cuda_selection.cc); the call waits, so no event.
+  PinnedStaging select_pinned;
+
   // Copy list last uploaded (reused while identical) and its per-seq bounds.
   std::vector<int32_t> last_ptr;
   std::vector<RowCopy> last_copies;
   int last_sets_per_seq = 0;
   std::vector<int32_t> max_token, max_slot;  // [n_seqs], -1 when none
+  // The list object last passed to ElasticLoad and the PrepareSparseDecode it came in (SameList).
+  const CopyList* last_list = nullptr;
+  uint64_t last_list_epoch = 0;
+  uint64_t decode_epoch = 0;  // bumped by every PrepareSparseDecode
   Tensor copies_buf;
   int64_t n_copies = 0;
   PinnedStaging copy_staging;  // `ready` recorded on the copy stream
@@ -70,7 +77,7 @@ struct CudaBackend::SparseState {
     for (cudaEvent_t e : {copy_mark, compute_mark, tables_ready}) {
       if (e != nullptr) cudaEventDestroy(e);
     }
-    for (PinnedStaging* s : {&table_staging, &sets_staging, &copy_staging}) {
+    for (PinnedStaging* s : {&table_staging, &sets_staging, &copy_staging, &select_pinned}) {
       if (s->ready != nullptr) cudaEventDestroy(s->ready);
       if (s->host != nullptr) cudaFreeHost(s->host);
     }
@@ -81,6 +88,11 @@ struct CudaBackend::SparseState {
 // Copies `bytes` from `src` through pinned `staging` to device `dst` on `stream` (waits for the
 // previous copy out of the staging buffer first).
 absl::Status StagedUpload(PinnedStaging& staging, const void* src, size_t bytes, void* dst, cudaStream_t stream);
+// The same in two halves, for callers that write the bytes into the staging buffer themselves (no host
+// copy in between): Reserve waits for the previous copy out of `staging`, grows it to `bytes` and returns
+// its host pointer; Commit queues the copy of its first `bytes` to `dst` on `stream`.
+absl::StatusOr<char*> StagingReserve(PinnedStaging& staging, size_t bytes);
+absl::Status StagingCommit(PinnedStaging& staging, size_t bytes, void* dst, cudaStream_t stream);
 
 // Grows `buf` to at least `bytes`, allocated as `kind`. Buffers the copy stream reads use kPrefetch, not
 // kWorkspace: a released workspace block is handed out again at once, ordered only on the compute stream.

@@ -1,6 +1,7 @@
 #include "core/sparse/elastic.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -13,9 +14,11 @@ namespace {
 int32_t HeadsCovered(int32_t sets_per_seq, int32_t n_kv_heads) { return sets_per_seq == 1 ? n_kv_heads : 1; }
 
 // MapPtr: const SlotMap* or SlotMap* (plan and apply check the same things without copying the span).
+// `positions`: also check every set's positions (the plan checks them itself, set by set, in its parallel
+// loop: a step's 2 MB of positions are then read once, while they are in cache for planning).
 template <typename MapPtr>
-absl::Status CheckMaps(std::span<MapPtr const> maps, const IndexSets& sets) {
-  RETURN_IF_ERROR(ValidateIndexSets(sets));
+absl::Status CheckMaps(std::span<MapPtr const> maps, const IndexSets& sets, bool positions = true) {
+  RETURN_IF_ERROR(positions ? ValidateIndexSets(sets) : ValidateIndexSetsLayout(sets));
   if (static_cast<int64_t>(maps.size()) != sets.n_seqs) {
     return absl::InvalidArgumentError(
         absl::StrCat("elastic: ", maps.size(), " slot maps for ", sets.n_seqs, " sequences"));
@@ -40,7 +43,11 @@ absl::Status CheckMaps(std::span<MapPtr const> maps, const IndexSets& sets) {
 }  // namespace
 
 SlotMap::SlotMap(int32_t n_sets, int32_t budget)
-    : budget_(budget), tokens_(std::max(0, n_sets)), slots_(std::max(0, n_sets)) {}
+    : budget_(budget),
+      tokens_(std::max(0, n_sets)),
+      slots_(std::max(0, n_sets)),
+      next_tokens_(std::max(0, n_sets)),
+      next_slots_(std::max(0, n_sets)) {}
 
 int32_t SlotMap::SlotOf(int32_t set, int32_t token) const {
   const auto& t = tokens_[set];
@@ -52,6 +59,7 @@ void SlotMap::Clear() {
   for (auto& t : tokens_) t.clear();
   for (auto& s : slots_) s.clear();
   ++generation_;
+  next_plan_ = 0;
 }
 
 absl::StatusOr<ElasticPlan> PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexSets& sets) {
@@ -119,7 +127,7 @@ int32_t PlanSet(std::span<const int32_t> now, std::span<const int32_t> last_tok,
 }  // namespace
 
 absl::Status PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexSets& sets, ElasticPlan* out) {
-  RETURN_IF_ERROR(CheckMaps(maps, sets));
+  RETURN_IF_ERROR(CheckMaps(maps, sets, /*positions=*/false));
   ElasticPlan& plan = *out;
   CopyList& cl = plan.copies;
   cl.n_seqs = sets.n_seqs;
@@ -127,14 +135,19 @@ absl::Status PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexS
   cl.sets_per_seq = sets.sets_per_seq;
   cl.budget = sets.budget;
   const int32_t n_sets = sets.n_seqs * sets.sets_per_seq;
-  // Each set first writes its copies at its own offset (indptr: at most one copy per position of S_now),
-  // then the copies are packed in set order: sized once, no reallocation per step.
-  cl.copies.resize(sets.indices.size());
+  // Each set first writes its copies into scratch at its own offset (indptr: at most one copy per position
+  // of S_now), then they are packed into cl.copies in set order. The scratch only grows (sizing cl.copies
+  // up to |S_now| and back down every step value-initialised megabytes per step at 32 x 8 x 2048).
+  if (plan.scratch_copies.size() < sets.indices.size()) plan.scratch_copies.resize(sets.indices.size());
   plan.slots.resize(sets.indices.size());
   plan.generations.resize(sets.n_seqs);
   plan.scratch_set_copies.resize(n_sets);
   std::vector<int64_t> kept(n_sets);  // small: one entry per set
+  static std::atomic<uint64_t> next_id{1};
+  plan.id = next_id.fetch_add(1, std::memory_order_relaxed);
   const int64_t per_seq = int64_t{sets.sets_per_seq} * std::max<int32_t>(1, sets.budget) * 8;
+  // The first set (in set order, whatever the thread count) whose positions are bad: its error is returned.
+  std::atomic<int32_t> first_bad{n_sets};
   ParallelFor(sets.n_seqs, per_seq, [&](int64_t begin, int64_t end) {
     static thread_local PlanScratch scr;
     for (int64_t i = begin; i < end; ++i) {
@@ -142,22 +155,40 @@ absl::Status PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexS
       plan.generations[i] = map.generation();
       for (int32_t s = 0; s < sets.sets_per_seq; ++s) {
         const int32_t set = static_cast<int32_t>(i) * sets.sets_per_seq + s;
-        plan.scratch_set_copies[set] =
-            PlanSet(sets.SetPositions(set), map.tokens(s), map.slots(s), sets.seq_len[i], map.budget(), scr,
-                    plan.slots.data() + sets.indptr[set], cl.copies.data() + sets.indptr[set], &kept[set]);
+        if (!ValidateSetPositions(sets, set).ok()) {
+          int32_t cur = first_bad.load();
+          while (set < cur && !first_bad.compare_exchange_weak(cur, set)) {
+          }
+          return;  // the rest of this range comes later in set order
+        }
+        const std::span<const int32_t> now = sets.SetPositions(set);
+        int32_t* const slots = plan.slots.data() + sets.indptr[set];
+        plan.scratch_set_copies[set] = PlanSet(now, map.tokens(s), map.slots(s), sets.seq_len[i], map.budget(),
+                                               scr, slots, plan.scratch_copies.data() + sets.indptr[set], &kept[set]);
+        // The state ApplyElasticPlan commits, written while it is in cache (the commit becomes a swap).
+        map.next_tokens_[s].assign(now.begin(), now.end());
+        map.next_slots_[s].assign(slots, slots + now.size());
       }
+      map.next_plan_ = plan.id;
     }
   });
+  if (first_bad.load() < n_sets) {
+    for (SlotMap const* m : maps) m->next_plan_ = 0;  // whatever was planned is not this plan's
+    return ValidateSetPositions(sets, first_bad.load());
+  }
   const int32_t heads = HeadsCovered(sets.sets_per_seq, sets.n_kv_heads);
   cl.copy_ptr.assign(1, 0);
   cl.full_reload_rows = 0;
   plan.set_rows = 0;
   plan.kept_rows = 0;
   int64_t n_copies = 0;
+  for (int32_t set = 0; set < n_sets; ++set) n_copies += plan.scratch_set_copies[set];
+  cl.copies.resize(n_copies);
+  n_copies = 0;
   for (int32_t set = 0; set < n_sets; ++set) {
     const int32_t n = plan.scratch_set_copies[set];
-    if (n_copies != sets.indptr[set] && n > 0) {
-      std::memmove(cl.copies.data() + n_copies, cl.copies.data() + sets.indptr[set], n * sizeof(RowCopy));
+    if (n > 0) {
+      std::memcpy(cl.copies.data() + n_copies, plan.scratch_copies.data() + sets.indptr[set], n * sizeof(RowCopy));
     }
     n_copies += n;
     cl.copy_ptr.push_back(static_cast<int32_t>(n_copies));
@@ -166,23 +197,36 @@ absl::Status PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexS
     plan.set_rows += rows;
     cl.full_reload_rows += rows * heads;
   }
-  cl.copies.resize(n_copies);
   cl.head_rows = n_copies * heads;
   return absl::OkStatus();
 }
 
 absl::Status ApplyElasticPlan(const ElasticPlan& plan, const IndexSets& sets, std::span<SlotMap* const> maps) {
-  RETURN_IF_ERROR(CheckMaps(maps, sets));
   if (plan.slots.size() != sets.indices.size() || plan.generations.size() != maps.size() ||
-      plan.copies.copy_ptr.size() != sets.indptr.size()) {
+      plan.copies.copy_ptr.size() != sets.indptr.size() || static_cast<int64_t>(maps.size()) != sets.n_seqs) {
+    RETURN_IF_ERROR(CheckMaps(maps, sets));
     return absl::InvalidArgumentError("elastic: the plan was not made from these index sets");
   }
+  bool swap_all = plan.id != 0;
   for (size_t i = 0; i < maps.size(); ++i) {
+    if (maps[i] == nullptr || maps[i]->n_sets() != sets.sets_per_seq) return CheckMaps(maps, sets);
     if (maps[i]->generation() != plan.generations[i]) {
       return absl::FailedPreconditionError(absl::StrCat("elastic: slot map of seq ", i,
                                                         " changed since the plan was made (stale plan)"));
     }
+    swap_all = swap_all && maps[i]->next_plan_ == plan.id;
   }
+  if (swap_all) {
+    // The back buffers hold exactly this plan's state (written from the same sets while planning).
+    for (SlotMap* map : maps) {
+      map->tokens_.swap(map->next_tokens_);
+      map->slots_.swap(map->next_slots_);
+      map->next_plan_ = 0;
+      ++map->generation_;
+    }
+    return absl::OkStatus();
+  }
+  RETURN_IF_ERROR(CheckMaps(maps, sets));
   ParallelFor(sets.n_seqs, int64_t{sets.sets_per_seq} * std::max<int32_t>(1, sets.budget), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       SlotMap& map = *maps[i];
@@ -192,6 +236,7 @@ absl::Status ApplyElasticPlan(const ElasticPlan& plan, const IndexSets& sets, st
         map.tokens_[s].assign(sets.indices.begin() + b, sets.indices.begin() + e);
         map.slots_[s].assign(plan.slots.begin() + b, plan.slots.begin() + e);
       }
+      map.next_plan_ = 0;
       ++map.generation_;
     }
   });

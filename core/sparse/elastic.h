@@ -14,7 +14,9 @@
 //                                     one event per layer; it must be ordered after the previous step's
 //                                     reads of that layer's buffer, because it overwrites freed slots).
 //   3. ApplyElasticPlan(plan, sets, maps) commits S_now as the maps' state. A plan whose map changed since
-//                                     planning is refused (FailedPrecondition).
+//                                     planning is refused (FailedPrecondition). Planning already wrote the
+//                                     new state into each map's back buffers (the data is hot in cache
+//                                     there, and planning runs in parallel), so the commit is a swap per set.
 // Sparse attention of offloaded layers reads the slot buffers through plan.slots (parallel to
 // IndexSets::indices).
 #pragma once
@@ -52,10 +54,16 @@ class SlotMap {
  private:
   friend absl::Status ApplyElasticPlan(const ElasticPlan& plan, const IndexSets& sets,
                                        std::span<SlotMap* const> maps);
+  friend absl::Status PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexSets& sets,
+                                       ElasticPlan* plan);
   int32_t budget_;
   uint64_t generation_ = 0;
   std::vector<std::vector<int32_t>> tokens_;  // [n_sets][resident] ascending
   std::vector<std::vector<int32_t>> slots_;   // parallel to tokens_
+  // Back buffers: the state planned by plan `next_plan_` (0: none), which ApplyElasticPlan swaps in.
+  // Written by planning, which is otherwise const on the map (the visible state does not change).
+  mutable std::vector<std::vector<int32_t>> next_tokens_, next_slots_;
+  mutable uint64_t next_plan_ = 0;
 };
 
 /// One row to load: token position `token` of the host KV into slot `slot` of the slot buffer.
@@ -81,16 +89,19 @@ struct ElasticPlan {
   CopyList copies;                   // S_now \ S_last per set
   std::vector<int32_t> slots;        // [sets.indices.size()] slot of each position of S_now
   std::vector<uint64_t> generations; // [n_seqs] map generations the plan was made against
+  uint64_t id = 0;                   // unique per PlanElasticLoads call (the maps' back buffers name it)
   int64_t set_rows = 0;   // Σ |S_now| over sets
   int64_t kept_rows = 0;  // Σ |S_now ∩ S_last|
   double overlap_ratio() const { return set_rows == 0 ? 1.0 : static_cast<double>(kept_rows) / set_rows; }
 
   // Per-set copy counts of PlanElasticLoads, kept so that planning into the same plan allocates nothing.
   std::vector<int32_t> scratch_set_copies;  // [n_sets]
+  std::vector<RowCopy> scratch_copies;      // [>= |S_now|] each set's copies at its indptr offset
 };
 
 /// Plans the step for a batch: maps[i] belongs to sequence i of `sets` and must have
-/// n_sets == sets.sets_per_seq and room for each set (budget >= |set|). Does not change the maps.
+/// n_sets == sets.sets_per_seq and room for each set (budget >= |set|). Does not change the maps' state
+/// (it fills their back buffers: plans of one map are not made concurrently).
 /// O(Σ |S_now| + Σ |S_last| + n_sets · budget).
 absl::StatusOr<ElasticPlan> PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexSets& sets);
 /// The same into `plan`, reusing its buffers (a decode loop keeps one plan: no allocation per step once
@@ -98,7 +109,10 @@ absl::StatusOr<ElasticPlan> PlanElasticLoads(std::span<const SlotMap* const> map
 /// depend on the thread count. On error `plan` is left unspecified.
 absl::Status PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexSets& sets, ElasticPlan* plan);
 
-/// Commits a plan made from `sets` against `maps` (same order). Refuses stale or mismatched plans.
+/// Commits a plan made from `sets` against `maps` (same order). Refuses stale or mismatched plans. When
+/// a map's back buffers still hold this plan's state (no other plan of that map since), the commit swaps
+/// them in (O(n_sets)) and trusts that `sets` is unchanged since planning; otherwise it validates `sets`
+/// and copies the state from `sets` and plan.slots.
 absl::Status ApplyElasticPlan(const ElasticPlan& plan, const IndexSets& sets, std::span<SlotMap* const> maps);
 
 /// The copies that fill an empty slot buffer with all of S_now in the slot layout `slots` (parallel to

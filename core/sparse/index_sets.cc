@@ -17,7 +17,7 @@ void IndexSets::Reset(int32_t n_seqs_in, int32_t n_kv_heads_in, int32_t sets_per
   indices.clear();
 }
 
-absl::Status ValidateIndexSets(const IndexSets& s) {
+absl::Status ValidateIndexSetsLayout(const IndexSets& s) {
   if (s.n_seqs < 0 || s.n_kv_heads <= 0 || s.budget <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("index sets: bad layout n_seqs=", s.n_seqs,
                                                    " n_kv_heads=", s.n_kv_heads, " budget=", s.budget));
@@ -40,29 +40,40 @@ absl::Status ValidateIndexSets(const IndexSets& s) {
   }
   for (int32_t set = 0; set < s.n_sets(); ++set) {
     const int32_t b = s.indptr[set], e = s.indptr[set + 1];
-    const int32_t seq = set / s.sets_per_seq;
     if (e < b || e - b > s.budget) {
       return absl::InvalidArgumentError(
           absl::StrCat("index sets: set ", set, " has ", e - b, " positions (budget ", s.budget, ")"));
     }
-    // Fast check first (every step validates ~B positions per set): strictly ascending is one
-    // branch-free pass, and then only the first and last positions need the range check.
-    const int32_t* x = s.indices.data();
-    bool bad = e > b && (x[b] < 0 || x[e - 1] >= s.seq_len[seq]);
-    for (int32_t j = b + 1; j < e; ++j) bad |= x[j] <= x[j - 1];
-    if (!bad) continue;
-    for (int32_t j = b; j < e; ++j) {
-      const int32_t p = s.indices[j];
-      if (p < 0 || p >= s.seq_len[seq]) {
-        return absl::InvalidArgumentError(absl::StrCat("index sets: set ", set, " position ", p,
-                                                       " outside [0, ", s.seq_len[seq], ")"));
-      }
-      if (j > b && p <= s.indices[j - 1]) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("index sets: set ", set, " positions not strictly ascending at ", p));
-      }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateSetPositions(const IndexSets& s, int32_t set) {
+  const int32_t b = s.indptr[set], e = s.indptr[set + 1];
+  const int32_t seq = set / s.sets_per_seq;
+  // Fast check first (every step validates ~B positions per set): strictly ascending is one
+  // branch-free pass, and then only the first and last positions need the range check.
+  const int32_t* x = s.indices.data();
+  bool bad = e > b && (x[b] < 0 || x[e - 1] >= s.seq_len[seq]);
+  for (int32_t j = b + 1; j < e; ++j) bad |= x[j] <= x[j - 1];
+  if (!bad) return absl::OkStatus();
+  for (int32_t j = b; j < e; ++j) {
+    const int32_t p = s.indices[j];
+    if (p < 0 || p >= s.seq_len[seq]) {
+      return absl::InvalidArgumentError(absl::StrCat("index sets: set ", set, " position ", p,
+                                                     " outside [0, ", s.seq_len[seq], ")"));
+    }
+    if (j > b && p <= s.indices[j - 1]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("index sets: set ", set, " positions not strictly ascending at ", p));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateIndexSets(const IndexSets& s) {
+  RETURN_IF_ERROR(ValidateIndexSetsLayout(s));
+  for (int32_t set = 0; set < s.n_sets(); ++set) RETURN_IF_ERROR(ValidateSetPositions(s, set));
   return absl::OkStatus();
 }
 

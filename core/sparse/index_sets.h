@@ -67,6 +67,11 @@ inline IndexSetsView HostView(const IndexSets& s) {
 /// Checks every invariant above (sizes, indptr monotone, positions strictly ascending and inside
 /// [0, seq_len), at most `budget` per set). InvalidArgument naming the first violation.
 absl::Status ValidateIndexSets(const IndexSets& sets);
+/// ValidateIndexSets in two parts, for callers that walk the sets anyway (PlanElasticLoads checks each set
+/// inside its parallel loop, while the positions are in cache): the layout (sizes, indptr, at most `budget`
+/// per set; O(n_sets)), then the positions of set `set` (needs a valid layout).
+absl::Status ValidateIndexSetsLayout(const IndexSets& sets);
+absl::Status ValidateSetPositions(const IndexSets& sets, int32_t set);
 
 /// Checks a backend's PrepareSparseDecode input against the batch it last prepared: valid sets, one group of
 /// sets per sequence of the batch, each sequence decoding one token with past == the sets' seq_len, and slots

@@ -11,11 +11,8 @@ namespace specontext {
 namespace {
 
 // Moves `k` elements chosen uniformly at random to the front of v (partial Fisher-Yates).
-void ChooseFront(std::vector<int32_t>& v, size_t k, std::mt19937_64& rng) {
-  for (size_t i = 0; i < k && i < v.size(); ++i) {
-    std::uniform_int_distribution<size_t> d(i, v.size() - 1);
-    std::swap(v[i], v[d(rng)]);
-  }
+void ChooseFront(std::vector<int32_t>& v, size_t k, SyntheticRng& rng) {
+  for (size_t i = 0; i < k && i < v.size(); ++i) std::swap(v[i], v[rng.Between(i, v.size() - 1)]);
 }
 
 bool TestBit(const std::vector<uint64_t>& b, int32_t p) { return (b[p >> 6] >> (p & 63)) & 1; }
@@ -69,9 +66,8 @@ void SyntheticOverlap::RewriteSet(std::span<const int32_t> prev, int32_t len, in
     const size_t more = static_cast<size_t>(fresh_needed) - take;
     out->insert(out->end(), pool_.begin() + from_prev, pool_.begin() + from_prev + more);
   } else if (fresh_needed > 0) {
-    std::uniform_int_distribution<int32_t> d(s0, len - 1);
     for (int64_t added = 0; added < fresh_needed;) {
-      const int32_t p = d(rng_);
+      const int32_t p = static_cast<int32_t>(rng_.Between(s0, len - 1));
       if (!TestBit(taken_, p)) {
         SetBit(taken_, p);
         out->push_back(p);
@@ -86,12 +82,12 @@ void SyntheticOverlap::RewriteSet(std::span<const int32_t> prev, int32_t len, in
     // Ascending read-out of a bitmap: O(len / 64 + |set|), cheaper than sorting when len is not much
     // larger than the set (the usual case: B = 2K of S = 34K is 532 words for 2K positions).
     for (int32_t p : *out) SetBit(selected_, p);
-    out->clear();
+    int32_t* o = out->data();  // same count out as in (the positions are distinct)
     for (size_t w = 0; w < words; ++w) {
       uint64_t x = selected_[w];
       if (x == 0) continue;
       selected_[w] = 0;
-      for (; x != 0; x &= x - 1) out->push_back(static_cast<int32_t>(w * 64 + std::countr_zero(x)));
+      for (; x != 0; x &= x - 1) *o++ = static_cast<int32_t>(w * 64 + std::countr_zero(x));
     }
   } else {
     std::sort(out->begin(), out->end());
@@ -124,11 +120,14 @@ absl::Status SyntheticOverlap::Apply(int32_t sink, std::span<PreviousSets* const
         const int32_t set = static_cast<int32_t>(i) * sets->sets_per_seq + s, begin_at = sets->indptr[set];
         const int32_t size = sets->indptr[set + 1] - begin_at;
         if (!first) {
-          // Same size, so the CSR layout stays and the set is rewritten in place.
+          // Same size, so the CSR layout stays and the set is rewritten in place; the rewrite becomes the
+          // previous set by a swap (the old one's buffer is the next rewrite's scratch).
           lane.RewriteSet(p[s], sets->seq_len[i], size, sink, &lane.next_);
           std::copy(lane.next_.begin(), lane.next_.end(), sets->indices.begin() + begin_at);
+          p[s].swap(lane.next_);
+        } else {
+          p[s].assign(sets->indices.begin() + begin_at, sets->indices.begin() + begin_at + size);
         }
-        p[s].assign(sets->indices.begin() + begin_at, sets->indices.begin() + begin_at + size);
       }
     }
   });

@@ -2,6 +2,7 @@
 // straightforward versions gave: SyntheticOverlap (bitmaps instead of a hash set, ordered read-out instead
 // of a sort) draws the same sets from the same seed, and PlanElasticLoads (position->slot array, branch-free
 // slot assignment, plan buffers reused across steps) makes the same slots and copies as a sorted merge.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -10,7 +11,9 @@
 #include <set>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "core/sparse/elastic.h"
+#include "core/sparse/index_sets.h"
 #include "core/sparse/synthetic_overlap.h"
 #include "tests/sparse/test_util.h"
 
@@ -61,9 +64,8 @@ class ReferenceRewrite {
       const size_t more = static_cast<size_t>(fresh_needed) - take;
       out.insert(out.end(), pool.begin() + from_prev, pool.begin() + from_prev + more);
     } else if (fresh_needed > 0) {
-      std::uniform_int_distribution<int32_t> d(s0, len - 1);
       for (int64_t added = 0; added < fresh_needed;) {
-        const int32_t p = d(rng_);
+        const int32_t p = static_cast<int32_t>(rng_.Between(s0, len - 1));
         if (taken.insert(p).second) {
           out.push_back(p);
           ++added;
@@ -76,13 +78,10 @@ class ReferenceRewrite {
 
  private:
   void ChooseFront(std::vector<int32_t>& v, size_t k) {
-    for (size_t i = 0; i < k && i < v.size(); ++i) {
-      std::uniform_int_distribution<size_t> d(i, v.size() - 1);
-      std::swap(v[i], v[d(rng_)]);
-    }
+    for (size_t i = 0; i < k && i < v.size(); ++i) std::swap(v[i], v[rng_.Between(i, v.size() - 1)]);
   }
   double overlap_;
-  std::mt19937_64 rng_;
+  SyntheticRng rng_;
 };
 
 TEST(HostPaths, SyntheticRewriteDrawsTheSameSetsAsTheReference) {
@@ -206,6 +205,101 @@ TEST_P(HostPlanTest, ReusedPlanEqualsTheMergeReferenceOverManySteps) {
 }
 
 INSTANTIATE_TEST_SUITE_P(HeadAndBatchLevel, HostPlanTest, ::testing::Values(0, 1));
+
+// ApplyElasticPlan swaps in the state planning left in the maps' back buffers; when another plan of the
+// same maps overwrote them, it must commit its own plan's sets (the copying path), never the other's.
+TEST(HostPaths, ApplyCommitsItsOwnPlanWhicheverPlanWasMadeLast) {
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE(testing_sparse::SeedTrace(seed));
+  std::mt19937 rng(seed);
+  constexpr int32_t kKv = 4, kBudget = 64;
+  const std::vector<int32_t> lens = {70, 500, 130, 64};
+  for (int32_t per_seq : {1, kKv}) {
+    std::vector<SlotMap> fast(lens.size(), SlotMap(per_seq, kBudget)), slow = fast;
+    auto ptrs = [](std::vector<SlotMap>& m) {
+      std::vector<SlotMap*> p;
+      for (SlotMap& x : m) p.push_back(&x);
+      return p;
+    };
+    std::vector<SlotMap*> fp = ptrs(fast), sp = ptrs(slow);
+    std::vector<const SlotMap*> cfp(fp.begin(), fp.end()), csp(sp.begin(), sp.end());
+    for (int step = 0; step < 12; ++step) {
+      const IndexSets a = RandomSets(rng, lens, kKv, per_seq, kBudget);
+      const IndexSets b = RandomSets(rng, lens, kKv, per_seq, kBudget);
+      ElasticPlan pa_fast, pa_slow, pb;
+      ASSERT_TRUE(PlanElasticLoads(cfp, a, &pa_fast).ok());
+      ASSERT_TRUE(PlanElasticLoads(csp, a, &pa_slow).ok());
+      ASSERT_TRUE(PlanElasticLoads(csp, b, &pb).ok());  // overwrites slow's back buffers with b's state
+      ASSERT_EQ(pa_fast.slots, pa_slow.slots);
+      ASSERT_TRUE(ApplyElasticPlan(pa_fast, a, fp).ok());
+      ASSERT_TRUE(ApplyElasticPlan(pa_slow, a, sp).ok());
+      for (size_t i = 0; i < lens.size(); ++i) {
+        ASSERT_EQ(fast[i].generation(), slow[i].generation());
+        for (int32_t s = 0; s < per_seq; ++s) {
+          const std::span<const int32_t> want = a.SetPositions(static_cast<int32_t>(i) * per_seq + s);
+          ASSERT_TRUE(std::equal(fast[i].tokens(s).begin(), fast[i].tokens(s).end(), want.begin(), want.end()));
+          ASSERT_TRUE(std::equal(slow[i].tokens(s).begin(), slow[i].tokens(s).end(), want.begin(), want.end()));
+          ASSERT_TRUE(std::equal(fast[i].slots(s).begin(), fast[i].slots(s).end(), slow[i].slots(s).begin(),
+                                 slow[i].slots(s).end()));
+        }
+      }
+      // b was planned against the state before a's commit: stale now.
+      EXPECT_EQ(ApplyElasticPlan(pb, b, sp).code(), absl::StatusCode::kFailedPrecondition);
+    }
+  }
+}
+
+// PlanElasticLoads checks each set's positions inside its parallel loop; whatever the thread count it
+// reports what ValidateIndexSets reports: the first bad set, in set order.
+TEST(HostPaths, PlanAndValidateNameTheFirstBadSet) {
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE(testing_sparse::SeedTrace(seed));
+  std::mt19937 rng(seed);
+  const std::vector<int32_t> lens(40, 5000);  // 320 sets of 512: above ParallelFor's inline threshold
+  const IndexSets good = RandomSets(rng, lens, 8, 8, 512, 512);
+  ASSERT_TRUE(ValidateIndexSets(good).ok());
+  std::vector<SlotMap> maps(lens.size(), SlotMap(8, 512));
+  std::vector<const SlotMap*> cmaps;
+  for (const SlotMap& m : maps) cmaps.push_back(&m);
+  ElasticPlan plan;
+  ASSERT_TRUE(PlanElasticLoads(cmaps, good, &plan).ok());
+  for (int trial = 0; trial < 20; ++trial) {
+    IndexSets bad = good;
+    const int32_t first = static_cast<int32_t>(rng() % bad.n_sets());
+    const int32_t second = first + 1 + static_cast<int32_t>(rng() % 7);
+    auto spoil = [&](int32_t set, int kind) {
+      const int32_t b = bad.indptr[set], e = bad.indptr[set + 1];
+      const int32_t j = b + 1 + static_cast<int32_t>(rng() % (e - b - 1));
+      if (kind == 0) bad.indices[j] = bad.indices[j - 1];                        // repeated
+      if (kind == 1) std::swap(bad.indices[j], bad.indices[j - 1]);              // descending
+      if (kind == 2) bad.indices[e - 1] = bad.seq_len[set / bad.sets_per_seq];   // past the end
+      if (kind == 3) bad.indices[b] = -1;                                        // negative
+    };
+    const int kind = trial % 4;
+    spoil(first, kind);
+    if (second < bad.n_sets()) spoil(second, (kind + 1) % 4);
+    const absl::Status st = ValidateIndexSets(bad);
+    ASSERT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr(absl::StrCat("set ", first, " ")))
+        << st << " kind " << kind;
+    EXPECT_EQ(PlanElasticLoads(cmaps, bad, &plan), st) << "kind " << kind;
+  }
+  // The failed plans left nothing for an apply to swap in: the good plan made before commits correctly.
+  ASSERT_TRUE(PlanElasticLoads(cmaps, good, &plan).ok());
+  std::vector<SlotMap*> ptrs;
+  for (SlotMap& m : maps) ptrs.push_back(&m);
+  ASSERT_TRUE(ApplyElasticPlan(plan, good, ptrs).ok());
+  for (int32_t set = 0; set < good.n_sets(); ++set) {
+    const std::span<const int32_t> want = good.SetPositions(set), got = maps[set / 8].tokens(set % 8);
+    ASSERT_TRUE(std::equal(got.begin(), got.end(), want.begin(), want.end())) << "set " << set;
+  }
+  IndexSets big = good;
+  big.budget = 511;  // every set one position over
+  EXPECT_THAT(std::string(ValidateIndexSets(big).message()), ::testing::HasSubstr("set 0 has 512 positions"));
+  IndexSets short_ptr = good;
+  short_ptr.indptr.pop_back();
+  EXPECT_FALSE(ValidateIndexSets(short_ptr).ok());
+}
 
 }  // namespace
 }  // namespace specontext

@@ -93,5 +93,32 @@ TEST(SyntheticOverlap, ShortSequencesAndReproducibility) {
   EXPECT_FALSE(a.Apply(1, none, &sets).ok());
 }
 
+TEST(SyntheticOverlap, RngDrawsEveryValueOfARangeEvenly) {
+  const uint64_t seed = testing_sparse::FreshSeed();
+  SCOPED_TRACE(testing_sparse::SeedTrace(static_cast<uint32_t>(seed)));
+  SyntheticRng rng(seed);
+  for (uint64_t n : {1ull, 2ull, 7ull, 1000ull}) {
+    const uint64_t lo = rng.Next() % 1000;
+    std::vector<int64_t> hist(n, 0);
+    const int64_t draws = static_cast<int64_t>(n) * 2000;
+    for (int64_t d = 0; d < draws; ++d) {
+      const uint64_t v = rng.Between(lo, lo + n - 1);
+      ASSERT_GE(v, lo);
+      ASSERT_LT(v, lo + n);
+      ++hist[v - lo];
+    }
+    // Each value expected 2000 times: a fair draw stays within 6 sigma (sqrt(2000) ~ 45).
+    for (uint64_t v = 0; v < n; ++v) EXPECT_NEAR(hist[v], 2000, 270) << "value " << v << " of " << n;
+  }
+  // A range near 2^64 still stays inside (the rejection threshold path).
+  const uint64_t big_lo = 1, big_hi = ~uint64_t{0} - 1;
+  for (int d = 0; d < 1000; ++d) {
+    const uint64_t v = rng.Between(big_lo, big_hi);
+    ASSERT_TRUE(v >= big_lo && v <= big_hi);
+  }
+  SyntheticRng a(42), b(42);
+  for (int d = 0; d < 100; ++d) ASSERT_EQ(a.Next(), b.Next()) << "same seed, same stream";
+}
+
 }  // namespace
 }  // namespace specontext
