@@ -25,8 +25,6 @@ absl::StatusOr<std::shared_ptr<RemoteSparseDecoder>> RemoteSparseDecoder::Create
     return absl::InvalidArgumentError(absl::StrCat("--sink must be in [0, --budget], got ", options.sink));
   }
   std::shared_ptr<RemoteSparseDecoder> d(new RemoteSparseDecoder(model, std::move(options)));
-  d->gpu_layers_ = static_cast<int32_t>(model->config().num_hidden_layers);
-  d->reload_pending_.assign(model->config().num_hidden_layers, false);
   RETURN_IF_ERROR(d->MakePlanner());
   d->connector_ = std::thread([raw = d.get()] { raw->ConnectLoop(); });
   return d;
@@ -56,11 +54,12 @@ absl::StatusOr<std::unique_ptr<SequenceKv>> RemoteSparseDecoder::AllocateKv(uint
   budget = std::max(1, std::min(budget, capacity));
   // As SparseDecoder: device rows for the first chunk, planned for before they are allocated.
   const int32_t rows = DeviceRowsFor(1, capacity, options_.kv_grow_rows);
-  RETURN_IF_ERROR(PlanTiers(DeviceRowsInFlight() + rows, static_cast<int32_t>(seqs_.size()) + 1));
+  RETURN_IF_ERROR(tiers_->Plan(DeviceRowsInFlight() + rows, static_cast<int32_t>(seqs_.size()) + 1, TierSeqs()));
   std::shared_ptr<HostKvAllocator> host = ScopedHostKvAllocator::Current();  // the kvstore tier, if any
   if (host == nullptr) host = host_cache_;
   ASSIGN_OR_RETURN(std::unique_ptr<SequenceKv> kv, AllocateTieredKv(*model_->backend(), model_->config(), capacity,
-                                                                    gpu_layers_, budget, std::move(host), rows));
+                                                                    tiers_->gpu_layers(), budget, std::move(host),
+                                                                    rows));
   Seq& seq = seqs_[id];
   seq = Seq{};
   seq.kv = kv.get();
@@ -282,8 +281,11 @@ absl::Status RemoteSparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::
 
 SparseEngineStats RemoteSparseDecoder::stats() const {
   SparseEngineStats s = stats_;
-  s.gpu_layers = gpu_layers_;
-  s.offloaded_layers = static_cast<int32_t>(model_->config().num_hidden_layers) - gpu_layers_;
+  s.gpu_layers = tiers_->gpu_layers();
+  s.offloaded_layers = tiers_->n_layers() - tiers_->gpu_layers();
+  s.layer_moves = tiers_->counters().moves;
+  s.layer_returns = tiers_->counters().returns;
+  s.layer_move_seconds = tiers_->counters().seconds;
   s.host_kv_bytes = model_->backend()->host_memory_report().total;
   s.device_bytes = model_->backend()->memory_report().total;
   s.last_captured_mass = last_mass_;

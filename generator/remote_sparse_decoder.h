@@ -37,6 +37,7 @@
 #include "core/model/transformer.h"
 #include "core/sparse/elastic.h"
 #include "core/sparse/index_sets.h"
+#include "core/model/layer_tiers.h"
 #include "core/model/pinned_host_cache.h"
 #include "core/sparse/memory_planner.h"
 #include "generator/sparse_metrics.h"
@@ -74,10 +75,10 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
 
   /// Any thread.
   RetrievalPathStats path_stats() const;
-  /// Moves layers [gpu_layers, L) of every live sequence (and of later ones) to host now: the planner's
-  /// action, exposed for tests and operators (as SparseDecoder::OffloadLayers). Engine thread.
+  /// Moves layers [gpu_layers, L) of every live sequence (and of later ones) to host now and caps the
+  /// resident layers there (as SparseDecoder::OffloadLayers; LayerTiers::Offload). Engine thread.
   absl::Status OffloadLayers(int32_t gpu_layers);
-  int32_t gpu_layers() const { return gpu_layers_; }
+  int32_t gpu_layers() const { return tiers_->gpu_layers(); }
 
  private:
   struct Seq {
@@ -108,8 +109,8 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   absl::Status MakePlanner();
   // Plans the tiers for the rows the sequences hold after this forward, then grows those of `fwd`.
   absl::Status PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps);
-  absl::Status PlanTiers(int64_t rows, int32_t n_seqs);  // moves layers when `rows` cross a threshold
   int64_t DeviceRowsInFlight() const;
+  std::vector<TierSeq> TierSeqs() const;  // the live sequences for tiers_
   absl::Status Decode(std::span<const ForwardSeq> part, std::span<Seq* const> seqs, std::span<const uint64_t> ids,
                       Tensor* out, HiddenCapture* capture);
   // remote_sparse_observe.cc. Engine thread: takes the head's feature needs from a stream's GetInfo.
@@ -128,9 +129,7 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   absl::flat_hash_map<uint64_t, Seq> seqs_;  // engine thread
   SparseEngineStats stats_;                  // engine thread
   uint64_t step_ = 0;                        // engine thread
-  int32_t gpu_layers_ = 0;            // engine thread: layers whose KV stays on the device
-  std::vector<bool> reload_pending_;  // [L] moved to host since the last decode step
-  std::optional<MemoryPlanner> planner_;
+  std::optional<LayerTiers> tiers_;  // engine thread: resident layers, planner, moves (MakePlanner)
   std::shared_ptr<PinnedHostCache> host_cache_ = PinnedHostCache::Create();  // host tier without a kvstore
   std::vector<int32_t> fusion_layers_;  // engine thread: the head's (empty: token ids only)
   int64_t fused_width_ = 0;

@@ -42,21 +42,25 @@ IndexSets WindowSets(std::span<const ForwardSeq> part, std::span<const int32_t> 
 }  // namespace
 
 absl::Status RemoteSparseDecoder::MakePlanner() {
-  // The same planner as in-process decoding, so both modes move layers at the same points.
-  ASSIGN_OR_RETURN(planner_, MakeMeasuredPlanner(*model_, options_.budget, options_.gpu_memory_limit));
+  // The same planner and tier moves as in-process decoding, so both modes move layers at the same points.
+  ASSIGN_OR_RETURN(std::optional<MemoryPlanner> planner,
+                   MakeMeasuredPlanner(*model_, options_.budget, options_.gpu_memory_limit));
+  tiers_.emplace(model_->backend(), static_cast<int32_t>(model_->config().num_hidden_layers), std::move(planner),
+                 options_.kv_grow_rows);
   return absl::OkStatus();
-}
-
-absl::Status RemoteSparseDecoder::PlanTiers(int64_t rows, int32_t n_seqs) {
-  if (!planner_.has_value() || n_seqs == 0) return absl::OkStatus();
-  ASSIGN_OR_RETURN(LayerMovePlan plan, planner_->PlanMoves(gpu_layers_, rows, n_seqs));
-  return OffloadLayers(plan.gpu_layers_after);
 }
 
 int64_t RemoteSparseDecoder::DeviceRowsInFlight() const {
   int64_t rows = 0;
   for (const auto& [id, seq] : seqs_) rows += seq.rows;
   return rows;
+}
+
+std::vector<TierSeq> RemoteSparseDecoder::TierSeqs() const {
+  std::vector<TierSeq> out;
+  out.reserve(seqs_.size());
+  for (const auto& [id, seq] : seqs_) out.push_back({seq.kv, seq.budget, seq.rows, seq.capacity});
+  return out;
 }
 
 absl::Status RemoteSparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps) {
@@ -73,7 +77,7 @@ absl::Status RemoteSparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, st
     total += rows - seq.rows;
     grow.push_back({&seq, rows});
   }
-  RETURN_IF_ERROR(PlanTiers(total, static_cast<int32_t>(seqs_.size())));
+  RETURN_IF_ERROR(tiers_->Plan(total, static_cast<int32_t>(seqs_.size()), TierSeqs()));
   for (const auto& [seq, rows] : grow) {
     RETURN_IF_ERROR(GrowDeviceKv(*model_->backend(), seq->kv, rows));
     seq->rows = rows;
@@ -82,28 +86,14 @@ absl::Status RemoteSparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, st
   return absl::OkStatus();
 }
 
-absl::Status RemoteSparseDecoder::OffloadLayers(int32_t gpu_layers) {
-  const int32_t n_layers = static_cast<int32_t>(model_->config().num_hidden_layers);
-  if (gpu_layers < 0 || gpu_layers > n_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("gpu layers ", gpu_layers, " outside [0, ", n_layers, "]"));
-  }
-  // From the last layer backward, so the resident first layers hide the later layers' loads.
-  for (int32_t l = gpu_layers_ - 1; l >= gpu_layers; --l) {
-    for (auto& [id, seq] : seqs_) RETURN_IF_ERROR(MoveLayerToHost(*model_->backend(), seq.kv, l, seq.budget));
-    reload_pending_[l] = true;
-    gpu_layers_ = l;
-    ++stats_.layer_moves;
-    SPC_LOG(INFO) << "layer moved to host" << Kv("layer", l) << Kv("sequences", seqs_.size());
-  }
-  return absl::OkStatus();
-}
+absl::Status RemoteSparseDecoder::OffloadLayers(int32_t gpu_layers) { return tiers_->Offload(gpu_layers, TierSeqs()); }
 
 absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::span<Seq* const> seqs,
                                          std::span<const uint64_t> ids, Tensor* out, HiddenCapture* capture) {
   const int32_t n_layers = static_cast<int32_t>(model_->config().num_hidden_layers);
   const int32_t n_kv = static_cast<int32_t>(model_->config().num_key_value_heads);
   const int32_t n_sets = options_.batch_level ? 1 : n_kv;
-  const bool offloaded = gpu_layers_ < n_layers;
+  const bool offloaded = tiers_->any_offloaded();
   bool all_small = true;
   std::vector<int32_t> budgets;
   for (size_t j = 0; j < part.size(); ++j) {
@@ -139,11 +129,13 @@ absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::
       std::vector<const SlotMap*> cmaps(maps.begin(), maps.end());
       ASSIGN_OR_RETURN(plan, PlanElasticLoads(cmaps, *sets));
       sf.desc.slots = plan->slots;
-      if (std::find(reload_pending_.begin(), reload_pending_.end(), true) != reload_pending_.end()) {
+      if (tiers_->any_reload_pending()) {
         full = FullReloadCopies(*sets, plan->slots);
       }
       sf.layer_copies.assign(n_layers, nullptr);
-      for (int32_t l = gpu_layers_; l < n_layers; ++l) sf.layer_copies[l] = reload_pending_[l] ? &full : &plan->copies;
+      for (int32_t l = tiers_->gpu_layers(); l < n_layers; ++l) {
+        sf.layer_copies[l] = tiers_->reload_pending(l) ? &full : &plan->copies;
+      }
       sf.counters = &stats_.elastic;
       stats_.elastic.AddPlan(*plan);
     }
@@ -151,7 +143,7 @@ absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::
   RETURN_IF_ERROR(model_->Forward(part, /*all_tokens=*/false, out, &sf, capture));
   if (plan.has_value()) {
     RETURN_IF_ERROR(ApplyElasticPlan(*plan, *sets, maps));
-    std::fill(reload_pending_.begin(), reload_pending_.end(), false);
+    tiers_->ClearReloads();
   }
   ++(sf.dense_attention ? stats_.dense_steps : stats_.sparse_steps);
   return absl::OkStatus();

@@ -71,8 +71,6 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
                                                    options.synthetic_overlap));
   }
   std::unique_ptr<SparseDecoder> d(new SparseDecoder(model, head, options));
-  d->gpu_layers_ = static_cast<int32_t>(c.num_hidden_layers);
-  d->reload_pending_.assign(c.num_hidden_layers, false);
   if (options.synthetic_overlap > 0) d->synthetic_.emplace(options.synthetic_overlap);
   // The head's weights go up before the planner measures the device. A head that shares the target's
   // embedding reads the model's table on the backend instead of uploading a second copy (1 GB for an 8B
@@ -86,8 +84,11 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
     shared = &embed;
   }
   ASSIGN_OR_RETURN(d->dhead_, DeviceRetrievalHead::Create(*head, model->backend(), shared));
-  ASSIGN_OR_RETURN(d->planner_, MakeMeasuredPlanner(*model, options.budget, options.gpu_memory_limit,
-                                                    d->dhead_->cache_bytes_per_token()));
+  ASSIGN_OR_RETURN(std::optional<MemoryPlanner> planner,
+                   MakeMeasuredPlanner(*model, options.budget, options.gpu_memory_limit,
+                                       d->dhead_->cache_bytes_per_token()));
+  d->tiers_.emplace(model->backend(), static_cast<int32_t>(c.num_hidden_layers), std::move(planner),
+                    options.kv_grow_rows);
   return d;
 }
 
@@ -118,11 +119,12 @@ absl::StatusOr<std::unique_ptr<SequenceKv>> SparseDecoder::AllocateKv(uint64_t i
   // Device rows for the first chunk only; PlanLayers grows them before each forward that needs more. The
   // planner sees them first, so an admission moves layers to host rather than failing.
   const int32_t rows = DeviceRowsFor(1, capacity, options_.kv_grow_rows);
-  RETURN_IF_ERROR(PlanTiers(DeviceRowsInFlight() + rows, static_cast<int32_t>(seqs_.size()) + 1));
+  RETURN_IF_ERROR(tiers_->Plan(DeviceRowsInFlight() + rows, static_cast<int32_t>(seqs_.size()) + 1, TierSeqs()));
   std::shared_ptr<HostKvAllocator> host = ScopedHostKvAllocator::Current();
   if (host == nullptr) host = host_cache_;
   ASSIGN_OR_RETURN(std::unique_ptr<SequenceKv> kv,
-                   AllocateTieredKv(*model_->backend(), c, capacity, gpu_layers_, budget, std::move(host), rows));
+                   AllocateTieredKv(*model_->backend(), c, capacity, tiers_->gpu_layers(), budget, std::move(host),
+                                    rows));
   const int32_t n_sets = options_.mode == SelectionMode::kHeadLevel ? static_cast<int32_t>(c.num_key_value_heads) : 1;
   auto st = std::make_unique<SeqState>(n_sets, budget);
   st->kv = kv.get();
@@ -158,58 +160,15 @@ const SlotMap* SparseDecoder::slot_map(uint64_t id) const {
   return it == seqs_.end() ? nullptr : &it->second->map;
 }
 
-absl::Status SparseDecoder::OffloadLayers(int32_t gpu_layers) {
-  const int32_t n_layers = static_cast<int32_t>(model_->config().num_hidden_layers);
-  if (gpu_layers < 0 || gpu_layers > n_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("gpu layers ", gpu_layers, " outside [0, ", n_layers, "]"));
-  }
-  gpu_layers_cap_ = std::min(gpu_layers_cap_, gpu_layers);
-  return MoveToHost(gpu_layers);
-}
+absl::Status SparseDecoder::OffloadLayers(int32_t gpu_layers) { return tiers_->Offload(gpu_layers, TierSeqs()); }
 
-absl::Status SparseDecoder::MoveToHost(int32_t gpu_layers) {
-  // From the last layer backward, so the resident first layers hide the later layers' loads.
-  PhaseClock::time_point t = PhaseClock::now();
-  for (int32_t l = gpu_layers_ - 1; l >= gpu_layers; --l) {
-    for (auto& [id, st] : seqs_) RETURN_IF_ERROR(MoveLayerToHost(*model_->backend(), st->kv, l, st->budget));
-    stats_.layer_move_seconds += Lap(t);
-    reload_pending_[l] = true;
-    gpu_layers_ = l;
-    ++stats_.layer_moves;
-    SPC_LOG(INFO) << "layer moved to host" << Kv("layer", l) << Kv("sequences", seqs_.size());
+std::vector<TierSeq> SparseDecoder::TierSeqs() const {
+  std::vector<TierSeq> out;
+  out.reserve(seqs_.size());
+  for (const auto& [id, st] : seqs_) {
+    out.push_back({st->kv, st->budget, static_cast<int32_t>(st->cache.dim(1)), st->capacity});
   }
-  return absl::OkStatus();
-}
-
-absl::Status SparseDecoder::PlanTiers(int64_t rows, int32_t n_seqs) {
-  if (!planner_.has_value() || n_seqs == 0) return absl::OkStatus();
-  ASSIGN_OR_RETURN(LayerMovePlan plan, planner_->PlanMoves(gpu_layers_, rows, n_seqs, /*allow_return=*/true));
-  if (plan.gpu_layers_after < gpu_layers_) return MoveToHost(plan.gpu_layers_after);
-  if (plan.gpu_layers_after > gpu_layers_) {
-    // Back to the device only with room to spare (an eighth more rows and a growth chunk per sequence), so
-    // that a sequence growing or one more admission does not send the layer straight back to host.
-    const int64_t margin = rows / 8 + int64_t{n_seqs} * std::max(options_.kv_grow_rows, 1);
-    ASSIGN_OR_RETURN(int32_t keep, planner_->GpuLayersFor(rows + margin, n_seqs));
-    keep = std::min({keep, plan.gpu_layers_after, gpu_layers_cap_});
-    if (keep > gpu_layers_) return ReturnLayers(keep);
-  }
-  return absl::OkStatus();
-}
-
-absl::Status SparseDecoder::ReturnLayers(int32_t gpu_layers) {
-  // First offloaded layer first, so the resident layers stay a prefix. Each sequence gets its resident rows.
-  PhaseClock::time_point t = PhaseClock::now();
-  for (int32_t l = gpu_layers_; l < gpu_layers; ++l) {
-    for (auto& [id, st] : seqs_) {
-      RETURN_IF_ERROR(MoveLayerToDevice(*model_->backend(), st->kv, l, static_cast<int32_t>(st->cache.dim(1))));
-    }
-    reload_pending_[l] = false;
-    gpu_layers_ = l + 1;
-    ++stats_.layer_returns;
-    stats_.layer_move_seconds += Lap(t);
-    SPC_LOG(INFO) << "layer moved back to the device" << Kv("layer", l) << Kv("sequences", seqs_.size());
-  }
-  return absl::OkStatus();
+  return out;
 }
 
 int64_t SparseDecoder::DeviceRowsInFlight() const {
@@ -233,7 +192,7 @@ absl::Status SparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, std::spa
     total += rows - st->cache.dim(1);
     grow_.push_back({st, rows});
   }
-  RETURN_IF_ERROR(PlanTiers(total, static_cast<int32_t>(seqs_.size())));
+  RETURN_IF_ERROR(tiers_->Plan(total, static_cast<int32_t>(seqs_.size()), TierSeqs()));
   Backend& b = *model_->backend();
   PhaseClock::time_point t = PhaseClock::now();
   for (const auto& [st, rows] : grow_) {
@@ -344,7 +303,7 @@ absl::Status SparseDecoder::Prefill(std::span<const ForwardSeq> fwd, std::span<S
 absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
                                    Tensor* logits) {
   const int32_t n_layers = static_cast<int32_t>(model_->config().num_hidden_layers);
-  const bool offloaded = gpu_layers_ < n_layers;
+  const bool offloaded = tiers_->any_offloaded();
   SparseStepSeconds& secs = stats_.decode_seconds;
   const PhaseClock::time_point start = PhaseClock::now();
   PhaseClock::time_point t = start;
@@ -393,11 +352,13 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
       RETURN_IF_ERROR(PlanElasticLoads(cmaps_, sets, &plan_));
       planned = true;
       sf.desc.slots = plan_.slots;
-      if (std::find(reload_pending_.begin(), reload_pending_.end(), true) != reload_pending_.end()) {
+      if (tiers_->any_reload_pending()) {
         FullReloadCopies(sets, plan_.slots, &full_);
       }
       layer_copies_.assign(n_layers, nullptr);
-      for (int32_t l = gpu_layers_; l < n_layers; ++l) layer_copies_[l] = reload_pending_[l] ? &full_ : &plan_.copies;
+      for (int32_t l = tiers_->gpu_layers(); l < n_layers; ++l) {
+        layer_copies_[l] = tiers_->reload_pending(l) ? &full_ : &plan_.copies;
+      }
       sf.layer_copies = std::move(layer_copies_);
       sf.counters = &stats_.elastic;
       stats_.elastic.AddPlan(plan_);
@@ -411,7 +372,7 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
   secs.forward += Lap(t);
   if (planned) {
     RETURN_IF_ERROR(ApplyElasticPlan(plan_, selection_.sets, maps_));
-    std::fill(reload_pending_.begin(), reload_pending_.end(), false);
+    tiers_->ClearReloads();
   }
   // The step's sets become last_sets() by a swap (O(1)); the next selection refills the other buffer.
   if (!sf.dense_attention) std::swap(last_sets_, selection_.sets);
@@ -471,8 +432,11 @@ absl::Status SparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::span<c
 
 SparseEngineStats SparseDecoder::stats() const {
   SparseEngineStats s = stats_;
-  s.gpu_layers = gpu_layers_;
-  s.offloaded_layers = static_cast<int32_t>(model_->config().num_hidden_layers) - gpu_layers_;
+  s.gpu_layers = tiers_->gpu_layers();
+  s.offloaded_layers = tiers_->n_layers() - tiers_->gpu_layers();
+  s.layer_moves = tiers_->counters().moves;
+  s.layer_returns = tiers_->counters().returns;
+  s.layer_move_seconds = tiers_->counters().seconds;
   s.host_kv_bytes = model_->backend()->host_memory_report().total;
   s.device_bytes = model_->backend()->memory_report().total;
   return s;

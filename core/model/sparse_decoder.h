@@ -27,6 +27,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "core/model/layer_tiers.h"
 #include "core/model/pinned_host_cache.h"
 #include "core/model/sparse_hooks.h"
 #include "core/model/transformer.h"
@@ -86,8 +87,8 @@ class SparseDecoder : public SparseDecodeHooks {
   /// `gpu_layers` resident from then on (an operator's or a test's cap: the planner still moves more to host
   /// when it must, and brings layers back up to the cap when the sequences in flight fit again).
   absl::Status OffloadLayers(int32_t gpu_layers);
-  int32_t gpu_layers() const { return gpu_layers_; }
-  const std::optional<MemoryPlanner>& planner() const { return planner_; }
+  int32_t gpu_layers() const { return tiers_->gpu_layers(); }
+  const std::optional<MemoryPlanner>& planner() const { return tiers_->planner(); }
   /// The last decode step's index sets (tests compare sparse attention against a reference with them).
   const IndexSets& last_sets() const { return last_sets_; }
   /// The token->slot map of a live sequence (null when unknown): tests check slot buffers against it.
@@ -108,11 +109,7 @@ class SparseDecoder : public SparseDecodeHooks {
   // Plans the layer tiers for the rows the sequences will hold after this forward (moving layers to host
   // when a threshold is crossed), then grows the device KV and head caches of the sequences of `fwd`.
   absl::Status PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs);
-  // Moves layers to host when `rows` device rows over `n_seqs` sequences cross a planner threshold, and back
-  // to the device when they fit again with a margin (sequences finished).
-  absl::Status PlanTiers(int64_t rows, int32_t n_seqs);
-  absl::Status ReturnLayers(int32_t gpu_layers);  // layers [gpu_layers_, gpu_layers) back to the device
-  absl::Status MoveToHost(int32_t gpu_layers);    // layers [gpu_layers, gpu_layers_) to host (planner)
+  std::vector<TierSeq> TierSeqs() const;  // the live sequences for tiers_
   int64_t DeviceRowsInFlight() const;  // device rows the live sequences hold (each grows in chunks)
   absl::Status Prefill(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits);
   absl::Status Decode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits);
@@ -140,11 +137,8 @@ class SparseDecoder : public SparseDecodeHooks {
   HiddenCapture capture_;
   Tensor capture_buffer_;  // [most rows so far, fused_width]: capture_.out views its first rows
   std::vector<int32_t> free_hidden_slots_;
-  std::optional<MemoryPlanner> planner_;
+  std::optional<LayerTiers> tiers_;  // resident layers, planner, moves (built by Create)
   std::shared_ptr<PinnedHostCache> host_cache_ = PinnedHostCache::Create();
-  int32_t gpu_layers_ = 0;
-  int32_t gpu_layers_cap_ = INT32_MAX;  // OffloadLayers' cap on resident layers
-  std::vector<bool> reload_pending_;  // [L] layer moved to host since the last decode step
   std::vector<std::pair<SeqState*, int32_t>> grow_;  // PlanLayers scratch: sequences to grow, to rows
   absl::flat_hash_map<uint64_t, std::unique_ptr<SeqState>> seqs_;
   SparseEngineStats stats_;

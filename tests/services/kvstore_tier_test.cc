@@ -115,7 +115,9 @@ TEST_P(KvstoreTier, HostTierLivesInTheSegmentAndTextMatches) {
   StreamResult r = CallGenerate(GeneratorStub(gen.address()).get(), Request(kNew));
   ASSERT_TRUE(r.status.ok()) << r.status.error_message();
   EXPECT_EQ(r.text + "\n", cli_out) << "limit " << limit;
-  EXPECT_GT(r.final.sparsity().offloaded_layers(), 0);
+  // In-process the limit was calibrated for this request to need offloaded layers; the split generator holds
+  // no head cache, so once the long background requests are gone its layers came back to the device.
+  EXPECT_EQ(r.final.sparsity().offloaded_layers() > 0, !split) << r.final.sparsity().offloaded_layers();
   EXPECT_EQ(r.final.sparsity().fallback_steps(), 0);
   EXPECT_EQ(Metric(port, "spc_kvstore_host_tier_fallbacks_total"), 0);
   EXPECT_EQ(Metric(port, "spc_kvstore_errors_total"), 0);
