@@ -1,11 +1,20 @@
 #include "core/cuda/cuda_memory.h"
 
 #include <cuda_runtime.h>
+#include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "core/cuda/cuda_check.h"
+#include "core/log.h"
 
 namespace specontext::cuda {
 namespace {
@@ -182,6 +191,194 @@ int64_t CudaMemory::Available() const {
   int64_t avail = static_cast<int64_t>(free_bytes);
   if (limit_ > 0) avail = std::min(avail, std::max<int64_t>(0, limit_ - total_.load()));
   return avail;
+}
+
+// ---- pinned, device-mapped host memory --------------------------------------------------------------
+
+namespace {
+
+constexpr size_t kSmallPage = size_t{4} << 10;
+constexpr size_t kHugePage = size_t{2} << 20;
+
+size_t RoundUpTo(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+// The bracketed word of /sys/kernel/mm/transparent_hugepage/enabled ("always [madvise] never"); "" if unreadable.
+std::string ThpSetting() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string line;
+  if (!std::getline(f, line)) return "";
+  const size_t a = line.find('['), b = line.find(']');
+  return a == std::string::npos || b == std::string::npos || b < a ? "" : line.substr(a + 1, b - a - 1);
+}
+
+absl::Status Errno(const std::string& what) {
+  const int e = errno;
+  const std::string msg = absl::StrCat(what, ": ", std::strerror(e));
+  return e == ENOMEM ? absl::ResourceExhaustedError(msg) : absl::UnavailableError(msg);
+}
+
+// Page-locks and maps [p, p + n) for the device; device pointer must equal host pointer (UVA).
+absl::Status RegisterMapped(void* p, size_t n) {
+  cudaError_t err = cudaHostRegister(p, n, cudaHostRegisterMapped | cudaHostRegisterPortable);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return absl::ResourceExhaustedError(absl::StrCat("cudaHostRegister of ", n, " bytes failed: ",
+                                                     cudaGetErrorString(err)));
+  }
+  void* dev = nullptr;
+  err = cudaHostGetDevicePointer(&dev, p, 0);
+  if (err != cudaSuccess || dev != p) {
+    cudaGetLastError();
+    cudaHostUnregister(p);
+    return absl::FailedPreconditionError("registered host memory has a different device address (no UVA)");
+  }
+  return absl::OkStatus();
+}
+
+// An anonymous private mapping of `n` bytes starting on an `align` boundary (the excess is unmapped).
+absl::StatusOr<char*> MapAligned(size_t n, size_t align, int extra_flags) {
+  const size_t over = n + (align > kSmallPage ? align : 0);
+  void* raw = mmap(nullptr, over, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | extra_flags, -1, 0);
+  if (raw == MAP_FAILED) return Errno(absl::StrCat("mmap of ", over, " bytes"));
+  char* base = static_cast<char*>(raw);
+  char* p = reinterpret_cast<char*>(RoundUpTo(reinterpret_cast<uintptr_t>(base), align));
+  if (p > base) munmap(base, static_cast<size_t>(p - base));
+  if (base + over > p + n) munmap(p + n, static_cast<size_t>(base + over - (p + n)));
+  return p;
+}
+
+absl::StatusOr<MappedHostBlock> AllocRegistered(size_t bytes, HostPinMode mode) {
+  const bool huge = mode != HostPinMode::kRegister4K;
+  const size_t n = RoundUpTo(bytes, huge ? kHugePage : kSmallPage);
+  char* p = nullptr;
+  if (mode == HostPinMode::kHugeTlb) {
+    // The pool's 2 MiB pages (MAP_HUGE_2MB); mmap fails at once when /proc/sys/vm/nr_hugepages is short.
+    void* raw = mmap(nullptr, n, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | (21 << MAP_HUGE_SHIFT), -1, 0);
+    if (raw == MAP_FAILED) {
+      const int e = errno;
+      return absl::UnavailableError(absl::StrCat("mmap(MAP_HUGETLB) of ", n, " bytes: ", std::strerror(e),
+                                                 " (hugetlbfs pool too small? see /proc/meminfo HugePages_Free)"));
+    }
+    p = static_cast<char*>(raw);
+  } else {
+    if (mode == HostPinMode::kTransparentHuge && ThpSetting() == "never") {
+      return absl::UnavailableError("transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled)");
+    }
+    auto m = MapAligned(n, huge ? kHugePage : kSmallPage, 0);
+    if (!m.ok()) return m.status();
+    p = *m;
+    // Ask before the first fault, so the faults themselves get 2 MiB pages (or stay on 4 KiB for the baseline).
+    if (madvise(p, n, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) != 0) {
+      absl::Status st = Errno("madvise");
+      munmap(p, n);
+      return st;
+    }
+    // One write per page faults the range in now (zeroed pages), 2 MiB at a time when THP serves the fault.
+    const size_t step = huge ? kHugePage : kSmallPage;
+    for (size_t off = 0; off < n; off += step) p[off] = 0;
+  }
+  absl::Status st = RegisterMapped(p, n);
+  if (!st.ok()) {
+    munmap(p, n);
+    return st;
+  }
+  return MappedHostBlock{p, bytes, n, mode};
+}
+
+}  // namespace
+
+const char* HostPinModeName(HostPinMode mode) {
+  switch (mode) {
+    case HostPinMode::kCudaHostAlloc: return "hostalloc";
+    case HostPinMode::kRegister4K: return "register4k";
+    case HostPinMode::kTransparentHuge: return "thp";
+    case HostPinMode::kHugeTlb: return "hugetlb";
+  }
+  return "?";
+}
+
+bool ParseHostPinMode(const std::string& name, HostPinMode* mode) {
+  for (HostPinMode m : {HostPinMode::kCudaHostAlloc, HostPinMode::kRegister4K, HostPinMode::kTransparentHuge,
+                        HostPinMode::kHugeTlb}) {
+    if (name == HostPinModeName(m)) {
+      *mode = m;
+      return true;
+    }
+  }
+  return false;
+}
+
+absl::StatusOr<MappedHostBlock> AllocMappedHost(int device, size_t bytes, HostPinMode mode) {
+  if (bytes == 0) return absl::InvalidArgumentError("AllocMappedHost: 0 bytes");
+  RETURN_IF_CUDA_ERROR(cudaSetDevice(device));
+  if (mode != HostPinMode::kCudaHostAlloc) return AllocRegistered(bytes, mode);
+  void* p = nullptr;
+  const cudaError_t err = cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return absl::ResourceExhaustedError(absl::StrCat("cudaHostAlloc of ", bytes, " pinned bytes failed: ",
+                                                     cudaGetErrorString(err)));
+  }
+  void* dev = nullptr;
+  if (cudaHostGetDevicePointer(&dev, p, 0) != cudaSuccess || dev != p) {
+    cudaGetLastError();
+    cudaFreeHost(p);
+    return absl::FailedPreconditionError("mapped pinned memory has a different device address (no UVA)");
+  }
+  return MappedHostBlock{p, bytes, bytes, mode};
+}
+
+absl::StatusOr<MappedHostBlock> AllocMappedHostOrFallback(int device, size_t bytes, HostPinMode preferred) {
+  static std::atomic<bool> warned{false};
+  HostPinMode mode = preferred;
+  std::string why;
+  while (true) {
+    auto b = AllocMappedHost(device, bytes, mode);
+    if (b.ok() || mode == HostPinMode::kCudaHostAlloc || b.status().code() == absl::StatusCode::kInvalidArgument) {
+      if (b.ok() && !why.empty() && !warned.exchange(true)) {
+        SPC_LOG(WARNING) << "host KV memory: falling back from the preferred pinning" << Kv("preferred", HostPinModeName(preferred))
+                         << Kv("used", HostPinModeName(mode)) << Kv("reason", why);
+      }
+      return b;
+    }
+    if (why.empty()) why = b.status().ToString();
+    mode = mode == HostPinMode::kHugeTlb ? HostPinMode::kTransparentHuge : HostPinMode::kCudaHostAlloc;
+  }
+}
+
+void FreeMappedHost(const MappedHostBlock& block) {
+  if (block.ptr == nullptr) return;
+  if (block.mode == HostPinMode::kCudaHostAlloc) {
+    cudaFreeHost(block.ptr);  // errors at process exit (context gone) are harmless here
+    return;
+  }
+  cudaHostUnregister(block.ptr);
+  munmap(block.ptr, block.mapped);
+}
+
+int64_t HugePageBytes(const void* ptr, size_t bytes) {
+  std::ifstream f("/proc/self/smaps");
+  if (!f) return -1;
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(ptr), hi = lo + bytes;
+  int64_t kb = 0;
+  bool in = false;
+  std::string line;
+  while (std::getline(f, line)) {
+    unsigned long long a = 0, b = 0;
+    char dash = 0;
+    std::istringstream head(line);
+    // A VMA header starts "start-end perms ..." in hex; field lines start with a name and a colon.
+    if ((head >> std::hex >> a >> dash >> b) && dash == '-' && line.find(':') > line.find(' ')) {
+      in = a < hi && lo < b;
+      continue;
+    }
+    if (!in) continue;
+    for (const char* key : {"AnonHugePages:", "Private_Hugetlb:", "Shared_Hugetlb:"}) {
+      if (line.rfind(key, 0) == 0) kb += std::atoll(line.c_str() + std::strlen(key));
+    }
+  }
+  return kb * 1024;
 }
 
 }  // namespace specontext::cuda

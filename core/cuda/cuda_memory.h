@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -64,5 +65,46 @@ class CudaMemory : public std::enable_shared_from_this<CudaMemory> {
   std::atomic<int64_t> total_{0};
   std::atomic<int64_t> peak_{0};
 };
+
+// ---- pinned, device-mapped host memory (the host KV tier) ----------------------------------------
+//
+// The elastic gather (kernels/elastic_gather.cu) reads 256-512-byte rows of the host KV tier straight over
+// PCIe, each row of a step in a different 4 KiB page. How those pages are obtained decides what the GPU
+// (and an IOMMU) must translate per row: 4 KiB driver pages (cudaHostAlloc) or 2 MiB pages registered with
+// cudaHostRegister. tests/cuda/cuda_gather_bench.cc (--section footprint) measures the modes. On the H100 VM
+// (2026-11-24) every mode gathers at the same rate (~23 GB/s with one row per 32 KiB, ~42-46 GB/s with 4+
+// rows per 4 KiB page or a head's rows within 2 MiB), so AllocPinnedHost keeps cudaHostAlloc; only pinning
+// itself was faster with thp (1.8-4.4 GB/s against 1.3-2.1 for cudaHostAlloc: the startup of the host tier).
+
+enum class HostPinMode {
+  kCudaHostAlloc,    // cudaHostAlloc(mapped | portable): the driver's own (4 KiB) pages
+  kRegister4K,       // anonymous mmap kept on 4 KiB pages (MADV_NOHUGEPAGE) + cudaHostRegister(mapped | portable)
+  kTransparentHuge,  // 2 MiB-aligned anonymous mmap + MADV_HUGEPAGE, faulted in, + cudaHostRegister
+  kHugeTlb,          // mmap(MAP_HUGETLB, 2 MiB) from the hugetlbfs pool + cudaHostRegister
+};
+const char* HostPinModeName(HostPinMode mode);  // "hostalloc", "register4k", "thp", "hugetlb"
+bool ParseHostPinMode(const std::string& name, HostPinMode* mode);
+
+// One block of page-locked host memory mapped for the device; with unified addressing the device
+// pointer equals `ptr`, so one pointer serves host code and kernels (checked at allocation).
+struct MappedHostBlock {
+  void* ptr = nullptr;
+  size_t bytes = 0;      // asked for
+  size_t mapped = 0;     // mapped and pinned: `bytes` rounded up to the mode's page size
+  HostPinMode mode = HostPinMode::kCudaHostAlloc;
+};
+
+// Allocates `bytes` (> 0) with exactly `mode` on `device`. Unavailable when the mode cannot be had here
+// (no hugetlbfs pages, THP set to "never"), ResourceExhausted when pinning fails. Contents unspecified.
+absl::StatusOr<MappedHostBlock> AllocMappedHost(int device, size_t bytes, HostPinMode mode);
+// `preferred`, else the next mode of hugetlb -> thp -> hostalloc that works (register4k falls back to
+// hostalloc); the first fallback of the process logs one WARNING with the reason.
+absl::StatusOr<MappedHostBlock> AllocMappedHostOrFallback(int device, size_t bytes, HostPinMode preferred);
+// Unpins and releases a block of AllocMappedHost; the caller ensures no kernel still uses it.
+void FreeMappedHost(const MappedHostBlock& block);
+
+// Bytes of [ptr, ptr + bytes) the kernel backs with huge pages (THP or hugetlb), from /proc/self/smaps;
+// VMAs partly inside the range count in full. -1 when smaps cannot be read.
+int64_t HugePageBytes(const void* ptr, size_t bytes);
 
 }  // namespace specontext::cuda

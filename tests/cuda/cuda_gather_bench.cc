@@ -4,8 +4,11 @@
 // index-set overlaps 0.5-0.95. Time is wall time of the 32 ElasticLoad calls until the copy stream is idle
 // (launch overhead included), best of --reps. Then the decode kernels against their floors
 // (cuda_decode_bench.inc): sparse attention over a shape sweep, selection at R in {1, 8, 32}, S in {8K, 32K}.
+// --section footprint (not part of "all": it pins tens of GiB) is the decode benchmark's host tier at full
+// size, per host allocation mode (cuda_gather_footprint.inc has its flags).
 //
-//   cuda_gather_bench [--capacity 16384] [--reps 5] [--section all|elastic|attn|select]
+//   cuda_gather_bench [--capacity 16384] [--reps 5] [--section all|elastic|attn|select|footprint]
+//   cuda_gather_bench --section footprint --footprint-gib 80 --sequences 32 --alloc hostalloc,thp
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -172,6 +175,7 @@ void Run(int hd, int capacity, int reps) {
 }  // namespace specontext
 
 #include "tests/cuda/cuda_decode_bench.inc"
+#include "tests/cuda/cuda_gather_footprint.inc"
 
 int main(int argc, char** argv) {
   int capacity = 16384, reps = 5;
@@ -189,6 +193,12 @@ int main(int argc, char** argv) {
   if (capacity <= specontext::kBudget) {
     std::fprintf(stderr, "--capacity must exceed the budget %d\n", specontext::kBudget);
     return 1;
+  }
+  if (section == "footprint") {
+    specontext::footprint::Options o;
+    if (!specontext::footprint::Parse(argc, argv, &o)) return 1;
+    for (auto mode : o.modes) specontext::footprint::RunMode(o, mode);
+    return 0;
   }
   const double copy_gbs = specontext::bench::CopyBandwidth();
   std::printf("device copy bandwidth (read + write, 1 GiB D2D): %.0f GB/s: the floors below use it\n", copy_gbs);
