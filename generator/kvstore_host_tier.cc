@@ -66,6 +66,16 @@ absl::Status KvStoreHooks::Forward(std::span<const ForwardSeq> fwd, std::span<co
   return st;
 }
 
+absl::StatusOr<Tensor> KvStoreHooks::ForwardDevice(std::span<const ForwardSeq> fwd,
+                                                    std::span<const SparseStepSeq> seqs) {
+  absl::StatusOr<Tensor> logits = inner_->ForwardDevice(fwd, seqs);
+  if (absl::IsUnimplemented(logits.status())) return logits;  // nothing ran: the engine calls Forward
+  for (size_t i = 0; i < fwd.size() && i < seqs.size(); ++i) {
+    tracker_->SetTokens(seqs[i].id, static_cast<uint64_t>(fwd[i].past_len) + fwd[i].tokens.size());
+  }
+  return logits;
+}
+
 SparseEngineStats KvStoreHooks::stats() const {
   SparseEngineStats s = inner_->stats();
   s.host_kv_bytes += tracker_->tier_bytes();

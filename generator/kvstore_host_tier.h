@@ -49,6 +49,7 @@ class KvStoreHooks : public SparseDecodeHooks {
   void Release(uint64_t id) override;
   absl::Status Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs,
                        Tensor* logits) override;
+  absl::StatusOr<Tensor> ForwardDevice(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs) override;
   int32_t default_budget() const override { return inner_->default_budget(); }
   /// The inner stats with host_kv_bytes counting the kvstore tier too.
   SparseEngineStats stats() const override;

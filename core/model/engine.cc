@@ -309,28 +309,35 @@ absl::Status Engine::ForwardAndSample(std::span<const ForwardSeq> fwd, const std
                                       const std::vector<int32_t>& sample_rows, std::vector<int32_t>* tokens) {
   tokens->assign(sample_rows.size(), -1);
   Backend& backend = *model_->backend();
-  if (options_.sparse == nullptr && options_.device_sampling && backend.device_sampling()) {
-    ASSIGN_OR_RETURN(Tensor logits, model_->ForwardDevice(fwd, /*all_tokens=*/false));
-    if (sample_rows.empty()) return absl::OkStatus();  // prompt chunks only
-    // Every row is selected (rows without a token this step, greedily: cheaper than a gather); only the
-    // sampled rows draw from their request's generator, as the host sampler would.
-    std::vector<TokenSampling> rows(fwd.size());
-    for (int32_t i : sample_rows) {
-      Sampler& sampler = included[i]->sampler;
-      const SamplingParams& p = sampler.params();
-      rows[i] = TokenSampling{p.temperature, p.top_k, p.top_p, sampler.greedy() ? 0.0f : sampler.NextUniform()};
+  std::vector<SparseStepSeq> sparse_seqs;
+  if (options_.sparse != nullptr) {
+    for (Sequence* s : included) sparse_seqs.push_back({s->id, s->budget});
+  }
+  if (options_.device_sampling && backend.device_sampling()) {
+    absl::StatusOr<Tensor> logits = options_.sparse == nullptr ? model_->ForwardDevice(fwd, /*all_tokens=*/false)
+                                                               : options_.sparse->ForwardDevice(fwd, sparse_seqs);
+    // Sparse hooks without device logits refuse before doing anything: then sample on the host below.
+    if (!absl::IsUnimplemented(logits.status())) {
+      RETURN_IF_ERROR(logits.status());
+      if (sample_rows.empty()) return absl::OkStatus();  // prompt chunks only
+      // Every row is selected (rows without a token this step, greedily: cheaper than a gather); only the
+      // sampled rows draw from their request's generator, as the host sampler would.
+      std::vector<TokenSampling> rows(fwd.size());
+      for (int32_t i : sample_rows) {
+        Sampler& sampler = included[i]->sampler;
+        const SamplingParams& p = sampler.params();
+        rows[i] = TokenSampling{p.temperature, p.top_k, p.top_p, sampler.greedy() ? 0.0f : sampler.NextUniform()};
+      }
+      std::vector<int32_t> all(fwd.size());
+      RETURN_IF_ERROR(backend.SampleTokens(*logits, rows, all));
+      for (size_t j = 0; j < sample_rows.size(); ++j) (*tokens)[j] = all[sample_rows[j]];
+      return absl::OkStatus();
     }
-    std::vector<int32_t> all(fwd.size());
-    RETURN_IF_ERROR(backend.SampleTokens(logits, rows, all));
-    for (size_t j = 0; j < sample_rows.size(); ++j) (*tokens)[j] = all[sample_rows[j]];
-    return absl::OkStatus();
   }
   const int64_t vocab = model_->config().vocab_size;
   Tensor logits = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(fwd.size()), vocab});
   if (options_.sparse != nullptr) {
-    std::vector<SparseStepSeq> seqs;
-    for (Sequence* s : included) seqs.push_back({s->id, s->budget});
-    RETURN_IF_ERROR(options_.sparse->Forward(fwd, seqs, &logits));
+    RETURN_IF_ERROR(options_.sparse->Forward(fwd, sparse_seqs, &logits));
   } else {
     RETURN_IF_ERROR(model_->Forward(fwd, /*all_tokens=*/false, &logits));
   }

@@ -72,8 +72,9 @@ struct EngineOptions {
   // SpeContext sparse decoding (retrieval head, KV tiers, elastic loading, memory planner); null = dense.
   // Must be built for the same model; shared so the caller can keep a handle (stats, test hooks).
   std::shared_ptr<SparseDecodeHooks> sparse;
-  // Dense mode on a backend with Backend::device_sampling() (CUDA): keep the logits on the device and pick
-  // the tokens there, downloading only their ids. Off: download the logits and sample on the host.
+  // On a backend with Backend::device_sampling() (CUDA): keep the logits on the device and pick the tokens
+  // there, downloading only their ids (dense, and sparse hooks with ForwardDevice). Off: download the logits
+  // and sample on the host.
   bool device_sampling = true;
   // Called on the engine thread after each prompt chunk of a request: prompt tokens done, prompt size.
   std::function<void(uint64_t id, int32_t done, int32_t total)> prefill_progress;

@@ -289,11 +289,15 @@ absl::Status SparseDecoder::KeepLastHidden(std::span<const ForwardSeq> fwd, std:
 }
 
 absl::Status SparseDecoder::Prefill(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
-                                    Tensor* logits) {
+                                    Tensor* logits, bool device) {
   int64_t n = 0;
   for (const ForwardSeq& f : fwd) n += static_cast<int64_t>(f.tokens.size());
   ASSIGN_OR_RETURN(HiddenCapture * cap, PrepareCapture(n));
-  RETURN_IF_ERROR(model_->Forward(fwd, /*all_tokens=*/false, logits, nullptr, cap));
+  if (device) {
+    ASSIGN_OR_RETURN(*logits, model_->ForwardDevice(fwd, /*all_tokens=*/false, nullptr, cap));
+  } else {
+    RETURN_IF_ERROR(model_->Forward(fwd, /*all_tokens=*/false, logits, nullptr, cap));
+  }
   Tensor q;
   RETURN_IF_ERROR(Observe(fwd, states, cap, &q));
   if (cap != nullptr) RETURN_IF_ERROR(KeepLastHidden(fwd, states, *cap));
@@ -301,7 +305,7 @@ absl::Status SparseDecoder::Prefill(std::span<const ForwardSeq> fwd, std::span<S
 }
 
 absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
-                                   Tensor* logits) {
+                                   Tensor* logits, bool device) {
   const int32_t n_layers = static_cast<int32_t>(model_->config().num_hidden_layers);
   const bool offloaded = tiers_->any_offloaded();
   SparseStepSeconds& secs = stats_.decode_seconds;
@@ -366,7 +370,14 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
     }
   }
   ASSIGN_OR_RETURN(HiddenCapture * cap, PrepareCapture(static_cast<int64_t>(fwd.size())));
-  absl::Status fst = model_->Forward(fwd, /*all_tokens=*/false, logits, &sf, cap);
+  absl::Status fst;
+  if (device) {
+    absl::StatusOr<Tensor> d = model_->ForwardDevice(fwd, /*all_tokens=*/false, &sf, cap);
+    fst = d.status();
+    if (d.ok()) *logits = *std::move(d);
+  } else {
+    fst = model_->Forward(fwd, /*all_tokens=*/false, logits, &sf, cap);
+  }
   layer_copies_ = std::move(sf.layer_copies);  // back to the scratch, capacity kept
   RETURN_IF_ERROR(fst);
   secs.forward += Lap(t);
@@ -386,6 +397,18 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
 
 absl::Status SparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs,
                                     Tensor* logits) {
+  return Run(fwd, seqs, logits, /*device=*/false);
+}
+
+absl::StatusOr<Tensor> SparseDecoder::ForwardDevice(std::span<const ForwardSeq> fwd,
+                                                    std::span<const SparseStepSeq> seqs) {
+  Tensor logits;
+  RETURN_IF_ERROR(Run(fwd, seqs, &logits, /*device=*/true));
+  return logits;
+}
+
+absl::Status SparseDecoder::Run(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs, Tensor* logits,
+                                bool device) {
   if (fwd.size() != seqs.size()) return absl::InvalidArgumentError("sparse forward: one SparseStepSeq per sequence");
   RETURN_IF_ERROR(PlanLayers(fwd, seqs));
   const int64_t vocab = model_->config().vocab_size;
@@ -414,14 +437,27 @@ absl::Status SparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::span<c
     if (part.empty()) continue;
     // A pass holding every sequence writes the caller's logits directly (the usual decode step).
     const bool whole = part.size() == fwd.size();
-    const int64_t n_part = static_cast<int64_t>(part.size());
-    if (!whole && (pass_logits_.empty() || pass_logits_.dim(0) < n_part || pass_logits_.dim(1) != vocab)) {
-      pass_logits_ = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(fwd.size()), vocab});
+    const int64_t n_part = static_cast<int64_t>(part.size()), n_all = static_cast<int64_t>(fwd.size());
+    if (!device && !whole && (pass_logits_.empty() || pass_logits_.dim(0) < n_part || pass_logits_.dim(1) != vocab)) {
+      pass_logits_ = Tensor::HostEmpty(DType::kF32, {n_all, vocab});
     }
-    Tensor out = whole ? *logits : Tensor(pass_logits_.data(), DType::kF32, {n_part, vocab});
-    RETURN_IF_ERROR(pass == 0 ? Prefill(part, states, &out) : Decode(part, states, &out));
+    Tensor out = whole || device ? *logits : Tensor(pass_logits_.data(), DType::kF32, {n_part, vocab});
+    RETURN_IF_ERROR(pass == 0 ? Prefill(part, states, &out, device) : Decode(part, states, &out, device));
+    if (device && whole) *logits = out;
+    if (device && !whole) {
+      // The pass's device logits live until the next forward: its rows go to their place in one buffer.
+      Backend& b = *model_->backend();
+      if (device_logits_.empty() || device_logits_.dim(0) < n_all || device_logits_.dim(1) != vocab) {
+        ASSIGN_OR_RETURN(device_logits_, b.Alloc(DType::kF32, {n_all, vocab}, MemoryKind::kWorkspace));
+      }
+      for (size_t j = 0; j < part.size(); ++j) {
+        Tensor dst = View(device_logits_, static_cast<int64_t>(rows[j]) * vocab, {1, vocab});
+        RETURN_IF_ERROR(b.CopyDevice(View(out, static_cast<int64_t>(j) * vocab, {1, vocab}), &dst));
+      }
+      *logits = View(device_logits_, 0, {n_all, vocab});
+    }
     for (size_t j = 0; j < part.size(); ++j) {
-      if (!whole) {
+      if (!whole && !device) {
         std::memcpy(logits->as<float>() + rows[j] * vocab, out.as<float>() + j * vocab, vocab * sizeof(float));
       }
       states[j]->len = part[j].past_len + static_cast<int32_t>(part[j].tokens.size());

@@ -80,6 +80,7 @@ class SparseDecoder : public SparseDecodeHooks {
   void Release(uint64_t id) override;
   absl::Status Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs,
                        Tensor* logits) override;
+  absl::StatusOr<Tensor> ForwardDevice(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs) override;
   int32_t default_budget() const override { return options_.budget; }
   SparseEngineStats stats() const override;
 
@@ -111,8 +112,14 @@ class SparseDecoder : public SparseDecodeHooks {
   absl::Status PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs);
   std::vector<TierSeq> TierSeqs() const;  // the live sequences for tiers_
   int64_t DeviceRowsInFlight() const;  // device rows the live sequences hold (each grows in chunks)
-  absl::Status Prefill(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits);
-  absl::Status Decode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits);
+  // Both passes write `*logits`: host logits when it is a host f32 [n, vocab] tensor; with `device` set
+  // they replace *logits by the forward's device logits instead.
+  absl::Status Prefill(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits,
+                       bool device);
+  absl::Status Decode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* logits,
+                      bool device);
+  // Forward and ForwardDevice: `device` false writes the host `*logits`, true sets it to device logits.
+  absl::Status Run(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs, Tensor* logits, bool device);
   // The head observes the new tokens of `fwd` (one forward for the batch); q receives their queries
   // [n_tokens, n_heads, head_dim]. eagle3: token t pairs with the features of t-1, from `capture` (this
   // forward's rows) or from the sequence's row of hidden_pool_ (the previous forward's last row).
@@ -158,7 +165,8 @@ class SparseDecoder : public SparseDecodeHooks {
   std::vector<ForwardSeq> pass_fwd_;           // Forward's split into prompt and decode passes
   std::vector<SeqState*> pass_states_;
   std::vector<size_t> pass_rows_;
-  Tensor pass_logits_;  // host logits of one pass when a step mixes prompt chunks and decode tokens
+  Tensor pass_logits_;    // host logits of one pass when a step mixes prompt chunks and decode tokens
+  Tensor device_logits_;  // ForwardDevice of such a step: both passes' rows [rows, vocab] f32 on the device
 };
 
 }  // namespace specontext

@@ -64,6 +64,12 @@ class SparseDecodeHooks {
   /// `logits`), seqs[i] describes fwd[i].
   virtual absl::Status Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs,
                                Tensor* logits) = 0;
+  /// The same with the logits left on the backend: f32 [fwd.size(), vocab], valid until the next call (the
+  /// engine samples on the device and downloads only token ids). Unimplemented (before doing anything) by
+  /// hooks that do not support it: the engine then calls Forward.
+  virtual absl::StatusOr<Tensor> ForwardDevice(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs) {
+    return absl::UnimplementedError("this sparse decoder returns host logits only");
+  }
   /// The budget a request gets when it names none.
   virtual int32_t default_budget() const = 0;
   virtual SparseEngineStats stats() const = 0;

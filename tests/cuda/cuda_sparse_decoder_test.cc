@@ -180,6 +180,49 @@ TEST(CudaSparseDecoder, GrowingDeviceKvGivesBitwiseTheSameLogits) {
   EXPECT_GT(grow->stats().sparse_steps, 20);
 }
 
+// The engine in sparse mode samples on the device (SparseDecoder::ForwardDevice): the same tokens as
+// downloading the logits and sampling on the host, greedy and seeded, with a request arriving while another
+// decodes (steps mixing a prompt chunk and decode tokens: two passes whose device logits are merged) and
+// offloaded layers.
+TEST(CudaSparseDecoder, DeviceSamplingGivesTheHostSampledTokens) {
+  SPC_GPU_OR_SKIP(gpu);
+  auto t = LoadOn(std::move(gpu));
+  ASSERT_NE(t, nullptr);
+  const int32_t vocab = static_cast<int32_t>(t->checkpoint.config.vocab_size);
+  auto run = [&](bool device_sampling) {
+    auto dec = Decoder(t->model.get(), t->head.get(), 8);
+    EXPECT_TRUE(dec->OffloadLayers(1).ok());
+    EngineOptions eo;
+    eo.sparse = dec;
+    eo.device_sampling = device_sampling;
+    eo.max_tokens_per_step = 16;  // a 40-token prompt takes several steps beside the other's decode
+    Engine e(t->model.get(), nullptr, eo);
+    std::vector<std::vector<int32_t>> got(3);
+    auto submit = [&](int i) {
+      GenerationRequest r;
+      r.prompt = RandomPrompt(i == 1 ? 40 : 9 + i, vocab, 50 + i);
+      r.max_new_tokens = 30;
+      r.ignore_eos = true;
+      if (i == 2) r.sampling = {0.8f, 20, 0.9f, 1234};
+      EXPECT_TRUE(e.Submit(r, [&got, i](const StreamEvent& ev) {
+                     if (ev.token >= 0) got[i].push_back(ev.token);
+                   }).ok());
+    };
+    submit(0);
+    for (int k = 0; k < 4; ++k) EXPECT_TRUE(e.Step().ok());
+    submit(1);
+    submit(2);
+    while (e.HasWork()) EXPECT_TRUE(e.Step().ok());
+    EXPECT_GT(e.sparse_stats().sparse_steps, 10);
+    return got;
+  };
+  const auto host = run(false), device = run(true);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(host[i].size(), 30u) << "request " << i;
+    EXPECT_EQ(device[i], host[i]) << "request " << i;
+  }
+}
+
 TEST(CudaSparseDecoder, Eagle3CacheOnTheGpuMatchesTheCpuDecoder) {
   SPC_GPU_OR_SKIP(gpu);
   auto g = LoadOn(std::move(gpu));

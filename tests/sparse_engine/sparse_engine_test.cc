@@ -411,6 +411,40 @@ TEST_F(SparseEngineTest, PlannerMovesLayersAsTheDeviceKvGrows) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// ForwardDevice (the logits left on the backend) gives Forward's logits, also for a step that mixes a
+// prompt chunk and a decode token (two passes merged into one buffer).
+TEST_F(SparseEngineTest, ForwardDeviceGivesForwardsLogits) {
+  auto a = MakeDecoder(*tiny_, 6), b = MakeDecoder(*tiny_, 6);
+  ASSERT_TRUE(a->OffloadLayers(2).ok());
+  ASSERT_TRUE(b->OffloadLayers(2).ok());
+  const int64_t vocab = tiny_->checkpoint.config.vocab_size;
+  auto ka1 = a->AllocateKv(1, 64, 6), ka2 = a->AllocateKv(2, 64, 6);
+  auto kb1 = b->AllocateKv(1, 64, 6), kb2 = b->AllocateKv(2, 64, 6);
+  ASSERT_TRUE(ka1.ok() && ka2.ok() && kb1.ok() && kb2.ok());
+  const std::vector<int32_t> p1 = RandomPrompt(30, static_cast<int32_t>(vocab), 41);
+  const std::vector<int32_t> p2 = RandomPrompt(12, static_cast<int32_t>(vocab), 42);
+  int32_t len1 = 0, len2 = 0;
+  const std::vector<SparseStepSeq> ids = {{1, 6}, {2, 6}};
+  for (int step = 0; step < 16; ++step) {
+    // Sequence 2 decodes from step 1 on while sequence 1's prompt arrives in chunks of 3 (mixed steps).
+    const int32_t n1 = len1 < 30 ? 3 : 1, n2 = len2 == 0 ? 12 : 1;
+    std::vector<ForwardSeq> fa = {{std::span<const int32_t>(p1.data() + (len1 < 30 ? len1 : 29), n1), len1, ka1->get()},
+                                  {std::span<const int32_t>(p2.data() + (len2 == 0 ? 0 : 11), n2), len2, ka2->get()}};
+    std::vector<ForwardSeq> fb = {{fa[0].tokens, len1, kb1->get()}, {fa[1].tokens, len2, kb2->get()}};
+    Tensor host = Tensor::HostEmpty(DType::kF32, {2, vocab});
+    ASSERT_TRUE(a->Forward(fa, ids, &host).ok()) << "step " << step;
+    auto dev = b->ForwardDevice(fb, ids);
+    ASSERT_TRUE(dev.ok()) << dev.status();
+    ASSERT_EQ(dev->shape(), (Shape{2, vocab}));
+    Tensor down = Tensor::HostEmpty(DType::kF32, {2, vocab});
+    ASSERT_TRUE(tiny_->backend->ToHost(*dev, &down).ok());
+    ASSERT_EQ(std::memcmp(down.data(), host.data(), host.nbytes()), 0) << "step " << step;
+    len1 += n1;
+    len2 += n2;
+  }
+  EXPECT_GT(b->stats().sparse_steps, 5);
+}
+
 TEST_F(SparseEngineTest, LayersReturnToTheDeviceWhenSequencesFinish) {
   constexpr int32_t kB = 6, kGrow = 8;
   const int32_t vocab = static_cast<int32_t>(tiny_->checkpoint.config.vocab_size);

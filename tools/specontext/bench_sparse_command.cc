@@ -261,6 +261,7 @@ absl::Status RunBenchSparse(const Args& args) {
              {"budget", s.options.budget},
              {"sink", s.options.sink},
              {"kv_grow_rows", s.options.kv_grow_rows},
+             {"sampling", b.device_sampling() ? "device (greedy; ids downloaded)" : "none (host logits downloaded)"},
              {"planner_limit_bytes", s.options.gpu_memory_limit},
              {"planner_fixed_bytes", fixed_bytes},
              {"prefill_headroom_bytes", headroom},

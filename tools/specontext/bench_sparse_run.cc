@@ -185,6 +185,7 @@ absl::StatusOr<Json> SparseBenchRun::Measure() {
   if (len_ + s_.warmup + s_.steps > capacity_) return absl::InternalError("measuring past the KV capacity");
   std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(vocab - 1));
   Tensor logits = Tensor::HostEmpty(DType::kF32, {n, vocab});
+  std::vector<int32_t> sampled(n);
   const int32_t context = len_;
   SparseEngineStats before;
   std::vector<double> times;
@@ -198,7 +199,11 @@ absl::StatusOr<Json> SparseBenchRun::Measure() {
     for (int64_t i = 0; i < n; ++i) fwd.push_back({std::span<const int32_t>(&ids[i], 1), len_, kv_[i].get()});
     if (step == s_.warmup && dec_ != nullptr) before = dec_->stats();
     const absl::Time t0 = absl::Now();
-    RETURN_IF_ERROR(Forward(fwd, -1, &logits));
+    if (b.device_sampling()) {
+      RETURN_IF_ERROR(ForwardAndSampleOnDevice(fwd, &sampled));  // the engine's step: only ids come down
+    } else {
+      RETURN_IF_ERROR(Forward(fwd, -1, &logits));
+    }
     if (step >= s_.warmup) times.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
     ++len_;
     if (dec_ != nullptr) {
@@ -296,6 +301,22 @@ absl::StatusOr<Json> SparseBenchRun::Measure() {
   j["fill_seconds"] = fill_seconds_;
   j["alloc_seconds"] = alloc_seconds_;
   return j;
+}
+
+absl::Status SparseBenchRun::ForwardAndSampleOnDevice(std::span<const ForwardSeq> fwd, std::vector<int32_t>* ids) {
+  Transformer& m = *s_.rt->model;
+  absl::StatusOr<Tensor> logits;
+  if (dec_ == nullptr) {
+    logits = m.ForwardDevice(fwd, /*all_tokens=*/false);
+  } else {
+    std::vector<SparseStepSeq> seqs;
+    for (size_t i = 0; i < fwd.size(); ++i) seqs.push_back({static_cast<uint64_t>(i) + 1, s_.options.budget});
+    logits = dec_->ForwardDevice(fwd, seqs);
+  }
+  RETURN_IF_ERROR(logits.status());
+  std::vector<TokenSampling> greedy(fwd.size());
+  ids->resize(fwd.size());
+  return m.backend()->SampleTokens(*logits, greedy, *ids);
 }
 
 absl::Status SparseBenchRun::Forward(std::span<const ForwardSeq> fwd, int64_t only, Tensor* logits) {

@@ -57,6 +57,9 @@ class SparseBenchRun {
 
  private:
   absl::Status Forward(std::span<const ForwardSeq> fwd, int64_t only, Tensor* logits);
+  // A decode step as the engine runs it on a device-sampling backend: logits stay on the device, greedy
+  // tokens are picked there and only their ids come down (the step's one wait).
+  absl::Status ForwardAndSampleOnDevice(std::span<const ForwardSeq> fwd, std::vector<int32_t>* ids);
 
   const SparseBenchSetup& s_;
   std::mt19937& rng_;
