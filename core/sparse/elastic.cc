@@ -251,10 +251,7 @@ CopyList FullReloadCopies(const IndexSets& sets, std::span<const int32_t> slots)
 
 void FullReloadCopies(const IndexSets& sets, std::span<const int32_t> slots, CopyList* out) {
   CopyList& cl = *out;
-  cl.n_seqs = sets.n_seqs;
-  cl.n_kv_heads = sets.n_kv_heads;
-  cl.sets_per_seq = sets.sets_per_seq;
-  cl.budget = sets.budget;
+  cl.Reset(sets.n_seqs, sets.n_kv_heads, sets.sets_per_seq, sets.budget);
   cl.copy_ptr.assign(sets.indptr.begin(), sets.indptr.end());
   const size_t n = std::min(sets.indices.size(), slots.size());
   cl.copies.resize(n);

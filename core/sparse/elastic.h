@@ -83,6 +83,18 @@ struct CopyList {
   std::vector<RowCopy> copies;
   int64_t head_rows = 0;         // rows per layer and K or V: Σ copies × heads covered
   int64_t full_reload_rows = 0;  // rows a full reload of S_now would move, same unit
+
+  /// An empty list for these dimensions (copy_ptr = {0}: sets' ranges are appended after it).
+  void Reset(int32_t seqs, int32_t kv_heads, int32_t sets, int32_t rows_budget) {
+    n_seqs = seqs;
+    n_kv_heads = kv_heads;
+    sets_per_seq = sets;
+    budget = rows_budget;
+    copy_ptr.assign(1, 0);
+    copies.clear();
+    head_rows = 0;
+    full_reload_rows = 0;
+  }
 };
 
 struct ElasticPlan {

@@ -113,11 +113,7 @@ void AppendAndGather(HostPinMode mode, int n_kv, int hd, std::vector<int> caps, 
   // Copies: per (sequence, head) up to `budget` distinct random tokens (the appended one included) to
   // distinct random slots.
   CopyList cl;
-  cl.n_seqs = n;
-  cl.n_kv_heads = n_kv;
-  cl.sets_per_seq = n_kv;
-  cl.budget = budget;
-  cl.copy_ptr.push_back(0);
+  cl.Reset(n, n_kv, n_kv, budget);
   for (int i = 0; i < n; ++i) {
     for (int h = 0; h < n_kv; ++h) {
       std::vector<int32_t> toks(caps[i]), slots(budget);

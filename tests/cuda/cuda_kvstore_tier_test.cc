@@ -150,11 +150,7 @@ TEST_P(CudaKvstoreTierTest, AppendAndElasticLoadMatchCpu) {
   ASSERT_TRUE(cpu->KvAppendHost(1, nk, nv).ok());
   // Random distinct rows (and the appended one) into random distinct slots, per (sequence, KV head).
   CopyList cl;
-  cl.n_seqs = n_seqs;
-  cl.n_kv_heads = p.n_kv;
-  cl.sets_per_seq = p.n_kv;
-  cl.budget = p.budget;
-  cl.copy_ptr.push_back(0);
+  cl.Reset(n_seqs, p.n_kv, p.n_kv, p.budget);
   for (int i = 0; i < n_seqs; ++i) {
     for (int h = 0; h < p.n_kv; ++h) {
       std::vector<int32_t> tokens(past[i] + 1), slot_ids(p.budget);

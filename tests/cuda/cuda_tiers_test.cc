@@ -110,11 +110,7 @@ TEST(CudaTiersTest, KvAppendHostThenElasticLoad) {
     for (int h = 0; h < n_kv; ++h) sets.indptr.push_back(0);
   }
   CopyList cl;
-  cl.n_seqs = n;
-  cl.n_kv_heads = n_kv;
-  cl.sets_per_seq = n_kv;
-  cl.budget = budget;
-  cl.copy_ptr.push_back(0);
+  cl.Reset(n, n_kv, n_kv, budget);
   for (int i = 0; i < n; ++i) {
     for (int h = 0; h < n_kv; ++h) {
       cl.copies.push_back({past[i], 2});

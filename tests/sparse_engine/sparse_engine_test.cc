@@ -1,5 +1,5 @@
-// The sparse decode path end to end on the CPU backend: a tiny random checkpoint, a `layer` retrieval head
-// pruned from it, the Engine in sparse mode against the Engine in dense mode.
+// The sparse decode path end to end on the CPU backend: a tiny random checkpoint, a `layer`
+// retrieval head pruned from it, the Engine in sparse mode against the Engine in dense mode.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -17,7 +17,8 @@ using testing::LoadTiny;
 using testing::RandomPrompt;
 using testing::Tiny;
 
-std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, int n, int32_t budget = 0) {
+std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, int n,
+                            int32_t budget = 0) {
   GenerationRequest r;
   r.prompt = prompt;
   r.max_new_tokens = n;
@@ -28,7 +29,8 @@ std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, 
   return res.ok() ? res->tokens : std::vector<int32_t>{};
 }
 
-std::shared_ptr<SparseDecoder> MakeDecoder(Tiny& t, int32_t budget, int64_t limit = 0, int32_t sink = 1,
+std::shared_ptr<SparseDecoder> MakeDecoder(Tiny& t, int32_t budget, int64_t limit = 0,
+                                           int32_t sink = 1,
                                            SelectionMode mode = SelectionMode::kHeadLevel,
                                            int32_t grow_rows = SparseOptions{}.kv_grow_rows) {
   SparseOptions o;
@@ -42,6 +44,31 @@ std::shared_ptr<SparseDecoder> MakeDecoder(Tiny& t, int32_t budget, int64_t limi
   return d.ok() ? std::shared_ptr<SparseDecoder>(std::move(*d)) : nullptr;
 }
 
+// A greedy request of n tokens submitted to `engine`; its tokens and end arrive in *tokens / *done
+// as the caller steps the engine.
+absl::StatusOr<uint64_t> SubmitGreedy(Engine& engine, const std::vector<int32_t>& prompt, int n,
+                                      std::vector<int32_t>* tokens, bool* done) {
+  GenerationRequest r;
+  r.prompt = prompt;
+  r.max_new_tokens = n;
+  r.ignore_eos = true;
+  return engine.Submit(r, [tokens, done](const StreamEvent& ev) {
+    if (ev.token >= 0) tokens->push_back(ev.token);
+    *done = *done || ev.done;
+  });
+}
+
+// A device limit (measured planner model) under which every layer fits for ~30 rows of one sequence
+// only, for a decoder made while *probe (kept alive: its head copy is then part of what that
+// decoder measures) lives. The next decoder uploads its own copy of the head's weights (kRetrieval)
+// before it measures.
+int64_t LimitForAbout30Rows(Tiny& t, int32_t budget, std::shared_ptr<SparseDecoder>* probe) {
+  *probe = MakeDecoder(t, budget, int64_t{1} << 40);
+  const MemoryPlanner& p = *(*probe)->planner();
+  return static_cast<int64_t>(p.fixed_bytes() + (*probe)->device_head().weight_bytes() +
+                              30 * p.PerTokenBytes(0));
+}
+
 class SparseEngineTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -52,6 +79,13 @@ class SparseEngineTest : public ::testing::Test {
     Engine dense(tiny_->model.get(), nullptr, EngineOptions{});
     dense_ = Greedy(dense, prompt_, 40);
     ASSERT_EQ(dense_.size(), 40u);
+  }
+  // The greedy tokens of prompt_ (40) with budget B, every layer resident: what limited runs must match.
+  std::vector<int32_t> SparseReference(int32_t budget) {
+    EngineOptions eo;
+    eo.sparse = MakeDecoder(*tiny_, budget);
+    Engine ref(tiny_->model.get(), nullptr, eo);
+    return Greedy(ref, prompt_, 40);
   }
   std::unique_ptr<Tiny> tiny_;
   std::vector<int32_t> prompt_, dense_;
@@ -65,8 +99,8 @@ TEST_F(SparseEngineTest, BudgetAtLeastTheLengthGivesTheDenseTokens) {
   EXPECT_GT(sparse.sparse_stats().dense_steps, 0);
   EXPECT_EQ(sparse.sparse_stats().sparse_steps, 0);
 
-  // The same with layers 1 and 2 offloaded from the start: sparse attention over slot buffers that hold
-  // every past token is exact dense attention.
+  // The same with layers 1 and 2 offloaded from the start: sparse attention over slot buffers that
+  // hold every past token is exact dense attention.
   auto dec = MakeDecoder(*tiny_, 64);
   ASSERT_TRUE(dec->OffloadLayers(1).ok());
   eo.sparse = dec;
@@ -87,21 +121,15 @@ TEST_F(SparseEngineTest, SmallBudgetSelectsWithinBudgetAndLayerMovesDoNotChangeO
   const std::vector<int32_t> want = Greedy(ref, prompt_, 40);
   ASSERT_EQ(want.size(), 40u);
   EXPECT_GT(ref.sparse_stats().sparse_steps, 0);
-  EXPECT_LT(ref.sparse_stats().last_captured_mass, 1.0) << "a budget of 6 out of ~50 tokens drops some mass";
+  EXPECT_LT(ref.sparse_stats().last_captured_mass, 1.0)
+      << "a budget of 6 out of ~50 tokens drops some mass";
 
   auto dec = MakeDecoder(*tiny_, kB);
   eo.sparse = dec;
   Engine moved(tiny_->model.get(), nullptr, eo);
-  GenerationRequest r;
-  r.prompt = prompt_;
-  r.max_new_tokens = 40;
-  r.ignore_eos = true;
   std::vector<int32_t> got;
   bool done = false;
-  ASSERT_TRUE(moved.Submit(r, [&](const StreamEvent& ev) {
-                    if (ev.token >= 0) got.push_back(ev.token);
-                    done = done || ev.done;
-                  }).ok());
+  ASSERT_TRUE(SubmitGreedy(moved, prompt_, 40, &got, &done).ok());
   const size_t kv_index = static_cast<size_t>(MemoryKind::kKvCache);
   int64_t steps = 0;
   while (!done) {
@@ -146,17 +174,12 @@ TEST_F(SparseEngineTest, BatchLevelSelectionSharesOneSetAndSurvivesLayerMoves) {
 TEST_F(SparseEngineTest, PlannerMovesLayersUnderADeviceLimitWithoutChangingOutputs) {
   constexpr int32_t kB = 6;
   EngineOptions eo;
-  eo.sparse = MakeDecoder(*tiny_, kB);
-  Engine ref(tiny_->model.get(), nullptr, eo);
-  const std::vector<int32_t> want = Greedy(ref, prompt_, 40);
+  const std::vector<int32_t> want = SparseReference(kB);
 
-  // A limit where everything fits at 20 tokens but not at 50: measure the planner's model, then set it.
-  auto probe = MakeDecoder(*tiny_, kB, int64_t{1} << 40);
-  ASSERT_TRUE(probe->planner().has_value());
-  const MemoryPlanner& p = *probe->planner();
-  // The next decoder uploads its own copy of the head's weights (kRetrieval) before it measures.
-  const int64_t limit =
-      static_cast<int64_t>(p.fixed_bytes() + probe->device_head().weight_bytes() + 30 * p.PerTokenBytes(0));
+  // A limit where everything fits at 20 tokens but not at 50: measure the planner's model, then set
+  // it.
+  std::shared_ptr<SparseDecoder> probe;
+  const int64_t limit = LimitForAbout30Rows(*tiny_, kB, &probe);
   auto dec = MakeDecoder(*tiny_, kB, limit);
   auto st0 = dec->planner()->Thresholds(1);
   ASSERT_TRUE(st0.ok());
@@ -184,7 +207,8 @@ TEST_F(SparseEngineTest, SyntheticOverlapControlsTheElasticOverlap) {
   const SparseEngineStats st = e.sparse_stats();
   EXPECT_GT(st.sparse_steps, 50);
   EXPECT_TRUE(ValidateIndexSets(dec->last_sets()).ok());
-  // round(0.8 · 16) = 13 of 16 positions kept from the previous step (the first sparse step loads all).
+  // round(0.8 · 16) = 13 of 16 positions kept from the previous step (the first sparse step loads
+  // all).
   EXPECT_NEAR(st.elastic.overlap_ratio(), 13.0 / 16, 0.03);
   // Out of range is refused.
   o.synthetic_overlap = 1.5;
@@ -201,15 +225,16 @@ TEST_F(SparseEngineTest, ElasticSlotBuffersEqualAFullReload) {
   std::vector<int32_t> tokens = prompt_;
   int32_t cached = 0;
   for (int step = 0; step < 25; ++step) {
-    ForwardSeq f{std::span<const int32_t>(tokens.data() + cached, tokens.size() - cached), cached, kv->get()};
+    ForwardSeq f{std::span<const int32_t>(tokens.data() + cached, tokens.size() - cached), cached,
+                 kv->get()};
     Tensor logits = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
     ASSERT_TRUE(dec->Forward({&f, 1}, std::vector<SparseStepSeq>{{1, 5}}, &logits).ok());
     cached = static_cast<int32_t>(tokens.size());
     const float* lg = logits.as<float>();
     tokens.push_back(static_cast<int32_t>(std::max_element(lg, lg + c.vocab_size) - lg));
     if (step == 0) continue;
-    // Every position of the step's sets sits in its mapped slot of every offloaded layer, exactly as a full
-    // reload (FullReloadCopies into fresh buffers) would have put it.
+    // Every position of the step's sets sits in its mapped slot of every offloaded layer, exactly
+    // as a full reload (FullReloadCopies into fresh buffers) would have put it.
     const IndexSets& sets = dec->last_sets();
     const SlotMap* map = dec->slot_map(1);
     ASSERT_NE(map, nullptr);
@@ -220,7 +245,8 @@ TEST_F(SparseEngineTest, ElasticSlotBuffersEqualAFullReload) {
     const CopyList full = FullReloadCopies(sets, slots);
     for (int l = 1; l < c.num_hidden_layers; ++l) {
       SequenceKv& k = **kv;
-      Tensor fk = Tensor::HostEmpty(DType::kF32, k.slot_k[l].shape()), fv = Tensor::HostEmpty(DType::kF32, k.slot_v[l].shape());
+      Tensor fk = Tensor::HostEmpty(DType::kF32, k.slot_k[l].shape()),
+             fv = Tensor::HostEmpty(DType::kF32, k.slot_v[l].shape());
       std::vector<LayerRows> rows = {{k.host_k[l], k.host_v[l], fk, fv}};
       ASSERT_TRUE(ExecuteCopiesCpu(full, rows, nullptr).ok());
       const int64_t hd = c.head_dim, b = k.slot_budget;
@@ -275,7 +301,8 @@ TEST_F(SparseEngineTest, BadInputIsRefusedClearly) {
   std::filesystem::copy_file(files->second + "/model.safetensors", dir + "/model.safetensors",
                              std::filesystem::copy_options::overwrite_existing);
   std::ofstream(dir + "/config.json") << "{\"architectures\": [";
-  auto corrupt = RetrievalHead::Load(dir, tiny_->checkpoint.config, tiny_->checkpoint.weights.get());
+  auto corrupt =
+      RetrievalHead::Load(dir, tiny_->checkpoint.config, tiny_->checkpoint.weights.get());
   ASSERT_FALSE(corrupt.ok());
   EXPECT_NE(corrupt.status().message().find(dir), std::string::npos) << corrupt.status();
   std::filesystem::copy_file(files->second + "/config.json", dir + "/config.json",
@@ -291,8 +318,8 @@ TEST_F(SparseEngineTest, BatchOfRequestsWithOwnBudgetsAndADenseOne) {
   ASSERT_TRUE(dec->OffloadLayers(2).ok());
   eo.sparse = dec;
   Engine engine(tiny_->model.get(), nullptr, eo);
-  // Request 0: dense inside sparse mode -> the dense engine's tokens. Requests 1, 2: their own budgets,
-  // decoded in one batch, each equal to the same request run alone.
+  // Request 0: dense inside sparse mode -> the dense engine's tokens. Requests 1, 2: their own
+  // budgets, decoded in one batch, each equal to the same request run alone.
   std::vector<std::vector<int32_t>> got(3);
   std::vector<int32_t> budgets = {0, 4, 9};
   for (int i = 0; i < 3; ++i) {
@@ -302,9 +329,12 @@ TEST_F(SparseEngineTest, BatchOfRequestsWithOwnBudgetsAndADenseOne) {
     r.ignore_eos = true;
     r.dense = i == 0;
     r.budget = budgets[i];
-    ASSERT_TRUE(engine.Submit(r, [&got, i](const StreamEvent& ev) {
-                        if (ev.token >= 0) got[i].push_back(ev.token);
-                      }).ok());
+    ASSERT_TRUE(engine
+                    .Submit(r,
+                            [&got, i](const StreamEvent& ev) {
+                              if (ev.token >= 0) got[i].push_back(ev.token);
+                            })
+                    .ok());
   }
   while (engine.HasWork()) ASSERT_TRUE(engine.Step().ok());
   EXPECT_EQ(got[0], dense_);
@@ -314,7 +344,8 @@ TEST_F(SparseEngineTest, BatchOfRequestsWithOwnBudgetsAndADenseOne) {
     EngineOptions ao;
     ao.sparse = alone_dec;
     Engine alone(tiny_->model.get(), nullptr, ao);
-    EXPECT_EQ(Greedy(alone, RandomPrompt(7 + i, tiny_->checkpoint.config.vocab_size, 20 + i), 40, budgets[i]),
+    EXPECT_EQ(Greedy(alone, RandomPrompt(7 + i, tiny_->checkpoint.config.vocab_size, 20 + i), 40,
+                     budgets[i]),
               got[i])
         << "request " << i;
   }
@@ -330,23 +361,17 @@ TEST_F(SparseEngineTest, DeviceKvGrowsInChunksWithoutChangingOutputs) {
   ASSERT_EQ(want.size(), 40u);
   EXPECT_EQ(ref.sparse_stats().kv_grows, 0);
 
-  // Growing in chunks of 8 rows (the 10-token prompt, then every 8 tokens), with a layer moved to host
-  // midway: the same tokens, and the device holds only the rows the sequence reached.
+  // Growing in chunks of 8 rows (the 10-token prompt, then every 8 tokens), with a layer moved to
+  // host midway: the same tokens, and the device holds only the rows the sequence reached.
   auto dec = MakeDecoder(*tiny_, kB, 0, 1, SelectionMode::kHeadLevel, kGrow);
   eo.sparse = dec;
   Engine grown(tiny_->model.get(), nullptr, eo);
-  GenerationRequest r;
-  r.prompt = prompt_;
-  r.max_new_tokens = 40;
-  r.ignore_eos = true;
   std::vector<int32_t> got;
   bool done = false;
-  ASSERT_TRUE(grown.Submit(r, [&](const StreamEvent& ev) {
-                     if (ev.token >= 0) got.push_back(ev.token);
-                     done = done || ev.done;
-                   }).ok());
+  ASSERT_TRUE(SubmitGreedy(grown, prompt_, 40, &got, &done).ok());
   const ModelConfig& c = tiny_->checkpoint.config;
-  const int64_t row_bytes = c.num_key_value_heads * c.head_dim * static_cast<int64_t>(DTypeSize(tiny_->backend->compute_dtype()));
+  const int64_t row_bytes = c.num_key_value_heads * c.head_dim *
+                            static_cast<int64_t>(DTypeSize(tiny_->backend->compute_dtype()));
   const size_t kv_index = static_cast<size_t>(MemoryKind::kKvCache);
   int64_t steps = 0;
   while (!done) {
@@ -359,8 +384,9 @@ TEST_F(SparseEngineTest, DeviceKvGrowsInChunksWithoutChangingOutputs) {
     const int64_t rows = (len + kGrow - 1) / kGrow * kGrow;
     const int32_t resident = dec->gpu_layers();
     const int64_t device_kv = tiny_->backend->memory_report().bytes[kv_index];
-    EXPECT_EQ(device_kv, 2 * resident * rows * row_bytes) << "step " << steps << ": K and V of " << resident
-                                                          << " resident layers x " << rows << " rows";
+    EXPECT_EQ(device_kv, 2 * resident * rows * row_bytes)
+        << "step " << steps << ": K and V of " << resident << " resident layers x " << rows
+        << " rows";
     ASSERT_NE(dec->retrieval_cache(1), nullptr);
     EXPECT_EQ(dec->retrieval_cache(1)->dim(1), rows) << "the head's K cache grows with the KV";
   }
@@ -372,29 +398,17 @@ TEST_F(SparseEngineTest, DeviceKvGrowsInChunksWithoutChangingOutputs) {
 TEST_F(SparseEngineTest, PlannerMovesLayersAsTheDeviceKvGrows) {
   constexpr int32_t kB = 6, kGrow = 8;
   EngineOptions eo;
-  eo.sparse = MakeDecoder(*tiny_, kB);
-  Engine ref(tiny_->model.get(), nullptr, eo);
-  const std::vector<int32_t> want = Greedy(ref, prompt_, 40);
+  const std::vector<int32_t> want = SparseReference(kB);
   // A limit that holds every layer for 24 rows but not 48: with the KV growing in chunks of 8 the
   // sequence is admitted with every layer resident and the planner moves layers during generation.
-  auto probe = MakeDecoder(*tiny_, kB, int64_t{1} << 40);
-  ASSERT_TRUE(probe->planner().has_value());
-  const MemoryPlanner& p = *probe->planner();
-  const int64_t limit =
-      static_cast<int64_t>(p.fixed_bytes() + probe->device_head().weight_bytes() + 30 * p.PerTokenBytes(0));
+  std::shared_ptr<SparseDecoder> probe;
+  const int64_t limit = LimitForAbout30Rows(*tiny_, kB, &probe);
   auto dec = MakeDecoder(*tiny_, kB, limit, 1, SelectionMode::kHeadLevel, kGrow);
   eo.sparse = dec;
   Engine limited(tiny_->model.get(), nullptr, eo);
-  GenerationRequest r;
-  r.prompt = prompt_;
-  r.max_new_tokens = 40;
-  r.ignore_eos = true;
   std::vector<int32_t> got;
   bool done = false;
-  ASSERT_TRUE(limited.Submit(r, [&](const StreamEvent& ev) {
-                       if (ev.token >= 0) got.push_back(ev.token);
-                       done = done || ev.done;
-                     }).ok());
+  ASSERT_TRUE(SubmitGreedy(limited, prompt_, 40, &got, &done).ok());
   const int32_t n_layers = static_cast<int32_t>(tiny_->checkpoint.config.num_hidden_layers);
   int32_t resident_after_first_step = -1;
   while (!done) {
@@ -411,8 +425,8 @@ TEST_F(SparseEngineTest, PlannerMovesLayersAsTheDeviceKvGrows) {
             absl::StatusCode::kInvalidArgument);
 }
 
-// ForwardDevice (the logits left on the backend) gives Forward's logits, also for a step that mixes a
-// prompt chunk and a decode token (two passes merged into one buffer).
+// ForwardDevice (the logits left on the backend) gives Forward's logits, also for a step that mixes
+// a prompt chunk and a decode token (two passes merged into one buffer).
 TEST_F(SparseEngineTest, ForwardDeviceGivesForwardsLogits) {
   auto a = MakeDecoder(*tiny_, 6), b = MakeDecoder(*tiny_, 6);
   ASSERT_TRUE(a->OffloadLayers(2).ok());
@@ -426,11 +440,14 @@ TEST_F(SparseEngineTest, ForwardDeviceGivesForwardsLogits) {
   int32_t len1 = 0, len2 = 0;
   const std::vector<SparseStepSeq> ids = {{1, 6}, {2, 6}};
   for (int step = 0; step < 16; ++step) {
-    // Sequence 2 decodes from step 1 on while sequence 1's prompt arrives in chunks of 3 (mixed steps).
+    // Sequence 2 decodes from step 1 on while sequence 1's prompt arrives in chunks of 3 (mixed
+    // steps).
     const int32_t n1 = len1 < 30 ? 3 : 1, n2 = len2 == 0 ? 12 : 1;
-    std::vector<ForwardSeq> fa = {{std::span<const int32_t>(p1.data() + (len1 < 30 ? len1 : 29), n1), len1, ka1->get()},
-                                  {std::span<const int32_t>(p2.data() + (len2 == 0 ? 0 : 11), n2), len2, ka2->get()}};
-    std::vector<ForwardSeq> fb = {{fa[0].tokens, len1, kb1->get()}, {fa[1].tokens, len2, kb2->get()}};
+    std::vector<ForwardSeq> fa = {
+        {std::span<const int32_t>(p1.data() + (len1 < 30 ? len1 : 29), n1), len1, ka1->get()},
+        {std::span<const int32_t>(p2.data() + (len2 == 0 ? 0 : 11), n2), len2, ka2->get()}};
+    std::vector<ForwardSeq> fb = {{fa[0].tokens, len1, kb1->get()},
+                                  {fa[1].tokens, len2, kb2->get()}};
     Tensor host = Tensor::HostEmpty(DType::kF32, {2, vocab});
     ASSERT_TRUE(a->Forward(fa, ids, &host).ok()) << "step " << step;
     auto dev = b->ForwardDevice(fb, ids);
@@ -452,17 +469,16 @@ TEST_F(SparseEngineTest, LayersReturnToTheDeviceWhenSequencesFinish) {
   EngineOptions eo;
   eo.sparse = MakeDecoder(*tiny_, kB);
   Engine ref(tiny_->model.get(), nullptr, eo);
-  const std::vector<int32_t> want_long = Greedy(ref, prompt_, 40), want_short = Greedy(ref, short_prompt, 6);
-  auto probe = MakeDecoder(*tiny_, kB, int64_t{1} << 40);
-  const MemoryPlanner& p = *probe->planner();
-  const int64_t limit =
-      static_cast<int64_t>(p.fixed_bytes() + probe->device_head().weight_bytes() + 30 * p.PerTokenBytes(0));
+  const std::vector<int32_t> want_long = Greedy(ref, prompt_, 40),
+                             want_short = Greedy(ref, short_prompt, 6);
+  std::shared_ptr<SparseDecoder> probe;
+  const int64_t limit = LimitForAbout30Rows(*tiny_, kB, &probe);
   auto dec = MakeDecoder(*tiny_, kB, limit, 1, SelectionMode::kHeadLevel, kGrow);
   eo.sparse = dec;
   Engine e(tiny_->model.get(), nullptr, eo);
   const int32_t n_layers = static_cast<int32_t>(tiny_->checkpoint.config.num_hidden_layers);
-  // A long sequence moves layers to host; a short one after it finds room again: the layers come back,
-  // and it decodes as with every layer resident; a second long one moves them to host again.
+  // A long sequence moves layers to host; a short one after it finds room again: the layers come
+  // back, and it decodes as with every layer resident; a second long one moves them to host again.
   EXPECT_EQ(Greedy(e, prompt_, 40), want_long);
   EXPECT_LT(dec->gpu_layers(), n_layers);
   const int64_t moves = e.sparse_stats().layer_moves;
