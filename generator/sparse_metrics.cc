@@ -25,6 +25,8 @@ void SparseMetrics::Update(const SparseEngineStats& s, const RetrievalPathStats&
   AdvanceTo(sparse_steps, static_cast<double>(s.sparse_steps));
   AdvanceTo(dense_steps, static_cast<double>(s.dense_steps));
   AdvanceTo(layer_moves, static_cast<double>(s.layer_moves));
+  AdvanceTo(layer_returns, static_cast<double>(s.layer_returns));
+  AdvanceTo(kv_grows, static_cast<double>(s.kv_grows));
   AdvanceTo(remote_steps, static_cast<double>(r.remote_steps));
   AdvanceTo(prefetch_hidden, s.elastic.copy_hidden_seconds());
   AdvanceTo(prefetch_exposed, s.elastic.copy_exposed_seconds);
@@ -51,6 +53,10 @@ absl::StatusOr<SparseMetrics> RegisterSparseMetrics(metrics::Registry* r) {
   ASSIGN_OR_RETURN(m.dense_steps, counter("spc_dense_decode_steps_total",
                                           "Decode forwards on the exact dense path (every past within its budget)."));
   ASSIGN_OR_RETURN(m.layer_moves, counter("spc_kv_layer_moves_total", "Layers whose KV moved to host memory."));
+  ASSIGN_OR_RETURN(m.layer_returns, counter("spc_kv_layer_returns_total",
+                                            "Layers whose KV moved back to the device (sequences finished)."));
+  ASSIGN_OR_RETURN(m.kv_grows, counter("spc_kv_grows_total",
+                                       "Sequences whose device KV grew by a chunk (resident layers re-homed)."));
   ASSIGN_OR_RETURN(m.remote_steps, counter("spc_retrieval_remote_steps_total",
                                            "Decode steps whose index sets came from the retriever service."));
   ASSIGN_OR_RETURN(m.prefetch_hidden, counter("spc_prefetch_hidden_seconds_total",

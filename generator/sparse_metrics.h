@@ -28,6 +28,8 @@ struct SparseMetrics {
   metrics::Counter* sparse_steps = nullptr;      // spc_sparse_decode_steps_total
   metrics::Counter* dense_steps = nullptr;       // spc_dense_decode_steps_total
   metrics::Counter* layer_moves = nullptr;       // spc_kv_layer_moves_total
+  metrics::Counter* layer_returns = nullptr;     // spc_kv_layer_returns_total
+  metrics::Counter* kv_grows = nullptr;          // spc_kv_grows_total
   metrics::Counter* remote_steps = nullptr;      // spc_retrieval_remote_steps_total
   metrics::Counter* prefetch_hidden = nullptr;   // spc_prefetch_hidden_seconds_total
   metrics::Counter* prefetch_exposed = nullptr;  // spc_prefetch_exposed_seconds_total

@@ -118,6 +118,7 @@ TEST_P(KvstoreTier, HostTierLivesInTheSegmentAndTextMatches) {
   // In-process the limit was calibrated for this request to need offloaded layers; the split generator holds
   // no head cache, so once the long background requests are gone its layers came back to the device.
   EXPECT_EQ(r.final.sparsity().offloaded_layers() > 0, !split) << r.final.sparsity().offloaded_layers();
+  if (split) EXPECT_GT(Metric(port, "spc_kv_layer_returns_total"), 0);
   EXPECT_EQ(r.final.sparsity().fallback_steps(), 0);
   EXPECT_EQ(Metric(port, "spc_kvstore_host_tier_fallbacks_total"), 0);
   EXPECT_EQ(Metric(port, "spc_kvstore_errors_total"), 0);
