@@ -279,7 +279,9 @@ class Backend {
   // CUDA contract: a gather kernel reading mapped pinned memory, enqueued on the copy stream after (a) the
   // previous step's SparseAttention of this layer (it overwrites freed slots) and (b) earlier KvAppendHost
   // of this layer; it records one event per layer, and SparseAttention(layer) waits only on that event.
-  // The CopyList is host memory, consumed (copied) before the call returns.
+  // The CopyList is host memory, consumed (copied) before the call returns. Within one PrepareSparseDecode
+  // the same CopyList object passed again (every offloaded layer of a step shares the plan's list) is taken
+  // as unchanged: a caller that edits a list between layers passes another object.
   virtual absl::Status ElasticLoad(int layer, const CopyList& copies, ElasticCounters* counters) {
     return absl::UnimplementedError("ElasticLoad is not implemented by this backend");
   }
