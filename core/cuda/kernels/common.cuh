@@ -29,6 +29,20 @@ __device__ __forceinline__ float FromF32<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ bf16 FromF32<bf16>(float v) { return __float2bfloat16(v); }
 
+// A 16-byte read-only load that streams past L1 (data read once per kernel: K rows, V rows, caches).
+__device__ __forceinline__ uint4 LoadStream16(const void* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr));
+  return v;
+}
+
+// Word i (0..3, a compile-time constant after unrolling) of a 16-byte vector.
+__device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -45,18 +45,6 @@ __device__ __forceinline__ void StoreStat(const SelectionParams& p, int seq, int
   *st = make_float2(m, s);
 }
 
-__device__ __forceinline__ uint4 LoadStream16(const void* ptr) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
 // ---- Scores on tensor cores (bf16 q and K) -------------------------------------------------------------
 // S = Q·Kᵀ with mma.sync m16n8k16: A = the group's queries (row r = lane / 4 = head r; rows 8-15 zero), B = K
 // (n = key). Thread (r, c = lane % 4) loads 16 bytes of key row r (n-tile 0) and 8 + r (n-tile 1) at dims

@@ -40,14 +40,24 @@ __host__ __device__ inline SmemLayout Layout(int group, int hd) {
   return l;
 }
 
+// The keys of the set of (sequence, KV head g): rows [b, b + n_set) of p.rows, then the current token
+// (total = n_set + 1). Batch-level sets (one per sequence) serve every head.
+struct SetKeys {
+  int b, n_set, total;
+};
+__device__ __forceinline__ SetKeys KeysOf(const SparseAttnParams& p, int seq, int g) {
+  const int set = seq * p.sets_per_seq + (p.sets_per_seq == 1 ? 0 : g);
+  const int b = p.indptr[set];
+  const int n_set = p.indptr[set + 1] - b;
+  return {b, n_set, n_set + 1};
+}
+
 __global__ void __launch_bounds__(kThreads) SparseAttentionKernel(SparseAttnParams p) {
   extern __shared__ __align__(16) char smem[];
   const int seq = blockIdx.z, g = blockIdx.y, split = blockIdx.x;
   const int group = p.n_heads / p.n_kv, hd = p.head_dim;
-  const int set = seq * p.sets_per_seq + (p.sets_per_seq == 1 ? 0 : g);
-  const int b = p.indptr[set];
-  const int n_set = p.indptr[set + 1] - b;
-  const int total = n_set + 1;  // the set, then the current token
+  const SetKeys keys = KeysOf(p, seq, g);
+  const int b = keys.b, n_set = keys.n_set, total = keys.total;
   const int k0 = split * p.chunk;
   if (k0 >= total) return;
   const int k1 = min(total, k0 + p.chunk);
@@ -185,19 +195,6 @@ constexpr int kMmaWarps = 4;
 constexpr int kMmaTile = 16;  // keys per warp iteration
 constexpr int kMmaMaxGroup = 8;
 
-__device__ __forceinline__ uint4 LoadStream16(const bf16* ptr) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr));
-  return v;
-}
-
-// Word i (0..3, a compile-time constant after unrolling) of a 16-byte vector.
-__device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
 __device__ __forceinline__ void MmaBf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                         uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -227,10 +224,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 3) SparseAttentionMmaKernel(Sp
 
   const int seq = blockIdx.z, g = blockIdx.y, split = blockIdx.x;
   const int group = p.n_heads / p.n_kv;
-  const int set = seq * p.sets_per_seq + (p.sets_per_seq == 1 ? 0 : g);
-  const int b = p.indptr[set];
-  const int n_set = p.indptr[set + 1] - b;
-  const int total = n_set + 1;  // the set, then the current token
+  const SetKeys keys = KeysOf(p, seq, g);
+  const int b = keys.b, n_set = keys.n_set, total = keys.total;
   const int k0 = split * p.chunk;
   if (k0 >= total) return;
   const int k1 = min(total, k0 + p.chunk);
@@ -396,8 +391,7 @@ bool UseMma(const SparseAttnParams& p) {
 __global__ void SparseCombineKernel(SparseAttnParams p) {
   const int seq = blockIdx.x / p.n_heads, h = blockIdx.x % p.n_heads;
   const int group = p.n_heads / p.n_kv, g = h / group, hh = h % group;
-  const int set = seq * p.sets_per_seq + (p.sets_per_seq == 1 ? 0 : g);
-  const int total = p.indptr[set + 1] - p.indptr[set] + 1;
+  const int total = KeysOf(p, seq, g).total;
   const int n_splits = (total + p.chunk - 1) / p.chunk;
   const int64_t base = (int64_t(seq) * p.n_kv + g) * p.max_splits;
   float mx = -INFINITY;
