@@ -122,14 +122,17 @@ absl::Status CheckCopyColumns(const Tensor& src, int64_t col_begin, const Tensor
   return absl::OkStatus();
 }
 
+void Copy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, int64_t height) {
+  for (int64_t i = 0; i < height; ++i) {
+    std::memcpy(static_cast<char*>(dst) + i * dpitch, static_cast<const char*>(src) + i * spitch, width);
+  }
+}
+
 absl::Status CpuBackend::CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) {
   RETURN_IF_ERROR(CheckCopyColumns(src, col_begin, *dst));
   const size_t es = DTypeSize(src.dtype());
-  const int64_t n = src.dim(0), m = src.dim(1), c = dst->dim(1);
-  for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(static_cast<char*>(dst->data()) + i * c * es,
-                static_cast<const char*>(src.data()) + (i * m + col_begin) * es, c * es);
-  }
+  Copy2D(dst->data(), dst->dim(1) * es, static_cast<const char*>(src.data()) + col_begin * es, src.dim(1) * es,
+         dst->dim(1) * es, src.dim(0));
   return absl::OkStatus();
 }
 

@@ -77,6 +77,9 @@ class CpuBackend : public Backend {
 // Shape checks shared by the backends' argument validation.
 absl::Status CheckTensor(const Tensor& t, std::string_view what, DType dtype, int ndim);
 absl::Status CheckSameShape(const Tensor& a, const Tensor& b, std::string_view what);
+// `height` rows of `width` bytes from src (rows `spitch` bytes apart) to dst (`dpitch` apart), as
+// cudaMemcpy2D: the CPU side of the strided copies (column slices, per-head row ranges).
+void Copy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, int64_t height);
 absl::Status CheckCopyColumns(const Tensor& src, int64_t col_begin, const Tensor& dst);
 // CopyToColumns / ScatterRows argument checks (cpu_retrieval_ops.cc), shared with the CUDA backend.
 absl::Status CheckCopyToColumns(const Tensor& src, int64_t col_begin, const Tensor& dst);

@@ -57,21 +57,15 @@ absl::Status CheckScatterRows(const Tensor& src, std::span<const RowScatter> seg
 absl::Status CpuBackend::CopyToColumns(const Tensor& src, int64_t col_begin, Tensor* dst) {
   RETURN_IF_ERROR(CheckCopyToColumns(src, col_begin, *dst));
   const size_t es = DTypeSize(src.dtype());
-  const int64_t n = src.dim(0), c = src.dim(1), m = dst->dim(1);
-  for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(static_cast<char*>(dst->data()) + (i * m + col_begin) * es,
-                static_cast<const char*>(src.data()) + i * c * es, c * es);
-  }
+  Copy2D(static_cast<char*>(dst->data()) + col_begin * es, dst->dim(1) * es, src.data(), src.dim(1) * es,
+         src.dim(1) * es, src.dim(0));
   return absl::OkStatus();
 }
 
 absl::Status CpuBackend::CopyHeadRows(const Tensor& src, Tensor* dst, int64_t rows) {
   RETURN_IF_ERROR(CheckCopyHeadRows(src, dst, rows));
   const size_t row_bytes = src.dim(2) * DTypeSize(src.dtype());
-  for (int64_t h = 0; h < src.dim(0) && rows > 0; ++h) {
-    std::memcpy(static_cast<char*>(dst->data()) + h * dst->dim(1) * row_bytes,
-                static_cast<const char*>(src.data()) + h * src.dim(1) * row_bytes, rows * row_bytes);
-  }
+  Copy2D(dst->data(), dst->dim(1) * row_bytes, src.data(), src.dim(1) * row_bytes, rows * row_bytes, src.dim(0));
   return absl::OkStatus();
 }
 
