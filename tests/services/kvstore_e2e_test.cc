@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
+#include "tests/services/kvstore_segment.h"
 #include "tests/services/sparse_fixture.h"
 
 namespace specontext::testing {
@@ -23,12 +24,6 @@ namespace {
 
 // --kvstore: per-request entries and host-KV block reservations live in the shared segment; a generator
 // SIGKILLed mid-stream leaves them behind, and its restart (same --kvstore) reclaims every block.
-nlohmann::json Inspect(const std::string& name) {
-  int code = -1;
-  const std::string out = RunCommand({SPC_KVSTORE_BIN, "inspect", "--name", name, "--json"}, &code);
-  if (code != 0) return nlohmann::json();
-  return nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
-}
 
 TEST_F(SparseServices, KvstoreSurvivesGeneratorSigkill) {
   // Requests of the length the limit was calibrated for: longer ones would not fit it (the planner counts
@@ -37,15 +32,9 @@ TEST_F(SparseServices, KvstoreSurvivesGeneratorSigkill) {
   std::string cli_out;
   const std::string limit = OffloadLimit(kNew, &cli_out);
   ASSERT_FALSE(limit.empty());
-  const std::string name = absl::StrCat("spc_svc_test_", getpid(), "_", std::random_device{}());
   // Removes the segment on every exit path (a failed ASSERT included); the last step checks removal.
-  struct SegmentGuard {
-    std::string name;
-    ~SegmentGuard() {
-      int code = -1;
-      RunCommand({SPC_KVSTORE_BIN, "remove", "--name", name}, &code);
-    }
-  } guard{name};
+  SegmentGuard guard("spc_svc_test_");
+  const std::string& name = guard.name;
   std::vector<std::string> args = ModelArgs();
   // One running sequence at a time: the device limit was calibrated for one (the others wait in the queue,
   // with their table entries).

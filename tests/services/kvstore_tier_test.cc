@@ -17,25 +17,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
+#include "tests/services/kvstore_segment.h"
 #include "tests/services/sparse_fixture.h"
 
 namespace specontext::testing {
 namespace {
-
-nlohmann::json Inspect(const std::string& name) {
-  int code = -1;
-  const std::string out = RunCommand({SPC_KVSTORE_BIN, "inspect", "--name", name, "--json"}, &code);
-  if (code != 0) return nlohmann::json();
-  return nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
-}
-
-struct SegmentGuard {
-  std::string name = absl::StrCat("spc_tier_test_", getpid(), "_", std::random_device{}());
-  ~SegmentGuard() {
-    int code = -1;
-    RunCommand({SPC_KVSTORE_BIN, "remove", "--name", name}, &code);
-  }
-};
 
 class KvstoreTier : public SparseServices, public ::testing::WithParamInterface<bool> {
  protected:
@@ -73,7 +59,7 @@ TEST_P(KvstoreTier, HostTierLivesInTheSegmentAndTextMatches) {
   ASSERT_FALSE(limit.empty());
   ServerProcess ret;
   if (split) ASSERT_TRUE(ret.Start(SPC_RETRIEVER_BIN, {"--head", head_, "--log-level", "warning"}).ok());
-  SegmentGuard seg;
+  SegmentGuard seg("spc_tier_test_");
   ServerProcess gen;
   ASSERT_TRUE(gen.Start(SPC_GENERATOR_BIN, Args(limit, seg.name, 8192, split ? ret.address() : "")).ok());
   const int port = gen.metrics_port();
@@ -142,7 +128,7 @@ TEST_F(SparseServices, KvstoreTooSmallFallsBackToPinned) {
   std::string cli_out;
   const std::string limit = OffloadLimit(kNew, &cli_out);
   ASSERT_FALSE(limit.empty());
-  SegmentGuard seg;
+  SegmentGuard seg("spc_tier_test_");
   std::vector<std::string> args = ModelArgs();
   for (const std::string& s :
        {std::string("--retriever"), std::string("inproc"), std::string("--retrieval-head"), head_,

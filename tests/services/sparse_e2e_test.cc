@@ -135,31 +135,48 @@ TEST_F(SparseServices, BadSparseFlagsAreRejected) {
 
 // The brief's setup: a tiny random checkpoint and a head written by `specontext prune`; greedy output of
 // the generator in process and split equals the engine CLI's sparse output.
-TEST(SparseServicesTiny, PrunedHeadInprocAndSplitMatchEngineCli) {
-  const std::string root = absl::StrCat("/tmp/spc_sparse_tiny_", getpid());
-  std::filesystem::remove_all(root);
-  RemoveOnExit root_guard{root};
-  ModelConfig c = RandomCheckpointPreset("tiny-llama-tied-gqa").value();
+// The random-checkpoint tests: a prompt longer than the budget of 4, the engine CLI's greedy sparse text for
+// it (model and head under `root`, B 4, sink 2), and the same request for the services.
+constexpr char kTinyPrompt[] = "hello world, this prompt is long enough to exceed a budget of four";
+
+std::string TinyCliText(const std::string& root, int* code) {
+  return RunCommand({SPC_ENGINE_CLI_BIN, "generate", "--model", root + "/model", "--backend", "cpu", "--prompt",
+                     kTinyPrompt, "--max-new-tokens", "40", "--temperature", "0", "--ignore-eos", "--sparse",
+                     "--retrieval-head", root + "/head", "--budget", "4", "--sink", "2"},
+                    code);
+}
+
+// f32 weights from a fresh seed.
+RandomCheckpointOptions TinyOptions() {
   RandomCheckpointOptions o;
   o.dtype = DType::kF32;
   o.seed = std::random_device{}();
   o.num_threads = 2;
+  return o;
+}
+
+v1::GenerateRequest TinyRequest() {
+  v1::GenerateRequest req;
+  req.set_prompt(kTinyPrompt);
+  req.set_max_new_tokens(40);
+  req.set_ignore_eos(true);
+  return req;
+}
+
+TEST(SparseServicesTiny, PrunedHeadInprocAndSplitMatchEngineCli) {
+  const std::string root = absl::StrCat("/tmp/spc_sparse_tiny_", getpid());
+  std::filesystem::remove_all(root);
+  RemoveOnExit root_guard{root};
+  const ModelConfig c = RandomCheckpointPreset("tiny-llama-tied-gqa").value();
+  RandomCheckpointOptions o = TinyOptions();
   ASSERT_TRUE(WriteRandomCheckpoint(c, root + "/model", o).ok());
   int code = -1;
   RunCommand({SPC_ENGINE_CLI_BIN, "prune", "--source", root + "/model", "--kind", "layer", "--target",
               root + "/model", "--out", root + "/head"}, &code);
   ASSERT_EQ(code, 0);
-  const std::string prompt = "hello world, this prompt is long enough to exceed a budget of four";
-  const std::string cli = RunCommand({SPC_ENGINE_CLI_BIN, "generate", "--model", root + "/model", "--backend", "cpu",
-                                      "--prompt", prompt, "--max-new-tokens", "40", "--temperature", "0",
-                                      "--ignore-eos", "--sparse", "--retrieval-head", root + "/head", "--budget", "4",
-                                      "--sink", "2"},
-                                     &code);
+  const std::string cli = TinyCliText(root, &code);
   ASSERT_EQ(code, 0);
-  v1::GenerateRequest req;
-  req.set_prompt(prompt);
-  req.set_max_new_tokens(40);
-  req.set_ignore_eos(true);
+  const v1::GenerateRequest req = TinyRequest();
   const std::vector<std::string> common = {"--model", root + "/model", "--backend", "cpu", "--threads", "1",
                                            "--log-level", "warning", "--budget", "4", "--sink", "2"};
   {
@@ -206,11 +223,8 @@ TEST(SparseServicesTiny, Eagle3HeadSplitMatchesEngineCli) {
   const std::string root = absl::StrCat("/tmp/spc_sparse_eagle3_", getpid());
   std::filesystem::remove_all(root);
   RemoveOnExit root_guard{root};
-  ModelConfig c = RandomCheckpointPreset("tiny-llama-tied-gqa").value();
-  RandomCheckpointOptions o;
-  o.dtype = DType::kF32;
-  o.seed = std::random_device{}();
-  o.num_threads = 2;
+  const ModelConfig c = RandomCheckpointPreset("tiny-llama-tied-gqa").value();
+  RandomCheckpointOptions o = TinyOptions();
   ASSERT_TRUE(WriteRandomCheckpoint(c, root + "/model", o).ok());
   o.seed += 1;
   ASSERT_TRUE(WriteRandomEagle3Draft(c, root + "/draft", o).ok());
@@ -218,17 +232,9 @@ TEST(SparseServicesTiny, Eagle3HeadSplitMatchesEngineCli) {
   const std::string pruned = RunCommand({SPC_ENGINE_CLI_BIN, "prune", "--source", root + "/draft", "--kind", "eagle3",
                                          "--target", root + "/model", "--out", root + "/head"}, &code);
   ASSERT_EQ(code, 0) << pruned;
-  const std::string prompt = "hello world, this prompt is long enough to exceed a budget of four";
-  const std::string cli = RunCommand({SPC_ENGINE_CLI_BIN, "generate", "--model", root + "/model", "--backend", "cpu",
-                                      "--prompt", prompt, "--max-new-tokens", "40", "--temperature", "0",
-                                      "--ignore-eos", "--sparse", "--retrieval-head", root + "/head", "--budget", "4",
-                                      "--sink", "2"},
-                                     &code);
+  const std::string cli = TinyCliText(root, &code);
   ASSERT_EQ(code, 0);
-  v1::GenerateRequest req;
-  req.set_prompt(prompt);
-  req.set_max_new_tokens(40);
-  req.set_ignore_eos(true);
+  const v1::GenerateRequest req = TinyRequest();
   ServerProcess ret;
   ASSERT_TRUE(ret.Start(SPC_RETRIEVER_BIN, {"--head", root + "/head", "--model", root + "/model", "--log-level",
                                             "warning"}).ok());
