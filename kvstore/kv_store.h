@@ -197,6 +197,9 @@ class KvStore {
   void ApplyAllocate(const AllocPlan& plan, uint64_t id, uint32_t n);
   // Marks an allocation in progress (crash repair) and creates the sequence's record when the plan says so.
   SequenceRecord& BeginAllocate(const AllocPlan& plan, uint64_t id);
+  // Gives block b to sequence `s` (record slot `slot`) at the end of its chain; the test hook runs (with
+  // `step`) after the block is marked and before it is linked.
+  void AppendBlock(SequenceRecord& s, uint32_t slot, uint32_t b, uint32_t step);
   void PushFree(uint32_t block);
   // Removes the sequences whose slot is marked in `drop` ([max_sequences]) and frees their blocks
   // by scanning block metadata (never trusting links), then rebuilds the free list. Returns blocks

@@ -122,23 +122,27 @@ SequenceRecord& KvStore::BeginAllocate(const AllocPlan& plan, uint64_t id) {
   return s;
 }
 
+void KvStore::AppendBlock(SequenceRecord& s, uint32_t slot, uint32_t b, uint32_t step) {
+  meta_[b].sequence_slot = slot;
+  meta_[b].next = kNone;
+  if (apply_hook_) apply_hook_(step);
+  if (s.tail == kNone) {
+    s.head = b;
+  } else {
+    meta_[s.tail].next = b;
+  }
+  s.tail = b;
+  ++s.block_count;
+}
+
 void KvStore::ApplyAllocate(const AllocPlan& plan, uint64_t id, uint32_t n) {
   SequenceRecord& s = BeginAllocate(plan, id);
   for (uint32_t i = 0; i < n; ++i) {
     const uint32_t b = plan.blocks[i];
     state_->free_head = meta_[b].next;
     --state_->free_count;
-    meta_[b].sequence_slot = plan.slot;
-    meta_[b].next = kNone;
-    // Off the free list but not yet linked: the worst moment to die.
-    if (apply_hook_) apply_hook_(i + 1);
-    if (s.tail == kNone) {
-      s.head = b;
-    } else {
-      meta_[s.tail].next = b;
-    }
-    s.tail = b;
-    ++s.block_count;
+    // Off the free list but not yet linked (the hook's moment): the worst moment to die.
+    AppendBlock(s, plan.slot, b, i + 1);
   }
   state_->op_in_progress = kOpNone;
 }

@@ -43,17 +43,7 @@ absl::StatusOr<uint32_t> KvStore::AllocateRun(uint64_t id, uint32_t n) {
   }
   SequenceRecord& s = BeginAllocate(plan, id);
   for (uint64_t i = 0; i < n; ++i) {
-    const uint32_t b = static_cast<uint32_t>(first + i);
-    meta_[b].sequence_slot = plan.slot;
-    meta_[b].next = kNone;
-    if (apply_hook_) apply_hook_(static_cast<uint32_t>(i + 1));
-    if (s.tail == kNone) {
-      s.head = b;
-    } else {
-      meta_[s.tail].next = b;
-    }
-    s.tail = b;
-    ++s.block_count;
+    AppendBlock(s, plan.slot, static_cast<uint32_t>(first + i), static_cast<uint32_t>(i + 1));
   }
   // The run came from the middle of the free list: relink it from the metadata.
   RebuildFreeList();
