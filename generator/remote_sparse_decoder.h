@@ -110,7 +110,7 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   // Plans the tiers for the rows the sequences hold after this forward, then grows those of `fwd`.
   absl::Status PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps);
   int64_t DeviceRowsInFlight() const;
-  std::vector<TierSeq> TierSeqs() const;  // the live sequences for tiers_
+  std::span<const TierSeq> TierSeqs();  // the live sequences for tiers_ (in tier_seqs_, reused)
   absl::Status Decode(std::span<const ForwardSeq> part, std::span<Seq* const> seqs, std::span<const uint64_t> ids,
                       Tensor* out, HiddenCapture* capture);
   // remote_sparse_observe.cc. Engine thread: takes the head's feature needs from a stream's GetInfo.
@@ -130,6 +130,7 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   SparseEngineStats stats_;                  // engine thread
   uint64_t step_ = 0;                        // engine thread
   std::optional<LayerTiers> tiers_;  // engine thread: resident layers, planner, moves (MakePlanner)
+  std::vector<TierSeq> tier_seqs_;
   std::shared_ptr<PinnedHostCache> host_cache_ = PinnedHostCache::Create();  // host tier without a kvstore
   std::vector<int32_t> fusion_layers_;  // engine thread: the head's (empty: token ids only)
   int64_t fused_width_ = 0;

@@ -56,11 +56,10 @@ int64_t RemoteSparseDecoder::DeviceRowsInFlight() const {
   return rows;
 }
 
-std::vector<TierSeq> RemoteSparseDecoder::TierSeqs() const {
-  std::vector<TierSeq> out;
-  out.reserve(seqs_.size());
-  for (const auto& [id, seq] : seqs_) out.push_back({seq.kv, seq.budget, seq.rows, seq.capacity});
-  return out;
+std::span<const TierSeq> RemoteSparseDecoder::TierSeqs() {
+  tier_seqs_.clear();
+  for (const auto& [id, seq] : seqs_) tier_seqs_.push_back({seq.kv, seq.budget, seq.rows, seq.capacity});
+  return tier_seqs_;
 }
 
 absl::Status RemoteSparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps) {

@@ -162,13 +162,12 @@ const SlotMap* SparseDecoder::slot_map(uint64_t id) const {
 
 absl::Status SparseDecoder::OffloadLayers(int32_t gpu_layers) { return tiers_->Offload(gpu_layers, TierSeqs()); }
 
-std::vector<TierSeq> SparseDecoder::TierSeqs() const {
-  std::vector<TierSeq> out;
-  out.reserve(seqs_.size());
+std::span<const TierSeq> SparseDecoder::TierSeqs() {
+  tier_seqs_.clear();
   for (const auto& [id, st] : seqs_) {
-    out.push_back({st->kv, st->budget, static_cast<int32_t>(st->cache.dim(1)), st->capacity});
+    tier_seqs_.push_back({st->kv, st->budget, static_cast<int32_t>(st->cache.dim(1)), st->capacity});
   }
-  return out;
+  return tier_seqs_;
 }
 
 int64_t SparseDecoder::DeviceRowsInFlight() const {

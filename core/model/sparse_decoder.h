@@ -110,7 +110,8 @@ class SparseDecoder : public SparseDecodeHooks {
   // Plans the layer tiers for the rows the sequences will hold after this forward (moving layers to host
   // when a threshold is crossed), then grows the device KV and head caches of the sequences of `fwd`.
   absl::Status PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs);
-  std::vector<TierSeq> TierSeqs() const;  // the live sequences for tiers_
+  // The live sequences for tiers_, in tier_seqs_ (scratch reused: a step allocates nothing once grown).
+  std::span<const TierSeq> TierSeqs();
   int64_t DeviceRowsInFlight() const;  // device rows the live sequences hold (each grows in chunks)
   // Both passes write `*logits`: host logits when it is a host f32 [n, vocab] tensor; with `device` set
   // they replace *logits by the forward's device logits instead.
@@ -147,6 +148,7 @@ class SparseDecoder : public SparseDecodeHooks {
   std::optional<LayerTiers> tiers_;  // resident layers, planner, moves (built by Create)
   std::shared_ptr<PinnedHostCache> host_cache_ = PinnedHostCache::Create();
   std::vector<std::pair<SeqState*, int32_t>> grow_;  // PlanLayers scratch: sequences to grow, to rows
+  std::vector<TierSeq> tier_seqs_;                   // TierSeqs scratch
   absl::flat_hash_map<uint64_t, std::unique_ptr<SeqState>> seqs_;
   SparseEngineStats stats_;
   IndexSets last_sets_;
