@@ -66,6 +66,9 @@ class HostKvAllocator {
   // An uninitialised host tensor of `dtype` and `shape` ([n_kv_heads, capacity, head_dim]) that `backend`
   // addresses as it does AllocPinnedHost memory (see WrapHostTensor); its storage keeps the memory alive.
   virtual absl::StatusOr<Tensor> Alloc(Backend& backend, DType dtype, const Shape& shape) = 0;
+  // Whether its tensors may hold an interleaved host K/V pair (SequenceKv "Host layout": AllocPinnedHost
+  // memory); a layout other processes read (the kvstore segment) stays plain.
+  virtual bool interleaved_ok() const { return false; }
 };
 
 // KV storage of one sequence, allocated by the backend with kind kKvCache.
@@ -77,6 +80,13 @@ class HostKvAllocator {
 // current index sets at the slots of the sequence's SlotMap (core/sparse/elastic.h). For such a layer
 // k/v[layer] alias host_k/host_v[layer] (same tensor) so that dense ops of a prefill can still address it
 // (on CUDA: pinned memory mapped into the device address space). Empty host_k = every layer resident.
+//
+// Host layout of an offloaded layer: plain (host_k, host_v two [n_kv_heads, capacity, head_dim] tensors) or
+// interleaved, when the backend asks for it (Backend::host_kv_interleaved) and the host tier comes from
+// AllocPinnedHost (directly or through an allocator with interleaved_ok): host_k and host_v are then the same [n_kv_heads, capacity, 2, head_dim] tensor, a token's
+// K row and V row side by side, so the elastic gather reads two rows per host page it touches (behind the
+// device machine's IOMMU the gather rate is set by pages touched: 20.3 -> 28.9 GB/s on the H100, 2026-11-24).
+// KvRowsOf gives the addressing of either.
 struct SequenceKv {
   std::vector<Tensor> k;
   std::vector<Tensor> v;
@@ -91,6 +101,27 @@ struct SequenceKv {
     return layer >= 0 && static_cast<size_t>(layer) < host_k.size() && !host_k[layer].empty();
   }
 };
+
+// True for an interleaved host K/V tensor [n_kv_heads, rows, 2, head_dim] (SequenceKv "Host layout").
+inline bool IsKvPair(const Tensor& t) { return t.ndim() == 4 && t.dim(2) == 2; }
+
+// Where K/V rows of one layer live: K row (h, t) at k + (h * rows + t) * stride elements, V row at v + the
+// same. Plain tensors k, v [n_kv, rows, d]: stride d. An interleaved pair (k and v the same
+// [n_kv, rows, 2, d] tensor): v = k + d, stride 2d.
+struct KvRowsView {
+  void* k = nullptr;
+  void* v = nullptr;
+  int64_t heads = 0, rows = 0, head_dim = 0, stride = 0;  // stride in elements
+};
+inline KvRowsView KvRowsOf(const Tensor& k, const Tensor& v) {
+  if (IsKvPair(k)) {
+    const int64_t d = k.dim(3);
+    return {k.data(), static_cast<char*>(k.data()) + d * static_cast<int64_t>(DTypeSize(k.dtype())), k.dim(0),
+            k.dim(1), d, 2 * d};
+  }
+  if (k.ndim() != 3) return {};
+  return {k.data(), v.data(), k.dim(0), k.dim(1), k.dim(2), k.dim(2)};
+}
 
 // The sparse part of a decode batch (DESIGN.md §4): every sequence of the prepared BatchDesc decodes exactly
 // one token. `sets` are the index sets of the step (core/sparse/index_sets.h CSR layout, one entry per
@@ -165,6 +196,13 @@ class Backend {
   virtual absl::Status CopyHeadRows(const Tensor& src, Tensor* dst, int64_t rows) {
     return absl::UnimplementedError("CopyHeadRows is not implemented by this backend");
   }
+  // Rows [0, rows) of every KV head between plain tensors k, v [heads, R, d] (device or pinned host) and an
+  // interleaved host pair [heads, C, 2, d] (SequenceKv "Host layout"), rows <= R and C, same dtype: to_pair
+  // writes pair from k/v (a layer moving to host), else k/v from pair (back to the device, prefill staging).
+  // Ordered on the compute stream like CopyHeadRows.
+  virtual absl::Status CopyKvPairRows(Tensor* k, Tensor* v, Tensor* pair, int64_t rows, bool to_pair) {
+    return absl::UnimplementedError("CopyKvPairRows is not implemented by this backend");
+  }
   // dst = src[:, col_begin : col_begin + dst.dim(1)].  src [n, m], dst [n, c], same dtype. Splits
   // the output of a fused projection (QKV, gate/up) into contiguous tensors.
   virtual absl::Status CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) {
@@ -234,6 +272,12 @@ class Backend {
   }
   // Live pinned host bytes per kind (limit 0).
   virtual MemoryReport host_memory_report() const { return {}; }
+  // Whether host tiers from AllocPinnedHost are interleaved (SequenceKv "Host layout"; core/model/kv_tiers.h
+  // decides). Set by backends whose kernels take both layouts (CUDA, on by default); the CPU backend's ops
+  // take plain tiers only.
+  bool host_kv_interleaved() const { return host_kv_interleaved_; }
+  void set_host_kv_interleaved(bool on) { host_kv_interleaved_ = on && SupportsInterleavedHostKv(); }
+  virtual bool SupportsInterleavedHostKv() const { return false; }
   // Host memory the backend did not allocate (a kvstore shared-memory segment) made usable as AllocPinnedHost
   // memory is: CUDA page-locks and maps [ptr, ptr + bytes) (cudaHostRegister, mapped + portable), once per
   // region (core/cuda/cuda_host_register.cc); the CPU backend has nothing to do. `ptr` must be page aligned.
@@ -319,6 +363,9 @@ class Backend {
                                     std::span<int32_t> tokens) {
     return absl::UnimplementedError("SampleTokens is not implemented by this backend");
   }
+
+ private:
+  bool host_kv_interleaved_ = false;
 };
 
 // The CPU backend (always built). `memory_limit` 0 means no limit.

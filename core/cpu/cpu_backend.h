@@ -31,6 +31,7 @@ class CpuBackend : public Backend {
   // Retrieval head support (cpu_retrieval_ops.cc).
   absl::Status CopyToColumns(const Tensor& src, int64_t col_begin, Tensor* dst) override;
   absl::Status CopyHeadRows(const Tensor& src, Tensor* dst, int64_t rows) override;
+  absl::Status CopyKvPairRows(Tensor* k, Tensor* v, Tensor* pair, int64_t rows, bool to_pair) override;
   absl::Status ScatterRows(const Tensor& src, std::span<const RowScatter> segments) override;
   absl::Status SelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
                                SelectionResult* out) override;
@@ -85,6 +86,22 @@ absl::Status CheckCopyColumns(const Tensor& src, int64_t col_begin, const Tensor
 absl::Status CheckCopyToColumns(const Tensor& src, int64_t col_begin, const Tensor& dst);
 absl::Status CheckCopyHeadRows(const Tensor& src, const Tensor* dst, int64_t rows);
 absl::Status CheckScatterRows(const Tensor& src, std::span<const RowScatter> segments);
+// CopyKvPairRows: its check, and the copy as per-(head, K/V) strided copies through `copy_2d` (Copy2D's
+// arguments), shared with the CUDA backend (also for its prefill staging, which copies into raw buffers).
+absl::Status CheckCopyKvPairRows(const Tensor* k, const Tensor* v, const Tensor* pair, int64_t rows);
+struct KvPairCopy {
+  char* k;             // plain [heads, k_rows, d]
+  int64_t k_rows;
+  char* v;             // plain [heads, v_rows, d]
+  int64_t v_rows;
+  char* pair;          // interleaved [heads, pair_rows, 2, d]
+  int64_t pair_rows;
+  int64_t heads, rows, row_bytes;  // rows [0, rows) of every head, row_bytes = d * element size
+  bool to_pair;        // plain -> pair, else pair -> plain
+};
+KvPairCopy KvPairCopyOf(Tensor* k, Tensor* v, Tensor* pair, int64_t rows, bool to_pair);
+void CopyKvPairRowsOn(const KvPairCopy& c,
+                      const std::function<void(void*, size_t, const void*, size_t, size_t, int64_t)>& copy_2d);
 // Validates a ragged batch against q/k rows and each sequence's KV capacity and layer count.
 absl::Status CheckBatch(const BatchDesc& batch, int layer, int64_t n_rows);
 

@@ -29,6 +29,40 @@ absl::Status CheckCopyHeadRows(const Tensor& src, const Tensor* dst, int64_t row
   return absl::OkStatus();
 }
 
+absl::Status CheckCopyKvPairRows(const Tensor* k, const Tensor* v, const Tensor* pair, int64_t rows) {
+  const auto fits = [&](const Tensor* t) {
+    return t != nullptr && t->ndim() == 3 && t->dtype() == pair->dtype() && t->dim(0) == pair->dim(0) &&
+           t->dim(2) == pair->dim(3) && rows <= t->dim(1);
+  };
+  if (pair == nullptr || !IsKvPair(*pair) || !fits(k) || !fits(v) || rows < 0 || rows > pair->dim(1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CopyKvPairRows: ", rows, " rows between k ", k == nullptr ? std::string("null") : k->DebugString(), ", v ",
+        v == nullptr ? std::string("null") : v->DebugString(), " and pair ",
+        pair == nullptr ? std::string("null") : pair->DebugString(), " (expected [heads, rows, d] and [heads, C, 2, d])"));
+  }
+  return absl::OkStatus();
+}
+
+void CopyKvPairRowsOn(const KvPairCopy& c, const std::function<void(void*, size_t, const void*, size_t, size_t, int64_t)>& copy_2d) {
+  for (int64_t h = 0; h < c.heads && c.rows > 0; ++h) {
+    for (int half = 0; half < 2; ++half) {
+      char* plain = (half == 0 ? c.k : c.v) + h * (half == 0 ? c.k_rows : c.v_rows) * c.row_bytes;
+      char* inter = c.pair + (h * c.pair_rows * 2 + half) * c.row_bytes;
+      if (c.to_pair) {
+        copy_2d(inter, 2 * c.row_bytes, plain, c.row_bytes, c.row_bytes, c.rows);
+      } else {
+        copy_2d(plain, c.row_bytes, inter, 2 * c.row_bytes, c.row_bytes, c.rows);
+      }
+    }
+  }
+}
+
+KvPairCopy KvPairCopyOf(Tensor* k, Tensor* v, Tensor* pair, int64_t rows, bool to_pair) {
+  return {static_cast<char*>(k->data()), k->dim(1), static_cast<char*>(v->data()), v->dim(1),
+          static_cast<char*>(pair->data()), pair->dim(1), pair->dim(0), rows,
+          static_cast<int64_t>(pair->dim(3) * DTypeSize(pair->dtype())), to_pair};
+}
+
 absl::Status CheckScatterRows(const Tensor& src, std::span<const RowScatter> segments) {
   if (src.ndim() != 3) {
     return absl::InvalidArgumentError(absl::StrCat("ScatterRows: source ", src.DebugString(),
@@ -66,6 +100,12 @@ absl::Status CpuBackend::CopyHeadRows(const Tensor& src, Tensor* dst, int64_t ro
   RETURN_IF_ERROR(CheckCopyHeadRows(src, dst, rows));
   const size_t row_bytes = src.dim(2) * DTypeSize(src.dtype());
   Copy2D(dst->data(), dst->dim(1) * row_bytes, src.data(), src.dim(1) * row_bytes, rows * row_bytes, src.dim(0));
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::CopyKvPairRows(Tensor* k, Tensor* v, Tensor* pair, int64_t rows, bool to_pair) {
+  RETURN_IF_ERROR(CheckCopyKvPairRows(k, v, pair, rows));
+  CopyKvPairRowsOn(KvPairCopyOf(k, v, pair, rows, to_pair), Copy2D);
   return absl::OkStatus();
 }
 

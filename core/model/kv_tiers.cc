@@ -31,6 +31,36 @@ absl::StatusOr<Tensor> AllocHost(Backend& b, HostKvAllocator* host, DType dtype,
   return b.AllocPinnedHost(dtype, shape, MemoryKind::kKvCache);
 }
 
+// The host K and V of one offloaded layer, [n_kv, capacity, d] each or one interleaved pair (SequenceKv
+// "Host layout": AllocPinnedHost memory, directly or from an allocator with interleaved_ok).
+struct HostTier {
+  Tensor k, v;
+};
+
+absl::StatusOr<HostTier> AllocHostTier(Backend& b, HostKvAllocator* host, DType dtype, int64_t n_kv, int64_t capacity,
+                                       int64_t head_dim) {
+  HostTier t;
+  if (b.host_kv_interleaved() && (host == nullptr || host->interleaved_ok())) {
+    ASSIGN_OR_RETURN(t.k, AllocHost(b, host, dtype, {n_kv, capacity, 2, head_dim}));
+    t.v = t.k;
+    return t;
+  }
+  ASSIGN_OR_RETURN(t.k, AllocHost(b, host, dtype, {n_kv, capacity, head_dim}));
+  ASSIGN_OR_RETURN(t.v, AllocHost(b, host, dtype, {n_kv, capacity, head_dim}));
+  return t;
+}
+
+// Rows [0, rows) of plain k/v into (to_host) or out of a host tier, either layout.
+absl::Status CopyTierRows(Backend& b, Tensor* k, Tensor* v, HostTier* tier, int64_t rows, bool to_host) {
+  if (IsKvPair(tier->k)) return b.CopyKvPairRows(k, v, &tier->k, rows, to_host);
+  if (to_host) {
+    RETURN_IF_ERROR(b.CopyHeadRows(*k, &tier->k, rows));
+    return b.CopyHeadRows(*v, &tier->v, rows);
+  }
+  RETURN_IF_ERROR(b.CopyHeadRows(tier->k, k, rows));
+  return b.CopyHeadRows(tier->v, v, rows);
+}
+
 }  // namespace
 
 ScopedHostKvAllocator::ScopedHostKvAllocator(std::shared_ptr<HostKvAllocator> host)
@@ -64,15 +94,16 @@ absl::StatusOr<std::unique_ptr<SequenceKv>> AllocateTieredKv(Backend& b, const M
   EnsureTierVectors(kv.get());
   if (device_rows < 0) return absl::InvalidArgumentError(absl::StrCat("device rows must be >= 0, got ", device_rows));
   const int32_t rows = device_rows == 0 ? capacity : std::min(device_rows, capacity);
-  const Shape shape{c.num_key_value_heads, capacity, c.head_dim};
   const Shape device_shape{c.num_key_value_heads, rows, c.head_dim};
   for (int l = 0; l < n_layers; ++l) {
     if (l < gpu_layers) {
       ASSIGN_OR_RETURN(kv->k[l], b.Alloc(b.compute_dtype(), device_shape, MemoryKind::kKvCache));
       ASSIGN_OR_RETURN(kv->v[l], b.Alloc(b.compute_dtype(), device_shape, MemoryKind::kKvCache));
     } else {
-      ASSIGN_OR_RETURN(kv->host_k[l], AllocHost(b, host.get(), b.compute_dtype(), shape));
-      ASSIGN_OR_RETURN(kv->host_v[l], AllocHost(b, host.get(), b.compute_dtype(), shape));
+      ASSIGN_OR_RETURN(HostTier t, AllocHostTier(b, host.get(), b.compute_dtype(), c.num_key_value_heads, capacity,
+                                                 c.head_dim));
+      kv->host_k[l] = std::move(t.k);
+      kv->host_v[l] = std::move(t.v);
       kv->k[l] = kv->host_k[l];
       kv->v[l] = kv->host_v[l];
       RETURN_IF_ERROR(AllocSlots(b, kv.get(), l, c.num_key_value_heads, c.head_dim, budget));
@@ -88,23 +119,21 @@ absl::Status MoveLayerToHost(Backend& b, SequenceKv* kv, int layer, int32_t budg
   if (kv->offloaded(layer)) return absl::OkStatus();
   EnsureTierVectors(kv);
   const Tensor& dk = kv->k[layer];
-  const Shape host_shape{dk.dim(0), kv->capacity, dk.dim(2)};
   // Allocate everything first so a failure leaves the layer resident and intact.
-  ASSIGN_OR_RETURN(Tensor hk, AllocHost(b, kv->host_allocator.get(), dk.dtype(), host_shape));
-  ASSIGN_OR_RETURN(Tensor hv, AllocHost(b, kv->host_allocator.get(), dk.dtype(), host_shape));
-  RETURN_IF_ERROR(b.CopyHeadRows(kv->k[layer], &hk, dk.dim(1)));
-  RETURN_IF_ERROR(b.CopyHeadRows(kv->v[layer], &hv, dk.dim(1)));
+  ASSIGN_OR_RETURN(HostTier t, AllocHostTier(b, kv->host_allocator.get(), dk.dtype(), dk.dim(0), kv->capacity,
+                                             dk.dim(2)));
+  RETURN_IF_ERROR(CopyTierRows(b, &kv->k[layer], &kv->v[layer], &t, dk.dim(1), /*to_host=*/true));
   RETURN_IF_ERROR(b.Synchronize());  // the host copies are complete before the device KV is dropped
   const Shape shape{dk.dim(0), budget, dk.dim(2)};
   ASSIGN_OR_RETURN(Tensor sk, b.Alloc(dk.dtype(), shape, MemoryKind::kPrefetch));
   ASSIGN_OR_RETURN(Tensor sv, b.Alloc(dk.dtype(), shape, MemoryKind::kPrefetch));
-  kv->host_k[layer] = hk;
-  kv->host_v[layer] = hv;
+  kv->host_k[layer] = t.k;
+  kv->host_v[layer] = t.v;
   kv->slot_k[layer] = std::move(sk);
   kv->slot_v[layer] = std::move(sv);
   kv->slot_budget = budget;
-  kv->k[layer] = std::move(hk);  // drops the last reference to the device KV: its memory is freed
-  kv->v[layer] = std::move(hv);
+  kv->k[layer] = std::move(t.k);  // drops the last reference to the device KV: its memory is freed
+  kv->v[layer] = std::move(t.v);
   return absl::OkStatus();
 }
 
@@ -116,12 +145,12 @@ absl::Status MoveLayerToDevice(Backend& b, SequenceKv* kv, int layer, int32_t ro
   if (rows <= 0 || rows > kv->capacity) {
     return absl::InvalidArgumentError(absl::StrCat("move to device: ", rows, " rows outside [1, ", kv->capacity, "]"));
   }
-  const Tensor& hk = kv->host_k[layer];
-  const Shape shape{hk.dim(0), rows, hk.dim(2)};
-  ASSIGN_OR_RETURN(Tensor dk, b.Alloc(hk.dtype(), shape, MemoryKind::kKvCache));
-  ASSIGN_OR_RETURN(Tensor dv, b.Alloc(hk.dtype(), shape, MemoryKind::kKvCache));
-  RETURN_IF_ERROR(b.CopyHeadRows(kv->host_k[layer], &dk, rows));
-  RETURN_IF_ERROR(b.CopyHeadRows(kv->host_v[layer], &dv, rows));
+  HostTier t{kv->host_k[layer], kv->host_v[layer]};
+  const KvRowsView hr = KvRowsOf(t.k, t.v);
+  const Shape shape{hr.heads, rows, hr.head_dim};
+  ASSIGN_OR_RETURN(Tensor dk, b.Alloc(t.k.dtype(), shape, MemoryKind::kKvCache));
+  ASSIGN_OR_RETURN(Tensor dv, b.Alloc(t.k.dtype(), shape, MemoryKind::kKvCache));
+  RETURN_IF_ERROR(CopyTierRows(b, &dk, &dv, &t, rows, /*to_host=*/false));
   // The host blocks may be reused as soon as they are dropped (PinnedHostCache): the copies finish first.
   RETURN_IF_ERROR(b.Synchronize());
   kv->k[layer] = std::move(dk);
@@ -142,21 +171,24 @@ absl::Status AdoptHostTier(Backend& b, SequenceKv* kv, std::shared_ptr<HostKvAll
   std::vector<std::pair<Tensor, Tensor>> fresh(kv->host_k.size());
   for (size_t l = 0; l < kv->host_k.size(); ++l) {
     if (!kv->offloaded(static_cast<int>(l))) continue;
-    const Tensor& old = kv->host_k[l];
-    ASSIGN_OR_RETURN(fresh[l].first, host->Alloc(b, old.dtype(), old.shape()));
-    ASSIGN_OR_RETURN(fresh[l].second, host->Alloc(b, old.dtype(), old.shape()));
+    const KvRowsView old = KvRowsOf(kv->host_k[l], kv->host_v[l]);
+    const Shape shape{old.heads, old.rows, old.head_dim};
+    ASSIGN_OR_RETURN(fresh[l].first, host->Alloc(b, kv->host_k[l].dtype(), shape));
+    ASSIGN_OR_RETURN(fresh[l].second, host->Alloc(b, kv->host_k[l].dtype(), shape));
   }
   // Earlier appends (CUDA: kernels writing the mapped rows) must be done before the host reads them.
   if (rows > 0) RETURN_IF_ERROR(b.Synchronize());
   for (size_t l = 0; l < kv->host_k.size(); ++l) {
     if (fresh[l].first.empty()) continue;
+    const KvRowsView from = KvRowsOf(kv->host_k[l], kv->host_v[l]);
+    const int64_t es = static_cast<int64_t>(DTypeSize(kv->host_k[l].dtype())), row_bytes = from.head_dim * es;
     for (int pass = 0; pass < 2; ++pass) {
-      const Tensor& from = pass == 0 ? kv->host_k[l] : kv->host_v[l];
-      Tensor& to = pass == 0 ? fresh[l].first : fresh[l].second;
-      const int64_t heads = from.dim(0), row_bytes = from.dim(2) * static_cast<int64_t>(DTypeSize(from.dtype()));
-      for (int64_t h = 0; h < heads && rows > 0; ++h) {
-        const int64_t off = h * from.dim(1) * row_bytes;
-        std::memcpy(static_cast<char*>(to.data()) + off, static_cast<const char*>(from.data()) + off, rows * row_bytes);
+      const char* src = static_cast<const char*>(pass == 0 ? from.k : from.v);
+      char* to = static_cast<char*>((pass == 0 ? fresh[l].first : fresh[l].second).data());
+      for (int64_t h = 0; h < from.heads && rows > 0; ++h) {
+        for (int64_t r = 0; r < rows; ++r) {
+          std::memcpy(to + (h * from.rows + r) * row_bytes, src + (h * from.rows + r) * from.stride * es, row_bytes);
+        }
       }
     }
     kv->host_k[l] = fresh[l].first;

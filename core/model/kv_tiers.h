@@ -17,8 +17,10 @@ namespace specontext {
 
 /// KV of one sequence of up to `capacity` tokens with layers >= gpu_layers offloaded.
 /// Device tensors: kKvCache (full KV [n_kv, device_rows, head_dim] of the resident layers; device_rows 0 or
-/// >= capacity: capacity), kPrefetch (slot buffers [n_kv, budget, head_dim]); host: kKvCache, always
-/// [n_kv, capacity, head_dim]. Resident layers holding fewer rows than the capacity grow with GrowDeviceKv.
+/// >= capacity: capacity), kPrefetch (slot buffers [n_kv, budget, head_dim]); host: kKvCache, capacity rows,
+/// plain ([n_kv, capacity, head_dim] K and V) or, where the backend asks for it and the memory is this process's
+/// pinned memory, one interleaved [n_kv, capacity, 2, head_dim] pair (SequenceKv "Host layout"). Resident layers
+/// holding fewer rows than the capacity grow with GrowDeviceKv.
 /// `host` (may be null) becomes kv->host_allocator; when null, the innermost ScopedHostKvAllocator of this
 /// thread (if any) is used instead.
 absl::StatusOr<std::unique_ptr<SequenceKv>> AllocateTieredKv(Backend& backend, const ModelConfig& config,
@@ -45,7 +47,8 @@ absl::Status GrowDeviceKv(Backend& backend, SequenceKv* kv, int32_t rows);
 absl::Status GrowHeadRows(Backend& backend, Tensor* t, int64_t rows, MemoryKind kind);
 
 /// Moves `layer` of one sequence to host: copies its device KV (every row it holds; rows past the sequence
-/// are don't-care) into new host tensors of `capacity` rows (kv->host_allocator, else pinned), allocates
+/// are don't-care) into a new host tier of `capacity` rows (kv->host_allocator, else pinned; interleaved as
+/// AllocateTieredKv's), allocates
 /// the slot buffers, then drops the device KV so its memory is freed. The slot buffers start empty: the
 /// caller fills them (FullReloadCopies) before the layer's next sparse attention. No-op when the layer is
 /// already offloaded.
@@ -57,8 +60,8 @@ absl::Status MoveLayerToHost(Backend& backend, SequenceKv* kv, int layer, int32_
 /// No-op when the layer is resident. On error the layer stays offloaded and intact.
 absl::Status MoveLayerToDevice(Backend& backend, SequenceKv* kv, int layer, int32_t rows);
 
-/// Re-homes the host copies of every offloaded layer of `kv` into tensors from `host` (which becomes
-/// kv->host_allocator), keeping rows [0, rows) of each KV head (the tokens the sequence holds; 0 for a
+/// Re-homes the host copies of every offloaded layer of `kv` into plain tensors from `host` (which becomes
+/// kv->host_allocator; an interleaved tier is split into K and V), keeping rows [0, rows) of each KV head (the tokens the sequence holds; 0 for a
 /// sequence that was just allocated). For code that allocated `kv` without an allocator (a decorator around
 /// a SparseDecodeHooks). Waits for the backend (Synchronize) before copying. On error `kv` is unchanged.
 absl::Status AdoptHostTier(Backend& backend, SequenceKv* kv, std::shared_ptr<HostKvAllocator> host, int32_t rows);

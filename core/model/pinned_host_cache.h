@@ -26,6 +26,8 @@ class PinnedHostCache : public HostKvAllocator, public std::enable_shared_from_t
   /// (Backend::AllocPinnedHost, accounted as kKvCache host bytes while pinned, cached or not). When pinning
   /// fails the free blocks are unpinned and it is tried once more.
   absl::StatusOr<Tensor> Alloc(Backend& backend, DType dtype, const Shape& shape) override;
+  /// Its blocks are AllocPinnedHost memory of this process: host tiers may be interleaved.
+  bool interleaved_ok() const override { return true; }
   /// Pins `count` more free blocks for tensors of `bytes` bytes. On error the blocks pinned so far stay cached.
   absl::Status Reserve(Backend& backend, int64_t bytes, int64_t count);
   /// Unpins every free block.
