@@ -51,8 +51,8 @@ absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
     return absl::InvalidArgumentError("batch: sequence 0 has no KV layers");
   }
   const int n_layers = static_cast<int>(first->k.size());
-  const int64_t n_kv = first->k[0].ndim() == 3 ? first->k[0].dim(0) : 0;
-  const int64_t hd = first->k[0].ndim() == 3 ? first->k[0].dim(2) : 0;
+  const KvRowsView first_rows = KvRowsOf(first->k[0], first->v[0]);
+  const int64_t n_kv = first_rows.heads, hd = first_rows.head_dim;
   std::vector<int32_t> row_seq(batch.n_tokens, -1);
   std::vector<AttnSeq> seqs(size_t(n_layers) * n_seqs);  // [layer][sequence]
   std::vector<const void*> k_ptrs(size_t(n_layers) * n_seqs), v_ptrs(size_t(n_layers) * n_seqs);
@@ -71,18 +71,25 @@ absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
     }
     const int64_t need = int64_t{s.past_len} + s.n_tokens;
     for (int l = 0; l < n_layers; ++l) {
-      const int64_t rows = kv->k[l].ndim() == 3 ? kv->k[l].dim(1) : 0;
+      // Plain K and V [n_kv, rows, hd], or an interleaved host pair (the same [n_kv, rows, 2, hd] tensor).
+      const KvRowsView r = KvRowsOf(kv->k[l], kv->v[l]);
+      const bool pair = IsKvPair(kv->k[l]);
       for (const Tensor* t : {&kv->k[l], &kv->v[l]}) {
-        if (t->dtype() != DType::kBF16 || t->device() != DeviceKind::kCuda || t->ndim() != 3 ||
-            t->dim(0) != n_kv || t->dim(1) != rows || rows < need || rows > kv->capacity || t->dim(2) != hd) {
+        const bool shape_ok = pair ? t->data() == kv->k[l].data() && t->shape() == kv->k[l].shape()
+                                   : t->ndim() == 3 && t->dim(0) == r.heads && t->dim(1) == r.rows &&
+                                         t->dim(2) == r.head_dim;
+        if (t->dtype() != DType::kBF16 || t->device() != DeviceKind::kCuda || !shape_ok || r.heads != n_kv ||
+            r.rows < need || r.rows > kv->capacity || r.head_dim != hd) {
           return absl::InvalidArgumentError(absl::StrCat("batch: sequence ", i, " layer ", l, " cache ",
                                                          t->DebugString(), ", expected bf16@cuda [", n_kv, ", ",
-                                                         need, "..", kv->capacity, ", ", hd, "] (K and V alike)"));
+                                                         need, "..", kv->capacity, ", ", hd,
+                                                         "] (K and V alike) or one [.., 2, ..] pair"));
         }
       }
-      k_ptrs[size_t(l) * n_seqs + i] = kv->k[l].data();
-      v_ptrs[size_t(l) * n_seqs + i] = kv->v[l].data();
-      seqs[size_t(l) * n_seqs + i] = AttnSeq{s.token_begin, s.n_tokens, s.past_len, static_cast<int32_t>(rows)};
+      k_ptrs[size_t(l) * n_seqs + i] = r.k;
+      v_ptrs[size_t(l) * n_seqs + i] = r.v;
+      seqs[size_t(l) * n_seqs + i] = AttnSeq{s.token_begin, s.n_tokens, s.past_len, static_cast<int32_t>(r.rows),
+                                             static_cast<int32_t>(r.stride)};
     }
     for (int32_t t = 0; t < s.n_tokens; ++t) {
       if (row_seq[s.token_begin + t] != -1) {

@@ -65,7 +65,9 @@ absl::StatusOr<ElemType> FloatType(const Tensor& t, const char* what) {
 
 }  // namespace
 
-CudaBackend::CudaBackend(const CudaBackendOptions& options) : options_(options) {}
+CudaBackend::CudaBackend(const CudaBackendOptions& options) : options_(options) {
+  set_host_kv_interleaved(options.interleaved_host_kv);
+}
 
 CudaBackend::~CudaBackend() {
   cudaSetDevice(options_.device);
@@ -200,6 +202,23 @@ absl::Status CudaBackend::CopyHeadRows(const Tensor& src, Tensor* dst, int64_t r
   // One 2D copy: a head's rows are contiguous, heads are strided by each tensor's own row count.
   RETURN_IF_CUDA_ERROR(cudaMemcpy2DAsync(dst->data(), dst->dim(1) * row_bytes, src.data(), src.dim(1) * row_bytes,
                                          rows * row_bytes, src.dim(0), cudaMemcpyDefault, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::CopyKvPairRows(Tensor* k, Tensor* v, Tensor* pair, int64_t rows, bool to_pair) {
+  RETURN_IF_ERROR(CheckCopyKvPairRows(k, v, pair, rows));
+  if (k->device() != DeviceKind::kCuda || v->device() != DeviceKind::kCuda || pair->device() != DeviceKind::kCuda) {
+    return absl::InvalidArgumentError("CopyKvPairRows: tensors must be device or pinned host memory of the GPU");
+  }
+  // Per (head, K/V) one strided copy on the copy engines: 2 * heads calls, rare (layer moves, prefill staging).
+  cudaError_t err = cudaSuccess;
+  CopyKvPairRowsOn(KvPairCopyOf(k, v, pair, rows, to_pair),
+                   [&](void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, int64_t height) {
+                     if (err == cudaSuccess) {
+                       err = cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDefault, stream_);
+                     }
+                   });
+  RETURN_IF_CUDA_ERROR(err);
   return absl::OkStatus();
 }
 

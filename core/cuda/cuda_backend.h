@@ -26,6 +26,9 @@ struct CudaBackendOptions {
   int64_t cublas_workspace_bytes = int64_t{32} << 20;  // fixed cuBLAS workspace (graph capture)
   // Record dense decode steps as CUDA graphs (Backend::RunStepGraph); Backend::set_step_graphs changes it.
   bool cuda_graphs = true;
+  // Host tiers of offloaded layers with a token's K and V rows side by side (SequenceKv "Host layout");
+  // Backend::set_host_kv_interleaved changes it.
+  bool interleaved_host_kv = true;
 };
 
 // Creates the backend on `options.device`. Fails with FailedPrecondition when no CUDA device is

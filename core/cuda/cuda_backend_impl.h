@@ -41,6 +41,8 @@ class CudaBackend : public Backend {
   absl::Status ToHost(const Tensor& device, Tensor* host) override;
   absl::Status CopyDevice(const Tensor& src, Tensor* dst) override;
   absl::Status CopyHeadRows(const Tensor& src, Tensor* dst, int64_t rows) override;
+  absl::Status CopyKvPairRows(Tensor* k, Tensor* v, Tensor* pair, int64_t rows, bool to_pair) override;
+  bool SupportsInterleavedHostKv() const override { return true; }
   absl::Status Zero(Tensor* t) override;
   absl::Status CopyColumns(const Tensor& src, int64_t col_begin, Tensor* dst) override;
   // Retrieval head support (cuda_retrieval_ops.cc; selection in cuda_selection.cc).

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/cpu/cpu_backend.h"
 #include "core/cuda/cuda_backend_impl.h"
 #include "core/cuda/cuda_check.h"
 #include "core/cuda/cuda_sparse_state.h"
@@ -184,10 +185,11 @@ absl::Status CudaBackend::PlanPrefillStaging(PrefillStagingState* st) {
       const SequenceKv* kv = batch_.kv[i];
       const size_t e = size_t(l) * n_seqs + i;
       const bool staged = st->rows[i] > 0 && kv->offloaded(l);
-      seqs[e] = AttnSeq{s.token_begin, s.n_tokens, s.past_len,
-                        static_cast<int32_t>(staged ? st->rows[i] : kv->k[l].dim(1))};
-      k_ptrs[e] = staged ? base + st->k_off[i] : kv->k[l].data();
-      v_ptrs[e] = staged ? base + st->v_off[i] : kv->v[l].data();
+      const KvRowsView r = KvRowsOf(kv->k[l], kv->v[l]);  // the batch's own (an interleaved host pair too)
+      seqs[e] = AttnSeq{s.token_begin, s.n_tokens, s.past_len, static_cast<int32_t>(staged ? st->rows[i] : r.rows),
+                        static_cast<int32_t>(staged ? r.head_dim : r.stride)};
+      k_ptrs[e] = staged ? base + st->k_off[i] : r.k;
+      v_ptrs[e] = staged ? base + st->v_off[i] : r.v;
       if (staged) {
         st->layer_staged[l] = 1;
         st->last_layer = l;
@@ -242,10 +244,23 @@ absl::Status CudaBackend::StagedPrefillAttention(int layer, AttnParams p, bool* 
       if (st->rows[i] == 0 || !kv->offloaded(layer)) continue;
       // [n_kv, capacity, hd] host rows [0, rows) of every head -> [n_kv, rows, hd] compact.
       const size_t width = size_t(st->rows[i]) * row_bytes, pitch = size_t(kv->k[layer].dim(1)) * row_bytes;
-      RETURN_IF_CUDA_ERROR(cudaMemcpy2DAsync(base + st->k_off[i], width, kv->k[layer].data(), pitch, width, n_kv_,
-                                             cudaMemcpyDefault, stream_));
-      RETURN_IF_CUDA_ERROR(cudaMemcpy2DAsync(base + st->v_off[i], width, kv->v[layer].data(), pitch, width, n_kv_,
-                                             cudaMemcpyDefault, stream_));
+      if (IsKvPair(kv->k[layer])) {  // interleaved host K/V: per (head, K/V) strided copies
+        cudaError_t err = cudaSuccess;
+        CopyKvPairRowsOn({base + st->k_off[i], st->rows[i], base + st->v_off[i], st->rows[i],
+                          static_cast<char*>(kv->k[layer].data()), kv->k[layer].dim(1), n_kv_, st->rows[i],
+                          static_cast<int64_t>(row_bytes), /*to_pair=*/false},
+                         [&](void* dst, size_t dpitch, const void* src, size_t spitch, size_t w, int64_t h) {
+                           if (err == cudaSuccess) {
+                             err = cudaMemcpy2DAsync(dst, dpitch, src, spitch, w, h, cudaMemcpyDefault, stream_);
+                           }
+                         });
+        RETURN_IF_CUDA_ERROR(err);
+      } else {
+        RETURN_IF_CUDA_ERROR(cudaMemcpy2DAsync(base + st->k_off[i], width, kv->k[layer].data(), pitch, width, n_kv_,
+                                               cudaMemcpyDefault, stream_));
+        RETURN_IF_CUDA_ERROR(cudaMemcpy2DAsync(base + st->v_off[i], width, kv->v[layer].data(), pitch, width, n_kv_,
+                                               cudaMemcpyDefault, stream_));
+      }
       prefill_staging_stats_.staged_copies += 1;
       prefill_staging_stats_.staged_bytes += static_cast<int64_t>(2 * width * n_kv_);
     }

@@ -211,7 +211,7 @@ absl::Status CudaBackend::KvAppendHost(int layer, const Tensor& k, const Tensor&
 // ---- tables and index sets --------------------------------------------------------------------
 
 namespace {
-int64_t RowsOf(const Tensor& t) { return t.ndim() == 3 ? t.dim(1) : -1; }
+int64_t RowsOf(const Tensor& t) { return t.ndim() == 3 || IsKvPair(t) ? t.dim(1) : -1; }
 }  // namespace
 
 absl::Status CudaBackend::EnsureTierTables(int layer) {
@@ -226,7 +226,8 @@ absl::Status CudaBackend::EnsureTierTables(int layer) {
     // Rows too, not only addresses: cached pinned blocks and device memory come back at the same addresses
     // for other sequences of other capacities.
     fresh = off ? (a.k == kv->slot_k[layer].data() && e.host_k == kv->host_k[layer].data() &&
-                   e.slot_v == kv->slot_v[layer].data() && e.host_v == kv->host_v[layer].data() &&
+                   e.slot_v == kv->slot_v[layer].data() &&
+                   e.host_v == KvRowsOf(kv->host_k[layer], kv->host_v[layer]).v &&
                    e.capacity == RowsOf(kv->host_k[layer]) && e.slots == RowsOf(kv->slot_k[layer]) &&
                    a.rows == RowsOf(kv->slot_k[layer]))
                 : (a.k == kv->k[layer].data() && a.v == kv->v[layer].data() && a.rows == RowsOf(kv->k[layer]));
@@ -247,20 +248,24 @@ absl::Status CudaBackend::EnsureTierTables(int layer) {
         continue;  // reported by CheckTier when the layer is used
       }
       const Tensor &hk = kv->host_k[l], &sk = kv->slot_k[l];
+      // The host copy: plain [n_kv, rows, hd] K and V, or one interleaved pair (host_k and host_v the same tensor).
+      const bool pair = IsKvPair(hk) && kv->host_v[l].data() == hk.data() && kv->host_v[l].shape() == hk.shape();
+      const KvRowsView hr = KvRowsOf(hk, kv->host_v[l]);
       for (const Tensor* t : {&hk, &kv->host_v[l], &sk, &kv->slot_v[l]}) {
-        if (t->dtype() != DType::kBF16 || t->device() != DeviceKind::kCuda || t->ndim() != 3 || t->dim(0) != n_kv_ ||
-            t->dim(2) != head_dim_) {
+        const bool host_pair = pair && (t == &hk || t == &kv->host_v[l]);
+        if (t->dtype() != DType::kBF16 || t->device() != DeviceKind::kCuda || (!host_pair && t->ndim() != 3) ||
+            t->dim(0) != n_kv_ || (host_pair ? hr.head_dim : t->dim(2)) != head_dim_) {
           return absl::InvalidArgumentError(absl::StrCat("kv tiers: sequence ", i, " layer ", l, " tensor ",
                                                          t->DebugString(), ", expected bf16@cuda [", n_kv_,
-                                                         ", rows, ", head_dim_, "]"));
+                                                         ", rows, ", head_dim_, "] (host: or one [.., 2, ..] pair)"));
         }
       }
       if (kv->host_v[l].dim(1) != hk.dim(1) || kv->slot_v[l].dim(1) != sk.dim(1)) {
         return absl::InvalidArgumentError(absl::StrCat("kv tiers: sequence ", i, " layer ", l, " K/V rows differ"));
       }
       a = {sk.data(), kv->slot_v[l].data(), sk.dim(1)};
-      sp->elastic_tab[size_t(l) * n_seqs + i] = {hk.data(), kv->host_v[l].data(), sk.data(), kv->slot_v[l].data(),
-                                                 hk.dim(1), sk.dim(1)};
+      sp->elastic_tab[size_t(l) * n_seqs + i] = {hr.k, hr.v, sk.data(), kv->slot_v[l].data(), hk.dim(1), sk.dim(1),
+                                                 hr.stride * static_cast<int64_t>(sizeof(uint16_t))};
     }
   }
   sp->tab_kv = batch_.kv;

@@ -122,6 +122,43 @@ TEST(CudaRetrievalOps, CopyHeadRowsMatchesCpuBetweenDeviceAndPinnedHost) {
   EXPECT_EQ(cpu->CopyHeadRows(a, &c, 2).code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(CudaRetrievalOps, CopyKvPairRowsMatchesCpuBothWays) {
+  SPC_GPU_OR_SKIP(gpu);
+  auto cpu = MakeCpuBackend();
+  const uint32_t seed = FreshSeed();
+  std::mt19937 rng(seed);
+  // Interleaved host tiers (SequenceKv "Host layout"): a layer moving to host (device rows -> pinned pair of
+  // capacity rows), back to the device, and the prefill staging's direction, at several shapes.
+  struct Case { int64_t heads, plain_rows, pair_rows, d, rows; DType dtype; bool to_pair; };
+  for (const Case& k : {Case{8, 4096, 34832, 128, 4096, DType::kBF16, true}, Case{8, 6144, 5000, 128, 4999, DType::kBF16, false},
+                        Case{3, 17, 40, 12, 17, DType::kF32, true}, Case{2, 33, 20, 64, 20, DType::kBF16, false},
+                        Case{4, 9, 16, 8, 0, DType::kF32, true}}) {
+    const std::string what = absl::StrCat("heads=", k.heads, " plain=", k.plain_rows, " pair=", k.pair_rows,
+                                          " rows=", k.rows, " to_pair=", k.to_pair, " seed=", seed);
+    Tensor kh = RandomOf(k.dtype, {k.heads, k.plain_rows, k.d}, rng), vh = RandomOf(k.dtype, kh.shape(), rng);
+    Tensor ph = RandomOf(k.dtype, {k.heads, k.pair_rows, 2, k.d}, rng);
+    // CPU reference on host copies.
+    Tensor kw = Tensor::HostEmpty(k.dtype, kh.shape()), vw = Tensor::HostEmpty(k.dtype, vh.shape());
+    Tensor pw = Tensor::HostEmpty(k.dtype, ph.shape());
+    std::memcpy(kw.data(), kh.data(), kh.nbytes());
+    std::memcpy(vw.data(), vh.data(), vh.nbytes());
+    std::memcpy(pw.data(), ph.data(), ph.nbytes());
+    ASSERT_TRUE(cpu->CopyKvPairRows(&kw, &vw, &pw, k.rows, k.to_pair).ok()) << what;
+    Tensor kd = Upload(*gpu, kh), vd = Upload(*gpu, vh);
+    auto pd = gpu->AllocPinnedHost(k.dtype, ph.shape(), MemoryKind::kKvCache);
+    ASSERT_TRUE(pd.ok()) << pd.status();
+    std::memcpy(pd->data(), ph.data(), ph.nbytes());
+    ASSERT_TRUE(gpu->CopyKvPairRows(&kd, &vd, &*pd, k.rows, k.to_pair).ok()) << what;
+    ASSERT_TRUE(gpu->Synchronize().ok());
+    ExpectBytesEqual(*pd, pw, "pair " + what);
+    ExpectBytesEqual(Download(*gpu, kd), kw, "k " + what);
+    ExpectBytesEqual(Download(*gpu, vd), vw, "v " + what);
+  }
+  Tensor a = RandomOf(DType::kF32, {2, 4, 8}, rng), b = RandomOf(DType::kF32, {2, 4, 8}, rng);
+  Tensor da = Upload(*gpu, a), db = Upload(*gpu, b), plain = Upload(*gpu, a);
+  EXPECT_EQ(gpu->CopyKvPairRows(&da, &db, &plain, 2, true).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(CudaRetrievalOps, ScatterRowsMatchesCpuAndLeavesOtherRowsAlone) {
   SPC_GPU_OR_SKIP(gpu);
   auto cpu = MakeCpuBackend();

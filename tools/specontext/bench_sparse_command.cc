@@ -200,6 +200,7 @@ absl::Status RunBenchSparse(const Args& args) {
     ASSIGN_OR_RETURN(sr, MakeSparseRuntime(rt, sro));  // validates flags and head
   }
   Backend& b = *rt.backend;
+  b.set_host_kv_interleaved(!args.GetBool("plain-host-kv"));
   const ModelConfig& c = rt.model->config();
   s.rt = &rt;
   s.head = sr.head.get();
@@ -248,6 +249,7 @@ absl::Status RunBenchSparse(const Args& args) {
   if (args.Has("out")) emit.out.open(args.GetString("out"), std::ios::app);
   Json setup{{"kind", "setup"},
              {"mode", s.dense ? "dense" : "sparse"},
+             {"host_kv_layout", b.host_kv_interleaved() ? "interleaved" : "plain"},
              {"backend", b.name()},
              {"model", ro.model_path},
              {"layers", c.num_hidden_layers},
@@ -282,6 +284,7 @@ int BenchSparseMain(int argc, char** argv) {
   Args args;
   args.Define({"sparse", "SpeContext decode benchmark (this mode)", true, false, ""});
   args.Define({"dense", "dense attention over the same sequences in the same harness", true, false, ""});
+  args.Define({"plain-host-kv", "host tiers with K and V apart, not interleaved (A/B of the layout)", true, false, ""});
   args.Define({"model", "HF model directory", false, false, ""});
   args.Define({"tokenizer", "unused (accepted for symmetry with generate)", false, false, ""});
   args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});

@@ -122,9 +122,12 @@ absl::Status SparseBenchRun::Allocate(int64_t requests, int32_t capacity) {
       }
       // Pin the host copies of the layers the planner will offload now, as a server would at its start: the
       // layer moves during the run then pin nothing (alloc_seconds, not generation time).
-      const int64_t host_tensor = c.num_key_value_heads * int64_t{capacity} * c.head_dim *
+      // One block per K and per V, or one per interleaved pair of both (SequenceKv "Host layout").
+      const int per_layer = b.host_kv_interleaved() ? 1 : 2;
+      const int64_t host_tensor = (2 / per_layer) * c.num_key_value_heads * int64_t{capacity} * c.head_dim *
                                   static_cast<int64_t>(DTypeSize(b.compute_dtype()));
-      RETURN_IF_ERROR(dec_->host_cache().Reserve(b, host_tensor, 2 * requests * (c.num_hidden_layers - *gpu)));
+      RETURN_IF_ERROR(
+          dec_->host_cache().Reserve(b, host_tensor, per_layer * requests * (c.num_hidden_layers - *gpu)));
       if (s_.options.kv_grow_rows == 0) RETURN_IF_ERROR(dec_->OffloadLayers(*gpu));  // KV at capacity now
     }
   }

@@ -18,7 +18,11 @@ struct AttnSeq {
   int32_t n_tokens;     // new tokens this step
   int32_t past_len;     // cached tokens before this step; new token t sits at past_len + t
   int32_t capacity;     // cache rows per KV head
+  int32_t row_stride;   // elements from one cache row to the next: head_dim, or 2 * head_dim for an
+                        // interleaved host K/V pair (SequenceKv "Host layout"); 0 reads as head_dim
 };
+// Elements from K/V row t of a head to row t + 1.
+__host__ __device__ inline int RowStride(const AttnSeq& s, int head_dim) { return s.row_stride ? s.row_stride : head_dim; }
 
 // One CTA's work (times n_kv via blockIdx.y): query rows [row_begin, row_begin + BLOCK_M) of
 // sequence `seq` against keys [key_begin, key_end). out_slot < 0: write the normalised output;

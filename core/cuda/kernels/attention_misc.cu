@@ -14,13 +14,14 @@ __global__ void KvAppendKernel(KvAppendParams p) {
   const int pos = s.past_len + (row - s.token_begin);
   constexpr int kPer = sizeof(VecT) / sizeof(bf16);
   const int vec_per_head = p.head_dim / kPer;
+  const size_t vec_per_row = RowStride(s, p.head_dim) / kPer;  // an interleaved K/V pair: 2 * vec_per_head
   const VecT* k = reinterpret_cast<const VecT*>(static_cast<const bf16*>(p.k) + size_t(row) * p.n_kv * p.head_dim);
   const VecT* v = reinterpret_cast<const VecT*>(static_cast<const bf16*>(p.v) + size_t(row) * p.n_kv * p.head_dim);
   VecT* kc = static_cast<VecT*>(p.k_ptrs[s_idx]);
   VecT* vc = static_cast<VecT*>(p.v_ptrs[s_idx]);
   for (int idx = threadIdx.x; idx < p.n_kv * vec_per_head; idx += blockDim.x) {
     const int h = idx / vec_per_head, j = idx % vec_per_head;
-    const size_t dst = (size_t(h) * s.capacity + pos) * vec_per_head + j;
+    const size_t dst = (size_t(h) * s.capacity + pos) * vec_per_row + j;
     kc[dst] = k[idx];
     vc[dst] = v[idx];
   }
@@ -104,8 +105,9 @@ __global__ void SimpleAttentionKernel(AttnParams p) {
   const int len = s.past_len + (row - s.token_begin) + 1;
   const int hd = p.head_dim;
   const bf16* q = static_cast<const bf16*>(p.q) + (size_t(row) * p.n_heads + head) * hd;
-  const bf16* kb = static_cast<const bf16*>(p.k_ptrs[s_idx]) + size_t(kvh) * s.capacity * hd;
-  const bf16* vb = static_cast<const bf16*>(p.v_ptrs[s_idx]) + size_t(kvh) * s.capacity * hd;
+  const size_t rs = RowStride(s, hd);
+  const bf16* kb = static_cast<const bf16*>(p.k_ptrs[s_idx]) + size_t(kvh) * s.capacity * rs;
+  const bf16* vb = static_cast<const bf16*>(p.v_ptrs[s_idx]) + size_t(kvh) * s.capacity * rs;
   float qv[kSimpleMaxPerLane], acc[kSimpleMaxPerLane];
 #pragma unroll
   for (int j = 0; j < kSimpleMaxPerLane; ++j) {
@@ -119,7 +121,7 @@ __global__ void SimpleAttentionKernel(AttnParams p) {
 #pragma unroll
     for (int j = 0; j < kSimpleMaxPerLane; ++j) {
       const int d = lane + 32 * j;
-      if (d < hd) dot += qv[j] * __bfloat162float(kb[size_t(key) * hd + d]);
+      if (d < hd) dot += qv[j] * __bfloat162float(kb[size_t(key) * rs + d]);
     }
     dot = WarpSum(dot);
     const float m_new = fmaxf(m, dot);
@@ -129,7 +131,7 @@ __global__ void SimpleAttentionKernel(AttnParams p) {
 #pragma unroll
     for (int j = 0; j < kSimpleMaxPerLane; ++j) {
       const int d = lane + 32 * j;
-      const float v = d < hd ? __bfloat162float(vb[size_t(key) * hd + d]) : 0.0f;
+      const float v = d < hd ? __bfloat162float(vb[size_t(key) * rs + d]) : 0.0f;
       acc[j] = acc[j] * corr + pr * v;
     }
     m = m_new;

@@ -85,8 +85,9 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   const int kvh = blockIdx.y;
   const AttnSeq seq = p.seqs[item.seq];
   const int group = p.n_heads / p.n_kv;
-  const bf16* k_base = static_cast<const bf16*>(p.k_ptrs[item.seq]) + size_t(kvh) * seq.capacity * HD;
-  const bf16* v_base = static_cast<const bf16*>(p.v_ptrs[item.seq]) + size_t(kvh) * seq.capacity * HD;
+  const size_t row_stride = RowStride(seq, HD);  // 2 * HD over an interleaved host K/V pair
+  const bf16* k_base = static_cast<const bf16*>(p.k_ptrs[item.seq]) + size_t(kvh) * seq.capacity * row_stride;
+  const bf16* v_base = static_cast<const bf16*>(p.v_ptrs[item.seq]) + size_t(kvh) * seq.capacity * row_stride;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wm = warp % WARPS_M, wn = warp / WARPS_M;
   const int g = lane >> 2, tig = lane & 3;
@@ -132,7 +133,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     for (int c = threadIdx.x; c < kChunks; c += kThreads) {
       const int key = c / (HD / 8), col = (c % (HD / 8)) * 8;
       const bool valid = key0 + key < item.key_end;
-      const size_t off = valid ? size_t(key0 + key) * HD + col : 0;
+      const size_t off = valid ? size_t(key0 + key) * row_stride + col : 0;
       CpAsync16(dk + key * kStride + col, k_base + off, valid);
       CpAsync16(dv + key * kStride + col, v_base + off, valid);
     }

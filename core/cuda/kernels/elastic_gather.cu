@@ -36,7 +36,7 @@ __device__ __forceinline__ Piece Locate(const ElasticGatherParams& p, int64_t it
   const int head = heads_cov == 1 ? cp.set % p.sets_per_seq : hi;
   const ElasticSeqPtrs s = p.seqs[seq];
   const char* src = static_cast<const char*>(is_v ? s.host_v : s.host_k) +
-                    (int64_t(head) * s.capacity + cp.token) * p.row_bytes;
+                    (int64_t(head) * s.capacity + cp.token) * s.host_row_pitch;
   char* dst = static_cast<char*>(is_v ? s.slot_v : s.slot_k) + (int64_t(head) * s.slots + cp.slot) * p.row_bytes;
   return {reinterpret_cast<const uint4*>(src) + c, reinterpret_cast<uint4*>(dst) + c};
 }

@@ -78,6 +78,8 @@ struct ElasticSeqPtrs {
   void* slot_v;
   int64_t capacity;  // host rows per KV head
   int64_t slots;     // slot rows per KV head
+  int64_t host_row_pitch;  // bytes from host row t of a head to row t + 1: row_bytes, or 2 * row_bytes when
+                           // K and V are interleaved (SequenceKv "Host layout"; host_v = host_k + row_bytes)
 };
 
 struct ElasticGatherParams {
