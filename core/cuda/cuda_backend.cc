@@ -97,7 +97,11 @@ absl::Status CudaBackend::Init() {
   sm_count_ = prop.multiProcessorCount;
   name_ = absl::StrCat("cuda:", options_.device, " (", prop.name, ")");
   memory_ = std::make_shared<CudaMemory>(options_.device, options_.memory_limit);
-  RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  // The compute stream gets the highest priority: when both streams have blocks waiting, the decode's kernels
+  // are placed before the elastic gather's (cuda_sparse.cc's copy stream has the lowest).
+  int least = 0, greatest = 0;
+  RETURN_IF_CUDA_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  RETURN_IF_CUDA_ERROR(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, greatest));
   RETURN_IF_CUBLAS_ERROR(cublasCreate(&cublas_));
   RETURN_IF_CUBLAS_ERROR(cublasSetStream(cublas_, stream_));
   if (options_.cublas_workspace_bytes > 0) {

@@ -105,7 +105,9 @@ absl::StatusOr<CudaBackend::SparseState*> CudaBackend::Sparse() {
   if (sparse_ != nullptr) return sparse_.get();
   auto s = std::make_shared<SparseState>();
   RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
-  RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&s->copy, cudaStreamNonBlocking));
+  int least = 0, greatest = 0;
+  RETURN_IF_CUDA_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  RETURN_IF_CUDA_ERROR(cudaStreamCreateWithPriority(&s->copy, cudaStreamNonBlocking, least));
   RETURN_IF_ERROR(NewEvent(&s->copy_mark));
   RETURN_IF_ERROR(NewEvent(&s->compute_mark));
   RETURN_IF_ERROR(NewEvent(&s->tables_ready));
