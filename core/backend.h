@@ -250,6 +250,13 @@ class Backend {
   virtual absl::Status Rope(Tensor* x, const Tensor& positions, const RopeArgs& rope) = 0;
   // out = silu(gate) * up.  gate, up, out [n, f].
   virtual absl::Status SwiGlu(const Tensor& gate, const Tensor& up, Tensor* out) = 0;
+  // The gated MLP's input projection with SwiGLU fused: out = SwiGlu(x · w[0:m]ᵀ, x · w[m:2m]ᵀ) for a fused
+  // gate/up weight w [2 m, k], x [n, k], out [n, m]; bitwise what Linear into [n, 2 m] and SwiGlu on its
+  // halves give. Unimplemented where the backend has no fused path for the shape (the default): the caller
+  // then runs those two ops.
+  virtual absl::Status LinearSwiGlu(const Tensor& x, const Tensor& w, Tensor* out) {
+    return absl::UnimplementedError("LinearSwiGlu is not implemented by this backend");
+  }
 
   // Sets the ragged batch used by KvAppend and Attention until the next call. The SequenceKv
   // objects must outlive that use.
@@ -353,6 +360,11 @@ class Backend {
   // batch metadata lives in have moved) and later replays it without calling `body`; a `body` that cannot
   // be recorded runs directly. Default: `body()`.
   virtual absl::Status RunStepGraph(uint64_t key, const std::function<absl::Status()>& body) { return body(); }
+  // Key bit of a step whose body runs SparseAttention over the state PrepareSparseDecode left (index sets,
+  // per-layer KV tables, split plan): a recording backend re-records such a step when that state's buffers
+  // move or its attention plan (set sizes) changes, and runs the body directly the first time it sees a new
+  // state so that the buffers the ops size for themselves exist before the recording.
+  static constexpr uint64_t kStepGraphSparse = uint64_t{1} << 63;
   // Forgets the graphs of keys in [key_begin, key_end) and frees their memory (their owner is going away).
   virtual void DropStepGraphs(uint64_t key_begin, uint64_t key_end) {}
   // Whether SampleTokens is implemented (then the engine samples on the device, downloading only ids).

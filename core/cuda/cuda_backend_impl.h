@@ -61,6 +61,7 @@ class CudaBackend : public Backend {
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor* out) override;
   absl::Status Rope(Tensor* x, const Tensor& positions, const RopeArgs& rope) override;
   absl::Status SwiGlu(const Tensor& gate, const Tensor& up, Tensor* out) override;
+  absl::Status LinearSwiGlu(const Tensor& x, const Tensor& w, Tensor* out) override;  // cuda_fused_ops.cc
   absl::Status PrepareBatch(const BatchDesc& batch) override;
   absl::Status KvAppend(int layer, const Tensor& k, const Tensor& v) override;
   absl::Status Attention(int layer, const Tensor& q, float scale, Tensor* out) override;

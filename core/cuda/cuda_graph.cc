@@ -8,20 +8,69 @@
 // moves (a bigger batch grew it) layout_epoch_ changes and the graphs are recaptured on next use.
 // A body that cannot be recorded (an op that needs a host-built plan or an upload) runs directly and
 // its key is remembered as such until the layout changes.
+//
+// Sparse steps (keys with Backend::kStepGraphSparse) also read the sparse decode state: the index sets
+// buffer PrepareSparseDecode fills before each replay, the per-layer KV tables and the split-K partials;
+// the sparse attention's grid follows the set sizes. Its signature (those addresses and the plan's inputs)
+// is kept with the graph and a change re-records. A new signature first runs the body directly once
+// (the ops size their own buffers, e.g. the partials, which must not happen under capture), and the
+// tables of every layer are refreshed before a replay (a layer's table upload cannot be recorded). After a
+// recording the per-layer attention events are recorded again outside it (an event last recorded by a
+// capture cannot be waited on by the copy stream later).
 #include <cuda_runtime.h>
+
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "core/cuda/cuda_backend_impl.h"
 #include "core/cuda/cuda_check.h"
+#include "core/cuda/cuda_sparse_state.h"
 #include "core/log.h"
 #include "core/status_macros.h"
 
 namespace specontext::cuda {
 
+namespace {
+
+// What a sparse step's recording depends on besides the batch layout (see the file comment).
+struct SparseSignature {
+  const void* sets = nullptr;
+  const void* tables = nullptr;
+  const void* partials = nullptr;
+  int n_seqs = 0, sets_per_seq = 0, max_keys = 0;
+  int64_t sum_keys = 0;
+  size_t off_pos = 0, off_slots = 0;
+  bool has_slots = false;
+  bool operator==(const SparseSignature& o) const {
+    return std::tie(sets, tables, partials, n_seqs, sets_per_seq, max_keys, sum_keys, off_pos, off_slots,
+                    has_slots) == std::tie(o.sets, o.tables, o.partials, o.n_seqs, o.sets_per_seq, o.max_keys,
+                                           o.sum_keys, o.off_pos, o.off_slots, o.has_slots);
+  }
+};
+
+SparseSignature SignatureOf(const CudaBackend::SparseState& sp) {
+  SparseSignature s;
+  s.sets = sp.sets_buf.data();
+  s.tables = sp.tables.data();
+  s.partials = sp.partials.data();
+  s.n_seqs = sp.n_seqs;
+  s.sets_per_seq = sp.sets_per_seq;
+  s.max_keys = sp.max_keys;
+  s.sum_keys = sp.sum_keys;
+  s.off_pos = sp.off_pos;
+  s.off_slots = sp.off_slots;
+  s.has_slots = sp.has_slots;
+  return s;
+}
+
+}  // namespace
+
 struct CudaBackend::StepGraph {
   cudaGraphExec_t exec = nullptr;
   uint64_t epoch = 0;
+  SparseSignature sparse;     // sparse keys: the state recorded against
   bool unrecordable = false;  // the body failed under capture: run it directly
+  bool warm = false;          // sparse keys: ran directly once with this state, record on the next call
   std::shared_ptr<CudaMemory::Pool> pool;
   ~StepGraph() {
     if (exec != nullptr) cudaGraphExecDestroy(exec);
@@ -43,8 +92,17 @@ void CudaBackend::DropStepGraphs(uint64_t key_begin, uint64_t key_end) {
 
 absl::Status CudaBackend::RunStepGraph(uint64_t key, const std::function<absl::Status()>& body) {
   if (!graphs_enabled_ || capturing_) return body();
+  const bool sparse = (key & kStepGraphSparse) != 0;
+  SparseSignature sig;
+  if (sparse) {
+    // Without a prepared sparse batch the body's own checks report the error.
+    if (!batch_valid_ || sparse_ == nullptr || !sparse_->sets_valid) return body();
+    for (int l = 0; l < n_layers_; ++l) RETURN_IF_ERROR(EnsureTierTables(l));
+    sig = SignatureOf(*sparse_);
+  }
   auto it = graphs_.find(key);
-  if (it != graphs_.end() && it->second->epoch == layout_epoch_) {
+  const bool current = it != graphs_.end() && it->second->epoch == layout_epoch_ && it->second->sparse == sig;
+  if (current && !it->second->warm) {
     StepGraph& g = *it->second;
     if (g.unrecordable) {
       ++graph_stats_.fallbacks;
@@ -56,11 +114,20 @@ absl::Status CudaBackend::RunStepGraph(uint64_t key, const std::function<absl::S
   }
   if (it != graphs_.end()) {
     // Stale: its pool may only go once the device is done with the old graph.
-    RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
+    if (it->second->exec != nullptr) RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
     graphs_.erase(it);
+  }
+  if (sparse && !current) {
+    auto w = std::make_shared<StepGraph>();
+    w->epoch = layout_epoch_;
+    w->sparse = sig;
+    w->warm = true;
+    graphs_[key] = w;
+    return body();
   }
   auto g = std::make_shared<StepGraph>();
   g->epoch = layout_epoch_;
+  g->sparse = sig;
   g->pool = memory_->NewPool();
   memory_->SetActivePool(g->pool);
   capturing_ = true;
@@ -92,6 +159,10 @@ absl::Status CudaBackend::RunStepGraph(uint64_t key, const std::function<absl::S
   graphs_[key] = g;
   ++graph_stats_.captures;
   RETURN_IF_CUDA_ERROR(cudaGraphLaunch(g->exec, stream_));
+  if (sparse) {
+    // SparseAttention recorded attn_done[l] into the capture: record them for real (after this step).
+    for (cudaEvent_t e : sparse_->attn_done) RETURN_IF_CUDA_ERROR(cudaEventRecord(e, stream_));
+  }
   return absl::OkStatus();
 }
 

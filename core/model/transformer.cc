@@ -187,8 +187,14 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
     RETURN_IF_ERROR(b.RmsNorm(qr, w.q_norm, static_cast<float>(c.rms_norm_eps), &qr));
     RETURN_IF_ERROR(b.RmsNorm(kr, w.k_norm, static_cast<float>(c.rms_norm_eps), &kr));
   }
-  RETURN_IF_ERROR(b.Rope(&q3, positions, rope_));
-  RETURN_IF_ERROR(b.Rope(&k3, positions, rope_));
+  if (n == 1) {
+    // One row: q and k are adjacent in qkv, so one rotation over their nh + nkv heads (one launch less).
+    Tensor qk(qkv.data(), dt, {1, nh + nkv, hd}, qkv.device(), qkv.storage());
+    RETURN_IF_ERROR(b.Rope(&qk, positions, rope_));
+  } else {
+    RETURN_IF_ERROR(b.Rope(&q3, positions, rope_));
+    RETURN_IF_ERROR(b.Rope(&k3, positions, rope_));
+  }
   RETURN_IF_ERROR(offloaded ? b.KvAppendHost(l, k3, v3) : b.KvAppend(l, k3, v3));
   ASSIGN_OR_RETURN(Tensor attn, b.Alloc(dt, {n, nh, hd}, MemoryKind::kWorkspace));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -203,12 +209,19 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
   const float eps = static_cast<float>(c.rms_norm_eps);
   RETURN_IF_ERROR(b.AddRmsNorm(&residual, o, w.post_attention_norm, eps, &h));
 
-  ASSIGN_OR_RETURN(Tensor gate_up, b.Alloc(dt, {n, 2 * c.intermediate_size}, MemoryKind::kWorkspace));
-  RETURN_IF_ERROR(b.Linear(h, w.w_gate_up, nullptr, &gate_up));
-  Tensor gate, up;
-  RETURN_IF_ERROR(SplitColumns(gate_up, {c.intermediate_size, c.intermediate_size}, {&gate, &up}));
-  RETURN_IF_ERROR(b.SwiGlu(gate, up, &gate));
-  RETURN_IF_ERROR(b.Linear(gate, w.w_down, nullptr, &o));
+  // Gate/up projection and SwiGLU in one op where the backend has it (small batches on CUDA), else two.
+  ASSIGN_OR_RETURN(Tensor act, b.Alloc(dt, {n, c.intermediate_size}, MemoryKind::kWorkspace));
+  absl::Status fused = b.LinearSwiGlu(h, w.w_gate_up, &act);
+  if (absl::IsUnimplemented(fused)) {
+    ASSIGN_OR_RETURN(Tensor gate_up, b.Alloc(dt, {n, 2 * c.intermediate_size}, MemoryKind::kWorkspace));
+    RETURN_IF_ERROR(b.Linear(h, w.w_gate_up, nullptr, &gate_up));
+    Tensor gate, up;
+    RETURN_IF_ERROR(SplitColumns(gate_up, {c.intermediate_size, c.intermediate_size}, {&gate, &up}));
+    RETURN_IF_ERROR(b.SwiGlu(gate, up, &act));
+  } else {
+    RETURN_IF_ERROR(fused);
+  }
+  RETURN_IF_ERROR(b.Linear(act, w.w_down, nullptr, &o));
   const Tensor& next_norm = l + 1 < c.num_hidden_layers ? layers_[l + 1].input_norm : final_norm_;
   return b.AddRmsNorm(&residual, o, next_norm, eps, &h);
 }
@@ -286,13 +299,8 @@ absl::StatusOr<Tensor> Transformer::ForwardDevice(std::span<const ForwardSeq> se
   const int64_t n_out = all_tokens ? n : static_cast<int64_t>(seqs.size());
   if (seqs.empty()) return absl::InvalidArgumentError("forward: no sequences");
   RETURN_IF_ERROR(b.PrepareBatch(batch));
-  if (sparse == nullptr && capture == nullptr && n == static_cast<int64_t>(seqs.size()) && b.step_graphs()) {
-    bool resident = true;
-    for (const ForwardSeq& s : seqs) {
-      for (int l = 0; l < c.num_hidden_layers; ++l) resident = resident && !s.kv->offloaded(l);
-    }
-    if (resident) return DecodeStep(ids, positions);
-  }
+  const int graph_layers = GraphableLayers(seqs, n, sparse, capture);
+  if (graph_layers > 0 && sparse == nullptr && capture == nullptr) return DecodeStep(ids, positions);
   if (sparse != nullptr) {
     for (const ForwardSeq& s : seqs) {
       if (s.tokens.size() != 1) return absl::InvalidArgumentError("sparse forward: every sequence decodes one token");
@@ -316,6 +324,7 @@ absl::StatusOr<Tensor> Transformer::ForwardDevice(std::span<const ForwardSeq> se
     const int64_t width = static_cast<int64_t>(capture->layers.size()) * c.hidden_size;
     if (!capture->on_device) capture->out = Tensor::HostEmpty(DType::kF32, {n, width});
   }
+  if (graph_layers > 0) return DecodeStep(ids, positions, sparse, capture, graph_layers);
 
   const DType dt = b.compute_dtype();
   ASSIGN_OR_RETURN(Tensor d_ids, b.ToDevice(Tensor(ids.data(), DType::kI32, {n}), DType::kI32,

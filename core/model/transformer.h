@@ -108,11 +108,23 @@ class Transformer {
   absl::Status Layer(int l, int64_t n, Tensor& residual, Tensor& h, const Tensor& positions, bool offloaded,
                      const SparseForward* sparse);
   absl::Status Capture(int l, int64_t n, const Tensor& residual, HiddenCapture* capture) const;
-  // Dense decode step of `ids` (one token per sequence, batch already prepared) through the step graph
-  // of its batch size (transformer_graph.cc); returns the bucket's device logits [n, vocab].
-  absl::StatusOr<Tensor> DecodeStep(std::span<const int32_t> ids, std::span<const int32_t> positions);
-  // The recorded part of DecodeStep: embedding, layers and LM head from fixed input buffers.
-  absl::Status DecodeBody(int64_t n, const Tensor& ids, const Tensor& positions, Tensor* logits);
+  // Decode step of `ids` (one token per sequence, batch already prepared, every layer resident) through
+  // the step graph of its batch size and variant (transformer_graph.cc): dense (sparse null) or sparse
+  // (PrepareSparseDecode done by the caller), with an optional on-device hidden capture. Returns the
+  // bucket's device logits [n, vocab].
+  // `graph_layers` < n_layers: only layers [0, graph_layers) are recorded, the offloaded ones after them
+  // and the LM head run op by op on the bucket's residual stream.
+  absl::StatusOr<Tensor> DecodeStep(std::span<const int32_t> ids, std::span<const int32_t> positions,
+                                    const SparseForward* sparse = nullptr, HiddenCapture* capture = nullptr,
+                                    int graph_layers = -1);
+  // The recorded part of DecodeStep: embedding and layers [0, n_layers) from fixed input buffers into
+  // residual and h [n, hidden], then (logits non-null) the LM head.
+  absl::Status DecodeBody(int64_t n, const Tensor& ids, const Tensor& positions, int n_layers, Tensor& residual,
+                          Tensor& h, Tensor* logits, const SparseForward* sparse, HiddenCapture* capture);
+  // How many leading layers of this forward DecodeStep may record (0: none, run op by op): all of them,
+  // or for a sparse step whose last layers are offloaded, the resident layers before them.
+  int GraphableLayers(std::span<const ForwardSeq> seqs, int64_t n_tokens, const SparseForward* sparse,
+                      const HiddenCapture* capture) const;
   struct DecodeGraphs;  // per batch size: fixed input and logits buffers
 
   ModelConfig config_;

@@ -46,6 +46,42 @@ __global__ void __launch_bounds__(kThreads) RmsNormBf16x8Kernel(RmsNormParams p)
   const Bf16x8* w = static_cast<const Bf16x8*>(p.w);
   Bf16x8* out = static_cast<Bf16x8*>(p.out) + row * n_vec;
   float ss = 0.0f;
+  if (n_vec <= kThreads) {
+    // A row of at most kThreads vectors (hidden sizes up to 2048): each thread keeps its vector and its
+    // weights in registers across the reduction (the weights load before it), the same arithmetic as below.
+    const int j = threadIdx.x;
+    const bool on = j < n_vec;
+    Bf16x8 v{}, g{};
+    if (on) {
+      v = x[j];
+      g = w[j];
+      if constexpr (kResidual) {
+        const Bf16x8 r = res[j];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 a = __bfloat1622float2(v.v[e]), b = __bfloat1622float2(r.v[e]);
+          v.v[e] = __floats2bfloat162_rn(a.x + b.x, a.y + b.y);
+        }
+        res[j] = v;
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 a = __bfloat1622float2(v.v[e]);
+        ss += a.x * a.x + a.y * a.y;
+      }
+    }
+    ss = BlockSum(ss, scratch);
+    const float inv = rsqrtf(ss / static_cast<float>(p.d) + p.eps);
+    if (!on) return;
+    Bf16x8 o;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 a = __bfloat1622float2(v.v[e]), b = __bfloat1622float2(g.v[e]);
+      o.v[e] = __floats2bfloat162_rn(a.x * inv * b.x, a.y * inv * b.y);
+    }
+    out[j] = o;
+    return;
+  }
   for (int64_t j = threadIdx.x; j < n_vec; j += kThreads) {
     Bf16x8 v = x[j];
     if constexpr (kResidual) {
