@@ -35,6 +35,38 @@ __global__ void __launch_bounds__(kThreads) RmsNormKernel(RmsNormParams p) {
   }
 }
 
+// Vector j of a bf16 row: with a residual, res[j] = bf16(res[j] + x[j]) is stored and returned; adds the
+// vector's squares to ss element by element (the same order in both kernels' paths).
+template <bool kResidual>
+__device__ __forceinline__ Bf16x8 LoadRowVector(const Bf16x8* x, Bf16x8* res, int64_t j, float& ss) {
+  Bf16x8 v = x[j];
+  if constexpr (kResidual) {
+    const Bf16x8 r = res[j];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 a = __bfloat1622float2(v.v[e]), b = __bfloat1622float2(r.v[e]);
+      v.v[e] = __floats2bfloat162_rn(a.x + b.x, a.y + b.y);
+    }
+    res[j] = v;
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float2 a = __bfloat1622float2(v.v[e]);
+    ss += a.x * a.x + a.y * a.y;
+  }
+  return v;
+}
+
+__device__ __forceinline__ Bf16x8 NormalisedVector(const Bf16x8& v, const Bf16x8& g, float inv) {
+  Bf16x8 o;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float2 a = __bfloat1622float2(v.v[e]), b = __bfloat1622float2(g.v[e]);
+    o.v[e] = __floats2bfloat162_rn(a.x * inv * b.x, a.y * inv * b.y);
+  }
+  return o;
+}
+
 // bf16 rows whose size is a multiple of 8: 16-byte accesses.
 template <bool kResidual>
 __global__ void __launch_bounds__(kThreads) RmsNormBf16x8Kernel(RmsNormParams p) {
@@ -53,65 +85,19 @@ __global__ void __launch_bounds__(kThreads) RmsNormBf16x8Kernel(RmsNormParams p)
     const bool on = j < n_vec;
     Bf16x8 v{}, g{};
     if (on) {
-      v = x[j];
       g = w[j];
-      if constexpr (kResidual) {
-        const Bf16x8 r = res[j];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 a = __bfloat1622float2(v.v[e]), b = __bfloat1622float2(r.v[e]);
-          v.v[e] = __floats2bfloat162_rn(a.x + b.x, a.y + b.y);
-        }
-        res[j] = v;
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 a = __bfloat1622float2(v.v[e]);
-        ss += a.x * a.x + a.y * a.y;
-      }
+      v = LoadRowVector<kResidual>(x, res, j, ss);
     }
     ss = BlockSum(ss, scratch);
     const float inv = rsqrtf(ss / static_cast<float>(p.d) + p.eps);
-    if (!on) return;
-    Bf16x8 o;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 a = __bfloat1622float2(v.v[e]), b = __bfloat1622float2(g.v[e]);
-      o.v[e] = __floats2bfloat162_rn(a.x * inv * b.x, a.y * inv * b.y);
-    }
-    out[j] = o;
+    if (on) out[j] = NormalisedVector(v, g, inv);
     return;
   }
-  for (int64_t j = threadIdx.x; j < n_vec; j += kThreads) {
-    Bf16x8 v = x[j];
-    if constexpr (kResidual) {
-      const Bf16x8 r = res[j];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 a = __bfloat1622float2(v.v[e]), b = __bfloat1622float2(r.v[e]);
-        v.v[e] = __floats2bfloat162_rn(a.x + b.x, a.y + b.y);
-      }
-      res[j] = v;
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 a = __bfloat1622float2(v.v[e]);
-      ss += a.x * a.x + a.y * a.y;
-    }
-  }
+  for (int64_t j = threadIdx.x; j < n_vec; j += kThreads) LoadRowVector<kResidual>(x, res, j, ss);
   ss = BlockSum(ss, scratch);
   const float inv = rsqrtf(ss / static_cast<float>(p.d) + p.eps);
   const Bf16x8* src = kResidual ? res : x;
-  for (int64_t j = threadIdx.x; j < n_vec; j += kThreads) {
-    const Bf16x8 v = src[j], g = w[j];
-    Bf16x8 o;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 a = __bfloat1622float2(v.v[e]), b = __bfloat1622float2(g.v[e]);
-      o.v[e] = __floats2bfloat162_rn(a.x * inv * b.x, a.y * inv * b.y);
-    }
-    out[j] = o;
-  }
+  for (int64_t j = threadIdx.x; j < n_vec; j += kThreads) out[j] = NormalisedVector(src[j], w[j], inv);
 }
 
 }  // namespace
