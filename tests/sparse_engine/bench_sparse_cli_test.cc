@@ -131,6 +131,7 @@ TEST_F(BenchSparseCliTest, GridLinesHaveSaneFigures) {
   const std::vector<json> setup = OfKind(lines, "setup");
   ASSERT_EQ(setup.size(), 1u);
   EXPECT_EQ(setup[0]["head_kind"], "eagle3");
+  EXPECT_EQ(setup[0]["host_kv_layout"], "plain");  // the CPU backend's kernels take plain host tiers only
   const std::vector<json> pts = OfKind(lines, "decode");
   ASSERT_EQ(pts.size(), 4u) << r.out;
   for (const json& j : pts) {
