@@ -157,6 +157,11 @@ absl::Status RunBenchSparse(const Args& args) {
   RETURN_IF_ERROR(ApplyLogLevelFlag(args));
   ASSIGN_OR_RETURN(RuntimeOptions ro, RuntimeOptionsFromArgs(args));
   ro.show_progress = false;
+  const std::string graphs_flag = args.GetString("cuda-graphs");
+  if (graphs_flag != "true" && graphs_flag != "false") {
+    return absl::InvalidArgumentError(absl::StrCat("--cuda-graphs expects true or false, got \"", graphs_flag, "\""));
+  }
+  ro.cuda_graphs = graphs_flag == "true";
   SparseBenchSetup s;
   s.dense = args.GetBool("dense");
   if (!s.dense && !args.Has("retrieval-head")) {
@@ -250,6 +255,7 @@ absl::Status RunBenchSparse(const Args& args) {
   Json setup{{"kind", "setup"},
              {"mode", s.dense ? "dense" : "sparse"},
              {"host_kv_layout", b.host_kv_interleaved() ? "interleaved" : "plain"},
+             {"cuda_graphs", ro.cuda_graphs},
              {"backend", b.name()},
              {"model", ro.model_path},
              {"layers", c.num_hidden_layers},
@@ -284,6 +290,7 @@ int BenchSparseMain(int argc, char** argv) {
   Args args;
   args.Define({"sparse", "SpeContext decode benchmark (this mode)", true, false, ""});
   args.Define({"dense", "dense attention over the same sequences in the same harness", true, false, ""});
+  args.Define({"cuda-graphs", "decode steps replayed from CUDA graphs: true or false (A/B)", false, false, "true"});
   args.Define({"plain-host-kv", "host tiers with K and V apart, not interleaved (A/B of the layout)", true, false, ""});
   args.Define({"model", "HF model directory", false, false, ""});
   args.Define({"tokenizer", "unused (accepted for symmetry with generate)", false, false, ""});
