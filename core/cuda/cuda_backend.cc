@@ -214,14 +214,15 @@ absl::Status CudaBackend::CopyKvPairRows(Tensor* k, Tensor* v, Tensor* pair, int
   if (k->device() != DeviceKind::kCuda || v->device() != DeviceKind::kCuda || pair->device() != DeviceKind::kCuda) {
     return absl::InvalidArgumentError("CopyKvPairRows: tensors must be device or pinned host memory of the GPU");
   }
+  return CopyKvPairOnStream(KvPairCopyOf(k, v, pair, rows, to_pair));
+}
+
+absl::Status CudaBackend::CopyKvPairOnStream(const KvPairCopy& c) {
   // Per (head, K/V) one strided copy on the copy engines: 2 * heads calls, rare (layer moves, prefill staging).
   cudaError_t err = cudaSuccess;
-  CopyKvPairRowsOn(KvPairCopyOf(k, v, pair, rows, to_pair),
-                   [&](void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, int64_t height) {
-                     if (err == cudaSuccess) {
-                       err = cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDefault, stream_);
-                     }
-                   });
+  CopyKvPairRowsOn(c, [&](void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, int64_t height) {
+    if (err == cudaSuccess) err = cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDefault, stream_);
+  });
   RETURN_IF_CUDA_ERROR(err);
   return absl::OkStatus();
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/cpu/cpu_backend.h"
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/cuda_memory.h"
 #include "core/cuda/kernels/attention.h"
@@ -134,6 +135,9 @@ class CudaBackend : public Backend {
   absl::Status PlanAttention(int n_heads);
   // Launches the planned decode items of the batch (plan_) and their split-K combine pass.
   absl::Status LaunchPlannedDecode(AttnParams p);
+  // A KvPairCopy (core/cpu/cpu_backend.h) as strided copies on the compute stream: CopyKvPairRows and the
+  // prefill staging of interleaved host tiers.
+  absl::Status CopyKvPairOnStream(const KvPairCopy& c);
 
   const CudaBackendOptions options_;
   std::string name_;

@@ -32,7 +32,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "core/cpu/cpu_backend.h"
 #include "core/cuda/cuda_backend_impl.h"
 #include "core/cuda/cuda_check.h"
 #include "core/cuda/cuda_sparse_state.h"
@@ -245,16 +244,9 @@ absl::Status CudaBackend::StagedPrefillAttention(int layer, AttnParams p, bool* 
       // [n_kv, capacity, hd] host rows [0, rows) of every head -> [n_kv, rows, hd] compact.
       const size_t width = size_t(st->rows[i]) * row_bytes, pitch = size_t(kv->k[layer].dim(1)) * row_bytes;
       if (IsKvPair(kv->k[layer])) {  // interleaved host K/V: per (head, K/V) strided copies
-        cudaError_t err = cudaSuccess;
-        CopyKvPairRowsOn({base + st->k_off[i], st->rows[i], base + st->v_off[i], st->rows[i],
-                          static_cast<char*>(kv->k[layer].data()), kv->k[layer].dim(1), n_kv_, st->rows[i],
-                          static_cast<int64_t>(row_bytes), /*to_pair=*/false},
-                         [&](void* dst, size_t dpitch, const void* src, size_t spitch, size_t w, int64_t h) {
-                           if (err == cudaSuccess) {
-                             err = cudaMemcpy2DAsync(dst, dpitch, src, spitch, w, h, cudaMemcpyDefault, stream_);
-                           }
-                         });
-        RETURN_IF_CUDA_ERROR(err);
+        RETURN_IF_ERROR(CopyKvPairOnStream({base + st->k_off[i], st->rows[i], base + st->v_off[i], st->rows[i],
+                                            static_cast<char*>(kv->k[layer].data()), kv->k[layer].dim(1), n_kv_,
+                                            st->rows[i], static_cast<int64_t>(row_bytes), /*to_pair=*/false}));
       } else {
         RETURN_IF_CUDA_ERROR(cudaMemcpy2DAsync(base + st->k_off[i], width, kv->k[layer].data(), pitch, width, n_kv_,
                                                cudaMemcpyDefault, stream_));
