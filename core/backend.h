@@ -63,7 +63,8 @@ class Backend;
 class HostKvAllocator {
  public:
   virtual ~HostKvAllocator() = default;
-  // An uninitialised host tensor of `dtype` and `shape` ([n_kv_heads, capacity, head_dim]) that `backend`
+  // An uninitialised host tensor of `dtype` and `shape` ([n_kv_heads, capacity, head_dim]; with
+  // interleaved_ok also the interleaved shapes of SequenceKv "Host layout") that `backend`
   // addresses as it does AllocPinnedHost memory (see WrapHostTensor); its storage keeps the memory alive.
   virtual absl::StatusOr<Tensor> Alloc(Backend& backend, DType dtype, const Shape& shape) = 0;
   // Whether its tensors may hold an interleaved host K/V pair (SequenceKv "Host layout": AllocPinnedHost
@@ -87,6 +88,13 @@ class HostKvAllocator {
 // K row and V row side by side, so the elastic gather reads two rows per host page it touches (behind the
 // device machine's IOMMU the gather rate is set by pages touched: 20.3 -> 28.9 GB/s on the H100, 2026-11-24).
 // KvRowsOf gives the addressing of either.
+// Layer groups (Backend::host_kv_layer_group G > 1, interleaved only): the offloaded layers of a group share
+// one allocation [n_kv_heads, capacity, G, 2, head_dim], a token's K and V rows of G layers side by side, so
+// one gather of the group's layers reads G x 2 rows per host page (HostLayerGroupOf in core/model/kv_tiers.h
+// gives the groups: counted from the last layer, as layers go to host from the last one backward). Layer j
+// of the group holds the view [n_kv_heads, capacity, G, 2, head_dim] whose data() is the allocation + j x 2 x
+// head_dim elements (its bytes run past data() + nbytes() - j x 2 x head_dim elements: never copy it whole)
+// and whose storage keeps the allocation alive until every layer of the group has left the host.
 struct SequenceKv {
   std::vector<Tensor> k;
   std::vector<Tensor> v;
@@ -102,12 +110,13 @@ struct SequenceKv {
   }
 };
 
-// True for an interleaved host K/V tensor [n_kv_heads, rows, 2, head_dim] (SequenceKv "Host layout").
-inline bool IsKvPair(const Tensor& t) { return t.ndim() == 4 && t.dim(2) == 2; }
+// True for an interleaved host K/V tensor (SequenceKv "Host layout"): one layer's [n_kv_heads, rows, 2,
+// head_dim], or a layer's view [n_kv_heads, rows, G, 2, head_dim] of a layer group.
+inline bool IsKvPair(const Tensor& t) { return (t.ndim() == 4 && t.dim(2) == 2) || (t.ndim() == 5 && t.dim(3) == 2); }
 
 // Where K/V rows of one layer live: K row (h, t) at k + (h * rows + t) * stride elements, V row at v + the
 // same. Plain tensors k, v [n_kv, rows, d]: stride d. An interleaved pair (k and v the same
-// [n_kv, rows, 2, d] tensor): v = k + d, stride 2d.
+// [n_kv, rows, 2, d] tensor): v = k + d, stride 2d; a layer of a group of G: v = k + d, stride 2Gd.
 struct KvRowsView {
   void* k = nullptr;
   void* v = nullptr;
@@ -115,9 +124,9 @@ struct KvRowsView {
 };
 inline KvRowsView KvRowsOf(const Tensor& k, const Tensor& v) {
   if (IsKvPair(k)) {
-    const int64_t d = k.dim(3);
+    const int64_t d = k.dim(-1), layers = k.ndim() == 5 ? k.dim(2) : 1;
     return {k.data(), static_cast<char*>(k.data()) + d * static_cast<int64_t>(DTypeSize(k.dtype())), k.dim(0),
-            k.dim(1), d, 2 * d};
+            k.dim(1), d, 2 * layers * d};
   }
   if (k.ndim() != 3) return {};
   return {k.data(), v.data(), k.dim(0), k.dim(1), k.dim(2), k.dim(2)};
@@ -285,6 +294,10 @@ class Backend {
   bool host_kv_interleaved() const { return host_kv_interleaved_; }
   void set_host_kv_interleaved(bool on) { host_kv_interleaved_ = on && SupportsInterleavedHostKv(); }
   virtual bool SupportsInterleavedHostKv() const { return false; }
+  // Offloaded layers per interleaved host allocation (SequenceKv "Host layout": layer groups); 1 = one
+  // allocation per layer. Only used while host_kv_interleaved(); CUDA defaults to 4.
+  int host_kv_layer_group() const { return host_kv_layer_group_; }
+  void set_host_kv_layer_group(int layers) { host_kv_layer_group_ = layers < 1 ? 1 : layers; }
   // Host memory the backend did not allocate (a kvstore shared-memory segment) made usable as AllocPinnedHost
   // memory is: CUDA page-locks and maps [ptr, ptr + bytes) (cudaHostRegister, mapped + portable), once per
   // region (core/cuda/cuda_host_register.cc); the CPU backend has nothing to do. `ptr` must be page aligned.
@@ -336,6 +349,16 @@ class Backend {
   virtual absl::Status ElasticLoad(int layer, const CopyList& copies, ElasticCounters* counters) {
     return absl::UnimplementedError("ElasticLoad is not implemented by this backend");
   }
+  // ElasticLoad of offloaded layers [first, first + count), in order, all with the same `copies`. A backend
+  // may move them in fewer gathers (CUDA: one per host layer group, SequenceKv "Host layout", so a gather
+  // reads a token's rows of several layers from one host page); SparseAttention(layer) still waits only on
+  // the gather that loads `layer`.
+  virtual absl::Status ElasticLoadLayers(int first, int count, const CopyList& copies, ElasticCounters* counters) {
+    for (int l = first; l < first + count; ++l) {
+      if (absl::Status st = ElasticLoad(l, copies, counters); !st.ok()) return st;
+    }
+    return absl::OkStatus();
+  }
   // Sparse decode attention of `layer` (DESIGN.md §3): for sequence i and query head h (KV head
   // g = h / (n_heads / n_kv_heads)), exact softmax attention of q[i, h] over the past positions of the set
   // of (i, g) plus the current token (k_cur[i, g], v_cur[i, g]). A resident layer gathers the positions
@@ -378,6 +401,7 @@ class Backend {
 
  private:
   bool host_kv_interleaved_ = false;
+  int host_kv_layer_group_ = 1;
 };
 
 // The CPU backend (always built). `memory_limit` 0 means no limit.

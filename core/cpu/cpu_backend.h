@@ -94,10 +94,11 @@ struct KvPairCopy {
   int64_t k_rows;
   char* v;             // plain [heads, v_rows, d]
   int64_t v_rows;
-  char* pair;          // interleaved [heads, pair_rows, 2, d]
+  char* pair;          // interleaved [heads, pair_rows, 2, d] (or a layer group's view, SequenceKv "Host layout")
   int64_t pair_rows;
   int64_t heads, rows, row_bytes;  // rows [0, rows) of every head, row_bytes = d * element size
   bool to_pair;        // plain -> pair, else pair -> plain
+  int64_t pair_pitch = 0;  // bytes from a head's pair row t to t + 1 (KvRowsOf stride); 0: 2 * row_bytes
 };
 KvPairCopy KvPairCopyOf(Tensor* k, Tensor* v, Tensor* pair, int64_t rows, bool to_pair);
 void CopyKvPairRowsOn(const KvPairCopy& c,

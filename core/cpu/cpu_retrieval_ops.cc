@@ -32,35 +32,37 @@ absl::Status CheckCopyHeadRows(const Tensor& src, const Tensor* dst, int64_t row
 absl::Status CheckCopyKvPairRows(const Tensor* k, const Tensor* v, const Tensor* pair, int64_t rows) {
   const auto fits = [&](const Tensor* t) {
     return t != nullptr && t->ndim() == 3 && t->dtype() == pair->dtype() && t->dim(0) == pair->dim(0) &&
-           t->dim(2) == pair->dim(3) && rows <= t->dim(1);
+           t->dim(2) == pair->dim(-1) && rows <= t->dim(1);
   };
   if (pair == nullptr || !IsKvPair(*pair) || !fits(k) || !fits(v) || rows < 0 || rows > pair->dim(1)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "CopyKvPairRows: ", rows, " rows between k ", k == nullptr ? std::string("null") : k->DebugString(), ", v ",
         v == nullptr ? std::string("null") : v->DebugString(), " and pair ",
-        pair == nullptr ? std::string("null") : pair->DebugString(), " (expected [heads, rows, d] and [heads, C, 2, d])"));
+        pair == nullptr ? std::string("null") : pair->DebugString(), " (expected [heads, rows, d] and [heads, C, 2, d] or [heads, C, G, 2, d])"));
   }
   return absl::OkStatus();
 }
 
 void CopyKvPairRowsOn(const KvPairCopy& c, const std::function<void(void*, size_t, const void*, size_t, size_t, int64_t)>& copy_2d) {
+  const int64_t pitch = c.pair_pitch > 0 ? c.pair_pitch : 2 * c.row_bytes;
   for (int64_t h = 0; h < c.heads && c.rows > 0; ++h) {
     for (int half = 0; half < 2; ++half) {
       char* plain = (half == 0 ? c.k : c.v) + h * (half == 0 ? c.k_rows : c.v_rows) * c.row_bytes;
-      char* inter = c.pair + (h * c.pair_rows * 2 + half) * c.row_bytes;
+      char* inter = c.pair + h * c.pair_rows * pitch + half * c.row_bytes;
       if (c.to_pair) {
-        copy_2d(inter, 2 * c.row_bytes, plain, c.row_bytes, c.row_bytes, c.rows);
+        copy_2d(inter, pitch, plain, c.row_bytes, c.row_bytes, c.rows);
       } else {
-        copy_2d(plain, c.row_bytes, inter, 2 * c.row_bytes, c.row_bytes, c.rows);
+        copy_2d(plain, c.row_bytes, inter, pitch, c.row_bytes, c.rows);
       }
     }
   }
 }
 
 KvPairCopy KvPairCopyOf(Tensor* k, Tensor* v, Tensor* pair, int64_t rows, bool to_pair) {
+  const int64_t es = static_cast<int64_t>(DTypeSize(pair->dtype()));
   return {static_cast<char*>(k->data()), k->dim(1), static_cast<char*>(v->data()), v->dim(1),
-          static_cast<char*>(pair->data()), pair->dim(1), pair->dim(0), rows,
-          static_cast<int64_t>(pair->dim(3) * DTypeSize(pair->dtype())), to_pair};
+          static_cast<char*>(pair->data()), pair->dim(1), pair->dim(0), rows, pair->dim(-1) * es, to_pair,
+          KvRowsOf(*pair, *pair).stride * es};
 }
 
 absl::Status CheckScatterRows(const Tensor& src, std::span<const RowScatter> segments) {

@@ -67,6 +67,7 @@ absl::StatusOr<ElemType> FloatType(const Tensor& t, const char* what) {
 
 CudaBackend::CudaBackend(const CudaBackendOptions& options) : options_(options) {
   set_host_kv_interleaved(options.interleaved_host_kv);
+  set_host_kv_layer_group(options.host_kv_layer_group);
 }
 
 CudaBackend::~CudaBackend() {

@@ -29,6 +29,10 @@ struct CudaBackendOptions {
   // Host tiers of offloaded layers with a token's K and V rows side by side (SequenceKv "Host layout");
   // Backend::set_host_kv_interleaved changes it.
   bool interleaved_host_kv = true;
+  // Offloaded layers per interleaved host allocation (SequenceKv "Host layout": layer groups, gathered
+  // together so a token's rows of 4 layers of an 8B model, 2 KiB, come from one host page; behind the H100
+  // machine's IOMMU the gather rate is set by the pages it touches). Backend::set_host_kv_layer_group.
+  int host_kv_layer_group = 4;
 };
 
 // Creates the backend on `options.device`. Fails with FailedPrecondition when no CUDA device is

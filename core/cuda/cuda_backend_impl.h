@@ -74,6 +74,7 @@ class CudaBackend : public Backend {
   absl::Status KvAppendHost(int layer, const Tensor& k, const Tensor& v) override;
   absl::Status PrepareSparseDecode(const SparseDecodeDesc& desc) override;
   absl::Status ElasticLoad(int layer, const CopyList& copies, ElasticCounters* counters) override;
+  absl::Status ElasticLoadLayers(int first, int count, const CopyList& copies, ElasticCounters* counters) override;
   absl::Status SparseAttention(int layer, const Tensor& q, const Tensor& k_cur, const Tensor& v_cur, float scale,
                                Tensor* out) override;
   // ---- host memory registered by its owner, e.g. a kvstore segment (cuda_host_register.cc) ----

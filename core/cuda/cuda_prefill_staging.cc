@@ -246,7 +246,8 @@ absl::Status CudaBackend::StagedPrefillAttention(int layer, AttnParams p, bool* 
       if (IsKvPair(kv->k[layer])) {  // interleaved host K/V: per (head, K/V) strided copies
         RETURN_IF_ERROR(CopyKvPairOnStream({base + st->k_off[i], st->rows[i], base + st->v_off[i], st->rows[i],
                                             static_cast<char*>(kv->k[layer].data()), kv->k[layer].dim(1), n_kv_,
-                                            st->rows[i], static_cast<int64_t>(row_bytes), /*to_pair=*/false}));
+                                            st->rows[i], static_cast<int64_t>(row_bytes), /*to_pair=*/false,
+                                            KvRowsOf(kv->k[layer], kv->v[layer]).stride * int64_t{sizeof(uint16_t)}}));
       } else {
         RETURN_IF_CUDA_ERROR(cudaMemcpy2DAsync(base + st->k_off[i], width, kv->k[layer].data(), pitch, width, n_kv_,
                                                cudaMemcpyDefault, stream_));

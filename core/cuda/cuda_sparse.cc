@@ -3,7 +3,9 @@
 // Streams and ordering. Elastic loads run on a dedicated copy stream:
 //   KvAppendHost(l)      compute: append kernel writing the mapped pinned host rows; records append_done[l]
 //   ElasticLoad(l)       copy waits attn_done[l] (the previous step's SparseAttention(l) read the slots it
-//                        overwrites) and append_done[l]; gather kernel; records load_done[l]
+//                        overwrites) and append_done[l]; gather kernel; records load_done[l]. ElasticLoadLayers
+//                        gathers the offloaded layers of one host layer group (SequenceKv "Host layout") in
+//                        one kernel after the waits of all of them, then records each one's load_done
 //   SparseAttention(l)   compute waits load_done[l] only (offloaded layers); records attn_done[l]
 //   Attention(l)         (a batch with prefill tokens) compute: bulk copies of the host rows [0, past + n) into a
 //                        device staging buffer, then the tiles over the copy (cuda_prefill_staging.cc)
@@ -371,6 +373,7 @@ absl::Status EnsureTimingEvents(CudaBackend::SparseState* sp, int layer) {
     }
   }
   if (sp->timing.size() < n) sp->timing.resize(n, 0);
+  if (sp->timed_layers.size() < n) sp->timed_layers.resize(n, 0);
   return absl::OkStatus();
 }
 
@@ -397,7 +400,7 @@ absl::Status ReadLoadTiming(CudaBackend::SparseState* sp, int layer, ElasticCoun
   if (!dur.has_value() || !wait.has_value()) return absl::OkStatus();  // not complete: the sample is dropped
   // The wait also covers copy-stream work queued ahead of this load (the copy list upload before the
   // first load of a step): all of it is copy time the compute stream did not hide.
-  counters->copy_timed_loads += 1;
+  counters->copy_timed_loads += sp->timed_layers[layer];
   counters->copy_seconds += std::max(0.0f, *dur) * 1e-3;
   counters->copy_exposed_seconds += std::max(0.0f, *wait) * 1e-3;
   return absl::OkStatus();
@@ -409,9 +412,10 @@ absl::Status RecordLoadStart(CudaBackend::SparseState* sp, int layer) {
   return absl::OkStatus();
 }
 
-absl::Status RecordLoadEnd(CudaBackend::SparseState* sp, int layer) {
+absl::Status RecordLoadEnd(CudaBackend::SparseState* sp, int layer, int32_t layers) {
   RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->t_load_end[layer], sp->copy));
   sp->timing[layer] = kLoadTimed;
+  sp->timed_layers[layer] = layers;
   return absl::OkStatus();
 }
 

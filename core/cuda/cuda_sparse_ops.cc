@@ -26,6 +26,20 @@ bool SameList(const CudaBackend::SparseState& sp, const CopyList& cl) {
          std::memcmp(sp.last_copies.data(), cl.copies.data(), sizeof(RowCopy) * cl.copies.size()) == 0;
 }
 
+// Whether `layer` reads its host rows from the allocation of `begin` (a layer group, SequenceKv "Host
+// layout") for every sequence: its rows sit (layer - begin) K/V pairs after those of `begin`, at the same
+// pitch. No other allocation can start inside that one, so equal addresses mean the same allocation.
+bool SameHostGroup(const std::vector<ElasticSeqPtrs>& tab, int n_seqs, int begin, int layer, int64_t row_bytes) {
+  for (int i = 0; i < n_seqs; ++i) {
+    const ElasticSeqPtrs &a = tab[size_t(begin) * n_seqs + i], &b = tab[size_t(layer) * n_seqs + i];
+    if (b.host_row_pitch != a.host_row_pitch || (layer - begin + 1) * 2 * row_bytes > a.host_row_pitch ||
+        static_cast<const char*>(b.host_k) != static_cast<const char*>(a.host_k) + (layer - begin) * 2 * row_bytes) {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 absl::Status EnsureLayerEvents(CudaBackend::SparseState* sp, int n_layers) {
@@ -40,11 +54,18 @@ absl::Status EnsureLayerEvents(CudaBackend::SparseState* sp, int n_layers) {
 }
 
 absl::Status CudaBackend::ElasticLoad(int layer, const CopyList& cl, ElasticCounters* counters) {
+  return ElasticLoadLayers(layer, 1, cl, counters);
+}
+
+absl::Status CudaBackend::ElasticLoadLayers(int first, int count, const CopyList& cl, ElasticCounters* counters) {
   if (!batch_valid_) return absl::FailedPreconditionError("elastic_load: PrepareBatch was not called");
-  if (layer < 0 || layer >= n_layers_) {
-    return absl::InvalidArgumentError(absl::StrCat("elastic_load: layer ", layer, " out of range"));
+  if (count < 1 || first < 0 || first + count > n_layers_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("elastic_load: layers [", first, ", ", first + count, ") out of range [0, ", n_layers_, ")"));
   }
-  RETURN_IF_ERROR(CheckSparseTier(batch_, layer, /*offloaded=*/true, "elastic_load"));
+  for (int layer = first; layer < first + count; ++layer) {
+    RETURN_IF_ERROR(CheckSparseTier(batch_, layer, /*offloaded=*/true, "elastic_load"));
+  }
   const int n_seqs = static_cast<int>(batch_.kv.size());
   if (cl.n_seqs != n_seqs || cl.n_kv_heads != n_kv_ || (cl.sets_per_seq != 1 && cl.sets_per_seq != n_kv_) ||
       static_cast<int64_t>(cl.copy_ptr.size()) != int64_t{cl.n_seqs} * cl.sets_per_seq + 1 || cl.copy_ptr[0] != 0 ||
@@ -60,7 +81,7 @@ absl::Status CudaBackend::ElasticLoad(int layer, const CopyList& cl, ElasticCoun
   }
   ASSIGN_OR_RETURN(SparseState * sp, Sparse());
   RETURN_IF_ERROR(EnsureLayerEvents(sp, n_layers_));
-  RETURN_IF_ERROR(EnsureTierTables(layer));
+  for (int layer = first; layer < first + count; ++layer) RETURN_IF_ERROR(EnsureTierTables(layer));
   const bool same = SameList(*sp, cl);
   if (!same) {
     // Records straight into the pinned staging buffer, with the per-sequence bounds, in one pass.
@@ -103,41 +124,57 @@ absl::Status CudaBackend::ElasticLoad(int layer, const CopyList& cl, ElasticCoun
   }
   sp->last_list = &cl;
   sp->last_list_epoch = sp->decode_epoch;
-  // Bounds against this layer's tensors (per sequence maxima: O(n_seqs) per layer).
-  for (int i = 0; i < n_seqs; ++i) {
-    const ElasticSeqPtrs& e = sp->elastic_tab[size_t(layer) * n_seqs + i];
-    if (sp->max_token[i] >= e.capacity || sp->max_slot[i] >= e.slots) {
-      sp->last_ptr.clear();  // force a re-check next time
-      return absl::InvalidArgumentError(absl::StrCat("elastic_load: seq ", i, " copies up to token ", sp->max_token[i],
-                                                     " -> slot ", sp->max_slot[i], " outside capacity ", e.capacity,
-                                                     " / slots ", e.slots));
+  // Bounds against the layers' tensors (per sequence maxima: O(n_seqs) per layer).
+  for (int layer = first; layer < first + count; ++layer) {
+    for (int i = 0; i < n_seqs; ++i) {
+      const ElasticSeqPtrs& e = sp->elastic_tab[size_t(layer) * n_seqs + i];
+      if (sp->max_token[i] >= e.capacity || sp->max_slot[i] >= e.slots) {
+        sp->last_ptr.clear();  // force a re-check next time
+        return absl::InvalidArgumentError(absl::StrCat("elastic_load: layer ", layer, " seq ", i, " copies up to token ",
+                                                       sp->max_token[i], " -> slot ", sp->max_slot[i],
+                                                       " outside capacity ", e.capacity, " / slots ", e.slots));
+      }
     }
   }
-  // (a) the previous step's attention of this layer read the slots being overwritten; (b) appends of this
-  // layer's new rows to the host copy; the tables.
-  RETURN_IF_ERROR(ReadLoadTiming(sp, layer, counters));  // the previous step's load of this layer
-  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->attn_done[layer], 0));
-  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->append_done[layer], 0));
-  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->tables_ready, 0));
-  RETURN_IF_ERROR(RecordLoadStart(sp, layer));
-  ElasticGatherParams p;
-  p.copies = static_cast<const ElasticCopy*>(sp->copies_buf.data());
-  p.seqs = reinterpret_cast<const ElasticSeqPtrs*>(static_cast<const char*>(sp->tables.data()) + sp->off_elastic) +
-           size_t(layer) * n_seqs;
-  p.n_copies = sp->n_copies;
-  p.sets_per_seq = cl.sets_per_seq;
-  p.n_kv = n_kv_;
-  p.row_bytes = int64_t{head_dim_} * 2;
-  if (p.row_bytes % 16 != 0) {
+  const int64_t row_bytes = int64_t{head_dim_} * 2;
+  if (row_bytes % 16 != 0) {
     return absl::UnimplementedError(absl::StrCat("elastic_load: head_dim ", head_dim_, " is not a multiple of 8"));
   }
-  RETURN_IF_CUDA_ERROR(LaunchElasticGather(p, sm_count_, sp->copy));
-  RETURN_IF_ERROR(RecordLoadEnd(sp, layer));
-  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->load_done[layer], sp->copy));
+  // One gather per run of layers that share a host allocation (SequenceKv "Host layout": layer groups), so
+  // that a token's rows of the run are read from one place; each layer of it waits for the run.
+  for (int begin = first; begin < first + count;) {
+    int end = begin + 1;
+    while (end < first + count && SameHostGroup(sp->elastic_tab, n_seqs, begin, end, row_bytes)) ++end;
+    for (int layer = begin; layer < end; ++layer) {
+      // (a) the previous step's attention of the layer read the slots being overwritten; (b) appends of the
+      // layer's new rows to the host copy; the tables.
+      RETURN_IF_ERROR(ReadLoadTiming(sp, layer, counters));  // the previous step's load of this layer
+      RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->attn_done[layer], 0));
+      RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->append_done[layer], 0));
+    }
+    RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->tables_ready, 0));
+    RETURN_IF_ERROR(RecordLoadStart(sp, begin));
+    ElasticGatherParams p;
+    p.copies = static_cast<const ElasticCopy*>(sp->copies_buf.data());
+    p.seqs = reinterpret_cast<const ElasticSeqPtrs*>(static_cast<const char*>(sp->tables.data()) + sp->off_elastic) +
+             size_t(begin) * n_seqs;
+    p.n_copies = sp->n_copies;
+    p.sets_per_seq = cl.sets_per_seq;
+    p.n_kv = n_kv_;
+    p.n_seqs = n_seqs;
+    p.n_layers = end - begin;
+    p.row_bytes = row_bytes;
+    RETURN_IF_CUDA_ERROR(LaunchElasticGather(p, sm_count_, sp->copy));
+    RETURN_IF_ERROR(RecordLoadEnd(sp, begin, end - begin));
+    for (int layer = begin; layer < end; ++layer) {
+      RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->load_done[layer], sp->copy));
+    }
+    begin = end;
+  }
   if (counters != nullptr) {
-    counters->rows_loaded += 2 * cl.head_rows;
-    counters->bytes_loaded += 2 * cl.head_rows * p.row_bytes;
-    counters->bytes_full_reload += 2 * cl.full_reload_rows * p.row_bytes;
+    counters->rows_loaded += 2 * cl.head_rows * count;
+    counters->bytes_loaded += 2 * cl.head_rows * row_bytes * count;
+    counters->bytes_full_reload += 2 * cl.full_reload_rows * row_bytes * count;
   }
   return absl::OkStatus();
 }

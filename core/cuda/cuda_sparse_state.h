@@ -68,6 +68,7 @@ struct CudaBackend::SparseState {
   // a load was recorded, bit 2: its wait was recorded; read back at the layer's next ElasticLoad.
   std::vector<cudaEvent_t> t_load_start, t_load_end, t_wait_arrive, t_wait_pass;
   std::vector<uint8_t> timing;
+  std::vector<int32_t> timed_layers;  // layers the timed load of a layer's gather moved (a group's run: several)
 
   ~SparseState() {
     if (copy != nullptr) cudaStreamSynchronize(copy);
@@ -105,7 +106,7 @@ absl::Status EnsureLayerEvents(CudaBackend::SparseState* sp, int n_layers);
 // load_done[layer], bracketed by the arrival/pass events whose distance is the exposed copy time.
 absl::Status ReadLoadTiming(CudaBackend::SparseState* sp, int layer, ElasticCounters* counters);
 absl::Status RecordLoadStart(CudaBackend::SparseState* sp, int layer);
-absl::Status RecordLoadEnd(CudaBackend::SparseState* sp, int layer);
+absl::Status RecordLoadEnd(CudaBackend::SparseState* sp, int layer, int32_t layers);
 absl::Status WaitForElasticLoad(CudaBackend::SparseState* sp, cudaStream_t compute, int layer);
 // Every sequence of `batch` must have `layer` in the same tier (offloaded: with host copy and slot buffers).
 absl::Status CheckSparseTier(const BatchDesc& batch, int layer, bool offloaded, const char* op);

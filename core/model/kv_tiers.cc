@@ -37,16 +37,47 @@ struct HostTier {
   Tensor k, v;
 };
 
-absl::StatusOr<HostTier> AllocHostTier(Backend& b, HostKvAllocator* host, DType dtype, int64_t n_kv, int64_t capacity,
+bool Interleaved(const Backend& b, const HostKvAllocator* host) {
+  return b.host_kv_interleaved() && (host == nullptr || host->interleaved_ok());
+}
+
+// The host tier of `layer` of `kv`: plain, one interleaved pair, or the layer's view of its group's
+// allocation (SequenceKv "Host layout"), made by the first layer of the group to leave the device and kept
+// alive by the views of those still on the host.
+absl::StatusOr<HostTier> AllocHostTier(Backend& b, const SequenceKv& kv, int layer, DType dtype, int64_t n_kv,
                                        int64_t head_dim) {
+  HostKvAllocator* host = kv.host_allocator.get();
+  const int64_t capacity = kv.capacity;
   HostTier t;
-  if (b.host_kv_interleaved() && (host == nullptr || host->interleaved_ok())) {
+  if (!Interleaved(b, host)) {
+    ASSIGN_OR_RETURN(t.k, AllocHost(b, host, dtype, {n_kv, capacity, head_dim}));
+    ASSIGN_OR_RETURN(t.v, AllocHost(b, host, dtype, {n_kv, capacity, head_dim}));
+    return t;
+  }
+  const HostLayerGroup g =
+      HostLayerGroupOf(static_cast<int32_t>(kv.k.size()), b.host_kv_layer_group(), static_cast<int32_t>(layer));
+  if (g.layers == 1) {
     ASSIGN_OR_RETURN(t.k, AllocHost(b, host, dtype, {n_kv, capacity, 2, head_dim}));
     t.v = t.k;
     return t;
   }
-  ASSIGN_OR_RETURN(t.k, AllocHost(b, host, dtype, {n_kv, capacity, head_dim}));
-  ASSIGN_OR_RETURN(t.v, AllocHost(b, host, dtype, {n_kv, capacity, head_dim}));
+  const Shape shape{n_kv, capacity, g.layers, 2, head_dim};
+  const int64_t layer_bytes = 2 * head_dim * static_cast<int64_t>(DTypeSize(dtype));  // a layer's K and V row
+  for (int l = g.first; l < g.first + g.layers && size_t(l) < kv.host_k.size(); ++l) {
+    const Tensor& other = kv.host_k[l];
+    if (l == layer || other.empty() || other.shape() != shape || other.dtype() != dtype) continue;
+    char* base = static_cast<char*>(other.data()) - (l - g.first) * layer_bytes;
+    t.k = Tensor(base + (layer - g.first) * layer_bytes, dtype, shape, other.device(), other.storage());
+    t.v = t.k;
+    return t;
+  }
+  ASSIGN_OR_RETURN(Tensor whole, AllocHost(b, host, dtype, shape));
+  char* base = static_cast<char*>(whole.data());
+  const DeviceKind device = whole.device();
+  // The views share one owner of the allocation (its own storage, whatever frees it, inside).
+  auto owner = std::make_shared<Tensor>(std::move(whole));
+  t.k = Tensor(base + (layer - g.first) * layer_bytes, dtype, shape, device, owner);
+  t.v = t.k;
   return t;
 }
 
@@ -100,8 +131,7 @@ absl::StatusOr<std::unique_ptr<SequenceKv>> AllocateTieredKv(Backend& b, const M
       ASSIGN_OR_RETURN(kv->k[l], b.Alloc(b.compute_dtype(), device_shape, MemoryKind::kKvCache));
       ASSIGN_OR_RETURN(kv->v[l], b.Alloc(b.compute_dtype(), device_shape, MemoryKind::kKvCache));
     } else {
-      ASSIGN_OR_RETURN(HostTier t, AllocHostTier(b, host.get(), b.compute_dtype(), c.num_key_value_heads, capacity,
-                                                 c.head_dim));
+      ASSIGN_OR_RETURN(HostTier t, AllocHostTier(b, *kv, l, b.compute_dtype(), c.num_key_value_heads, c.head_dim));
       kv->host_k[l] = std::move(t.k);
       kv->host_v[l] = std::move(t.v);
       kv->k[l] = kv->host_k[l];
@@ -120,8 +150,7 @@ absl::Status MoveLayerToHost(Backend& b, SequenceKv* kv, int layer, int32_t budg
   EnsureTierVectors(kv);
   const Tensor& dk = kv->k[layer];
   // Allocate everything first so a failure leaves the layer resident and intact.
-  ASSIGN_OR_RETURN(HostTier t, AllocHostTier(b, kv->host_allocator.get(), dk.dtype(), dk.dim(0), kv->capacity,
-                                             dk.dim(2)));
+  ASSIGN_OR_RETURN(HostTier t, AllocHostTier(b, *kv, layer, dk.dtype(), dk.dim(0), dk.dim(2)));
   RETURN_IF_ERROR(CopyTierRows(b, &kv->k[layer], &kv->v[layer], &t, dk.dim(1), /*to_host=*/true));
   RETURN_IF_ERROR(b.Synchronize());  // the host copies are complete before the device KV is dropped
   const Shape shape{dk.dim(0), budget, dk.dim(2)};
@@ -198,6 +227,33 @@ absl::Status AdoptHostTier(Backend& b, SequenceKv* kv, std::shared_ptr<HostKvAll
   }
   kv->host_allocator = std::move(host);
   return absl::OkStatus();
+}
+
+HostLayerGroup HostLayerGroupOf(int32_t n_layers, int32_t group, int32_t layer) {
+  if (group <= 1 || layer < 0 || layer >= n_layers) return {layer, 1};
+  const int32_t from_end = (n_layers - 1 - layer) / group;  // 0 for the group holding the last layer
+  const int32_t end = n_layers - from_end * group;
+  const int32_t first = std::max(0, end - group);
+  return {first, end - first};
+}
+
+std::vector<int64_t> HostAllocationBytes(const Backend& b, const ModelConfig& c, int32_t capacity,
+                                         int32_t gpu_layers) {
+  const int32_t n_layers = static_cast<int32_t>(c.num_hidden_layers);
+  const int64_t row_bytes = c.head_dim * static_cast<int64_t>(DTypeSize(b.compute_dtype()));
+  const int64_t tensor = c.num_key_value_heads * int64_t{capacity} * row_bytes;  // K or V of one layer
+  std::vector<int64_t> out;
+  for (int32_t l = std::max(gpu_layers, 0); l < n_layers;) {
+    if (!b.host_kv_interleaved()) {
+      out.insert(out.end(), {tensor, tensor});
+      ++l;
+      continue;
+    }
+    const HostLayerGroup g = HostLayerGroupOf(n_layers, b.host_kv_layer_group(), l);
+    out.push_back(2 * tensor * g.layers);
+    l = g.first + g.layers;
+  }
+  return out;
 }
 
 int32_t DeviceRowsFor(int32_t needed, int32_t capacity, int32_t grow_rows) {

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/backend.h"
@@ -82,6 +83,24 @@ class ScopedHostKvAllocator {
   std::shared_ptr<HostKvAllocator> host_;
   ScopedHostKvAllocator* outer_;
 };
+
+/// Layers [first, first + layers) of a host layer group (SequenceKv "Host layout").
+struct HostLayerGroup {
+  int32_t first = 0;
+  int32_t layers = 1;
+};
+
+/// The host layer group of `layer` of a model of `n_layers` with groups of `group` layers: counted from the
+/// last layer ([L - G, L), [L - 2G, L - G), ...; the first group is shorter when G does not divide L), since
+/// layers go to host from the last one backward and a group's allocation then serves all of its layers.
+HostLayerGroup HostLayerGroupOf(int32_t n_layers, int32_t group, int32_t layer);
+
+/// The bytes of each host allocation a sequence of `capacity` tokens holds once layers [gpu_layers, L) are
+/// offloaded, as AllocateTieredKv / MoveLayerToHost make them with an allocator that takes interleaved tiers
+/// on backend `b` (plain: K and V per layer; interleaved: one per layer or per layer group). For reserving
+/// pinned blocks ahead of the layer moves.
+std::vector<int64_t> HostAllocationBytes(const Backend& b, const ModelConfig& config, int32_t capacity,
+                                         int32_t gpu_layers);
 
 /// Layers of `kv` whose full KV is on the device (the first offloaded layer's index, or n_layers).
 int32_t GpuLayersOf(const SequenceKv& kv);

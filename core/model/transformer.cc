@@ -308,10 +308,16 @@ absl::StatusOr<Tensor> Transformer::ForwardDevice(std::span<const ForwardSeq> se
     if (!sparse->dense_attention) RETURN_IF_ERROR(b.PrepareSparseDecode(sparse->desc));
     // Elastic loads of every offloaded layer go first: on CUDA they run on the copy stream, hidden behind
     // the compute of the layers before (each SparseAttention waits only on its own layer's event).
-    for (size_t l = 0; l < sparse->layer_copies.size(); ++l) {
-      if (sparse->layer_copies[l] != nullptr) {
-        RETURN_IF_ERROR(b.ElasticLoad(static_cast<int>(l), *sparse->layer_copies[l], sparse->counters));
+    // Consecutive layers with the same list go together (the backend may gather them at once).
+    const std::vector<const CopyList*>& lists = sparse->layer_copies;
+    for (size_t l = 0; l < lists.size();) {
+      size_t end = l + 1;
+      while (lists[l] != nullptr && end < lists.size() && lists[end] == lists[l]) ++end;
+      if (lists[l] != nullptr) {
+        RETURN_IF_ERROR(b.ElasticLoadLayers(static_cast<int>(l), static_cast<int>(end - l), *lists[l],
+                                            sparse->counters));
       }
+      l = end;
     }
   }
   if (capture != nullptr) {

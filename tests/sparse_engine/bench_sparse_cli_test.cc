@@ -132,6 +132,7 @@ TEST_F(BenchSparseCliTest, GridLinesHaveSaneFigures) {
   ASSERT_EQ(setup.size(), 1u);
   EXPECT_EQ(setup[0]["head_kind"], "eagle3");
   EXPECT_EQ(setup[0]["host_kv_layout"], "plain");  // the CPU backend's kernels take plain host tiers only
+  EXPECT_EQ(setup[0]["host_kv_layer_group"], 1);
   EXPECT_EQ(setup[0]["cuda_graphs"], true);
   const std::vector<json> pts = OfKind(lines, "decode");
   ASSERT_EQ(pts.size(), 4u) << r.out;
@@ -263,6 +264,8 @@ TEST_F(BenchSparseCliTest, BadFlagsExitNonZeroNamingTheFlag) {
                                          {{"--hbm-gbs", "-1"}, "--hbm-gbs"},
                                          {{"--kv-grow-rows", "-1"}, "--kv-grow-rows"},
                                          {{"--cuda-graphs", "both"}, "--cuda-graphs"},
+                                         {{"--host-kv-layer-group", "0"}, "--host-kv-layer-group"},
+                                         {{"--host-kv-layer-group", "999"}, "--host-kv-layer-group"},
                                          {{"--bogus", "1"}, "--bogus"}}) {
     CliRun r = Bench(c.args);
     SCOPED_TRACE(c.args[0] + " " + c.args[1]);

@@ -150,6 +150,115 @@ TEST(KvPair, LayerMovesAndAdoptionKeepEveryRow) {
   EXPECT_EQ(std::memcmp(s2.v[0].data(), v1.data(), v1.nbytes()), 0);
 }
 
+TEST(KvPair, LayerGroupsCountFromTheLastLayer) {
+  struct Case { int32_t n_layers, group, layer, first, layers; };
+  for (const Case& c : {Case{32, 4, 31, 28, 4}, Case{32, 4, 28, 28, 4}, Case{32, 4, 27, 24, 4}, Case{32, 4, 0, 0, 4},
+                        Case{30, 4, 1, 0, 2}, Case{30, 4, 2, 2, 4}, Case{16, 1, 5, 5, 1}, Case{3, 8, 1, 0, 3},
+                        Case{5, 0, 4, 4, 1}}) {
+    const HostLayerGroup g = HostLayerGroupOf(c.n_layers, c.group, c.layer);
+    EXPECT_EQ(g.first, c.first) << c.n_layers << " " << c.group << " " << c.layer;
+    EXPECT_EQ(g.layers, c.layers) << c.n_layers << " " << c.group << " " << c.layer;
+  }
+}
+
+TEST(KvPair, HostAllocationBytesFollowTheLayout) {
+  PairCpuBackend b;
+  ModelConfig c = Config();
+  c.num_hidden_layers = 6;
+  const int64_t tensor = 2 * 10 * 8 * 4;  // K or V of one layer: heads x capacity x head_dim x f32
+  b.set_host_kv_layer_group(4);           // groups {0, 1}, {2..5}
+  EXPECT_EQ(HostAllocationBytes(b, c, 10, 1), (std::vector<int64_t>{2 * tensor * 2, 2 * tensor * 4}));
+  EXPECT_EQ(HostAllocationBytes(b, c, 10, 3), (std::vector<int64_t>{2 * tensor * 4}));
+  EXPECT_EQ(HostAllocationBytes(b, c, 10, 6), (std::vector<int64_t>{}));
+  b.set_host_kv_layer_group(1);
+  EXPECT_EQ(HostAllocationBytes(b, c, 10, 4), (std::vector<int64_t>{2 * tensor, 2 * tensor}));
+  b.set_host_kv_interleaved(false);
+  EXPECT_EQ(HostAllocationBytes(b, c, 10, 5), (std::vector<int64_t>{tensor, tensor}));
+}
+
+// Layers of a group share one allocation: each layer's rows land at its own place in it, moves of one
+// layer leave the others' rows alone, and the allocation lives until the group's last layer leaves.
+TEST(KvPair, LayerGroupSharesOneAllocationAndKeepsEveryRow) {
+  PairCpuBackend b;
+  b.set_host_kv_layer_group(4);
+  std::mt19937 rng(std::random_device{}());
+  ModelConfig c = Config();
+  c.num_hidden_layers = 6;  // groups {0, 1} and {2, 3, 4, 5}
+  const int32_t capacity = 20, rows = 13, budget = 4;
+  auto kv = AllocateTieredKv(b, c, capacity, /*gpu_layers=*/6, budget, nullptr, rows);
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  SequenceKv& s = **kv;
+  std::vector<Tensor> k0(6), v0(6);
+  for (int l = 0; l < 6; ++l) {
+    k0[l] = Random(b, s.k[l].shape(), rng);
+    v0[l] = Random(b, s.v[l].shape(), rng);
+    std::memcpy(s.k[l].data(), k0[l].data(), k0[l].nbytes());
+    std::memcpy(s.v[l].data(), v0[l].data(), v0[l].nbytes());
+  }
+  const auto host_rows_match = [&](int l) {
+    const KvRowsView hr = KvRowsOf(s.host_k[l], s.host_v[l]);
+    for (int64_t h = 0; h < hr.heads; ++h) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t d = 0; d < hr.head_dim; ++d) {
+          const int64_t at = (h * hr.rows + r) * hr.stride + d;
+          if (static_cast<const float*>(hr.k)[at] != At(k0[l], h, r, d)) return false;
+          if (static_cast<const float*>(hr.v)[at] != At(v0[l], h, r, d)) return false;
+        }
+      }
+    }
+    return true;
+  };
+  for (int l = 5; l >= 1; --l) ASSERT_TRUE(MoveLayerToHost(b, &s, l, budget).ok()) << l;
+  // heads x layers x capacity x (K, V) x head_dim x f32; the first group holds 2 layers
+  const int64_t group_bytes = 2 * 4 * int64_t{capacity} * 2 * c.head_dim * 4, layer_bytes = group_bytes / 4;
+  EXPECT_EQ(b.host_memory_report().total, group_bytes + 2 * layer_bytes);
+  for (int l = 2; l <= 5; ++l) {
+    ASSERT_EQ(s.host_k[l].shape(), (Shape{2, capacity, 4, 2, c.head_dim}));
+    EXPECT_EQ(s.host_k[l].storage(), s.host_k[2].storage());
+    EXPECT_EQ(static_cast<char*>(s.host_k[l].data()) - static_cast<char*>(s.host_k[2].data()),
+              (l - 2) * 2 * c.head_dim * 4);
+    EXPECT_EQ(KvRowsOf(s.host_k[l], s.host_v[l]).stride, 4 * 2 * c.head_dim);
+    EXPECT_TRUE(host_rows_match(l)) << l;
+  }
+  ASSERT_EQ(s.host_k[1].shape(), (Shape{2, capacity, 2, 2, c.head_dim}));  // the shorter first group
+  EXPECT_TRUE(host_rows_match(1));
+  // Layer 3 back to the device and out again: its rows survive, its neighbours' too.
+  ASSERT_TRUE(MoveLayerToDevice(b, &s, 3, rows).ok());
+  EXPECT_EQ(std::memcmp(s.k[3].data(), k0[3].data(), k0[3].nbytes()), 0);
+  EXPECT_EQ(std::memcmp(s.v[3].data(), v0[3].data(), v0[3].nbytes()), 0);
+  for (int l : {2, 4, 5}) EXPECT_TRUE(host_rows_match(l)) << l;
+  k0[3] = Random(b, s.k[3].shape(), rng);
+  std::memcpy(s.k[3].data(), k0[3].data(), k0[3].nbytes());
+  ASSERT_TRUE(MoveLayerToHost(b, &s, 3, budget).ok());
+  EXPECT_EQ(s.host_k[3].storage(), s.host_k[2].storage());
+  for (int l = 1; l <= 5; ++l) EXPECT_TRUE(host_rows_match(l)) << l;
+  // Plain allocator blocks take every layer of the groups row for row.
+  ASSERT_TRUE(AdoptHostTier(b, &s, std::make_shared<PlainAllocator>(), rows).ok());
+  for (int l = 1; l <= 5; ++l) {
+    ASSERT_EQ(s.host_k[l].ndim(), 3);
+    EXPECT_TRUE(host_rows_match(l)) << l;
+  }
+  EXPECT_EQ(b.host_memory_report().total, 5 * layer_bytes);  // plain K and V of 5 layers; the groups are gone
+}
+
+TEST(KvPair, LayerGroupAllocationLivesUntilItsLastLayerLeaves) {
+  PairCpuBackend b;
+  b.set_host_kv_layer_group(3);
+  ModelConfig c = Config();
+  c.num_hidden_layers = 3;
+  auto kv = AllocateTieredKv(b, c, 8, /*gpu_layers=*/0, 2, nullptr, 8);
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  SequenceKv& s = **kv;
+  const int64_t group_bytes = 2 * 8 * 3 * 2 * c.head_dim * 4;
+  EXPECT_EQ(b.host_memory_report().total, group_bytes);
+  for (int l : {0, 2}) {
+    ASSERT_TRUE(MoveLayerToDevice(b, &s, l, 8).ok());
+    EXPECT_EQ(b.host_memory_report().total, group_bytes);
+  }
+  ASSERT_TRUE(MoveLayerToDevice(b, &s, 1, 8).ok());
+  EXPECT_EQ(b.host_memory_report().total, 0);
+}
+
 TEST(KvPair, BackendsWithoutSupportStayPlain) {
   CpuBackend b(0);
   b.set_host_kv_interleaved(true);

@@ -206,6 +206,14 @@ absl::Status RunBenchSparse(const Args& args) {
   }
   Backend& b = *rt.backend;
   b.set_host_kv_interleaved(!args.GetBool("plain-host-kv"));
+  if (!args.GetString("host-kv-layer-group").empty()) {
+    ASSIGN_OR_RETURN(const int64_t group, args.GetInt("host-kv-layer-group"));
+    if (group < 1 || group > rt.model->config().num_hidden_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("--host-kv-layer-group ", group, " outside [1, ",
+                                                     rt.model->config().num_hidden_layers, "] (the model's layers)"));
+    }
+    b.set_host_kv_layer_group(static_cast<int>(group));
+  }
   const ModelConfig& c = rt.model->config();
   s.rt = &rt;
   s.head = sr.head.get();
@@ -255,6 +263,7 @@ absl::Status RunBenchSparse(const Args& args) {
   Json setup{{"kind", "setup"},
              {"mode", s.dense ? "dense" : "sparse"},
              {"host_kv_layout", b.host_kv_interleaved() ? "interleaved" : "plain"},
+             {"host_kv_layer_group", b.host_kv_interleaved() ? b.host_kv_layer_group() : 1},
              {"cuda_graphs", ro.cuda_graphs},
              {"backend", b.name()},
              {"model", ro.model_path},
@@ -292,6 +301,8 @@ int BenchSparseMain(int argc, char** argv) {
   args.Define({"dense", "dense attention over the same sequences in the same harness", true, false, ""});
   args.Define({"cuda-graphs", "decode steps replayed from CUDA graphs: true or false (A/B)", false, false, "true"});
   args.Define({"plain-host-kv", "host tiers with K and V apart, not interleaved (A/B of the layout)", true, false, ""});
+  args.Define({"host-kv-layer-group", "offloaded layers per interleaved host allocation (default: the backend's)",
+               false, false, ""});
   args.Define({"model", "HF model directory", false, false, ""});
   args.Define({"tokenizer", "unused (accepted for symmetry with generate)", false, false, ""});
   args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});

@@ -10,8 +10,10 @@
 #include <fstream>
 #include <string>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "core/model/kv_tiers.h"
 #include "core/sparse/index_sets.h"
 #include "core/status_macros.h"
 
@@ -112,7 +114,9 @@ absl::Status SparseBenchRun::Allocate(int64_t requests, int32_t capacity) {
         return absl::ResourceExhaustedError(absl::StrCat("planner: ", gpu.status().message()));
       }
       gpu_layers_at_capacity_ = *gpu;
-      const int64_t host_need = (c.num_hidden_layers - *gpu) * requests * capacity * (kv_tok / c.num_hidden_layers);
+      const std::vector<int64_t> host_blocks = HostAllocationBytes(b, c, capacity, *gpu);  // per sequence
+      int64_t host_need = 0;
+      for (const int64_t bytes : host_blocks) host_need += bytes * requests;
       const int64_t host_avail = HostMemAvailable();
       if (host_avail > 0 && host_need > host_avail - (int64_t{4} << 30)) {
         return absl::ResourceExhaustedError(absl::StrCat(
@@ -122,12 +126,10 @@ absl::Status SparseBenchRun::Allocate(int64_t requests, int32_t capacity) {
       }
       // Pin the host copies of the layers the planner will offload now, as a server would at its start: the
       // layer moves during the run then pin nothing (alloc_seconds, not generation time).
-      // One block per K and per V, or one per interleaved pair of both (SequenceKv "Host layout").
-      const int per_layer = b.host_kv_interleaved() ? 1 : 2;
-      const int64_t host_tensor = (2 / per_layer) * c.num_key_value_heads * int64_t{capacity} * c.head_dim *
-                                  static_cast<int64_t>(DTypeSize(b.compute_dtype()));
-      RETURN_IF_ERROR(
-          dec_->host_cache().Reserve(b, host_tensor, per_layer * requests * (c.num_hidden_layers - *gpu)));
+      // The blocks the tiers will take (K and V, an interleaved pair or a layer group: SequenceKv "Host layout").
+      absl::flat_hash_map<int64_t, int64_t> blocks;  // bytes -> count per sequence
+      for (const int64_t bytes : host_blocks) ++blocks[bytes];
+      for (const auto& [bytes, count] : blocks) RETURN_IF_ERROR(dec_->host_cache().Reserve(b, bytes, count * requests));
       if (s_.options.kv_grow_rows == 0) RETURN_IF_ERROR(dec_->OffloadLayers(*gpu));  // KV at capacity now
     }
   }

@@ -29,12 +29,14 @@ __device__ __forceinline__ Piece Locate(const ElasticGatherParams& p, int64_t it
   int64_t r = item / chunks;
   const int is_v = static_cast<int>(r & 1);
   r >>= 1;
+  const int layer = static_cast<int>(r % p.n_layers);
+  r /= p.n_layers;
   const int hi = static_cast<int>(r % heads_cov);
   const int64_t copy = r / heads_cov;
   const ElasticCopy cp = p.copies[copy];
   const int seq = cp.set / p.sets_per_seq;
   const int head = heads_cov == 1 ? cp.set % p.sets_per_seq : hi;
-  const ElasticSeqPtrs s = p.seqs[seq];
+  const ElasticSeqPtrs s = p.seqs[int64_t(layer) * p.n_seqs + seq];
   const char* src = static_cast<const char*>(is_v ? s.host_v : s.host_k) +
                     (int64_t(head) * s.capacity + cp.token) * s.host_row_pitch;
   char* dst = static_cast<char*>(is_v ? s.slot_v : s.slot_k) + (int64_t(head) * s.slots + cp.slot) * p.row_bytes;
@@ -68,10 +70,13 @@ __global__ void __launch_bounds__(kThreads) ElasticGatherKernel(ElasticGatherPar
 
 cudaError_t LaunchElasticGather(const ElasticGatherParams& p, int sm_count, cudaStream_t stream) {
   if (p.n_copies == 0) return cudaSuccess;
-  if (p.row_bytes % 16 != 0 || p.row_bytes <= 0 || p.n_kv <= 0 || p.sets_per_seq <= 0) return cudaErrorInvalidValue;
+  if (p.row_bytes % 16 != 0 || p.row_bytes <= 0 || p.n_kv <= 0 || p.sets_per_seq <= 0 || p.n_layers <= 0 ||
+      (p.n_layers > 1 && p.n_seqs <= 0)) {
+    return cudaErrorInvalidValue;
+  }
   const int chunks = static_cast<int>(p.row_bytes / 16);
   const int heads_cov = p.sets_per_seq == 1 ? p.n_kv : 1;
-  const int64_t n_items = p.n_copies * heads_cov * 2 * chunks;
+  const int64_t n_items = p.n_copies * heads_cov * p.n_layers * 2 * chunks;
   const int64_t per_block = int64_t(kThreads) * kUnroll;
   // Few blocks, each with many reads in flight (see the top of the file); a block loops over several groups
   // when the list is long.

@@ -84,14 +84,18 @@ struct ElasticSeqPtrs {
 
 struct ElasticGatherParams {
   const ElasticCopy* copies = nullptr;  // [n_copies]
-  const ElasticSeqPtrs* seqs = nullptr; // [n_seqs]
+  const ElasticSeqPtrs* seqs = nullptr; // [n_layers][n_seqs]: the layers gathered, in order
   int64_t n_copies = 0;
   int sets_per_seq = 1;
   int n_kv = 0;
+  int n_seqs = 0;
+  int n_layers = 1;       // layers sharing the copy list (a host layer group): one gather for all
   int64_t row_bytes = 0;  // head_dim * element size; a multiple of 16
 };
-// Copies, for every copy and every KV head its set covers, the K and the V row. Rows are read with
-// 16-byte loads from mapped host memory, several in flight per thread.
+// Copies, for every copy, every KV head its set covers and every layer, the K and the V row. Rows are read
+// with 16-byte loads from mapped host memory, several in flight per thread; the pieces of one (copy, head)
+// are consecutive items, layer by layer, K then V, so where a group's host rows of a token lie side by side
+// (SequenceKv "Host layout") a warp reads them in one run.
 cudaError_t LaunchElasticGather(const ElasticGatherParams& p, int sm_count, cudaStream_t stream);
 
 }  // namespace specontext::cuda
