@@ -78,12 +78,14 @@ spc_model() {
 # summary of each line on stdout.
 spc_bench() {
   local secs=$1 file=$2; shift 2
-  timeout "$secs" specontext bench --sparse --backend cuda "$@" --out "$OUT/$file" 2>&1 | python3 -c '
+  # SPC_BENCH_ARGS: extra flags for every run (A/B, e.g. "--host-kv-layer-group 8").
+  timeout "$secs" specontext bench --sparse --backend cuda "$@" ${SPC_BENCH_ARGS:-} --out "$OUT/$file" 2>&1 | python3 -c '
 import json, sys
 keys = ("kind", "attention", "requests", "context", "step_ms", "tokens_per_s", "gpu_layers", "overlap",
         "set_overlap", "loaded_vs_full_reload", "copy_ms_per_step", "copy_exposed_ms_per_step", "floor_ms",
         "ratio_to_floor", "decode_observe_ms", "decode_select_ms", "decode_synthetic_ms", "decode_plan_ms",
-        "decode_forward_ms", "decode_total_ms", "fill_seconds", "alloc_seconds", "error")
+        "decode_forward_ms", "decode_total_ms", "fill_seconds", "alloc_seconds", "kv_grow_seconds",
+        "layer_move_seconds", "generate_seconds", "error")
 for line in sys.stdin:
     try:
         j = json.loads(line)
