@@ -1,6 +1,7 @@
 #include "core/model/sparse_decoder.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 
@@ -30,6 +31,16 @@ Tensor View(const Tensor& t, int64_t offset, Shape shape) {
                 t.storage());
 }
 
+// Step-graph keys of ObserveDecode: bit 62 (the Transformer's keys stay below it, sparse ones set bit
+// 63), the decoder's id above bit 24, the batch size below.
+constexpr uint64_t kHeadGraphBit = uint64_t{1} << 62;
+constexpr int kHeadGraphIdShift = 24;
+
+uint64_t NextDecoderId() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1);
+}
+
 }  // namespace
 
 struct SparseDecoder::SeqState {
@@ -46,8 +57,11 @@ struct SparseDecoder::SeqState {
 };
 
 SparseDecoder::SparseDecoder(Transformer* model, const RetrievalHead* head, const SparseOptions& options)
-    : model_(model), head_(head), options_(options) {}
+    : model_(model), head_(head), options_(options), graph_id_(NextDecoderId()) {}
 
+// The head's step graphs stay with the backend (freed with it; their keys are this decoder's alone, so they
+// are never replayed again): the backend may already be gone when a decoder held by hooks dies (the
+// generator's engine options outlive its runtime), so the destructor must not touch it.
 SparseDecoder::~SparseDecoder() = default;
 
 absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer* model, const RetrievalHead* head,
@@ -217,8 +231,66 @@ absl::StatusOr<HiddenCapture*> SparseDecoder::PrepareCapture(int64_t n_tokens) {
   return &capture_;
 }
 
+absl::Status SparseDecoder::ObserveDecode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
+                                          Tensor* q) {
+  Backend& b = *model_->backend();
+  const DType dt = b.compute_dtype();
+  const int64_t n = static_cast<int64_t>(fwd.size()), fw = head_->fused_width();
+  const int64_t vocab = head_->config().attn.vocab_size;
+  DecodeHead& g = decode_heads_[n];
+  if (g.io.empty()) {
+    ASSIGN_OR_RETURN(g.io, b.Alloc(DType::kI32, {3, n}, MemoryKind::kRetrieval));
+    // q then k in one block: at n = 1 the head's projection writes both at once (DeviceRetrievalHead::Forward).
+    const int64_t nq = head_->n_heads(), nkv = head_->n_kv_heads(), hd = head_->head_dim();
+    ASSIGN_OR_RETURN(Tensor qk, b.Alloc(dt, {n * (nq + nkv) * hd}, MemoryKind::kRetrieval));
+    g.q = View(qk, 0, {n, nq, hd});
+    g.k = View(qk, n * nq * hd, {n, nkv, hd});
+  }
+  // io = [ids][positions][pool rows], one upload; the K rows go to each cache at its length after the graph.
+  ids_.assign(3 * n, 0);
+  scatter_.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    SeqState& st = *states[i];
+    if (st.cache_len != fwd[i].past_len) {
+      return absl::InternalError(absl::StrCat("retrieval cache holds ", st.cache_len, " tokens, sequence has ",
+                                              fwd[i].past_len));
+    }
+    const int32_t id = fwd[i].tokens[0];
+    if (id < 0 || id >= vocab) {
+      return absl::OutOfRangeError(absl::StrCat("retrieval head: token ", id, " outside the vocabulary of ", vocab));
+    }
+    ids_[i] = id;
+    ids_[n + i] = st.cache_len;
+    ids_[2 * n + i] = std::max(st.hidden_slot, 0);
+    scatter_.push_back({&st.cache, static_cast<int32_t>(i), 1, st.cache_len});
+  }
+  RETURN_IF_ERROR(b.CopyToDevice(Tensor(ids_.data(), DType::kI32, {3, n}), &g.io));
+  const uint64_t key = kHeadGraphBit | (graph_id_ << kHeadGraphIdShift) | static_cast<uint64_t>(n);
+  if (fw > 0 && g.pool != hidden_pool_.data()) {
+    // The recording gathers from the pool's old address (it grew): record again.
+    b.DropStepGraphs(key, key + 1);
+    g.pool = hidden_pool_.data();
+  }
+  const Tensor ids = View(g.io, 0, {n}), pos = View(g.io, n, {n}), rows = View(g.io, 2 * n, {n});
+  RETURN_IF_ERROR(b.RunStepGraph(key, [&]() -> absl::Status {
+    Tensor fused;
+    if (fw > 0) {
+      ASSIGN_OR_RETURN(fused, b.Alloc(dt, {n, fw}, MemoryKind::kWorkspace));
+      RETURN_IF_ERROR(b.Embedding(hidden_pool_, rows, &fused));
+    }
+    return dhead_->Forward(ids, pos, fw > 0 ? &fused : nullptr, &g.q, &g.k);
+  }));
+  RETURN_IF_ERROR(b.ScatterRows(g.k, scatter_));
+  *q = g.q;
+  for (SeqState* st : states) ++st->cache_len;
+  return absl::OkStatus();
+}
+
 absl::Status SparseDecoder::Observe(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
                                     const HiddenCapture* capture, Tensor* q) {
+  bool decode = capture == nullptr && !fwd.empty();
+  for (const ForwardSeq& f : fwd) decode = decode && f.tokens.size() == 1;
+  if (decode) return ObserveDecode(fwd, states, q);
   Backend& b = *model_->backend();
   const DType dt = b.compute_dtype();
   ids_.clear();

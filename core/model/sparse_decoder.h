@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
@@ -126,6 +127,10 @@ class SparseDecoder : public SparseDecodeHooks {
   // forward's rows) or from the sequence's row of hidden_pool_ (the previous forward's last row).
   absl::Status Observe(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
                        const HiddenCapture* capture, Tensor* q);
+  // Observe of a decode batch (one token per sequence, past > 0): the head's forward (eagle3: with the
+  // gather of the pool rows) is replayed as a step graph (Backend::RunStepGraph) over fixed buffers of
+  // decode_heads_, one upload of its inputs before and the K-cache append after. q views a fixed buffer.
+  absl::Status ObserveDecode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* q);
   // eagle3: stores each sequence's last captured row into its hidden_pool_ row.
   absl::Status KeepLastHidden(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
                               const HiddenCapture& capture);
@@ -167,6 +172,15 @@ class SparseDecoder : public SparseDecodeHooks {
   std::vector<ForwardSeq> pass_fwd_;           // Forward's split into prompt and decode passes
   std::vector<SeqState*> pass_states_;
   std::vector<size_t> pass_rows_;
+  // ObserveDecode's fixed buffers per batch size n: io i32 [3, n] (ids, positions, pool rows), q
+  // [n, n_heads, hd] and k [n, n_kv, hd] (views of one block, k right after q); `pool` the hidden_pool_
+  // address the graph was recorded with.
+  struct DecodeHead {
+    Tensor io, q, k;
+    const void* pool = nullptr;
+  };
+  std::map<int64_t, DecodeHead> decode_heads_;
+  uint64_t graph_id_ = 0;  // this decoder's range of step-graph keys (ObserveDecode)
   Tensor pass_logits_;    // host logits of one pass when a step mixes prompt chunks and decode tokens
   Tensor device_logits_;  // ForwardDevice of such a step: both passes' rows [rows, vocab] f32 on the device
 };

@@ -108,6 +108,13 @@ absl::Status DeviceRetrievalHead::Forward(const Tensor& ids, const Tensor& posit
   ASSIGN_OR_RETURN(Tensor x, b.Alloc(ct, {n, in}, MemoryKind::kWorkspace));
   if (!eagle3) {
     RETURN_IF_ERROR(b.RmsNorm(e, input_norm_, eps, &x));
+  } else if (n == 1) {
+    // One row: its two column blocks are contiguous, so the norms write them in place (two copies fewer in a
+    // decode step).
+    Tensor lo = View(x, 0, {1, hidden}), hi = View(x, hidden, {1, hidden});
+    RETURN_IF_ERROR(b.RmsNorm(e, input_norm_, eps, &lo));
+    RETURN_IF_ERROR(b.Linear(*fused, fc_, nullptr, &e));
+    RETURN_IF_ERROR(b.RmsNorm(e, hidden_norm_, eps, &hi));
   } else {
     ASSIGN_OR_RETURN(Tensor part, b.Alloc(ct, {n, hidden}, MemoryKind::kWorkspace));
     RETURN_IF_ERROR(b.RmsNorm(e, input_norm_, eps, &part));
@@ -116,8 +123,18 @@ absl::Status DeviceRetrievalHead::Forward(const Tensor& ids, const Tensor& posit
     RETURN_IF_ERROR(b.RmsNorm(e, hidden_norm_, eps, &part));
     RETURN_IF_ERROR(b.CopyToColumns(part, hidden, &x));
   }
+  const Tensor* bias = b_qk_.empty() ? nullptr : &b_qk_;
+  if (n == 1 && q_norm_.empty() && static_cast<char*>(q->data()) + q->nbytes() == k->data() &&
+      q->storage() == k->storage()) {
+    // One row with k right after q in one buffer (SparseDecoder's decode buffers): the projection writes
+    // both and one rotation turns them, no copies.
+    Tensor qk = View(*q, 0, {1, (nq + nkv) * hd});
+    RETURN_IF_ERROR(b.Linear(x, w_qk_, bias, &qk));
+    Tensor qk3 = View(*q, 0, {1, nq + nkv, hd});
+    return b.Rope(&qk3, positions, rope_);
+  }
   ASSIGN_OR_RETURN(Tensor qk, b.Alloc(ct, {n, (nq + nkv) * hd}, MemoryKind::kWorkspace));
-  RETURN_IF_ERROR(b.Linear(x, w_qk_, b_qk_.empty() ? nullptr : &b_qk_, &qk));
+  RETURN_IF_ERROR(b.Linear(x, w_qk_, bias, &qk));
   Tensor q2 = View(*q, 0, {n, nq * hd}), k2 = View(*k, 0, {n, nkv * hd});
   if (q_norm_.empty()) {
     // q and k share the positions: one rotation over all heads, then split.

@@ -27,6 +27,9 @@ struct GemvParams {
   // out [n, m] bf16 = silu(g) * u with g = x·w[j], u = x·w[m + j] each rounded to bf16 first, so the
   // result is bitwise that of the plain GEMV into [n, 2 m] followed by LaunchSwiGlu. No bias.
   bool swiglu = false;
+  // Set by LaunchGemv, not the caller: the launch takes PDL with SPC_PDL=prefetch (elementwise.h), so the
+  // weight rows go to L2 before the wait for the kernel before (A/B only: measured slower).
+  bool prefetch = false;
 };
 
 // True when the kernel handles this shape: 1 <= n <= kGemvMaxN, k % 8 == 0, 16-byte aligned rows (swiglu:

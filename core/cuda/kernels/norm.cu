@@ -11,6 +11,8 @@ constexpr int kThreads = 256;
 // the add in T would). The second pass re-reads what this same thread wrote, so no barrier is needed.
 template <typename T, bool kResidual>
 __global__ void __launch_bounds__(kThreads) RmsNormKernel(RmsNormParams p) {
+  PdlTrigger();
+  PdlWait();  // launched with PDL (elementwise.h)
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(p.x) + row * p.d;
@@ -70,6 +72,8 @@ __device__ __forceinline__ Bf16x8 NormalisedVector(const Bf16x8& v, const Bf16x8
 // bf16 rows whose size is a multiple of 8: 16-byte accesses.
 template <bool kResidual>
 __global__ void __launch_bounds__(kThreads) RmsNormBf16x8Kernel(RmsNormParams p) {
+  PdlTrigger();
+  PdlWait();  // launched with PDL (elementwise.h)
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const int64_t n_vec = p.d / 8;
@@ -105,21 +109,14 @@ __global__ void __launch_bounds__(kThreads) RmsNormBf16x8Kernel(RmsNormParams p)
 cudaError_t LaunchRmsNorm(const RmsNormParams& p, cudaStream_t stream) {
   if (p.n == 0 || p.d == 0) return cudaSuccess;
   const bool res = p.residual != nullptr;
+  const dim3 grid(static_cast<unsigned>(p.n)), block(kThreads);
   if (p.type == ElemType::kBF16) {
     const bool vec = p.d % 8 == 0 && Aligned16(p.x) && Aligned16(p.w) && Aligned16(p.out) &&
                      (!res || Aligned16(p.residual));
-    if (vec) {
-      if (res) RmsNormBf16x8Kernel<true><<<p.n, kThreads, 0, stream>>>(p);
-      else RmsNormBf16x8Kernel<false><<<p.n, kThreads, 0, stream>>>(p);
-    } else {
-      if (res) RmsNormKernel<bf16, true><<<p.n, kThreads, 0, stream>>>(p);
-      else RmsNormKernel<bf16, false><<<p.n, kThreads, 0, stream>>>(p);
-    }
-  } else {
-    if (res) RmsNormKernel<float, true><<<p.n, kThreads, 0, stream>>>(p);
-    else RmsNormKernel<float, false><<<p.n, kThreads, 0, stream>>>(p);
+    if (vec) return LaunchPdl(res ? RmsNormBf16x8Kernel<true> : RmsNormBf16x8Kernel<false>, grid, block, 0, stream, p);
+    return LaunchPdl(res ? RmsNormKernel<bf16, true> : RmsNormKernel<bf16, false>, grid, block, 0, stream, p);
   }
-  return cudaGetLastError();
+  return LaunchPdl(res ? RmsNormKernel<float, true> : RmsNormKernel<float, false>, grid, block, 0, stream, p);
 }
 
 }  // namespace specontext::cuda

@@ -11,6 +11,8 @@ namespace {
 // shared memory, and every head reuses them (a decode step rotates q and k of one token: 40 heads on the
 // 1B model, 40x fewer sincosf than one per element).
 __global__ void RopeKernel(RopeParams p) {
+  PdlTrigger();
+  PdlWait();  // launched with PDL (elementwise.h)
   extern __shared__ float2 cos_sin[];  // [head_dim / 2]: scaled (cos, sin)
   const int64_t i = blockIdx.x;
   const int half = p.head_dim / 2;
@@ -44,8 +46,7 @@ cudaError_t LaunchRope(const RopeParams& p, cudaStream_t stream) {
   // chain of dependent loads and stores, so fewer iterations per thread is what shortens it.
   const int blocks_per_token = (pairs + threads - 1) / threads;
   const dim3 grid(static_cast<unsigned>(p.n), static_cast<unsigned>(blocks_per_token < 65535 ? blocks_per_token : 65535));
-  RopeKernel<<<grid, threads, sizeof(float2) * (p.head_dim / 2), stream>>>(p);
-  return cudaGetLastError();
+  return LaunchPdl(RopeKernel, grid, dim3(threads), sizeof(float2) * (p.head_dim / 2), stream, p);
 }
 
 }  // namespace specontext::cuda

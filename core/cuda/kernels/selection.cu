@@ -1,7 +1,8 @@
-// Fused score + top-B selection (see selection_kernels.h). Three launches (and a memset):
+// Fused score + top-B selection (see selection_kernels.h). Three launches:
 // 1. Scores: one pass over each sequence's K cache [0, len) per KV head, all query heads of its group at
 //    once (bf16 with head_dim 64/128 and group <= 8 on tensor cores, the other dtypes/shapes on CUDA
-//    cores). Writes the logits and, per chunk of kScoreChunk keys, every head's (max, Σexp) partial.
+//    cores). Writes the logits and, per chunk of kScoreChunk keys, every head's (max, Σexp) partial; one CTA
+//    per sequence also zeroes its digit-0 histograms for step 2.
 // 2. Combined weights, many CTAs per set: the heads' softmax statistics from the partials, the combined
 //    weight of every position (max over the set's heads of exp(logit - max) / Σ) to p.combined, and the
 //    histogram of the first radix digit.
@@ -23,7 +24,23 @@ constexpr int kGenericWarps = 8;   // CUDA-core score kernel
 constexpr int kTopKThreads = 1024;
 
 __host__ __device__ __forceinline__ int NumChunks(int len) { return (len + kScoreChunk - 1) / kScoreChunk; }
-inline size_t NumChunksHost(int len) { return static_cast<size_t>(NumChunks(len)); }
+
+constexpr int kDigit0Bins = 1024;
+constexpr int kDigit0Shift = 21;
+
+// The histogram of digit 0 per set: after the stats partials in p.stats (SelectionStatsFloats).
+__device__ __forceinline__ int* Digit0Hist(const SelectionParams& p, int seq, int set) {
+  int* base = reinterpret_cast<int*>(p.stats + size_t(p.n_seqs) * p.n_q * 2 * NumChunks(p.max_len));
+  return base + (int64_t(seq) * p.sets_per_seq + set) * kDigit0Bins;
+}
+
+// The score kernels' block (0, 0, seq) zeroes the sequence's digit-0 histograms, which CombineKernel (the
+// next launch) fills: one memset launch less on the step's serial path.
+__device__ __forceinline__ void ZeroDigit0Hists(const SelectionParams& p) {
+  if (blockIdx.x != 0 || blockIdx.y != 0) return;
+  int* h = Digit0Hist(p, blockIdx.z, 0);
+  for (int i = threadIdx.x; i < p.sets_per_seq * kDigit0Bins; i += blockDim.x) h[i] = 0;
+}
 
 // Merges softmax partials (max, Σexp(x - max)).
 __device__ __forceinline__ void MergeStat(float& m, float& s, float m2, float s2) {
@@ -63,6 +80,7 @@ template <int HD>
 __global__ void __launch_bounds__(kScoreWarps * 32) ScoreMmaKernel(SelectionParams p) {
   constexpr int NJ = HD / 32;
   __shared__ float sm[kScoreWarps][8], ss[kScoreWarps][8];
+  ZeroDigit0Hists(p);
   const SelSeq s = p.seqs[blockIdx.z];
   const int g = blockIdx.y, group = p.n_q / p.n_kv, chunk = blockIdx.x;
   const int t_begin = chunk * kScoreChunk;
@@ -141,6 +159,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32) ScoreMmaKernel(SelectionPara
 template <typename QT, typename KT>
 __global__ void __launch_bounds__(kGenericWarps * 32) ScoreGenericKernel(SelectionParams p) {
   extern __shared__ float sq[];  // [group, head_dim]
+  ZeroDigit0Hists(p);
   const SelSeq s = p.seqs[blockIdx.z];
   const int g = blockIdx.y, group = p.n_q / p.n_kv, hd = p.head_dim;
   const int t_begin = blockIdx.x * kScoreChunk;
@@ -177,10 +196,8 @@ __global__ void __launch_bounds__(kGenericWarps * 32) ScoreGenericKernel(Selecti
 // The radix select runs over the bits of the combined weights (non-negative floats: bit order = value
 // order): digit 0 = bits 30..21 (exponent and 2 mantissa bits, 1024 bins, counted here in parallel), then
 // bits 20..13, 12..5 and 4..0 in the per-set kernel.
-constexpr int kCombineChunk = 2048;  // positions per combine CTA
+constexpr int kCombineChunk = 256;  // positions per combine CTA: one sweep of its threads (2048: 16 CTAs at 2K, 11 us)
 constexpr int kCombineThreads = 256;
-constexpr int kDigit0Bins = 1024;
-constexpr int kDigit0Shift = 21;
 
 // hist[bin] += 1 for the active lanes, one shared atomic per distinct bin of the warp (most weights share
 // a handful of bins: plain atomics would serialise on them). Call from all 32 lanes.
@@ -206,12 +223,6 @@ __device__ void HeadStats(const SelectionParams& p, int seq, int h0, int n, int 
       s_inv[j] = 1.0f / sum;
     }
   }
-}
-
-// The histogram of digit 0 per set: after the stats partials in p.stats (SelectionStatsFloats).
-__device__ __forceinline__ int* Digit0Hist(const SelectionParams& p, int seq, int set) {
-  int* base = reinterpret_cast<int*>(p.stats + size_t(p.n_seqs) * p.n_q * 2 * NumChunks(p.max_len));
-  return base + (int64_t(seq) * p.sets_per_seq + set) * kDigit0Bins;
 }
 
 // grid (chunks of kCombineChunk, sets_per_seq, n_seqs): combined weight of every position (max over the
@@ -469,10 +480,7 @@ cudaError_t LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
   }
   const size_t stats_bytes = size_t(2) * p.heads_per_set * sizeof(float);
   if (p.max_len > 0) {
-    cudaError_t e = LaunchScores(p, stream);
-    if (e != cudaSuccess) return e;
-    const size_t partials = size_t(p.n_seqs) * p.n_q * 2 * NumChunksHost(p.max_len);
-    e = cudaMemsetAsync(p.stats + partials, 0, size_t(p.n_seqs) * p.sets_per_seq * kDigit0Bins * sizeof(int), stream);
+    cudaError_t e = LaunchScores(p, stream);  // also zeroes the digit-0 histograms
     if (e != cudaSuccess) return e;
     const dim3 grid(CeilDiv(p.max_len, kCombineChunk), p.sets_per_seq, p.n_seqs);
     CombineKernel<<<grid, kCombineThreads, stats_bytes, stream>>>(p);
