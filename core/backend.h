@@ -140,6 +140,10 @@ inline KvRowsView KvRowsOf(const Tensor& k, const Tensor& v) {
 struct SparseDecodeDesc {
   const IndexSets* sets = nullptr;
   std::span<const int32_t> slots;
+  // The positions are those of the pending selection (Backend::StartSelectIndexSets), already on the
+  // device: PrepareSparseDecode uploads the layout (indptr) and the slots only, and `sets->indices` need not
+  // hold them yet (the host reads them with FinishSelectIndexSets while the forward runs).
+  bool positions_on_device = false;
 };
 
 // A ragged batch: its slices and, per slice, the sequence's KV storage.
@@ -236,6 +240,18 @@ class Backend {
                                        SelectionResult* out) {
     return absl::UnimplementedError("SelectIndexSets is not implemented by this backend");
   }
+  // SelectIndexSets without the host wait: `out`'s layout (seq_len, indptr, the size of indices) is set
+  // now; where the backend can, the positions and captured mass stay on the device (`out->pending`) until
+  // FinishSelectIndexSets, so that a forward whose SparseDecodeDesc says positions_on_device can start
+  // before the host has them. Default: the synchronous SelectIndexSets (nothing pending).
+  virtual absl::Status StartSelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
+                                            SelectionResult* out) {
+    return SelectIndexSets(batch, n, options, out);
+  }
+  // Waits for the positions and captured mass of the pending selection and writes them into `out` (the
+  // result StartSelectIndexSets filled); no-op when nothing is pending. InvalidArgument for non-finite
+  // scores, as SelectIndexSets.
+  virtual absl::Status FinishSelectIndexSets(SelectionResult* out) { return absl::OkStatus(); }
   // Fills a device tensor with zeros, ordered on the compute stream.
   virtual absl::Status Zero(Tensor* t) { return absl::UnimplementedError("Zero is not implemented by this backend"); }
   virtual absl::Status Synchronize() = 0;

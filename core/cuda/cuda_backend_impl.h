@@ -51,6 +51,9 @@ class CudaBackend : public Backend {
   absl::Status ScatterRows(const Tensor& src, std::span<const RowScatter> segments) override;
   absl::Status SelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
                                SelectionResult* out) override;
+  absl::Status StartSelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
+                                    SelectionResult* out) override;
+  absl::Status FinishSelectIndexSets(SelectionResult* out) override;
   absl::Status Synchronize() override;
   MemoryReport memory_report() const override { return memory_->Report(); }
   int64_t available_bytes() const override { return memory_->Available(); }
@@ -191,6 +194,8 @@ class CudaBackend : public Backend {
   // ---- KV tiers and sparse decode (cuda_sparse.cc): copy stream, per-layer events, index-set buffers.
   // Created on first use; shared_ptr because the type is complete only in cuda_sparse_state.h.
   absl::StatusOr<SparseState*> Sparse();
+  // Waits for the copies of a started selection nobody finished (its pinned buffer is about to be reused).
+  absl::Status WaitPendingSelection(SparseState* sp);
   absl::Status EnsureTierTables(int layer);
   std::shared_ptr<SparseState> sparse_;
   std::vector<std::pair<char*, size_t>> registered_host_;  // RegisterHostMemory regions: base, bytes

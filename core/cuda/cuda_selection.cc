@@ -52,12 +52,24 @@ absl::Status CheckQuery(const SelectionQuery& s, size_t i, int64_t* n_q, int64_t
   return absl::OkStatus();
 }
 
-// `pinned`: a pinned host buffer the results come down through (grown here; the call waits for the copy).
-absl::Status SelectTopB(Backend& backend, std::span<const SelectionQuery> batch, const SelectionOptions& options,
-                        SelectionResult* out, cuda::PinnedStaging& pinned) {
-  ASSIGN_OR_RETURN(void* stream_ptr, CudaComputeStream(backend));
+// What SelectTopB and the deferred selection share: the validated batch, `out`'s layout, the kernels'
+// parameters over one workspace block and the per-sequence table to upload.
+struct SelectionLaunch {
+  cuda::SelectionParams p;
+  std::vector<cuda::SelSeq> seqs;
+  Tensor work;               // [seqs][logits][stats][combined] (+ [indices][mass][flag] unless redirected)
+  int32_t total = 0;         // positions of all sets
+  size_t mass_floats = 0;    // n_seqs * n_q
+};
+
+size_t Align256(size_t v) { return (v + 255) / 256 * 256; }
+
+// Validates `batch`, lays out `out` (seq_len, indptr, indices sized) and allocates the kernels' workspace.
+// With `results` set, the kernels write [indices][mass][flag] there (the deferred selection's device
+// buffer, `results` laid out as SelectionResultsBytes says) instead of the workspace.
+absl::Status SetUpSelection(Backend& backend, std::span<const SelectionQuery> batch, const SelectionOptions& options,
+                            SelectionResult* out, SelectionLaunch* l) {
   if (out == nullptr) return absl::InvalidArgumentError("cuda selection: no output");
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   RETURN_IF_ERROR(ValidateBudget(options.budget, options.sink, 0));
   if (batch.empty()) return absl::InvalidArgumentError("cuda selection: empty batch");
   int64_t n_q = 0, n_kv = 0, hd = 0;
@@ -76,16 +88,17 @@ absl::Status SelectTopB(Backend& backend, std::span<const SelectionQuery> batch,
   const int64_t sets_per_seq = batch_level ? 1 : n_kv;
   const int n_seqs = static_cast<int>(batch.size());
 
+  out->pending = false;
   out->sets.Reset(n_seqs, static_cast<int32_t>(n_kv), static_cast<int32_t>(sets_per_seq), max_budget);
   out->n_q_heads = static_cast<int32_t>(n_q);
-  std::vector<cuda::SelSeq> seqs(n_seqs);
+  l->seqs.resize(n_seqs);
   int32_t max_len = 0, total = 0;
   for (int i = 0; i < n_seqs; ++i) {
     const SelectionQuery& s = batch[i];
     const int32_t budget = s.budget != 0 ? s.budget : options.budget;
     const int32_t k_sel = std::min(budget, s.len);
     const int32_t keep = std::max(0, std::min({options.sink, k_sel, s.len}));
-    seqs[i] = {s.q.data(), s.k_cache.data(), s.k_cache.dim(1), s.len, k_sel, keep, total};
+    l->seqs[i] = {s.q.data(), s.k_cache.data(), s.k_cache.dim(1), s.len, k_sel, keep, total};
     out->sets.seq_len[i] = s.len;
     for (int64_t set = 0; set < sets_per_seq; ++set) {
       total += k_sel;
@@ -95,19 +108,21 @@ absl::Status SelectTopB(Backend& backend, std::span<const SelectionQuery> batch,
   }
   out->sets.indices.resize(total);
   out->captured_mass.assign(size_t(n_seqs) * n_q, 0.0f);
+  l->total = total;
+  l->mass_floats = size_t(n_seqs) * n_q;
 
   // One workspace block: [seqs][logits][stats][combined][indices][mass][flag].
-  auto align = [](size_t v) { return (v + 255) / 256 * 256; };
-  const size_t b_seqs = align(sizeof(cuda::SelSeq) * n_seqs);
-  const size_t b_logits = align(sizeof(float) * size_t(n_seqs) * n_q * max_len);
-  const size_t b_stats = align(sizeof(float) * cuda::SelectionStatsFloats(n_seqs, static_cast<int>(n_q), max_len));
-  const size_t b_comb = align(sizeof(float) * size_t(n_seqs) * sets_per_seq * max_len);
-  const size_t b_idx = align(sizeof(int32_t) * std::max<int32_t>(total, 1));
-  const size_t b_mass = align(sizeof(float) * size_t(n_seqs) * n_q);
+  const size_t b_seqs = Align256(sizeof(cuda::SelSeq) * n_seqs);
+  const size_t b_logits = Align256(sizeof(float) * size_t(n_seqs) * n_q * max_len);
+  const size_t b_stats =
+      Align256(sizeof(float) * cuda::SelectionStatsFloats(n_seqs, static_cast<int>(n_q), max_len));
+  const size_t b_comb = Align256(sizeof(float) * size_t(n_seqs) * sets_per_seq * max_len);
+  const size_t b_idx = Align256(sizeof(int32_t) * std::max<int32_t>(total, 1));
+  const size_t b_mass = Align256(sizeof(float) * l->mass_floats);
   const size_t bytes = b_seqs + b_logits + b_stats + b_comb + b_idx + b_mass + 256;
-  ASSIGN_OR_RETURN(Tensor work, backend.Alloc(DType::kU8, {static_cast<int64_t>(bytes)}, MemoryKind::kWorkspace));
-  char* base = static_cast<char*>(work.data());
-  cuda::SelectionParams p;
+  ASSIGN_OR_RETURN(l->work, backend.Alloc(DType::kU8, {static_cast<int64_t>(bytes)}, MemoryKind::kWorkspace));
+  char* base = static_cast<char*>(l->work.data());
+  cuda::SelectionParams& p = l->p;
   p.seqs = reinterpret_cast<const cuda::SelSeq*>(base);
   p.logits = reinterpret_cast<float*>(base + b_seqs);
   p.stats = reinterpret_cast<float*>(base + b_seqs + b_logits);
@@ -125,35 +140,60 @@ absl::Status SelectTopB(Backend& backend, std::span<const SelectionQuery> batch,
   p.scale = options.scale != 0.0f ? options.scale : 1.0f / std::sqrt(static_cast<float>(hd));
   p.q_bf16 = batch[0].q.dtype() == DType::kBF16;
   p.k_bf16 = batch[0].k_cache.dtype() == DType::kBF16;
+  return absl::OkStatus();
+}
 
+// Grows the pinned buffer to `bytes` (its previous copies must be complete).
+absl::Status EnsurePinned(cuda::PinnedStaging& pinned, size_t bytes) {
+  if (pinned.bytes >= bytes) return absl::OkStatus();
+  const size_t grown = std::max(bytes, pinned.bytes * 2);
+  if (pinned.host != nullptr) RETURN_IF_CUDA_ERROR(cudaFreeHost(pinned.host));
+  pinned.host = nullptr;
+  pinned.bytes = 0;
+  RETURN_IF_CUDA_ERROR(cudaHostAlloc(&pinned.host, grown, cudaHostAllocDefault));
+  pinned.bytes = grown;
+  return absl::OkStatus();
+}
+
+// Copies the downloaded [indices][mass][flag] (`down`, laid out from `idx_bytes` and `mass_bytes`) into
+// `out`; InvalidArgument when the kernels flagged a non-finite score.
+absl::Status TakeResults(const char* down, size_t idx_bytes, size_t mass_bytes, const SelectionLaunch& l,
+                         SelectionResult* out) {
+  int flag = 0;
+  std::memcpy(&flag, down + idx_bytes + mass_bytes, sizeof(int));
+  if (flag != 0) return absl::InvalidArgumentError("cuda selection: a query head has a non-finite score");
+  if (l.total > 0) std::memcpy(out->sets.indices.data(), down, sizeof(int32_t) * l.total);
+  std::memcpy(out->captured_mass.data(), down + idx_bytes, sizeof(float) * l.mass_floats);
+  return absl::OkStatus();
+}
+
+// `pinned`: a pinned host buffer the results come down through (grown here; the call waits for the copy).
+absl::Status SelectTopB(Backend& backend, std::span<const SelectionQuery> batch, const SelectionOptions& options,
+                        SelectionResult* out, cuda::PinnedStaging& pinned) {
+  ASSIGN_OR_RETURN(void* stream_ptr, CudaComputeStream(backend));
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  SelectionLaunch l;
+  RETURN_IF_ERROR(SetUpSelection(backend, batch, options, out, &l));
+  const cuda::SelectionParams& p = l.p;
   // Both directions go through the pinned buffer: [seqs up | indices, mass, flag down] (the down part
   // mirrors the workspace's contiguous [indices][mass][flag] so that one copy brings all of it). Pageable
   // copies were staged by the driver, and the 2 MB of indices of 32 sequences x 8 heads x B 2048 came down
   // at a fraction of the link's speed.
-  const size_t up_bytes = align(sizeof(cuda::SelSeq) * n_seqs);
+  const size_t b_idx = reinterpret_cast<const char*>(p.mass) - reinterpret_cast<const char*>(p.indices);
+  const size_t b_mass = reinterpret_cast<const char*>(p.error_flag) - reinterpret_cast<const char*>(p.mass);
+  const size_t up_bytes = Align256(sizeof(cuda::SelSeq) * l.seqs.size());
   const size_t down_bytes = b_idx + b_mass + sizeof(int);
-  if (pinned.bytes < up_bytes + down_bytes) {
-    const size_t grown = std::max(up_bytes + down_bytes, pinned.bytes * 2);
-    if (pinned.host != nullptr) RETURN_IF_CUDA_ERROR(cudaFreeHost(pinned.host));
-    pinned.host = nullptr;
-    pinned.bytes = 0;
-    RETURN_IF_CUDA_ERROR(cudaHostAlloc(&pinned.host, grown, cudaHostAllocDefault));
-    pinned.bytes = grown;
-  }
+  RETURN_IF_ERROR(EnsurePinned(pinned, up_bytes + down_bytes));
   char* up = static_cast<char*>(pinned.host);
   char* down = up + up_bytes;
-  std::memcpy(up, seqs.data(), sizeof(cuda::SelSeq) * n_seqs);
-  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(base, up, sizeof(cuda::SelSeq) * n_seqs, cudaMemcpyHostToDevice, stream));
+  std::memcpy(up, l.seqs.data(), sizeof(cuda::SelSeq) * l.seqs.size());
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(const_cast<cuda::SelSeq*>(p.seqs), up, sizeof(cuda::SelSeq) * l.seqs.size(),
+                                       cudaMemcpyHostToDevice, stream));
   RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.error_flag, 0, sizeof(int), stream));
   RETURN_IF_CUDA_ERROR(cuda::LaunchSelection(p, stream));
   RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(down, p.indices, down_bytes, cudaMemcpyDeviceToHost, stream));
   RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
-  int flag = 0;
-  std::memcpy(&flag, down + b_idx + b_mass, sizeof(int));
-  if (flag != 0) return absl::InvalidArgumentError("cuda selection: a query head has a non-finite score");
-  if (total > 0) std::memcpy(out->sets.indices.data(), down, sizeof(int32_t) * total);
-  std::memcpy(out->captured_mass.data(), down + b_idx, sizeof(float) * n_seqs * n_q);
-  return absl::OkStatus();
+  return TakeResults(down, b_idx, b_mass, l, out);
 }
 
 }  // namespace
@@ -172,7 +212,76 @@ absl::Status CudaSelectTopB(Backend& backend, std::span<const SelectionQuery> ba
 absl::Status cuda::CudaBackend::SelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
                                                 SelectionResult* out) {
   ASSIGN_OR_RETURN(SparseState * sp, Sparse());
+  RETURN_IF_ERROR(WaitPendingSelection(sp));  // its copies read the pinned buffer this call reuses
   return SelectTopB(*this, std::span<const SelectionQuery>(batch, n), options, out, sp->select_pinned);
+}
+
+// The deferred selection: the kernels write the positions straight into the sparse state's index-set
+// buffer (where PrepareSparseDecode with positions_on_device leaves them) and the captured mass and error
+// flag after them; the copy stream brings [positions][mass][flag] down to the pinned buffer behind the
+// kernels while the compute stream goes on with the forward.
+absl::Status cuda::CudaBackend::StartSelectIndexSets(const SelectionQuery* batch, size_t n,
+                                                     const SelectionOptions& options, SelectionResult* out) {
+  ASSIGN_OR_RETURN(SparseState * sp, Sparse());
+  RETURN_IF_ERROR(WaitPendingSelection(sp));
+  SelectionLaunch l;
+  RETURN_IF_ERROR(SetUpSelection(*this, std::span<const SelectionQuery>(batch, n), options, out, &l));
+  SelectLayout& lay = sp->select_layout;
+  lay = SelectLayoutOf(out->sets.indptr.size(), static_cast<size_t>(l.total), l.mass_floats);
+  // The previous step's copies (loads, their list) are done by now; order the buffer's rewrite after them.
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->copy_mark, sp->copy));
+  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(stream_, sp->copy_mark, 0));
+  RETURN_IF_ERROR(EnsureBuffer(&sp->sets_buf, lay.bytes));
+  char* buf = static_cast<char*>(sp->sets_buf.data());
+  l.p.indices = reinterpret_cast<int32_t*>(buf + lay.off_pos);
+  l.p.mass = reinterpret_cast<float*>(buf + lay.off_pos + lay.idx_bytes);
+  l.p.error_flag = reinterpret_cast<int*>(buf + lay.off_pos + lay.idx_bytes + lay.mass_bytes);
+  const size_t up_bytes = Align256(sizeof(cuda::SelSeq) * l.seqs.size());
+  RETURN_IF_ERROR(EnsurePinned(sp->select_pinned, up_bytes + lay.down_bytes()));
+  char* up = static_cast<char*>(sp->select_pinned.host);
+  std::memcpy(up, l.seqs.data(), sizeof(cuda::SelSeq) * l.seqs.size());
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(const_cast<cuda::SelSeq*>(l.p.seqs), up,
+                                       sizeof(cuda::SelSeq) * l.seqs.size(), cudaMemcpyHostToDevice, stream_));
+  RETURN_IF_CUDA_ERROR(cudaMemsetAsync(l.p.error_flag, 0, sizeof(int), stream_));
+  RETURN_IF_CUDA_ERROR(cuda::LaunchSelection(l.p, stream_));
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->select_mark, stream_));
+  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->select_mark, 0));
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(up + up_bytes, buf + lay.off_pos, lay.down_bytes(), cudaMemcpyDeviceToHost,
+                                       sp->copy));
+  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->select_done, sp->copy));
+  sp->select_pending = true;
+  sp->select_down = up + up_bytes;
+  sp->select_total = l.total;
+  sp->select_mass_floats = l.mass_floats;
+  out->pending = true;
+  return absl::OkStatus();
+}
+
+absl::Status cuda::CudaBackend::FinishSelectIndexSets(SelectionResult* out) {
+  if (out == nullptr || !out->pending) return absl::OkStatus();
+  ASSIGN_OR_RETURN(SparseState * sp, Sparse());
+  if (!sp->select_pending) {
+    return absl::FailedPreconditionError("cuda selection: no pending selection to finish");
+  }
+  if (static_cast<int64_t>(out->sets.indices.size()) != sp->select_total ||
+      out->captured_mass.size() != sp->select_mass_floats) {
+    return absl::FailedPreconditionError("cuda selection: the result does not belong to the pending selection");
+  }
+  RETURN_IF_CUDA_ERROR(cudaEventSynchronize(sp->select_done));
+  sp->select_pending = false;
+  out->pending = false;
+  SelectionLaunch l;
+  l.total = sp->select_total;
+  l.mass_floats = sp->select_mass_floats;
+  const SelectLayout& lay = sp->select_layout;
+  return TakeResults(sp->select_down, lay.idx_bytes, lay.mass_bytes, l, out);
+}
+
+absl::Status cuda::CudaBackend::WaitPendingSelection(SparseState* sp) {
+  if (!sp->select_pending) return absl::OkStatus();
+  RETURN_IF_CUDA_ERROR(cudaEventSynchronize(sp->select_done));
+  sp->select_pending = false;
+  return absl::OkStatus();
 }
 
 }  // namespace specontext

@@ -113,6 +113,8 @@ absl::StatusOr<CudaBackend::SparseState*> CudaBackend::Sparse() {
   RETURN_IF_ERROR(NewEvent(&s->copy_mark));
   RETURN_IF_ERROR(NewEvent(&s->compute_mark));
   RETURN_IF_ERROR(NewEvent(&s->tables_ready));
+  RETURN_IF_ERROR(NewEvent(&s->select_mark));
+  RETURN_IF_ERROR(NewEvent(&s->select_done));
   for (PinnedStaging* st : {&s->table_staging, &s->sets_staging, &s->copy_staging}) {
     RETURN_IF_ERROR(NewEvent(&st->ready));
   }
@@ -302,14 +304,29 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   }
   const size_t n_ptr = sets.indptr.size(), n_idx = sets.indices.size();
   const bool has_slots = !desc.slots.empty();
-  sp->off_pos = Align16Bytes(sizeof(int32_t) * n_ptr);
-  sp->off_slots = sp->off_pos + Align16Bytes(sizeof(int32_t) * n_idx);
-  const size_t total = std::max<size_t>(sp->off_slots + sizeof(int32_t) * (has_slots ? n_idx : 0), 16);
+  const bool on_device = desc.positions_on_device;
+  size_t total = 0;
+  if (on_device) {
+    // The started selection wrote the positions into sets_buf (sized by it): keep them, use its layout.
+    const SelectLayout& lay = sp->select_layout;
+    if (!lay.valid || lay.n_ptr != n_ptr || lay.n_idx != n_idx) {
+      return absl::FailedPreconditionError(
+          "sparse decode: positions_on_device, but the last started selection is not these sets'");
+    }
+    sp->off_pos = lay.off_pos;
+    sp->off_slots = lay.off_slots;
+    total = lay.bytes;
+  } else {
+    sp->select_layout.valid = false;  // the upload below replaces the selection's positions
+    sp->off_pos = Align16Bytes(sizeof(int32_t) * n_ptr);
+    sp->off_slots = sp->off_pos + Align16Bytes(sizeof(int32_t) * n_idx);
+    total = std::max<size_t>(sp->off_slots + sizeof(int32_t) * (has_slots ? n_idx : 0), 16);
+  }
   // [indptr][positions][slots] straight into the pinned staging buffer (one pass over each array; the
   // slots are range-checked while they are copied).
   ASSIGN_OR_RETURN(char* host, StagingReserve(sp->sets_staging, total));
   std::memcpy(host, sets.indptr.data(), sizeof(int32_t) * n_ptr);
-  if (n_idx > 0) std::memcpy(host + sp->off_pos, sets.indices.data(), sizeof(int32_t) * n_idx);
+  if (n_idx > 0 && !on_device) std::memcpy(host + sp->off_pos, sets.indices.data(), sizeof(int32_t) * n_idx);
   // Slots index every offloaded layer's slot buffer: check them against the smallest of the sequence's.
   int32_t* slots_out = reinterpret_cast<int32_t*>(host + sp->off_slots);
   for (int i = 0; i < n_seqs && has_slots; ++i) {
@@ -335,11 +352,22 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
       }
     }
   }
-  // The previous step's loads are done by now (its attention waited on them); order after them anyway.
-  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->copy_mark, sp->copy));
-  RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(stream_, sp->copy_mark, 0));
-  RETURN_IF_ERROR(EnsureBuffer(&sp->sets_buf, total));
-  RETURN_IF_ERROR(StagingCommit(sp->sets_staging, total, sp->sets_buf.data(), stream_));
+  if (on_device) {
+    // Only the layout and the slots go up (StartSelectIndexSets ordered the buffer after the copy stream).
+    char* dev = static_cast<char*>(sp->sets_buf.data());
+    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dev, host, sizeof(int32_t) * n_ptr, cudaMemcpyHostToDevice, stream_));
+    if (has_slots && n_idx > 0) {
+      RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dev + sp->off_slots, host + sp->off_slots, sizeof(int32_t) * n_idx,
+                                           cudaMemcpyHostToDevice, stream_));
+    }
+    RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->sets_staging.ready, stream_));
+  } else {
+    // The previous step's loads are done by now (its attention waited on them); order after them anyway.
+    RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->copy_mark, sp->copy));
+    RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(stream_, sp->copy_mark, 0));
+    RETURN_IF_ERROR(EnsureBuffer(&sp->sets_buf, total));
+    RETURN_IF_ERROR(StagingCommit(sp->sets_staging, total, sp->sets_buf.data(), stream_));
+  }
   sp->n_seqs = n_seqs;
   sp->sets_per_seq = sets.sets_per_seq;
   sp->has_slots = has_slots;

@@ -1,6 +1,7 @@
 // Internal state of CudaBackend's KV tiers and sparse decode (cuda_sparse.cc, cuda_sparse_ops.cc).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <vector>
@@ -19,6 +20,27 @@ struct HostCounters {
   std::atomic<int64_t> total{0};
   std::atomic<int64_t> peak{0};
 };
+
+// Where the deferred selection (StartSelectIndexSets) puts its results in SparseState::sets_buf:
+// [indptr][positions][mass][flag][slots], the middle three downloaded in one copy.
+struct SelectLayout {
+  bool valid = false;  // sets_buf holds this selection's positions (a host upload of positions clears it)
+  size_t n_ptr = 0, n_idx = 0;
+  size_t off_pos = 0, idx_bytes = 0, mass_bytes = 0, off_slots = 0, bytes = 0;
+  size_t down_bytes() const { return idx_bytes + mass_bytes + sizeof(int); }
+};
+inline SelectLayout SelectLayoutOf(size_t n_ptr, size_t n_idx, size_t mass_floats) {
+  SelectLayout l;
+  l.valid = true;
+  l.n_ptr = n_ptr;
+  l.n_idx = n_idx;
+  l.off_pos = Align16Bytes(sizeof(int32_t) * n_ptr);
+  l.idx_bytes = Align16Bytes(sizeof(int32_t) * std::max<size_t>(n_idx, 1));
+  l.mass_bytes = Align16Bytes(sizeof(float) * mass_floats);
+  l.off_slots = l.off_pos + l.idx_bytes + l.mass_bytes + 16;
+  l.bytes = l.off_slots + sizeof(int32_t) * std::max<size_t>(n_idx, 1);
+  return l;
+}
 
 struct CudaBackend::SparseState {
   cudaStream_t copy = nullptr;
@@ -47,8 +69,16 @@ struct CudaBackend::SparseState {
   PinnedStaging sets_staging;
   Tensor partials;
 
-  // Selection results come down through this (cuda_selection.cc); the call waits, so no event.
+  // Selection results come down through this (cuda_selection.cc): SelectIndexSets waits for its copy; a
+  // started selection is pending until FinishSelectIndexSets waits for select_done (on the copy stream,
+  // after select_mark on the compute stream behind the kernels).
   PinnedStaging select_pinned;
+  SelectLayout select_layout;
+  bool select_pending = false;
+  const char* select_down = nullptr;  // [positions][mass][flag] in select_pinned
+  int64_t select_total = 0;
+  size_t select_mass_floats = 0;
+  cudaEvent_t select_mark = nullptr, select_done = nullptr;
 
   // Copy list last uploaded (reused while identical) and its per-seq bounds.
   std::vector<int32_t> last_ptr;
@@ -75,7 +105,7 @@ struct CudaBackend::SparseState {
     for (auto* v : {&load_done, &attn_done, &append_done, &t_load_start, &t_load_end, &t_wait_arrive, &t_wait_pass}) {
       for (cudaEvent_t e : *v) cudaEventDestroy(e);
     }
-    for (cudaEvent_t e : {copy_mark, compute_mark, tables_ready}) {
+    for (cudaEvent_t e : {copy_mark, compute_mark, tables_ready, select_mark, select_done}) {
       if (e != nullptr) cudaEventDestroy(e);
     }
     for (PinnedStaging* s : {&table_staging, &sets_staging, &copy_staging, &select_pinned}) {

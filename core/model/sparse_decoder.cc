@@ -1,6 +1,8 @@
 #include "core/model/sparse_decoder.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -404,10 +406,18 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
     so.budget = options_.budget;
     so.sink = options_.sink;
     so.mode = options_.mode;
-    RETURN_IF_ERROR(model_->backend()->SelectIndexSets(queries_.data(), queries_.size(), so, &selection_));
-    double mass = 0;
-    for (float m : selection_.captured_mass) mass += m;
-    if (!selection_.captured_mass.empty()) stats_.last_captured_mass = mass / selection_.captured_mass.size();
+    // The benchmark's synthetic rewrite needs the sets on the host before the forward; otherwise the
+    // positions may stay on the device until the host needs them (the elastic plan, after the forward).
+    // SPC_DEFER_SELECTION=0 waits for the sets before the forward (A/B of the deferred selection).
+    static const bool kDefer = [] {
+      const char* e = std::getenv("SPC_DEFER_SELECTION");
+      return e == nullptr || std::string(e) != "0";
+    }();
+    Backend& b = *model_->backend();
+    const bool defer = kDefer && options_.defer_selection && !synthetic_.has_value();
+    RETURN_IF_ERROR(!defer ? b.SelectIndexSets(queries_.data(), queries_.size(), so, &selection_)
+                                           : b.StartSelectIndexSets(queries_.data(), queries_.size(), so, &selection_));
+    if (!selection_.pending) RETURN_IF_ERROR(TakeSelection());
     secs.select += Lap(t);
     if (synthetic_.has_value()) {
       prev_.clear();
@@ -415,29 +425,42 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
       RETURN_IF_ERROR(synthetic_->Apply(options_.sink, prev_, &selection_.sets));
       secs.synthetic += Lap(t);
     }
-    const IndexSets& sets = selection_.sets;
-    sf.desc.sets = &sets;
+    sf.desc.sets = &selection_.sets;
+    sf.desc.positions_on_device = selection_.pending;
     if (offloaded) {
-      cmaps_.clear();
-      for (SeqState* st : states) {
-        maps_.push_back(&st->map);
-        cmaps_.push_back(&st->map);
+      // Every offloaded layer's copies from one plan (reused every step: planning allocates nothing once
+      // its buffers have grown). With the positions still on the device it runs once the resident layers
+      // are enqueued, while the GPU computes them.
+      auto plan = [&]() -> absl::Status {
+        if (selection_.pending) {
+          secs.forward += Lap(t);
+          RETURN_IF_ERROR(TakeSelection());
+          secs.select += Lap(t);
+        }
+        cmaps_.clear();
+        for (SeqState* st : states) {
+          maps_.push_back(&st->map);
+          cmaps_.push_back(&st->map);
+        }
+        RETURN_IF_ERROR(PlanElasticLoads(cmaps_, selection_.sets, &plan_));
+        planned = true;
+        sf.desc.slots = plan_.slots;
+        if (tiers_->any_reload_pending()) FullReloadCopies(selection_.sets, plan_.slots, &full_);
+        layer_copies_.assign(n_layers, nullptr);
+        for (int32_t l = tiers_->gpu_layers(); l < n_layers; ++l) {
+          layer_copies_[l] = tiers_->reload_pending(l) ? &full_ : &plan_.copies;
+        }
+        sf.layer_copies = std::move(layer_copies_);
+        sf.counters = &stats_.elastic;
+        stats_.elastic.AddPlan(plan_);
+        secs.plan += Lap(t);
+        return absl::OkStatus();
+      };
+      if (selection_.pending) {
+        sf.before_offloaded = plan;
+      } else {
+        RETURN_IF_ERROR(plan());
       }
-      // One plan object reused every step: planning allocates nothing once its buffers have grown.
-      RETURN_IF_ERROR(PlanElasticLoads(cmaps_, sets, &plan_));
-      planned = true;
-      sf.desc.slots = plan_.slots;
-      if (tiers_->any_reload_pending()) {
-        FullReloadCopies(sets, plan_.slots, &full_);
-      }
-      layer_copies_.assign(n_layers, nullptr);
-      for (int32_t l = tiers_->gpu_layers(); l < n_layers; ++l) {
-        layer_copies_[l] = tiers_->reload_pending(l) ? &full_ : &plan_.copies;
-      }
-      sf.layer_copies = std::move(layer_copies_);
-      sf.counters = &stats_.elastic;
-      stats_.elastic.AddPlan(plan_);
-      secs.plan += Lap(t);
     }
   }
   ASSIGN_OR_RETURN(HiddenCapture * cap, PrepareCapture(static_cast<int64_t>(fwd.size())));
@@ -449,9 +472,13 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
   } else {
     fst = model_->Forward(fwd, /*all_tokens=*/false, logits, &sf, cap);
   }
-  layer_copies_ = std::move(sf.layer_copies);  // back to the scratch, capacity kept
-  RETURN_IF_ERROR(fst);
+  if (!sf.layer_copies.empty()) layer_copies_ = std::move(sf.layer_copies);  // back to the scratch
+  RETURN_IF_ERROR(fst);  // a pending selection is waited for by the next one
   secs.forward += Lap(t);
+  if (selection_.pending) {
+    RETURN_IF_ERROR(TakeSelection());  // complete by now: it came down while the forward ran
+    secs.select += Lap(t);
+  }
   if (planned) {
     RETURN_IF_ERROR(ApplyElasticPlan(plan_, selection_.sets, maps_));
     tiers_->ClearReloads();
@@ -463,6 +490,14 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
   secs.apply += Lap(t);
   secs.total += std::chrono::duration<double>(t - start).count();
   ++secs.steps;
+  return absl::OkStatus();
+}
+
+absl::Status SparseDecoder::TakeSelection() {
+  RETURN_IF_ERROR(model_->backend()->FinishSelectIndexSets(&selection_));
+  double mass = 0;
+  for (float m : selection_.captured_mass) mass += m;
+  if (!selection_.captured_mass.empty()) stats_.last_captured_mass = mass / selection_.captured_mass.size();
   return absl::OkStatus();
 }
 

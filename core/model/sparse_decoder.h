@@ -57,6 +57,11 @@ struct SparseOptions {
   /// sequence grows, so the GPU holds what sequences use rather than what they may reach, and the planner
   /// moves layers to host only when the tokens in flight need it. 0: the whole capacity at admission.
   int32_t kv_grow_rows = 2048;
+  /// Leave the step's index sets on the device (Backend::StartSelectIndexSets): the forward starts without
+  /// waiting for them and, with layers offloaded, the elastic plan runs while the resident layers compute.
+  /// false: the host waits for the sets before the forward (the environment's SPC_DEFER_SELECTION=0 too).
+  /// The synthetic overlap always waits (it rewrites the sets on the host).
+  bool defer_selection = true;
 };
 
 // The measured-mode memory planner for `model` under `gpu_memory_limit` (0: the backend's own limit);
@@ -131,6 +136,9 @@ class SparseDecoder : public SparseDecodeHooks {
   // gather of the pool rows) is replayed as a step graph (Backend::RunStepGraph) over fixed buffers of
   // decode_heads_, one upload of its inputs before and the K-cache append after. q views a fixed buffer.
   absl::Status ObserveDecode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* q);
+  // Waits for the step's selection where it is still on the device (Backend::FinishSelectIndexSets) and
+  // records its captured mass.
+  absl::Status TakeSelection();
   // eagle3: stores each sequence's last captured row into its hidden_pool_ row.
   absl::Status KeepLastHidden(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
                               const HiddenCapture& capture);

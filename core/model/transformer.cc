@@ -226,6 +226,28 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
   return b.AddRmsNorm(&residual, o, next_norm, eps, &h);
 }
 
+absl::Status Transformer::IssueElasticLoads(const SparseForward& sparse) {
+  // Consecutive layers with the same list go together (the backend may gather them at once).
+  const std::vector<const CopyList*>& lists = sparse.layer_copies;
+  for (size_t l = 0; l < lists.size();) {
+    size_t end = l + 1;
+    while (lists[l] != nullptr && end < lists.size() && lists[end] == lists[l]) ++end;
+    if (lists[l] != nullptr) {
+      RETURN_IF_ERROR(backend_->ElasticLoadLayers(static_cast<int>(l), static_cast<int>(end - l), *lists[l],
+                                                  sparse.counters));
+    }
+    l = end;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Transformer::BeginOffloadedLayers(const SparseForward* sparse) {
+  if (sparse == nullptr || !sparse->before_offloaded) return absl::OkStatus();
+  RETURN_IF_ERROR(sparse->before_offloaded());
+  if (!sparse->dense_attention) RETURN_IF_ERROR(backend_->PrepareSparseDecode(sparse->desc));
+  return IssueElasticLoads(*sparse);
+}
+
 absl::Status Transformer::Forward(std::span<const ForwardSeq> seqs, bool all_tokens, Tensor* logits) {
   return Forward(seqs, all_tokens, logits, nullptr, nullptr);
 }
@@ -307,18 +329,9 @@ absl::StatusOr<Tensor> Transformer::ForwardDevice(std::span<const ForwardSeq> se
     }
     if (!sparse->dense_attention) RETURN_IF_ERROR(b.PrepareSparseDecode(sparse->desc));
     // Elastic loads of every offloaded layer go first: on CUDA they run on the copy stream, hidden behind
-    // the compute of the layers before (each SparseAttention waits only on its own layer's event).
-    // Consecutive layers with the same list go together (the backend may gather them at once).
-    const std::vector<const CopyList*>& lists = sparse->layer_copies;
-    for (size_t l = 0; l < lists.size();) {
-      size_t end = l + 1;
-      while (lists[l] != nullptr && end < lists.size() && lists[end] == lists[l]) ++end;
-      if (lists[l] != nullptr) {
-        RETURN_IF_ERROR(b.ElasticLoadLayers(static_cast<int>(l), static_cast<int>(end - l), *lists[l],
-                                            sparse->counters));
-      }
-      l = end;
-    }
+    // the compute of the layers before (each SparseAttention waits only on its own layer's event). With a
+    // before_offloaded callback they go once the resident layers are enqueued (BeginOffloadedLayers).
+    if (!sparse->before_offloaded) RETURN_IF_ERROR(IssueElasticLoads(*sparse));
   }
   if (capture != nullptr) {
     for (int32_t l : capture->layers) {
@@ -342,9 +355,15 @@ absl::StatusOr<Tensor> Transformer::ForwardDevice(std::span<const ForwardSeq> se
   RETURN_IF_ERROR(b.Embedding(embed_, d_ids, &residual));
   const float eps = static_cast<float>(c.rms_norm_eps);
   RETURN_IF_ERROR(b.RmsNorm(residual, layers_[0].input_norm, eps, &h));
+  bool begun = false;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     if (capture != nullptr) RETURN_IF_ERROR(Capture(l, n, residual, capture));
-    RETURN_IF_ERROR(Layer(l, n, residual, h, d_pos, seqs.front().kv->offloaded(l), sparse));
+    const bool offloaded = seqs.front().kv->offloaded(l);
+    if (offloaded && !begun) {
+      RETURN_IF_ERROR(BeginOffloadedLayers(sparse));
+      begun = true;
+    }
+    RETURN_IF_ERROR(Layer(l, n, residual, h, d_pos, offloaded, sparse));
   }
   if (capture != nullptr) RETURN_IF_ERROR(Capture(c.num_hidden_layers, n, residual, capture));
 

@@ -46,6 +46,11 @@ struct SparseForward {
   // offloaded layers use SparseAttention over `desc` (split mode's fallback when the retriever is down or late:
   // dense over what is on the GPU plus the sink + recent window the slot buffers hold).
   bool dense_resident_layers = false;
+  // Set when the step's positions are still on their way to the host (desc.positions_on_device): called once
+  // the resident layers before the first offloaded one are enqueued, it completes desc (slots) and
+  // layer_copies, which are then prepared and loaded, so the host's elastic plan runs while the GPU computes
+  // the resident layers. Null: desc and layer_copies are complete before the forward.
+  std::function<absl::Status()> before_offloaded;
 };
 
 // Hidden states to capture for an EAGLE-3 retrieval head: the residual stream entering each of `layers`
@@ -108,6 +113,11 @@ class Transformer {
   absl::Status Layer(int l, int64_t n, Tensor& residual, Tensor& h, const Tensor& positions, bool offloaded,
                      const SparseForward* sparse);
   absl::Status Capture(int l, int64_t n, const Tensor& residual, HiddenCapture* capture) const;
+  // Enqueues the elastic loads of every offloaded layer (consecutive layers with one list together).
+  absl::Status IssueElasticLoads(const SparseForward& sparse);
+  // Before the first offloaded layer: with sparse->before_offloaded, completes the sparse step (the
+  // callback, the slots' upload, the loads); nothing otherwise (the loads went first).
+  absl::Status BeginOffloadedLayers(const SparseForward* sparse);
   // Decode step of `ids` (one token per sequence, batch already prepared, every layer resident) through
   // the step graph of its batch size and variant (transformer_graph.cc): dense (sparse null) or sparse
   // (PrepareSparseDecode done by the caller), with an optional on-device hidden capture. Returns the

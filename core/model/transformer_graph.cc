@@ -187,6 +187,7 @@ absl::StatusOr<Tensor> Transformer::DecodeStep(std::span<const int32_t> ids, std
   RETURN_IF_ERROR(b.RunStepGraph(key, [&] {
     return DecodeBody(n, d_ids, d_pos, graph_layers, bk.residual, bk.h, nullptr, sparse, capture);
   }));
+  RETURN_IF_ERROR(BeginOffloadedLayers(sparse));  // the host plans while the recorded layers run
   for (int l = graph_layers; l < n_layers; ++l) {
     if (capture != nullptr) RETURN_IF_ERROR(Capture(l, n, bk.residual, capture));
     RETURN_IF_ERROR(Layer(l, n, bk.residual, bk.h, d_pos, /*offloaded=*/true, sparse));

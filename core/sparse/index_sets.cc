@@ -95,7 +95,8 @@ absl::Status ValidateBudget(int64_t budget, int64_t sink, int64_t max_context) {
 absl::Status ValidateSparseDecode(const SparseDecodeDesc& desc, const BatchDesc& batch) {
   if (desc.sets == nullptr) return absl::InvalidArgumentError("sparse decode: no index sets");
   const IndexSets& sets = *desc.sets;
-  RETURN_IF_ERROR(ValidateIndexSets(sets));
+  // Positions still on the device come from the backend's own selection: only the layout is on the host.
+  RETURN_IF_ERROR(desc.positions_on_device ? ValidateIndexSetsLayout(sets) : ValidateIndexSets(sets));
   if (sets.n_seqs != static_cast<int32_t>(batch.seqs.size())) {
     return absl::InvalidArgumentError(absl::StrCat("sparse decode: ", sets.n_seqs,
                                                    " sequences of index sets for a batch of ", batch.seqs.size()));

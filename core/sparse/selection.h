@@ -46,6 +46,8 @@ struct SelectionResult {
   /// in the set its KV head reads (1 when len <= B; 0 when len == 0).
   std::vector<float> captured_mass;
   int32_t n_q_heads = 0;
+  /// Backend::StartSelectIndexSets left the positions and the mass on the device (FinishSelectIndexSets).
+  bool pending = false;
 };
 
 /// Selects the index sets of a batch of sequences (lengths and budgets may differ; sets.budget is the

@@ -92,6 +92,71 @@ TEST(CudaSparseDecoder, BudgetAtLeastTheLengthGivesTheDenseTokens) {
   EXPECT_GT(offloaded.sparse_stats().elastic.rows_loaded, 0);
 }
 
+// The deferred selection (sets left on the device, the elastic plan run while the resident layers compute)
+// against the host waiting for the sets first: the same kernels over the same sets, so bitwise the same
+// logits, sets and slot maps at every step, with layers moving to host and back in between.
+TEST(CudaSparseDecoder, DeferredSelectionGivesTheWaitingDecodersSteps) {
+  SPC_GPU_OR_SKIP(gpu);
+  auto t = LoadOn(std::move(gpu));
+  ASSERT_NE(t, nullptr);
+  const int32_t vocab = t->checkpoint.config.vocab_size;
+  for (int32_t budget : {8, 24}) {
+    SCOPED_TRACE(budget);
+    SparseOptions o;
+    o.budget = budget;
+    auto deferred = SparseDecoder::Create(t->model.get(), t->head.get(), o);
+    o.defer_selection = false;
+    auto waiting = SparseDecoder::Create(t->model.get(), t->head.get(), o);
+    ASSERT_TRUE(deferred.ok() && waiting.ok());
+    SparseDecoder* decs[2] = {deferred->get(), waiting->get()};
+    std::unique_ptr<SequenceKv> kv[2];
+    for (int d = 0; d < 2; ++d) {
+      auto k = decs[d]->AllocateKv(d + 1, 96, 0);
+      ASSERT_TRUE(k.ok()) << k.status();
+      kv[d] = *std::move(k);
+    }
+    std::vector<int32_t> tokens = RandomPrompt(30, vocab, 11 + budget);
+    int32_t past = 0;
+    std::mt19937 rng(budget);
+    for (int step = 0; step < 40; ++step) {
+      if (step == 6 || step == 20) {
+        for (SparseDecoder* d : decs) ASSERT_TRUE(d->OffloadLayers(step == 6 ? 1 : 0).ok());
+      }
+      if (step == 30) {
+        for (SparseDecoder* d : decs) ASSERT_TRUE(d->OffloadLayers(2).ok());
+      }
+      std::vector<float> logits[2];
+      const std::span<const int32_t> in = step == 0 ? std::span<const int32_t>(tokens)
+                                                    : std::span<const int32_t>(&tokens.back(), 1);
+      for (int d = 0; d < 2; ++d) {
+        const ForwardSeq fwd{in, past, kv[d].get()};
+        const SparseStepSeq seq{static_cast<uint64_t>(d + 1), budget};
+        Tensor out = Tensor::HostEmpty(DType::kF32, {1, vocab});
+        ASSERT_TRUE(decs[d]->Forward({&fwd, 1}, {&seq, 1}, &out).ok()) << "step " << step;
+        logits[d].assign(out.as<float>(), out.as<float>() + vocab);
+      }
+      past += static_cast<int32_t>(in.size());
+      ASSERT_EQ(logits[0], logits[1]) << "step " << step;
+      if (step > 0) {
+        EXPECT_EQ(decs[0]->last_sets().indices, decs[1]->last_sets().indices) << "step " << step;
+        EXPECT_EQ(decs[0]->last_sets().indptr, decs[1]->last_sets().indptr) << "step " << step;
+      }
+      const SlotMap *m0 = decs[0]->slot_map(1), *m1 = decs[1]->slot_map(2);
+      ASSERT_EQ(m0 == nullptr, m1 == nullptr);
+      for (int32_t set = 0; m0 != nullptr && set < m0->n_sets(); ++set) {
+        const auto t0 = m0->tokens(set), t1 = m1->tokens(set), s0 = m0->slots(set), s1 = m1->slots(set);
+        EXPECT_TRUE(std::equal(t0.begin(), t0.end(), t1.begin(), t1.end())) << "step " << step << " set " << set;
+        EXPECT_TRUE(std::equal(s0.begin(), s0.end(), s1.begin(), s1.end())) << "step " << step << " set " << set;
+      }
+      tokens.push_back(static_cast<int32_t>(rng() % vocab));
+    }
+    EXPECT_GT(decs[0]->stats().sparse_steps, 20);
+    EXPECT_GT(decs[0]->stats().elastic.rows_loaded, 0);
+    EXPECT_EQ(decs[0]->stats().elastic.rows_loaded, decs[1]->stats().elastic.rows_loaded);
+    for (int d = 0; d < 2; ++d) decs[d]->Release(d + 1);
+  }
+}
+
 TEST(CudaSparseDecoder, SyntheticOverlapControlsTheElasticOverlap) {
   SPC_GPU_OR_SKIP(gpu);
   auto t = LoadOn(std::move(gpu));
