@@ -14,12 +14,14 @@
 // the sparse attention's grid follows the set sizes. Its signature (those addresses and the plan's inputs)
 // is kept with the graph and a change re-records. A new signature first runs the body directly once
 // (the ops size their own buffers, e.g. the partials, which must not happen under capture), and the
-// tables of every layer are refreshed before a replay (a layer's table upload cannot be recorded). After a
-// recording the per-layer attention events are recorded again outside it (an event last recorded by a
-// capture cannot be waited on by the copy stream later).
+// tables of every layer are refreshed before a replay (a layer's table upload cannot be recorded). The
+// per-layer events the copy stream uses (attn_done, append_done) are recorded as external event nodes and
+// offloaded layers wait on their elastic load (enqueued by the host before the replay) through external
+// wait nodes, so offloaded layers can be recorded too (cuda_sparse.cc WaitForElasticLoad).
 #include <cuda_runtime.h>
 
 #include <tuple>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/cuda/cuda_backend_impl.h"
@@ -71,6 +73,7 @@ struct CudaBackend::StepGraph {
   SparseSignature sparse;     // sparse keys: the state recorded against
   bool unrecordable = false;  // the body failed under capture: run it directly
   bool warm = false;          // sparse keys: ran directly once with this state, record on the next call
+  std::vector<int> waited_layers;  // offloaded layers whose elastic load the graph waits on (external nodes)
   std::shared_ptr<CudaMemory::Pool> pool;
   ~StepGraph() {
     if (exec != nullptr) cudaGraphExecDestroy(exec);
@@ -109,6 +112,7 @@ absl::Status CudaBackend::RunStepGraph(uint64_t key, const std::function<absl::S
       return body();
     }
     RETURN_IF_CUDA_ERROR(cudaGraphLaunch(g.exec, stream_));
+    for (int l : g.waited_layers) MarkWaitTimed(sparse_.get(), l);
     ++graph_stats_.replays;
     return absl::OkStatus();
   }
@@ -131,6 +135,7 @@ absl::Status CudaBackend::RunStepGraph(uint64_t key, const std::function<absl::S
   g->pool = memory_->NewPool();
   memory_->SetActivePool(g->pool);
   capturing_ = true;
+  if (sparse) sparse_->capture_waits.clear();
   cudaError_t err = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed);
   absl::Status st = err == cudaSuccess ? body() : absl::OkStatus();
   cudaGraph_t graph = nullptr;
@@ -158,11 +163,9 @@ absl::Status CudaBackend::RunStepGraph(uint64_t key, const std::function<absl::S
   }
   graphs_[key] = g;
   ++graph_stats_.captures;
+  if (sparse) g->waited_layers = std::move(sparse_->capture_waits);
   RETURN_IF_CUDA_ERROR(cudaGraphLaunch(g->exec, stream_));
-  if (sparse) {
-    // SparseAttention recorded attn_done[l] into the capture: record them for real (after this step).
-    for (cudaEvent_t e : sparse_->attn_done) RETURN_IF_CUDA_ERROR(cudaEventRecord(e, stream_));
-  }
+  for (int l : g->waited_layers) MarkWaitTimed(sparse_.get(), l);
   return absl::OkStatus();
 }
 

@@ -210,7 +210,7 @@ absl::Status CudaBackend::KvAppendHost(int layer, const Tensor& k, const Tensor&
   // stream would have to be waited for at once anyway. At decode it moves n_seqs x n_kv x 2 rows (a few
   // microseconds). Loads of this layer on the copy stream wait for it through append_done.
   RETURN_IF_ERROR(KvAppend(layer, k, v));
-  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->append_done[layer], stream_));
+  RETURN_IF_CUDA_ERROR(RecordEvent(sp->append_done[layer], stream_, capturing_));
   return absl::OkStatus();
 }
 
@@ -447,8 +447,17 @@ absl::Status RecordLoadEnd(CudaBackend::SparseState* sp, int layer, int32_t laye
   return absl::OkStatus();
 }
 
-absl::Status WaitForElasticLoad(CudaBackend::SparseState* sp, cudaStream_t compute, int layer) {
+absl::Status WaitForElasticLoad(CudaBackend::SparseState* sp, cudaStream_t compute, int layer, bool capturing) {
   RETURN_IF_ERROR(EnsureTimingEvents(sp, layer));
+  if (capturing) {
+    // A step graph waits on the load the host enqueues before each replay (an external wait node), and
+    // times every replay's wait; MarkWaitTimed after the launch pairs it with that step's timed load.
+    RETURN_IF_CUDA_ERROR(RecordEvent(sp->t_wait_arrive[layer], compute, true));
+    RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(compute, sp->load_done[layer], cudaEventWaitExternal));
+    RETURN_IF_CUDA_ERROR(RecordEvent(sp->t_wait_pass[layer], compute, true));
+    sp->capture_waits.push_back(layer);
+    return absl::OkStatus();
+  }
   const bool timed = sp->timing[layer] == kLoadTimed;
   if (timed) RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->t_wait_arrive[layer], compute));
   RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(compute, sp->load_done[layer], 0));
@@ -457,6 +466,10 @@ absl::Status WaitForElasticLoad(CudaBackend::SparseState* sp, cudaStream_t compu
     sp->timing[layer] |= kWaitTimed;
   }
   return absl::OkStatus();
+}
+
+void MarkWaitTimed(CudaBackend::SparseState* sp, int layer) {
+  if (layer < static_cast<int>(sp->timing.size()) && sp->timing[layer] == kLoadTimed) sp->timing[layer] |= kWaitTimed;
 }
 
 }  // namespace specontext::cuda

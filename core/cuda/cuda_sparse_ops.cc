@@ -240,9 +240,9 @@ absl::Status CudaBackend::SparseAttention(int layer, const Tensor& q, const Tens
     p.partial_lse = reinterpret_cast<float*>(static_cast<char*>(sp->partials.data()) + off_lse);
   }
   // An offloaded layer waits only for its own load (an event never recorded is complete).
-  if (offloaded) RETURN_IF_ERROR(WaitForElasticLoad(sp, stream_, layer));
+  if (offloaded) RETURN_IF_ERROR(WaitForElasticLoad(sp, stream_, layer, capturing_));
   RETURN_IF_CUDA_ERROR(LaunchSparseAttention(p, stream_));
-  RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->attn_done[layer], stream_));
+  RETURN_IF_CUDA_ERROR(RecordEvent(sp->attn_done[layer], stream_, capturing_));
   return absl::OkStatus();
 }
 

@@ -99,6 +99,7 @@ struct CudaBackend::SparseState {
   std::vector<cudaEvent_t> t_load_start, t_load_end, t_wait_arrive, t_wait_pass;
   std::vector<uint8_t> timing;
   std::vector<int32_t> timed_layers;  // layers the timed load of a layer's gather moved (a group's run: several)
+  std::vector<int> capture_waits;     // layers whose load wait the step graph being recorded holds
 
   ~SparseState() {
     if (copy != nullptr) cudaStreamSynchronize(copy);
@@ -137,7 +138,14 @@ absl::Status EnsureLayerEvents(CudaBackend::SparseState* sp, int n_layers);
 absl::Status ReadLoadTiming(CudaBackend::SparseState* sp, int layer, ElasticCounters* counters);
 absl::Status RecordLoadStart(CudaBackend::SparseState* sp, int layer);
 absl::Status RecordLoadEnd(CudaBackend::SparseState* sp, int layer, int32_t layers);
-absl::Status WaitForElasticLoad(CudaBackend::SparseState* sp, cudaStream_t compute, int layer);
+// Under stream capture (`capturing`) the wait and its timing events become graph nodes waiting on / recording
+// the events at every replay, and the layer goes into sp->capture_waits (MarkWaitTimed after each launch).
+absl::Status WaitForElasticLoad(CudaBackend::SparseState* sp, cudaStream_t compute, int layer, bool capturing);
+void MarkWaitTimed(CudaBackend::SparseState* sp, int layer);
+// cudaEventRecord; under capture an event record node, so that the event fires at every replay.
+inline cudaError_t RecordEvent(cudaEvent_t e, cudaStream_t s, bool capturing) {
+  return capturing ? cudaEventRecordWithFlags(e, s, cudaEventRecordExternal) : cudaEventRecord(e, s);
+}
 // Every sequence of `batch` must have `layer` in the same tier (offloaded: with host copy and slot buffers).
 absl::Status CheckSparseTier(const BatchDesc& batch, int layer, bool offloaded, const char* op);
 // t is bf16 on the GPU with shape [d0, d1, d2].

@@ -127,6 +127,10 @@ class Transformer {
   absl::StatusOr<Tensor> DecodeStep(std::span<const int32_t> ids, std::span<const int32_t> positions,
                                     const SparseForward* sparse = nullptr, HiddenCapture* capture = nullptr,
                                     int graph_layers = -1);
+  // DecodeStep's offloaded layers [first_layer, n_layers) and LM head on its fixed residual stream
+  // (residual, h [n, hidden]) into its fixed `logits`, as the step graph `key` (transformer_graph.cc).
+  absl::Status DecodeSuffix(uint64_t key, int64_t n, int first_layer, const Tensor& positions, Tensor& residual,
+                            Tensor& h, Tensor* logits, const SparseForward* sparse, HiddenCapture* capture);
   // The recorded part of DecodeStep: embedding and layers [0, n_layers) from fixed input buffers into
   // residual and h [n, hidden], then (logits non-null) the LM head.
   absl::Status DecodeBody(int64_t n, const Tensor& ids, const Tensor& positions, int n_layers, Tensor& residual,

@@ -11,8 +11,10 @@
 // backend buffer the graph reads, and the sparse attention's plan depends on the set sizes only (fixed
 // once every past exceeds its budget); keys carry Backend::kStepGraphSparse so that the backend re-records
 // when that state moves. A step with an offloaded layer (host appends, elastic loads on the copy stream)
-// runs its offloaded layers op by op: the resident layers before them (the tiers offload from the last
-// layer backward) are recorded as a prefix graph that leaves the residual stream in fixed buffers. An
+// is two recordings: the resident layers before them (the tiers offload from the last layer backward) as a
+// prefix graph that leaves the residual stream in fixed buffers, then (after the host has planned and
+// enqueued the step's elastic loads, SparseForward::before_offloaded) the offloaded layers and the LM head
+// as a suffix graph whose loads' waits are external event nodes. An
 // on-device hidden capture (EAGLE-3 heads) is recorded into the caller's buffer, whose
 // address the bucket remembers: another buffer drops the graph.
 #include <atomic>
@@ -42,6 +44,7 @@ enum : uint32_t {
   kVariantDenseAttention = 2,  // ... with dense_attention
   kVariantDenseResident = 4,   // ... with dense_resident_layers
   kVariantCapture = 8,         // on-device hidden capture
+  kVariantSuffix = 16,         // the offloaded layers after a prefix recording, and the LM head
 };
 
 uint64_t NextModelId() {
@@ -89,8 +92,8 @@ int Transformer::GraphableLayers(std::span<const ForwardSeq> seqs, int64_t n_tok
   if (!backend_->step_graphs() || n_tokens != static_cast<int64_t>(seqs.size()) || n_tokens > kMaxGraphBatch) {
     return 0;
   }
-  // Offloaded layers append to host copies and wait for elastic loads on the copy stream: they run op by
-  // op. The tiers move layers to host from the last one backward, so the resident ones form a prefix.
+  // Offloaded layers wait for elastic loads the host enqueues between the two recordings (DecodeStep's
+  // suffix). The tiers move layers to host from the last one backward, so the resident ones form a prefix.
   int resident = n_layers;
   while (resident > 0 && seqs.front().kv->offloaded(resident - 1)) --resident;
   for (const ForwardSeq& s : seqs) {
@@ -158,14 +161,17 @@ absl::StatusOr<Tensor> Transformer::DecodeStep(std::span<const int32_t> ids, std
     ASSIGN_OR_RETURN(bk.io, b.Alloc(DType::kI32, {2, n}, MemoryKind::kGraphs));
     ASSIGN_OR_RETURN(bk.logits, b.Alloc(DType::kF32, {n, c.vocab_size}, MemoryKind::kGraphs));
     if (!whole) {
-      // The residual stream leaves the recording for the op-by-op layers: fixed buffers outside its pool.
+      // The residual stream goes from the prefix recording to the suffix: fixed buffers outside both pools.
       ASSIGN_OR_RETURN(bk.residual, b.Alloc(b.compute_dtype(), {n, c.hidden_size}, MemoryKind::kGraphs));
       ASSIGN_OR_RETURN(bk.h, b.Alloc(b.compute_dtype(), {n, c.hidden_size}, MemoryKind::kGraphs));
     }
   }
   if (capture != nullptr && (bk.capture_layers != capture->layers || bk.capture_out != capture->out.data())) {
-    // The recording wrote another buffer (or other layers): forget it, the next run records again.
+    // The recording wrote another buffer (or other layers): forget it (and its suffix), the next run
+    // records again.
     b.DropStepGraphs(key, key + 1);
+    const uint64_t suffix = key | (uint64_t{kVariantSuffix} << kBatchBits);
+    b.DropStepGraphs(suffix, suffix + 1);
     bk.capture_layers = capture->layers;
     bk.capture_out = capture->out.data();
   }
@@ -188,13 +194,26 @@ absl::StatusOr<Tensor> Transformer::DecodeStep(std::span<const int32_t> ids, std
     return DecodeBody(n, d_ids, d_pos, graph_layers, bk.residual, bk.h, nullptr, sparse, capture);
   }));
   RETURN_IF_ERROR(BeginOffloadedLayers(sparse));  // the host plans while the recorded layers run
-  for (int l = graph_layers; l < n_layers; ++l) {
-    if (capture != nullptr) RETURN_IF_ERROR(Capture(l, n, bk.residual, capture));
-    RETURN_IF_ERROR(Layer(l, n, bk.residual, bk.h, d_pos, /*offloaded=*/true, sparse));
-  }
-  if (capture != nullptr) RETURN_IF_ERROR(Capture(n_layers, n, bk.residual, capture));
-  RETURN_IF_ERROR(b.Linear(bk.h, lm_head_, nullptr, &bk.logits));
+  // The offloaded layers and the LM head: a second recording (its own key), whose loads' waits are external
+  // event nodes on the loads just enqueued.
+  RETURN_IF_ERROR(DecodeSuffix(key | (uint64_t{kVariantSuffix} << kBatchBits), n, graph_layers, d_pos, bk.residual,
+                               bk.h, &bk.logits, sparse, capture));
   return bk.logits;
+}
+
+absl::Status Transformer::DecodeSuffix(uint64_t key, int64_t n, int first_layer, const Tensor& positions,
+                                       Tensor& residual, Tensor& h, Tensor* logits, const SparseForward* sparse,
+                                       HiddenCapture* capture) {
+  Backend& b = *backend_;
+  const int n_layers = config_.num_hidden_layers;
+  return b.RunStepGraph(key, [&]() -> absl::Status {
+    for (int l = first_layer; l < n_layers; ++l) {
+      if (capture != nullptr) RETURN_IF_ERROR(Capture(l, n, residual, capture));
+      RETURN_IF_ERROR(Layer(l, n, residual, h, positions, /*offloaded=*/true, sparse));
+    }
+    if (capture != nullptr) RETURN_IF_ERROR(Capture(n_layers, n, residual, capture));
+    return b.Linear(h, lm_head_, nullptr, logits);
+  });
 }
 
 }  // namespace specontext
