@@ -62,6 +62,11 @@ struct SparseOptions {
   /// false: the host waits for the sets before the forward (the environment's SPC_DEFER_SELECTION=0 too).
   /// The synthetic overlap always waits (it rewrites the sets on the host).
   bool defer_selection = true;
+  /// The longest sequence (prompt + generated tokens) this decoder admits; 0: the model's context. The
+  /// planner reserves device memory for the prefill staging of one sequence this long (an offloaded layer's
+  /// rows, staged per prompt chunk), so a server that caps its requests keeps that much more KV resident;
+  /// AllocateKv refuses longer sequences (OutOfRange).
+  int32_t max_context = 0;
 };
 
 // The measured-mode memory planner for `model` under `gpu_memory_limit` (0: the backend's own limit);
@@ -69,9 +74,12 @@ struct SparseOptions {
 // split (remote retriever) decoders so both move layers at the same points. `retrieval_cache_per_token`:
 // device bytes of the retrieval head's K cache per token (0 when the head runs elsewhere); the head's
 // weights already on the device are measured as kRetrieval.
+// `max_context`: the longest sequence admitted (0: the model's context), which sizes the prefill staging
+// reserve.
 absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transformer& model, int32_t budget,
                                                                  int64_t gpu_memory_limit,
-                                                                 int64_t retrieval_cache_per_token = 0);
+                                                                 int64_t retrieval_cache_per_token = 0,
+                                                                 int32_t max_context = 0);
 
 class SparseDecoder : public SparseDecodeHooks {
  public:

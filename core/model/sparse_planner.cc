@@ -9,8 +9,11 @@ namespace specontext {
 
 absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transformer& model, int32_t budget,
                                                                  int64_t gpu_memory_limit,
-                                                                 int64_t retrieval_cache_per_token) {
+                                                                 int64_t retrieval_cache_per_token,
+                                                                 int32_t max_context) {
   const ModelConfig& c = model.config();
+  const int64_t context = max_context > 0 ? std::min<int64_t>(max_context, c.max_position_embeddings)
+                                          : c.max_position_embeddings;
   Backend& b = *model.backend();
   const MemoryReport rep = b.memory_report();
   int64_t limit = gpu_memory_limit > 0 ? gpu_memory_limit : rep.limit;
@@ -29,7 +32,7 @@ absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transform
   pc.alpha = static_cast<int32_t>(c.num_attention_heads / c.num_key_value_heads);
   pc.kv_elem_bytes = static_cast<int32_t>(DTypeSize(b.compute_dtype()));
   pc.budget = budget;
-  pc.max_context = c.max_position_embeddings;
+  pc.max_context = context;
   pc.gpu_memory_bytes = limit;
   pc.measured.weights = rep.bytes[static_cast<size_t>(MemoryKind::kWeights)];
   pc.measured.graph_pools = rep.bytes[static_cast<size_t>(MemoryKind::kGraphs)];
@@ -43,8 +46,8 @@ absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transform
       32 * c.vocab_size * 4;
   if (b.device() != DeviceKind::kCpu) {
     // Prefill over an offloaded layer stages that layer's K/V rows of a sequence on the device (the CUDA
-    // backend's prefill staging, at most 1 GiB): reserve one sequence's worth at the longest context.
-    const int64_t staging = 2 * c.kv_dim() * static_cast<int64_t>(c.max_position_embeddings) * pc.kv_elem_bytes;
+    // backend's prefill staging, at most 1 GiB): reserve one sequence's worth at the longest context admitted.
+    const int64_t staging = 2 * c.kv_dim() * context * pc.kv_elem_bytes;
     pc.measured.workspace += std::min<int64_t>(staging, int64_t{1} << 30);
   }
   auto planner = MemoryPlanner::Create(pc);

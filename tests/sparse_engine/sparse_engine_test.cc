@@ -425,6 +425,39 @@ TEST_F(SparseEngineTest, PlannerMovesLayersAsTheDeviceKvGrows) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// SparseOptions::max_context: the planner plans for sequences up to that length (its prefill staging
+// reserve, on GPUs), sequences beyond it are refused at admission, and values outside [budget, the model's
+// context] are refused at creation.
+TEST_F(SparseEngineTest, MaxContextBoundsAdmissionAndThePlanner) {
+  const int32_t model_ctx = static_cast<int32_t>(tiny_->checkpoint.config.max_position_embeddings);
+  SparseOptions o;
+  o.budget = 8;
+  o.gpu_memory_limit = int64_t{1} << 40;
+  o.max_context = 64;
+  auto d = SparseDecoder::Create(tiny_->model.get(), tiny_->head.get(), o);
+  ASSERT_TRUE(d.ok()) << d.status();
+  ASSERT_TRUE((*d)->planner().has_value());
+  EXPECT_EQ((*d)->planner()->config().max_context, 64);
+  EXPECT_TRUE((*d)->AllocateKv(1, 64, 8).ok());
+  auto too_long = (*d)->AllocateKv(2, 65, 8);
+  ASSERT_FALSE(too_long.ok());
+  EXPECT_EQ(too_long.status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_NE(too_long.status().message().find("max context 64"), std::string::npos) << too_long.status();
+  (*d)->Release(1);
+
+  o.max_context = 0;  // the model's
+  d = SparseDecoder::Create(tiny_->model.get(), tiny_->head.get(), o);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ((*d)->planner()->config().max_context, model_ctx);
+  for (int32_t bad : {-1, 7, model_ctx + 1}) {  // below 0, below the budget, above the model's context
+    o.max_context = bad;
+    auto r = SparseDecoder::Create(tiny_->model.get(), tiny_->head.get(), o);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(r.status().message().find("max context"), std::string::npos) << r.status();
+  }
+}
+
 // ForwardDevice (the logits left on the backend) gives Forward's logits, also for a step that mixes
 // a prompt chunk and a decode token (two passes merged into one buffer).
 TEST_F(SparseEngineTest, ForwardDeviceGivesForwardsLogits) {

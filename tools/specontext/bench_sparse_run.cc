@@ -107,7 +107,11 @@ absl::Status SparseBenchRun::Allocate(int64_t requests, int32_t capacity) {
           b.available_bytes() >> 20, " MiB free; dense decoding at this size would need host offload"));
     }
   } else {
-    ASSIGN_OR_RETURN(dec_, SparseDecoder::Create(&m, s_.head, s_.options));
+    // The run's sequences are its longest: the planner's prefill staging reserve is sized for them.
+    SparseOptions o = s_.options;
+    o.max_context = static_cast<int32_t>(
+        std::min<int64_t>(std::max<int64_t>(capacity, o.budget), c.max_position_embeddings));
+    ASSIGN_OR_RETURN(dec_, SparseDecoder::Create(&m, s_.head, o));
     if (dec_->planner().has_value()) {
       absl::StatusOr<int32_t> gpu = dec_->planner()->GpuLayersFor(requests * capacity, requests);
       if (!gpu.ok()) {
