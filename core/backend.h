@@ -289,6 +289,16 @@ class Backend {
   // Writes the new tokens' K and V of `layer` into each sequence's cache at past_len + i.
   // k, v [n_tokens, n_kv_heads, head_dim].
   virtual absl::Status KvAppend(int layer, const Tensor& k, const Tensor& v) = 0;
+  // Rope(q), Rope(k), then KvAppend(layer, k, v) of the rotated k: the step of a resident layer between its
+  // projections and its attention, which a backend may run as one kernel (CUDA: one decode kernel instead of
+  // two). q [n_tokens, n_heads, head_dim] and k [n_tokens, n_kv_heads, head_dim] are rotated in place (the
+  // attention reads them after), v [n_tokens, n_kv_heads, head_dim], positions [n_tokens] i32.
+  virtual absl::Status RopeKvAppend(int layer, Tensor* q, Tensor* k, const Tensor& v, const Tensor& positions,
+                                    const RopeArgs& rope) {
+    if (absl::Status st = Rope(q, positions, rope); !st.ok()) return st;
+    if (absl::Status st = Rope(k, positions, rope); !st.ok()) return st;
+    return KvAppend(layer, *k, v);
+  }
   // Causal attention of the new tokens over each sequence's cache (past and new tokens), GQA.
   // q, out [n_tokens, n_heads, head_dim].
   virtual absl::Status Attention(int layer, const Tensor& q, float scale, Tensor* out) = 0;

@@ -207,30 +207,36 @@ absl::Status CudaBackend::PlanAttention(int n_heads) {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::KvAppend(int layer, const Tensor& k, const Tensor& v) {
-  if (!batch_valid_) return absl::FailedPreconditionError("kv_append: PrepareBatch was not called");
-  RETURN_IF_ERROR(CheckTensor(k, "kv_append k", DType::kBF16, 3));
-  RETURN_IF_ERROR(CheckSameShape(k, v, "kv_append k/v"));
+absl::Status CudaBackend::KvAppendArgs(const char* op, int layer, const Tensor& k, const Tensor& v,
+                                       KvAppendParams* p) {
+  if (!batch_valid_) return absl::FailedPreconditionError(absl::StrCat(op, ": PrepareBatch was not called"));
+  RETURN_IF_ERROR(CheckTensor(k, absl::StrCat(op, " k").c_str(), DType::kBF16, 3));
+  RETURN_IF_ERROR(CheckSameShape(k, v, absl::StrCat(op, " k/v").c_str()));
   if (k.device() != DeviceKind::kCuda || v.device() != DeviceKind::kCuda) {
-    return absl::InvalidArgumentError("kv_append: k and v must be on the GPU");
+    return absl::InvalidArgumentError(absl::StrCat(op, ": k and v must be on the GPU"));
   }
-  if (layer < 0 || layer >= n_layers_) return absl::InvalidArgumentError(absl::StrCat("kv_append: layer ", layer, " out of range"));
+  if (layer < 0 || layer >= n_layers_) return absl::InvalidArgumentError(absl::StrCat(op, ": layer ", layer, " out of range"));
   if (k.dim(0) != batch_.n_tokens || k.dim(1) != n_kv_ || k.dim(2) != head_dim_) {
-    return absl::InvalidArgumentError(absl::StrCat("kv_append: k ", ShapeToString(k.shape()), ", expected [",
+    return absl::InvalidArgumentError(absl::StrCat(op, ": k ", ShapeToString(k.shape()), ", expected [",
                                                    batch_.n_tokens, ", ", n_kv_, ", ", head_dim_, "]"));
   }
   const int n_seqs = static_cast<int>(batch_.seqs.size());
   char* meta = static_cast<char*>(meta_.data());
+  p->k = k.data();
+  p->v = v.data();
+  p->seqs = reinterpret_cast<const AttnSeq*>(meta) + size_t(layer) * n_seqs;
+  p->row_seq = reinterpret_cast<const int32_t*>(meta + off_row_seq_);
+  p->k_ptrs = reinterpret_cast<void* const*>(meta + off_k_ptrs_) + size_t(layer) * n_seqs;
+  p->v_ptrs = reinterpret_cast<void* const*>(meta + off_v_ptrs_) + size_t(layer) * n_seqs;
+  p->n_tokens = batch_.n_tokens;
+  p->n_kv = n_kv_;
+  p->head_dim = head_dim_;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::KvAppend(int layer, const Tensor& k, const Tensor& v) {
   KvAppendParams p;
-  p.k = k.data();
-  p.v = v.data();
-  p.seqs = reinterpret_cast<const AttnSeq*>(meta) + size_t(layer) * n_seqs;
-  p.row_seq = reinterpret_cast<const int32_t*>(meta + off_row_seq_);
-  p.k_ptrs = reinterpret_cast<void* const*>(meta + off_k_ptrs_) + size_t(layer) * n_seqs;
-  p.v_ptrs = reinterpret_cast<void* const*>(meta + off_v_ptrs_) + size_t(layer) * n_seqs;
-  p.n_tokens = batch_.n_tokens;
-  p.n_kv = n_kv_;
-  p.head_dim = head_dim_;
+  RETURN_IF_ERROR(KvAppendArgs("kv_append", layer, k, v, &p));
   RETURN_IF_CUDA_ERROR(LaunchKvAppend(p, stream_));
   return absl::OkStatus();
 }

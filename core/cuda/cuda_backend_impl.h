@@ -68,6 +68,8 @@ class CudaBackend : public Backend {
   absl::Status LinearSwiGlu(const Tensor& x, const Tensor& w, Tensor* out) override;  // cuda_fused_ops.cc
   absl::Status PrepareBatch(const BatchDesc& batch) override;
   absl::Status KvAppend(int layer, const Tensor& k, const Tensor& v) override;
+  absl::Status RopeKvAppend(int layer, Tensor* q, Tensor* k, const Tensor& v, const Tensor& positions,
+                            const RopeArgs& rope) override;  // cuda_fused_ops.cc
   absl::Status Attention(int layer, const Tensor& q, float scale, Tensor* out) override;
 
   // ---- KV tiers and sparse decode (cuda_sparse.cc) ----
@@ -139,6 +141,9 @@ class CudaBackend : public Backend {
   absl::Status PlanAttention(int n_heads);
   // Launches the planned decode items of the batch (plan_) and their split-K combine pass.
   absl::Status LaunchPlannedDecode(AttnParams p);
+  // Checks k/v [n_tokens, n_kv, head_dim] for KvAppend of `layer` and fills the append kernel's params
+  // (cuda_attention.cc; RopeKvAppend uses it too).
+  absl::Status KvAppendArgs(const char* op, int layer, const Tensor& k, const Tensor& v, KvAppendParams* p);
   // A KvPairCopy (core/cpu/cpu_backend.h) as strided copies on the compute stream: CopyKvPairRows and the
   // prefill staging of interleaved host tiers.
   absl::Status CopyKvPairOnStream(const KvPairCopy& c);

@@ -1,11 +1,16 @@
 // CudaBackend's fused ops for small-batch decode: fewer, larger kernels per layer (each kernel of a decode
 // step at batch 1 is latency-bound, so one launch less is a few microseconds less per layer).
 //   LinearSwiGlu   the gate/up GEMV with SwiGLU in its epilogue (kernels/gemv.cu), n <= gemv_max_n.
+//   RopeKvAppend   RoPE of q and k and the KV append of a resident layer in one kernel (kernels/rope.cu).
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "core/cuda/cuda_backend_impl.h"
 #include "core/cuda/cuda_check.h"
+#include "core/cuda/kernels/attention.h"
 #include "core/cuda/kernels/gemv.h"
 #include "core/status_macros.h"
 
@@ -14,6 +19,15 @@ namespace {
 
 bool IsDevBf16(const Tensor& t, int ndim) {
   return t.device() == DeviceKind::kCuda && t.dtype() == DType::kBF16 && t.ndim() == ndim;
+}
+
+// SPC_FUSED_ROPE_APPEND=0 in the environment runs RopeKvAppend as its two ops (A/B of the fused kernel).
+bool FusedRopeAppend() {
+  static const bool on = [] {
+    const char* e = std::getenv("SPC_FUSED_ROPE_APPEND");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return on;
 }
 
 }  // namespace
@@ -45,6 +59,46 @@ absl::Status CudaBackend::LinearSwiGlu(const Tensor& x, const Tensor& w, Tensor*
     return absl::UnimplementedError(absl::StrCat("linear+swiglu: no fused path for n ", n, ", k ", k));
   }
   RETURN_IF_CUDA_ERROR(LaunchGemv(g, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::RopeKvAppend(int layer, Tensor* q, Tensor* k, const Tensor& v, const Tensor& positions,
+                                       const RopeArgs& rope) {
+  if (q == nullptr || k == nullptr) return absl::InvalidArgumentError("rope+kv_append: null q or k");
+  KvAppendParams kv;
+  RETURN_IF_ERROR(KvAppendArgs("rope+kv_append", layer, *k, v, &kv));
+  auto aligned16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
+  const bool fit = IsDevBf16(*q, 3) && positions.ndim() == 1 && positions.device() == DeviceKind::kCuda &&
+                   positions.dtype() == DType::kI32 && positions.dim(0) == k->dim(0) && q->dim(0) == k->dim(0) &&
+                   q->dim(2) == k->dim(2) && rope.inv_freq != nullptr &&
+                   rope.inv_freq->device() == DeviceKind::kCuda && rope.inv_freq->dtype() == DType::kF32 &&
+                   rope.inv_freq->numel() == k->dim(2) / 2 && k->dim(2) % 8 == 0 && aligned16(k->data()) &&
+                   aligned16(v.data());
+  if (!fit || !FusedRopeAppend()) {
+    // The two ops (they check and report what does not fit). One row whose q and k are adjacent (views of
+    // one qkv row, as the Transformer makes them) rotates in one launch.
+    const bool adjacent = q->dim(0) == 1 && k->dim(0) == 1 && q->ndim() == 3 && q->dim(2) == k->dim(2) &&
+                          q->dtype() == k->dtype() &&
+                          static_cast<const char*>(q->data()) + q->nbytes() == static_cast<const char*>(k->data());
+    if (adjacent) {
+      Tensor qk(q->data(), q->dtype(), {1, q->dim(1) + k->dim(1), q->dim(2)}, q->device(), q->storage());
+      RETURN_IF_ERROR(Rope(&qk, positions, rope));
+    } else {
+      RETURN_IF_ERROR(Rope(q, positions, rope));
+      RETURN_IF_ERROR(Rope(k, positions, rope));
+    }
+    return KvAppend(layer, *k, v);
+  }
+  RopeKvAppendParams p;
+  p.kv = kv;
+  p.q = q->data();
+  p.k = k->data();
+  p.positions = positions.as<int32_t>();
+  p.inv_freq = rope.inv_freq->as<float>();
+  p.n_heads = static_cast<int>(q->dim(1));
+  p.interleaved = rope.interleaved;
+  p.attention_scaling = rope.attention_scaling;
+  RETURN_IF_CUDA_ERROR(LaunchRopeKvAppend(p, stream_));
   return absl::OkStatus();
 }
 

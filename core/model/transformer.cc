@@ -187,15 +187,20 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
     RETURN_IF_ERROR(b.RmsNorm(qr, w.q_norm, static_cast<float>(c.rms_norm_eps), &qr));
     RETURN_IF_ERROR(b.RmsNorm(kr, w.k_norm, static_cast<float>(c.rms_norm_eps), &kr));
   }
-  if (n == 1) {
-    // One row: q and k are adjacent in qkv, so one rotation over their nh + nkv heads (one launch less).
-    Tensor qk(qkv.data(), dt, {1, nh + nkv, hd}, qkv.device(), qkv.storage());
-    RETURN_IF_ERROR(b.Rope(&qk, positions, rope_));
+  if (!offloaded) {
+    // RoPE of q and k and the append in one op (one kernel on CUDA; q and k stay rotated for the attention).
+    RETURN_IF_ERROR(b.RopeKvAppend(l, &q3, &k3, v3, positions, rope_));
   } else {
-    RETURN_IF_ERROR(b.Rope(&q3, positions, rope_));
-    RETURN_IF_ERROR(b.Rope(&k3, positions, rope_));
+    if (n == 1) {
+      // One row: q and k are adjacent in qkv, so one rotation over their nh + nkv heads (one launch less).
+      Tensor qk(qkv.data(), dt, {1, nh + nkv, hd}, qkv.device(), qkv.storage());
+      RETURN_IF_ERROR(b.Rope(&qk, positions, rope_));
+    } else {
+      RETURN_IF_ERROR(b.Rope(&q3, positions, rope_));
+      RETURN_IF_ERROR(b.Rope(&k3, positions, rope_));
+    }
+    RETURN_IF_ERROR(b.KvAppendHost(l, k3, v3));
   }
-  RETURN_IF_ERROR(offloaded ? b.KvAppendHost(l, k3, v3) : b.KvAppend(l, k3, v3));
   ASSIGN_OR_RETURN(Tensor attn, b.Alloc(dt, {n, nh, hd}, MemoryKind::kWorkspace));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   if (sparse != nullptr && !sparse->dense_attention && (offloaded || !sparse->dense_resident_layers)) {

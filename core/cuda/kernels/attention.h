@@ -129,4 +129,20 @@ struct KvAppendParams {
 };
 cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream);
 
+// RoPE of q and k in place, then the append of the rotated k and of v (Backend::RopeKvAppend), one launch:
+// the rotation of LaunchRope (the same per-pair code, so the same bits) and the cache rows of
+// LaunchKvAppend. kv.k must equal k; head_dim a multiple of 8 and k, v 16-byte aligned (the caller falls
+// back to the two kernels otherwise).
+struct RopeKvAppendParams {
+  KvAppendParams kv;                   // caches and the batch metadata; kv.v the new V rows
+  void* q = nullptr;                   // bf16 [n_tokens, n_heads, head_dim], rotated in place
+  void* k = nullptr;                   // bf16 [n_tokens, n_kv, head_dim], rotated in place, then appended
+  const int32_t* positions = nullptr;  // [n_tokens] rotation positions
+  const float* inv_freq = nullptr;     // [head_dim / 2] f32
+  int n_heads = 0;
+  bool interleaved = false;            // pairs (2j, 2j + 1), else (j, j + head_dim / 2)
+  float attention_scaling = 1.0f;
+};
+cudaError_t LaunchRopeKvAppend(const RopeKvAppendParams& p, cudaStream_t stream);
+
 }  // namespace specontext::cuda

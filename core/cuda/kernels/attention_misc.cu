@@ -1,6 +1,7 @@
 // KV append, the split-K combine, and the simple (any head_dim) attention kernel.
 #include "core/cuda/kernels/attention.h"
 #include "core/cuda/kernels/common.cuh"
+#include "core/cuda/kernels/elementwise.h"
 
 namespace specontext::cuda {
 namespace {
@@ -8,6 +9,9 @@ namespace {
 // One block per token row; threads walk the row's n_kv * head_dim elements in VecT units.
 template <typename VecT>
 __global__ void KvAppendKernel(KvAppendParams p) {
+  PdlTrigger();
+  // Launched with PDL (elementwise.h): the batch metadata, which only PrepareBatch's upload writes, before
+  // the wait; k/v (the projection's output) after it.
   const int row = blockIdx.x;
   const int s_idx = p.row_seq[row];
   const AttnSeq s = p.seqs[s_idx];
@@ -19,6 +23,7 @@ __global__ void KvAppendKernel(KvAppendParams p) {
   const VecT* v = reinterpret_cast<const VecT*>(static_cast<const bf16*>(p.v) + size_t(row) * p.n_kv * p.head_dim);
   VecT* kc = static_cast<VecT*>(p.k_ptrs[s_idx]);
   VecT* vc = static_cast<VecT*>(p.v_ptrs[s_idx]);
+  PdlWait();
   for (int idx = threadIdx.x; idx < p.n_kv * vec_per_head; idx += blockDim.x) {
     const int h = idx / vec_per_head, j = idx % vec_per_head;
     const size_t dst = (size_t(h) * s.capacity + pos) * vec_per_row + j;
@@ -28,6 +33,8 @@ __global__ void KvAppendKernel(KvAppendParams p) {
 }
 
 __global__ void CombineKernel(AttnParams p) {
+  PdlTrigger();
+  PdlWait();
   const AttnCombineItem c = p.combine[blockIdx.x];
   const int kvh = blockIdx.y;
   const AttnSeq s = p.seqs[c.seq];
@@ -56,11 +63,13 @@ __global__ void CombineKernel(AttnParams p) {
 // output element. The split weights are computed once into shared memory; the loads of the
 // splits' partials are independent, so they overlap instead of forming a dependent chain.
 __global__ void DecodeCombineKernel(AttnParams p) {
+  PdlTrigger();
   const int s_idx = blockIdx.x, kvh = blockIdx.y, row = blockIdx.z;
-  const AttnSeq s = p.seqs[s_idx];
+  const AttnSeq s = p.seqs[s_idx];  // batch metadata (PrepareBatch's upload): before the wait
   int splits, per;
   DecodeSplitPlan(s.past_len + 1, p.max_splits, &splits, &per);
   if (splits <= 1) return;  // the decode kernel wrote the output itself
+  PdlWait();  // the partials
   __shared__ float s_w[kMaxDecodeSplits];
   __shared__ float s_inv;
   const size_t slot_stride = size_t(p.n_kv) * kDecodeBlockM;
@@ -95,6 +104,8 @@ constexpr int kSimpleMaxPerLane = 8;  // head_dim <= 256
 
 // One warp per (token row, query head); f32 online softmax over the row's causal keys.
 __global__ void SimpleAttentionKernel(AttnParams p) {
+  PdlTrigger();
+  PdlWait();
   const int warp_global = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (warp_global >= p.n_tokens * p.n_heads) return;
@@ -150,26 +161,22 @@ cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
   if (p.n_tokens == 0) return cudaSuccess;
   const int threads = 128;
   if (p.head_dim % 8 == 0 && Aligned16(p.k) && Aligned16(p.v)) {
-    KvAppendKernel<uint4><<<p.n_tokens, threads, 0, stream>>>(p);
-  } else if (p.head_dim % 2 == 0) {
-    KvAppendKernel<uint32_t><<<p.n_tokens, threads, 0, stream>>>(p);
-  } else {
-    KvAppendKernel<uint16_t><<<p.n_tokens, threads, 0, stream>>>(p);
+    return LaunchPdl(KvAppendKernel<uint4>, dim3(p.n_tokens), dim3(threads), 0, stream, p);
   }
-  return cudaGetLastError();
+  if (p.head_dim % 2 == 0) return LaunchPdl(KvAppendKernel<uint32_t>, dim3(p.n_tokens), dim3(threads), 0, stream, p);
+  return LaunchPdl(KvAppendKernel<uint16_t>, dim3(p.n_tokens), dim3(threads), 0, stream, p);
 }
 
 cudaError_t LaunchAttentionCombine(const AttnParams& p, cudaStream_t stream) {
   if (p.n_combine == 0) return cudaSuccess;
-  CombineKernel<<<dim3(p.n_combine, p.n_kv), 128, 0, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchPdl(CombineKernel, dim3(p.n_combine, p.n_kv), dim3(128), 0, stream, p);
 }
 
 cudaError_t LaunchAttentionDecodeCombine(const AttnParams& p, cudaStream_t stream) {
   if (p.n_seqs == 0 || p.max_splits <= 1) return cudaSuccess;
   const int group = p.n_heads / p.n_kv;
-  DecodeCombineKernel<<<dim3(p.n_seqs, p.n_kv, group), p.head_dim <= 64 ? 64 : 128, 0, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchPdl(DecodeCombineKernel, dim3(p.n_seqs, p.n_kv, group), dim3(p.head_dim <= 64 ? 64 : 128), 0, stream,
+                   p);
 }
 
 cudaError_t LaunchAttentionSimple(const AttnParams& p, cudaStream_t stream) {
@@ -177,8 +184,8 @@ cudaError_t LaunchAttentionSimple(const AttnParams& p, cudaStream_t stream) {
   if (p.head_dim > 32 * kSimpleMaxPerLane) return cudaErrorInvalidValue;
   const int warps = 4;
   const int64_t total = int64_t{p.n_tokens} * p.n_heads;
-  SimpleAttentionKernel<<<static_cast<int>((total + warps - 1) / warps), warps * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchPdl(SimpleAttentionKernel, dim3(static_cast<unsigned>((total + warps - 1) / warps)), dim3(warps * 32), 0,
+                   stream, p);
 }
 
 }  // namespace specontext::cuda

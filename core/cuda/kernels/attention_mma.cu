@@ -9,6 +9,7 @@
 // shared memory at the end, which also gives coalesced output stores.
 #include "core/cuda/kernels/attention.h"
 #include "core/cuda/kernels/common.cuh"
+#include "core/cuda/kernels/elementwise.h"
 
 namespace specontext::cuda {
 namespace {
@@ -69,6 +70,10 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   bf16* s_v = s_k + 2 * Cfg::kStageElems;
   __shared__ float s_m[WARPS_N][kBlockM];
   __shared__ float s_l[WARPS_N][kBlockM];
+  // Launched with PDL (elementwise.h): the work item and the batch metadata (uploads by PrepareBatch and
+  // PlanAttention, stream-ordered copies) are read before the wait; q, the caches (the new rows come from the
+  // append before) and the partials after it.
+  PdlTrigger();
 
   AttnWorkItem item;
   if (p.items != nullptr) {
@@ -91,6 +96,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wm = warp % WARPS_M, wn = warp / WARPS_M;
   const int g = lane >> 2, tig = lane & 3;
+  PdlWait();
 
   // This thread's two rows (g and g + 8 of the warp's 16) and their causal limits (last key).
   int lim[2];
@@ -299,9 +305,7 @@ cudaError_t Launch(const AttnParams& p, cudaStream_t stream, int grid_x) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
-  dim3 grid(grid_x, p.n_kv);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchPdl(kernel, dim3(grid_x, p.n_kv), dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p);
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// Sparse decode attention over index sets (one token per sequence), GQA-aware, split-K with a combine.
+// Sparse decode attention over index sets (one token per sequence), GQA-aware, split-K with a combine
+// (sparse_combine.cu).
 //
 // Two kernels serve SparseAttnParams:
 // - SparseAttentionMmaKernel (head_dim 64/128, group <= 8): tensor cores, one warp per 16-key tile with its
@@ -10,11 +11,21 @@
 // Both read every gathered K/V row once per GQA group; the row index comes from the set (a token position
 // of the full cache or a slot of the slot buffer); the key after the set is the current token, read from
 // k_cur/v_cur.
+//
+// PDL (elementwise.h): the kernels are launched with the attribute and may start while the kernel before
+// them runs. Before PdlWait() they read only what no kernel writes: the sets' layout (indptr) and the
+// per-sequence K/V tables, which CudaBackend uploads with stream-ordered copies before the step's first
+// kernel (PrepareSparseDecode, EnsureTierTables). The set positions (p.rows; the selection kernels may
+// write them on the device), q, k_cur/v_cur, the caches and the partials are read after it. That takes
+// the layout loads off the step's critical path.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/cuda/kernels/common.cuh"
+#include "core/cuda/kernels/elementwise.h"
 #include "core/cuda/kernels/sparse_kernels.h"
 
 namespace specontext::cuda {
@@ -40,27 +51,18 @@ __host__ __device__ inline SmemLayout Layout(int group, int hd) {
   return l;
 }
 
-// The keys of the set of (sequence, KV head g): rows [b, b + n_set) of p.rows, then the current token
-// (total = n_set + 1). Batch-level sets (one per sequence) serve every head.
-struct SetKeys {
-  int b, n_set, total;
-};
-__device__ __forceinline__ SetKeys KeysOf(const SparseAttnParams& p, int seq, int g) {
-  const int set = seq * p.sets_per_seq + (p.sets_per_seq == 1 ? 0 : g);
-  const int b = p.indptr[set];
-  const int n_set = p.indptr[set + 1] - b;
-  return {b, n_set, n_set + 1};
-}
-
 __global__ void __launch_bounds__(kThreads) SparseAttentionKernel(SparseAttnParams p) {
+  PdlTrigger();
   extern __shared__ __align__(16) char smem[];
   const int seq = blockIdx.z, g = blockIdx.y, split = blockIdx.x;
   const int group = p.n_heads / p.n_kv, hd = p.head_dim;
-  const SetKeys keys = KeysOf(p, seq, g);
+  const SetKeys keys = KeysOf(p, seq, g);  // the layout: before the wait (see the top)
   const int b = keys.b, n_set = keys.n_set, total = keys.total;
   const int k0 = split * p.chunk;
   if (k0 >= total) return;
   const int k1 = min(total, k0 + p.chunk);
+  const SparseKvPtrs kv = p.kv[seq];
+  PdlWait();
 
   const SmemLayout L = Layout(group, hd);
   float* sQ = reinterpret_cast<float*>(smem + L.q);
@@ -82,7 +84,6 @@ __global__ void __launch_bounds__(kThreads) SparseAttentionKernel(SparseAttnPara
 #pragma unroll
   for (int i = 0; i < kMaxOutPerThread; ++i) acc[i] = 0.0f;
 
-  const SparseKvPtrs kv = p.kv[seq];
   const bf16* k_head = static_cast<const bf16*>(kv.k) + int64_t(g) * kv.rows * hd;
   const bf16* v_head = static_cast<const bf16*>(kv.v) + int64_t(g) * kv.rows * hd;
   const bf16* k_cur = static_cast<const bf16*>(p.k_cur) + (int64_t(seq) * p.n_kv + g) * hd;
@@ -221,10 +222,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 3) SparseAttentionMmaKernel(Sp
   constexpr int NM = HD / 16;  // m-tiles of Oᵀ
   __shared__ __align__(16) float sO[kMmaWarps][kMmaMaxGroup][HD];
   __shared__ float sM[kMmaWarps][kMmaMaxGroup], sL[kMmaWarps][kMmaMaxGroup];
+  PdlTrigger();  // the combine may be scheduled now; it waits for this grid in its PdlWait
 
   const int seq = blockIdx.z, g = blockIdx.y, split = blockIdx.x;
   const int group = p.n_heads / p.n_kv;
-  const SetKeys keys = KeysOf(p, seq, g);
+  const SetKeys keys = KeysOf(p, seq, g);  // the layout and the tables: before the wait (see the top)
   const int b = keys.b, n_set = keys.n_set, total = keys.total;
   const int k0 = split * p.chunk;
   if (k0 >= total) return;
@@ -234,6 +236,21 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 3) SparseAttentionMmaKernel(Sp
   const SparseKvPtrs kv = p.kv[seq];
   const bf16* k_head = static_cast<const bf16*>(kv.k) + int64_t(g) * kv.rows * HD;
   const bf16* v_head = static_cast<const bf16*>(kv.v) + int64_t(g) * kv.rows * HD;
+  if (p.l2_prefetch) {
+    // Still before the wait: L2 prefetches of the K (lanes 0-15) and V (16-31) rows of this warp's first tile,
+    // so that their HBM latency overlaps the kernel before (at one sequence a warp has one tile: the whole
+    // gather). The positions may be in writing (a selection kernel earlier in the step), so they are read
+    // past L1 (ld.global.cg: no stale line stays for the reads after the wait) and clamped into the cache; a
+    // prefetch is only a hint, so a stale position costs bandwidth, never a wrong result.
+    const int key = k0 + warp * kMmaTile + (lane & 15);
+    if (key < min(k1, n_set) && kv.rows > 0) {
+      const int row = min(max(__ldcg(p.rows + b + key), 0), static_cast<int>(kv.rows - 1));
+      const char* src = reinterpret_cast<const char*>((lane < 16 ? k_head : v_head) + int64_t(row) * HD);
+#pragma unroll
+      for (int o = 0; o < HD * 2; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(src + o));
+    }
+  }
+  PdlWait();
   const bf16* k_cur = static_cast<const bf16*>(p.k_cur) + (int64_t(seq) * p.n_kv + g) * HD;
   const bf16* v_cur = static_cast<const bf16*>(p.v_cur) + (int64_t(seq) * p.n_kv + g) * HD;
   const int32_t* rows = p.rows + b;
@@ -387,27 +404,6 @@ bool UseMma(const SparseAttnParams& p) {
   return p.variant == 0 && group >= 1 && group <= kMmaMaxGroup && (p.head_dim == 64 || p.head_dim == 128);
 }
 
-// Merges the splits of one (sequence, query head): softmax-weighted by each split's log-sum-exp.
-__global__ void SparseCombineKernel(SparseAttnParams p) {
-  const int seq = blockIdx.x / p.n_heads, h = blockIdx.x % p.n_heads;
-  const int group = p.n_heads / p.n_kv, g = h / group, hh = h % group;
-  const int total = KeysOf(p, seq, g).total;
-  const int n_splits = (total + p.chunk - 1) / p.chunk;
-  const int64_t base = (int64_t(seq) * p.n_kv + g) * p.max_splits;
-  float mx = -INFINITY;
-  for (int s = 0; s < n_splits; ++s) mx = fmaxf(mx, p.partial_lse[(base + s) * group + hh]);
-  float wsum = 0.0f;
-  for (int s = 0; s < n_splits; ++s) wsum += expf(p.partial_lse[(base + s) * group + hh] - mx);
-  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
-    float a = 0.0f;
-    for (int s = 0; s < n_splits; ++s) {
-      const float w = expf(p.partial_lse[(base + s) * group + hh] - mx);
-      a += w * p.partial_o[((base + s) * group + hh) * p.head_dim + d];
-    }
-    static_cast<bf16*>(p.out)[(int64_t(seq) * p.n_heads + h) * p.head_dim + d] = __float2bfloat16(a / wsum);
-  }
-}
-
 }  // namespace
 
 void PlanSparseAttention(int64_t sum_keys, int max_keys, int sm_count, SparseAttnParams* p) {
@@ -465,23 +461,25 @@ cudaError_t LaunchSparseAttention(const SparseAttnParams& p, cudaStream_t stream
     return cudaErrorInvalidValue;
   }
   const dim3 grid(p.max_splits, p.n_kv, p.n_seqs);
+  static const bool prefetch = [] {
+    const char* e = std::getenv("SPC_SPARSE_PREFETCH");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  SparseAttnParams q = p;
+  q.l2_prefetch = p.l2_prefetch && prefetch;
+  cudaError_t err;
   if (UseMma(p)) {
-    if (p.head_dim == 64) {
-      SparseAttentionMmaKernel<64><<<grid, kMmaWarps * 32, 0, stream>>>(p);
-    } else {
-      SparseAttentionMmaKernel<128><<<grid, kMmaWarps * 32, 0, stream>>>(p);
-    }
+    err = LaunchPdl(p.head_dim == 64 ? SparseAttentionMmaKernel<64> : SparseAttentionMmaKernel<128>, grid,
+                    dim3(kMmaWarps * 32), 0, stream, q);
   } else {
     static const cudaError_t attr = cudaFuncSetAttribute(
         SparseAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
         static_cast<int>(SparseAttnSmemBytes(kSparseMaxGroup, kSparseMaxHeadDim)));
     if (attr != cudaSuccess) return attr;
-    SparseAttentionKernel<<<grid, kThreads, SparseAttnSmemBytes(group, p.head_dim), stream>>>(p);
+    err = LaunchPdl(SparseAttentionKernel, grid, dim3(kThreads), SparseAttnSmemBytes(group, p.head_dim), stream, p);
   }
-  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.max_splits == 1) return err;
-  SparseCombineKernel<<<p.n_seqs * p.n_heads, 128, 0, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchSparseCombine(p, stream);
 }
 
 }  // namespace specontext::cuda

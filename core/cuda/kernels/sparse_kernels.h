@@ -48,7 +48,24 @@ struct SparseAttnParams {
   float* partial_lse = nullptr;  // [n_seqs, n_kv, max_splits, group] natural-log sum-exp
   // 0: the fastest kernel for the shape; 1: the generic kernel (benchmarks compare the two).
   int variant = 0;
+  // Tensor-core kernel: before its PDL wait, ask L2 for the K/V rows of each warp's first tile (a hint; see
+  // sparse_attention.cu). LaunchSparseAttention turns it off when SPC_SPARSE_PREFETCH=0 (A/B).
+  bool l2_prefetch = true;
 };
+
+#if defined(__CUDACC__)
+// The keys of the set of (sequence, KV head g): rows [b, b + n_set) of p.rows, then the current token
+// (total = n_set + 1). Batch-level sets (one per sequence) serve every head.
+struct SetKeys {
+  int b, n_set, total;
+};
+__device__ __forceinline__ SetKeys KeysOf(const SparseAttnParams& p, int seq, int g) {
+  const int set = seq * p.sets_per_seq + (p.sets_per_seq == 1 ? 0 : g);
+  const int b = p.indptr[set];
+  const int n_set = p.indptr[set + 1] - b;
+  return {b, n_set, n_set + 1};
+}
+#endif
 
 // Split-K plan for a batch: `sum_keys` = Σ over (sequence, KV head) lists of n_set + 1, `max_keys` the
 // longest list. Call it after filling the shape fields and `variant` (the plan depends on the kernel).
@@ -61,6 +78,8 @@ size_t SparseAttnSmemBytes(int group, int head_dim);
 // Attention kernel (+ the combine kernel when max_splits > 1) on `stream`; cudaErrorInvalidValue for an
 // unsupported shape (group > 16, head_dim > 256 or not a multiple of 8, a bad plan).
 cudaError_t LaunchSparseAttention(const SparseAttnParams& p, cudaStream_t stream);
+// The combine pass alone (LaunchSparseAttention runs it when p.max_splits > 1): out from the partials.
+cudaError_t LaunchSparseCombine(const SparseAttnParams& p, cudaStream_t stream);
 
 // One row copy of the elastic loader: token row of the host copy -> slot of the slot buffer, for set `set`.
 struct ElasticCopy {
