@@ -214,12 +214,22 @@ TEST_F(BenchSparseCliTest, TrajectoryOffloadsUnderALimitAndIntegratesStepTimes) 
 TEST_F(BenchSparseCliTest, CudaCopyTimeHiddenVsExposed) {
   CliRun probe = Bench({"--requests", "1", "--context", "40"}, "cuda");
   if (probe.exit_code != 0) GTEST_SKIP() << "no CUDA backend here: " << probe.err;
-  const int64_t fixed = PlannerFixedBytes("cuda");
+  // The run's planner reserves prefill staging for its own capacity (SparseOptions::max_context): probe the
+  // fixed bytes of a run of that capacity (its "allocated" line).
+  const std::vector<std::string> run = {"--requests", "2", "--trajectory", "64:128", "--measure-every", "64",
+                                        "--synthetic-overlap", "0.5", "--steps", "6"};
+  std::vector<std::string> probe_args = run;
+  probe_args.insert(probe_args.end(), {"--gpu-memory-limit", "2GiB"});
+  CliRun probe_run = Bench(probe_args, "cuda");
+  ASSERT_EQ(probe_run.exit_code, 0) << probe_run.err;
+  const std::vector<json> allocated = OfKind(Lines(probe_run.out), "allocated");
+  ASSERT_FALSE(allocated.empty()) << probe_run.out;
+  const int64_t fixed = static_cast<int64_t>(allocated[0].value("planner_fixed_bytes", 0.0));
   ASSERT_GT(fixed, 0);
   const int64_t limit = (fixed + 40000) * 8 / 7;
-  CliRun r = Bench({"--requests", "2", "--trajectory", "64:128", "--measure-every", "64", "--synthetic-overlap", "0.5",
-                    "--steps", "6", "--gpu-memory-limit", std::to_string(limit)},
-                   "cuda");
+  std::vector<std::string> args = run;
+  args.insert(args.end(), {"--gpu-memory-limit", std::to_string(limit)});
+  CliRun r = Bench(args, "cuda");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const std::vector<json> pts = OfKind(Lines(r.out), "trajectory_point");
   ASSERT_EQ(pts.size(), 3u) << r.out;
