@@ -143,18 +143,6 @@ absl::Status SetUpSelection(Backend& backend, std::span<const SelectionQuery> ba
   return absl::OkStatus();
 }
 
-// Grows the pinned buffer to `bytes` (its previous copies must be complete).
-absl::Status EnsurePinned(cuda::PinnedStaging& pinned, size_t bytes) {
-  if (pinned.bytes >= bytes) return absl::OkStatus();
-  const size_t grown = std::max(bytes, pinned.bytes * 2);
-  if (pinned.host != nullptr) RETURN_IF_CUDA_ERROR(cudaFreeHost(pinned.host));
-  pinned.host = nullptr;
-  pinned.bytes = 0;
-  RETURN_IF_CUDA_ERROR(cudaHostAlloc(&pinned.host, grown, cudaHostAllocDefault));
-  pinned.bytes = grown;
-  return absl::OkStatus();
-}
-
 // Copies the downloaded [indices][mass][flag] (`down`, laid out from `idx_bytes` and `mass_bytes`) into
 // `out`; InvalidArgument when the kernels flagged a non-finite score.
 absl::Status TakeResults(const char* down, size_t idx_bytes, size_t mass_bytes, const SelectionLaunch& l,
@@ -183,7 +171,7 @@ absl::Status SelectTopB(Backend& backend, std::span<const SelectionQuery> batch,
   const size_t b_mass = reinterpret_cast<const char*>(p.error_flag) - reinterpret_cast<const char*>(p.mass);
   const size_t up_bytes = Align256(sizeof(cuda::SelSeq) * l.seqs.size());
   const size_t down_bytes = b_idx + b_mass + sizeof(int);
-  RETURN_IF_ERROR(EnsurePinned(pinned, up_bytes + down_bytes));
+  RETURN_IF_ERROR(cuda::GrowPinned(pinned, up_bytes + down_bytes));
   char* up = static_cast<char*>(pinned.host);
   char* down = up + up_bytes;
   std::memcpy(up, l.seqs.data(), sizeof(cuda::SelSeq) * l.seqs.size());
@@ -237,7 +225,7 @@ absl::Status cuda::CudaBackend::StartSelectIndexSets(const SelectionQuery* batch
   l.p.mass = reinterpret_cast<float*>(buf + lay.off_pos + lay.idx_bytes);
   l.p.error_flag = reinterpret_cast<int*>(buf + lay.off_pos + lay.idx_bytes + lay.mass_bytes);
   const size_t up_bytes = Align256(sizeof(cuda::SelSeq) * l.seqs.size());
-  RETURN_IF_ERROR(EnsurePinned(sp->select_pinned, up_bytes + lay.down_bytes()));
+  RETURN_IF_ERROR(cuda::GrowPinned(sp->select_pinned, up_bytes + lay.down_bytes()));
   char* up = static_cast<char*>(sp->select_pinned.host);
   std::memcpy(up, l.seqs.data(), sizeof(cuda::SelSeq) * l.seqs.size());
   RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(const_cast<cuda::SelSeq*>(l.p.seqs), up,

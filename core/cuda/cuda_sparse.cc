@@ -75,17 +75,21 @@ absl::Status EnsureDeviceBuffer(CudaMemory& memory, Tensor* buf, size_t bytes, M
   return absl::OkStatus();
 }
 
+absl::Status GrowPinned(PinnedStaging& staging, size_t bytes) {
+  if (staging.bytes >= bytes) return absl::OkStatus();
+  const size_t grown = std::max(bytes, staging.bytes * 2);
+  if (staging.host != nullptr) RETURN_IF_CUDA_ERROR(cudaFreeHost(staging.host));
+  staging.host = nullptr;
+  staging.bytes = 0;
+  RETURN_IF_CUDA_ERROR(cudaHostAlloc(&staging.host, grown, cudaHostAllocDefault));
+  staging.bytes = grown;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<char*> StagingReserve(PinnedStaging& staging, size_t bytes) {
   // The previous copy out of this staging buffer must be done before it is rewritten.
   RETURN_IF_CUDA_ERROR(cudaEventSynchronize(staging.ready));
-  if (staging.bytes < bytes) {
-    const size_t grown = std::max(bytes, staging.bytes * 2);
-    if (staging.host != nullptr) RETURN_IF_CUDA_ERROR(cudaFreeHost(staging.host));
-    staging.host = nullptr;
-    staging.bytes = 0;
-    RETURN_IF_CUDA_ERROR(cudaHostAlloc(&staging.host, grown, cudaHostAllocDefault));
-    staging.bytes = grown;
-  }
+  RETURN_IF_ERROR(GrowPinned(staging, bytes));
   return static_cast<char*>(staging.host);
 }
 

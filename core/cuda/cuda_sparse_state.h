@@ -124,6 +124,8 @@ absl::Status StagedUpload(PinnedStaging& staging, const void* src, size_t bytes,
 // copy in between): Reserve waits for the previous copy out of `staging`, grows it to `bytes` and returns
 // its host pointer; Commit queues the copy of its first `bytes` to `dst` on `stream`.
 absl::StatusOr<char*> StagingReserve(PinnedStaging& staging, size_t bytes);
+// Grows `staging`'s host buffer to at least `bytes` (doubling; its previous copies must be complete).
+absl::Status GrowPinned(PinnedStaging& staging, size_t bytes);
 absl::Status StagingCommit(PinnedStaging& staging, size_t bytes, void* dst, cudaStream_t stream);
 
 // Grows `buf` to at least `bytes`, allocated as `kind`. Buffers the copy stream reads use kPrefetch, not
