@@ -49,6 +49,8 @@ void DefineFlags(Args& a) {
   a.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
   DefineCudaGraphsFlag(a);
   a.Define({"threads", "CPU threads of the backend (0 = all cores)", false, false, "0"});
+  a.Define({"max-context", "longest sequence (prompt + generated tokens) a request may reach; 0 = the model's "
+            "context (the sparse planner keeps that much more KV on the GPU when it is lower)", false, false, "0"});
   a.Define({"max-batch", "sequences decoding at once", false, false, "32"});
   a.Define({"max-tokens-per-step", "prompt tokens per engine step", false, false, "512"});
   a.Define({"max-queue", "requests waiting for admission before RESOURCE_EXHAUSTED", false, false, "256"});
@@ -104,6 +106,14 @@ absl::Status Run(const Args& args) {
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, MakeServerCredentials(tls));
 
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
+  ASSIGN_OR_RETURN(int64_t max_context, args.GetInt("max-context"));
+  const int64_t model_context = rt.model->config().max_position_embeddings;
+  if (max_context < 0 || max_context > model_context) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-context must be 0 (the model's) or at most the model's ",
+                                                   model_context, " tokens, got ", max_context));
+  }
+  eo.max_context = static_cast<int32_t>(max_context);
+  so.max_context = static_cast<int32_t>(max_context > 0 ? max_context : model_context);
   metrics::Registry registry;
   ASSIGN_OR_RETURN(GeneratorMetrics gm, RegisterGeneratorMetrics(&registry));
   // Sparse decoding: the head is loaded now so one that does not fit the model fails at startup.

@@ -167,7 +167,8 @@ grpc::Status GeneratorService::GetModelInfo(grpc::ServerContext*, const v1::Mode
   info->set_model_path(options_.model_path);
   info->set_architecture(c.model_type);
   info->set_vocab_size(static_cast<int32_t>(c.vocab_size));
-  info->set_max_context(static_cast<int32_t>(c.max_position_embeddings));
+  info->set_max_context(options_.max_context > 0 ? options_.max_context
+                                                : static_cast<int32_t>(c.max_position_embeddings));
   info->set_n_layers(static_cast<int32_t>(c.num_hidden_layers));
   info->set_n_heads(static_cast<int32_t>(c.num_attention_heads));
   info->set_n_kv_heads(static_cast<int32_t>(c.num_key_value_heads));

@@ -25,6 +25,7 @@ struct ServiceOptions {
   KvStoreTracker* kvstore = nullptr;  // --kvstore: per-request table entries (may be null)  // the engine runs with SparseDecodeHooks (--retriever inproc|HOST:PORT + head)
   int32_t max_batch = 0;
   int32_t max_queue = 0;
+  int32_t max_context = 0;  // --max-context (else the model's): what GetModelInfo reports
 };
 
 class GeneratorService final : public v1::Generator::Service {

@@ -54,6 +54,7 @@ struct RemoteSparseOptions {
   absl::Duration step_deadline = absl::Milliseconds(200);
   int64_t gpu_memory_limit = 0;                     // planner's device limit (0: the backend's; both 0: off)
   int32_t kv_grow_rows = 2048;                      // device KV growth chunk (SparseOptions::kv_grow_rows)
+  int32_t max_context = 0;                          // SparseOptions::max_context (0: the model's context)
   absl::Duration backoff_min = absl::Milliseconds(50);
   absl::Duration backoff_max = absl::Seconds(2);
   metrics::Histogram* retrieval_latency = nullptr;  // Select -> Selection, seconds (may be null)

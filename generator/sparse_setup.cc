@@ -35,6 +35,7 @@ absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, con
     so.sink = sink;
     so.selection = args.GetString("selection");
     ASSIGN_OR_RETURN(so.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
+    ASSIGN_OR_RETURN(so.max_context, args.GetInt("max-context"));
     ASSIGN_OR_RETURN(out.inproc, MakeSparseRuntime(rt, so));
     out.hooks = out.inproc.decoder;
     SPC_LOG(INFO) << "sparse decoding in process" << Kv("head", head) << Kv("budget", so.budget)
@@ -56,6 +57,8 @@ absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, con
   if (deadline_ms < 1) return absl::InvalidArgumentError("--retriever-deadline-ms must be >= 1");
   ro.step_deadline = absl::Milliseconds(deadline_ms);
   ASSIGN_OR_RETURN(ro.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
+  ASSIGN_OR_RETURN(int64_t max_context, args.GetInt("max-context"));
+  ro.max_context = static_cast<int32_t>(max_context);  // range checked by generator_main and Create
   ro.retrieval_latency = metrics != nullptr ? metrics->retrieval_latency : nullptr;
   ASSIGN_OR_RETURN(std::shared_ptr<RemoteSparseDecoder> dec, RemoteSparseDecoder::Create(rt.model.get(), ro));
   out.path_stats = [dec] { return dec->path_stats(); };

@@ -62,10 +62,13 @@ absl::Status Engine::Validate(GenerationRequest& r) const {
           absl::StrCat("prompt token id ", id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
     }
   }
-  const int64_t context = c.max_position_embeddings;
+  const int64_t context = options_.max_context > 0
+                              ? std::min<int64_t>(options_.max_context, c.max_position_embeddings)
+                              : c.max_position_embeddings;
   if (static_cast<int64_t>(r.prompt.size()) >= context) {
-    return absl::InvalidArgumentError(absl::StrCat("the prompt has ", r.prompt.size(),
-                                                   " tokens but the model's context is ", context,
+    return absl::InvalidArgumentError(absl::StrCat("the prompt has ", r.prompt.size(), " tokens but the ",
+                                                   options_.max_context > 0 ? "engine's max context" : "model's context",
+                                                   " is ", context,
                                                    " tokens (at least one must remain for generation)"));
   }
   if (r.max_new_tokens <= 0) {
@@ -86,7 +89,7 @@ absl::Status Engine::Validate(GenerationRequest& r) const {
   }
   if (r.budget < 0 || r.budget > context) {
     return absl::InvalidArgumentError(absl::StrCat("budget ", r.budget, " must be in [1, ", context,
-                                                   "] (the model's context), or 0 for the engine's default"));
+                                                   "] (the context), or 0 for the engine's default"));
   }
   return absl::OkStatus();
 }

@@ -69,6 +69,10 @@ struct EngineOptions {
   int32_t max_batch = 32;            // sequences decoding at once
   int32_t max_tokens_per_step = 512; // prompt-chunk budget of one step
   int32_t max_queue = 1024;          // Submit fails with ResourceExhausted past this
+  // Longest sequence (prompt + generated) a request may reach; 0 = the model's context. Prompts must leave
+  // room under it and max_new_tokens is clamped to it (a sparse decoder built with the same
+  // SparseOptions::max_context plans its memory for it).
+  int32_t max_context = 0;
   // SpeContext sparse decoding (retrieval head, KV tiers, elastic loading, memory planner); null = dense.
   // Must be built for the same model; shared so the caller can keep a handle (stats, test hooks).
   std::shared_ptr<SparseDecodeHooks> sparse;

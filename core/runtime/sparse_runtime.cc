@@ -26,6 +26,12 @@ absl::StatusOr<SparseRuntime> MakeSparseRuntime(const Runtime& rt, const SparseR
     return absl::InvalidArgumentError(absl::StrCat("--selection must be head or batch, got \"", o.selection, "\""));
   }
   so.gpu_memory_limit = o.gpu_memory_limit;
+  if (o.max_context < 0 || o.max_context > context || (o.max_context > 0 && o.max_context < o.budget)) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-context must be 0 (the model's ", context,
+                                                   ") or in [--budget=", o.budget, ", ", context, "], got ",
+                                                   o.max_context));
+  }
+  so.max_context = static_cast<int32_t>(o.max_context);
   if (!(o.synthetic_overlap >= 0.0 && o.synthetic_overlap <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat("--synthetic-overlap must be in [0, 1], got ", o.synthetic_overlap));
   }

@@ -20,6 +20,7 @@ struct SparseRuntimeOptions {
   std::string selection = "head"; // "head" (one set per KV head) or "batch" (one set per sequence)
   int64_t gpu_memory_limit = 0;   // --gpu-memory-limit for the planner (0: the backend's limit, else off)
   double synthetic_overlap = 0;   // benchmarks only: SparseOptions::synthetic_overlap (0 = off)
+  int64_t max_context = 0;        // --max-context: SparseOptions::max_context (0 = the model's context)
 };
 
 struct SparseRuntime {

@@ -167,6 +167,24 @@ TEST_F(EngineFixture, RejectsBadRequests) {
   EXPECT_EQ(r->reason, FinishReason::kLength);
 }
 
+// EngineOptions::max_context below the model's context (256 here): prompts must leave room under it and
+// max_new_tokens is clamped to it; the budget of a request is checked against it too.
+TEST_F(EngineFixture, MaxContextCapsRequests) {
+  EngineOptions o;
+  o.max_context = 40;
+  Engine e(model.get(), nullptr, o);
+  const absl::Status too_long = e.Submit(Request(std::vector<int32_t>(40, 3), 4), {}).status();
+  EXPECT_EQ(too_long.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(too_long.message().find("max context is 40"), std::string::npos) << too_long;
+  auto r = e.Generate(Request(std::vector<int32_t>(30, 3), 1000));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->tokens.size(), 10u);
+  EXPECT_EQ(r->reason, FinishReason::kLength);
+  GenerationRequest big_budget = Request({1, 2}, 4);
+  big_budget.budget = 41;
+  EXPECT_EQ(e.Submit(big_budget, {}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(Sampler, TopKOneAndTinyTopPAreGreedy) {
   std::vector<float> logits = {0.1f, 2.0f, 1.9f, -3.0f};
   for (uint64_t seed = 0; seed < 20; ++seed) {

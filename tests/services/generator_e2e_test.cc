@@ -192,6 +192,44 @@ TEST_F(GeneratorE2E, DeadlineFreesState) {
   EXPECT_EQ(r.tokens.size(), 4u);
 }
 
+// --max-context caps what a request may reach: GetModelInfo reports it, a long max_new_tokens is clamped to
+// it, a prompt that leaves no room under it is refused; a value past the model's context stops the start.
+TEST(GeneratorMaxContext, CapsRequestsAndIsReported) {
+  const std::string dir = ModelDir();
+  if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";
+  const std::vector<std::string> base = {"--model",   dir + "/stories260K.bin", "--tokenizer", dir + "/tok512.bin",
+                                         "--backend", "cpu", "--threads", "1", "--log-level", "warning"};
+  std::vector<std::string> bad = {SPC_GENERATOR_BIN};
+  bad.insert(bad.end(), base.begin(), base.end());
+  bad.insert(bad.end(), {"--listen", "127.0.0.1:0", "--metrics-port", "0", "--max-context", "513"});
+  int code = 0;
+  RunCommand(bad, &code);
+  EXPECT_NE(code, 0) << "--max-context past the model's 512 tokens must stop the server";
+
+  std::vector<std::string> args = base;
+  args.insert(args.end(), {"--max-context", "48"});
+  ServerProcess server;
+  ASSERT_TRUE(server.Start(SPC_GENERATOR_BIN, args).ok());
+  auto stub = GeneratorStub(server.address());
+  grpc::ClientContext ctx;
+  v1::ModelInfo info;
+  ASSERT_TRUE(stub->GetModelInfo(&ctx, v1::ModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.max_context(), 48);
+  v1::GenerateRequest req;
+  for (int i = 0; i < 20; ++i) req.add_token_ids(5 + i);
+  req.set_max_new_tokens(1000);
+  req.set_ignore_eos(true);
+  StreamResult r = CallGenerate(stub.get(), req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.final.usage().generated_tokens(), 28);
+  v1::GenerateRequest full;
+  for (int i = 0; i < 48; ++i) full.add_token_ids(5);
+  full.set_max_new_tokens(4);
+  StreamResult refused = CallGenerate(stub.get(), full);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << refused.status.error_message();
+  EXPECT_THAT(refused.status.error_message(), ::testing::HasSubstr("max context is 48"));
+}
+
 TEST_F(GeneratorE2E, ModelInfoHealthAndMetrics) {
   grpc::ClientContext ctx;
   v1::ModelInfo info;
