@@ -188,6 +188,41 @@ TEST(CudaSelectionTest, ExactTiesPickLowerPositions) {
   RunCase(*gpu, c);
 }
 
+// Few sets and long contexts (benchmark 4's regime: one sequence, 8 sets, up to 40K positions), with sinks,
+// budgets and lengths that differ in one batch (len < B, len <= sink, budget == sink, len 0), batch-level sets
+// over all heads, and exact ties over long contexts.
+TEST(CudaSelectionTest, FewSetsLongContexts) {
+  SPC_GPU_OR_SKIP(gpu);
+  std::vector<SelCase> cases = {
+      {64, 8, 4, 2048, 1, SelectionMode::kHeadLevel, {16384}},
+      {64, 8, 4, 2048, 4, SelectionMode::kHeadLevel, {32768}},
+      {64, 8, 4, 2048, 17, SelectionMode::kHeadLevel, {40000}},
+      {64, 8, 4, 2048, 1, SelectionMode::kHeadLevel, {30001, 2047, 0, 3}, {0, 0, 0, 0}},
+      {64, 8, 4, 2048, 3, SelectionMode::kHeadLevel, {20000, 9000, 1025, 2, 5000}, {4096, 3, 1024, 3, 33}},
+      {128, 8, 4, 2048, 1, SelectionMode::kHeadLevel, {24577, 16000}},
+      {64, 8, 4, 1024, 2, SelectionMode::kBatchLevel, {36000, 500}},
+      {128, 2, 8, 4095, 0, SelectionMode::kHeadLevel, {33333}},
+  };
+  for (SelCase c : cases) {
+    c.dtype = DType::kBF16;
+    RunCase(*gpu, c);
+  }
+  cases[3].dtype = DType::kF32;  // CUDA-core scores
+  RunCase(*gpu, cases[3]);
+}
+
+TEST(CudaSelectionTest, ExactTiesLongContexts) {
+  SPC_GPU_OR_SKIP(gpu);
+  SelCase c{64, 8, 4, 2048, 1, SelectionMode::kHeadLevel, {20000, 5000}};
+  c.ties = true;
+  c.dtype = DType::kBF16;
+  RunCase(*gpu, c);
+  c.sink = 0;
+  c.budget = 6000;
+  c.mode = SelectionMode::kBatchLevel;
+  RunCase(*gpu, c);
+}
+
 TEST(CudaSelectionTest, RejectsBadInput) {
   SPC_GPU_OR_SKIP(gpu);
   std::mt19937 rng(FreshSeed());
