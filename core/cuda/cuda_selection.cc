@@ -1,6 +1,8 @@
 // CudaSelectTopB: validates on the host (same rules as SelectTopB), uploads one per-sequence table,
 // runs the selection kernels on the backend's compute stream and copies the CSR positions, the captured
-// mass and the error flag back in one copy through a pinned buffer of the backend.
+// mass and the error flag back in one copy through a pinned buffer of the backend. The deferred variant
+// (StartSelectIndexSets / FinishSelectIndexSets) writes them into the sparse state's index-set buffer
+// instead, where the forward reads the positions, and brings them down on the copy stream.
 #include <algorithm>
 #include <cmath>
 #include <cstring>

@@ -1,11 +1,11 @@
 #include "core/model/sparse_decoder.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
@@ -425,8 +425,11 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
     }();
     Backend& b = *model_->backend();
     const bool defer = kDefer && options_.defer_selection && !synthetic_.has_value();
-    RETURN_IF_ERROR(!defer ? b.SelectIndexSets(queries_.data(), queries_.size(), so, &selection_)
-                                           : b.StartSelectIndexSets(queries_.data(), queries_.size(), so, &selection_));
+    if (defer) {
+      RETURN_IF_ERROR(b.StartSelectIndexSets(queries_.data(), queries_.size(), so, &selection_));
+    } else {
+      RETURN_IF_ERROR(b.SelectIndexSets(queries_.data(), queries_.size(), so, &selection_));
+    }
     if (!selection_.pending) RETURN_IF_ERROR(TakeSelection());
     secs.select += Lap(t);
     if (synthetic_.has_value()) {

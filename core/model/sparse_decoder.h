@@ -7,12 +7,14 @@
 //      on the device);
 //   3. decoding sequences: the head observes the current tokens of the whole batch in one forward on the
 //      model's backend (DeviceRetrievalHead; its per-sequence K caches are backend tensors), the backend's
-//      selection (Backend::SelectIndexSets: the CUDA kernels, or the CPU reference) gives the index sets
-//      (head-level by default, per-request budget, `sink` first tokens) — the step's one host wait —,
-//      optionally rewritten to a fixed overlap (synthetic_overlap, benchmarks); PlanElasticLoads plans
-//      every offloaded layer's copies (a layer moved since the last step gets FullReloadCopies), the
-//      forward runs them and sparse attention, then ApplyElasticPlan commits the slot maps. When every past is <= its budget and no layer
-//      is offloaded the forward uses exact dense attention.
+//      selection (Backend::StartSelectIndexSets: the CUDA kernels, or the CPU reference) gives the index sets
+//      (head-level by default, per-request budget, `sink` first tokens), left on the device where the
+//      backend can (SparseOptions::defer_selection) so the forward starts without waiting for them, or
+//      waited for and rewritten to a fixed overlap (synthetic_overlap, benchmarks); PlanElasticLoads plans
+//      every offloaded layer's copies (a layer moved since the last step gets FullReloadCopies), with
+//      deferred sets once the resident layers are enqueued (SparseForward::before_offloaded), the forward
+//      runs them and sparse attention, then ApplyElasticPlan commits the slot maps. When every past is <=
+//      its budget and no layer is offloaded the forward uses exact dense attention.
 // The host time of each decode phase is accumulated in SparseEngineStats::decode_seconds (no device
 // syncs added), and a step allocates no host memory once its scratch has grown (plan, copy lists and
 // index sets are reused; last_sets() is the step's sets swapped out, not copied).
