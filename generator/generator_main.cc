@@ -16,6 +16,7 @@
 #include "core/log.h"
 #include "core/metrics/metrics_server.h"
 #include "core/runtime/runtime.h"
+#include "core/sparse/index_sets.h"
 #include "core/status_macros.h"
 #include "generator/engine_loop.h"
 #include "generator/generator_service.h"
@@ -108,12 +109,11 @@ absl::Status Run(const Args& args) {
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
   ASSIGN_OR_RETURN(int64_t max_context, args.GetInt("max-context"));
   const int64_t model_context = rt.model->config().max_position_embeddings;
-  if (max_context < 0 || max_context > model_context) {
-    return absl::InvalidArgumentError(absl::StrCat("--max-context must be 0 (the model's) or at most the model's ",
-                                                   model_context, " tokens, got ", max_context));
+  if (absl::Status st = ValidateMaxContext(max_context, 0, model_context); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-context: ", st.message()));
   }
   eo.max_context = static_cast<int32_t>(max_context);
-  so.max_context = static_cast<int32_t>(max_context > 0 ? max_context : model_context);
+  so.max_context = static_cast<int32_t>(ContextLimit(max_context, model_context));
   metrics::Registry registry;
   ASSIGN_OR_RETURN(GeneratorMetrics gm, RegisterGeneratorMetrics(&registry));
   // Sparse decoding: the head is loaded now so one that does not fit the model fails at startup.

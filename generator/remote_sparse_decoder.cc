@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
 #include "core/model/kv_tiers.h"
+#include "core/sparse/index_sets.h"
 #include "core/status_macros.h"
 #include "generator/remote_sparse_stream.h"
 
@@ -24,10 +25,8 @@ absl::StatusOr<std::shared_ptr<RemoteSparseDecoder>> RemoteSparseDecoder::Create
   if (options.sink < 0 || options.sink > options.budget) {
     return absl::InvalidArgumentError(absl::StrCat("--sink must be in [0, --budget], got ", options.sink));
   }
-  if (options.max_context < 0 || options.max_context > context ||
-      (options.max_context > 0 && options.max_context < options.budget)) {
-    return absl::InvalidArgumentError(absl::StrCat("--max-context must be 0 (the model's) or in [--budget, ", context,
-                                                   "], got ", options.max_context));
+  if (absl::Status st = ValidateMaxContext(options.max_context, options.budget, context); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-context: ", st.message()));
   }
   std::shared_ptr<RemoteSparseDecoder> d(new RemoteSparseDecoder(model, std::move(options)));
   RETURN_IF_ERROR(d->MakePlanner());
@@ -57,10 +56,7 @@ RemoteSparseDecoder::~RemoteSparseDecoder() {
 absl::StatusOr<std::unique_ptr<SequenceKv>> RemoteSparseDecoder::AllocateKv(uint64_t id, int32_t capacity,
                                                                             int32_t budget) {
   budget = std::max(1, std::min(budget, capacity));
-  if (options_.max_context > 0 && capacity > options_.max_context) {
-    return absl::OutOfRangeError(absl::StrCat("sequence of ", capacity, " tokens exceeds the decoder's max context ",
-                                              options_.max_context));
-  }
+  RETURN_IF_ERROR(CheckWithinMaxContext(capacity, options_.max_context));
   // As SparseDecoder: device rows for the first chunk, planned for before they are allocated.
   const int32_t rows = DeviceRowsFor(1, capacity, options_.kv_grow_rows);
   RETURN_IF_ERROR(tiers_->Plan(DeviceRowsInFlight() + rows, static_cast<int32_t>(seqs_.size()) + 1, TierSeqs()));

@@ -6,6 +6,7 @@
 #include "absl/time/clock.h"
 #include "core/cpu/parallel_for.h"
 #include "core/log.h"
+#include "core/sparse/index_sets.h"
 #include "core/status_macros.h"
 #include "core/tokenizer/tokenizer.h"
 
@@ -62,9 +63,7 @@ absl::Status Engine::Validate(GenerationRequest& r) const {
           absl::StrCat("prompt token id ", id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
     }
   }
-  const int64_t context = options_.max_context > 0
-                              ? std::min<int64_t>(options_.max_context, c.max_position_embeddings)
-                              : c.max_position_embeddings;
+  const int64_t context = ContextLimit(options_.max_context, c.max_position_embeddings);
   if (static_cast<int64_t>(r.prompt.size()) >= context) {
     return absl::InvalidArgumentError(absl::StrCat("the prompt has ", r.prompt.size(), " tokens but the ",
                                                    options_.max_context > 0 ? "engine's max context" : "model's context",

@@ -79,12 +79,7 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
     absl::Status st = ValidateBudget(options.budget, options.sink, c.max_position_embeddings);
     if (!st.ok()) return absl::InvalidArgumentError(absl::StrCat("--budget/--sink: ", st.message()));
   }
-  if (options.max_context < 0 || options.max_context > c.max_position_embeddings ||
-      (options.max_context > 0 && options.budget > options.max_context)) {
-    return absl::InvalidArgumentError(absl::StrCat("max context must be 0 (the model's) or in [--budget=",
-                                                   options.budget, ", ", c.max_position_embeddings, "], got ",
-                                                   options.max_context));
-  }
+  RETURN_IF_ERROR(ValidateMaxContext(options.max_context, options.budget, c.max_position_embeddings));
   if (options.kv_grow_rows < 0) {
     return absl::InvalidArgumentError(absl::StrCat("KV growth step must be >= 0 tokens, got ", options.kv_grow_rows));
   }
@@ -138,10 +133,7 @@ absl::StatusOr<int32_t> SparseDecoder::TakeHiddenSlot() {
 absl::StatusOr<std::unique_ptr<SequenceKv>> SparseDecoder::AllocateKv(uint64_t id, int32_t capacity, int32_t budget) {
   budget = std::max(1, std::min(budget, capacity));
   const ModelConfig& c = model_->config();
-  if (options_.max_context > 0 && capacity > options_.max_context) {
-    return absl::OutOfRangeError(absl::StrCat("sequence of ", capacity, " tokens exceeds the decoder's max context ",
-                                              options_.max_context));
-  }
+  RETURN_IF_ERROR(CheckWithinMaxContext(capacity, options_.max_context));
   // Device rows for the first chunk only; PlanLayers grows them before each forward that needs more. The
   // planner sees them first, so an admission moves layers to host rather than failing.
   const int32_t rows = DeviceRowsFor(1, capacity, options_.kv_grow_rows);

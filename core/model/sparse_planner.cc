@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/model/sparse_decoder.h"
+#include "core/sparse/index_sets.h"
 
 namespace specontext {
 
@@ -12,8 +13,7 @@ absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transform
                                                                  int64_t retrieval_cache_per_token,
                                                                  int32_t max_context) {
   const ModelConfig& c = model.config();
-  const int64_t context = max_context > 0 ? std::min<int64_t>(max_context, c.max_position_embeddings)
-                                          : c.max_position_embeddings;
+  const int64_t context = ContextLimit(max_context, c.max_position_embeddings);
   Backend& b = *model.backend();
   const MemoryReport rep = b.memory_report();
   int64_t limit = gpu_memory_limit > 0 ? gpu_memory_limit : rep.limit;

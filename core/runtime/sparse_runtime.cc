@@ -1,6 +1,7 @@
 #include "core/runtime/sparse_runtime.h"
 
 #include "absl/strings/str_cat.h"
+#include "core/sparse/index_sets.h"
 #include "core/status_macros.h"
 
 namespace specontext {
@@ -26,10 +27,8 @@ absl::StatusOr<SparseRuntime> MakeSparseRuntime(const Runtime& rt, const SparseR
     return absl::InvalidArgumentError(absl::StrCat("--selection must be head or batch, got \"", o.selection, "\""));
   }
   so.gpu_memory_limit = o.gpu_memory_limit;
-  if (o.max_context < 0 || o.max_context > context || (o.max_context > 0 && o.max_context < o.budget)) {
-    return absl::InvalidArgumentError(absl::StrCat("--max-context must be 0 (the model's ", context,
-                                                   ") or in [--budget=", o.budget, ", ", context, "], got ",
-                                                   o.max_context));
+  if (absl::Status st = ValidateMaxContext(o.max_context, o.budget, context); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-context: ", st.message()));
   }
   so.max_context = static_cast<int32_t>(o.max_context);
   if (!(o.synthetic_overlap >= 0.0 && o.synthetic_overlap <= 1.0)) {

@@ -1,5 +1,7 @@
 #include "core/sparse/index_sets.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "core/backend.h"
 #include "core/status_macros.h"
@@ -88,6 +90,27 @@ absl::Status ValidateBudget(int64_t budget, int64_t sink, int64_t max_context) {
   if (max_context > 0 && budget > max_context) {
     return absl::InvalidArgumentError(absl::StrCat("budget ", budget,
                                                    " is larger than the context length ", max_context));
+  }
+  return absl::OkStatus();
+}
+
+int64_t ContextLimit(int64_t max_context, int64_t model_context) {
+  return max_context > 0 ? std::min(max_context, model_context) : model_context;
+}
+
+absl::Status ValidateMaxContext(int64_t max_context, int64_t budget, int64_t model_context) {
+  if (max_context < 0 || max_context > model_context || (max_context > 0 && max_context < budget)) {
+    return absl::InvalidArgumentError(absl::StrCat("max context must be 0 (the model's ", model_context,
+                                                   ") or in [", std::max<int64_t>(budget, 1), " (the budget), ",
+                                                   model_context, "], got ", max_context));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckWithinMaxContext(int64_t capacity, int64_t max_context) {
+  if (max_context > 0 && capacity > max_context) {
+    return absl::OutOfRangeError(
+        absl::StrCat("sequence of ", capacity, " tokens exceeds the decoder's max context ", max_context));
   }
   return absl::OkStatus();
 }

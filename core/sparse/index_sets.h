@@ -82,4 +82,13 @@ absl::Status ValidateSparseDecode(const SparseDecodeDesc& desc, const BatchDesc&
 /// (when max_context > 0). InvalidArgument with a message naming the bad value.
 absl::Status ValidateBudget(int64_t budget, int64_t sink, int64_t max_context);
 
+/// The length (prompt + generated tokens) sequences may reach under a decoder's or engine's cap:
+/// min(max_context, model_context) when max_context > 0, else model_context.
+int64_t ContextLimit(int64_t max_context, int64_t model_context);
+/// A cap on that length: 0 (the model's context) or in [max(budget, 1), model_context]. InvalidArgument
+/// naming the values otherwise.
+absl::Status ValidateMaxContext(int64_t max_context, int64_t budget, int64_t model_context);
+/// OutOfRange when a sequence of `capacity` tokens exceeds `max_context` (> 0; 0 = no cap).
+absl::Status CheckWithinMaxContext(int64_t capacity, int64_t max_context);
+
 }  // namespace specontext
