@@ -60,15 +60,12 @@ struct SelectionLaunch {
   cuda::SelectionParams p;
   std::vector<cuda::SelSeq> seqs;
   Tensor work;               // [seqs][logits][stats][combined] (+ [indices][mass][flag] unless redirected)
-  int32_t total = 0;         // positions of all sets
-  size_t mass_floats = 0;    // n_seqs * n_q
 };
 
 size_t Align256(size_t v) { return (v + 255) / 256 * 256; }
 
-// Validates `batch`, lays out `out` (seq_len, indptr, indices sized) and allocates the kernels' workspace.
-// With `results` set, the kernels write [indices][mass][flag] there (the deferred selection's device
-// buffer, `results` laid out as SelectionResultsBytes says) instead of the workspace.
+// Validates `batch`, lays out `out` (seq_len, indptr, indices sized) and allocates the kernels' workspace
+// (the deferred selection then points the kernels' [indices][mass][flag] at its own device buffer).
 absl::Status SetUpSelection(Backend& backend, std::span<const SelectionQuery> batch, const SelectionOptions& options,
                             SelectionResult* out, SelectionLaunch* l) {
   if (out == nullptr) return absl::InvalidArgumentError("cuda selection: no output");
@@ -110,8 +107,6 @@ absl::Status SetUpSelection(Backend& backend, std::span<const SelectionQuery> ba
   }
   out->sets.indices.resize(total);
   out->captured_mass.assign(size_t(n_seqs) * n_q, 0.0f);
-  l->total = total;
-  l->mass_floats = size_t(n_seqs) * n_q;
 
   // One workspace block: [seqs][logits][stats][combined][indices][mass][flag].
   const size_t b_seqs = Align256(sizeof(cuda::SelSeq) * n_seqs);
@@ -120,7 +115,7 @@ absl::Status SetUpSelection(Backend& backend, std::span<const SelectionQuery> ba
       Align256(sizeof(float) * cuda::SelectionStatsFloats(n_seqs, static_cast<int>(n_q), max_len));
   const size_t b_comb = Align256(sizeof(float) * size_t(n_seqs) * sets_per_seq * max_len);
   const size_t b_idx = Align256(sizeof(int32_t) * std::max<int32_t>(total, 1));
-  const size_t b_mass = Align256(sizeof(float) * l->mass_floats);
+  const size_t b_mass = Align256(sizeof(float) * out->captured_mass.size());
   const size_t bytes = b_seqs + b_logits + b_stats + b_comb + b_idx + b_mass + 256;
   ASSIGN_OR_RETURN(l->work, backend.Alloc(DType::kU8, {static_cast<int64_t>(bytes)}, MemoryKind::kWorkspace));
   char* base = static_cast<char*>(l->work.data());
@@ -146,14 +141,15 @@ absl::Status SetUpSelection(Backend& backend, std::span<const SelectionQuery> ba
 }
 
 // Copies the downloaded [indices][mass][flag] (`down`, laid out from `idx_bytes` and `mass_bytes`) into
-// `out`; InvalidArgument when the kernels flagged a non-finite score.
-absl::Status TakeResults(const char* down, size_t idx_bytes, size_t mass_bytes, const SelectionLaunch& l,
-                         SelectionResult* out) {
+// `out` (sized for them); InvalidArgument when the kernels flagged a non-finite score.
+absl::Status TakeResults(const char* down, size_t idx_bytes, size_t mass_bytes, SelectionResult* out) {
   int flag = 0;
   std::memcpy(&flag, down + idx_bytes + mass_bytes, sizeof(int));
   if (flag != 0) return absl::InvalidArgumentError("cuda selection: a query head has a non-finite score");
-  if (l.total > 0) std::memcpy(out->sets.indices.data(), down, sizeof(int32_t) * l.total);
-  std::memcpy(out->captured_mass.data(), down + idx_bytes, sizeof(float) * l.mass_floats);
+  if (!out->sets.indices.empty()) {
+    std::memcpy(out->sets.indices.data(), down, sizeof(int32_t) * out->sets.indices.size());
+  }
+  std::memcpy(out->captured_mass.data(), down + idx_bytes, sizeof(float) * out->captured_mass.size());
   return absl::OkStatus();
 }
 
@@ -183,7 +179,7 @@ absl::Status SelectTopB(Backend& backend, std::span<const SelectionQuery> batch,
   RETURN_IF_CUDA_ERROR(cuda::LaunchSelection(p, stream));
   RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(down, p.indices, down_bytes, cudaMemcpyDeviceToHost, stream));
   RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
-  return TakeResults(down, b_idx, b_mass, l, out);
+  return TakeResults(down, b_idx, b_mass, out);
 }
 
 }  // namespace
@@ -217,7 +213,7 @@ absl::Status cuda::CudaBackend::StartSelectIndexSets(const SelectionQuery* batch
   SelectionLaunch l;
   RETURN_IF_ERROR(SetUpSelection(*this, std::span<const SelectionQuery>(batch, n), options, out, &l));
   SelectLayout& lay = sp->select_layout;
-  lay = SelectLayoutOf(out->sets.indptr.size(), static_cast<size_t>(l.total), l.mass_floats);
+  lay = SelectLayoutOf(out->sets.indptr.size(), out->sets.indices.size(), out->captured_mass.size());
   // The previous step's copies (loads, their list) are done by now; order the buffer's rewrite after them.
   RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->copy_mark, sp->copy));
   RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(stream_, sp->copy_mark, 0));
@@ -241,8 +237,6 @@ absl::Status cuda::CudaBackend::StartSelectIndexSets(const SelectionQuery* batch
   RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->select_done, sp->copy));
   sp->select_pending = true;
   sp->select_down = up + up_bytes;
-  sp->select_total = l.total;
-  sp->select_mass_floats = l.mass_floats;
   out->pending = true;
   return absl::OkStatus();
 }
@@ -253,18 +247,14 @@ absl::Status cuda::CudaBackend::FinishSelectIndexSets(SelectionResult* out) {
   if (!sp->select_pending) {
     return absl::FailedPreconditionError("cuda selection: no pending selection to finish");
   }
-  if (static_cast<int64_t>(out->sets.indices.size()) != sp->select_total ||
-      out->captured_mass.size() != sp->select_mass_floats) {
+  const SelectLayout& lay = sp->select_layout;
+  if (out->sets.indices.size() != lay.n_idx || out->captured_mass.size() != lay.mass_floats) {
     return absl::FailedPreconditionError("cuda selection: the result does not belong to the pending selection");
   }
   RETURN_IF_CUDA_ERROR(cudaEventSynchronize(sp->select_done));
   sp->select_pending = false;
   out->pending = false;
-  SelectionLaunch l;
-  l.total = sp->select_total;
-  l.mass_floats = sp->select_mass_floats;
-  const SelectLayout& lay = sp->select_layout;
-  return TakeResults(sp->select_down, lay.idx_bytes, lay.mass_bytes, l, out);
+  return TakeResults(sp->select_down, lay.idx_bytes, lay.mass_bytes, out);
 }
 
 absl::Status cuda::CudaBackend::WaitPendingSelection(SparseState* sp) {

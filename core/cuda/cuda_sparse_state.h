@@ -25,7 +25,7 @@ struct HostCounters {
 // [indptr][positions][mass][flag][slots], the middle three downloaded in one copy.
 struct SelectLayout {
   bool valid = false;  // sets_buf holds this selection's positions (a host upload of positions clears it)
-  size_t n_ptr = 0, n_idx = 0;
+  size_t n_ptr = 0, n_idx = 0, mass_floats = 0;
   size_t off_pos = 0, idx_bytes = 0, mass_bytes = 0, off_slots = 0, bytes = 0;
   size_t down_bytes() const { return idx_bytes + mass_bytes + sizeof(int); }
 };
@@ -34,6 +34,7 @@ inline SelectLayout SelectLayoutOf(size_t n_ptr, size_t n_idx, size_t mass_float
   l.valid = true;
   l.n_ptr = n_ptr;
   l.n_idx = n_idx;
+  l.mass_floats = mass_floats;
   l.off_pos = Align16Bytes(sizeof(int32_t) * n_ptr);
   l.idx_bytes = Align16Bytes(sizeof(int32_t) * std::max<size_t>(n_idx, 1));
   l.mass_bytes = Align16Bytes(sizeof(float) * mass_floats);
@@ -76,8 +77,6 @@ struct CudaBackend::SparseState {
   SelectLayout select_layout;
   bool select_pending = false;
   const char* select_down = nullptr;  // [positions][mass][flag] in select_pinned
-  int64_t select_total = 0;
-  size_t select_mass_floats = 0;
   cudaEvent_t select_mark = nullptr, select_done = nullptr;
 
   // Copy list last uploaded (reused while identical) and its per-seq bounds.
