@@ -295,10 +295,12 @@ class Backend {
   // attention reads them after), v [n_tokens, n_kv_heads, head_dim], positions [n_tokens] i32.
   virtual absl::Status RopeKvAppend(int layer, Tensor* q, Tensor* k, const Tensor& v, const Tensor& positions,
                                     const RopeArgs& rope) {
-    if (absl::Status st = Rope(q, positions, rope); !st.ok()) return st;
-    if (absl::Status st = Rope(k, positions, rope); !st.ok()) return st;
+    if (absl::Status st = RopeQk(q, k, positions, rope); !st.ok()) return st;
     return KvAppend(layer, *k, v);
   }
+  // Rope of q [n_tokens, n_heads, head_dim] and k [n_tokens, n_kv_heads, head_dim]: one rotation over both
+  // when they are one row's adjacent views (the fused qkv projection's output at one token), else two.
+  absl::Status RopeQk(Tensor* q, Tensor* k, const Tensor& positions, const RopeArgs& rope);
   // Causal attention of the new tokens over each sequence's cache (past and new tokens), GQA.
   // q, out [n_tokens, n_heads, head_dim].
   virtual absl::Status Attention(int layer, const Tensor& q, float scale, Tensor* out) = 0;

@@ -75,18 +75,8 @@ absl::Status CudaBackend::RopeKvAppend(int layer, Tensor* q, Tensor* k, const Te
                    rope.inv_freq->numel() == k->dim(2) / 2 && k->dim(2) % 8 == 0 && aligned16(k->data()) &&
                    aligned16(v.data());
   if (!fit || !FusedRopeAppend()) {
-    // The two ops (they check and report what does not fit). One row whose q and k are adjacent (views of
-    // one qkv row, as the Transformer makes them) rotates in one launch.
-    const bool adjacent = q->dim(0) == 1 && k->dim(0) == 1 && q->ndim() == 3 && q->dim(2) == k->dim(2) &&
-                          q->dtype() == k->dtype() &&
-                          static_cast<const char*>(q->data()) + q->nbytes() == static_cast<const char*>(k->data());
-    if (adjacent) {
-      Tensor qk(q->data(), q->dtype(), {1, q->dim(1) + k->dim(1), q->dim(2)}, q->device(), q->storage());
-      RETURN_IF_ERROR(Rope(&qk, positions, rope));
-    } else {
-      RETURN_IF_ERROR(Rope(q, positions, rope));
-      RETURN_IF_ERROR(Rope(k, positions, rope));
-    }
+    // The two ops (they check and report what does not fit).
+    RETURN_IF_ERROR(RopeQk(q, k, positions, rope));
     return KvAppend(layer, *k, v);
   }
   RopeKvAppendParams p;

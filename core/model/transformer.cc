@@ -191,14 +191,8 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
     // RoPE of q and k and the append in one op (one kernel on CUDA; q and k stay rotated for the attention).
     RETURN_IF_ERROR(b.RopeKvAppend(l, &q3, &k3, v3, positions, rope_));
   } else {
-    if (n == 1) {
-      // One row: q and k are adjacent in qkv, so one rotation over their nh + nkv heads (one launch less).
-      Tensor qk(qkv.data(), dt, {1, nh + nkv, hd}, qkv.device(), qkv.storage());
-      RETURN_IF_ERROR(b.Rope(&qk, positions, rope_));
-    } else {
-      RETURN_IF_ERROR(b.Rope(&q3, positions, rope_));
-      RETURN_IF_ERROR(b.Rope(&k3, positions, rope_));
-    }
+    // The rotation (one launch at one token: q and k are adjacent in qkv), then the host copy's append.
+    RETURN_IF_ERROR(b.RopeQk(&q3, &k3, positions, rope_));
     RETURN_IF_ERROR(b.KvAppendHost(l, k3, v3));
   }
   ASSIGN_OR_RETURN(Tensor attn, b.Alloc(dt, {n, nh, hd}, MemoryKind::kWorkspace));
