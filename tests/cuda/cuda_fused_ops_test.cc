@@ -2,7 +2,7 @@
 // SwiGLU in its epilogue, against the CPU backend's Linear + SwiGlu (bf16 bound) and bitwise against the
 // CUDA backend's own two-op path, on odd shapes and every batch size the GEMV serves, with a poisoned
 // output and sentinel rows around it; batches beyond the GEMV report Unimplemented (the caller's cue to
-// run the two ops).
+// run the two ops). The GEMV itself at every split it may choose.
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -11,6 +11,8 @@
 
 #include "absl/status/status.h"
 #include "core/backend.h"
+#include "core/cuda/cuda_backend.h"
+#include "core/cuda/kernels/gemv.h"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace specontext::testing {
@@ -93,21 +95,25 @@ TEST(CudaFusedOpsTest, LinearSwiGluMatchesCpuAndTheTwoOpPath) {
   CheckShape(*gpu, MlpShape{1, 2048, 8192}, rng);
 }
 
-// The GEMV has two grids (kernels/gemv.cu): one block per 16 rows when that fills the GPU twice, else a
-// block per row pair with the k range split over its warps. Both against the CPU, with bias and f32 out.
-TEST(CudaFusedOpsTest, GemvBothGridsMatchCpu) {
+// The GEMV's split (warps sharing a row pair's k, kernels/gemv.cu) depends on the shape and the GPU, so every
+// split is launched directly here, against the CPU with bias and f32 out, with k slices of one and many loads
+// per lane and ragged tails; the backend's Linear (its own choice) must equal the launch of that split bitwise.
+TEST(CudaFusedOpsTest, GemvEverySplitMatchesCpu) {
   CudaBackendOptions opts;
   opts.gemv_max_n = 8;
   SPC_GPU_OR_SKIP(gpu, opts);
   std::mt19937 rng(FreshSeed());
   auto cpu = MakeCpuBackend();
+  cudaStream_t stream = static_cast<cudaStream_t>(*CudaComputeStream(*gpu));
   for (int64_t n : {1, 3, 8}) {
-    // m: split grid (2049, 97, 3) and row-block grid (8197 > 16 * 2 * 132 SMs; 128256 like an LM head).
     for (auto [k, m] : std::vector<std::pair<int64_t, int64_t>>{
              {2048, 2049}, {8200, 97}, {16, 3}, {2048, 8197}, {264, 40000}, {2048, 128256}}) {
       if (n == 8 && m == 128256) continue;  // covered at n 1 and 3; keeps the CPU reference short
       const float ws = 1.0f / std::sqrt(static_cast<float>(k));
       Tensor x = RandomHost({n, k}, rng), w = RandomHost({m, k}, rng, -ws, ws), b = RandomHost({m}, rng);
+      auto gx = *gpu->ToDevice(x, DType::kBF16, MemoryKind::kOther);
+      auto gw = *gpu->ToDevice(w, DType::kBF16, MemoryKind::kWeights);
+      auto gb = *gpu->ToDevice(b, DType::kBF16, MemoryKind::kWeights);
       for (bool f32_out : {false, true}) {
         const bool bias = f32_out;  // one case each, the other aspects are in cuda_linear_test
         auto cx = *cpu->ToDevice(x, DType::kF32, MemoryKind::kOther);
@@ -115,18 +121,43 @@ TEST(CudaFusedOpsTest, GemvBothGridsMatchCpu) {
         auto cb = *cpu->ToDevice(b, DType::kF32, MemoryKind::kWeights);
         Tensor ref = *cpu->Alloc(DType::kF32, {n, m}, MemoryKind::kOther);
         ASSERT_TRUE(cpu->Linear(cx, cw, bias ? &cb : nullptr, &ref).ok());
-        auto gx = *gpu->ToDevice(x, DType::kBF16, MemoryKind::kOther);
-        auto gw = *gpu->ToDevice(w, DType::kBF16, MemoryKind::kWeights);
-        auto gb = *gpu->ToDevice(b, DType::kBF16, MemoryKind::kWeights);
-        auto out = *gpu->ToDevice(RandomHost({n, m}, rng, 1e4f, 2e4f), f32_out ? DType::kF32 : DType::kBF16,
-                                  MemoryKind::kOther);
-        ASSERT_TRUE(gpu->Linear(gx, gw, bias ? &gb : nullptr, &out).ok());
-        const std::string what = "gemv n=" + std::to_string(n) + " k=" + std::to_string(k) + " m=" + std::to_string(m);
-        ExpectClose(DeviceToF32(*gpu, out), ref, f32_out ? Tolerance{2e-3, 2e-3, 2e-3} : Tolerance{1e-2, 1e-2, 8e-3},
-                    what);
+        const DType out_dt = f32_out ? DType::kF32 : DType::kBF16;
+        auto linear = *gpu->ToDevice(RandomHost({n, m}, rng, 1e4f, 2e4f), out_dt, MemoryKind::kOther);
+        ASSERT_TRUE(gpu->Linear(gx, gw, bias ? &gb : nullptr, &linear).ok());
+        cuda::GemvParams g;
+        g.x = gx.data();
+        g.w = gw.data();
+        g.bias = bias ? gb.data() : nullptr;
+        g.n = static_cast<int>(n);
+        g.m = static_cast<int>(m);
+        g.k = static_cast<int>(k);
+        g.out_type = f32_out ? cuda::ElemType::kF32 : cuda::ElemType::kBF16;
+        const int chosen = cuda::GemvSplit(g);
+        for (int split : {1, 2, 4, 8}) {
+          const std::string what = "gemv n=" + std::to_string(n) + " k=" + std::to_string(k) + " m=" +
+                                   std::to_string(m) + " split " + std::to_string(split);
+          auto out = *gpu->ToDevice(RandomHost({n, m}, rng, 1e4f, 2e4f), out_dt, MemoryKind::kOther);
+          g.out = out.data();
+          g.split = split;
+          ASSERT_EQ(cuda::LaunchGemv(g, stream), cudaSuccess) << what;
+          ExpectClose(DeviceToF32(*gpu, out), ref,
+                      f32_out ? Tolerance{2e-3, 2e-3, 2e-3} : Tolerance{1e-2, 1e-2, 8e-3}, what);
+          if (split == chosen) {
+            EXPECT_EQ(std::memcmp(DeviceToF32(*gpu, out).data(), DeviceToF32(*gpu, linear).data(), n * m * 4), 0)
+                << what << ": Linear (split " << chosen << ") differs from the launch of its split";
+          }
+        }
       }
     }
   }
+  cuda::GemvParams bad;
+  bad.x = bad.w = bad.out = reinterpret_cast<void*>(uintptr_t{256});
+  bad.n = 1;
+  bad.m = 8;
+  bad.k = 64;
+  bad.split = 3;
+  EXPECT_FALSE(cuda::GemvSupported(bad));
+  EXPECT_EQ(cuda::LaunchGemv(bad, stream), cudaErrorInvalidValue);
 }
 
 TEST(CudaFusedOpsTest, LinearSwiGluDeclinesWhatTheGemvDoesNotServe) {

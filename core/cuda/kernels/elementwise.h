@@ -14,26 +14,19 @@ namespace specontext::cuda {
 // Programmatic dependent launch (PDL, sm_90). The decode step of a small model is a chain of short kernels
 // (a 1B layer: ~9, each a few microseconds), so the gap between one kernel's last block and the next one's
 // first useful load is a large share of the step. Kernels launched with LaunchPdl may start while the
-// kernel before them in the stream is still running: before PdlWait() they may only touch memory nothing
-// in flight writes (at most an L2 prefetch of their weights, PrefetchL2, which cannot return stale data
-// since L2 is the point of coherence; off by default, see PdlMode), after it everything the previous
-// kernels wrote is visible. Every LaunchPdl kernel calls PdlWait() in every block before any other global
-// access, and PdlTrigger() early so that the kernel after it may launch as soon as all of its blocks are
-// running. A kernel launched without the attribute (or after a copy) waits for its predecessor as usual;
-// PdlWait() is then a no-op.
+// kernel before them in the stream is still running: before PdlWait() they may only read memory nothing in
+// flight writes (the GEMV's weights), after it everything the previous kernels wrote is visible. Every
+// LaunchPdl kernel calls PdlWait() in every block before any other global access, and PdlTrigger() early so
+// that the kernel after it may launch as soon as all of its blocks are running. A kernel launched without the
+// attribute (or after a copy) waits for its predecessor as usual; PdlWait() is then a no-op.
 // Only launches recorded into a CUDA graph (stream capture) take the attribute: launched op by op,
 // cudaLaunchKernelEx with it cost measurably more host time (the retrieval head's ~12 launches of a 1B
-// decode step: 0.074 -> 0.113 ms, H100) than the GPU saved. SPC_PDL in the environment (A/B): "0" off,
-// "prefetch" PDL with the GEMVs' L2 weight prefetch before their wait (measured slower: the 1B sparse step at
-// 2K 1.39 ms against 1.34 ms without it, 1.37 ms without PDL; H100, docs/benchmarks.md), anything else or
-// unset PDL alone.
-enum : int { kPdlOff = 0, kPdlOn = 1, kPdlPrefetch = 2 };
+// decode step: 0.074 -> 0.113 ms, H100) than the GPU saved. SPC_PDL=0 in the environment turns it off (A/B).
+enum : int { kPdlOff = 0, kPdlOn = 1 };
 inline int PdlMode() {
   static const int mode = [] {
     const char* e = std::getenv("SPC_PDL");
-    if (e == nullptr) return static_cast<int>(kPdlOn);
-    const std::string v(e);
-    return static_cast<int>(v == "0" ? kPdlOff : v == "prefetch" ? kPdlPrefetch : kPdlOn);
+    return static_cast<int>(e != nullptr && std::string(e) == "0" ? kPdlOff : kPdlOn);
   }();
   return mode;
 }
@@ -55,13 +48,6 @@ __device__ __forceinline__ void PdlWait() {
 __device__ __forceinline__ void PdlTrigger() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// Asks L2 for [p, p + bytes); p 16-byte aligned, bytes a multiple of 16. Only a hint: nothing is returned.
-__device__ __forceinline__ void PrefetchL2(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (bytes > 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 #endif
 }
 

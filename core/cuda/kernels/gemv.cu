@@ -1,3 +1,6 @@
+#include <algorithm>
+#include <atomic>
+
 #include "core/cuda/kernels/common.cuh"
 #include "core/cuda/kernels/gemv.h"
 
@@ -5,7 +8,14 @@ namespace specontext::cuda {
 namespace {
 
 constexpr int kWarps = 8;
-constexpr int kRowsPerWarp = 2;
+constexpr int kRows = 2;  // weight rows per warp (SwiGLU: an output's gate and up rows)
+// 16-byte weight loads per row in flight per lane before the first FMA: a warp's rows are a serial chain of
+// round trips to HBM, so deeper batches mean fewer trips; registers bound it at larger n.
+#ifndef SPC_GEMV_DEPTH
+#define SPC_GEMV_DEPTH 4
+#endif
+template <int N>
+constexpr int kDepth = N <= 2 ? SPC_GEMV_DEPTH : 2;
 
 __device__ __forceinline__ uint4 LoadStream(const uint4* p) {
   uint4 v;
@@ -30,218 +40,179 @@ __device__ __forceinline__ float Silu(float g) { return g / (1.0f + __expf(-g));
 
 __device__ __forceinline__ float RoundBf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
 
-// kSwiGlu: a warp's two rows are gate row j and up row m + j of output j (one output per warp).
-// Launched with PDL (elementwise.h): nothing but (with SPC_PDL=prefetch) an L2 prefetch of the weight rows
-// before PdlWait; x and the output only after it.
+// One block of kWarps warps; `split` consecutive warps share a row group (plain: rows 2 g and 2 g + 1; SwiGLU:
+// output g's gate row g and up row m + g), each taking one slice of k; partial sums are combined in shared
+// memory in slice order. Launched with PDL (elementwise.h): before PdlWait only weight loads.
 template <int N, bool kSwiGlu>
 __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvParams p) {
   PdlTrigger();
+  constexpr int D = kDepth<N>;
+  __shared__ float part[kWarps][kRows][N];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row0 = kSwiGlu ? blockIdx.x * kWarps + warp : (blockIdx.x * kWarps + warp) * kRowsPerWarp;
+  const int split = p.split;
+  const int group = blockIdx.x * (kWarps / split) + warp / split, slice = warp % split;
+  const int row0 = kSwiGlu ? group : group * kRows;
+  const bool active = row0 < p.m;
   const int k_vec = p.k / 8;
-  const uint4* x = static_cast<const uint4*>(p.x);
+  const int chunk = (k_vec + split - 1) / split;
+  const int begin = min(k_vec, slice * chunk), end = min(k_vec, begin + chunk);
   const uint4* w = static_cast<const uint4*>(p.w);
-  float acc[kRowsPerWarp][N] = {};
-  const uint4* wr[kRowsPerWarp];
+  const uint4* wr[kRows];
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
+  for (int r = 0; r < kRows; ++r) {
     wr[r] = kSwiGlu ? w + (size_t(r) * p.m + min(row0, p.m - 1)) * k_vec : w + size_t(min(row0 + r, p.m - 1)) * k_vec;
-    if (p.prefetch && lane == 0 && row0 < p.m) PrefetchL2(wr[r], static_cast<uint32_t>(k_vec) * 16u);
   }
+  uint4 wv[kRows][D];
+  auto load_batch = [&](int j) {
+#pragma unroll
+    for (int u = 0; u < D; ++u) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) wv[r][u] = j + 32 * u < end ? LoadStream(wr[r] + j + 32 * u) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  int j = begin + lane;
+  if (active) load_batch(j);
   PdlWait();
-  if (row0 >= p.m) return;
-  // kDepth 16-byte weight loads per row in flight per lane before the first FMA: a warp's rows are a
-  // serial chain of round trips to HBM, so deeper batches of loads mean fewer trips (4 measured better
-  // than 2 on the H100 for the 4096-wide projections, whose warps each make only a few).
-  constexpr int kDepth = N <= 2 ? 4 : 2;
-  int j = lane;
-  for (; j + 32 * (kDepth - 1) < k_vec; j += 32 * kDepth) {
-    uint4 wv[kRowsPerWarp][kDepth];
+  // The thread that writes the block's rows: lane 0 of each group's first warp.
+  const bool writer = lane == 0 && slice == 0 && active;
+  const uint4* x = static_cast<const uint4*>(p.x);
+  float acc[kRows][N] = {};
+  if (active) {
+    while (j < end) {
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
+      for (int n = 0; n < N; ++n) {
 #pragma unroll
-      for (int u = 0; u < kDepth; ++u) wv[r][u] = LoadStream(wr[r] + j + 32 * u);
-    }
+        for (int u = 0; u < D; ++u) {
+          if (j + 32 * u >= end) break;
+          const uint4 xv = x[size_t(n) * k_vec + j + 32 * u];
 #pragma unroll
-    for (int n = 0; n < N; ++n) {
-      uint4 xv[kDepth];
-#pragma unroll
-      for (int u = 0; u < kDepth; ++u) xv[u] = x[size_t(n) * k_vec + j + 32 * u];
-#pragma unroll
-      for (int u = 0; u < kDepth; ++u) {
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) Dot8(wv[r][u], xv[u], acc[r][n]);
+          for (int r = 0; r < kRows; ++r) Dot8(wv[r][u], xv, acc[r][n]);
+        }
       }
-    }
-  }
-  for (; j < k_vec; j += 32) {
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const uint4 wv = LoadStream(wr[r] + j);
-#pragma unroll
-      for (int n = 0; n < N; ++n) Dot8(wv, x[size_t(n) * k_vec + j], acc[r][n]);
+      j += 32 * D;
+      if (j < end) load_batch(j);
     }
   }
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
+  for (int r = 0; r < kRows; ++r) {
 #pragma unroll
     for (int n = 0; n < N; ++n) acc[r][n] = WarpSum(acc[r][n]);
   }
-  if (lane != 0) return;
-  if constexpr (kSwiGlu) {
-    static_assert(kRowsPerWarp == 2, "gate and up rows");
+  if (split > 1) {
+    if (lane == 0) {
 #pragma unroll
-    for (int n = 0; n < N; ++n) {
-      const float g = RoundBf16(acc[0][n] + 0.0f), u = RoundBf16(acc[1][n] + 0.0f);  // + 0: as the plain path (-0)
-      static_cast<bf16*>(p.out)[size_t(n) * p.m + row0] = __float2bfloat16(Silu(g) * u);
-    }
-  } else {
+      for (int r = 0; r < kRows; ++r) {
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int row = row0 + r;
-      if (row >= p.m) break;
-      float b = 0.0f;
-      if (p.bias != nullptr) {
-        b = p.bias_type == ElemType::kBF16 ? __bfloat162float(static_cast<const bf16*>(p.bias)[row])
-                                           : static_cast<const float*>(p.bias)[row];
+        for (int n = 0; n < N; ++n) part[warp][r][n] = acc[r][n];
       }
+    }
+    __syncthreads();
+    if (writer) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+          float v = 0.0f;
+          for (int q = 0; q < split; ++q) v += part[warp + q][r][n];
+          acc[r][n] = v;
+        }
+      }
+    }
+  }
+  if (writer) {
+    if constexpr (kSwiGlu) {
 #pragma unroll
       for (int n = 0; n < N; ++n) {
-        const float v = acc[r][n] + b;
-        if (p.out_type == ElemType::kBF16) {
-          static_cast<bf16*>(p.out)[size_t(n) * p.m + row] = __float2bfloat16(v);
-        } else {
-          static_cast<float*>(p.out)[size_t(n) * p.m + row] = v;
+        const float g = RoundBf16(acc[0][n] + 0.0f), u = RoundBf16(acc[1][n] + 0.0f);  // + 0: as the plain path (-0)
+        static_cast<bf16*>(p.out)[size_t(n) * p.m + row0] = __float2bfloat16(Silu(g) * u);
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int row = row0 + r;
+        if (row >= p.m) break;
+        float b = 0.0f;
+        if (p.bias != nullptr) {
+          b = p.bias_type == ElemType::kBF16 ? __bfloat162float(static_cast<const bf16*>(p.bias)[row])
+                                             : static_cast<const float*>(p.bias)[row];
+        }
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+          const float v = acc[r][n] + b;
+          if (p.out_type == ElemType::kBF16) {
+            static_cast<bf16*>(p.out)[size_t(n) * p.m + row] = __float2bfloat16(v);
+          } else {
+            static_cast<float*>(p.out)[size_t(n) * p.m + row] = v;
+          }
         }
       }
     }
   }
 }
 
-// Few rows (o_proj, qkv and down_proj of a small model: m / 16 blocks would not fill the GPU twice):
-// a block of kWarps warps per pair of rows, each warp one k-slice, partial sums combined in shared
-// memory in a fixed order. kWarps times the warps in flight of GemvKernel for the same matrix.
-template <int N, bool kSwiGlu>
-__global__ void __launch_bounds__(kWarps * 32) GemvSplitKernel(GemvParams p) {
-  PdlTrigger();
-  __shared__ float part[kWarps][kRowsPerWarp][N];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row0 = kSwiGlu ? blockIdx.x : blockIdx.x * kRowsPerWarp;
-  const int k_vec = p.k / 8;
-  const int chunk = (k_vec + kWarps - 1) / kWarps;
-  const int begin = warp * chunk, end = min(k_vec, begin + chunk);
-  const uint4* x = static_cast<const uint4*>(p.x);
-  const uint4* w = static_cast<const uint4*>(p.w);
-  const uint4* wr[kRowsPerWarp];
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    wr[r] = kSwiGlu ? w + (size_t(r) * p.m + row0) * k_vec : w + size_t(min(row0 + r, p.m - 1)) * k_vec;
-    if (p.prefetch && lane == 0 && end > begin) PrefetchL2(wr[r] + begin, static_cast<uint32_t>(end - begin) * 16u);
-  }
-  PdlWait();
-  float acc[kRowsPerWarp][N] = {};
-  constexpr int kDepth = 4;
-  for (int j = begin + lane; j < end; j += 32 * kDepth) {
-    uint4 wv[kRowsPerWarp][kDepth];
-#pragma unroll
-    for (int u = 0; u < kDepth; ++u) {
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        wv[r][u] = j + 32 * u < end ? LoadStream(wr[r] + j + 32 * u) : make_uint4(0, 0, 0, 0);
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < N; ++n) {
-#pragma unroll
-      for (int u = 0; u < kDepth; ++u) {
-        if (j + 32 * u >= end) break;
-        const uint4 xv = x[size_t(n) * k_vec + j + 32 * u];
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) Dot8(wv[r][u], xv, acc[r][n]);
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-#pragma unroll
-    for (int n = 0; n < N; ++n) {
-      const float v = WarpSum(acc[r][n]);
-      if (lane == 0) part[warp][r][n] = v;
-    }
-  }
-  __syncthreads();
-  if constexpr (kSwiGlu) {
-    // Thread n: output n's gate and up sums over the warps' slices, in warp order.
-    if (threadIdx.x >= N) return;
-    const int n = threadIdx.x;
-    float gs = 0.0f, us = 0.0f;
-#pragma unroll
-    for (int q = 0; q < kWarps; ++q) {
-      gs += part[q][0][n];
-      us += part[q][1][n];
-    }
-    const float g = RoundBf16(gs + 0.0f), u = RoundBf16(us + 0.0f);  // + 0: as the plain path (-0)
-    static_cast<bf16*>(p.out)[size_t(n) * p.m + row0] = __float2bfloat16(Silu(g) * u);
-  } else {
-    if (threadIdx.x >= kRowsPerWarp * N) return;
-    const int r = threadIdx.x / N, n = threadIdx.x % N;
-    const int row = row0 + r;
-    if (row >= p.m) return;
-    float v = 0.0f;
-#pragma unroll
-    for (int q = 0; q < kWarps; ++q) v += part[q][r][n];
-    float b = 0.0f;
-    if (p.bias != nullptr) {
-      b = p.bias_type == ElemType::kBF16 ? __bfloat162float(static_cast<const bf16*>(p.bias)[row])
-                                         : static_cast<const float*>(p.bias)[row];
-    }
-    v += b;
-    if (p.out_type == ElemType::kBF16) {
-      static_cast<bf16*>(p.out)[size_t(n) * p.m + row] = __float2bfloat16(v);
-    } else {
-      static_cast<float*>(p.out)[size_t(n) * p.m + row] = v;
-    }
-  }
+// Blocks of `split` that a matrix of p's rows needs.
+int64_t Blocks(const GemvParams& p, int split) {
+  const int64_t rows_per_block = (p.swiglu ? 1 : kRows) * (kWarps / split);
+  return (int64_t{p.m} + rows_per_block - 1) / rows_per_block;
 }
 
-// Streaming multiprocessors of the current device (queried once per process: one GPU per process).
-int SmCount() {
-  static const int count = [] {
-    int dev = 0, sms = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+// Blocks of GemvKernel<N, false> the whole GPU holds at once (the plain kernel's, also for SwiGLU: the split
+// must be the same for both so that LinearSwiGlu matches Linear + SwiGlu bitwise). Queried once per process
+// and n (one GPU per process).
+int Wave(int n) {
+  static std::atomic<int> waves[kGemvMaxN + 1] = {};
+  int w = waves[n].load(std::memory_order_relaxed);
+  if (w == 0) {
+    static constexpr void (*kernels[kGemvMaxN])(GemvParams) = {
+        GemvKernel<1, false>, GemvKernel<2, false>, GemvKernel<3, false>, GemvKernel<4, false>,
+        GemvKernel<5, false>, GemvKernel<6, false>, GemvKernel<7, false>, GemvKernel<8, false>};
+    int dev = 0, sms = 0, per_sm = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels[n - 1], kWarps * 32, 0) != cudaSuccess) {
       cudaGetLastError();
-      return 132;
+      sms = 132;
+      per_sm = 4;
     }
-    return sms;
-  }();
-  return count;
+    w = std::max(1, sms * per_sm);
+    waves[n].store(w, std::memory_order_relaxed);
+  }
+  return w;
 }
 
 template <int N>
 cudaError_t LaunchN(const GemvParams& p, cudaStream_t stream) {
-  // Rows per block of GemvKernel: kWarps (swiglu: one output per warp) or kWarps * kRowsPerWarp.
-  const int per_block = p.swiglu ? kWarps : kWarps * kRowsPerWarp;
-  const dim3 block(kWarps * 32);
-  if ((p.m + per_block - 1) / per_block < 2 * SmCount()) {
-    if (p.swiglu) return LaunchPdl(GemvSplitKernel<N, true>, dim3(p.m), block, 0, stream, p);
-    return LaunchPdl(GemvSplitKernel<N, false>, dim3((p.m + kRowsPerWarp - 1) / kRowsPerWarp), block, 0, stream, p);
-  }
-  if (p.swiglu) return LaunchPdl(GemvKernel<N, true>, dim3((p.m + kWarps - 1) / kWarps), block, 0, stream, p);
-  const int rows_per_block = kWarps * kRowsPerWarp;
-  return LaunchPdl(GemvKernel<N, false>, dim3((p.m + rows_per_block - 1) / rows_per_block), block, 0, stream, p);
+  const dim3 grid(static_cast<unsigned>(Blocks(p, p.split))), block(kWarps * 32);
+  if (p.swiglu) return LaunchPdl(GemvKernel<N, true>, grid, block, 0, stream, p);
+  return LaunchPdl(GemvKernel<N, false>, grid, block, 0, stream, p);
 }
 
 }  // namespace
 
 bool GemvSupported(const GemvParams& p) {
   if (p.swiglu && (p.bias != nullptr || p.out_type != ElemType::kBF16)) return false;
+  if (p.split != 0 && p.split != 1 && p.split != 2 && p.split != 4 && p.split != 8) return false;
   return p.n >= 1 && p.n <= kGemvMaxN && p.k % 8 == 0 && p.k > 0 && p.m > 0 && Aligned16(p.x) && Aligned16(p.w);
+}
+
+int GemvSplit(const GemvParams& p) {
+  if (p.split != 0) return p.split;
+  // The more warps stream one matrix, the shorter its ramp and tail, as long as each lane still makes two
+  // loads per row and the grid does not end in a small second wave (H100, Llama-3.2-1B and -3.1-8B
+  // projections at n = 1: bench/probes/gemv_chain_probe.cu, docs/benchmarks.md "Session 7").
+  const int64_t wave = Wave(p.n);
+  int best = 1;
+  for (int split = 2; split <= kWarps && p.k / 8 >= 64 * split; split *= 2) {
+    const int64_t blocks = Blocks(p, split);
+    if (blocks <= wave || blocks * 2 >= wave * 3) best = split;
+  }
+  return best;
 }
 
 cudaError_t LaunchGemv(const GemvParams& params, cudaStream_t stream) {
   if (!GemvSupported(params)) return cudaErrorInvalidValue;
   GemvParams p = params;
-  p.prefetch = PdlMode() == kPdlPrefetch && PdlActive(stream);
+  p.split = GemvSplit(params);
   switch (p.n) {
     case 1: return LaunchN<1>(p, stream);
     case 2: return LaunchN<2>(p, stream);
