@@ -11,6 +11,7 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/cuda/cuda_check.h"
@@ -23,6 +24,19 @@ namespace {
 constexpr int64_t kAlign = 256;
 
 int64_t RoundUp(int64_t bytes) { return std::max<int64_t>(kAlign, (bytes + kAlign - 1) / kAlign * kAlign); }
+
+// Workspace sizes above 64 KiB go up to one of 16 classes per power of two (at most 1/16 more), so that a
+// buffer that grows with the context (the selection's scores: a few hundred bytes more every decode step)
+// keeps hitting the cache instead of paying a cudaMalloc each step (~150 µs on the H100, most of a 1B
+// model's step; docs/benchmarks.md "Session 7").
+int64_t WorkspaceBytes(int64_t bytes) {
+  constexpr int64_t kSmall = int64_t{64} << 10;
+  if (bytes <= kSmall) return RoundUp(bytes);
+  int shift = 0;
+  while ((bytes >> shift) >= 32) ++shift;  // bytes >> shift in [16, 32): a class is 1 << shift wide
+  const int64_t step = int64_t{1} << shift;
+  return (bytes + step - 1) / step * step;
+}
 
 }  // namespace
 
@@ -65,12 +79,31 @@ void CudaMemory::Unreserve(int64_t bytes) { total_.fetch_sub(bytes); }
 
 absl::StatusOr<void*> CudaMemory::RawAlloc(int64_t bytes, MemoryKind kind) {
   if (kind == MemoryKind::kWorkspace) {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = ws_cache_.find(bytes);
-    if (it != ws_cache_.end() && !it->second.empty()) {
-      void* p = *it->second.begin();
-      it->second.erase(it->second.begin());
-      return p;  // already counted as workspace
+    std::vector<std::pair<void*, int64_t>> outgrown;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = ws_cache_.find(bytes);
+      if (it != ws_cache_.end() && !it->second.empty()) {
+        void* p = *it->second.begin();
+        it->second.erase(it->second.begin());
+        return p;  // already counted as workspace
+      }
+      // A buffer that grew into a new class leaves its old blocks behind: free the cached blocks between half
+      // this size and it (rare: once per class change), so that the cache does not hoard them.
+      if (bytes > (int64_t{64} << 10)) {
+        for (auto c = ws_cache_.lower_bound(bytes / 2); c != ws_cache_.end() && c->first < bytes;) {
+          for (void* q : c->second) outgrown.emplace_back(q, c->first);
+          c = ws_cache_.erase(c);
+        }
+      }
+    }
+    if (!outgrown.empty()) {
+      cudaSetDevice(device_);
+      for (auto& [q, size] : outgrown) {
+        cudaFree(q);
+        bytes_[static_cast<size_t>(MemoryKind::kWorkspace)].fetch_sub(size);
+        Unreserve(size);
+      }
     }
   }
   if (!Reserve(bytes)) {
@@ -135,7 +168,8 @@ absl::StatusOr<Tensor> CudaMemory::Alloc(DType dtype, Shape shape, MemoryKind ki
     if (d < 0) return absl::InvalidArgumentError(absl::StrCat("negative dimension in ", ShapeToString(shape)));
   }
   if (kind == MemoryKind::kCount) return absl::InvalidArgumentError("Alloc: kCount is not a memory kind");
-  const int64_t bytes = RoundUp(NumElements(shape) * static_cast<int64_t>(DTypeSize(dtype)));
+  const int64_t raw = NumElements(shape) * static_cast<int64_t>(DTypeSize(dtype));
+  const int64_t bytes = kind == MemoryKind::kWorkspace ? WorkspaceBytes(raw) : RoundUp(raw);
   std::shared_ptr<Pool> pool;
   if (kind == MemoryKind::kWorkspace) {
     std::lock_guard<std::mutex> lock(mu_);

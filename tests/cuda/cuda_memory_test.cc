@@ -1,6 +1,8 @@
 // The device allocator: the limit, per-kind accounting, workspace address reuse (graph replay
-// needs it), and host<->device conversion.
+// needs it) and size classes, and host<->device conversion.
+#include <algorithm>
 #include <cstring>
+#include <set>
 #include <vector>
 
 #include "tests/cuda/cuda_test_util.h"
@@ -53,6 +55,27 @@ TEST(CudaMemoryTest, WorkspaceSequenceRepeatsAddresses) {
   EXPECT_EQ(run(), second);
   EXPECT_EQ(run(), second);
   EXPECT_EQ(second[1], second[4]);  // the freed block is reused for the same size
+}
+
+// A workspace that grows a little every decode step (the selection's scores grow with the context) keeps its
+// block within a size class, and the blocks it outgrows do not pile up in the cache.
+TEST(CudaMemoryTest, GrowingWorkspaceReusesItsBlock) {
+  SPC_GPU_OR_SKIP(gpu);
+  const auto ws = [&] { return gpu->memory_report().bytes[static_cast<size_t>(MemoryKind::kWorkspace)]; };
+  std::set<void*> addrs;
+  const int64_t base = ws();
+  int64_t most = 0;
+  for (int step = 0; step < 2000; ++step) {
+    auto t = gpu->Alloc(DType::kU8, {int64_t{3'000'000} + 200 * step}, MemoryKind::kWorkspace);
+    ASSERT_TRUE(t.ok());
+    addrs.insert(t->data());
+    most = std::max(most, ws() - base);
+  }
+  // 400 kB of growth over 16 classes per doubling (at most 1/16 wider): a handful of blocks, not one per step.
+  EXPECT_LE(addrs.size(), 4u);
+  EXPECT_LE(most, int64_t{2 * 3'500'000});
+  auto small = gpu->Alloc(DType::kU8, {1000}, MemoryKind::kWorkspace);  // below 64 KiB: 256-byte granules
+  ASSERT_TRUE(small.ok());
 }
 
 TEST(CudaMemoryTest, ToDeviceConvertsAndRoundTrips) {
