@@ -214,6 +214,7 @@ absl::Status cuda::CudaBackend::StartSelectIndexSets(const SelectionQuery* batch
   RETURN_IF_ERROR(SetUpSelection(*this, std::span<const SelectionQuery>(batch, n), options, out, &l));
   SelectLayout& lay = sp->select_layout;
   lay = SelectLayoutOf(out->sets.indptr.size(), out->sets.indices.size(), out->captured_mass.size());
+  ++sp->select_epoch;
   // The previous step's copies (loads, their list) are done by now; order the buffer's rewrite after them.
   RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->copy_mark, sp->copy));
   RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(stream_, sp->copy_mark, 0));

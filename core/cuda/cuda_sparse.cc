@@ -119,7 +119,7 @@ absl::StatusOr<CudaBackend::SparseState*> CudaBackend::Sparse() {
   RETURN_IF_ERROR(NewEvent(&s->tables_ready));
   RETURN_IF_ERROR(NewEvent(&s->select_mark));
   RETURN_IF_ERROR(NewEvent(&s->select_done));
-  for (PinnedStaging* st : {&s->table_staging, &s->sets_staging, &s->copy_staging}) {
+  for (PinnedStaging* st : {&s->table_staging, &s->sets_staging, &s->slots_staging, &s->copy_staging}) {
     RETURN_IF_ERROR(NewEvent(&st->ready));
   }
   sparse_ = std::move(s);
@@ -322,6 +322,7 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
     total = lay.bytes;
   } else {
     sp->select_layout.valid = false;  // the upload below replaces the selection's positions
+    sp->indptr_select = 0;
     sp->off_pos = Align16Bytes(sizeof(int32_t) * n_ptr);
     sp->off_slots = sp->off_pos + Align16Bytes(sizeof(int32_t) * n_idx);
     total = std::max<size_t>(sp->off_slots + sizeof(int32_t) * (has_slots ? n_idx : 0), 16);
@@ -332,7 +333,15 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   std::memcpy(host, sets.indptr.data(), sizeof(int32_t) * n_ptr);
   if (n_idx > 0 && !on_device) std::memcpy(host + sp->off_pos, sets.indices.data(), sizeof(int32_t) * n_idx);
   // Slots index every offloaded layer's slot buffer: check them against the smallest of the sequence's.
-  int32_t* slots_out = reinterpret_cast<int32_t*>(host + sp->off_slots);
+  // With the positions on the device (the deferred selection: this call comes once the resident layers are
+  // enqueued) they go up on the copy stream from their own staging buffer, so that the compute stream does not
+  // run the upload between the resident layers and the offloaded ones.
+  const bool slots_on_copy = on_device && has_slots && n_idx > 0;
+  char* slots_host = host + sp->off_slots;
+  if (slots_on_copy) {
+    ASSIGN_OR_RETURN(slots_host, StagingReserve(sp->slots_staging, sizeof(int32_t) * n_idx));
+  }
+  int32_t* slots_out = reinterpret_cast<int32_t*>(slots_host);
   for (int i = 0; i < n_seqs && has_slots; ++i) {
     const SequenceKv* kv = batch_.kv[i];
     int64_t rows = -1;
@@ -359,12 +368,30 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   if (on_device) {
     // Only the layout and the slots go up (StartSelectIndexSets ordered the buffer after the copy stream).
     char* dev = static_cast<char*>(sp->sets_buf.data());
-    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dev, host, sizeof(int32_t) * n_ptr, cudaMemcpyHostToDevice, stream_));
-    if (has_slots && n_idx > 0) {
-      RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dev + sp->off_slots, host + sp->off_slots, sizeof(int32_t) * n_idx,
-                                           cudaMemcpyHostToDevice, stream_));
+    // The layout is the started selection's: once uploaded for it, a second call of the step (the deferred
+    // plan's, with the slots) leaves it, so that nothing runs on the compute stream between the two graphs.
+    if (sp->indptr_select != sp->select_epoch) {
+      RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dev, host, sizeof(int32_t) * n_ptr, cudaMemcpyHostToDevice, stream_));
+      RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->sets_staging.ready, stream_));
+      sp->indptr_select = sp->select_epoch;
     }
-    RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->sets_staging.ready, stream_));
+    if (slots_on_copy) {
+      // After the previous step's attention of every offloaded layer (it read the old slots); then each such
+      // layer's load_done stands behind the upload (its loads, enqueued next, record it again), so an offloaded
+      // layer's attention, which waits for load_done, reads this step's slots even with nothing to load.
+      RETURN_IF_ERROR(EnsureLayerEvents(sp, n_layers_));
+      std::vector<bool> offloaded(n_layers_, false);
+      for (const SequenceKv* kv : batch_.kv) {
+        for (int l = 0; l < n_layers_; ++l) offloaded[l] = offloaded[l] || kv->offloaded(l);
+      }
+      for (int l = 0; l < n_layers_; ++l) {
+        if (offloaded[l]) RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->attn_done[l], 0));
+      }
+      RETURN_IF_ERROR(StagingCommit(sp->slots_staging, sizeof(int32_t) * n_idx, dev + sp->off_slots, sp->copy));
+      for (int l = 0; l < n_layers_; ++l) {
+        if (offloaded[l]) RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->load_done[l], sp->copy));
+      }
+    }
   } else {
     // The previous step's loads are done by now (its attention waited on them); order after them anyway.
     RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->copy_mark, sp->copy));

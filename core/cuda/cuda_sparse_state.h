@@ -68,6 +68,9 @@ struct CudaBackend::SparseState {
   Tensor sets_buf;
   size_t off_pos = 0, off_slots = 0;
   PinnedStaging sets_staging;
+  // The slots of a step whose positions stayed on the device go up on the copy stream (`ready` recorded there):
+  // only offloaded layers read them, after their load_done.
+  PinnedStaging slots_staging;
   Tensor partials;
 
   // Selection results come down through this (cuda_selection.cc): SelectIndexSets waits for its copy; a
@@ -75,6 +78,8 @@ struct CudaBackend::SparseState {
   // after select_mark on the compute stream behind the kernels).
   PinnedStaging select_pinned;
   SelectLayout select_layout;
+  uint64_t select_epoch = 0;   // bumped by every StartSelectIndexSets
+  uint64_t indptr_select = 0;  // the select_epoch whose layout (indptr) sets_buf holds; 0: none
   bool select_pending = false;
   const char* select_down = nullptr;  // [positions][mass][flag] in select_pinned
   cudaEvent_t select_mark = nullptr, select_done = nullptr;
@@ -108,7 +113,7 @@ struct CudaBackend::SparseState {
     for (cudaEvent_t e : {copy_mark, compute_mark, tables_ready, select_mark, select_done}) {
       if (e != nullptr) cudaEventDestroy(e);
     }
-    for (PinnedStaging* s : {&table_staging, &sets_staging, &copy_staging, &select_pinned}) {
+    for (PinnedStaging* s : {&table_staging, &sets_staging, &slots_staging, &copy_staging, &select_pinned}) {
       if (s->ready != nullptr) cudaEventDestroy(s->ready);
       if (s->host != nullptr) cudaFreeHost(s->host);
     }
