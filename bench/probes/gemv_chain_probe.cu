@@ -88,6 +88,24 @@ double CopyGBs() {
   return 2.0 * bytes / us / 1e3;  // read + write
 }
 
+// Params of this tree's GEMV or of the one compared with (same fields).
+template <typename P>
+P Gemv(const void* x, const void* w, void* out, int m, int k, bool swiglu, bool f32 = false) {
+  P p;
+  p.x = x;
+  p.w = w;
+  p.out = out;
+  p.n = 1;
+  p.m = m;
+  p.k = k;
+  p.swiglu = swiglu;
+  if (f32) p.out_type = ElemType::kF32;
+  return p;
+}
+
+// Launches one GEMV: x, w, out, m, k, swiglu, f32 out.
+using Launcher = std::function<void(const void*, const void*, void*, int, int, bool, bool)>;
+
 struct Shape {
   const char* name;
   int m, k;
@@ -136,13 +154,7 @@ int main() {
       const double bytes = (sh.swiglu ? 2.0 : 1.0) * sh.m * double(sh.k) * 2;
       const double floor_us = bytes / gbs / 1e3;
       for (int split : {0, 1, 2, 4, 8}) {
-        GemvParams p;
-        p.x = in[s];
-        p.out = out[s];
-        p.n = 1;
-        p.m = sh.m;
-        p.k = sh.k;
-        p.swiglu = sh.swiglu;
+        GemvParams p = Gemv<GemvParams>(in[s], nullptr, out[s], sh.m, sh.k, sh.swiglu);
         p.split = split;
         if (!GemvSupported(p)) continue;
         const double us = GraphUs([&] {
@@ -155,13 +167,7 @@ int main() {
                     split == 0 ? " (auto)" : "", us, floor_us, 100.0 * floor_us / us);
       }
 #ifdef OLD_GEMV
-      old::GemvParams q;
-      q.x = in[s];
-      q.out = out[s];
-      q.n = 1;
-      q.m = sh.m;
-      q.k = sh.k;
-      q.swiglu = sh.swiglu;
+      old::GemvParams q = Gemv<old::GemvParams>(in[s], nullptr, out[s], sh.m, sh.k, sh.swiglu);
       const double us = GraphUs([&] {
         for (int l = 0; l < md.layers; ++l) {
           q.w = w[s][l];
@@ -176,17 +182,6 @@ int main() {
     double bytes = double(md.vocab) * md.hidden * 2;
     for (int s = 0; s < 4; ++s) bytes += md.layers * (shapes[s].swiglu ? 2.0 : 1.0) * shapes[s].m * double(shapes[s].k) * 2;
     const double floor_us = bytes / gbs / 1e3;
-    auto gemv = [&](const void* x, const void* wt, void* y, int m, int k, bool swiglu) {
-      GemvParams p;
-      p.x = x;
-      p.w = wt;
-      p.out = y;
-      p.n = 1;
-      p.m = m;
-      p.k = k;
-      p.swiglu = swiglu;
-      CK(LaunchGemv(p, g_stream));
-    };
     auto norm = [&](void* res, const void* x, void* y) {
       RmsNormParams p;
       p.x = x;
@@ -197,77 +192,38 @@ int main() {
       p.d = md.hidden;
       CK(LaunchRmsNorm(p, g_stream));
     };
-    auto lm_head = [&](const void* x) {
-      GemvParams p;
-      p.x = x;
-      p.w = lm;
-      p.out = logits;
-      p.n = 1;
-      p.m = md.vocab;
-      p.k = md.hidden;
-      p.out_type = ElemType::kF32;
-      CK(LaunchGemv(p, g_stream));
+    // The decode step's projections and norms of every layer, then the LM head, with `gemv`.
+    auto chain = [&](const Launcher& gemv) {
+      return GraphUs([&] {
+        norm(nullptr, residual, h);
+        for (int l = 0; l < md.layers; ++l) {
+          gemv(h, w[0][l], qkv, md.qkv, md.hidden, false, false);
+          gemv(qkv, w[1][l], o, md.hidden, md.hidden, false, false);
+          norm(residual, o, h);
+          gemv(h, w[2][l], act, md.inter, md.hidden, true, false);
+          gemv(act, w[3][l], o, md.hidden, md.inter, false, false);
+          norm(residual, o, h);
+        }
+        gemv(h, lm, logits, md.vocab, md.hidden, false, true);
+      }, 1);
     };
-    const double separate = GraphUs([&] {
-      norm(nullptr, residual, h);
-      for (int l = 0; l < md.layers; ++l) {
-        gemv(h, w[0][l], qkv, md.qkv, md.hidden, false);
-        gemv(qkv, w[1][l], o, md.hidden, md.hidden, false);
-        norm(residual, o, h);
-        gemv(h, w[2][l], act, md.inter, md.hidden, true);
-        gemv(act, w[3][l], o, md.hidden, md.inter, false);
-        norm(residual, o, h);
-      }
-      lm_head(h);
-    }, 1);
+    const double separate = chain([&](const void* x, const void* wt, void* y, int m, int k, bool sw, bool f32) {
+      CK(LaunchGemv(Gemv<GemvParams>(x, wt, y, m, k, sw, f32), g_stream));
+    });
     for (int split : {0, 1, 2, 4, 8}) {
-      GemvParams p;
-      p.x = h;
-      p.w = lm;
-      p.out = logits;
-      p.n = 1;
-      p.m = md.vocab;
-      p.k = md.hidden;
-      p.out_type = ElemType::kF32;
+      GemvParams p = Gemv<GemvParams>(h, lm, logits, md.vocab, md.hidden, false, true);
       p.split = split;
       if (!GemvSupported(p)) continue;
       const double us = GraphUs([&] { for (int i = 0; i < 4; ++i) CK(LaunchGemv(p, g_stream)); }, 4);
       const double fl = double(md.vocab) * md.hidden * 2 / gbs / 1e3;
       std::printf("%s lm_head split %d: %.1f us floor %.1f %.0f%%\n", md.name, GemvSplit(p), us, fl, 100.0 * fl / us);
     }
-    std::printf("%s chain (norms, projections, LM head): floor %.1f us; %.1f us (%.2fx)\n", md.name, floor_us, separate, separate / floor_us);
+    std::printf("%s chain (norms, projections, LM head): floor %.1f us; %.1f us (%.2fx)\n", md.name, floor_us, separate,
+                separate / floor_us);
 #ifdef OLD_GEMV
-    auto old_gemv = [&](const void* x, const void* wt, void* y, int m, int k, bool swiglu) {
-      old::GemvParams p;
-      p.x = x;
-      p.w = wt;
-      p.out = y;
-      p.n = 1;
-      p.m = m;
-      p.k = k;
-      p.swiglu = swiglu;
-      CK(old::LaunchGemv(p, g_stream));
-    };
-    const double old_chain = GraphUs([&] {
-      norm(nullptr, residual, h);
-      for (int l = 0; l < md.layers; ++l) {
-        old_gemv(h, w[0][l], qkv, md.qkv, md.hidden, false);
-        old_gemv(qkv, w[1][l], o, md.hidden, md.hidden, false);
-        norm(residual, o, h);
-        old_gemv(h, w[2][l], act, md.inter, md.hidden, true);
-        old_gemv(act, w[3][l], o, md.hidden, md.inter, false);
-        norm(residual, o, h);
-      }
-      old::GemvParams p;
-      p.x = h;
-      p.w = lm;
-      p.out = logits;
-      p.n = 1;
-      p.m = md.vocab;
-      p.k = md.hidden;
-      p.out_type = ElemType::kF32;
-      CK(old::LaunchGemv(p, g_stream));
-    }, 1);
+    const double old_chain = chain([&](const void* x, const void* wt, void* y, int m, int k, bool sw, bool f32) {
+      CK(old::LaunchGemv(Gemv<old::GemvParams>(x, wt, y, m, k, sw, f32), g_stream));
+    });
     std::printf("%s chain old: %.1f us (%.2fx)\n", md.name, old_chain, old_chain / floor_us);
 #endif
     for (auto& v : w) {
