@@ -1,10 +1,11 @@
-// Programmatic dependent launch (core/cuda/kernels/elementwise.h: LaunchPdl, PdlWait, PrefetchL2) of the
-// decode kernels: GEMV (both grids, SwiGLU epilogue, f32 logits), RMSNorm (+ residual), RoPE, SwiGLU,
-// bias add, argmax. A kernel launched with PDL (recorded into a graph) may start while the one before it
+// Programmatic dependent launch (core/cuda/kernels/elementwise.h: LaunchPdl, PdlWait) of the decode kernels:
+// GEMV (split and unsplit k, weights loaded before the wait, SwiGLU epilogue, f32 logits), RMSNorm (+ residual),
+// RoPE, SwiGLU, bias add, argmax. A kernel launched with PDL (recorded into a graph) may start while the one before it
 // still runs; reading anything before its PdlWait would see stale data. So a chain of dependent ops runs
 // with a fresh input every round and its buffers zeroed (what a stale read would expose), back to back on
 // the stream and as a replayed step graph, and must equal bitwise the same chain with a device sync after
-// every op, and the CPU backend within bf16 bounds. Shapes: the 1B model's (split-k grids, 2048 wide), odd ones (row tails) and a large m (row grid).
+// every op, and the CPU backend within bf16 bounds. Shapes: the 1B model's (split k, 2048 wide), odd ones (row
+// tails) and a large m (many row blocks).
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -198,8 +199,8 @@ TEST(CudaPdlChain, OneBShapes) {
 
 TEST(CudaPdlChain, OddShapesAndRowGrid) {
   std::mt19937 rng(FreshSeed());
-  CheckChain({1, 520, 1000, 8, 70000}, 1, rng);  // m = 70000 logits: the row grid; 520: partial warps
-  CheckChain({3, 264, 4096, 4, 999}, 8, rng);    // n = 3 on the GEMV; gate/up m 4096 on the row grid
+  CheckChain({1, 520, 1000, 8, 70000}, 1, rng);  // m = 70000 logits: many row blocks; 520: partial warps
+  CheckChain({3, 264, 4096, 4, 999}, 8, rng);    // n = 3 on the GEMV; gate/up m 4096
 }
 
 TEST(CudaPdlChain, CublasPathStillChains) {
