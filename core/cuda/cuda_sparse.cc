@@ -319,7 +319,6 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
     }
     sp->off_pos = lay.off_pos;
     sp->off_slots = lay.off_slots;
-    total = lay.bytes;
   } else {
     sp->select_layout.valid = false;  // the upload below replaces the selection's positions
     sp->indptr_select = 0;
@@ -328,21 +327,29 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
     total = std::max<size_t>(sp->off_slots + sizeof(int32_t) * (has_slots ? n_idx : 0), 16);
   }
   // [indptr][positions][slots] straight into the pinned staging buffer (one pass over each array; the
-  // slots are range-checked while they are copied).
-  ASSIGN_OR_RETURN(char* host, StagingReserve(sp->sets_staging, total));
-  std::memcpy(host, sets.indptr.data(), sizeof(int32_t) * n_ptr);
-  if (n_idx > 0 && !on_device) std::memcpy(host + sp->off_pos, sets.indices.data(), sizeof(int32_t) * n_idx);
+  // slots are range-checked while they are copied). With the positions on the device only the layout goes up,
+  // once per started selection: a second call of the step (the deferred plan's, with the slots) leaves it, so
+  // that nothing runs on the compute stream between the two graphs.
+  const bool upload_layout = !on_device || sp->indptr_select != sp->select_epoch;
+  char* host = nullptr;
+  if (upload_layout) {
+    ASSIGN_OR_RETURN(host, StagingReserve(sp->sets_staging, on_device ? sizeof(int32_t) * n_ptr : total));
+    std::memcpy(host, sets.indptr.data(), sizeof(int32_t) * n_ptr);
+    if (n_idx > 0 && !on_device) std::memcpy(host + sp->off_pos, sets.indices.data(), sizeof(int32_t) * n_idx);
+  }
   // Slots index every offloaded layer's slot buffer: check them against the smallest of the sequence's.
   // With the positions on the device (the deferred selection: this call comes once the resident layers are
   // enqueued) they go up on the copy stream from their own staging buffer, so that the compute stream does not
   // run the upload between the resident layers and the offloaded ones.
   const bool slots_on_copy = on_device && has_slots && n_idx > 0;
-  char* slots_host = host + sp->off_slots;
+  int32_t* slots_out = nullptr;
   if (slots_on_copy) {
-    ASSIGN_OR_RETURN(slots_host, StagingReserve(sp->slots_staging, sizeof(int32_t) * n_idx));
+    ASSIGN_OR_RETURN(char* slots_host, StagingReserve(sp->slots_staging, sizeof(int32_t) * n_idx));
+    slots_out = reinterpret_cast<int32_t*>(slots_host);
+  } else if (!on_device) {
+    slots_out = reinterpret_cast<int32_t*>(host + sp->off_slots);
   }
-  int32_t* slots_out = reinterpret_cast<int32_t*>(slots_host);
-  for (int i = 0; i < n_seqs && has_slots; ++i) {
+  for (int i = 0; i < n_seqs && has_slots && slots_out != nullptr; ++i) {
     const SequenceKv* kv = batch_.kv[i];
     int64_t rows = -1;
     for (size_t l = 0; l < kv->slot_k.size(); ++l) {
@@ -368,9 +375,7 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   if (on_device) {
     // Only the layout and the slots go up (StartSelectIndexSets ordered the buffer after the copy stream).
     char* dev = static_cast<char*>(sp->sets_buf.data());
-    // The layout is the started selection's: once uploaded for it, a second call of the step (the deferred
-    // plan's, with the slots) leaves it, so that nothing runs on the compute stream between the two graphs.
-    if (sp->indptr_select != sp->select_epoch) {
+    if (upload_layout) {
       RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dev, host, sizeof(int32_t) * n_ptr, cudaMemcpyHostToDevice, stream_));
       RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->sets_staging.ready, stream_));
       sp->indptr_select = sp->select_epoch;
