@@ -67,13 +67,12 @@ absl::Status CudaBackend::RopeKvAppend(int layer, Tensor* q, Tensor* k, const Te
   if (q == nullptr || k == nullptr) return absl::InvalidArgumentError("rope+kv_append: null q or k");
   KvAppendParams kv;
   RETURN_IF_ERROR(KvAppendArgs("rope+kv_append", layer, *k, v, &kv));
-  auto aligned16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
   const bool fit = IsDevBf16(*q, 3) && positions.ndim() == 1 && positions.device() == DeviceKind::kCuda &&
                    positions.dtype() == DType::kI32 && positions.dim(0) == k->dim(0) && q->dim(0) == k->dim(0) &&
                    q->dim(2) == k->dim(2) && rope.inv_freq != nullptr &&
                    rope.inv_freq->device() == DeviceKind::kCuda && rope.inv_freq->dtype() == DType::kF32 &&
-                   rope.inv_freq->numel() == k->dim(2) / 2 && k->dim(2) % 8 == 0 && aligned16(k->data()) &&
-                   aligned16(v.data());
+                   rope.inv_freq->numel() == k->dim(2) / 2 && k->dim(2) % 8 == 0 && Aligned16(k->data()) &&
+                   Aligned16(v.data());
   if (!fit || !FusedRopeAppend()) {
     // The two ops (they check and report what does not fit).
     RETURN_IF_ERROR(RopeQk(q, k, positions, rope));

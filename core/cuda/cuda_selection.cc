@@ -56,13 +56,25 @@ absl::Status CheckQuery(const SelectionQuery& s, size_t i, int64_t* n_q, int64_t
 
 // What SelectTopB and the deferred selection share: the validated batch, `out`'s layout, the kernels'
 // parameters over one workspace block and the per-sequence table to upload.
+size_t Align256(size_t v) { return (v + 255) / 256 * 256; }
+
 struct SelectionLaunch {
   cuda::SelectionParams p;
   std::vector<cuda::SelSeq> seqs;
   Tensor work;               // [seqs][logits][stats][combined] (+ [indices][mass][flag] unless redirected)
+  // Bytes of the pinned buffer the per-sequence table goes up through (what comes down follows them).
+  size_t up_bytes() const { return Align256(sizeof(cuda::SelSeq) * seqs.size()); }
 };
 
-size_t Align256(size_t v) { return (v + 255) / 256 * 256; }
+// Uploads the per-sequence table through pinned `up`, clears the error flag and launches the kernels.
+absl::Status UploadAndLaunch(const SelectionLaunch& l, char* up, cudaStream_t stream) {
+  std::memcpy(up, l.seqs.data(), sizeof(cuda::SelSeq) * l.seqs.size());
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(const_cast<cuda::SelSeq*>(l.p.seqs), up, sizeof(cuda::SelSeq) * l.seqs.size(),
+                                       cudaMemcpyHostToDevice, stream));
+  RETURN_IF_CUDA_ERROR(cudaMemsetAsync(l.p.error_flag, 0, sizeof(int), stream));
+  RETURN_IF_CUDA_ERROR(cuda::LaunchSelection(l.p, stream));
+  return absl::OkStatus();
+}
 
 // Validates `batch`, lays out `out` (seq_len, indptr, indices sized) and allocates the kernels' workspace
 // (the deferred selection then points the kernels' [indices][mass][flag] at its own device buffer).
@@ -167,16 +179,11 @@ absl::Status SelectTopB(Backend& backend, std::span<const SelectionQuery> batch,
   // at a fraction of the link's speed.
   const size_t b_idx = reinterpret_cast<const char*>(p.mass) - reinterpret_cast<const char*>(p.indices);
   const size_t b_mass = reinterpret_cast<const char*>(p.error_flag) - reinterpret_cast<const char*>(p.mass);
-  const size_t up_bytes = Align256(sizeof(cuda::SelSeq) * l.seqs.size());
   const size_t down_bytes = b_idx + b_mass + sizeof(int);
-  RETURN_IF_ERROR(cuda::GrowPinned(pinned, up_bytes + down_bytes));
+  RETURN_IF_ERROR(cuda::GrowPinned(pinned, l.up_bytes() + down_bytes));
   char* up = static_cast<char*>(pinned.host);
-  char* down = up + up_bytes;
-  std::memcpy(up, l.seqs.data(), sizeof(cuda::SelSeq) * l.seqs.size());
-  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(const_cast<cuda::SelSeq*>(p.seqs), up, sizeof(cuda::SelSeq) * l.seqs.size(),
-                                       cudaMemcpyHostToDevice, stream));
-  RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.error_flag, 0, sizeof(int), stream));
-  RETURN_IF_CUDA_ERROR(cuda::LaunchSelection(p, stream));
+  char* down = up + l.up_bytes();
+  RETURN_IF_ERROR(UploadAndLaunch(l, up, stream));
   RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(down, p.indices, down_bytes, cudaMemcpyDeviceToHost, stream));
   RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
   return TakeResults(down, b_idx, b_mass, out);
@@ -223,21 +230,16 @@ absl::Status cuda::CudaBackend::StartSelectIndexSets(const SelectionQuery* batch
   l.p.indices = reinterpret_cast<int32_t*>(buf + lay.off_pos);
   l.p.mass = reinterpret_cast<float*>(buf + lay.off_pos + lay.idx_bytes);
   l.p.error_flag = reinterpret_cast<int*>(buf + lay.off_pos + lay.idx_bytes + lay.mass_bytes);
-  const size_t up_bytes = Align256(sizeof(cuda::SelSeq) * l.seqs.size());
-  RETURN_IF_ERROR(cuda::GrowPinned(sp->select_pinned, up_bytes + lay.down_bytes()));
+  RETURN_IF_ERROR(cuda::GrowPinned(sp->select_pinned, l.up_bytes() + lay.down_bytes()));
   char* up = static_cast<char*>(sp->select_pinned.host);
-  std::memcpy(up, l.seqs.data(), sizeof(cuda::SelSeq) * l.seqs.size());
-  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(const_cast<cuda::SelSeq*>(l.p.seqs), up,
-                                       sizeof(cuda::SelSeq) * l.seqs.size(), cudaMemcpyHostToDevice, stream_));
-  RETURN_IF_CUDA_ERROR(cudaMemsetAsync(l.p.error_flag, 0, sizeof(int), stream_));
-  RETURN_IF_CUDA_ERROR(cuda::LaunchSelection(l.p, stream_));
+  RETURN_IF_ERROR(UploadAndLaunch(l, up, stream_));
   RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->select_mark, stream_));
   RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(sp->copy, sp->select_mark, 0));
-  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(up + up_bytes, buf + lay.off_pos, lay.down_bytes(), cudaMemcpyDeviceToHost,
-                                       sp->copy));
+  char* down = up + l.up_bytes();
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(down, buf + lay.off_pos, lay.down_bytes(), cudaMemcpyDeviceToHost, sp->copy));
   RETURN_IF_CUDA_ERROR(cudaEventRecord(sp->select_done, sp->copy));
   sp->select_pending = true;
-  sp->select_down = up + up_bytes;
+  sp->select_down = down;
   out->pending = true;
   return absl::OkStatus();
 }

@@ -69,6 +69,9 @@ cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
 }
 #endif
 
+// Whether p allows 16-byte vector accesses (host side: which kernel a launch may use).
+inline bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
 enum class ElemType : uint8_t { kF32, kBF16 };
 
 // out[i, :] = table[ids[i], :], rows of `row_bytes` bytes. An id outside [0, n_rows) writes a zero
