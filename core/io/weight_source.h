@@ -29,6 +29,11 @@ struct Checkpoint {
   std::unique_ptr<WeightSource> weights;
   std::string tokenizer_path;  // tokenizer.json beside the weights, or "" when absent
                                // (llama2.c: tok<vocab>.bin or tokenizer.bin beside the .bin file)
+  // A tokenizer carried inside the model file (GGUF), as the tokenizer.json and tokenizer_config.json
+  // texts ParseHfTokenizer reads (the config holds bos/eos, add_bos_token and chat_template).
+  // Empty when the tokenizer is a file (tokenizer_path) or absent.
+  std::string embedded_tokenizer_json;
+  std::string embedded_tokenizer_config_json;
 };
 
 // Opens an HF directory (config.json, model.safetensors or model.safetensors.index.json,
