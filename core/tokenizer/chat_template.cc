@@ -80,10 +80,10 @@ std::string RenderLlama3(const ChatTemplate& tmpl, std::span<const ChatMessage> 
   for (size_t i = first; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
     if (tmpl.knowledge_date_block && (m.role == "tool" || m.role == "ipython")) {
-      absl::StrAppend(&out, "<|start_header_id|>ipython<|end_header_id|>\n\n",
-                      nlohmann::json(m.content).dump(-1, ' ', false,
-                                                     nlohmann::json::error_handler_t::replace),
-                      "<|eot_id|>");
+      absl::StrAppend(
+          &out, "<|start_header_id|>ipython<|end_header_id|>\n\n",
+          nlohmann::json(m.content).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace),
+          "<|eot_id|>");
       continue;
     }
     absl::StrAppend(&out, "<|start_header_id|>", m.role, "<|end_header_id|>\n\n",

@@ -15,9 +15,10 @@
 namespace {
 
 constexpr const char* kModels[] = {"gpt2", "llama", "gpt2", "llama", "bert", ""};
-constexpr const char* kPres[] = {"smollm",       "llama-bpe",      "qwen2",       "gpt-2",
-                                 "",             "tekken",         "deepseek-llm", "deepseek-coder",
-                                 "deepseek-v3",  "deepseek-r1-qwen", "falcon"};
+constexpr const char* kPres[] = {
+    "smollm", "llama-bpe",    "qwen2",          "gpt-2",       "",
+    "tekken", "deepseek-llm", "deepseek-coder", "deepseek-v3", "deepseek-r1-qwen",
+    "falcon"};
 
 int64_t Id(FuzzedDataProvider& in, size_t n) {
   return in.ConsumeIntegralInRange<int64_t>(-2, static_cast<int64_t>(n) + 1);
@@ -43,14 +44,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         break;
       }
       case 1:
-        v.tokens.push_back(std::string(1, static_cast<char>(in.ConsumeIntegralInRange<int>(32, 126))));
+        v.tokens.push_back(
+            std::string(1, static_cast<char>(in.ConsumeIntegralInRange<int>(32, 126))));
         break;
       default:
         v.tokens.push_back(in.ConsumeRandomLengthString(12));
     }
-    if (with_types) v.token_types.push_back(in.ConsumeIntegralInRange<int32_t>(0, 6) == 0
-                                                ? in.ConsumeIntegralInRange<int32_t>(-1, 7)
-                                                : 1);
+    if (with_types)
+      v.token_types.push_back(in.ConsumeIntegralInRange<int32_t>(0, 6) == 0
+                                  ? in.ConsumeIntegralInRange<int32_t>(-1, 7)
+                                  : 1);
     if (with_scores) v.scores.push_back(in.ConsumeFloatingPoint<float>());
   }
   // Merges: mostly two existing tokens (possibly no merged token), sometimes raw text.
@@ -82,7 +85,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::abort();
   }
   const specontext::Tokenizer& t = **tok;
-  for (const std::string_view s : {std::string_view(text), std::string_view("Hello 12 <s> héllo 😀\n")}) {
+  for (const std::string_view s :
+       {std::string_view(text), std::string_view("Hello 12 <s> héllo 😀\n")}) {
     auto ids = t.Encode(s, /*add_bos=*/true);
     if (!ids.ok()) continue;
     (void)t.Decode(*ids, false);

@@ -14,7 +14,14 @@ GgufVocab SmallGpt2() {
   GgufVocab v;
   v.model = "gpt2";
   v.pre = "gpt-2";
-  v.tokens = {"a", "b", "ab", "\xC4\xA0", "\xC4\xA0" "ab", "<|end|>", "<think>"};
+  v.tokens = {"a",
+              "b",
+              "ab",
+              "\xC4\xA0",
+              "\xC4\xA0"
+              "ab",
+              "<|end|>",
+              "<think>"};
   v.token_types = {1, 1, 1, 1, 1, 3, 4};
   v.merges = {"a b", "\xC4\xA0 ab"};
   v.eos_id = 5;
@@ -85,6 +92,17 @@ TEST(GgufVocabTest, ConfigCarriesTemplateBosAndEndOfTurn) {
   const auto tok = Parse(v);
   EXPECT_EQ(tok->eos_ids(), (std::vector<int32_t>{5, 6}));
   EXPECT_EQ(Ids(*tok, "b", true), (std::vector<int32_t>{0, 1}));
+}
+
+TEST(GgufVocabTest, EverySupportedPreTokenizerNameBuildsATokenizer) {
+  for (const char* pre : {"llama-bpe", "llama3", "llama-v3", "qwen2", "deepseek-r1-qwen", "smollm",
+                          "starcoder", "refact", "gpt-2", "phi-2", "default", "", "deepseek-llm",
+                          "deepseek-coder", "deepseek-v3", "tekken"}) {
+    GgufVocab v = SmallGpt2();
+    v.pre = pre;
+    const auto tok = Parse(v);
+    EXPECT_EQ(Ids(*tok, "ab<|end|>"), (std::vector<int32_t>{2, 5})) << pre;
+  }
 }
 
 TEST(GgufVocabTest, Llama3NameAddsBosByDefault) {

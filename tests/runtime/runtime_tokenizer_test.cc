@@ -42,7 +42,8 @@ TEST(RuntimeTokenizerTest, AutoTakesTheEmbeddedTemplateWithItsDefaultSystem) {
   auto tmpl = ResolveChatTemplate("auto", rt);
   ASSERT_TRUE(tmpl.ok()) << tmpl.status();
   EXPECT_EQ(tmpl->kind, ChatTemplateKind::kChatml);
-  EXPECT_EQ(tmpl->default_system, "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
+  EXPECT_EQ(tmpl->default_system,
+            "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
   auto text = ApplyChatTemplate(*tmpl, std::vector<ChatMessage>{{"user", "Hi"}}, true);
   ASSERT_TRUE(text.ok());
   EXPECT_EQ(*text,
@@ -54,7 +55,8 @@ TEST(RuntimeTokenizerTest, AutoTakesTheEmbeddedTemplateWithItsDefaultSystem) {
 }
 
 TEST(RuntimeTokenizerTest, AutoRefusesAnUnknownTemplate) {
-  const Runtime rt = GgufRuntime("{% for m in messages %}<start_of_turn>{{ m.content }}{% endfor %}");
+  const Runtime rt =
+      GgufRuntime("{% for m in messages %}<start_of_turn>{{ m.content }}{% endfor %}");
   auto tmpl = ResolveChatTemplate("auto", rt);
   ASSERT_FALSE(tmpl.ok());
   EXPECT_EQ(tmpl.status().code(), absl::StatusCode::kUnimplemented);

@@ -1,4 +1,5 @@
-// GGUF vocabularies converted by HfTokenizerFromGguf tokenize like the HF tokenizers they came from:
+// GGUF vocabularies converted by HfTokenizerFromGguf tokenize like the HF tokenizers they came
+// from:
 //  - Llama 3 and Qwen3 tokenizer.json turned into GGUF metadata the way llama.cpp's converter does
 //    (gguf_from_hf.h) must give the ids of tests/data/tokenizers/expected_<name>.jsonl (HF
 //    `tokenizers` on the original files) for every string of strings.jsonl: this checks the
@@ -44,8 +45,8 @@ size_t CompareIds(const Tokenizer& tok, const std::vector<std::string>& strings,
     if (!ids.ok() || *ids != ids_exp) {
       ++mismatches;
       ADD_FAILURE() << "string " << i << " "
-                    << nlohmann::json(strings[i]).dump(-1, ' ', false,
-                                                       nlohmann::json::error_handler_t::replace)
+                    << nlohmann::json(strings[i])
+                           .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
                     << "\n  got      " << (ids.ok() ? nlohmann::json(*ids).dump() : "error")
                     << "\n  expected " << nlohmann::json(ids_exp).dump();
     }
@@ -156,7 +157,8 @@ GgufVocab Stories260kVocab(const std::string& bin) {
 }
 
 TEST(GgufStories260kTest, SentencePieceVocabularyMatchesLlama2cTokenizer) {
-  const std::string bin = testing::ReadFile(std::string(SPECONTEXT_MODEL_DIR) + "/stories260K/tok512.bin");
+  const std::string bin =
+      testing::ReadFile(std::string(SPECONTEXT_MODEL_DIR) + "/stories260K/tok512.bin");
   const GgufVocab v = Stories260kVocab(bin);
   ASSERT_EQ(v.tokens.size(), 512u);
   const auto tok = Convert(v);
@@ -178,7 +180,8 @@ TEST(GgufStories260kTest, SentencePieceVocabularyMatchesLlama2cTokenizer) {
     ASSERT_TRUE(got.ok() && want.ok());
     if (*got != *want) {
       ++mismatches;
-      ADD_FAILURE() << nlohmann::json(s).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+      ADD_FAILURE() << nlohmann::json(s).dump(-1, ' ', false,
+                                              nlohmann::json::error_handler_t::replace)
                     << "\n  got      " << nlohmann::json(*got).dump() << "\n  expected "
                     << nlohmann::json(*want).dump();
     }
