@@ -75,12 +75,21 @@ absl::StatusOr<SafetensorsEntry> ParseEntry(const std::string& name, const json&
     return Bad(absl::StrCat(where, "data_offsets end ", e.end, " is past the data section (", data_size,
                             " bytes)"));
   }
-  uint64_t expected = 0;
-  if (__builtin_mul_overflow(numel, static_cast<uint64_t>(DTypeSize(e.dtype)), &expected) ||
-      expected != e.end - e.begin) {
+  // Sizes in bits: F4/F6 pack elements below a byte; a tensor must still end on a whole byte (as the
+  // reference reader requires).
+  uint64_t bits = 0;
+  if (__builtin_mul_overflow(numel, static_cast<uint64_t>(DTypeBits(e.dtype)), &bits)) {
+    return Bad(where + "shape is too large");
+  }
+  if (bits % 8 != 0) {
+    return Bad(absl::StrCat(where, numel, " elements of ", std::string(SafetensorsDTypeName(e.dtype)),
+                            " do not fill whole bytes"));
+  }
+  if (bits / 8 != e.end - e.begin) {
     return Bad(absl::StrCat(where, "shape ", ShapeToString(e.shape), " of ",
                             std::string(SafetensorsDTypeName(e.dtype)), " needs ", numel, " x ",
-                            DTypeSize(e.dtype), " bytes but data_offsets span ", e.end - e.begin));
+                            DTypeBits(e.dtype), " bits = ", bits / 8, " bytes but data_offsets span ",
+                            e.end - e.begin));
   }
   return e;
 }
