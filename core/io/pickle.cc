@@ -1,6 +1,7 @@
 // The restricted unpickler of pickle.h. Opcode values: CPython Lib/pickletools.py (protocols 0-5).
-// Values live in an arena and containers hold raw pointers into it, so a file that builds deep or cyclic
-// structures (through the memo) costs one allocation per opcode and nothing recursive on destruction.
+// Values live in an arena and containers hold raw pointers into it, so a file that builds deep or
+// cyclic structures (through the memo) costs one allocation per opcode and nothing recursive on
+// destruction.
 #include "core/io/pickle.h"
 
 #include <cstring>
@@ -14,18 +15,37 @@
 namespace specontext {
 namespace {
 
-enum class Kind : uint8_t { kNone, kBool, kInt, kFloat, kString, kTuple, kList, kDict, kGlobal, kStorage, kTensor };
-enum class Callable : uint8_t { kOrderedDict, kRebuildV2, kRebuildV3, kRebuildParameter, kStorageType, kDtype };
+enum class Kind : uint8_t {
+  kNone,
+  kBool,
+  kInt,
+  kFloat,
+  kString,
+  kTuple,
+  kList,
+  kDict,
+  kGlobal,
+  kStorage,
+  kTensor
+};
+enum class Callable : uint8_t {
+  kOrderedDict,
+  kRebuildV2,
+  kRebuildV3,
+  kRebuildParameter,
+  kStorageType,
+  kDtype
+};
 
 struct Value {
   Kind kind = Kind::kNone;
-  int64_t i = 0;                  // kInt, kBool
-  std::string s;                  // kString; kGlobal: "module.name"
-  std::vector<Value*> items;      // kTuple/kList; kDict: key, value, key, value, ...
+  int64_t i = 0;                               // kInt, kBool
+  std::string s;                               // kString; kGlobal: "module.name"
+  std::vector<Value*> items;                   // kTuple/kList; kDict: key, value, key, value, ...
   Callable callable = Callable::kOrderedDict;  // kGlobal
-  DType dtype = DType::kU8;       // kGlobal storage type / dtype
-  TorchStorageRef storage;        // kStorage
-  TorchTensorRecord tensor;       // kTensor
+  DType dtype = DType::kU8;                    // kGlobal storage type / dtype
+  TorchStorageRef storage;                     // kStorage
+  TorchTensorRecord tensor;                    // kTensor
 };
 
 struct AllowedGlobal {
@@ -35,7 +55,8 @@ struct AllowedGlobal {
   DType dtype;
 };
 
-// Everything a state dict may name (pickle.h). Storage types give the element dtype of their storage.
+// Everything a state dict may name (pickle.h). Storage types give the element dtype of their
+// storage.
 constexpr AllowedGlobal kAllowed[] = {
     {"collections", "OrderedDict", Callable::kOrderedDict, DType::kU8},
     {"torch._utils", "_rebuild_tensor_v2", Callable::kRebuildV2, DType::kU8},
@@ -81,8 +102,8 @@ class Machine {
 
  private:
   absl::Status Bad(const std::string& msg) const {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("pickle: %s (opcode 0x%02x at byte %d)", msg, static_cast<int>(op_), op_at_));
+    return absl::InvalidArgumentError(absl::StrFormat("pickle: %s (opcode 0x%02x at byte %d)", msg,
+                                                      static_cast<int>(op_), op_at_));
   }
 
   Value* New(Kind kind) {
@@ -104,7 +125,8 @@ class Machine {
     return v;
   }
   absl::StatusOr<std::string> ReadBytes(uint64_t len) {
-    if (len > n_ - pos_) return Bad(absl::StrCat("a ", len, "-byte string runs past the end of the pickle"));
+    if (len > n_ - pos_)
+      return Bad(absl::StrCat("a ", len, "-byte string runs past the end of the pickle"));
     std::string s(reinterpret_cast<const char*>(d_ + pos_), static_cast<size_t>(len));
     pos_ += static_cast<size_t>(len);
     return s;
@@ -119,18 +141,21 @@ class Machine {
   }
 
   absl::StatusOr<Value*> Pop() {
-    if (stack_.empty() || (!marks_.empty() && marks_.back() == stack_.size())) return Bad("pops an empty stack");
+    if (stack_.empty() || (!marks_.empty() && marks_.back() == stack_.size()))
+      return Bad("pops an empty stack");
     Value* v = stack_.back();
     stack_.pop_back();
     return v;
   }
   absl::StatusOr<Value*> Top() {
-    if (stack_.empty() || (!marks_.empty() && marks_.back() == stack_.size())) return Bad("reads an empty stack");
+    if (stack_.empty() || (!marks_.empty() && marks_.back() == stack_.size()))
+      return Bad("reads an empty stack");
     return stack_.back();
   }
   absl::StatusOr<std::vector<Value*>> PopMark() {
     if (marks_.empty()) return Bad("needs a MARK");
-    std::vector<Value*> items(stack_.begin() + static_cast<std::ptrdiff_t>(marks_.back()), stack_.end());
+    std::vector<Value*> items(stack_.begin() + static_cast<std::ptrdiff_t>(marks_.back()),
+                              stack_.end());
     stack_.resize(marks_.back());
     marks_.pop_back();
     return items;
@@ -179,8 +204,9 @@ class Machine {
   // ('storage', storage type, key, location, numel) -> kStorage.
   absl::StatusOr<Value*> PersistentLoad(Value* pid) {
     const std::vector<Value*>& t = pid->items;
-    if (pid->kind != Kind::kTuple || t.size() != 5 || t[0]->kind != Kind::kString || t[0]->s != "storage" ||
-        t[1]->kind != Kind::kGlobal || t[1]->callable != Callable::kStorageType || t[2]->kind != Kind::kString ||
+    if (pid->kind != Kind::kTuple || t.size() != 5 || t[0]->kind != Kind::kString ||
+        t[0]->s != "storage" || t[1]->kind != Kind::kGlobal ||
+        t[1]->callable != Callable::kStorageType || t[2]->kind != Kind::kString ||
         t[4]->kind != Kind::kInt || t[4]->i < 0) {
       return Bad("a persistent id is not ('storage', torch storage type, key, location, numel)");
     }
@@ -191,7 +217,8 @@ class Machine {
     }
     auto [it, fresh] = storages_.try_emplace(t[2]->s, TorchStorageRef{t[2]->s, dtype, bytes});
     if (!fresh && (it->second.dtype != dtype || it->second.bytes != bytes)) {
-      return Bad(absl::StrCat("storage \"", t[2]->s, "\" is named with two different types or sizes"));
+      return Bad(
+          absl::StrCat("storage \"", t[2]->s, "\" is named with two different types or sizes"));
     }
     Value* v = New(Kind::kStorage);
     v->storage = it->second;
@@ -201,14 +228,17 @@ class Machine {
   absl::StatusOr<Value*> RebuildTensor(const std::vector<Value*>& a, bool v3) {
     const size_t want = v3 ? 7 : 6;
     if (a.size() != want && a.size() != want + 1) {
-      return Bad(absl::StrCat("_rebuild_tensor_v", v3 ? 3 : 2, " takes ", want, " arguments, got ", a.size()));
+      return Bad(absl::StrCat("_rebuild_tensor_v", v3 ? 3 : 2, " takes ", want, " arguments, got ",
+                              a.size()));
     }
-    if (a[0]->kind != Kind::kStorage || a[1]->kind != Kind::kInt || a[1]->i < 0 || a[2]->kind != Kind::kTuple ||
-        a[3]->kind != Kind::kTuple || a[2]->items.size() != a[3]->items.size() ||
+    if (a[0]->kind != Kind::kStorage || a[1]->kind != Kind::kInt || a[1]->i < 0 ||
+        a[2]->kind != Kind::kTuple || a[3]->kind != Kind::kTuple ||
+        a[2]->items.size() != a[3]->items.size() ||
         (v3 && (a[6]->kind != Kind::kGlobal || a[6]->callable != Callable::kDtype))) {
       return Bad("tensor arguments are not (storage, offset, size tuple, stride tuple, ...)");
     }
-    if (a[2]->items.size() > kMaxRank) return Bad(absl::StrCat("tensor rank ", a[2]->items.size(), " > ", kMaxRank));
+    if (a[2]->items.size() > kMaxRank)
+      return Bad(absl::StrCat("tensor rank ", a[2]->items.size(), " > ", kMaxRank));
     Value* v = New(Kind::kTensor);
     TorchTensorRecord& t = v->tensor;
     t.storage = a[0]->storage;
@@ -217,7 +247,8 @@ class Machine {
     for (size_t i = 0; i < a[2]->items.size(); ++i) {
       const Value* sz = a[2]->items[i];
       const Value* st = a[3]->items[i];
-      if (sz->kind != Kind::kInt || st->kind != Kind::kInt || sz->i < 0 || st->i < 0 || sz->i > (int64_t{1} << 48)) {
+      if (sz->kind != Kind::kInt || st->kind != Kind::kInt || sz->i < 0 || st->i < 0 ||
+          sz->i > (int64_t{1} << 48)) {
         return Bad("tensor sizes and strides must be non-negative integers");
       }
       t.shape.push_back(sz->i);
@@ -228,24 +259,28 @@ class Machine {
     uint64_t last = t.offset, numel = 1;
     for (size_t i = 0; i < t.shape.size(); ++i) {
       uint64_t reach = 0;
-      if (__builtin_mul_overflow(static_cast<uint64_t>(t.shape[i]), numel, &numel) || numel > (uint64_t{1} << 56) ||
-          (t.shape[i] > 0 &&
-           (__builtin_mul_overflow(static_cast<uint64_t>(t.shape[i] - 1), static_cast<uint64_t>(t.stride[i]), &reach) ||
-            __builtin_add_overflow(last, reach, &last)))) {
+      if (__builtin_mul_overflow(static_cast<uint64_t>(t.shape[i]), numel, &numel) ||
+          numel > (uint64_t{1} << 56) ||
+          (t.shape[i] > 0 && (__builtin_mul_overflow(static_cast<uint64_t>(t.shape[i] - 1),
+                                                     static_cast<uint64_t>(t.stride[i]), &reach) ||
+                              __builtin_add_overflow(last, reach, &last)))) {
         return Bad("tensor size overflows");
       }
     }
     uint64_t end_byte = 0;
-    if (numel > 0 && (__builtin_mul_overflow(last + 1, es, &end_byte) || end_byte > t.storage.bytes)) {
-      return Bad(absl::StrCat("a tensor view reaches element ", last, " of storage \"", t.storage.key, "\" (",
-                              t.storage.bytes, " bytes of ", std::string(DTypeName(t.dtype)), ")"));
+    if (numel > 0 &&
+        (__builtin_mul_overflow(last + 1, es, &end_byte) || end_byte > t.storage.bytes)) {
+      return Bad(absl::StrCat("a tensor view reaches element ", last, " of storage \"",
+                              t.storage.key, "\" (", t.storage.bytes, " bytes of ",
+                              std::string(DTypeName(t.dtype)), ")"));
     }
     return v;
   }
 
   absl::StatusOr<Value*> Reduce(Value* fn, Value* args) {
     if (fn->kind != Kind::kGlobal) return Bad("REDUCE of something that is not an allowed global");
-    if (args->kind != Kind::kTuple) return Bad(absl::StrCat("REDUCE of ", fn->s, " without an argument tuple"));
+    if (args->kind != Kind::kTuple)
+      return Bad(absl::StrCat("REDUCE of ", fn->s, " without an argument tuple"));
     switch (fn->callable) {
       case Callable::kOrderedDict:
         if (!args->items.empty()) return Bad("collections.OrderedDict called with arguments");
@@ -269,7 +304,8 @@ class Machine {
     if (root->kind != Kind::kDict) return Bad("the pickle is not a dict (a state dict)");
     std::vector<TorchTensorRecord> out;
     for (size_t i = 0; i < root->items.size(); i += 2) {
-      if (root->items[i]->kind != Kind::kString || root->items[i + 1]->kind != Kind::kTensor) continue;
+      if (root->items[i]->kind != Kind::kString || root->items[i + 1]->kind != Kind::kTensor)
+        continue;
       out.push_back(root->items[i + 1]->tensor);
       out.back().name = root->items[i]->s;
     }
@@ -314,10 +350,16 @@ absl::Status Machine::Step(bool* stop) {
       stack_.push_back(v);
       return absl::OkStatus();
     }
-    case 'N': stack_.push_back(New(Kind::kNone)); return absl::OkStatus();
-    case 0x88: stack_.push_back(Int(1, Kind::kBool)); return absl::OkStatus();  // NEWTRUE
-    case 0x89: stack_.push_back(Int(0, Kind::kBool)); return absl::OkStatus();  // NEWFALSE
-    case 'J': {  // BININT
+    case 'N':
+      stack_.push_back(New(Kind::kNone));
+      return absl::OkStatus();
+    case 0x88:
+      stack_.push_back(Int(1, Kind::kBool));
+      return absl::OkStatus();  // NEWTRUE
+    case 0x89:
+      stack_.push_back(Int(0, Kind::kBool));
+      return absl::OkStatus();  // NEWFALSE
+    case 'J': {                 // BININT
       ASSIGN_OR_RETURN(uint64_t v, ReadLe(4));
       stack_.push_back(Int(static_cast<int32_t>(static_cast<uint32_t>(v))));
       return absl::OkStatus();
@@ -332,8 +374,10 @@ absl::Status Machine::Step(bool* stop) {
     case 0x8b: {  // LONG4
       ASSIGN_OR_RETURN(uint64_t len, ReadLe(op_ == 0x8a ? 1 : 4));
       if (len > 8) return Bad(absl::StrCat("a ", len, "-byte integer is larger than 64 bits"));
-      ASSIGN_OR_RETURN(uint64_t v, len == 0 ? absl::StatusOr<uint64_t>(0) : ReadLe(static_cast<int>(len)));
-      if (len > 0 && len < 8 && (v >> (8 * len - 1)) & 1) v |= ~uint64_t{0} << (8 * len);  // sign-extend
+      ASSIGN_OR_RETURN(uint64_t v,
+                       len == 0 ? absl::StatusOr<uint64_t>(0) : ReadLe(static_cast<int>(len)));
+      if (len > 0 && len < 8 && (v >> (8 * len - 1)) & 1)
+        v |= ~uint64_t{0} << (8 * len);  // sign-extend
       stack_.push_back(Int(static_cast<int64_t>(v)));
       return absl::OkStatus();
     }
@@ -342,10 +386,17 @@ absl::Status Machine::Step(bool* stop) {
       stack_.push_back(New(Kind::kFloat));
       return absl::OkStatus();
     }
-    case 'X': case 0x8c: case 0x8d:   // BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
-    case 'T': case 'U':               // BINSTRING, SHORT_BINSTRING
-    case 'B': case 'C': case 0x8e: {  // BINBYTES, SHORT_BINBYTES, BINBYTES8
-      const int width = (op_ == 0x8c || op_ == 'U' || op_ == 'C') ? 1 : (op_ == 0x8d || op_ == 0x8e) ? 8 : 4;
+    case 'X':
+    case 0x8c:
+    case 0x8d:  // BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
+    case 'T':
+    case 'U':  // BINSTRING, SHORT_BINSTRING
+    case 'B':
+    case 'C':
+    case 0x8e: {  // BINBYTES, SHORT_BINBYTES, BINBYTES8
+      const int width = (op_ == 0x8c || op_ == 'U' || op_ == 'C') ? 1
+                        : (op_ == 0x8d || op_ == 0x8e)            ? 8
+                                                                  : 4;
       ASSIGN_OR_RETURN(uint64_t len, ReadLe(width));
       if (op_ == 'T' && (len >> 31)) return Bad("negative string length");
       Value* v = New(Kind::kString);
@@ -353,16 +404,25 @@ absl::Status Machine::Step(bool* stop) {
       stack_.push_back(v);
       return absl::OkStatus();
     }
-    case ')': stack_.push_back(New(Kind::kTuple)); return absl::OkStatus();  // EMPTY_TUPLE
-    case ']': stack_.push_back(New(Kind::kList)); return absl::OkStatus();   // EMPTY_LIST
-    case '}': stack_.push_back(New(Kind::kDict)); return absl::OkStatus();   // EMPTY_DICT
-    case 't': case 'l': {  // TUPLE, LIST (from MARK)
+    case ')':
+      stack_.push_back(New(Kind::kTuple));
+      return absl::OkStatus();  // EMPTY_TUPLE
+    case ']':
+      stack_.push_back(New(Kind::kList));
+      return absl::OkStatus();  // EMPTY_LIST
+    case '}':
+      stack_.push_back(New(Kind::kDict));
+      return absl::OkStatus();  // EMPTY_DICT
+    case 't':
+    case 'l': {  // TUPLE, LIST (from MARK)
       Value* v = New(op_ == 't' ? Kind::kTuple : Kind::kList);
       ASSIGN_OR_RETURN(v->items, PopMark());
       stack_.push_back(v);
       return absl::OkStatus();
     }
-    case 0x85: case 0x86: case 0x87: {  // TUPLE1..3
+    case 0x85:
+    case 0x86:
+    case 0x87: {  // TUPLE1..3
       Value* v = New(Kind::kTuple);
       v->items.resize(op_ - 0x84);
       for (size_t i = v->items.size(); i-- > 0;) {
@@ -416,7 +476,8 @@ absl::Status Machine::Step(bool* stop) {
     case 0x93: {  // STACK_GLOBAL
       ASSIGN_OR_RETURN(Value * name, Pop());
       ASSIGN_OR_RETURN(Value * module, Pop());
-      if (name->kind != Kind::kString || module->kind != Kind::kString) return Bad("STACK_GLOBAL needs two strings");
+      if (name->kind != Kind::kString || module->kind != Kind::kString)
+        return Bad("STACK_GLOBAL needs two strings");
       ASSIGN_OR_RETURN(Value * g, Global(module->s, name->s));
       stack_.push_back(g);
       return absl::OkStatus();
@@ -428,7 +489,8 @@ absl::Status Machine::Step(bool* stop) {
       stack_.push_back(v);
       return absl::OkStatus();
     }
-    case 'b': {  // BUILD: only an OrderedDict's attributes (state_dict()._metadata), which are dropped
+    case 'b': {  // BUILD: only an OrderedDict's attributes (state_dict()._metadata), which are
+                 // dropped
       ASSIGN_OR_RETURN(Value * state, Pop());
       ASSIGN_OR_RETURN(Value * obj, Top());
       (void)state;
@@ -441,13 +503,15 @@ absl::Status Machine::Step(bool* stop) {
       stack_.push_back(v);
       return absl::OkStatus();
     }
-    case 'q': case 'r': {  // BINPUT, LONG_BINPUT
+    case 'q':
+    case 'r': {  // BINPUT, LONG_BINPUT
       ASSIGN_OR_RETURN(uint64_t i, ReadLe(op_ == 'q' ? 1 : 4));
       return Memo(i);
     }
     case 0x94:  // MEMOIZE
       return Memo(memo_.size());
-    case 'h': case 'j': {  // BINGET, LONG_BINGET
+    case 'h':
+    case 'j': {  // BINGET, LONG_BINGET
       ASSIGN_OR_RETURN(uint64_t i, ReadLe(op_ == 'h' ? 1 : 4));
       return Get(i);
     }
@@ -458,7 +522,8 @@ absl::Status Machine::Step(bool* stop) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<TorchTensorRecord>> UnpickleTorchStateDict(const uint8_t* data, size_t size) {
+absl::StatusOr<std::vector<TorchTensorRecord>> UnpickleTorchStateDict(const uint8_t* data,
+                                                                      size_t size) {
   return Machine(data, size).Run();
 }
 

@@ -14,7 +14,9 @@
 namespace specontext {
 namespace {
 
-absl::Status Bad(const std::string& msg) { return absl::InvalidArgumentError(absl::StrCat("torch checkpoint: ", msg)); }
+absl::Status Bad(const std::string& msg) {
+  return absl::InvalidArgumentError(absl::StrCat("torch checkpoint: ", msg));
+}
 
 // A tensor of the archive: its record and where its storage's bytes start in the buffer.
 struct Entry {
@@ -25,7 +27,8 @@ struct Entry {
 bool IsContiguous(const TorchTensorRecord& t) {
   int64_t expect = 1;
   for (size_t i = t.shape.size(); i-- > 0;) {
-    if (t.shape[i] != 1 && t.stride[i] != expect) return false;  // a size-1 dimension may have any stride
+    if (t.shape[i] != 1 && t.stride[i] != expect)
+      return false;  // a size-1 dimension may have any stride
     expect *= t.shape[i];
   }
   return true;
@@ -60,7 +63,8 @@ class TorchWeights final : public WeightSource {
   bool Has(std::string_view name) const override { return by_name_.count(std::string(name)) > 0; }
   absl::StatusOr<Tensor> Get(std::string_view name) const override {
     auto it = by_name_.find(std::string(name));
-    if (it == by_name_.end()) return absl::NotFoundError(absl::StrCat("tensor \"", std::string(name), "\" not found"));
+    if (it == by_name_.end())
+      return absl::NotFoundError(absl::StrCat("tensor \"", std::string(name), "\" not found"));
     const Entry& e = entries_[it->second];
     const TorchTensorRecord& t = e.record;
     if (!IsContiguous(t)) return CopyStrided(e);
@@ -99,7 +103,8 @@ absl::StatusOr<std::string> FindPrefix(const ZipDirectory& dir) {
       }
       return false;
     }();
-    return Bad(torchscript ? "this is a TorchScript archive (constants.pkl, no data.pkl), not a torch.save state dict"
+    return Bad(torchscript ? "this is a TorchScript archive (constants.pkl, no data.pkl), not a "
+                             "torch.save state dict"
                            : "no <folder>/data.pkl in the archive: not a torch.save checkpoint");
   }
   if (found > 1) return Bad("more than one data.pkl in the archive");
@@ -109,11 +114,13 @@ absl::StatusOr<std::string> FindPrefix(const ZipDirectory& dir) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<WeightSource>> TorchZipFromBuffer(const uint8_t* data, size_t size,
-                                                                std::shared_ptr<void> storage) {
+                                                                 std::shared_ptr<void> storage) {
   if (!LooksLikeZip(data, size)) {
     if (size >= 2 && data[0] == 0x80 && data[1] <= 5) {
-      return Bad("legacy torch.save format (torch < 1.6 or _use_new_zipfile_serialization=False): load it with "
-                 "torch and save it again with torch >= 1.6, or convert it to safetensors");
+      return Bad(
+          "legacy torch.save format (torch < 1.6 or _use_new_zipfile_serialization=False): load it "
+          "with "
+          "torch and save it again with torch >= 1.6, or convert it to safetensors");
     }
     return Bad("not a ZIP archive (torch.save checkpoints are zip files)");
   }
@@ -122,33 +129,40 @@ absl::StatusOr<std::unique_ptr<WeightSource>> TorchZipFromBuffer(const uint8_t* 
   ASSIGN_OR_RETURN(std::string prefix, FindPrefix(*dir));
   if (const ZipEntry* order = dir->Find(prefix + "byteorder"); order != nullptr) {
     const std::string value(reinterpret_cast<const char*>(data + order->data_offset), order->size);
-    if (value != "little") return Bad(absl::StrCat("byteorder is \"", value, "\"; only little-endian archives are read"));
+    if (value != "little")
+      return Bad(
+          absl::StrCat("byteorder is \"", value, "\"; only little-endian archives are read"));
   }
   const ZipEntry* pkl = dir->Find(prefix + "data.pkl");
-  ASSIGN_OR_RETURN(std::vector<TorchTensorRecord> records, UnpickleTorchStateDict(data + pkl->data_offset, pkl->size));
+  ASSIGN_OR_RETURN(std::vector<TorchTensorRecord> records,
+                   UnpickleTorchStateDict(data + pkl->data_offset, pkl->size));
   std::vector<Entry> entries;
   entries.reserve(records.size());
   for (TorchTensorRecord& r : records) {
     const std::string entry_name = absl::StrCat(prefix, "data/", r.storage.key);
     const ZipEntry* e = dir->Find(entry_name);
     if (e == nullptr) {
-      return Bad(absl::StrCat("tensor \"", r.name, "\": its storage ", entry_name, " is not in the archive"));
+      return Bad(absl::StrCat("tensor \"", r.name, "\": its storage ", entry_name,
+                              " is not in the archive"));
     }
     if (e->size != r.storage.bytes) {
       return Bad(absl::StrCat("tensor \"", r.name, "\": storage ", entry_name, " holds ", e->size,
                               " bytes but the pickle says ", r.storage.bytes));
     }
     if (DTypeSize(r.dtype) == 0) {
-      return Bad(absl::StrCat("tensor \"", r.name, "\" has the packed dtype ", std::string(DTypeName(r.dtype))));
+      return Bad(absl::StrCat("tensor \"", r.name, "\" has the packed dtype ",
+                              std::string(DTypeName(r.dtype))));
     }
-    // A contiguous view inside its storage (checked by the unpickler) is never larger than it; a strided
-    // copy must not be either, so that an expanded (stride-0) view cannot ask for more memory than the file.
+    // A contiguous view inside its storage (checked by the unpickler) is never larger than it; a
+    // strided copy must not be either, so that an expanded (stride-0) view cannot ask for more
+    // memory than the file.
     uint64_t copy_bytes = 0;
-    if (!IsContiguous(r) &&
-        (__builtin_mul_overflow(static_cast<uint64_t>(NumElements(r.shape)), DTypeSize(r.dtype), &copy_bytes) ||
-         copy_bytes > r.storage.bytes)) {
-      return Bad(absl::StrCat("tensor \"", r.name, "\" is an overlapping view (shape ", ShapeToString(r.shape),
-                              " over ", r.storage.bytes, " storage bytes); save a contiguous copy"));
+    if (!IsContiguous(r) && (__builtin_mul_overflow(static_cast<uint64_t>(NumElements(r.shape)),
+                                                    DTypeSize(r.dtype), &copy_bytes) ||
+                             copy_bytes > r.storage.bytes)) {
+      return Bad(absl::StrCat("tensor \"", r.name, "\" is an overlapping view (shape ",
+                              ShapeToString(r.shape), " over ", r.storage.bytes,
+                              " storage bytes); save a contiguous copy"));
     }
     entries.push_back({std::move(r), data + e->data_offset});
   }
@@ -157,8 +171,10 @@ absl::StatusOr<std::unique_ptr<WeightSource>> TorchZipFromBuffer(const uint8_t* 
 
 absl::StatusOr<std::unique_ptr<WeightSource>> OpenTorchCheckpoint(const std::string& path) {
   ASSIGN_OR_RETURN(MappedFile mf, MapFileReadOnly(path));
-  absl::StatusOr<std::unique_ptr<WeightSource>> ws = TorchZipFromBuffer(mf.data, mf.size, mf.storage);
-  if (!ws.ok()) return absl::Status(ws.status().code(), absl::StrCat(path, ": ", ws.status().message()));
+  absl::StatusOr<std::unique_ptr<WeightSource>> ws =
+      TorchZipFromBuffer(mf.data, mf.size, mf.storage);
+  if (!ws.ok())
+    return absl::Status(ws.status().code(), absl::StrCat(path, ": ", ws.status().message()));
   return ws;
 }
 

@@ -1,5 +1,6 @@
-// torch.save-compatible writer (torch_zip_writer.h). Zip records: PKWARE APPNOTE.TXT 4.3; the pickle follows
-// what torch.save emits for a state dict (torch/serialization.py `_save`, torch/_tensor.py `_reduce_ex_internal`).
+// torch.save-compatible writer (torch_zip_writer.h). Zip records: PKWARE APPNOTE.TXT 4.3; the
+// pickle follows what torch.save emits for a state dict (torch/serialization.py `_save`,
+// torch/_tensor.py `_reduce_ex_internal`).
 #include "core/io/torch_zip_writer.h"
 
 #include <fcntl.h>
@@ -21,7 +22,7 @@ namespace specontext {
 namespace {
 
 constexpr uint32_t kPoly = 0xedb88320u;  // CRC-32 (ZIP), reflected
-constexpr uint64_t kAlign = 64;           // torch aligns every record's data to 64 bytes
+constexpr uint64_t kAlign = 64;          // torch aligns every record's data to 64 bytes
 constexpr uint64_t kZip32Limit = 0xffffffffu;
 
 struct CrcTable {
@@ -48,18 +49,30 @@ uint32_t MulModP(uint32_t a, uint32_t b) {
 
 std::optional<std::string_view> StorageType(DType d) {
   switch (d) {
-    case DType::kF32: return "FloatStorage";
-    case DType::kF16: return "HalfStorage";
-    case DType::kBF16: return "BFloat16Storage";
-    case DType::kF64: return "DoubleStorage";
-    case DType::kI64: return "LongStorage";
-    case DType::kI32: return "IntStorage";
-    case DType::kI16: return "ShortStorage";
-    case DType::kI8: return "CharStorage";
-    case DType::kU8: return "ByteStorage";
-    case DType::kBool: return "BoolStorage";
-    case DType::kC64: return "ComplexFloatStorage";
-    default: return std::nullopt;
+    case DType::kF32:
+      return "FloatStorage";
+    case DType::kF16:
+      return "HalfStorage";
+    case DType::kBF16:
+      return "BFloat16Storage";
+    case DType::kF64:
+      return "DoubleStorage";
+    case DType::kI64:
+      return "LongStorage";
+    case DType::kI32:
+      return "IntStorage";
+    case DType::kI16:
+      return "ShortStorage";
+    case DType::kI8:
+      return "CharStorage";
+    case DType::kU8:
+      return "ByteStorage";
+    case DType::kBool:
+      return "BoolStorage";
+    case DType::kC64:
+      return "ComplexFloatStorage";
+    default:
+      return std::nullopt;
   }
 }
 
@@ -161,7 +174,8 @@ absl::Status Pwrite(int fd, const void* data, size_t n, uint64_t offset, const s
   while (n > 0) {
     const ssize_t w = ::pwrite(fd, p, n, static_cast<off_t>(offset));
     if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return absl::InternalError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
+    if (w <= 0)
+      return absl::InternalError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
     p += w;
     n -= static_cast<size_t>(w);
     offset += static_cast<uint64_t>(w);
@@ -179,8 +193,9 @@ uint32_t Crc32(uint32_t crc, const void* data, size_t n) {
 }
 
 uint32_t Crc32Combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
-  // crc(A ‖ B) = crc(A)·x^(8|B|) ⊕ crc(B) mod P (the pre/post inversions cancel). x^(8n) by squaring.
-  uint32_t shift = 1u << 31;      // x^0
+  // crc(A ‖ B) = crc(A)·x^(8|B|) ⊕ crc(B) mod P (the pre/post inversions cancel). x^(8n) by
+  // squaring.
+  uint32_t shift = 1u << 31;        // x^0
   uint32_t power = 1u << (31 - 8);  // x^8
   for (uint64_t n = len_b; n != 0; n >>= 1) {
     if (n & 1) shift = MulModP(shift, power);
@@ -190,18 +205,22 @@ uint32_t Crc32Combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
 }
 
 absl::StatusOr<std::string> TorchStateDictPickle(const std::vector<TensorSpec>& specs) {
-  std::string p = "\x80\x02" "ccollections\nOrderedDict\n)R(";
+  std::string p =
+      "\x80\x02"
+      "ccollections\nOrderedDict\n)R(";
   for (size_t i = 0; i < specs.size(); ++i) {
     const TensorSpec& s = specs[i];
     const std::optional<std::string_view> storage = StorageType(s.dtype);
     if (!storage) {
-      return absl::InvalidArgumentError(absl::StrCat("torch checkpoint: tensor \"", s.name, "\" has dtype ",
-                                                     std::string(DTypeName(s.dtype)), ", which has no torch storage type"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("torch checkpoint: tensor \"", s.name, "\" has dtype ",
+                       std::string(DTypeName(s.dtype)), ", which has no torch storage type"));
     }
     std::vector<int64_t> shape(s.shape.begin(), s.shape.end()), stride(shape.size(), 1);
     for (size_t d = shape.size(); d-- > 1;) stride[d - 1] = stride[d] * shape[d];
     PickleString(&p, s.name);
-    p += "ctorch._utils\n_rebuild_tensor_v2\n((";  // the function, its argument tuple, the persistent id
+    p += "ctorch._utils\n_rebuild_tensor_v2\n((";  // the function, its argument tuple, the
+                                                   // persistent id
     PickleString(&p, "storage");
     p += absl::StrCat("ctorch\n", std::string(*storage), "\n");
     PickleString(&p, std::to_string(i));
@@ -211,19 +230,23 @@ absl::StatusOr<std::string> TorchStateDictPickle(const std::vector<TensorSpec>& 
     PickleInt(&p, 0);
     PickleIntTuple(&p, shape);
     PickleIntTuple(&p, stride);
-    p += "\x89" "ccollections\nOrderedDict\n)R" "tR";  // requires_grad False, hooks; the call
+    p += "\x89"
+         "ccollections\nOrderedDict\n)R"
+         "tR";  // requires_grad False, hooks; the call
   }
   p += "u.";
   return p;
 }
 
-absl::Status WriteTorchCheckpointStreaming(const std::string& path, const std::vector<TensorSpec>& specs,
-                                           const TensorFillFn& fill, int num_threads, int64_t chunk_elements,
-                                           const std::function<void(uint64_t, uint64_t)>& progress) {
+absl::Status WriteTorchCheckpointStreaming(
+    const std::string& path, const std::vector<TensorSpec>& specs, const TensorFillFn& fill,
+    int num_threads, int64_t chunk_elements,
+    const std::function<void(uint64_t, uint64_t)>& progress) {
   ASSIGN_OR_RETURN(std::string pickle, TorchStateDictPickle(specs));
   // The folder is named after the file, as torch.save names it.
   std::string stem = path.substr(path.find_last_of('/') + 1);
-  if (const size_t dot = stem.find('.'); dot != std::string::npos && dot > 0) stem = stem.substr(0, dot);
+  if (const size_t dot = stem.find('.'); dot != std::string::npos && dot > 0)
+    stem = stem.substr(0, dot);
   if (stem.empty()) stem = "archive";
   std::vector<Record> records;
   records.push_back({stem + "/data.pkl", pickle});
@@ -245,14 +268,16 @@ absl::Status WriteTorchCheckpointStreaming(const std::string& path, const std::v
       r.crc = Crc32(0, r.literal.data(), r.literal.size());
     }
     r.header = offset;
-    r.data = (offset + 30 + r.name.size() + 4 + kAlign - 1) / kAlign * kAlign;  // room for the padding field
+    r.data = (offset + 30 + r.name.size() + 4 + kAlign - 1) / kAlign *
+             kAlign;  // room for the padding field
     offset = r.data + r.size;
   }
   const uint64_t cd_offset = offset;
   if (cd_offset > kZip32Limit || records.size() > 0xffff) {
-    return absl::InvalidArgumentError(absl::StrCat("torch checkpoint: ", path, " would be ", cd_offset,
-                                                   " bytes; archives past 4 GiB need ZIP64, which this writer does "
-                                                   "not write (shard the checkpoint)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("torch checkpoint: ", path, " would be ", cd_offset,
+                     " bytes; archives past 4 GiB need ZIP64, which this writer does "
+                     "not write (shard the checkpoint)"));
   }
   // Chunks of the tensors, filled in parallel; their CRCs are combined in order afterwards.
   struct Chunk {
@@ -269,11 +294,13 @@ absl::Status WriteTorchCheckpointStreaming(const std::string& path, const std::v
     const TensorSpec& s = specs[static_cast<size_t>(r.tensor)];
     const int64_t n = NumElements(s.shape);
     for (int64_t first = 0; first < n; first += chunk_elements) {
-      chunks.push_back({ri, first, std::min(chunk_elements, n - first), r.data + first * DTypeSize(s.dtype)});
+      chunks.push_back(
+          {ri, first, std::min(chunk_elements, n - first), r.data + first * DTypeSize(s.dtype)});
     }
   }
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::InternalError(absl::StrCat("cannot create ", path, ": ", std::strerror(errno)));
+  if (fd < 0)
+    return absl::InternalError(absl::StrCat("cannot create ", path, ": ", std::strerror(errno)));
   absl::Status status;
   std::mutex mu;  // guards status, serialises progress
   std::atomic<size_t> next{0};
@@ -301,33 +328,39 @@ absl::Status WriteTorchCheckpointStreaming(const std::string& path, const std::v
   for (std::thread& t : pool) t.join();
   for (const Chunk& ch : chunks) {  // chunks of a record are in order
     const Record& r = records[ch.record];
-    const uint64_t len = static_cast<uint64_t>(ch.count) * DTypeSize(specs[static_cast<size_t>(r.tensor)].dtype);
+    const uint64_t len =
+        static_cast<uint64_t>(ch.count) * DTypeSize(specs[static_cast<size_t>(r.tensor)].dtype);
     records[ch.record].crc = ch.first == 0 ? ch.crc : Crc32Combine(r.crc, ch.crc, len);
   }
   for (const Record& r : records) {
     if (!status.ok()) break;
     status = Pwrite(fd, LocalHeader(r).data(), r.data - r.header, r.header, path);
-    if (status.ok() && r.tensor < 0) status = Pwrite(fd, r.literal.data(), r.literal.size(), r.data, path);
+    if (status.ok() && r.tensor < 0)
+      status = Pwrite(fd, r.literal.data(), r.literal.size(), r.data, path);
   }
   if (status.ok()) {
     const std::string cd = CentralDirectory(records, cd_offset);
     status = Pwrite(fd, cd.data(), cd.size(), cd_offset, path);
   }
-  if (::close(fd) != 0 && status.ok()) status = absl::InternalError(absl::StrCat("cannot close ", path));
+  if (::close(fd) != 0 && status.ok())
+    status = absl::InternalError(absl::StrCat("cannot close ", path));
   return status;
 }
 
-absl::Status WriteTorchCheckpoint(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors) {
+absl::Status WriteTorchCheckpoint(const std::string& path,
+                                  const std::vector<std::pair<std::string, Tensor>>& tensors) {
   std::vector<TensorSpec> specs;
   for (const auto& [name, t] : tensors) {
     if (t.device() != DeviceKind::kCpu) {
-      return absl::InvalidArgumentError(absl::StrCat("torch checkpoint: tensor \"", name, "\" is not on the host"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("torch checkpoint: tensor \"", name, "\" is not on the host"));
     }
     specs.push_back({name, t.dtype(), t.shape()});
   }
   const TensorFillFn fill = [&](size_t i, int64_t first, int64_t count, void* dst) {
     const size_t es = DTypeSize(tensors[i].second.dtype());
-    std::memcpy(dst, static_cast<const uint8_t*>(tensors[i].second.data()) + first * es, count * es);
+    std::memcpy(dst, static_cast<const uint8_t*>(tensors[i].second.data()) + first * es,
+                count * es);
   };
   return WriteTorchCheckpointStreaming(path, specs, fill, 1);
 }

@@ -1,4 +1,5 @@
-// ZIP central directory parsing (zip_archive.h). Every read goes through Reader, which checks bounds.
+// ZIP central directory parsing (zip_archive.h). Every read goes through Reader, which checks
+// bounds.
 #include "core/io/zip_archive.h"
 
 #include <algorithm>
@@ -21,7 +22,9 @@ constexpr size_t kZip64EndBytes = 56;
 constexpr size_t kCentralBytes = 46;
 constexpr size_t kLocalBytes = 30;
 
-absl::Status Bad(const std::string& msg) { return absl::InvalidArgumentError(absl::StrCat("zip: ", msg)); }
+absl::Status Bad(const std::string& msg) {
+  return absl::InvalidArgumentError(absl::StrCat("zip: ", msg));
+}
 
 // Little-endian fields at bounds-checked offsets.
 struct Reader {
@@ -38,10 +41,11 @@ struct Reader {
   uint64_t U64(uint64_t off) const { return Le(off, 8); }
 };
 
-// The end-of-central-directory record: the last signature within the final 64 KiB + 22 bytes (a comment
-// of up to 65535 bytes may follow it).
+// The end-of-central-directory record: the last signature within the final 64 KiB + 22 bytes (a
+// comment of up to 65535 bytes may follow it).
 absl::StatusOr<uint64_t> FindEndRecord(const Reader& r) {
-  if (r.size < kEndRecordBytes) return Bad(absl::StrCat("file is ", r.size, " bytes, too short for an archive"));
+  if (r.size < kEndRecordBytes)
+    return Bad(absl::StrCat("file is ", r.size, " bytes, too short for an archive"));
   const uint64_t lowest = r.size > kEndRecordBytes + 0xffff ? r.size - kEndRecordBytes - 0xffff : 0;
   for (uint64_t p = r.size - kEndRecordBytes + 1; p-- > lowest;) {
     if (r.U32(p) == kEndSig && p + kEndRecordBytes + r.U16(p + 20) <= r.size) return p;
@@ -54,7 +58,8 @@ struct CentralDirectory {
 };
 
 absl::StatusOr<CentralDirectory> ReadEndRecords(const Reader& r, uint64_t end) {
-  if (r.U16(end + 4) != 0 || r.U16(end + 6) != 0) return Bad("multi-disk archives are not supported");
+  if (r.U16(end + 4) != 0 || r.U16(end + 6) != 0)
+    return Bad("multi-disk archives are not supported");
   CentralDirectory cd{r.U16(end + 10), r.U32(end + 16), r.U32(end + 12)};
   if (cd.entries != 0xffff && cd.offset != 0xffffffffu && cd.size != 0xffffffffu) return cd;
   // ZIP64: a locator right before the end record points at the ZIP64 end record with 64-bit fields.
@@ -72,9 +77,11 @@ absl::StatusOr<CentralDirectory> ReadEndRecords(const Reader& r, uint64_t end) {
 }
 
 // The ZIP64 extended-information extra field of a central record: each 64-bit value is present only
-// when its 32-bit field holds 0xffffffff, in the order uncompressed size, compressed size, local offset.
-absl::Status ApplyZip64Extra(const Reader& r, uint64_t extra, uint64_t extra_len, bool need_usize, bool need_csize,
-                             bool need_offset, uint64_t* usize, uint64_t* csize, uint64_t* offset) {
+// when its 32-bit field holds 0xffffffff, in the order uncompressed size, compressed size, local
+// offset.
+absl::Status ApplyZip64Extra(const Reader& r, uint64_t extra, uint64_t extra_len, bool need_usize,
+                             bool need_csize, bool need_offset, uint64_t* usize, uint64_t* csize,
+                             uint64_t* offset) {
   uint64_t p = extra;
   const uint64_t end = extra + extra_len;
   while (p + 4 <= end) {
@@ -83,7 +90,8 @@ absl::Status ApplyZip64Extra(const Reader& r, uint64_t extra, uint64_t extra_len
     if (id == kZip64ExtraId) {
       uint64_t q = p + 4;
       const uint64_t q_end = q + len;
-      for (auto [need, field] : {std::pair{need_usize, usize}, {need_csize, csize}, {need_offset, offset}}) {
+      for (auto [need, field] :
+           {std::pair{need_usize, usize}, {need_csize, csize}, {need_offset, offset}}) {
         if (!need) continue;
         if (q + 8 > q_end) return Bad("the ZIP64 extra field is shorter than its record needs");
         *field = r.U64(q);
@@ -93,7 +101,8 @@ absl::Status ApplyZip64Extra(const Reader& r, uint64_t extra, uint64_t extra_len
     }
     p += 4 + len;
   }
-  if (need_usize || need_csize || need_offset) return Bad("a record needs ZIP64 sizes but has no ZIP64 extra field");
+  if (need_usize || need_csize || need_offset)
+    return Bad("a record needs ZIP64 sizes but has no ZIP64 extra field");
   return absl::OkStatus();
 }
 
@@ -114,18 +123,21 @@ absl::StatusOr<ZipDirectory> ParseZipDirectory(const uint8_t* data, size_t size)
   const Reader r{data, size};
   ASSIGN_OR_RETURN(uint64_t end, FindEndRecord(r));
   ASSIGN_OR_RETURN(CentralDirectory cd, ReadEndRecords(r, end));
-  if (cd.entries > kMaxZipEntries) return Bad(absl::StrCat(cd.entries, " entries is implausibly many"));
+  if (cd.entries > kMaxZipEntries)
+    return Bad(absl::StrCat(cd.entries, " entries is implausibly many"));
   if (!r.Has(cd.offset, cd.size)) {
-    return Bad(absl::StrCat("the central directory [", cd.offset, ", +", cd.size, ") is outside the file (", size,
-                            " bytes)"));
+    return Bad(absl::StrCat("the central directory [", cd.offset, ", +", cd.size,
+                            ") is outside the file (", size, " bytes)"));
   }
   ZipDirectory dir;
-  dir.entries.reserve(static_cast<size_t>(std::min<uint64_t>(cd.entries, cd.size / kCentralBytes + 1)));
+  dir.entries.reserve(
+      static_cast<size_t>(std::min<uint64_t>(cd.entries, cd.size / kCentralBytes + 1)));
   uint64_t p = cd.offset;
   const uint64_t cd_end = cd.offset + cd.size;
   for (uint64_t i = 0; i < cd.entries; ++i) {
     if (p + kCentralBytes > cd_end || r.U32(p) != kCentralSig) {
-      return Bad(absl::StrCat("central directory record ", i, " of ", cd.entries, " is missing or corrupt"));
+      return Bad(absl::StrCat("central directory record ", i, " of ", cd.entries,
+                              " is missing or corrupt"));
     }
     const uint16_t flags = r.U16(p + 8), method = r.U16(p + 10);
     uint64_t csize = r.U32(p + 20), usize = r.U32(p + 24);
@@ -137,25 +149,30 @@ absl::StatusOr<ZipDirectory> ParseZipDirectory(const uint8_t* data, size_t size)
     ZipEntry e;
     e.name.assign(reinterpret_cast<const char*>(data + p + kCentralBytes), name_len);
     const std::string where = absl::StrCat("entry \"", e.name, "\": ");
-    RETURN_IF_ERROR(ApplyZip64Extra(r, p + kCentralBytes + name_len, extra_len, usize == 0xffffffffu,
-                                    csize == 0xffffffffu, local == 0xffffffffu, &usize, &csize, &local));
+    RETURN_IF_ERROR(ApplyZip64Extra(r, p + kCentralBytes + name_len, extra_len,
+                                    usize == 0xffffffffu, csize == 0xffffffffu,
+                                    local == 0xffffffffu, &usize, &csize, &local));
     if (flags & 1u) return Bad(where + "is encrypted");
     if (method != 0) {
-      return Bad(absl::StrCat(where, "is compressed (method ", method,
-                              "); torch.save stores entries uncompressed, so this archive was repacked. "
-                              "Re-save it with torch.save or convert it to safetensors"));
+      return Bad(
+          absl::StrCat(where, "is compressed (method ", method,
+                       "); torch.save stores entries uncompressed, so this archive was repacked. "
+                       "Re-save it with torch.save or convert it to safetensors"));
     }
-    if (csize != usize) return Bad(absl::StrCat(where, "is stored but its sizes differ (", csize, " vs ", usize, ")"));
+    if (csize != usize)
+      return Bad(
+          absl::StrCat(where, "is stored but its sizes differ (", csize, " vs ", usize, ")"));
     if (!r.Has(local, kLocalBytes) || r.U32(local) != kLocalHeaderSig) {
-      return Bad(absl::StrCat(where, "its local header at ", local, " is missing or outside the file"));
+      return Bad(
+          absl::StrCat(where, "its local header at ", local, " is missing or outside the file"));
     }
-    // The data follows the local header's own name and extra field (the extra field differs from the
-    // central one: torch pads it so that records start 64-byte aligned).
+    // The data follows the local header's own name and extra field (the extra field differs from
+    // the central one: torch pads it so that records start 64-byte aligned).
     e.data_offset = local + kLocalBytes + r.U16(local + 26) + r.U16(local + 28);
     e.size = usize;
     if (!r.Has(e.data_offset, e.size)) {
-      return Bad(absl::StrCat(where, "its ", e.size, " bytes at ", e.data_offset, " run past the end of the file (",
-                              size, " bytes)"));
+      return Bad(absl::StrCat(where, "its ", e.size, " bytes at ", e.data_offset,
+                              " run past the end of the file (", size, " bytes)"));
     }
     dir.entries.push_back(std::move(e));
     p += kCentralBytes + name_len + extra_len + comment_len;

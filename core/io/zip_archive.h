@@ -1,11 +1,12 @@
-// Read-only view of a ZIP archive held in memory (a mapped file): its central directory, and where each
-// stored entry's bytes lie. Only what torch.save archives need: entries stored without compression
-// (torch.save writes every record uncompressed, 64-byte aligned, through miniz: pytorch/pytorch
-// caffe2/serialize/inline_container.cc), ZIP64 sizes and offsets for archives past 4 GiB. Compressed or
-// encrypted entries are refused naming the entry; nothing is decompressed.
+// Read-only view of a ZIP archive held in memory (a mapped file): its central directory, and where
+// each stored entry's bytes lie. Only what torch.save archives need: entries stored without
+// compression (torch.save writes every record uncompressed, 64-byte aligned, through miniz:
+// pytorch/pytorch caffe2/serialize/inline_container.cc), ZIP64 sizes and offsets for archives past
+// 4 GiB. Compressed or encrypted entries are refused naming the entry; nothing is decompressed.
 //
 // Layout read (PKWARE APPNOTE.TXT 4.3): [local header 0x04034b50, name, extra, data]... central
-// directory [0x02014b50 records] [ZIP64 end record 0x06064b50, locator 0x07064b50] end record 0x06054b50.
+// directory [0x02014b50 records] [ZIP64 end record 0x06064b50, locator 0x07064b50] end record
+// 0x06054b50.
 #pragma once
 
 #include <cstddef>
@@ -18,7 +19,8 @@
 
 namespace specontext {
 
-/// One entry of the central directory. `data_offset` is where its (stored) bytes start in the archive.
+/// One entry of the central directory. `data_offset` is where its (stored) bytes start in the
+/// archive.
 struct ZipEntry {
   std::string name;
   uint64_t data_offset = 0;
@@ -32,7 +34,8 @@ struct ZipDirectory {
   const ZipEntry* Find(std::string_view name) const;
 };
 
-/// Refuses archives with more entries than this (a torch.save archive holds one per storage, plus ~5).
+/// Refuses archives with more entries than this (a torch.save archive holds one per storage, plus
+/// ~5).
 inline constexpr uint64_t kMaxZipEntries = 1u << 20;
 
 /// Parses the central directory of `data[0, size)` and checks every entry: stored (method 0), not

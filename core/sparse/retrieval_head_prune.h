@@ -1,12 +1,14 @@
-// `prune`: a retrieval head directory (retrieval_head_config.h) from a DLM checkpoint (DESIGN.md §5).
+// `prune`: a retrieval head directory (retrieval_head_config.h) from a DLM checkpoint (DESIGN.md
+// §5).
 //  kEagle3: an EAGLE-3 draft as SafeAILab, SpecForge/SGLang/ModelOpt or vLLM speculators ship it
-//           (eagle3_draft.h): keeps fc (+ its bias and fused-feature norms), hidden_norm, input_layernorm and
-//           the first layer's q/k projections (+ biases, q/k norms of Qwen3-type layers) with the RoPE the
-//           publisher trained with; drops v/o/MLP, the LM head, d2t/t2d and any embedding (the target's is
-//           shared).
+//           (eagle3_draft.h): keeps fc (+ its bias and fused-feature norms), hidden_norm,
+//           input_layernorm and the first layer's q/k projections (+ biases, q/k norms of
+//           Qwen3-type layers) with the RoPE the publisher trained with; drops v/o/MLP, the LM
+//           head, d2t/t2d and any embedding (the target's is shared).
 //  kLayer:  an HF model sharing the tokenizer: keeps its embedding, layer 0's input norm and q/k
 //           projections (biases, QK norms).
-// Every kept tensor's shape is checked against the source config; a mismatch names the tensor and both shapes.
+// Every kept tensor's shape is checked against the source config; a mismatch names the tensor and
+// both shapes.
 #pragma once
 
 #include <cstdint>
@@ -24,8 +26,8 @@ namespace specontext {
 /// Choices that replace what the source says. Unset fields keep the publisher's values.
 struct PruneOptions {
   std::optional<double> rope_theta;
-  /// YaRN (the paper stretches drafts trained at 2K to the target's context with it). 0: no scaling;
-  /// > 1: YaRN with this factor.
+  /// YaRN (the paper stretches drafts trained at 2K to the target's context with it). 0: no
+  /// scaling; > 1: YaRN with this factor.
   std::optional<double> yarn_factor;
   /// YaRN with factor = target max_position_embeddings / original_max_position.
   bool yarn_auto = false;
@@ -40,14 +42,17 @@ struct PruneOptions {
 };
 
 struct PruneReport {
-  int64_t parameters_before = 0;  // floating tensors of the source (buffers such as d2t/t2d not counted)
-  int64_t parameters_after = 0;   // tensors written to the head
-  std::string source;             // e.g. "EAGLE-3 draft, specforge layout (model.safetensors)"
-  std::vector<std::string> notes; // what was chosen and why: fusion layers, RoPE, parts not used
+  int64_t parameters_before =
+      0;  // floating tensors of the source (buffers such as d2t/t2d not counted)
+  int64_t parameters_after = 0;    // tensors written to the head
+  std::string source;              // e.g. "EAGLE-3 draft, specforge layout (model.safetensors)"
+  std::vector<std::string> notes;  // what was chosen and why: fusion layers, RoPE, parts not used
 };
 
-absl::StatusOr<PruneReport> PruneToRetrievalHead(const std::string& source_dir, RetrievalHeadKind kind,
-                                                 const ModelConfig& target, const std::string& target_name,
-                                                 const std::string& out_dir, const PruneOptions& options = {});
+absl::StatusOr<PruneReport> PruneToRetrievalHead(const std::string& source_dir,
+                                                 RetrievalHeadKind kind, const ModelConfig& target,
+                                                 const std::string& target_name,
+                                                 const std::string& out_dir,
+                                                 const PruneOptions& options = {});
 
 }  // namespace specontext

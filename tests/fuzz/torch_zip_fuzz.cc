@@ -1,6 +1,6 @@
-// Fuzzes the torch.save reader (zip directory, restricted unpickler, storage checks) on whole in-memory files,
-// and the unpickler alone on the same bytes. Every tensor it accepts must lie inside the buffer (a view) or be
-// a copy it owns; ASan checks the first and last byte of each.
+// Fuzzes the torch.save reader (zip directory, restricted unpickler, storage checks) on whole
+// in-memory files, and the unpickler alone on the same bytes. Every tensor it accepts must lie
+// inside the buffer (a view) or be a copy it owns; ASan checks the first and last byte of each.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>

@@ -1,5 +1,6 @@
-// torch.save archives: files written by torch itself (tests/data/torch, tools/reference/make_draft_fixtures.py),
-// our writer round-tripped, and crafted archives that must be refused with a message naming the problem.
+// torch.save archives: files written by torch itself (tests/data/torch,
+// tools/reference/make_draft_fixtures.py), our writer round-tripped, and crafted archives that must
+// be refused with a message naming the problem.
 #include "core/io/torch_zip.h"
 
 #include <cmath>
@@ -25,7 +26,8 @@ using ::testing::HasSubstr;
 
 const std::string kTorchData = std::string(SPECONTEXT_TEST_DATA) + "/torch/";
 
-// The fixture generator's values: element k of NAME is ((37 k + salt) mod 31 - 15) / 16, salt = FNV-1a(NAME) mod 997.
+// The fixture generator's values: element k of NAME is ((37 k + salt) mod 31 - 15) / 16, salt =
+// FNV-1a(NAME) mod 997.
 float Pattern(const std::string& name, int64_t k) {
   uint32_t h = 0x811c9dc5u;
   for (unsigned char c : name) h = (h ^ c) * 0x01000193u;
@@ -38,25 +40,30 @@ std::vector<float> F32(const Tensor& t) {
   return v;
 }
 
-void ExpectPattern(const WeightSource& ws, const std::string& name, DType dtype, const Shape& shape) {
+void ExpectPattern(const WeightSource& ws, const std::string& name, DType dtype,
+                   const Shape& shape) {
   absl::StatusOr<Tensor> t = ws.Get(name);
   ASSERT_TRUE(t.ok()) << name << ": " << t.status();
   EXPECT_EQ(t->dtype(), dtype) << name;
   EXPECT_EQ(t->shape(), shape) << name;
   const std::vector<float> v = F32(*t);
-  for (size_t k = 0; k < v.size(); ++k) ASSERT_EQ(v[k], Pattern(name, k)) << name << "[" << k << "]";
+  for (size_t k = 0; k < v.size(); ++k)
+    ASSERT_EQ(v[k], Pattern(name, k)) << name << "[" << k << "]";
 }
 
 TEST(TorchZip, ReadsAStateDictWrittenByTorchSave) {
-  absl::StatusOr<std::unique_ptr<WeightSource>> ws = OpenTorchCheckpoint(kTorchData + "state_dict.bin");
+  absl::StatusOr<std::unique_ptr<WeightSource>> ws =
+      OpenTorchCheckpoint(kTorchData + "state_dict.bin");
   ASSERT_TRUE(ws.ok()) << ws.status();
   const WeightSource& w = **ws;
-  EXPECT_THAT(w.Names(), ::testing::ElementsAre("weight", "bias", "f32", "f16", "bf16", "mask", "ids", "scalar",
-                                                "param", "base", "row1", "col", "t"));
+  EXPECT_THAT(w.Names(),
+              ::testing::ElementsAre("weight", "bias", "f32", "f16", "bf16", "mask", "ids",
+                                     "scalar", "param", "base", "row1", "col", "t"));
   ExpectPattern(w, "f32", DType::kF32, {3, 5});
   ExpectPattern(w, "f16", DType::kF16, {4, 3});
   ExpectPattern(w, "bf16", DType::kBF16, {2, 2, 3});
-  ExpectPattern(w, "param", DType::kF32, {2, 3});  // an nn.Parameter: torch._utils._rebuild_parameter
+  ExpectPattern(w, "param", DType::kF32,
+                {2, 3});  // an nn.Parameter: torch._utils._rebuild_parameter
   // A module's state dict (its OrderedDict carries _metadata, set by BUILD).
   {
     Tensor weight = *w.Get("weight"), bias = *w.Get("bias");
@@ -66,7 +73,8 @@ TEST(TorchZip, ReadsAStateDictWrittenByTorchSave) {
   }
   Tensor mask = *w.Get("mask");
   EXPECT_EQ(mask.dtype(), DType::kBool);
-  for (int k = 0; k < 7; ++k) EXPECT_EQ(static_cast<const uint8_t*>(mask.data())[k], k % 3 == 0 ? 1 : 0);
+  for (int k = 0; k < 7; ++k)
+    EXPECT_EQ(static_cast<const uint8_t*>(mask.data())[k], k % 3 == 0 ? 1 : 0);
   Tensor ids = *w.Get("ids");
   EXPECT_EQ(ids.dtype(), DType::kI64);
   EXPECT_THAT(std::vector<int64_t>(ids.as<int64_t>(), ids.as<int64_t>() + 4),
@@ -74,11 +82,13 @@ TEST(TorchZip, ReadsAStateDictWrittenByTorchSave) {
   Tensor scalar = *w.Get("scalar");
   EXPECT_EQ(scalar.shape(), Shape());
   EXPECT_EQ(*scalar.as<float>(), 2.5f);
-  // Four views of one storage (arange(24)): the contiguous ones alias it, the strided ones are copied.
+  // Four views of one storage (arange(24)): the contiguous ones alias it, the strided ones are
+  // copied.
   Tensor base = *w.Get("base"), row1 = *w.Get("row1"), col = *w.Get("col"), t = *w.Get("t");
   EXPECT_EQ(base.shape(), Shape({4, 6}));
   for (int k = 0; k < 24; ++k) EXPECT_EQ(base.as<float>()[k], k);
-  EXPECT_EQ(row1.as<float>(), base.as<float>() + 6) << "a contiguous view shares its storage, at its offset";
+  EXPECT_EQ(row1.as<float>(), base.as<float>() + 6)
+      << "a contiguous view shares its storage, at its offset";
   for (int k = 0; k < 6; ++k) EXPECT_EQ(row1.as<float>()[k], 6 + k);
   EXPECT_THAT(F32(col), ::testing::ElementsAre(1, 7, 13, 19));
   ASSERT_EQ(t.shape(), Shape({6, 4}));
@@ -88,22 +98,28 @@ TEST(TorchZip, ReadsAStateDictWrittenByTorchSave) {
 }
 
 TEST(TorchZip, RefusesWhatItCannotReadSafely) {
-  auto err = [](const std::string& file) { return std::string(OpenTorchCheckpoint(kTorchData + file).status().message()); };
+  auto err = [](const std::string& file) {
+    return std::string(OpenTorchCheckpoint(kTorchData + file).status().message());
+  };
   EXPECT_THAT(err("legacy.bin"), HasSubstr("legacy torch.save format"));
   const std::string evil = err("forbidden_global.bin");
   EXPECT_THAT(evil, HasSubstr("global os.system is not allowed"));
-  EXPECT_THAT(err("compressed.bin"), HasSubstr("entry \"compressed/data.pkl\": is compressed (method 8)"));
+  EXPECT_THAT(err("compressed.bin"),
+              HasSubstr("entry \"compressed/data.pkl\": is compressed (method 8)"));
   EXPECT_THAT(err("missing.bin"), HasSubstr("missing.bin"));
 }
 
-// --- crafted archives -------------------------------------------------------------------------------------
+// --- crafted archives
+// -------------------------------------------------------------------------------------
 
 void Le(std::string* out, uint64_t v, int bytes) {
   for (int i = 0; i < bytes; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
 }
 
-// A stored ZIP of `entries` (name, bytes), minimal headers, no alignment.
-std::string ZipOf(const std::vector<std::pair<std::string, std::string>>& entries) {
+// A stored ZIP of `entries` (name, bytes), minimal headers, no alignment. `zip64`: sizes and
+// offsets in ZIP64 extra fields and a ZIP64 end record, as writers do past 4 GiB.
+std::string ZipOf(const std::vector<std::pair<std::string, std::string>>& entries,
+                  bool zip64 = false) {
   std::string out, cd;
   for (const auto& [name, bytes] : entries) {
     const uint64_t at = out.size();
@@ -121,28 +137,53 @@ std::string ZipOf(const std::vector<std::pair<std::string, std::string>>& entrie
     Le(&cd, 20, 2);
     Le(&cd, 0, 2 + 2 + 4);
     Le(&cd, Crc32(0, bytes.data(), bytes.size()), 4);
-    Le(&cd, bytes.size(), 4);
-    Le(&cd, bytes.size(), 4);
+    Le(&cd, zip64 ? 0xffffffffu : bytes.size(), 4);
+    Le(&cd, zip64 ? 0xffffffffu : bytes.size(), 4);
     Le(&cd, name.size(), 2);
-    Le(&cd, 0, 2 + 2 + 2 + 2 + 4);
-    Le(&cd, at, 4);
+    Le(&cd, zip64 ? 28 : 0, 2);  // extra
+    Le(&cd, 0, 2 + 2 + 2 + 4);
+    Le(&cd, zip64 ? 0xffffffffu : at, 4);
     cd += name;
+    if (zip64) {  // id 1: uncompressed size, compressed size, local header offset
+      Le(&cd, 1, 2);
+      Le(&cd, 24, 2);
+      Le(&cd, bytes.size(), 8);
+      Le(&cd, bytes.size(), 8);
+      Le(&cd, at, 8);
+    }
   }
   const uint64_t cd_at = out.size();
   out += cd;
+  if (zip64) {
+    const uint64_t rec = out.size();
+    Le(&out, 0x06064b50, 4);
+    Le(&out, 44, 8);
+    Le(&out, 45, 2);
+    Le(&out, 45, 2);
+    Le(&out, 0, 4 + 4);
+    Le(&out, entries.size(), 8);
+    Le(&out, entries.size(), 8);
+    Le(&out, cd.size(), 8);
+    Le(&out, cd_at, 8);
+    Le(&out, 0x07064b50, 4);
+    Le(&out, 0, 4);
+    Le(&out, rec, 8);
+    Le(&out, 1, 4);
+  }
   Le(&out, 0x06054b50, 4);
   Le(&out, 0, 4);
-  Le(&out, entries.size(), 2);
-  Le(&out, entries.size(), 2);
-  Le(&out, cd.size(), 4);
-  Le(&out, cd_at, 4);
+  Le(&out, zip64 ? 0xffff : entries.size(), 2);
+  Le(&out, zip64 ? 0xffff : entries.size(), 2);
+  Le(&out, zip64 ? 0xffffffffu : cd.size(), 4);
+  Le(&out, zip64 ? 0xffffffffu : cd_at, 4);
   Le(&out, 0, 2);
   return out;
 }
 
-// data.pkl of {"w": _rebuild_tensor_v2((storage, type, "0", "cpu", numel), offset, size, stride, False, {})}.
-std::string OneTensorPickle(const std::string& storage_type, int numel, int offset, const std::vector<int>& size,
-                            const std::vector<int>& stride) {
+// data.pkl of {"w": _rebuild_tensor_v2((storage, type, "0", "cpu", numel), offset, size, stride,
+// False, {})}.
+std::string OneTensorPickle(const std::string& storage_type, int numel, int offset,
+                            const std::vector<int>& size, const std::vector<int>& stride) {
   std::string p = "\x80\x02}X";
   Le(&p, 1, 4);
   p += "wctorch._utils\n_rebuild_tensor_v2\n((X";
@@ -168,7 +209,8 @@ std::string OneTensorPickle(const std::string& storage_type, int numel, int offs
 }
 
 absl::Status Open(const std::string& zip) {
-  return TorchZipFromBuffer(reinterpret_cast<const uint8_t*>(zip.data()), zip.size(), nullptr).status();
+  return TorchZipFromBuffer(reinterpret_cast<const uint8_t*>(zip.data()), zip.size(), nullptr)
+      .status();
 }
 
 TEST(TorchZip, CraftedArchivesAreRefusedWithTheirReason) {
@@ -179,26 +221,37 @@ TEST(TorchZip, CraftedArchivesAreRefusedWithTheirReason) {
     const char* expect;
   };
   const Case cases[] = {
-      {"view past its storage", ZipOf({{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 1, {4}, {1})}, {"a/data/0", f32x4}}),
+      {"view past its storage",
+       ZipOf(
+           {{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 1, {4}, {1})}, {"a/data/0", f32x4}}),
        "reaches element 4 of storage \"0\""},
-      {"storage size differs", ZipOf({{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 0, {4}, {1})}, {"a/data/0", "xx"}}),
+      {"storage size differs",
+       ZipOf({{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 0, {4}, {1})}, {"a/data/0", "xx"}}),
        "holds 2 bytes but the pickle says 16"},
       {"storage missing", ZipOf({{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 0, {4}, {1})}}),
        "its storage a/data/0 is not in the archive"},
-      {"expanded view", ZipOf({{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 0, {4, 8}, {1, 0})}, {"a/data/0", f32x4}}),
+      {"expanded view",
+       ZipOf({{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 0, {4, 8}, {1, 0})},
+              {"a/data/0", f32x4}}),
        "overlapping view"},
-      {"unknown storage type", ZipOf({{"a/data.pkl", OneTensorPickle("QInt8Storage", 4, 0, {4}, {1})}, {"a/data/0", f32x4}}),
+      {"unknown storage type",
+       ZipOf(
+           {{"a/data.pkl", OneTensorPickle("QInt8Storage", 4, 0, {4}, {1})}, {"a/data/0", f32x4}}),
        "global torch.QInt8Storage is not allowed"},
-      {"big endian", ZipOf({{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 0, {4}, {1})}, {"a/byteorder", "big"},
-                            {"a/data/0", f32x4}}),
+      {"big endian",
+       ZipOf({{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 0, {4}, {1})},
+              {"a/byteorder", "big"},
+              {"a/data/0", f32x4}}),
        "byteorder is \"big\""},
-      {"torchscript", ZipOf({{"m/constants.pkl", "\x80\x02)."}, {"m/code/x.py", ""}}), "TorchScript archive"},
+      {"torchscript", ZipOf({{"m/constants.pkl", "\x80\x02)."}, {"m/code/x.py", ""}}),
+       "TorchScript archive"},
       {"two pickles", ZipOf({{"a/data.pkl", "."}, {"b/data.pkl", "."}}), "more than one data.pkl"},
       {"not a dict", ZipOf({{"a/data.pkl", "\x80\x02]."}}), "not a dict"},
       {"opcode INST", ZipOf({{"a/data.pkl", "\x80\x02(ios\nsystem\n."}}), "opcode 0x69"},
       {"NEWOBJ", ZipOf({{"a/data.pkl", "\x80\x02\x81."}}), "opcode 0x81"},
       {"no STOP", ZipOf({{"a/data.pkl", "\x80\x02}"}}), "without a STOP"},
-      {"truncated string", ZipOf({{"a/data.pkl", std::string("\x80\x02X\xff\x00\x00\x00", 7) + "ab"}}),
+      {"truncated string",
+       ZipOf({{"a/data.pkl", std::string("\x80\x02X\xff\x00\x00\x00", 7) + "ab"}}),
        "runs past the end"},
       {"memo miss", ZipOf({{"a/data.pkl", "\x80\x02h\x05."}}), "memo entry 5 was never stored"},
       {"not a zip", "hello world, not an archive at all", "not a ZIP archive"},
@@ -208,13 +261,23 @@ TEST(TorchZip, CraftedArchivesAreRefusedWithTheirReason) {
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << c.label;
     EXPECT_THAT(s.message(), HasSubstr(c.expect)) << c.label;
   }
+  // The same archive with ZIP64 sizes and offsets; its ZIP64 fields missing.
+  const std::string zip64 = ZipOf(
+      {{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 0, {2, 2}, {2, 1})}, {"a/data/0", f32x4}},
+      true);
+  EXPECT_TRUE(Open(zip64).ok()) << Open(zip64);
+  std::string no_locator = zip64;
+  no_locator.replace(no_locator.rfind(std::string("PK\x06\x07", 4)), 4, "XXXX");
+  EXPECT_THAT(Open(no_locator).message(), HasSubstr("no ZIP64 locator"));
   // Truncations of a valid archive never crash and never succeed past the central directory.
-  const std::string good = ZipOf({{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 0, {2, 2}, {2, 1})}, {"a/data/0", f32x4}});
+  const std::string good = ZipOf(
+      {{"a/data.pkl", OneTensorPickle("FloatStorage", 4, 0, {2, 2}, {2, 1})}, {"a/data/0", f32x4}});
   ASSERT_TRUE(Open(good).ok()) << Open(good);
   for (size_t n = 0; n < good.size(); ++n) EXPECT_FALSE(Open(good.substr(0, n)).ok()) << n;
 }
 
-// --- our writer -------------------------------------------------------------------------------------------
+// --- our writer
+// -------------------------------------------------------------------------------------------
 
 uint32_t BitwiseCrc(const std::string& s) {
   uint32_t c = 0xffffffffu;
@@ -241,10 +304,11 @@ TEST(TorchZip, WriterRoundTripsEveryStorageDtypeAlignedWithValidCrcs) {
   ScratchDir dir;
   std::mt19937 rng(FreshSeed());
   std::vector<std::pair<std::string, Tensor>> tensors;
-  for (DType d : {DType::kF32, DType::kF16, DType::kBF16, DType::kF64, DType::kI64, DType::kI32, DType::kI16,
-                  DType::kI8, DType::kU8, DType::kBool, DType::kC64}) {
+  for (DType d : {DType::kF32, DType::kF16, DType::kBF16, DType::kF64, DType::kI64, DType::kI32,
+                  DType::kI16, DType::kI8, DType::kU8, DType::kBool, DType::kC64}) {
     Tensor t = Tensor::HostEmpty(d, {3, 17});
-    for (size_t i = 0; i < t.nbytes(); ++i) static_cast<uint8_t*>(t.data())[i] = static_cast<uint8_t>(rng());
+    for (size_t i = 0; i < t.nbytes(); ++i)
+      static_cast<uint8_t*>(t.data())[i] = static_cast<uint8_t>(rng());
     tensors.emplace_back(absl::StrCat("layer.", std::string(DTypeName(d))), t);
   }
   tensors.emplace_back("scalar", Tensor::HostEmpty(DType::kF32, {}));
@@ -263,7 +327,8 @@ TEST(TorchZip, WriterRoundTripsEveryStorageDtypeAlignedWithValidCrcs) {
   }
   // What torch checks: stored entries, 64-byte aligned records, CRC-32 of every entry.
   const std::string bytes = testing::ReadFile(path);
-  absl::StatusOr<ZipDirectory> zd = ParseZipDirectory(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+  absl::StatusOr<ZipDirectory> zd =
+      ParseZipDirectory(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
   ASSERT_TRUE(zd.ok()) << zd.status();
   ASSERT_NE(zd->Find("pytorch_model/data.pkl"), nullptr);
   ASSERT_NE(zd->Find("pytorch_model/byteorder"), nullptr);
@@ -290,8 +355,9 @@ TEST(TorchZip, WeightFilesFindsEveryLayoutAndSaysWhatItLookedFor) {
   ScratchDir dir;
   absl::StatusOr<WeightFiles> none = OpenWeightFiles(dir.Path(""));
   EXPECT_EQ(none.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(none.status().message(), HasSubstr("model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
-                                                 "pytorch_model.bin.index.json"));
+  EXPECT_THAT(none.status().message(),
+              HasSubstr("model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
+                        "pytorch_model.bin.index.json"));
   // Two torch shards behind a pytorch_model.bin.index.json.
   Tensor a = Tensor::HostEmpty(DType::kF32, {2}), b = Tensor::HostEmpty(DType::kBF16, {3});
   a.as<float>()[1] = 7.0f;

@@ -1,8 +1,9 @@
-// `prune --kind eagle3` on drafts in each publisher's layout, written by the publishers' own libraries
-// (tests/data/eagle3, tools/reference/make_draft_fixtures.py): SafeAILab pytorch_model.bin, SpecForge safetensors
-// with BOOL t2d and layer-output fusion ids, EAGLE-3.1 fc_norm, vLLM speculators (layers.0.*, nested config,
-// Qwen3 q/k norms, norm_before_fc). Each head's tensors and fusion layers against hand-computed expectations,
-// its forward against a double-precision reference, and the refusals (shapes, forbidden pickles, no weights).
+// `prune --kind eagle3` on drafts in each publisher's layout, written by the publishers' own
+// libraries (tests/data/eagle3, tools/reference/make_draft_fixtures.py): SafeAILab
+// pytorch_model.bin, SpecForge safetensors with BOOL t2d and layer-output fusion ids, EAGLE-3.1
+// fc_norm, vLLM speculators (layers.0.*, nested config, Qwen3 q/k norms, norm_before_fc). Each
+// head's tensors and fusion layers against hand-computed expectations, its forward against a
+// double-precision reference, and the refusals (shapes, forbidden pickles, no weights).
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -45,7 +46,8 @@ ModelConfig Target() {
   return m;
 }
 
-// The generator's values: element k of NAME is ((37 k + salt) mod 31 - 15) / 16, salt = FNV-1a(NAME) mod 997.
+// The generator's values: element k of NAME is ((37 k + salt) mod 31 - 15) / 16, salt =
+// FNV-1a(NAME) mod 997.
 double Pattern(const std::string& name, int64_t k) {
   uint32_t h = 0x811c9dc5u;
   for (unsigned char c : name) h = (h ^ c) * 0x01000193u;
@@ -60,8 +62,9 @@ std::vector<double> Values(const std::string& name, int64_t n) {
 class Eagle3DraftTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() / absl::StrCat("spc_eagle3_draft_", ::getpid(), "_",
-                                                    ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    dir_ = fs::temp_directory_path() /
+           absl::StrCat("spc_eagle3_draft_", ::getpid(), "_",
+                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
   }
@@ -69,17 +72,18 @@ class Eagle3DraftTest : public ::testing::Test {
   std::string Path(const std::string& n) const { return (dir_ / n).string(); }
 
   absl::StatusOr<PruneReport> Prune(const std::string& source, const PruneOptions& o = {}) {
-    return PruneToRetrievalHead(source, RetrievalHeadKind::kEagle3, Target(), "tiny-target", Path("head"), o);
+    return PruneToRetrievalHead(source, RetrievalHeadKind::kEagle3, Target(), "tiny-target",
+                                Path("head"), o);
   }
   RetrievalHeadConfig HeadConfig() {
     std::ifstream in(Path("head/config.json"));
     const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     return *ParseRetrievalHeadConfig(text);
   }
-  // The head holds exactly `want` (head name -> draft name), each with the draft's values and `shape`.
-  // `also`: further head tensors, checked by the caller.
-  void ExpectHeadTensors(const std::vector<std::tuple<std::string, std::string, Shape>>& want, DType dtype,
-                         std::vector<std::string> also = {}) {
+  // The head holds exactly `want` (head name -> draft name), each with the draft's values and
+  // `shape`. `also`: further head tensors, checked by the caller.
+  void ExpectHeadTensors(const std::vector<std::tuple<std::string, std::string, Shape>>& want,
+                         DType dtype, std::vector<std::string> also = {}) {
     auto ws = OpenSafetensors(Path("head/model.safetensors"));
     ASSERT_TRUE(ws.ok()) << ws.status();
     std::vector<std::string> names = std::move(also);
@@ -91,7 +95,8 @@ class Eagle3DraftTest : public ::testing::Test {
       EXPECT_EQ(t->dtype(), dtype) << head;
       std::vector<float> v(t->numel());
       ConvertToF32(t->data(), t->dtype(), v.data(), t->numel());
-      for (int64_t k = 0; k < t->numel(); ++k) ASSERT_EQ(v[k], Pattern(draft, k)) << head << "[" << k << "] from " << draft;
+      for (int64_t k = 0; k < t->numel(); ++k)
+        ASSERT_EQ(v[k], Pattern(draft, k)) << head << "[" << k << "] from " << draft;
     }
     EXPECT_THAT((*ws)->Names(), ::testing::UnorderedElementsAreArray(names));
   }
@@ -100,7 +105,8 @@ class Eagle3DraftTest : public ::testing::Test {
 
 // Writes a copy of a fixture with `edit` applied to its config and tensors (safetensors fixtures).
 void CopyFixture(const std::string& from, const std::string& to,
-                 const std::function<void(nlohmann::json*, std::vector<std::pair<std::string, Tensor>>*)>& edit) {
+                 const std::function<void(nlohmann::json*,
+                                          std::vector<std::pair<std::string, Tensor>>*)>& edit) {
   fs::create_directories(to);
   nlohmann::json cfg = nlohmann::json::parse(std::ifstream(from + "/config.json"));
   auto ws = OpenSafetensors(from + "/model.safetensors");
@@ -116,8 +122,8 @@ TEST_F(Eagle3DraftTest, SafeAILabPytorchBin) {
   auto report = Prune(kDrafts + "safeailab");
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_EQ(report->source, "EAGLE-3 draft, safeailab layout, pytorch_model.bin");
-  // Floating tensors of the draft: layer 9824 (q 2048, k/v 1024 each, o 1024, MLP 4608, 3 norms 96), fc 3072,
-  // norm 32, lm_head 2048; d2t/t2d are not parameters. Kept: fc, two norms, q, k.
+  // Floating tensors of the draft: layer 9824 (q 2048, k/v 1024 each, o 1024, MLP 4608, 3 norms
+  // 96), fc 3072, norm 32, lm_head 2048; d2t/t2d are not parameters. Kept: fc, two norms, q, k.
   EXPECT_EQ(report->parameters_before, 14976);
   EXPECT_EQ(report->parameters_after, 3072 + 64 + 2048 + 1024);
   const RetrievalHeadConfig c = HeadConfig();
@@ -164,8 +170,26 @@ TEST_F(Eagle3DraftTest, SpecForgeSafetensorsWithBoolT2dAndLayerOutputIds) {
   const RetrievalHeadConfig c = HeadConfig();
   // eagle_config ids [0, 3, 6] are layer outputs (SGLang captures the input of id + 1).
   EXPECT_THAT(c.fusion_layers, ElementsAre(1, 4, 7));
-  EXPECT_THAT(report->notes, ::testing::Contains(HasSubstr("are layer outputs (SpecForge/SGLang)")));
+  EXPECT_THAT(report->notes,
+              ::testing::Contains(HasSubstr("are layer outputs (SpecForge/SGLang)")));
   EXPECT_EQ(c.attn.rope_theta, 1000000.0) << "SpecForge honours the config's rope_theta";
+  ExpectHeadTensors({{"fc.weight", "fc.weight", {32, 96}},
+                     {"hidden_norm.weight", "midlayer.hidden_norm.weight", {32}},
+                     {"input_layernorm.weight", "midlayer.input_layernorm.weight", {32}},
+                     {"q_proj.weight", "midlayer.self_attn.q_proj.weight", {32, 64}},
+                     {"k_proj.weight", "midlayer.self_attn.k_proj.weight", {16, 64}}},
+                    DType::kBF16);
+}
+
+TEST_F(Eagle3DraftTest, ModelPrefixedNamesAsTensorRtLlmExportsThem) {
+  CopyFixture(kDrafts + "specforge", Path("prefixed"), [](nlohmann::json*, auto* t) {
+    for (auto& [n, x] : *t) {
+      if (n != "lm_head.weight" && n != "norm.weight")
+        n = "model." + n;  // model.fc.weight, model.midlayer.*
+    }
+  });
+  ASSERT_TRUE(Prune(Path("prefixed")).ok()) << Prune(Path("prefixed")).status();
+  EXPECT_THAT(HeadConfig().fusion_layers, ElementsAre(1, 4, 7));
   ExpectHeadTensors({{"fc.weight", "fc.weight", {32, 96}},
                      {"hidden_norm.weight", "midlayer.hidden_norm.weight", {32}},
                      {"input_layernorm.weight", "midlayer.input_layernorm.weight", {32}},
@@ -195,8 +219,9 @@ TEST_F(Eagle3DraftTest, SpecForgeFcBiasAndShapeMismatchNamingTheTensor) {
   });
   auto r = Prune(Path("short"));
   ASSERT_FALSE(r.ok());
-  EXPECT_THAT(r.status().message(), HasSubstr("tensor midlayer.self_attn.k_proj.weight has shape [16, 63] but the "
-                                              "source config implies [16, 64]"));
+  EXPECT_THAT(r.status().message(),
+              HasSubstr("tensor midlayer.self_attn.k_proj.weight has shape [16, 63] but the "
+                        "source config implies [16, 64]"));
   // A t2d of the wrong dtype is carried, not used: only the tensors the head keeps are checked.
   CopyFixture(kDrafts + "specforge", Path("fp_t2d"), [](nlohmann::json*, auto* t) {
     for (auto& [n, x] : *t) {
@@ -253,20 +278,23 @@ std::vector<double> ReferenceQ(const RetrievalHeadConfig& c, const std::vector<d
   return q;
 }
 
-void CheckForward(const std::string& head_dir, const std::string& layer, const std::vector<std::string>& fused_norms) {
+void CheckForward(const std::string& head_dir, const std::string& layer,
+                  const std::vector<std::string>& fused_norms) {
   std::mt19937 rng(FreshSeed());
   Tensor embed = testing_sparse::RandomF32(rng, {320, 32});
   NamedWeights target_w({{"model.embed_tokens.weight", embed}});
   auto head = RetrievalHead::Load(head_dir, Target(), &target_w);
   ASSERT_TRUE(head.ok()) << head.status();
   Tensor fused = testing_sparse::RandomF32(rng, {1, 96}, -3.0f, 3.0f);
-  Tensor q = Tensor::HostEmpty(DType::kF32, {1, 4, 8}), k = Tensor::HostEmpty(DType::kF32, {1, 2, 8});
+  Tensor q = Tensor::HostEmpty(DType::kF32, {1, 4, 8}),
+         k = Tensor::HostEmpty(DType::kF32, {1, 2, 8});
   const int32_t id = static_cast<int32_t>(rng() % 320);
   ASSERT_TRUE((*head)->Forward({id}, {0}, fused, &q, &k).ok());
   const std::vector<double> emb(embed.as<float>() + id * 32, embed.as<float>() + (id + 1) * 32);
   const std::vector<double> f(fused.as<float>(), fused.as<float>() + 96);
   const std::vector<double> want = ReferenceQ((*head)->config(), emb, f, layer, fused_norms);
-  for (int j = 0; j < 32; ++j) EXPECT_NEAR(q.as<float>()[j], want[j], 1e-4 + 1e-4 * std::fabs(want[j])) << j;
+  for (int j = 0; j < 32; ++j)
+    EXPECT_NEAR(q.as<float>()[j], want[j], 1e-4 + 1e-4 * std::fabs(want[j])) << j;
 }
 
 TEST_F(Eagle3DraftTest, Eagle31FcNormIsKeptAndApplied) {
@@ -288,8 +316,10 @@ TEST_F(Eagle3DraftTest, Eagle31FcNormIsKeptAndApplied) {
   ASSERT_EQ(fn.shape(), Shape({96}));
   std::vector<float> v(96);
   ConvertToF32(fn.data(), fn.dtype(), v.data(), 96);
-  for (int k = 0; k < 96; ++k) EXPECT_EQ(v[k], Pattern(absl::StrCat("fc_norm.", k / 32, ".weight"), k % 32)) << k;
-  CheckForward(Path("head"), "midlayer.", {"fc_norm.0.weight", "fc_norm.1.weight", "fc_norm.2.weight"});
+  for (int k = 0; k < 96; ++k)
+    EXPECT_EQ(v[k], Pattern(absl::StrCat("fc_norm.", k / 32, ".weight"), k % 32)) << k;
+  CheckForward(Path("head"), "midlayer.",
+               {"fc_norm.0.weight", "fc_norm.1.weight", "fc_norm.2.weight"});
 }
 
 TEST_F(Eagle3DraftTest, SpeculatorsNamingNestedConfigQwen3LayerAndNormBeforeFc) {
@@ -302,7 +332,8 @@ TEST_F(Eagle3DraftTest, SpeculatorsNamingNestedConfigQwen3LayerAndNormBeforeFc) 
   EXPECT_EQ(c.attn.arch, Architecture::kQwen3) << "the Qwen3 layer keeps its q/k norms";
   EXPECT_TRUE(c.attn.qk_norm);
   EXPECT_EQ(c.attn.rope_theta, 1000000.0);
-  EXPECT_EQ(c.attn.max_position_embeddings, 32768) << "absent from to_diff_dict: Qwen3Config's default";
+  EXPECT_EQ(c.attn.max_position_embeddings, 32768)
+      << "absent from to_diff_dict: Qwen3Config's default";
   EXPECT_EQ(c.fused_norm, FusedNorm::kWhole);
   ExpectHeadTensors({{"fc.weight", "fc.weight", {32, 96}},
                      {"fc_norm.weight", "input_norm.weight", {96}},
@@ -320,7 +351,8 @@ TEST_F(Eagle3DraftTest, RefusalsNameWhatIsWrong) {
   // A pytorch_model.bin whose pickle would call os.system.
   fs::create_directories(Path("evil"));
   fs::copy_file(kDrafts + "safeailab/config.json", Path("evil/config.json"));
-  fs::copy_file(std::string(SPECONTEXT_TEST_DATA) + "/torch/forbidden_global.bin", Path("evil/pytorch_model.bin"));
+  fs::copy_file(std::string(SPECONTEXT_TEST_DATA) + "/torch/forbidden_global.bin",
+                Path("evil/pytorch_model.bin"));
   auto evil = Prune(Path("evil"));
   ASSERT_FALSE(evil.ok());
   EXPECT_THAT(evil.status().message(), HasSubstr("global os.system is not allowed"));
@@ -329,25 +361,30 @@ TEST_F(Eagle3DraftTest, RefusalsNameWhatIsWrong) {
   fs::copy_file(kDrafts + "safeailab/config.json", Path("empty/config.json"));
   auto empty = Prune(Path("empty"));
   EXPECT_EQ(empty.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(empty.status().message(), HasSubstr("looked for model.safetensors, model.safetensors.index.json, "
-                                                  "pytorch_model.bin, pytorch_model.bin.index.json"));
+  EXPECT_THAT(empty.status().message(),
+              HasSubstr("looked for model.safetensors, model.safetensors.index.json, "
+                        "pytorch_model.bin, pytorch_model.bin.index.json"));
   // Fusion ids past the target, a draft fusing four layers, the wrong publisher forced.
   CopyFixture(kDrafts + "specforge", Path("late"), [](nlohmann::json* cfg, auto*) {
-    (*cfg)["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = {0, 3, 7};  // output of the last layer
+    (*cfg)["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = {0, 3,
+                                                                  7};  // output of the last layer
   });
-  EXPECT_THAT(Prune(Path("late")).status().message(), HasSubstr("layer 8 is not below the target's 8 layers"));
+  EXPECT_THAT(Prune(Path("late")).status().message(),
+              HasSubstr("layer 8 is not below the target's 8 layers"));
   CopyFixture(kDrafts + "speculators", Path("four"), [](nlohmann::json* cfg, auto*) {
     (*cfg)["eagle_aux_hidden_state_layer_ids"] = {1, 2, 3, 4};
   });
   EXPECT_THAT(Prune(Path("four")).status().message(), HasSubstr("fuses 4 target layers"));
   PruneOptions forced;
   forced.publisher = DraftPublisher::kSpeculators;
-  EXPECT_THAT(Prune(kDrafts + "specforge", forced).status().message(), HasSubstr("transformer_layer_config"));
+  EXPECT_THAT(Prune(kDrafts + "specforge", forced).status().message(),
+              HasSubstr("transformer_layer_config"));
   forced.publisher = DraftPublisher::kSafeAILab;
   auto as_safeailab = Prune(kDrafts + "specforge", forced);
   ASSERT_TRUE(as_safeailab.ok()) << as_safeailab.status();
   EXPECT_EQ(HeadConfig().attn.rope_theta, 10000.0);
-  EXPECT_THAT(as_safeailab->notes, ::testing::Contains(HasSubstr("the config's 1e+06 is not used")));
+  EXPECT_THAT(as_safeailab->notes,
+              ::testing::Contains(HasSubstr("the config's 1e+06 is not used")));
 }
 
 }  // namespace

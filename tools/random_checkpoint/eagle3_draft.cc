@@ -1,7 +1,8 @@
-// Random EAGLE-3 drafts in each publisher's real layout (random_checkpoint.h Eagle3Layout; the facts and their
-// sources: core/sparse/eagle3_draft.h). One decoder layer whose attention takes [embedding ‖ fused features]
-// (2·hidden wide), fc fusing three target layers (3·hidden → hidden), its own final norm, a reduced-vocabulary LM
-// head and the d2t/t2d maps between the draft and target vocabularies.
+// Random EAGLE-3 drafts in each publisher's real layout (random_checkpoint.h Eagle3Layout; the
+// facts and their sources: core/sparse/eagle3_draft.h). One decoder layer whose attention takes
+// [embedding ‖ fused features] (2·hidden wide), fc fusing three target layers (3·hidden → hidden),
+// its own final norm, a reduced-vocabulary LM head and the d2t/t2d maps between the draft and
+// target vocabularies.
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
@@ -17,11 +18,15 @@ namespace {
 
 using json = nlohmann::json;
 
-std::string TorchDtype(DType d) { return d == DType::kF32 ? "float32" : d == DType::kF16 ? "float16" : "bfloat16"; }
+std::string TorchDtype(DType d) {
+  return d == DType::kF32 ? "float32" : d == DType::kF16 ? "float16" : "bfloat16";
+}
 
-// Draft id i stands for target id floor(i · V / D) (increasing, so t2d and d2t agree as SpecForge checks:
-// nonzero(t2d) == d2t + arange(D)). d2t holds the differences, t2d marks the target ids that have a draft id.
-bool FillVocabMap(const Eagle3DraftShape& s, const TensorSpec& spec, int64_t first, int64_t count, void* dst) {
+// Draft id i stands for target id floor(i · V / D) (increasing, so t2d and d2t agree as SpecForge
+// checks: nonzero(t2d) == d2t + arange(D)). d2t holds the differences, t2d marks the target ids
+// that have a draft id.
+bool FillVocabMap(const Eagle3DraftShape& s, const TensorSpec& spec, int64_t first, int64_t count,
+                  void* dst) {
   const int64_t V = s.vocab, D = s.draft_vocab;
   if (spec.name == "d2t" && spec.dtype == DType::kI64) {
     auto* out = static_cast<int64_t*>(dst);
@@ -39,7 +44,8 @@ bool FillVocabMap(const Eagle3DraftShape& s, const TensorSpec& spec, int64_t fir
   return false;
 }
 
-// Inputs of target layers 2, L/2, L-3 (every publisher's default), clamped into [0, L) for toy targets.
+// Inputs of target layers 2, L/2, L-3 (every publisher's default), clamped into [0, L) for toy
+// targets.
 std::vector<int64_t> DefaultFusionLayers(int64_t L) {
   std::vector<int64_t> layers = {2, L / 2, L - 3};
   for (int64_t& l : layers) l = std::clamp<int64_t>(l, 0, std::max<int64_t>(0, L - 1));
@@ -47,7 +53,8 @@ std::vector<int64_t> DefaultFusionLayers(int64_t L) {
 }
 
 json SpeculatorsConfig(const ModelConfig& target, const Eagle3DraftShape& s, DType dtype) {
-  // speculators trains with the verifier's config as the layer's (Eagle3DraftModel.from_training_args).
+  // speculators trains with the verifier's config as the layer's
+  // (Eagle3DraftModel.from_training_args).
   ModelConfig layer = target;
   layer.num_hidden_layers = 1;
   layer.torch_dtype = TorchDtype(dtype);
@@ -65,8 +72,13 @@ json SpeculatorsConfig(const ModelConfig& target, const Eagle3DraftShape& s, DTy
            {{"algorithm", "eagle3"},
             {"default_proposal_method", "greedy"},
             {"proposal_methods",
-             {{{"proposal_type", "greedy"}, {"speculative_tokens", 3}, {"accept_tolerance", 0.0}, {"verifier_accept_k", 1}}}},
-            {"verifier", {{"architectures", {std::string(ArchitectureName(target.arch))}}, {"name_or_path", "target"}}}}},
+             {{{"proposal_type", "greedy"},
+               {"speculative_tokens", 3},
+               {"accept_tolerance", 0.0},
+               {"verifier_accept_k", 1}}}},
+            {"verifier",
+             {{"architectures", {std::string(ArchitectureName(target.arch))}},
+              {"name_or_path", "target"}}}}},
           {"speculators_model_type", "eagle3"},
           {"speculators_version", "0.3.0"},
           {"target_hidden_size", nullptr},
@@ -76,10 +88,13 @@ json SpeculatorsConfig(const ModelConfig& target, const Eagle3DraftShape& s, DTy
 }
 
 // SafeAILab (eagle/traineagle3/config.json) and SpecForge (configs/*-eagle3*.json) configs.
-json DraftConfig(const ModelConfig& target, const Eagle3DraftShape& s, DType dtype, Eagle3Layout layout) {
-  json j = {{"architectures", {layout == Eagle3Layout::kSafeAILab ? "LlamaForCausalLM" : "LlamaForCausalLMEagle3"}},
+json DraftConfig(const ModelConfig& target, const Eagle3DraftShape& s, DType dtype,
+                 Eagle3Layout layout) {
+  json j = {{"architectures",
+             {layout == Eagle3Layout::kSafeAILab ? "LlamaForCausalLM" : "LlamaForCausalLMEagle3"}},
             {"bos_token_id", target.bos_token_id},
-            {"eos_token_id", target.eos_token_ids.empty() ? json(nullptr) : json(target.eos_token_ids[0])},
+            {"eos_token_id",
+             target.eos_token_ids.empty() ? json(nullptr) : json(target.eos_token_ids[0])},
             {"hidden_act", "silu"},
             {"hidden_size", s.hidden},
             {"initializer_range", 0.02},
@@ -102,7 +117,8 @@ json DraftConfig(const ModelConfig& target, const Eagle3DraftShape& s, DType dty
   }
   j["head_dim"] = s.head_dim;
   j["rope_scaling"] = nullptr;
-  // SpecForge's Llama-3 configs leave rope_theta out (LlamaConfig's 10000); its Qwen configs give the target's.
+  // SpecForge's Llama-3 configs leave rope_theta out (LlamaConfig's 10000); its Qwen configs give
+  // the target's.
   if (target.arch != Architecture::kLlama) j["rope_theta"] = target.rope_theta;
   const int64_t L = target.num_hidden_layers;
   if (layout == Eagle3Layout::kEagle31) {
@@ -112,7 +128,8 @@ json DraftConfig(const ModelConfig& target, const Eagle3DraftShape& s, DType dty
     // Layer outputs: SGLang captures the input of layer id + 1 (the same layers as [2, L/2, L-3]).
     std::vector<int64_t> outputs;
     for (int64_t l : DefaultFusionLayers(L)) outputs.push_back(std::max<int64_t>(0, l - 1));
-    j["eagle_config"] = {{"eagle_aux_hidden_state_layer_ids", outputs}, {"use_aux_hidden_state", true}};
+    j["eagle_config"] = {{"eagle_aux_hidden_state_layer_ids", outputs},
+                         {"use_aux_hidden_state", true}};
   }
   return j;
 }
@@ -124,8 +141,9 @@ absl::StatusOr<Eagle3Layout> ParseEagle3Layout(std::string_view name) {
   if (name == "specforge") return Eagle3Layout::kSpecForge;
   if (name == "eagle3.1") return Eagle3Layout::kEagle31;
   if (name == "speculators") return Eagle3Layout::kSpeculators;
-  return absl::InvalidArgumentError(absl::StrCat("unknown EAGLE-3 draft layout \"", std::string(name),
-                                                 "\" (safeailab, specforge, eagle3.1, speculators)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown EAGLE-3 draft layout \"", std::string(name),
+                   "\" (safeailab, specforge, eagle3.1, speculators)"));
 }
 
 DType Eagle3LayoutDType(Eagle3Layout layout) {
@@ -146,11 +164,13 @@ Eagle3DraftShape Eagle3DraftShapeFor(const ModelConfig& target, Eagle3Layout lay
   return s;
 }
 
-std::vector<TensorSpec> Eagle3DraftTensors(const Eagle3DraftShape& s, DType dtype, Eagle3Layout layout) {
+std::vector<TensorSpec> Eagle3DraftTensors(const Eagle3DraftShape& s, DType dtype,
+                                           Eagle3Layout layout) {
   const int64_t h = s.hidden, q = s.n_heads * s.head_dim, kv = s.n_kv_heads * s.head_dim;
   const std::string l = layout == Eagle3Layout::kSpeculators ? "layers.0." : "midlayer.";
   std::vector<TensorSpec> t;
-  if (layout == Eagle3Layout::kSpeculators) t.push_back({"embed_tokens.weight", dtype, {s.vocab, h}});
+  if (layout == Eagle3Layout::kSpeculators)
+    t.push_back({"embed_tokens.weight", dtype, {s.vocab, h}});
   t.push_back({"fc.weight", dtype, {h, 3 * h}});
   if (layout == Eagle3Layout::kEagle31) {
     for (int i = 0; i < 3; ++i) t.push_back({absl::StrCat("fc_norm.", i, ".weight"), dtype, {h}});
@@ -178,17 +198,21 @@ std::vector<TensorSpec> Eagle3DraftTensors(const Eagle3DraftShape& s, DType dtyp
 
 absl::Status WriteRandomEagle3Draft(const ModelConfig& target, const std::string& out_dir,
                                     const RandomCheckpointOptions& options, Eagle3Layout layout) {
-  if (!IsFloating(options.dtype)) return absl::InvalidArgumentError("draft dtype must be f32, f16 or bf16");
+  if (!IsFloating(options.dtype))
+    return absl::InvalidArgumentError("draft dtype must be f32, f16 or bf16");
   if (layout == Eagle3Layout::kSafeAILab &&
-      (target.arch != Architecture::kLlama || target.head_dim * target.num_attention_heads != target.hidden_size)) {
-    return absl::InvalidArgumentError("SafeAILab's EAGLE-3 trainer takes Llama targets with head_dim = hidden / heads");
+      (target.arch != Architecture::kLlama ||
+       target.head_dim * target.num_attention_heads != target.hidden_size)) {
+    return absl::InvalidArgumentError(
+        "SafeAILab's EAGLE-3 trainer takes Llama targets with head_dim = hidden / heads");
   }
   if (layout == Eagle3Layout::kSpeculators && target.arch == Architecture::kQwen2) {
     return absl::InvalidArgumentError("speculators' EAGLE-3 layers are llama or qwen3 (no qwen2)");
   }
   const Eagle3DraftShape s = Eagle3DraftShapeFor(target, layout);
-  const json j = layout == Eagle3Layout::kSpeculators ? SpeculatorsConfig(target, s, options.dtype)
-                                                      : DraftConfig(target, s, options.dtype, layout);
+  const json j = layout == Eagle3Layout::kSpeculators
+                     ? SpeculatorsConfig(target, s, options.dtype)
+                     : DraftConfig(target, s, options.dtype, layout);
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::create_directories(out_dir, ec);
