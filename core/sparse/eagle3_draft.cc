@@ -2,6 +2,7 @@
 #include "core/sparse/eagle3_draft.h"
 
 #include <initializer_list>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -262,6 +263,17 @@ absl::StatusOr<Eagle3Draft> OpenEagle3Draft(const std::string& dir, const ModelC
         "layers");
   }
   ASSIGN_OR_RETURN(json layer, LayerConfig(root, d.publisher, target));
+  // A draft trained for another target: its vocabulary (t2d's length) or fused width differ.
+  for (const auto& [key, value, want] :
+       {std::tuple{"vocab_size", layer["vocab_size"], target.vocab_size},
+        std::tuple{"target_hidden_size", root.value("target_hidden_size", json()),
+                   target.hidden_size}}) {
+    if (value.is_number_integer() && value.get<int64_t>() != want) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "eagle3 draft does not fit the target: ", key, " is ", value.get<int64_t>(),
+          " in the draft but ", want, " in the target (a draft is trained for one target)"));
+    }
+  }
   d.draft_layers = layer["num_hidden_layers"].is_number_integer()
                        ? layer["num_hidden_layers"].get<int64_t>()
                        : 1;

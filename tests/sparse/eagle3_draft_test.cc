@@ -375,6 +375,15 @@ TEST_F(Eagle3DraftTest, RefusalsNameWhatIsWrong) {
     (*cfg)["eagle_aux_hidden_state_layer_ids"] = {1, 2, 3, 4};
   });
   EXPECT_THAT(Prune(Path("four")).status().message(), HasSubstr("fuses 4 target layers"));
+  // A draft of another target (its vocabulary, its fused width).
+  CopyFixture(kDrafts + "specforge", Path("vocab"),
+              [](nlohmann::json* cfg, auto*) { (*cfg)["vocab_size"] = 128256; });
+  EXPECT_THAT(Prune(Path("vocab")).status().message(),
+              HasSubstr("vocab_size is 128256 in the draft but 320 in the target"));
+  CopyFixture(kDrafts + "speculators", Path("wide"),
+              [](nlohmann::json* cfg, auto*) { (*cfg)["target_hidden_size"] = 64; });
+  EXPECT_THAT(Prune(Path("wide")).status().message(),
+              HasSubstr("target_hidden_size is 64 in the draft but 32"));
   PruneOptions forced;
   forced.publisher = DraftPublisher::kSpeculators;
   EXPECT_THAT(Prune(kDrafts + "specforge", forced).status().message(),
