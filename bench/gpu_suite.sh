@@ -71,7 +71,9 @@ spc_model() {
   fi
   if [ ! -e /tmp/$p-head/config.json ]; then
     specontext-random-checkpoint --eagle3_for $p --out /tmp/$p-eagle3 > /dev/null 2>&1 || echo "eagle3 draft $p failed"
-    specontext prune --source /tmp/$p-eagle3 --kind eagle3 --target /tmp/$p --out /tmp/$p-head 2>&1 | tail -2
+    # The draft is trained at 2K (SpecForge layout); YaRN stretches it to the target's context, as the paper does.
+    specontext prune --source /tmp/$p-eagle3 --kind eagle3 --target /tmp/$p --out /tmp/$p-head --yarn-factor auto \
+      2>&1 | tail -2
   fi
 }
 # spc_bench SECONDS FILE ARGS...: specontext bench --sparse capped at SECONDS, raw lines in OUT/FILE, a

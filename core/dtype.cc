@@ -6,49 +6,71 @@
 
 namespace specontext {
 
-size_t DTypeSize(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-    case DType::kI32:
-      return 4;
-    case DType::kF16:
-    case DType::kBF16:
-      return 2;
-    case DType::kI64:
-      return 8;
-    case DType::kU8:
-      return 1;
+namespace {
+
+struct DTypeInfo {
+  DType dtype;
+  int bits;
+  std::string_view name;         // ours, lower case
+  std::string_view safetensors;  // the safetensors header spelling
+};
+
+// One row per DType, in enum order.
+constexpr DTypeInfo kDTypes[] = {
+    {DType::kF32, 32, "f32", "F32"},          {DType::kF16, 16, "f16", "F16"},
+    {DType::kBF16, 16, "bf16", "BF16"},       {DType::kI32, 32, "i32", "I32"},
+    {DType::kI64, 64, "i64", "I64"},          {DType::kU8, 8, "u8", "U8"},
+    {DType::kBool, 8, "bool", "BOOL"},        {DType::kI8, 8, "i8", "I8"},
+    {DType::kI16, 16, "i16", "I16"},          {DType::kU16, 16, "u16", "U16"},
+    {DType::kU32, 32, "u32", "U32"},          {DType::kU64, 64, "u64", "U64"},
+    {DType::kF64, 64, "f64", "F64"},          {DType::kC64, 64, "c64", "C64"},
+    {DType::kF8E4M3, 8, "f8_e4m3", "F8_E4M3"}, {DType::kF8E5M2, 8, "f8_e5m2", "F8_E5M2"},
+    {DType::kF8E8M0, 8, "f8_e8m0", "F8_E8M0"}, {DType::kF4, 4, "f4", "F4"},
+    {DType::kF6E2M3, 6, "f6_e2m3", "F6_E2M3"}, {DType::kF6E3M2, 6, "f6_e3m2", "F6_E3M2"},
+};
+
+constexpr bool TableInEnumOrder() {
+  for (size_t i = 0; i < sizeof(kDTypes) / sizeof(kDTypes[0]); ++i) {
+    if (static_cast<size_t>(kDTypes[i].dtype) != i) return false;
   }
-  return 0;
+  return true;
+}
+static_assert(TableInEnumOrder(), "kDTypes rows must follow the DType enum");
+
+const DTypeInfo* Info(DType d) {
+  const size_t i = static_cast<size_t>(d);
+  return i < sizeof(kDTypes) / sizeof(kDTypes[0]) ? &kDTypes[i] : nullptr;
+}
+
+}  // namespace
+
+int DTypeBits(DType dtype) {
+  const DTypeInfo* i = Info(dtype);
+  return i == nullptr ? 0 : i->bits;
+}
+
+size_t DTypeSize(DType dtype) {
+  const int bits = DTypeBits(dtype);
+  return bits % 8 == 0 ? static_cast<size_t>(bits / 8) : 0;
+}
+
+size_t DTypeBytes(DType dtype, uint64_t numel) {
+  return static_cast<size_t>((numel * static_cast<uint64_t>(DTypeBits(dtype)) + 7) / 8);
 }
 
 std::string_view DTypeName(DType dtype) {
-  switch (dtype) {
-    case DType::kF32: return "f32";
-    case DType::kF16: return "f16";
-    case DType::kBF16: return "bf16";
-    case DType::kI32: return "i32";
-    case DType::kI64: return "i64";
-    case DType::kU8: return "u8";
-  }
-  return "?";
+  const DTypeInfo* i = Info(dtype);
+  return i == nullptr ? "?" : i->name;
 }
 
 std::string_view SafetensorsDTypeName(DType dtype) {
-  switch (dtype) {
-    case DType::kF32: return "F32";
-    case DType::kF16: return "F16";
-    case DType::kBF16: return "BF16";
-    case DType::kI32: return "I32";
-    case DType::kI64: return "I64";
-    case DType::kU8: return "U8";
-  }
-  return "?";
+  const DTypeInfo* i = Info(dtype);
+  return i == nullptr ? "?" : i->safetensors;
 }
 
 absl::StatusOr<DType> ParseSafetensorsDType(std::string_view name) {
-  for (DType d : {DType::kF32, DType::kF16, DType::kBF16, DType::kI32, DType::kI64, DType::kU8}) {
-    if (name == SafetensorsDTypeName(d)) return d;
+  for (const DTypeInfo& i : kDTypes) {
+    if (name == i.safetensors) return i.dtype;
   }
   return absl::InvalidArgumentError(absl::StrCat("unsupported safetensors dtype \"", std::string(name), "\""));
 }

@@ -10,12 +10,28 @@
 
 namespace specontext {
 
-enum class DType : uint8_t { kF32, kF16, kBF16, kI32, kI64, kU8 };
+// Every element type a checkpoint can hold (the safetensors list: huggingface/safetensors
+// safetensors/src/tensor.rs `Dtype`, plus torch's storages). The engine computes with kF32, kF16 and kBF16
+// (IsFloating) and indexes with kI32/kI64; the others are read and carried (t2d masks are kBool, d2t maps
+// kI64, quantised checkpoints F8/F4 scales) so that one such tensor does not make a whole file unreadable.
+// A tensor the engine has to use in a dtype it cannot compute with is refused where it is used, naming the
+// tensor and the dtype.
+enum class DType : uint8_t {
+  kF32, kF16, kBF16, kI32, kI64, kU8,  // the original six keep their values
+  kBool, kI8, kI16, kU16, kU32, kU64, kF64, kC64,
+  kF8E4M3, kF8E5M2, kF8E8M0,
+  kF4, kF6E2M3, kF6E3M2,  // sub-byte (packed) float formats
+};
 
+/// Bits of one element: 4 (F4), 6 (F6_*), 8 ... 64.
+int DTypeBits(DType dtype);
+/// Bytes of one element; 0 for the sub-byte formats (use DTypeBytes for a count of them).
 size_t DTypeSize(DType dtype);
+/// Bytes of `numel` packed elements, rounded up to a whole byte.
+size_t DTypeBytes(DType dtype, uint64_t numel);
 std::string_view DTypeName(DType dtype);
 
-// Parses a safetensors dtype string ("F32", "BF16", ...). Unknown strings are an error.
+// Parses a safetensors dtype string ("F32", "BF16", "BOOL", "F8_E4M3", ...). Unknown strings are an error.
 absl::StatusOr<DType> ParseSafetensorsDType(std::string_view name);
 // The safetensors spelling of `dtype`.
 std::string_view SafetensorsDTypeName(DType dtype);

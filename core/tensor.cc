@@ -19,7 +19,7 @@ int64_t NumElements(const Shape& shape) {
 }
 
 Tensor Tensor::HostEmpty(DType dtype, Shape shape) {
-  const size_t bytes = static_cast<size_t>(NumElements(shape)) * DTypeSize(dtype);
+  const size_t bytes = DTypeBytes(dtype, static_cast<uint64_t>(NumElements(shape)));
   const size_t rounded = (bytes + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
   std::memset(p, 0, rounded == 0 ? 64 : rounded);

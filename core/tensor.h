@@ -39,7 +39,7 @@ class Tensor {
   int ndim() const { return static_cast<int>(shape_.size()); }
   int64_t dim(int i) const { return shape_[i < 0 ? shape_.size() + i : i]; }
   int64_t numel() const { return NumElements(shape_); }
-  size_t nbytes() const { return static_cast<size_t>(numel()) * DTypeSize(dtype_); }
+  size_t nbytes() const { return DTypeBytes(dtype_, static_cast<uint64_t>(numel())); }
   DeviceKind device() const { return device_; }
   bool empty() const { return data_ == nullptr; }
   const std::shared_ptr<void>& storage() const { return storage_; }

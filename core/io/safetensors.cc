@@ -2,12 +2,12 @@
 #include "core/io/safetensors.h"
 
 #include <algorithm>
-#include <filesystem>
 #include <limits>
 #include <unordered_map>
 
 #include "absl/strings/str_cat.h"
 #include "core/io/file_util.h"
+#include "core/io/weight_files.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -75,12 +75,21 @@ absl::StatusOr<SafetensorsEntry> ParseEntry(const std::string& name, const json&
     return Bad(absl::StrCat(where, "data_offsets end ", e.end, " is past the data section (", data_size,
                             " bytes)"));
   }
-  uint64_t expected = 0;
-  if (__builtin_mul_overflow(numel, static_cast<uint64_t>(DTypeSize(e.dtype)), &expected) ||
-      expected != e.end - e.begin) {
+  // Sizes in bits: F4/F6 pack elements below a byte; a tensor must still end on a whole byte (as the
+  // reference reader requires).
+  uint64_t bits = 0;
+  if (__builtin_mul_overflow(numel, static_cast<uint64_t>(DTypeBits(e.dtype)), &bits)) {
+    return Bad(where + "shape is too large");
+  }
+  if (bits % 8 != 0) {
+    return Bad(absl::StrCat(where, numel, " elements of ", std::string(SafetensorsDTypeName(e.dtype)),
+                            " do not fill whole bytes"));
+  }
+  if (bits / 8 != e.end - e.begin) {
     return Bad(absl::StrCat(where, "shape ", ShapeToString(e.shape), " of ",
                             std::string(SafetensorsDTypeName(e.dtype)), " needs ", numel, " x ",
-                            DTypeSize(e.dtype), " bytes but data_offsets span ", e.end - e.begin));
+                            DTypeBits(e.dtype), " bits = ", bits / 8, " bytes but data_offsets span ",
+                            e.end - e.begin));
   }
   return e;
 }
@@ -115,35 +124,6 @@ class BufferWeights final : public WeightSource {
   SafetensorsHeader header_;
   std::shared_ptr<void> storage_;
   std::unordered_map<std::string, size_t> by_name_;
-};
-
-// Names routed to the shard that holds them.
-class ShardedWeights final : public WeightSource {
- public:
-  ShardedWeights(std::vector<std::unique_ptr<WeightSource>> shards,
-                 std::vector<std::pair<std::string, size_t>> names)
-      : shards_(std::move(shards)), order_(std::move(names)) {
-    for (const auto& [name, shard] : order_) route_.emplace(name, shard);
-  }
-  bool Has(std::string_view name) const override { return route_.count(std::string(name)) > 0; }
-  absl::StatusOr<Tensor> Get(std::string_view name) const override {
-    auto it = route_.find(std::string(name));
-    if (it == route_.end()) {
-      return absl::NotFoundError(absl::StrCat("tensor \"", std::string(name), "\" not found"));
-    }
-    return shards_[it->second]->Get(name);
-  }
-  std::vector<std::string> Names() const override {
-    std::vector<std::string> names;
-    names.reserve(order_.size());
-    for (const auto& p : order_) names.push_back(p.first);
-    return names;
-  }
-
- private:
-  std::vector<std::unique_ptr<WeightSource>> shards_;
-  std::vector<std::pair<std::string, size_t>> order_;
-  std::unordered_map<std::string, size_t> route_;
 };
 
 absl::Status WithPath(const std::string& path, const absl::Status& s) {
@@ -214,35 +194,7 @@ absl::StatusOr<std::unique_ptr<WeightSource>> OpenSafetensors(const std::string&
 }
 
 absl::StatusOr<std::unique_ptr<WeightSource>> OpenSafetensorsIndex(const std::string& index_path) {
-  ASSIGN_OR_RETURN(std::string text, ReadFileToString(index_path, 64u << 20));
-  json root = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  auto bad = [&](const std::string& msg) { return absl::InvalidArgumentError(absl::StrCat(index_path, ": ", msg)); };
-  if (root.is_discarded() || !root.is_object()) return bad("not a JSON object");
-  if (!root.contains("weight_map") || !root["weight_map"].is_object()) return bad("missing object \"weight_map\"");
-  const std::filesystem::path dir = std::filesystem::path(index_path).parent_path();
-  std::vector<std::unique_ptr<WeightSource>> shards;
-  std::unordered_map<std::string, size_t> shard_of_file;
-  std::vector<std::pair<std::string, size_t>> names;
-  for (auto it = root["weight_map"].begin(); it != root["weight_map"].end(); ++it) {
-    if (!it.value().is_string()) return bad(absl::StrCat("weight_map[\"", it.key(), "\"] is not a string"));
-    const std::string file = it.value().get<std::string>();
-    // Shards live beside the index: refuse paths that would escape the directory.
-    if (file.empty() || file.find('/') != std::string::npos || file == "." || file == "..") {
-      return bad(absl::StrCat("shard file name \"", file, "\" for \"", it.key(), "\" is not a plain file name"));
-    }
-    auto found = shard_of_file.find(file);
-    if (found == shard_of_file.end()) {
-      ASSIGN_OR_RETURN(std::unique_ptr<WeightSource> shard, OpenSafetensors((dir / file).string()));
-      found = shard_of_file.emplace(file, shards.size()).first;
-      shards.push_back(std::move(shard));
-    }
-    if (!shards[found->second]->Has(it.key())) {
-      return bad(absl::StrCat("tensor \"", it.key(), "\" is listed in the index but missing from shard ", file));
-    }
-    names.emplace_back(it.key(), found->second);
-  }
-  if (names.empty()) return bad("weight_map is empty");
-  return std::unique_ptr<WeightSource>(new ShardedWeights(std::move(shards), std::move(names)));
+  return OpenShardedIndex(index_path, OpenSafetensors);
 }
 
 }  // namespace specontext

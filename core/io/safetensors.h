@@ -68,7 +68,7 @@ struct TensorSpec {
   std::string name;
   DType dtype = DType::kF32;
   Shape shape;
-  size_t nbytes() const { return static_cast<size_t>(NumElements(shape)) * DTypeSize(dtype); }
+  size_t nbytes() const { return DTypeBytes(dtype, static_cast<uint64_t>(NumElements(shape))); }
 };
 
 /// Produces elements [first, first + count) of tensor `index` (row-major) into `dst` in the spec's dtype.

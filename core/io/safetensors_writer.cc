@@ -98,6 +98,12 @@ absl::Status WriteSafetensorsStreaming(const std::string& path, const std::vecto
       if (++seen[s.name] > 1) {
         return absl::InvalidArgumentError(absl::StrCat("WriteSafetensors: duplicate tensor \"", s.name, "\""));
       }
+      // Chunks are whole elements; packed sub-byte formats are read and carried, never written here.
+      if (DTypeSize(s.dtype) == 0) {
+        return absl::InvalidArgumentError(absl::StrCat("WriteSafetensors: tensor \"", s.name, "\" has the packed dtype ",
+                                                       std::string(SafetensorsDTypeName(s.dtype)),
+                                                       ", which this writer does not write"));
+      }
     }
   }
   const std::string prefix = HeaderPrefix(SafetensorsHeaderJson(specs, metadata));

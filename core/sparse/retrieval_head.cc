@@ -112,6 +112,10 @@ absl::StatusOr<std::unique_ptr<RetrievalHead>> RetrievalHead::Create(const Retri
   if (config.kind == RetrievalHeadKind::kEagle3) {
     RETURN_IF_ERROR(GetF32(ws, "fc.weight", {hidden, 3 * config.target.hidden_size}, &h->fc_, &p));
     RETURN_IF_ERROR(GetF32(ws, "hidden_norm.weight", {hidden}, &h->hidden_norm_, &p));
+    if (config.fc_bias) RETURN_IF_ERROR(GetF32(ws, "fc.bias", {hidden}, &h->fc_bias_, &p));
+    if (config.fused_norm != FusedNorm::kNone) {
+      RETURN_IF_ERROR(GetF32(ws, "fc_norm.weight", {h->fused_width()}, &h->fc_norm_, &p));
+    }
   }
   ASSIGN_OR_RETURN(RopeFrequencies rope, ComputeRopeFrequencies(a));
   h->inv_freq_ = std::move(rope.inv_freq);
@@ -166,8 +170,19 @@ absl::Status RetrievalHead::Forward(const std::vector<int32_t>& ids, const std::
     RmsNorm(row.data(), input_norm_.data(), hidden, a.rms_norm_eps, x.data() + i * in);
   }
   if (config_.kind == RetrievalHeadKind::kEagle3) {
-    std::vector<float> f(n * hidden), none;
-    Linear(fused.as<float>(), n, fused_width(), fc_, hidden, none, f.data());
+    const int64_t fw = fused_width();
+    const float* h = fused.as<float>();
+    std::vector<float> normed;
+    if (config_.fused_norm != FusedNorm::kNone) {  // per third (fc_norm) or over the whole row (norm_before_fc)
+      const int64_t groups = config_.fused_norm == FusedNorm::kPerLayer ? 3 : 1, w = fw / groups;
+      normed.resize(n * fw);
+      for (int64_t r = 0; r < n * groups; ++r) {
+        RmsNorm(h + r * w, fc_norm_.data() + (r % groups) * w, w, a.rms_norm_eps, normed.data() + r * w);
+      }
+      h = normed.data();
+    }
+    std::vector<float> f(n * hidden);
+    Linear(h, n, fw, fc_, hidden, fc_bias_, f.data());
     for (int64_t i = 0; i < n; ++i) RmsNorm(f.data() + i * hidden, hidden_norm_.data(), hidden, a.rms_norm_eps, x.data() + i * in + hidden);
   }
   Linear(x.data(), n, in, wq_, nq * hd, bq_, q->as<float>());

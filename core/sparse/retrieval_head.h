@@ -4,9 +4,10 @@
 // service and the tests; the engine runs the same forward on its backend (retrieval_head_device.h).
 //
 //   layer:  x = RMSNorm(embed(id))                                  q/k = x · W{q,k}ᵀ (+ bias)
-//   eagle3: x = cat(input_layernorm(embed(id)), hidden_norm(fc(h)))  q/k = x · W{q,k}ᵀ
+//   eagle3: x = cat(input_layernorm(embed(id)), hidden_norm(fc(h') + b))  q/k = x · W{q,k}ᵀ (+ bias)
 //           h = cat of the target's hidden states entering its three fusion layers, for the previous
 //           position (EAGLE-3 pairs token t with the target's features of position t−1; position 0: zeros)
+//           h' = h, or RMSNorm per third (EAGLE-3.1 fc_norm) or of the whole (norm_before_fc); b: fc bias
 //   then optional per-head RMSNorm (qk_norm), then RoPE at the token's position (YaRN etc. from config).
 #pragma once
 
@@ -20,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "core/io/weight_source.h"
 #include "core/sparse/retrieval_head_config.h"
+#include "core/sparse/retrieval_head_prune.h"  // PruneToRetrievalHead (callers include this header)
 #include "core/tensor.h"
 
 namespace specontext {
@@ -83,6 +85,8 @@ class RetrievalHead {
   DType matrix_dtype_ = DType::kF32;  // stored dtype of the projection matrices (weight_dtype on upload)
   Tensor embed_;  // [vocab, hidden] stored dtype (own or the target's), rows converted on use
   std::vector<float> input_norm_, hidden_norm_, fc_, wq_, wk_, bq_, bk_, q_norm_, k_norm_;
+  std::vector<float> fc_bias_;  // [hidden] or empty
+  std::vector<float> fc_norm_;  // [fused_width] RMSNorm weights of the fused features (config_.fused_norm)
   std::vector<float> inv_freq_;
   float attention_scaling_ = 1.0f;
   int64_t params_ = 0;
@@ -91,22 +95,5 @@ class RetrievalHead {
 /// Writes a head directory (config.json + model.safetensors with `tensors` in order).
 absl::Status SaveRetrievalHead(const std::string& dir, const RetrievalHeadConfig& config,
                                const std::vector<std::pair<std::string, Tensor>>& tensors);
-
-struct PruneReport {
-  int64_t parameters_before = 0;  // every tensor of the source checkpoint
-  int64_t parameters_after = 0;   // tensors written to the head
-};
-
-/// Writes a retrieval head to `out_dir` from a DLM checkpoint directory:
-///  kEagle3: an EAGLE-3 draft (config.json with LlamaForCausalLMEagle3, model.safetensors with fc.*,
-///           midlayer.*): keeps fc, the two norms and q/k projections with the RoPE/YaRN settings, drops
-///           v/o/MLP/LM head and the embedding (shared with `target`).
-///  kLayer:  an HF model sharing the tokenizer: keeps its embedding, layer 0's input norm and q/k
-///           projections (biases, QK norms).
-/// `rope_scaling` (optional) replaces the source's RoPE scaling, e.g. YaRN to stretch a draft trained at 2K
-/// to the target's context, as the paper does.
-absl::StatusOr<PruneReport> PruneToRetrievalHead(const std::string& source_dir, RetrievalHeadKind kind,
-                                                 const ModelConfig& target, const std::string& target_name,
-                                                 const std::string& out_dir, const RopeScaling* rope_scaling = nullptr);
 
 }  // namespace specontext

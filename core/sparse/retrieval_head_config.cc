@@ -1,5 +1,7 @@
 #include "core/sparse/retrieval_head_config.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -22,7 +24,11 @@ absl::StatusOr<int64_t> PositiveInt(const json& obj, const char* key) {
 
 }  // namespace
 
-std::vector<int64_t> DefaultFusionLayers(int64_t n) { return {2, n / 2, n - 3}; }
+std::vector<int64_t> DefaultFusionLayers(int64_t n) {
+  std::vector<int64_t> layers = {2, n / 2, n - 3};
+  for (int64_t& l : layers) l = std::clamp<int64_t>(l, 0, std::max<int64_t>(0, n - 1));  // toy targets: L < 6
+  return layers;
+}
 
 absl::StatusOr<RetrievalHeadConfig> ParseRetrievalHeadConfig(const std::string& text) {
   RetrievalHeadConfig c;
@@ -38,9 +44,10 @@ absl::StatusOr<RetrievalHeadConfig> ParseRetrievalHeadConfig(const std::string& 
   }
   const json& h = root["specontext_retrieval_head"];
   if (!h.contains("format_version") || !h["format_version"].is_number_integer() ||
-      h["format_version"].get<int64_t>() != RetrievalHeadConfig::kFormatVersion) {
-    return Bad(absl::StrCat("unsupported \"format_version\" (this build reads version ",
-                            RetrievalHeadConfig::kFormatVersion, ")"));
+      h["format_version"].get<int64_t>() < RetrievalHeadConfig::kFormatVersion ||
+      h["format_version"].get<int64_t>() > RetrievalHeadConfig::kMaxFormatVersion) {
+    return Bad(absl::StrCat("unsupported \"format_version\" (this build reads versions ",
+                            RetrievalHeadConfig::kFormatVersion, " to ", RetrievalHeadConfig::kMaxFormatVersion, ")"));
   }
   const std::string kind = h.value("kind", std::string());
   if (kind == "eagle3") {
@@ -72,6 +79,16 @@ absl::StatusOr<RetrievalHeadConfig> ParseRetrievalHeadConfig(const std::string& 
       if (!v.is_number_integer() || v.get<int64_t>() < 0) return Bad("\"fusion_layers\" must be non-negative integers");
       c.fusion_layers.push_back(v.get<int64_t>());
     }
+    const std::string norm = h.value("fc_input_norm", std::string("none"));
+    if (norm == "per_layer") {
+      c.fused_norm = FusedNorm::kPerLayer;
+    } else if (norm == "whole") {
+      c.fused_norm = FusedNorm::kWhole;
+    } else if (norm != "none") {
+      return Bad(absl::StrCat("\"fc_input_norm\" must be \"none\", \"per_layer\" or \"whole\", got \"", norm, "\""));
+    }
+    if (h.contains("fc_bias") && !h["fc_bias"].is_boolean()) return Bad("\"fc_bias\" must be true or false");
+    c.fc_bias = h.value("fc_bias", false);
   }
   return c;
 }
@@ -79,10 +96,14 @@ absl::StatusOr<RetrievalHeadConfig> ParseRetrievalHeadConfig(const std::string& 
 std::string RetrievalHeadConfigToJson(const RetrievalHeadConfig& c) {
   json root = json::parse(ModelConfigToJson(c.attn));
   json h = json::object();
-  h["format_version"] = RetrievalHeadConfig::kFormatVersion;
+  h["format_version"] = c.format_version();
   h["kind"] = c.kind == RetrievalHeadKind::kEagle3 ? "eagle3" : "layer";
   h["embedding"] = c.own_embedding ? "own" : "target";
-  if (c.kind == RetrievalHeadKind::kEagle3) h["fusion_layers"] = c.fusion_layers;
+  if (c.kind == RetrievalHeadKind::kEagle3) {
+    h["fusion_layers"] = c.fusion_layers;
+    if (c.fused_norm != FusedNorm::kNone) h["fc_input_norm"] = c.fused_norm == FusedNorm::kPerLayer ? "per_layer" : "whole";
+    if (c.fc_bias) h["fc_bias"] = true;
+  }
   h["target"] = {{"name", c.target.name},
                  {"vocab_size", c.target.vocab_size},
                  {"hidden_size", c.target.hidden_size},

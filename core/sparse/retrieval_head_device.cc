@@ -46,7 +46,22 @@ absl::StatusOr<std::unique_ptr<DeviceRetrievalHead>> DeviceRetrievalHead::Create
   }
   ASSIGN_OR_RETURN(d->input_norm_, Upload(b, head.input_norm_, {hidden}, ct, &bytes));
   if (head.config().kind == RetrievalHeadKind::kEagle3) {
-    ASSIGN_OR_RETURN(d->fc_, Upload(b, head.fc_, {hidden, head.fused_width()}, wt, &bytes));
+    const int64_t fw = head.fused_width();
+    std::vector<float> fc(head.fc_);
+    if (head.config().fused_norm != FusedNorm::kNone) {
+      // fc(RMSNorm(h) ⊙ w) = (fc with column j scaled by w[j])(RMSNorm(h)): the norm weights fold into fc, and
+      // the forward normalises with unit weights (one RmsNorm over [n·groups, fw / groups] rows, no new op).
+      for (int64_t r = 0; r < hidden; ++r) {
+        for (int64_t j = 0; j < fw; ++j) fc[r * fw + j] *= head.fc_norm_[j];
+      }
+      d->fused_groups_ = head.config().fused_norm == FusedNorm::kPerLayer ? 3 : 1;
+      const std::vector<float> ones(fw / d->fused_groups_, 1.0f);
+      ASSIGN_OR_RETURN(d->fused_norm_unit_, Upload(b, ones, {fw / d->fused_groups_}, ct, &bytes));
+    }
+    ASSIGN_OR_RETURN(d->fc_, Upload(b, fc, {hidden, fw}, wt, &bytes));
+    if (!head.fc_bias_.empty()) {
+      ASSIGN_OR_RETURN(d->fc_bias_, Upload(b, head.fc_bias_, {hidden}, ct, &bytes));
+    }
     ASSIGN_OR_RETURN(d->hidden_norm_, Upload(b, head.hidden_norm_, {hidden}, ct, &bytes));
   }
   // Q and K projections stacked by rows: one GEMM reads the input once.
@@ -104,6 +119,16 @@ absl::Status DeviceRetrievalHead::Forward(const Tensor& ids, const Tensor& posit
   if (n == 0) return absl::OkStatus();
   // x [n, in]: the normalised embedding (eagle3: then the normalised fc of the fused features).
   ASSIGN_OR_RETURN(Tensor e, b.Alloc(ct, {n, hidden}, MemoryKind::kWorkspace));
+  const Tensor* fc_in = fused;
+  const Tensor* fc_bias = fc_bias_.empty() ? nullptr : &fc_bias_;
+  Tensor normed;
+  if (eagle3 && fused_groups_ > 0) {  // fused features RMS-normalised per third / whole (weights folded into fc_)
+    const int64_t fw = fused_width(), w = fw / fused_groups_;
+    ASSIGN_OR_RETURN(normed, b.Alloc(ct, {n, fw}, MemoryKind::kWorkspace));
+    Tensor rows_out = View(normed, 0, {n * fused_groups_, w});
+    RETURN_IF_ERROR(b.RmsNorm(View(*fused, 0, {n * fused_groups_, w}), fused_norm_unit_, eps, &rows_out));
+    fc_in = &normed;
+  }
   RETURN_IF_ERROR(b.Embedding(embed_, ids, &e));
   ASSIGN_OR_RETURN(Tensor x, b.Alloc(ct, {n, in}, MemoryKind::kWorkspace));
   if (!eagle3) {
@@ -113,13 +138,13 @@ absl::Status DeviceRetrievalHead::Forward(const Tensor& ids, const Tensor& posit
     // decode step).
     Tensor lo = View(x, 0, {1, hidden}), hi = View(x, hidden, {1, hidden});
     RETURN_IF_ERROR(b.RmsNorm(e, input_norm_, eps, &lo));
-    RETURN_IF_ERROR(b.Linear(*fused, fc_, nullptr, &e));
+    RETURN_IF_ERROR(b.Linear(*fc_in, fc_, fc_bias, &e));
     RETURN_IF_ERROR(b.RmsNorm(e, hidden_norm_, eps, &hi));
   } else {
     ASSIGN_OR_RETURN(Tensor part, b.Alloc(ct, {n, hidden}, MemoryKind::kWorkspace));
     RETURN_IF_ERROR(b.RmsNorm(e, input_norm_, eps, &part));
     RETURN_IF_ERROR(b.CopyToColumns(part, 0, &x));
-    RETURN_IF_ERROR(b.Linear(*fused, fc_, nullptr, &e));
+    RETURN_IF_ERROR(b.Linear(*fc_in, fc_, fc_bias, &e));
     RETURN_IF_ERROR(b.RmsNorm(e, hidden_norm_, eps, &part));
     RETURN_IF_ERROR(b.CopyToColumns(part, hidden, &x));
   }

@@ -3,7 +3,9 @@
 // RetrievalHead::Forward (retrieval_head.h), which the tests compare it with:
 //
 //   layer:  x = RmsNorm(Embedding(ids), input_norm)
-//   eagle3: x = cat(RmsNorm(Embedding(ids), input_norm), RmsNorm(fused · fcᵀ, hidden_norm))  (CopyToColumns)
+//   eagle3: x = cat(RmsNorm(Embedding(ids), input_norm), RmsNorm(fused' · fcᵀ (+ b), hidden_norm))  (CopyToColumns)
+//           fused' = fused, or RmsNorm with unit weights over its thirds / whole rows when the head has a fused
+//           norm (EAGLE-3.1 fc_norm, norm_before_fc), whose weights are folded into fc's columns at upload
 //   qk = x · [Wq; Wk]ᵀ (+ [bq; bk])                                    one GEMM for both projections
 //   optional per-head RMSNorm (q_norm / k_norm), RoPE at each token's position (the head's own YaRN etc.)
 //
@@ -72,7 +74,10 @@ class DeviceRetrievalHead {
   Backend* backend_;
   Tensor embed_;                 // [vocab, hidden] (own upload or the shared table)
   Tensor input_norm_;            // [hidden]
-  Tensor fc_, hidden_norm_;      // eagle3: [hidden, fused_width], [hidden]
+  Tensor fc_, hidden_norm_;      // eagle3: [hidden, fused_width] (fused-norm weights folded in), [hidden]
+  Tensor fc_bias_;               // eagle3: [hidden] or empty
+  Tensor fused_norm_unit_;       // eagle3 with a fused norm: ones [fused_width / fused_groups_]
+  int64_t fused_groups_ = 0;     // 0: no fused norm; 3: per fused layer (fc_norm); 1: whole (norm_before_fc)
   Tensor w_qk_, b_qk_;           // [(n_heads + n_kv) · hd, in], [(n_heads + n_kv) · hd] or empty
   Tensor q_norm_, k_norm_;       // [hd] or empty
   Tensor inv_freq_;              // [hd / 2] f32

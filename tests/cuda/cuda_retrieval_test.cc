@@ -227,6 +227,16 @@ TEST(CudaRetrievalHead, MatchesTheHostReference) {
   s.head_dim = 32;
   s.qk_norm = true;
   shapes.push_back(s);
+  s = HeadShape();  // EAGLE-3.1 fc_norm with an fc bias; speculators norm_before_fc (weights folded into fc)
+  s.kind = RetrievalHeadKind::kEagle3;
+  s.fused_norm = FusedNorm::kPerLayer;
+  s.fc_bias = true;
+  shapes.push_back(s);
+  s.fused_norm = FusedNorm::kWhole;
+  s.fc_bias = false;
+  s.hidden = 128;
+  s.head_dim = 32;
+  shapes.push_back(s);
   for (const HeadShape& h : shapes) {
     testing_sparse::CheckObserveAgainstReference(*gpu, h, {{5, 0, 16}, {1, 37, 64}, {9, 100, 128}}, 4e-2, 3e-2, FreshSeed());
     testing_sparse::CheckObserveAgainstReference(*gpu, h, {{1, 3, 8}, {1, 0, 4}, {1, 63, 64}, {1, 17, 31}}, 4e-2, 3e-2,

@@ -118,5 +118,25 @@ TEST(DtypeTest, BulkConversionsAgreeWithScalar) {
   }
 }
 
+TEST(DtypeTest, WidthsNamesAndPackedBytes) {
+  EXPECT_EQ(DTypeSize(DType::kBool), 1u);
+  EXPECT_EQ(DTypeSize(DType::kU64), 8u);
+  EXPECT_EQ(DTypeSize(DType::kC64), 8u);
+  EXPECT_EQ(DTypeSize(DType::kF4), 0u) << "packed formats have no whole-byte element";
+  EXPECT_EQ(DTypeBytes(DType::kF4, 6), 3u);
+  EXPECT_EQ(DTypeBytes(DType::kF6E3M2, 4), 3u);
+  EXPECT_EQ(DTypeBytes(DType::kBF16, 5), 10u);
+  EXPECT_EQ(DTypeName(DType::kF8E4M3), "f8_e4m3");
+  for (const char* name : {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32",
+                           "F64", "C64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}) {
+    absl::StatusOr<DType> d = ParseSafetensorsDType(name);
+    ASSERT_TRUE(d.ok()) << name;
+    EXPECT_EQ(SafetensorsDTypeName(*d), name);
+  }
+  EXPECT_FALSE(ParseSafetensorsDType("f32").ok()) << "the header spelling is upper case";
+  EXPECT_FALSE(IsFloating(DType::kF64)) << "the engine computes in f32/f16/bf16 only";
+  EXPECT_FALSE(IsFloating(DType::kBool));
+}
+
 }  // namespace
 }  // namespace specontext

@@ -1,6 +1,7 @@
 // Each malformed safetensors header is rejected with InvalidArgument and a message naming the problem.
 #include <cstring>
 
+#include "absl/strings/str_cat.h"
 #include "core/io/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -59,8 +60,12 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"missing dtype", Build(R"({"w":{"shape":[2],"data_offsets":[0,8]}})", 8), "missing \"dtype\""},
         Case{"missing shape", Build(R"({"w":{"dtype":"F32","data_offsets":[0,8]}})", 8), "missing \"shape\""},
         Case{"missing offsets", Build(R"({"w":{"dtype":"F32","shape":[2]}})", 8), "missing \"data_offsets\""},
-        Case{"unknown dtype", Build(R"({"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}})", 2),
-             "unsupported safetensors dtype"},
+        Case{"unknown dtype", Build(R"({"w":{"dtype":"F7_E3M3","shape":[2],"data_offsets":[0,2]}})", 2),
+             "unsupported safetensors dtype \"F7_E3M3\""},
+        Case{"packed dtype not whole bytes", Build(R"({"w":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}})", 2),
+             "3 elements of F4 do not fill whole bytes"},
+        Case{"packed dtype size mismatch", Build(R"({"w":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[0,4]}})", 4),
+             "needs 4 x 6 bits = 3 bytes but data_offsets span 4"},
         Case{"negative dim", Build(R"({"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8),
              "negative or non-integer"},
         Case{"fractional dim", Build(R"({"w":{"dtype":"F32","shape":[2.5],"data_offsets":[0,8]}})", 8),
@@ -84,6 +89,46 @@ INSTANTIATE_TEST_SUITE_P(
       for (char& ch : s) ch = std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
       return s;
     });
+
+// Every dtype of the safetensors list parses with its element width (huggingface/safetensors
+// safetensors/src/tensor.rs `Dtype::bitsize`): one BOOL t2d mask must not make a draft unreadable.
+TEST(SafetensorsParseTest, EveryDtypeOfTheFormatParses) {
+  struct Want {
+    const char* name;
+    DType dtype;
+    int bits;
+  };
+  const Want wants[] = {{"BOOL", DType::kBool, 8},       {"U8", DType::kU8, 8},           {"I8", DType::kI8, 8},
+                        {"I16", DType::kI16, 16},        {"U16", DType::kU16, 16},        {"I32", DType::kI32, 32},
+                        {"U32", DType::kU32, 32},        {"I64", DType::kI64, 64},        {"U64", DType::kU64, 64},
+                        {"F16", DType::kF16, 16},        {"BF16", DType::kBF16, 16},      {"F32", DType::kF32, 32},
+                        {"F64", DType::kF64, 64},        {"C64", DType::kC64, 64},        {"F8_E4M3", DType::kF8E4M3, 8},
+                        {"F8_E5M2", DType::kF8E5M2, 8},  {"F8_E8M0", DType::kF8E8M0, 8},  {"F4", DType::kF4, 4},
+                        {"F6_E2M3", DType::kF6E2M3, 6},  {"F6_E3M2", DType::kF6E3M2, 6}};
+  std::string header = "{";
+  uint64_t offset = 0;
+  for (const Want& w : wants) {
+    const uint64_t bytes = 4 * static_cast<uint64_t>(w.bits) / 8;  // 4 elements each: whole bytes for all
+    if (header.size() > 1) header += ",";
+    header += absl::StrCat("\"t_", w.name, "\":{\"dtype\":\"", w.name, "\",\"shape\":[2,2],\"data_offsets\":[", offset,
+                           ",", offset + bytes, "]}");
+    offset += bytes;
+  }
+  header += "}";
+  const std::string file = Build(header, offset);
+  absl::StatusOr<std::unique_ptr<WeightSource>> ws =
+      SafetensorsFromBuffer(reinterpret_cast<const uint8_t*>(file.data()), file.size(), nullptr);
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  for (const Want& w : wants) {
+    absl::StatusOr<Tensor> t = (*ws)->Get(absl::StrCat("t_", w.name));
+    ASSERT_TRUE(t.ok()) << w.name << ": " << t.status();
+    EXPECT_EQ(t->dtype(), w.dtype) << w.name;
+    EXPECT_EQ(DTypeBits(w.dtype), w.bits) << w.name;
+    EXPECT_EQ(SafetensorsDTypeName(w.dtype), w.name);
+    EXPECT_EQ(t->nbytes(), 4u * w.bits / 8) << w.name;
+    EXPECT_EQ(t->shape(), Shape({2, 2}));
+  }
+}
 
 TEST(SafetensorsParseTest, AcceptsWellFormedHeaderWithPaddingAndGaps) {
   // Space padding after the JSON (HF writers pad to 8 bytes) and unused bytes between tensors are fine.

@@ -38,7 +38,11 @@ TEST(SafetensorsTest, RoundTripEveryDtype) {
   ScratchDir dir;
   std::mt19937_64 rng(FreshSeed());
   std::vector<std::pair<std::string, Tensor>> tensors;
-  const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kI32, DType::kI64, DType::kU8};
+  // Every whole-byte dtype; the packed F4/F6 formats are read only (safetensors_malformed_test).
+  const DType dtypes[] = {DType::kF32,  DType::kF16,    DType::kBF16,   DType::kI32,    DType::kI64,
+                          DType::kU8,   DType::kBool,   DType::kI8,     DType::kI16,    DType::kU16,
+                          DType::kU32,  DType::kU64,    DType::kF64,    DType::kC64,    DType::kF8E4M3,
+                          DType::kF8E5M2, DType::kF8E8M0};
   for (DType d : dtypes) {
     tensors.emplace_back(absl::StrCat("t.", std::string(DTypeName(d)), ".a"), RandomTensor(d, {17, 3}, rng));
     tensors.emplace_back(absl::StrCat("t.", std::string(DTypeName(d)), ".b"), RandomTensor(d, {97}, rng));
@@ -67,6 +71,14 @@ TEST(SafetensorsTest, RoundTripEveryDtype) {
   }
   EXPECT_FALSE((*ws)->Has("nope"));
   EXPECT_EQ((*ws)->Get("nope").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(SafetensorsTest, WriterRefusesPackedDtypesByName) {
+  ScratchDir dir;
+  Tensor f4 = Tensor::HostEmpty(DType::kF4, {4});
+  absl::Status s = WriteSafetensors(dir.Path("p.safetensors"), {{"scales", f4}});
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("\"scales\" has the packed dtype F4"));
 }
 
 TEST(SafetensorsTest, TensorKeepsMappingAlive) {

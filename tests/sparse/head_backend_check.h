@@ -48,7 +48,11 @@ inline void CheckObserveAgainstReference(Backend& b, const HeadShape& shape, con
   std::mt19937 rng(seed);
   const std::string what = absl::StrCat(shape.kind == RetrievalHeadKind::kEagle3 ? "eagle3" : "layer", " hd=",
                                         shape.head_dim, shape.bias ? " bias" : "", shape.qk_norm ? " qk_norm" : "",
-                                        shape.yarn ? " yarn" : "", " seed=", seed);
+                                        shape.yarn ? " yarn" : "",
+                                        shape.fused_norm == FusedNorm::kPerLayer ? " fc_norm"
+                                        : shape.fused_norm == FusedNorm::kWhole  ? " norm_before_fc"
+                                                                                 : "",
+                                        shape.fc_bias ? " fc_bias" : "", " seed=", seed);
   SCOPED_TRACE(what);
   auto rh = MakeRandomHead(shape, rng);
   ASSERT_TRUE(rh.ok()) << rh.status();

@@ -40,6 +40,8 @@ struct HeadShape {
   RetrievalHeadKind kind = RetrievalHeadKind::kLayer;
   int64_t hidden = 48, n_heads = 4, n_kv = 2, head_dim = 8, vocab = 97, target_layers = 8;
   bool bias = false, qk_norm = false, yarn = false;
+  FusedNorm fused_norm = FusedNorm::kNone;  // eagle3: EAGLE-3.1 fc_norm / speculators norm_before_fc
+  bool fc_bias = false;                     // eagle3: SGLang fc bias
 };
 
 /// A head and what it was built from (the target weights must outlive the head: its embedding is a view).
@@ -119,6 +121,10 @@ inline absl::StatusOr<RandomHead> MakeRandomHead(const HeadShape& shape_in, std:
     c.fusion_layers = DefaultFusionLayers(s.target_layers);
     w.push_back({"fc.weight", Bf16Exact(rng, {s.hidden, 3 * s.hidden}, 0.2f)});
     w.push_back({"hidden_norm.weight", Bf16Exact(rng, {s.hidden}, 0.2f, 1.0f)});
+    c.fused_norm = s.fused_norm;
+    c.fc_bias = s.fc_bias;
+    if (s.fused_norm != FusedNorm::kNone) w.push_back({"fc_norm.weight", Bf16Exact(rng, {3 * s.hidden}, 0.5f, 1.0f)});
+    if (s.fc_bias) w.push_back({"fc.bias", Bf16Exact(rng, {s.hidden}, 0.5f)});
     if (target_weights == nullptr) {
       r.target_weights = std::make_unique<NamedWeights>(
           std::vector<std::pair<std::string, Tensor>>{{"model.embed_tokens.weight", embedding}});

@@ -1,5 +1,5 @@
 // DeviceRetrievalHead on the CPU backend against the f32 host reference RetrievalHead::Forward: `layer` heads
-// (plain, q/k biases + QK norms, YaRN) and `eagle3` heads, ragged prompt batches and decode batches, cache rows
+// (plain, q/k biases + QK norms, YaRN) and `eagle3` heads (also with fused-feature norms and an fc bias), ragged prompt batches and decode batches, cache rows
 // outside the written range untouched; plus the backend ops it adds (CopyToColumns, ScatterRows) and bad input.
 #include <gtest/gtest.h>
 
@@ -35,6 +35,15 @@ std::vector<HeadShape> Shapes() {
   s.qk_norm = true;
   s.hidden = 64;
   s.head_dim = 32;
+  v.push_back(s);
+  s = HeadShape();  // EAGLE-3.1 fc_norm with an fc bias; speculators norm_before_fc
+  s.kind = RetrievalHeadKind::kEagle3;
+  s.fused_norm = FusedNorm::kPerLayer;
+  s.fc_bias = true;
+  v.push_back(s);
+  s.fused_norm = FusedNorm::kWhole;
+  s.fc_bias = false;
+  s.qk_norm = true;
   v.push_back(s);
   return v;
 }

@@ -223,7 +223,9 @@ TEST(RetrievalHead, PruneCanStretchRopeWithYarn) {
   yarn.type = "yarn";
   yarn.factor = 2.0 + rng() % 14;
   yarn.original_max_position_embeddings = 2048;
-  ASSERT_TRUE(PruneToRetrievalHead(src, RetrievalHeadKind::kEagle3, target, "x", dst, &yarn).ok());
+  PruneOptions options;
+  options.rope_scaling = yarn;
+  ASSERT_TRUE(PruneToRetrievalHead(src, RetrievalHeadKind::kEagle3, target, "x", dst, options).ok());
   NamedWeights target_w({{"model.embed_tokens.weight", Bf16(rng, {97, 48})}});
   auto head = RetrievalHead::Load(dst, target, &target_w);
   ASSERT_TRUE(head.ok()) << head.status();
@@ -276,7 +278,7 @@ TEST(RetrievalHead, BadHeadsGiveClearErrors) {
     const size_t at = text.find("\"format_version\": 1");
     ASSERT_NE(at, std::string::npos);
     std::string newer = text;
-    newer.replace(at, 19, "\"format_version\": 2");
+    newer.replace(at, 19, "\"format_version\": 3");
     std::ofstream(dst + "/config.json") << newer;
     EXPECT_THAT(RetrievalHead::Load(dst, target, &target_w).status().message(), ::testing::HasSubstr("format_version"));
     std::ofstream(dst + "/config.json") << text;

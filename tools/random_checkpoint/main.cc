@@ -1,6 +1,7 @@
 // specontext-random-checkpoint: writes a random HF checkpoint with a preset's real shapes.
 //   specontext-random-checkpoint --preset=llama-3.1-8b --out=/tmp/l8b [--dtype=bf16] [--seed=0]
 //   specontext-random-checkpoint --eagle3_for=llama-3.1-8b --out=/tmp/l8b-eagle3   (an EAGLE-3 draft for it)
+//       [--eagle3_layout=specforge|safeailab|eagle3.1|speculators]  (each publisher's real files and config)
 #include <cstdio>
 #include <string>
 
@@ -15,7 +16,10 @@ ABSL_FLAG(std::string, preset, "", "model shape preset (see --help)");
 ABSL_FLAG(std::string, out, "", "output directory");
 ABSL_FLAG(std::string, eagle3_for, "",
           "write an EAGLE-3 draft checkpoint for this preset (after the overrides) instead of the model");
-ABSL_FLAG(std::string, dtype, "bf16", "stored dtype: bf16, f16 or f32");
+ABSL_FLAG(std::string, eagle3_layout, "specforge",
+          "layout of the --eagle3_for draft: specforge (lmsys/sglang-EAGLE3-*, model.safetensors), safeailab "
+          "(yuhuili/EAGLE3-*, pytorch_model.bin f16), eagle3.1 (SpecForge with fc_norm) or speculators (vLLM)");
+ABSL_FLAG(std::string, dtype, "", "stored dtype: bf16, f16 or f32 (default bf16; an EAGLE-3 draft: its publisher's)");
 ABSL_FLAG(uint64_t, seed, 0, "random seed");
 ABSL_FLAG(int64_t, layers, 0, "override num_hidden_layers");
 ABSL_FLAG(int64_t, hidden, 0, "override hidden_size");
@@ -56,7 +60,10 @@ int main(int argc, char** argv) {
   ModelConfig c = *preset;
 
   RandomCheckpointOptions opt;
-  const std::string dtype = absl::GetFlag(FLAGS_dtype);
+  absl::StatusOr<Eagle3Layout> layout = ParseEagle3Layout(absl::GetFlag(FLAGS_eagle3_layout));
+  if (!layout.ok()) return Fail(std::string(layout.status().message()));
+  std::string dtype = absl::GetFlag(FLAGS_dtype);
+  if (dtype.empty()) dtype = !eagle3_for.empty() && Eagle3LayoutDType(*layout) == DType::kF16 ? "f16" : "bf16";
   if (dtype == "bf16") {
     opt.dtype = DType::kBF16;
   } else if (dtype == "f16") {
@@ -103,12 +110,14 @@ int main(int argc, char** argv) {
   if (eagle3_for.empty()) {
     for (const ExpectedTensor& e : ExpectedTensors(c)) bytes += NumElements(e.shape) * DTypeSize(opt.dtype);
   } else {
-    for (const TensorSpec& t : Eagle3DraftTensors(Eagle3DraftShapeFor(c), opt.dtype)) bytes += t.nbytes();
+    for (const TensorSpec& t : Eagle3DraftTensors(Eagle3DraftShapeFor(c, *layout), opt.dtype, *layout)) {
+      bytes += t.nbytes();
+    }
   }
   opt.progress = bytes > (256u << 20);
 
   absl::Status s = eagle3_for.empty() ? WriteRandomCheckpoint(c, absl::GetFlag(FLAGS_out), opt)
-                                      : WriteRandomEagle3Draft(c, absl::GetFlag(FLAGS_out), opt);
+                                      : WriteRandomEagle3Draft(c, absl::GetFlag(FLAGS_out), opt, *layout);
   if (!s.ok()) return Fail(std::string(s.message()));
   std::fprintf(stderr, "specontext-random-checkpoint: wrote %s (%s%s, %.1f MB of weights)\n",
                absl::GetFlag(FLAGS_out).c_str(), eagle3_for.empty() ? "" : "EAGLE-3 draft for ", preset_name.c_str(),

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -10,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/io/torch_zip_writer.h"
 #include "core/io/weight_source.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -44,6 +46,10 @@ Init InitOf(const std::string& name) {
 // Fills [first, first+count) of one tensor. Each element's value depends only on (seed, name, index)
 // through a per-element counter hash, so chunking and threads never change the result.
 void FillRandom(const TensorSpec& spec, uint64_t seed, int64_t first, int64_t count, void* dst) {
+  if (!IsFloating(spec.dtype)) {  // integer / bool buffers: zeros (RandomCheckpointOptions::special_fill)
+    std::memset(dst, 0, DTypeBytes(spec.dtype, static_cast<uint64_t>(count)));
+    return;
+  }
   const Init init = InitOf(spec.name);
   const float std = init == Init::kMatrix ? 0.02f : init == Init::kNorm ? 0.05f : 0.02f;
   const float mean = init == Init::kNorm ? 1.0f : 0.0f;
@@ -141,19 +147,23 @@ absl::Status WriteRandomTensors(std::vector<TensorSpec> specs, const std::string
   // Stale weights from an earlier run would shadow (index) or contradict the new ones.
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     const std::string name = entry.path().filename().string();
-    if (name == "model.safetensors.index.json" ||
-        (name.rfind("model", 0) == 0 && entry.path().extension() == ".safetensors")) {
+    if (name == "model.safetensors.index.json" || name == "pytorch_model.bin.index.json" ||
+        (name.rfind("model", 0) == 0 && entry.path().extension() == ".safetensors") ||
+        (name.rfind("pytorch_model", 0) == 0 && entry.path().extension() == ".bin")) {
       fs::remove(entry.path(), ec);
     }
   }
   if (opt.edit_specs) opt.edit_specs(&specs);
 
+  const bool torch = opt.format == WeightsFormat::kPytorchBin;
+  // torch.save archives stay below 4 GiB (no ZIP64 in the writer): shards of at most 2 GiB.
+  const uint64_t shard_bytes = torch ? std::min<uint64_t>(opt.shard_size_bytes, 2048ull << 20) : opt.shard_size_bytes;
   // Greedy sharding in load order; a tensor larger than a shard gets a shard of its own.
   std::vector<std::vector<size_t>> shards(1);
   uint64_t in_shard = 0, total = 0;
   for (size_t i = 0; i < specs.size(); ++i) {
     const uint64_t b = specs[i].nbytes();
-    if (!shards.back().empty() && in_shard + b > opt.shard_size_bytes) {
+    if (!shards.back().empty() && in_shard + b > shard_bytes) {
       shards.emplace_back();
       in_shard = 0;
     }
@@ -167,14 +177,18 @@ absl::Status WriteRandomTensors(std::vector<TensorSpec> specs, const std::string
   int last_pct = -1;
   json weight_map = json::object();
   for (size_t s = 0; s < shards.size(); ++s) {
-    const std::string file = shards.size() == 1 ? "model.safetensors"
-                                                : absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, shards.size());
+    const std::string file =
+        torch ? (shards.size() == 1 ? "pytorch_model.bin"
+                                    : absl::StrFormat("pytorch_model-%05d-of-%05d.bin", s + 1, shards.size()))
+              : (shards.size() == 1 ? "model.safetensors"
+                                    : absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, shards.size()));
     std::vector<TensorSpec> shard_specs;
     for (size_t i : shards[s]) {
       shard_specs.push_back(specs[i]);
       weight_map[specs[i].name] = file;
     }
     auto fill = [&](size_t i, int64_t first, int64_t count, void* dst) {
+      if (opt.special_fill && opt.special_fill(shard_specs[i], first, count, dst)) return;
       FillRandom(shard_specs[i], opt.seed, first, count, dst);
     };
     auto progress = [&](uint64_t done, uint64_t) {
@@ -185,12 +199,18 @@ absl::Status WriteRandomTensors(std::vector<TensorSpec> specs, const std::string
       std::fprintf(stderr, "random-checkpoint: %3d%% of %.2f GB (%s, %.1f s)\n", pct, total / 1e9, file.c_str(), secs);
     };
     const std::map<std::string, std::string> meta = {{"format", "pt"}};
-    RETURN_IF_ERROR(WriteSafetensorsStreaming((dir / file).string(), shard_specs, meta, fill, threads, 1 << 20, progress));
+    if (torch) {
+      RETURN_IF_ERROR(WriteTorchCheckpointStreaming((dir / file).string(), shard_specs, fill, threads, 1 << 20, progress));
+    } else {
+      RETURN_IF_ERROR(
+          WriteSafetensorsStreaming((dir / file).string(), shard_specs, meta, fill, threads, 1 << 20, progress));
+    }
     for (const TensorSpec& t : shard_specs) before += t.nbytes();
   }
   if (shards.size() > 1) {
     json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
-    RETURN_IF_ERROR(WriteText(dir / "model.safetensors.index.json", index.dump(2) + "\n"));
+    RETURN_IF_ERROR(WriteText(dir / (torch ? "pytorch_model.bin.index.json" : "model.safetensors.index.json"),
+                              index.dump(2) + "\n"));
   }
   return absl::OkStatus();
 }
