@@ -1,7 +1,7 @@
 // The text stages of a HF tokenizer.json around the model: normalizer, pre-tokenizer and decoder,
 // built from their JSON objects. Unsupported "type"s are rejected with an error naming them.
 //   normalizers:    NFC, NFD, NFKC, NFKD, Lowercase, Prepend, Replace, Sequence
-//   pre-tokenizers: Split, ByteLevel, Metaspace, Sequence
+//   pre-tokenizers: Split, ByteLevel, Metaspace, Digits, Sequence
 //   decoders:       ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace, Sequence
 #pragma once
 

@@ -1,5 +1,5 @@
 // Pre-tokenizers of tokenizer.json: Split (regex or literal, all five delimiter behaviours),
-// ByteLevel (GPT-2 byte map, optional prefix space and GPT-2 regex), Metaspace, Sequence.
+// ByteLevel (GPT-2 byte map, optional prefix space and GPT-2 regex), Metaspace, Digits, Sequence.
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
 #include "core/tokenizer/byte_level.h"
@@ -206,6 +206,15 @@ absl::StatusOr<std::unique_ptr<PreTokenizer>> MakePreTokenizer(const json& j) {
       ASSIGN_OR_RETURN(gpt2, Pattern::FromRegex(kGpt2Pattern));
     }
     return std::make_unique<ByteLevel>(prefix, std::move(gpt2));
+  }
+  if (type == "Digits") {
+    // HF splits on char::is_numeric (general categories Nd, Nl, No = \p{N}): each digit alone
+    // (Isolated) with individual_digits, else runs of digits (Contiguous), which a Split on the
+    // same class expresses exactly.
+    ASSIGN_OR_RETURN(const bool individual,
+                     GetBool(j, "individual_digits", false, "Digits pre-tokenizer"));
+    ASSIGN_OR_RETURN(auto pattern, Pattern::FromRegex(individual ? R"(\p{N})" : R"(\p{N}+)"));
+    return std::make_unique<Split>(std::move(pattern), Behavior::kIsolated, false);
   }
   if (type == "Metaspace") {
     ASSIGN_OR_RETURN(std::string rep, GetString(j, "replacement", "Metaspace pre-tokenizer"));

@@ -232,6 +232,18 @@ absl::Status HfTokenizer::Init(const json& root, const json& config) {
     ASSIGN_OR_RETURN(bos_id_, ConfigToken(config, "bos_token"));
     ASSIGN_OR_RETURN(const int32_t eos, ConfigToken(config, "eos_token"));
     if (eos >= 0) eos_ids_.push_back(eos);
+    // Not an HF key: the GGUF converter (core/io/gguf_vocab.cc) lists the file's end-of-turn
+    // token here so that it ends generation like EOS.
+    if (const auto it = config.find("end_of_turn_tokens"); it != config.end() && !it->is_null()) {
+      if (!it->is_array()) {
+        return absl::InvalidArgumentError("tokenizer_config.json: end_of_turn_tokens must be a list");
+      }
+      for (const json& name : *it) {
+        json one = {{"token", name}};
+        ASSIGN_OR_RETURN(const int32_t id, ConfigToken(one, "token"));
+        if (id >= 0) eos_ids_.push_back(id);
+      }
+    }
   } else {
     for (const char* name : kBosTokens) {
       const auto it = added_by_content_.find(name);
