@@ -47,20 +47,25 @@ std::vector<ExpectedTensor> ExpectedTensors(const ModelConfig& c) {
   return out;
 }
 
+absl::StatusOr<WeightInfo> WeightSource::Info(std::string_view name) const {
+  ASSIGN_OR_RETURN(Tensor t, Get(name));
+  return WeightInfo{t.dtype(), t.shape(), t.nbytes()};
+}
+
 absl::Status ValidateWeights(const ModelConfig& config, const WeightSource& weights) {
   for (const ExpectedTensor& e : ExpectedTensors(config)) {
     if (!weights.Has(e.name)) {
       return absl::InvalidArgumentError(absl::StrCat("checkpoint is missing tensor \"", e.name, "\" (expected shape ",
                                                      ShapeToString(e.shape), ")"));
     }
-    ASSIGN_OR_RETURN(Tensor t, weights.Get(e.name));
-    if (t.shape() != e.shape) {
-      return absl::InvalidArgumentError(absl::StrCat("tensor \"", e.name, "\" has shape ", ShapeToString(t.shape()),
+    ASSIGN_OR_RETURN(WeightInfo t, weights.Info(e.name));
+    if (t.shape != e.shape) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor \"", e.name, "\" has shape ", ShapeToString(t.shape),
                                                      " but the config implies ", ShapeToString(e.shape)));
     }
-    if (!IsFloating(t.dtype())) {
+    if (!IsFloating(t.dtype)) {
       return absl::InvalidArgumentError(absl::StrCat("tensor \"", e.name, "\" has dtype ",
-                                                     std::string(DTypeName(t.dtype())),
+                                                     std::string(DTypeName(t.dtype)),
                                                      "; weights must be f32, f16 or bf16"));
     }
   }
