@@ -1,7 +1,9 @@
-// OpenCheckpoint: HF directories and llama2.c files, plus the shape validation shared by both.
+// OpenCheckpoint: HF directories, GGUF files and llama2.c files, plus the shape validation they share.
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "core/io/gguf.h"
+#include "core/io/gguf_checkpoint.h"
 #include "core/io/llama2c.h"
 #include "core/io/model_config.h"
 #include "core/io/safetensors.h"
@@ -120,6 +122,8 @@ absl::StatusOr<Checkpoint> OpenCheckpoint(const std::string& path) {
   absl::StatusOr<Checkpoint> ckpt;
   if (fs::is_directory(st)) {
     ckpt = OpenHfDirectory(p);
+  } else if (FileHasGgufMagic(path) || ext == ".gguf") {  // the magic decides; a .gguf without it says so
+    ckpt = OpenGgufCheckpoint(path);
   } else if (ext == ".safetensors" || ext == ".json") {  // a file of an HF directory: open the directory
     ckpt = OpenHfDirectory(p.parent_path().empty() ? fs::path(".") : p.parent_path());
   } else {

@@ -292,7 +292,7 @@ size_t GgufScalarSize(GgufType type) {
   }
 }
 
-bool GgufValue::is_integer() const {
+bool GgufIsInteger(GgufType type) {
   switch (type) {
     case GgufType::kU8:
     case GgufType::kI8:

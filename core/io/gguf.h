@@ -50,6 +50,8 @@ enum class GgufType : uint32_t {
 
 /// "u32", "string", ...; "type 13" for an unknown id.
 std::string GgufTypeName(GgufType type);
+/// Whether `type` is one of the 8 integer types (not bool).
+bool GgufIsInteger(GgufType type);
 /// Bytes of one element of a fixed-size type (scalars and bool), 0 for string, array and unknown
 /// types.
 size_t GgufScalarSize(GgufType type);
@@ -75,7 +77,7 @@ struct GgufValue {
   std::vector<std::string_view> strings;
   std::vector<GgufValue> items;
 
-  bool is_integer() const;  // any of the 8 integer types (not bool)
+  bool is_integer() const { return GgufIsInteger(type); }
   bool is_float() const { return type == GgufType::kF32 || type == GgufType::kF64; }
   /// Integer value (any integer type; nullopt for other types or a u64 above INT64_MAX).
   std::optional<int64_t> AsInt() const;
