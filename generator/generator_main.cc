@@ -76,7 +76,7 @@ absl::Status Run(const Args& args) {
   ASSIGN_OR_RETURN(so.limits.default_budget, args.GetInt("budget"));
   if (so.limits.default_budget < 0) return absl::InvalidArgumentError("--budget must be >= 0");
   ASSIGN_OR_RETURN(so.limits.max_prompt_bytes, args.GetBytes("max-prompt-bytes"));
-  ASSIGN_OR_RETURN(so.limits.chat_template, ParseChatTemplateKind(args.GetString("chat-template")));
+  ASSIGN_OR_RETURN(so.limits.chat_template, ParseChatTemplate(args.GetString("chat-template")));
   EngineOptions eo;
   ASSIGN_OR_RETURN(int64_t max_batch, args.GetInt("max-batch"));
   ASSIGN_OR_RETURN(int64_t max_queue, args.GetInt("max-queue"));

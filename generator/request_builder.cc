@@ -54,7 +54,7 @@ absl::StatusOr<std::vector<int32_t>> EncodeMessages(const v1::GenerateRequest& r
   ASSIGN_OR_RETURN(std::string text, ApplyChatTemplate(limits.chat_template, messages,
                                                        /*add_generation_prompt=*/true));
   // Templates that spell out their own BOS token must not get a second one.
-  const bool add_bos = limits.chat_template == ChatTemplateKind::kNone && rt.tokenizer->default_add_bos();
+  const bool add_bos = limits.chat_template.kind == ChatTemplateKind::kNone && rt.tokenizer->default_add_bos();
   return rt.tokenizer->Encode(text, add_bos);
 }
 

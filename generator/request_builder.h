@@ -20,7 +20,7 @@ struct RequestLimits {
   int64_t max_stop_strings = 16;
   int64_t max_stop_bytes = 256;               // per stop string
   int64_t default_budget = 0;                 // --budget; 0 = dense
-  ChatTemplateKind chat_template = ChatTemplateKind::kNone;
+  ChatTemplate chat_template;                 // kNone = the messages' contents, concatenated
 };
 
 struct PreparedRequest {

@@ -8,7 +8,8 @@
 //  - Qwen2/2.5/3 and the DeepSeek-R1 Qwen distills ("qwen2", "deepseek-r1-qwen"): NFC, the same
 //    Split with single digits (\p{N}), ByteLevel without regex.
 //  - SmolLM/SmolLM2, StarCoder, Refact ("smollm", "starcoder", "refact"): Digits with
-//    individual_digits, then ByteLevel with GPT-2's regex (llama.cpp: "\p{N}" then the GPT-2 regex).
+//    individual_digits, then ByteLevel with GPT-2's regex (llama.cpp: "\p{N}" then the GPT-2
+//    regex).
 //  - GPT-2 and Phi-2 ("gpt-2", "phi-2", "default", or no name): ByteLevel with GPT-2's regex.
 //  - DeepSeek LLM / Coder / V3 ("deepseek-llm", "deepseek-coder", "deepseek-v3"): the Split
 //    sequence llama.cpp lists for them (taken from their tokenizer.json; \p{N}+ and \p{N} there
@@ -66,7 +67,9 @@ struct Family {
   BytePipeline (*make)();
 };
 
-BytePipeline Llama3() { return {nullptr, Sequence({Split(kLlama3Regex), ByteLevel(false)}), true, true}; }
+BytePipeline Llama3() {
+  return {nullptr, Sequence({Split(kLlama3Regex), ByteLevel(false)}), true, true};
+}
 BytePipeline Qwen2() {
   return {{{"type", "NFC"}}, Sequence({Split(kQwen2Regex), ByteLevel(false)}), false, false};
 }
@@ -76,23 +79,25 @@ BytePipeline StarcoderDigits() {
 BytePipeline Gpt2() { return {nullptr, ByteLevel(true), false, false}; }
 BytePipeline DeepseekLlm() {
   return {nullptr,
-          Sequence({Split("[\r\n]"), Split(kDeepseekLetters), Split(kDeepseekPunct), Split(R"(\s+$)"),
-                    Split(kDeepseekCjk), Digits(false), ByteLevel(false)}),
+          Sequence({Split("[\r\n]"), Split(kDeepseekLetters), Split(kDeepseekPunct),
+                    Split(R"(\s+$)"), Split(kDeepseekCjk), Digits(false), ByteLevel(false)}),
           false, false};
 }
 BytePipeline DeepseekCoder() {
   return {nullptr,
-          Sequence({Split("[\r\n]"), Split(R"(\s?\p{L}+)"), Split(R"(\s?\p{P}+)"), Split(kDeepseekCjk),
-                    Digits(true), ByteLevel(false)}),
+          Sequence({Split("[\r\n]"), Split(R"(\s?\p{L}+)"), Split(R"(\s?\p{P}+)"),
+                    Split(kDeepseekCjk), Digits(true), ByteLevel(false)}),
           false, false};
 }
 BytePipeline Deepseek3() {
   return {nullptr,
-          Sequence({Split(R"(\p{N}{1,3})"), Split("[一-龥぀-ゟ゠-ヿ]+"), Split(kDeepseek3Main),
-                    ByteLevel(false)}),
+          Sequence({Split(R"(\p{N}{1,3})"), Split("[一-龥぀-ゟ゠-ヿ]+"),
+                    Split(kDeepseek3Main), ByteLevel(false)}),
           false, false};
 }
-BytePipeline Tekken() { return {nullptr, Sequence({Split(kTekkenRegex), ByteLevel(false)}), true, true}; }
+BytePipeline Tekken() {
+  return {nullptr, Sequence({Split(kTekkenRegex), ByteLevel(false)}), true, true};
+}
 
 const Family kFamilies[] = {
     {{"llama-bpe", "llama3", "llama-v3"}, Llama3},
@@ -124,9 +129,9 @@ absl::StatusOr<BytePipeline> BytePipelineFor(std::string_view pre) {
       if (name == pre) return f.make();
     }
   }
-  return absl::UnimplementedError(absl::StrCat("GGUF pre-tokenizer '", std::string(pre),
-                                               "' is not supported; supported: ",
-                                               SupportedPreNames()));
+  return absl::UnimplementedError(
+      absl::StrCat("GGUF pre-tokenizer '", std::string(pre),
+                   "' is not supported; supported: ", SupportedPreNames()));
 }
 
 }  // namespace specontext::gguf_vocab

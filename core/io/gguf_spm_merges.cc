@@ -43,7 +43,8 @@ std::vector<std::pair<std::string_view, std::string_view>> SentencePieceMerges(
     const float score = scores[static_cast<size_t>(id_of[piece])];
     // Code point boundaries: Python slices the piece by characters.
     std::vector<size_t> cuts;
-    for (size_t b = 0; b < piece.size(); b += SequenceLength(static_cast<unsigned char>(piece[b]))) {
+    for (size_t b = 0; b < piece.size();
+         b += SequenceLength(static_cast<unsigned char>(piece[b]))) {
       if (b > 0) cuts.push_back(b);
     }
     const int32_t n_chars = static_cast<int32_t>(cuts.size()) + 1;

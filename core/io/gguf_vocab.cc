@@ -50,8 +50,8 @@ struct Vocab {
 
 absl::Status CheckId(int64_t id, size_t n, const char* key) {
   if (id < -1 || id >= static_cast<int64_t>(n)) {
-    return absl::InvalidArgumentError(absl::StrCat("GGUF tokenizer: ", key, " ", id,
-                                                   " is out of range (", n, " tokens)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("GGUF tokenizer: ", key, " ", id, " is out of range (", n, " tokens)"));
   }
   return absl::OkStatus();
 }
@@ -64,8 +64,8 @@ absl::StatusOr<Vocab> CheckVocab(const GgufVocab& v) {
         absl::StrCat("GGUF tokenizer: ", n, " tokens; at most ", kMaxTokens, " are supported"));
   }
   if (!v.token_types.empty() && v.token_types.size() != n) {
-    return absl::InvalidArgumentError(absl::StrCat("GGUF tokenizer: ", v.token_types.size(),
-                                                   " token types for ", n, " tokens"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("GGUF tokenizer: ", v.token_types.size(), " token types for ", n, " tokens"));
   }
   if (!v.scores.empty() && v.scores.size() != n) {
     return absl::InvalidArgumentError(
@@ -73,8 +73,8 @@ absl::StatusOr<Vocab> CheckVocab(const GgufVocab& v) {
   }
   for (size_t i = 0; i < v.token_types.size(); ++i) {
     if (v.token_types[i] < kUndefined || v.token_types[i] > kByte) {
-      return absl::InvalidArgumentError(absl::StrCat("GGUF tokenizer: token ", i,
-                                                     " has unknown type ", v.token_types[i]));
+      return absl::InvalidArgumentError(
+          absl::StrCat("GGUF tokenizer: token ", i, " has unknown type ", v.token_types[i]));
     }
   }
   for (size_t i = 0; i < v.scores.size(); ++i) {
@@ -151,7 +151,8 @@ json BpeModel(json vocab, json merges, const std::string* unk, bool byte_fallbac
 absl::StatusOr<json> ByteLevelTokenizer(const GgufVocab& v, const Vocab& vocab) {
   ASSIGN_OR_RETURN(const gguf_vocab::BytePipeline pipe, gguf_vocab::BytePipelineFor(v.pre));
   if (v.merges.empty()) {
-    return absl::InvalidArgumentError("GGUF tokenizer: a gpt2 vocabulary needs tokenizer.ggml.merges");
+    return absl::InvalidArgumentError(
+        "GGUF tokenizer: a gpt2 vocabulary needs tokenizer.ggml.merges");
   }
   json merges = json::array();
   std::string merged;
@@ -163,7 +164,8 @@ absl::StatusOr<json> ByteLevelTokenizer(const GgufVocab& v, const Vocab& vocab) 
       return absl::InvalidArgumentError(
           absl::StrCat("GGUF tokenizer: merge ", i, " is not two tokens split by one space"));
     }
-    const std::string_view a = std::string_view(m).substr(0, sp), b = std::string_view(m).substr(sp + 1);
+    const std::string_view a = std::string_view(m).substr(0, sp),
+                           b = std::string_view(m).substr(sp + 1);
     merged.assign(a);
     merged.append(b);
     if (!vocab.id_of.contains(a) || !vocab.id_of.contains(b) || !vocab.id_of.contains(merged)) {
@@ -182,8 +184,8 @@ absl::StatusOr<json> ByteLevelTokenizer(const GgufVocab& v, const Vocab& vocab) 
                      {"trim_offsets", true},
                      {"use_regex", true}};
   // No unk: every byte has a token, and HF's byte-level files name none.
-  root["model"] = BpeModel(VocabObject(vocab), std::move(merges), nullptr, false,
-                           pipe.ignore_merges);
+  root["model"] =
+      BpeModel(VocabObject(vocab), std::move(merges), nullptr, false, pipe.ignore_merges);
   return root;
 }
 
@@ -213,10 +215,10 @@ absl::StatusOr<json> SentencePieceTokenizer(const GgufVocab& v, const Vocab& voc
   json normalizers = json::array();
   if (add_space_prefix) normalizers.push_back({{"type", "Prepend"}, {"prepend", kMetaspace}});
   normalizers.push_back(replace);
-  json decoders = json::array(
-      {{{"type", "Replace"}, {"pattern", {{"String", kMetaspace}}}, {"content", " "}},
-       {{"type", "ByteFallback"}},
-       {{"type", "Fuse"}}});
+  json decoders =
+      json::array({{{"type", "Replace"}, {"pattern", {{"String", kMetaspace}}}, {"content", " "}},
+                   {{"type", "ByteFallback"}},
+                   {{"type", "Fuse"}}});
   if (add_space_prefix) {
     decoders.push_back({{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}});
   }
@@ -254,7 +256,8 @@ absl::StatusOr<HfTokenizerTexts> HfTokenizerFromGguf(const GgufVocab& v) {
   json root;
   bool add_bos = true;
   if (spm) {
-    ASSIGN_OR_RETURN(root, SentencePieceTokenizer(v, vocab, unk, v.add_space_prefix.value_or(true)));
+    ASSIGN_OR_RETURN(root,
+                     SentencePieceTokenizer(v, vocab, unk, v.add_space_prefix.value_or(true)));
   } else {
     ASSIGN_OR_RETURN(root, ByteLevelTokenizer(v, vocab));
     add_bos = gguf_vocab::BytePipelineFor(v.pre)->add_bos;
@@ -269,7 +272,8 @@ absl::StatusOr<HfTokenizerTexts> HfTokenizerFromGguf(const GgufVocab& v) {
                  {"add_bos_token", v.add_bos.value_or(add_bos)},
                  {"add_eos_token", v.add_eos.value_or(false)}};
   // The end-of-turn token ends generation too (Tokenizer::eos_ids).
-  if (v.eot_id >= 0 && v.eot_id != eos) config["end_of_turn_tokens"] = json::array({token(v.eot_id)});
+  if (v.eot_id >= 0 && v.eot_id != eos)
+    config["end_of_turn_tokens"] = json::array({token(v.eot_id)});
   if (!v.chat_template.empty()) config["chat_template"] = v.chat_template;
   HfTokenizerTexts out;
   out.tokenizer_json = root.dump();

@@ -77,6 +77,16 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path
   return LoadLlama2cTokenizer(path);
 }
 
+// tokenizer_config.json beside a tokenizer.json (or in a tokenizer folder); "" when absent.
+std::string ReadConfigBeside(const std::string& tokenizer_path) {
+  if (tokenizer_path.empty()) return "";
+  const std::filesystem::path p(tokenizer_path);
+  const auto config = (std::filesystem::is_directory(p) ? p : p.parent_path()) / "tokenizer_config.json";
+  std::ifstream in(config);
+  if (!in.good()) return "";
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
 }  // namespace
 
 absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
@@ -87,15 +97,20 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
   SetCpuThreads(threads);
   Runtime rt;
   ASSIGN_OR_RETURN(rt.checkpoint, OpenCheckpoint(options.model_path));
+  // --tokenizer wins; else a tokenizer embedded in the model file (GGUF); else tokenizer.json beside it.
   std::string tok_path = options.tokenizer_path;
-  if (tok_path.empty()) tok_path = rt.checkpoint.tokenizer_path;
-  if (!tok_path.empty()) {
-    auto tok = LoadTokenizer(tok_path);
+  const bool embedded = tok_path.empty() && !rt.checkpoint.embedded_tokenizer_json.empty();
+  if (tok_path.empty() && !embedded) tok_path = rt.checkpoint.tokenizer_path;
+  if (embedded || !tok_path.empty()) {
+    auto tok = embedded ? ParseHfTokenizer(rt.checkpoint.embedded_tokenizer_json,
+                                           rt.checkpoint.embedded_tokenizer_config_json)
+                        : LoadTokenizer(tok_path);
     if (!tok.ok()) {
-      return absl::Status(tok.status().code(),
-                          absl::StrCat("tokenizer ", tok_path, ": ", tok.status().message()));
+      return absl::Status(tok.status().code(), absl::StrCat("tokenizer ", embedded ? "in " + options.model_path : tok_path,
+                                                            ": ", tok.status().message()));
     }
     rt.tokenizer = *std::move(tok);
+    rt.tokenizer_config_json = embedded ? rt.checkpoint.embedded_tokenizer_config_json : ReadConfigBeside(tok_path);
     if (rt.tokenizer->vocab_size() > rt.checkpoint.config.vocab_size) {
       return absl::InvalidArgumentError(absl::StrCat("the tokenizer has ", rt.tokenizer->vocab_size(),
                                                      " tokens but the model's vocabulary has only ",
@@ -154,23 +169,21 @@ absl::StatusOr<std::vector<int32_t>> EncodePrompt(const Runtime& rt, const std::
 
 namespace specontext {
 
-absl::StatusOr<ChatTemplateKind> ResolveChatTemplate(const std::string& name, const Runtime& rt) {
-  if (name != "auto") return ParseChatTemplateKind(name);
-  if (!rt.checkpoint.tokenizer_path.empty()) {
-    const auto config = std::filesystem::path(rt.checkpoint.tokenizer_path).parent_path() / "tokenizer_config.json";
-    std::ifstream in(config);
-    if (in.good()) {
-      std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-      auto kind = DetectChatTemplateFromConfig(text);
-      if (kind.ok() && *kind != ChatTemplateKind::kNone) return *kind;
-    }
+absl::StatusOr<ChatTemplate> ResolveChatTemplate(const std::string& name, const Runtime& rt) {
+  if (name != "auto") return ParseChatTemplate(name);
+  // Runtimes built without LoadRuntime may have only the checkpoint's tokenizer path.
+  const std::string config =
+      !rt.tokenizer_config_json.empty() ? rt.tokenizer_config_json : ReadConfigBeside(rt.checkpoint.tokenizer_path);
+  if (!config.empty()) {
+    ASSIGN_OR_RETURN(std::optional<ChatTemplate> from_model, ChatTemplateFromConfig(config));
+    if (from_model.has_value()) return *std::move(from_model);
   }
   switch (rt.checkpoint.config.arch) {
-    case Architecture::kQwen2: return ChatTemplateKind::kChatml;
-    case Architecture::kQwen3: return ChatTemplateKind::kQwen3;
+    case Architecture::kQwen2: return ParseChatTemplate("chatml");
+    case Architecture::kQwen3: return ParseChatTemplate("qwen3");
     case Architecture::kLlama:
       if (rt.tokenizer != nullptr && rt.tokenizer->TokenToId("<|start_header_id|>").has_value()) {
-        return ChatTemplateKind::kLlama3;
+        return ParseChatTemplate("llama3");
       }
       break;
   }

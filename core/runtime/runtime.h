@@ -30,6 +30,9 @@ struct Runtime {
   Checkpoint checkpoint;
   std::unique_ptr<Transformer> model;
   std::unique_ptr<Tokenizer> tokenizer;  // null when none was found
+  // The tokenizer_config.json text that came with the tokenizer (beside tokenizer.json, or embedded
+  // in a GGUF); "" when none. Holds the model's chat_template.
+  std::string tokenizer_config_json;
 };
 
 // Names of the backends compiled into this build ("cpu", and "cuda" when built with CUDA).
@@ -52,8 +55,11 @@ absl::StatusOr<bool> CudaGraphsFromArgs(const Args& args);
 absl::StatusOr<std::vector<int32_t>> EncodePrompt(const Runtime& runtime, const std::string& text,
                                                   bool templated = false);
 
-// "auto" finds the chat format from tokenizer_config.json's chat_template, else from the
-// architecture; other names are parsed (llama3, chatml, qwen3, deepseek-r1, none).
-absl::StatusOr<ChatTemplateKind> ResolveChatTemplate(const std::string& name, const Runtime& runtime);
+// "auto" takes the chat format from the model's chat_template (tokenizer_config.json or the GGUF's
+// embedded one), with its default system prompt and date block; a model whose template is none of
+// the built-in formats is refused (Unimplemented) rather than rendered in another layout. Without
+// a template the architecture decides (Qwen2 -> chatml, Qwen3 -> qwen3, Llama with
+// <|start_header_id|> -> llama3). Other names are parsed (llama3, chatml, qwen3, deepseek-r1, none).
+absl::StatusOr<ChatTemplate> ResolveChatTemplate(const std::string& name, const Runtime& runtime);
 
 }  // namespace specontext

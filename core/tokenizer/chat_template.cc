@@ -1,6 +1,7 @@
 #include "core/tokenizer/chat_template.h"
 
 #include <algorithm>
+#include <ctime>
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
@@ -47,9 +48,44 @@ absl::Status CheckRoles(ChatTemplateKind kind, std::span<const ChatMessage> mess
   return absl::OkStatus();
 }
 
-std::string RenderLlama3(std::span<const ChatMessage> messages, bool gen) {
+// The current local date as Llama 3.2's template writes it (strftime_now("%d %b %Y")).
+std::string LocalDate() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  localtime_r(&now, &tm);
+  char buf[32];
+  return std::string(buf, std::strftime(buf, sizeof(buf), "%d %b %Y", &tm));
+}
+
+// Llama 3.0: every message as a header turn, contents trimmed. Llama 3.1/3.2
+// (knowledge_date_block): a first system turn is always written, with the date block before the
+// (trimmed) first system message; tool results become "ipython" turns whose content the template
+// writes with tojson (a string is iterable in Jinja), i.e. as a JSON string.
+std::string RenderLlama3(const ChatTemplate& tmpl, std::span<const ChatMessage> messages,
+                         bool gen) {
   std::string out = "<|begin_of_text|>";
-  for (const ChatMessage& m : messages) {
+  size_t first = 0;
+  if (tmpl.knowledge_date_block) {
+    std::string_view system;
+    if (messages[0].role == "system") {
+      system = Trim(messages[0].content);
+      first = 1;
+    }
+    absl::StrAppend(&out,
+                    "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+                    "December 2023\nToday Date: ",
+                    tmpl.today_date.empty() ? LocalDate() : tmpl.today_date, "\n\n",
+                    std::string(system), "<|eot_id|>");
+  }
+  for (size_t i = first; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    if (tmpl.knowledge_date_block && (m.role == "tool" || m.role == "ipython")) {
+      absl::StrAppend(
+          &out, "<|start_header_id|>ipython<|end_header_id|>\n\n",
+          nlohmann::json(m.content).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace),
+          "<|eot_id|>");
+      continue;
+    }
     absl::StrAppend(&out, "<|start_header_id|>", m.role, "<|end_header_id|>\n\n",
                     std::string(Trim(m.content)), "<|eot_id|>");
   }
@@ -57,8 +93,14 @@ std::string RenderLlama3(std::span<const ChatMessage> messages, bool gen) {
   return out;
 }
 
-std::string RenderChatml(std::span<const ChatMessage> messages, bool gen) {
+// Qwen2/2.5, SmolLM2: a template's default system prompt stands in for a missing first system
+// message.
+std::string RenderChatml(const ChatTemplate& tmpl, std::span<const ChatMessage> messages,
+                         bool gen) {
   std::string out;
+  if (!tmpl.default_system.empty() && messages[0].role != "system") {
+    absl::StrAppend(&out, "<|im_start|>system\n", tmpl.default_system, "<|im_end|>\n");
+  }
   for (const ChatMessage& m : messages) {
     absl::StrAppend(&out, "<|im_start|>", m.role, "\n", m.content, "<|im_end|>\n");
   }
@@ -171,46 +213,20 @@ std::string_view ChatTemplateKindName(ChatTemplateKind kind) {
   return "none";
 }
 
-ChatTemplateKind DetectChatTemplateKind(std::string_view t) {
-  if (t.find("<|start_header_id|>") != std::string_view::npos) return ChatTemplateKind::kLlama3;
-  if (t.find("<｜User｜>") != std::string_view::npos ||
-      t.find("<｜Assistant｜>") != std::string_view::npos) {
-    return ChatTemplateKind::kDeepseekR1;
+absl::StatusOr<ChatTemplate> ParseChatTemplate(std::string_view name) {
+  ChatTemplate t;
+  ASSIGN_OR_RETURN(t.kind, ParseChatTemplateKind(name));
+  if (t.kind == ChatTemplateKind::kLlama3) {
+    t.knowledge_date_block = true;
+    t.today_date = "26 Jul 2024";
   }
-  if (t.find("<|im_start|>") != std::string_view::npos) {
-    return t.find("<think>") != std::string_view::npos ||
-                   t.find("reasoning_content") != std::string_view::npos
-               ? ChatTemplateKind::kQwen3
-               : ChatTemplateKind::kChatml;
-  }
-  return ChatTemplateKind::kNone;
+  return t;
 }
 
-absl::StatusOr<ChatTemplateKind> DetectChatTemplateFromConfig(std::string_view config_json) {
-  const auto j = nlohmann::json::parse(config_json.begin(), config_json.end(), nullptr, false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError("tokenizer_config.json is not a JSON object");
-  }
-  const auto it = j.find("chat_template");
-  if (it == j.end() || it->is_null()) return ChatTemplateKind::kNone;
-  if (it->is_string()) return DetectChatTemplateKind(it->get_ref<const std::string&>());
-  // A list of named templates: [{"name": "default", "template": "..."}, ...].
-  if (it->is_array()) {
-    for (const auto& entry : *it) {
-      if (entry.is_object() && entry.value("name", "") == "default" && entry.contains("template") &&
-          entry["template"].is_string()) {
-        return DetectChatTemplateKind(entry["template"].get_ref<const std::string&>());
-      }
-    }
-    return ChatTemplateKind::kNone;
-  }
-  return absl::InvalidArgumentError(
-      "tokenizer_config.json: chat_template must be a string or list");
-}
-
-absl::StatusOr<std::string> ApplyChatTemplate(ChatTemplateKind kind,
+absl::StatusOr<std::string> ApplyChatTemplate(const ChatTemplate& tmpl,
                                               std::span<const ChatMessage> messages,
                                               bool add_generation_prompt) {
+  const ChatTemplateKind kind = tmpl.kind;
   switch (kind) {
     case ChatTemplateKind::kNone: {
       RETURN_IF_ERROR(CheckRoles(kind, messages, {"system", "user", "assistant"}));
@@ -221,10 +237,10 @@ absl::StatusOr<std::string> ApplyChatTemplate(ChatTemplateKind kind,
     case ChatTemplateKind::kLlama3:
       RETURN_IF_ERROR(
           CheckRoles(kind, messages, {"system", "user", "assistant", "ipython", "tool"}));
-      return RenderLlama3(messages, add_generation_prompt);
+      return RenderLlama3(tmpl, messages, add_generation_prompt);
     case ChatTemplateKind::kChatml:
       RETURN_IF_ERROR(CheckRoles(kind, messages, {"system", "user", "assistant", "tool"}));
-      return RenderChatml(messages, add_generation_prompt);
+      return RenderChatml(tmpl, messages, add_generation_prompt);
     case ChatTemplateKind::kQwen3:
       RETURN_IF_ERROR(CheckRoles(kind, messages, {"system", "user", "assistant", "tool"}));
       return RenderQwen3(messages, add_generation_prompt);

@@ -1,8 +1,12 @@
 // Built-in chat formats (no Jinja engine): the prompt layouts of the model families we serve.
+// A model's Jinja chat_template (tokenizer_config.json, or a GGUF's tokenizer.chat_template) is
+// mapped to one of them, with the parameters its text fixes (a default system prompt, Llama 3.1's
+// date block), so the rendering equals what the model's own template gives.
 // The rendered text contains special tokens as text ("<|im_start|>"); Tokenizer::Encode recognises
 // them, so encode it with add_bos=false (llama3 and deepseek-r1 output already starts with BOS).
 #pragma once
 
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -25,20 +29,42 @@ struct ChatMessage {
   std::string content;
 };
 
+/// A built-in format and the parameters a model's template text gives it.
+struct ChatTemplate {
+  ChatTemplateKind kind = ChatTemplateKind::kNone;
+  /// System prompt the template inserts when the first message is not a system message (SmolLM2's
+  /// "You are a helpful AI assistant named SmolLM, ...", Qwen2.5's "You are Qwen, ..."); "" = none.
+  /// chatml only.
+  std::string default_system;
+  /// llama3: the Llama 3.1/3.2 system turn, always emitted, opening with "Cutting Knowledge Date:
+  /// December 2023\nToday Date: <date>\n\n" (Llama 3.0 templates have none).
+  bool knowledge_date_block = false;
+  /// The <date> of that block; "" = the current local date as "%d %b %Y" (Llama 3.2's
+  /// strftime_now). Llama 3.1's default is "26 Jul 2024".
+  std::string today_date;
+};
+
 /// "none", "llama3", "chatml", "qwen3", "deepseek-r1" -> kind; InvalidArgument naming the choices.
 absl::StatusOr<ChatTemplateKind> ParseChatTemplateKind(std::string_view name);
 std::string_view ChatTemplateKindName(ChatTemplateKind kind);
+/// A template by name, with its family's defaults: "llama3" is Llama 3.1's layout (date block,
+/// "26 Jul 2024"); the others have no default system prompt.
+absl::StatusOr<ChatTemplate> ParseChatTemplate(std::string_view name);
 
-/// Recognises the family from a Jinja chat_template text (tokenizer_config.json's "chat_template");
-/// kNone when it is not one we know.
+/// Recognises the family from a Jinja chat_template text; kNone when it is not one we know.
 ChatTemplateKind DetectChatTemplateKind(std::string_view jinja_template);
-/// Same, reading "chat_template" from tokenizer_config.json text (kNone when absent).
-absl::StatusOr<ChatTemplateKind> DetectChatTemplateFromConfig(
+/// The built-in template that renders like `jinja_template`, with the default system prompt and
+/// date block its text holds. Unimplemented when it is none of ours (rendering another layout
+/// would silently change the prompt the model was trained on).
+absl::StatusOr<ChatTemplate> ChatTemplateFromJinja(std::string_view jinja_template);
+/// Same for tokenizer_config.json text ("chat_template": a string, or a list of named templates
+/// whose "default" is used); nullopt when it has none.
+absl::StatusOr<std::optional<ChatTemplate>> ChatTemplateFromConfig(
     std::string_view tokenizer_config_json);
 
 /// Renders `messages`; with `add_generation_prompt` the text ends with the opening of an assistant
 /// turn. InvalidArgument for a role the format does not have, or no messages.
-absl::StatusOr<std::string> ApplyChatTemplate(ChatTemplateKind kind,
+absl::StatusOr<std::string> ApplyChatTemplate(const ChatTemplate& tmpl,
                                               std::span<const ChatMessage> messages,
                                               bool add_generation_prompt);
 

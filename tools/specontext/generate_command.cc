@@ -112,11 +112,11 @@ absl::Status RunGenerate(const Args& args) {
   std::string prompt = args.GetString("prompt");
   const std::string template_name = args.GetString("chat-template");
   if (template_name != "none") {
-    ASSIGN_OR_RETURN(ChatTemplateKind kind, ResolveChatTemplate(template_name, rt));
+    ASSIGN_OR_RETURN(const ChatTemplate tmpl, ResolveChatTemplate(template_name, rt));
     std::vector<ChatMessage> messages;
     if (args.Has("system")) messages.push_back({"system", args.GetString("system")});
     messages.push_back({"user", prompt});
-    ASSIGN_OR_RETURN(prompt, ApplyChatTemplate(kind, messages, /*add_generation_prompt=*/true));
+    ASSIGN_OR_RETURN(prompt, ApplyChatTemplate(tmpl, messages, /*add_generation_prompt=*/true));
   }
   ASSIGN_OR_RETURN(req.prompt, EncodePrompt(rt, prompt, /*templated=*/template_name != "none"));
 
