@@ -81,6 +81,10 @@ TEST_P(HfRoundTrip, SameConfigAndTensors) {
   EXPECT_EQ(b.tie_word_embeddings, a.tie_word_embeddings);
   EXPECT_EQ(b.attention_bias, a.attention_bias);
   EXPECT_EQ(b.qk_norm, a.qk_norm);
+  // llama3 RoPE scaling arrives as the converter's rope_freqs factors instead of parameters.
+  EXPECT_EQ(b.rope_scaling.freq_factors.size(),
+            a.rope_scaling.type == "llama3" ? a.head_dim / 2 : 0);
+  if (a.rope_scaling.type != "llama3") EXPECT_EQ(b.rope_scaling.type, a.rope_scaling.type);
   EXPECT_EQ(g->generation.bos_token_id, a.bos_token_id);
   EXPECT_FALSE(g->generation.do_sample);
   ExpectTensors(*g, tensors);

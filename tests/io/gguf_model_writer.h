@@ -5,6 +5,7 @@
 // converter's forward one.
 #pragma once
 
+#include <cmath>
 #include <random>
 #include <string>
 #include <vector>
@@ -107,9 +108,37 @@ inline void WriteModelMetadata(const ModelConfig& c, GgufWriter& w) {
     w.U32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(c.eos_token_ids[0]));
 }
 
-// Adds `tensors` to `w` as the converter would for `c` (llama q/k rows permuted).
+// The rope_freqs tensor the converter writes for llama3 RoPE scaling (convert_hf_to_gguf.py,
+// LlamaModel.generate_extra_tensors): per frequency 1 (high), factor (low) or the smoothed divisor.
+inline std::vector<float> ConverterRopeFactors(const ModelConfig& c) {
+  const RopeScaling& r = c.rope_scaling;
+  const double low_wavelen = r.original_max_position_embeddings / r.low_freq_factor;
+  const double high_wavelen = r.original_max_position_embeddings / r.high_freq_factor;
+  std::vector<float> out;
+  for (int64_t i = 0; i < c.head_dim; i += 2) {
+    const float freq =
+        1.0f / std::pow(static_cast<float>(c.rope_theta), static_cast<float>(i) / c.head_dim);
+    const double wavelen = 2 * M_PI / freq;
+    if (wavelen < high_wavelen) {
+      out.push_back(1.0f);
+    } else if (wavelen > low_wavelen) {
+      out.push_back(static_cast<float>(r.factor));
+    } else {
+      const double smooth = (r.original_max_position_embeddings / wavelen - r.low_freq_factor) /
+                            (r.high_freq_factor - r.low_freq_factor);
+      out.push_back(static_cast<float>(1 / ((1 - smooth) / r.factor + smooth)));
+    }
+  }
+  return out;
+}
+
+// Adds `tensors` to `w` as the converter would for `c` (llama q/k rows permuted, llama3 RoPE
+// scaling as a rope_freqs tensor).
 inline void WriteModelTensors(const ModelConfig& c, const std::vector<HfGgufTensor>& tensors,
                               GgufWriter& w) {
+  if (c.rope_scaling.type == "llama3") {
+    w.FloatTensor("rope_freqs.weight", GgmlType::kF32, {c.head_dim / 2}, ConverterRopeFactors(c));
+  }
   for (const HfGgufTensor& t : tensors) {
     std::string bytes = t.bytes;
     const int64_t rows = t.shape[0];
