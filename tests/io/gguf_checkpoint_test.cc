@@ -168,3 +168,61 @@ INSTANTIATE_TEST_SUITE_P(
 
 }  // namespace
 }  // namespace specontext
+
+namespace specontext {
+namespace {
+
+// Files from the gguf Python package's own writer (the fuzz seed corpus, made by
+// tools/reference/make_gguf_fuzz_corpus.py) parse with every value intact, and its tiny models
+// open.
+TEST(GgufPyFiles, ParseAndOpen) {
+  const std::string dir = SPECONTEXT_TEST_DATA "/../fuzz/corpus/gguf_fuzz/";
+  absl::StatusOr<GgufFile> all = OpenGguf(dir + "all_types");
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->Find("t.u8")->AsInt(), 200);
+  EXPECT_EQ(all->Find("t.i8")->AsInt(), -5);
+  EXPECT_EQ(all->Find("t.u16")->AsInt(), 60000);
+  EXPECT_EQ(all->Find("t.i16")->AsInt(), -300);
+  EXPECT_EQ(all->Find("t.u32")->AsInt(), 4000000000);
+  EXPECT_EQ(all->Find("t.i32")->AsInt(), -7);
+  EXPECT_EQ(all->Find("t.u64")->AsInt(), int64_t{1} << 40);
+  EXPECT_EQ(all->Find("t.i64")->AsInt(), -(int64_t{1} << 40));
+  EXPECT_EQ(all->Find("t.f32")->f, 0.5);
+  EXPECT_EQ(all->Find("t.f64")->f, -2.25);
+  EXPECT_EQ(all->Find("t.bool")->i, 1);
+  EXPECT_EQ(all->Find("t.str")->str, "héllo");
+  EXPECT_EQ(all->Find("a.int16")->Element(0).AsInt(), -7);
+  EXPECT_EQ(all->Find("a.uint64")->Element(0).AsInt(), 12);
+  EXPECT_EQ(all->Find("a.float64")->Element(0).f, 3.25);
+  EXPECT_EQ(all->Find("a.bool")->Element(1).i, 0);
+  EXPECT_EQ(all->Find("a.string")->strings[2], "bc");
+  ASSERT_EQ(all->Find("a.nested")->items.size(), 2u);
+  EXPECT_EQ(all->Find("a.nested")->items[1].Element(0).AsInt(), 3);
+  EXPECT_EQ(all->Find("a.nested_str")->items[0].strings[1], "y");
+  EXPECT_EQ(OpenGguf(dir + "align64")->alignment, 64u);
+  EXPECT_EQ(OpenGguf(dir + "all_types_v2")->version, 2u);
+  absl::StatusOr<GgufFile> quants = OpenGguf(dir + "quant_types");
+  ASSERT_TRUE(quants.ok()) << quants.status();
+  EXPECT_EQ(quants->FindTensor("q6_k")->type, GgmlType::kQ6_K);
+
+  struct Model {
+    const char* file;
+    Architecture arch;
+  };
+  for (const Model& m :
+       {Model{"qwen2_q8_0", Architecture::kQwen2}, Model{"qwen3_q4_k", Architecture::kQwen3},
+        Model{"llama_f16_rope_freqs", Architecture::kLlama}}) {
+    absl::StatusOr<Checkpoint> c = OpenCheckpoint(dir + m.file);
+    ASSERT_TRUE(c.ok()) << m.file << ": " << c.status();
+    EXPECT_EQ(c->config.arch, m.arch);
+    EXPECT_EQ(c->config.attention_bias, m.arch == Architecture::kQwen2);
+    EXPECT_EQ(c->config.qk_norm, m.arch == Architecture::kQwen3);
+    EXPECT_EQ(c->config.tie_word_embeddings, m.arch != Architecture::kLlama);
+    EXPECT_EQ(c->config.rope_scaling.freq_factors.size(), m.arch == Architecture::kLlama ? 8u : 0u);
+    EXPECT_EQ(c->generation.eos_token_ids, std::vector<int64_t>{7});
+    EXPECT_FALSE(c->embedded_tokenizer_json.empty()) << m.file;
+  }
+}
+
+}  // namespace
+}  // namespace specontext
