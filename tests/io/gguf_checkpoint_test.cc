@@ -172,6 +172,35 @@ INSTANTIATE_TEST_SUITE_P(
 namespace specontext {
 namespace {
 
+// Llama with q/k/v biases (attention_bias): the converter permutes q_proj.bias and k_proj.bias like
+// the weight rows, element by element; Get undoes it.
+TEST(GgufLlamaBiases, AreUnpermuted) {
+  for (GgmlType type : {GgmlType::kF32, GgmlType::kQ8_0}) {
+    ModelConfig c;
+    c.arch = Architecture::kLlama;
+    c.vocab_size = 40;
+    c.hidden_size = 64;
+    c.intermediate_size = 64;
+    c.num_hidden_layers = 1;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.head_dim = 16;
+    c.max_position_embeddings = 32;
+    c.attention_bias = true;
+    std::mt19937_64 rng(testing::FreshSeed());
+    const std::vector<HfGgufTensor> tensors = testing::RandomHfGgufTensors(c, type, rng);
+    GgufWriter w;
+    testing::WriteModelMetadata(c, w);
+    testing::WriteModelTensors(c, tensors, w);
+    testing::ScratchDir dir;
+    absl::StatusOr<Checkpoint> g = OpenCheckpoint(Write(dir, w));
+    ASSERT_TRUE(g.ok()) << g.status();
+    EXPECT_TRUE(g->config.attention_bias);
+    ASSERT_TRUE(g->weights->Has("model.layers.0.self_attn.k_proj.bias"));
+    ExpectTensors(*g, tensors);
+  }
+}
+
 // Files from the gguf Python package's own writer (the fuzz seed corpus, made by
 // tools/reference/make_gguf_fuzz_corpus.py) parse with every value intact, and its tiny models
 // open.
