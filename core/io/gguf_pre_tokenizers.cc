@@ -11,9 +11,10 @@
 //    individual_digits, then ByteLevel with GPT-2's regex (llama.cpp: "\p{N}" then the GPT-2
 //    regex).
 //  - GPT-2 and Phi-2 ("gpt-2", "phi-2", "default", or no name): ByteLevel with GPT-2's regex.
-//  - DeepSeek LLM / Coder / V3 ("deepseek-llm", "deepseek-coder", "deepseek-v3"): the Split
-//    sequence llama.cpp lists for them (taken from their tokenizer.json; \p{N}+ and \p{N} there
-//    are HF Digits), then ByteLevel without regex.
+//  - DeepSeek Coder / V3 ("deepseek-coder", "deepseek-v3"): the Split sequence llama.cpp lists
+//    for them (taken from their tokenizer.json; \p{N} there is HF Digits), then ByteLevel without
+//    regex. (DeepSeek LLM's letter class could not be reproduced code point for code point here,
+//    so "deepseek-llm" is refused.)
 //  - Mistral Nemo's Tekken ("tekken"): Split on the regex llama.cpp quotes from tokenizer.json,
 //    ByteLevel without regex, ignore_merges; BOS by default.
 // Other names (falcon, mpt, command-r, chatglm, bloom, gpt-4o, ...) are refused: a guessed
@@ -53,10 +54,7 @@ constexpr char kQwen2Regex[] =
 // Tekken's tokenizer.json regex, as quoted in llama-vocab.cpp (LLAMA_VOCAB_PRE_TYPE_TEKKEN).
 constexpr char kTekkenRegex[] =
     R"([^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-// DeepSeek LLM's letter and punctuation classes (LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_LLM).
-constexpr char kDeepseekLetters[] =
-    R"(\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+)";
-constexpr char kDeepseekPunct[] = R"(\s?[!-/:-~！-／：-～‘-‟　-。]+)";
+// DeepSeek's CJK class (LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_CODER).
 constexpr char kDeepseekCjk[] = R"([一-龥ࠀ-一가-퟿]+)";
 // DeepSeek V3 (LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM).
 constexpr char kDeepseek3Main[] =
@@ -77,12 +75,6 @@ BytePipeline StarcoderDigits() {
   return {nullptr, Sequence({Digits(true), ByteLevel(true)}), false, false};
 }
 BytePipeline Gpt2() { return {nullptr, ByteLevel(true), false, false}; }
-BytePipeline DeepseekLlm() {
-  return {nullptr,
-          Sequence({Split("[\r\n]"), Split(kDeepseekLetters), Split(kDeepseekPunct),
-                    Split(R"(\s+$)"), Split(kDeepseekCjk), Digits(false), ByteLevel(false)}),
-          false, false};
-}
 BytePipeline DeepseekCoder() {
   return {nullptr,
           Sequence({Split("[\r\n]"), Split(R"(\s?\p{L}+)"), Split(R"(\s?\p{P}+)"),
@@ -104,7 +96,6 @@ const Family kFamilies[] = {
     {{"qwen2", "deepseek-r1-qwen"}, Qwen2},
     {{"smollm", "starcoder", "refact"}, StarcoderDigits},
     {{"gpt-2", "phi-2", "default"}, Gpt2},
-    {{"deepseek-llm"}, DeepseekLlm},
     {{"deepseek-coder"}, DeepseekCoder},
     {{"deepseek-v3"}, Deepseek3},
     {{"tekken"}, Tekken},

@@ -16,8 +16,8 @@ namespace {
 
 constexpr const char* kModels[] = {"gpt2", "llama", "gpt2", "llama", "bert", ""};
 constexpr const char* kPres[] = {
-    "smollm", "llama-bpe",    "qwen2",          "gpt-2",       "",
-    "tekken", "deepseek-llm", "deepseek-coder", "deepseek-v3", "deepseek-r1-qwen",
+    "smollm", "llama-bpe",      "qwen2",          "gpt-2",       "",
+    "tekken", "deepseek-coder", "deepseek-coder", "deepseek-v3", "deepseek-r1-qwen",
     "falcon"};
 
 int64_t Id(FuzzedDataProvider& in, size_t n) {

@@ -95,9 +95,9 @@ TEST(GgufVocabTest, ConfigCarriesTemplateBosAndEndOfTurn) {
 }
 
 TEST(GgufVocabTest, EverySupportedPreTokenizerNameBuildsATokenizer) {
-  for (const char* pre : {"llama-bpe", "llama3", "llama-v3", "qwen2", "deepseek-r1-qwen", "smollm",
-                          "starcoder", "refact", "gpt-2", "phi-2", "default", "", "deepseek-llm",
-                          "deepseek-coder", "deepseek-v3", "tekken"}) {
+  for (const char* pre :
+       {"llama-bpe", "llama3", "llama-v3", "qwen2", "deepseek-r1-qwen", "smollm", "starcoder",
+        "refact", "gpt-2", "phi-2", "default", "", "deepseek-coder", "deepseek-v3", "tekken"}) {
     GgufVocab v = SmallGpt2();
     v.pre = pre;
     const auto tok = Parse(v);
@@ -164,6 +164,8 @@ TEST(GgufVocabTest, Rejections) {
   v = SmallGpt2();
   v.pre = "falcon";
   ExpectError(v, C::kUnimplemented, "'falcon' is not supported; supported: llama-bpe");
+  v.pre = "deepseek-llm";
+  ExpectError(v, C::kUnimplemented, "'deepseek-llm' is not supported");
   v = SmallGpt2();
   v.tokens.clear();
   v.token_types.clear();
