@@ -57,8 +57,8 @@ void DefineFlags(Args& a) {
   a.Define({"max-queue", "requests waiting for admission before RESOURCE_EXHAUSTED", false, false, "256"});
   a.Define({"max-message-bytes", "largest gRPC message accepted or sent", false, false, "4MiB"});
   a.Define({"max-prompt-bytes", "largest prompt text", false, false, "1MiB"});
-  a.Define({"chat-template", "template for chat messages: none, llama3, chatml, qwen3, deepseek-r1", false, false,
-            "none"});
+  a.Define({"chat-template", "template for chat messages: none, auto (the model's own), llama3, chatml, qwen3, "
+            "deepseek-r1", false, false, "none"});
   a.Define({"tls-cert", "PEM certificate chain: serve TLS", false, false, ""});
   a.Define({"tls-key", "PEM private key for --tls-cert", false, false, ""});
   a.Define({"tls-client-ca", "PEM CA: require client certificates signed by it (mutual TLS)", false, false, ""});
@@ -76,7 +76,10 @@ absl::Status Run(const Args& args) {
   ASSIGN_OR_RETURN(so.limits.default_budget, args.GetInt("budget"));
   if (so.limits.default_budget < 0) return absl::InvalidArgumentError("--budget must be >= 0");
   ASSIGN_OR_RETURN(so.limits.max_prompt_bytes, args.GetBytes("max-prompt-bytes"));
-  ASSIGN_OR_RETURN(so.limits.chat_template, ParseChatTemplate(args.GetString("chat-template")));
+  const std::string chat_template = args.GetString("chat-template");
+  if (chat_template != "auto") {  // checked before the model loads; "auto" needs the model
+    ASSIGN_OR_RETURN(so.limits.chat_template, ParseChatTemplate(chat_template));
+  }
   EngineOptions eo;
   ASSIGN_OR_RETURN(int64_t max_batch, args.GetInt("max-batch"));
   ASSIGN_OR_RETURN(int64_t max_queue, args.GetInt("max-queue"));
@@ -107,6 +110,13 @@ absl::Status Run(const Args& args) {
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, MakeServerCredentials(tls));
 
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
+  if (chat_template == "auto") {
+    absl::StatusOr<ChatTemplate> resolved = ResolveChatTemplate(chat_template, rt);
+    if (!resolved.ok()) {
+      return absl::Status(resolved.status().code(), absl::StrCat("--chat-template auto: ", resolved.status().message()));
+    }
+    so.limits.chat_template = *std::move(resolved);
+  }
   ASSIGN_OR_RETURN(int64_t max_context, args.GetInt("max-context"));
   const int64_t model_context = rt.model->config().max_position_embeddings;
   if (absl::Status st = ValidateMaxContext(max_context, 0, model_context); !st.ok()) {

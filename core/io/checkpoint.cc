@@ -39,10 +39,16 @@ std::vector<ExpectedTensor> ExpectedTensors(const ModelConfig& c) {
       add("self_attn.k_norm.weight", {c.head_dim});
     }
     add("self_attn.o_proj.weight", {d, q});
+    if (c.o_proj_bias) add("self_attn.o_proj.bias", {d});
     add("post_attention_layernorm.weight", {d});
     add("mlp.gate_proj.weight", {I, d});
     add("mlp.up_proj.weight", {I, d});
     add("mlp.down_proj.weight", {d, I});
+    if (c.mlp_bias) {
+      add("mlp.gate_proj.bias", {I});
+      add("mlp.up_proj.bias", {I});
+      add("mlp.down_proj.bias", {d});
+    }
   }
   out.push_back({"model.norm.weight", {d}});
   if (!c.tie_word_embeddings) out.push_back({"lm_head.weight", {V, d}});

@@ -117,6 +117,47 @@ absl::Status ParseRopeScaling(const json& v, const char* key, RopeScaling* out) 
   return absl::OkStatus();
 }
 
+// Settings that would change the model's output in ways this engine does not implement: refused by name
+// rather than silently computing something else.
+absl::Status CheckUnsupportedFeatures(const json& root, const ModelConfig& c) {
+  if (root.contains("quantization_config") && !root["quantization_config"].is_null()) {
+    const json& q = root["quantization_config"];
+    std::string method = "unknown";
+    if (q.is_object() && q.contains("quant_method") && q["quant_method"].is_string()) {
+      method = q["quant_method"].get<std::string>();
+    }
+    return Bad(absl::StrCat("the checkpoint is quantized (quantization_config.quant_method \"", method,
+                            "\"); this engine loads f32/f16/bf16 safetensors or GGUF files: use the unquantized "
+                            "checkpoint or a GGUF export of the model"));
+  }
+  if (root.contains("hidden_act") && !root["hidden_act"].is_null()) {
+    const json& act = root["hidden_act"];
+    if (!act.is_string() || act.get<std::string>() != "silu") {
+      return Bad(absl::StrCat("unsupported \"hidden_act\" ", act.dump(), " (supported: \"silu\")"));
+    }
+  }
+  // Qwen2/3: sliding-window attention runs on layers >= max_window_layers when use_sliding_window is set;
+  // transformers 5 lists each layer's kind in layer_types.
+  bool use_sliding = false;
+  RETURN_IF_ERROR(OptBool(root, "use_sliding_window", &use_sliding));
+  if (use_sliding) {
+    int64_t max_window_layers = 0;
+    RETURN_IF_ERROR(OptInt(root, "max_window_layers", &max_window_layers));
+    if (max_window_layers < c.num_hidden_layers) {
+      return Bad(absl::StrCat("\"use_sliding_window\": true (sliding-window attention from layer ", max_window_layers,
+                              ") is not supported; this engine runs full attention on every layer"));
+    }
+  }
+  if (root.contains("layer_types") && root["layer_types"].is_array()) {
+    for (const json& t : root["layer_types"]) {
+      if (!t.is_string() || t.get<std::string>() != "full_attention") {
+        return Bad(absl::StrCat("layer_types holds ", t.dump(), "; only \"full_attention\" layers are supported"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<json> ParseObject(std::string_view text, const char* what) {
   json root = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(what, ": not valid JSON"));
@@ -219,8 +260,12 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
   }
   RETURN_IF_ERROR(OptBool(root, "tie_word_embeddings", &c.tie_word_embeddings));
   RETURN_IF_ERROR(OptBool(root, "attention_bias", &c.attention_bias));
-  if (c.arch == Architecture::kQwen2) c.attention_bias = true;  // Qwen2 always has q/k/v biases
+  // HF: Llama and Qwen3 give q/k/v/o the attention_bias; Qwen2 has q/k/v biases always and no o bias.
+  c.o_proj_bias = c.attention_bias && c.arch != Architecture::kQwen2;
+  if (c.arch == Architecture::kQwen2) c.attention_bias = true;
+  if (c.arch == Architecture::kLlama) RETURN_IF_ERROR(OptBool(root, "mlp_bias", &c.mlp_bias));
   c.qk_norm = c.arch == Architecture::kQwen3;
+  RETURN_IF_ERROR(CheckUnsupportedFeatures(root, c));
   RETURN_IF_ERROR(OptBool(root, "specontext_rope_interleaved", &c.rope_interleaved));
   for (const char* k : {"torch_dtype", "dtype"}) {
     if (root.contains(k) && root[k].is_string()) {
@@ -253,6 +298,8 @@ absl::StatusOr<GenerationDefaults> ParseGenerationConfig(std::string_view json_t
   RETURN_IF_ERROR(wrap(OptNumber(root, "temperature", &g.temperature)));
   RETURN_IF_ERROR(wrap(OptNumber(root, "top_p", &g.top_p)));
   RETURN_IF_ERROR(wrap(OptInt(root, "top_k", &g.top_k)));
+  RETURN_IF_ERROR(wrap(OptNumber(root, "repetition_penalty", &g.repetition_penalty)));
+  if (!(g.repetition_penalty > 0)) return wrap(Bad("\"repetition_penalty\" must be > 0"));
   RETURN_IF_ERROR(wrap(OptInt(root, "bos_token_id", &g.bos_token_id)));
   RETURN_IF_ERROR(wrap(ParseEos(root, &g.eos_token_ids)));
   if (g.temperature < 0) return wrap(Bad("\"temperature\" must be >= 0"));
@@ -294,7 +341,7 @@ std::string ModelConfigToJson(const ModelConfig& c) {
   j["use_cache"] = true;
   j["attention_dropout"] = 0.0;
   if (c.arch != Architecture::kQwen2) j["attention_bias"] = c.attention_bias;
-  if (c.arch == Architecture::kLlama) j["mlp_bias"] = false;
+  if (c.arch == Architecture::kLlama) j["mlp_bias"] = c.mlp_bias;
   if (c.arch != Architecture::kLlama) {
     j["use_sliding_window"] = false;
     j["sliding_window"] = nullptr;

@@ -45,6 +45,8 @@ struct ModelConfig {
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
   bool attention_bias = false;   // q/k/v projection biases (Qwen2 always; Llama when set)
+  bool o_proj_bias = false;      // o_proj bias: HF Llama and Qwen3 give o_proj attention_bias, Qwen2 never
+  bool mlp_bias = false;         // gate/up/down biases (Llama's mlp_bias)
   bool qk_norm = false;          // per-head RMSNorm of q and k before RoPE (Qwen3)
   bool rope_interleaved = false; // llama2.c checkpoints rotate (x[2i], x[2i+1]) pairs
   std::string torch_dtype;       // "bfloat16", "float16", "float32" or ""
@@ -61,6 +63,7 @@ struct GenerationDefaults {
   double temperature = 1.0;
   double top_p = 1.0;
   int64_t top_k = 0;
+  double repetition_penalty = 1.0;  // read so that a load can say it is not applied
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;
 };

@@ -63,8 +63,9 @@ struct ExpectedTensor {
 };
 /// Every tensor `config` requires, in load order: embed [V,d]; per layer q_proj [q_dim,d],
 /// k_proj/v_proj [kv_dim,d], o_proj [d,q_dim], q/k/v biases [q_dim]/[kv_dim] when attention_bias,
-/// q_norm/k_norm [head_dim] when qk_norm, input/post_attention layernorms [d], gate/up [I,d],
-/// down [d,I]; model.norm [d]; lm_head [V,d] unless tie_word_embeddings.
+/// o_proj bias [d] when o_proj_bias, q_norm/k_norm [head_dim] when qk_norm, input/post_attention
+/// layernorms [d], gate/up [I,d], down [d,I] (biases [I]/[I]/[d] when mlp_bias); model.norm [d];
+/// lm_head [V,d] unless tie_word_embeddings.
 std::vector<ExpectedTensor> ExpectedTensors(const ModelConfig& config);
 
 /// Checks that every ExpectedTensors() entry exists in `weights`, has that shape and a floating dtype

@@ -83,6 +83,15 @@ absl::Status Engine::Validate(GenerationRequest& r) const {
   for (const std::string& s : r.stop_strings) {
     if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
   }
+  for (int32_t id : r.forced_tokens) {
+    if (id < 0 || id >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forced token id ", id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
+  }
+  if (!r.forced_tokens.empty()) {
+    r.max_new_tokens = std::min<int32_t>(r.max_new_tokens, static_cast<int32_t>(r.forced_tokens.size()));
+  }
   if (!r.stop_strings.empty() && tokenizer_ == nullptr) {
     return absl::InvalidArgumentError("stop strings need a tokenizer");
   }
@@ -172,9 +181,11 @@ void Engine::Emit(Sequence& s, int32_t token) {
     s.stats.time_to_first_token_ms = absl::ToDoubleMilliseconds(now - s.admitted);
   }
   s.stats.decode_ms = absl::ToDoubleMilliseconds(now - s.first_token);
-  const bool is_eos = !s.req.ignore_eos && std::find(eos_ids_.begin(), eos_ids_.end(), token) != eos_ids_.end();
-  const bool is_stop = std::find(s.req.stop_token_ids.begin(), s.req.stop_token_ids.end(), token) !=
-                       s.req.stop_token_ids.end();
+  const bool forced = !s.req.forced_tokens.empty();
+  const bool is_eos = !forced && !s.req.ignore_eos &&
+                      std::find(eos_ids_.begin(), eos_ids_.end(), token) != eos_ids_.end();
+  const bool is_stop = !forced && std::find(s.req.stop_token_ids.begin(), s.req.stop_token_ids.end(), token) !=
+                                      s.req.stop_token_ids.end();
   StreamEvent ev;
   ev.token = token;
   if (is_eos || is_stop) {
@@ -315,7 +326,14 @@ absl::Status Engine::ForwardAndSample(std::span<const ForwardSeq> fwd, const std
   if (options_.sparse != nullptr) {
     for (Sequence* s : included) sparse_seqs.push_back({s->id, s->budget});
   }
-  if (options_.device_sampling && backend.device_sampling()) {
+  // Teacher-forced rows take their token from the request; observed rows need the logits on the host.
+  bool observed = false;
+  for (int32_t i : sample_rows) observed |= static_cast<bool>(included[i]->req.logits_observer);
+  auto choose = [&](size_t j, int32_t sampled) {
+    const Sequence& s = *included[sample_rows[j]];
+    (*tokens)[j] = s.req.forced_tokens.empty() ? sampled : s.req.forced_tokens[s.stats.generated_tokens];
+  };
+  if (options_.device_sampling && backend.device_sampling() && !observed) {
     absl::StatusOr<Tensor> logits = options_.sparse == nullptr ? model_->ForwardDevice(fwd, /*all_tokens=*/false)
                                                                : options_.sparse->ForwardDevice(fwd, sparse_seqs);
     // Sparse hooks without device logits refuse before doing anything: then sample on the host below.
@@ -332,7 +350,7 @@ absl::Status Engine::ForwardAndSample(std::span<const ForwardSeq> fwd, const std
       }
       std::vector<int32_t> all(fwd.size());
       RETURN_IF_ERROR(backend.SampleTokens(*logits, rows, all));
-      for (size_t j = 0; j < sample_rows.size(); ++j) (*tokens)[j] = all[sample_rows[j]];
+      for (size_t j = 0; j < sample_rows.size(); ++j) choose(j, all[sample_rows[j]]);
       return absl::OkStatus();
     }
   }
@@ -345,11 +363,15 @@ absl::Status Engine::ForwardAndSample(std::span<const ForwardSeq> fwd, const std
   }
   // Sampling reads a whole vocabulary row per sequence: run the rows in parallel (each sequence owns its
   // sampler); the caller emits in order on its thread (callbacks are not thread-safe).
+  auto row = [&](int32_t i) { return std::span<const float>(logits.as<float>() + i * vocab, static_cast<size_t>(vocab)); };
+  for (int32_t i : sample_rows) {
+    const Sequence& s = *included[i];
+    if (s.req.logits_observer) s.req.logits_observer(s.stats.generated_tokens, row(i));
+  }
   ParallelFor(static_cast<int64_t>(sample_rows.size()), 8 * vocab, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      const int32_t i = sample_rows[j];
-      (*tokens)[j] = included[i]->sampler.Sample(
-          std::span<const float>(logits.as<float>() + i * vocab, static_cast<size_t>(vocab)));
+      Sequence& s = *included[sample_rows[j]];
+      choose(static_cast<size_t>(j), s.req.forced_tokens.empty() ? s.sampler.Sample(row(sample_rows[j])) : -1);
     }
   });
   return absl::OkStatus();

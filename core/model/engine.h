@@ -9,6 +9,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,14 @@ struct GenerationRequest {
   int32_t budget = 0;
   // Sparse mode only: attend to every past token (budget = the sequence's capacity; exact dense attention).
   bool dense = false;
+  // Teacher forcing (evaluation): the tokens emitted after the prompt, in order, instead of sampled ones.
+  // Each is a decode step of its own, exactly as in generation. EOS and stop tokens do not end a forced
+  // request; max_new_tokens is clamped to their count. Empty = sample.
+  std::vector<int32_t> forced_tokens;
+  // Called on the engine thread with the f32 logits [vocab] from which the request's next token is chosen
+  // (index = tokens generated before it), before the choice. Set, it makes the step download the logits
+  // (no device-side sampling for the step).
+  std::function<void(int32_t index, std::span<const float> logits)> logits_observer;
 };
 
 enum class FinishReason : uint8_t { kNone, kStopToken, kStopString, kLength, kCancelled, kError };

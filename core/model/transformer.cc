@@ -87,6 +87,11 @@ absl::Status Transformer::LoadWeights(const WeightSource& weights, const LoadPro
       wanted.push_back({names({"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}),
                         &w.b_qkv});
     }
+    if (c.o_proj_bias) wanted.push_back({names({"self_attn.o_proj.bias"}), &w.b_o});
+    if (c.mlp_bias) {
+      wanted.push_back({names({"mlp.gate_proj.bias", "mlp.up_proj.bias"}), &w.b_gate_up});
+      wanted.push_back({names({"mlp.down_proj.bias"}), &w.b_down});
+    }
     if (c.qk_norm) {
       wanted.push_back({names({"self_attn.q_norm.weight"}), &w.q_norm});
       wanted.push_back({names({"self_attn.k_norm.weight"}), &w.k_norm});
@@ -212,23 +217,25 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
   }
   ASSIGN_OR_RETURN(Tensor attn2, attn.Reshape({n, nh * hd}));
   ASSIGN_OR_RETURN(Tensor o, b.Alloc(dt, {n, c.hidden_size}, MemoryKind::kWorkspace));
-  RETURN_IF_ERROR(b.Linear(attn2, w.wo, nullptr, &o));
+  auto bias = [](const Tensor& t) { return t.empty() ? nullptr : &t; };
+  RETURN_IF_ERROR(b.Linear(attn2, w.wo, bias(w.b_o), &o));
   const float eps = static_cast<float>(c.rms_norm_eps);
   RETURN_IF_ERROR(b.AddRmsNorm(&residual, o, w.post_attention_norm, eps, &h));
 
-  // Gate/up projection and SwiGLU in one op where the backend has it (small batches on CUDA), else two.
+  // Gate/up projection and SwiGLU in one op where the backend has it (small batches on CUDA, no bias), else two.
   ASSIGN_OR_RETURN(Tensor act, b.Alloc(dt, {n, c.intermediate_size}, MemoryKind::kWorkspace));
-  absl::Status fused = b.LinearSwiGlu(h, w.w_gate_up, &act);
+  absl::Status fused = w.b_gate_up.empty() ? b.LinearSwiGlu(h, w.w_gate_up, &act)
+                                           : absl::UnimplementedError("gate/up bias");
   if (absl::IsUnimplemented(fused)) {
     ASSIGN_OR_RETURN(Tensor gate_up, b.Alloc(dt, {n, 2 * c.intermediate_size}, MemoryKind::kWorkspace));
-    RETURN_IF_ERROR(b.Linear(h, w.w_gate_up, nullptr, &gate_up));
+    RETURN_IF_ERROR(b.Linear(h, w.w_gate_up, bias(w.b_gate_up), &gate_up));
     Tensor gate, up;
     RETURN_IF_ERROR(SplitColumns(gate_up, {c.intermediate_size, c.intermediate_size}, {&gate, &up}));
     RETURN_IF_ERROR(b.SwiGlu(gate, up, &act));
   } else {
     RETURN_IF_ERROR(fused);
   }
-  RETURN_IF_ERROR(b.Linear(act, w.w_down, nullptr, &o));
+  RETURN_IF_ERROR(b.Linear(act, w.w_down, bias(w.b_down), &o));
   const Tensor& next_norm = l + 1 < c.num_hidden_layers ? layers_[l + 1].input_norm : final_norm_;
   return b.AddRmsNorm(&residual, o, next_norm, eps, &h);
 }

@@ -23,9 +23,12 @@ struct LayerWeights {
   Tensor w_qkv;                              // [q_dim + 2 kv_dim, d]: q_proj, k_proj, v_proj rows
   Tensor b_qkv;                              // [q_dim + 2 kv_dim] or empty
   Tensor wo;                                 // [d, q_dim]
+  Tensor b_o;                                // [d] or empty
   Tensor q_norm, k_norm;                     // [head_dim] or empty
   Tensor w_gate_up;                          // [2 I, d]: gate_proj, up_proj rows
+  Tensor b_gate_up;                          // [2 I] or empty
   Tensor w_down;                             // [d, I]
+  Tensor b_down;                             // [d] or empty
 };
 
 // Called while weights load: bytes done, bytes in all.

@@ -117,6 +117,10 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
                                                      rt.checkpoint.config.vocab_size));
     }
   }
+  if (rt.checkpoint.generation.repetition_penalty != 1.0) {
+    SPC_LOG(WARNING) << "generation_config.json sets a repetition penalty that this engine does not apply"
+                     << Kv("repetition_penalty", rt.checkpoint.generation.repetition_penalty);
+  }
   ASSIGN_OR_RETURN(rt.backend, MakeBackend(options.backend, options.gpu_memory_limit));
   rt.backend->set_step_graphs(options.cuda_graphs);
   ProgressLine progress(options.show_progress);

@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
 #include "tests/common/cli_runner.h"
 #include "tools/random_checkpoint/random_checkpoint.h"
 
@@ -160,6 +161,51 @@ TEST_F(CliTest, BadFlagsAndPrompts) {
                 fs::copy_options::overwrite_existing);
   ExpectError(Cli({"generate", "--model", lone + "/stories260K.bin", "--prompt", "hi"}), "tokenizer");
   ExpectError(Cli({"frobnicate"}), "unknown command");
+}
+
+// `specontext score`: teacher-forced perplexity of a text through the decode path, and its logits as .npy.
+TEST_F(CliTest, ScoresATextAndWritesItsLogits) {
+  const std::string text = (*dir_ / "story.txt").string();
+  Write(text, "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun.");
+  const std::string npy = (*dir_ / "logits.npy").string();
+  const std::string model = SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin";
+  const std::string tok = SPECONTEXT_MODEL_DIR "/stories260K/tok512.bin";
+  CliRun r = Cli({"score", "--model", model, "--tokenizer", tok, "--text", text, "--buckets", "8",
+                  "--prompt-tokens", "2", "--logits-out", npy});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  const int64_t n = j["tokens"].get<int64_t>();
+  EXPECT_GT(n, 10);
+  EXPECT_EQ(j["scored"].get<int64_t>(), n - 2);
+  // A trained model predicts a children's story far better than chance (512 tokens).
+  EXPECT_LT(j["perplexity"].get<double>(), 40.0);
+  EXPECT_GT(j["perplexity"].get<double>(), 1.0);
+  ASSERT_EQ(j["buckets"].size(), 2u);
+  EXPECT_EQ(j["buckets"][0]["tokens"].get<int64_t>() + j["buckets"][1]["tokens"].get<int64_t>(), n - 2);
+  // .npy: 128-byte header for this shape, then [n - 2, 512] f32.
+  const std::string data = Read(npy);
+  EXPECT_EQ(data.substr(1, 5), "NUMPY");
+  EXPECT_NE(data.find(absl::StrCat("'shape': (", n - 2, ", 512)")), std::string::npos);
+  EXPECT_EQ(data.size() % 64, 0u);
+  EXPECT_EQ(data.size(), 128 + static_cast<size_t>(n - 2) * 512 * 4);
+
+  const std::string ids = (*dir_ / "ids.json").string();
+  Write(ids, "[1, 403, 407, 261, 378]");
+  CliRun again = Cli({"score", "--model", model, "--tokenizer", tok, "--token-ids", ids});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(nlohmann::json::parse(again.out)["scored"].get<int64_t>(), 4);
+
+  ExpectError(Cli({"score", "--model", model, "--tokenizer", tok}), "exactly one of --token-ids");
+  ExpectError(Cli({"score", "--model", model, "--tokenizer", tok, "--token-ids", ids, "--prompt-tokens", "5"}),
+              "--prompt-tokens");
+  Write(ids, "[1, -4]");
+  ExpectError(Cli({"score", "--model", model, "--tokenizer", tok, "--token-ids", ids}), "non-negative");
+  Write(ids, "[1, 100000]");
+  ExpectError(Cli({"score", "--model", model, "--tokenizer", tok, "--token-ids", ids}), "outside the vocabulary");
+  Write(ids, "{\"tokens\": 3}");
+  ExpectError(Cli({"score", "--model", model, "--tokenizer", tok, "--token-ids", ids}), "JSON array");
+  ExpectError(Cli({"score", "--model", model, "--tokenizer", tok, "--token-ids", ids, "--budget", "8"}),
+              "need --sparse");
 }
 
 }  // namespace

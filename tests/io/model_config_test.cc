@@ -259,6 +259,55 @@ TEST(GenerationConfigTest, ParsesAndValidates) {
   EXPECT_THAT(ParseGenerationConfig(R"({"do_sample": 1})").status().message(), HasSubstr("do_sample"));
   EXPECT_THAT(ParseGenerationConfig(R"({"eos_token_id": -3})").status().message(), HasSubstr("negative"));
   EXPECT_THAT(ParseGenerationConfig("nope").status().message(), HasSubstr("generation_config.json"));
+  EXPECT_DOUBLE_EQ(ParseGenerationConfig(R"({"repetition_penalty": 1.1})")->repetition_penalty, 1.1);
+  EXPECT_DOUBLE_EQ(ParseGenerationConfig("{}")->repetition_penalty, 1.0);
+  EXPECT_THAT(ParseGenerationConfig(R"({"repetition_penalty": 0})").status().message(),
+              HasSubstr("repetition_penalty"));
+}
+
+// HF gives o_proj the attention_bias in Llama and Qwen3, never in Qwen2; mlp_bias is Llama's.
+TEST(ModelConfigTest, OutputProjectionAndMlpBiases) {
+  json j = Llama31();
+  EXPECT_FALSE(Parse(j)->o_proj_bias);
+  j["attention_bias"] = true;
+  j["mlp_bias"] = true;
+  absl::StatusOr<ModelConfig> c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->o_proj_bias);
+  EXPECT_TRUE(c->mlp_bias);
+  EXPECT_FALSE(Parse(Qwen2())->o_proj_bias);
+  json q3 = Qwen3();
+  EXPECT_FALSE(Parse(q3)->o_proj_bias);
+  q3["attention_bias"] = true;
+  q3["mlp_bias"] = true;  // not a Qwen3 field: ignored as transformers does
+  EXPECT_TRUE(Parse(q3)->o_proj_bias);
+  EXPECT_FALSE(Parse(q3)->mlp_bias);
+  ModelConfig round = *ParseModelConfig(ModelConfigToJson(*c));
+  EXPECT_TRUE(round.o_proj_bias);
+  EXPECT_TRUE(round.mlp_bias);
+}
+
+TEST(ModelConfigTest, RefusesWhatWouldChangeTheOutput) {
+  json quant = Llama31();
+  quant["quantization_config"] = {{"quant_method", "gptq"}, {"bits", 4}};
+  EXPECT_THAT(Parse(quant).status().message(), HasSubstr("quantized (quantization_config.quant_method \"gptq\")"));
+  json act = Llama31();
+  act["hidden_act"] = "gelu";
+  EXPECT_THAT(Parse(act).status().message(), HasSubstr("unsupported \"hidden_act\" \"gelu\""));
+  json sliding = Qwen2();
+  sliding["use_sliding_window"] = true;
+  sliding["sliding_window"] = 4096;
+  sliding["max_window_layers"] = 21;
+  EXPECT_THAT(Parse(sliding).status().message(), HasSubstr("use_sliding_window"));
+  sliding["max_window_layers"] = 24;  // no layer at or past it: every layer is full attention
+  EXPECT_TRUE(Parse(sliding).ok());
+  sliding["use_sliding_window"] = false;
+  sliding["max_window_layers"] = 0;
+  EXPECT_TRUE(Parse(sliding).ok());
+  json types = Qwen3();
+  types["layer_types"] = json::array();
+  for (int i = 0; i < 28; ++i) types["layer_types"].push_back(i == 5 ? "sliding_attention" : "full_attention");
+  EXPECT_THAT(Parse(types).status().message(), HasSubstr("sliding_attention"));
 }
 
 }  // namespace

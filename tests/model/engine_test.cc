@@ -185,6 +185,41 @@ TEST_F(EngineFixture, MaxContextCapsRequests) {
   EXPECT_EQ(e.Submit(big_budget, {}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Teacher forcing: the forced tokens are emitted whatever the logits say, every one a decode step whose
+// logits equal those of one forward over the whole sequence, and a forced EOS does not end the request.
+TEST_F(EngineFixture, TeacherForcingObservesTheLogitsOfEachStep) {
+  const std::vector<int32_t> seq = {1, 17, 2, 40, 40, 3, 96, 0, 55};
+  const int64_t vocab = model->config().vocab_size, n = static_cast<int64_t>(seq.size());
+  auto kv = model->AllocateKv(static_cast<int32_t>(n)).value();
+  Tensor all = Tensor::HostEmpty(DType::kF32, {n, vocab});
+  ForwardSeq fs{seq, 0, kv.get()};
+  ASSERT_TRUE(model->Forward({&fs, 1}, /*all_tokens=*/true, &all).ok());
+
+  EngineOptions opts;
+  Engine engine(model.get(), nullptr, opts);
+  GenerationRequest r = Request({seq[0], seq[1]}, 100);
+  r.forced_tokens.assign(seq.begin() + 2, seq.end());
+  r.stop_token_ids = {40};
+  std::vector<int32_t> indices;
+  double worst = 0;
+  r.logits_observer = [&](int32_t index, std::span<const float> logits) {
+    indices.push_back(index);
+    ASSERT_EQ(static_cast<int64_t>(logits.size()), vocab);
+    const float* ref = all.as<float>() + (1 + index) * vocab;  // after tokens [0, 1 + index]
+    for (int64_t v = 0; v < vocab; ++v) worst = std::max(worst, double(std::fabs(logits[v] - ref[v])));
+  };
+  absl::StatusOr<GenerationResult> res = engine.Generate(r);
+  ASSERT_TRUE(res.ok()) << res.status();
+  EXPECT_EQ(res->tokens, r.forced_tokens);
+  EXPECT_EQ(res->reason, FinishReason::kLength);
+  EXPECT_EQ(indices, std::vector<int32_t>({0, 1, 2, 3, 4, 5, 6}));
+  EXPECT_LT(worst, 1e-4);
+
+  GenerationRequest bad = Request({1}, 4);
+  bad.forced_tokens = {3, static_cast<int32_t>(vocab)};
+  EXPECT_TRUE(absl::IsInvalidArgument(engine.Submit(bad, nullptr).status()));
+}
+
 TEST(Sampler, TopKOneAndTinyTopPAreGreedy) {
   std::vector<float> logits = {0.1f, 2.0f, 1.9f, -3.0f};
   for (uint64_t seed = 0; seed < 20; ++seed) {

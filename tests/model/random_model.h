@@ -75,6 +75,12 @@ inline Checkpoint RandomCheckpoint(const ModelConfig& c, uint32_t seed) {
       w->Add(n("self_attn.k_proj.bias"), {kv}, rng, 0.1f);
       w->Add(n("self_attn.v_proj.bias"), {kv}, rng, 0.1f);
     }
+    if (c.o_proj_bias) w->Add(n("self_attn.o_proj.bias"), {d}, rng, 0.1f);
+    if (c.mlp_bias) {
+      w->Add(n("mlp.gate_proj.bias"), {f}, rng, 0.1f);
+      w->Add(n("mlp.up_proj.bias"), {f}, rng, 0.1f);
+      w->Add(n("mlp.down_proj.bias"), {d}, rng, 0.1f);
+    }
     if (c.qk_norm) {
       w->Add(n("self_attn.q_norm.weight"), {c.head_dim}, rng, 0.1f, 1.0f);
       w->Add(n("self_attn.k_norm.weight"), {c.head_dim}, rng, 0.1f, 1.0f);

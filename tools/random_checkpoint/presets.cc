@@ -61,7 +61,7 @@ ModelConfig Tiny(Architecture arch, int64_t vocab, int64_t layers, int64_t heads
 std::vector<std::string> RandomCheckpointPresetNames() {
   return {"llama-3.1-8b", "llama-3.2-1b",       "qwen3-8b",   "deepseek-r1-distill-llama-8b",
           "tiny-llama",   "tiny-llama-tied-gqa", "tiny-qwen2", "tiny-qwen3",
-          "tiny-mqa"};
+          "tiny-mqa",     "tiny-llama-bias"};
 }
 
 absl::StatusOr<ModelConfig> RandomCheckpointPreset(std::string_view name) {
@@ -102,6 +102,13 @@ absl::StatusOr<ModelConfig> RandomCheckpointPreset(std::string_view name) {
   }
   if (name == "tiny-qwen3") return Tiny(Architecture::kQwen3, 400, 2, 4, 2, 32);  // q_dim 128 != hidden 64
   if (name == "tiny-mqa") return Tiny(Architecture::kLlama, 320, 2, 4, 1, 16);
+  if (name == "tiny-llama-bias") {  // attention_bias (q/k/v/o) and mlp_bias, as some Llama fine-tunes set
+    ModelConfig c = Tiny(Architecture::kLlama, 352, 2, 4, 2, 16);
+    c.attention_bias = true;
+    c.o_proj_bias = true;
+    c.mlp_bias = true;
+    return c;
+  }
   return absl::InvalidArgumentError(absl::StrCat("unknown preset \"", std::string(name), "\" (known: ",
                                                  absl::StrJoin(RandomCheckpointPresetNames(), ", "), ")"));
 }

@@ -7,5 +7,6 @@ int GenerateMain(int argc, char** argv);
 int BenchMain(int argc, char** argv);
 int BenchSparseMain(int argc, char** argv);  // bench --sparse (dispatched by BenchMain)
 int PruneMain(int argc, char** argv);
+int ScoreMain(int argc, char** argv);
 
 }  // namespace specontext

@@ -1,5 +1,6 @@
 // `specontext generate`: streams a completion to stdout, then a one-line summary to stderr.
 #include "tools/specontext/commands.h"
+#include "tools/specontext/sparse_flags.h"
 
 #include <cstdio>
 
@@ -38,11 +39,7 @@ void DefineGenerateFlags(Args& args) {
   args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   args.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
   args.Define({"threads", "CPU threads (0 = all cores)", false, false, "0"});
-  args.Define({"sparse", "SpeContext sparse decoding (needs --retrieval-head); default: dense", true});
-  args.Define({"budget", "sparse: past tokens attended per KV head", false, false, "2048"});
-  args.Define({"sink", "sparse: first tokens always attended", false, false, "1"});
-  args.Define({"retrieval-head", "sparse: retrieval head directory (specontext prune)"});
-  args.Define({"selection", "sparse: head (one index set per KV head) or batch", false, false, "head"});
+  DefineSparseFlags(args);
   args.Define({"log-level", "debug, info, warning or error", false, false, "warning"});
   DefineCudaGraphsFlag(args);
 }
@@ -73,20 +70,7 @@ absl::Status RunGenerate(const Args& args) {
   }
   req.ignore_eos = args.GetBool("ignore-eos");
 
-  const bool sparse = args.GetBool("sparse");
-  SparseRuntimeOptions so;
-  ASSIGN_OR_RETURN(so.budget, args.GetInt("budget"));
-  ASSIGN_OR_RETURN(so.sink, args.GetInt("sink"));
-  so.retrieval_head = args.GetString("retrieval-head");
-  so.selection = args.GetString("selection");
-  so.gpu_memory_limit = ro.gpu_memory_limit;
-  if (!sparse && (args.Has("retrieval-head") || args.Has("budget") || args.Has("sink") || args.Has("selection"))) {
-    return absl::InvalidArgumentError("--budget, --sink, --selection and --retrieval-head need --sparse");
-  }
-  if (sparse && so.budget < 1) return absl::InvalidArgumentError(absl::StrCat("--budget must be at least 1, got ", so.budget));
-  if (sparse && so.retrieval_head.empty()) {
-    return absl::InvalidArgumentError("--sparse needs --retrieval-head DIR (write one with `specontext prune`)");
-  }
+  ASSIGN_OR_RETURN(const std::optional<SparseRuntimeOptions> sparse, SparseOptionsFromArgs(args, ro.gpu_memory_limit));
 
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
   // Like HF, a checkpoint whose generation_config.json samples sets the defaults; flags override them.
@@ -106,7 +90,7 @@ absl::Status RunGenerate(const Args& args) {
     std::fflush(stderr);
   };
   if (sparse) {
-    ASSIGN_OR_RETURN(srt, MakeSparseRuntime(rt, so));
+    ASSIGN_OR_RETURN(srt, MakeSparseRuntime(rt, *sparse));
     eo.sparse = srt.decoder;
   }
   std::string prompt = args.GetString("prompt");
@@ -147,7 +131,7 @@ absl::Status RunGenerate(const Args& args) {
     std::fprintf(stderr, "%s",
                  absl::StrFormat("[sparse] budget=%d sparse_steps=%d dense_steps=%d overlap=%.3f rows_loaded=%d "
                                  "bytes_loaded=%d bytes_full_reload=%d offloaded_layers=%d captured_mass=%.3f\n",
-                                 so.budget, st.sparse_steps, st.dense_steps, st.elastic.overlap_ratio(),
+                                 sparse->budget, st.sparse_steps, st.dense_steps, st.elastic.overlap_ratio(),
                                  st.elastic.rows_loaded, st.elastic.bytes_loaded, st.elastic.bytes_full_reload,
                                  st.offloaded_layers, st.last_captured_mass)
                      .c_str());
