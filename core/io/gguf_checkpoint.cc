@@ -243,6 +243,11 @@ absl::StatusOr<ModelConfig> GgufModelConfig(const GgufFile& f) {
   }
   c.tie_word_embeddings = f.FindTensor("output.weight") == nullptr;
   c.attention_bias = c.arch == Architecture::kQwen2 || f.FindTensor("blk.0.attn_q.bias") != nullptr;
+  // Llama's attention_bias also gives o_proj a bias, and mlp_bias gate/up/down: the tensors tell.
+  c.o_proj_bias = f.FindTensor("blk.0.attn_output.bias") != nullptr;
+  c.mlp_bias = f.FindTensor("blk.0.ffn_gate.bias") != nullptr ||
+               f.FindTensor("blk.0.ffn_up.bias") != nullptr ||
+               f.FindTensor("blk.0.ffn_down.bias") != nullptr;
   c.qk_norm = c.arch == Architecture::kQwen3;
   ASSIGN_OR_RETURN(std::optional<int64_t> bos, OptInt(f, "tokenizer.ggml.bos_token_id"));
   c.bos_token_id = bos.value_or(-1);

@@ -47,7 +47,8 @@ TEST_P(GgufGenerate, SameTextAsTheHfDirectory) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Tiny, GgufGenerate,
-                         ::testing::Values("tiny-llama", "tiny-qwen2", "tiny-qwen3"),
+                         ::testing::Values("tiny-llama", "tiny-llama-bias", "tiny-qwen2",
+                                           "tiny-qwen3"),
                          [](const auto& info) {
                            std::string n = info.param;
                            for (char& ch : n)

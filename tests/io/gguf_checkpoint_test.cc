@@ -80,6 +80,8 @@ TEST_P(HfRoundTrip, SameConfigAndTensors) {
   EXPECT_FLOAT_EQ(b.rope_theta, a.rope_theta);
   EXPECT_EQ(b.tie_word_embeddings, a.tie_word_embeddings);
   EXPECT_EQ(b.attention_bias, a.attention_bias);
+  EXPECT_EQ(b.o_proj_bias, a.o_proj_bias);
+  EXPECT_EQ(b.mlp_bias, a.mlp_bias);
   EXPECT_EQ(b.qk_norm, a.qk_norm);
   // llama3 RoPE scaling arrives as the converter's rope_freqs factors instead of parameters.
   EXPECT_EQ(b.rope_scaling.freq_factors.size(),

@@ -78,8 +78,8 @@ TEST_P(TinyGgufLogits, EqualTheHfDirectory) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Tiny, TinyGgufLogits,
-                         ::testing::Values("tiny-llama", "tiny-llama-tied-gqa", "tiny-mqa",
-                                           "tiny-qwen2", "tiny-qwen3"),
+                         ::testing::Values("tiny-llama", "tiny-llama-bias", "tiny-llama-tied-gqa",
+                                           "tiny-mqa", "tiny-qwen2", "tiny-qwen3"),
                          [](const auto& info) {
                            std::string n = info.param;
                            for (char& ch : n)
