@@ -86,7 +86,9 @@ TEST_P(HfRoundTrip, SameConfigAndTensors) {
   // llama3 RoPE scaling arrives as the converter's rope_freqs factors instead of parameters.
   EXPECT_EQ(b.rope_scaling.freq_factors.size(),
             a.rope_scaling.type == "llama3" ? a.head_dim / 2 : 0);
-  if (a.rope_scaling.type != "llama3") EXPECT_EQ(b.rope_scaling.type, a.rope_scaling.type);
+  if (a.rope_scaling.type != "llama3") {
+    EXPECT_EQ(b.rope_scaling.type, a.rope_scaling.type);
+  }
   EXPECT_EQ(g->generation.bos_token_id, a.bos_token_id);
   EXPECT_FALSE(g->generation.do_sample);
   ExpectTensors(*g, tensors);
