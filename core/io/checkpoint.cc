@@ -1,7 +1,9 @@
-// OpenCheckpoint: HF directories and llama2.c files, plus the shape validation shared by both.
+// OpenCheckpoint: HF directories, GGUF files and llama2.c files, plus the shape validation they share.
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "core/io/gguf.h"
+#include "core/io/gguf_checkpoint.h"
 #include "core/io/llama2c.h"
 #include "core/io/model_config.h"
 #include "core/io/safetensors.h"
@@ -53,20 +55,25 @@ std::vector<ExpectedTensor> ExpectedTensors(const ModelConfig& c) {
   return out;
 }
 
+absl::StatusOr<WeightInfo> WeightSource::Info(std::string_view name) const {
+  ASSIGN_OR_RETURN(Tensor t, Get(name));
+  return WeightInfo{t.dtype(), t.shape(), t.nbytes()};
+}
+
 absl::Status ValidateWeights(const ModelConfig& config, const WeightSource& weights) {
   for (const ExpectedTensor& e : ExpectedTensors(config)) {
     if (!weights.Has(e.name)) {
       return absl::InvalidArgumentError(absl::StrCat("checkpoint is missing tensor \"", e.name, "\" (expected shape ",
                                                      ShapeToString(e.shape), ")"));
     }
-    ASSIGN_OR_RETURN(Tensor t, weights.Get(e.name));
-    if (t.shape() != e.shape) {
-      return absl::InvalidArgumentError(absl::StrCat("tensor \"", e.name, "\" has shape ", ShapeToString(t.shape()),
+    ASSIGN_OR_RETURN(WeightInfo t, weights.Info(e.name));
+    if (t.shape != e.shape) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor \"", e.name, "\" has shape ", ShapeToString(t.shape),
                                                      " but the config implies ", ShapeToString(e.shape)));
     }
-    if (!IsFloating(t.dtype())) {
+    if (!IsFloating(t.dtype)) {
       return absl::InvalidArgumentError(absl::StrCat("tensor \"", e.name, "\" has dtype ",
-                                                     std::string(DTypeName(t.dtype())),
+                                                     std::string(DTypeName(t.dtype)),
                                                      "; weights must be f32, f16 or bf16"));
     }
   }
@@ -121,6 +128,8 @@ absl::StatusOr<Checkpoint> OpenCheckpoint(const std::string& path) {
   absl::StatusOr<Checkpoint> ckpt;
   if (fs::is_directory(st)) {
     ckpt = OpenHfDirectory(p);
+  } else if (FileHasGgufMagic(path) || ext == ".gguf") {  // the magic decides; a .gguf without it says so
+    ckpt = OpenGgufCheckpoint(path);
   } else if (ext == ".safetensors" || ext == ".json") {  // a file of an HF directory: open the directory
     ckpt = OpenHfDirectory(p.parent_path().empty() ? fs::path(".") : p.parent_path());
   } else {

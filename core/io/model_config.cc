@@ -245,6 +245,19 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
   RETURN_IF_ERROR(OptNumber(root, "rope_theta", &c.rope_theta));
   if (!(c.rope_theta > 0)) return Bad("\"rope_theta\" must be > 0");
   if (root.contains("rope_scaling")) RETURN_IF_ERROR(ParseRopeScaling(root["rope_scaling"], "rope_scaling", &c.rope_scaling));
+  if (root.contains("specontext_rope_freq_factors") && !root["specontext_rope_freq_factors"].is_null()) {
+    const json& ff = root["specontext_rope_freq_factors"];
+    if (!ff.is_array() || ff.size() != static_cast<size_t>(c.head_dim / 2)) {
+      return Bad(absl::StrCat("\"specontext_rope_freq_factors\" must be a list of head_dim / 2 = ", c.head_dim / 2,
+                              " numbers"));
+    }
+    for (const json& f : ff) {
+      if (!f.is_number() || !(f.get<double>() > 0)) {
+        return Bad("\"specontext_rope_freq_factors\" holds a non-positive or non-numeric factor");
+      }
+      c.rope_scaling.freq_factors.push_back(f.get<double>());
+    }
+  }
   RETURN_IF_ERROR(OptBool(root, "tie_word_embeddings", &c.tie_word_embeddings));
   RETURN_IF_ERROR(OptBool(root, "attention_bias", &c.attention_bias));
   // HF: Llama and Qwen3 give q/k/v/o the attention_bias; Qwen2 has q/k/v biases always and no o bias.
@@ -335,6 +348,7 @@ std::string ModelConfigToJson(const ModelConfig& c) {
     j["max_window_layers"] = c.num_hidden_layers;
   }
   if (c.rope_interleaved) j["specontext_rope_interleaved"] = true;
+  if (!c.rope_scaling.freq_factors.empty()) j["specontext_rope_freq_factors"] = c.rope_scaling.freq_factors;
   if (c.rope_scaling.type.empty()) {
     j["rope_scaling"] = nullptr;
   } else {

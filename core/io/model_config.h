@@ -23,6 +23,10 @@ struct RopeScaling {
   double attention_factor = 0.0;                // yarn (0 = derive from factor)
   double beta_fast = 32.0;                      // yarn
   double beta_slow = 1.0;                       // yarn
+  // Per-frequency divisors of the inverse frequencies, applied after `type`: [head_dim / 2] or empty.
+  // llama.cpp's converter stores Llama 3.1's llama3 scaling as such a list (the rope_freqs tensor of a
+  // GGUF file) instead of its parameters. config.json carries it as "specontext_rope_freq_factors".
+  std::vector<double> freq_factors;
 };
 
 struct ModelConfig {

@@ -12,14 +12,24 @@
 
 namespace specontext {
 
+/// What WeightSource::Get returns for a tensor, known without reading its data.
+struct WeightInfo {
+  DType dtype = DType::kF32;  // the dtype of the tensor Get returns
+  Shape shape;
+  uint64_t stored_bytes = 0;  // bytes the tensor occupies in the checkpoint (progress accounting)
+};
+
 class WeightSource {
  public:
   virtual ~WeightSource() = default;
   virtual bool Has(std::string_view name) const = 0;
-  // A host view of the tensor in its stored dtype (often memory-mapped); keeps its file alive.
-  // NotFound if absent.
+  // A host tensor: a view in its stored dtype (often memory-mapped; keeps its file alive), or for a
+  // quantized GGUF tensor a fresh f32 copy dequantized on each call. NotFound if absent.
   virtual absl::StatusOr<Tensor> Get(std::string_view name) const = 0;
   virtual std::vector<std::string> Names() const = 0;
+  // The dtype and shape Get(name) returns and its stored size, without materialising the tensor (a
+  // dequantizing source overrides it so that checks do not convert every weight). Default: from Get.
+  virtual absl::StatusOr<WeightInfo> Info(std::string_view name) const;
 };
 
 // A loaded checkpoint: its configuration and its weights.
@@ -37,7 +47,8 @@ struct Checkpoint {
 };
 
 // Opens an HF directory (config.json, model.safetensors or model.safetensors.index.json,
-// optional generation_config.json and tokenizer.json) or a llama2.c .bin file.
+// optional generation_config.json and tokenizer.json), a GGUF file (recognised by its magic; see
+// gguf_checkpoint.h) or a llama2.c .bin file.
 // Checks that every tensor the architecture needs exists with the shape config.json implies.
 // A path to a .safetensors or .json file inside an HF directory opens that directory.
 absl::StatusOr<Checkpoint> OpenCheckpoint(const std::string& path);
@@ -57,7 +68,8 @@ struct ExpectedTensor {
 /// lm_head [V,d] unless tie_word_embeddings.
 std::vector<ExpectedTensor> ExpectedTensors(const ModelConfig& config);
 
-/// Checks that every ExpectedTensors() entry exists in `weights`, has that shape and a floating dtype.
+/// Checks that every ExpectedTensors() entry exists in `weights`, has that shape and a floating dtype
+/// (through WeightSource::Info: no tensor is read).
 /// InvalidArgument naming the tensor, the expected and the actual shape.
 absl::Status ValidateWeights(const ModelConfig& config, const WeightSource& weights);
 

@@ -77,6 +77,19 @@ absl::StatusOr<RopeFrequencies> ComputeRopeFrequencies(const ModelConfig& c) {
   } else {
     return absl::InvalidArgumentError(absl::StrCat("unsupported rope_scaling type \"", type, "\""));
   }
+  const std::vector<double>& factors = c.rope_scaling.freq_factors;
+  if (!factors.empty()) {  // llama.cpp's rope_freqs: theta_j = pos * inv_freq_j / factor_j
+    if (factors.size() != inv.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("rope frequency factors: ", factors.size(),
+                                                     " given for head_dim / 2 = ", inv.size(), " frequencies"));
+    }
+    for (size_t j = 0; j < inv.size(); ++j) {
+      if (!(factors[j] > 0) || !std::isfinite(factors[j])) {
+        return absl::InvalidArgumentError(absl::StrCat("rope frequency factor ", j, " is ", factors[j]));
+      }
+      inv[j] /= factors[j];
+    }
+  }
   out.inv_freq.assign(inv.begin(), inv.end());
   return out;
 }

@@ -100,19 +100,28 @@ absl::Status Transformer::LoadWeights(const WeightSource& weights, const LoadPro
   wanted.push_back({{"model.norm.weight"}, &final_norm_});
   if (!c.tie_word_embeddings) wanted.push_back({{"lm_head.weight"}, &lm_head_});
 
+  // Sizes first (no data is read), then one destination at a time: fetch its parts, upload, drop them.
+  // A dequantizing source (GGUF) returns fresh f32 copies, so holding every tensor before uploading any
+  // would need the whole model in f32 on the host at once.
   int64_t total = 0, done = 0;
-  std::vector<std::vector<Tensor>> host(wanted.size());
+  std::vector<int64_t> stored(wanted.size(), 0);
   for (size_t i = 0; i < wanted.size(); ++i) {
     for (const std::string& name : wanted[i].names) {
-      ASSIGN_OR_RETURN(Tensor t, weights.Get(name));
-      total += t.nbytes();
-      host[i].push_back(std::move(t));
+      ASSIGN_OR_RETURN(WeightInfo info, weights.Info(name));
+      stored[i] += static_cast<int64_t>(info.stored_bytes);
     }
+    total += stored[i];
   }
   for (size_t i = 0; i < wanted.size(); ++i) {
-    Tensor src = host[i][0];
-    if (host[i].size() > 1) {
-      ASSIGN_OR_RETURN(src, ConcatRows(host[i]));
+    std::vector<Tensor> host;
+    for (const std::string& name : wanted[i].names) {
+      ASSIGN_OR_RETURN(Tensor t, weights.Get(name));
+      host.push_back(std::move(t));
+    }
+    Tensor src = host[0];
+    if (host.size() > 1) {
+      ASSIGN_OR_RETURN(src, ConcatRows(host));
+      host.clear();  // the stacked copy is all that is needed now
     }
     // Matrices may stay in a narrower dtype (bf16 on the CPU); norms and biases use the compute dtype.
     const DType dtype = src.ndim() == 2 ? backend_->weight_dtype(src.dtype()) : backend_->compute_dtype();
@@ -122,8 +131,7 @@ absl::Status Transformer::LoadWeights(const WeightSource& weights, const LoadPro
                                                           t.status().message()));
     }
     *wanted[i].dst = *std::move(t);
-    for (const Tensor& h : host[i]) done += h.nbytes();
-    host[i].clear();  // drop the mapping views and the stacked copy early
+    done += stored[i];  // `host` and `src` (views, dequantized or stacked copies) go out of scope here
     if (progress) progress(done, total);
   }
   if (c.tie_word_embeddings) lm_head_ = embed_;

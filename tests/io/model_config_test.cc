@@ -208,6 +208,21 @@ TEST(ModelConfigTest, JsonRoundTripOfEachFamily) {
   }
 }
 
+// Per-frequency RoPE factors (from a GGUF file's rope_freqs) survive config.json; bad lists are refused.
+TEST(ModelConfigTest, RopeFreqFactorsRoundTrip) {
+  absl::StatusOr<ModelConfig> a = Parse(Qwen3());
+  ASSERT_TRUE(a.ok());
+  for (int64_t j = 0; j < a->head_dim / 2; ++j) a->rope_scaling.freq_factors.push_back(1.0 + 0.25 * j);
+  absl::StatusOr<ModelConfig> b = ParseModelConfig(ModelConfigToJson(*a));
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->rope_scaling.freq_factors, a->rope_scaling.freq_factors);
+  json j = Qwen3();
+  j["specontext_rope_freq_factors"] = {1.0, 2.0};
+  EXPECT_THAT(Parse(j).status().message(), HasSubstr("specontext_rope_freq_factors"));
+  j["specontext_rope_freq_factors"] = std::vector<double>(a->head_dim / 2, 0.0);
+  EXPECT_THAT(Parse(j).status().message(), HasSubstr("non-positive"));
+}
+
 TEST(ModelConfigTest, LoadFromFileWithSizeCapAndPathInErrors) {
   testing::ScratchDir dir;
   testing::WriteFile(dir.Path("config.json"), Qwen3().dump());

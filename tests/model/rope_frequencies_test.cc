@@ -67,6 +67,37 @@ TEST(RopeFrequencies, YarnScalesAttentionAndInterpolatesLowFrequencies) {
   EXPECT_NEAR(f.inv_freq[63], base.inv_freq[63] / 4, 1e-6 * base.inv_freq[63]);
 }
 
+// llama.cpp's converter writes Llama 3.1's scaling as per-frequency divisors (rope_freqs); with them and
+// no scaling type the frequencies equal those of the llama3 type (up to the factors' f32 rounding).
+TEST(RopeFrequencies, FreqFactorsReproduceLlama3) {
+  ModelConfig c = Llama31();
+  const auto llama3 = ComputeRopeFrequencies(c).value();
+  c.rope_scaling = {};
+  const auto base = ComputeRopeFrequencies(c).value();
+  const double factor = 8, low = 1, high = 4, old_ctx = 8192;
+  for (float f : base.inv_freq) {  // the converter's formula (convert_hf_to_gguf.py, LlamaModel)
+    const double wavelen = 2 * std::numbers::pi / f;
+    double r = 1;
+    if (wavelen > old_ctx / low) {
+      r = factor;
+    } else if (wavelen >= old_ctx / high) {
+      const double smooth = (old_ctx / wavelen - low) / (high - low);
+      r = 1 / ((1 - smooth) / factor + smooth);
+    }
+    c.rope_scaling.freq_factors.push_back(static_cast<float>(r));  // stored as an f32 tensor
+  }
+  const auto from_factors = ComputeRopeFrequencies(c).value();
+  for (int j = 0; j < 64; ++j) EXPECT_NEAR(from_factors.inv_freq[j], llama3.inv_freq[j], 2e-7 * llama3.inv_freq[j]);
+  // Factors apply on top of a scaling type, and a list of the wrong size or a zero factor is refused.
+  c.rope_scaling.type = "linear";
+  c.rope_scaling.factor = 2;
+  EXPECT_FLOAT_EQ(ComputeRopeFrequencies(c).value().inv_freq[63], from_factors.inv_freq[63] / 2);
+  c.rope_scaling.freq_factors.pop_back();
+  EXPECT_FALSE(ComputeRopeFrequencies(c).ok());
+  c.rope_scaling.freq_factors.push_back(0);
+  EXPECT_FALSE(ComputeRopeFrequencies(c).ok());
+}
+
 TEST(RopeFrequencies, RejectsBadConfigs) {
   ModelConfig c = Llama31();
   c.rope_scaling.type = "dynamic-foo";
