@@ -7,6 +7,7 @@
 #include "core/io/llama2c.h"
 #include "core/io/model_config.h"
 #include "core/io/safetensors.h"
+#include "core/io/weight_files.h"
 #include "core/io/weight_source.h"
 #include "core/status_macros.h"
 
@@ -102,16 +103,9 @@ absl::StatusOr<Checkpoint> OpenHfDirectory(const fs::path& dir) {
     ckpt.generation.bos_token_id = ckpt.config.bos_token_id;
     ckpt.generation.eos_token_ids = ckpt.config.eos_token_ids;
   }
-  const fs::path single = dir / "model.safetensors";
-  const fs::path index = dir / "model.safetensors.index.json";
-  if (Exists(index)) {
-    ASSIGN_OR_RETURN(ckpt.weights, OpenSafetensorsIndex(index.string()));
-  } else if (Exists(single)) {
-    ASSIGN_OR_RETURN(ckpt.weights, OpenSafetensors(single.string()));
-  } else {
-    return absl::NotFoundError(absl::StrCat("checkpoint directory ", dir.string(),
-                                            " has neither model.safetensors nor model.safetensors.index.json"));
-  }
+  // Whichever weight files the publisher shipped: safetensors (single or sharded) or torch.save archives.
+  ASSIGN_OR_RETURN(WeightFiles files, OpenWeightFiles(dir.string()));
+  ckpt.weights = std::move(files.weights);
   const fs::path tok = dir / "tokenizer.json";
   if (Exists(tok)) ckpt.tokenizer_path = tok.string();
   return ckpt;

@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "core/io/torch_zip_writer.h"
 #include "core/io/weight_source.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -119,6 +120,29 @@ TEST(RandomCheckpointTest, DeterministicInSeedShardedOrNotAnyThreads) {
   EXPECT_TRUE(OpenCheckpoint(dir.Path("sharded")).ok());
 }
 
+// A target model saved with torch.save (pytorch_model.bin, as save_pretrained(safe_serialization=False)
+// writes it) opens with the same tensors as its safetensors twin.
+TEST(CheckpointTest, TorchSaveDirectoryOpensLikeSafetensors) {
+  testing::ScratchDir dir;
+  RandomCheckpointOptions opt;
+  opt.seed = testing::FreshSeed();
+  ASSERT_TRUE(WriteRandomCheckpoint(*RandomCheckpointPreset("tiny-qwen2"), dir.Path("st"), opt).ok());
+  absl::StatusOr<Checkpoint> st = OpenCheckpoint(dir.Path("st"));
+  ASSERT_TRUE(st.ok()) << st.status();
+  fs::create_directories(dir.Path("bin"));
+  fs::copy_file(dir.Path("st/config.json"), dir.Path("bin/config.json"));
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const std::string& name : st->weights->Names()) tensors.emplace_back(name, *st->weights->Get(name));
+  ASSERT_TRUE(WriteTorchCheckpoint(dir.Path("bin/pytorch_model.bin"), tensors).ok());
+  absl::StatusOr<Checkpoint> bin = OpenCheckpoint(dir.Path("bin"));
+  ASSERT_TRUE(bin.ok()) << bin.status();
+  for (const auto& [name, t] : tensors) {
+    const Tensor b = *bin->weights->Get(name);
+    ASSERT_EQ(b.shape(), t.shape()) << name;
+    EXPECT_EQ(std::memcmp(b.data(), t.data(), t.nbytes()), 0) << name;
+  }
+}
+
 // A broken variant of a tiny preset: `edit` tampers with the tensor list, `expect` is in the error.
 struct Variant {
   const char* label;
@@ -201,7 +225,9 @@ TEST(OpenCheckpointTest, MissingPiecesGiveClearErrors) {
   EXPECT_THAT(s.message(), HasSubstr("model.safetensors"));
 
   fs::remove(dir.Path("ck/model.safetensors"));
-  EXPECT_THAT(OpenCheckpoint(dir.Path("ck")).status().message(), HasSubstr("neither model.safetensors"));
+  EXPECT_THAT(OpenCheckpoint(dir.Path("ck")).status().message(),
+              HasSubstr("holds no weights: looked for model.safetensors, model.safetensors.index.json, "
+                        "pytorch_model.bin, pytorch_model.bin.index.json"));
 
   testing::WriteFile(dir.Path("ck/config.json"), R"({"architectures": ["GPT2LMHeadModel"]})");
   EXPECT_THAT(OpenCheckpoint(dir.Path("ck")).status().message(), HasSubstr("unsupported architecture"));
