@@ -28,7 +28,7 @@ namespace specontext::generator {
 namespace {
 
 void DefineFlags(Args& a) {
-  a.Define({"model", "HF model directory or llama2.c .bin checkpoint", false, false, ""});
+  a.Define({"model", "HF model directory, GGUF file or llama2.c .bin checkpoint", false, false, ""});
   a.Define({"tokenizer", "tokenizer.json or llama2.c tokenizer .bin (default: beside the model)", false, false, ""});
   a.Define({"listen", "gRPC address HOST:PORT (port 0 picks a free one)", false, false, "127.0.0.1:50051"});
   a.Define({"metrics-port", "port of the Prometheus /metrics server (0 picks a free one)", false, false, "9464"});

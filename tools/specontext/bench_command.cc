@@ -200,7 +200,7 @@ int BenchMain(int argc, char** argv) {
     if (std::string(argv[i]) == "--sparse") return BenchSparseMain(argc, argv);
   }
   Args args;
-  args.Define({"model", "HF model directory or llama2.c .bin"});
+  args.Define({"model", "HF model directory, GGUF file or llama2.c .bin"});
   args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   args.Define({"gpu-memory-limit", "cap on device memory (0 = all)", false, false, "0"});
   args.Define({"batch", "decode batch sizes", false, false, "1,4,16,32"});

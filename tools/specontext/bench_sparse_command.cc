@@ -306,7 +306,7 @@ int BenchSparseMain(int argc, char** argv) {
   args.Define({"plain-host-kv", "host tiers with K and V apart, not interleaved (A/B of the layout)", true, false, ""});
   args.Define({"host-kv-layer-group", "offloaded layers per interleaved host allocation (default: the backend's)",
                false, false, ""});
-  args.Define({"model", "HF model directory", false, false, ""});
+  args.Define({"model", "HF model directory or GGUF file", false, false, ""});
   args.Define({"tokenizer", "unused (accepted for symmetry with generate)", false, false, ""});
   args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   args.Define({"threads", "CPU threads (0 = all cores)", false, false, "0"});

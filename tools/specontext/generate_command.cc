@@ -19,7 +19,7 @@ namespace specontext {
 namespace {
 
 void DefineGenerateFlags(Args& args) {
-  args.Define({"model", "HF model directory or llama2.c .bin checkpoint"});
+  args.Define({"model", "HF model directory, GGUF file or llama2.c .bin checkpoint"});
   args.Define({"tokenizer", "tokenizer.json or llama2.c tokenizer .bin (default: beside the model)"});
   args.Define({"prompt", "prompt text; empty starts from BOS", false, false, ""});
   args.Define({"max-new-tokens", "tokens to generate at most", false, false, "128"});
