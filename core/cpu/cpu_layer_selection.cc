@@ -73,7 +73,8 @@ absl::Status CpuBackend::SelectLayerIndexSets(int layer, const Tensor& q, const 
     RETURN_IF_ERROR(SelectTopB(batch, so, &r));
     chosen = std::move(r.sets);
   } else {
-    RETURN_IF_ERROR(QuestSelectTopB(batch, so, spec.page_size, &chosen));
+    // The layer appended the current token's K (row past_len) before it selects: it joins its page's bound.
+    RETURN_IF_ERROR(QuestSelectTopB(batch, so, spec.page_size, /*with_current=*/true, &chosen));
   }
   if (chosen.indptr != sparse_sets_.indptr) {
     return absl::InvalidArgumentError(absl::StrCat(kOp, ": the prepared set sizes are not min(budget, past) for ",

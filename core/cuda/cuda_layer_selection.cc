@@ -89,7 +89,7 @@ absl::Status CudaBackend::SelectLayerIndexSets(int layer, const Tensor& q, const
     p.heads_per_set = batch_level ? static_cast<int>(n_heads) : group;
     p.page_size = spec.page_size;
     p.sink = spec.sink;
-    p.max_pages = spec.page_size > 0 ? (max_len + spec.page_size - 1) / spec.page_size : 0;
+    p.max_pages = spec.page_size > 0 ? (max_len + 1 + spec.page_size - 1) / spec.page_size : 0;
     RETURN_IF_ERROR(EnsureBuffer(&sp->layer_work, sizeof(float) * std::max<size_t>(1, size_t(n_seqs) * n_heads * p.max_pages)));
     p.page_scores = sp->layer_work.as<float>();
     RETURN_IF_CUDA_ERROR(LaunchQuestSelection(p, stream_));

@@ -26,12 +26,12 @@ void QuestPageScores(const float* q, const float* k, int64_t len, int64_t hd, in
   }
 }
 
-void QuestPagesToPositions(const float* page_scores, int32_t len, int32_t page_size, int32_t k, int32_t sink,
-                           std::vector<int32_t>* out) {
+void QuestPagesToPositions(const float* page_scores, int32_t len, int32_t rows, int32_t page_size, int32_t k,
+                           int32_t sink, std::vector<int32_t>* out) {
   k = std::max(0, std::min(k, len));
   if (k == 0) return;
   const int32_t keep = std::max(0, std::min(sink, k));
-  const int32_t n_pages = (len + page_size - 1) / page_size;
+  const int32_t n_pages = (rows + page_size - 1) / page_size;
   const int32_t forced = (keep + page_size - 1) / page_size;  // pages holding [0, keep)
   std::vector<int32_t> order(n_pages);
   std::iota(order.begin(), order.end(), 0);
@@ -41,7 +41,8 @@ void QuestPagesToPositions(const float* page_scores, int32_t len, int32_t page_s
   int32_t taken = 0;
   for (int32_t p : order) {
     if (taken == k) break;
-    const int32_t t0 = p * page_size, size = std::min(page_size, len - t0), take = std::min(size, k - taken);
+    const int32_t t0 = p * page_size, size = std::max(0, std::min(page_size, len - t0));
+    const int32_t take = std::min(size, k - taken);
     for (int32_t t = t0; t < t0 + take; ++t) out->push_back(t);
     taken += take;
   }
@@ -49,7 +50,7 @@ void QuestPagesToPositions(const float* page_scores, int32_t len, int32_t page_s
 }
 
 absl::Status QuestSelectTopB(std::span<const SelectionQuery> batch, const SelectionOptions& options,
-                             int32_t page_size, IndexSets* out) {
+                             int32_t page_size, bool with_current, IndexSets* out) {
   RETURN_IF_ERROR(ValidateBudget(options.budget, options.sink, 0));
   if (page_size < 1) return absl::InvalidArgumentError(absl::StrCat("quest: page size ", page_size, " < 1"));
   if (batch.empty()) return absl::InvalidArgumentError("quest: empty batch");
@@ -63,7 +64,7 @@ absl::Status QuestSelectTopB(std::span<const SelectionQuery> batch, const Select
     if (s.q.dtype() != DType::kF32 || s.q.device() != DeviceKind::kCpu || s.q.ndim() != 2 || s.q.dim(0) != n_q ||
         s.q.dim(1) != hd || s.k_cache.dtype() != DType::kF32 || s.k_cache.device() != DeviceKind::kCpu ||
         s.k_cache.ndim() != 3 || s.k_cache.dim(0) != n_kv || s.k_cache.dim(2) != hd || s.len < 0 ||
-        s.len > s.k_cache.dim(1)) {
+        s.len + (with_current ? 1 : 0) > s.k_cache.dim(1)) {
       return absl::InvalidArgumentError(absl::StrCat("quest: seq ", i, " q ", s.q.DebugString(), " k ",
                                                      s.k_cache.DebugString(), " len ", s.len,
                                                      " do not fit the batch (host f32)"));
@@ -81,20 +82,21 @@ absl::Status QuestSelectTopB(std::span<const SelectionQuery> batch, const Select
   std::vector<float> u, combined;
   for (size_t i = 0; i < batch.size(); ++i) {
     const SelectionQuery& s = batch[i];
-    const int64_t cap = s.k_cache.dim(1), n_pages = (s.len + page_size - 1) / page_size;
+    const int32_t rows = s.len + (with_current && s.len > 0 ? 1 : 0);
+    const int64_t cap = s.k_cache.dim(1), n_pages = (rows + page_size - 1) / page_size;
     out->seq_len[i] = s.len;
     u.resize(n_pages);
     for (int64_t set = 0; set < sets_per_seq; ++set) {
       combined.assign(n_pages, -INFINITY);
       for (int64_t j = 0; j < heads_per_set; ++j) {
         const int64_t h = set * heads_per_set + j, g = h / group;
-        QuestPageScores(s.q.as<float>() + h * hd, s.k_cache.as<float>() + g * cap * hd, s.len, hd, page_size,
+        QuestPageScores(s.q.as<float>() + h * hd, s.k_cache.as<float>() + g * cap * hd, rows, hd, page_size,
                         u.data());
         for (int64_t p = 0; p < n_pages; ++p) {
           if (!std::isnan(u[p])) combined[p] = std::max(combined[p], u[p]);
         }
       }
-      QuestPagesToPositions(combined.data(), s.len, page_size, s.budget != 0 ? s.budget : options.budget,
+      QuestPagesToPositions(combined.data(), s.len, rows, page_size, s.budget != 0 ? s.budget : options.budget,
                             options.sink, &out->indices);
       out->indptr.push_back(static_cast<int32_t>(out->indices.size()));
     }

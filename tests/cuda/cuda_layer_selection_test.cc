@@ -56,9 +56,10 @@ std::vector<double> OracleWeights(const Tensor& q, int seq, const Tensor& k, int
   return comb;
 }
 
-// Quest set scores (double) of every page of one set.
-std::vector<double> QuestScores(const Tensor& q, int seq, const Tensor& k, int len, int set, int hps, int group) {
+// Quest set scores (double) of every page of one set, pages over rows [0, len] (the current token's row too).
+std::vector<double> QuestScores(const Tensor& q, int seq, const Tensor& k, int past, int set, int hps, int group) {
   const int64_t n_q = q.dim(1), hd = q.dim(2), cap = k.dim(1);
+  const int len = past + 1;
   std::vector<double> comb((len + kQuestPageSize - 1) / kQuestPageSize, -1e300);
   for (int j = 0; j < hps; ++j) {
     const int h = set * hps + j, g = h / group;

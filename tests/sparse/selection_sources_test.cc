@@ -99,7 +99,7 @@ TEST(QuestTest, PageScoresMatchBruteForceAndBoundEveryKey) {
 }
 
 // Quest's positions by brute force: the forced pages, then repeatedly the best remaining page (higher score,
-// lower page on ties), each contributing its first positions until k are taken.
+// lower page on ties), each contributing its first past positions (< len) until k are taken.
 std::vector<int32_t> BruteQuestPositions(const std::vector<double>& scores, int len, int page, int k, int sink) {
   k = std::min(k, len);
   const int keep = std::min(sink, k), n_pages = static_cast<int>(scores.size());
@@ -123,17 +123,19 @@ std::vector<int32_t> BruteQuestPositions(const std::vector<double>& scores, int 
 TEST(QuestTest, PagesToPositionsFollowsTheRule) {
   const uint32_t seed = FreshSeed();
   std::mt19937 rng(seed);
-  for (int len : {7, 16, 33, 97, 250}) {
-    for (int k : {1, 5, 16, 40, 300}) {
-      for (int sink : {0, 1, 20}) {
-        if (sink > k) continue;
-        std::vector<float> scores((len + 15) / 16);
-        std::vector<double> dscores(scores.size());
-        for (size_t p = 0; p < scores.size(); ++p) dscores[p] = scores[p] = static_cast<float>(rng() % 7);  // ties
-        std::vector<int32_t> got;
-        QuestPagesToPositions(scores.data(), len, 16, k, sink, &got);
-        EXPECT_EQ(got, BruteQuestPositions(dscores, len, 16, k, sink))
-            << SeedTrace(seed) << " len " << len << " k " << k << " sink " << sink;
+  for (int len : {7, 16, 32, 33, 97, 250}) {
+    for (int rows : {len, len + 1}) {  // with the current token's row: its page may hold no past position
+      for (int k : {1, 5, 16, 40, 300}) {
+        for (int sink : {0, 1, 20}) {
+          if (sink > k) continue;
+          std::vector<float> scores((rows + 15) / 16);
+          std::vector<double> dscores(scores.size());
+          for (size_t p = 0; p < scores.size(); ++p) dscores[p] = scores[p] = static_cast<float>(rng() % 7);  // ties
+          std::vector<int32_t> got;
+          QuestPagesToPositions(scores.data(), len, rows, 16, k, sink, &got);
+          EXPECT_EQ(got, BruteQuestPositions(dscores, len, 16, k, sink))
+              << SeedTrace(seed) << " len " << len << " rows " << rows << " k " << k << " sink " << sink;
+        }
       }
     }
   }
@@ -143,8 +145,10 @@ TEST(QuestTest, SelectTopBMatchesBruteForce) {
   const uint32_t seed = FreshSeed();
   std::mt19937 rng(seed);
   const int n_kv = 2, group = 3, n_q = n_kv * group, hd = 20;
-  const std::vector<int> lens = {97, 5, 161}, budgets = {40, 0, 64};
-  for (SelectionMode mode : {SelectionMode::kHeadLevel, SelectionMode::kBatchLevel}) {
+  const std::vector<int> lens = {97, 5, 161, 64}, budgets = {40, 0, 64, 20};
+  for (int mode_current = 0; mode_current < 4; ++mode_current) {
+    const SelectionMode mode = mode_current % 2 == 0 ? SelectionMode::kHeadLevel : SelectionMode::kBatchLevel;
+    const bool with_current = mode_current >= 2;
     std::vector<Tensor> qs, ks;
     std::vector<SelectionQuery> batch;
     for (size_t i = 0; i < lens.size(); ++i) {
@@ -157,17 +161,18 @@ TEST(QuestTest, SelectTopBMatchesBruteForce) {
     so.sink = 4;
     so.mode = mode;
     IndexSets got;
-    ASSERT_TRUE(QuestSelectTopB(batch, so, 16, &got).ok());
+    ASSERT_TRUE(QuestSelectTopB(batch, so, 16, with_current, &got).ok());
     ASSERT_TRUE(ValidateIndexSets(got).ok());
     const int sets = mode == SelectionMode::kHeadLevel ? n_kv : 1, hps = mode == SelectionMode::kHeadLevel ? group : n_q;
     for (size_t i = 0; i < lens.size(); ++i) {
       const int len = lens[i], cap = lens[i] + 3, k = budgets[i] != 0 ? budgets[i] : so.budget;
+      const int rows = len + (with_current ? 1 : 0);
       for (int s = 0; s < sets; ++s) {
-        std::vector<double> comb((len + 15) / 16, -1e300);
+        std::vector<double> comb((rows + 15) / 16, -1e300);
         for (int j = 0; j < hps; ++j) {
           const int h = s * hps + j, g = h / group;
           const std::vector<double> u =
-              BrutePageScores(qs[i].as<float>() + h * hd, ks[i].as<float>() + g * cap * hd, len, hd, 16);
+              BrutePageScores(qs[i].as<float>() + h * hd, ks[i].as<float>() + g * cap * hd, rows, hd, 16);
           for (size_t p = 0; p < u.size(); ++p) comb[p] = std::max(comb[p], u[p]);
         }
         auto pos = got.SetPositions(static_cast<int32_t>(i) * sets + s);

@@ -1,8 +1,8 @@
 // Selection sources, the attention recall probe and the weak-retrieval fallback through the engine's decode
 // path on the CPU backend (SparseDecoder, Transformer, CpuBackend):
 //   - the backend's per-layer oracle sets equal a brute-force top-B of the softmax weights (max over the GQA
-//     group, sink kept), and its quest sets QuestSelectTopB's (itself checked against brute force in
-//     tests/sparse), on random KV at odd sizes; offloaded layers are refused;
+//     group, sink kept), and its quest sets QuestSelectTopB's with the current token's key row (itself checked
+//     against brute force in tests/sparse), on random KV at odd sizes; offloaded layers are refused;
 //   - on a tiny random model, every decode step's probed recall (each layer and query head) and logits equal
 //     a brute-force decode written from the definitions (reference_decode.h), for head, window, oracle and
 //     quest; recall is 1 when the budget covers the past (dense steps, and sparse steps over full sets with
@@ -108,7 +108,7 @@ TEST(LayerSelectionOpsTest, OracleAndQuestMatchBruteForceOnRandomKv) {
       so.sink = sink;
       so.mode = mode;
       IndexSets want_quest;
-      ASSERT_TRUE(QuestSelectTopB(sq, so, kQuestPageSize, &want_quest).ok());
+      ASSERT_TRUE(QuestSelectTopB(sq, so, kQuestPageSize, /*with_current=*/true, &want_quest).ok());
       EXPECT_EQ(quest.indices, want_quest.indices) << "seed " << seed;
       for (size_t i = 0; i < lens.size(); ++i) {
         if (mode == SelectionMode::kBatchLevel) continue;  // brute force below is per KV head
@@ -229,7 +229,7 @@ TEST_F(SourcesTest, PerLayerSetsRecallAndLogitsMatchTheReferenceDecode) {
         SelectionOptions so;
         so.budget = 4;
         IndexSets s;
-        EXPECT_TRUE(QuestSelectTopB({&sq, 1}, so, kQuestPageSize, &s).ok());
+        EXPECT_TRUE(QuestSelectTopB({&sq, 1}, so, kQuestPageSize, /*with_current=*/true, &s).ok());
         auto p = s.Positions(0, g);
         return std::vector<int32_t>(p.begin(), p.end());
       };

@@ -1,8 +1,9 @@
 // Per-layer selection sources on the GPU (see layer_selection_kernels.h): the oracle's per-sequence table
 // for the selection kernels, and Quest's two launches:
 // 1. page scores: one warp per (page, KV head, sequence), lanes over head_dim; each lane takes the min and max
-//    of its dimensions over the page's rows and adds max(q_d·min_d, q_d·max_d) for every query head of the
-//    group (q in shared memory), then a warp sum per head;
+//    of its dimensions over the page's rows (the past and the current token's, as Quest's page table holds
+//    it) and adds max(q_d·min_d, q_d·max_d) for every query head of the group (q in shared memory), then a
+//    warp sum per head;
 // 2. top pages, one CTA per set: the set's page scores (max over its heads, NaN as -inf) in shared memory,
 //    every page's rank (forced sink pages first, then by score with ties to the lower page: a count over all
 //    pages, O(pages^2 / threads), fine for evaluation), the tokens each page contributes (the rank fixes the
@@ -41,9 +42,11 @@ __global__ void __launch_bounds__(kQuestWarps * 32) QuestPageScoreKernel(QuestPa
   for (int i = threadIdx.x; i < group * hd; i += blockDim.x) sq[i] = ToF32<bf16>(q[i]);
   __syncthreads();
   const AttnSeq s = p.seqs[seq];
+  // Pages over the past rows and the current token's (row past_len, appended before the selection).
+  const int rows = s.past_len > 0 ? s.past_len + 1 : 0;
   const int page = blockIdx.x * kQuestWarps + warp, t0 = page * p.page_size;
-  if (t0 >= s.past_len) return;
-  const int t1 = min(s.past_len, t0 + p.page_size);
+  if (t0 >= rows) return;
+  const int t1 = min(rows, t0 + p.page_size);
   const int64_t stride = RowStride(s, hd);
   const bf16* k = static_cast<const bf16*>(p.k_ptrs[seq]) + int64_t(g) * s.capacity * stride;
   float acc[kQuestMaxGroup];
@@ -109,7 +112,8 @@ __global__ void __launch_bounds__(kTopPagesThreads) QuestTopPagesKernel(QuestPar
     for (int t = tid; t < len; t += blockDim.x) out[t] = t;
     return;
   }
-  const int n_pages = (len + P - 1) / P, keep = min(p.sink, k), forced = (keep + P - 1) / P;
+  // Pages over rows [0, len]: the last one (holding the current token) may hold no past position.
+  const int n_pages = (len + 1 + P - 1) / P, keep = min(p.sink, k), forced = (keep + P - 1) / P;
   const int h0 = set * p.heads_per_set;
   for (int pg = tid; pg < n_pages; pg += blockDim.x) {
     float v = -INFINITY;
@@ -132,7 +136,7 @@ __global__ void __launch_bounds__(kTopPagesThreads) QuestTopPagesKernel(QuestPar
   }
   __syncthreads();
   const int last = n_pages - 1, last_size = len - last * P, r_last = rank[last];
-  // Tokens of page pg: its rank r says which pages come before it; each holds P tokens but the last page.
+  // Past positions of page pg: its rank r says which pages come before it; each holds P but the last page.
   auto take = [&](int pg) {
     const int r = rank[pg];
     const int before = P * r - (r_last < r ? P - last_size : 0);

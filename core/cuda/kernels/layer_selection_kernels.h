@@ -32,9 +32,10 @@ cudaError_t LaunchBuildLayerSelSeqs(const LayerSelSeqsParams& p, cudaStream_t st
 
 constexpr int kQuestMaxGroup = 16;  // query heads per KV head the page-score kernel takes
 
-// Quest (core/sparse/quest.h): page scores U of every (sequence, query head, page) from the layer's K (min
-// and max of each page computed from the rows, in f32), then per set the top pages (forced sink pages first,
-// then by the max of U over the set's heads, ties to the lower page) expanded into the set's positions.
+// Quest (core/sparse/quest.h, with the current token's key): page scores U of every (sequence, query head,
+// page) over rows [0, past_len] of the layer's K (min and max of each page computed from the rows, in f32),
+// then per set the top pages (forced sink pages first, then by the max of U over the set's heads, ties to the
+// lower page) expanded into the set's past positions.
 struct QuestParams {
   const void* q = nullptr;              // bf16 [n_seqs, n_q, head_dim]
   const AttnSeq* seqs = nullptr;        // [n_seqs] the layer's metadata (past_len, capacity, row_stride)
@@ -45,7 +46,7 @@ struct QuestParams {
   int n_seqs = 0, n_q = 0, n_kv = 0, head_dim = 0;
   int sets_per_seq = 1, heads_per_set = 1;  // n_kv and the group (head level) or 1 and n_q (batch level)
   int page_size = 16, sink = 0;
-  int max_pages = 0;                    // ceil(longest past / page_size)
+  int max_pages = 0;                    // ceil((longest past + 1) / page_size)
 };
 /// cudaErrorInvalidValue for a bad shape (group > kQuestMaxGroup, page_size < 1) or more pages than shared
 /// memory holds (about 28K pages, 450K tokens, on an H100).
