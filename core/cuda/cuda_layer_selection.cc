@@ -1,9 +1,10 @@
-// CudaBackend: per-layer selection sources (oracle, quest) and the attention recall probe, all on the
-// compute stream with nothing uploaded per layer: the kernels read the layer's KV through the batch metadata
-// PrepareBatch uploaded (AttnSeq and K pointers per layer and sequence) and the index sets
-// PrepareSparseDecode left in the sparse state's set buffer, whose positions the per-layer selection
-// rewrites in place (the layer's SparseAttention reads them next, in stream order). The oracle reuses the
-// head selection's kernels (LaunchSelection) on a per-sequence table built on the device.
+// CudaBackend: per-layer selection sources (oracle, quest) and the attention recall probe, all on
+// the compute stream with nothing uploaded per layer: the kernels read the layer's KV through the
+// batch metadata PrepareBatch uploaded (AttnSeq and K pointers per layer and sequence) and the
+// index sets PrepareSparseDecode left in the sparse state's set buffer, whose positions the
+// per-layer selection rewrites in place (the layer's SparseAttention reads them next, in stream
+// order). The oracle reuses the head selection's kernels (LaunchSelection) on a per-sequence table
+// built on the device.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -24,50 +25,65 @@ size_t Align256(size_t v) { return (v + 255) / 256 * 256; }
 
 }  // namespace
 
-absl::Status CudaBackend::SelectLayerIndexSets(int layer, const Tensor& q, const LayerSelectionSpec& spec) {
+absl::Status CudaBackend::SelectLayerIndexSets(int layer, const Tensor& q,
+                                               const LayerSelectionSpec& spec) {
   constexpr const char* kOp = "layer selection";
-  if (!batch_valid_) return absl::FailedPreconditionError(absl::StrCat(kOp, ": PrepareBatch was not called"));
+  if (!batch_valid_)
+    return absl::FailedPreconditionError(absl::StrCat(kOp, ": PrepareBatch was not called"));
   ASSIGN_OR_RETURN(SparseState * sp, Sparse());
   const int n_seqs = static_cast<int>(batch_.seqs.size());
   if (!sp->sets_valid || sp->n_seqs != n_seqs) {
-    return absl::FailedPreconditionError(absl::StrCat(kOp, ": PrepareSparseDecode was not called for this batch"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(kOp, ": PrepareSparseDecode was not called for this batch"));
   }
-  if (layer < 0 || layer >= n_layers_) return absl::InvalidArgumentError(absl::StrCat(kOp, ": layer ", layer, " out of range"));
+  if (layer < 0 || layer >= n_layers_)
+    return absl::InvalidArgumentError(absl::StrCat(kOp, ": layer ", layer, " out of range"));
   if (!IsPerLayerSource(spec.source)) {
-    return absl::InvalidArgumentError(absl::StrCat(kOp, ": source ", SelectionSourceName(spec.source),
-                                                   " does not select per layer"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        kOp, ": source ", SelectionSourceName(spec.source), " does not select per layer"));
   }
   const int64_t n_heads = q.ndim() == 3 ? q.dim(1) : 0;
   if (n_heads == 0 || n_heads % n_kv_ != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(kOp, ": q ", q.DebugString(), " does not fit ", n_kv_, " KV heads"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kOp, ": q ", q.DebugString(), " does not fit ", n_kv_, " KV heads"));
   }
   RETURN_IF_ERROR(CheckSparseBf16(q, "layer selection q", n_seqs, n_heads, head_dim_));
   const int want_sets = spec.mode == SelectionMode::kBatchLevel ? 1 : n_kv_;
   if (sp->sets_per_seq != want_sets) {
     return absl::InvalidArgumentError(absl::StrCat(kOp, ": prepared sets have ", sp->sets_per_seq,
-                                                   " sets per sequence, the selection mode gives ", want_sets));
+                                                   " sets per sequence, the selection mode gives ",
+                                                   want_sets));
   }
   for (int i = 0; i < n_seqs; ++i) {
     if (batch_.kv[i]->offloaded(layer)) {
-      return absl::FailedPreconditionError(absl::StrCat(kOp, ": layer ", layer, " of sequence ", i,
-                                                        " is offloaded (per-layer sources need resident layers)"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(kOp, ": layer ", layer, " of sequence ", i,
+                       " is offloaded (per-layer sources need resident layers)"));
     }
   }
   int max_len = 0;
   for (int i = 0; i < n_seqs; ++i) {
-    const int32_t b = sp->host_indptr[i * sp->sets_per_seq], size = sp->host_indptr[i * sp->sets_per_seq + 1] - b;
+    const int32_t b = sp->host_indptr[i * sp->sets_per_seq],
+                  size = sp->host_indptr[i * sp->sets_per_seq + 1] - b;
     const int32_t len = batch_.seqs[i].past_len;
-    for (int s = 1; s < sp->sets_per_seq; ++s) {  // every set of a sequence has the size of its first
-      if (sp->host_indptr[i * sp->sets_per_seq + s + 1] - sp->host_indptr[i * sp->sets_per_seq + s] != size) {
-        return absl::InvalidArgumentError(absl::StrCat(kOp, ": sequence ", i, "'s prepared sets differ in size"));
+    for (int s = 1; s < sp->sets_per_seq;
+         ++s) {  // every set of a sequence has the size of its first
+      if (sp->host_indptr[i * sp->sets_per_seq + s + 1] -
+              sp->host_indptr[i * sp->sets_per_seq + s] !=
+          size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(kOp, ": sequence ", i, "'s prepared sets differ in size"));
       }
     }
-    if (size > len) return absl::InvalidArgumentError(absl::StrCat(kOp, ": a set of ", size, " of ", len, " past tokens"));
+    if (size > len)
+      return absl::InvalidArgumentError(
+          absl::StrCat(kOp, ": a set of ", size, " of ", len, " past tokens"));
     max_len = std::max(max_len, len);
   }
   const char* meta = static_cast<const char*>(meta_.data());
   const AttnSeq* seqs = reinterpret_cast<const AttnSeq*>(meta) + size_t(layer) * n_seqs;
-  const void* const* k_ptrs = reinterpret_cast<const void* const*>(meta + off_k_ptrs_) + size_t(layer) * n_seqs;
+  const void* const* k_ptrs =
+      reinterpret_cast<const void* const*>(meta + off_k_ptrs_) + size_t(layer) * n_seqs;
   char* sets = static_cast<char*>(sp->sets_buf.data());
   const int32_t* indptr = reinterpret_cast<const int32_t*>(sets);
   int32_t* positions = reinterpret_cast<int32_t*>(sets + sp->off_pos);
@@ -90,7 +106,9 @@ absl::Status CudaBackend::SelectLayerIndexSets(int layer, const Tensor& q, const
     p.page_size = spec.page_size;
     p.sink = spec.sink;
     p.max_pages = spec.page_size > 0 ? (max_len + 1 + spec.page_size - 1) / spec.page_size : 0;
-    RETURN_IF_ERROR(EnsureBuffer(&sp->layer_work, sizeof(float) * std::max<size_t>(1, size_t(n_seqs) * n_heads * p.max_pages)));
+    RETURN_IF_ERROR(
+        EnsureBuffer(&sp->layer_work,
+                     sizeof(float) * std::max<size_t>(1, size_t(n_seqs) * n_heads * p.max_pages)));
     p.page_scores = sp->layer_work.as<float>();
     RETURN_IF_CUDA_ERROR(LaunchQuestSelection(p, stream_));
     return absl::OkStatus();
@@ -98,10 +116,12 @@ absl::Status CudaBackend::SelectLayerIndexSets(int layer, const Tensor& q, const
   // Oracle: [table][logits][stats][combined][mass][flag] in one work buffer.
   const size_t b_table = Align256(sizeof(SelSeq) * n_seqs);
   const size_t b_logits = Align256(sizeof(float) * size_t(n_seqs) * n_heads * max_len);
-  const size_t b_stats = Align256(sizeof(float) * SelectionStatsFloats(n_seqs, static_cast<int>(n_heads), max_len));
+  const size_t b_stats =
+      Align256(sizeof(float) * SelectionStatsFloats(n_seqs, static_cast<int>(n_heads), max_len));
   const size_t b_comb = Align256(sizeof(float) * size_t(n_seqs) * sp->sets_per_seq * max_len);
   const size_t b_mass = Align256(sizeof(float) * size_t(n_seqs) * n_heads);
-  RETURN_IF_ERROR(EnsureBuffer(&sp->layer_work, b_table + b_logits + b_stats + b_comb + b_mass + 256));
+  RETURN_IF_ERROR(
+      EnsureBuffer(&sp->layer_work, b_table + b_logits + b_stats + b_comb + b_mass + 256));
   char* work = static_cast<char*>(sp->layer_work.data());
   LayerSelSeqsParams t;
   t.q = q.data();
@@ -132,8 +152,8 @@ absl::Status CudaBackend::SelectLayerIndexSets(int layer, const Tensor& q, const
   p.combined = reinterpret_cast<float*>(work + b_table + b_logits + b_stats);
   p.indices = positions;
   p.mass = reinterpret_cast<float*>(work + b_table + b_logits + b_stats + b_comb);
-  // A non-finite score is flagged here and not read back (the host never waits for these sets): NaN logits
-  // show it downstream.
+  // A non-finite score is flagged here and not read back (the host never waits for these sets): NaN
+  // logits show it downstream.
   p.error_flag = reinterpret_cast<int*>(work + b_table + b_logits + b_stats + b_comb + b_mass);
   RETURN_IF_CUDA_ERROR(LaunchSelection(p, stream_));
   return absl::OkStatus();
@@ -141,21 +161,26 @@ absl::Status CudaBackend::SelectLayerIndexSets(int layer, const Tensor& q, const
 
 absl::Status CudaBackend::AttentionRecall(int layer, const Tensor& q, float scale, Tensor* lse) {
   constexpr const char* kOp = "attention recall";
-  if (!batch_valid_) return absl::FailedPreconditionError(absl::StrCat(kOp, ": PrepareBatch was not called"));
+  if (!batch_valid_)
+    return absl::FailedPreconditionError(absl::StrCat(kOp, ": PrepareBatch was not called"));
   ASSIGN_OR_RETURN(SparseState * sp, Sparse());
   const int n_seqs = static_cast<int>(batch_.seqs.size());
   if (!sp->sets_valid || sp->n_seqs != n_seqs) {
-    return absl::FailedPreconditionError(absl::StrCat(kOp, ": PrepareSparseDecode was not called for this batch"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(kOp, ": PrepareSparseDecode was not called for this batch"));
   }
-  if (layer < 0 || layer >= n_layers_) return absl::InvalidArgumentError(absl::StrCat(kOp, ": layer ", layer, " out of range"));
+  if (layer < 0 || layer >= n_layers_)
+    return absl::InvalidArgumentError(absl::StrCat(kOp, ": layer ", layer, " out of range"));
   const int64_t n_heads = q.ndim() == 3 ? q.dim(1) : 0;
   if (n_heads == 0 || n_heads % n_kv_ != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(kOp, ": q ", q.DebugString(), " does not fit ", n_kv_, " KV heads"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kOp, ": q ", q.DebugString(), " does not fit ", n_kv_, " KV heads"));
   }
   RETURN_IF_ERROR(CheckSparseBf16(q, "attention recall q", n_seqs, n_heads, head_dim_));
   if (lse == nullptr || lse->dtype() != DType::kF32 || lse->device() != DeviceKind::kCuda ||
       lse->shape() != Shape{n_seqs, n_heads, 2}) {
-    return absl::InvalidArgumentError(absl::StrCat(kOp, ": lse must be f32@cuda [", n_seqs, ", ", n_heads, ", 2]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kOp, ": lse must be f32@cuda [", n_seqs, ", ", n_heads, ", 2]"));
   }
   const char* meta = static_cast<const char*>(meta_.data());
   const char* sets = static_cast<const char*>(sp->sets_buf.data());
@@ -172,18 +197,21 @@ absl::Status CudaBackend::AttentionRecall(int layer, const Tensor& q, float scal
   p.head_dim = head_dim_;
   p.sets_per_seq = sp->sets_per_seq;
   p.scale = scale;
-  // An offloaded layer's rows are in mapped host memory, written by KvAppendHost on this stream: in order.
+  // An offloaded layer's rows are in mapped host memory, written by KvAppendHost on this stream: in
+  // order.
   RETURN_IF_CUDA_ERROR(LaunchAttentionRecall(p, stream_));
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<int32_t>> CudaBackend::PreparedPositions() {
   ASSIGN_OR_RETURN(SparseState * sp, Sparse());
-  if (!sp->sets_valid || sp->host_indptr.empty()) return absl::FailedPreconditionError("no prepared index sets");
+  if (!sp->sets_valid || sp->host_indptr.empty())
+    return absl::FailedPreconditionError("no prepared index sets");
   std::vector<int32_t> out(sp->host_indptr.back());
   RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
   if (!out.empty()) {
-    RETURN_IF_CUDA_ERROR(cudaMemcpy(out.data(), static_cast<const char*>(sp->sets_buf.data()) + sp->off_pos,
+    RETURN_IF_CUDA_ERROR(cudaMemcpy(out.data(),
+                                    static_cast<const char*>(sp->sets_buf.data()) + sp->off_pos,
                                     sizeof(int32_t) * out.size(), cudaMemcpyDeviceToHost));
   }
   return out;

@@ -1,5 +1,5 @@
-// SparseDecoder: where a decode step's index sets come from (SparseOptions::source), the weak-retrieval
-// fallback and the attention recall probe (docs/sparse.md "Selection sources").
+// SparseDecoder: where a decode step's index sets come from (SparseOptions::source), the
+// weak-retrieval fallback and the attention recall probe (docs/sparse.md "Selection sources").
 #include <algorithm>
 #include <cstdlib>
 #include <string>
@@ -14,14 +14,15 @@ namespace {
 
 // A view of `t`'s storage from element `offset` with `shape` (no copy).
 Tensor View(const Tensor& t, int64_t offset, Shape shape) {
-  return Tensor(static_cast<char*>(t.data()) + offset * DTypeSize(t.dtype()), t.dtype(), std::move(shape), t.device(),
-                t.storage());
+  return Tensor(static_cast<char*>(t.data()) + offset * DTypeSize(t.dtype()), t.dtype(),
+                std::move(shape), t.device(), t.storage());
 }
 
 }  // namespace
 
-absl::Status SparseDecoder::SelectWithHead(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
-                                           const Tensor& q, SparseForward* sf) {
+absl::Status SparseDecoder::SelectWithHead(std::span<const ForwardSeq> fwd,
+                                           std::span<SeqState* const> states, const Tensor& q,
+                                           SparseForward* sf) {
   const int64_t nq = head_->n_heads(), hd = head_->head_dim();
   queries_.resize(fwd.size());
   for (size_t i = 0; i < fwd.size(); ++i) {
@@ -34,9 +35,10 @@ absl::Status SparseDecoder::SelectWithHead(std::span<const ForwardSeq> fwd, std:
   so.budget = options_.budget;
   so.sink = options_.sink;
   so.mode = options_.mode;
-  // The benchmark's synthetic rewrite and the weak-retrieval fallback need the sets (or their mass) on the
-  // host before the forward; otherwise the positions may stay on the device until the host needs them (the
-  // elastic plan, after the forward). SPC_DEFER_SELECTION=0 waits for the sets before the forward (A/B).
+  // The benchmark's synthetic rewrite and the weak-retrieval fallback need the sets (or their mass)
+  // on the host before the forward; otherwise the positions may stay on the device until the host
+  // needs them (the elastic plan, after the forward). SPC_DEFER_SELECTION=0 waits for the sets
+  // before the forward (A/B).
   static const bool kDefer = [] {
     const char* e = std::getenv("SPC_DEFER_SELECTION");
     return e == nullptr || std::string(e) != "0";
@@ -51,8 +53,8 @@ absl::Status SparseDecoder::SelectWithHead(std::span<const ForwardSeq> fwd, std:
   }
   if (!selection_.pending) RETURN_IF_ERROR(TakeSelection());
   if (fallback) {
-    // Weak retrieval: some sequence's head kept less than the threshold of its own attention mass (mean over
-    // its query heads). The resident layers then attend to everything they hold.
+    // Weak retrieval: some sequence's head kept less than the threshold of its own attention mass
+    // (mean over its query heads). The resident layers then attend to everything they hold.
     const size_t nqh = static_cast<size_t>(selection_.n_q_heads);
     for (size_t i = 0; i < fwd.size() && nqh > 0 && !sf->dense_resident_layers; ++i) {
       double mass = 0;
@@ -64,8 +66,8 @@ absl::Status SparseDecoder::SelectWithHead(std::span<const ForwardSeq> fwd, std:
   return absl::OkStatus();
 }
 
-void SparseDecoder::SelectWithoutHead(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
-                                      SparseForward* sf) {
+void SparseDecoder::SelectWithoutHead(std::span<const ForwardSeq> fwd,
+                                      std::span<SeqState* const> states, SparseForward* sf) {
   lens_.resize(fwd.size());
   budgets_.resize(fwd.size());
   for (size_t i = 0; i < fwd.size(); ++i) {
@@ -74,8 +76,8 @@ void SparseDecoder::SelectWithoutHead(std::span<const ForwardSeq> fwd, std::span
   }
   const int32_t n_kv = static_cast<int32_t>(model_->config().num_key_value_heads);
   const int32_t sets_per_seq = options_.mode == SelectionMode::kHeadLevel ? n_kv : 1;
-  // window: these are the sets. oracle, quest: their sizes are every selection's, min(B, past), and each
-  // layer replaces the positions with its own before it attends.
+  // window: these are the sets. oracle, quest: their sizes are every selection's, min(B, past), and
+  // each layer replaces the positions with its own before it attends.
   WindowIndexSets(lens_, budgets_, n_kv, sets_per_seq, options_.sink, &selection_.sets);
   selection_.captured_mass.clear();
   selection_.n_q_heads = 0;
@@ -96,7 +98,8 @@ absl::Status SparseDecoder::StartRecallProbe(int64_t n_seqs, SparseForward* sf) 
   return absl::OkStatus();
 }
 
-absl::Status SparseDecoder::FinishRecallProbe(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
+absl::Status SparseDecoder::FinishRecallProbe(std::span<const ForwardSeq> fwd,
+                                              std::span<SeqState* const> states,
                                               const SparseForward& sf) {
   const ModelConfig& c = model_->config();
   AttentionRecallStep& r = recall_step_;
@@ -105,7 +108,8 @@ absl::Status SparseDecoder::FinishRecallProbe(std::span<const ForwardSeq> fwd, s
     RETURN_IF_ERROR(model_->backend()->ToHost(recall_lse_, &recall_host_));
     RETURN_IF_ERROR(RecallFromLse(recall_host_, &r));
   } else {
-    FillFullRecall(n_seqs, static_cast<int32_t>(c.num_hidden_layers), static_cast<int32_t>(c.num_attention_heads), &r);
+    FillFullRecall(n_seqs, static_cast<int32_t>(c.num_hidden_layers),
+                   static_cast<int32_t>(c.num_attention_heads), &r);
   }
   r.step = decode_steps_;
   r.dense = sf.dense_attention;

@@ -43,34 +43,38 @@ absl::Status AttentionRecallCpu(const AttentionRecallArgs& a, Tensor* out) {
   const IndexSets& sets = *a.sets;
   RETURN_IF_ERROR(ValidateIndexSets(sets));
   const Tensor& q = a.q;
-  if (q.dtype() != DType::kF32 || q.device() != DeviceKind::kCpu || q.ndim() != 3 || q.dim(0) != sets.n_seqs ||
-      q.dim(1) % sets.n_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("attention recall: q ", q.DebugString(), " does not fit ",
-                                                   sets.n_seqs, " sequences of ", sets.n_kv_heads, " KV heads"));
+  if (q.dtype() != DType::kF32 || q.device() != DeviceKind::kCpu || q.ndim() != 3 ||
+      q.dim(0) != sets.n_seqs || q.dim(1) % sets.n_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attention recall: q ", q.DebugString(),
+                                                   " does not fit ", sets.n_seqs, " sequences of ",
+                                                   sets.n_kv_heads, " KV heads"));
   }
-  const int64_t n_seqs = q.dim(0), n_heads = q.dim(1), hd = q.dim(2), group = n_heads / sets.n_kv_heads;
+  const int64_t n_seqs = q.dim(0), n_heads = q.dim(1), hd = q.dim(2),
+                group = n_heads / sets.n_kv_heads;
   if (out == nullptr || out->dtype() != DType::kF32 || out->device() != DeviceKind::kCpu ||
       out->shape() != Shape{n_seqs, n_heads, 2}) {
-    return absl::InvalidArgumentError(absl::StrCat("attention recall: out must be f32 host [", n_seqs, ", ", n_heads,
-                                                   ", 2]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention recall: out must be f32 host [", n_seqs, ", ", n_heads, ", 2]"));
   }
   if (static_cast<int64_t>(a.k.size()) != n_seqs) {
-    return absl::InvalidArgumentError(absl::StrCat("attention recall: ", a.k.size(), " K tensors for ", n_seqs,
-                                                   " sequences"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention recall: ", a.k.size(), " K tensors for ", n_seqs, " sequences"));
   }
   const float scale = a.scale != 0.0f ? a.scale : 1.0f / std::sqrt(static_cast<float>(hd));
   for (int64_t i = 0; i < n_seqs; ++i) {
     const Tensor& k = a.k[i];
     const int32_t len = sets.seq_len[i];
-    if (k.dtype() != DType::kF32 || k.device() != DeviceKind::kCpu || k.ndim() != 3 || k.dim(0) != sets.n_kv_heads ||
-        k.dim(2) != hd || k.dim(1) < len) {
-      return absl::InvalidArgumentError(absl::StrCat("attention recall: seq ", i, " K ", k.DebugString(),
-                                                     " does not hold ", len, " rows of ", sets.n_kv_heads, " x ", hd));
+    if (k.dtype() != DType::kF32 || k.device() != DeviceKind::kCpu || k.ndim() != 3 ||
+        k.dim(0) != sets.n_kv_heads || k.dim(2) != hd || k.dim(1) < len) {
+      return absl::InvalidArgumentError(absl::StrCat("attention recall: seq ", i, " K ",
+                                                     k.DebugString(), " does not hold ", len,
+                                                     " rows of ", sets.n_kv_heads, " x ", hd));
     }
     for (int64_t h = 0; h < n_heads; ++h) {
       const int32_t g = static_cast<int32_t>(h / group);
       float* o = out->as<float>() + (i * n_heads + h) * 2;
-      AttentionLseOverRows(q.as<float>() + (i * n_heads + h) * hd, k.as<float>() + g * k.dim(1) * hd, len, hd, hd,
+      AttentionLseOverRows(q.as<float>() + (i * n_heads + h) * hd,
+                           k.as<float>() + g * k.dim(1) * hd, len, hd, hd,
                            sets.Positions(static_cast<int32_t>(i), g), scale, &o[0], &o[1]);
     }
   }

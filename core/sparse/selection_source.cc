@@ -12,8 +12,8 @@ absl::StatusOr<SelectionSource> ParseSelectionSource(std::string_view name) {
   if (name == "window") return SelectionSource::kWindow;
   if (name == "oracle") return SelectionSource::kOracle;
   if (name == "quest") return SelectionSource::kQuest;
-  return absl::InvalidArgumentError(
-      absl::StrCat("selection source must be head, window, oracle or quest, got \"", std::string(name), "\""));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "selection source must be head, window, oracle or quest, got \"", std::string(name), "\""));
 }
 
 const char* SelectionSourceName(SelectionSource source) {
@@ -30,8 +30,8 @@ const char* SelectionSourceName(SelectionSource source) {
   return "?";
 }
 
-void WindowIndexSets(std::span<const int32_t> lens, std::span<const int32_t> budgets, int32_t n_kv_heads,
-                     int32_t sets_per_seq, int32_t sink, IndexSets* out) {
+void WindowIndexSets(std::span<const int32_t> lens, std::span<const int32_t> budgets,
+                     int32_t n_kv_heads, int32_t sets_per_seq, int32_t sink, IndexSets* out) {
   int32_t max_budget = 1;
   for (int32_t b : budgets) max_budget = std::max(max_budget, b);
   out->Reset(static_cast<int32_t>(lens.size()), n_kv_heads, sets_per_seq, max_budget);

@@ -1,11 +1,12 @@
-// Per-layer selection sources (oracle, quest) and the attention recall probe of the CUDA backend against
-// the CPU backend (cpu_layer_selection.cc over the core/sparse references), on fresh random bf16-representable
-// inputs at odd sizes: GQA 2/3/5/8, head_dim 64/80/128 (the oracle's tensor-core and CUDA-core score
-// kernels), lengths 1 to 4097, odd budgets, sinks spanning pages, head- and batch-level sets, an offloaded
-// layer for the probe. Sets must be equal, or differ only at near-ties (weights or page scores within
-// rounding of the set's boundary); the lse pairs within bf16-input tolerance; the probe's output rows beyond
-// the batch (sentinels) stay untouched. Then the SparseDecoder with every source and the probe on the GPU
-// against the CPU decoder on a tiny random model.
+// Per-layer selection sources (oracle, quest) and the attention recall probe of the CUDA backend
+// against the CPU backend (cpu_layer_selection.cc over the core/sparse references), on fresh random
+// bf16-representable inputs at odd sizes: GQA 2/3/5/8, head_dim 64/80/128 (the oracle's tensor-core
+// and CUDA-core score kernels), lengths 1 to 4097, odd budgets, sinks spanning pages, head- and
+// batch-level sets, an offloaded layer for the probe. Sets must be equal, or differ only at
+// near-ties (weights or page scores within rounding of the set's boundary); the lse pairs within
+// bf16-input tolerance; the probe's output rows beyond the batch (sentinels) stay untouched. Then
+// the SparseDecoder with every source and the probe on the GPU against the CPU decoder on a tiny
+// random model.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -32,14 +33,16 @@ struct Case {
 };
 
 std::string Name(const Case& c) {
-  std::string s = absl::StrCat("hd=", c.head_dim, " n_kv=", c.n_kv, " group=", c.group, " sink=", c.sink,
-                               c.mode == SelectionMode::kBatchLevel ? " batch" : " head", " lens/budgets=");
+  std::string s =
+      absl::StrCat("hd=", c.head_dim, " n_kv=", c.n_kv, " group=", c.group, " sink=", c.sink,
+                   c.mode == SelectionMode::kBatchLevel ? " batch" : " head", " lens/budgets=");
   for (size_t i = 0; i < c.lens.size(); ++i) absl::StrAppend(&s, c.lens[i], "/", c.budgets[i], ",");
   return s;
 }
 
 // Oracle weights (double) of one set: max over its heads of the softmax over [0, len).
-std::vector<double> OracleWeights(const Tensor& q, int seq, const Tensor& k, int len, int set, int hps, int group) {
+std::vector<double> OracleWeights(const Tensor& q, int seq, const Tensor& k, int len, int set,
+                                  int hps, int group) {
   const int64_t n_q = q.dim(1), hd = q.dim(2), cap = k.dim(1);
   std::vector<double> comb(len, 0.0), s(len);
   for (int j = 0; j < hps; ++j) {
@@ -47,7 +50,9 @@ std::vector<double> OracleWeights(const Tensor& q, int seq, const Tensor& k, int
     double mx = -INFINITY, sum = 0;
     for (int t = 0; t < len; ++t) {
       double d = 0;
-      for (int64_t e = 0; e < hd; ++e) d += double(q.as<float>()[(seq * n_q + h) * hd + e]) * k.as<float>()[(g * cap + t) * hd + e];
+      for (int64_t e = 0; e < hd; ++e)
+        d +=
+            double(q.as<float>()[(seq * n_q + h) * hd + e]) * k.as<float>()[(g * cap + t) * hd + e];
       mx = std::max(mx, s[t] = d / std::sqrt(double(hd)));
     }
     for (int t = 0; t < len; ++t) sum += std::exp(s[t] - mx);
@@ -56,8 +61,10 @@ std::vector<double> OracleWeights(const Tensor& q, int seq, const Tensor& k, int
   return comb;
 }
 
-// Quest set scores (double) of every page of one set, pages over rows [0, len] (the current token's row too).
-std::vector<double> QuestScores(const Tensor& q, int seq, const Tensor& k, int past, int set, int hps, int group) {
+// Quest set scores (double) of every page of one set, pages over rows [0, len] (the current token's
+// row too).
+std::vector<double> QuestScores(const Tensor& q, int seq, const Tensor& k, int past, int set,
+                                int hps, int group) {
   const int64_t n_q = q.dim(1), hd = q.dim(2), cap = k.dim(1);
   const int len = past + 1;
   std::vector<double> comb((len + kQuestPageSize - 1) / kQuestPageSize, -1e300);
@@ -67,7 +74,8 @@ std::vector<double> QuestScores(const Tensor& q, int seq, const Tensor& k, int p
       double u = 0;
       for (int64_t e = 0; e < hd; ++e) {
         double mn = 1e300, mx = -1e300;
-        for (int t = int(p) * kQuestPageSize; t < std::min<int>(len, (p + 1) * kQuestPageSize); ++t) {
+        for (int t = int(p) * kQuestPageSize; t < std::min<int>(len, (p + 1) * kQuestPageSize);
+             ++t) {
           mn = std::min<double>(mn, k.as<float>()[(g * cap + t) * hd + e]);
           mx = std::max<double>(mx, k.as<float>()[(g * cap + t) * hd + e]);
         }
@@ -80,10 +88,11 @@ std::vector<double> QuestScores(const Tensor& q, int seq, const Tensor& k, int p
   return comb;
 }
 
-// Positions (or, for quest, pages) where two sets differ must score within `tol` of each other's boundary:
-// the smallest score taken by either set.
-void ExpectSameUpToTies(std::vector<int32_t> a, std::vector<int32_t> b, const std::vector<double>& score,
-                        int page, double tol, const std::string& what) {
+// Positions (or, for quest, pages) where two sets differ must score within `tol` of each other's
+// boundary: the smallest score taken by either set.
+void ExpectSameUpToTies(std::vector<int32_t> a, std::vector<int32_t> b,
+                        const std::vector<double>& score, int page, double tol,
+                        const std::string& what) {
   ASSERT_EQ(a.size(), b.size()) << what;
   if (a == b) return;
   auto unit = [page](int32_t t) { return t / page; };
@@ -93,7 +102,8 @@ void ExpectSameUpToTies(std::vector<int32_t> a, std::vector<int32_t> b, const st
   std::vector<int32_t> diff;
   std::set_symmetric_difference(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(diff));
   for (int32_t t : diff) {
-    EXPECT_LE(std::abs(score[unit(t)] - boundary), tol * (1 + std::abs(boundary))) << what << " position " << t;
+    EXPECT_LE(std::abs(score[unit(t)] - boundary), tol * (1 + std::abs(boundary)))
+        << what << " position " << t;
   }
 }
 
@@ -144,7 +154,8 @@ void RunCase(Backend& gpu, const Case& c) {
   const int hps = c.mode == SelectionMode::kBatchLevel ? n_q : c.group;
   IndexSets layout;
   WindowIndexSets(std::vector<int32_t>(c.lens.begin(), c.lens.end()),
-                  std::vector<int32_t>(c.budgets.begin(), c.budgets.end()), c.n_kv, sets_per_seq, c.sink, &layout);
+                  std::vector<int32_t>(c.budgets.begin(), c.budgets.end()), c.n_kv, sets_per_seq,
+                  c.sink, &layout);
   Tensor q = RandomHost({n, n_q, hd}, rng, -2.0f, 2.0f);
   auto gq = gpu.ToDevice(q, DType::kBF16, MemoryKind::kWorkspace);
   ASSERT_TRUE(gq.ok());
@@ -173,13 +184,16 @@ void RunCase(Backend& gpu, const Case& c) {
     const IndexSets& csets = cpu->prepared_sparse_sets();
     for (int i = 0; i < n; ++i) {
       for (int s = 0; s < sets_per_seq; ++s) {
-        auto a = csets.SetPositions(i * sets_per_seq + s), b = gsets.SetPositions(i * sets_per_seq + s);
+        auto a = csets.SetPositions(i * sets_per_seq + s),
+             b = gsets.SetPositions(i * sets_per_seq + s);
         const bool oracle = source == SelectionSource::kOracle;
-        const std::vector<double> score = oracle ? OracleWeights(q, i, hk[i], c.lens[i], s, hps, c.group)
-                                                 : QuestScores(q, i, hk[i], c.lens[i], s, hps, c.group);
-        ExpectSameUpToTies({a.begin(), a.end()}, {b.begin(), b.end()}, score, oracle ? 1 : kQuestPageSize,
-                           oracle ? 2e-3 : 1e-4,
-                           absl::StrCat(what, " ", SelectionSourceName(source), " seq ", i, " set ", s));
+        const std::vector<double> score =
+            oracle ? OracleWeights(q, i, hk[i], c.lens[i], s, hps, c.group)
+                   : QuestScores(q, i, hk[i], c.lens[i], s, hps, c.group);
+        ExpectSameUpToTies(
+            {a.begin(), a.end()}, {b.begin(), b.end()}, score, oracle ? 1 : kQuestPageSize,
+            oracle ? 2e-3 : 1e-4,
+            absl::StrCat(what, " ", SelectionSourceName(source), " seq ", i, " set ", s));
       }
     }
   }
@@ -200,9 +214,11 @@ void RunCase(Backend& gpu, const Case& c) {
     for (int64_t j = 0; j < n * n_q * 2; ++j) {
       const float want = cl.as<float>()[j], v = back.as<float>()[j];
       ASSERT_TRUE(std::isfinite(v)) << what << " layer " << l << " entry " << j;
-      EXPECT_NEAR(v, want, 2e-3 + 2e-4 * std::abs(want)) << what << " layer " << l << " entry " << j;
+      EXPECT_NEAR(v, want, 2e-3 + 2e-4 * std::abs(want))
+          << what << " layer " << l << " entry " << j;
     }
-    for (int64_t j = n * n_q * 2; j < guard.numel(); ++j) EXPECT_EQ(back.as<float>()[j], 12345.0f) << what;
+    for (int64_t j = n * n_q * 2; j < guard.numel(); ++j)
+      EXPECT_EQ(back.as<float>()[j], 12345.0f) << what;
   }
 }
 
@@ -256,7 +272,8 @@ struct Probe {
   std::vector<float> first_logits;
 };
 
-Probe RunDecoder(Backend* backend_raw, std::unique_ptr<Backend> owned, SelectionSource source, int32_t budget) {
+Probe RunDecoder(Backend* backend_raw, std::unique_ptr<Backend> owned, SelectionSource source,
+                 int32_t budget) {
   Probe out;
   auto files = TinyFiles(7);
   EXPECT_TRUE(files.ok());
@@ -274,7 +291,8 @@ Probe RunDecoder(Backend* backend_raw, std::unique_ptr<Backend> owned, Selection
     for (float v : s.recall) m += v;
     out.mean_recall.push_back(m / s.recall.size());
   };
-  auto dec = SparseDecoder::Create(model->get(), source == SelectionSource::kHead ? head->get() : nullptr, o);
+  auto dec = SparseDecoder::Create(model->get(),
+                                   source == SelectionSource::kHead ? head->get() : nullptr, o);
   EXPECT_TRUE(dec.ok()) << dec.status();
   if (!dec.ok()) return out;
   const std::vector<int32_t> prompt = RandomPrompt(40, ck->config.vocab_size, 5);
@@ -286,7 +304,8 @@ Probe RunDecoder(Backend* backend_raw, std::unique_ptr<Backend> owned, Selection
   Tensor logits = Tensor::HostEmpty(DType::kF32, {1, ck->config.vocab_size});
   EXPECT_TRUE((*dec)->Forward(fwd, seqs, &logits).ok());
   for (size_t i = 0; i < tokens.size(); ++i) {
-    fwd = {{std::span<const int32_t>(&tokens[i], 1), static_cast<int32_t>(prompt.size() + i), kv->get()}};
+    fwd = {{std::span<const int32_t>(&tokens[i], 1), static_cast<int32_t>(prompt.size() + i),
+            kv->get()}};
     absl::Status st = (*dec)->Forward(fwd, seqs, &logits);
     EXPECT_TRUE(st.ok()) << st;
     if (!st.ok()) break;
@@ -297,8 +316,8 @@ Probe RunDecoder(Backend* backend_raw, std::unique_ptr<Backend> owned, Selection
 
 TEST(CudaLayerSelection, DecoderWithEachSourceAndTheProbeMatchesTheCpu) {
   SPC_GPU_OR_SKIP(gpu);
-  for (SelectionSource source :
-       {SelectionSource::kHead, SelectionSource::kWindow, SelectionSource::kOracle, SelectionSource::kQuest}) {
+  for (SelectionSource source : {SelectionSource::kHead, SelectionSource::kWindow,
+                                 SelectionSource::kOracle, SelectionSource::kQuest}) {
     SCOPED_TRACE(SelectionSourceName(source));
     const Probe g = RunDecoder(gpu.get(), nullptr, source, 8);
     const Probe c = RunDecoder(nullptr, MakeCpuBackend(), source, 8);

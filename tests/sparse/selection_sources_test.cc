@@ -1,7 +1,8 @@
-// The evaluation selection sources' references (core/sparse/selection_source.h, quest.h, attention_recall.h)
-// against brute force written here from their definitions: window sets exactly; Quest page scores from
-// explicit page minima/maxima in double, Quest sets by repeatedly taking the best remaining page; the recall
-// log-sum-exps in double, recall 1 when the set holds every past token. Fresh random inputs at odd sizes.
+// The evaluation selection sources' references (core/sparse/selection_source.h, quest.h,
+// attention_recall.h) against brute force written here from their definitions: window sets exactly;
+// Quest page scores from explicit page minima/maxima in double, Quest sets by repeatedly taking the
+// best remaining page; the recall log-sum-exps in double, recall 1 when the set holds every past
+// token. Fresh random inputs at odd sizes.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -23,15 +24,17 @@ using testing_sparse::RandomSets;
 using testing_sparse::SeedTrace;
 
 TEST(SelectionSourceTest, NamesRoundTrip) {
-  for (SelectionSource s :
-       {SelectionSource::kHead, SelectionSource::kWindow, SelectionSource::kOracle, SelectionSource::kQuest}) {
+  for (SelectionSource s : {SelectionSource::kHead, SelectionSource::kWindow,
+                            SelectionSource::kOracle, SelectionSource::kQuest}) {
     auto parsed = ParseSelectionSource(SelectionSourceName(s));
     ASSERT_TRUE(parsed.ok());
     EXPECT_EQ(*parsed, s);
   }
   EXPECT_FALSE(ParseSelectionSource("random").ok());
-  EXPECT_TRUE(IsPerLayerSource(SelectionSource::kOracle) && IsPerLayerSource(SelectionSource::kQuest));
-  EXPECT_FALSE(IsPerLayerSource(SelectionSource::kHead) || IsPerLayerSource(SelectionSource::kWindow));
+  EXPECT_TRUE(IsPerLayerSource(SelectionSource::kOracle) &&
+              IsPerLayerSource(SelectionSource::kQuest));
+  EXPECT_FALSE(IsPerLayerSource(SelectionSource::kHead) ||
+               IsPerLayerSource(SelectionSource::kWindow));
 }
 
 TEST(SelectionSourceTest, WindowSetsAreSinkPlusMostRecent) {
@@ -43,15 +46,16 @@ TEST(SelectionSourceTest, WindowSetsAreSinkPlusMostRecent) {
     ASSERT_TRUE(ValidateIndexSets(s).ok());
     EXPECT_EQ(s.budget, 6);
     const std::vector<std::vector<int32_t>> want = {
-        {0, 1, 2, 7, 8, 9},      // 3 sink + 3 most recent of 10
-        {0, 1, 2, 3},            // the whole past (4 <= 6)
-        {0, 1, 2, 15, 16},       // 3 sink + 2 most recent of 17
-        {0, 1},                  // budget 2 < sink 3: the first two only
+        {0, 1, 2, 7, 8, 9},  // 3 sink + 3 most recent of 10
+        {0, 1, 2, 3},        // the whole past (4 <= 6)
+        {0, 1, 2, 15, 16},   // 3 sink + 2 most recent of 17
+        {0, 1},              // budget 2 < sink 3: the first two only
     };
     for (int32_t i = 0; i < 4; ++i) {
       for (int32_t g = 0; g < 2; ++g) {
         auto p = s.Positions(i, g);
-        EXPECT_EQ(std::vector<int32_t>(p.begin(), p.end()), want[i]) << "seq " << i << " head " << g;
+        EXPECT_EQ(std::vector<int32_t>(p.begin(), p.end()), want[i])
+            << "seq " << i << " head " << g;
       }
     }
   }
@@ -87,8 +91,10 @@ TEST(QuestTest, PageScoresMatchBruteForceAndBoundEveryKey) {
       const std::vector<double> want = BrutePageScores(q.as<float>(), k.as<float>(), len, hd, page);
       ASSERT_EQ(u.size(), want.size());
       for (size_t p = 0; p < u.size(); ++p) {
-        EXPECT_NEAR(u[p], want[p], 1e-4 + 1e-5 * std::abs(want[p])) << SeedTrace(seed) << " page " << p;
-        for (int t = int(p) * page; t < std::min(len, int(p + 1) * page); ++t) {  // an upper bound of q·k
+        EXPECT_NEAR(u[p], want[p], 1e-4 + 1e-5 * std::abs(want[p]))
+            << SeedTrace(seed) << " page " << p;
+        for (int t = int(p) * page; t < std::min(len, int(p + 1) * page);
+             ++t) {  // an upper bound of q·k
           double dot = 0;
           for (int e = 0; e < hd; ++e) dot += double(q.as<float>()[e]) * k.as<float>()[t * hd + e];
           EXPECT_LE(dot, want[p] + 1e-4);
@@ -98,16 +104,20 @@ TEST(QuestTest, PageScoresMatchBruteForceAndBoundEveryKey) {
   }
 }
 
-// Quest's positions by brute force: the forced pages, then repeatedly the best remaining page (higher score,
-// lower page on ties), each contributing its first past positions (< len) until k are taken.
-std::vector<int32_t> BruteQuestPositions(const std::vector<double>& scores, int len, int page, int k, int sink) {
+// Quest's positions by brute force: the forced pages, then repeatedly the best remaining page
+// (higher score, lower page on ties), each contributing its first past positions (< len) until k
+// are taken.
+std::vector<int32_t> BruteQuestPositions(const std::vector<double>& scores, int len, int page,
+                                         int k, int sink) {
   k = std::min(k, len);
   const int keep = std::min(sink, k), n_pages = static_cast<int>(scores.size());
   std::vector<bool> used(n_pages, false);
   std::set<int32_t> out;
   auto take = [&](int p) {
     used[p] = true;
-    for (int t = p * page; t < std::min(len, (p + 1) * page) && static_cast<int>(out.size()) < k; ++t) out.insert(t);
+    for (int t = p * page; t < std::min(len, (p + 1) * page) && static_cast<int>(out.size()) < k;
+         ++t)
+      out.insert(t);
   };
   for (int p = 0; p * page < keep; ++p) take(p);
   while (static_cast<int>(out.size()) < k) {
@@ -124,17 +134,20 @@ TEST(QuestTest, PagesToPositionsFollowsTheRule) {
   const uint32_t seed = FreshSeed();
   std::mt19937 rng(seed);
   for (int len : {7, 16, 32, 33, 97, 250}) {
-    for (int rows : {len, len + 1}) {  // with the current token's row: its page may hold no past position
+    for (int rows :
+         {len, len + 1}) {  // with the current token's row: its page may hold no past position
       for (int k : {1, 5, 16, 40, 300}) {
         for (int sink : {0, 1, 20}) {
           if (sink > k) continue;
           std::vector<float> scores((rows + 15) / 16);
           std::vector<double> dscores(scores.size());
-          for (size_t p = 0; p < scores.size(); ++p) dscores[p] = scores[p] = static_cast<float>(rng() % 7);  // ties
+          for (size_t p = 0; p < scores.size(); ++p)
+            dscores[p] = scores[p] = static_cast<float>(rng() % 7);  // ties
           std::vector<int32_t> got;
           QuestPagesToPositions(scores.data(), len, rows, 16, k, sink, &got);
           EXPECT_EQ(got, BruteQuestPositions(dscores, len, 16, k, sink))
-              << SeedTrace(seed) << " len " << len << " rows " << rows << " k " << k << " sink " << sink;
+              << SeedTrace(seed) << " len " << len << " rows " << rows << " k " << k << " sink "
+              << sink;
         }
       }
     }
@@ -147,7 +160,8 @@ TEST(QuestTest, SelectTopBMatchesBruteForce) {
   const int n_kv = 2, group = 3, n_q = n_kv * group, hd = 20;
   const std::vector<int> lens = {97, 5, 161, 64}, budgets = {40, 0, 64, 20};
   for (int mode_current = 0; mode_current < 4; ++mode_current) {
-    const SelectionMode mode = mode_current % 2 == 0 ? SelectionMode::kHeadLevel : SelectionMode::kBatchLevel;
+    const SelectionMode mode =
+        mode_current % 2 == 0 ? SelectionMode::kHeadLevel : SelectionMode::kBatchLevel;
     const bool with_current = mode_current >= 2;
     std::vector<Tensor> qs, ks;
     std::vector<SelectionQuery> batch;
@@ -163,7 +177,8 @@ TEST(QuestTest, SelectTopBMatchesBruteForce) {
     IndexSets got;
     ASSERT_TRUE(QuestSelectTopB(batch, so, 16, with_current, &got).ok());
     ASSERT_TRUE(ValidateIndexSets(got).ok());
-    const int sets = mode == SelectionMode::kHeadLevel ? n_kv : 1, hps = mode == SelectionMode::kHeadLevel ? group : n_q;
+    const int sets = mode == SelectionMode::kHeadLevel ? n_kv : 1,
+              hps = mode == SelectionMode::kHeadLevel ? group : n_q;
     for (size_t i = 0; i < lens.size(); ++i) {
       const int len = lens[i], cap = lens[i] + 3, k = budgets[i] != 0 ? budgets[i] : so.budget;
       const int rows = len + (with_current ? 1 : 0);
@@ -171,12 +186,13 @@ TEST(QuestTest, SelectTopBMatchesBruteForce) {
         std::vector<double> comb((rows + 15) / 16, -1e300);
         for (int j = 0; j < hps; ++j) {
           const int h = s * hps + j, g = h / group;
-          const std::vector<double> u =
-              BrutePageScores(qs[i].as<float>() + h * hd, ks[i].as<float>() + g * cap * hd, rows, hd, 16);
+          const std::vector<double> u = BrutePageScores(
+              qs[i].as<float>() + h * hd, ks[i].as<float>() + g * cap * hd, rows, hd, 16);
           for (size_t p = 0; p < u.size(); ++p) comb[p] = std::max(comb[p], u[p]);
         }
         auto pos = got.SetPositions(static_cast<int32_t>(i) * sets + s);
-        EXPECT_EQ(std::vector<int32_t>(pos.begin(), pos.end()), BruteQuestPositions(comb, len, 16, k, so.sink))
+        EXPECT_EQ(std::vector<int32_t>(pos.begin(), pos.end()),
+                  BruteQuestPositions(comb, len, 16, k, so.sink))
             << SeedTrace(seed) << " seq " << i << " set " << s;
       }
     }
@@ -207,7 +223,9 @@ TEST(AttentionRecallTest, LseMatchesBruteForceAndFullSetsGiveOne) {
         double all = 0, sel = 0;
         for (int t = 0; t < lens[i]; ++t) {
           double d = 0;
-          for (int x = 0; x < hd; ++x) d += double(a.q.as<float>()[(i * n_q + h) * hd + x]) * k[i].as<float>()[(g * cap + t) * hd + x];
+          for (int x = 0; x < hd; ++x)
+            d += double(a.q.as<float>()[(i * n_q + h) * hd + x]) *
+                 k[i].as<float>()[(g * cap + t) * hd + x];
           e[t] = std::exp(0.7 * d);
           all += e[t];
         }

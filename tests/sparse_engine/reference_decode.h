@@ -1,8 +1,9 @@
 // A brute-force decode step of a Llama-family f32 checkpoint written from the definitions (double
-// accumulation), for the selection-source tests: given the past KV the engine wrote and, per layer and KV
-// head, the set of past positions attention reads, it recomputes each layer's query, the recall of every query
-// head (softmax mass over all past tokens in the set, the current token excluded), sparse attention over the
-// set plus the current token, and the logits. Checks the current token's K row against the engine's.
+// accumulation), for the selection-source tests: given the past KV the engine wrote and, per layer
+// and KV head, the set of past positions attention reads, it recomputes each layer's query, the
+// recall of every query head (softmax mass over all past tokens in the set, the current token
+// excluded), sparse attention over the set plus the current token, and the logits. Checks the
+// current token's K row against the engine's.
 #pragma once
 
 #include <cmath>
@@ -24,9 +25,10 @@ struct ReferenceStep {
   double k_row_error = 0;      // max |reference K - engine K| of the current token
 };
 
-// The positions KV head g of layer l reads, given that layer's reference queries [n_heads * hd] and its K
-// [n_kv, rows, hd] (a per-layer source chooses from them).
-using ReferenceSets = std::function<std::vector<int32_t>(int l, int g, const std::vector<double>& q, const Tensor& k)>;
+// The positions KV head g of layer l reads, given that layer's reference queries [n_heads * hd] and
+// its K [n_kv, rows, hd] (a per-layer source chooses from them).
+using ReferenceSets = std::function<std::vector<int32_t>(int l, int g, const std::vector<double>& q,
+                                                         const Tensor& k)>;
 
 class ReferenceDecoder {
  public:
@@ -35,7 +37,8 @@ class ReferenceDecoder {
     r.c_ = ckpt.config;
     auto get = [&](const std::string& name) -> absl::StatusOr<std::vector<double>> {
       ASSIGN_OR_RETURN(Tensor t, ckpt.weights->Get(name));
-      if (t.dtype() != DType::kF32) return absl::InvalidArgumentError(absl::StrCat(name, " is not f32"));
+      if (t.dtype() != DType::kF32)
+        return absl::InvalidArgumentError(absl::StrCat(name, " is not f32"));
       return std::vector<double>(t.as<float>(), t.as<float>() + t.numel());
     };
     ASSIGN_OR_RETURN(r.embed_, get("model.embed_tokens.weight"));
@@ -64,10 +67,12 @@ class ReferenceDecoder {
     return r;
   }
 
-  // Token `token` at position `past` of a sequence whose KV rows [0, past] (the current one included) the
-  // engine wrote into `kv`.
-  ReferenceStep Step(int32_t token, int32_t past, const SequenceKv& kv, const ReferenceSets& sets) const {
-    const int64_t d = c_.hidden_size, nh = c_.num_attention_heads, nkv = c_.num_key_value_heads, hd = c_.head_dim;
+  // Token `token` at position `past` of a sequence whose KV rows [0, past] (the current one
+  // included) the engine wrote into `kv`.
+  ReferenceStep Step(int32_t token, int32_t past, const SequenceKv& kv,
+                     const ReferenceSets& sets) const {
+    const int64_t d = c_.hidden_size, nh = c_.num_attention_heads, nkv = c_.num_key_value_heads,
+                  hd = c_.head_dim;
     const int64_t group = nh / nkv, inter = c_.intermediate_size;
     const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
     ReferenceStep out;
@@ -75,15 +80,21 @@ class ReferenceDecoder {
     for (int l = 0; l < c_.num_hidden_layers; ++l) {
       const Layer& w = layers_[l];
       const std::vector<double> h = Norm(x, w.in);
-      std::vector<double> q = Mat(w.q, h, nh * hd), k = Mat(w.k, h, nkv * hd), v = Mat(w.v, h, nkv * hd);
+      std::vector<double> q = Mat(w.q, h, nh * hd), k = Mat(w.k, h, nkv * hd),
+                          v = Mat(w.v, h, nkv * hd);
       for (int64_t j = 0; j < nh; ++j) Rope(&q[j * hd], past);
       for (int64_t g = 0; g < nkv; ++g) Rope(&k[g * hd], past);
       const Tensor &kc = kv.k[l], &vc = kv.v[l];
       const int64_t rows = kc.dim(1);
-      auto K = [&](int64_t g, int64_t t, int64_t e) { return static_cast<double>(kc.as<float>()[(g * rows + t) * hd + e]); };
-      auto V = [&](int64_t g, int64_t t, int64_t e) { return static_cast<double>(vc.as<float>()[(g * rows + t) * hd + e]); };
+      auto K = [&](int64_t g, int64_t t, int64_t e) {
+        return static_cast<double>(kc.as<float>()[(g * rows + t) * hd + e]);
+      };
+      auto V = [&](int64_t g, int64_t t, int64_t e) {
+        return static_cast<double>(vc.as<float>()[(g * rows + t) * hd + e]);
+      };
       for (int64_t g = 0; g < nkv; ++g) {
-        for (int64_t e = 0; e < hd; ++e) out.k_row_error = std::max(out.k_row_error, std::abs(K(g, past, e) - k[g * hd + e]));
+        for (int64_t e = 0; e < hd; ++e)
+          out.k_row_error = std::max(out.k_row_error, std::abs(K(g, past, e) - k[g * hd + e]));
       }
       std::vector<double> attn(nh * hd, 0.0);
       for (int64_t g = 0; g < nkv; ++g) {
@@ -145,7 +156,8 @@ class ReferenceDecoder {
     return y;
   }
   // y = W x, W [m, x.size()] (HF layout).
-  static std::vector<double> Mat(const std::vector<double>& w, const std::vector<double>& x, int64_t m) {
+  static std::vector<double> Mat(const std::vector<double>& w, const std::vector<double>& x,
+                                 int64_t m) {
     std::vector<double> y(m, 0.0);
     const int64_t n = static_cast<int64_t>(x.size());
     for (int64_t i = 0; i < m; ++i) {
@@ -158,7 +170,8 @@ class ReferenceDecoder {
     for (int64_t i = 0; i < half; ++i) {
       const double a = static_cast<double>(static_cast<float>(pos) * inv_freq_[i]);
       const double c = std::cos(a) * rope_scale_, s = std::sin(a) * rope_scale_;
-      const int64_t i1 = c_.rope_interleaved ? 2 * i : i, i2 = c_.rope_interleaved ? 2 * i + 1 : i + half;
+      const int64_t i1 = c_.rope_interleaved ? 2 * i : i,
+                    i2 = c_.rope_interleaved ? 2 * i + 1 : i + half;
       const double x1 = x[i1], x2 = x[i2];
       x[i1] = x1 * c - x2 * s;
       x[i2] = x2 * c + x1 * s;

@@ -10,7 +10,8 @@ using json = nlohmann::json;
 
 double Round4(double v) { return std::isfinite(v) ? std::round(v * 1e4) / 1e4 : v; }
 
-// {"mean", "p10"} of `v` (reordered: nth_element). The p10 is the sample at rank floor(0.1 (n - 1)).
+// {"mean", "p10"} of `v` (reordered: nth_element). The p10 is the sample at rank floor(0.1 (n -
+// 1)).
 json MeanP10(std::vector<float>& v) {
   if (v.empty()) return {{"mean", nullptr}, {"p10", nullptr}};
   double sum = 0;
@@ -36,8 +37,10 @@ nlohmann::ordered_json RecallStepLine(const AttentionRecallStep& step, int32_t s
     mean.push_back(Round4(sum / std::max(1, step.n_heads)));
     min.push_back(Round4(lo));
   }
-  ojson line = {{"position", step.positions[seq]}, {"recall", std::move(mean)}, {"min", std::move(min)}};
-  if (static_cast<size_t>(seq) < step.head_mass.size()) line["head_mass"] = Round4(step.head_mass[seq]);
+  ojson line = {
+      {"position", step.positions[seq]}, {"recall", std::move(mean)}, {"min", std::move(min)}};
+  if (static_cast<size_t>(seq) < step.head_mass.size())
+    line["head_mass"] = Round4(step.head_mass[seq]);
   if (step.dense) line["dense"] = true;
   if (step.fallback) line["fallback"] = true;
   return line;

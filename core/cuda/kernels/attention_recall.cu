@@ -1,7 +1,8 @@
-// Attention recall probe (see layer_selection_kernels.h): one CTA per (query head, sequence), 8 warps. The
-// query row goes to shared memory as f32; each warp takes every eighth key (lanes over head_dim, a warp sum
-// per key) and keeps a running (max, Σ exp) pair; the warps' pairs are merged at the end. Two passes: every
-// past row, then the rows of the head's set. Evaluation only: it reads the layer's whole K per query head.
+// Attention recall probe (see layer_selection_kernels.h): one CTA per (query head, sequence), 8
+// warps. The query row goes to shared memory as f32; each warp takes every eighth key (lanes over
+// head_dim, a warp sum per key) and keeps a running (max, Σ exp) pair; the warps' pairs are merged
+// at the end. Two passes: every past row, then the rows of the head's set. Evaluation only: it
+// reads the layer's whole K per query head.
 #include "core/cuda/kernels/common.cuh"
 #include "core/cuda/kernels/layer_selection_kernels.h"
 
@@ -21,7 +22,8 @@ __device__ __forceinline__ void Merge(float& m, float& s, float m2, float s2) {
 __global__ void __launch_bounds__(kRecallWarps * 32) AttentionRecallKernel(RecallParams p) {
   extern __shared__ float sq[];
   __shared__ float wm[kRecallWarps], ws[kRecallWarps];
-  const int h = blockIdx.x, seq = blockIdx.y, hd = p.head_dim, group = p.n_heads / p.n_kv, g = h / group;
+  const int h = blockIdx.x, seq = blockIdx.y, hd = p.head_dim, group = p.n_heads / p.n_kv,
+            g = h / group;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bf16* q = static_cast<const bf16*>(p.q) + (int64_t(seq) * p.n_heads + h) * hd;
   for (int e = threadIdx.x; e < hd; e += blockDim.x) sq[e] = ToF32<bf16>(q[e]);
@@ -64,10 +66,12 @@ __global__ void __launch_bounds__(kRecallWarps * 32) AttentionRecallKernel(Recal
 
 cudaError_t LaunchAttentionRecall(const RecallParams& p, cudaStream_t stream) {
   if (p.n_seqs == 0) return cudaSuccess;
-  if (p.n_kv <= 0 || p.n_heads % p.n_kv != 0 || p.head_dim <= 0 || p.head_dim * sizeof(float) > 48 * 1024) {
+  if (p.n_kv <= 0 || p.n_heads % p.n_kv != 0 || p.head_dim <= 0 ||
+      p.head_dim * sizeof(float) > 48 * 1024) {
     return cudaErrorInvalidValue;
   }
-  AttentionRecallKernel<<<dim3(p.n_heads, p.n_seqs), kRecallWarps * 32, p.head_dim * sizeof(float), stream>>>(p);
+  AttentionRecallKernel<<<dim3(p.n_heads, p.n_seqs), kRecallWarps * 32, p.head_dim * sizeof(float),
+                          stream>>>(p);
   return cudaGetLastError();
 }
 

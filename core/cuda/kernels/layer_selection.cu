@@ -1,14 +1,16 @@
-// Per-layer selection sources on the GPU (see layer_selection_kernels.h): the oracle's per-sequence table
-// for the selection kernels, and Quest's two launches:
-// 1. page scores: one warp per (page, KV head, sequence), lanes over head_dim; each lane takes the min and max
-//    of its dimensions over the page's rows (the past and the current token's, as Quest's page table holds
-//    it) and adds max(q_d·min_d, q_d·max_d) for every query head of the group (q in shared memory), then a
-//    warp sum per head;
-// 2. top pages, one CTA per set: the set's page scores (max over its heads, NaN as -inf) in shared memory,
-//    every page's rank (forced sink pages first, then by score with ties to the lower page: a count over all
-//    pages, O(pages^2 / threads), fine for evaluation), the tokens each page contributes (the rank fixes the
-//    tokens taken before it: all pages hold page_size tokens but the last), then an ordered write through a
-//    block scan over pages.
+// Per-layer selection sources on the GPU (see layer_selection_kernels.h): the oracle's per-sequence
+// table for the selection kernels, and Quest's two launches:
+// 1. page scores: one warp per (page, KV head, sequence), lanes over head_dim; each lane takes the
+// min and max
+//    of its dimensions over the page's rows (the past and the current token's, as Quest's page
+//    table holds it) and adds max(q_d·min_d, q_d·max_d) for every query head of the group (q in
+//    shared memory), then a warp sum per head;
+// 2. top pages, one CTA per set: the set's page scores (max over its heads, NaN as -inf) in shared
+// memory,
+//    every page's rank (forced sink pages first, then by score with ties to the lower page: a count
+//    over all pages, O(pages^2 / threads), fine for evaluation), the tokens each page contributes
+//    (the rank fixes the tokens taken before it: all pages hold page_size tokens but the last),
+//    then an ordered write through a block scan over pages.
 #include "core/cuda/kernels/common.cuh"
 #include "core/cuda/kernels/layer_selection_kernels.h"
 
@@ -33,7 +35,8 @@ __global__ void BuildLayerSelSeqsKernel(LayerSelSeqsParams p) {
 constexpr int kQuestWarps = 8;
 constexpr int kTopPagesThreads = 1024;
 
-// grid (ceil(max_pages / kQuestWarps), n_kv, n_seqs); dynamic shared memory: the group's q [group, head_dim] f32.
+// grid (ceil(max_pages / kQuestWarps), n_kv, n_seqs); dynamic shared memory: the group's q [group,
+// head_dim] f32.
 __global__ void __launch_bounds__(kQuestWarps * 32) QuestPageScoreKernel(QuestParams p) {
   extern __shared__ float sq[];
   const int seq = blockIdx.z, g = blockIdx.y, group = p.n_q / p.n_kv, hd = p.head_dim;
@@ -72,7 +75,8 @@ __global__ void __launch_bounds__(kQuestWarps * 32) QuestPageScoreKernel(QuestPa
   }
 }
 
-// Exclusive prefix of `v` over the block (blockDim.x a multiple of 32, at most 1024); `warp_sums` >= 32 ints.
+// Exclusive prefix of `v` over the block (blockDim.x a multiple of 32, at most 1024); `warp_sums`
+// >= 32 ints.
 __device__ int BlockExclusiveScan(int v, int* warp_sums) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
   int x = v;
@@ -96,8 +100,8 @@ __device__ int BlockExclusiveScan(int v, int* warp_sums) {
   return x - v + (warp > 0 ? warp_sums[warp - 1] : 0);
 }
 
-// grid (sets_per_seq, n_seqs), kTopPagesThreads threads; dynamic shared memory: max_pages floats (scores)
-// then max_pages ints (ranks).
+// grid (sets_per_seq, n_seqs), kTopPagesThreads threads; dynamic shared memory: max_pages floats
+// (scores) then max_pages ints (ranks).
 __global__ void __launch_bounds__(kTopPagesThreads) QuestTopPagesKernel(QuestParams p) {
   extern __shared__ float smem[];
   __shared__ int warp_sums[32];
@@ -105,7 +109,8 @@ __global__ void __launch_bounds__(kTopPagesThreads) QuestTopPagesKernel(QuestPar
   int* rank = reinterpret_cast<int*>(smem + p.max_pages);
   const int seq = blockIdx.y, set = blockIdx.x, tid = threadIdx.x;
   const int len = p.seqs[seq].past_len, P = p.page_size;
-  const int set_idx = seq * p.sets_per_seq + set, b = p.indptr[set_idx], k = p.indptr[set_idx + 1] - b;
+  const int set_idx = seq * p.sets_per_seq + set, b = p.indptr[set_idx],
+            k = p.indptr[set_idx + 1] - b;
   int32_t* out = p.positions + b;
   if (k <= 0) return;
   if (k >= len) {  // the whole past
@@ -136,7 +141,8 @@ __global__ void __launch_bounds__(kTopPagesThreads) QuestTopPagesKernel(QuestPar
   }
   __syncthreads();
   const int last = n_pages - 1, last_size = len - last * P, r_last = rank[last];
-  // Past positions of page pg: its rank r says which pages come before it; each holds P but the last page.
+  // Past positions of page pg: its rank r says which pages come before it; each holds P but the
+  // last page.
   auto take = [&](int pg) {
     const int r = rank[pg];
     const int before = P * r - (r_last < r ? P - last_size : 0);
@@ -165,8 +171,8 @@ cudaError_t LaunchBuildLayerSelSeqs(const LayerSelSeqsParams& p, cudaStream_t st
 cudaError_t LaunchQuestSelection(const QuestParams& p, cudaStream_t stream) {
   if (p.n_seqs == 0 || p.max_pages == 0) return cudaSuccess;
   const int group = p.n_kv > 0 ? p.n_q / p.n_kv : 0;
-  if (p.n_kv <= 0 || p.n_q % p.n_kv != 0 || group > kQuestMaxGroup || p.page_size < 1 || p.head_dim <= 0 ||
-      p.sets_per_seq * p.heads_per_set != p.n_q) {
+  if (p.n_kv <= 0 || p.n_q % p.n_kv != 0 || group > kQuestMaxGroup || p.page_size < 1 ||
+      p.head_dim <= 0 || p.sets_per_seq * p.heads_per_set != p.n_q) {
     return cudaErrorInvalidValue;
   }
   const size_t q_smem = size_t(group) * p.head_dim * sizeof(float);
@@ -179,10 +185,12 @@ cudaError_t LaunchQuestSelection(const QuestParams& p, cudaStream_t stream) {
   if (smem > 48 * 1024) {
     int dev = 0, optin = 0;
     e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (e == cudaSuccess)
+      e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (e != cudaSuccess) return e;
     if (smem + 32 * sizeof(int) > size_t(optin)) return cudaErrorInvalidValue;
-    e = cudaFuncSetAttribute(QuestTopPagesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    e = cudaFuncSetAttribute(QuestTopPagesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
   QuestTopPagesKernel<<<dim3(p.sets_per_seq, p.n_seqs), kTopPagesThreads, smem, stream>>>(p);
