@@ -15,7 +15,8 @@ namespace specontext {
 /// The JSON line of sequence `seq` of a probed step: {"position", "recall": per-layer mean over the
 /// query heads, "min": per-layer min over them} (4 decimals), plus "head_mass" (head source: the
 /// mass the head's own selection kept), "dense" (every past within the budget: recall 1) and
-/// "fallback" (weak-retrieval fallback: resident layers dense) when they apply.
+/// "fallback" (weak-retrieval fallback: resident layers dense) when they apply. `specontext score`
+/// adds "nll", the loss of the token the step's logits predict.
 nlohmann::ordered_json RecallStepLine(const AttentionRecallStep& step, int32_t seq);
 
 class RecallSummary {

@@ -2,14 +2,16 @@
 // token after the first --prompt-tokens is a decode step, so sparse selection runs at each one). Prints a
 // JSON line with the mean negative log-likelihood and perplexity (overall and per position bucket) and can
 // write every step's logits to a .npy file for comparison with a reference (tools/reference/). In sparse mode
-// --recall (or --recall-out FILE.jsonl, one line per decode step) probes the attention recall of every layer
-// and query head in the decode forward (SparseOptions::recall_observer) and adds its summary.
+// --recall (or --recall-out FILE.jsonl, one line per decode step, with the loss of the token its logits
+// predict) probes the attention recall of every layer and query head in the decode forward
+// (SparseOptions::recall_observer) and adds its summary.
 #include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -126,11 +128,19 @@ absl::Status RunScore(const Args& args) {
     return f != nullptr ? std::fclose(f) : 0;
   });
   RecallSummary recall_summary(edges);
+  // A step's line waits for the logits of that step (they come right after its forward) to carry "nll",
+  // the loss of the token those logits predict: one sequence, so at most one line is pending.
+  std::optional<nlohmann::ordered_json> pending_line;
+  auto flush_line = [&pending_line, recall_file]() {
+    if (pending_line && recall_file != nullptr) std::fprintf(recall_file, "%s\n", pending_line->dump().c_str());
+    pending_line.reset();
+  };
   if (recall) {
-    sparse->recall_observer = [&recall_summary, recall_file](const AttentionRecallStep& step) {
+    sparse->recall_observer = [&](const AttentionRecallStep& step) {
       for (int32_t i = 0; i < step.n_seqs; ++i) {
         recall_summary.Add(step, i);
-        if (recall_file != nullptr) std::fprintf(recall_file, "%s\n", RecallStepLine(step, i).dump().c_str());
+        flush_line();
+        pending_line = RecallStepLine(step, i);
       }
     };
   }
@@ -179,6 +189,10 @@ absl::Status RunScore(const Args& args) {
     const double nll = std::log(sum) + max - logits[target];
     const bool hit = std::max_element(logits.begin(), logits.end()) - logits.begin() == target;
     buckets.Add(position, nll, hit);
+    if (pending_line && (*pending_line)["position"].get<int64_t>() == position - 1) {
+      (*pending_line)["nll"] = std::round(nll * 1e4) / 1e4;
+      flush_line();
+    }
     if (npy && write_status.ok()) write_status = npy->Append(logits);
     if ((index + 1) % 256 == 0 || index + 1 == req.max_new_tokens) {
       std::fprintf(stderr, "score: %d / %d tokens%s", index + 1, static_cast<int>(n - prompt_tokens),
@@ -191,6 +205,7 @@ absl::Status RunScore(const Args& args) {
   ASSIGN_OR_RETURN(GenerationResult result, engine.Generate(std::move(req)));
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   RETURN_IF_ERROR(write_status);
+  flush_line();
   if (npy) RETURN_IF_ERROR(npy->Close());
   if (result.stats.generated_tokens != steps) {
     return absl::InternalError(absl::StrCat("scored ", result.stats.generated_tokens, " of ", steps, " tokens"));
