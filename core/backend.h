@@ -26,6 +26,7 @@ struct ElasticCounters;
 struct SelectionQuery;    // core/sparse/selection.h
 struct SelectionOptions;
 struct SelectionResult;
+struct LayerSelectionSpec;  // core/sparse/selection_source.h
 
 // Where device memory goes; every allocation is tagged and accounted (see MemoryReport).
 enum class MemoryKind : uint8_t {
@@ -396,6 +397,27 @@ class Backend {
   virtual absl::Status SparseAttention(int layer, const Tensor& q, const Tensor& k_cur, const Tensor& v_cur,
                                        float scale, Tensor* out) {
     return absl::UnimplementedError("SparseAttention is not implemented by this backend");
+  }
+
+  // ---- evaluation of selection sources (core/sparse/selection_source.h; defaults: Unimplemented) ---------
+  // Per-layer index sets (oracle, quest): replaces the positions of the sets the last PrepareSparseDecode
+  // prepared with `layer`'s own choice, computed from q [n_seqs, n_heads, head_dim] (the layer's rotated
+  // queries of the decode tokens) and the layer's KV rows [0, past_len) (resident layers only:
+  // FailedPrecondition for an offloaded one). Every set keeps its prepared size, which must be
+  // min(budget, past_len) as any selection gives; spec.mode must match the prepared sets per sequence. The
+  // positions serve SparseAttention(layer) and AttentionRecall(layer) until the next call or
+  // PrepareSparseDecode. CUDA: on the compute stream, no host wait (the host never sees these positions).
+  virtual absl::Status SelectLayerIndexSets(int layer, const Tensor& q, const LayerSelectionSpec& spec) {
+    return absl::UnimplementedError("SelectLayerIndexSets is not implemented by this backend");
+  }
+  // Attention recall probe (core/sparse/attention_recall.h): for sequence i and query head h of KV head g,
+  // lse[i, h, 0] = log Σ_{t < past_len} exp(scale · q[i, h] · k[layer][g, t]) over the layer's KV (the current
+  // token excluded; an offloaded layer reads its full host copy) and lse[i, h, 1] the same over the positions
+  // of the prepared set of (i, g); recall = exp(lse[.., 1] - lse[.., 0]). q [n_seqs, n_heads, head_dim] as
+  // for SparseAttention; lse f32 [n_seqs, n_heads, 2], a tensor of this backend (CUDA: written on the compute
+  // stream, read after a Synchronize or ToHost).
+  virtual absl::Status AttentionRecall(int layer, const Tensor& q, float scale, Tensor* lse) {
+    return absl::UnimplementedError("AttentionRecall is not implemented by this backend");
   }
 
   // ---- step graphs and device-side token selection (optional; defaults: none) --------------------

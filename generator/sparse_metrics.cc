@@ -28,6 +28,7 @@ void SparseMetrics::Update(const SparseEngineStats& s, const RetrievalPathStats&
   AdvanceTo(layer_returns, static_cast<double>(s.layer_returns));
   AdvanceTo(kv_grows, static_cast<double>(s.kv_grows));
   AdvanceTo(remote_steps, static_cast<double>(r.remote_steps));
+  AdvanceTo(weak_fallback_steps, static_cast<double>(s.weak_retrieval_fallback_steps));
   AdvanceTo(prefetch_hidden, s.elastic.copy_hidden_seconds());
   AdvanceTo(prefetch_exposed, s.elastic.copy_exposed_seconds);
   offloaded_layers->Set(s.offloaded_layers);
@@ -59,6 +60,10 @@ absl::StatusOr<SparseMetrics> RegisterSparseMetrics(metrics::Registry* r) {
                                        "Sequences whose device KV grew by a chunk (resident layers re-homed)."));
   ASSIGN_OR_RETURN(m.remote_steps, counter("spc_retrieval_remote_steps_total",
                                            "Decode steps whose index sets came from the retriever service."));
+  ASSIGN_OR_RETURN(m.weak_fallback_steps,
+                   counter("spc_weak_retrieval_fallback_steps_total",
+                           "Decode steps whose retrieval head kept less than --fallback-mass of its attention mass "
+                           "(the resident layers attended densely)."));
   ASSIGN_OR_RETURN(m.prefetch_hidden, counter("spc_prefetch_hidden_seconds_total",
                                               "Elastic prefetch time hidden behind compute (copy time the compute "
                                               "stream did not wait for; GPU only)."));

@@ -24,12 +24,19 @@ absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, con
     }
     return out;
   }
+  const std::string source = args.GetString("selection-source");
+  ASSIGN_OR_RETURN(double fallback_mass, args.GetDouble("fallback-mass"));
+  if (retriever != "inproc" && (source != "head" || fallback_mass != 0)) {
+    return absl::InvalidArgumentError("--selection-source and --fallback-mass need --retriever inproc");
+  }
   if (retriever == "inproc") {
-    if (head.empty()) {
+    if (head.empty() && source == "head") {
       SPC_LOG(WARNING) << "--retriever inproc without --retrieval-head: decoding stays dense";
       return out;
     }
     SparseRuntimeOptions so;
+    so.selection_source = source;
+    so.fallback_mass = fallback_mass;
     so.retrieval_head = head;
     so.budget = decoder_budget;
     so.sink = sink;
@@ -38,8 +45,9 @@ absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, con
     ASSIGN_OR_RETURN(so.max_context, args.GetInt("max-context"));
     ASSIGN_OR_RETURN(out.inproc, MakeSparseRuntime(rt, so));
     out.hooks = out.inproc.decoder;
-    SPC_LOG(INFO) << "sparse decoding in process" << Kv("head", head) << Kv("budget", so.budget)
-                  << Kv("sink", so.sink) << Kv("head_parameters", out.inproc.head->parameter_count());
+    SPC_LOG(INFO) << "sparse decoding in process" << Kv("head", head) << Kv("source", source) << Kv("budget", so.budget)
+                  << Kv("sink", so.sink)
+                  << Kv("head_parameters", out.inproc.head != nullptr ? out.inproc.head->parameter_count() : 0);
     return out;
   }
   // Split mode: the retriever service holds the head.

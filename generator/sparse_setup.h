@@ -24,8 +24,8 @@ struct SparseSetup {
   std::function<RetrievalPathStats()> path_stats;      // split mode: thread-safe counters; empty otherwise
 };
 
-/// Reads --retriever, --retrieval-head, --budget, --sink, --selection, --gpu-memory-limit,
-/// --retriever-deadline-ms. Errors name the flag. `metrics` gets the retrieval
+/// Reads --retriever, --retrieval-head, --budget, --sink, --selection, --selection-source, --fallback-mass,
+/// --gpu-memory-limit, --retriever-deadline-ms (the source and the fallback only in process). Errors name the flag. `metrics` gets the retrieval
 /// latency of split mode (may be null).
 absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, const std::string& retriever,
                                         GeneratorMetrics* metrics);

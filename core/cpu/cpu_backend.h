@@ -66,6 +66,12 @@ class CpuBackend : public Backend {
   absl::Status ElasticLoad(int layer, const CopyList& copies, ElasticCounters* counters) override;
   absl::Status SparseAttention(int layer, const Tensor& q, const Tensor& k_cur, const Tensor& v_cur, float scale,
                                Tensor* out) override;
+  // Selection sources and the recall probe (cpu_layer_selection.cc): oracle = SelectTopB and quest =
+  // QuestSelectTopB over the layer's own q and K, the recall by AttentionRecallCpu.
+  absl::Status SelectLayerIndexSets(int layer, const Tensor& q, const LayerSelectionSpec& spec) override;
+  absl::Status AttentionRecall(int layer, const Tensor& q, float scale, Tensor* lse) override;
+  /// The sets SparseAttention reads now (the prepared ones, or a layer's after SelectLayerIndexSets): tests.
+  const IndexSets& prepared_sparse_sets() const { return sparse_sets_; }
 
  private:
   std::shared_ptr<CpuMemory> memory_;

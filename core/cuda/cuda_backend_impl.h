@@ -82,6 +82,12 @@ class CudaBackend : public Backend {
   absl::Status ElasticLoadLayers(int first, int count, const CopyList& copies, ElasticCounters* counters) override;
   absl::Status SparseAttention(int layer, const Tensor& q, const Tensor& k_cur, const Tensor& v_cur, float scale,
                                Tensor* out) override;
+  // ---- selection sources and the recall probe (cuda_layer_selection.cc) ----
+  absl::Status SelectLayerIndexSets(int layer, const Tensor& q, const LayerSelectionSpec& spec) override;
+  absl::Status AttentionRecall(int layer, const Tensor& q, float scale, Tensor* lse) override;
+  // Tests: waits for the stream and returns the positions SparseAttention reads now (the prepared ones, or
+  // a layer's after SelectLayerIndexSets), laid out as the prepared sets.
+  absl::StatusOr<std::vector<int32_t>> PreparedPositions();
   // ---- host memory registered by its owner, e.g. a kvstore segment (cuda_host_register.cc) ----
   absl::Status RegisterHostMemory(void* ptr, size_t bytes) override;
   absl::Status UnregisterHostMemory(void* ptr) override;

@@ -406,6 +406,7 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   }
   sp->n_seqs = n_seqs;
   sp->sets_per_seq = sets.sets_per_seq;
+  sp->host_indptr.assign(sets.indptr.begin(), sets.indptr.end());
   sp->has_slots = has_slots;
   sp->sum_keys = 0;
   sp->max_keys = 0;

@@ -72,6 +72,11 @@ struct CudaBackend::SparseState {
   // only offloaded layers read them, after their load_done.
   PinnedStaging slots_staging;
   Tensor partials;
+  // The prepared layout on the host (PrepareSparseDecode): per-layer selection sizes its work from it.
+  std::vector<int32_t> host_indptr;
+  // Per-layer selection (cuda_layer_selection.cc): the oracle's table and the selection kernels' work, or
+  // Quest's page scores; compute stream only.
+  Tensor layer_work;
 
   // Selection results come down through this (cuda_selection.cc): SelectIndexSets waits for its copy; a
   // started selection is pending until FinishSelectIndexSets waits for select_done (on the copy stream,

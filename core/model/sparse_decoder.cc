@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
 #include "core/model/kv_tiers.h"
+#include "core/model/sparse_decoder_state.h"
 #include "core/sparse/elastic.h"
 #include "core/status_macros.h"
 
@@ -45,19 +46,6 @@ uint64_t NextDecoderId() {
 
 }  // namespace
 
-struct SparseDecoder::SeqState {
-  SeqState(int32_t n_sets, int32_t b) : map(n_sets, b), budget(b) {}
-  SequenceKv* kv = nullptr;
-  Tensor cache;            // retrieval head K cache [n_kv, rows, hd], backend tensor (kRetrieval), grows
-  int32_t cache_len = 0;   // rows of `cache` written
-  SlotMap map;
-  int32_t budget;
-  int32_t len = 0;         // tokens whose KV exists
-  int32_t capacity = 0;    // tokens the sequence may reach
-  int32_t hidden_slot = -1;  // eagle3: row of hidden_pool_
-  PreviousSets prev_sets;    // synthetic_overlap: the sets of the last sparse step
-};
-
 SparseDecoder::SparseDecoder(Transformer* model, const RetrievalHead* head, const SparseOptions& options)
     : model_(model), head_(head), options_(options), graph_id_(NextDecoderId()) {}
 
@@ -68,10 +56,19 @@ SparseDecoder::~SparseDecoder() = default;
 
 absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer* model, const RetrievalHead* head,
                                                                      const SparseOptions& options) {
-  if (model == nullptr || head == nullptr) return absl::InvalidArgumentError("sparse decoding needs a model and a retrieval head");
+  if (model == nullptr) return absl::InvalidArgumentError("sparse decoding needs a model");
+  if (head == nullptr && options.source == SelectionSource::kHead) {
+    return absl::InvalidArgumentError("sparse decoding with the head selection source needs a retrieval head");
+  }
+  if (options.fallback_mass != 0 && (options.source != SelectionSource::kHead || !(options.fallback_mass > 0 &&
+                                                                                   options.fallback_mass <= 1))) {
+    return absl::InvalidArgumentError(absl::StrCat("weak-retrieval fallback mass must be in (0, 1] with the head ",
+                                                   "selection source, got ", options.fallback_mass, " with ",
+                                                   SelectionSourceName(options.source)));
+  }
   const ModelConfig& c = model->config();
-  RETURN_IF_ERROR(ValidateHeadForTarget(head->config(), c));
-  if (head->n_kv_heads() != c.num_key_value_heads) {
+  if (head != nullptr) RETURN_IF_ERROR(ValidateHeadForTarget(head->config(), c));
+  if (head != nullptr && head->n_kv_heads() != c.num_key_value_heads) {
     return absl::FailedPreconditionError(absl::StrCat("retrieval head has ", head->n_kv_heads(),
                                                       " KV heads but the model has ", c.num_key_value_heads));
   }
@@ -89,6 +86,16 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
   }
   std::unique_ptr<SparseDecoder> d(new SparseDecoder(model, head, options));
   if (options.synthetic_overlap > 0) d->synthetic_.emplace(options.synthetic_overlap);
+  d->layer_spec_.source = options.source;
+  d->layer_spec_.sink = options.sink;
+  d->layer_spec_.mode = options.mode;
+  if (head == nullptr) {
+    ASSIGN_OR_RETURN(std::optional<MemoryPlanner> planner,
+                     MakeMeasuredPlanner(*model, options.budget, options.gpu_memory_limit, 0, options.max_context));
+    d->tiers_.emplace(model->backend(), static_cast<int32_t>(c.num_hidden_layers), std::move(planner),
+                      options.kv_grow_rows);
+    return d;
+  }
   // The head's weights go up before the planner measures the device. A head that shares the target's
   // embedding reads the model's table on the backend instead of uploading a second copy (1 GB for an 8B
   // target's head); it was loaded from the same checkpoint tensor, so shape and dtype agree unless the
@@ -145,10 +152,14 @@ absl::StatusOr<std::unique_ptr<SequenceKv>> SparseDecoder::AllocateKv(uint64_t i
                                     rows));
   const int32_t n_sets = options_.mode == SelectionMode::kHeadLevel ? static_cast<int32_t>(c.num_key_value_heads) : 1;
   auto st = std::make_unique<SeqState>(n_sets, budget);
+  st->id = id;
   st->kv = kv.get();
   st->capacity = capacity;
-  ASSIGN_OR_RETURN(st->cache, dhead_->AllocateCache(rows));
-  if (head_->fused_width() > 0) {
+  st->rows = rows;
+  if (head_ != nullptr) {
+    ASSIGN_OR_RETURN(st->cache, dhead_->AllocateCache(rows));
+  }
+  if (head_ != nullptr && head_->fused_width() > 0) {
     ASSIGN_OR_RETURN(st->hidden_slot, TakeHiddenSlot());
   }
   Release(id);  // an id reused without Release must not leak its hidden slot
@@ -183,14 +194,14 @@ absl::Status SparseDecoder::OffloadLayers(int32_t gpu_layers) { return tiers_->O
 std::span<const TierSeq> SparseDecoder::TierSeqs() {
   tier_seqs_.clear();
   for (const auto& [id, st] : seqs_) {
-    tier_seqs_.push_back({st->kv, st->budget, static_cast<int32_t>(st->cache.dim(1)), st->capacity});
+    tier_seqs_.push_back({st->kv, st->budget, st->rows, st->capacity});
   }
   return tier_seqs_;
 }
 
 int64_t SparseDecoder::DeviceRowsInFlight() const {
   int64_t rows = 0;
-  for (const auto& [id, st] : seqs_) rows += st->cache.dim(1);  // the head cache grows with the KV rows
+  for (const auto& [id, st] : seqs_) rows += st->rows;
   return rows;
 }
 
@@ -205,8 +216,8 @@ absl::Status SparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, std::spa
     SeqState* st = it->second.get();
     const int32_t rows = DeviceRowsFor(fwd[i].past_len + static_cast<int32_t>(fwd[i].tokens.size()), st->capacity,
                                        options_.kv_grow_rows);
-    if (rows <= st->cache.dim(1)) continue;
-    total += rows - st->cache.dim(1);
+    if (rows <= st->rows) continue;
+    total += rows - st->rows;
     grow_.push_back({st, rows});
   }
   RETURN_IF_ERROR(tiers_->Plan(total, static_cast<int32_t>(seqs_.size()), TierSeqs()));
@@ -214,7 +225,8 @@ absl::Status SparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, std::spa
   PhaseClock::time_point t = PhaseClock::now();
   for (const auto& [st, rows] : grow_) {
     RETURN_IF_ERROR(GrowDeviceKv(b, st->kv, rows));
-    RETURN_IF_ERROR(GrowHeadRows(b, &st->cache, rows, MemoryKind::kRetrieval));
+    if (!st->cache.empty()) RETURN_IF_ERROR(GrowHeadRows(b, &st->cache, rows, MemoryKind::kRetrieval));
+    st->rows = rows;
     ++stats_.kv_grows;
   }
   if (!grow_.empty()) stats_.kv_grow_seconds += Lap(t);
@@ -222,7 +234,7 @@ absl::Status SparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, std::spa
 }
 
 absl::StatusOr<HiddenCapture*> SparseDecoder::PrepareCapture(int64_t n_tokens) {
-  const int64_t fw = head_->fused_width();
+  const int64_t fw = head_ != nullptr ? head_->fused_width() : 0;
   if (fw == 0) return nullptr;
   Backend& b = *model_->backend();
   capture_.on_device = true;
@@ -373,6 +385,7 @@ absl::Status SparseDecoder::Prefill(std::span<const ForwardSeq> fwd, std::span<S
   } else {
     RETURN_IF_ERROR(model_->Forward(fwd, /*all_tokens=*/false, logits, nullptr, cap));
   }
+  if (head_ == nullptr) return absl::OkStatus();
   Tensor q;
   RETURN_IF_ERROR(Observe(fwd, states, cap, &q));
   if (cap != nullptr) RETURN_IF_ERROR(KeepLastHidden(fwd, states, *cap));
@@ -386,9 +399,11 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
   SparseStepSeconds& secs = stats_.decode_seconds;
   const PhaseClock::time_point start = PhaseClock::now();
   PhaseClock::time_point t = start;
-  Tensor q;  // [n_seqs, n_heads, head_dim]: the current tokens' queries, on the backend
-  RETURN_IF_ERROR(Observe(fwd, states, nullptr, &q));
-  secs.observe += Lap(t);
+  Tensor q;  // [n_seqs, n_heads, head_dim]: the head's queries of the current tokens, on the backend
+  if (head_ != nullptr) {
+    RETURN_IF_ERROR(Observe(fwd, states, nullptr, &q));
+    secs.observe += Lap(t);
+  }
   bool all_small = true;
   for (size_t i = 0; i < fwd.size(); ++i) all_small = all_small && fwd[i].past_len <= states[i]->budget;
   SparseForward sf;
@@ -396,33 +411,17 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
   bool planned = false;
   maps_.clear();
   if (!sf.dense_attention) {
-    const int64_t nq = head_->n_heads(), hd = head_->head_dim();
-    queries_.resize(fwd.size());
-    for (size_t i = 0; i < fwd.size(); ++i) {
-      queries_[i].q = View(q, static_cast<int64_t>(i) * nq * hd, {nq, hd});
-      queries_[i].k_cache = states[i]->cache;
-      queries_[i].len = fwd[i].past_len;
-      queries_[i].budget = states[i]->budget;
+    if (IsPerLayerSource(options_.source) && offloaded) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "selection source ", SelectionSourceName(options_.source), " selects in every layer and needs every layer "
+          "resident, but ", n_layers - tiers_->gpu_layers(), " of ", n_layers,
+          " layers are offloaded (raise --gpu-memory-limit or use head/window)"));
     }
-    SelectionOptions so;
-    so.budget = options_.budget;
-    so.sink = options_.sink;
-    so.mode = options_.mode;
-    // The benchmark's synthetic rewrite needs the sets on the host before the forward; otherwise the
-    // positions may stay on the device until the host needs them (the elastic plan, after the forward).
-    // SPC_DEFER_SELECTION=0 waits for the sets before the forward (A/B of the deferred selection).
-    static const bool kDefer = [] {
-      const char* e = std::getenv("SPC_DEFER_SELECTION");
-      return e == nullptr || std::string(e) != "0";
-    }();
-    Backend& b = *model_->backend();
-    const bool defer = kDefer && options_.defer_selection && !synthetic_.has_value();
-    if (defer) {
-      RETURN_IF_ERROR(b.StartSelectIndexSets(queries_.data(), queries_.size(), so, &selection_));
+    if (options_.source == SelectionSource::kHead) {
+      RETURN_IF_ERROR(SelectWithHead(fwd, states, q, &sf));
     } else {
-      RETURN_IF_ERROR(b.SelectIndexSets(queries_.data(), queries_.size(), so, &selection_));
+      SelectWithoutHead(fwd, states, &sf);
     }
-    if (!selection_.pending) RETURN_IF_ERROR(TakeSelection());
     secs.select += Lap(t);
     if (synthetic_.has_value()) {
       prev_.clear();
@@ -468,6 +467,10 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
       }
     }
   }
+  ++decode_steps_;
+  if (options_.recall_observer && !sf.dense_attention) {
+    RETURN_IF_ERROR(StartRecallProbe(static_cast<int64_t>(fwd.size()), &sf));
+  }
   ASSIGN_OR_RETURN(HiddenCapture * cap, PrepareCapture(static_cast<int64_t>(fwd.size())));
   absl::Status fst;
   if (device) {
@@ -489,6 +492,7 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
     tiers_->ClearReloads();
   }
   // The step's sets become last_sets() by a swap (O(1)); the next selection refills the other buffer.
+  if (options_.recall_observer) RETURN_IF_ERROR(FinishRecallProbe(fwd, states, sf));
   if (!sf.dense_attention) std::swap(last_sets_, selection_.sets);
   ++(sf.dense_attention ? stats_.dense_steps : stats_.sparse_steps);
   if (cap != nullptr) RETURN_IF_ERROR(KeepLastHidden(fwd, states, *cap));

@@ -30,6 +30,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "core/model/attention_recall_probe.h"
 #include "core/model/layer_tiers.h"
 #include "core/model/pinned_host_cache.h"
 #include "core/model/sparse_hooks.h"
@@ -38,6 +39,7 @@
 #include "core/sparse/retrieval_head.h"
 #include "core/sparse/retrieval_head_device.h"
 #include "core/sparse/selection.h"
+#include "core/sparse/selection_source.h"
 #include "core/sparse/synthetic_overlap.h"
 
 namespace specontext {
@@ -69,6 +71,21 @@ struct SparseOptions {
   /// rows, staged per prompt chunk), so a server that caps its requests keeps that much more KV resident;
   /// AllocateKv refuses longer sequences (OutOfRange).
   int32_t max_context = 0;
+  /// Where the index sets come from (core/sparse/selection_source.h): the retrieval head (serving), or, to
+  /// evaluate it through this same path, window / oracle / quest, which need no head (Create takes a null
+  /// head for them). oracle and quest select in every layer (SparseForward::layer_selection) and need every
+  /// layer resident: a step with offloaded layers fails with FailedPrecondition.
+  SelectionSource source = SelectionSource::kHead;
+  /// Weak-retrieval fallback, head source only; 0 = off. A decode step where some sequence's head selection
+  /// kept a mean attention mass (SelectionResult::captured_mass over its query heads, the head's own
+  /// softmax) below this attends densely in every resident layer (SparseForward::dense_resident_layers:
+  /// exact, no new sets or copies; offloaded layers keep the sets, their slot buffers hold only those rows).
+  /// Counted in SparseEngineStats::weak_retrieval_fallback_steps. The step waits for its sets before the
+  /// forward (no deferred selection).
+  double fallback_mass = 0;
+  /// Attention recall probe (null: off, nothing runs): called after every decode step with the recall of
+  /// each sequence, layer and query head (core/model/attention_recall_probe.h). Probed steps run op by op.
+  AttentionRecallObserver recall_observer;
 };
 
 // The measured-mode memory planner for `model` under `gpu_memory_limit` (0: the backend's own limit);
@@ -87,7 +104,8 @@ class SparseDecoder : public SparseDecodeHooks {
  public:
   /// `model` and `head` must outlive the decoder. Validates the head against the model (dims, KV heads,
   /// vocabulary), the budget/sink against the context, uploads the head to the model's backend and builds
-  /// the planner. InvalidArgument / FailedPrecondition with a clear message otherwise.
+  /// the planner. InvalidArgument / FailedPrecondition with a clear message otherwise. `head` may be null
+  /// for the sources that need none (window, oracle, quest): then nothing of a head runs.
   static absl::StatusOr<std::unique_ptr<SparseDecoder>> Create(Transformer* model, const RetrievalHead* head,
                                                                const SparseOptions& options);
   ~SparseDecoder() override;
@@ -106,7 +124,8 @@ class SparseDecoder : public SparseDecodeHooks {
   absl::Status OffloadLayers(int32_t gpu_layers);
   int32_t gpu_layers() const { return tiers_->gpu_layers(); }
   const std::optional<MemoryPlanner>& planner() const { return tiers_->planner(); }
-  /// The last decode step's index sets (tests compare sparse attention against a reference with them).
+  /// The last decode step's index sets (tests compare sparse attention against a reference with them). For
+  /// oracle and quest these are the window sets that gave the layout; each layer replaced their positions.
   const IndexSets& last_sets() const { return last_sets_; }
   /// The token->slot map of a live sequence (null when unknown): tests check slot buffers against it.
   const SlotMap* slot_map(uint64_t id) const;
@@ -115,7 +134,8 @@ class SparseDecoder : public SparseDecodeHooks {
   /// rows [0, retrieval_len(id)) are valid.
   const Tensor* retrieval_cache(uint64_t id) const;
   int32_t retrieval_len(uint64_t id) const;
-  const DeviceRetrievalHead& device_head() const { return *dhead_; }
+  const DeviceRetrievalHead& device_head() const { return *dhead_; }  // head source only
+  SelectionSource source() const { return options_.source; }
   /// Where offloaded layers' host copies come from unless a ScopedHostKvAllocator is active at admission (the
   /// services' kvstore): pinned blocks cached for reuse. Reserve() on it pins ahead of generation.
   PinnedHostCache& host_cache() { return *host_cache_; }
@@ -149,6 +169,17 @@ class SparseDecoder : public SparseDecodeHooks {
   // Waits for the step's selection where it is still on the device (Backend::FinishSelectIndexSets) and
   // records its captured mass.
   absl::Status TakeSelection();
+  // The head source's step: the selection (deferred unless something needs the sets first), into sf->desc;
+  // with fallback_mass, a weak selection sets sf->dense_resident_layers (sparse_decoder_sources.cc).
+  absl::Status SelectWithHead(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, const Tensor& q,
+                              SparseForward* sf);
+  // The other sources' step: window sets (oracle, quest: their layout, each layer choosing the positions).
+  void SelectWithoutHead(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, SparseForward* sf);
+  // Recall probe around the forward of a sparse step: the lse buffer into sf (zeroed, so that layers which
+  // attend densely read as recall 1), then its download and the observer's call. A dense step reports 1.
+  absl::Status StartRecallProbe(int64_t n_seqs, SparseForward* sf);
+  absl::Status FinishRecallProbe(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
+                                 const SparseForward& sf);
   // eagle3: stores each sequence's last captured row into its hidden_pool_ row.
   absl::Status KeepLastHidden(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states,
                               const HiddenCapture& capture);
@@ -176,6 +207,12 @@ class SparseDecoder : public SparseDecodeHooks {
   SparseEngineStats stats_;
   IndexSets last_sets_;
   SelectionResult selection_;
+  LayerSelectionSpec layer_spec_;  // oracle, quest: what each layer selects by
+  std::vector<int32_t> lens_, budgets_;  // SelectWithoutHead scratch
+  // Recall probe: [n_layers, n_seqs, n_heads, 2] f32 on the backend and its host copy, the step's record.
+  Tensor recall_lse_, recall_host_;
+  AttentionRecallStep recall_step_;
+  int64_t decode_steps_ = 0;
   // Per-step scratch, reused so that a decode step does not reallocate.
   std::vector<int32_t> ids_, gather_;
   std::vector<DeviceRetrievalHead::Seq> head_seqs_;

@@ -43,6 +43,8 @@ struct SparseEngineStats {
   int64_t host_kv_bytes = 0;      // now: pinned host bytes (Backend::host_memory_report total)
   int64_t device_bytes = 0;       // now: device bytes (Backend::memory_report total)
   double last_captured_mass = 1;  // last step: mean attention mass the selection kept (retrieval head)
+  // Decode steps whose retrieval was weak (SparseOptions::fallback_mass): the resident layers attended densely.
+  int64_t weak_retrieval_fallback_steps = 0;
   SparseStepSeconds decode_seconds;  // host time of decode steps by phase (SparseDecoder only)
 };
 

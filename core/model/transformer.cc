@@ -211,6 +211,14 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
   ASSIGN_OR_RETURN(Tensor attn, b.Alloc(dt, {n, nh, hd}, MemoryKind::kWorkspace));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   if (sparse != nullptr && !sparse->dense_attention && (offloaded || !sparse->dense_resident_layers)) {
+    if (sparse->layer_selection != nullptr) RETURN_IF_ERROR(b.SelectLayerIndexSets(l, q3, *sparse->layer_selection));
+    if (sparse->recall_lse != nullptr) {
+      const Tensor& r = *sparse->recall_lse;  // [n_layers, n_seqs, n_heads, 2]
+      const int64_t per_layer = r.numel() / r.dim(0);
+      Tensor lse(static_cast<char*>(r.data()) + l * per_layer * DTypeSize(r.dtype()), r.dtype(), {n, nh, 2},
+                 r.device(), r.storage());
+      RETURN_IF_ERROR(b.AttentionRecall(l, q3, scale, &lse));
+    }
     RETURN_IF_ERROR(b.SparseAttention(l, q3, k3, v3, scale, &attn));
   } else {
     RETURN_IF_ERROR(b.Attention(l, q3, scale, &attn));

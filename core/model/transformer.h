@@ -54,6 +54,14 @@ struct SparseForward {
   // layer_copies, which are then prepared and loaded, so the host's elastic plan runs while the GPU computes
   // the resident layers. Null: desc and layer_copies are complete before the forward.
   std::function<absl::Status()> before_offloaded;
+  // Evaluation of selection sources (core/sparse/selection_source.h), both off (null) when serving. With
+  // `layer_selection`, every layer that attends sparsely first replaces the prepared positions by its own
+  // (Backend::SelectLayerIndexSets from its rotated q and KV: oracle, quest). With `recall_lse` (a backend
+  // tensor f32 [n_layers, n_seqs, n_heads, 2]), every such layer writes its slice by Backend::AttentionRecall
+  // before its attention; layers that attend densely leave theirs as it was. Either runs the step op by op
+  // (no step graph).
+  const LayerSelectionSpec* layer_selection = nullptr;
+  Tensor* recall_lse = nullptr;
 };
 
 // Hidden states to capture for an EAGLE-3 retrieval head: the residual stream entering each of `layers`

@@ -102,6 +102,8 @@ int Transformer::GraphableLayers(std::span<const ForwardSeq> seqs, int64_t n_tok
     }
   }
   if (resident < n_layers && sparse == nullptr) return 0;  // dense steps: whole graphs only
+  // The evaluation hooks (per-layer selection, recall probe) run op by op.
+  if (sparse != nullptr && (sparse->layer_selection != nullptr || sparse->recall_lse != nullptr)) return 0;
   if (sparse != nullptr) {
     for (size_t l = 0; l < sparse->layer_copies.size(); ++l) {
       if (sparse->layer_copies[l] != nullptr && static_cast<int>(l) < resident) return 0;

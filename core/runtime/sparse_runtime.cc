@@ -1,7 +1,9 @@
 #include "core/runtime/sparse_runtime.h"
 
 #include "absl/strings/str_cat.h"
+#include "core/log.h"
 #include "core/sparse/index_sets.h"
+#include "core/sparse/selection_source.h"
 #include "core/status_macros.h"
 
 namespace specontext {
@@ -35,10 +37,30 @@ absl::StatusOr<SparseRuntime> MakeSparseRuntime(const Runtime& rt, const SparseR
     return absl::InvalidArgumentError(absl::StrCat("--synthetic-overlap must be in [0, 1], got ", o.synthetic_overlap));
   }
   so.synthetic_overlap = o.synthetic_overlap;
+  {
+    auto source = ParseSelectionSource(o.selection_source);
+    if (!source.ok()) return absl::InvalidArgumentError(absl::StrCat("--selection-source: ", source.status().message()));
+    so.source = *source;
+  }
+  if (o.fallback_mass != 0 && (so.source != SelectionSource::kHead || !(o.fallback_mass > 0 && o.fallback_mass <= 1))) {
+    return absl::InvalidArgumentError(absl::StrCat("--fallback-mass must be in (0, 1] and needs --selection-source head, ",
+                                                   "got ", o.fallback_mass, " with ", SelectionSourceName(so.source)));
+  }
+  so.fallback_mass = o.fallback_mass;
+  so.recall_observer = o.recall_observer;
+  SparseRuntime out;
+  if (so.source != SelectionSource::kHead) {
+    if (!o.retrieval_head.empty()) {
+      SPC_LOG(WARNING) << "--retrieval-head is not used by --selection-source " << SelectionSourceName(so.source);
+    }
+    auto dec = SparseDecoder::Create(rt.model.get(), nullptr, so);
+    if (!dec.ok()) return absl::Status(dec.status().code(), absl::StrCat("--sparse: ", dec.status().message()));
+    out.decoder = std::shared_ptr<SparseDecoder>(std::move(*dec));
+    return out;
+  }
   if (o.retrieval_head.empty()) {
     return absl::InvalidArgumentError("--sparse needs --retrieval-head DIR (write one with `specontext prune`)");
   }
-  SparseRuntime out;
   auto head = RetrievalHead::Load(o.retrieval_head, rt.model->config(), rt.checkpoint.weights.get());
   if (!head.ok()) {
     return absl::Status(head.status().code(), absl::StrCat("--retrieval-head: ", head.status().message()));

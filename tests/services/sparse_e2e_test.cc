@@ -72,6 +72,40 @@ TEST_F(SparseServices, InprocMatchesEngineCli) {
   EXPECT_EQ(Metric(gen.metrics_port(), "spc_retrieval_fallback_steps_total"), 0);
 }
 
+// Evaluation sources and the weak-retrieval fallback through the generator: window decoding needs no head and
+// gives the CLI's window text; a fallback threshold of 1 makes every sparse step fall back (every layer is
+// resident, so the text is the dense one) and the count reaches /metrics.
+TEST_F(SparseServices, InprocSelectionSourceAndFallback) {
+  const int kNew = 40;
+  {
+    ServerProcess gen;
+    std::vector<std::string> args = ModelArgs();
+    for (const char* a : {"--retriever", "inproc", "--budget", "8", "--sink", "1", "--selection-source", "window"}) {
+      args.push_back(a);
+    }
+    ASSERT_TRUE(gen.Start(SPC_GENERATOR_BIN, args).ok());
+    StreamResult r = CallGenerate(GeneratorStub(gen.address()).get(), Request(kNew));
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.text + "\n", Cli({"--sparse", "--selection-source", "window", "--budget", "8", "--sink", "1"}, kNew));
+    EXPECT_GT(Metric(gen.metrics_port(), "spc_sparse_decode_steps_total"), 0);
+  }
+  ServerProcess gen;
+  std::vector<std::string> args = ModelArgs();
+  for (const char* a : {"--retriever", "inproc", "--budget", "8", "--sink", "1", "--fallback-mass", "1",
+                        "--retrieval-head"}) {
+    args.push_back(a);
+  }
+  args.push_back(head_);
+  ASSERT_TRUE(gen.Start(SPC_GENERATOR_BIN, args).ok());
+  StreamResult r = CallGenerate(GeneratorStub(gen.address()).get(), Request(kNew));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.text + "\n", Cli({}, kNew));
+  const double fallback = Metric(gen.metrics_port(), "spc_weak_retrieval_fallback_steps_total");
+  EXPECT_GT(fallback, 0);
+  EXPECT_EQ(fallback, Metric(gen.metrics_port(), "spc_sparse_decode_steps_total"));
+  ExpectPromtoolAccepts(gen.metrics_port());
+}
+
 // Under a device limit the planner moves layers to host: elastic loading runs, and its counters reach the
 // final response and /metrics. The limit is calibrated with the CLI (the first that offloads a layer).
 TEST_F(SparseServices, InprocWithOffloadedLayersMatchesEngineCli) {

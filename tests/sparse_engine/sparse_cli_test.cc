@@ -76,6 +76,46 @@ TEST_F(SparseCliTest, PruneThenGenerateSparse) {
   EXPECT_EQ(small.err.find("sparse_steps=0"), std::string::npos) << small.err;
 }
 
+// `score` with each selection source and the recall probe: one JSONL line per decode step (position, a
+// recall per layer in [0, 1]), the summary in the score line; window/oracle/quest need no head.
+TEST_F(SparseCliTest, ScoreWithSelectionSourcesAndRecall) {
+  ASSERT_EQ(Cli({"prune", "--source", Model(), "--kind", "layer", "--target", Model(), "--out", Head()}).exit_code, 0);
+  const std::string ids = Dir("ids.json");
+  {
+    std::ofstream f(ids);
+    f << "[";
+    for (int i = 0; i < 40; ++i) f << (i ? "," : "") << 3 + (i * 37) % 400;
+    f << "]";
+  }
+  for (const char* source : {"head", "window", "oracle", "quest"}) {
+    SCOPED_TRACE(source);
+    const std::string out = Dir(absl::StrCat("recall_", source, ".jsonl"));
+    std::vector<std::string> a = {"score", "--model", Model(), "--backend", "cpu", "--threads", "2", "--token-ids", ids,
+                                  "--prompt-tokens", "10", "--sparse", "--budget", "6", "--selection-source", source,
+                                  "--recall-out", out, "--buckets", "20"};
+    if (std::string(source) == "head") {
+      a.push_back("--retrieval-head");
+      a.push_back(Head());
+    }
+    CliRun r = Cli(a);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find(absl::StrCat("\"selection_source\":\"", source, "\"")), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("\"recall\":{"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("\"weak_retrieval_fallback_steps\":0"), std::string::npos) << r.out;
+    std::ifstream f(out);
+    std::string line;
+    int lines = 0;
+    while (std::getline(f, line)) {
+      ++lines;
+      EXPECT_EQ(line.rfind(absl::StrCat("{\"position\":", 9 + lines, ",\"recall\":["), 0), 0u) << line;
+    }
+    EXPECT_EQ(lines, 29);  // 40 tokens, 10 prefilled: 29 decode steps (the first scored token is the prefill's)
+  }
+  CliRun r = Cli({"score", "--model", Model(), "--backend", "cpu", "--token-ids", ids, "--recall"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--recall"), std::string::npos) << r.err;
+}
+
 TEST_F(SparseCliTest, BadInputGivesClearErrors) {
   ASSERT_EQ(Cli({"prune", "--source", Model(), "--kind", "layer", "--target", Model(), "--out", Head()}).exit_code, 0);
   struct Case {
@@ -90,6 +130,10 @@ TEST_F(SparseCliTest, BadInputGivesClearErrors) {
       {{"--budget", "16"}, "need --sparse"},
       {{"--sparse", "--retrieval-head", Dir("missing")}, "--retrieval-head"},
       {{"--sparse", "--retrieval-head", Head(), "--selection", "row"}, "--selection"},
+      {{"--sparse", "--selection-source", "random"}, "--selection-source"},
+      {{"--sparse", "--selection-source", "window", "--fallback-mass", "0.5"}, "--fallback-mass"},
+      {{"--sparse", "--retrieval-head", Head(), "--fallback-mass", "2"}, "--fallback-mass"},
+      {{"--selection-source", "window"}, "need --sparse"},
   };
   for (const Case& c : cases) {
     CliRun r = Generate(c.args);

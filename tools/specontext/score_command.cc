@@ -1,12 +1,17 @@
 // `specontext score`: teacher-forced scoring of a token sequence through the Engine's decode path (every
 // token after the first --prompt-tokens is a decode step, so sparse selection runs at each one). Prints a
 // JSON line with the mean negative log-likelihood and perplexity (overall and per position bucket) and can
-// write every step's logits to a .npy file for comparison with a reference (tools/reference/).
+// write every step's logits to a .npy file for comparison with a reference (tools/reference/). In sparse mode
+// --recall (or --recall-out FILE.jsonl, one line per decode step, with the loss of the token its logits
+// predict) probes the attention recall of every layer and query head in the decode forward
+// (SparseOptions::recall_observer) and adds its summary.
 #include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <memory>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -19,6 +24,7 @@
 #include "nlohmann/json.hpp"
 #include "tools/specontext/commands.h"
 #include "tools/specontext/npy_writer.h"
+#include "tools/specontext/recall_summary.h"
 #include "tools/specontext/sparse_flags.h"
 
 namespace specontext {
@@ -38,6 +44,9 @@ void DefineScoreFlags(Args& args) {
                false, false, "1"});
   args.Define({"buckets", "position bucket edges for the per-bucket figures, e.g. 1024,4096"});
   args.Define({"logits-out", ".npy file for the logits of every scored step [steps, vocab] (f32)"});
+  args.Define({"recall", "sparse: probe the attention recall of every layer and head (summary in the JSON line)", true});
+  args.Define({"recall-out", "sparse: JSONL file, one line per decode step: position, per-layer mean and min recall "
+               "(implies --recall)"});
   args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   args.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
   args.Define({"threads", "CPU threads (0 = all cores)", false, false, "0"});
@@ -106,6 +115,35 @@ absl::Status RunScore(const Args& args) {
   }
   std::sort(edges.begin(), edges.end());
   ASSIGN_OR_RETURN(std::optional<SparseRuntimeOptions> sparse, SparseOptionsFromArgs(args, ro.gpu_memory_limit));
+  const bool recall = args.GetBool("recall") || args.Has("recall-out");
+  if (recall && !sparse) return absl::InvalidArgumentError("--recall and --recall-out need --sparse");
+  std::FILE* recall_file = nullptr;
+  if (args.Has("recall-out")) {
+    recall_file = std::fopen(args.GetString("recall-out").c_str(), "w");
+    if (recall_file == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("--recall-out: cannot write ", args.GetString("recall-out")));
+    }
+  }
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> recall_closer(recall_file, [](std::FILE* f) {
+    return f != nullptr ? std::fclose(f) : 0;
+  });
+  RecallSummary recall_summary(edges);
+  // A step's line waits for the logits of that step (they come right after its forward) to carry "nll",
+  // the loss of the token those logits predict: one sequence, so at most one line is pending.
+  std::optional<nlohmann::ordered_json> pending_line;
+  auto flush_line = [&pending_line, recall_file]() {
+    if (pending_line && recall_file != nullptr) std::fprintf(recall_file, "%s\n", pending_line->dump().c_str());
+    pending_line.reset();
+  };
+  if (recall) {
+    sparse->recall_observer = [&](const AttentionRecallStep& step) {
+      for (int32_t i = 0; i < step.n_seqs; ++i) {
+        recall_summary.Add(step, i);
+        flush_line();
+        pending_line = RecallStepLine(step, i);
+      }
+    };
+  }
 
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
   std::vector<int32_t> tokens;
@@ -151,6 +189,10 @@ absl::Status RunScore(const Args& args) {
     const double nll = std::log(sum) + max - logits[target];
     const bool hit = std::max_element(logits.begin(), logits.end()) - logits.begin() == target;
     buckets.Add(position, nll, hit);
+    if (pending_line && (*pending_line)["position"].get<int64_t>() == position - 1) {
+      (*pending_line)["nll"] = std::round(nll * 1e4) / 1e4;
+      flush_line();
+    }
     if (npy && write_status.ok()) write_status = npy->Append(logits);
     if ((index + 1) % 256 == 0 || index + 1 == req.max_new_tokens) {
       std::fprintf(stderr, "score: %d / %d tokens%s", index + 1, static_cast<int>(n - prompt_tokens),
@@ -163,6 +205,7 @@ absl::Status RunScore(const Args& args) {
   ASSIGN_OR_RETURN(GenerationResult result, engine.Generate(std::move(req)));
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   RETURN_IF_ERROR(write_status);
+  flush_line();
   if (npy) RETURN_IF_ERROR(npy->Close());
   if (result.stats.generated_tokens != steps) {
     return absl::InternalError(absl::StrCat("scored ", result.stats.generated_tokens, " of ", steps, " tokens"));
@@ -187,8 +230,16 @@ absl::Status RunScore(const Args& args) {
   if (sparse) {
     const SparseEngineStats st = engine.sparse_stats();
     out["budget"] = sparse->budget;
+    out["sink"] = sparse->sink;
+    out["selection_source"] = sparse->selection_source;
     out["sparse_steps"] = st.sparse_steps;
     out["dense_steps"] = st.dense_steps;
+    out["fallback_mass"] = sparse->fallback_mass;
+    out["weak_retrieval_fallback_steps"] = st.weak_retrieval_fallback_steps;
+    if (recall) out["recall"] = recall_summary.ToJson();
+  }
+  if (recall_file != nullptr && std::fclose(recall_closer.release()) != 0) {
+    return absl::InternalError("--recall-out: writing the file failed");
   }
   std::printf("%s\n", out.dump().c_str());
   return absl::OkStatus();

@@ -1,0 +1,136 @@
+// SparseDecoder: where a decode step's index sets come from (SparseOptions::source), the
+// weak-retrieval fallback and the attention recall probe (docs/sparse.md "Selection sources").
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "core/model/sparse_decoder.h"
+#include "core/model/sparse_decoder_state.h"
+#include "core/status_macros.h"
+
+namespace specontext {
+namespace {
+
+// A view of `t`'s storage from element `offset` with `shape` (no copy).
+Tensor View(const Tensor& t, int64_t offset, Shape shape) {
+  return Tensor(static_cast<char*>(t.data()) + offset * DTypeSize(t.dtype()), t.dtype(),
+                std::move(shape), t.device(), t.storage());
+}
+
+}  // namespace
+
+absl::Status SparseDecoder::SelectWithHead(std::span<const ForwardSeq> fwd,
+                                           std::span<SeqState* const> states, const Tensor& q,
+                                           SparseForward* sf) {
+  const int64_t nq = head_->n_heads(), hd = head_->head_dim();
+  queries_.resize(fwd.size());
+  for (size_t i = 0; i < fwd.size(); ++i) {
+    queries_[i].q = View(q, static_cast<int64_t>(i) * nq * hd, {nq, hd});
+    queries_[i].k_cache = states[i]->cache;
+    queries_[i].len = fwd[i].past_len;
+    queries_[i].budget = states[i]->budget;
+  }
+  SelectionOptions so;
+  so.budget = options_.budget;
+  so.sink = options_.sink;
+  so.mode = options_.mode;
+  // The benchmark's synthetic rewrite and the weak-retrieval fallback need the sets (or their mass)
+  // on the host before the forward; otherwise the positions may stay on the device until the host
+  // needs them (the elastic plan, after the forward). SPC_DEFER_SELECTION=0 waits for the sets
+  // before the forward (A/B).
+  static const bool kDefer = [] {
+    const char* e = std::getenv("SPC_DEFER_SELECTION");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  Backend& b = *model_->backend();
+  const bool fallback = options_.fallback_mass > 0;
+  const bool defer = kDefer && options_.defer_selection && !synthetic_.has_value() && !fallback;
+  if (defer) {
+    RETURN_IF_ERROR(b.StartSelectIndexSets(queries_.data(), queries_.size(), so, &selection_));
+  } else {
+    RETURN_IF_ERROR(b.SelectIndexSets(queries_.data(), queries_.size(), so, &selection_));
+  }
+  if (!selection_.pending) RETURN_IF_ERROR(TakeSelection());
+  if (fallback) {
+    // Weak retrieval: some sequence's head kept less than the threshold of its own attention mass
+    // (mean over its query heads). The resident layers then attend to everything they hold.
+    const size_t nqh = static_cast<size_t>(selection_.n_q_heads);
+    for (size_t i = 0; i < fwd.size() && nqh > 0 && !sf->dense_resident_layers; ++i) {
+      double mass = 0;
+      for (size_t h = 0; h < nqh; ++h) mass += selection_.captured_mass[i * nqh + h];
+      sf->dense_resident_layers = mass / static_cast<double>(nqh) < options_.fallback_mass;
+    }
+    if (sf->dense_resident_layers) ++stats_.weak_retrieval_fallback_steps;
+  }
+  return absl::OkStatus();
+}
+
+void SparseDecoder::SelectWithoutHead(std::span<const ForwardSeq> fwd,
+                                      std::span<SeqState* const> states, SparseForward* sf) {
+  lens_.resize(fwd.size());
+  budgets_.resize(fwd.size());
+  for (size_t i = 0; i < fwd.size(); ++i) {
+    lens_[i] = fwd[i].past_len;
+    budgets_[i] = states[i]->budget;
+  }
+  const int32_t n_kv = static_cast<int32_t>(model_->config().num_key_value_heads);
+  const int32_t sets_per_seq = options_.mode == SelectionMode::kHeadLevel ? n_kv : 1;
+  // window: these are the sets. oracle, quest: their sizes are every selection's, min(B, past), and
+  // each layer replaces the positions with its own before it attends.
+  WindowIndexSets(lens_, budgets_, n_kv, sets_per_seq, options_.sink, &selection_.sets);
+  selection_.captured_mass.clear();
+  selection_.n_q_heads = 0;
+  selection_.pending = false;
+  if (IsPerLayerSource(options_.source)) sf->layer_selection = &layer_spec_;
+}
+
+absl::Status SparseDecoder::StartRecallProbe(int64_t n_seqs, SparseForward* sf) {
+  const ModelConfig& c = model_->config();
+  const Shape shape{c.num_hidden_layers, n_seqs, c.num_attention_heads, 2};
+  Backend& b = *model_->backend();
+  if (recall_lse_.shape() != shape) {
+    ASSIGN_OR_RETURN(recall_lse_, b.Alloc(DType::kF32, shape, MemoryKind::kWorkspace));
+    recall_host_ = Tensor::HostEmpty(DType::kF32, shape);
+  }
+  RETURN_IF_ERROR(b.Zero(&recall_lse_));  // (0, 0) = recall 1 for the layers that attend densely
+  sf->recall_lse = &recall_lse_;
+  return absl::OkStatus();
+}
+
+absl::Status SparseDecoder::FinishRecallProbe(std::span<const ForwardSeq> fwd,
+                                              std::span<SeqState* const> states,
+                                              const SparseForward& sf) {
+  const ModelConfig& c = model_->config();
+  AttentionRecallStep& r = recall_step_;
+  const int32_t n_seqs = static_cast<int32_t>(fwd.size());
+  if (sf.recall_lse != nullptr) {
+    RETURN_IF_ERROR(model_->backend()->ToHost(recall_lse_, &recall_host_));
+    RETURN_IF_ERROR(RecallFromLse(recall_host_, &r));
+  } else {
+    FillFullRecall(n_seqs, static_cast<int32_t>(c.num_hidden_layers),
+                   static_cast<int32_t>(c.num_attention_heads), &r);
+  }
+  r.step = decode_steps_;
+  r.dense = sf.dense_attention;
+  r.fallback = sf.dense_resident_layers;
+  r.ids.resize(n_seqs);
+  r.positions.resize(n_seqs);
+  for (int32_t i = 0; i < n_seqs; ++i) {
+    r.ids[i] = states[i]->id;
+    r.positions[i] = fwd[i].past_len;
+  }
+  r.head_mass.clear();
+  const size_t nqh = static_cast<size_t>(selection_.n_q_heads);
+  if (!sf.dense_attention && nqh > 0 && selection_.captured_mass.size() == nqh * fwd.size()) {
+    for (int32_t i = 0; i < n_seqs; ++i) {
+      double mass = 0;
+      for (size_t h = 0; h < nqh; ++h) mass += selection_.captured_mass[i * nqh + h];
+      r.head_mass.push_back(static_cast<float>(mass / static_cast<double>(nqh)));
+    }
+  }
+  options_.recall_observer(r);
+  return absl::OkStatus();
+}
+
+}  // namespace specontext
