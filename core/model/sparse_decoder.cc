@@ -47,6 +47,7 @@ uint64_t NextDecoderId() {
 
 struct SparseDecoder::SeqState {
   SeqState(int32_t n_sets, int32_t b) : map(n_sets, b), budget(b) {}
+  uint64_t id = 0;         // the engine's request id
   SequenceKv* kv = nullptr;
   Tensor cache;            // retrieval head K cache [n_kv, rows, hd], backend tensor (kRetrieval), grows
   int32_t cache_len = 0;   // rows of `cache` written
@@ -145,6 +146,7 @@ absl::StatusOr<std::unique_ptr<SequenceKv>> SparseDecoder::AllocateKv(uint64_t i
                                     rows));
   const int32_t n_sets = options_.mode == SelectionMode::kHeadLevel ? static_cast<int32_t>(c.num_key_value_heads) : 1;
   auto st = std::make_unique<SeqState>(n_sets, budget);
+  st->id = id;
   st->kv = kv.get();
   st->capacity = capacity;
   ASSIGN_OR_RETURN(st->cache, dhead_->AllocateCache(rows));
@@ -489,7 +491,11 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
     tiers_->ClearReloads();
   }
   // The step's sets become last_sets() by a swap (O(1)); the next selection refills the other buffer.
-  if (!sf.dense_attention) std::swap(last_sets_, selection_.sets);
+  if (!sf.dense_attention) {
+    std::swap(last_sets_, selection_.sets);
+    last_set_ids_.clear();
+    for (const SeqState* st : states) last_set_ids_.push_back(st->id);
+  }
   ++(sf.dense_attention ? stats_.dense_steps : stats_.sparse_steps);
   if (cap != nullptr) RETURN_IF_ERROR(KeepLastHidden(fwd, states, *cap));
   secs.apply += Lap(t);

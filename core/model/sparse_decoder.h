@@ -108,6 +108,9 @@ class SparseDecoder : public SparseDecodeHooks {
   const std::optional<MemoryPlanner>& planner() const { return tiers_->planner(); }
   /// The last decode step's index sets (tests compare sparse attention against a reference with them).
   const IndexSets& last_sets() const { return last_sets_; }
+  /// The request ids of last_sets()' sequences, in their order (evaluation tools follow each request's
+  /// step-to-step overlap with it).
+  std::span<const uint64_t> last_set_ids() const { return last_set_ids_; }
   /// The token->slot map of a live sequence (null when unknown): tests check slot buffers against it.
   const SlotMap* slot_map(uint64_t id) const;
   /// The retrieval head's K cache of a live sequence (null when unknown): a backend tensor
@@ -175,6 +178,7 @@ class SparseDecoder : public SparseDecodeHooks {
   absl::flat_hash_map<uint64_t, std::unique_ptr<SeqState>> seqs_;
   SparseEngineStats stats_;
   IndexSets last_sets_;
+  std::vector<uint64_t> last_set_ids_;  // [last_sets_.n_seqs]
   SelectionResult selection_;
   // Per-step scratch, reused so that a decode step does not reallocate.
   std::vector<int32_t> ids_, gather_;
