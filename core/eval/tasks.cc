@@ -163,9 +163,11 @@ absl::StatusOr<EvalTask> ParseTask(const json& j, const LineErrors& err, TaskFil
   }
   const json& mnt = j["max_new_tokens"];
   if (!mnt.is_number_integer()) return err.Type("max_new_tokens", "a positive integer", mnt);
-  // is_number_unsigned: values past INT64_MAX arrive as unsigned and must not wrap when read as int64.
-  if (mnt.is_number_unsigned() ? mnt.get<uint64_t>() > static_cast<uint64_t>(kMaxTaskNewTokens)
-                               : mnt.get<int64_t>() < 1 || mnt.get<int64_t>() > kMaxTaskNewTokens) {
+  // Non-negative values arrive as unsigned (those past INT64_MAX must not wrap when read as int64).
+  const bool in_range = mnt.is_number_unsigned()
+                            ? mnt.get<uint64_t>() >= 1 && mnt.get<uint64_t>() <= static_cast<uint64_t>(kMaxTaskNewTokens)
+                            : mnt.get<int64_t>() >= 1 && mnt.get<int64_t>() <= kMaxTaskNewTokens;
+  if (!in_range) {
     return err.Field("max_new_tokens", absl::StrCat("must be in [1, ", kMaxTaskNewTokens, "], got ", mnt.dump()));
   }
   t.max_new_tokens = static_cast<int32_t>(mnt.get<int64_t>());
