@@ -309,8 +309,10 @@ def sized_task(category, seed, hay, length, counter, cpt):
         if target * 0.98 <= tokens <= target:
             break
         size = max(16, int(size * (target * 0.99 / max(tokens, 1))))
-    if best is None:
-        raise SystemExit(f"make_ruler_tasks: no {category} prompt fits {target} tokens")
+    if best is None or best[3] < 0.9 * target:
+        got = "none" if best is None else f"{best[3]:.0f} tokens at most"
+        raise SystemExit(f"make_ruler_tasks: cannot size a {category} prompt to {target} tokens ({got}): "
+                         "too little held-out text or vocabulary?")
     return best
 
 
