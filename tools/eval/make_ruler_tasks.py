@@ -116,21 +116,24 @@ class Haystack:
         self.words = sorted(words)
 
     def passage(self, rng, chars):
-        """About `chars` characters of one corpus's held-out text, whole sentences from a random start (a corpus
-        shorter than that is continued by the next one)."""
-        name = rng.choice(self.names)
-        i = self.names.index(name)
-        text = self.texts[name]
-        start = rng.randrange(len(text) - chars) if len(text) > chars else 0
+        """About `chars` characters of held-out text: from a random sentence start of a random corpus, continued
+        by the next corpus where it runs out. The start does not depend on `chars`, so a longer passage extends a
+        shorter one (sizing searches on `chars`)."""
+        i = rng.randrange(len(self.names))
+        name, text = self.names[i], self.texts[self.names[i]]
+        start = int(rng.random() * len(text))
         m = re.compile(r"[.!?]\s+(?=[A-Z\"'(])").search(text, start)
-        start = m.end() if m and start > 0 and m.end() < len(text) - chars // 2 else 0
+        start = m.end() if m else 0
         out = text[start:start + chars + 200]
         while len(out) < chars + 200:
             i = (i + 1) % len(self.names)
             out += " " + self.texts[self.names[i]][:chars + 200 - len(out)]
-        # End on the last sentence end at or before `chars` characters when there is one in the last quarter.
+        # End on a sentence end in the last 5% of `chars`, else on a word boundary.
         cut = max(out.rfind(". ", 0, chars), out.rfind("? ", 0, chars), out.rfind("! ", 0, chars))
-        return name, out[:cut + 1] if cut > chars * 3 // 4 else out[:chars]
+        if cut > chars * 19 // 20:
+            return name, out[:cut + 1]
+        space = out.rfind(" ", 0, chars)
+        return name, out[:space] if space > 0 else out[:chars]
 
 
 def random_key(rng):
@@ -297,23 +300,33 @@ def initial_size(category, target_tokens, cpt):
 
 
 def sized_task(category, seed, hay, length, counter, cpt):
-    """The largest task of `category` whose prompt fits length - max_new_tokens, by secant steps on the size."""
+    """The largest task of `category` whose prompt fits length - max_new_tokens: secant steps on the size
+    parameter, then bisection between the largest size that fits and the smallest that does not (passages end
+    on sentence ends, so tokens grow in steps)."""
     target = length - MAX_NEW_TOKENS[category]
     size = max(16, initial_size(category, target, cpt))
-    best = None
-    for _ in range(12):
+    fits, over = None, None  # (size, prompt, answers, meta, tokens)
+    for _ in range(24):
         prompt, answers, meta = build(category, seed, hay, size, length)
         tokens = counter.count(category, prompt)
-        if tokens <= target and (best is None or tokens > best[3]):
-            best = (prompt, answers, meta, tokens)
+        if tokens <= target:
+            if fits is None or size > fits[0]:
+                fits = (size, prompt, answers, meta, tokens)
+        elif over is None or size < over[0]:
+            over = (size, prompt, answers, meta, tokens)
         if target * 0.98 <= tokens <= target:
             break
-        size = max(16, int(size * (target * 0.99 / max(tokens, 1))))
-    if best is None or best[3] < 0.9 * target:
-        got = "none" if best is None else f"{best[3]:.0f} tokens at most"
+        if fits is not None and over is not None:
+            size = (fits[0] + over[0]) // 2
+            if size == fits[0]:
+                break
+        else:
+            size = max(16, int(size * (target * 0.99 / max(tokens, 1))))
+    if fits is None or fits[4] < 0.9 * target:
+        got = "none" if fits is None else f"{fits[4]:.0f} tokens at most"
         raise SystemExit(f"make_ruler_tasks: cannot size a {category} prompt to {target} tokens ({got}): "
                          "too little held-out text or vocabulary?")
-    return best
+    return fits[1:]
 
 
 def parse_cpt(text):
