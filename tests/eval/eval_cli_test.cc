@@ -221,6 +221,28 @@ TEST_F(EvalCliTest, ChatMessagesUseTheChatTemplate) {
   EXPECT_GT(At(results, "c", "dense", 0)["prompt_tokens"].get<int>(), 10);
 }
 
+TEST_F(EvalCliTest, TokenizeCountsPromptsAsEvalDoes) {
+  const std::string in = Write("tok.in", "\"hello world\"\n"
+                                         "{\"messages\": [{\"role\": \"user\", \"content\": \"hello world\"}]}\n"
+                                         "{\"prompt\": 3}\nnot json\n");
+  CliRun r = testing::RunCli("/bin/sh", {"-c", absl::StrCat(SPECONTEXT_CLI, " tokenize --model ", Path("model"),
+                                                            " --chat-template chatml < ", in)});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::vector<json> lines;
+  for (size_t pos = 0, nl; (nl = r.out.find('\n', pos)) != std::string::npos; pos = nl + 1) {
+    lines.push_back(json::parse(r.out.substr(pos, nl - pos)));
+  }
+  ASSERT_EQ(lines.size(), 4u) << r.out;
+  // The plain prompt's count is what eval reports as prompt_tokens for the same text.
+  const std::string task = Write("tok.jsonl", R"({"id": "a", "prompt": "hello world", "max_new_tokens": 1, )"
+                                              R"("answers": ["x"], "scoring": "exact"})" "\n");
+  ASSERT_EQ(EvalTiny({"--tasks", task, "--out", Path("tok.out")}).exit_code, 0);
+  EXPECT_EQ(lines[0]["tokens"], At(Results(ReadLines(Path("tok.out")), "result"), "a", "dense", 0)["prompt_tokens"]);
+  EXPECT_GT(lines[1]["tokens"].get<int>(), lines[0]["tokens"].get<int>() + 5);  // the chatml turn markers
+  EXPECT_NE(lines[2]["error"].get<std::string>().find("field \"prompt\": expected a string"), std::string::npos);
+  EXPECT_EQ(lines[3]["error"], "not valid JSON");
+}
+
 TEST_F(EvalCliTest, BadTaskFilesNameTheLine) {
   const std::string good = R"({"id": "a", "prompt": "x", "max_new_tokens": 4, "answers": ["y"], "scoring": "exact"})";
   const std::vector<std::pair<std::string, std::string>> cases = {

@@ -9,5 +9,6 @@ int BenchSparseMain(int argc, char** argv);  // bench --sparse (dispatched by Be
 int PruneMain(int argc, char** argv);
 int ScoreMain(int argc, char** argv);
 int EvalMain(int argc, char** argv);
+int TokenizeMain(int argc, char** argv);
 
 }  // namespace specontext
