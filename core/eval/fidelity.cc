@@ -112,7 +112,15 @@ absl::StatusOr<BatchRunStats> FidelityRun::Compare(const EvalSetting& setting,
     };
     requests.push_back(std::move(r));
   }
+  absl::Status consistent;
   RETURN_IF_ERROR(runner_->Run(std::move(requests), max_in_flight_, name_, [&](size_t i, BatchOutcome o) {
+                            // The dense model must have read exactly the candidate's tokens, each once.
+                            if (consistent.ok() && (o.tokens != candidates[i].tokens ||
+                                                    nll[i].size() != candidates[i].tokens.size())) {
+                              consistent = absl::InternalError(absl::StrCat(
+                                  name_(i), ": teacher forcing read ", nll[i].size(), " of ",
+                                  candidates[i].tokens.size(), " tokens"));
+                            }
                             const FidelityReference& ref = references_[i];
                             FidelityResult r;
                             r.prompt = i;
@@ -126,9 +134,9 @@ absl::StatusOr<BatchRunStats> FidelityRun::Compare(const EvalSetting& setting,
                                 nll[i].empty() ? 0 : static_cast<double>(hits[i]) / static_cast<double>(nll[i].size());
                             r.distinct4_reference = DistinctNgramRatio(ref.tokens, 4);
                             r.distinct4_candidate = DistinctNgramRatio(r.candidate.tokens, 4);
-                            (void)o;
                             on_result(std::move(r));
                           }).status());
+  RETURN_IF_ERROR(consistent);
   return stats;
 }
 

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -122,7 +123,13 @@ absl::Status RunEval(const Args& args) {
   RETURN_IF_ERROR(ApplyLogLevelFlag(args));
   ASSIGN_OR_RETURN(RuntimeOptions ro, RuntimeOptionsFromArgs(args));
   ASSIGN_OR_RETURN(EvalPlan plan, PlanFromArgs(args, ro.gpu_memory_limit));
-  ASSIGN_OR_RETURN(JsonlWriter out, JsonlWriter::Open(plan.out));
+  // Refuse an unwritable --out before loading anything; the file itself is replaced only once the run starts.
+  {
+    const std::filesystem::path dir = std::filesystem::absolute(plan.out).parent_path();
+    if (!std::filesystem::is_directory(dir) || access(dir.c_str(), W_OK) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--out ", plan.out, ": ", dir.string(), " is not a writable directory"));
+    }
+  }
 
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
   const int64_t context = rt.model->config().max_position_embeddings;
@@ -130,7 +137,7 @@ absl::Status RunEval(const Args& args) {
   EngineOptions eo;
   eo.max_batch = plan.max_batch;
   if (plan.sparse) {
-    int32_t largest = 1;
+    int32_t largest = 1, smallest = INT32_MAX;
     for (const EvalSetting& s : plan.settings) {
       if (s.dense) continue;
       if (s.budget > context) {
@@ -138,10 +145,14 @@ absl::Status RunEval(const Args& args) {
             absl::StrCat("--budgets: ", s.budget, " exceeds the model's context of ", context, " tokens"));
       }
       largest = std::max(largest, s.budget);
+      smallest = std::min(smallest, s.budget);
     }
     // The decoder's default budget (and its memory plan) is the largest one; every request names its own.
     plan.sparse->budget = largest;
-    plan.sparse->sink = std::min(plan.sparse->sink, plan.sparse->budget);
+    if (plan.sparse->sink > smallest) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--sink ", plan.sparse->sink, " exceeds the smallest budget of --budgets, ", smallest));
+    }
     ASSIGN_OR_RETURN(srt, MakeSparseRuntime(rt, *plan.sparse));
     eo.sparse = srt.decoder;
   }
@@ -160,6 +171,7 @@ absl::Status RunEval(const Args& args) {
                                      plan.fidelity ? plan.max_new_tokens : 0));
   Engine engine(rt.model.get(), rt.tokenizer.get(), eo);
   BatchRunner runner(&engine, srt.decoder.get());
+  ASSIGN_OR_RETURN(JsonlWriter out, JsonlWriter::Open(plan.out));
 
   json header = {{"type", "run"},
                  {"mode", plan.fidelity ? "fidelity" : "tasks"},
