@@ -493,7 +493,11 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
   }
   // The step's sets become last_sets() by a swap (O(1)); the next selection refills the other buffer.
   if (options_.recall_observer) RETURN_IF_ERROR(FinishRecallProbe(fwd, states, sf));
-  if (!sf.dense_attention) std::swap(last_sets_, selection_.sets);
+  if (!sf.dense_attention) {
+    std::swap(last_sets_, selection_.sets);
+    last_set_ids_.clear();
+    for (const SeqState* st : states) last_set_ids_.push_back(st->id);
+  }
   ++(sf.dense_attention ? stats_.dense_steps : stats_.sparse_steps);
   if (cap != nullptr) RETURN_IF_ERROR(KeepLastHidden(fwd, states, *cap));
   secs.apply += Lap(t);

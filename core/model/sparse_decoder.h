@@ -127,6 +127,9 @@ class SparseDecoder : public SparseDecodeHooks {
   /// The last decode step's index sets (tests compare sparse attention against a reference with them). For
   /// oracle and quest these are the window sets that gave the layout; each layer replaced their positions.
   const IndexSets& last_sets() const { return last_sets_; }
+  /// The request ids of last_sets()' sequences, in their order (evaluation tools follow each request's
+  /// step-to-step overlap with it).
+  std::span<const uint64_t> last_set_ids() const { return last_set_ids_; }
   /// The token->slot map of a live sequence (null when unknown): tests check slot buffers against it.
   const SlotMap* slot_map(uint64_t id) const;
   /// The retrieval head's K cache of a live sequence (null when unknown): a backend tensor
@@ -206,6 +209,7 @@ class SparseDecoder : public SparseDecodeHooks {
   absl::flat_hash_map<uint64_t, std::unique_ptr<SeqState>> seqs_;
   SparseEngineStats stats_;
   IndexSets last_sets_;
+  std::vector<uint64_t> last_set_ids_;  // [last_sets_.n_seqs]
   SelectionResult selection_;
   LayerSelectionSpec layer_spec_;  // oracle, quest: what each layer selects by
   std::vector<int32_t> lens_, budgets_;  // SelectWithoutHead scratch

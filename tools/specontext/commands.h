@@ -8,5 +8,7 @@ int BenchMain(int argc, char** argv);
 int BenchSparseMain(int argc, char** argv);  // bench --sparse (dispatched by BenchMain)
 int PruneMain(int argc, char** argv);
 int ScoreMain(int argc, char** argv);
+int EvalMain(int argc, char** argv);
+int TokenizeMain(int argc, char** argv);
 
 }  // namespace specontext
