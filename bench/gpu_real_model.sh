@@ -9,12 +9,21 @@
 #   train-a  an EAGLE-3 draft trained at 2K (train/eagle3), saved in SpecForge's layout and pruned with
 #            YaRN x4 to the target's 8K, as the paper stretches published drafts
 #   train-b  the same trained on windows of 8K, RoPE base of the target, no scaling
+#   train-c  train-b plus attention distillation (train/eagle3/attn.py): the head's per-KV-head selection
+#            distribution pulled towards the target's attention, mean over layers and the group's heads.
+#            SPC_ATTN_SEQ=2048 trains it like train-a instead (YaRN x4 at 8K); SPC_ATTN_WEIGHT (1),
+#            SPC_ATTN_AGG (mean|max), SPC_ATTN_LOSS (kl|topk) pick the loss
+#   attn-ab  short variants of the attention loss in one process (train/eagle3/ab.py), one recall table:
+#            no distillation, KL mean, KL max, top-k mean, KL mean x4; at 2K (SPC_AB_SEQ=8192: at 8K)
+#   recall   attention recall at 8K of the pruned heads (or drafts) listed in SPC_HEADS (comma list of dirs)
+# Every train part also writes the head's held-out attention recall at 8K (recall.json; YaRN x4 for train-a,
+# as prune --yarn-factor auto). The training parts need no bundle (BUNDLE/env.sh is sourced if present).
 # The machine needs the `gguf` Python package (carry its wheel: docs/gpu.md).
 set -u
 BUNDLE=$(cd "$1" && pwd); OUT=$2; GGUF=$3; PARTS=$4
 REPO=$(pwd)
 mkdir -p "$OUT"
-. "$BUNDLE/env.sh"
+[ -f "$BUNDLE/env.sh" ] && . "$BUNDLE/env.sh"
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 # The corpora travel in an ignored folder of the checkout (../shared stays behind): SPC_CORPORA.
 CORPORA=${SPC_CORPORA:-$REPO/.carry/corpora}
@@ -53,12 +62,37 @@ train() {  # train NAME ARGS... -> OUT/NAME: logs, summary, pruned head; the dra
   python3 train/eagle3/train.py --gguf "$GGUF" --corpora "$CORPORA" --out $t "$@" 2>&1 \
     | grep -v -i warn | tail -25
   mkdir -p $OUT/$name
-  cp $t/summary.json $t/train_log.jsonl $OUT/$name/ 2>/dev/null
+  cp $t/summary.json $t/train_log.jsonl $t/recall.json $OUT/$name/ 2>/dev/null
   (cd $t/draft && tar cf - config.json model.safetensors | split -b 15M - $OUT/$name/draft.tar.part-)
 }
 if has train-a; then
-  train head-2k --seq-len 2048 --batch 16 --steps 1200 --minutes ${SPC_TRAIN_MINUTES:-5} --rope-theta 10000
+  train head-2k --seq-len 2048 --batch 16 --steps 1200 --minutes ${SPC_TRAIN_MINUTES:-5} --rope-theta 10000 \
+    --recall-seq-len 8192
 fi
 if has train-b; then
   train head-8k --seq-len 8192 --batch 4 --steps 1200 --minutes ${SPC_TRAIN_MINUTES:-5} --rope-theta 100000
+fi
+ctx() {  # the context recipe of train-a (2048) or train-b (8192)
+  if [ "$1" = 2048 ]; then echo "--seq-len 2048 --batch 16 --rope-theta 10000 --recall-seq-len 8192"
+  else echo "--seq-len 8192 --batch 4 --rope-theta 100000"; fi
+}
+if has train-c; then
+  n=${SPC_ATTN_SEQ:-8192}
+  train head-$((n / 1024))k-attn $(ctx $n) --steps 1200 --minutes ${SPC_TRAIN_MINUTES:-5} \
+    --attn-distill ${SPC_ATTN_WEIGHT:-1} --attn-agg ${SPC_ATTN_AGG:-mean} --attn-loss ${SPC_ATTN_LOSS:-kl}
+fi
+if has attn-ab; then
+  n=${SPC_AB_SEQ:-2048}
+  C="--gguf $GGUF --corpora $CORPORA $(ctx $n) --steps 250 --minutes 0.9 --self-distill 0 --eval-every 50
+     --eval-batches 2 --recall-windows 4"
+  python3 train/eagle3/ab.py --out $OUT/attn-ab-$((n / 1024))k --work /tmp/spc-ab --common "$C" \
+    --run base="--attn-distill 0" --run kl_mean="--attn-distill 1" --run kl_max="--attn-distill 1 --attn-agg max" \
+    --run topk_mean="--attn-distill 1 --attn-loss topk" --run kl_mean_w4="--attn-distill 4" \
+    2>&1 | grep -v -i warn | tail -12
+fi
+if has recall; then
+  IFS=, read -ra heads <<< "${SPC_HEADS:?SPC_HEADS: comma list of head or draft directories}"
+  args=(); for h in "${heads[@]}"; do args+=(--draft "$h"); done
+  python3 train/eagle3/recall.py --gguf "$GGUF" --corpora "$CORPORA" "${args[@]}" --seq-len 8192 \
+    --out $OUT/recall_heads.jsonl 2>&1 | grep -v -i warn | tail -${#heads[@]}
 fi

@@ -31,11 +31,32 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions, head_dim, theta, device):
+def yarn_inv_freq(inv_freq, head_dim, theta, factor, original, beta_fast=32.0, beta_slow=1.0):
+    """YaRN (arXiv 2309.00071) as HF's _compute_yarn_parameters and the engine's rope_frequencies.cc compute
+    it: dimensions rotating fast extrapolate, slow ones interpolate by `factor`, a linear ramp between.
+    Returns (inv_freq, attention_scaling); the scaling multiplies cos and sin, so q.k grows by its square."""
+    def correction_dim(rotations):
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low = max(0.0, math.floor(correction_dim(beta_fast)))
+    high = min(head_dim - 1.0, math.ceil(correction_dim(beta_slow)))
+    if low == high:
+        high += 0.001
+    j = torch.arange(inv_freq.shape[0], device=inv_freq.device, dtype=torch.float64)
+    extrapolation = 1.0 - ((j - low) / (high - low)).clamp(0, 1)
+    inv = inv_freq.double() / factor * (1 - extrapolation) + inv_freq.double() * extrapolation
+    return inv.float(), 0.1 * math.log(factor) + 1.0
+
+
+def rope_cos_sin(positions, head_dim, theta, device, yarn=None):
+    """cos, sin [T, hd] for `positions`; yarn = (factor, original_max_positions) stretches them as
+    `specontext prune --yarn-factor` does."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    scaling = 1.0
+    if yarn:
+        inv_freq, scaling = yarn_inv_freq(inv_freq, head_dim, theta, *yarn)
     ang = positions.float()[:, None] * inv_freq[None, :]          # [T, hd/2]
     ang = torch.cat([ang, ang], dim=-1)                             # rotate-half layout (HF)
-    return ang.cos(), ang.sin()
+    return ang.cos() * scaling, ang.sin() * scaling
 
 
 def apply_rope(x, cos, sin):  # x [B, heads, T, hd]
@@ -108,8 +129,8 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("t2d", t2d, persistent=True)
         self.register_buffer("draft_ids", ids, persistent=False)
 
-    def rope(self, T, device):
-        return rope_cos_sin(torch.arange(T, device=device), self.c["head_dim"], self.c["rope_theta"], device)
+    def rope(self, T, device, yarn=None):
+        return rope_cos_sin(torch.arange(T, device=device), self.c["head_dim"], self.c["rope_theta"], device, yarn)
 
     def step(self, emb, h, cos, sin):
         """One pass of the decoder layer: new hidden [B, T, H] and draft logits [B, T, draft_vocab]."""
