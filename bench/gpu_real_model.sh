@@ -12,12 +12,14 @@
 #   train-c  train-b plus attention distillation (train/eagle3/attn.py): the head's per-KV-head selection
 #            distribution pulled towards the target's attention, mean over layers and the group's heads.
 #            SPC_ATTN_SEQ=2048 trains it like train-a instead (YaRN x4 at 8K); SPC_ATTN_WEIGHT (1),
-#            SPC_ATTN_AGG (mean|max), SPC_ATTN_LOSS (kl|topk) pick the loss
+#            SPC_ATTN_AGG (mean|max), SPC_ATTN_LOSS (kl|topk) pick the loss; SPC_DISTILL_CACHE keeps the
+#            target's self-distillation answers for the next run
 #   attn-ab  short variants of the attention loss in one process (train/eagle3/ab.py), one recall table:
 #            no distillation, KL mean, KL max, top-k mean, KL mean x4; at 2K (SPC_AB_SEQ=8192: at 8K)
 #   recall   attention recall at 8K of the pruned heads (or drafts) listed in SPC_HEADS (comma list of dirs)
 # Every train part also writes the head's held-out attention recall at 8K (recall.json; YaRN x4 for train-a,
-# as prune --yarn-factor auto). The training parts need no bundle (BUNDLE/env.sh is sourced if present).
+# as prune --yarn-factor auto). The training parts need no bundle (BUNDLE/env.sh is sourced if present); with
+# one, they also prune the draft into OUT/NAME/head.
 # The machine needs the `gguf` Python package (carry its wheel: docs/gpu.md).
 set -u
 BUNDLE=$(cd "$1" && pwd); OUT=$2; GGUF=$3; PARTS=$4
@@ -64,6 +66,12 @@ train() {  # train NAME ARGS... -> OUT/NAME: logs, summary, pruned head; the dra
   mkdir -p $OUT/$name
   cp $t/summary.json $t/train_log.jsonl $t/recall.json $OUT/$name/ 2>/dev/null
   (cd $t/draft && tar cf - config.json model.safetensors | split -b 15M - $OUT/$name/draft.tar.part-)
+  # With the bundle at hand, the retrieval head as a user makes it (YaRN to the target's context when the
+  # draft was trained shorter: `auto` is 1 otherwise).
+  if command -v specontext > /dev/null; then
+    specontext prune --source $t/draft --kind eagle3 --target "$GGUF" --out $OUT/$name/head --yarn-factor auto \
+      2>&1 | tail -2
+  fi
 }
 if has train-a; then
   train head-2k --seq-len 2048 --batch 16 --steps 1200 --minutes ${SPC_TRAIN_MINUTES:-5} --rope-theta 10000 \
@@ -77,9 +85,10 @@ ctx() {  # the context recipe of train-a (2048) or train-b (8192)
   else echo "--seq-len 8192 --batch 4 --rope-theta 100000"; fi
 }
 if has train-c; then
-  n=${SPC_ATTN_SEQ:-8192}
-  train head-$((n / 1024))k-attn $(ctx $n) --steps 1200 --minutes ${SPC_TRAIN_MINUTES:-5} \
-    --attn-distill ${SPC_ATTN_WEIGHT:-1} --attn-agg ${SPC_ATTN_AGG:-mean} --attn-loss ${SPC_ATTN_LOSS:-kl}
+  n=${SPC_ATTN_SEQ:-8192} w=${SPC_ATTN_WEIGHT:-1}
+  train head-$((n / 1024))k-attn-w$w $(ctx $n) --steps 1200 --minutes ${SPC_TRAIN_MINUTES:-5} \
+    --attn-distill $w --attn-agg ${SPC_ATTN_AGG:-mean} --attn-loss ${SPC_ATTN_LOSS:-kl} \
+    ${SPC_DISTILL_CACHE:+--distill-cache $SPC_DISTILL_CACHE}
 fi
 if has attn-ab; then
   n=${SPC_AB_SEQ:-2048}

@@ -1,4 +1,4 @@
-// Helper H6's decode kernels: the fused RoPE + KV append (Backend::RopeKvAppend, kernels/rope.cu) and the
+// The fused decode kernels: the fused RoPE + KV append (Backend::RopeKvAppend, kernels/rope.cu) and the
 // sparse attention's split merge (kernels/sparse_attention.cu) at one sequence.
 //
 // RopeKvAppend on CUDA must give the bits of its two-op form (Rope of q and k, then KvAppend: the base class
@@ -179,7 +179,7 @@ void RunRopeCase(Backend& gpu, const RopeCase& c) {
   }
 }
 
-TEST(CudaH6FusedTest, RopeKvAppendDecodeRow) {
+TEST(CudaFusedDecodeTest, RopeKvAppendDecodeRow) {
   SPC_GPU_OR_SKIP(gpu);
   RunRopeCase(*gpu, {32, 8, 64, false, 1.0f, 0, {{2048, 1}}});     // Llama-3.2-1B
   RunRopeCase(*gpu, {32, 8, 64, false, 1.0f, 0, {{0, 1}}});        // the first token
@@ -189,7 +189,7 @@ TEST(CudaH6FusedTest, RopeKvAppendDecodeRow) {
   RunRopeCase(*gpu, {4, 1, 32, false, 1.0f, 5, {{9, 1}}});         // small head_dim
 }
 
-TEST(CudaH6FusedTest, RopeKvAppendRaggedBatches) {
+TEST(CudaFusedDecodeTest, RopeKvAppendRaggedBatches) {
   SPC_GPU_OR_SKIP(gpu);
   RunRopeCase(*gpu, {32, 8, 64, false, 1.0f, 0, {{100, 1}, {0, 37}, {5, 1}, {2000, 3}}});
   RunRopeCase(*gpu, {16, 8, 128, false, 1.0f, 0, {{0, 130}, {64, 1}}});
@@ -265,7 +265,7 @@ void RunSparseCase(Backend& gpu, const SparseCase& c) {
   }
 }
 
-TEST(CudaH6FusedTest, SparseAttentionOneSequenceManySplits) {
+TEST(CudaFusedDecodeTest, SparseAttentionOneSequenceManySplits) {
   SPC_GPU_OR_SKIP(gpu);
   RunSparseCase(*gpu, {64, 8, 4, 2048, 2048, 1.0f});    // benchmark 4's shape at 2K: every position
   RunSparseCase(*gpu, {64, 8, 4, 2048, 16384, 1.0f});   // and at 16K
