@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "core/sparse/selection_source.h"
 
 namespace specontext {
 
@@ -64,7 +65,10 @@ absl::StatusOr<BatchRunStats> BatchRunner::Run(std::vector<GenerationRequest> re
       }
     }
     if (!st.ok()) return fail(st);
-    if (decoder_ != nullptr && decoder_->stats().sparse_steps != seen_sparse_steps) {
+    // Per-layer sources (oracle, quest) choose each layer's positions inside the forward: last_sets() holds
+    // only placeholders of the right sizes, so they have no step-to-step overlap to record.
+    if (decoder_ != nullptr && !IsPerLayerSource(decoder_->source()) &&
+        decoder_->stats().sparse_steps != seen_sparse_steps) {
       seen_sparse_steps = decoder_->stats().sparse_steps;
       overlap_.Observe(decoder_->last_sets(), decoder_->last_set_ids());
     }

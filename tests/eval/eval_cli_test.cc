@@ -176,6 +176,24 @@ TEST_F(EvalCliTest, BudgetAboveEverySequenceGivesTheDenseResults) {
   EXPECT_EQ(overlap[4096]["samples"], 0);
   EXPECT_TRUE(overlap[4096]["p50"].is_null());
   EXPECT_NE(r.out.find("overlap budget=8 samples=56"), std::string::npos) << r.out;
+  EXPECT_EQ(lines[0]["selection_source"], "head");
+  EXPECT_EQ(lines[0]["fallback_mass"], 0.0);
+}
+
+TEST_F(EvalCliTest, PerLayerSourcesRecordNoOverlap) {
+  // oracle selects inside every layer: the decoder's sets are placeholders, so no overlap is reported.
+  CliRun r = EvalTiny({"--sparse", "--selection-source", "oracle", "--budgets", "8", "--tasks", Path("tasks.jsonl"),
+                       "--out", Path("oracle.jsonl")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::vector<json> lines = ReadLines(Path("oracle.jsonl"));
+  EXPECT_EQ(lines[0]["selection_source"], "oracle");
+  EXPECT_TRUE(lines[0]["retrieval_head"].is_null() || lines[0]["retrieval_head"] == "");
+  const std::vector<json> settings = OfType(lines, "setting");
+  ASSERT_EQ(settings.size(), 1u);
+  EXPECT_GT(settings[0]["sparse_steps"], 0);
+  const std::vector<json> overlap = OfType(lines, "overlap");
+  ASSERT_EQ(overlap.size(), 1u);
+  EXPECT_EQ(overlap[0]["samples"], 0);
 }
 
 TEST_F(EvalCliTest, FidelityOfDenseNeverDiverges) {

@@ -180,6 +180,8 @@ absl::Status RunEval(const Args& args) {
                  {"model", ro.model_path},
                  {"retrieval_head", plan.sparse ? json(plan.sparse->retrieval_head) : json(nullptr)},
                  {"sink", plan.sparse ? json(plan.sparse->sink) : json(nullptr)},
+                 {"selection_source", plan.sparse ? json(plan.sparse->selection_source) : json(nullptr)},
+                 {"fallback_mass", plan.sparse ? json(plan.sparse->fallback_mass) : json(nullptr)},
                  {"backend", rt.backend->name()},
                  {"threads", ro.threads},
                  {"max_batch", plan.max_batch},
