@@ -1,27 +1,6 @@
 #include "core/eval/overlap_recorder.h"
 
 namespace specontext {
-namespace {
-
-// |a ∩ b| of two ascending position lists.
-int64_t Intersection(std::span<const int32_t> a, std::span<const int32_t> b) {
-  int64_t n = 0;
-  size_t i = 0, j = 0;
-  while (i < a.size() && j < b.size()) {
-    if (a[i] < b[j]) {
-      ++i;
-    } else if (b[j] < a[i]) {
-      ++j;
-    } else {
-      ++n;
-      ++i;
-      ++j;
-    }
-  }
-  return n;
-}
-
-}  // namespace
 
 void OverlapRecorder::Observe(const IndexSets& sets, std::span<const uint64_t> ids) {
   if (static_cast<int64_t>(ids.size()) != sets.n_seqs || !ValidateIndexSetsLayout(sets).ok()) return;
@@ -37,7 +16,7 @@ void OverlapRecorder::Observe(const IndexSets& sets, std::span<const uint64_t> i
       for (int32_t s = 0; s < per; ++s) {
         const std::span<const int32_t> now = sets.SetPositions(i * per + s);
         const std::span<const int32_t> before(last.indices.data() + last.indptr[s], last.indptr[s + 1] - last.indptr[s]);
-        kept += Intersection(now, before);
+        kept += SortedIntersectionSize(now, before);
       }
       if (end > begin) samples_.push_back(static_cast<double>(kept) / static_cast<double>(end - begin));
     }

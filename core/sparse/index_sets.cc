@@ -50,6 +50,23 @@ absl::Status ValidateIndexSetsLayout(const IndexSets& s) {
   return absl::OkStatus();
 }
 
+int64_t SortedIntersectionSize(std::span<const int32_t> a, std::span<const int32_t> b) {
+  int64_t n = 0;
+  size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    if (a[i] < b[j]) {
+      ++i;
+    } else if (b[j] < a[i]) {
+      ++j;
+    } else {
+      ++n;
+      ++i;
+      ++j;
+    }
+  }
+  return n;
+}
+
 absl::Status ValidateSetPositions(const IndexSets& s, int32_t set) {
   const int32_t b = s.indptr[set], e = s.indptr[set + 1];
   const int32_t seq = set / s.sets_per_seq;

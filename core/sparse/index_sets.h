@@ -73,6 +73,10 @@ absl::Status ValidateIndexSets(const IndexSets& sets);
 absl::Status ValidateIndexSetsLayout(const IndexSets& sets);
 absl::Status ValidateSetPositions(const IndexSets& sets, int32_t set);
 
+/// |a ∩ b| of two strictly ascending position lists (a set's positions): the rows two steps' sets share,
+/// which elastic loading does not move again.
+int64_t SortedIntersectionSize(std::span<const int32_t> a, std::span<const int32_t> b);
+
 /// Checks a backend's PrepareSparseDecode input against the batch it last prepared: valid sets, one group of
 /// sets per sequence of the batch, each sequence decoding one token with past == the sets' seq_len, and slots
 /// parallel to the indices (or empty). The CPU and CUDA backends share it.

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <random>
 
 #include "tests/sparse/test_util.h"
@@ -118,6 +119,27 @@ TEST(SyntheticOverlap, RngDrawsEveryValueOfARangeEvenly) {
   }
   SyntheticRng a(42), b(42);
   for (int d = 0; d < 100; ++d) ASSERT_EQ(a.Next(), b.Next()) << "same seed, same stream";
+}
+
+TEST(SortedIntersectionSize, MatchesASetIntersectionOnRandomLists) {
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 200; ++trial) {
+    auto draw = [&rng](int n, int range) {
+      std::vector<int32_t> v;
+      for (int i = 0; i < n; ++i) v.push_back(static_cast<int32_t>(rng() % range));
+      std::sort(v.begin(), v.end());
+      v.erase(std::unique(v.begin(), v.end()), v.end());
+      return v;
+    };
+    const int range = 1 + static_cast<int>(rng() % 300);
+    const std::vector<int32_t> a = draw(static_cast<int>(rng() % 100), range);
+    const std::vector<int32_t> b = draw(static_cast<int>(rng() % 100), range);
+    std::vector<int32_t> both;
+    std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(both));
+    EXPECT_EQ(SortedIntersectionSize(a, b), static_cast<int64_t>(both.size()));
+    EXPECT_EQ(SortedIntersectionSize(b, a), static_cast<int64_t>(both.size()));
+  }
+  EXPECT_EQ(SortedIntersectionSize({}, {}), 0);
 }
 
 }  // namespace

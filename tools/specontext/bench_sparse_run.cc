@@ -31,19 +31,8 @@ double Median(std::vector<double> v) {
 void AddSetOverlap(const IndexSets& last, const IndexSets& now, double* kept, double* total) {
   if (last.n_sets() != now.n_sets() || now.indptr.empty() || last.indptr.empty()) return;
   for (int32_t s = 0; s < now.n_sets(); ++s) {
-    std::span<const int32_t> a = last.SetPositions(s), b = now.SetPositions(s);
-    size_t i = 0, j = 0;
-    while (i < a.size() && j < b.size()) {
-      if (a[i] < b[j]) {
-        ++i;
-      } else if (b[j] < a[i]) {
-        ++j;
-      } else {
-        *kept += 1;
-        ++i;
-        ++j;
-      }
-    }
+    std::span<const int32_t> b = now.SetPositions(s);
+    *kept += static_cast<double>(SortedIntersectionSize(last.SetPositions(s), b));
     *total += static_cast<double>(b.size());
   }
 }
