@@ -1,4 +1,5 @@
-// Standalone probe (not part of the build), run on the GPU machine 2026-11-24 for docs/benchmarks.md "Since 13:30".
+// Standalone probe (not part of the build), run on the GPU machine 2026-11-24 for docs/benchmarks.md
+// "Findings: the elastic gather and host KV layout".
 // Build here: nvcc -O2 -std=c++20 -arch=sm_90 -o /tmp/probe <this file> -lcublas (cpu_gather_probe: add
 // -Xcompiler -mavx2); carry the binary in an ignored build-* folder; gather_contention_probe takes the GiB to
 // register (64) and PAIR=2 in the environment for K and V side by side.

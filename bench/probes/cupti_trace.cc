@@ -1,4 +1,5 @@
-// Standalone probe (not part of the build), run on the GPU machine 2026-11-24 for docs/benchmarks.md "Session 7":
+// Standalone probe (not part of the build), run on the GPU machine 2026-11-24 for docs/benchmarks.md
+// "Where a sparse step's time goes":
 // a GPU timeline without nsys (not installed there). A CUPTI injection library: with
 // CUDA_INJECTION64_PATH=<this .so> and SPC_TRACE=<file>, every kernel, memcpy and memset of the process is written
 // to the file at exit as "K|C|S start_ns end_ns stream graph name-or-bytes" (with SPC_TRACE_API=1 also every

@@ -1,4 +1,5 @@
-// Standalone probe (not part of the build), run on the GPU machine 2026-11-24 for docs/benchmarks.md "Session 7".
+// Standalone probe (not part of the build), run on the GPU machine 2026-11-24 for docs/benchmarks.md
+// "Findings: launches and kernels".
 // Build here: nvcc -O3 -std=c++17 -arch=sm_90 -I. --expt-relaxed-constexpr -o build-probe/gemv_chain_probe
 // bench/probes/gemv_chain_probe.cu core/cuda/kernels/gemv.cu core/cuda/kernels/norm.cu (add -DOLD_GEMV=<file> and
 // that file to compare another GEMV whose LaunchGemv lives in namespace specontext::cuda::old).

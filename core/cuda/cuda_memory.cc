@@ -28,7 +28,7 @@ int64_t RoundUp(int64_t bytes) { return std::max<int64_t>(kAlign, (bytes + kAlig
 // Workspace sizes above 64 KiB go up to one of 16 classes per power of two (at most 1/16 more), so that a
 // buffer that grows with the context (the selection's scores: a few hundred bytes more every decode step)
 // keeps hitting the cache instead of paying a cudaMalloc each step (~150 µs on the H100, most of a 1B
-// model's step; docs/benchmarks.md "Session 7").
+// model's step; docs/benchmarks.md "Findings: device memory").
 int64_t WorkspaceBytes(int64_t bytes) {
   constexpr int64_t kSmall = int64_t{64} << 10;
   if (bytes <= kSmall) return RoundUp(bytes);

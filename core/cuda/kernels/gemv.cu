@@ -199,7 +199,8 @@ int GemvSplit(const GemvParams& p) {
   if (p.split != 0) return p.split;
   // The more warps stream one matrix, the shorter its ramp and tail, as long as each lane still makes two
   // loads per row and the grid does not end in a small second wave (H100, Llama-3.2-1B and -3.1-8B
-  // projections at n = 1: bench/probes/gemv_chain_probe.cu, docs/benchmarks.md "Session 7").
+  // projections at n = 1: bench/probes/gemv_chain_probe.cu, docs/benchmarks.md
+  // "Findings: launches and kernels").
   const int64_t wave = Wave(p.n);
   int best = 1;
   for (int split = 2; split <= kWarps && p.k / 8 >= 64 * split; split *= 2) {
