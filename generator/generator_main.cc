@@ -165,6 +165,7 @@ absl::Status Run(const Args& args) {
   EnableStandardServices();
   grpc::ServerBuilder builder;
   int grpc_port = 0;
+  RefusePortSharing(&builder);
   builder.AddListeningPort(args.GetString("listen"), creds, &grpc_port);
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(static_cast<int>(max_message));
@@ -173,7 +174,8 @@ absl::Status Run(const Args& args) {
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || grpc_port == 0) {
     loop.Stop();
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", args.GetString("listen")));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", args.GetString("listen"),
+                                               " (is the port in use or the address not local?)"));
   }
   server->GetHealthCheckService()->SetServingStatus(true);
 

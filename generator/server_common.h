@@ -22,6 +22,11 @@ struct TlsOptions {
 /// set or a client CA is given without a certificate; NotFound naming an unreadable file.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const TlsOptions& tls);
 
+/// Makes servers built by `builder` fail to start on a port another socket is bound to. gRPC turns
+/// SO_REUSEPORT on by default, so a second server on a busy port would start and silently take part
+/// of the first one's connections.
+void RefusePortSharing(grpc::ServerBuilder* builder);
+
 /// Enables grpc.health.v1.Health and server reflection for builders created afterwards.
 void EnableStandardServices();
 
