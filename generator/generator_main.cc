@@ -186,7 +186,15 @@ absl::Status Run(const Args& args) {
     loop.Stop();
     return st;
   }
-  RETURN_IF_ERROR(WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port()));
+  // Whoever waits for the port file would wait forever: not having written it is a failed start.
+  if (absl::Status st =
+          WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port());
+      !st.ok()) {
+    server->Shutdown();
+    loop.Stop();
+    metrics_server.Stop();
+    return st;
+  }
   SPC_LOG(INFO) << "specontext-generator serving" << Kv("grpc_port", grpc_port)
                 << Kv("metrics_port", metrics_server.port()) << Kv("backend", rt.backend->name())
                 << Kv("retriever", so.retriever);

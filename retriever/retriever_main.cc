@@ -103,7 +103,14 @@ absl::Status Run(const Args& args) {
     server->Shutdown();
     return st;
   }
-  RETURN_IF_ERROR(WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port()));
+  // Whoever waits for the port file would wait forever: not having written it is a failed start.
+  if (absl::Status st =
+          WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port());
+      !st.ok()) {
+    server->Shutdown();
+    metrics_server.Stop();
+    return st;
+  }
   SPC_LOG(INFO) << "specontext-retriever serving" << Kv("grpc_port", grpc_port)
                 << Kv("metrics_port", metrics_server.port()) << Kv("head", args.GetString("head"))
                 << Kv("parameters", head->parameter_count());

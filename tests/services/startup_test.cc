@@ -1,5 +1,12 @@
 // Startup failures of the real binaries end the process with a non-zero exit and a message naming
-// the problem, never with a server that runs half-started: a gRPC port another server listens on.
+// the problem, never with a server that runs half-started: a gRPC port another server listens on, a
+// port file that cannot be written.
+#include <poll.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -53,6 +60,63 @@ class Startup : public ::testing::Test {
   std::vector<Binary> binaries_;
 };
 
+// What a child run to its end left: its exit code (-1 when it was still running at the deadline and
+// was killed) and everything it wrote to stdout and stderr.
+struct Exited {
+  int exit_code = -1;
+  std::string output;
+};
+
+// Runs `argv` with its output in a pipe until it exits or `timeout_s` passes (then it is killed).
+// `max_file_bytes` limits its regular-file writes (RLIMIT_FSIZE, which the pipe escapes; SIGXFSZ is
+// ignored, so a write past the limit fails with EFBIG as one on a full disk fails with ENOSPC).
+Exited RunToExit(const std::vector<std::string>& argv, double timeout_s,
+                 rlim_t max_file_bytes = RLIM_INFINITY) {
+  Exited result;
+  int out[2];
+  if (pipe(out) != 0) return result;
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(out[1], STDOUT_FILENO);
+    dup2(out[1], STDERR_FILENO);
+    close(out[0]);
+    close(out[1]);
+    signal(SIGXFSZ, SIG_IGN);
+    const rlimit limit{max_file_bytes, max_file_bytes};
+    setrlimit(RLIMIT_FSIZE, &limit);
+    std::vector<char*> a;
+    for (const auto& s : argv) a.push_back(const_cast<char*>(s.c_str()));
+    a.push_back(nullptr);
+    execv(a[0], a.data());
+    _exit(127);
+  }
+  close(out[1]);
+  const absl::Time give_up = absl::Now() + absl::Seconds(timeout_s);
+  while (true) {
+    const int64_t left_ms = absl::ToInt64Milliseconds(give_up - absl::Now());
+    if (left_ms <= 0) break;
+    pollfd p{out[0], POLLIN, 0};
+    if (poll(&p, 1, static_cast<int>(left_ms)) <= 0) continue;
+    char buf[4096];
+    const ssize_t n = read(out[0], buf, sizeof(buf));
+    if (n <= 0) break;  // EOF: the child exited (or closed its output)
+    result.output.append(buf, static_cast<size_t>(n));
+  }
+  close(out[0]);
+  int status = 0;
+  pid_t r = 0;
+  while ((r = waitpid(pid, &status, WNOHANG)) == 0 && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  if (r != pid) {  // still serving: the failure this test looks for
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    return result;
+  }
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return result;
+}
+
 TEST_F(Startup, ASecondServerOnABusyPortFailsAndTheFirstKeepsServing) {
   for (const Binary& b : binaries_) {
     SCOPED_TRACE(b.name);
@@ -72,6 +136,32 @@ TEST_F(Startup, ASecondServerOnABusyPortFailsAndTheFirstKeepsServing) {
     auto channel = grpc::CreateChannel(busy, grpc::InsecureChannelCredentials());
     EXPECT_TRUE(
         channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10)));
+  }
+}
+
+TEST_F(Startup, APortFileThatCannotBeWrittenIsAFailedStart) {
+  for (const Binary& b : binaries_) {
+    SCOPED_TRACE(b.name);
+    char tmpl[] = "/tmp/spc_startup_test_XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    RemoveOnExit dir{tmpl};
+    const std::string port_file = dir.path + "/ports";
+    std::vector<std::string> argv = {b.path};
+    argv.insert(argv.end(), b.args.begin(), b.args.end());
+    for (const char* a : {"--listen", "127.0.0.1:0", "--metrics-port", "0", "--metrics-host",
+                          "127.0.0.1", "--port-file"}) {
+      argv.push_back(a);
+    }
+    argv.push_back(port_file);
+
+    const Exited run = RunToExit(argv, /*timeout_s=*/60, /*max_file_bytes=*/0);
+    EXPECT_NE(run.exit_code, -1) << b.name << " kept running without its port file:\n"
+                                 << run.output;
+    EXPECT_NE(run.exit_code, 0) << run.output;
+    EXPECT_THAT(run.output, HasSubstr("cannot write the port file " + port_file));
+    EXPECT_THAT(run.output, HasSubstr("File too large"));
+    // Neither a partial port file nor its temporary is left for a supervisor to read.
+    EXPECT_TRUE(std::filesystem::is_empty(dir.path)) << "left in " << dir.path;
   }
 }
 
