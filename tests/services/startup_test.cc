@@ -1,9 +1,10 @@
 // Startup failures of the real binaries end the process with a non-zero exit and a message naming
 // the problem, never with a server that runs half-started: a gRPC port another server listens on, a
-// port file that cannot be written.
+// port file that cannot be written, a model path that is a FIFO.
 #include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -163,6 +164,22 @@ TEST_F(Startup, APortFileThatCannotBeWrittenIsAFailedStart) {
     // Neither a partial port file nor its temporary is left for a supervisor to read.
     EXPECT_TRUE(std::filesystem::is_empty(dir.path)) << "left in " << dir.path;
   }
+}
+
+TEST_F(Startup, AModelThatIsAFifoIsRefusedAtOnce) {
+  char tmpl[] = "/tmp/spc_startup_test_XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  RemoveOnExit dir{tmpl};
+  const std::string fifo = dir.path + "/model.bin";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  const std::string tokenizer = ModelDir() + "/tok512.bin";
+  const Exited run =
+      RunToExit({SPC_GENERATOR_BIN, "--model", fifo, "--tokenizer", tokenizer, "--backend", "cpu",
+                 "--listen", "127.0.0.1:0", "--metrics-port", "0"},
+                /*timeout_s=*/20);
+  EXPECT_NE(run.exit_code, -1) << "the generator hung on a FIFO --model";
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_THAT(run.output, HasSubstr("FIFO"));
 }
 
 }  // namespace
