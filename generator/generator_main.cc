@@ -61,6 +61,8 @@ void DefineFlags(Args& a) {
   a.Define({"max-queue", "requests waiting for admission before RESOURCE_EXHAUSTED", false, false, "256"});
   a.Define({"max-message-bytes", "largest gRPC message accepted or sent", false, false, "4MiB"});
   a.Define({"max-prompt-bytes", "largest prompt text", false, false, "1MiB"});
+  a.Define({"max-request-id-bytes", "longest request_id a client may set (INVALID_ARGUMENT beyond)",
+            false, false, "256"});
   a.Define({"chat-template", "template for chat messages: none, auto (the model's own), llama3, chatml, qwen3, "
             "deepseek-r1", false, false, "none"});
   a.Define({"tls-cert", "PEM certificate chain: serve TLS", false, false, ""});
@@ -80,6 +82,10 @@ absl::Status Run(const Args& args) {
   ASSIGN_OR_RETURN(so.limits.default_budget, args.GetInt("budget"));
   if (so.limits.default_budget < 0) return absl::InvalidArgumentError("--budget must be >= 0");
   ASSIGN_OR_RETURN(so.limits.max_prompt_bytes, args.GetBytes("max-prompt-bytes"));
+  ASSIGN_OR_RETURN(so.limits.max_request_id_bytes, args.GetBytes("max-request-id-bytes"));
+  if (so.limits.max_request_id_bytes < 1 || so.limits.max_request_id_bytes > (1 << 20)) {
+    return absl::InvalidArgumentError("--max-request-id-bytes must be between 1 and 1MiB");
+  }
   const std::string chat_template = args.GetString("chat-template");
   if (chat_template != "auto") {  // checked before the model loads; "auto" needs the model
     ASSIGN_OR_RETURN(so.limits.chat_template, ParseChatTemplate(chat_template));

@@ -87,6 +87,7 @@ grpc::Status GeneratorService::Serve(grpc::ServerContext* context, const v1::Gen
   absl::Time cancel_at = absl::InfiniteFuture();
   absl::Time first_token = absl::InfinitePast();
   EventBatch batch;
+  bool id_sent = false;
   while (true) {
     if (!cancel_sent && (context->IsCancelled() || write_failed)) {
       loop_->Cancel(*id);  // frees the sequence's KV at the engine's next step
@@ -111,7 +112,10 @@ grpc::Status GeneratorService::Serve(grpc::ServerContext* context, const v1::Gen
       continue;  // wait for the engine to confirm; nothing more goes to the client
     }
     v1::GenerateResponse response;
-    response.set_request_id(request_id);
+    if (!id_sent) {
+      response.set_request_id(request_id);
+      id_sent = true;
+    }
     response.mutable_token_ids()->Add(batch.tokens.begin(), batch.tokens.end());
     response.set_text(batch.text);
     if (batch.done) {

@@ -91,6 +91,12 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& req, c
     }
   }
 
+  if (static_cast<int64_t>(req.request_id().size()) > limits.max_request_id_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("request_id is ", req.request_id().size(),
+                                                   " bytes; the limit is ",
+                                                   limits.max_request_id_bytes));
+  }
+
   PreparedRequest out;
   out.request_id = req.request_id();
   if (req.sparsity().has_budget() && req.sparsity().budget() < 1) {

@@ -117,6 +117,8 @@ TEST_F(BadInput, EachCaseGetsTheRightStatusAndTheServerKeepsServing) {
        grpc::StatusCode::INVALID_ARGUMENT, "role"},
       {"oversized message", [](auto* r) { r->set_prompt(std::string(300 * 1024, 'b')); },
        grpc::StatusCode::RESOURCE_EXHAUSTED, ""},
+      {"request_id over the limit", [](auto* r) { r->set_request_id(std::string(257, 'r')); },
+       grpc::StatusCode::INVALID_ARGUMENT, "request_id is 257 bytes; the limit is 256"},
   };
   for (const BadCase& c : cases) {
     SCOPED_TRACE(c.name);
