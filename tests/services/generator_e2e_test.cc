@@ -260,6 +260,8 @@ TEST_F(GeneratorE2E, ModelInfoHealthAndMetrics) {
   grpc::ClientContext ctx;
   v1::ModelInfo info;
   ASSERT_TRUE(stub_->GetModelInfo(&ctx, v1::ModelInfoRequest(), &info).ok());
+  // The model's name, not where the server keeps it.
+  EXPECT_EQ(info.model_name(), "stories260K");
   EXPECT_EQ(info.vocab_size(), 512);
   EXPECT_EQ(info.max_context(), 512);
   EXPECT_EQ(info.n_kv_heads(), 4);
