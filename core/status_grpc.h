@@ -11,7 +11,8 @@
 
 namespace specontext {
 
-/// absl::Status -> grpc::Status (OK maps to grpc::Status::OK; the message is kept).
+/// absl::Status -> grpc::Status (OK maps to grpc::Status::OK; the message is kept, cut to 1 KiB on
+/// a UTF-8 boundary so that it always fits the status trailer).
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
 /// grpc::Status -> absl::Status (for clients of the services).

@@ -61,6 +61,8 @@ void DefineFlags(Args& a) {
   a.Define({"max-queue", "requests waiting for admission before RESOURCE_EXHAUSTED", false, false, "256"});
   a.Define({"max-message-bytes", "largest gRPC message accepted or sent", false, false, "4MiB"});
   a.Define({"max-prompt-bytes", "largest prompt text", false, false, "1MiB"});
+  a.Define({"max-request-id-bytes", "longest request_id a client may set (INVALID_ARGUMENT beyond)",
+            false, false, "256"});
   a.Define({"chat-template", "template for chat messages: none, auto (the model's own), llama3, chatml, qwen3, "
             "deepseek-r1", false, false, "none"});
   a.Define({"tls-cert", "PEM certificate chain: serve TLS", false, false, ""});
@@ -76,10 +78,14 @@ absl::Status Run(const Args& args) {
   ASSIGN_OR_RETURN(RuntimeOptions ro, RuntimeOptionsFromArgs(args));
 
   ServiceOptions so;
-  so.model_path = ro.model_path;
+  so.model_name = ModelNameFromPath(ro.model_path);
   ASSIGN_OR_RETURN(so.limits.default_budget, args.GetInt("budget"));
   if (so.limits.default_budget < 0) return absl::InvalidArgumentError("--budget must be >= 0");
   ASSIGN_OR_RETURN(so.limits.max_prompt_bytes, args.GetBytes("max-prompt-bytes"));
+  ASSIGN_OR_RETURN(so.limits.max_request_id_bytes, args.GetBytes("max-request-id-bytes"));
+  if (so.limits.max_request_id_bytes < 1 || so.limits.max_request_id_bytes > (1 << 20)) {
+    return absl::InvalidArgumentError("--max-request-id-bytes must be between 1 and 1MiB");
+  }
   const std::string chat_template = args.GetString("chat-template");
   if (chat_template != "auto") {  // checked before the model loads; "auto" needs the model
     ASSIGN_OR_RETURN(so.limits.chat_template, ParseChatTemplate(chat_template));
@@ -165,6 +171,7 @@ absl::Status Run(const Args& args) {
   EnableStandardServices();
   grpc::ServerBuilder builder;
   int grpc_port = 0;
+  RefusePortSharing(&builder);
   builder.AddListeningPort(args.GetString("listen"), creds, &grpc_port);
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(static_cast<int>(max_message));
@@ -173,7 +180,8 @@ absl::Status Run(const Args& args) {
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || grpc_port == 0) {
     loop.Stop();
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", args.GetString("listen")));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", args.GetString("listen"),
+                                               " (is the port in use or the address not local?)"));
   }
   server->GetHealthCheckService()->SetServingStatus(true);
 
@@ -184,7 +192,15 @@ absl::Status Run(const Args& args) {
     loop.Stop();
     return st;
   }
-  RETURN_IF_ERROR(WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port()));
+  // Whoever waits for the port file would wait forever: not having written it is a failed start.
+  if (absl::Status st =
+          WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port());
+      !st.ok()) {
+    server->Shutdown();
+    loop.Stop();
+    metrics_server.Stop();
+    return st;
+  }
   SPC_LOG(INFO) << "specontext-generator serving" << Kv("grpc_port", grpc_port)
                 << Kv("metrics_port", metrics_server.port()) << Kv("backend", rt.backend->name())
                 << Kv("retriever", so.retriever);

@@ -1,6 +1,7 @@
 #include "generator/generator_service.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
@@ -28,6 +29,19 @@ constexpr absl::Duration kPollInterval = absl::Milliseconds(20);
 constexpr absl::Duration kCancelConfirmWait = absl::Seconds(1);
 
 }  // namespace
+
+std::string ModelNameFromPath(const std::string& model_path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path p = fs::absolute(model_path, ec);
+  if (ec) p = model_path;
+  p = p.lexically_normal();
+  if (!p.has_filename()) p = p.parent_path();  // "dir/" names dir
+  if (fs::is_directory(p, ec)) return p.filename().string();
+  const std::string ext = p.extension().string();
+  if (ext == ".safetensors" || ext == ".json") return p.parent_path().filename().string();
+  return p.stem().string();
+}
 
 grpc::Status GeneratorService::Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                                         grpc::ServerWriter<v1::GenerateResponse>* writer) {
@@ -87,6 +101,7 @@ grpc::Status GeneratorService::Serve(grpc::ServerContext* context, const v1::Gen
   absl::Time cancel_at = absl::InfiniteFuture();
   absl::Time first_token = absl::InfinitePast();
   EventBatch batch;
+  bool id_sent = false;
   while (true) {
     if (!cancel_sent && (context->IsCancelled() || write_failed)) {
       loop_->Cancel(*id);  // frees the sequence's KV at the engine's next step
@@ -111,7 +126,10 @@ grpc::Status GeneratorService::Serve(grpc::ServerContext* context, const v1::Gen
       continue;  // wait for the engine to confirm; nothing more goes to the client
     }
     v1::GenerateResponse response;
-    response.set_request_id(request_id);
+    if (!id_sent) {
+      response.set_request_id(request_id);
+      id_sent = true;
+    }
     response.mutable_token_ids()->Add(batch.tokens.begin(), batch.tokens.end());
     response.set_text(batch.text);
     if (batch.done) {
@@ -164,7 +182,7 @@ grpc::Status GeneratorService::Serve(grpc::ServerContext* context, const v1::Gen
 grpc::Status GeneratorService::GetModelInfo(grpc::ServerContext*, const v1::ModelInfoRequest*,
                                             v1::ModelInfo* info) {
   const ModelConfig& c = runtime_->model->config();
-  info->set_model_path(options_.model_path);
+  info->set_model_name(options_.model_name);
   info->set_architecture(c.model_type);
   info->set_vocab_size(static_cast<int32_t>(c.vocab_size));
   info->set_max_context(options_.max_context > 0 ? options_.max_context

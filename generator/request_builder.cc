@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/echo.h"
 #include "core/status_macros.h"
 
 namespace specontext::generator {
@@ -41,8 +42,8 @@ absl::StatusOr<std::vector<int32_t>> EncodeMessages(const v1::GenerateRequest& r
   for (int i = 0; i < req.messages_size(); ++i) {
     const v1::ChatMessage& m = req.messages(i);
     if (m.role() != "system" && m.role() != "user" && m.role() != "assistant") {
-      return absl::InvalidArgumentError(absl::StrCat("messages[", i, "].role must be system, user or assistant, got \"",
-                                                     m.role(), "\""));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "messages[", i, "].role must be system, user or assistant, got ", EchoValue(m.role())));
     }
     bytes += static_cast<int64_t>(m.content().size());
     messages.push_back({m.role(), m.content()});
@@ -88,6 +89,12 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& req, c
       return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] must hold 1 to ", limits.max_stop_bytes,
                                                      " bytes, got ", req.stop(i).size()));
     }
+  }
+
+  if (static_cast<int64_t>(req.request_id().size()) > limits.max_request_id_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("request_id is ", req.request_id().size(),
+                                                   " bytes; the limit is ",
+                                                   limits.max_request_id_bytes));
   }
 
   PreparedRequest out;

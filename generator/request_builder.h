@@ -19,6 +19,7 @@ struct RequestLimits {
   int64_t max_prompt_bytes = 1 << 20;         // prompt text (or all message contents together)
   int64_t max_stop_strings = 16;
   int64_t max_stop_bytes = 256;               // per stop string
+  int64_t max_request_id_bytes = 256;         // --max-request-id-bytes
   int64_t default_budget = 0;                 // --budget; 0 = dense
   ChatTemplate chat_template;                 // kNone = the messages' contents, concatenated
 };

@@ -1,8 +1,13 @@
 #include "generator/server_common.h"
 
 #include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -50,6 +55,10 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(c
   return grpc::SslServerCredentials(options);
 }
 
+void RefusePortSharing(grpc::ServerBuilder* builder) {
+  builder->AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+}
+
 void EnableStandardServices() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -74,16 +83,57 @@ int WaitForTerminationSignal() {
   return sig;
 }
 
+namespace {
+
+absl::Status PortFileError(const std::string& what, const std::string& path, int err) {
+  return absl::UnavailableError(
+      absl::StrCat("cannot write the port file ", path, ": ", what, ": ", std::strerror(err)));
+}
+
+// Writes all of `data` to `fd` (short writes and EINTR retried); false with errno set on failure.
+bool WriteAll(int fd, const std::string& data) {
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = EIO;
+      return false;
+    }
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+}  // namespace
+
 absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_port) {
   if (path.empty()) return absl::OkStatus();
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp);
-    if (!out) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
-    out << grpc_port << " " << metrics_port << "\n";
+  // A unique name, so two processes given the same --port-file cannot interleave their writes.
+  std::string tmp = path + ".XXXXXX";
+  const int fd = ::mkstemp(tmp.data());
+  if (fd < 0) return PortFileError("cannot create a temporary file beside it", path, errno);
+  const std::string text = absl::StrCat(grpc_port, " ", metrics_port, "\n");
+  const char* failed = nullptr;
+  // mkstemp creates 0600; supervisors running as another user read the file.
+  if (::fchmod(fd, 0644) != 0) failed = "fchmod";
+  // On filesystems with delayed allocation a full disk shows only at fsync or close.
+  if (failed == nullptr && !WriteAll(fd, text)) failed = "write";
+  if (failed == nullptr && ::fsync(fd) != 0) failed = "fsync";
+  const int err = errno;
+  if (::close(fd) != 0 && failed == nullptr) {
+    const int close_err = errno;
+    ::unlink(tmp.c_str());
+    return PortFileError("close", path, close_err);
+  }
+  if (failed != nullptr) {
+    ::unlink(tmp.c_str());
+    return PortFileError(failed, path, err);
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, " to ", path));
+    const int rename_err = errno;
+    ::unlink(tmp.c_str());
+    return PortFileError("rename", path, rename_err);
   }
   return absl::OkStatus();
 }

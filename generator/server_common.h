@@ -22,6 +22,11 @@ struct TlsOptions {
 /// set or a client CA is given without a certificate; NotFound naming an unreadable file.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const TlsOptions& tls);
 
+/// Makes servers built by `builder` fail to start on a port another socket is bound to. gRPC turns
+/// SO_REUSEPORT on by default, so a second server on a busy port would start and silently take part
+/// of the first one's connections.
+void RefusePortSharing(grpc::ServerBuilder* builder);
+
 /// Enables grpc.health.v1.Health and server reflection for builders created afterwards.
 void EnableStandardServices();
 
@@ -31,8 +36,11 @@ void BlockTerminationSignals();
 /// Waits for SIGTERM or SIGINT; returns the signal number.
 int WaitForTerminationSignal();
 
-/// Writes "grpc_port metrics_port\n" to `path` atomically (write + rename), so a test or supervisor
-/// that polls for the file sees it complete. A no-op when `path` is empty.
+/// Writes "grpc_port metrics_port\n" to `path` atomically (a temporary file beside it, written,
+/// synced and closed, then renamed over it), so a test or supervisor that polls for the file sees
+/// it complete or not at all. Every step is checked: a full disk or a missing directory is an error
+/// naming the path and the cause (the caller must not report serving then). A no-op when `path` is
+/// empty.
 absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_port);
 
 /// Reads a whole file (NotFound naming it when it cannot be opened).

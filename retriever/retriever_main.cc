@@ -87,13 +87,15 @@ absl::Status Run(const Args& args) {
   EnableStandardServices();
   grpc::ServerBuilder builder;
   int grpc_port = 0;
+  RefusePortSharing(&builder);
   builder.AddListeningPort(args.GetString("listen"), creds, &grpc_port);
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(static_cast<int>(max_message));
   builder.SetMaxSendMessageSize(static_cast<int>(max_message));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || grpc_port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", args.GetString("listen")));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", args.GetString("listen"),
+                                               " (is the port in use or the address not local?)"));
   }
   server->GetHealthCheckService()->SetServingStatus(true);
   metrics::MetricsServer metrics_server(&registry, args.GetString("metrics-host"), static_cast<int>(metrics_port));
@@ -101,7 +103,14 @@ absl::Status Run(const Args& args) {
     server->Shutdown();
     return st;
   }
-  RETURN_IF_ERROR(WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port()));
+  // Whoever waits for the port file would wait forever: not having written it is a failed start.
+  if (absl::Status st =
+          WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port());
+      !st.ok()) {
+    server->Shutdown();
+    metrics_server.Stop();
+    return st;
+  }
   SPC_LOG(INFO) << "specontext-retriever serving" << Kv("grpc_port", grpc_port)
                 << Kv("metrics_port", metrics_server.port()) << Kv("head", args.GetString("head"))
                 << Kv("parameters", head->parameter_count());

@@ -111,12 +111,35 @@ absl::StatusOr<Checkpoint> OpenHfDirectory(const fs::path& dir) {
   return ckpt;
 }
 
+// What a file that is neither a regular file nor a directory is, for the error that refuses it.
+const char* SpecialFileKind(fs::file_type type) {
+  switch (type) {
+    case fs::file_type::fifo:
+      return "a FIFO (named pipe)";
+    case fs::file_type::socket:
+      return "a socket";
+    case fs::file_type::character:
+      return "a character device";
+    case fs::file_type::block:
+      return "a block device";
+    default:
+      return "not a regular file";
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<Checkpoint> OpenCheckpoint(const std::string& path) {
   std::error_code ec;
   const fs::file_status st = fs::status(path, ec);
   if (ec || !fs::exists(st)) return absl::NotFoundError(absl::StrCat("checkpoint ", path, " does not exist"));
+  // Opening a FIFO blocks until a writer comes (forever, for a server at startup) and a device
+  // reads as an endless or empty stream: only files and HF directories are checkpoints.
+  if (!fs::is_directory(st) && !fs::is_regular_file(st)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("checkpoint ", path, " is ", SpecialFileKind(st.type()),
+                     "; a model must be a regular file or a directory"));
+  }
   const fs::path p(path);
   const std::string ext = p.extension().string();
   absl::StatusOr<Checkpoint> ckpt;

@@ -20,9 +20,11 @@ absl::Status ErrnoStatus(const std::string& what, const std::string& path, int e
   return absl::InternalError(msg);
 }
 
-// Opens a regular file; fills *size. Directories and devices are InvalidArgument.
+// Opens a regular file; fills *size. Directories, FIFOs and devices are InvalidArgument.
 absl::StatusOr<int> OpenRegular(const std::string& path, size_t* size) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK so that opening a FIFO returns at once (instead of waiting for a writer) and the
+  // fstat below can refuse it; it is cleared again for the regular files that pass.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) return ErrnoStatus("cannot open", path, errno);
   struct stat st;
   if (::fstat(fd, &st) != 0) {
@@ -33,6 +35,12 @@ absl::StatusOr<int> OpenRegular(const std::string& path, size_t* size) {
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
     return absl::InvalidArgumentError(absl::StrCat(path, " is not a regular file"));
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return ErrnoStatus("cannot set flags of", path, err);
   }
   *size = static_cast<size_t>(st.st_size);
   return fd;

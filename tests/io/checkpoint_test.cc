@@ -1,6 +1,12 @@
 // OpenCheckpoint over random checkpoints from the generator library: presets, shards, broken variants.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <future>
 
 #include "absl/strings/str_cat.h"
 #include "core/io/torch_zip_writer.h"
@@ -231,6 +237,56 @@ TEST(OpenCheckpointTest, MissingPiecesGiveClearErrors) {
 
   testing::WriteFile(dir.Path("ck/config.json"), R"({"architectures": ["GPT2LMHeadModel"]})");
   EXPECT_THAT(OpenCheckpoint(dir.Path("ck")).status().message(), HasSubstr("unsupported architecture"));
+}
+
+// OpenCheckpoint(path)'s status when it returns within 10 s. A call still blocked then (in open or
+// read of one of `fifos`) is released by opening those FIFOs for writing, so a regression fails the
+// test instead of hanging it.
+absl::Status OpenWithinTimeout(const std::string& path, const std::vector<std::string>& fifos) {
+  std::future<absl::Status> done =
+      std::async(std::launch::async, [path] { return OpenCheckpoint(path).status(); });
+  if (done.wait_for(std::chrono::seconds(10)) == std::future_status::ready) return done.get();
+  while (done.wait_for(std::chrono::milliseconds(50)) != std::future_status::ready) {
+    for (const std::string& f : fifos) {
+      const int fd = ::open(f.c_str(), O_WRONLY | O_NONBLOCK);  // ENXIO while no reader waits
+      if (fd >= 0) ::close(fd);
+    }
+  }
+  return absl::DeadlineExceededError(absl::StrCat("OpenCheckpoint(", path, ") blocked for 10 s"));
+}
+
+TEST(OpenCheckpointTest, RefusesFifosAndDevicesWithoutBlocking) {
+  testing::ScratchDir dir;
+  const std::string fifo = dir.Path("model.bin");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  absl::Status s = OpenWithinTimeout(fifo, {fifo});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(s.message(), HasSubstr("FIFO"));
+  EXPECT_THAT(s.message(), HasSubstr(fifo));
+
+  const std::string gguf_fifo = dir.Path("model.gguf");
+  ASSERT_EQ(::mkfifo(gguf_fifo.c_str(), 0600), 0);
+  s = OpenWithinTimeout(gguf_fifo, {gguf_fifo});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+
+  s = OpenWithinTimeout("/dev/null", {});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(s.message(), HasSubstr("character device"));
+
+  // A FIFO in place of a file of an HF directory: refused where that file is opened.
+  RandomCheckpointOptions opt;
+  opt.seed = testing::FreshSeed();
+  for (const char* name : {"config.json", "model.safetensors"}) {
+    SCOPED_TRACE(name);
+    const std::string ck = dir.Path(absl::StrCat("ck_", name));
+    ASSERT_TRUE(WriteRandomCheckpoint(*RandomCheckpointPreset("tiny-llama"), ck, opt).ok());
+    const std::string inner = ck + "/" + name;
+    fs::remove(inner);
+    ASSERT_EQ(::mkfifo(inner.c_str(), 0600), 0);
+    s = OpenWithinTimeout(ck, {inner});
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_THAT(s.message(), HasSubstr("not a regular file"));
+  }
 }
 
 TEST(PresetConfigTest, RealShapesAndParameterCounts) {

@@ -6,9 +6,12 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <limits>
 #include <random>
+#include <sstream>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -114,6 +117,8 @@ TEST_F(BadInput, EachCaseGetsTheRightStatusAndTheServerKeepsServing) {
        grpc::StatusCode::INVALID_ARGUMENT, "role"},
       {"oversized message", [](auto* r) { r->set_prompt(std::string(300 * 1024, 'b')); },
        grpc::StatusCode::RESOURCE_EXHAUSTED, ""},
+      {"request_id over the limit", [](auto* r) { r->set_request_id(std::string(257, 'r')); },
+       grpc::StatusCode::INVALID_ARGUMENT, "request_id is 257 bytes; the limit is 256"},
   };
   for (const BadCase& c : cases) {
     SCOPED_TRACE(c.name);
@@ -128,6 +133,43 @@ TEST_F(BadInput, EachCaseGetsTheRightStatusAndTheServerKeepsServing) {
   auto body = FetchMetrics(server_.metrics_port());
   ASSERT_TRUE(body.ok());
   EXPECT_GE(MetricValue(*body, "spc_generator_requests_total{code=\"INVALID_ARGUMENT\"}").value_or(0), 15);
+}
+
+// A rejected value is echoed cut to a few hundred bytes and escaped: a 3 MiB role neither floods
+// the log nor overflows the status trailer (which would cost the client the INVALID_ARGUMENT).
+TEST(BadInputEcho, AHugeRejectedValueIsCutInTheStatusAndTheLog) {
+  const std::string dir = ModelDir();
+  if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";
+  ServerProcess server;
+  ASSERT_TRUE(server
+                  .Start(SPC_GENERATOR_BIN,
+                         {"--model", dir + "/stories260K.bin", "--tokenizer", dir + "/tok512.bin",
+                          "--backend", "cpu", "--threads", "1", "--log-level", "info"})
+                  .ok());
+  auto stub = GeneratorStub(server.address());
+  const std::vector<std::pair<std::string, std::string>> roles = {
+      {std::string(3 << 20, 'w'), "\"www"},
+      {"wiz\nard\"\x01", R"("wiz\nard\"\x01")"},  // one log line, quotes escaped
+  };
+  for (const auto& [role, echoed] : roles) {
+    SCOPED_TRACE(role.size());
+    v1::GenerateRequest req = ValidRequest();
+    req.clear_prompt();
+    auto* m = req.add_messages();
+    m->set_role(role);
+    m->set_content("hi");
+    StreamResult r = CallGenerate(stub.get(), req);
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << r.status.error_message().substr(0, 200);
+    EXPECT_THAT(r.status.error_message(), ::testing::HasSubstr("messages[0].role"));
+    EXPECT_THAT(r.status.error_message(), ::testing::HasSubstr(echoed));
+    EXPECT_LE(r.status.error_message().size(), 512u);
+  }
+  std::ifstream log(server.log_path());
+  std::stringstream text;
+  text << log.rdbuf();
+  EXPECT_THAT(text.str(), ::testing::HasSubstr("(3145728 bytes)"));
+  EXPECT_LT(std::filesystem::file_size(server.log_path()), 16u << 10);
 }
 
 TEST_F(BadInput, GarbageBytesOnThePort) {

@@ -230,10 +230,38 @@ TEST(GeneratorMaxContext, CapsRequestsAndIsReported) {
   EXPECT_THAT(refused.status.error_message(), ::testing::HasSubstr("max context is 48"));
 }
 
+// The request id comes back once, in the first message: a long id costs its bytes once per call.
+TEST_F(GeneratorE2E, RequestIdIsSentOnlyInTheFirstMessage) {
+  for (const std::string& id : {std::string(256, 'i'), std::string()}) {
+    SCOPED_TRACE(id.size());
+    v1::GenerateRequest req;
+    req.set_prompt("Once upon a time");
+    req.set_max_new_tokens(8);
+    req.set_ignore_eos(true);
+    req.set_request_id(id);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto reader = stub_->Generate(&ctx, req);
+    std::vector<std::string> ids;
+    v1::GenerateResponse resp;
+    while (reader->Read(&resp)) ids.push_back(resp.request_id());
+    ASSERT_TRUE(reader->Finish().ok());
+    ASSERT_GE(ids.size(), 2u);
+    if (id.empty()) {
+      EXPECT_THAT(ids[0], ::testing::StartsWith("req-"));  // assigned by the server
+    } else {
+      EXPECT_EQ(ids[0], id);
+    }
+    for (size_t i = 1; i < ids.size(); ++i) EXPECT_EQ(ids[i], "") << "message " << i;
+  }
+}
+
 TEST_F(GeneratorE2E, ModelInfoHealthAndMetrics) {
   grpc::ClientContext ctx;
   v1::ModelInfo info;
   ASSERT_TRUE(stub_->GetModelInfo(&ctx, v1::ModelInfoRequest(), &info).ok());
+  // The model's name, not where the server keeps it.
+  EXPECT_EQ(info.model_name(), "stories260K");
   EXPECT_EQ(info.vocab_size(), 512);
   EXPECT_EQ(info.max_context(), 512);
   EXPECT_EQ(info.n_kv_heads(), 4);

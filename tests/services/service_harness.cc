@@ -45,6 +45,7 @@ absl::Status ServerProcess::Start(const std::string& binary, std::vector<std::st
   char tmpl[] = "/tmp/spc_service_test_XXXXXX";
   if (!dir_.empty()) std::filesystem::remove_all(dir_);  // a restart of the same object: the old run's log
   if (mkdtemp(tmpl) == nullptr) return absl::InternalError("mkdtemp failed");
+  exit_code_ = -1;
   dir_ = tmpl;
   const std::string port_file = dir_ + "/ports";
   log_path_ = dir_ + "/server.log";
@@ -92,6 +93,7 @@ bool ServerProcess::Running() {
   const pid_t r = waitpid(pid_, &status, WNOHANG);
   if (r == pid_) {
     pid_ = -1;
+    exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     return false;
   }
   return true;
@@ -100,15 +102,10 @@ bool ServerProcess::Running() {
 absl::StatusOr<int> ServerProcess::WaitExit(double timeout_s) {
   const absl::Time give_up = absl::Now() + absl::Seconds(timeout_s);
   while (pid_ > 0 && absl::Now() < give_up) {
-    int status = 0;
-    const pid_t r = waitpid(pid_, &status, WNOHANG);
-    if (r == pid_) {
-      pid_ = -1;
-      if (WIFEXITED(status)) return WEXITSTATUS(status);
-      return 128 + WTERMSIG(status);
-    }
+    if (!Running()) break;
     absl::SleepFor(absl::Milliseconds(20));
   }
+  if (pid_ <= 0 && exit_code_ >= 0) return exit_code_;
   return absl::DeadlineExceededError("the server did not exit");
 }
 

@@ -26,7 +26,8 @@ class ServerProcess {
                      const std::string& listen = "127.0.0.1:0");
   /// The child's pid (-1 when none).
   pid_t pid() const { return pid_; }
-  /// Sends `sig`; WaitExit() returns the exit code (or 128 + signal).
+  /// Sends `sig`; WaitExit() returns the exit code (or 128 + signal), also for a child that
+  /// already exited (a failed Start() included).
   void Signal(int sig);
   absl::StatusOr<int> WaitExit(double timeout_s);
   bool Running();
@@ -38,6 +39,7 @@ class ServerProcess {
 
  private:
   pid_t pid_ = -1;
+  int exit_code_ = -1;  // once the child was reaped
   int grpc_port_ = 0;
   int metrics_port_ = 0;
   std::string dir_;
