@@ -51,11 +51,16 @@ absl::StatusOr<std::vector<int32_t>> EncodeMessages(const v1::GenerateRequest& r
     return absl::InvalidArgumentError(absl::StrCat("the messages hold ", bytes, " bytes; the limit is ",
                                                    limits.max_prompt_bytes));
   }
-  ASSIGN_OR_RETURN(std::string text, ApplyChatTemplate(limits.chat_template, messages,
-                                                       /*add_generation_prompt=*/true));
+  ASSIGN_OR_RETURN(std::vector<ChatPart> rendered,
+                   RenderChatParts(limits.chat_template, messages, /*add_generation_prompt=*/true));
+  std::vector<TextPart> parts;
+  for (const ChatPart& p : rendered) {
+    // Only the template's own special tokens are special: a message cannot close its turn.
+    parts.push_back({p.text, /*special_tokens=*/!p.from_message});
+  }
   // Templates that spell out their own BOS token must not get a second one.
   const bool add_bos = limits.chat_template.kind == ChatTemplateKind::kNone && rt.tokenizer->default_add_bos();
-  return rt.tokenizer->Encode(text, add_bos);
+  return rt.tokenizer->EncodeParts(parts, add_bos);
 }
 
 }  // namespace
