@@ -26,6 +26,51 @@ constexpr const char* kEndTokens[] = {"<|eot_id|>",           "<|eom_id|>",    "
                                       "<｜end▁of▁sentence｜>"};
 constexpr const char* kBosTokens[] = {"<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "<s>"};
 
+// How many times shorter normalization can make a text; nullopt when it can delete text outright
+// (Strip, or a Replace with a regex or an empty replacement). Called on validated stages.
+std::optional<int64_t> NormalizerShrink(const json& j) {
+  if (j.is_null()) return 1;
+  const std::string type = j.value("type", "");
+  if (type == "Sequence") {
+    int64_t factor = 1;
+    for (const json& sub : j["normalizers"]) {
+      const auto f = NormalizerShrink(sub);
+      if (!f || factor > (int64_t{1} << 20)) return std::nullopt;
+      factor *= *f;
+    }
+    return factor;
+  }
+  // One code point becomes at least a quarter of its bytes (U+1D400 -> "A"), and three Hangul
+  // jamo compose into one syllable of a third of their bytes.
+  if (type == "NFC" || type == "NFD" || type == "NFKC" || type == "NFKD" || type == "Lowercase") {
+    return 4;
+  }
+  if (type == "Prepend") return 1;
+  if (type == "Replace") {
+    const auto s = j["pattern"].find("String");
+    const std::string content = j.value("content", "");
+    if (s == j["pattern"].end() || !s->is_string() || content.empty()) return std::nullopt;
+    const int64_t from = static_cast<int64_t>(s->get_ref<const std::string&>().size());
+    const int64_t to = static_cast<int64_t>(content.size());
+    return std::max<int64_t>(1, (from + to - 1) / to);
+  }
+  return std::nullopt;
+}
+
+// Whether pre-tokenization can drop text (a Split that removes matches); `byte_level` is set when
+// a ByteLevel stage turns every byte into a character.
+bool PreTokenizerDrops(const json& j, bool* byte_level) {
+  if (j.is_null()) return false;
+  const std::string type = j.value("type", "");
+  if (type == "Sequence") {
+    bool drops = false;
+    for (const json& sub : j["pretokenizers"]) drops |= PreTokenizerDrops(sub, byte_level);
+    return drops;
+  }
+  if (type == "ByteLevel") *byte_level = true;
+  return type == "Split" && j.value("behavior", "") == "Removed";
+}
+
 bool TooDeep(std::string_view text) {
   int depth = 0;
   bool in_string = false;
@@ -91,6 +136,7 @@ class HfTokenizer final : public Tokenizer {
     return decoder_->DecodeToken(*tok, prev_id < 0);
   }
 
+  std::optional<int64_t> MaxBytesPerToken() const override { return max_bytes_per_token_; }
   int32_t vocab_size() const override { return vocab_size_; }
   int32_t bos_id() const override { return bos_id_; }
   bool default_add_bos() const override { return add_bos_; }
@@ -160,6 +206,7 @@ class HfTokenizer final : public Tokenizer {
   int32_t bos_id_ = -1;
   bool add_bos_ = false;
   std::vector<int32_t> eos_ids_;
+  std::optional<int64_t> max_bytes_per_token_;
 };
 
 absl::Status HfTokenizer::ParseAddedTokens(const json& root) {
@@ -263,6 +310,20 @@ absl::Status HfTokenizer::Init(const json& root, const json& config) {
   auto raw_or_special = [](const AddedToken& t) { return !t.normalized || t.special; };
   special_raw_matcher_ = std::make_unique<AddedTokenMatcher>(
       &added_, absl::FunctionRef<bool(const AddedToken&)>(raw_or_special));
+
+  // Input text reaches the model through normalization and pre-tokenization, so a model token
+  // stands for at most (its longest string) x (how much normalization can shrink text) bytes.
+  bool byte_level = false;
+  const std::optional<int64_t> shrink = NormalizerShrink(stage("normalizer"));
+  const bool drops = PreTokenizerDrops(stage("pre_tokenizer"), &byte_level);
+  const std::optional<size_t> model_bytes = model_->MaxInputBytesPerToken(byte_level);
+  const bool swallows_space = std::any_of(added_.begin(), added_.end(),
+                                          [](const AddedToken& t) { return t.lstrip || t.rstrip; });
+  if (shrink && !drops && model_bytes && !swallows_space) {
+    size_t longest = *model_bytes;
+    for (const AddedToken& t : added_) longest = std::max(longest, t.content.size());
+    max_bytes_per_token_ = static_cast<int64_t>(longest) * *shrink;
+  }
 
   vocab_size_ = model_->id_limit();
   for (const AddedToken& t : added_) vocab_size_ = std::max(vocab_size_, t.id + 1);

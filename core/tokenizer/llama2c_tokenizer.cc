@@ -23,6 +23,15 @@ class Llama2cTokenizer final : public Tokenizer {
     // The first id wins for duplicate pieces, so lookups are deterministic.
     for (size_t i = 0; i < pieces_.size(); ++i)
       index_.try_emplace(pieces_[i], static_cast<int32_t>(i));
+    // A token covers at most its piece's bytes: a code point's piece is its bytes, a byte's piece
+    // ("<0xXX>") is longer than one byte, and a merge's piece is its two pieces. An empty piece
+    // breaks that (merging with it absorbs a byte), so then no bound is claimed.
+    size_t longest = 1;
+    for (const std::string& p : pieces_) {
+      if (p.empty()) return;
+      longest = std::max(longest, p.size());
+    }
+    max_bytes_per_token_ = static_cast<int64_t>(longest);
   }
 
   absl::StatusOr<std::vector<int32_t>> Encode(std::string_view raw, bool add_bos) const override {
@@ -77,6 +86,7 @@ class Llama2cTokenizer final : public Tokenizer {
     return s;
   }
 
+  std::optional<int64_t> MaxBytesPerToken() const override { return max_bytes_per_token_; }
   int32_t vocab_size() const override { return static_cast<int32_t>(pieces_.size()); }
   int32_t bos_id() const override { return kBos; }
   bool default_add_bos() const override { return true; }
@@ -172,6 +182,7 @@ class Llama2cTokenizer final : public Tokenizer {
   std::vector<std::string> pieces_;
   std::vector<float> scores_;
   StringMap<int32_t> index_;
+  std::optional<int64_t> max_bytes_per_token_;
 };
 
 }  // namespace

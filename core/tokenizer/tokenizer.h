@@ -63,6 +63,12 @@ class Tokenizer {
   /// that are not special (e.g. Qwen's <think>) are kept, as in HF. Ill-formed UTF-8 -> U+FFFD.
   virtual std::string Decode(std::span<const int32_t> ids, bool skip_special) const;
 
+  /// The most bytes of input text one token can stand for, so that a text of n bytes encodes to at
+  /// least ceil(n / MaxBytesPerToken()) tokens: lets a server refuse a text too long for the
+  /// context without tokenizing it. nullopt when no bound holds (e.g. a normalizer that deletes
+  /// text, or an added token that swallows the white space around it).
+  virtual std::optional<int64_t> MaxBytesPerToken() const { return std::nullopt; }
+
   /// Number of ids, including added tokens (max id + 1).
   virtual int32_t vocab_size() const = 0;
   /// Beginning-of-sequence id, -1 if none.

@@ -183,8 +183,9 @@ TEST(Llama2cMergeTest, Stories260KMatchesTheReference) {
   for (const std::string& s : testing::ReadTestStrings(SPECONTEXT_TOKENIZER_STRINGS)) {
     EXPECT_EQ(*(*tok)->Encode(s, false), ReferenceEncode(v, s)) << s;
   }
-  const std::string story = "Once upon a time, there was a little girl named Lily. She loved to "
-                            "play outside in the sunshine.";
+  const std::string story =
+      "Once upon a time, there was a little girl named Lily. She loved to "
+      "play outside in the sunshine.";
   EXPECT_EQ(*(*tok)->Encode(story, false), ReferenceEncode(v, story));
 }
 
@@ -211,7 +212,11 @@ TEST(Llama2cMergeTest, RealByteLevelVocabulariesMatchTheReference) {
 TEST(Llama2cMergeTest, OddVocabulariesMatchTheReference) {
   const uint32_t seed = std::random_device{}();
   std::mt19937 rng(seed);
-  const std::vector<float> odd = {0.0f, -0.0f, 1.0f, -1e10f, -2e10f,
+  const std::vector<float> odd = {0.0f,
+                                  -0.0f,
+                                  1.0f,
+                                  -1e10f,
+                                  -2e10f,
                                   std::numeric_limits<float>::quiet_NaN(),
                                   -std::numeric_limits<float>::infinity(),
                                   std::numeric_limits<float>::infinity()};
