@@ -1,6 +1,7 @@
 #include "generator/request_builder.h"
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -32,6 +33,21 @@ absl::Status CheckSampling(const v1::SamplingOptions& s) {
   return absl::OkStatus();
 }
 
+// Tokenizing costs time in proportion to the text, so a text that cannot fit the context is
+// refused before it is tokenized: every token stands for at most MaxBytesPerToken() bytes.
+absl::Status CheckCanFit(const Runtime& rt, int64_t bytes) {
+  if (rt.tokenizer == nullptr) return absl::OkStatus();
+  const std::optional<int64_t> per_token = rt.tokenizer->MaxBytesPerToken();
+  if (!per_token.has_value() || *per_token <= 0) return absl::OkStatus();
+  const int64_t context = rt.model->config().max_position_embeddings;
+  const int64_t at_least = (bytes + *per_token - 1) / *per_token;
+  if (at_least < context) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("the prompt is at least ", at_least, " tokens (", bytes,
+                   " bytes, at most ", *per_token, " a token); the model's context is ", context,
+                   " tokens and at least one must remain for generation"));
+}
+
 absl::StatusOr<std::vector<int32_t>> EncodeMessages(const v1::GenerateRequest& req, const Runtime& rt,
                                                     const RequestLimits& limits) {
   if (rt.tokenizer == nullptr) {
@@ -52,11 +68,19 @@ absl::StatusOr<std::vector<int32_t>> EncodeMessages(const v1::GenerateRequest& r
     return absl::InvalidArgumentError(absl::StrCat("the messages hold ", bytes, " bytes; the limit is ",
                                                    limits.max_prompt_bytes));
   }
-  ASSIGN_OR_RETURN(std::string text, ApplyChatTemplate(limits.chat_template, messages,
-                                                       /*add_generation_prompt=*/true));
+  ASSIGN_OR_RETURN(std::vector<ChatPart> rendered,
+                   RenderChatParts(limits.chat_template, messages, /*add_generation_prompt=*/true));
+  int64_t rendered_bytes = 0;
+  std::vector<TextPart> parts;
+  for (const ChatPart& p : rendered) {
+    rendered_bytes += static_cast<int64_t>(p.text.size());
+    // Only the template's own special tokens are special: a message cannot close its turn.
+    parts.push_back({p.text, /*special_tokens=*/!p.from_message});
+  }
+  RETURN_IF_ERROR(CheckCanFit(rt, rendered_bytes));
   // Templates that spell out their own BOS token must not get a second one.
   const bool add_bos = limits.chat_template.kind == ChatTemplateKind::kNone && rt.tokenizer->default_add_bos();
-  return rt.tokenizer->Encode(text, add_bos);
+  return rt.tokenizer->EncodeParts(parts, add_bos);
 }
 
 }  // namespace
@@ -115,6 +139,7 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const v1::GenerateRequest& req, c
       return absl::InvalidArgumentError(absl::StrCat("the prompt is ", req.prompt().size(),
                                                      " bytes; the limit is ", limits.max_prompt_bytes));
     }
+    RETURN_IF_ERROR(CheckCanFit(rt, static_cast<int64_t>(req.prompt().size())));
     ASSIGN_OR_RETURN(g.prompt, EncodePrompt(rt, req.prompt()));
   } else if (req.token_ids_size() > 0) {
     RETURN_IF_ERROR(CheckTokenIds(req.token_ids(), config.vocab_size, "token_ids"));

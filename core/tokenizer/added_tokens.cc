@@ -28,32 +28,45 @@ AddedTokenMatcher::AddedTokenMatcher(const std::vector<AddedToken>* tokens, bool
     : tokens_(tokens), nodes_(1) {
   for (size_t t = 0; t < tokens->size(); ++t) {
     const AddedToken& tok = (*tokens)[t];
-    const std::string& text = t < match_texts.size() ? match_texts[t] : tok.content;
-    if (tok.normalized != normalized || text.empty()) continue;
-    int32_t node = 0;
-    for (const char c : text) {
-      const auto it = nodes_[node].next.find(static_cast<unsigned char>(c));
-      if (it != nodes_[node].next.end()) {
-        node = it->second;
-      } else {
-        nodes_.emplace_back();
-        const int32_t child = static_cast<int32_t>(nodes_.size() - 1);
-        nodes_[node].next[static_cast<unsigned char>(c)] = child;
-        node = child;
-      }
-    }
-    if (nodes_[node].token < 0) nodes_[node].token = static_cast<int>(t);  // first one wins
+    if (tok.normalized != normalized) continue;
+    Add(static_cast<int>(t), t < match_texts.size() ? match_texts[t] : tok.content);
   }
 }
 
-int AddedTokenMatcher::LongestAt(std::string_view text, size_t pos, size_t* len) const {
+AddedTokenMatcher::AddedTokenMatcher(const std::vector<AddedToken>* tokens,
+                                     absl::FunctionRef<bool(const AddedToken&)> include)
+    : tokens_(tokens), nodes_(1) {
+  for (size_t t = 0; t < tokens->size(); ++t) {
+    if (include((*tokens)[t])) Add(static_cast<int>(t), (*tokens)[t].content);
+  }
+}
+
+void AddedTokenMatcher::Add(int index, std::string_view text) {
+  if (text.empty()) return;
+  int32_t node = 0;
+  for (const char c : text) {
+    const auto it = nodes_[node].next.find(static_cast<unsigned char>(c));
+    if (it != nodes_[node].next.end()) {
+      node = it->second;
+    } else {
+      nodes_.emplace_back();
+      const int32_t child = static_cast<int32_t>(nodes_.size() - 1);
+      nodes_[node].next[static_cast<unsigned char>(c)] = child;
+      node = child;
+    }
+  }
+  if (nodes_[node].token < 0) nodes_[node].token = index;  // first one wins
+}
+
+int AddedTokenMatcher::LongestAt(std::string_view text, size_t pos, MatchFilter allow,
+                                 size_t* len) const {
   int best = -1;
   int32_t node = 0;
   for (size_t i = pos; i < text.size(); ++i) {
     const auto it = nodes_[node].next.find(static_cast<unsigned char>(text[i]));
     if (it == nodes_[node].next.end()) break;
     node = it->second;
-    if (nodes_[node].token >= 0) {
+    if (nodes_[node].token >= 0 && allow(nodes_[node].token, pos, i + 1)) {
       best = nodes_[node].token;
       *len = i + 1 - pos;
     }
@@ -62,12 +75,16 @@ int AddedTokenMatcher::LongestAt(std::string_view text, size_t pos, size_t* len)
 }
 
 std::vector<TextSegment> AddedTokenMatcher::Split(std::string_view text) const {
+  return Split(text, [](int, size_t, size_t) { return true; });
+}
+
+std::vector<TextSegment> AddedTokenMatcher::Split(std::string_view text, MatchFilter allow) const {
   std::vector<TextSegment> out;
   size_t emitted = 0;  // end of the last segment pushed
   size_t pos = 0;
   while (pos < text.size()) {
     size_t len = 0;
-    const int t = empty() ? -1 : LongestAt(text, pos, &len);
+    const int t = empty() ? -1 : LongestAt(text, pos, allow, &len);
     if (t < 0) {
       ++pos;
       continue;

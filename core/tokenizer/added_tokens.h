@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/function_ref.h"
 
 namespace specontext {
 
@@ -35,14 +36,23 @@ class AddedTokenMatcher {
   /// tokens); empty vector = the contents as they are. `tokens` must outlive the matcher.
   AddedTokenMatcher(const std::vector<AddedToken>* tokens, bool normalized,
                     const std::vector<std::string>& match_texts = {});
+  /// Matches the tokens `include` accepts, spelled as their contents.
+  AddedTokenMatcher(const std::vector<AddedToken>* tokens,
+                    absl::FunctionRef<bool(const AddedToken&)> include);
   /// Splits `text` into plain-text and added-token segments covering it (empty text segments are
   /// left out).
   std::vector<TextSegment> Split(std::string_view text) const;
+  /// Whether token `token` may match text[start, end).
+  using MatchFilter = absl::FunctionRef<bool(int token, size_t start, size_t end)>;
+  /// Same, where a match `allow` refuses counts as not there (a shorter allowed token at the same
+  /// place may match instead).
+  std::vector<TextSegment> Split(std::string_view text, MatchFilter allow) const;
   bool empty() const { return nodes_.size() == 1; }
 
  private:
   // Longest token starting at `pos`: its index, or -1; `len` gets its length.
-  int LongestAt(std::string_view text, size_t pos, size_t* len) const;
+  int LongestAt(std::string_view text, size_t pos, MatchFilter allow, size_t* len) const;
+  void Add(int index, std::string_view text);
 
   struct Node {
     absl::flat_hash_map<unsigned char, int32_t> next;

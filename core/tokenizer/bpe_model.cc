@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/status_macros.h"
+#include "core/tokenizer/byte_level.h"
 #include "core/tokenizer/utf8.h"
 
 namespace specontext {
@@ -143,6 +144,27 @@ std::optional<int32_t> BpeModel::TokenToId(std::string_view token) const {
 const std::string* BpeModel::IdToToken(int32_t id) const {
   if (id < 0 || id >= id_limit() || !has_id_[id]) return nullptr;
   return &id_to_token_[id];
+}
+
+std::optional<size_t> BpeModel::MaxInputBytesPerToken(bool byte_level) const {
+  if (!prefix_.empty() || !suffix_.empty()) return std::nullopt;
+  auto has_all_bytes = [&](auto spell) {
+    for (int b = 0; b < 256; ++b) {
+      if (vocab_.find(spell(static_cast<uint8_t>(b))) == vocab_.end()) return false;
+    }
+    return true;
+  };
+  const bool has_unk = unk_token_ && vocab_.contains(*unk_token_);
+  if (has_unk && fuse_unk_) return std::nullopt;
+  const bool covered =
+      has_unk ||
+      (byte_fallback_ && has_all_bytes([](uint8_t b) { return absl::StrFormat("<0x%02X>", b); })) ||
+      (byte_level &&
+       has_all_bytes([](uint8_t b) { return byte_level::Encode(std::string(1, char(b))); }));
+  if (!covered) return std::nullopt;
+  size_t longest = 4;  // one character, which an unk stands for
+  for (const auto& [token, id] : vocab_) longest = std::max(longest, token.size());
+  return longest;
 }
 
 absl::Status BpeModel::Tokenize(std::string_view word, std::vector<int32_t>* ids) const {

@@ -32,6 +32,10 @@ class BpeModel {
   std::optional<int32_t> TokenToId(std::string_view token) const;
   /// Vocabulary string of `id`, nullptr when the id is not in the vocabulary.
   const std::string* IdToToken(int32_t id) const;
+  /// The most bytes of the model's input one id can stand for (the longest vocabulary string, at
+  /// least one character); nullopt when characters can be dropped (no unk token and no fallback)
+  /// or fused into one unk. `byte_level`: the input is byte-level text (every byte a character).
+  std::optional<size_t> MaxInputBytesPerToken(bool byte_level) const;
   /// One past the largest vocabulary id.
   int32_t id_limit() const { return static_cast<int32_t>(id_to_token_.size()); }
 

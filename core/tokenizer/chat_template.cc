@@ -12,6 +12,29 @@ namespace {
 
 constexpr std::string_view kWhite = " \t\n\r\f\v";
 
+// Collects a rendering as parts, so that text copied from messages can be told from the
+// template's own text when it is encoded.
+class PartWriter {
+ public:
+  template <typename... T>
+  void Template(const T&... pieces) {
+    Append(false, absl::StrCat(pieces...));
+  }
+  void Message(std::string_view text) { Append(true, text); }
+  std::vector<ChatPart> Take() && { return std::move(parts_); }
+
+ private:
+  void Append(bool from_message, std::string_view text) {
+    if (text.empty()) return;
+    if (!parts_.empty() && parts_.back().from_message == from_message) {
+      parts_.back().text += text;
+    } else {
+      parts_.push_back({std::string(text), from_message});
+    }
+  }
+  std::vector<ChatPart> parts_;
+};
+
 std::string_view Trim(std::string_view s, std::string_view chars = kWhite) {
   const size_t b = s.find_first_not_of(chars);
   if (b == std::string_view::npos) return {};
@@ -61,9 +84,10 @@ std::string LocalDate() {
 // (knowledge_date_block): a first system turn is always written, with the date block before the
 // (trimmed) first system message; tool results become "ipython" turns whose content the template
 // writes with tojson (a string is iterable in Jinja), i.e. as a JSON string.
-std::string RenderLlama3(const ChatTemplate& tmpl, std::span<const ChatMessage> messages,
-                         bool gen) {
-  std::string out = "<|begin_of_text|>";
+std::vector<ChatPart> RenderLlama3(const ChatTemplate& tmpl, std::span<const ChatMessage> messages,
+                                   bool gen) {
+  PartWriter out;
+  out.Template("<|begin_of_text|>");
   size_t first = 0;
   if (tmpl.knowledge_date_block) {
     std::string_view system;
@@ -71,41 +95,45 @@ std::string RenderLlama3(const ChatTemplate& tmpl, std::span<const ChatMessage> 
       system = Trim(messages[0].content);
       first = 1;
     }
-    absl::StrAppend(&out,
-                    "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
-                    "December 2023\nToday Date: ",
-                    tmpl.today_date.empty() ? LocalDate() : tmpl.today_date, "\n\n",
-                    std::string(system), "<|eot_id|>");
+    out.Template(
+        "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+        "December 2023\nToday Date: ",
+        tmpl.today_date.empty() ? LocalDate() : tmpl.today_date, "\n\n");
+    out.Message(system);
+    out.Template("<|eot_id|>");
   }
   for (size_t i = first; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
     if (tmpl.knowledge_date_block && (m.role == "tool" || m.role == "ipython")) {
-      absl::StrAppend(
-          &out, "<|start_header_id|>ipython<|end_header_id|>\n\n",
-          nlohmann::json(m.content).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace),
-          "<|eot_id|>");
+      out.Template("<|start_header_id|>ipython<|end_header_id|>\n\n");
+      out.Message(
+          nlohmann::json(m.content).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+      out.Template("<|eot_id|>");
       continue;
     }
-    absl::StrAppend(&out, "<|start_header_id|>", m.role, "<|end_header_id|>\n\n",
-                    std::string(Trim(m.content)), "<|eot_id|>");
+    out.Template("<|start_header_id|>", m.role, "<|end_header_id|>\n\n");
+    out.Message(Trim(m.content));
+    out.Template("<|eot_id|>");
   }
-  if (gen) out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
-  return out;
+  if (gen) out.Template("<|start_header_id|>assistant<|end_header_id|>\n\n");
+  return std::move(out).Take();
 }
 
 // Qwen2/2.5, SmolLM2: a template's default system prompt stands in for a missing first system
 // message.
-std::string RenderChatml(const ChatTemplate& tmpl, std::span<const ChatMessage> messages,
-                         bool gen) {
-  std::string out;
+std::vector<ChatPart> RenderChatml(const ChatTemplate& tmpl, std::span<const ChatMessage> messages,
+                                   bool gen) {
+  PartWriter out;
   if (!tmpl.default_system.empty() && messages[0].role != "system") {
-    absl::StrAppend(&out, "<|im_start|>system\n", tmpl.default_system, "<|im_end|>\n");
+    out.Template("<|im_start|>system\n", tmpl.default_system, "<|im_end|>\n");
   }
   for (const ChatMessage& m : messages) {
-    absl::StrAppend(&out, "<|im_start|>", m.role, "\n", m.content, "<|im_end|>\n");
+    out.Template("<|im_start|>", m.role, "\n");
+    out.Message(m.content);
+    out.Template("<|im_end|>\n");
   }
-  if (gen) out += "<|im_start|>assistant\n";
-  return out;
+  if (gen) out.Template("<|im_start|>assistant\n");
+  return std::move(out).Take();
 }
 
 bool IsToolResponse(const ChatMessage& m) {
@@ -116,7 +144,7 @@ bool IsToolResponse(const ChatMessage& m) {
 // Qwen3's template: reasoning (<think>..</think>) is kept only for assistant turns after the last
 // real user query; the last such turn always shows a (possibly empty) think block. Consecutive tool
 // messages are wrapped in <tool_response> inside one user turn.
-std::string RenderQwen3(std::span<const ChatMessage> messages, bool gen) {
+std::vector<ChatPart> RenderQwen3(std::span<const ChatMessage> messages, bool gen) {
   size_t last_query = messages.size() - 1;
   for (size_t i = messages.size(); i-- > 0;) {
     if (messages[i].role == "user" && !IsToolResponse(messages[i])) {
@@ -124,11 +152,13 @@ std::string RenderQwen3(std::span<const ChatMessage> messages, bool gen) {
       break;
     }
   }
-  std::string out;
+  PartWriter out;
   for (size_t i = 0; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
     if (m.role == "user" || m.role == "system") {
-      absl::StrAppend(&out, "<|im_start|>", m.role, "\n", m.content, "<|im_end|>\n");
+      out.Template("<|im_start|>", m.role, "\n");
+      out.Message(m.content);
+      out.Template("<|im_end|>\n");
     } else if (m.role == "assistant") {
       std::string_view content = m.content;
       std::string_view reasoning;
@@ -142,46 +172,54 @@ std::string RenderQwen3(std::span<const ChatMessage> messages, bool gen) {
       }
       const bool last = i + 1 == messages.size();
       if (i > last_query && (last || !reasoning.empty())) {
-        absl::StrAppend(&out, "<|im_start|>assistant\n<think>\n",
-                        std::string(Trim(reasoning, "\n")), "\n</think>\n\n",
-                        std::string(LStrip(content, "\n")));
+        out.Template("<|im_start|>assistant\n<think>\n");
+        out.Message(Trim(reasoning, "\n"));
+        out.Template("\n</think>\n\n");
+        out.Message(LStrip(content, "\n"));
       } else {
-        absl::StrAppend(&out, "<|im_start|>assistant\n", std::string(content));
+        out.Template("<|im_start|>assistant\n");
+        out.Message(content);
       }
-      out += "<|im_end|>\n";
+      out.Template("<|im_end|>\n");
     } else {  // tool
-      if (i == 0 || messages[i - 1].role != "tool") out += "<|im_start|>user";
-      absl::StrAppend(&out, "\n<tool_response>\n", m.content, "\n</tool_response>");
-      if (i + 1 == messages.size() || messages[i + 1].role != "tool") out += "<|im_end|>\n";
+      if (i == 0 || messages[i - 1].role != "tool") out.Template("<|im_start|>user");
+      out.Template("\n<tool_response>\n");
+      out.Message(m.content);
+      out.Template("\n</tool_response>");
+      if (i + 1 == messages.size() || messages[i + 1].role != "tool") out.Template("<|im_end|>\n");
     }
   }
-  if (gen) out += "<|im_start|>assistant\n";
-  return out;
+  if (gen) out.Template("<|im_start|>assistant\n");
+  return std::move(out).Take();
 }
 
 // DeepSeek-R1: system prompts go first after BOS; history assistant turns lose their reasoning.
-std::string RenderDeepseekR1(std::span<const ChatMessage> messages, bool gen) {
-  std::string out = "<｜begin▁of▁sentence｜>";
+std::vector<ChatPart> RenderDeepseekR1(std::span<const ChatMessage> messages, bool gen) {
+  PartWriter out;
+  out.Template("<｜begin▁of▁sentence｜>");
   bool first_system = true;
   for (const ChatMessage& m : messages) {
     if (m.role != "system") continue;
-    if (!first_system) out += "\n\n";
-    out += m.content;
+    if (!first_system) out.Template("\n\n");
+    out.Message(m.content);
     first_system = false;
   }
   for (const ChatMessage& m : messages) {
     if (m.role == "user") {
-      absl::StrAppend(&out, "<｜User｜>", m.content);
+      out.Template("<｜User｜>");
+      out.Message(m.content);
     } else if (m.role == "assistant") {
       std::string_view content = m.content;
       if (const size_t close = content.rfind("</think>"); close != std::string_view::npos) {
         content = content.substr(close + 8);
       }
-      absl::StrAppend(&out, "<｜Assistant｜>", std::string(content), "<｜end▁of▁sentence｜>");
+      out.Template("<｜Assistant｜>");
+      out.Message(content);
+      out.Template("<｜end▁of▁sentence｜>");
     }
   }
-  if (gen) out += "<｜Assistant｜><think>\n";
-  return out;
+  if (gen) out.Template("<｜Assistant｜><think>\n");
+  return std::move(out).Take();
 }
 
 }  // namespace
@@ -223,16 +261,16 @@ absl::StatusOr<ChatTemplate> ParseChatTemplate(std::string_view name) {
   return t;
 }
 
-absl::StatusOr<std::string> ApplyChatTemplate(const ChatTemplate& tmpl,
-                                              std::span<const ChatMessage> messages,
-                                              bool add_generation_prompt) {
+absl::StatusOr<std::vector<ChatPart>> RenderChatParts(const ChatTemplate& tmpl,
+                                                      std::span<const ChatMessage> messages,
+                                                      bool add_generation_prompt) {
   const ChatTemplateKind kind = tmpl.kind;
   switch (kind) {
     case ChatTemplateKind::kNone: {
       RETURN_IF_ERROR(CheckRoles(kind, messages, {"system", "user", "assistant"}));
-      std::string out;
-      for (const ChatMessage& m : messages) out += m.content;
-      return out;
+      PartWriter out;
+      for (const ChatMessage& m : messages) out.Message(m.content);
+      return std::move(out).Take();
     }
     case ChatTemplateKind::kLlama3:
       RETURN_IF_ERROR(
@@ -249,6 +287,28 @@ absl::StatusOr<std::string> ApplyChatTemplate(const ChatTemplate& tmpl,
       return RenderDeepseekR1(messages, add_generation_prompt);
   }
   return absl::InvalidArgumentError("chat template: bad kind");
+}
+
+absl::StatusOr<std::string> ApplyChatTemplate(const ChatTemplate& tmpl,
+                                              std::span<const ChatMessage> messages,
+                                              bool add_generation_prompt) {
+  ASSIGN_OR_RETURN(std::vector<ChatPart> parts,
+                   RenderChatParts(tmpl, messages, add_generation_prompt));
+  std::string out;
+  for (const ChatPart& p : parts) out += p.text;
+  return out;
+}
+
+absl::StatusOr<std::vector<int32_t>> EncodeChat(const Tokenizer& tokenizer,
+                                                const ChatTemplate& tmpl,
+                                                std::span<const ChatMessage> messages,
+                                                bool add_generation_prompt, bool add_bos) {
+  ASSIGN_OR_RETURN(std::vector<ChatPart> parts,
+                   RenderChatParts(tmpl, messages, add_generation_prompt));
+  std::vector<TextPart> text_parts;
+  text_parts.reserve(parts.size());
+  for (const ChatPart& p : parts) text_parts.push_back({p.text, !p.from_message});
+  return tokenizer.EncodeParts(text_parts, add_bos);
 }
 
 }  // namespace specontext

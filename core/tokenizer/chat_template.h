@@ -2,16 +2,19 @@
 // A model's Jinja chat_template (tokenizer_config.json, or a GGUF's tokenizer.chat_template) is
 // mapped to one of them, with the parameters its text fixes (a default system prompt, Llama 3.1's
 // date block), so the rendering equals what the model's own template gives.
-// The rendered text contains special tokens as text ("<|im_start|>"); Tokenizer::Encode recognises
-// them, so encode it with add_bos=false (llama3 and deepseek-r1 output already starts with BOS).
+// The rendered text contains special tokens as text ("<|im_start|>"). EncodeChat encodes a
+// rendering so that only the template's own special tokens become special ids: special-token text
+// inside a message ("<|eot_id|>" typed by a user) stays ordinary text and cannot forge a turn.
 #pragma once
 
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/tokenizer/tokenizer.h"
 
 namespace specontext {
 
@@ -67,5 +70,23 @@ absl::StatusOr<std::optional<ChatTemplate>> ChatTemplateFromConfig(
 absl::StatusOr<std::string> ApplyChatTemplate(const ChatTemplate& tmpl,
                                               std::span<const ChatMessage> messages,
                                               bool add_generation_prompt);
+
+/// A piece of a rendering: the template's own text, or text copied from a message (contents,
+/// Qwen3's reasoning, a tool result).
+struct ChatPart {
+  std::string text;
+  bool from_message = false;
+};
+/// ApplyChatTemplate as parts (adjacent parts of the same kind are joined); they concatenate to
+/// ApplyChatTemplate's text.
+absl::StatusOr<std::vector<ChatPart>> RenderChatParts(const ChatTemplate& tmpl,
+                                                      std::span<const ChatMessage> messages,
+                                                      bool add_generation_prompt);
+/// Renders and encodes `messages` with special tokens recognised only in the template's own text
+/// (Tokenizer::EncodeParts). `add_bos` as for Encode: false for templates that write their BOS.
+absl::StatusOr<std::vector<int32_t>> EncodeChat(const Tokenizer& tokenizer,
+                                                const ChatTemplate& tmpl,
+                                                std::span<const ChatMessage> messages,
+                                                bool add_generation_prompt, bool add_bos);
 
 }  // namespace specontext

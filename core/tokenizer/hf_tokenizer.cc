@@ -26,6 +26,51 @@ constexpr const char* kEndTokens[] = {"<|eot_id|>",           "<|eom_id|>",    "
                                       "<｜end▁of▁sentence｜>"};
 constexpr const char* kBosTokens[] = {"<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "<s>"};
 
+// How many times shorter normalization can make a text; nullopt when it can delete text outright
+// (Strip, or a Replace with a regex or an empty replacement). Called on validated stages.
+std::optional<int64_t> NormalizerShrink(const json& j) {
+  if (j.is_null()) return 1;
+  const std::string type = j.value("type", "");
+  if (type == "Sequence") {
+    int64_t factor = 1;
+    for (const json& sub : j["normalizers"]) {
+      const auto f = NormalizerShrink(sub);
+      if (!f || factor > (int64_t{1} << 20)) return std::nullopt;
+      factor *= *f;
+    }
+    return factor;
+  }
+  // One code point becomes at least a quarter of its bytes (U+1D400 -> "A"), and three Hangul
+  // jamo compose into one syllable of a third of their bytes.
+  if (type == "NFC" || type == "NFD" || type == "NFKC" || type == "NFKD" || type == "Lowercase") {
+    return 4;
+  }
+  if (type == "Prepend") return 1;
+  if (type == "Replace") {
+    const auto s = j["pattern"].find("String");
+    const std::string content = j.value("content", "");
+    if (s == j["pattern"].end() || !s->is_string() || content.empty()) return std::nullopt;
+    const int64_t from = static_cast<int64_t>(s->get_ref<const std::string&>().size());
+    const int64_t to = static_cast<int64_t>(content.size());
+    return std::max<int64_t>(1, (from + to - 1) / to);
+  }
+  return std::nullopt;
+}
+
+// Whether pre-tokenization can drop text (a Split that removes matches); `byte_level` is set when
+// a ByteLevel stage turns every byte into a character.
+bool PreTokenizerDrops(const json& j, bool* byte_level) {
+  if (j.is_null()) return false;
+  const std::string type = j.value("type", "");
+  if (type == "Sequence") {
+    bool drops = false;
+    for (const json& sub : j["pretokenizers"]) drops |= PreTokenizerDrops(sub, byte_level);
+    return drops;
+  }
+  if (type == "ByteLevel") *byte_level = true;
+  return type == "Split" && j.value("behavior", "") == "Removed";
+}
+
 bool TooDeep(std::string_view text) {
   int depth = 0;
   bool in_string = false;
@@ -52,29 +97,34 @@ class HfTokenizer final : public Tokenizer {
   absl::Status Init(const json& root, const json& config);
 
   absl::StatusOr<std::vector<int32_t>> Encode(std::string_view raw, bool add_bos) const override {
-    const std::string text = utf8::Sanitize(raw);
-    std::vector<int32_t> ids;
-    if (add_bos && bos_id_ >= 0) ids.push_back(bos_id_);
-    for (const TextSegment& seg : raw_matcher_->Split(text)) {
-      if (seg.token >= 0) {
-        ids.push_back(added_[seg.token].id);
-        continue;
-      }
-      std::string part = text.substr(seg.start, seg.end - seg.start);
-      if (normalizer_) RETURN_IF_ERROR(normalizer_->Apply(&part));
-      for (const TextSegment& sub : norm_matcher_->Split(part)) {
-        if (sub.token >= 0) {
-          ids.push_back(added_[sub.token].id);
-          continue;
-        }
-        std::vector<PreToken> pieces;
-        pieces.push_back(
-            {part.substr(sub.start, sub.end - sub.start), seg.start == 0 && sub.start == 0});
-        if (pre_tokenizer_) RETURN_IF_ERROR(pre_tokenizer_->Apply(&pieces));
-        for (const PreToken& p : pieces) RETURN_IF_ERROR(model_->Tokenize(p.text, &ids));
-      }
+    constexpr auto kAny = [](int, size_t, size_t) { return true; };
+    return EncodeText(utf8::Sanitize(raw), add_bos, *raw_matcher_, kAny, kAny);
+  }
+
+  absl::StatusOr<std::vector<int32_t>> EncodeParts(std::span<const TextPart> parts,
+                                                   bool add_bos) const override {
+    if (std::all_of(parts.begin(), parts.end(),
+                    [](const TextPart& p) { return p.special_tokens; })) {
+      return Tokenizer::EncodeParts(parts, add_bos);
     }
-    return ids;
+    std::string text;
+    std::vector<std::pair<size_t, size_t>> plain;  // byte ranges where special tokens are text
+    for (const TextPart& p : parts) {
+      const size_t start = text.size();
+      text += utf8::Sanitize(p.text);
+      if (!p.special_tokens && text.size() > start) plain.emplace_back(start, text.size());
+    }
+    // Special tokens are all looked for in the raw text, where the template wrote them verbatim;
+    // after normalization the plain ranges could no longer be located.
+    auto raw_allow = [&](int t, size_t start, size_t end) {
+      if (!added_[t].special) return true;
+      // The first range ending after `start` is the only one that can overlap [start, end).
+      const auto it = std::upper_bound(plain.begin(), plain.end(), start,
+                                       [](size_t v, const auto& r) { return v < r.second; });
+      return it == plain.end() || it->first >= end;
+    };
+    auto norm_allow = [&](int t, size_t, size_t) { return !added_[t].special; };
+    return EncodeText(text, add_bos, *special_raw_matcher_, raw_allow, norm_allow);
   }
 
   std::string TokenBytes(int32_t id) const override { return TokenBytesAfter(0, id); }
@@ -86,6 +136,7 @@ class HfTokenizer final : public Tokenizer {
     return decoder_->DecodeToken(*tok, prev_id < 0);
   }
 
+  std::optional<int64_t> MaxBytesPerToken() const override { return max_bytes_per_token_; }
   int32_t vocab_size() const override { return vocab_size_; }
   int32_t bos_id() const override { return bos_id_; }
   bool default_add_bos() const override { return add_bos_; }
@@ -102,6 +153,36 @@ class HfTokenizer final : public Tokenizer {
   }
 
  private:
+  // `text` is valid UTF-8. `raw` finds added tokens in it before normalization, `norm_allow` says
+  // which normalized added tokens may match afterwards.
+  absl::StatusOr<std::vector<int32_t>> EncodeText(const std::string& text, bool add_bos,
+                                                  const AddedTokenMatcher& raw,
+                                                  AddedTokenMatcher::MatchFilter raw_allow,
+                                                  AddedTokenMatcher::MatchFilter norm_allow) const {
+    std::vector<int32_t> ids;
+    if (add_bos && bos_id_ >= 0) ids.push_back(bos_id_);
+    for (const TextSegment& seg : raw.Split(text, raw_allow)) {
+      if (seg.token >= 0) {
+        ids.push_back(added_[seg.token].id);
+        continue;
+      }
+      std::string part = text.substr(seg.start, seg.end - seg.start);
+      if (normalizer_) RETURN_IF_ERROR(normalizer_->Apply(&part));
+      for (const TextSegment& sub : norm_matcher_->Split(part, norm_allow)) {
+        if (sub.token >= 0) {
+          ids.push_back(added_[sub.token].id);
+          continue;
+        }
+        std::vector<PreToken> pieces;
+        pieces.push_back(
+            {part.substr(sub.start, sub.end - sub.start), seg.start == 0 && sub.start == 0});
+        if (pre_tokenizer_) RETURN_IF_ERROR(pre_tokenizer_->Apply(&pieces));
+        for (const PreToken& p : pieces) RETURN_IF_ERROR(model_->Tokenize(p.text, &ids));
+      }
+    }
+    return ids;
+  }
+
   const std::string* TokenString(int32_t id) const {
     if (const auto it = added_by_id_.find(id); it != added_by_id_.end()) {
       return &added_[it->second].content;
@@ -119,10 +200,13 @@ class HfTokenizer final : public Tokenizer {
   absl::flat_hash_map<int32_t, size_t> added_by_id_;
   StringMap<size_t> added_by_content_;
   std::unique_ptr<AddedTokenMatcher> raw_matcher_, norm_matcher_;
+  // The raw matcher plus the normalized special tokens, for EncodeParts.
+  std::unique_ptr<AddedTokenMatcher> special_raw_matcher_;
   int32_t vocab_size_ = 0;
   int32_t bos_id_ = -1;
   bool add_bos_ = false;
   std::vector<int32_t> eos_ids_;
+  std::optional<int64_t> max_bytes_per_token_;
 };
 
 absl::Status HfTokenizer::ParseAddedTokens(const json& root) {
@@ -223,6 +307,23 @@ absl::Status HfTokenizer::Init(const json& root, const json& config) {
   }
   norm_matcher_ =
       std::make_unique<AddedTokenMatcher>(&added_, /*normalized=*/true, normalized_contents);
+  auto raw_or_special = [](const AddedToken& t) { return !t.normalized || t.special; };
+  special_raw_matcher_ = std::make_unique<AddedTokenMatcher>(
+      &added_, absl::FunctionRef<bool(const AddedToken&)>(raw_or_special));
+
+  // Input text reaches the model through normalization and pre-tokenization, so a model token
+  // stands for at most (its longest string) x (how much normalization can shrink text) bytes.
+  bool byte_level = false;
+  const std::optional<int64_t> shrink = NormalizerShrink(stage("normalizer"));
+  const bool drops = PreTokenizerDrops(stage("pre_tokenizer"), &byte_level);
+  const std::optional<size_t> model_bytes = model_->MaxInputBytesPerToken(byte_level);
+  const bool swallows_space = std::any_of(added_.begin(), added_.end(),
+                                          [](const AddedToken& t) { return t.lstrip || t.rstrip; });
+  if (shrink && !drops && model_bytes && !swallows_space) {
+    size_t longest = *model_bytes;
+    for (const AddedToken& t : added_) longest = std::max(longest, t.content.size());
+    max_bytes_per_token_ = static_cast<int64_t>(longest) * *shrink;
+  }
 
   vocab_size_ = model_->id_limit();
   for (const AddedToken& t : added_) vocab_size_ = std::max(vocab_size_, t.id + 1);

@@ -1,5 +1,7 @@
 // llama2.c's tokenizer.bin: SentencePiece pieces with scores, encoded as llama2.c's `encode` does
-// (dummy-prefix space, code point lookup with <0xXX> byte fallback, then greedy best-score merges).
+// (dummy-prefix space, code point lookup with <0xXX> byte fallback, then greedy best-score merges,
+// done in O(n log n)).
+#include <algorithm>
 #include <cstring>
 
 #include "absl/container/flat_hash_map.h"
@@ -12,6 +14,7 @@ namespace specontext {
 namespace {
 
 constexpr int32_t kUnk = 0, kBos = 1, kEos = 2, kByteBase = 3;
+constexpr float kNoMergeScore = -1e10f;
 
 class Llama2cTokenizer final : public Tokenizer {
  public:
@@ -20,6 +23,15 @@ class Llama2cTokenizer final : public Tokenizer {
     // The first id wins for duplicate pieces, so lookups are deterministic.
     for (size_t i = 0; i < pieces_.size(); ++i)
       index_.try_emplace(pieces_[i], static_cast<int32_t>(i));
+    // A token covers at most its piece's bytes: a code point's piece is its bytes, a byte's piece
+    // ("<0xXX>") is longer than one byte, and a merge's piece is its two pieces. An empty piece
+    // breaks that (merging with it absorbs a byte), so then no bound is claimed.
+    size_t longest = 1;
+    for (const std::string& p : pieces_) {
+      if (p.empty()) return;
+      longest = std::max(longest, p.size());
+    }
+    max_bytes_per_token_ = static_cast<int64_t>(longest);
   }
 
   absl::StatusOr<std::vector<int32_t>> Encode(std::string_view raw, bool add_bos) const override {
@@ -41,27 +53,7 @@ class Llama2cTokenizer final : public Tokenizer {
       }
       i += n;
     }
-    // Merge the adjacent pair with the best score until none is in the vocabulary. The first of
-    // equal scores wins (llama2.c compares with a strict '>').
-    std::string buf;
-    while (true) {
-      float best_score = -1e10f;
-      int32_t best_id = -1;
-      size_t best_idx = 0;
-      for (size_t i = 0; i + 1 < toks.size(); ++i) {
-        buf = pieces_[toks[i]];
-        buf += pieces_[toks[i + 1]];
-        const auto id = Find(buf);
-        if (id && scores_[*id] > best_score) {
-          best_score = scores_[*id];
-          best_id = *id;
-          best_idx = i;
-        }
-      }
-      if (best_id < 0) break;
-      toks[best_idx] = best_id;
-      toks.erase(toks.begin() + static_cast<std::ptrdiff_t>(best_idx) + 1);
-    }
+    MergeBestPairs(&toks);
     ids.insert(ids.end(), toks.begin(), toks.end());
     return ids;
   }
@@ -94,6 +86,7 @@ class Llama2cTokenizer final : public Tokenizer {
     return s;
   }
 
+  std::optional<int64_t> MaxBytesPerToken() const override { return max_bytes_per_token_; }
   int32_t vocab_size() const override { return static_cast<int32_t>(pieces_.size()); }
   int32_t bos_id() const override { return kBos; }
   bool default_add_bos() const override { return true; }
@@ -107,6 +100,79 @@ class Llama2cTokenizer final : public Tokenizer {
   bool IsSpecial(int32_t id) const override { return id == kUnk || id == kBos || id == kEos; }
 
  private:
+  // The token that merging `a` and `b` gives and its score; nullopt when the pair never merges.
+  // llama2.c starts its search at -1e10 with a strict '>', so pairs scoring no higher (and NaN
+  // scores) never merge.
+  struct PairMerge {
+    int32_t id;
+    float score;
+  };
+  std::optional<PairMerge> MergeOf(int32_t a, int32_t b, std::string* buf) const {
+    buf->assign(pieces_[a]);
+    buf->append(pieces_[b]);
+    const auto id = Find(*buf);
+    if (!id || !(scores_[*id] > kNoMergeScore)) return std::nullopt;
+    return PairMerge{*id, scores_[*id]};
+  }
+
+  // llama2.c merges the best-scoring adjacent pair (the leftmost of equal scores) until none is
+  // left, rescanning all pairs per merge: quadratic in the prompt. The same merges in the same
+  // order come from a heap of pair candidates over a linked list of symbols (SentencePiece's BPE):
+  // a symbol keeps its first position, so the smallest position among equal scores is the leftmost
+  // pair, and an entry whose two symbols changed since it was queued is skipped when popped.
+  void MergeBestPairs(std::vector<int32_t>* toks) const {
+    const int32_t n = static_cast<int32_t>(toks->size());
+    if (n < 2) return;
+    struct Symbol {
+      int32_t id, prev, next;  // prev/next: -1 at the ends
+    };
+    struct Candidate {
+      float score;
+      int32_t left, right;        // symbol positions
+      int32_t left_id, right_id;  // their ids when queued
+      int32_t merged;
+    };
+    // The heap's top is the highest score, then the lowest position.
+    auto lower = [](const Candidate& a, const Candidate& b) {
+      if (a.score != b.score) return a.score < b.score;
+      return a.left > b.left;
+    };
+    std::vector<Symbol> syms(static_cast<size_t>(n));
+    for (int32_t i = 0; i < n; ++i) syms[i] = {(*toks)[i], i - 1, i + 1 < n ? i + 1 : -1};
+    std::vector<Candidate> heap;
+    heap.reserve(static_cast<size_t>(n));
+    std::string buf;
+    auto consider = [&](int32_t left) {
+      const int32_t right = syms[left].next;
+      if (right < 0) return;
+      const auto m = MergeOf(syms[left].id, syms[right].id, &buf);
+      if (!m) return;
+      heap.push_back({m->score, left, right, syms[left].id, syms[right].id, m->id});
+      std::push_heap(heap.begin(), heap.end(), lower);
+    };
+    for (int32_t i = 0; i + 1 < n; ++i) consider(i);
+    std::vector<bool> alive(static_cast<size_t>(n), true);
+    while (!heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end(), lower);
+      const Candidate c = heap.back();
+      heap.pop_back();
+      Symbol& left = syms[c.left];
+      if (!alive[c.left] || left.next != c.right || left.id != c.left_id ||
+          syms[c.right].id != c.right_id) {
+        continue;
+      }
+      Symbol& right = syms[c.right];
+      left.id = c.merged;
+      alive[c.right] = false;
+      left.next = right.next;
+      if (right.next >= 0) syms[right.next].prev = c.left;
+      if (left.prev >= 0) consider(left.prev);
+      consider(c.left);
+    }
+    toks->clear();
+    for (int32_t i = 0; i >= 0; i = syms[i].next) toks->push_back(syms[i].id);
+  }
+
   std::optional<int32_t> Find(std::string_view s) const {
     const auto it = index_.find(s);
     if (it == index_.end()) return std::nullopt;
@@ -116,6 +182,7 @@ class Llama2cTokenizer final : public Tokenizer {
   std::vector<std::string> pieces_;
   std::vector<float> scores_;
   StringMap<int32_t> index_;
+  std::optional<int64_t> max_bytes_per_token_;
 };
 
 }  // namespace

@@ -32,6 +32,14 @@ absl::StatusOr<std::string> ReadSmallFile(const std::string& path) {
 
 Tokenizer::~Tokenizer() = default;
 
+// Right as it stands for tokenizers that recognise no special tokens in text (llama2.c).
+absl::StatusOr<std::vector<int32_t>> Tokenizer::EncodeParts(std::span<const TextPart> parts,
+                                                            bool add_bos) const {
+  std::string text;
+  for (const TextPart& p : parts) text += p.text;
+  return Encode(text, add_bos);
+}
+
 std::string Tokenizer::Decode(std::span<const int32_t> ids, bool skip_special) const {
   std::string bytes;
   int32_t prev = -1;

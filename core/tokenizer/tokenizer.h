@@ -22,6 +22,15 @@
 
 namespace specontext {
 
+/// A part of the text given to Tokenizer::EncodeParts.
+struct TextPart {
+  std::string_view text;
+  /// Whether special tokens spelled in `text` become their ids. Off for text the server does not
+  /// control (chat message contents), so that a "<|eot_id|>" typed in a message cannot end its
+  /// turn.
+  bool special_tokens = true;
+};
+
 class Tokenizer {
  public:
   virtual ~Tokenizer();
@@ -31,6 +40,14 @@ class Tokenizer {
   /// (no-op when bos_id() == -1). Never adds EOS.
   virtual absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
                                                       bool add_bos) const = 0;
+
+  /// Encodes the concatenation of `parts` as Encode does, except that a special token is recognised
+  /// only where it lies wholly inside a part with `special_tokens` set; elsewhere its text is
+  /// ordinary text. Added tokens that are not special (Qwen3's <think>) are recognised everywhere,
+  /// as HF does with split_special_tokens. Each part is made valid UTF-8 on its own; parts that all
+  /// allow special tokens give Encode(concatenation).
+  virtual absl::StatusOr<std::vector<int32_t>> EncodeParts(std::span<const TextPart> parts,
+                                                           bool add_bos) const;
 
   /// Raw bytes of one token as they appear in decoded text (may be a partial UTF-8 sequence, e.g.
   /// one byte of an emoji). Empty for out-of-range ids.
@@ -45,6 +62,12 @@ class Tokenizer {
   /// Decodes ids to text. `skip_special` drops special tokens (BOS, <|im_end|>, ...); added tokens
   /// that are not special (e.g. Qwen's <think>) are kept, as in HF. Ill-formed UTF-8 -> U+FFFD.
   virtual std::string Decode(std::span<const int32_t> ids, bool skip_special) const;
+
+  /// The most bytes of input text one token can stand for, so that a text of n bytes encodes to at
+  /// least ceil(n / MaxBytesPerToken()) tokens: lets a server refuse a text too long for the
+  /// context without tokenizing it. nullopt when no bound holds (e.g. a normalizer that deletes
+  /// text, or an added token that swallows the white space around it).
+  virtual std::optional<int64_t> MaxBytesPerToken() const { return std::nullopt; }
 
   /// Number of ids, including added tokens (max id + 1).
   virtual int32_t vocab_size() const = 0;
