@@ -32,14 +32,11 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> EncodeTaskPrompts(const Runtim
     auto fail = [&](const absl::Status& st) {
       return absl::Status(st.code(), absl::StrCat(TaskName(source, t), ": ", st.message()));
     };
-    std::string text = t.prompt;
-    if (t.chat()) {
-      if (chat == nullptr) return fail(absl::InvalidArgumentError("chat messages need a chat template (--chat-template)"));
-      absl::StatusOr<std::string> rendered = ApplyChatTemplate(*chat, t.messages, /*add_generation_prompt=*/true);
-      if (!rendered.ok()) return fail(rendered.status());
-      text = *std::move(rendered);
+    if (t.chat() && chat == nullptr) {
+      return fail(absl::InvalidArgumentError("chat messages need a chat template (--chat-template)"));
     }
-    absl::StatusOr<std::vector<int32_t>> ids = EncodePrompt(rt, text, /*templated=*/t.chat());
+    absl::StatusOr<std::vector<int32_t>> ids =
+        t.chat() ? EncodeChatPrompt(rt, *chat, t.messages) : EncodePrompt(rt, t.prompt);
     if (!ids.ok()) return fail(ids.status());
     const int64_t new_tokens = t.max_new_tokens > 0 ? t.max_new_tokens : default_new_tokens;
     if (static_cast<int64_t>(ids->size()) + new_tokens > context) {

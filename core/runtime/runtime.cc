@@ -169,6 +169,13 @@ absl::StatusOr<std::vector<int32_t>> EncodePrompt(const Runtime& rt, const std::
   return ids;
 }
 
+absl::StatusOr<std::vector<int32_t>> EncodeChatPrompt(const Runtime& rt, const ChatTemplate& tmpl,
+                                                      std::span<const ChatMessage> messages) {
+  if (rt.tokenizer == nullptr) return absl::InvalidArgumentError("chat messages need a tokenizer: pass --tokenizer FILE");
+  const bool add_bos = tmpl.kind == ChatTemplateKind::kNone && rt.tokenizer->default_add_bos();
+  return EncodeChat(*rt.tokenizer, tmpl, messages, /*add_generation_prompt=*/true, add_bos);
+}
+
 }  // namespace specontext
 
 namespace specontext {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,11 @@ absl::StatusOr<bool> CudaGraphsFromArgs(const Args& args);
 // their own). Empty text gives just BOS (the config's when the tokenizer has none).
 absl::StatusOr<std::vector<int32_t>> EncodePrompt(const Runtime& runtime, const std::string& text,
                                                   bool templated = false);
+
+// Renders and tokenizes chat `messages` with the assistant's opening (EncodeChat): special tokens count
+// only in the template's own text, so a message cannot forge a turn; the template writes its BOS.
+absl::StatusOr<std::vector<int32_t>> EncodeChatPrompt(const Runtime& runtime, const ChatTemplate& tmpl,
+                                                      std::span<const ChatMessage> messages);
 
 // "auto" takes the chat format from the model's chat_template (tokenizer_config.json or the GGUF's
 // embedded one), with its default system prompt and date block; a model whose template is none of

@@ -100,9 +100,10 @@ absl::Status RunGenerate(const Args& args) {
     std::vector<ChatMessage> messages;
     if (args.Has("system")) messages.push_back({"system", args.GetString("system")});
     messages.push_back({"user", prompt});
-    ASSIGN_OR_RETURN(prompt, ApplyChatTemplate(tmpl, messages, /*add_generation_prompt=*/true));
+    ASSIGN_OR_RETURN(req.prompt, EncodeChatPrompt(rt, tmpl, messages));
+  } else {
+    ASSIGN_OR_RETURN(req.prompt, EncodePrompt(rt, prompt));
   }
-  ASSIGN_OR_RETURN(req.prompt, EncodePrompt(rt, prompt, /*templated=*/template_name != "none"));
 
   Engine engine(rt.model.get(), rt.tokenizer.get(), eo);
   const absl::Time start = absl::Now();
