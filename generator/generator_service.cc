@@ -67,6 +67,9 @@ grpc::Status GeneratorService::Serve(grpc::ServerContext* context, const v1::Gen
   if (draining_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is draining (shutting down)");
   absl::StatusOr<PreparedRequest> prepared = PrepareRequest(request, *runtime_, options_.limits);
   if (!prepared.ok()) return ToGrpcStatus(prepared.status());
+  // Preparation of a large prompt takes up to about a second: a client that left meanwhile gets no slot.
+  if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the call");
+  if (draining_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is draining (shutting down)");
   const std::string request_id = prepared->request_id.empty()
                                      ? absl::StrCat("req-", next_request_id_.fetch_add(1))
                                      : prepared->request_id;
