@@ -9,6 +9,8 @@
 #include <thread>
 #include <vector>
 
+#include "core/cpu/cpu_limits.h"
+
 namespace specontext {
 namespace {
 
@@ -110,7 +112,7 @@ std::unique_ptr<Pool> g_pool;
 Pool& GetPool() {
   std::call_once(g_once, [] {
     int t = g_threads.load();
-    if (t <= 0) t = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    if (t <= 0) t = DefaultCpuThreads();
     g_pool = std::make_unique<Pool>(t);
   });
   return *g_pool;

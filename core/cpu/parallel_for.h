@@ -9,7 +9,8 @@
 
 namespace specontext {
 
-// Sets the number of threads used by ParallelFor (0 = hardware concurrency). Call before use.
+// Sets the number of threads used by ParallelFor (0 = DefaultCpuThreads(): the CPUs this process may
+// use). Call before use.
 void SetCpuThreads(int threads);
 int CpuThreads();
 

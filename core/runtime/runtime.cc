@@ -5,11 +5,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/cli/args.h"
+#include "core/cpu/cpu_limits.h"
 #include "core/cpu/parallel_for.h"
 #include "core/log.h"
 #include "core/status_macros.h"
@@ -91,8 +91,7 @@ std::string ReadConfigBeside(const std::string& tokenizer_path) {
 
 absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
   if (options.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
-  const int threads = options.threads > 0 ? options.threads
-                                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads = options.threads > 0 ? options.threads : DefaultCpuThreads();
   openblas_set_num_threads(threads);
   SetCpuThreads(threads);
   Runtime rt;
