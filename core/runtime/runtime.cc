@@ -92,7 +92,9 @@ std::string ReadConfigBeside(const std::string& tokenizer_path) {
 absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
   if (options.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
   const int threads = options.threads > 0 ? options.threads : DefaultCpuThreads();
-  openblas_set_num_threads(threads);
+  // The CPU backend splits OpenBLAS calls over its own pool (cpu_gemm.cc): OpenBLAS's threads wait
+  // for each other by yielding, which made decode 38x slower when other processes shared the cores.
+  openblas_set_num_threads(1);
   SetCpuThreads(threads);
   Runtime rt;
   ASSIGN_OR_RETURN(rt.checkpoint, OpenCheckpoint(options.model_path));
