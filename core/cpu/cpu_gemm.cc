@@ -13,16 +13,16 @@ namespace {
 
 constexpr int64_t kGemvMaxRows = 8;  // up to this many activation rows use the bf16 GEMV
 
-// OpenBLAS runs single-threaded: its threads wait for each other by spinning and yielding, which made
-// decode 38x slower when other processes shared the cores. The pool splits the work instead, where a
-// split leaves every output bit as one whole call computes it.
+// OpenBLAS runs single-threaded: its threads wait for each other by spinning and yielding, which
+// made decode 38x slower when other processes shared the cores. The pool splits the work instead,
+// where a split leaves every output bit as one whole call computes it.
 void SingleThreadedBlas() {
   static const bool once = (openblas_set_num_threads(1), true);
   (void)once;
 }
 
-// sgemv takes weight rows in small groups, the last partial group on another path: ranges that start on
-// a multiple of this keep every row on the path (and the bits) it has in one whole call.
+// sgemv takes weight rows in small groups, the last partial group on another path: ranges that
+// start on a multiple of this keep every row on the path (and the bits) it has in one whole call.
 constexpr int64_t kSgemvRowAlign = 16;
 
 // out[m] = w[m, k] · x[k], split by weight rows over the pool.
@@ -30,7 +30,8 @@ void SgemvRows(const float* x, const float* w, float* out, int64_t k, int64_t m)
   const int64_t groups = (m + kSgemvRowAlign - 1) / kSgemvRowAlign;
   ParallelFor(groups, k * kSgemvRowAlign, [&](int64_t g0, int64_t g1) {
     const int64_t j0 = g0 * kSgemvRowAlign, j1 = std::min(m, g1 * kSgemvRowAlign);
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, j1 - j0, k, 1.0f, w + j0 * k, k, x, 1, 0.0f, out + j0, 1);
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, j1 - j0, k, 1.0f, w + j0 * k, k, x, 1, 0.0f, out + j0,
+                1);
   });
 }
 
@@ -79,8 +80,8 @@ void LinearBf16(const float* x, const uint16_t* w, float* out, int64_t n, int64_
     ParallelFor(m, n * k, [&](int64_t j0, int64_t j1) { GemvBf16Rows(x, w, out, n, k, m, j0, j1); });
     return;
   }
-  // Blocks of weight rows converted to f32, then one sgemm per block into out's columns; the blocks run
-  // in parallel. Their bounds depend on the shape only, so the bits do not depend on the thread count.
+  // Blocks of weight rows converted to f32, then one sgemm per block into out's columns; the blocks
+  // run in parallel. Their bounds depend on the shape only, so the thread count leaves the bits.
   SingleThreadedBlas();
   const int64_t block = std::max<int64_t>(64, std::min<int64_t>(m, (int64_t{8} << 20) / (4 * k)));
   const int64_t n_blocks = (m + block - 1) / block;
@@ -89,8 +90,8 @@ void LinearBf16(const float* x, const uint16_t* w, float* out, int64_t n, int64_
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t j0 = b * block, rows = std::min(block, m - j0);
       Bf16RowsToF32(w + j0 * k, wf.data(), rows * k);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, k, 1.0f, x, k, wf.data(), k, 0.0f,
-                  out + j0, m);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, k, 1.0f, x, k, wf.data(), k,
+                  0.0f, out + j0, m);
     }
   });
 }

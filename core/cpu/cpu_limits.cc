@@ -72,8 +72,8 @@ int Tighter(int a, int b) {
 }
 
 // The tightest limit on `cgroup_path` and its ancestors under `mount`. A limit on any ancestor
-// applies to the process too. Directories that do not exist are skipped: without a cgroup namespace a
-// container sees the host's path in /proc/self/cgroup but has its own cgroup mounted at the root.
+// applies to the process too. Directories that do not exist are skipped: without a cgroup namespace
+// a container sees the host's path in /proc/self/cgroup but has its own cgroup mounted at the root.
 template <typename ReadLimit>
 int TightestOnPath(const std::string& mount, absl::string_view cgroup_path, ReadLimit read_limit) {
   std::string rel(absl::StripSuffix(cgroup_path, "/"));

@@ -1,7 +1,7 @@
 // How many CPUs this process may actually use, for the default thread count. A pod with a 2-CPU
-// limit on a 64-core node still reports 64 from std::thread::hardware_concurrency(); so does a process
-// pinned with taskset. Threads beyond the usable CPUs only queue behind each other, and a fork-join
-// step then waits for whichever is descheduled.
+// limit on a 64-core node still reports 64 from std::thread::hardware_concurrency(); so does a
+// process pinned with taskset. Threads beyond the usable CPUs only queue behind each other, and a
+// fork-join step then waits for whichever is descheduled.
 #pragma once
 
 #include <string>

@@ -16,20 +16,20 @@ namespace specontext {
 namespace {
 
 // Below this many cost units ("operations") a range is not worth a worker's wake-up: a futex wake
-// and a context switch take tens of microseconds on a loaded host, and far longer when the worker has
-// to wait for a CPU. A call splits only into ranges at least this large.
+// and a context switch take tens of microseconds on a loaded host, and far longer when the worker
+// has to wait for a CPU. A call splits only into ranges at least this large.
 constexpr int64_t kMinRangeCost = int64_t{1} << 16;
 
 // How long the caller spins for workers still running a claimed range before it sleeps: long enough
 // for a range that is nearly done, short enough that a descheduled worker costs no CPU to wait for.
 constexpr auto kCallerSpin = std::chrono::microseconds(20);
 
-// One ParallelFor call: ranges of `grain` items are claimed from `next` by whoever gets there first (the
-// caller and the workers as they wake), so a worker that wakes late takes less instead of holding the call
-// up, and one that never wakes takes nothing; the call is over when `done` items have run. Workers keep
-// the job alive (shared_ptr) while they look at it, and only call fn for a range they claimed, which the
-// caller waits for. Every index is in exactly one range, and which thread runs it does not change what
-// the range computes.
+// One ParallelFor call: ranges of `grain` items are claimed from `next` by whoever gets there first
+// (the caller and the workers as they wake), so a worker that wakes late takes less instead of
+// holding the call up, and one that never wakes takes nothing; the call is over when `done` items
+// have run. Workers keep the job alive (shared_ptr) while they look at it, and only call fn for a
+// range they claimed, which the caller waits for. Every index is in exactly one range, and which
+// thread runs it does not change what the range computes.
 struct Job {
   const std::function<void(int64_t, int64_t)>* fn = nullptr;
   int64_t n = 0;
@@ -51,9 +51,10 @@ struct Job {
     }
   }
 
-  // The caller, once no range is left to claim: a short spin, then sleep until the last range is done.
-  // It never yields in a loop: on a busy host a yield hands the CPU to another process rather than to
-  // the descheduled worker it waits for, and the spin would last as long as that worker is off a CPU.
+  // The caller, once no range is left to claim: a short spin, then sleep until the last range is
+  // done. It never yields in a loop: on a busy host a yield hands the CPU to another process rather
+  // than to the descheduled worker it waits for, and the spin would last as long as that worker is
+  // off a CPU.
   void WaitForClaimedRanges() {
     const auto spin_until = std::chrono::steady_clock::now() + kCallerSpin;
     while (finished.load(std::memory_order_acquire) == 0) {
@@ -155,7 +156,8 @@ void ParallelFor(int64_t n, int64_t cost_per_item, const std::function<void(int6
   Pool& pool = GetPool();
   // About four ranges per thread, to balance late wake-ups, but none below kMinRangeCost.
   const int64_t cost = std::max<int64_t>(1, cost_per_item);
-  const int64_t worth = n > std::numeric_limits<int64_t>::max() / cost ? n : n * cost / kMinRangeCost;
+  const int64_t worth =
+      n > std::numeric_limits<int64_t>::max() / cost ? n : n * cost / kMinRangeCost;
   const int64_t ranges = std::min({n, 4 * int64_t{pool.threads()}, std::max<int64_t>(1, worth)});
   if (pool.threads() == 1 || ranges < 2) {
     fn(0, n);

@@ -1,6 +1,7 @@
 // The CPU linear layers (core/cpu/cpu_gemm.h) split their work over the thread pool; every output
-// element is bit-identical to one whole single-threaded OpenBLAS call (f32), to the row computed on its
-// own (bf16 GEMV) or to the converted blocks run one after another (bf16 prefill), whatever the split.
+// element is bit-identical to one whole single-threaded OpenBLAS call (f32), to the row computed on
+// its own (bf16 GEMV) or to the converted blocks run one after another (bf16 prefill), whatever the
+// split.
 #include <cblas.h>
 #include <gtest/gtest.h>
 
@@ -35,7 +36,7 @@ struct Shape {
 };
 
 // Shapes whose row counts are not multiples of the split, and large enough to go parallel.
-const Shape kShapes[] = {{1, 64, 4099}, {1, 300, 1000}, {1, 2048, 517}, {3, 256, 1000},
+const Shape kShapes[] = {{1, 64, 4099},  {1, 300, 1000}, {1, 2048, 517}, {3, 256, 1000},
                          {8, 128, 2050}, {17, 96, 1300}, {64, 256, 777}, {12, 4096, 1100}};
 
 TEST(CpuGemmSplit, F32MatchesOneSingleThreadedCall) {
@@ -43,12 +44,14 @@ TEST(CpuGemmSplit, F32MatchesOneSingleThreadedCall) {
   for (const Shape& s : kShapes) {
     const std::vector<float> x = Random(s.n * s.k, 1), w = Random(s.m * s.k, 2);
     std::vector<float> got(s.n * s.m), want(s.n * s.m);
-    LinearF32(x.data(), w.data(), got.data(), s.n, s.k, s.m);  // first: leaves OpenBLAS single-threaded
+    LinearF32(x.data(), w.data(), got.data(), s.n, s.k,
+              s.m);  // first: leaves OpenBLAS single-threaded
     if (s.n == 1) {
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, s.m, s.k, 1.0f, w.data(), s.k, x.data(), 1, 0.0f, want.data(), 1);
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, s.m, s.k, 1.0f, w.data(), s.k, x.data(), 1, 0.0f,
+                  want.data(), 1);
     } else {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.n, s.m, s.k, 1.0f, x.data(), s.k, w.data(), s.k,
-                  0.0f, want.data(), s.m);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.n, s.m, s.k, 1.0f, x.data(), s.k,
+                  w.data(), s.k, 0.0f, want.data(), s.m);
     }
     EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0)
         << "n " << s.n << " k " << s.k << " m " << s.m;
@@ -78,10 +81,11 @@ TEST(CpuGemmSplit, Bf16MatchesEachRowOnItsOwn) {
         const uint32_t bits = static_cast<uint32_t>(w[i]) << 16;
         std::memcpy(&wc[i], &bits, 4);
       }
-      const int64_t block = std::max<int64_t>(64, std::min<int64_t>(s.m, (int64_t{8} << 20) / (4 * s.k)));
+      const int64_t block =
+          std::max<int64_t>(64, std::min<int64_t>(s.m, (int64_t{8} << 20) / (4 * s.k)));
       for (int64_t j0 = 0; j0 < s.m; j0 += block) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.n, std::min(block, s.m - j0), s.k, 1.0f, x.data(),
-                    s.k, wc.data() + j0 * s.k, s.k, 0.0f, want.data() + j0, s.m);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.n, std::min(block, s.m - j0), s.k,
+                    1.0f, x.data(), s.k, wc.data() + j0 * s.k, s.k, 0.0f, want.data() + j0, s.m);
       }
     }
     EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0)

@@ -1,5 +1,5 @@
-// The default thread count (core/cpu/cpu_limits.h) on fake cgroup trees: v2 cpu.max and v1 CFS quota,
-// limits on ancestors, no limit, unreadable or malformed files; and its combination with the
+// The default thread count (core/cpu/cpu_limits.h) on fake cgroup trees: v2 cpu.max and v1 CFS
+// quota, limits on ancestors, no limit, unreadable or malformed files; and its combination with the
 // affinity mask.
 #include "core/cpu/cpu_limits.h"
 

@@ -1,8 +1,10 @@
-// ParallelFor (core/cpu/parallel_for.h): every index runs exactly once in contiguous non-overlapping
-// ranges, whatever the sizes, across many back-to-back calls (workers waking late, spinning, sleeping),
-// with calls from several threads at once; small calls run inline on the caller; no range is smaller
-// than a wake-up is worth; the caller takes over ranges no worker has started, and sleeps rather than
-// spins while a worker it waits for is off its CPU.
+// ParallelFor (core/cpu/parallel_for.h): every index runs exactly once in contiguous
+// non-overlapping ranges, whatever the sizes, across many back-to-back calls (workers waking late,
+// spinning, sleeping), with calls from several threads at once; small calls run inline on the
+// caller; no range is smaller than a wake-up is worth; the caller takes over ranges no worker has
+// started, and sleeps rather than spins while a worker it waits for is off its CPU.
+#include "core/cpu/parallel_for.h"
+
 #include <gtest/gtest.h>
 #include <time.h>
 
@@ -17,8 +19,6 @@
 #include <thread>
 #include <utility>
 #include <vector>
-
-#include "core/cpu/parallel_for.h"
 
 namespace specontext {
 namespace {
@@ -75,8 +75,8 @@ TEST(ParallelFor, SmallCallsRunInlineOnTheCaller) {
   EXPECT_EQ(calls, 0);
 }
 
-// Work just above the old inline threshold (50k) but below two ranges' worth of a wake-up runs as one
-// range on the caller: splitting it cost more in wake-ups than it saved.
+// Work just above the old inline threshold (50k) but below two ranges' worth of a wake-up runs as
+// one range on the caller: splitting it cost more in wake-ups than it saved.
 TEST(ParallelFor, WorkBelowTwoWakeUpsRunsAsOneRange) {
   ASSERT_EQ(CpuThreads(), 4);
   const std::thread::id me = std::this_thread::get_id();
@@ -91,7 +91,8 @@ TEST(ParallelFor, WorkBelowTwoWakeUpsRunsAsOneRange) {
   EXPECT_TRUE(on_caller);
 }
 
-// Ranges are never smaller than a wake-up is worth (~65k cost units), however many threads there are.
+// Ranges are never smaller than a wake-up is worth (~65k cost units), however many threads there
+// are.
 TEST(ParallelFor, RangesAreWorthAWakeUp) {
   for (const int64_t cost : {1000, 5000, 40000}) {
     std::mutex mu;
@@ -103,12 +104,13 @@ TEST(ParallelFor, RangesAreWorthAWakeUp) {
     std::sort(ranges.begin(), ranges.end());
     ASSERT_GE(ranges.size(), 2u) << "cost " << cost;
     ranges.pop_back();  // the last range takes the remainder
-    for (const auto& [begin, end] : ranges) EXPECT_GE((end - begin) * cost, int64_t{1} << 16) << "cost " << cost;
+    for (const auto& [begin, end] : ranges)
+      EXPECT_GE((end - begin) * cost, int64_t{1} << 16) << "cost " << cost;
   }
 }
 
-// A worker stuck in its range (as if descheduled) holds up only that range: the caller runs every other
-// range itself, then waits for the stuck one asleep, not spinning on its CPU.
+// A worker stuck in its range (as if descheduled) holds up only that range: the caller runs every
+// other range itself, then waits for the stuck one asleep, not spinning on its CPU.
 TEST(ParallelFor, CallerTakesOverAndSleepsWhileAWorkerIsStuck) {
   const std::thread::id me = std::this_thread::get_id();
   constexpr int64_t kN = 64;
@@ -149,7 +151,8 @@ TEST(ParallelFor, ResultsMatchTheSerialLoop) {
   constexpr int64_t kN = 20000;
   const auto value = [](int64_t i) {
     float acc = 0;
-    for (int j = 1; j <= 64; ++j) acc += std::sin(static_cast<float>(i * j)) / static_cast<float>(j);
+    for (int j = 1; j <= 64; ++j)
+      acc += std::sin(static_cast<float>(i * j)) / static_cast<float>(j);
     return acc;
   };
   std::vector<float> serial(kN), parallel(kN);
@@ -158,7 +161,8 @@ TEST(ParallelFor, ResultsMatchTheSerialLoop) {
     ParallelFor(kN, 200, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) parallel[i] = value(i);
     });
-    ASSERT_EQ(std::memcmp(serial.data(), parallel.data(), kN * sizeof(float)), 0) << "call " << call;
+    ASSERT_EQ(std::memcmp(serial.data(), parallel.data(), kN * sizeof(float)), 0)
+        << "call " << call;
   }
 }
 
