@@ -35,6 +35,25 @@ void SgemvRows(const float* x, const float* w, float* out, int64_t k, int64_t m)
   });
 }
 
+// Prefill splits the weight rows (out's columns) into blocks of this many, one sgemm each. sgemm
+// picks its kernels and blocking by the shape it is given, so the bounds are fixed, never derived
+// from the thread count: every thread count gives the same bits. 128 rows keep a block's sgemm
+// large enough to run near peak, and split a 1024-wide layer into 8 blocks for the pool.
+constexpr int64_t kSgemmBlockRows = 128;
+static_assert(kSgemmBlockRows % kSgemvRowAlign == 0);
+
+// out[n, m] = x[n, k] · w[m, k]ᵀ, one sgemm per fixed block of weight rows, over the pool.
+void SgemmRowBlocks(const float* x, const float* w, float* out, int64_t n, int64_t k, int64_t m) {
+  const int64_t blocks = (m + kSgemmBlockRows - 1) / kSgemmBlockRows;
+  ParallelFor(blocks, n * k * kSgemmBlockRows, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * kSgemmBlockRows, rows = std::min(kSgemmBlockRows, m - j0);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, k, 1.0f, x, k, w + j0 * k, k,
+                  0.0f, out + j0, m);
+    }
+  });
+}
+
 // One output row block of the bf16 GEMV. Compiled for AVX-512, AVX2 and baseline x86-64, picked at
 // run time; -ffast-math on this file lets the compiler vectorise the reductions.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void GemvBf16Rows(
@@ -70,8 +89,7 @@ void LinearF32(const float* x, const float* w, float* out, int64_t n, int64_t k,
   if (n == 1) {
     SgemvRows(x, w, out, k, m);
   } else {
-    // One call: sgemm picks its kernels by the whole shape, so a split would change the bits.
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, m, k, 1.0f, x, k, w, k, 0.0f, out, m);
+    SgemmRowBlocks(x, w, out, n, k, m);
   }
 }
 
@@ -80,13 +98,13 @@ void LinearBf16(const float* x, const uint16_t* w, float* out, int64_t n, int64_
     ParallelFor(m, n * k, [&](int64_t j0, int64_t j1) { GemvBf16Rows(x, w, out, n, k, m, j0, j1); });
     return;
   }
-  // Blocks of weight rows converted to f32, then one sgemm per block into out's columns; the blocks
-  // run in parallel. Their bounds depend on the shape only, so the thread count leaves the bits.
+  // The f32 path's fixed blocks, each converted to f32 first: the bits match LinearF32 on the
+  // converted weights and do not depend on the thread count.
   SingleThreadedBlas();
-  const int64_t block = std::max<int64_t>(64, std::min<int64_t>(m, (int64_t{8} << 20) / (4 * k)));
+  const int64_t block = kSgemmBlockRows;
   const int64_t n_blocks = (m + block - 1) / block;
   ParallelFor(n_blocks, block * k * n, [&](int64_t b0, int64_t b1) {
-    std::vector<float> wf(static_cast<size_t>(block * k));
+    std::vector<float> wf(static_cast<size_t>(std::min(block, m) * k));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t j0 = b * block, rows = std::min(block, m - j0);
       Bf16RowsToF32(w + j0 * k, wf.data(), rows * k);
