@@ -37,9 +37,10 @@ void SgemvRows(const float* x, const float* w, float* out, int64_t k, int64_t m)
 
 // Prefill splits the weight rows (out's columns) into blocks of this many, one sgemm each. sgemm
 // picks its kernels and blocking by the shape it is given, so the bounds are fixed, never derived
-// from the thread count: every thread count gives the same bits. 128 rows keep a block's sgemm
-// large enough to run near peak, and split a 1024-wide layer into 8 blocks for the pool.
-constexpr int64_t kSgemmBlockRows = 128;
+// from the thread count: every thread count gives the same bits. With OpenBLAS 0.3.21 (Zen
+// kernels) a process whose first sgemm had 128 or 256 such rows ran every later one about 2.3x
+// slower; 512 rows ran as fast as whole layers (1,104 tokens, k = 1024 and 2816).
+constexpr int64_t kSgemmBlockRows = 512;
 static_assert(kSgemmBlockRows % kSgemvRowAlign == 0);
 
 // out[n, m] = x[n, k] · w[m, k]ᵀ, one sgemm per fixed block of weight rows, over the pool.

@@ -39,7 +39,7 @@ class PoolThreads : public ::testing::Environment {
 const auto* const kPoolThreads = ::testing::AddGlobalTestEnvironment(new PoolThreads);
 
 // The prefill block (kSgemmBlockRows in cpu_gemm.cc).
-constexpr int64_t kBlockRows = 128;
+constexpr int64_t kBlockRows = 512;
 
 std::vector<float> Random(int64_t count, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -57,7 +57,7 @@ struct Shape {
 const Shape kShapes[] = {{1, 64, 4099},  {1, 300, 1000}, {1, 2048, 517}, {3, 256, 1000},
                          {8, 128, 2050}, {17, 96, 1300}, {64, 256, 777}, {12, 4096, 1100}};
 // Prefill shapes: fewer rows than a block, one more than a block, exact multiples and remainders.
-const Shape kPrefillShapes[] = {{9, 64, 100},    {33, 200, 129}, {100, 96, 1000},
+const Shape kPrefillShapes[] = {{9, 64, 100},    {33, 200, 513}, {100, 96, 1000},
                                 {17, 96, 1300},  {64, 256, 777}, {12, 4096, 1100},
                                 {40, 512, 1024}, {300, 64, 385}, {128, 576, 1536}};
 
