@@ -53,7 +53,8 @@ void DefineFlags(Args& a) {
   a.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   a.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
   DefineCudaGraphsFlag(a);
-  a.Define({"threads", "CPU threads of the backend (0 = all cores)", false, false, "0"});
+  a.Define({"threads", "CPU threads of the backend (0 = the CPUs this process may use)", false,
+            false, "0"});
   a.Define({"max-context", "longest sequence (prompt + generated tokens) a request may reach; 0 = the model's "
             "context (the sparse planner keeps that much more KV on the GPU when it is lower)", false, false, "0"});
   a.Define({"max-batch", "sequences decoding at once", false, false, "32"});

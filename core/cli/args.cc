@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -21,9 +22,29 @@ const Args::Flag* Args::Find(const std::string& name) const {
   return nullptr;
 }
 
+namespace {
+
+bool IsHelpWord(const std::string& arg) { return arg == "--help" || arg == "-h"; }
+
+}  // namespace
+
 absl::Status Args::Parse(int argc, char** argv, int first) {
+  // A line that is wrong before its --help still asks for the usage.
+  const auto fail = [&](int at, absl::Status error) {
+    for (int j = at; j < argc; ++j) {
+      if (IsHelpWord(argv[j])) {
+        help_requested_ = true;
+        return absl::OkStatus();
+      }
+    }
+    return error;
+  };
   for (int i = first; i < argc; ++i) {
     std::string arg = argv[i];
+    if (IsHelpWord(arg) && Find("help") == nullptr) {
+      help_requested_ = true;
+      continue;
+    }
     if (arg.size() < 3 || arg.compare(0, 2, "--") != 0) {
       positional_.push_back(arg);
       continue;
@@ -36,14 +57,17 @@ absl::Status Args::Parse(int argc, char** argv, int first) {
       has_value = true;
     }
     const Flag* f = Find(name);
-    if (f == nullptr) return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+    if (f == nullptr)
+      return fail(i, absl::InvalidArgumentError(absl::StrCat("unknown flag --", name)));
     if (f->is_bool) {
       if (has_value && value != "true" && value != "false") {
-        return absl::InvalidArgumentError(absl::StrCat("--", name, " takes true or false, got \"", value, "\""));
+        return fail(i, absl::InvalidArgumentError(
+                           absl::StrCat("--", name, " takes true or false, got \"", value, "\"")));
       }
       if (!has_value) value = "true";
     } else if (!has_value) {
-      if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
+      if (i + 1 >= argc)
+        return fail(i, absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value")));
       value = argv[++i];
     }
     auto& slot = values_[name];
@@ -126,7 +150,14 @@ std::string Args::Usage() const {
   std::string out;
   for (const Flag& f : flags_) {
     absl::StrAppend(&out, "  --", f.name, f.is_bool ? "" : " VALUE", "\n      ", f.help);
-    if (!f.default_value.empty()) absl::StrAppend(&out, " (default: ", f.default_value, ")");
+    // Some helps explain a default the value alone cannot ("generation_config.json's"); a second
+    // "(default: 0)" after them would contradict them.
+    const std::string help = absl::AsciiStrToLower(f.help);
+    const bool help_tells_default =
+        absl::StrContains(help, "(default") || absl::StrContains(help, "default:");
+    if (!f.default_value.empty() && !help_tells_default) {
+      absl::StrAppend(&out, " (default: ", f.default_value, ")");
+    }
     absl::StrAppend(&out, "\n");
   }
   return out;
@@ -141,9 +172,17 @@ absl::Status ApplyLogLevelFlag(const Args& args) {
   return absl::OkStatus();
 }
 
+std::string CommandUsage(const std::string& name, const Args& args) {
+  return absl::StrCat("usage: ", name, " [flags]\n\nflags:\n", args.Usage());
+}
+
 int RunCommand(const std::string& name, Args& args, int argc, char** argv, int first,
                const std::function<absl::Status(const Args&)>& run) {
   absl::Status st = args.Parse(argc, argv, first);
+  if (st.ok() && args.help_requested()) {
+    std::fputs(CommandUsage(name, args).c_str(), stdout);
+    return 0;
+  }
   if (st.ok() && !args.positional().empty()) {
     st = absl::InvalidArgumentError("unexpected argument \"" + args.positional()[0] + "\"");
   }

@@ -13,6 +13,48 @@ namespace {
 
 constexpr int64_t kGemvMaxRows = 8;  // up to this many activation rows use the bf16 GEMV
 
+// OpenBLAS runs single-threaded: its threads wait for each other by spinning and yielding, which
+// made decode 38x slower when other processes shared the cores. The pool splits the work instead,
+// where a split leaves every output bit as one whole call computes it.
+void SingleThreadedBlas() {
+  static const bool once = (openblas_set_num_threads(1), true);
+  (void)once;
+}
+
+// sgemv takes weight rows in small groups, the last partial group on another path: ranges that
+// start on a multiple of this keep every row on the path (and the bits) it has in one whole call.
+constexpr int64_t kSgemvRowAlign = 16;
+
+// out[m] = w[m, k] · x[k], split by weight rows over the pool.
+void SgemvRows(const float* x, const float* w, float* out, int64_t k, int64_t m) {
+  const int64_t groups = (m + kSgemvRowAlign - 1) / kSgemvRowAlign;
+  ParallelFor(groups, k * kSgemvRowAlign, [&](int64_t g0, int64_t g1) {
+    const int64_t j0 = g0 * kSgemvRowAlign, j1 = std::min(m, g1 * kSgemvRowAlign);
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, j1 - j0, k, 1.0f, w + j0 * k, k, x, 1, 0.0f, out + j0,
+                1);
+  });
+}
+
+// Prefill splits the weight rows (out's columns) into blocks of this many, one sgemm each. sgemm
+// picks its kernels and blocking by the shape it is given, so the bounds are fixed, never derived
+// from the thread count: every thread count gives the same bits. With OpenBLAS 0.3.21 (Zen
+// kernels) a process whose first sgemm had 128 or 256 such rows ran every later one about 2.3x
+// slower; 512 rows ran as fast as whole layers (1,104 tokens, k = 1024 and 2816).
+constexpr int64_t kSgemmBlockRows = 512;
+static_assert(kSgemmBlockRows % kSgemvRowAlign == 0);
+
+// out[n, m] = x[n, k] · w[m, k]ᵀ, one sgemm per fixed block of weight rows, over the pool.
+void SgemmRowBlocks(const float* x, const float* w, float* out, int64_t n, int64_t k, int64_t m) {
+  const int64_t blocks = (m + kSgemmBlockRows - 1) / kSgemmBlockRows;
+  ParallelFor(blocks, n * k * kSgemmBlockRows, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * kSgemmBlockRows, rows = std::min(kSgemmBlockRows, m - j0);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, k, 1.0f, x, k, w + j0 * k, k,
+                  0.0f, out + j0, m);
+    }
+  });
+}
+
 // One output row block of the bf16 GEMV. Compiled for AVX-512, AVX2 and baseline x86-64, picked at
 // run time; -ffast-math on this file lets the compiler vectorise the reductions.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void GemvBf16Rows(
@@ -44,10 +86,11 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void Bf16RowsToF32(
 }  // namespace
 
 void LinearF32(const float* x, const float* w, float* out, int64_t n, int64_t k, int64_t m) {
+  SingleThreadedBlas();
   if (n == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, m, k, 1.0f, w, k, x, 1, 0.0f, out, 1);
+    SgemvRows(x, w, out, k, m);
   } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, m, k, 1.0f, x, k, w, k, 0.0f, out, m);
+    SgemmRowBlocks(x, w, out, n, k, m);
   }
 }
 
@@ -56,16 +99,20 @@ void LinearBf16(const float* x, const uint16_t* w, float* out, int64_t n, int64_
     ParallelFor(m, n * k, [&](int64_t j0, int64_t j1) { GemvBf16Rows(x, w, out, n, k, m, j0, j1); });
     return;
   }
-  // Blocks of weight rows converted to f32, then one sgemm per block into out's columns.
-  const int64_t block = std::max<int64_t>(64, std::min<int64_t>(m, (int64_t{8} << 20) / (4 * k)));
-  std::vector<float> wf(static_cast<size_t>(block * k));
-  for (int64_t j0 = 0; j0 < m; j0 += block) {
-    const int64_t rows = std::min(block, m - j0);
-    ParallelFor(rows, k, [&](int64_t r0, int64_t r1) {
-      Bf16RowsToF32(w + (j0 + r0) * k, wf.data() + r0 * k, (r1 - r0) * k);
-    });
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, k, 1.0f, x, k, wf.data(), k, 0.0f, out + j0, m);
-  }
+  // The f32 path's fixed blocks, each converted to f32 first: the bits match LinearF32 on the
+  // converted weights and do not depend on the thread count.
+  SingleThreadedBlas();
+  const int64_t block = kSgemmBlockRows;
+  const int64_t n_blocks = (m + block - 1) / block;
+  ParallelFor(n_blocks, block * k * n, [&](int64_t b0, int64_t b1) {
+    std::vector<float> wf(static_cast<size_t>(std::min(block, m) * k));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * block, rows = std::min(block, m - j0);
+      Bf16RowsToF32(w + j0 * k, wf.data(), rows * k);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, k, 1.0f, x, k, wf.data(), k,
+                  0.0f, out + j0, m);
+    }
+  });
 }
 
 }  // namespace specontext

@@ -1,6 +1,8 @@
 // Linear layers on the CPU: f32 weights go to OpenBLAS sgemm/sgemv; bf16 weights (half the bytes,
-// which is what decode is bound by) use a vectorised bf16 GEMV for a few rows and, for prefill,
-// OpenBLAS sgemm over row blocks converted to f32.
+// which is what decode is bound by) use a vectorised bf16 GEMV for a few rows. Prefill runs one
+// OpenBLAS sgemm per fixed-size block of weight rows (converted to f32 for bf16). The thread pool
+// (parallel_for.h) splits the weight rows; each output element comes out the same whatever the
+// thread count.
 #pragma once
 
 #include <cstdint>

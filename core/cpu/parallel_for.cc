@@ -4,24 +4,39 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#include "core/cpu/cpu_limits.h"
+
 namespace specontext {
 namespace {
 
-// One ParallelFor call: ranges of `grain` items are claimed from `next` by whoever gets there first (the
-// caller and the workers as they wake), so a worker that wakes late takes less instead of holding the call
-// up; the call is over when `done` items have run. Workers keep the job alive (shared_ptr) while they look
-// at it, and only call fn for a range they claimed, which the caller waits for.
+// Below this many cost units ("operations") a range is not worth a worker's wake-up: a futex wake
+// and a context switch take tens of microseconds on a loaded host, and far longer when the worker
+// has to wait for a CPU. A call splits only into ranges at least this large.
+constexpr int64_t kMinRangeCost = int64_t{1} << 16;
+
+// How long the caller spins for workers still running a claimed range before it sleeps: long enough
+// for a range that is nearly done, short enough that a descheduled worker costs no CPU to wait for.
+constexpr auto kCallerSpin = std::chrono::microseconds(20);
+
+// One ParallelFor call: ranges of `grain` items are claimed from `next` by whoever gets there first
+// (the caller and the workers as they wake), so a worker that wakes late takes less instead of
+// holding the call up, and one that never wakes takes nothing; the call is over when `done` items
+// have run. Workers keep the job alive (shared_ptr) while they look at it, and only call fn for a
+// range they claimed, which the caller waits for. Every index is in exactly one range, and which
+// thread runs it does not change what the range computes.
 struct Job {
   const std::function<void(int64_t, int64_t)>* fn = nullptr;
   int64_t n = 0;
   int64_t grain = 1;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
+  std::atomic<int> finished{0};  // set, with a wake-up, by whoever completes the last range
 
   void Drain() {
     for (;;) {
@@ -29,7 +44,23 @@ struct Job {
       if (begin >= n) return;
       const int64_t end = std::min(n, begin + grain);
       (*fn)(begin, end);
-      done.fetch_add(end - begin, std::memory_order_release);
+      if (done.fetch_add(end - begin, std::memory_order_acq_rel) + (end - begin) == n) {
+        finished.store(1, std::memory_order_release);
+        finished.notify_one();
+      }
+    }
+  }
+
+  // The caller, once no range is left to claim: a short spin, then sleep until the last range is
+  // done. It never yields in a loop: on a busy host a yield hands the CPU to another process rather
+  // than to the descheduled worker it waits for, and the spin would last as long as that worker is
+  // off a CPU.
+  void WaitForClaimedRanges() {
+    const auto spin_until = std::chrono::steady_clock::now() + kCallerSpin;
+    while (finished.load(std::memory_order_acquire) == 0) {
+      if (std::chrono::steady_clock::now() >= spin_until) {
+        finished.wait(0, std::memory_order_acquire);
+      }
     }
   }
 };
@@ -50,13 +81,12 @@ class Pool {
   }
   int threads() const { return n_threads_; }
 
-  void Run(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  void Run(int64_t n, int64_t ranges, const std::function<void(int64_t, int64_t)>& fn) {
     std::unique_lock<std::mutex> run_lock(run_mu_);  // one parallel call at a time
     auto job = std::make_shared<Job>();
     job->fn = &fn;
     job->n = n;
-    // About four ranges per thread: small enough to balance late wake-ups, large enough to amortise claims.
-    job->grain = std::max<int64_t>(1, n / (4 * int64_t{n_threads_}));
+    job->grain = (n + ranges - 1) / ranges;
     {
       std::lock_guard<std::mutex> lock(mu_);
       job_ = job;
@@ -65,7 +95,7 @@ class Pool {
     cv_.notify_all();
     job->Drain();
     // Every range is claimed; wait for the ones workers are still running (at most a grain each).
-    while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+    job->WaitForClaimedRanges();
     std::lock_guard<std::mutex> lock(mu_);
     job_.reset();
   }
@@ -110,7 +140,7 @@ std::unique_ptr<Pool> g_pool;
 Pool& GetPool() {
   std::call_once(g_once, [] {
     int t = g_threads.load();
-    if (t <= 0) t = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    if (t <= 0) t = DefaultCpuThreads();
     g_pool = std::make_unique<Pool>(t);
   });
   return *g_pool;
@@ -124,11 +154,16 @@ int CpuThreads() { return GetPool().threads(); }
 void ParallelFor(int64_t n, int64_t cost_per_item, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   Pool& pool = GetPool();
-  if (pool.threads() == 1 || n == 1 || n * std::max<int64_t>(1, cost_per_item) < 50000) {
+  // About four ranges per thread, to balance late wake-ups, but none below kMinRangeCost.
+  const int64_t cost = std::max<int64_t>(1, cost_per_item);
+  const int64_t worth =
+      n > std::numeric_limits<int64_t>::max() / cost ? n : n * cost / kMinRangeCost;
+  const int64_t ranges = std::min({n, 4 * int64_t{pool.threads()}, std::max<int64_t>(1, worth)});
+  if (pool.threads() == 1 || ranges < 2) {
     fn(0, n);
     return;
   }
-  pool.Run(n, fn);
+  pool.Run(n, ranges, fn);
 }
 
 }  // namespace specontext

@@ -8,6 +8,7 @@
 #include <unordered_map>
 
 #include "absl/strings/str_cat.h"
+#include "core/cpu/cpu_limits.h"
 #include "core/io/ggml_dequantize.h"
 #include "core/io/gguf_checkpoint.h"
 #include "core/status_macros.h"
@@ -83,7 +84,7 @@ int64_t GgufRowOfHfRow(int64_t r, int64_t head_dim) {
 // Runs fn over [0, n) split into contiguous ranges, on several threads when the work is large.
 absl::Status ParallelRanges(int64_t n, int64_t bytes,
                             const std::function<absl::Status(int64_t, int64_t)>& fn) {
-  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t hw = DefaultCpuThreads();  // a 2-CPU pod on a 64-core node: 2
   const int64_t threads =
       std::min<int64_t>({hw, 16, n, std::max<int64_t>(1, bytes >> 22)});  // >= 4 MiB each
   if (threads <= 1) return fn(0, n);

@@ -5,11 +5,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/cli/args.h"
+#include "core/cpu/cpu_limits.h"
 #include "core/cpu/parallel_for.h"
 #include "core/log.h"
 #include "core/status_macros.h"
@@ -91,9 +91,10 @@ std::string ReadConfigBeside(const std::string& tokenizer_path) {
 
 absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
   if (options.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
-  const int threads = options.threads > 0 ? options.threads
-                                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  openblas_set_num_threads(threads);
+  const int threads = options.threads > 0 ? options.threads : DefaultCpuThreads();
+  // The CPU backend splits OpenBLAS calls over its own pool (cpu_gemm.cc): OpenBLAS's threads wait
+  // for each other by yielding, which made decode 38x slower when other processes shared the cores.
+  openblas_set_num_threads(1);
   SetCpuThreads(threads);
   Runtime rt;
   ASSIGN_OR_RETURN(rt.checkpoint, OpenCheckpoint(options.model_path));

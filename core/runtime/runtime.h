@@ -21,7 +21,7 @@ struct RuntimeOptions {
   std::string tokenizer_path;   // optional: tokenizer.json or llama2.c tokenizer .bin
   std::string backend = "auto"; // "cpu", "cuda" or "auto" (cuda when built and a GPU is present)
   int64_t gpu_memory_limit = 0; // bytes, 0 = all
-  int threads = 0;              // CPU threads, 0 = all cores
+  int threads = 0;              // CPU threads, 0 = DefaultCpuThreads() (the usable CPUs)
   bool show_progress = false;   // a progress line on stderr while weights load
   bool cuda_graphs = true;      // record dense decode steps as CUDA graphs (Backend::set_step_graphs)
 };

@@ -8,7 +8,10 @@
 #include <filesystem>
 #include <fstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "nlohmann/json.hpp"
 #include "tests/common/cli_runner.h"
 #include "tools/random_checkpoint/random_checkpoint.h"
@@ -58,6 +61,38 @@ class CliTest : public ::testing::Test {
   static fs::path* dir_;
 };
 fs::path* CliTest::dir_ = nullptr;
+
+// Every command answers --help and -h with its usage on stdout and exit 0, and tells each default
+// once.
+TEST(CliHelp, EveryCommandPrintsItsUsage) {
+  const std::vector<std::vector<std::string>> commands = {
+      {"generate"}, {"bench"}, {"bench", "--sparse"}, {"prune"}, {"score"}, {"eval"}, {"tokenize"}};
+  for (const auto& command : commands) {
+    for (const std::string help : {"--help", "-h"}) {
+      std::vector<std::string> words = command;
+      words.push_back(help);
+      const CliRun r = Cli(words);
+      const std::string name = absl::StrJoin(words, " ");
+      EXPECT_EQ(r.exit_code, 0) << name << ": " << r.err;
+      EXPECT_TRUE(absl::StartsWith(r.out, "usage: specontext " + command[0]))
+          << name << ": " << r.out;
+      EXPECT_TRUE(absl::StrContains(r.out, "\nflags:\n  --")) << name << ": " << r.out;
+      for (absl::string_view line : absl::StrSplit(r.out, '\n')) {
+        const size_t first = line.find("(default");
+        if (first == absl::string_view::npos) continue;
+        EXPECT_EQ(line.find("(default", first + 1), absl::string_view::npos)
+            << name << ": " << line;
+      }
+    }
+  }
+  const CliRun generate = Cli({"generate", "--help"});
+  EXPECT_TRUE(absl::StrContains(generate.out, "--max-new-tokens VALUE")) << generate.out;
+  for (const std::string help : {"--help", "-h"}) {
+    const CliRun top = Cli({help});
+    EXPECT_EQ(top.exit_code, 0) << help;
+    EXPECT_TRUE(absl::StrContains(top.out, "generate --help")) << top.out;
+  }
+}
 
 TEST_F(CliTest, GeneratesFromAnHfDirectory) {
   CliRun r = Cli({"generate", "--model", Good(), "--prompt", "Hello world", "--max-new-tokens", "7", "--temperature", "0"});

@@ -1,20 +1,40 @@
-// ParallelFor (core/cpu/parallel_for.h): every index runs exactly once in contiguous non-overlapping
-// ranges, whatever the sizes, across many back-to-back calls (workers waking late, spinning, sleeping),
-// with calls from several threads at once, and small calls run inline on the caller.
+// ParallelFor (core/cpu/parallel_for.h): every index runs exactly once in contiguous
+// non-overlapping ranges, whatever the sizes, across many back-to-back calls (workers waking late,
+// spinning, sleeping), with calls from several threads at once; small calls run inline on the
+// caller; no range is smaller than a wake-up is worth; the caller takes over ranges no worker has
+// started, and sleeps rather than spins while a worker it waits for is off its CPU.
+#include "core/cpu/parallel_for.h"
+
 #include <gtest/gtest.h>
+#include <time.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
 #include <mutex>
 #include <random>
 #include <thread>
 #include <utility>
 #include <vector>
 
-#include "core/cpu/parallel_for.h"
-
 namespace specontext {
 namespace {
+
+// Several workers whatever the machine, so that the tests below have workers to wait for.
+class FourThreads : public ::testing::Environment {
+ public:
+  void SetUp() override { SetCpuThreads(4); }
+};
+const auto* const kFourThreads = ::testing::AddGlobalTestEnvironment(new FourThreads);
+
+double ThreadCpuSeconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
 
 void ExpectEachIndexOnce(int64_t n, int64_t cost) {
   std::vector<std::atomic<int>> hits(n);
@@ -53,6 +73,97 @@ TEST(ParallelFor, SmallCallsRunInlineOnTheCaller) {
   int calls = 0;
   ParallelFor(0, 1 << 20, [&](int64_t, int64_t) { ++calls; });
   EXPECT_EQ(calls, 0);
+}
+
+// Work just above the old inline threshold (50k) but below two ranges' worth of a wake-up runs as
+// one range on the caller: splitting it cost more in wake-ups than it saved.
+TEST(ParallelFor, WorkBelowTwoWakeUpsRunsAsOneRange) {
+  ASSERT_EQ(CpuThreads(), 4);
+  const std::thread::id me = std::this_thread::get_id();
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  bool on_caller = true;
+  ParallelFor(100, 1000, [&](int64_t begin, int64_t end) {
+    ranges.emplace_back(begin, end);  // one range: no lock needed
+    on_caller = on_caller && std::this_thread::get_id() == me;
+  });
+  ASSERT_EQ(ranges.size(), 1u);
+  EXPECT_EQ(ranges[0], std::make_pair(int64_t{0}, int64_t{100}));
+  EXPECT_TRUE(on_caller);
+}
+
+// Ranges are never smaller than a wake-up is worth (~65k cost units), however many threads there
+// are.
+TEST(ParallelFor, RangesAreWorthAWakeUp) {
+  for (const int64_t cost : {1000, 5000, 40000}) {
+    std::mutex mu;
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    ParallelFor(1000, cost, [&](int64_t begin, int64_t end) {
+      std::lock_guard<std::mutex> lock(mu);
+      ranges.emplace_back(begin, end);
+    });
+    std::sort(ranges.begin(), ranges.end());
+    ASSERT_GE(ranges.size(), 2u) << "cost " << cost;
+    ranges.pop_back();  // the last range takes the remainder
+    for (const auto& [begin, end] : ranges)
+      EXPECT_GE((end - begin) * cost, int64_t{1} << 16) << "cost " << cost;
+  }
+}
+
+// A worker stuck in its range (as if descheduled) holds up only that range: the caller runs every
+// other range itself, then waits for the stuck one asleep, not spinning on its CPU.
+TEST(ParallelFor, CallerTakesOverAndSleepsWhileAWorkerIsStuck) {
+  const std::thread::id me = std::this_thread::get_id();
+  constexpr int64_t kN = 64;
+  std::atomic<int64_t> on_caller{0};
+  std::atomic<bool> worker_stuck{false};
+  std::mutex mu;
+  std::condition_variable cv;
+  double caller_cpu_s = -1;
+  const auto start = std::chrono::steady_clock::now();
+  for (int attempt = 0; attempt < 50 && !worker_stuck.load(); ++attempt) {
+    on_caller = 0;
+    const double cpu0 = ThreadCpuSeconds();
+    ParallelFor(kN, 1 << 20, [&](int64_t begin, int64_t end) {
+      if (std::this_thread::get_id() == me) {
+        on_caller.fetch_add(end - begin);
+        // Leave a worker time to wake and claim a range before the caller takes everything.
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait_for(lock, std::chrono::milliseconds(5), [&] { return worker_stuck.load(); });
+        return;
+      }
+      bool expected = false;
+      if (!worker_stuck.compare_exchange_strong(expected, true)) return;
+      cv.notify_all();
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    });
+    caller_cpu_s = ThreadCpuSeconds() - cpu0;
+  }
+  ASSERT_TRUE(worker_stuck.load()) << "no worker ever claimed a range";
+  EXPECT_GT(on_caller.load(), kN / 2);  // the caller ran the ranges the stuck worker could not
+  // Spinning or yielding through the 300 ms costs ~300 ms of CPU; sleeping costs next to nothing.
+  EXPECT_LT(caller_cpu_s, 0.1) << "the caller burned its CPU waiting for the stuck worker";
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+}
+
+// Each index's result depends only on the index, not on the range or the thread that computed it: a
+// parallel call's output is bit-identical to running the whole loop on one thread.
+TEST(ParallelFor, ResultsMatchTheSerialLoop) {
+  constexpr int64_t kN = 20000;
+  const auto value = [](int64_t i) {
+    float acc = 0;
+    for (int j = 1; j <= 64; ++j)
+      acc += std::sin(static_cast<float>(i * j)) / static_cast<float>(j);
+    return acc;
+  };
+  std::vector<float> serial(kN), parallel(kN);
+  for (int64_t i = 0; i < kN; ++i) serial[i] = value(i);
+  for (int call = 0; call < 20; ++call) {
+    ParallelFor(kN, 200, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) parallel[i] = value(i);
+    });
+    ASSERT_EQ(std::memcmp(serial.data(), parallel.data(), kN * sizeof(float)), 0)
+        << "call " << call;
+  }
 }
 
 TEST(ParallelFor, CallsFromSeveralThreadsAtOnce) {

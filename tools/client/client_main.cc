@@ -148,14 +148,25 @@ absl::Status RunInfo(const Args& args) {
 
 int Main(int argc, char** argv) {
   const std::string cmd = argc >= 2 ? argv[1] : "";
+  constexpr char kUsage[] =
+      "usage: specontext-client generate|info --addr HOST:PORT [flags]\n"
+      "  (specontext-client generate --help, specontext-client info --help: the flags)\n";
+  if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
   if (cmd != "generate" && cmd != "info") {
-    std::fprintf(stderr, "usage: specontext-client generate|info --addr HOST:PORT [flags]\n");
+    std::fputs(kUsage, stderr);
     return 2;
   }
   Args args;
   DefineCommonFlags(args);
   if (cmd == "generate") DefineGenerateFlags(args);
   absl::Status st = args.Parse(argc, argv, 2);
+  if (st.ok() && args.help_requested()) {
+    std::fputs(CommandUsage("specontext-client " + cmd, args).c_str(), stdout);
+    return 0;
+  }
   if (st.ok() && !args.positional().empty()) {
     st = absl::InvalidArgumentError("unexpected argument \"" + args.positional()[0] + "\"");
   }

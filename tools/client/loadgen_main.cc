@@ -127,6 +127,10 @@ int main(int argc, char** argv) {
   args.Define({"temperature", "0 = greedy", false, false, "0"});
   args.Define({"ignore-eos", "generate max-new-tokens every time", true, false, ""});
   absl::Status st = args.Parse(argc, argv);
+  if (st.ok() && args.help_requested()) {
+    std::fputs(specontext::CommandUsage("specontext-loadgen", args).c_str(), stdout);
+    return 0;
+  }
   if (!st.ok()) {
     std::fprintf(stderr, "specontext-loadgen: %s\n\nflags:\n%s", std::string(st.message()).c_str(),
                  args.Usage().c_str());

@@ -309,7 +309,7 @@ int BenchSparseMain(int argc, char** argv) {
   args.Define({"model", "HF model directory or GGUF file", false, false, ""});
   args.Define({"tokenizer", "unused (accepted for symmetry with generate)", false, false, ""});
   args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
-  args.Define({"threads", "CPU threads (0 = all cores)", false, false, "0"});
+  args.Define({"threads", "CPU threads (0 = the CPUs this process may use)", false, false, "0"});
   args.Define({"gpu-memory-limit", "device memory cap, also the planner's limit (0 = the GPU's memory)", false, false,
                "0"});
   args.Define({"retrieval-head", "retrieval head directory (specontext prune)", false, false, ""});

@@ -38,7 +38,7 @@ void DefineGenerateFlags(Args& args) {
   args.Define({"system", "system message for --chat-template"});
   args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   args.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
-  args.Define({"threads", "CPU threads (0 = all cores)", false, false, "0"});
+  args.Define({"threads", "CPU threads (0 = the CPUs this process may use)", false, false, "0"});
   DefineSparseFlags(args);
   args.Define({"log-level", "debug, info, warning or error", false, false, "warning"});
   DefineCudaGraphsFlag(args);

@@ -29,7 +29,7 @@ void DefineTokenizeFlags(Args& args) {
                false, false, "auto"});
   args.Define({"backend", "cpu, cuda or auto", false, false, "cpu"});
   args.Define({"gpu-memory-limit", "cap on device memory (0 = all)", false, false, "0"});
-  args.Define({"threads", "CPU threads (0 = all cores)", false, false, "1"});
+  args.Define({"threads", "CPU threads (0 = the CPUs this process may use)", false, false, "1"});
   args.Define({"log-level", "debug, info, warning or error", false, false, "warning"});
 }
 
