@@ -109,12 +109,13 @@ TEST(ParallelFor, RangesAreWorthAWakeUp) {
   }
 }
 
-// A worker stuck in its range (as if descheduled) holds up only that range: the caller runs every
-// other range itself, then waits for the stuck one asleep, not spinning on its CPU.
+// A worker stuck in its range (as if descheduled) holds up only that range: every other range is
+// finished (by the caller or other workers) before the stuck one ends, and the caller waits for it
+// asleep, not spinning on its CPU.
 TEST(ParallelFor, CallerTakesOverAndSleepsWhileAWorkerIsStuck) {
   const std::thread::id me = std::this_thread::get_id();
   constexpr int64_t kN = 64;
-  std::atomic<int64_t> on_caller{0};
+  std::atomic<int64_t> on_caller{0}, done{0}, stuck_range{0}, done_when_unstuck{-1};
   std::atomic<bool> worker_stuck{false};
   std::mutex mu;
   std::condition_variable cv;
@@ -122,6 +123,7 @@ TEST(ParallelFor, CallerTakesOverAndSleepsWhileAWorkerIsStuck) {
   const auto start = std::chrono::steady_clock::now();
   for (int attempt = 0; attempt < 50 && !worker_stuck.load(); ++attempt) {
     on_caller = 0;
+    done = 0;
     const double cpu0 = ThreadCpuSeconds();
     ParallelFor(kN, 1 << 20, [&](int64_t begin, int64_t end) {
       if (std::this_thread::get_id() == me) {
@@ -129,17 +131,25 @@ TEST(ParallelFor, CallerTakesOverAndSleepsWhileAWorkerIsStuck) {
         // Leave a worker time to wake and claim a range before the caller takes everything.
         std::unique_lock<std::mutex> lock(mu);
         cv.wait_for(lock, std::chrono::milliseconds(5), [&] { return worker_stuck.load(); });
+        done.fetch_add(end - begin);
         return;
       }
       bool expected = false;
-      if (!worker_stuck.compare_exchange_strong(expected, true)) return;
+      if (!worker_stuck.compare_exchange_strong(expected, true)) {
+        done.fetch_add(end - begin);
+        return;
+      }
+      stuck_range = end - begin;
       cv.notify_all();
       std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      done_when_unstuck = done.load();
     });
     caller_cpu_s = ThreadCpuSeconds() - cpu0;
   }
   ASSERT_TRUE(worker_stuck.load()) << "no worker ever claimed a range";
-  EXPECT_GT(on_caller.load(), kN / 2);  // the caller ran the ranges the stuck worker could not
+  EXPECT_GT(on_caller.load(), 0);
+  // Every range but the stuck one was run while it slept (300 ms is far beyond 63 tiny ranges).
+  EXPECT_EQ(done_when_unstuck.load(), kN - stuck_range.load());
   // Spinning or yielding through the 300 ms costs ~300 ms of CPU; sleeping costs next to nothing.
   EXPECT_LT(caller_cpu_s, 0.1) << "the caller burned its CPU waiting for the stuck worker";
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
