@@ -79,7 +79,7 @@ absl::Status Run(const Args& args) {
   ASSIGN_OR_RETURN(RuntimeOptions ro, RuntimeOptionsFromArgs(args));
 
   ServiceOptions so;
-  so.model_name = ModelNameFromPath(ro.model_path);
+  so.model_name = ArtifactNameFromPath(ro.model_path);
   ASSIGN_OR_RETURN(so.limits.default_budget, args.GetInt("budget"));
   if (so.limits.default_budget < 0) return absl::InvalidArgumentError("--budget must be >= 0");
   ASSIGN_OR_RETURN(so.limits.max_prompt_bytes, args.GetBytes("max-prompt-bytes"));

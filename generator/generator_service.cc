@@ -30,19 +30,6 @@ constexpr absl::Duration kCancelConfirmWait = absl::Seconds(1);
 
 }  // namespace
 
-std::string ModelNameFromPath(const std::string& model_path) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  fs::path p = fs::absolute(model_path, ec);
-  if (ec) p = model_path;
-  p = p.lexically_normal();
-  if (!p.has_filename()) p = p.parent_path();  // "dir/" names dir
-  if (fs::is_directory(p, ec)) return p.filename().string();
-  const std::string ext = p.extension().string();
-  if (ext == ".safetensors" || ext == ".json") return p.parent_path().filename().string();
-  return p.stem().string();
-}
-
 grpc::Status GeneratorService::Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                                         grpc::ServerWriter<v1::GenerateResponse>* writer) {
   const absl::Time arrival = absl::Now();

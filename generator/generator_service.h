@@ -19,7 +19,7 @@ namespace specontext::generator {
 struct ServiceOptions {
   RequestLimits limits;
   size_t channel_capacity = 64;  // pending response messages per call before events are merged
-  std::string model_name;        // what GetModelInfo reports (ModelNameFromPath), never the path
+  std::string model_name;        // what GetModelInfo reports (ArtifactNameFromPath), never the path
   std::string retriever = "none";
   bool sparse_engine = false;
   KvStoreTracker* kvstore = nullptr;  // --kvstore: per-request table entries (may be null)  // the engine runs with SparseDecodeHooks (--retriever inproc|HOST:PORT + head)
@@ -28,10 +28,6 @@ struct ServiceOptions {
   int32_t max_context = 0;  // --max-context (else the model's): what GetModelInfo reports
 };
 
-/// The name GetModelInfo gives the model at `model_path`: a directory's name, or a file's name
-/// without its extension; a .safetensors or .json file names its directory (the checkpoint
-/// OpenCheckpoint opens for it).
-std::string ModelNameFromPath(const std::string& model_path);
 
 class GeneratorService final : public v1::Generator::Service {
  public:

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -136,6 +137,19 @@ absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_p
     return PortFileError("rename", path, rename_err);
   }
   return absl::OkStatus();
+}
+
+std::string ArtifactNameFromPath(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path p = fs::absolute(path, ec);
+  if (ec) p = path;
+  p = p.lexically_normal();
+  if (!p.has_filename()) p = p.parent_path();  // "dir/" names dir
+  if (fs::is_directory(p, ec)) return p.filename().string();
+  const std::string ext = p.extension().string();
+  if (ext == ".safetensors" || ext == ".json") return p.parent_path().filename().string();
+  return p.stem().string();
 }
 
 }  // namespace specontext

@@ -46,4 +46,9 @@ absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_p
 /// Reads a whole file (NotFound naming it when it cannot be opened).
 absl::StatusOr<std::string> ReadWholeFile(const std::string& path);
 
+/// The name a service reports for the model or retrieval head at `path` (GetModelInfo, GetInfo): a
+/// directory's name, or a file's name without its extension (a checkpoint file inside an HF directory:
+/// the directory's). Never the path itself, which would tell any client the server's file layout.
+std::string ArtifactNameFromPath(const std::string& path);
+
 }  // namespace specontext

@@ -82,7 +82,7 @@ absl::Status Run(const Args& args) {
                    LoadHead(args.GetString("head"), args.GetString("model"), &checkpoint));
   metrics::Registry registry;
   ASSIGN_OR_RETURN(RetrieverMetrics rm, RegisterRetrieverMetrics(&registry));
-  RetrieverService service(head.get(), args.GetString("head"), limits, &rm);
+  RetrieverService service(head.get(), ArtifactNameFromPath(args.GetString("head")), limits, &rm);
 
   EnableStandardServices();
   grpc::ServerBuilder builder;

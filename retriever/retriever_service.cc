@@ -141,7 +141,7 @@ grpc::Status RetrieverService::Session(grpc::ServerContext* context,
 }
 
 grpc::Status RetrieverService::GetInfo(grpc::ServerContext*, const v1::RetrieverInfoRequest*, v1::RetrieverInfo* info) {
-  info->set_head_path(head_path_);
+  info->set_head_name(head_name_);
   info->set_n_kv_heads(static_cast<int32_t>(head_->n_kv_heads()));
   info->set_max_sequences(limits_.max_sequences);
   info->set_max_tokens_per_sequence(limits_.max_tokens_per_sequence);

@@ -24,8 +24,8 @@ absl::StatusOr<RetrieverMetrics> RegisterRetrieverMetrics(metrics::Registry* reg
 class RetrieverService final : public v1::Retriever::Service {
  public:
   /// Everything passed in must outlive the service.
-  RetrieverService(const RetrievalHead* head, std::string head_path, SessionLimits limits, RetrieverMetrics* metrics)
-      : head_(head), head_path_(std::move(head_path)), limits_(limits), metrics_(metrics) {}
+  RetrieverService(const RetrievalHead* head, std::string head_name, SessionLimits limits, RetrieverMetrics* metrics)
+      : head_(head), head_name_(std::move(head_name)), limits_(limits), metrics_(metrics) {}
 
   grpc::Status Session(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<v1::RetrieverResponse, v1::RetrieverRequest>* stream) override;
@@ -38,7 +38,7 @@ class RetrieverService final : public v1::Retriever::Service {
   void Refresh();
 
   const RetrievalHead* head_;
-  std::string head_path_;
+  std::string head_name_;
   SessionLimits limits_;
   RetrieverMetrics* metrics_;
   RetrieverTotals totals_;

@@ -140,6 +140,16 @@ TEST_F(RetrieverE2E, SelectionsEqualDirectComputation) {
   ExpectFreed();
 }
 
+TEST_F(RetrieverE2E, GetInfoNamesTheHeadWithoutItsPath) {
+  grpc::ClientContext ctx;
+  v1::RetrieverInfo info;
+  ASSERT_TRUE(stub_->GetInfo(&ctx, v1::RetrieverInfoRequest(), &info).ok());
+  const std::string dir = head_dir_.back() == '/' ? head_dir_.substr(0, head_dir_.size() - 1) : head_dir_;
+  EXPECT_EQ(info.head_name(), dir.substr(dir.rfind('/') + 1));
+  EXPECT_EQ(info.head_name().find('/'), std::string::npos) << info.head_name();
+  EXPECT_GT(info.n_kv_heads(), 0);
+}
+
 TEST_F(RetrieverE2E, ErrorsKeepTheStreamOpenAndLimitsHold) {
   grpc::ClientContext ctx;
   std::unique_ptr<Stream> stream = stub_->Session(&ctx);
