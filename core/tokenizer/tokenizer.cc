@@ -1,5 +1,6 @@
 #include "core/tokenizer/tokenizer.h"
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -14,6 +15,12 @@ namespace {
 constexpr size_t kMaxTokenizerFileBytes = size_t{1} << 30;
 
 absl::StatusOr<std::string> ReadSmallFile(const std::string& path) {
+  // Opening a FIFO for reading blocks until a writer appears: refuse anything but a regular file first.
+  std::error_code ec;
+  const std::filesystem::file_status st = std::filesystem::status(path, ec);
+  if (!ec && std::filesystem::exists(st) && !std::filesystem::is_regular_file(st)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, " is not a regular file"));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
   in.seekg(0, std::ios::end);

@@ -1,6 +1,9 @@
 // HF tokenizer.json loading: the real Qwen3 / Llama 3 files (special tokens, BOS/EOS, speed), a
 // synthetic Llama-2-style (SentencePiece BPE with byte fallback) file, added-token flags, and
 // malformed files that must give errors rather than crashes.
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <fstream>
@@ -24,6 +27,27 @@ std::unique_ptr<Tokenizer> LoadReal(const std::string& name) {
       LoadHfTokenizer(std::string(SPECONTEXT_TOKENIZER_DIR) + "/" + name + "/tokenizer.json");
   EXPECT_TRUE(tok.ok()) << tok.status();
   return tok.ok() ? std::move(tok).value() : nullptr;
+}
+
+// A FIFO named as a tokenizer file would block the open until a writer came: refused at once.
+TEST(TokenizerFilesTest, FifosAreRefusedWithoutBlocking) {
+  const std::string fifo = ::testing::TempDir() + "/tokenizer_fifo_" + std::to_string(getpid());
+  ::unlink(fifo.c_str());
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  std::atomic<bool> finished{false};
+  std::thread loader([&] {
+    EXPECT_FALSE(LoadHfTokenizer(fifo).ok());
+    EXPECT_FALSE(LoadLlama2cTokenizer(fifo).ok());
+    finished = true;
+  });
+  for (int i = 0; i < 100 && !finished; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  if (!finished) {
+    // Unblock the loader (a writer end lets the open return) so that the test can end, and fail.
+    std::ofstream unblock(fifo);
+    ADD_FAILURE() << "loading a FIFO blocked";
+  }
+  loader.join();
+  ::unlink(fifo.c_str());
 }
 
 TEST(HfTokenizerTest, Qwen3KnownIdsAndSpecialTokens) {
