@@ -121,8 +121,33 @@ absl::StatusOr<IndexSets> FromProto(const v1::IndexSets& p) {
 
 }  // namespace
 
+absl::Status ValidateSelection(const IndexSets& sets, std::span<const int32_t> past,
+                               int32_t n_kv_heads, int32_t sets_per_seq, int32_t budget) {
+  RETURN_IF_ERROR(ValidateIndexSets(sets));
+  if (sets.n_seqs != static_cast<int32_t>(past.size()) || sets.n_kv_heads != n_kv_heads ||
+      sets.sets_per_seq != sets_per_seq) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layout ", sets.n_seqs, " sequences x ", sets.sets_per_seq, " sets of ", sets.n_kv_heads,
+        " KV heads, expected ", past.size(), " x ", sets_per_seq, " of ", n_kv_heads));
+  }
+  for (int32_t i = 0; i < sets.n_seqs; ++i) {
+    if (sets.seq_len[i] != past[i]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", i, ": seq_len ", sets.seq_len[i], ", its past is ", past[i]));
+    }
+  }
+  for (int32_t s = 0; s < sets.n_sets(); ++s) {
+    if (const int32_t n = sets.indptr[s + 1] - sets.indptr[s]; n > budget) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("set ", s, " holds ", n, " positions, budget ", budget));
+    }
+  }
+  return absl::OkStatus();
+}
+
 std::optional<IndexSets> RemoteSparseDecoder::SelectRemote(std::span<Seq* const> seqs,
-                                                           std::span<const uint64_t> ids) {
+                                                           std::span<const uint64_t> ids,
+                                                           std::span<const int32_t> past) {
   std::shared_ptr<Stream> s = Usable();
   if (s == nullptr) return std::nullopt;
   const absl::Time t0 = absl::Now();
@@ -138,8 +163,12 @@ std::optional<IndexSets> RemoteSparseDecoder::SelectRemote(std::span<Seq* const>
     v1::RetrieverRequest req;
     v1::Select* sel = req.mutable_select();
     std::vector<uint64_t> group;
+    std::vector<int32_t> group_past;
     for (size_t i = 0; i < seqs.size(); ++i) {
-      if (seqs[i]->budget == budgets[g]) group.push_back(ids[i]);
+      if (seqs[i]->budget == budgets[g]) {
+        group.push_back(ids[i]);
+        group_past.push_back(past[i]);
+      }
     }
     sel->mutable_sequence_ids()->Add(group.begin(), group.end());
     sel->set_budget(budgets[g]);
@@ -180,9 +209,19 @@ std::optional<IndexSets> RemoteSparseDecoder::SelectRemote(std::span<Seq* const>
       return std::nullopt;
     }
     absl::StatusOr<IndexSets> sets = FromProto(got->selection().sets());
-    const int32_t want_sets = options_.batch_level ? 1 : static_cast<int32_t>(model_->config().num_key_value_heads);
-    if (!sets.ok() || sets->n_seqs != static_cast<int32_t>(group.size()) || sets->sets_per_seq != want_sets) {
-      SPC_LOG(WARNING) << "retriever sent malformed index sets" << Kv("status", sets.status().ToString());
+    const int32_t n_kv = static_cast<int32_t>(model_->config().num_key_value_heads);
+    absl::Status valid = sets.status();
+    if (valid.ok()) {
+      valid = ValidateSelection(*sets, group_past, n_kv, options_.batch_level ? 1 : n_kv, budgets[g]);
+    }
+    if (!valid.ok()) {
+      // Checked here, not in the forward: there it would fail every stream of the batch.
+      if (!s->malformed_logged) {
+        s->malformed_logged = true;
+        SPC_LOG(WARNING)
+            << "retriever sent malformed index sets; such steps fall back (logged once per session)"
+            << Kv("step", step) << Kv("status", valid.ToString());
+      }
       return std::nullopt;
     }
     double mass = 0;

@@ -60,6 +60,15 @@ struct RemoteSparseOptions {
   metrics::Histogram* retrieval_latency = nullptr;  // Select -> Selection, seconds (may be null)
 };
 
+/// Checks a retriever's answer to one Select against what the decode forward will require, so a bad
+/// answer becomes a fallback step instead of failing the batch: valid sets (ValidateIndexSets), of
+/// the model's `n_kv_heads`, `sets_per_seq` sets for each of the `past.size()` sequences,
+/// seq_len[i] == past[i] (the forward attends over that past) and every set within `budget` (the
+/// Select's budget, which is also the capacity of the offloaded layers' slot buffers).
+/// InvalidArgument naming the first violation.
+absl::Status ValidateSelection(const IndexSets& sets, std::span<const int32_t> past,
+                               int32_t n_kv_heads, int32_t sets_per_seq, int32_t budget);
+
 class RemoteSparseDecoder : public SparseDecodeHooks {
  public:
   /// `model` must outlive the decoder. Starts the connection thread (the retriever may be down: the
@@ -103,8 +112,10 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   // Engine thread: the live stream, re-opening sequences on it when it is new; null when down.
   std::shared_ptr<Stream> Usable();
   bool Send(Stream& s, const v1::RetrieverRequest& req);
-  // Engine thread: sends Select for `ids` and waits for the answer; nullopt when down, late or in error.
-  std::optional<IndexSets> SelectRemote(std::span<Seq* const> seqs, std::span<const uint64_t> ids);
+  // Engine thread: sends Select for `ids` and waits for the answer; nullopt when down, late or in
+  // error. `past[i]`: the past tokens of seqs[i] this step attends over (answers must match it).
+  std::optional<IndexSets> SelectRemote(std::span<Seq* const> seqs, std::span<const uint64_t> ids,
+                                        std::span<const int32_t> past);
   void MarkBroken(const std::shared_ptr<Stream>& s);
   // remote_sparse_tiers.cc: the planner and layer moves, and one decode forward.
   absl::Status MakePlanner();

@@ -28,6 +28,9 @@ struct RemoteSparseDecoder::Stream {
   std::deque<v1::RetrieverResponse> inbox ABSL_GUARDED_BY(mu);
   bool broken ABSL_GUARDED_BY(mu) = false;
   std::atomic<bool> resynced{false};  // engine thread: live sequences re-opened on it
+  // Engine thread: a malformed answer was logged. A retriever that keeps sending them would log
+  // every step; the fallback counter still counts each one.
+  bool malformed_logged = false;
 };
 
 }  // namespace specontext::generator

@@ -95,10 +95,11 @@ absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::
   const int32_t n_sets = options_.batch_level ? 1 : n_kv;
   const bool offloaded = tiers_->any_offloaded();
   bool all_small = true;
-  std::vector<int32_t> budgets;
+  std::vector<int32_t> budgets, past;
   for (size_t j = 0; j < part.size(); ++j) {
     all_small = all_small && part[j].past_len <= seqs[j]->budget;
     budgets.push_back(seqs[j]->budget);
+    past.push_back(part[j].past_len);
   }
   SparseForward sf;
   std::optional<IndexSets> sets;
@@ -106,7 +107,7 @@ absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::
     // Every past position is selected: the sets need no retriever (offloaded layers still need them).
     if (offloaded) sets = WindowSets(part, budgets, options_.sink, n_kv, n_sets);
   } else {
-    sets = SelectRemote(seqs, ids);
+    sets = SelectRemote(seqs, ids, past);
     if (sets.has_value()) {
       ++remote_steps_;
     } else {

@@ -6,14 +6,22 @@
 //   2. RemoteSparseDecoder with no retriever: every decode step past the budget falls back and its logits equal
 //      that mechanism's on an identically tiered copy of the sequence (and differ from the window on every
 //      layer).
+//   3. A retriever whose answers pass ValidateIndexSets but not the forward's needs (seq_len not the
+//      real past, sets over the budget with offloaded layers, a wrong number of sets, another step's
+//      answer): every such step falls back as (2) does and the forward never fails (it used to fail
+//      the whole batch).
 // In process, on the tiny random checkpoint of tests/sparse_engine (3 layers, GQA 8/2, head_dim 8), CPU.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "core/model/kv_tiers.h"
 #include "core/sparse/elastic.h"
@@ -26,15 +34,15 @@ namespace {
 constexpr int32_t kBudget = 6, kSink = 1, kGpuLayers = 2;
 
 // Sink + most recent positions, one set per KV head (written here independently of the decoder's).
-IndexSets Window(int32_t past, int32_t n_kv) {
+IndexSets Window(int32_t past, int32_t n_kv, int32_t budget = kBudget) {
   IndexSets s;
-  s.Reset(1, n_kv, n_kv, kBudget);
+  s.Reset(1, n_kv, n_kv, budget);
   s.seq_len[0] = past;
   s.indptr.clear();
   s.indptr.push_back(0);
   for (int32_t h = 0; h < n_kv; ++h) {
     for (int32_t t = 0; t < kSink; ++t) s.indices.push_back(t);
-    for (int32_t t = past - (kBudget - kSink); t < past; ++t) s.indices.push_back(t);
+    for (int32_t t = past - (budget - kSink); t < past; ++t) s.indices.push_back(t);
     s.indptr.push_back(static_cast<int32_t>(s.indices.size()));
   }
   return s;
@@ -151,6 +159,154 @@ TEST(SplitFallback, DecoderWithoutRetrieverFallsBackPerLayer) {
   EXPECT_EQ((*dec)->path_stats().fallback_steps, kSteps);
   EXPECT_EQ((*dec)->path_stats().remote_steps, 0);
   (*dec)->Release(1);
+}
+
+// What a fake retriever answers each Select with.
+enum class Answer { kValid, kWrongSeqLen, kOverBudget, kWrongSetCount, kFutureStep };
+
+// A Retriever that answers every Select with window sets over `past` (set by the test before each
+// step), spoiled as `answer` says; every such answer but kFutureStep's passes ValidateIndexSets.
+class FakeRetriever final : public v1::Retriever::Service {
+ public:
+  FakeRetriever(int32_t n_kv, Answer answer) : n_kv_(n_kv), answer_(answer) {}
+  std::atomic<int32_t> past{0};
+
+  grpc::Status GetInfo(grpc::ServerContext*, const v1::RetrieverInfoRequest*,
+                       v1::RetrieverInfo* info) override {
+    info->set_n_kv_heads(n_kv_);
+    return grpc::Status::OK;
+  }
+  grpc::Status Session(
+      grpc::ServerContext*,
+      grpc::ServerReaderWriter<v1::RetrieverResponse, v1::RetrieverRequest>* rw) override {
+    v1::RetrieverRequest req;
+    while (rw->Read(&req)) {
+      if (!req.has_select()) continue;
+      const int32_t p = past;
+      IndexSets sets = Window(answer_ == Answer::kWrongSeqLen ? p - 1 : p, n_kv_,
+                              answer_ == Answer::kOverBudget ? kBudget + 2 : kBudget);
+      if (answer_ == Answer::kWrongSetCount) {  // a second sequence the Select did not name
+        sets.n_seqs = 2;
+        sets.seq_len.push_back(p);
+        for (int32_t h = 0; h < n_kv_; ++h) sets.indptr.push_back(sets.indptr.back());
+      }
+      EXPECT_TRUE(ValidateIndexSets(sets).ok());
+      v1::RetrieverResponse r;
+      v1::Selection* sel = r.mutable_selection();
+      sel->set_step(req.select().step() + (answer_ == Answer::kFutureStep ? 1 : 0));
+      v1::IndexSets* ps = sel->mutable_sets();
+      ps->set_n_seqs(sets.n_seqs);
+      ps->set_n_kv_heads(sets.n_kv_heads);
+      ps->set_sets_per_seq(sets.sets_per_seq);
+      ps->set_budget(sets.budget);
+      ps->mutable_seq_len()->Add(sets.seq_len.begin(), sets.seq_len.end());
+      ps->mutable_indptr()->Add(sets.indptr.begin(), sets.indptr.end());
+      ps->mutable_indices()->Add(sets.indices.begin(), sets.indices.end());
+      if (!rw->Write(r)) break;
+    }
+    return grpc::Status::OK;
+  }
+
+ private:
+  const int32_t n_kv_;
+  const Answer answer_;
+};
+
+class SplitBadAnswer : public ::testing::TestWithParam<Answer> {};
+
+TEST_P(SplitBadAnswer, FallsBackWithoutFailingTheForward) {
+  auto tiny = LoadTiny(13);
+  ASSERT_TRUE(tiny.ok()) << tiny.status();
+  Transformer& model = *(*tiny)->model;
+  Backend& b = *(*tiny)->backend;
+  const ModelConfig& c = model.config();
+  FakeRetriever fake(static_cast<int32_t>(c.num_key_value_heads), GetParam());
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&fake);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_TRUE(server != nullptr && port > 0);
+
+  generator::RemoteSparseOptions o;
+  o.address = "127.0.0.1:" + std::to_string(port);
+  o.budget = kBudget;
+  o.sink = kSink;
+  o.step_deadline =
+      absl::Seconds(2);  // only kFutureStep waits it out: every other answer comes at once
+  if (GetParam() == Answer::kFutureStep) o.step_deadline = absl::Milliseconds(200);
+  auto dec = generator::RemoteSparseDecoder::Create(&model, o);
+  ASSERT_TRUE(dec.ok()) << dec.status();
+  for (int i = 0; i < 500 && !(*dec)->path_stats().connected; ++i)
+    absl::SleepFor(absl::Milliseconds(10));
+  ASSERT_TRUE((*dec)->path_stats().connected);
+  ASSERT_TRUE((*dec)->OffloadLayers(kGpuLayers).ok());
+  const int32_t cap = 64;
+  auto kv = (*dec)->AllocateKv(1, cap, kBudget);
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  auto ref = AllocateTieredKv(b, c, cap, kGpuLayers, kBudget);
+  ASSERT_TRUE(ref.ok());
+  const std::vector<int32_t> prompt = RandomPrompt(17, c.vocab_size, std::random_device{}());
+  Tensor logits = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
+  const SparseStepSeq step{1, kBudget};
+  {
+    ForwardSeq f{prompt, 0, kv->get()};
+    ASSERT_TRUE((*dec)->Forward({&f, 1}, {&step, 1}, &logits).ok());
+    ForwardSeq r{prompt, 0, ref->get()};
+    Tensor unused = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
+    ASSERT_TRUE(model.Forward({&r, 1}, false, &unused).ok());
+  }
+  int32_t past = static_cast<int32_t>(prompt.size());
+  const int kSteps = 4;
+  for (int s = 0; s < kSteps; ++s, ++past) {
+    const int32_t token = static_cast<int32_t>(
+        std::max_element(logits.as<float>(), logits.as<float>() + c.vocab_size) -
+        logits.as<float>());
+    const int32_t tokens[] = {token};
+    fake.past = past;
+    ForwardSeq f{tokens, past, kv->get()};
+    const absl::Status st = (*dec)->Forward({&f, 1}, {&step, 1}, &logits);
+    ASSERT_TRUE(st.ok()) << "step " << s << ": " << st;
+    auto want = WindowStep(model, ref->get(), token, past, GetParam() != Answer::kValid, nullptr);
+    ASSERT_TRUE(want.ok());
+    if (GetParam() != Answer::kValid) {
+      EXPECT_TRUE(Equal(logits, *want)) << "step " << s;
+    }
+  }
+  // The valid answer shows the fake is reached and used: the other answers are refused, not missed.
+  const bool valid = GetParam() == Answer::kValid;
+  EXPECT_EQ((*dec)->path_stats().fallback_steps, valid ? 0 : kSteps);
+  EXPECT_EQ((*dec)->path_stats().remote_steps, valid ? kSteps : 0);
+  (*dec)->Release(1);
+  dec->reset();
+  server->Shutdown();
+}
+
+std::string AnswerName(const ::testing::TestParamInfo<Answer>& info) {
+  constexpr const char* kNames[] = {"Valid", "WrongSeqLen", "OverBudget", "WrongSetCount",
+                                    "FutureStep"};
+  return kNames[static_cast<int>(info.param)];
+}
+
+INSTANTIATE_TEST_SUITE_P(Answers, SplitBadAnswer,
+                         ::testing::Values(Answer::kValid, Answer::kWrongSeqLen,
+                                           Answer::kOverBudget, Answer::kWrongSetCount,
+                                           Answer::kFutureStep),
+                         AnswerName);
+
+TEST(ValidateSelection, RefusesWhatTheForwardWouldRefuse) {
+  const int32_t past[] = {20};
+  const IndexSets good = Window(20, 2);
+  EXPECT_TRUE(generator::ValidateSelection(good, past, 2, 2, kBudget).ok());
+  EXPECT_FALSE(generator::ValidateSelection(Window(19, 2), past, 2, 2, kBudget).ok());
+  EXPECT_FALSE(generator::ValidateSelection(Window(20, 2, kBudget + 1), past, 2, 2, kBudget).ok());
+  EXPECT_FALSE(generator::ValidateSelection(good, past, 3, 2, kBudget).ok());
+  EXPECT_FALSE(generator::ValidateSelection(good, past, 2, 1, kBudget).ok());
+  const int32_t two[] = {20, 20};
+  EXPECT_FALSE(generator::ValidateSelection(good, two, 2, 2, kBudget).ok());
+  IndexSets bad = good;
+  bad.indptr.back() += 1;  // not ValidateIndexSets-valid
+  EXPECT_FALSE(generator::ValidateSelection(bad, past, 2, 2, kBudget).ok());
 }
 
 }  // namespace
