@@ -208,6 +208,14 @@ class CudaBackend : public Backend {
   // Waits for the copies of a started selection nobody finished (its pinned buffer is about to be reused).
   absl::Status WaitPendingSelection(SparseState* sp);
   absl::Status EnsureTierTables(int layer);
+  // What a per-layer op inside a prepared sparse step (layer selection, attention recall) checks
+  // first: a prepared batch and sparse decode, `layer` in range, q a bf16 [n_seqs, n_heads,
+  // head_dim] whose heads fill the KV groups. The sparse state and q's head count.
+  struct LayerOpContext {
+    SparseState* sp = nullptr;
+    int64_t n_heads = 0;
+  };
+  absl::StatusOr<LayerOpContext> CheckLayerOp(const char* op, int layer, const Tensor& q);
   std::shared_ptr<SparseState> sparse_;
   std::vector<std::pair<char*, size_t>> registered_host_;  // RegisterHostMemory regions: base, bytes
 

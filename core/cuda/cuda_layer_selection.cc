@@ -25,29 +25,38 @@ size_t Align256(size_t v) { return (v + 255) / 256 * 256; }
 
 }  // namespace
 
-absl::Status CudaBackend::SelectLayerIndexSets(int layer, const Tensor& q,
-                                               const LayerSelectionSpec& spec) {
-  constexpr const char* kOp = "layer selection";
+absl::StatusOr<CudaBackend::LayerOpContext> CudaBackend::CheckLayerOp(const char* op, int layer,
+                                                                      const Tensor& q) {
   if (!batch_valid_)
-    return absl::FailedPreconditionError(absl::StrCat(kOp, ": PrepareBatch was not called"));
+    return absl::FailedPreconditionError(absl::StrCat(op, ": PrepareBatch was not called"));
   ASSIGN_OR_RETURN(SparseState * sp, Sparse());
   const int n_seqs = static_cast<int>(batch_.seqs.size());
   if (!sp->sets_valid || sp->n_seqs != n_seqs) {
     return absl::FailedPreconditionError(
-        absl::StrCat(kOp, ": PrepareSparseDecode was not called for this batch"));
+        absl::StrCat(op, ": PrepareSparseDecode was not called for this batch"));
   }
   if (layer < 0 || layer >= n_layers_)
-    return absl::InvalidArgumentError(absl::StrCat(kOp, ": layer ", layer, " out of range"));
+    return absl::InvalidArgumentError(absl::StrCat(op, ": layer ", layer, " out of range"));
+  const int64_t n_heads = q.ndim() == 3 ? q.dim(1) : 0;
+  if (n_heads == 0 || n_heads % n_kv_ != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": q ", q.DebugString(), " does not fit ", n_kv_, " KV heads"));
+  }
+  RETURN_IF_ERROR(CheckSparseBf16(q, absl::StrCat(op, " q").c_str(), n_seqs, n_heads, head_dim_));
+  return LayerOpContext{sp, n_heads};
+}
+
+absl::Status CudaBackend::SelectLayerIndexSets(int layer, const Tensor& q,
+                                               const LayerSelectionSpec& spec) {
+  constexpr const char* kOp = "layer selection";
+  ASSIGN_OR_RETURN(const LayerOpContext ctx, CheckLayerOp(kOp, layer, q));
   if (!IsPerLayerSource(spec.source)) {
     return absl::InvalidArgumentError(absl::StrCat(
         kOp, ": source ", SelectionSourceName(spec.source), " does not select per layer"));
   }
-  const int64_t n_heads = q.ndim() == 3 ? q.dim(1) : 0;
-  if (n_heads == 0 || n_heads % n_kv_ != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(kOp, ": q ", q.DebugString(), " does not fit ", n_kv_, " KV heads"));
-  }
-  RETURN_IF_ERROR(CheckSparseBf16(q, "layer selection q", n_seqs, n_heads, head_dim_));
+  SparseState* sp = ctx.sp;
+  const int64_t n_heads = ctx.n_heads;
+  const int n_seqs = static_cast<int>(batch_.seqs.size());
   const int want_sets = spec.mode == SelectionMode::kBatchLevel ? 1 : n_kv_;
   if (sp->sets_per_seq != want_sets) {
     return absl::InvalidArgumentError(absl::StrCat(kOp, ": prepared sets have ", sp->sets_per_seq,
@@ -161,22 +170,10 @@ absl::Status CudaBackend::SelectLayerIndexSets(int layer, const Tensor& q,
 
 absl::Status CudaBackend::AttentionRecall(int layer, const Tensor& q, float scale, Tensor* lse) {
   constexpr const char* kOp = "attention recall";
-  if (!batch_valid_)
-    return absl::FailedPreconditionError(absl::StrCat(kOp, ": PrepareBatch was not called"));
-  ASSIGN_OR_RETURN(SparseState * sp, Sparse());
+  ASSIGN_OR_RETURN(const LayerOpContext ctx, CheckLayerOp(kOp, layer, q));
+  SparseState* sp = ctx.sp;
+  const int64_t n_heads = ctx.n_heads;
   const int n_seqs = static_cast<int>(batch_.seqs.size());
-  if (!sp->sets_valid || sp->n_seqs != n_seqs) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(kOp, ": PrepareSparseDecode was not called for this batch"));
-  }
-  if (layer < 0 || layer >= n_layers_)
-    return absl::InvalidArgumentError(absl::StrCat(kOp, ": layer ", layer, " out of range"));
-  const int64_t n_heads = q.ndim() == 3 ? q.dim(1) : 0;
-  if (n_heads == 0 || n_heads % n_kv_ != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(kOp, ": q ", q.DebugString(), " does not fit ", n_kv_, " KV heads"));
-  }
-  RETURN_IF_ERROR(CheckSparseBf16(q, "attention recall q", n_seqs, n_heads, head_dim_));
   if (lse == nullptr || lse->dtype() != DType::kF32 || lse->device() != DeviceKind::kCuda ||
       lse->shape() != Shape{n_seqs, n_heads, 2}) {
     return absl::InvalidArgumentError(
