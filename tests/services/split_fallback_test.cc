@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -76,6 +77,27 @@ bool Equal(const Tensor& a, const Tensor& b) {
   return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
 }
 
+// The decoder's KV of sequence 1 and an identically tiered reference KV, both prefilled with
+// `prompt` (the decoder's logits of it in *logits), for decode steps compared one to one.
+struct TieredPair {
+  std::unique_ptr<SequenceKv> kv, ref;
+};
+absl::StatusOr<TieredPair> PrefillBoth(generator::RemoteSparseDecoder& dec, Transformer& model,
+                                       Backend& b, const std::vector<int32_t>& prompt,
+                                       Tensor* logits) {
+  constexpr int32_t kCapacity = 64;
+  TieredPair p;
+  ASSIGN_OR_RETURN(p.kv, dec.AllocateKv(1, kCapacity, kBudget));
+  ASSIGN_OR_RETURN(p.ref, AllocateTieredKv(b, model.config(), kCapacity, kGpuLayers, kBudget));
+  const SparseStepSeq step{1, kBudget};
+  ForwardSeq f{prompt, 0, p.kv.get()};
+  RETURN_IF_ERROR(dec.Forward({&f, 1}, {&step, 1}, logits));
+  ForwardSeq r{prompt, 0, p.ref.get()};
+  Tensor unused = Tensor::HostEmpty(DType::kF32, {1, model.config().vocab_size});
+  RETURN_IF_ERROR(model.Forward({&r, 1}, false, &unused));
+  return p;
+}
+
 TEST(SplitFallback, ResidentLayersAttendDensely) {
   auto tiny = LoadTiny(7);
   ASSERT_TRUE(tiny.ok()) << tiny.status();
@@ -125,21 +147,13 @@ TEST(SplitFallback, DecoderWithoutRetrieverFallsBackPerLayer) {
   auto dec = generator::RemoteSparseDecoder::Create(&model, o);
   ASSERT_TRUE(dec.ok()) << dec.status();
   ASSERT_TRUE((*dec)->OffloadLayers(kGpuLayers).ok());
-  const int32_t cap = 64;
-  auto kv = (*dec)->AllocateKv(1, cap, kBudget);
-  ASSERT_TRUE(kv.ok()) << kv.status();
-  auto ref = AllocateTieredKv(b, c, cap, kGpuLayers, kBudget);
-  ASSERT_TRUE(ref.ok());
   const std::vector<int32_t> prompt = RandomPrompt(17, c.vocab_size, std::random_device{}());
   Tensor logits = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
+  auto pair = PrefillBoth(**dec, model, b, prompt, &logits);
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  SequenceKv* const kv = pair->kv.get();
+  SequenceKv* const ref = pair->ref.get();
   const SparseStepSeq step{1, kBudget};
-  {
-    ForwardSeq f{prompt, 0, kv->get()};
-    ASSERT_TRUE((*dec)->Forward({&f, 1}, {&step, 1}, &logits).ok());
-    ForwardSeq r{prompt, 0, ref->get()};
-    Tensor unused = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
-    ASSERT_TRUE(model.Forward({&r, 1}, false, &unused).ok());
-  }
   int32_t past = static_cast<int32_t>(prompt.size());
   int differs_from_all_window = 0;
   const int kSteps = 6;
@@ -147,10 +161,10 @@ TEST(SplitFallback, DecoderWithoutRetrieverFallsBackPerLayer) {
     const int32_t token = static_cast<int32_t>(
         std::max_element(logits.as<float>(), logits.as<float>() + c.vocab_size) - logits.as<float>());
     const int32_t tokens[] = {token};
-    ForwardSeq f{tokens, past, kv->get()};
+    ForwardSeq f{tokens, past, kv};
     ASSERT_TRUE((*dec)->Forward({&f, 1}, {&step, 1}, &logits).ok());
-    auto old = WindowStep(model, ref->get(), token, past, false, nullptr);
-    auto want = WindowStep(model, ref->get(), token, past, true, nullptr);
+    auto old = WindowStep(model, ref, token, past, false, nullptr);
+    auto want = WindowStep(model, ref, token, past, true, nullptr);
     ASSERT_TRUE(old.ok() && want.ok());
     EXPECT_TRUE(Equal(logits, *want)) << "step " << s;
     differs_from_all_window += Equal(logits, *old) ? 0 : 1;
@@ -241,21 +255,13 @@ TEST_P(SplitBadAnswer, FallsBackWithoutFailingTheForward) {
     absl::SleepFor(absl::Milliseconds(10));
   ASSERT_TRUE((*dec)->path_stats().connected);
   ASSERT_TRUE((*dec)->OffloadLayers(kGpuLayers).ok());
-  const int32_t cap = 64;
-  auto kv = (*dec)->AllocateKv(1, cap, kBudget);
-  ASSERT_TRUE(kv.ok()) << kv.status();
-  auto ref = AllocateTieredKv(b, c, cap, kGpuLayers, kBudget);
-  ASSERT_TRUE(ref.ok());
   const std::vector<int32_t> prompt = RandomPrompt(17, c.vocab_size, std::random_device{}());
   Tensor logits = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
+  auto pair = PrefillBoth(**dec, model, b, prompt, &logits);
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  SequenceKv* const kv = pair->kv.get();
+  SequenceKv* const ref = pair->ref.get();
   const SparseStepSeq step{1, kBudget};
-  {
-    ForwardSeq f{prompt, 0, kv->get()};
-    ASSERT_TRUE((*dec)->Forward({&f, 1}, {&step, 1}, &logits).ok());
-    ForwardSeq r{prompt, 0, ref->get()};
-    Tensor unused = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
-    ASSERT_TRUE(model.Forward({&r, 1}, false, &unused).ok());
-  }
   int32_t past = static_cast<int32_t>(prompt.size());
   const int kSteps = 4;
   for (int s = 0; s < kSteps; ++s, ++past) {
@@ -264,10 +270,10 @@ TEST_P(SplitBadAnswer, FallsBackWithoutFailingTheForward) {
         logits.as<float>());
     const int32_t tokens[] = {token};
     fake.past = past;
-    ForwardSeq f{tokens, past, kv->get()};
+    ForwardSeq f{tokens, past, kv};
     const absl::Status st = (*dec)->Forward({&f, 1}, {&step, 1}, &logits);
     ASSERT_TRUE(st.ok()) << "step " << s << ": " << st;
-    auto want = WindowStep(model, ref->get(), token, past, GetParam() != Answer::kValid, nullptr);
+    auto want = WindowStep(model, ref, token, past, GetParam() != Answer::kValid, nullptr);
     ASSERT_TRUE(want.ok());
     if (GetParam() != Answer::kValid) {
       EXPECT_TRUE(Equal(logits, *want)) << "step " << s;
