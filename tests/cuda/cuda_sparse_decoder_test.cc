@@ -42,16 +42,6 @@ std::unique_ptr<GpuTiny> LoadOn(std::unique_ptr<Backend> backend) {
   return t;
 }
 
-std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, int n) {
-  GenerationRequest r;
-  r.prompt = prompt;
-  r.max_new_tokens = n;
-  r.ignore_eos = true;
-  auto res = engine.Generate(r);
-  EXPECT_TRUE(res.ok()) << res.status();
-  return res.ok() ? res->tokens : std::vector<int32_t>{};
-}
-
 std::shared_ptr<SparseDecoder> Decoder(Transformer* model, const RetrievalHead* head, int32_t budget,
                                        double overlap = 0, int32_t grow_rows = SparseOptions{}.kv_grow_rows) {
   SparseOptions o;

@@ -31,6 +31,7 @@
 namespace specontext {
 namespace {
 
+using testing::Greedy;
 using testing::LoadTiny;
 using testing::RandomF32;
 using testing::RandomPrompt;
@@ -276,16 +277,6 @@ TEST_F(SourcesTest, RecallIsOneWhenTheBudgetCoversThePast) {
     EXPECT_EQ(last_.n_layers, 3);
     for (float v : last_.recall) EXPECT_NEAR(v, 1.0f, 1e-5);
   }
-}
-
-std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, int n) {
-  GenerationRequest r;
-  r.prompt = prompt;
-  r.max_new_tokens = n;
-  r.ignore_eos = true;
-  auto res = engine.Generate(r);
-  EXPECT_TRUE(res.ok()) << res.status();
-  return res.ok() ? res->tokens : std::vector<int32_t>{};
 }
 
 TEST_F(SourcesTest, WindowSetsThroughTheEngineOffloadedOrNot) {

@@ -13,21 +13,10 @@
 namespace specontext {
 namespace {
 
+using testing::Greedy;
 using testing::LoadTiny;
 using testing::RandomPrompt;
 using testing::Tiny;
-
-std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, int n,
-                            int32_t budget = 0) {
-  GenerationRequest r;
-  r.prompt = prompt;
-  r.max_new_tokens = n;
-  r.ignore_eos = true;
-  r.budget = budget;
-  auto res = engine.Generate(r);
-  EXPECT_TRUE(res.ok()) << res.status();
-  return res.ok() ? res->tokens : std::vector<int32_t>{};
-}
 
 std::shared_ptr<SparseDecoder> MakeDecoder(Tiny& t, int32_t budget, int64_t limit = 0,
                                            int32_t sink = 1,

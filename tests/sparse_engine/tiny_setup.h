@@ -11,8 +11,11 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "absl/strings/str_cat.h"
 #include "core/backend.h"
+#include "core/model/engine.h"
 #include "core/model/sparse_decoder.h"
 #include "core/model/transformer.h"
 #include "core/sparse/retrieval_head.h"
@@ -75,6 +78,19 @@ inline absl::StatusOr<std::unique_ptr<Tiny>> LoadTiny(uint64_t seed = 7, int64_t
   ASSIGN_OR_RETURN(t->model, Transformer::Load(t->checkpoint, t->backend.get()));
   ASSIGN_OR_RETURN(t->head, RetrievalHead::Load(files.second, t->checkpoint.config, t->checkpoint.weights.get()));
   return t;
+}
+
+// The greedy tokens `engine` generates after `prompt` (past EOS), at `budget` (0: the decoder's own).
+inline std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& prompt, int n,
+                                   int32_t budget = 0) {
+  GenerationRequest r;
+  r.prompt = prompt;
+  r.max_new_tokens = n;
+  r.ignore_eos = true;
+  r.budget = budget;
+  auto res = engine.Generate(r);
+  EXPECT_TRUE(res.ok()) << res.status();
+  return res.ok() ? res->tokens : std::vector<int32_t>{};
 }
 
 inline std::vector<int32_t> RandomPrompt(int n, int64_t vocab, uint32_t seed) {
