@@ -17,7 +17,7 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_ruler_tasks import held_out_texts, load_split_text  # noqa: E402
+from make_ruler_tasks import corpus_files, held_out_texts, load_split_text  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INSTRUCTIONS = [
@@ -30,11 +30,8 @@ INSTRUCTIONS = [
 
 def write_texts(a):
     split_text = load_split_text(REPO)
+    files = corpus_files(a.corpora, "held_out")
     os.makedirs(a.out, exist_ok=True)
-    import glob
-    files = sorted(glob.glob(os.path.join(a.corpora, "*.txt")) + glob.glob(os.path.join(a.corpora, "*", "*.txt")))
-    if not files:
-        raise SystemExit(f"held_out: no .txt corpora under {a.corpora}")
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as f:
             _, held = split_text(f.read())

@@ -86,13 +86,18 @@ def load_split_text(repo_root):
     return split_text
 
 
-def held_out_texts(root, split_text):
-    """{relative name: held-out text with whitespace runs collapsed to one space} of every corpus file."""
+def corpus_files(root, prog="make_ruler_tasks"):
+    """The .txt corpora under `root` and its subfolders, sorted; an error naming `prog` when there are none."""
     files = sorted(glob.glob(os.path.join(root, "*.txt")) + glob.glob(os.path.join(root, "*", "*.txt")))
     if not files:
-        raise SystemExit(f"make_ruler_tasks: no .txt corpora under {root}")
+        raise SystemExit(f"{prog}: no .txt corpora under {root}")
+    return files
+
+
+def held_out_texts(root, split_text):
+    """{relative name: held-out text with whitespace runs collapsed to one space} of every corpus file."""
     out = {}
-    for path in files:
+    for path in corpus_files(root):
         # Decoded as training decodes it, so the cut falls on the same character.
         with open(path, encoding="utf-8", errors="replace") as f:
             _, held = split_text(f.read())
