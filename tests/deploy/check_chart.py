@@ -10,6 +10,7 @@ usage: check_chart.py ROOT --renderer PATH [--generator PATH] [--retriever PATH]
 Exit 0: all passed; 1: a check failed; 77: skipped (no renderer or no python3-kubernetes).
 """
 import argparse
+import difflib
 import pathlib
 import re
 import subprocess
@@ -316,6 +317,21 @@ def main():
         else:
             print(f"note: specontext-{b} is not built here: its flags are not compared ({path or 'no path'})")
     failed = 0
+    # The renderer itself: a fixture chart whose output under Helm is written down in expected.yaml
+    # (tpl, include, toYaml, float64 numbers from values files, --set typing and escapes, null).
+    fixture = HERE / "render_fixture"
+    out = subprocess.run([opts.renderer, "--strict", "--release-name", "fx", "--namespace", "ns", "--set",
+                          r"dotted\.key=v,count=3,gone=null", "--set-string", "label=7", str(fixture)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    expected = (fixture / "expected.yaml").read_text()
+    if out.returncode != 0 or out.stdout != expected:
+        print(f"[FAIL] renderer self-test (render_fixture): rc {out.returncode} {out.stderr.strip()}")
+        for line in difflib.unified_diff(expected.splitlines(), out.stdout.splitlines(), "expected", "rendered",
+                                         lineterm=""):
+            print(f"    {line}")
+        failed += 1
+    else:
+        print("[ok] renderer self-test (render_fixture)")
     for name, extra in VALUE_SETS:
         errors = []
         out = render(opts.renderer, chart, extra)
