@@ -87,9 +87,11 @@ class Flags:
                     errors.append(f"{where}: --{name} has no value")
                     continue
                 value, i = str(args[i]), i + 1
-            if takes_value and default is not None and re.fullmatch(r"-?\d+", default) and "e.g." not in help_text:
-                if not re.fullmatch(r"-?\d+", value):
-                    errors.append(f"{where}: --{name}={value} is not an integer")
+            # A numeric flag (its default is a number) takes a plain number: Go templates print a
+            # float64 of a million or more as 1e+06, which the binaries' integer parsing rejects.
+            if takes_value and default is not None and re.fullmatch(r"-?\d+(\.\d+)?", default) and "e.g." not in help_text:
+                if not re.fullmatch(r"-?\d+(\.\d+)?", value):
+                    errors.append(f"{where}: --{name}={value} is not a plain number")
             if takes_value and ((default and SIZE.match(default) and not default.isdigit()) or
                                 re.search(r"e\.g\. \d+[KMG]i?B", help_text)):
                 if not SIZE.match(value):
