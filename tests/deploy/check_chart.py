@@ -42,6 +42,7 @@ BAD_VALUE_SETS = [
     ("unknown-retriever-mode", ["--set", "model.retrievalHead=/h,generator.retrieverMode=remote"], "retrieverMode"),
 ]
 BINARIES = {"specontext-generator": "generator", "specontext-retriever": "retriever", "specontext-kvstore": "kvstore"}
+NUMBER = re.compile(r"-?\d+(\.\d+)?")
 SIZE = re.compile(r"^\d+(KiB|MiB|GiB|KB|MB|GB|B)?$")  # core/cli/args.cc GetBytes
 SIZE_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1, "": 1}
 GPU = "nvidia.com/gpu"
@@ -89,8 +90,9 @@ class Flags:
                 value, i = str(args[i]), i + 1
             # A numeric flag (its default is a number) takes a plain number: Go templates print a
             # float64 of a million or more as 1e+06, which the binaries' integer parsing rejects.
-            if takes_value and default is not None and re.fullmatch(r"-?\d+(\.\d+)?", default) and "e.g." not in help_text:
-                if not re.fullmatch(r"-?\d+(\.\d+)?", value):
+            numeric = default is not None and NUMBER.fullmatch(default) and "e.g." not in help_text
+            if takes_value and numeric:
+                if not NUMBER.fullmatch(value):
                     errors.append(f"{where}: --{name}={value} is not a plain number")
             if takes_value and ((default and SIZE.match(default) and not default.isdigit()) or
                                 re.search(r"e\.g\. \d+[KMG]i?B", help_text)):
@@ -204,7 +206,8 @@ def check_pod(deploy, flags, errors):
         # TLS files lie in a mounted secret with a name.
         for flag in ("tls-cert", "tls-key", "tls-client-ca"):
             if a.get(flag):
-                mounts = [m for m in c.get("volumeMounts") or [] if a[flag].startswith(m["mountPath"].rstrip("/") + "/")]
+                mounts = [m for m in c.get("volumeMounts") or []
+                          if a[flag].startswith(m["mountPath"].rstrip("/") + "/")]
                 secret = volumes.get(mounts[0]["name"], {}).get("secret") if mounts else None
                 if not secret or not secret.get("secretName"):
                     errors.append(f"{cw}: --{flag}={a[flag]} is not in a mounted secret with a name")

@@ -400,7 +400,8 @@ func execute(o *options, chart Chart, top map[string]interface{}) (string, error
 		for k, v := range top {
 			scope[k] = v
 		}
-		scope["Template"] = map[string]string{"Name": name, "BasePath": filepath.ToSlash(filepath.Join(chart.Name, "templates"))}
+		scope["Template"] = map[string]string{"Name": name,
+			"BasePath": filepath.ToSlash(filepath.Join(chart.Name, "templates"))}
 		var buf bytes.Buffer
 		if err := t.ExecuteTemplate(&buf, name, scope); err != nil {
 			return "", fmt.Errorf("template error: %v", err)
