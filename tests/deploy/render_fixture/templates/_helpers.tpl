@@ -1,0 +1,1 @@
+{{- define "fixture.fullname" -}}{{ printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}{{- end -}}
