@@ -8,7 +8,9 @@
 #   SpeContext benchmarks of issue 4 (`specontext bench --sparse`, docs/sparse.md "Benchmarks"); random
 #   Llama shapes with a pruned random EAGLE-3 head; each part fits one 10-minute device call:
 #   sparse-b2        benchmark 2: 8B, R 1,8,32 x S 8K,32K, planner on: dense in the same harness, then sparse
-#   sparse-b2-synth  the same sparse grid with index sets of 85% overlap between steps
+#   sparse-b2-synth  the same sparse grid with index sets of 85% overlap between steps (SPC_SYNTH_OVERLAP sets
+#                    the overlap of every *-synth part and names its file: 0.86 -> *_synth86.jsonl; the trained
+#                    SmolLM2 head measured 0.83-0.86 on tasks, docs/accuracy.md)
 #   sparse-b3        benchmark 3: 8B, R 32 (SPC_B3_REQUESTS), [2K prompt, 32K generated], B 2048
 #   sparse-b3-synth  the same with index sets of 85% overlap between steps
 #   sparse-b4        benchmark 4: 1B, --gpu-memory-limit 4GiB, R 1, [2K, 32K]: sparse, synthetic 0.85, dense
@@ -63,19 +65,7 @@ if has sparse-e2e; then
 fi
 
 # ---- SpeContext benchmarks (issue 4) --------------------------------------------------------------
-# Random checkpoint + EAGLE-3 draft + pruned head for a preset, once per machine (kept in /tmp).
-spc_model() {
-  local p=$1
-  if [ ! -e /tmp/$p/config.json ]; then
-    specontext-random-checkpoint --preset $p --out /tmp/$p > /dev/null 2>&1 || echo "random checkpoint $p failed"
-  fi
-  if [ ! -e /tmp/$p-head/config.json ]; then
-    specontext-random-checkpoint --eagle3_for $p --out /tmp/$p-eagle3 > /dev/null 2>&1 || echo "eagle3 draft $p failed"
-    # The draft is trained at 2K (SpecForge layout); YaRN stretches it to the target's context, as the paper does.
-    specontext prune --source /tmp/$p-eagle3 --kind eagle3 --target /tmp/$p --out /tmp/$p-head --yarn-factor auto \
-      2>&1 | tail -2
-  fi
-}
+. "$(cd "$(dirname "$0")" && pwd)/lib/models.sh"
 # spc_bench SECONDS FILE ARGS...: specontext bench --sparse capped at SECONDS, raw lines in OUT/FILE, a
 # summary of each line on stdout.
 spc_bench() {
@@ -101,6 +91,8 @@ for line in sys.stdin:
 # Each run is capped (SPC_BENCH_TIMEOUT, s) so that one part fits a device call; points are written as they are
 # measured, so a capped run still returns its early points.
 T=${SPC_BENCH_TIMEOUT:-480}
+SYN=${SPC_SYNTH_OVERLAP:-0.85}
+SYN_TAG=synth$(python3 -c "print(round(100 * float('$SYN')))")
 if has sparse-b2 || has sparse-bench; then
   spc_model llama-3.1-8b
   m="--model /tmp/llama-3.1-8b --retrieval-head /tmp/llama-3.1-8b-head --requests 1,8,32 --context 8192,32768 --steps 10"
@@ -109,8 +101,8 @@ if has sparse-b2 || has sparse-bench; then
 fi
 if has sparse-b2-synth || has sparse-bench; then
   spc_model llama-3.1-8b
-  spc_bench $T sparse_b2_8b_synth85.jsonl --model /tmp/llama-3.1-8b --retrieval-head /tmp/llama-3.1-8b-head \
-    --requests 1,8,32 --context 8192,32768 --steps 10 --synthetic-overlap 0.85
+  spc_bench $T sparse_b2_8b_$SYN_TAG.jsonl --model /tmp/llama-3.1-8b --retrieval-head /tmp/llama-3.1-8b-head \
+    --requests 1,8,32 --context 8192,32768 --steps 10 --synthetic-overlap $SYN
 fi
 if has sparse-b3 || has sparse-bench; then
   spc_model llama-3.1-8b
@@ -119,9 +111,9 @@ if has sparse-b3 || has sparse-bench; then
 fi
 if has sparse-b3-synth || has sparse-bench; then
   spc_model llama-3.1-8b
-  spc_bench $T sparse_b3_8b_synth85.jsonl --model /tmp/llama-3.1-8b --retrieval-head /tmp/llama-3.1-8b-head \
+  spc_bench $T sparse_b3_8b_$SYN_TAG.jsonl --model /tmp/llama-3.1-8b --retrieval-head /tmp/llama-3.1-8b-head \
     --requests ${SPC_B3_REQUESTS:-32} --budget 2048 --trajectory 2048:32768 --measure-every 4096 --steps 5 \
-    --synthetic-overlap 0.85
+    --synthetic-overlap $SYN
 fi
 if has sparse-b4 || has sparse-bench; then
   spc_model llama-3.2-1b
@@ -129,7 +121,7 @@ if has sparse-b4 || has sparse-bench; then
   m="$m --trajectory 2048:32768 --measure-every 2048 --steps 10"
   spc_bench 200 sparse_b4_1b.jsonl $m
   if [ -z "${SPC_B4_QUICK:-}" ]; then  # SPC_B4_QUICK=1: the head's own sets only
-    spc_bench 150 sparse_b4_1b_synth85.jsonl $m --synthetic-overlap 0.85
+    spc_bench 150 sparse_b4_1b_$SYN_TAG.jsonl $m --synthetic-overlap $SYN
     spc_bench 150 sparse_b4_1b_dense.jsonl $m --dense
   fi
 fi
