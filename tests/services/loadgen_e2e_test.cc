@@ -1,6 +1,7 @@
 // End to end: specontext-loadgen (the serving benchmark client) against the real
 // specontext-generator on the tiny stories260K model, in both load modes, read back from its JSONL;
 // bad flags, an unreachable server and a server killed mid-run.
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -8,11 +9,9 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
 #include "absl/time/clock.h"
@@ -26,8 +25,12 @@ using nlohmann::json;
 
 std::vector<std::string> ServerArgs() {
   const std::string dir = ModelDir();
-  return {"--model", dir + "/stories260K.bin", "--tokenizer", dir + "/tok512.bin", "--backend", "cpu",
-          "--threads", "1", "--log-level", "warning", "--max-batch", "16"};
+  return {"--model",     dir + "/stories260K.bin",
+          "--tokenizer", dir + "/tok512.bin",
+          "--backend",   "cpu",
+          "--threads",   "1",
+          "--log-level", "warning",
+          "--max-batch", "16"};
 }
 
 std::string TempPath(const std::string& name) {
@@ -82,8 +85,9 @@ class LoadgenE2E : public ::testing::Test {
                       int64_t prompt_hi, int64_t out_lo, int64_t out_hi) {
     const std::string out = TempPath("out.jsonl");
     RemoveOnExit cleanup{out};
-    std::vector<std::string> args = {"--addr", server_->address(), "--out", out, "--per-request",
-                                     "--requests", std::to_string(n_requests), "--timeout-s", "120"};
+    std::vector<std::string> args = {
+        "--addr",     server_->address(),         "--out",       out,  "--per-request",
+        "--requests", std::to_string(n_requests), "--timeout-s", "120"};
     args.insert(args.end(), flags.begin(), flags.end());
     const CliRun run = RunCli(SPC_LOADGEN_BIN, args);
     EXPECT_EQ(run.exit_code, 0) << run.err;
@@ -133,7 +137,8 @@ std::vector<int64_t> AskedOutputs(const Results& r) {
 
 TEST_F(LoadgenE2E, ClosedAndOpenLoopServeTheSameWorkload) {
   const std::vector<std::string> workload = {"--prompt-tokens", "uniform:4:40", "--output-tokens",
-                                             "uniform:2:24", "--seed", "5", "--quiet"};
+                                             "uniform:2:24",    "--seed",       "5",
+                                             "--quiet"};
   std::vector<std::string> closed = workload;
   closed.insert(closed.end(), {"--concurrency", "4", "--warmup-requests", "2"});
   const Results c = RunAndCheck(closed, 12, 4, 40, 2, 24);
@@ -165,9 +170,9 @@ TEST_F(LoadgenE2E, DurationBoundsTheRunAndProgressGoesToStderr) {
   const std::string out = TempPath("duration.jsonl");
   RemoveOnExit cleanup{out};
   const absl::Time start = absl::Now();
-  const CliRun run = RunCli(SPC_LOADGEN_BIN,
-                            {"--addr", server_->address(), "--requests", "1000000", "--concurrency",
-                             "2", "--output-tokens", "32", "--duration-s", "2.5", "--out", out});
+  const CliRun run = RunCli(
+      SPC_LOADGEN_BIN, {"--addr", server_->address(), "--requests", "1000000", "--concurrency", "2",
+                        "--output-tokens", "32", "--duration-s", "2.5", "--out", out});
   const double wall_s = absl::ToDoubleSeconds(absl::Now() - start);
   EXPECT_EQ(run.exit_code, 0) << run.err;
   EXPECT_LT(wall_s, 30) << "the run stops sending after --duration-s";
@@ -182,10 +187,10 @@ TEST_F(LoadgenE2E, DurationBoundsTheRunAndProgressGoesToStderr) {
 TEST_F(LoadgenE2E, TextPrompt) {
   const std::string out = TempPath("text.jsonl");
   RemoveOnExit cleanup{out};
-  const CliRun run = RunCli(SPC_LOADGEN_BIN,
-                            {"--addr", server_->address(), "--prompt", "Once upon a time",
-                             "--output-tokens", "8", "--requests", "4", "--concurrency", "2", "--out",
-                             out});
+  const CliRun run =
+      RunCli(SPC_LOADGEN_BIN,
+             {"--addr", server_->address(), "--prompt", "Once upon a time", "--output-tokens", "8",
+              "--requests", "4", "--concurrency", "2", "--out", out});
   EXPECT_EQ(run.exit_code, 0) << run.err;
   const Results r = ReadResults(out);
   EXPECT_EQ(r.summary["completed"], 4);
@@ -227,34 +232,54 @@ TEST(LoadgenFlags, UnreachableServerIsAClearError) {
   EXPECT_TRUE(absl::StrContains(r.err, "UNAVAILABLE")) << r.err;
 }
 
-TEST(LoadgenServerDies, RunEndsWithUnavailableInsteadOfHanging) {
-  if (ModelDir().empty()) GTEST_FAIL() << "stories260K not found in models/";
-  ServerProcess server;
-  ASSERT_TRUE(server.Start(SPC_GENERATOR_BIN, ServerArgs()).ok());
-  const std::string out = TempPath("dies.jsonl");
-  RemoveOnExit cleanup{out};
-  auto run = std::async(std::launch::async, [&] {
-    return RunCli(SPC_LOADGEN_BIN, {"--addr", server.address(), "--requests", "100000",
-                                    "--concurrency", "4", "--output-tokens", "400",
-                                    "--timeout-s", "60", "--out", out, "--quiet"});
-  });
-  // Kill the server once calls are in flight.
+// Waits (at most 30 s) until the server has calls in flight.
+void AwaitActiveCalls(const ServerProcess& server) {
   const absl::Time give_up = absl::Now() + absl::Seconds(30);
   while (absl::Now() < give_up) {
     auto body = FetchMetrics(server.metrics_port());
-    if (body.ok() && MetricValue(*body, "spc_generator_active_calls").value_or(0) > 0) break;
+    if (body.ok() && MetricValue(*body, "spc_generator_active_calls").value_or(0) > 0) return;
     absl::SleepFor(absl::Milliseconds(20));
   }
-  server.Signal(SIGKILL);
+}
+
+// Runs a long loadgen against `server`, sends `sig` to the server once calls are in flight, and
+// checks that the loadgen ends within 60 s with exit 1, `message` on stderr, the summary written
+// and `code` among its errors.
+void ExpectRunEndsAfterSignal(ServerProcess& server, int sig, const std::string& message,
+                              const std::string& code) {
+  const std::string out = TempPath("stopped.jsonl");
+  RemoveOnExit cleanup{out};
+  auto run = std::async(std::launch::async, [&] {
+    return RunCli(SPC_LOADGEN_BIN,
+                  {"--addr", server.address(), "--requests", "100000", "--concurrency", "4",
+                   "--output-tokens", "400", "--timeout-s", "3", "--out", out, "--quiet"});
+  });
+  AwaitActiveCalls(server);
+  server.Signal(sig);
   ASSERT_EQ(run.wait_for(std::chrono::seconds(60)), std::future_status::ready)
-      << "the loadgen still runs 60 s after its server died";
+      << "the loadgen still runs 60 s after signal " << sig << " to its server";
   const CliRun r = run.get();
   EXPECT_EQ(r.exit_code, 1) << r.err;
-  EXPECT_TRUE(absl::StrContains(r.err, "became unavailable")) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.err, message)) << r.err;
   const Results results = ReadResults(out);
   ASSERT_FALSE(results.summary.is_null()) << "the summary is written despite the failure";
-  EXPECT_GE(results.summary["errors"].value("UNAVAILABLE", 0), 1) << results.summary.dump();
+  EXPECT_GE(results.summary["errors"].value(code, 0), 1) << results.summary.dump();
   EXPECT_LT(results.summary["completed"].get<int64_t>(), 100000);
+}
+
+TEST(LoadgenServerGone, KilledServerEndsTheRunWithUnavailable) {
+  if (ModelDir().empty()) GTEST_FAIL() << "stories260K not found in models/";
+  ServerProcess server;
+  ASSERT_TRUE(server.Start(SPC_GENERATOR_BIN, ServerArgs()).ok());
+  ExpectRunEndsAfterSignal(server, SIGKILL, "became unavailable", "UNAVAILABLE");
+}
+
+TEST(LoadgenServerGone, HungServerEndsTheRunAtTheDeadline) {
+  if (ModelDir().empty()) GTEST_FAIL() << "stories260K not found in models/";
+  ServerProcess server;
+  ASSERT_TRUE(server.Start(SPC_GENERATOR_BIN, ServerArgs()).ok());
+  ExpectRunEndsAfterSignal(server, SIGSTOP, "passed its deadline", "DEADLINE_EXCEEDED");
+  server.Signal(SIGCONT);  // let the harness stop it
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 // The serving benchmark's pure parts (tools/client/serve_bench_{workload,stats}): length
 // distributions, request rates, Poisson arrivals, workload plans, percentiles and the figures of a
 // set of request records. Property checks over seeded random inputs.
+#include "tools/client/serve_bench_stats.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -10,7 +12,6 @@
 #include <set>
 #include <vector>
 
-#include "tools/client/serve_bench_stats.h"
 #include "tools/client/serve_bench_workload.h"
 
 namespace specontext::client {
@@ -154,7 +155,8 @@ TEST(PoissonArrivals, MeanGapIsOneOverRate) {
 
 TEST(PoissonArrivals, InfiniteRateSendsAllAtOnceAndSeedsRepeat) {
   WorkloadRng rng(3, 100);
-  for (double t : PoissonArrivals(50, std::numeric_limits<double>::infinity(), rng)) EXPECT_EQ(t, 0);
+  for (double t : PoissonArrivals(50, std::numeric_limits<double>::infinity(), rng))
+    EXPECT_EQ(t, 0);
   WorkloadRng a(42, 100), b(42, 100), c(43, 100);
   const std::vector<double> x = PoissonArrivals(100, 10, a);
   EXPECT_EQ(x, PoissonArrivals(100, 10, b));

@@ -1,9 +1,11 @@
 // specontext-loadgen: the serving benchmark client of a specontext-generator. Closed loop
-// (--concurrency N) or open loop (--request-rate R, Poisson arrivals), prompt and output lengths fixed
-// or drawn from a distribution, figures named and defined as in vLLM's benchmark_serving and NVIDIA
-// genai-perf (tools/client/serve_bench_stats.h): a table on stdout, JSONL with --out, progress on
-// stderr. Exit 0 when every measured request succeeded, 1 on a failed request or an unreachable
-// server, 2 on bad flags.
+// (--concurrency N) or open loop (--request-rate R, Poisson arrivals), prompt and output lengths
+// fixed or drawn from a distribution, figures named and defined as in vLLM's benchmark_serving and
+// NVIDIA genai-perf (tools/client/serve_bench_stats.h): a table on stdout, JSONL with --out,
+// progress on stderr. Exit 0 when every measured request succeeded, 1 on a failed request or an
+// unreachable server, 2 on bad flags.
+#include <grpcpp/client_context.h>
+
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -11,8 +13,6 @@
 #include <limits>
 #include <string>
 #include <vector>
-
-#include <grpcpp/client_context.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -38,19 +38,19 @@ void DefineFlags(Args& a) {
             false, false, ""});
   a.Define({"request-rate", "open loop: Poisson arrivals at R requests/s, or inf (all at once)",
             false, false, ""});
-  a.Define({"max-concurrency", "open loop: most requests in flight (0 = no cap)", false, false,
-            "0"});
+  a.Define(
+      {"max-concurrency", "open loop: most requests in flight (0 = no cap)", false, false, "0"});
   a.Define({"requests", "measured requests", false, false, "64"});
-  a.Define({"duration-s", "send no request after this many seconds (0 = no bound)", false, false,
-            "0"});
+  a.Define(
+      {"duration-s", "send no request after this many seconds (0 = no bound)", false, false, "0"});
   a.Define({"warmup-requests", "requests sent and awaited first, left out of the figures", false,
             false, "0"});
   a.Define({"prompt-tokens", "prompt length: N, uniform:A:B or normal:MEAN:STD (random token ids)",
             false, false, "32"});
-  a.Define({"output-tokens", "output length: N, uniform:A:B or normal:MEAN:STD", false, false,
-            "64"});
-  a.Define({"prompt", "send this text as every prompt instead of random token ids", false, false,
-            ""});
+  a.Define(
+      {"output-tokens", "output length: N, uniform:A:B or normal:MEAN:STD", false, false, "64"});
+  a.Define(
+      {"prompt", "send this text as every prompt instead of random token ids", false, false, ""});
   a.Define({"allow-eos", "let requests stop at end-of-sequence (outputs may be shorter)", true,
             false, ""});
   a.Define({"ignore-eos", "generate the asked lengths (the default; kept for old command lines)",
@@ -168,28 +168,31 @@ absl::StatusOr<BenchConfig> ParseConfig(const Args& args) {
   }
   c.out = args.GetString("out");
   c.per_request = args.GetBool("per-request");
-  if (c.per_request && c.out.empty()) return absl::InvalidArgumentError("--per-request needs --out");
+  if (c.per_request && c.out.empty())
+    return absl::InvalidArgumentError("--per-request needs --out");
   c.quiet = args.GetBool("quiet");
   return c;
 }
 
 std::string ModeText(const BenchConfig& c) {
   if (c.concurrency > 0) return absl::StrCat("concurrency ", c.concurrency);
-  std::string s = std::isinf(c.request_rate) ? std::string("request rate inf (all at once)")
-                                             : absl::StrFormat("request rate %g req/s (Poisson)",
-                                                               c.request_rate);
+  std::string s = std::isinf(c.request_rate)
+                      ? std::string("request rate inf (all at once)")
+                      : absl::StrFormat("request rate %g req/s (Poisson)", c.request_rate);
   if (c.max_concurrency > 0) absl::StrAppend(&s, ", max concurrency ", c.max_concurrency);
   return s;
 }
 
-nlohmann::ordered_json ConfigJson(const BenchConfig& c, const v1::ModelInfo& info, int64_t clamped) {
+nlohmann::ordered_json ConfigJson(const BenchConfig& c, const v1::ModelInfo& info,
+                                  int64_t clamped) {
   nlohmann::ordered_json j;
   j["mode"] = c.concurrency > 0 ? "concurrency" : "request_rate";
   if (c.concurrency > 0) {
     j["concurrency"] = c.concurrency;
   } else {
     // JSON has no infinity: "inf" as the flag writes it.
-    j["request_rate"] = std::isinf(c.request_rate) ? nlohmann::ordered_json("inf") : nlohmann::ordered_json(c.request_rate);
+    j["request_rate"] = std::isinf(c.request_rate) ? nlohmann::ordered_json("inf")
+                                                   : nlohmann::ordered_json(c.request_rate);
     j["max_concurrency"] = c.max_concurrency;
   }
   j["requests"] = c.requests;
@@ -215,9 +218,8 @@ nlohmann::ordered_json ConfigJson(const BenchConfig& c, const v1::ModelInfo& inf
 
 // Plans `n` requests of `stream` and turns them into GenerateRequests.
 absl::StatusOr<std::vector<v1::GenerateRequest>> BuildRequests(const BenchConfig& c,
-                                                               const v1::ModelInfo& info,
-                                                               int64_t n, uint64_t stream,
-                                                               int64_t* clamped) {
+                                                               const v1::ModelInfo& info, int64_t n,
+                                                               uint64_t stream, int64_t* clamped) {
   WorkloadOptions w;
   w.n_requests = n;
   w.prompt = c.prompt_tokens;
@@ -251,7 +253,8 @@ absl::StatusOr<std::vector<v1::GenerateRequest>> BuildRequests(const BenchConfig
 }
 
 absl::Status WriteJsonl(const BenchConfig& c, const BenchSummary& summary,
-                        const nlohmann::ordered_json& config, const std::vector<RequestRecord>& records) {
+                        const nlohmann::ordered_json& config,
+                        const std::vector<RequestRecord>& records) {
   std::ofstream f(c.out, std::ios::trunc);
   if (!f) return absl::NotFoundError(absl::StrCat("cannot write --out ", c.out));
   f << SummaryJson(summary, config).dump() << "\n";
@@ -261,6 +264,16 @@ absl::Status WriteJsonl(const BenchConfig& c, const BenchSummary& summary,
   f.close();
   if (!f) return absl::DataLossError(absl::StrCat("writing --out ", c.out, " failed"));
   return absl::OkStatus();
+}
+
+// Why a run stopped sending (LoadResult::stop_code).
+std::string StopReason(const BenchConfig& c, const LoadResult& r) {
+  if (r.stop_code == static_cast<int>(grpc::StatusCode::DEADLINE_EXCEEDED)) {
+    return absl::StrCat("a request to ", c.channel.address, " passed its deadline (--timeout-s ",
+                        c.timeout_s,
+                        ", DEADLINE_EXCEEDED): the generator stopped answering in time");
+  }
+  return absl::StrCat("the generator at ", c.channel.address, " became unavailable (UNAVAILABLE)");
 }
 
 absl::Status Run(const BenchConfig& c) {
@@ -281,7 +294,8 @@ absl::Status Run(const BenchConfig& c) {
   ASSIGN_OR_RETURN(auto requests, BuildRequests(c, info, c.requests, 0, &clamped));
   ASSIGN_OR_RETURN(auto warmup, BuildRequests(c, info, c.warmup_requests, 1, &warmup_clamped));
   if (clamped > 0) {
-    std::fprintf(stderr, "specontext-loadgen: %lld requests cut to fit the server's context of %d\n",
+    std::fprintf(stderr,
+                 "specontext-loadgen: %lld requests cut to fit the server's context of %d\n",
                  static_cast<long long>(clamped), info.max_context());
   }
 
@@ -295,13 +309,14 @@ absl::Status Run(const BenchConfig& c) {
     load.phase = "warmup";
     load.arrivals_s.assign(warmup.size(), 0.0);
     const LoadResult w = RunLoad(stub.get(), warmup, load);
-    if (w.stopped_unavailable) {
-      return absl::UnavailableError("the generator became unavailable during the warmup");
+    if (w.stop_code != 0) {
+      return absl::UnavailableError(absl::StrCat("the warmup stopped: ", StopReason(c, w)));
     }
   }
   if (c.concurrency == 0) {
     WorkloadRng arrivals(c.seed, 100);
-    load.arrivals_s = PoissonArrivals(static_cast<int64_t>(requests.size()), c.request_rate, arrivals);
+    load.arrivals_s =
+        PoissonArrivals(static_cast<int64_t>(requests.size()), c.request_rate, arrivals);
   }
   load.phase = "benchmark";
   load.duration_s = c.duration_s;
@@ -318,14 +333,13 @@ absl::Status Run(const BenchConfig& c) {
     std::fprintf(stderr, "specontext-loadgen: request %lld: %s: %s\n",
                  static_cast<long long>(r.index), GrpcCodeName(r.code).c_str(), r.error.c_str());
   }
-  if (result.stopped_unavailable) {
-    return absl::UnavailableError(absl::StrCat(
-        "the generator at ", c.channel.address, " became unavailable; stopped with ",
-        result.not_sent, " requests not sent"));
+  if (result.stop_code != 0) {
+    return absl::UnavailableError(absl::StrCat(StopReason(c, result), "; stopped with ",
+                                               result.not_sent, " requests not sent"));
   }
   if (summary.failed > 0) {
-    return absl::InternalError(absl::StrCat(summary.failed, " of ", result.records.size(),
-                                            " requests failed"));
+    return absl::InternalError(
+        absl::StrCat(summary.failed, " of ", result.records.size(), " requests failed"));
   }
   return absl::OkStatus();
 }
@@ -342,7 +356,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   absl::StatusOr<specontext::client::BenchConfig> config =
-      st.ok() ? specontext::client::ParseConfig(args) : absl::StatusOr<specontext::client::BenchConfig>(st);
+      st.ok() ? specontext::client::ParseConfig(args)
+              : absl::StatusOr<specontext::client::BenchConfig>(st);
   if (!config.ok()) {
     std::fprintf(stderr, "specontext-loadgen: %s\n\nflags:\n%s",
                  std::string(config.status().message()).c_str(), args.Usage().c_str());

@@ -1,5 +1,8 @@
 #include "tools/client/serve_bench_runner.h"
 
+#include <grpcpp/client_context.h>
+#include <grpcpp/support/client_callback.h>
+
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -9,15 +12,14 @@
 #include <thread>
 #include <utility>
 
-#include <grpcpp/client_context.h>
-#include <grpcpp/support/client_callback.h>
-
 namespace specontext::client {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+class StreamCall;
 
 // What the calls of one run share with the thread that sends them. Guarded by mu.
 struct LoadState {
@@ -28,12 +30,16 @@ struct LoadState {
   int64_t completed = 0;
   int64_t failed = 0;
   int64_t tokens = 0;
-  bool unavailable = false;
+  int stop_code = 0;  // the first UNAVAILABLE or DEADLINE_EXCEEDED: send no more
   bool done = false;
   std::vector<RequestRecord> records;
+  // Calls whose OnDone ran, for the sending thread to delete: a call never deletes itself, so none
+  // is still being torn down on a gRPC thread once the run has returned (and the process may exit).
+  std::vector<StreamCall*> ended;
 };
 
-// One Generate stream. Owns itself: deleted in OnDone, after its record went to the state.
+// One Generate stream. Created by the sending thread, which deletes it once OnDone (gRPC's last
+// call into it) has handed over its record.
 class StreamCall final : public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
   StreamCall(LoadState* state, int64_t index, const v1::GenerateRequest& request,
@@ -41,7 +47,7 @@ class StreamCall final : public grpc::ClientReadReactor<v1::GenerateResponse> {
       : state_(state), index_(index), request_(request), run_start_(run_start) {
     ctx_.set_deadline(std::chrono::system_clock::now() +
                       std::chrono::microseconds(static_cast<int64_t>(timeout_s * 1e6)));
-    times_.reserve(static_cast<size_t>(std::max(request.max_new_tokens(), 0)));
+    times_.reserve(static_cast<size_t>(std::clamp(request.max_new_tokens(), 0, 1 << 16)));
   }
 
   void Start(v1::Generator::Stub* stub) {
@@ -75,19 +81,23 @@ class StreamCall final : public grpc::ClientReadReactor<v1::GenerateResponse> {
     r.output_tokens_asked = request_.max_new_tokens();
     r.prompt_tokens = prompt_tokens_ > 0 ? prompt_tokens_ : request_.token_ids_size();
     if (!times_.empty()) r.ttft_s = Seconds(times_.front() - send_);
-    for (size_t i = 1; i < times_.size(); ++i) r.itl_s.push_back(Seconds(times_[i] - times_[i - 1]));
+    for (size_t i = 1; i < times_.size(); ++i)
+      r.itl_s.push_back(Seconds(times_[i] - times_[i - 1]));
     r.code = static_cast<int>(status.error_code());
     if (!status.ok()) r.error = status.error_message();
     {
       std::lock_guard<std::mutex> lock(state_->mu);
       --state_->in_flight;
       ++(r.ok() ? state_->completed : state_->failed);
-      if (status.error_code() == grpc::StatusCode::UNAVAILABLE) state_->unavailable = true;
+      if (state_->stop_code == 0 && (status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                                     status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED)) {
+        state_->stop_code = r.code;
+      }
       state_->records.push_back(std::move(r));
-      // Under the lock: once it is released, the run may end and the state go away.
+      state_->ended.push_back(this);
+      // Under the lock: once it is released, the run may end and the state and this call go away.
       state_->cv.notify_all();
     }
-    delete this;
   }
 
  private:
@@ -104,7 +114,8 @@ class StreamCall final : public grpc::ClientReadReactor<v1::GenerateResponse> {
 
 // Prints a progress line at most once a second until the run is done; the token rate is the one of
 // the last interval.
-void ProgressLoop(LoadState* state, const std::string& phase, size_t total, Clock::time_point start) {
+void ProgressLoop(LoadState* state, const std::string& phase, size_t total,
+                  Clock::time_point start) {
   std::unique_lock<std::mutex> lock(state->mu);
   Clock::time_point last = start;
   int64_t tokens_before = 0;
@@ -121,9 +132,19 @@ void ProgressLoop(LoadState* state, const std::string& phase, size_t total, Cloc
                  "%.0f output tok/s\n",
                  phase.c_str(), Seconds(now - start),
                  static_cast<long long>(state->completed + state->failed),
-                 static_cast<long long>(state->issued), total, static_cast<long long>(state->failed),
-                 rate);
+                 static_cast<long long>(state->issued), total,
+                 static_cast<long long>(state->failed), rate);
   }
+}
+
+// Deletes the calls that ended; called without the lock held.
+void DeleteEnded(LoadState* state) {
+  std::vector<StreamCall*> ended;
+  {
+    std::lock_guard<std::mutex> lock(state->mu);
+    ended.swap(state->ended);
+  }
+  for (StreamCall* call : ended) delete call;
 }
 
 }  // namespace
@@ -132,9 +153,9 @@ LoadResult RunLoad(v1::Generator::Stub* stub, const std::vector<v1::GenerateRequ
                    const LoadOptions& o) {
   LoadState state;
   const bool closed = o.concurrency > 0;
-  const int64_t cap = closed ? o.concurrency
-                             : (o.max_concurrency > 0 ? o.max_concurrency
-                                                      : std::numeric_limits<int64_t>::max());
+  const int64_t cap =
+      closed ? o.concurrency
+             : (o.max_concurrency > 0 ? o.max_concurrency : std::numeric_limits<int64_t>::max());
   const Clock::time_point start = Clock::now();
   const bool bounded = o.duration_s > 0;
   const Clock::time_point stop_at =
@@ -144,20 +165,21 @@ LoadResult RunLoad(v1::Generator::Stub* stub, const std::vector<v1::GenerateRequ
 
   size_t sent = 0;
   for (; sent < requests.size(); ++sent) {
+    DeleteEnded(&state);
     std::unique_lock<std::mutex> lock(state.mu);
     if (!closed && sent < o.arrivals_s.size()) {
       const Clock::time_point at =
           start + std::chrono::microseconds(static_cast<int64_t>(o.arrivals_s[sent] * 1e6));
       if (bounded && at >= stop_at) break;
-      state.cv.wait_until(lock, at, [&] { return state.unavailable; });
+      state.cv.wait_until(lock, at, [&] { return state.stop_code != 0; });
     }
-    const auto may_send = [&] { return state.in_flight < cap || state.unavailable; };
+    const auto may_send = [&] { return state.in_flight < cap || state.stop_code != 0; };
     if (bounded) {
       state.cv.wait_until(lock, stop_at, may_send);
     } else {
       state.cv.wait(lock, may_send);
     }
-    if (state.unavailable || (bounded && Clock::now() >= stop_at)) break;
+    if (state.stop_code != 0 || (bounded && Clock::now() >= stop_at)) break;
     ++state.in_flight;
     ++state.issued;
     lock.unlock();
@@ -170,11 +192,12 @@ LoadResult RunLoad(v1::Generator::Stub* stub, const std::vector<v1::GenerateRequ
     std::unique_lock<std::mutex> lock(state.mu);
     state.cv.wait(lock, [&] { return state.in_flight == 0; });
     state.done = true;
-    result.stopped_unavailable = state.unavailable && sent < requests.size();
+    if (sent < requests.size()) result.stop_code = state.stop_code;
     result.records = std::move(state.records);
   }
   state.cv.notify_all();
   if (progress.joinable()) progress.join();
+  DeleteEnded(&state);
   result.not_sent = static_cast<int64_t>(requests.size() - sent);
   std::sort(result.records.begin(), result.records.end(),
             [](const RequestRecord& a, const RequestRecord& b) { return a.index < b.index; });

@@ -1,13 +1,14 @@
 // Issues the Generate calls of the serving benchmark (specontext-loadgen) and times them.
 //
 // Two load modes, as in vLLM's benchmark_serving and genai-perf:
-//   closed loop  `concurrency` calls in flight: each one that ends lets the next one start;
-//   open loop    call i is sent at arrivals_s[i] after the start (a Poisson process, or all at once),
-//                whatever is in flight, unless `max_concurrency` calls are: then it waits for one to
-//                end. Its send time is when it is actually sent, so TTFT and E2EL exclude that wait.
-// Calls run on gRPC's callback API: thousands in flight need no thread each. Every call has a deadline,
-// so a server that stops answering ends the run after at most `timeout_s`; a server that goes away
-// fails the calls in flight with UNAVAILABLE, and no further call is sent after the first UNAVAILABLE.
+// - closed loop: `concurrency` calls in flight; each one that ends lets the next one start.
+// - open loop: call i is sent arrivals_s[i] after the start (a Poisson process, or all at once),
+//   whatever is in flight, unless `max_concurrency` calls are: then it waits for one to end. Its
+//   send time is when it is actually sent, so TTFT and E2EL leave that wait out.
+// Calls run on gRPC's callback API: thousands in flight need no thread each. Every call has a
+// deadline. The first call that fails with UNAVAILABLE (the server went away) or DEADLINE_EXCEEDED
+// (it stopped answering in time) stops the sending: the calls in flight end (at the latest at their
+// deadline) and the run returns, instead of spending the rest of the plan on a dead server.
 #pragma once
 
 #include <cstdint>
@@ -31,8 +32,8 @@ struct LoadOptions {
 
 struct LoadResult {
   std::vector<RequestRecord> records;  // one per call sent, in the order of `requests`
-  int64_t not_sent = 0;                // requests left when the duration or an UNAVAILABLE stopped it
-  bool stopped_unavailable = false;    // sending stopped after an UNAVAILABLE
+  int64_t not_sent = 0;  // requests left when the duration or a failure stopped the sending
+  int stop_code = 0;     // UNAVAILABLE or DEADLINE_EXCEEDED when such a failure stopped it
 };
 
 /// Sends `requests` to `stub` as `options` says and waits for every call sent to end. Records are

@@ -17,10 +17,9 @@
 
 #include <cstdint>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace specontext::client {
 
@@ -37,7 +36,7 @@ MetricSummary Summarize(const std::vector<double>& values);
 
 /// One measured request. Times in seconds; send_s from the start of the measured run.
 struct RequestRecord {
-  int64_t index = 0;          // position in the plan
+  int64_t index = 0;  // position in the plan
   double send_s = 0;
   double ttft_s = 0;          // 0 when no token arrived
   double latency_s = 0;       // E2EL
@@ -60,7 +59,7 @@ struct BenchSummary {
   int64_t completed = 0;  // successful measured requests
   int64_t failed = 0;
   double duration_s = 0;
-  int64_t total_input_tokens = 0;   // over completed requests
+  int64_t total_input_tokens = 0;  // over completed requests
   int64_t total_output_tokens = 0;
   double request_throughput = 0;      // completed / duration, req/s
   double output_throughput = 0;       // total_output_tokens / duration, tok/s
@@ -75,7 +74,8 @@ BenchSummary Summarize(const std::vector<RequestRecord>& records);
 
 /// The summary line of the JSONL output: "type": "summary", the figures (vLLM's key names:
 /// request_throughput, mean_ttft_ms, p99_itl_ms, ...), errors by code name and `config`.
-nlohmann::ordered_json SummaryJson(const BenchSummary& summary, const nlohmann::ordered_json& config);
+nlohmann::ordered_json SummaryJson(const BenchSummary& summary,
+                                   const nlohmann::ordered_json& config);
 
 /// One line per request: "type": "request", its record with times in ms.
 nlohmann::ordered_json RequestJson(const RequestRecord& record);

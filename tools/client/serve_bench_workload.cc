@@ -148,7 +148,8 @@ absl::StatusOr<Workload> PlanWorkload(const WorkloadOptions& o) {
   const int64_t drawable = int64_t{o.vocab_size} - static_cast<int64_t>(excluded.size());
   if (o.token_prompts && drawable < 1) {
     return absl::InvalidArgumentError(absl::StrCat("no token id to draw prompts from (vocabulary ",
-                                                   o.vocab_size, ", ", excluded.size(), " excluded)"));
+                                                   o.vocab_size, ", ", excluded.size(),
+                                                   " excluded)"));
   }
   // Lengths and ids from separate streams: the lengths do not depend on the vocabulary or on which
   // ids are excluded, so one seed gives the same lengths against every model.
