@@ -225,6 +225,13 @@ TEST(LoadgenFlags, BadFlagsExitTwoWithAMessage) {
   }
 }
 
+TEST(LoadgenFlags, UnwritableOutputFailsBeforeTheRun) {
+  const CliRun r =
+      RunCli(SPC_LOADGEN_BIN, {"--addr", "127.0.0.1:1", "--out", "/nonexistent/dir/x"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.err, "cannot write --out /nonexistent/dir/x")) << r.err;
+}
+
 TEST(LoadgenFlags, UnreachableServerIsAClearError) {
   const CliRun r = RunCli(SPC_LOADGEN_BIN, {"--addr", "127.0.0.1:1", "--requests", "2"});
   EXPECT_EQ(r.exit_code, 1) << r.err;

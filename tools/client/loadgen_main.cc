@@ -277,6 +277,10 @@ std::string StopReason(const BenchConfig& c, const LoadResult& r) {
 }
 
 absl::Status Run(const BenchConfig& c) {
+  if (!c.out.empty() && !std::ofstream(c.out, std::ios::trunc)) {
+    // Found out now, not after the run.
+    return absl::NotFoundError(absl::StrCat("cannot write --out ", c.out));
+  }
   ASSIGN_OR_RETURN(auto channel, MakeChannel(c.channel));
   auto stub = v1::Generator::NewStub(channel);
   v1::ModelInfo info;
