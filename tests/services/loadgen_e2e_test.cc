@@ -151,6 +151,8 @@ TEST_F(LoadgenE2E, ClosedAndOpenLoopServeTheSameWorkload) {
   const Results o = RunAndCheck(open, 12, 4, 40, 2, 24);
   EXPECT_EQ(o.summary["config"]["mode"], "request_rate");
   EXPECT_EQ(o.summary["config"]["request_rate"], 40.0);
+  EXPECT_EQ(o.summary["request_rate"], 40.0);
+  EXPECT_EQ(o.summary["max_concurrency"], 6);
   // Sent in plan order, at Poisson times: send times do not decrease.
   for (size_t i = 1; i < o.requests.size(); ++i) {
     EXPECT_GE(o.requests[i]["send_ms"].get<double>(), o.requests[i - 1]["send_ms"].get<double>());

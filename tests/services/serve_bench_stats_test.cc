@@ -300,6 +300,8 @@ TEST(SummaryJson, CarriesTheNamedFiguresAndConfig) {
     EXPECT_TRUE(j.contains(key)) << key;
   }
   EXPECT_EQ(j["config"]["mode"], "concurrency");
+  EXPECT_EQ(j["mode"], "concurrency") << "the load at the top level too";
+  EXPECT_FALSE(j.contains("request_rate"));
   const nlohmann::ordered_json r = RequestJson(Record(4, 0.0, 0.1, 1.1, 11));
   EXPECT_EQ(r["type"], "request");
   EXPECT_EQ(r["code"], "OK");

@@ -92,6 +92,10 @@ void PutMetric(nlohmann::ordered_json& j, const std::string& name, const MetricS
 nlohmann::ordered_json SummaryJson(const BenchSummary& s, const nlohmann::ordered_json& config) {
   nlohmann::ordered_json j;
   j["type"] = "summary";
+  // The load, also at the top level as vLLM writes it.
+  for (const char* key : {"mode", "concurrency", "request_rate", "max_concurrency"}) {
+    if (config.contains(key)) j[key] = config[key];
+  }
   j["completed"] = s.completed;
   j["failed"] = s.failed;
   j["duration_s"] = s.duration_s;

@@ -72,7 +72,8 @@ struct BenchSummary {
 /// taken as the latest send_s + latency_s.
 BenchSummary Summarize(const std::vector<RequestRecord>& records);
 
-/// The summary line of the JSONL output: "type": "summary", the figures (vLLM's key names:
+/// The summary line of the JSONL output: "type": "summary", the load (`config`'s mode,
+/// concurrency, request_rate and max_concurrency, those it has), the figures (vLLM's key names:
 /// request_throughput, mean_ttft_ms, p99_itl_ms, ...), errors by code name and `config`.
 nlohmann::ordered_json SummaryJson(const BenchSummary& summary,
                                    const nlohmann::ordered_json& config);
