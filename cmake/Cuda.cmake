@@ -14,7 +14,16 @@ if(NOT SPECONTEXT_CUDA STREQUAL "OFF")
     find_package(CUDAToolkit REQUIRED)
     set(CMAKE_CUDA_STANDARD 20)
     set(CMAKE_CUDA_STANDARD_REQUIRED ON)
-    set(CMAKE_CUDA_RUNTIME_LIBRARY Static)
+    # One copy of the CUDA runtime per process: static inside each executable when the project's
+    # libraries are static; shared (libcudart.so) when they are shared libraries (the GPU bundle with
+    # the services, docs/gpu.md), since two static copies in two .so files would be two runtimes.
+    if(BUILD_SHARED_LIBS)
+      set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
+      set(SPC_CUDART CUDA::cudart)
+    else()
+      set(CMAKE_CUDA_RUNTIME_LIBRARY Static)
+      set(SPC_CUDART CUDA::cudart_static)
+    endif()
     set(SPECONTEXT_HAVE_CUDA ON)
   elseif(SPECONTEXT_CUDA STREQUAL "ON")
     message(FATAL_ERROR "SPECONTEXT_CUDA=ON but no CUDA compiler was found (set CMAKE_CUDA_COMPILER)")
