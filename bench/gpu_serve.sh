@@ -143,7 +143,18 @@ loadgen() {
   local tag=$1 port=$2; shift 2
   timeout $((${SPC_SERVE_SECONDS:-90} + 60)) specontext-loadgen --addr 127.0.0.1:$port --quiet \
     --duration-s ${SPC_SERVE_SECONDS:-90} --out "$OUT/serve_$tag.jsonl" "$@" > "$LOGS/loadgen_$tag.txt" 2>&1
-  echo "$tag rc=$? $(head -c 600 "$OUT/serve_$tag.jsonl" 2> /dev/null)"
+  local rc=$?
+  python3 - "$tag" "$rc" "$OUT/serve_$tag.jsonl" << 'EOF'
+import json, sys
+tag, rc, path = sys.argv[1:4]
+try:
+    s = next(j for j in map(json.loads, open(path)) if j.get("type") == "summary")
+except (OSError, StopIteration, ValueError):
+    print(f"{tag} rc={rc} no summary"); sys.exit()
+print(f"{tag} rc={rc} ok={s['completed']} failed={s['failed']} req/s={s['request_throughput']:.2f} "
+      f"out_tok/s={s['output_throughput']:.1f} ttft_ms p50={s['median_ttft_ms']:.1f} p99={s['p99_ttft_ms']:.1f} "
+      f"tpot_ms p50={s['median_tpot_ms']:.2f} p99={s['p99_tpot_ms']:.2f} itl_ms p99={s['p99_itl_ms']:.2f}")
+EOF
 }
 serve_model() {  # serve_model TAG SERVER_ARGS...: starts the generator on the big model, scrapes /metrics
   local tag=$1; shift
