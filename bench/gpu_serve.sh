@@ -162,6 +162,12 @@ serve_model() {  # serve_model TAG SERVER_ARGS...: starts the generator on the b
     --metrics-port 0 "$@" || return 1
   spc_scrape $SPC_METRICS_PORT "$OUT/metrics_${tag}_before.txt"
 }
+# metrics_vs_client TAG LOADGEN_FILES...: the server's /metrics deltas beside the client's own figures.
+metrics_vs_client() {
+  local tag=$1; shift
+  python3 "$HERE/lib/metrics_vs_client.py" "$OUT/metrics_${tag}_before.txt" "$OUT/metrics_${tag}_after.txt" "$@" \
+    | tee "$OUT/metrics_vs_client_$tag.json"
+}
 PRESET=${SPC_SERVE_PRESET:-llama-3.1-8b}
 if has serve; then
   spc_model $PRESET
@@ -180,6 +186,7 @@ if has serve; then
         --prompt-tokens uniform:512:4096 --output-tokens uniform:64:512 --seed 1
     done
     spc_scrape $SPC_METRICS_PORT "$OUT/metrics_${mode}_after.txt"
+    metrics_vs_client $mode "$OUT"/serve_${mode}_*.jsonl
     spc_stop $SPC_PID
   done
 fi
@@ -195,6 +202,7 @@ if has paper || has paper-dense; then
       SPC_SERVE_SECONDS=${SPC_PAPER_SECONDS:-500} loadgen paper_sparse_r$R $SPC_PORT --concurrency $R \
         --requests $R --prompt-tokens 2048 --output-tokens $NEW
       spc_scrape $SPC_METRICS_PORT "$OUT/metrics_paper_after.txt"
+      metrics_vs_client paper "$OUT/serve_paper_sparse_r$R.jsonl"
       spc_stop $SPC_PID
     fi
   fi
@@ -203,7 +211,8 @@ if has paper || has paper-dense; then
     if serve_model paper-dense --max-batch $R --max-context $((2048 + NEW)); then
       SPC_SERVE_SECONDS=${SPC_PAPER_SECONDS:-500} loadgen paper_dense_r$R $SPC_PORT --concurrency $R \
         --requests $R --prompt-tokens 2048 --output-tokens $NEW
-      spc_scrape $SPC_METRICS_PORT "$OUT/metrics_paper_dense_after.txt"
+      spc_scrape $SPC_METRICS_PORT "$OUT/metrics_paper-dense_after.txt"
+      metrics_vs_client paper-dense "$OUT/serve_paper_dense_r$R.jsonl"
       spc_stop $SPC_PID
     fi
   fi
@@ -223,7 +232,7 @@ if has split; then
     serve_model split-$where --retrieval-head /tmp/$PRESET-head --retriever $raddr --budget 2048 || continue
     loadgen split_${where}_c32 $SPC_PORT --concurrency 32 --requests 64 --prompt-tokens 2048 --output-tokens 512
     spc_scrape $SPC_METRICS_PORT "$OUT/metrics_split-${where}_after.txt"
-    grep -E "^spc_[a-z_]*fallback[a-z_]* " "$OUT/metrics_split-${where}_after.txt"
+    metrics_vs_client split-$where "$OUT/serve_split_${where}_c32.jsonl"
     spc_stop $SPC_PID
     [ $where = split ] && spc_stop $rpid
   done
