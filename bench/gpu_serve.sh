@@ -182,7 +182,7 @@ if has serve; then
         --output-tokens 256 --warmup-requests 1
     done
     for r in $(echo ${SPC_SERVE_RATES:-2,8} | tr , ' '); do
-      loadgen ${mode}_rate$r $SPC_PORT --request-rate $r --requests $((r * 30)) --max-concurrency 64 \
+      loadgen ${mode}_rate$r $SPC_PORT --request-rate $r --requests $((r * 20)) --max-concurrency 64 \
         --prompt-tokens uniform:512:4096 --output-tokens uniform:64:512 --seed 1
     done
     spc_scrape $SPC_METRICS_PORT "$OUT/metrics_${mode}_after.txt"
