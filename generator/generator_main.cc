@@ -47,6 +47,13 @@ void DefineFlags(Args& a) {
   a.Define({"retriever-deadline-ms", "split mode: longest wait for a step's index sets before falling back",
             false, false, "200"});
 
+  a.Define({"retriever-tls-ca", "split mode: PEM CA the retriever's certificate must chain to (TLS to the "
+            "retriever)", false, false, ""});
+  a.Define({"retriever-tls-cert", "split mode: PEM client certificate for a retriever requiring mutual TLS", false,
+            false, ""});
+  a.Define({"retriever-tls-key", "PEM private key for --retriever-tls-cert", false, false, ""});
+  a.Define({"retriever-tls-server-name", "name checked against the retriever's certificate (default: its host)",
+            false, false, ""});
   a.Define({"kvstore", "name of the shared-memory KV store segment (created or attached)", false, false, ""});
   a.Define({"kvstore-blocks", "blocks of the segment when this process creates it", false, false, "4096"});
   a.Define({"kvstore-block-bytes", "bytes per block when this process creates it", false, false, "64KiB"});
