@@ -69,6 +69,8 @@ void DefineFlags(Args& a) {
   a.Define({"max-queue", "requests waiting for admission before RESOURCE_EXHAUSTED", false, false, "256"});
   a.Define({"max-requests-per-peer", "calls one client (address without port, or mTLS identity) may have queued "
             "or running; RESOURCE_EXHAUSTED beyond (0 = no bound)", false, false, "64"});
+  a.Define({"max-running-per-peer", "batch slots one client may hold at once, so the rest stay open to other "
+            "clients (0 = no bound: a lone client may fill the batch)", false, false, "0"});
   a.Define({"max-streams-per-connection", "concurrent calls on one HTTP/2 connection (more wait in the client)",
             false, false, "100"});
   a.Define({"max-kv-bytes", "dense mode: KV cache bytes the running requests may reserve together (a request "
@@ -124,6 +126,11 @@ absl::Status Run(const Args& args) {
         "--max-requests-per-peer must be in [0, 2^20] and --max-streams-per-connection in [1, 2^20]");
   }
   so.max_requests_per_peer = static_cast<int32_t>(per_peer);
+  ASSIGN_OR_RETURN(int64_t running_per_peer, args.GetInt("max-running-per-peer"));
+  if (running_per_peer < 0 || running_per_peer > max_batch) {
+    return absl::InvalidArgumentError("--max-running-per-peer must be in [0, --max-batch]");
+  }
+  eo.max_running_per_client = static_cast<int32_t>(running_per_peer);
   const std::string max_kv = args.GetString("max-kv-bytes");
   int64_t max_kv_bytes = -1;  // -1: auto, once the model is loaded
   if (max_kv != "auto") {

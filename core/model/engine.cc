@@ -40,6 +40,7 @@ struct Engine::Sequence {
   absl::Time admitted, first_token;
   GenerationStats stats;
   bool finished = false;
+  bool running = false;     // admitted: counted in its client's ClientState::running
   int64_t kv_reserved = 0;  // dense KV bytes counted in reserved_kv_bytes_ while kv is held
 };
 
@@ -161,6 +162,10 @@ std::deque<std::unique_ptr<Engine::Sequence>>::iterator Engine::NextToAdmit() {
   uint64_t best_rank = 0;
   for (auto it = queue_.begin(); it != queue_.end(); ++it) {
     auto c = clients_.find((*it)->req.client);
+    if (options_.max_running_per_client > 0 && c != clients_.end() &&
+        c->second.running >= options_.max_running_per_client) {
+      continue;
+    }
     const uint64_t rank = c != clients_.end() ? c->second.last_admission : 0;
     if (best == queue_.end() || rank < best_rank) {
       best = it;
@@ -176,8 +181,8 @@ void Engine::Admit() {
     std::unique_ptr<Sequence> s;
     {
       absl::MutexLock lock(&mu_);
-      if (queue_.empty()) return;
       auto next = NextToAdmit();
+      if (next == queue_.end()) return;
       s = std::move(*next);
       queue_.erase(next);
     }
@@ -213,7 +218,10 @@ void Engine::Admit() {
     s->admitted = absl::Now();
     {
       absl::MutexLock lock(&mu_);
-      clients_[s->req.client].last_admission = ++admissions_;
+      ClientState& c = clients_[s->req.client];
+      c.last_admission = ++admissions_;
+      ++c.running;
+      s->running = true;
     }
     running_.push_back(std::move(s));
   }
@@ -288,7 +296,11 @@ void Engine::Finish(Sequence& s, FinishReason reason, absl::Status status) {
   {
     absl::MutexLock lock(&mu_);
     auto c = clients_.find(s.req.client);
-    if (c != clients_.end() && --c->second.live <= 0) clients_.erase(c);
+    if (c != clients_.end()) {
+      if (s.running) --c->second.running;
+      if (--c->second.live <= 0) clients_.erase(c);
+    }
+    s.running = false;
   }
   if (s.callback) s.callback(ev);
 }

@@ -88,6 +88,10 @@ struct EngineOptions {
   // reservation is larger is refused by Submit (ResourceExhausted); one that does not fit beside the
   // running ones waits in the queue. 0 = no bound. Sparse mode plans its own memory (SparseDecodeHooks).
   int64_t max_kv_bytes = 0;
+  // Batch slots one client (GenerationRequest::client) may hold at once; its other requests wait while other
+  // clients' are admitted, so max_batch - this slots stay open to them. 0 = no bound (a lone client may
+  // fill the batch; another then waits for the first slot that frees).
+  int32_t max_running_per_client = 0;
   // Longest sequence (prompt + generated) a request may reach; 0 = the model's context. Prompts must leave
   // room under it and max_new_tokens is clamped to it (a sparse decoder built with the same
   // SparseOptions::max_context plans its memory for it).
@@ -134,7 +138,8 @@ class Engine {
   absl::Status Validate(GenerationRequest& request) const;
   void Admit();
   // The queued request admission takes next: the first queued one of the client admitted least recently
-  // (clients with nothing admitted yet first, in queue order).
+  // (clients with nothing admitted yet first, in queue order), skipping clients at max_running_per_client;
+  // queue_.end() when none may be admitted.
   std::deque<std::unique_ptr<Sequence>>::iterator NextToAdmit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Dense KV bytes a request of `capacity` tokens reserves.
   int64_t KvReservation(int32_t capacity) const;
@@ -160,6 +165,7 @@ class Engine {
   // (0: none yet). Entries go when their last request finishes.
   struct ClientState {
     int32_t live = 0;
+    int32_t running = 0;
     uint64_t last_admission = 0;
   };
   absl::flat_hash_map<std::string, ClientState> clients_ ABSL_GUARDED_BY(mu_);

@@ -183,6 +183,38 @@ TEST_F(EngineFixture, AdmissionIsRoundRobinByClient) {
   EXPECT_EQ(order, "ababababaaaa");  // a, then b (never admitted), alternating while both wait
 }
 
+// max_running_per_client keeps batch slots open to other clients: a short request arriving while one
+// client floods is admitted at the next step, before any flood request finishes.
+TEST_F(EngineFixture, RunningCapPerClientKeepsSlotsForOthers) {
+  EngineOptions opts;
+  opts.max_batch = 4;
+  opts.max_running_per_client = 3;
+  Engine e(model.get(), nullptr, opts);
+  int flood_done = 0, flood_done_when_short_done = -1, short_first_step = -1, step = 0;
+  for (int i = 0; i < 8; ++i) {
+    GenerationRequest r = Request({1, 2, 3}, 20);
+    r.client = "flood";
+    ASSERT_TRUE(e.Submit(r, [&](const StreamEvent& ev) { flood_done += ev.done; }).ok());
+  }
+  ASSERT_TRUE(e.Step().ok());
+  ++step;
+  EXPECT_EQ(e.running(), 3);  // the fourth slot stays free
+  GenerationRequest brief = Request({4, 5}, 3);
+  brief.client = "other";
+  ASSERT_TRUE(e.Submit(brief, [&](const StreamEvent& ev) {
+                 if (ev.token >= 0 && short_first_step < 0) short_first_step = step;
+                 if (ev.done) flood_done_when_short_done = flood_done;
+               }).ok());
+  while (e.HasWork()) {
+    ASSERT_TRUE(e.Step().ok());
+    ASSERT_LE(e.running(), 4);
+    ASSERT_LT(++step, 1000);
+  }
+  EXPECT_EQ(short_first_step, 1) << "admitted at the step after it arrived";
+  EXPECT_EQ(flood_done_when_short_done, 0);
+  EXPECT_EQ(flood_done, 8);
+}
+
 // Dense KV reservations are bounded by max_kv_bytes: a request that can never fit is refused at once,
 // the others wait for memory instead of being allocated past the budget.
 TEST_F(EngineFixture, KvBudgetRefusesWhatCannotFitAndQueuesTheRest) {
