@@ -61,6 +61,33 @@ TEST(GeneratorPeerLimits, OneClientPastItsCapGetsResourceExhausted) {
   EXPECT_TRUE(CallGenerate(stub.get(), Long(3)).status.ok());
 }
 
+// --max-streams-per-connection: calls past it on one connection wait in the client's transport instead
+// of reaching the server, so with two streams, one batch slot and two queue places no call of a burst on
+// one channel is refused (without the limit the burst overflows the queue: RESOURCE_EXHAUSTED). Two queue
+// places, not one: a call's stream closes when its handler returns, and the next call may arrive before
+// the engine's next step admits the one queued behind it.
+TEST(GeneratorPeerLimits, StreamsPastTheConnectionLimitWaitInTheClient) {
+  const std::string dir = ModelDir();
+  if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";
+  std::vector<std::string> args = ModelArgs(dir);
+  for (const char* a : {"--max-queue", "2", "--max-streams-per-connection", "2"}) args.push_back(a);
+  ServerProcess server;
+  absl::Status st = server.Start(SPC_GENERATOR_BIN, args);
+  ASSERT_TRUE(st.ok()) << st;
+  auto stub = GeneratorStub(server.address());
+  constexpr int kCalls = 8;
+  std::vector<StreamResult> results(kCalls);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kCalls; ++i) {
+    threads.emplace_back([&, i] { results[i] = CallGenerate(stub.get(), Long(200)); });
+  }
+  for (auto& t : threads) t.join();
+  for (const StreamResult& r : results) {
+    EXPECT_TRUE(r.status.ok()) << r.status.error_code() << " " << r.status.error_message();
+    EXPECT_EQ(r.tokens.size(), 200u);
+  }
+}
+
 TEST(GeneratorPeerLimits, AShortRequestIsAdmittedAheadOfAnotherClientsFlood) {
   const std::string dir = ModelDir();
   if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";
