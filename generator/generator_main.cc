@@ -47,6 +47,13 @@ void DefineFlags(Args& a) {
   a.Define({"retriever-deadline-ms", "split mode: longest wait for a step's index sets before falling back",
             false, false, "200"});
 
+  a.Define({"retriever-tls-ca", "split mode: PEM CA the retriever's certificate must chain to (TLS to the "
+            "retriever)", false, false, ""});
+  a.Define({"retriever-tls-cert", "split mode: PEM client certificate for a retriever requiring mutual TLS", false,
+            false, ""});
+  a.Define({"retriever-tls-key", "PEM private key for --retriever-tls-cert", false, false, ""});
+  a.Define({"retriever-tls-server-name", "name checked against the retriever's certificate (default: its host)",
+            false, false, ""});
   a.Define({"kvstore", "name of the shared-memory KV store segment (created or attached)", false, false, ""});
   a.Define({"kvstore-blocks", "blocks of the segment when this process creates it", false, false, "4096"});
   a.Define({"kvstore-block-bytes", "bytes per block when this process creates it", false, false, "64KiB"});
@@ -60,6 +67,15 @@ void DefineFlags(Args& a) {
   a.Define({"max-batch", "sequences decoding at once", false, false, "32"});
   a.Define({"max-tokens-per-step", "prompt tokens per engine step", false, false, "512"});
   a.Define({"max-queue", "requests waiting for admission before RESOURCE_EXHAUSTED", false, false, "256"});
+  a.Define({"max-requests-per-peer", "calls one client (address without port, or mTLS identity) may have queued "
+            "or running; RESOURCE_EXHAUSTED beyond (0 = no bound)", false, false, "64"});
+  a.Define({"max-running-per-peer", "batch slots one client may hold at once, so the rest stay open to other "
+            "clients (0 = no bound: a lone client may fill the batch)", false, false, "0"});
+  a.Define({"max-streams-per-connection", "concurrent calls on one HTTP/2 connection (more wait in the client)",
+            false, false, "100"});
+  a.Define({"max-kv-bytes", "dense mode: KV cache bytes the running requests may reserve together (a request "
+            "needing more alone: RESOURCE_EXHAUSTED; otherwise it waits); auto = 90% of the memory free after "
+            "loading, 0 = no bound", false, false, "auto"});
   a.Define({"max-message-bytes", "largest gRPC message accepted or sent", false, false, "4MiB"});
   a.Define({"max-prompt-bytes", "largest prompt text", false, false, "1MiB"});
   a.Define({"max-request-id-bytes", "longest request_id a client may set (INVALID_ARGUMENT beyond)",
@@ -103,6 +119,24 @@ absl::Status Run(const Args& args) {
   eo.max_tokens_per_step = static_cast<int32_t>(max_step_tokens);
   so.max_batch = eo.max_batch;
   so.max_queue = eo.max_queue;
+  ASSIGN_OR_RETURN(int64_t per_peer, args.GetInt("max-requests-per-peer"));
+  ASSIGN_OR_RETURN(int64_t streams_per_connection, args.GetInt("max-streams-per-connection"));
+  if (per_peer < 0 || per_peer > (1 << 20) || streams_per_connection < 1 || streams_per_connection > (1 << 20)) {
+    return absl::InvalidArgumentError(
+        "--max-requests-per-peer must be in [0, 2^20] and --max-streams-per-connection in [1, 2^20]");
+  }
+  so.max_requests_per_peer = static_cast<int32_t>(per_peer);
+  ASSIGN_OR_RETURN(int64_t running_per_peer, args.GetInt("max-running-per-peer"));
+  if (running_per_peer < 0 || running_per_peer > max_batch) {
+    return absl::InvalidArgumentError("--max-running-per-peer must be in [0, --max-batch]");
+  }
+  eo.max_running_per_client = static_cast<int32_t>(running_per_peer);
+  const std::string max_kv = args.GetString("max-kv-bytes");
+  int64_t max_kv_bytes = -1;  // -1: auto, once the model is loaded
+  if (max_kv != "auto") {
+    ASSIGN_OR_RETURN(max_kv_bytes, args.GetBytes("max-kv-bytes"));
+    if (max_kv_bytes < 0) return absl::InvalidArgumentError("--max-kv-bytes must be auto or >= 0");
+  }
   ASSIGN_OR_RETURN(int64_t max_message, args.GetBytes("max-message-bytes"));
   if (max_message < 1024 || max_message > (int64_t{1} << 30)) {
     return absl::InvalidArgumentError("--max-message-bytes must be between 1KiB and 1GiB");
@@ -164,6 +198,11 @@ absl::Status Run(const Args& args) {
       eo.sparse = std::make_shared<KvStoreHooks>(eo.sparse, kvstore.get(), rt.backend.get(), registered.ok());
     }
   }
+  eo.max_kv_bytes = max_kv_bytes >= 0 ? max_kv_bytes : DefaultKvBudgetBytes(*rt.backend);
+  if (eo.sparse == nullptr) {
+    SPC_LOG(INFO) << "dense KV budget" << Kv("max_kv_bytes", eo.max_kv_bytes)
+                  << Kv("tokens", eo.max_kv_bytes / rt.model->KvBytesPerToken());
+  }
   Engine engine(rt.model.get(), rt.tokenizer.get(), eo);
   EngineLoop loop(&engine, rt.backend.get(), &gm);
   if (sparse.path_stats) loop.SetRetrievalStats(sparse.path_stats);
@@ -177,6 +216,8 @@ absl::Status Run(const Args& args) {
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(static_cast<int>(max_message));
   builder.SetMaxSendMessageSize(static_cast<int>(max_message));
+  // One connection cannot open hundreds of calls: streams past this wait in the client's transport.
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, static_cast<int>(streams_per_connection));
   loop.Start();
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || grpc_port == 0) {

@@ -52,8 +52,13 @@ grpc::Status GeneratorService::Serve(grpc::ServerContext* context, const v1::Gen
                                      grpc::ServerWriter<v1::GenerateResponse>* writer) {
   const absl::Time arrival = absl::Now();
   if (draining_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is draining (shutting down)");
+  // Held until the call returns: a client's calls count from before their prompt is prepared.
+  const std::string client = ClientKeyOf(*context);
+  absl::StatusOr<PeerLimiter::Slot> slot = peers_.Acquire(client);
+  if (!slot.ok()) return ToGrpcStatus(slot.status());
   absl::StatusOr<PreparedRequest> prepared = PrepareRequest(request, *runtime_, options_.limits);
   if (!prepared.ok()) return ToGrpcStatus(prepared.status());
+  prepared->engine.client = client;  // admission is round-robin by client
   // Preparation of a large prompt takes up to about a second: a client that left meanwhile gets no slot.
   if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the call");
   if (draining_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is draining (shutting down)");

@@ -11,6 +11,7 @@
 #include "generator/engine_loop.h"
 #include "generator/generator_metrics.h"
 #include "generator/kvstore_tracker.h"
+#include "generator/peer_limits.h"
 #include "generator/request_builder.h"
 #include "proto/specontext.grpc.pb.h"
 
@@ -26,6 +27,7 @@ struct ServiceOptions {
   int32_t max_batch = 0;
   int32_t max_queue = 0;
   int32_t max_context = 0;  // --max-context (else the model's): what GetModelInfo reports
+  int32_t max_requests_per_peer = 0;  // --max-requests-per-peer: calls in flight per client (0 = no bound)
 };
 
 
@@ -33,7 +35,8 @@ class GeneratorService final : public v1::Generator::Service {
  public:
   /// `runtime`, `loop` and `metrics` must outlive the service.
   GeneratorService(const Runtime* runtime, EngineLoop* loop, GeneratorMetrics* metrics, ServiceOptions options)
-      : runtime_(runtime), loop_(loop), metrics_(metrics), options_(std::move(options)) {}
+      : runtime_(runtime), loop_(loop), metrics_(metrics), options_(std::move(options)),
+        peers_(options_.max_requests_per_peer) {}
 
   grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override;
@@ -53,6 +56,7 @@ class GeneratorService final : public v1::Generator::Service {
   EngineLoop* loop_;
   GeneratorMetrics* metrics_;
   ServiceOptions options_;
+  PeerLimiter peers_;
   std::atomic<bool> draining_{false};
   std::atomic<int> active_calls_{0};
   std::atomic<uint64_t> next_request_id_{1};

@@ -2,6 +2,9 @@
 // backoff, failure detection, and the re-opening of live sequences on a new session.
 #include <algorithm>
 
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+
 #include "core/log.h"
 #include "generator/remote_sparse_decoder.h"
 #include "generator/remote_sparse_stream.h"
@@ -25,7 +28,11 @@ void RemoteSparseDecoder::ConnectLoop() {
       if (old->reader.joinable()) old->reader.join();
     }
     auto s = std::make_shared<Stream>();
-    auto channel = grpc::CreateChannel(options_.address, grpc::InsecureChannelCredentials());
+    grpc::ChannelArguments channel_args;
+    if (!options_.tls_server_name.empty()) channel_args.SetSslTargetNameOverride(options_.tls_server_name);
+    auto channel = grpc::CreateCustomChannel(
+        options_.address,
+        options_.credentials != nullptr ? options_.credentials : grpc::InsecureChannelCredentials(), channel_args);
     s->stub = v1::Retriever::NewStub(channel);
     // Wait for the server to answer before opening the session, so a down retriever costs no step time.
     bool up = channel->WaitForConnected(std::chrono::system_clock::now() +

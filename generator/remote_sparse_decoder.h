@@ -28,6 +28,8 @@
 #include <thread>
 #include <vector>
 
+#include <grpcpp/security/credentials.h>
+
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -47,6 +49,8 @@ namespace specontext::generator {
 
 struct RemoteSparseOptions {
   std::string address;                              // HOST:PORT of the retriever
+  std::shared_ptr<grpc::ChannelCredentials> credentials;  // TLS to the retriever (null: plaintext)
+  std::string tls_server_name;                      // name checked against its certificate (empty: the host)
   int32_t budget = 2048;                            // default B per KV head
   int32_t sink = 1;
   bool batch_level = false;                         // one index set per sequence for all KV heads

@@ -28,6 +28,34 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
   return ss.str();
 }
 
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(const ClientTlsOptions& tls,
+                                                                               const std::string& flag_prefix) {
+  if (tls.ca_path.empty()) {
+    if (!tls.cert_path.empty() || !tls.key_path.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(flag_prefix, "cert and ", flag_prefix, "key need ", flag_prefix,
+                                                     "ca"));
+    }
+    return grpc::InsecureChannelCredentials();
+  }
+  grpc::SslCredentialsOptions ssl;
+  auto ca = ReadWholeFile(tls.ca_path);
+  if (!ca.ok()) return ca.status();
+  ssl.pem_root_certs = *std::move(ca);
+  if (!tls.cert_path.empty() || !tls.key_path.empty()) {
+    if (tls.cert_path.empty() || tls.key_path.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(flag_prefix, "cert and ", flag_prefix,
+                                                     "key must be given together"));
+    }
+    auto cert = ReadWholeFile(tls.cert_path);
+    if (!cert.ok()) return cert.status();
+    auto key = ReadWholeFile(tls.key_path);
+    if (!key.ok()) return key.status();
+    ssl.pem_cert_chain = *std::move(cert);
+    ssl.pem_private_key = *std::move(key);
+  }
+  return grpc::SslCredentials(ssl);
+}
+
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const TlsOptions& tls) {
   if (tls.cert_path.empty() && tls.key_path.empty()) {
     if (!tls.client_ca_path.empty()) {

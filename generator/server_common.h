@@ -5,6 +5,7 @@
 #include <memory>
 #include <string>
 
+#include <grpcpp/security/credentials.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 
@@ -21,6 +22,19 @@ struct TlsOptions {
 /// Insecure credentials when no certificate is given; InvalidArgument when only one of cert/key is
 /// set or a client CA is given without a certificate; NotFound naming an unreadable file.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const TlsOptions& tls);
+
+/// A client's side of TLS (the generator's link to a retriever).
+struct ClientTlsOptions {
+  std::string ca_path;      // PEM roots the server's certificate must chain to; empty = plaintext
+  std::string cert_path;    // PEM client certificate (mutual TLS), with key_path
+  std::string key_path;
+};
+
+/// Insecure channel credentials when no CA is given, else TLS (mutual when a certificate is given).
+/// InvalidArgument for a certificate without its key or without a CA; NotFound naming an unreadable file.
+/// `flag_prefix` names the flags in messages ("--retriever-tls-").
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(const ClientTlsOptions& tls,
+                                                                               const std::string& flag_prefix);
 
 /// Makes servers built by `builder` fail to start on a port another socket is bound to. gRPC turns
 /// SO_REUSEPORT on by default, so a second server on a busy port would start and silently take part

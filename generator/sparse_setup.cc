@@ -6,6 +6,7 @@
 #include "core/log.h"
 #include "core/status_macros.h"
 #include "generator/remote_sparse_decoder.h"
+#include "generator/server_common.h"
 
 namespace specontext::generator {
 
@@ -18,6 +19,12 @@ absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, con
   const int64_t context = rt.model->config().max_position_embeddings;
   // --budget 0 keeps requests that name no budget dense; the decoder still needs a default >= 1.
   const int64_t decoder_budget = budget > 0 ? budget : std::min<int64_t>(2048, context);
+  const bool retriever_tls = !args.GetString("retriever-tls-ca").empty() ||
+                             !args.GetString("retriever-tls-cert").empty() ||
+                             !args.GetString("retriever-tls-key").empty();
+  if (retriever_tls && (retriever == "none" || retriever == "inproc")) {
+    return absl::InvalidArgumentError("--retriever-tls-ca/-cert/-key need a remote --retriever HOST:PORT");
+  }
   if (retriever == "none") {
     if (!head.empty()) {
       return absl::InvalidArgumentError("--retrieval-head needs --retriever inproc (or use --retriever HOST:PORT)");
@@ -68,6 +75,10 @@ absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, con
   ASSIGN_OR_RETURN(int64_t max_context, args.GetInt("max-context"));
   ro.max_context = static_cast<int32_t>(max_context);  // range checked by generator_main and Create
   ro.retrieval_latency = metrics != nullptr ? metrics->retrieval_latency : nullptr;
+  ClientTlsOptions tls{args.GetString("retriever-tls-ca"), args.GetString("retriever-tls-cert"),
+                       args.GetString("retriever-tls-key")};
+  ASSIGN_OR_RETURN(ro.credentials, MakeChannelCredentials(tls, "--retriever-tls-"));
+  ro.tls_server_name = args.GetString("retriever-tls-server-name");
   ASSIGN_OR_RETURN(std::shared_ptr<RemoteSparseDecoder> dec, RemoteSparseDecoder::Create(rt.model.get(), ro));
   out.path_stats = [dec] { return dec->path_stats(); };
   out.hooks = dec;

@@ -29,7 +29,12 @@ void DefineFlags(Args& a) {
   a.Define({"metrics-host", "address the /metrics server binds", false, false, "0.0.0.0"});
   a.Define({"max-sequences", "open sequences per session", false, false, "256"});
   a.Define({"max-tokens-per-sequence", "retrieval K cache rows per sequence", false, false, "131072"});
-  a.Define({"max-message-bytes", "largest gRPC message accepted or sent", false, false, "64MiB"});
+  a.Define({"max-message-bytes", "largest gRPC message accepted or sent (a Select whose reply could be larger is "
+            "refused)", false, false, "64MiB"});
+  a.Define({"max-sessions", "Session streams open at once over all clients (RESOURCE_EXHAUSTED beyond)", false,
+            false, "64"});
+  a.Define({"max-cache-bytes", "retrieval cache bytes of all sessions together (an Open or Observe past it: "
+            "RESOURCE_EXHAUSTED); 0 = no bound", false, false, "4GiB"});
   a.Define({"tls-cert", "PEM certificate chain: serve TLS", false, false, ""});
   a.Define({"tls-key", "PEM private key for --tls-cert", false, false, ""});
   a.Define({"tls-client-ca", "PEM CA: require client certificates signed by it (mutual TLS)", false, false, ""});
@@ -73,6 +78,13 @@ absl::Status Run(const Args& args) {
   if (max_message < 1024 || max_message > (int64_t{1} << 30)) {
     return absl::InvalidArgumentError("--max-message-bytes must be between 1KiB and 1GiB");
   }
+  limits.max_reply_bytes = max_message;
+  ASSIGN_OR_RETURN(int64_t max_sessions, args.GetInt("max-sessions"));
+  if (max_sessions < 1 || max_sessions > (1 << 16)) {
+    return absl::InvalidArgumentError("--max-sessions must be between 1 and 65536");
+  }
+  ASSIGN_OR_RETURN(limits.max_total_cache_bytes, args.GetBytes("max-cache-bytes"));
+  if (limits.max_total_cache_bytes < 0) return absl::InvalidArgumentError("--max-cache-bytes must be >= 0");
   ASSIGN_OR_RETURN(int64_t metrics_port, args.GetInt("metrics-port"));
   TlsOptions tls{args.GetString("tls-cert"), args.GetString("tls-key"), args.GetString("tls-client-ca")};
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, MakeServerCredentials(tls));
@@ -82,7 +94,8 @@ absl::Status Run(const Args& args) {
                    LoadHead(args.GetString("head"), args.GetString("model"), &checkpoint));
   metrics::Registry registry;
   ASSIGN_OR_RETURN(RetrieverMetrics rm, RegisterRetrieverMetrics(&registry));
-  RetrieverService service(head.get(), ArtifactNameFromPath(args.GetString("head")), limits, &rm);
+  RetrieverService service(head.get(), ArtifactNameFromPath(args.GetString("head")), limits, &rm,
+                           static_cast<int32_t>(max_sessions));
 
   EnableStandardServices();
   grpc::ServerBuilder builder;

@@ -75,6 +75,21 @@ void RetrieverService::Refresh() {
 
 grpc::Status RetrieverService::Session(grpc::ServerContext* context,
                                        grpc::ServerReaderWriter<v1::RetrieverResponse, v1::RetrieverRequest>* stream) {
+  // Each session holds a handler thread and up to max_sequences caches: their number is bounded per
+  // process, so one client opening streams cannot take every thread or the memory others need.
+  if (max_sessions_ > 0 && session_slots_.fetch_add(1) >= max_sessions_) {
+    --session_slots_;
+    if (auto c = metrics_->errors->WithLabels({"RESOURCE_EXHAUSTED"}); c.ok()) (*c)->Increment();
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        absl::StrCat("the retriever already serves ", max_sessions_,
+                                     " sessions (--max-sessions); retry later"));
+  }
+  struct SlotRelease {
+    RetrieverService* self;
+    ~SlotRelease() {
+      if (self->max_sessions_ > 0) --self->session_slots_;
+    }
+  } slot_release{this};
   auto owned = std::make_unique<RetrieverSession>(head_, limits_, &totals_);
   RetrieverSession& session = *owned;
   Refresh();

@@ -3,6 +3,7 @@
 // stream stays open; only a broken stream ends it.
 #pragma once
 
+#include <atomic>
 #include <string>
 
 #include "core/metrics/metrics.h"
@@ -23,9 +24,12 @@ absl::StatusOr<RetrieverMetrics> RegisterRetrieverMetrics(metrics::Registry* reg
 
 class RetrieverService final : public v1::Retriever::Service {
  public:
-  /// Everything passed in must outlive the service.
-  RetrieverService(const RetrievalHead* head, std::string head_name, SessionLimits limits, RetrieverMetrics* metrics)
-      : head_(head), head_name_(std::move(head_name)), limits_(limits), metrics_(metrics) {}
+  /// Everything passed in must outlive the service. `max_sessions`: Session streams open at once over
+  /// all clients (one more gets RESOURCE_EXHAUSTED); 0 = no bound.
+  RetrieverService(const RetrievalHead* head, std::string head_name, SessionLimits limits, RetrieverMetrics* metrics,
+                   int32_t max_sessions = 0)
+      : head_(head), head_name_(std::move(head_name)), limits_(limits), metrics_(metrics),
+        max_sessions_(max_sessions) {}
 
   grpc::Status Session(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<v1::RetrieverResponse, v1::RetrieverRequest>* stream) override;
@@ -41,6 +45,8 @@ class RetrieverService final : public v1::Retriever::Service {
   std::string head_name_;
   SessionLimits limits_;
   RetrieverMetrics* metrics_;
+  int32_t max_sessions_;
+  std::atomic<int32_t> session_slots_{0};  // Session calls holding a slot under max_sessions_
   RetrieverTotals totals_;
 };
 

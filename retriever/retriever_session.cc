@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
 
@@ -27,6 +28,26 @@ void RetrieverSession::Account(Sequence& s) {
   s.accounted_bytes = now;
 }
 
+int64_t RetrieverSession::CacheBytes(int64_t rows) const {
+  return (head_->n_kv_heads() * rows + head_->n_heads()) * head_->head_dim() * static_cast<int64_t>(sizeof(float));
+}
+
+absl::Status RetrieverSession::Reserve(Sequence& s, int64_t bytes, const char* what, uint64_t id) {
+  const int64_t delta = bytes - s.accounted_bytes;
+  if (delta <= 0 || totals_ == nullptr) return absl::OkStatus();
+  const int64_t limit = limits_.max_total_cache_bytes;
+  int64_t total = totals_->cache_bytes.load();
+  do {
+    if (limit > 0 && total + delta > limit) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          what, ": sequence ", id, " needs ", delta, " more bytes of retrieval cache but the retriever holds ", total,
+          " of its ", limit, "-byte limit (--max-cache-bytes) over all sessions; close sequences or retry later"));
+    }
+  } while (!totals_->cache_bytes.compare_exchange_weak(total, total + delta));
+  s.accounted_bytes = bytes;
+  return absl::OkStatus();
+}
+
 absl::Status RetrieverSession::Open(uint64_t id, int32_t max_tokens) {
   if (seqs_.contains(id)) return absl::AlreadyExistsError(absl::StrCat("sequence ", id, " is already open"));
   if (open_sequences() >= limits_.max_sequences) {
@@ -38,8 +59,9 @@ absl::Status RetrieverSession::Open(uint64_t id, int32_t max_tokens) {
                                                    "], got ", max_tokens));
   }
   Sequence s;
-  s.cache = std::make_unique<RetrievalKvCache>(head_->n_kv_heads(), head_->head_dim(),
-                                               std::min<int64_t>(max_tokens, 256));
+  const int64_t rows = std::min<int64_t>(max_tokens, 256);
+  RETURN_IF_ERROR(Reserve(s, CacheBytes(rows), "open", id));
+  s.cache = std::make_unique<RetrievalKvCache>(head_->n_kv_heads(), head_->head_dim(), rows);
   s.max_tokens = max_tokens;
   auto [it, inserted] = seqs_.emplace(id, std::move(s));
   Account(it->second);
@@ -79,6 +101,10 @@ absl::Status RetrieverSession::Observe(uint64_t id, const std::vector<int32_t>& 
   } else if (!fused.empty()) {
     return absl::InvalidArgumentError("observe: this head takes no hidden states");
   }
+  // The cache doubles its rows when full (RetrievalKvCache::Append): reserve what it will hold after.
+  int64_t rows = std::max<int64_t>(1, s.cache->k().dim(1));
+  while (rows < s.cache->len() + n) rows *= 2;
+  RETURN_IF_ERROR(Reserve(s, std::max(s.accounted_bytes, CacheBytes(rows)), "observe", id));
   const int64_t nh = head_->n_heads(), hd = head_->head_dim();
   Tensor q = Tensor::HostEmpty(DType::kF32, {n, nh, hd});
   RETURN_IF_ERROR(head_->Observe(ids, fused_t, s.cache.get(), &q));
@@ -97,6 +123,28 @@ absl::StatusOr<SelectionResult> RetrieverSession::Select(const std::vector<uint6
   }
   if (sink < 0 || sink > budget) {
     return absl::InvalidArgumentError(absl::StrCat("select: sink must be in [0, budget=", budget, "], got ", sink));
+  }
+  // Everything a Select costs is bounded before any scoring: each id at most once (every one must be
+  // open, so at most max_sequences), and a reply that fits the message limit.
+  absl::flat_hash_set<uint64_t> seen;
+  seen.reserve(ids.size());
+  int64_t reply_bytes = 0;
+  const int64_t sets = mode == SelectionMode::kBatchLevel ? 1 : head_->n_kv_heads();
+  for (uint64_t id : ids) {
+    if (!seen.insert(id).second) {
+      return absl::InvalidArgumentError(absl::StrCat("select: sequence ", id, " is named more than once"));
+    }
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("select: sequence ", id, " is not open"));
+    const int64_t past = std::max(0, it->second.cache->len() - 1);
+    // indices (up to 4 bytes each once varint-coded below 2^28) + indptr, seq_len and mass per sequence.
+    reply_bytes += sets * (std::min<int64_t>(budget, past) * 4 + 4) + 4 + head_->n_heads() * 4;
+  }
+  if (limits_.max_reply_bytes > 0 && reply_bytes > limits_.max_reply_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "select: the index sets of ", ids.size(), " sequences x ", sets, " sets at budget ", budget, " could take ",
+        reply_bytes, " bytes, over the ", limits_.max_reply_bytes,
+        "-byte message limit (--max-message-bytes); select fewer sequences or a smaller budget"));
   }
   std::vector<SelectionQuery> batch;
   batch.reserve(ids.size());

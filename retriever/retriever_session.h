@@ -23,6 +23,13 @@ struct SessionLimits {
   int32_t max_tokens_per_sequence = 1 << 17; // retrieval K cache rows
   int32_t max_tokens_per_observe = 1 << 14;  // tokens in one Observe
   int32_t max_budget = 1 << 16;
+  // Largest Selection reply (the server's --max-message-bytes): a Select whose index sets could exceed
+  // it (sequences x sets x min(budget, past) x 4 bytes) is refused before any scoring. 0 = no bound.
+  int64_t max_reply_bytes = 0;
+  // Retrieval K cache and query bytes of all sessions of the process together (RetrieverTotals::
+  // cache_bytes): an Open or Observe that would pass it is refused before allocating. 0 = no bound;
+  // needs the totals.
+  int64_t max_total_cache_bytes = 0;
 };
 
 /// Live totals over all sessions of one process (for metrics and tests); owned by the caller.
@@ -40,13 +47,17 @@ class RetrieverSession {
   RetrieverSession(const RetrieverSession&) = delete;
   RetrieverSession& operator=(const RetrieverSession&) = delete;
 
-  /// AlreadyExists for a live id; ResourceExhausted past max_sequences; InvalidArgument for max_tokens.
+  /// AlreadyExists for a live id; ResourceExhausted past max_sequences or max_total_cache_bytes;
+  /// InvalidArgument for max_tokens.
   absl::Status Open(uint64_t sequence_id, int32_t max_tokens);
   /// Appends the K of `ids` (at the next positions) and keeps the last token's query for Select.
+  /// ResourceExhausted, before any work, when the cache would grow past max_total_cache_bytes.
   /// `fused`: [n, head.fused_width()] f32 for EAGLE-3 heads, empty otherwise.
   absl::Status Observe(uint64_t sequence_id, const std::vector<int32_t>& ids, const std::vector<float>& fused);
   /// Index sets of the batch, in order: the last observed token's query scored against the past
-  /// (every earlier position); `sink` first positions always kept. NotFound for an unknown id, FailedPrecondition before any Observe.
+  /// (every earlier position); `sink` first positions always kept. NotFound for an unknown id, FailedPrecondition before any Observe,
+  /// InvalidArgument for an id named twice, ResourceExhausted when the reply could pass max_reply_bytes
+  /// (all checked before any scoring).
   /// `mode` kBatchLevel: one set per sequence shared by every KV head (sets_per_seq 1).
   absl::StatusOr<SelectionResult> Select(const std::vector<uint64_t>& sequence_ids, int32_t budget,
                                          int32_t sink = 1, SelectionMode mode = SelectionMode::kHeadLevel);
@@ -65,6 +76,11 @@ class RetrieverSession {
     int64_t accounted_bytes = 0;
   };
   void Account(Sequence& s);
+  // Raises the sequence's accounted bytes to `bytes` ahead of an allocation, refusing (ResourceExhausted)
+  // when the process total would pass max_total_cache_bytes. `what` names the operation in the message.
+  absl::Status Reserve(Sequence& s, int64_t bytes, const char* what, uint64_t id);
+  // Bytes of a retrieval K cache of `rows` rows plus the query of one token.
+  int64_t CacheBytes(int64_t rows) const;
 
   const RetrievalHead* head_;
   SessionLimits limits_;

@@ -40,6 +40,8 @@ struct Engine::Sequence {
   absl::Time admitted, first_token;
   GenerationStats stats;
   bool finished = false;
+  bool running = false;     // admitted: counted in its client's ClientState::running
+  int64_t kv_reserved = 0;  // dense KV bytes counted in reserved_kv_bytes_ while kv is held
 };
 
 Engine::Engine(Transformer* model, const Tokenizer* tokenizer, EngineOptions options)
@@ -102,8 +104,24 @@ absl::Status Engine::Validate(GenerationRequest& r) const {
   return absl::OkStatus();
 }
 
+int64_t Engine::KvReservation(int32_t capacity) const {
+  return options_.sparse != nullptr ? 0 : static_cast<int64_t>(capacity) * model_->KvBytesPerToken();
+}
+
 absl::StatusOr<uint64_t> Engine::Submit(GenerationRequest request, StreamCallback callback) {
   RETURN_IF_ERROR(Validate(request));
+  if (options_.max_kv_bytes > 0) {
+    const int32_t capacity = static_cast<int32_t>(request.prompt.size()) + request.max_new_tokens;
+    const int64_t need = KvReservation(capacity);
+    if (need > options_.max_kv_bytes) {
+      const int64_t per_token = model_->KvBytesPerToken();
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the request needs ", need, " bytes of KV cache (", request.prompt.size(), " prompt + ",
+          request.max_new_tokens, " new tokens x ", per_token, " bytes) but the server's KV budget is ",
+          options_.max_kv_bytes, " bytes (--max-kv-bytes): at most ", options_.max_kv_bytes / per_token,
+          " tokens of prompt + max_new_tokens fit"));
+    }
+  }
   auto s = std::make_unique<Sequence>();
   s->req = std::move(request);
   s->callback = std::move(callback);
@@ -119,6 +137,7 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerationRequest request, StreamCallbac
   }
   s->id = next_id_++;
   const uint64_t id = s->id;
+  ++clients_[s->req.client].live;
   queue_.push_back(std::move(s));
   return id;
 }
@@ -138,14 +157,41 @@ int32_t Engine::queued() const {
   return static_cast<int32_t>(queue_.size());
 }
 
+std::deque<std::unique_ptr<Engine::Sequence>>::iterator Engine::NextToAdmit() {
+  auto best = queue_.end();
+  uint64_t best_rank = 0;
+  for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+    auto c = clients_.find((*it)->req.client);
+    if (options_.max_running_per_client > 0 && c != clients_.end() &&
+        c->second.running >= options_.max_running_per_client) {
+      continue;
+    }
+    const uint64_t rank = c != clients_.end() ? c->second.last_admission : 0;
+    if (best == queue_.end() || rank < best_rank) {
+      best = it;
+      best_rank = rank;
+      if (rank == 0) break;  // nobody ranks before a client never admitted
+    }
+  }
+  return best;
+}
+
 void Engine::Admit() {
   while (static_cast<int32_t>(running_.size()) < options_.max_batch) {
     std::unique_ptr<Sequence> s;
     {
       absl::MutexLock lock(&mu_);
-      if (queue_.empty()) return;
-      s = std::move(queue_.front());
-      queue_.pop_front();
+      auto next = NextToAdmit();
+      if (next == queue_.end()) return;
+      s = std::move(*next);
+      queue_.erase(next);
+    }
+    // Dense KV beyond the budget: wait (in front) for running requests to free theirs.
+    const int64_t reserve = KvReservation(s->capacity);
+    if (options_.max_kv_bytes > 0 && !running_.empty() && reserved_kv_bytes_ + reserve > options_.max_kv_bytes) {
+      absl::MutexLock lock(&mu_);
+      queue_.push_front(std::move(s));
+      return;
     }
     absl::StatusOr<std::unique_ptr<SequenceKv>> kv;
     if (options_.sparse != nullptr) {
@@ -167,7 +213,16 @@ void Engine::Admit() {
       continue;
     }
     s->kv = *std::move(kv);
+    s->kv_reserved = reserve;
+    reserved_kv_bytes_ += reserve;
     s->admitted = absl::Now();
+    {
+      absl::MutexLock lock(&mu_);
+      ClientState& c = clients_[s->req.client];
+      c.last_admission = ++admissions_;
+      ++c.running;
+      s->running = true;
+    }
     running_.push_back(std::move(s));
   }
 }
@@ -236,6 +291,17 @@ void Engine::Finish(Sequence& s, FinishReason reason, absl::Status status) {
   ev.stats = s.stats;
   if (s.kv != nullptr && options_.sparse != nullptr) options_.sparse->Release(s.id);
   s.kv.reset();
+  reserved_kv_bytes_ -= s.kv_reserved;
+  s.kv_reserved = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto c = clients_.find(s.req.client);
+    if (c != clients_.end()) {
+      if (s.running) --c->second.running;
+      if (--c->second.live <= 0) clients_.erase(c);
+    }
+    s.running = false;
+  }
   if (s.callback) s.callback(ev);
 }
 

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -45,6 +46,10 @@ struct GenerationRequest {
   // (index = tokens generated before it), before the choice. Set, it makes the step download the logits
   // (no device-side sampling for the step).
   std::function<void(int32_t index, std::span<const float> logits)> logits_observer;
+  // Who sent the request (the services: the peer's address or TLS identity). Admission takes queued
+  // requests round-robin by client, so one client's many requests cannot starve another's. Empty is a
+  // client like any other.
+  std::string client;
 };
 
 enum class FinishReason : uint8_t { kNone, kStopToken, kStopString, kLength, kCancelled, kError };
@@ -78,6 +83,15 @@ struct EngineOptions {
   int32_t max_batch = 32;            // sequences decoding at once
   int32_t max_tokens_per_step = 512; // prompt-chunk budget of one step
   int32_t max_queue = 1024;          // Submit fails with ResourceExhausted past this
+  // Dense mode: KV bytes the running requests may reserve together; each reserves its whole capacity
+  // (prompt + max_new_tokens) x Transformer::KvBytesPerToken() at admission. A request whose own
+  // reservation is larger is refused by Submit (ResourceExhausted); one that does not fit beside the
+  // running ones waits in the queue. 0 = no bound. Sparse mode plans its own memory (SparseDecodeHooks).
+  int64_t max_kv_bytes = 0;
+  // Batch slots one client (GenerationRequest::client) may hold at once; its other requests wait while other
+  // clients' are admitted, so max_batch - this slots stay open to them. 0 = no bound (a lone client may
+  // fill the batch; another then waits for the first slot that frees).
+  int32_t max_running_per_client = 0;
   // Longest sequence (prompt + generated) a request may reach; 0 = the model's context. Prompts must leave
   // room under it and max_new_tokens is clamped to it (a sparse decoder built with the same
   // SparseOptions::max_context plans its memory for it).
@@ -108,6 +122,8 @@ class Engine {
   bool HasWork() const;
   int32_t running() const { return static_cast<int32_t>(running_.size()); }
   int32_t queued() const;
+  // Dense KV bytes reserved by running requests (engine thread; see EngineOptions::max_kv_bytes).
+  int64_t reserved_kv_bytes() const { return reserved_kv_bytes_; }
 
   // Runs one request to completion on the calling thread (the CLI's path).
   absl::StatusOr<GenerationResult> Generate(GenerationRequest request, const StreamCallback& callback = {});
@@ -121,6 +137,12 @@ class Engine {
   struct Sequence;
   absl::Status Validate(GenerationRequest& request) const;
   void Admit();
+  // The queued request admission takes next: the first queued one of the client admitted least recently
+  // (clients with nothing admitted yet first, in queue order), skipping clients at max_running_per_client;
+  // queue_.end() when none may be admitted.
+  std::deque<std::unique_ptr<Sequence>>::iterator NextToAdmit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Dense KV bytes a request of `capacity` tokens reserves.
+  int64_t KvReservation(int32_t capacity) const;
   // Finishes cancelled requests, queued or running, with kCancelled.
   void ApplyCancellations();
   void Emit(Sequence& s, int32_t token);
@@ -139,6 +161,16 @@ class Engine {
   std::deque<std::unique_ptr<Sequence>> queue_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  // Per client with requests queued or running: how many, and the admission count at its last admission
+  // (0: none yet). Entries go when their last request finishes.
+  struct ClientState {
+    int32_t live = 0;
+    int32_t running = 0;
+    uint64_t last_admission = 0;
+  };
+  absl::flat_hash_map<std::string, ClientState> clients_ ABSL_GUARDED_BY(mu_);
+  uint64_t admissions_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t reserved_kv_bytes_ = 0;  // engine thread only
 
   std::vector<std::unique_ptr<Sequence>> running_;  // engine thread only
 };

@@ -29,6 +29,41 @@ std::vector<std::string> AvailableBackends() {
 #endif
 }
 
+namespace {
+
+// Host memory this process may still take: /proc/meminfo MemAvailable, within the cgroup (v2) limit.
+int64_t HostMemoryAvailable() {
+  int64_t avail = -1;
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  int64_t kib = 0;
+  std::string unit;
+  while (meminfo >> key >> kib) {
+    std::getline(meminfo, unit);
+    if (key == "MemAvailable:") {
+      avail = kib * 1024;
+      break;
+    }
+  }
+  if (avail < 0) avail = static_cast<int64_t>(sysconf(_SC_AVPHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+  std::ifstream max_file("/sys/fs/cgroup/memory.max"), current_file("/sys/fs/cgroup/memory.current");
+  std::string max_text;
+  int64_t current = 0;
+  if (max_file >> max_text && max_text != "max" && current_file >> current) {
+    const int64_t limit = std::atoll(max_text.c_str());
+    if (limit > 0) avail = std::min(avail, std::max<int64_t>(0, limit - current));
+  }
+  return avail;
+}
+
+}  // namespace
+
+int64_t DefaultKvBudgetBytes(const Backend& backend) {
+  int64_t avail = backend.available_bytes();
+  if (backend.name() == "cpu") avail = std::min(avail, HostMemoryAvailable());
+  return std::max<int64_t>(1, avail / 10 * 9);
+}
+
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int64_t memory_limit) {
   if (name == "cpu") return MakeCpuBackend(memory_limit);
 #ifdef SPECONTEXT_HAVE_CUDA

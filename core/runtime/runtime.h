@@ -41,6 +41,13 @@ std::vector<std::string> AvailableBackends();
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int64_t memory_limit);
 absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options);
 
+// The default KV budget of a serving engine (EngineOptions::max_kv_bytes, the generator's --max-kv-bytes
+// auto): 90% of what `backend` may still allocate once the model is loaded (its limit or free device
+// memory), for the CPU backend also at most 90% of the host's available memory (MemAvailable, and the
+// cgroup's memory.max less memory.current), so a request is refused or queued instead of the process being
+// killed by the OOM killer. At least 1 byte.
+int64_t DefaultKvBudgetBytes(const Backend& backend);
+
 class Args;
 // RuntimeOptions from the flags the serving CLIs share: --model (required), --tokenizer, --backend,
 // --gpu-memory-limit, --threads, and --cuda-graphs=true|false where the CLI defines it (see

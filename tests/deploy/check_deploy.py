@@ -33,5 +33,12 @@ for tpl in (root / "deploy/helm/specontext/templates").glob("*"):
     ends = len(re.findall(r"{{-?\s*end\s*-?}}", text))
     if opens != ends:
         errors.append(f"{tpl.name}: {opens} blocks opened, {ends} closed")
+# Every flag the chart passes is one the binaries define (a renamed flag would fail the pod at startup).
+flag_sources = "".join(p.read_text() for p in [root / "generator/generator_main.cc", root / "retriever/retriever_main.cc",
+                                                root / "core/runtime/runtime.cc"])
+for tpl in (root / "deploy/helm/specontext/templates").glob("*.yaml"):
+    for flag in re.findall(r"^\s*- --([a-z0-9-]+)", tpl.read_text(), re.M):
+        if f'"{flag}"' not in flag_sources:
+            errors.append(f"{tpl.name}: passes --{flag}, which neither binary defines")
 print("\n".join(errors) if errors else "deploy checks passed")
 sys.exit(1 if errors else 0)

@@ -133,6 +133,122 @@ TEST_F(EngineFixture, CancellingAQueuedRequestFinishesItAtTheNextStep) {
   EXPECT_EQ(first, FinishReason::kLength);
 }
 
+// Admission is round-robin by client: a client flooding the queue does not make another wait for all
+// of its requests (counted in engine steps and finished requests, never in time).
+TEST_F(EngineFixture, AdmissionIsRoundRobinByClient) {
+  EngineOptions opts;
+  opts.max_batch = 2;
+  Engine e(model.get(), nullptr, opts);
+  constexpr int kFlood = 10;
+  int flood_done = 0, flood_done_when_short_done = -1, short_first_step = -1, step = 0;
+  for (int i = 0; i < kFlood; ++i) {
+    GenerationRequest r = Request({1, 2, 3}, 20);
+    r.client = "ipv4:10.0.0.1";
+    ASSERT_TRUE(e.Submit(r, [&](const StreamEvent& ev) { flood_done += ev.done; }).ok());
+  }
+  ASSERT_TRUE(e.Step().ok());  // both slots go to the flood
+  ++step;
+  ASSERT_EQ(e.running(), 2);
+  GenerationRequest brief = Request({4, 5}, 3);
+  brief.client = "ipv4:10.0.0.2";
+  ASSERT_TRUE(e.Submit(brief, [&](const StreamEvent& ev) {
+                 if (ev.token >= 0 && short_first_step < 0) short_first_step = step;
+                 if (ev.done) flood_done_when_short_done = flood_done;
+               }).ok());
+  while (e.HasWork()) {
+    ASSERT_TRUE(e.Step().ok());
+    ASSERT_LT(++step, 1000);
+  }
+  EXPECT_EQ(flood_done, kFlood);
+  // The short request takes the first slot that frees (after the two flood requests admitted first),
+  // not the slot after the whole flood (FIFO: 8 flood requests done before it).
+  EXPECT_EQ(flood_done_when_short_done, 2);
+  EXPECT_LE(short_first_step, 22) << "20 decode steps of the first two, then its own prompt";
+
+  // Two clients flooding alternate at every admission (one slot).
+  opts.max_batch = 1;
+  Engine alt(model.get(), nullptr, opts);
+  std::string order;
+  for (int i = 0; i < 4; ++i) {
+    for (const char* who : {"a", "a", "b"}) {  // a queues twice as many
+      GenerationRequest r = Request({1, 2}, 2);
+      r.client = who;
+      ASSERT_TRUE(alt.Submit(r, [&order, who, first = true](const StreamEvent& ev) mutable {
+                       if (ev.token >= 0 && first) order += who;
+                       first = false;
+                     }).ok());
+    }
+  }
+  while (alt.HasWork()) ASSERT_TRUE(alt.Step().ok());
+  EXPECT_EQ(order, "ababababaaaa");  // a, then b (never admitted), alternating while both wait
+}
+
+// max_running_per_client keeps batch slots open to other clients: a short request arriving while one
+// client floods is admitted at the next step, before any flood request finishes.
+TEST_F(EngineFixture, RunningCapPerClientKeepsSlotsForOthers) {
+  EngineOptions opts;
+  opts.max_batch = 4;
+  opts.max_running_per_client = 3;
+  Engine e(model.get(), nullptr, opts);
+  int flood_done = 0, flood_done_when_short_done = -1, short_first_step = -1, step = 0;
+  for (int i = 0; i < 8; ++i) {
+    GenerationRequest r = Request({1, 2, 3}, 20);
+    r.client = "flood";
+    ASSERT_TRUE(e.Submit(r, [&](const StreamEvent& ev) { flood_done += ev.done; }).ok());
+  }
+  ASSERT_TRUE(e.Step().ok());
+  ++step;
+  EXPECT_EQ(e.running(), 3);  // the fourth slot stays free
+  GenerationRequest brief = Request({4, 5}, 3);
+  brief.client = "other";
+  ASSERT_TRUE(e.Submit(brief, [&](const StreamEvent& ev) {
+                 if (ev.token >= 0 && short_first_step < 0) short_first_step = step;
+                 if (ev.done) flood_done_when_short_done = flood_done;
+               }).ok());
+  while (e.HasWork()) {
+    ASSERT_TRUE(e.Step().ok());
+    ASSERT_LE(e.running(), 4);
+    ASSERT_LT(++step, 1000);
+  }
+  EXPECT_EQ(short_first_step, 1) << "admitted at the step after it arrived";
+  EXPECT_EQ(flood_done_when_short_done, 0);
+  EXPECT_EQ(flood_done, 8);
+}
+
+// Dense KV reservations are bounded by max_kv_bytes: a request that can never fit is refused at once,
+// the others wait for memory instead of being allocated past the budget.
+TEST_F(EngineFixture, KvBudgetRefusesWhatCannotFitAndQueuesTheRest) {
+  const int64_t per_token = model->KvBytesPerToken();
+  EngineOptions opts;
+  opts.max_batch = 4;
+  opts.max_kv_bytes = 30 * per_token;  // one request of 4 + 16 tokens at a time
+  Engine e(model.get(), nullptr, opts);
+  auto refused = e.Submit(Request({1, 2, 3, 4}, 40), {});
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("--max-kv-bytes"), std::string::npos) << refused.status();
+  EXPECT_NE(refused.status().message().find("at most 30 tokens"), std::string::npos) << refused.status();
+  int done = 0;
+  for (int i = 0; i < 3; ++i) {
+    auto id = e.Submit(Request({1, 2, 3, 4}, 16), [&](const StreamEvent& ev) {
+      if (ev.done) {
+        EXPECT_EQ(ev.reason, FinishReason::kLength);
+        ++done;
+      }
+    });
+    ASSERT_TRUE(id.ok()) << id.status();
+  }
+  int steps = 0;
+  while (e.HasWork()) {
+    ASSERT_TRUE(e.Step().ok());
+    EXPECT_LE(e.running(), 1);
+    EXPECT_LE(e.reserved_kv_bytes(), opts.max_kv_bytes);
+    EXPECT_LE(backend->memory_report().bytes[static_cast<size_t>(MemoryKind::kKvCache)], opts.max_kv_bytes);
+    ASSERT_LT(++steps, 1000);
+  }
+  EXPECT_EQ(done, 3);
+  EXPECT_EQ(e.reserved_kv_bytes(), 0);
+}
+
 TEST_F(EngineFixture, SeededSamplingIsReproducible) {
   Engine e(model.get(), nullptr, EngineOptions{});
   auto a = e.Generate(Request({5}, 20, 1.0f, 9)).value().tokens;

@@ -58,5 +58,31 @@ TEST(GeneratorAdmission, FullQueueRejectsAndAdmittedRequestsComplete) {
   EXPECT_TRUE(CallGenerate(stub.get(), req).status.ok());
 }
 
+// --max-kv-bytes: a request whose dense KV reservation (prompt + max_new_tokens) cannot fit the budget is
+// refused with RESOURCE_EXHAUSTED naming the flag and what would fit; smaller ones are served.
+TEST(GeneratorAdmission, KvBudgetRefusesWhatCannotFit) {
+  const std::string dir = ModelDir();
+  if (dir.empty()) GTEST_FAIL() << "stories260K not found in models/";
+  ServerProcess server;
+  // stories260K: 5 layers x 2 x 4 KV heads x 8 dims x 4 bytes = 1280 bytes a token: 100 tokens fit.
+  absl::Status st = server.Start(SPC_GENERATOR_BIN, {"--model", dir + "/stories260K.bin", "--tokenizer",
+                                                     dir + "/tok512.bin", "--backend", "cpu", "--threads", "1",
+                                                     "--log-level", "warning", "--max-kv-bytes", "128000"});
+  ASSERT_TRUE(st.ok()) << st;
+  auto stub = GeneratorStub(server.address());
+  v1::GenerateRequest req;
+  req.set_prompt("Once upon a time");
+  req.set_max_new_tokens(200);
+  StreamResult r = CallGenerate(stub.get(), req);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << r.status.error_message();
+  EXPECT_THAT(r.status.error_message(), ::testing::HasSubstr("--max-kv-bytes"));
+  EXPECT_THAT(r.status.error_message(), ::testing::HasSubstr("at most 100 tokens"));
+  req.set_max_new_tokens(60);
+  req.set_ignore_eos(true);
+  r = CallGenerate(stub.get(), req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.tokens.size(), 60u);
+}
+
 }  // namespace
 }  // namespace specontext::testing

@@ -188,6 +188,99 @@ TEST_F(RetrieverE2E, ErrorsKeepTheStreamOpenAndLimitsHold) {
   ExpectFreed();
 }
 
+// A hostile client's ways to exhaust the retriever, each refused before any work: an id named many
+// times in one Select, a Select whose reply could pass the message limit, sessions past --max-sessions
+// and caches past --max-cache-bytes (over all sessions).
+TEST(RetrieverLimits, HostileSessionsAreRefusedBeforeAnyWork) {
+  std::mt19937 rng(std::random_device{}());
+  const std::string head_dir = WriteRandomHead(rng);
+  RemoveOnExit head_guard{head_dir};
+  ServerProcess server;
+  absl::Status st = server.Start(SPC_RETRIEVER_BIN, {"--head", head_dir, "--max-sequences", "64",
+                                                     "--max-tokens-per-sequence", "4096", "--max-sessions", "2",
+                                                     "--max-cache-bytes", "200KiB", "--max-message-bytes", "4KiB",
+                                                     "--log-level", "warning"});
+  ASSERT_TRUE(st.ok()) << st;
+  auto stub = v1::Retriever::NewStub(grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  std::unique_ptr<Stream> stream = stub->Session(&ctx);
+  v1::RetrieverResponse resp;
+  auto expect_error = [&](Stream* s, const v1::RetrieverRequest& req, absl::StatusCode code, const char* part) {
+    ASSERT_TRUE(s->Write(req));
+    ASSERT_TRUE(s->Read(&resp));
+    ASSERT_TRUE(resp.has_error());
+    EXPECT_EQ(resp.error().code(), static_cast<int>(code)) << resp.error().message();
+    EXPECT_THAT(resp.error().message(), ::testing::HasSubstr(part));
+  };
+  std::vector<int32_t> tokens(300);
+  for (int32_t& t : tokens) t = static_cast<int32_t>(rng() % 512);
+  for (uint64_t id : {1, 2}) {
+    ASSERT_TRUE(stream->Write(OpenReq(id, 4096)));
+    ASSERT_TRUE(stream->Write(ObserveReq(id, tokens)));
+  }
+  // One id 1,000 times (2 KB, under this server's message limit; the reported attack sent it 20,000
+  // times in 40 KB): refused without scoring it 1,000 times.
+  v1::RetrieverRequest dup;
+  for (int i = 0; i < 1000; ++i) dup.mutable_select()->add_sequence_ids(1);
+  dup.mutable_select()->set_budget(8);
+  expect_error(stream.get(), dup, absl::StatusCode::kInvalidArgument, "more than once");
+  // 2 sequences x 4 KV heads x 200 indices x 4 bytes > 4 KiB: refused; one of them fits.
+  v1::RetrieverRequest big;
+  big.mutable_select()->add_sequence_ids(1);
+  big.mutable_select()->add_sequence_ids(2);
+  big.mutable_select()->set_budget(200);
+  expect_error(stream.get(), big, absl::StatusCode::kResourceExhausted, "--max-message-bytes");
+  big.mutable_select()->mutable_sequence_ids()->RemoveLast();
+  ASSERT_TRUE(stream->Write(big));
+  ASSERT_TRUE(stream->Read(&resp));
+  ASSERT_FALSE(resp.has_error()) << resp.error().message();
+  EXPECT_EQ(resp.selection().sets().indices_size(), 4 * 200);
+  // Caches: each sequence holds 512 rows x 4 KV heads x 8 dims x 4 bytes = 64 KiB now; new ones take
+  // 32 KiB, so the 200 KiB process bound refuses the third or fourth open.
+  uint64_t next = 3;
+  for (; next < 64; ++next) {
+    ASSERT_TRUE(stream->Write(OpenReq(next, 4096)));
+    v1::RetrieverRequest probe;  // an error reply tells whether the open was refused
+    probe.mutable_close()->set_sequence_id(1000);
+    ASSERT_TRUE(stream->Write(probe));
+    ASSERT_TRUE(stream->Read(&resp));
+    ASSERT_TRUE(resp.has_error());
+    if (resp.error().sequence_id() == next) break;
+    ASSERT_EQ(resp.error().sequence_id(), 1000u) << resp.error().message();
+  }
+  ASSERT_LT(next, 6u) << "the cache bound never refused an open";
+  EXPECT_EQ(resp.error().code(), static_cast<int>(absl::StatusCode::kResourceExhausted)) << resp.error().message();
+  EXPECT_THAT(resp.error().message(), ::testing::HasSubstr("--max-cache-bytes"));
+  ASSERT_TRUE(stream->Read(&resp));  // the probe's NotFound
+  // Growing a cache past the bound is refused too, before the head runs.
+  expect_error(stream.get(), ObserveReq(1, tokens), absl::StatusCode::kResourceExhausted, "--max-cache-bytes");
+  auto body = FetchMetrics(server.metrics_port());
+  ASSERT_TRUE(body.ok());
+  EXPECT_LE(MetricValue(*body, "spc_retriever_cache_bytes").value_or(-1), 200 * 1024);
+  // Sessions: a second one is served, a third refused with RESOURCE_EXHAUSTED.
+  grpc::ClientContext ctx2, ctx3;
+  std::unique_ptr<Stream> second = stub->Session(&ctx2);
+  v1::RetrieverRequest close_unknown;
+  close_unknown.mutable_close()->set_sequence_id(5);
+  expect_error(second.get(), close_unknown, absl::StatusCode::kNotFound, "not open");
+  std::unique_ptr<Stream> third = stub->Session(&ctx3);
+  third->Write(close_unknown);
+  EXPECT_FALSE(third->Read(&resp));
+  const grpc::Status refused = third->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), ::testing::HasSubstr("--max-sessions"));
+  // A session that ends gives its slot back.
+  second->WritesDone();
+  EXPECT_TRUE(second->Finish().ok());
+  grpc::ClientContext ctx4;
+  std::unique_ptr<Stream> fourth = stub->Session(&ctx4);
+  expect_error(fourth.get(), close_unknown, absl::StatusCode::kNotFound, "not open");
+  fourth->WritesDone();
+  EXPECT_TRUE(fourth->Finish().ok());
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
 TEST(RetrieverSessionInProcess, ClosingAndDestroyingFreeEverything) {
   std::mt19937 rng(std::random_device{}());
   const std::string dir = WriteRandomHead(rng);
