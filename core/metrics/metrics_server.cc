@@ -6,10 +6,15 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
-#include "core/metrics/exposition.h"
 #include "httplib.h"
 
 namespace specontext::metrics {
+namespace {
+
+// Content-Type of the text exposition format 0.0.4.
+constexpr char kExpositionContentType[] = "text/plain; version=0.0.4; charset=utf-8";
+
+}  // namespace
 
 MetricsServer::MetricsServer(const Registry* registry, std::string host, int port)
     : registry_(registry), host_(std::move(host)), port_(port) {}
