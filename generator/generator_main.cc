@@ -32,7 +32,10 @@ void DefineFlags(Args& a) {
   a.Define({"tokenizer", "tokenizer.json or llama2.c tokenizer .bin (default: beside the model)", false, false, ""});
   a.Define({"listen", "gRPC address HOST:PORT (port 0 picks a free one)", false, false, "127.0.0.1:50051"});
   a.Define({"metrics-port", "port of the Prometheus /metrics server (0 picks a free one)", false, false, "9464"});
-  a.Define({"metrics-host", "address the /metrics server binds", false, false, "0.0.0.0"});
+  a.Define({"metrics-host", "address the /metrics and /healthz server binds (all interfaces by default)", false,
+            false, "0.0.0.0"});
+  a.Define({"metrics-tls-cert", "PEM certificate chain: serve /metrics and /healthz over HTTPS", false, false, ""});
+  a.Define({"metrics-tls-key", "PEM private key for --metrics-tls-cert", false, false, ""});
   a.Define({"retriever", "none, inproc or HOST:PORT of a specontext-retriever", false, false, "none"});
   a.Define({"retrieval-head", "retrieval head directory (specontext prune): turns on sparse decoding", false, false,
             ""});
@@ -227,7 +230,11 @@ absl::Status Run(const Args& args) {
   }
   server->GetHealthCheckService()->SetServingStatus(true);
 
-  metrics::MetricsServer metrics_server(&registry, args.GetString("metrics-host"), static_cast<int>(metrics_port));
+  metrics::MetricsServerOptions metrics_options;
+  metrics_options.tls_cert_file = args.GetString("metrics-tls-cert");
+  metrics_options.tls_key_file = args.GetString("metrics-tls-key");
+  metrics::MetricsServer metrics_server(&registry, args.GetString("metrics-host"), static_cast<int>(metrics_port),
+                                        metrics_options);
   metrics_server.SetReadiness([&service] { return !service.draining(); });
   if (absl::Status st = metrics_server.Start(); !st.ok()) {
     server->Shutdown();

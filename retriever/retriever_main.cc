@@ -26,7 +26,10 @@ void DefineFlags(Args& a) {
   a.Define({"model", "target model: needed when the head shares the target's embedding", false, false, ""});
   a.Define({"listen", "gRPC address HOST:PORT (port 0 picks a free one)", false, false, "127.0.0.1:50052"});
   a.Define({"metrics-port", "port of the Prometheus /metrics server (0 picks a free one)", false, false, "9465"});
-  a.Define({"metrics-host", "address the /metrics server binds", false, false, "0.0.0.0"});
+  a.Define({"metrics-host", "address the /metrics and /healthz server binds (all interfaces by default)", false,
+            false, "0.0.0.0"});
+  a.Define({"metrics-tls-cert", "PEM certificate chain: serve /metrics and /healthz over HTTPS", false, false, ""});
+  a.Define({"metrics-tls-key", "PEM private key for --metrics-tls-cert", false, false, ""});
   a.Define({"max-sequences", "open sequences per session", false, false, "256"});
   a.Define({"max-tokens-per-sequence", "retrieval K cache rows per sequence", false, false, "131072"});
   a.Define({"max-message-bytes", "largest gRPC message accepted or sent (a Select whose reply could be larger is "
@@ -111,7 +114,11 @@ absl::Status Run(const Args& args) {
                                                " (is the port in use or the address not local?)"));
   }
   server->GetHealthCheckService()->SetServingStatus(true);
-  metrics::MetricsServer metrics_server(&registry, args.GetString("metrics-host"), static_cast<int>(metrics_port));
+  metrics::MetricsServerOptions metrics_options;
+  metrics_options.tls_cert_file = args.GetString("metrics-tls-cert");
+  metrics_options.tls_key_file = args.GetString("metrics-tls-key");
+  metrics::MetricsServer metrics_server(&registry, args.GetString("metrics-host"), static_cast<int>(metrics_port),
+                                        metrics_options);
   if (absl::Status st = metrics_server.Start(); !st.ok()) {
     server->Shutdown();
     return st;

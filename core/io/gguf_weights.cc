@@ -8,9 +8,9 @@
 #include <unordered_map>
 
 #include "absl/strings/str_cat.h"
-#include "core/cpu/cpu_limits.h"
 #include "core/io/ggml_dequantize.h"
 #include "core/io/gguf_checkpoint.h"
+#include "core/parallel/cpu_limits.h"
 #include "core/status_macros.h"
 
 namespace specontext {

@@ -4,8 +4,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "core/cpu/parallel_for.h"
 #include "core/log.h"
+#include "core/parallel/parallel_for.h"
 #include "core/sparse/index_sets.h"
 #include "core/status_macros.h"
 #include "core/tokenizer/tokenizer.h"

@@ -12,7 +12,7 @@
 #include "absl/status/statusor.h"
 #include "core/backend.h"
 #include "core/io/weight_source.h"
-#include "core/model/rope_frequencies.h"
+#include "core/rope/rope_frequencies.h"
 
 namespace specontext {
 

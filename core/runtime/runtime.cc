@@ -9,9 +9,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/cli/args.h"
-#include "core/cpu/cpu_limits.h"
-#include "core/cpu/parallel_for.h"
 #include "core/log.h"
+#include "core/parallel/cpu_limits.h"
+#include "core/parallel/parallel_for.h"
 #include "core/status_macros.h"
 #ifdef SPECONTEXT_HAVE_CUDA
 #include "core/cuda/cuda_backend.h"

@@ -5,7 +5,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "core/cpu/parallel_for.h"
+#include "core/parallel/parallel_for.h"
 #include "core/status_macros.h"
 
 namespace specontext {

@@ -117,7 +117,7 @@ struct ElasticPlan {
 /// O(Σ |S_now| + Σ |S_last| + n_sets · budget).
 absl::StatusOr<ElasticPlan> PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexSets& sets);
 /// The same into `plan`, reusing its buffers (a decode loop keeps one plan: no allocation per step once
-/// the buffers have grown). Sequences are planned in parallel (core/cpu/parallel_for.h); the result does not
+/// the buffers have grown). Sequences are planned in parallel (core/parallel/parallel_for.h); the result does not
 /// depend on the thread count. On error `plan` is left unspecified.
 absl::Status PlanElasticLoads(std::span<const SlotMap* const> maps, const IndexSets& sets, ElasticPlan* plan);
 

@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/io/file_util.h"
 #include "core/io/safetensors.h"
-#include "core/model/rope_frequencies.h"
+#include "core/rope/rope_frequencies.h"
 #include "core/status_macros.h"
 
 namespace specontext {

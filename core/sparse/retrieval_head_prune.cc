@@ -10,7 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "core/io/file_util.h"
 #include "core/io/weight_files.h"
-#include "core/model/rope_frequencies.h"
+#include "core/rope/rope_frequencies.h"
 #include "core/sparse/retrieval_head.h"
 #include "core/status_macros.h"
 

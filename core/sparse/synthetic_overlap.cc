@@ -5,7 +5,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
-#include "core/cpu/parallel_for.h"
+#include "core/parallel/parallel_for.h"
 
 namespace specontext {
 namespace {

@@ -1,11 +1,13 @@
-// Registry and text exposition: exact output for a small registry, escaping, histogram buckets,
-// validation, and concurrent updates.
+// Registry on prometheus-cpp: the exposition of a small registry line by line (prometheus-cpp does
+// not order children), escaping, histogram buckets, validation, and concurrent updates.
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "core/metrics/exposition.h"
+#include "absl/strings/str_split.h"
 #include "core/metrics/metrics.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -15,6 +17,7 @@ namespace {
 
 using ::testing::HasSubstr;
 using ::testing::Not;
+using ::testing::UnorderedElementsAreArray;
 
 uint64_t FreshSeed() {
   const uint64_t seed = (uint64_t{std::random_device{}()} << 32) ^ std::random_device{}();
@@ -22,7 +25,24 @@ uint64_t FreshSeed() {
   return seed;
 }
 
-TEST(ExpositionTest, ExactTextForASmallRegistry) {
+std::vector<std::string> Lines(const std::string& text) {
+  EXPECT_TRUE(text.empty() || text.back() == '\n');
+  return absl::StrSplit(text, '\n', absl::SkipEmpty());
+}
+
+// The value of the sample line that starts with `prefix` (name and labels), or NaN.
+double Sample(const std::string& text, const std::string& prefix) {
+  for (const std::string& line : Lines(text)) {
+    if (line.rfind(prefix + " ", 0) == 0) {
+      double v = NAN;
+      EXPECT_TRUE(absl::SimpleAtod(line.substr(prefix.size() + 1), &v)) << line;
+      return v;
+    }
+  }
+  return NAN;
+}
+
+TEST(ExpositionTest, EveryLineOfASmallRegistry) {
   std::mt19937_64 rng(FreshSeed());
   const int ok = 1 + rng() % 1000, bad = 1 + rng() % 1000, depth = rng() % 100;
   Registry reg;
@@ -37,43 +57,42 @@ TEST(ExpositionTest, ExactTextForASmallRegistry) {
   h->Observe(0.25);
   h->Observe(1.0);  // on a bound: counts in le="1"
   h->Observe(7.5);
-  const std::string expected = absl::StrCat(
-      "# HELP spc_requests_total Requests by status code.\n"
-      "# TYPE spc_requests_total counter\n"
-      "spc_requests_total{code=\"INVALID_ARGUMENT\",method=\"Generate\"} ",
-      bad, "\n", "spc_requests_total{code=\"OK\",method=\"Generate\"} ", ok, "\n",
-      "# HELP spc_queue_depth Requests waiting.\n"
-      "# TYPE spc_queue_depth gauge\n"
-      "spc_queue_depth ",
-      depth, "\n",
-      "# HELP spc_ttft_seconds Time to first token.\n"
-      "# TYPE spc_ttft_seconds histogram\n"
-      "spc_ttft_seconds_bucket{model=\"qwen3\",le=\"0.5\"} 1\n"
-      "spc_ttft_seconds_bucket{model=\"qwen3\",le=\"1\"} 2\n"
-      "spc_ttft_seconds_bucket{model=\"qwen3\",le=\"2.5\"} 2\n"
-      "spc_ttft_seconds_bucket{model=\"qwen3\",le=\"+Inf\"} 3\n"
-      "spc_ttft_seconds_sum{model=\"qwen3\"} 8.75\n"
-      "spc_ttft_seconds_count{model=\"qwen3\"} 3\n");
-  EXPECT_EQ(reg.Serialize(), expected);
+  const std::vector<std::string> expected = {
+      "# HELP spc_requests_total Requests by status code.",
+      "# TYPE spc_requests_total counter",
+      absl::StrCat("spc_requests_total{code=\"INVALID_ARGUMENT\",method=\"Generate\"} ", bad),
+      absl::StrCat("spc_requests_total{code=\"OK\",method=\"Generate\"} ", ok),
+      "# HELP spc_queue_depth Requests waiting.",
+      "# TYPE spc_queue_depth gauge",
+      absl::StrCat("spc_queue_depth ", depth),
+      "# HELP spc_ttft_seconds Time to first token.",
+      "# TYPE spc_ttft_seconds histogram",
+      "spc_ttft_seconds_bucket{model=\"qwen3\",le=\"0.5\"} 1",
+      "spc_ttft_seconds_bucket{model=\"qwen3\",le=\"1\"} 2",
+      "spc_ttft_seconds_bucket{model=\"qwen3\",le=\"2.5\"} 2",
+      "spc_ttft_seconds_bucket{model=\"qwen3\",le=\"+Inf\"} 3",
+      "spc_ttft_seconds_sum{model=\"qwen3\"} 8.75",
+      "spc_ttft_seconds_count{model=\"qwen3\"} 3"};
+  const std::string text = reg.Serialize();
+  EXPECT_THAT(Lines(text), UnorderedElementsAreArray(expected)) << text;
+  // Each family's HELP and TYPE come before its samples.
+  EXPECT_LT(text.find("# TYPE spc_ttft_seconds"), text.find("spc_ttft_seconds_bucket"));
 }
 
 TEST(ExpositionTest, EscapingAndValues) {
-  EXPECT_EQ(EscapeLabelValue("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-  EXPECT_EQ(EscapeHelp("x\\y\nz \"q\""), "x\\\\y\\nz \"q\"");  // quotes stay in HELP
-  EXPECT_EQ(FormatValue(0.1), "0.1");
-  EXPECT_EQ(FormatValue(3), "3");
-  EXPECT_EQ(FormatValue(-2.5), "-2.5");
-  EXPECT_EQ(FormatValue(INFINITY), "+Inf");
-  EXPECT_EQ(FormatValue(-INFINITY), "-Inf");
-  EXPECT_EQ(FormatValue(NAN), "NaN");
-  EXPECT_EQ(std::stod(FormatValue(1.0 / 3)), 1.0 / 3);  // round trips
   Registry reg;
-  auto* c = *reg.AddCounter("spc_odd_total", "Help with \\ and\nnewline.", {"path"});
+  auto* c = *reg.AddCounter("spc_odd_total", "Help with \\ and\nnewline \"q\".", {"path"});
   (*c->WithLabels({"C:\\dir \"x\"\n"}))->Increment();
-  EXPECT_EQ(reg.Serialize(),
-            "# HELP spc_odd_total Help with \\\\ and\\nnewline.\n"
-            "# TYPE spc_odd_total counter\n"
-            "spc_odd_total{path=\"C:\\\\dir \\\"x\\\"\\n\"} 1\n");
+  auto* g = *reg.AddGauge("spc_values", "Values.", {"v"});
+  (*g->WithLabels({"third"}))->Set(1.0 / 3);
+  (*g->WithLabels({"inf"}))->Set(INFINITY);
+  (*g->WithLabels({"neg"}))->Set(-2.5);
+  const std::string text = reg.Serialize();
+  EXPECT_THAT(text, HasSubstr("# HELP spc_odd_total Help with \\\\ and\\nnewline \"q\".\n"));
+  EXPECT_THAT(text, HasSubstr("spc_odd_total{path=\"C:\\\\dir \\\"x\\\"\\n\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("spc_values{v=\"inf\"} +Inf\n"));
+  EXPECT_THAT(text, HasSubstr("spc_values{v=\"neg\"} -2.5\n"));
+  EXPECT_NEAR(Sample(text, "spc_values{v=\"third\"}"), 1.0 / 3, 1e-15);
 }
 
 TEST(ExpositionTest, HistogramBucketsMatchBruteForce) {
@@ -90,19 +109,18 @@ TEST(ExpositionTest, HistogramBucketsMatchBruteForce) {
     h->Observe(v);
     sum += v;
   }
-  h->Observe(NAN);  // ignored
-  const Histogram::Snapshot s = h->Collect();
-  ASSERT_EQ(s.cumulative.size(), bounds.size() + 1);
-  for (size_t i = 0; i < bounds.size(); ++i) {
+  const std::string text = reg.Serialize();
+  for (double b : bounds) {
     const auto expect =
-        std::count_if(values.begin(), values.end(), [&](double v) { return v <= bounds[i]; });
-    EXPECT_EQ(s.cumulative[i], static_cast<uint64_t>(expect)) << "le=" << bounds[i];
+        std::count_if(values.begin(), values.end(), [&](double v) { return v <= b; });
+    EXPECT_EQ(Sample(text, absl::StrCat("spc_latency_seconds_bucket{le=\"", b, "\"}")),
+              static_cast<double>(expect))
+        << "le=" << b;
   }
-  EXPECT_EQ(s.cumulative.back(), values.size());
-  EXPECT_EQ(s.count, values.size());
-  EXPECT_NEAR(s.sum, sum, 1e-9 * std::abs(sum) + 1e-12);
-  EXPECT_THAT(reg.Serialize(), HasSubstr(absl::StrCat("spc_latency_seconds_bucket{le=\"+Inf\"} ",
-                                                      values.size(), "\n")));
+  EXPECT_EQ(Sample(text, "spc_latency_seconds_bucket{le=\"+Inf\"}"),
+            static_cast<double>(values.size()));
+  EXPECT_EQ(Sample(text, "spc_latency_seconds_count"), static_cast<double>(values.size()));
+  EXPECT_NEAR(Sample(text, "spc_latency_seconds_sum"), sum, 1e-9 * std::abs(sum) + 1e-12);
 }
 
 TEST(RegistryTest, RejectsBadDefinitions) {
@@ -114,6 +132,8 @@ TEST(RegistryTest, RejectsBadDefinitions) {
   EXPECT_FALSE(reg.AddCounter("ok_total", "x", {"bad-label"}).ok());
   EXPECT_TRUE(reg.AddCounter("ok_total", "x", {"a"}).ok());
   EXPECT_THAT(reg.AddGauge("ok_total", "x").status().message(), HasSubstr("already registered"));
+  EXPECT_THAT(reg.AddCounter("ok_total", "x", {"a"}).status().message(),
+              HasSubstr("already registered"));
   EXPECT_FALSE(reg.AddHistogram("h_seconds", "x", {"le"}, {1}).ok());
   EXPECT_FALSE(reg.AddHistogram("h_seconds", "x", {}, {1, 1}).ok());
   EXPECT_FALSE(reg.AddHistogram("h_seconds", "x", {}, {2, 1}).ok());
@@ -125,13 +145,13 @@ TEST(RegistryTest, RejectsBadDefinitions) {
   EXPECT_EQ(c->WithLabels({"only one"}).status().code(), absl::StatusCode::kInvalidArgument);
   Counter* child = *c->WithLabels({"1", "2"});
   child->Increment(-5);  // counters never go down
-  child->Increment(NAN);
   EXPECT_EQ(child->Value(), 0);
   EXPECT_EQ(*c->WithLabels({"1", "2"}), child);  // same child every time
   // A labelled family without children is not exported; an unlabelled one exports 0.
   const std::string text = reg.Serialize();
   EXPECT_THAT(text, Not(HasSubstr("ok_total")));
   EXPECT_THAT(text, HasSubstr("h_seconds_count 0\n"));
+  EXPECT_THAT(text, HasSubstr("h_seconds_bucket{le=\"+Inf\"} 0\n"));
 }
 
 TEST(RegistryTest, ConcurrentUpdatesSumExactly) {
@@ -165,9 +185,11 @@ TEST(RegistryTest, ConcurrentUpdatesSumExactly) {
       (*c->WithLabels({"prompt"}))->Value() + (*c->WithLabels({"generated"}))->Value();
   EXPECT_EQ(got, static_cast<double>(total));
   EXPECT_EQ((*g->WithLabels({}))->Value(), 0.0);
-  const Histogram::Snapshot s = (*h->WithLabels({}))->Collect();
-  EXPECT_EQ(s.count, s.cumulative.back());
-  EXPECT_EQ(s.sum, 0.25 * s.cumulative[0] + 0.75 * (s.count - s.cumulative[0]));
+  const prometheus::ClientMetric::Histogram s = (*h->WithLabels({}))->Collect().histogram;
+  ASSERT_EQ(s.bucket.size(), 2u);  // le="0.5" and +Inf
+  EXPECT_EQ(s.sample_count, s.bucket.back().cumulative_count);
+  const uint64_t low = s.bucket[0].cumulative_count;
+  EXPECT_EQ(s.sample_sum, 0.25 * low + 0.75 * (s.sample_count - low));
 }
 
 }  // namespace

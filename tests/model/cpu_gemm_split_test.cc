@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "core/cpu/cpu_gemm.h"
-#include "core/cpu/parallel_for.h"
+#include "core/parallel/parallel_for.h"
 
 namespace specontext {
 namespace {

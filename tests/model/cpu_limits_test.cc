@@ -1,7 +1,7 @@
-// The default thread count (core/cpu/cpu_limits.h) on fake cgroup trees: v2 cpu.max and v1 CFS
+// The default thread count (core/parallel/cpu_limits.h) on fake cgroup trees: v2 cpu.max and v1 CFS
 // quota, limits on ancestors, no limit, unreadable or malformed files; and its combination with the
 // affinity mask.
-#include "core/cpu/cpu_limits.h"
+#include "core/parallel/cpu_limits.h"
 
 #include <gtest/gtest.h>
 #include <sched.h>

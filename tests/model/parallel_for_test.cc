@@ -1,9 +1,9 @@
-// ParallelFor (core/cpu/parallel_for.h): every index runs exactly once in contiguous
+// ParallelFor (core/parallel/parallel_for.h): every index runs exactly once in contiguous
 // non-overlapping ranges, whatever the sizes, across many back-to-back calls (workers waking late,
 // spinning, sleeping), with calls from several threads at once; small calls run inline on the
 // caller; no range is smaller than a wake-up is worth; the caller takes over ranges no worker has
 // started, and sleeps rather than spins while a worker it waits for is off its CPU.
-#include "core/cpu/parallel_for.h"
+#include "core/parallel/parallel_for.h"
 
 #include <gtest/gtest.h>
 #include <time.h>

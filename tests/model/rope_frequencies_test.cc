@@ -1,4 +1,4 @@
-#include "core/model/rope_frequencies.h"
+#include "core/rope/rope_frequencies.h"
 
 #include <gtest/gtest.h>
 

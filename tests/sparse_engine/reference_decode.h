@@ -14,7 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/backend.h"
 #include "core/io/weight_source.h"
-#include "core/model/rope_frequencies.h"
+#include "core/rope/rope_frequencies.h"
 #include "core/status_macros.h"
 
 namespace specontext::testing {

@@ -1,4 +1,4 @@
-#include "core/cpu/cpu_limits.h"
+#include "core/parallel/cpu_limits.h"
 
 #include <sched.h>
 

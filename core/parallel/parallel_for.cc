@@ -1,4 +1,4 @@
-#include "core/cpu/parallel_for.h"
+#include "core/parallel/parallel_for.h"
 
 #include <algorithm>
 #include <atomic>
@@ -10,7 +10,7 @@
 #include <thread>
 #include <vector>
 
-#include "core/cpu/cpu_limits.h"
+#include "core/parallel/cpu_limits.h"
 
 namespace specontext {
 namespace {
