@@ -141,7 +141,7 @@ fi
 # loadgen TAG PORT ARGS...: one loadgen run, JSONL in OUT/serve_TAG.jsonl, summary line on stdout.
 loadgen() {
   local tag=$1 port=$2; shift 2
-  timeout $((${SPC_SERVE_SECONDS:-90} + 60)) specontext-loadgen --addr 127.0.0.1:$port --quiet \
+  timeout $((${SPC_SERVE_SECONDS:-90} + 60)) specontext-loadgen --addr 127.0.0.1:$port --quiet --timeout-s $((${SPC_SERVE_SECONDS:-90} + 30)) \
     --duration-s ${SPC_SERVE_SECONDS:-90} --out "$OUT/serve_$tag.jsonl" "$@" > "$LOGS/loadgen_$tag.txt" 2>&1
   local rc=$?
   python3 - "$tag" "$rc" "$OUT/serve_$tag.jsonl" << 'EOF'
