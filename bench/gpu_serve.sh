@@ -7,7 +7,8 @@
 #             concurrent streams == their single-stream runs (equal.txt)
 #   kvstore   generator with --kvstore on CUDA (segment registered with CUDA): requests served from the host
 #             tier, SIGKILL mid-stream, restart on the same segment, every block reclaimed (kvstore.txt)
-#   serve     serving figures with specontext-loadgen on a random Llama-3.1-8B shape (SPC_SERVE_PRESET):
+#   serve     serving figures with specontext-loadgen on a random Llama-3.1-8B shape (SPC_SERVE_PRESET; or a
+#             real model: SPC_SERVE_MODEL=FILE.gguf SPC_SERVE_HEAD=models/smollm2-135m-retrieval-head):
 #             dense and sparse (B 2048), concurrency 1, 8, 32 and two Poisson request rates
 #             (SPC_SERVE_RATES, default "2,8"), /metrics scraped before and after each server (serve_*.jsonl)
 #   paper     the paper's benchmark 3 served end to end: SPC_PAPER_REQUESTS (32) requests of a 2K prompt
@@ -37,6 +38,13 @@ tiny_models() {
     specontext prune --source $W/tiny --kind layer --target $W/tiny --out $W/tiny-head 2>&1 | tail -1
   fi
 }
+
+# The served model: a random checkpoint of SPC_SERVE_PRESET with its pruned random head, or a real one
+# (SPC_SERVE_MODEL, e.g. the SmolLM2-135M GGUF, with SPC_SERVE_HEAD, e.g. models/smollm2-135m-retrieval-head).
+PRESET=${SPC_SERVE_PRESET:-llama-3.1-8b}
+MODEL=${SPC_SERVE_MODEL:-/tmp/$PRESET}
+HEAD=${SPC_SERVE_HEAD:-/tmp/$PRESET-head}
+served_model() { [ -n "${SPC_SERVE_MODEL:-}" ] || spc_model $PRESET; }
 
 # ---- equal ----------------------------------------------------------------------------------------------
 PROMPTS=("Once upon a time" "The little dog ran to the" "Lily wanted to play with her friend" "One day, a big")
@@ -92,6 +100,11 @@ if has equal; then
       compare_cli_service tiny-split $W/tiny "--sparse --retrieval-head $W/tiny-head --budget 8" \
         "--retrieval-head $W/tiny-head --retriever 127.0.0.1:$SPC_PORT --budget 8"
       spc_stop $SPC_PID
+    fi
+    if [ -n "${SPC_SERVE_MODEL:-}" ]; then  # a real model (e.g. SmolLM2-135M) and its trained head
+      compare_cli_service real-dense "$SPC_SERVE_MODEL" "" ""
+      compare_cli_service real-sparse "$SPC_SERVE_MODEL" "--sparse --retrieval-head $HEAD --budget 64" \
+        "--retrieval-head $HEAD --retriever inproc --budget 64"
     fi
   } 2>&1 | tee "$OUT/equal.txt"
 fi
@@ -156,9 +169,9 @@ print(f"{tag} rc={rc} ok={s['completed']} failed={s['failed']} req/s={s['request
       f"tpot_ms p50={s['median_tpot_ms']:.2f} p99={s['p99_tpot_ms']:.2f} itl_ms p99={s['p99_itl_ms']:.2f}")
 EOF
 }
-serve_model() {  # serve_model TAG SERVER_ARGS...: starts the generator on the big model, scrapes /metrics
+serve_model() {  # serve_model TAG SERVER_ARGS...: starts the generator on the served model, scrapes /metrics
   local tag=$1; shift
-  spc_start gen-$tag $LOGS specontext-generator --model /tmp/$PRESET --backend $BACKEND --listen 127.0.0.1:0 \
+  spc_start gen-$tag $LOGS specontext-generator --model "$MODEL" --backend $BACKEND --listen 127.0.0.1:0 \
     --metrics-port 0 "$@" || return 1
   spc_scrape $SPC_METRICS_PORT "$OUT/metrics_${tag}_before.txt"
 }
@@ -168,12 +181,11 @@ metrics_vs_client() {
   python3 "$HERE/lib/metrics_vs_client.py" "$OUT/metrics_${tag}_before.txt" "$OUT/metrics_${tag}_after.txt" "$@" \
     | tee "$OUT/metrics_vs_client_$tag.json"
 }
-PRESET=${SPC_SERVE_PRESET:-llama-3.1-8b}
 if has serve; then
-  spc_model $PRESET
+  served_model
   for mode in dense sparse; do
     if [ $mode = sparse ]; then
-      serve_model $mode --retrieval-head /tmp/$PRESET-head --retriever inproc --budget 2048 || continue
+      serve_model $mode --retrieval-head $HEAD --retriever inproc --budget 2048 || continue
     else
       serve_model $mode || continue
     fi
@@ -193,11 +205,11 @@ fi
 
 # ---- the paper's benchmark 3, served ---------------------------------------------------------------------
 if has paper || has paper-dense; then
-  spc_model $PRESET
+  served_model
   NEW=${SPC_PAPER_NEW:-16384}
   if has paper; then
     R=${SPC_PAPER_REQUESTS:-32}
-    if serve_model paper --retrieval-head /tmp/$PRESET-head --retriever inproc --budget 2048 --max-batch $R \
+    if serve_model paper --retrieval-head $HEAD --retriever inproc --budget 2048 --max-batch $R \
         --max-context $((2048 + NEW)); then
       SPC_SERVE_SECONDS=${SPC_PAPER_SECONDS:-500} loadgen paper_sparse_r$R $SPC_PORT --concurrency $R \
         --requests $R --prompt-tokens 2048 --output-tokens $NEW
@@ -220,16 +232,16 @@ fi
 
 # ---- split retriever vs in-process under load -------------------------------------------------------------
 if has split; then
-  spc_model $PRESET
+  served_model
   for where in inproc split; do
     if [ $where = split ]; then
-      spc_start retriever-big $LOGS specontext-retriever --head /tmp/$PRESET-head --model /tmp/$PRESET \
+      spc_start retriever-big $LOGS specontext-retriever --head $HEAD --model "$MODEL" \
         --listen 127.0.0.1:0 --metrics-port 0 || continue
       rpid=$SPC_PID; raddr=127.0.0.1:$SPC_PORT
     else
       raddr=inproc
     fi
-    serve_model split-$where --retrieval-head /tmp/$PRESET-head --retriever $raddr --budget 2048 || continue
+    serve_model split-$where --retrieval-head $HEAD --retriever $raddr --budget 2048 || continue
     loadgen split_${where}_c32 $SPC_PORT --concurrency 32 --requests 64 --prompt-tokens 2048 --output-tokens 512
     spc_scrape $SPC_METRICS_PORT "$OUT/metrics_split-${where}_after.txt"
     metrics_vs_client split-$where "$OUT/serve_split_${where}_c32.jsonl"
