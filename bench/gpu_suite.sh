@@ -5,7 +5,7 @@
 #   gather      cuda_gather_bench (host->GPU gather, elastic vs full reload, sparse attention, selection)
 #   dense       specontext bench on random Llama-3.1-8B and Llama-3.2-1B shapes
 #   sparse-e2e  generate --sparse on CUDA vs CPU with a tiny checkpoint and a pruned `layer` head
-#   SpeContext benchmarks of issue 4 (`specontext bench --sparse`, docs/sparse.md "Benchmarks"); random
+#   SpeContext benchmarks 2-4 (`specontext bench --sparse`, docs/sparse.md "Benchmarks"); random
 #   Llama shapes with a pruned random EAGLE-3 head; each part fits one 10-minute device call:
 #   sparse-b2        benchmark 2: 8B, R 1,8,32 x S 8K,32K, planner on: dense in the same harness, then sparse
 #   sparse-b2-synth  the same sparse grid with index sets of 85% overlap between steps (SPC_SYNTH_OVERLAP sets
@@ -19,7 +19,7 @@
 #   measures them. The time goes into filling the sequences by prefill (docs/sparse.md "Benchmarks").
 #   Run times on the H100 (2026-11-24): sparse-b4 about 2 min (3 runs of 25-30 s of fill each, plus the 1B
 #   checkpoint; SPC_B4_QUICK=1 runs the first only); hf-sparse 83 s; 8B parts: about 30 s for the checkpoint,
-#   then sparse-b3(-synth) at R = 32 about 3 min (fills with prefill staging and growing device KV, 09:40 UTC;
+#   then sparse-b3(-synth) at R = 32 about 3 min (fills with prefill staging and growing device KV;
 #   SPC_B3_REQUESTS sets R).
 #   hf-b3 / hf-b4    HF eager baselines measured the same way (bench/baselines/hf_sparse_bench.py): 8B with
 #                    R 1,4,8,16 (~3 min); 1B with the offloaded cache under 4 GiB (~2 min)
@@ -64,7 +64,7 @@ if has sparse-e2e; then
   done
 fi
 
-# ---- SpeContext benchmarks (issue 4) --------------------------------------------------------------
+# ---- SpeContext benchmarks 2-4 -------------------------------------------------------------------
 . "$(cd "$(dirname "$0")" && pwd)/lib/models.sh"
 # spc_bench SECONDS FILE ARGS...: specontext bench --sparse capped at SECONDS, raw lines in OUT/FILE, a
 # summary of each line on stdout.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""HF transformers baselines for the SpeContext benchmarks 3 and 4 (issue 4), measured like
+"""HF transformers baselines for the SpeContext benchmarks 3 and 4, measured like
 `specontext bench --sparse --trajectory` on the same GPU.
 
 Random weights of the real architectures (configs from hf_bench.py), bf16, eager attention.

@@ -1,4 +1,4 @@
-# Shell helpers to start and stop the services inside one device call (sourced by bench/gpu_serve.sh).
+# Shell functions to start and stop the services inside one device call (sourced by bench/gpu_serve.sh).
 # Every server writes its ports to a port file; spc_start waits for it, so a failed start is seen at once.
 
 SPC_PIDS=()
