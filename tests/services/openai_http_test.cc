@@ -433,5 +433,55 @@ TEST(OpenAiHttpLimits, PerClientLimitIs429AndDrainingIs503) {
   EXPECT_EQ(*code, 0);
 }
 
+// The HTTP port speaks TLS with the gRPC flags: --tls-cert/--tls-key serve HTTPS, --tls-client-ca requires
+// a client certificate; plaintext and certificate-less clients are refused.
+TEST(OpenAiHttpTls, MutualTlsOnTheHttpPort) {
+  if (ModelDir().empty()) GTEST_FAIL() << "stories260K not found in models/";
+  if (!std::filesystem::exists("/usr/bin/openssl")) GTEST_SKIP() << "openssl not installed: TLS not tested";
+  const std::string certs = "/tmp/spc_http_tls_" + std::to_string(std::random_device{}());
+  RemoveOnExit certs_guard{certs};
+  std::filesystem::create_directories(certs);
+  int code = -1;
+  RunCommand({"/bin/sh", "-c",
+              "set -e; cd " + certs +
+                  "; openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=ca"
+                  "; openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost"
+                  "; printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > san.ext"
+                  "; openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem "
+                  "-days 1 -extfile san.ext"
+                  "; openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client"
+                  "; openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem "
+                  "-days 1 >/dev/null 2>&1"},
+             &code);
+  ASSERT_EQ(code, 0) << "openssl failed";
+  ServerProcess server;
+  absl::Status st = server.Start(SPC_GENERATOR_BIN,
+                                 ServerArgs({"--tls-cert", certs + "/server.pem", "--tls-key", certs + "/server.key",
+                                             "--tls-client-ca", certs + "/ca.pem"}));
+  ASSERT_TRUE(st.ok()) << st;
+  const std::string body = R"({"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0})";
+  {
+    httplib::SSLClient cli("127.0.0.1", server.http_port(), certs + "/client.pem", certs + "/client.key");
+    cli.set_ca_cert_path((certs + "/ca.pem").c_str());
+    cli.enable_server_certificate_verification(true);
+    auto res = cli.Post("/v1/completions", body, "application/json");
+    ASSERT_TRUE(res) << httplib::to_string(res.error());
+    EXPECT_EQ(res->status, 200) << res->body;
+    EXPECT_EQ(json::parse(res->body)["usage"]["completion_tokens"], 4);
+  }
+  {
+    httplib::SSLClient no_cert("127.0.0.1", server.http_port());
+    no_cert.set_ca_cert_path((certs + "/ca.pem").c_str());
+    auto res = no_cert.Post("/v1/completions", body, "application/json");
+    EXPECT_FALSE(res && res->status == 200) << "served a client without a certificate";
+  }
+  {
+    httplib::Client plain("127.0.0.1", server.http_port());
+    plain.set_read_timeout(5, 0);
+    auto res = plain.Post("/v1/completions", body, "application/json");
+    EXPECT_FALSE(res && res->status == 200) << "served plaintext on the TLS port";
+  }
+}
+
 }  // namespace
 }  // namespace specontext::testing
