@@ -1,8 +1,13 @@
 #include "generator/openai_http_server.h"
 
+#include <dirent.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -38,12 +43,55 @@ void SendStatus(httplib::Response& res, const absl::Status& st, const std::strin
 
 std::string Event(const std::string& data) { return absl::StrCat("data: ", data, "\n\n"); }
 
-// A non-streaming call: the responses gathered into one choice. cpp-httplib 0.11 gives a handler no
-// view of its socket, so a client that leaves is only noticed when the response is written.
+// The port of a socket address (IPv4 or IPv6), or -1.
+int PortOf(const sockaddr_storage& a) {
+  if (a.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in&>(a).sin_port);
+  if (a.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6&>(a).sin6_port);
+  return -1;
+}
+
+// The socket of the connection `req` came on, or -1. cpp-httplib 0.11 (Debian 12) shows a handler
+// its connection's addresses but not its socket (newer versions have Request::is_connection_closed),
+// so the socket is found among this process's descriptors by its two ports. The connection's thread
+// runs this handler, so the descriptor cannot be closed and reused while the handler holds it.
+int FindConnectionSocket(const httplib::Request& req) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return -1;
+  int found = -1;
+  while (dirent* e = readdir(dir)) {
+    char* end = nullptr;
+    const long fd = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+    struct stat st;
+    if (fstat(static_cast<int>(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
+    sockaddr_storage local{}, peer{};
+    socklen_t local_len = sizeof(local), peer_len = sizeof(peer);
+    if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &local_len) != 0 ||
+        getpeername(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0) {
+      continue;
+    }
+    if (PortOf(local) == req.local_port && PortOf(peer) == req.remote_port) {
+      found = static_cast<int>(fd);
+      break;
+    }
+  }
+  closedir(dir);
+  return found;
+}
+
+// True once the peer closed (or reset) the connection on `fd`; never blocks.
+bool PeerClosed(int fd) {
+  if (fd < 0) return false;
+  pollfd p{fd, POLLRDHUP, 0};
+  return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
+// A non-streaming call: the responses gathered into one choice; a client that closes its connection
+// meanwhile cancels the request.
 class CollectSink final : public CallSink {
  public:
-  explicit CollectSink(OpenAiChoice* choice) : choice_(choice) {}
-  bool Cancelled() override { return false; }
+  CollectSink(OpenAiChoice* choice, int fd) : choice_(choice), fd_(fd) {}
+  bool Cancelled() override { return PeerClosed(fd_); }
   bool Write(const v1::GenerateResponse& r) override {
     choice_->text += r.text();
     if (r.done()) {
@@ -56,6 +104,7 @@ class CollectSink final : public CallSink {
 
  private:
   OpenAiChoice* choice_;
+  int fd_;  // the connection's socket, or -1 when it was not found (the request then runs to its end)
 };
 
 // A streaming call: each response becomes a server-sent event in OpenAI's chunk shape.
@@ -146,7 +195,9 @@ void HandleGenerate(GeneratorService* service, OpenAiEndpoint endpoint, const ht
   const absl::Time arrival = absl::Now();
   const std::string client = ClientKey(req);
   service->BeginCall();
-  absl::StatusOr<std::unique_ptr<GenerationCall>> call = service->Admit(request, client, nullptr, arrival);
+  const int fd = parsed->stream ? -1 : FindConnectionSocket(req);  // streams probe their DataSink instead
+  absl::StatusOr<std::unique_ptr<GenerationCall>> call =
+      service->Admit(request, client, [fd] { return PeerClosed(fd); }, arrival);
   if (!call.ok()) {
     service->EndCall(call.status(), arrival, client);
     return SendStatus(res, call.status(), "",
@@ -158,7 +209,7 @@ void HandleGenerate(GeneratorService* service, OpenAiEndpoint endpoint, const ht
   choice.created = absl::ToUnixSeconds(absl::Now());
   choice.model = options.model_name;
   if (!parsed->stream) {
-    CollectSink sink(&choice);
+    CollectSink sink(&choice, fd);
     absl::Status st = service->Stream(**call, sink);
     call->reset();
     service->EndCall(st, arrival, client);

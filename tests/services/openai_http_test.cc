@@ -375,6 +375,22 @@ TEST_F(OpenAiHttp, DisconnectMidStreamCancels) {
   EXPECT_EQ(ok->status, 200);
 }
 
+TEST_F(OpenAiHttp, DisconnectDuringANonStreamingRequestCancels) {
+  auto before = FetchMetrics(server_->metrics_port());
+  ASSERT_TRUE(before.ok());
+  const std::string cancelled = "spc_generator_requests_total{code=\"CANCELLED\"}";
+  const double cancelled_before = MetricValue(*before, cancelled).value_or(0);
+  const json body = {{"prompt", "Once upon a time"}, {"max_tokens", 480}, {"ignore_eos", true}, {"temperature", 0}};
+  const int fd = OpenStream(server_->http_port(), body.dump(), 0);  // sends the request, reads nothing
+  ASSERT_GE(fd, 0);
+  absl::SleepFor(absl::Milliseconds(20));
+  close(fd);
+  ExpectIdle();
+  auto after = FetchMetrics(server_->metrics_port());
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(MetricValue(*after, cancelled).value_or(0), cancelled_before + 1);
+}
+
 TEST_F(OpenAiHttp, Curl) {
   if (!std::filesystem::exists("/usr/bin/curl")) GTEST_SKIP() << "curl not installed: the curl test did not run";
   const std::string url = absl::StrCat("http://127.0.0.1:", server_->http_port(), "/v1");
