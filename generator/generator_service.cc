@@ -66,7 +66,8 @@ void GeneratorService::EndCall(const absl::Status& status, absl::Time arrival, c
   metrics_->request_latency->Observe(absl::ToDoubleSeconds(absl::Now() - arrival));
   if (!status.ok() && status.code() != absl::StatusCode::kCancelled &&
       status.code() != absl::StatusCode::kDeadlineExceeded) {
-    SPC_LOG(INFO) << "Generate rejected" << Kv("peer", peer) << Kv("code", StatusCodeName(static_cast<int>(status.code())))
+    SPC_LOG(INFO) << "Generate rejected" << Kv("peer", peer)
+                  << Kv("code", StatusCodeName(static_cast<int>(status.code())))
                   << Kv("message", status.message());
   }
 }

@@ -118,7 +118,9 @@ absl::Status ParsePrompt(const FieldReader& r, OpenAiRequest* req) {
     }
     const int64_t id = t.get<int64_t>();
     // The vocabulary check proper is PrepareRequest's; this only keeps the value in int32.
-    if (id < 0 || id > std::numeric_limits<int32_t>::max()) return r.Error("prompt", "holds a negative or huge token id");
+    if (id < 0 || id > std::numeric_limits<int32_t>::max()) {
+      return r.Error("prompt", "holds a negative or huge token id");
+    }
     req->prompt_ids.push_back(static_cast<int32_t>(id));
   }
   return absl::OkStatus();
