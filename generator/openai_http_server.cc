@@ -18,15 +18,45 @@
 #include "generator/openai_request.h"
 #include "generator/openai_response.h"
 #include "httplib.h"
+#include "openssl/x509v3.h"
 
 namespace specontext::generator {
 namespace {
 
 constexpr char kJson[] = "application/json";
 
-// The key a client's calls count against, spelt as gRPC spells peers (PeerAddressWithoutPort), so a
-// client has one budget across both front ends.
+// The names of a verified client certificate as gRPC reports its peer identity: the DNS names of its
+// subjectAltName, else its common name; empty when the client sent none.
+std::string CertificateIdentity(const httplib::Request& req) {
+  if (req.ssl == nullptr) return "";
+  X509* cert = SSL_get1_peer_certificate(req.ssl);
+  if (cert == nullptr) return "";
+  std::string out;
+  if (auto* names = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr))) {
+    for (int i = 0; i < sk_GENERAL_NAME_num(names); ++i) {
+      const GENERAL_NAME* n = sk_GENERAL_NAME_value(names, i);
+      if (n->type != GEN_DNS) continue;
+      const ASN1_STRING* dns = n->d.dNSName;
+      if (!out.empty()) out += ",";
+      out.append(reinterpret_cast<const char*>(ASN1_STRING_get0_data(dns)),
+                 static_cast<size_t>(ASN1_STRING_length(dns)));
+    }
+    GENERAL_NAMES_free(names);
+  }
+  if (out.empty()) {
+    char cn[256];
+    const int n = X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, cn, sizeof(cn));
+    if (n > 0) out.assign(cn, static_cast<size_t>(n));
+  }
+  X509_free(cert);
+  return out;
+}
+
+// The key a client's calls count against, as gRPC's ClientKeyOf spells it ("tls:" + the certificate
+// identity under mutual TLS, else the address without its port), so a client has one budget across
+// both front ends.
 std::string ClientKey(const httplib::Request& req) {
+  if (std::string id = CertificateIdentity(req); !id.empty()) return absl::StrCat("tls:", id);
   const std::string& a = req.remote_addr;
   return a.find(':') != std::string::npos ? absl::StrCat("ipv6:[", a, "]") : absl::StrCat("ipv4:", a);
 }

@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <csignal>
 #include <filesystem>
 #include <random>
@@ -459,7 +460,7 @@ TEST(OpenAiHttpTls, MutualTlsOnTheHttpPort) {
   std::filesystem::create_directories(certs);
   int code = -1;
   RunCommand({"/bin/sh", "-c",
-              "set -e; cd " + certs +
+              "exec >/dev/null 2>&1; set -e; cd " + certs +
                   "; openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=ca"
                   "; openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost"
                   "; printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > san.ext"
@@ -467,13 +468,13 @@ TEST(OpenAiHttpTls, MutualTlsOnTheHttpPort) {
                   "-days 1 -extfile san.ext"
                   "; openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client"
                   "; openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem "
-                  "-days 1 >/dev/null 2>&1"},
+                  "-days 1"},
              &code);
   ASSERT_EQ(code, 0) << "openssl failed";
   ServerProcess server;
   absl::Status st = server.Start(SPC_GENERATOR_BIN,
                                  ServerArgs({"--tls-cert", certs + "/server.pem", "--tls-key", certs + "/server.key",
-                                             "--tls-client-ca", certs + "/ca.pem"}));
+                                             "--tls-client-ca", certs + "/ca.pem", "--max-requests-per-peer", "1"}));
   ASSERT_TRUE(st.ok()) << st;
   const std::string body = R"({"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0})";
   {
@@ -484,6 +485,28 @@ TEST(OpenAiHttpTls, MutualTlsOnTheHttpPort) {
     ASSERT_TRUE(res) << httplib::to_string(res.error());
     EXPECT_EQ(res->status, 200) << res->body;
     EXPECT_EQ(json::parse(res->body)["usage"]["completion_tokens"], 4);
+  }
+  {
+    // Under mutual TLS a client is its certificate, as on gRPC: while one connection holds the client's
+    // one slot, another connection with the same certificate gets 429 naming it.
+    std::atomic<bool> stop{false};
+    std::thread holder([&] {
+      httplib::SSLClient cli("127.0.0.1", server.http_port(), certs + "/client.pem", certs + "/client.key");
+      cli.enable_server_certificate_verification(false);
+      while (!stop) {
+        cli.Post("/v1/completions", R"({"prompt": "Once", "max_tokens": 480, "ignore_eos": true})", "application/json");
+      }
+    });
+    httplib::SSLClient cli("127.0.0.1", server.http_port(), certs + "/client.pem", certs + "/client.key");
+    cli.enable_server_certificate_verification(false);
+    std::string refused;
+    for (int i = 0; i < 500 && refused.empty(); ++i) {
+      auto res = cli.Post("/v1/completions", body, "application/json");
+      if (res && res->status == 429) refused = res->body;
+    }
+    stop = true;
+    holder.join();
+    EXPECT_NE(refused.find("tls:client"), std::string::npos) << refused;
   }
   {
     httplib::SSLClient no_cert("127.0.0.1", server.http_port());
