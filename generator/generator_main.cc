@@ -1,6 +1,7 @@
 // specontext-generator: the generation service (specontext.v1.Generator, grpc.health.v1, reflection)
 // with Prometheus /metrics on its own port and, with --http-port, an OpenAI-compatible HTTP API. SIGTERM/SIGINT drain: new calls are refused, calls in
 // flight finish, then the process exits 0.
+#include <csignal>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -308,6 +309,9 @@ absl::Status Run(const Args& args) {
 }  // namespace specontext::generator
 
 int main(int argc, char** argv) {
+  // A write to a connection the client closed must fail with EPIPE, not end the process: cpp-httplib's
+  // TLS connections (the HTTP API, /metrics over HTTPS) write through OpenSSL without MSG_NOSIGNAL.
+  std::signal(SIGPIPE, SIG_IGN);
   specontext::BlockTerminationSignals();
   specontext::Args args;
   specontext::generator::DefineFlags(args);

@@ -27,6 +27,13 @@ namespace {
 
 using json = nlohmann::json;
 
+// cpp-httplib's TLS client writes through OpenSSL without MSG_NOSIGNAL: a server that refuses the
+// connection (no client certificate) must give this process EPIPE, not SIGPIPE.
+const bool kSigpipeIgnored = [] {
+  std::signal(SIGPIPE, SIG_IGN);
+  return true;
+}();
+
 std::vector<std::string> ServerArgs(std::vector<std::string> extra = {}) {
   const std::string dir = ModelDir();
   std::vector<std::string> args = {"--model", dir + "/stories260K.bin", "--tokenizer", dir + "/tok512.bin",
@@ -507,6 +514,27 @@ TEST(OpenAiHttpTls, MutualTlsOnTheHttpPort) {
     stop = true;
     holder.join();
     EXPECT_NE(refused.find("tls:client"), std::string::npos) << refused;
+  }
+  {
+    // A TLS client that leaves mid-stream: the server's next write fails (EPIPE, never SIGPIPE) and
+    // the server goes on serving.
+    httplib::SSLClient cli("127.0.0.1", server.http_port(), certs + "/client.pem", certs + "/client.key");
+    cli.enable_server_certificate_verification(false);
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/completions";
+    req.body = R"({"prompt": "Once", "max_tokens": 480, "ignore_eos": true, "stream": true})";
+    req.set_header("Content-Type", "application/json");
+    int chunks = 0;
+    req.content_receiver = [&chunks](const char*, size_t, uint64_t, uint64_t) { return ++chunks < 2; };
+    cli.send(req);
+    cli.stop();
+    EXPECT_GE(chunks, 1);
+    absl::SleepFor(absl::Milliseconds(300));
+    ASSERT_TRUE(server.Running()) << "the server died when a TLS client left mid-stream";
+    auto res = cli.Post("/v1/completions", body, "application/json");
+    ASSERT_TRUE(res) << httplib::to_string(res.error());
+    EXPECT_EQ(res->status, 200);
   }
   {
     httplib::SSLClient no_cert("127.0.0.1", server.http_port());
