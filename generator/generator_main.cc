@@ -1,6 +1,7 @@
 // specontext-generator: the generation service (specontext.v1.Generator, grpc.health.v1, reflection)
-// with Prometheus /metrics on its own port. SIGTERM/SIGINT drain: new calls are refused, calls in
+// with Prometheus /metrics on its own port and, with --http-port, an OpenAI-compatible HTTP API. SIGTERM/SIGINT drain: new calls are refused, calls in
 // flight finish, then the process exits 0.
+#include <csignal>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -21,6 +22,7 @@
 #include "generator/engine_loop.h"
 #include "generator/generator_service.h"
 #include "generator/kvstore_host_tier.h"
+#include "generator/openai_http_server.h"
 #include "generator/server_common.h"
 #include "generator/sparse_setup.h"
 
@@ -36,6 +38,11 @@ void DefineFlags(Args& a) {
             false, "0.0.0.0"});
   a.Define({"metrics-tls-cert", "PEM certificate chain: serve /metrics and /healthz over HTTPS", false, false, ""});
   a.Define({"metrics-tls-key", "PEM private key for --metrics-tls-cert", false, false, ""});
+  a.Define({"http-port", "port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+            "/v1/models): off, or a port (0 picks a free one); TLS as --tls-cert/--tls-key/--tls-client-ca", false,
+            false, "off"});
+  a.Define({"http-host", "address the OpenAI-compatible HTTP API binds (all interfaces by default)", false, false,
+            "0.0.0.0"});
   a.Define({"retriever", "none, inproc or HOST:PORT of a specontext-retriever", false, false, "none"});
   a.Define({"retrieval-head", "retrieval head directory (specontext prune): turns on sparse decoding", false, false,
             ""});
@@ -89,7 +96,8 @@ void DefineFlags(Args& a) {
   a.Define({"tls-key", "PEM private key for --tls-cert", false, false, ""});
   a.Define({"tls-client-ca", "PEM CA: require client certificates signed by it (mutual TLS)", false, false, ""});
   a.Define({"drain-timeout-s", "longest wait for calls in flight after SIGTERM", false, false, "300"});
-  a.Define({"port-file", "write \"GRPC_PORT METRICS_PORT\" here once serving", false, false, ""});
+  a.Define({"port-file", "write \"GRPC_PORT METRICS_PORT\" (and HTTP_PORT with --http-port) here once serving",
+            false, false, ""});
   a.Define({"log-level", "debug, info, warning or error", false, false, "info"});
 }
 
@@ -146,6 +154,11 @@ absl::Status Run(const Args& args) {
   }
   ASSIGN_OR_RETURN(int64_t drain_timeout_s, args.GetInt("drain-timeout-s"));
   ASSIGN_OR_RETURN(int64_t metrics_port, args.GetInt("metrics-port"));
+  int64_t http_port = -1;  // off
+  if (args.GetString("http-port") != "off") {
+    ASSIGN_OR_RETURN(http_port, args.GetInt("http-port"));
+    if (http_port < 0 || http_port > 65535) return absl::InvalidArgumentError("--http-port must be off or 0..65535");
+  }
 
   // Where index sets come from (generator/sparse_setup.h reads the rest of the sparse flags).
   so.retriever = args.GetString("retriever");
@@ -241,17 +254,37 @@ absl::Status Run(const Args& args) {
     loop.Stop();
     return st;
   }
+  // The OpenAI-compatible HTTP API: the same service (validation, limits, admission, draining).
+  std::unique_ptr<OpenAiHttpServer> http_server;
+  if (http_port >= 0) {
+    OpenAiHttpOptions ho;
+    ho.tls_cert_file = tls.cert_path;
+    ho.tls_key_file = tls.key_path;
+    ho.tls_client_ca_file = tls.client_ca_path;
+    ho.max_body_bytes = max_message;  // the body cap of a gRPC message
+    ho.max_connections = eo.max_batch + eo.max_queue + 64;
+    http_server = std::make_unique<OpenAiHttpServer>(&service, args.GetString("http-host"),
+                                                     static_cast<int>(http_port), ho);
+    if (absl::Status st = http_server->Start(); !st.ok()) {
+      server->Shutdown();
+      loop.Stop();
+      metrics_server.Stop();
+      return st;
+    }
+  }
   // Whoever waits for the port file would wait forever: not having written it is a failed start.
-  if (absl::Status st =
-          WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port());
+  if (absl::Status st = WritePortFile(args.GetString("port-file"), grpc_port, metrics_server.port(),
+                                      http_server != nullptr ? http_server->port() : -1);
       !st.ok()) {
     server->Shutdown();
+    if (http_server != nullptr) http_server->Stop();
     loop.Stop();
     metrics_server.Stop();
     return st;
   }
   SPC_LOG(INFO) << "specontext-generator serving" << Kv("grpc_port", grpc_port)
-                << Kv("metrics_port", metrics_server.port()) << Kv("backend", rt.backend->name())
+                << Kv("metrics_port", metrics_server.port())
+                << Kv("http_port", http_server != nullptr ? http_server->port() : -1) << Kv("backend", rt.backend->name())
                 << Kv("retriever", so.retriever);
 
   const int sig = WaitForTerminationSignal();
@@ -265,6 +298,7 @@ absl::Status Run(const Args& args) {
   }
   // Calls still open after the drain timeout are cancelled by the shutdown deadline.
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  if (http_server != nullptr) http_server->Stop();
   loop.Stop();
   metrics_server.Stop();
   SPC_LOG(INFO) << "drained; exiting";
@@ -275,6 +309,9 @@ absl::Status Run(const Args& args) {
 }  // namespace specontext::generator
 
 int main(int argc, char** argv) {
+  // A write to a connection the client closed must fail with EPIPE, not end the process: cpp-httplib's
+  // TLS connections (the HTTP API, /metrics over HTTPS) write through OpenSSL without MSG_NOSIGNAL.
+  std::signal(SIGPIPE, SIG_IGN);
   specontext::BlockTerminationSignals();
   specontext::Args args;
   specontext::generator::DefineFlags(args);

@@ -136,13 +136,14 @@ bool WriteAll(int fd, const std::string& data) {
 
 }  // namespace
 
-absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_port) {
+absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_port, int http_port) {
   if (path.empty()) return absl::OkStatus();
   // A unique name, so two processes given the same --port-file cannot interleave their writes.
   std::string tmp = path + ".XXXXXX";
   const int fd = ::mkstemp(tmp.data());
   if (fd < 0) return PortFileError("cannot create a temporary file beside it", path, errno);
-  const std::string text = absl::StrCat(grpc_port, " ", metrics_port, "\n");
+  const std::string text = http_port >= 0 ? absl::StrCat(grpc_port, " ", metrics_port, " ", http_port, "\n")
+                                          : absl::StrCat(grpc_port, " ", metrics_port, "\n");
   const char* failed = nullptr;
   // mkstemp creates 0600; supervisors running as another user read the file.
   if (::fchmod(fd, 0644) != 0) failed = "fchmod";

@@ -50,12 +50,12 @@ void BlockTerminationSignals();
 /// Waits for SIGTERM or SIGINT; returns the signal number.
 int WaitForTerminationSignal();
 
-/// Writes "grpc_port metrics_port\n" to `path` atomically (a temporary file beside it, written,
+/// Writes "grpc_port metrics_port\n" (or "grpc_port metrics_port http_port\n" when `http_port` >= 0) to `path` atomically (a temporary file beside it, written,
 /// synced and closed, then renamed over it), so a test or supervisor that polls for the file sees
 /// it complete or not at all. Every step is checked: a full disk or a missing directory is an error
 /// naming the path and the cause (the caller must not report serving then). A no-op when `path` is
 /// empty.
-absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_port);
+absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_port, int http_port = -1);
 
 /// Reads a whole file (NotFound naming it when it cannot be opened).
 absl::StatusOr<std::string> ReadWholeFile(const std::string& path);

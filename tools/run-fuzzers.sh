@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (cmake --preset fuzz: clang, ASan+UBSan, no services, no tests) and runs
 # each for SECONDS on a scratch copy of its seed corpus. Exits non-zero if any target crashes.
+# Targets: every tests/fuzz/*_fuzz.cc (model files, tokenizers, eval tasks, and openai_request_fuzz: the
+# request bodies of the generator's OpenAI-compatible HTTP API).
 #   tools/run-fuzzers.sh [SECONDS=60] [TARGET...]
 set -euo pipefail
 secs="${1:-60}"

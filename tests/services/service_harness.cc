@@ -73,7 +73,10 @@ absl::Status ServerProcess::Start(const std::string& binary, std::vector<std::st
   const absl::Time give_up = absl::Now() + absl::Seconds(timeout_s);
   while (absl::Now() < give_up) {
     std::ifstream in(port_file);
-    if (in >> grpc_port_ >> metrics_port_) return absl::OkStatus();
+    if (in >> grpc_port_ >> metrics_port_) {
+      if (!(in >> http_port_)) http_port_ = 0;  // the third port only with --http-port
+      return absl::OkStatus();
+    }
     if (!Running()) break;
     absl::SleepFor(absl::Milliseconds(50));
   }

@@ -35,6 +35,8 @@ class ServerProcess {
   std::string address() const { return "127.0.0.1:" + std::to_string(grpc_port_); }
   int grpc_port() const { return grpc_port_; }
   int metrics_port() const { return metrics_port_; }
+  /// The OpenAI-compatible HTTP port (generator started with --http-port), else 0.
+  int http_port() const { return http_port_; }
   const std::string& log_path() const { return log_path_; }
 
  private:
@@ -42,6 +44,7 @@ class ServerProcess {
   int exit_code_ = -1;  // once the child was reaped
   int grpc_port_ = 0;
   int metrics_port_ = 0;
+  int http_port_ = 0;
   std::string dir_;
   std::string log_path_;
 };
