@@ -43,7 +43,7 @@ absl::StatusOr<GeneratorMetrics> RegisterGeneratorMetrics(metrics::Registry* r) 
   GeneratorMetrics m;
   const std::vector<double> latency = metrics::LatencyBucketsSeconds();
   ASSIGN_OR_RETURN(m.requests, r->AddCounter("spc_generator_requests_total",
-                                             "Generate calls finished, by gRPC status code.", {"code"}));
+                                             "Generate calls finished (gRPC and HTTP), by status code name.", {"code"}));
   // Pre-create the common codes so dashboards see zeros rather than absent series.
   for (const char* code : {"OK", "CANCELLED", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
                            "UNAVAILABLE", "INTERNAL"}) {
