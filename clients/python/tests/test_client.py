@@ -53,7 +53,7 @@ def prepare_package(tmp):
 
 
 class Server:
-    def __init__(self, tmp):
+    def __init__(self, tmp, extra_args=(), name="generator"):
         self.binary = os.environ.get("SPECONTEXT_GENERATOR")
         model = os.environ.get("SPECONTEXT_MODEL",
                                os.path.join(REPO, "models", "stories260K", "stories260K.bin"))
@@ -63,12 +63,12 @@ class Server:
             skip("SPECONTEXT_GENERATOR does not name the specontext-generator binary")
         if not os.path.isfile(model) or not os.path.isfile(tok):
             skip("no stories260K model at %s" % model)
-        port_file = os.path.join(tmp, "ports")
-        self.log = open(os.path.join(tmp, "generator.log"), "w+")
+        port_file = os.path.join(tmp, name + ".ports")
+        self.log = open(os.path.join(tmp, name + ".log"), "w+")
         self.proc = subprocess.Popen(
             [self.binary, "--model", model, "--tokenizer", tok, "--backend", "cpu",
              "--listen", "127.0.0.1:0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-             "--port-file", port_file],
+             "--port-file", port_file] + list(extra_args),
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while True:
@@ -231,6 +231,61 @@ class ClientTest(unittest.TestCase):
             with self.assertRaises(SpeContextError) as cm:
                 c.model_info()
             self.assertIn(cm.exception.code, ("UNAVAILABLE", "DEADLINE_EXCEEDED"))
+
+
+def make_certs(d):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, with openssl."""
+    if not shutil.which("openssl"):
+        return None
+
+    def ssl(*args):
+        subprocess.run(["openssl"] + list(args), cwd=d, check=True, capture_output=True)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
+    for who, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+                     ("client", "extendedKeyUsage=clientAuth")):
+        with open(os.path.join(d, who + ".ext"), "w") as f:
+            f.write(ext + "\n")
+        ssl("req", "-new", *key, "-keyout", who + ".key", "-out", who + ".csr", "-subj", "/CN=" + who)
+        ssl("x509", "-req", "-in", who + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", who + ".pem", "-days", "2", "-extfile", who + ".ext")
+    return {n: os.path.join(d, n + ".pem") for n in ("ca", "server", "client")} | {
+        n + "_key": os.path.join(d, n + ".key") for n in ("server", "client")}
+
+
+class MutualTlsTest(unittest.TestCase):
+    """A second generator requiring client certificates: the client's tls_* arguments."""
+
+    def test_mutual_tls(self):
+        from specontext_client import Client, SpeContextError
+        d = os.path.join(_TMP.name, "certs")
+        os.makedirs(d, exist_ok=True)
+        certs = make_certs(d)
+        if certs is None:
+            self.skipTest("no openssl")
+        server = Server(_TMP.name, ["--tls-cert", certs["server"], "--tls-key", certs["server_key"],
+                                    "--tls-client-ca", certs["ca"]], name="generator-mtls")
+        try:
+            with Client(server.address, tls_ca=certs["ca"], tls_cert=certs["client"],
+                        tls_key=certs["client_key"], timeout=60) as c:
+                self.assertEqual(c.model_info().model_name, "stories260K")
+                with open(certs["ca"], "rb") as f:
+                    ca_bytes = f.read()
+            with Client(server.address, tls_ca=ca_bytes, tls_cert=certs["client"],
+                        tls_key=certs["client_key"], timeout=60) as c:
+                r = c.generate(PROMPT, max_new_tokens=8)
+                self.assertEqual(len(r.token_ids), r.usage.generated_tokens)
+            # Without a client certificate the handshake is refused.
+            with Client(server.address, tls_ca=certs["ca"], timeout=10) as c:
+                with self.assertRaises(SpeContextError) as cm:
+                    c.model_info()
+                self.assertEqual(cm.exception.code, "UNAVAILABLE")
+            with self.assertRaises(ValueError):
+                Client(server.address, tls_ca=certs["ca"], tls_cert=certs["client"])
+            self.assertIsNone(server.proc.poll())
+        finally:
+            server.stop()
 
 
 SERVER = None
