@@ -13,6 +13,8 @@ packages=(
   # tests/deploy renders the Helm chart with tools/helm-render (Go + sprig, built offline) and
   # validates the objects with the Kubernetes client's API models
   golang-go golang-github-masterminds-sprig-dev golang-k8s-sigs-yaml-dev python3-kubernetes python3-yaml
+  # clients/python: the Python gRPC client, its stubs generated at build time, and its test
+  python3-grpcio python3-protobuf python3-grpc-tools
 )
 missing=()
 for p in "${packages[@]}"; do
