@@ -30,7 +30,8 @@ std::vector<std::string> ServerArgs() {
           "--backend",   "cpu",
           "--threads",   "1",
           "--log-level", "warning",
-          "--max-batch", "16"};
+          "--max-batch", "16",
+          "--http-port", "0"};
 }
 
 std::string TempPath(const std::string& name) {
@@ -81,19 +82,24 @@ class LoadgenE2E : public ::testing::Test {
   }
 
   // Runs the loadgen with `flags` writing per-request JSONL; checks what holds in both modes.
+  // With `http`, over the OpenAI-compatible HTTP API (--api http), model info over gRPC.
   Results RunAndCheck(std::vector<std::string> flags, int64_t n_requests, int64_t prompt_lo,
-                      int64_t prompt_hi, int64_t out_lo, int64_t out_hi) {
+                      int64_t prompt_hi, int64_t out_lo, int64_t out_hi, bool http = false) {
     const std::string out = TempPath("out.jsonl");
     RemoveOnExit cleanup{out};
+    const std::string addr =
+        http ? "127.0.0.1:" + std::to_string(server_->http_port()) : server_->address();
     std::vector<std::string> args = {
-        "--addr",     server_->address(),         "--out",       out,  "--per-request",
+        "--addr",     addr,                       "--out",       out,  "--per-request",
         "--requests", std::to_string(n_requests), "--timeout-s", "120"};
+    if (http) args.insert(args.end(), {"--api", "http", "--info-addr", server_->address()});
     args.insert(args.end(), flags.begin(), flags.end());
     const CliRun run = RunCli(SPC_LOADGEN_BIN, args);
     EXPECT_EQ(run.exit_code, 0) << run.err;
     EXPECT_FALSE(absl::StrContains(run.err, "completed/issued")) << "--quiet: " << run.err;
     EXPECT_TRUE(absl::StrContains(run.out, "Serving Benchmark Result")) << run.out;
     Results r = ReadResults(out);
+    EXPECT_EQ(r.summary["config"]["api"], http ? "http" : "grpc");
     EXPECT_EQ(r.summary["completed"], n_requests);
     EXPECT_EQ(r.summary["failed"], 0);
     EXPECT_TRUE(r.summary["errors"].empty());
@@ -159,6 +165,44 @@ TEST_F(LoadgenE2E, ClosedAndOpenLoopServeTheSameWorkload) {
   }
   // One seed, one workload, whatever the load mode.
   EXPECT_EQ(AskedOutputs(c), AskedOutputs(o));
+}
+
+// The same workload over the OpenAI-compatible HTTP API: streamed /v1/completions with token-id
+// prompts, both load modes; the figures as over gRPC, the output counts the server's usage.
+TEST_F(LoadgenE2E, HttpApiInBothLoadModes) {
+  ASSERT_GT(server_->http_port(), 0) << "the generator has no HTTP port";
+  const std::vector<std::string> workload = {"--prompt-tokens", "uniform:4:40", "--output-tokens",
+                                             "uniform:2:24",    "--seed",       "5",
+                                             "--quiet"};
+  std::vector<std::string> closed = workload;
+  closed.insert(closed.end(), {"--concurrency", "4", "--warmup-requests", "2"});
+  const Results c = RunAndCheck(closed, 12, 4, 40, 2, 24, /*http=*/true);
+  EXPECT_EQ(c.summary["config"]["mode"], "concurrency");
+
+  std::vector<std::string> open = workload;
+  open.insert(open.end(), {"--request-rate", "40", "--max-concurrency", "6"});
+  const Results o = RunAndCheck(open, 12, 4, 40, 2, 24, /*http=*/true);
+  EXPECT_EQ(o.summary["config"]["mode"], "request_rate");
+  EXPECT_EQ(o.summary["max_concurrency"], 6);
+  for (size_t i = 1; i < o.requests.size(); ++i) {
+    EXPECT_GE(o.requests[i]["send_ms"].get<double>(), o.requests[i - 1]["send_ms"].get<double>());
+  }
+  EXPECT_EQ(AskedOutputs(c), AskedOutputs(o));
+}
+
+// An HTTP error answer is counted by its status: the metrics server has no /v1/completions (404).
+TEST_F(LoadgenE2E, HttpErrorsAreCountedByStatus) {
+  const std::string out = TempPath("http_err.jsonl");
+  RemoveOnExit cleanup{out};
+  const CliRun run = RunCli(
+      SPC_LOADGEN_BIN,
+      {"--api", "http", "--addr", "127.0.0.1:" + std::to_string(server_->metrics_port()),
+       "--info-addr", server_->address(), "--requests", "3", "--concurrency", "2", "--out", out,
+       "--quiet", "--timeout-s", "60"});
+  EXPECT_EQ(run.exit_code, 1) << run.err;
+  const Results r = ReadResults(out);
+  EXPECT_EQ(r.summary["failed"], 3) << r.summary.dump();
+  EXPECT_EQ(r.summary["errors"]["HTTP_404"], 3) << r.summary.dump();
 }
 
 TEST_F(LoadgenE2E, AllAtOnceAndNormalLengths) {
