@@ -190,19 +190,29 @@ TEST_F(LoadgenE2E, HttpApiInBothLoadModes) {
   EXPECT_EQ(AskedOutputs(c), AskedOutputs(o));
 }
 
-// An HTTP error answer is counted by its status: the metrics server has no /v1/completions (404).
+// An HTTP error answer is counted by its status: a budget past int32 is refused with a 400 by the
+// HTTP API (gRPC's budget is an int64). A port that is not the HTTP API fails before the run.
 TEST_F(LoadgenE2E, HttpErrorsAreCountedByStatus) {
   const std::string out = TempPath("http_err.jsonl");
   RemoveOnExit cleanup{out};
   const CliRun run = RunCli(
       SPC_LOADGEN_BIN,
-      {"--api", "http", "--addr", "127.0.0.1:" + std::to_string(server_->metrics_port()),
-       "--info-addr", server_->address(), "--requests", "3", "--concurrency", "2", "--out", out,
-       "--quiet", "--timeout-s", "60"});
+      {"--api", "http", "--addr", "127.0.0.1:" + std::to_string(server_->http_port()),
+       "--info-addr", server_->address(), "--requests", "3", "--concurrency", "2", "--budget",
+       "3000000000", "--out", out, "--quiet", "--timeout-s", "60"});
   EXPECT_EQ(run.exit_code, 1) << run.err;
+  EXPECT_TRUE(absl::StrContains(run.err, "HTTP_400")) << run.err;
   const Results r = ReadResults(out);
   EXPECT_EQ(r.summary["failed"], 3) << r.summary.dump();
-  EXPECT_EQ(r.summary["errors"]["HTTP_404"], 3) << r.summary.dump();
+  EXPECT_EQ(r.summary["errors"]["HTTP_400"], 3) << r.summary.dump();
+
+  const CliRun wrong_port = RunCli(
+      SPC_LOADGEN_BIN,
+      {"--api", "http", "--addr", "127.0.0.1:" + std::to_string(server_->metrics_port()),
+       "--info-addr", server_->address(), "--requests", "2", "--quiet"});
+  EXPECT_EQ(wrong_port.exit_code, 1) << wrong_port.err;
+  EXPECT_TRUE(absl::StrContains(wrong_port.err, "answers GET /v1/models with HTTP 404"))
+      << wrong_port.err;
 }
 
 TEST_F(LoadgenE2E, AllAtOnceAndNormalLengths) {

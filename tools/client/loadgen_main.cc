@@ -333,6 +333,7 @@ absl::Status Run(const BenchConfig& c) {
                        GrpcCodeName(static_cast<int>(st.error_code())), ": ", st.error_message()));
     }
   }
+  if (c.http) RETURN_IF_ERROR(CheckHttpApi(c.http_target));
   int64_t clamped = 0, warmup_clamped = 0;
   ASSIGN_OR_RETURN(auto requests, BuildRequests(c, info, c.requests, 0, &clamped));
   ASSIGN_OR_RETURN(auto warmup, BuildRequests(c, info, c.warmup_requests, 1, &warmup_clamped));

@@ -164,7 +164,7 @@ RequestRecord RunOne(const HttpTarget& target, int64_t index, const v1::Generate
   } else if (!res) {
     // No answer at all, or a connection that broke mid-stream.
     r.code = kUnavailable;
-    r.error = httplib::to_string(res.error());
+    r.error = absl::StrCat("HTTP client: ", httplib::to_string(res.error()));
   } else if (res->status != 200) {
     r.code = res->status;
     r.code_name = absl::StrCat("HTTP_", res->status);
@@ -257,6 +257,21 @@ absl::StatusOr<HttpTarget> ParseHttpAddress(const std::string& addr) {
     return absl::InvalidArgumentError("--addr must be HOST:PORT with a port in 1..65535");
   }
   return t;
+}
+
+absl::Status CheckHttpApi(const HttpTarget& target) {
+  auto cli = MakeClient(target, 10);
+  httplib::Result res = cli->Get("/v1/models");
+  const std::string where = absl::StrCat("the HTTP API at ", target.host, ":", target.port);
+  if (!res) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot reach ", where, ": ", httplib::to_string(res.error())));
+  }
+  if (res->status != 200) {
+    return absl::UnavailableError(absl::StrCat(where, " answers GET /v1/models with HTTP ",
+                                               res->status, " (is it the generator's --http-port?)"));
+  }
+  return absl::OkStatus();
 }
 
 json CompletionBody(const v1::GenerateRequest& r) {

@@ -42,6 +42,9 @@ absl::StatusOr<HttpTarget> ParseHttpAddress(const std::string& addr);
 /// temperature, seed, budget/dense, "stream": true with usage.
 nlohmann::json CompletionBody(const v1::GenerateRequest& r);
 
+/// GET /v1/models with a 10 s timeout: OK when the API answers 200, else UNAVAILABLE saying why.
+absl::Status CheckHttpApi(const HttpTarget& target);
+
 /// RunLoad over HTTP: sends `requests` (as CompletionBody) to `target` as `options` says.
 LoadResult RunLoadHttp(const HttpTarget& target, const std::vector<v1::GenerateRequest>& requests,
                        const LoadOptions& options);
