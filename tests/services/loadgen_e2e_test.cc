@@ -215,6 +215,50 @@ TEST_F(LoadgenE2E, HttpErrorsAreCountedByStatus) {
       << wrong_port.err;
 }
 
+// HTTPS with a client certificate: --tls-ca/--tls-cert/--tls-key serve both the gRPC model-info
+// call and the HTTP requests of a generator under mutual TLS.
+TEST(LoadgenHttpTls, MutualTls) {
+  if (ModelDir().empty()) GTEST_FAIL() << "stories260K not found in models/";
+  if (!std::filesystem::exists("/usr/bin/openssl")) GTEST_SKIP() << "openssl not installed";
+  const std::string certs = TempPath("certs");
+  RemoveOnExit certs_guard{certs};
+  std::filesystem::create_directories(certs);
+  int code = -1;
+  RunCommand({"/bin/sh", "-c",
+              "exec >/dev/null 2>&1; set -e; cd " + certs +
+                  "; openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1"
+                  " -subj /CN=ca"
+                  "; openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr"
+                  " -subj /CN=localhost"
+                  "; printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > san.ext"
+                  "; openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial"
+                  " -out server.pem -days 1 -extfile san.ext"
+                  "; openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr"
+                  " -subj /CN=client"
+                  "; openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial"
+                  " -out client.pem -days 1"},
+             &code);
+  ASSERT_EQ(code, 0) << "openssl failed";
+  std::vector<std::string> args = ServerArgs();
+  args.insert(args.end(), {"--tls-cert", certs + "/server.pem", "--tls-key", certs + "/server.key",
+                           "--tls-client-ca", certs + "/ca.pem"});
+  ServerProcess server;
+  const absl::Status st = server.Start(SPC_GENERATOR_BIN, args);
+  ASSERT_TRUE(st.ok()) << st;
+  const std::string out = TempPath("tls.jsonl");
+  RemoveOnExit cleanup{out};
+  const CliRun run = RunCli(
+      SPC_LOADGEN_BIN,
+      {"--api", "http", "--addr", "localhost:" + std::to_string(server.http_port()), "--info-addr",
+       "localhost:" + std::to_string(server.grpc_port()), "--tls-ca", certs + "/ca.pem",
+       "--tls-cert", certs + "/client.pem", "--tls-key", certs + "/client.key", "--requests", "6",
+       "--concurrency", "3", "--output-tokens", "8", "--out", out, "--quiet"});
+  EXPECT_EQ(run.exit_code, 0) << run.err;
+  const Results r = ReadResults(out);
+  EXPECT_EQ(r.summary["completed"], 6) << r.summary.dump();
+  EXPECT_EQ(r.summary["total_output_tokens"], 48) << r.summary.dump();
+}
+
 TEST_F(LoadgenE2E, AllAtOnceAndNormalLengths) {
   const Results r = RunAndCheck({"--request-rate", "inf", "--prompt-tokens", "normal:16:4",
                                  "--output-tokens", "normal:12:3", "--quiet"},
