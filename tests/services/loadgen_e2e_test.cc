@@ -30,7 +30,8 @@ std::vector<std::string> ServerArgs() {
           "--backend",   "cpu",
           "--threads",   "1",
           "--log-level", "warning",
-          "--max-batch", "16"};
+          "--max-batch", "16",
+          "--http-port", "0"};
 }
 
 std::string TempPath(const std::string& name) {
@@ -81,19 +82,24 @@ class LoadgenE2E : public ::testing::Test {
   }
 
   // Runs the loadgen with `flags` writing per-request JSONL; checks what holds in both modes.
+  // With `http`, over the OpenAI-compatible HTTP API (--api http), model info over gRPC.
   Results RunAndCheck(std::vector<std::string> flags, int64_t n_requests, int64_t prompt_lo,
-                      int64_t prompt_hi, int64_t out_lo, int64_t out_hi) {
+                      int64_t prompt_hi, int64_t out_lo, int64_t out_hi, bool http = false) {
     const std::string out = TempPath("out.jsonl");
     RemoveOnExit cleanup{out};
+    const std::string addr =
+        http ? "127.0.0.1:" + std::to_string(server_->http_port()) : server_->address();
     std::vector<std::string> args = {
-        "--addr",     server_->address(),         "--out",       out,  "--per-request",
+        "--addr",     addr,                       "--out",       out,  "--per-request",
         "--requests", std::to_string(n_requests), "--timeout-s", "120"};
+    if (http) args.insert(args.end(), {"--api", "http", "--info-addr", server_->address()});
     args.insert(args.end(), flags.begin(), flags.end());
     const CliRun run = RunCli(SPC_LOADGEN_BIN, args);
     EXPECT_EQ(run.exit_code, 0) << run.err;
     EXPECT_FALSE(absl::StrContains(run.err, "completed/issued")) << "--quiet: " << run.err;
     EXPECT_TRUE(absl::StrContains(run.out, "Serving Benchmark Result")) << run.out;
     Results r = ReadResults(out);
+    EXPECT_EQ(r.summary["config"]["api"], http ? "http" : "grpc");
     EXPECT_EQ(r.summary["completed"], n_requests);
     EXPECT_EQ(r.summary["failed"], 0);
     EXPECT_TRUE(r.summary["errors"].empty());
@@ -159,6 +165,98 @@ TEST_F(LoadgenE2E, ClosedAndOpenLoopServeTheSameWorkload) {
   }
   // One seed, one workload, whatever the load mode.
   EXPECT_EQ(AskedOutputs(c), AskedOutputs(o));
+}
+
+// The same workload over the OpenAI-compatible HTTP API: streamed /v1/completions with token-id
+// prompts, both load modes; the figures as over gRPC, the output counts the server's usage.
+TEST_F(LoadgenE2E, HttpApiInBothLoadModes) {
+  ASSERT_GT(server_->http_port(), 0) << "the generator has no HTTP port";
+  const std::vector<std::string> workload = {"--prompt-tokens", "uniform:4:40", "--output-tokens",
+                                             "uniform:2:24",    "--seed",       "5",
+                                             "--quiet"};
+  std::vector<std::string> closed = workload;
+  closed.insert(closed.end(), {"--concurrency", "4", "--warmup-requests", "2"});
+  const Results c = RunAndCheck(closed, 12, 4, 40, 2, 24, /*http=*/true);
+  EXPECT_EQ(c.summary["config"]["mode"], "concurrency");
+
+  std::vector<std::string> open = workload;
+  open.insert(open.end(), {"--request-rate", "40", "--max-concurrency", "6"});
+  const Results o = RunAndCheck(open, 12, 4, 40, 2, 24, /*http=*/true);
+  EXPECT_EQ(o.summary["config"]["mode"], "request_rate");
+  EXPECT_EQ(o.summary["max_concurrency"], 6);
+  for (size_t i = 1; i < o.requests.size(); ++i) {
+    EXPECT_GE(o.requests[i]["send_ms"].get<double>(), o.requests[i - 1]["send_ms"].get<double>());
+  }
+  EXPECT_EQ(AskedOutputs(c), AskedOutputs(o));
+}
+
+// An HTTP error answer is counted by its status: a budget past int32 is refused with a 400 by the
+// HTTP API (gRPC's budget is an int64). A port that is not the HTTP API fails before the run.
+TEST_F(LoadgenE2E, HttpErrorsAreCountedByStatus) {
+  const std::string out = TempPath("http_err.jsonl");
+  RemoveOnExit cleanup{out};
+  const CliRun run = RunCli(
+      SPC_LOADGEN_BIN,
+      {"--api", "http", "--addr", "127.0.0.1:" + std::to_string(server_->http_port()),
+       "--info-addr", server_->address(), "--requests", "3", "--concurrency", "2", "--budget",
+       "3000000000", "--out", out, "--quiet", "--timeout-s", "60"});
+  EXPECT_EQ(run.exit_code, 1) << run.err;
+  EXPECT_TRUE(absl::StrContains(run.err, "HTTP_400")) << run.err;
+  const Results r = ReadResults(out);
+  EXPECT_EQ(r.summary["failed"], 3) << r.summary.dump();
+  EXPECT_EQ(r.summary["errors"]["HTTP_400"], 3) << r.summary.dump();
+
+  const CliRun wrong_port = RunCli(
+      SPC_LOADGEN_BIN,
+      {"--api", "http", "--addr", "127.0.0.1:" + std::to_string(server_->metrics_port()),
+       "--info-addr", server_->address(), "--requests", "2", "--quiet"});
+  EXPECT_EQ(wrong_port.exit_code, 1) << wrong_port.err;
+  EXPECT_TRUE(absl::StrContains(wrong_port.err, "answers GET /v1/models with HTTP 404"))
+      << wrong_port.err;
+}
+
+// HTTPS with a client certificate: --tls-ca/--tls-cert/--tls-key serve both the gRPC model-info
+// call and the HTTP requests of a generator under mutual TLS.
+TEST(LoadgenHttpTls, MutualTls) {
+  if (ModelDir().empty()) GTEST_FAIL() << "stories260K not found in models/";
+  if (!std::filesystem::exists("/usr/bin/openssl")) GTEST_SKIP() << "openssl not installed";
+  const std::string certs = TempPath("certs");
+  RemoveOnExit certs_guard{certs};
+  std::filesystem::create_directories(certs);
+  int code = -1;
+  RunCommand({"/bin/sh", "-c",
+              "exec >/dev/null 2>&1; set -e; cd " + certs +
+                  "; openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1"
+                  " -subj /CN=ca"
+                  "; openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr"
+                  " -subj /CN=localhost"
+                  "; printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > san.ext"
+                  "; openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial"
+                  " -out server.pem -days 1 -extfile san.ext"
+                  "; openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr"
+                  " -subj /CN=client"
+                  "; openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial"
+                  " -out client.pem -days 1"},
+             &code);
+  ASSERT_EQ(code, 0) << "openssl failed";
+  std::vector<std::string> args = ServerArgs();
+  args.insert(args.end(), {"--tls-cert", certs + "/server.pem", "--tls-key", certs + "/server.key",
+                           "--tls-client-ca", certs + "/ca.pem"});
+  ServerProcess server;
+  const absl::Status st = server.Start(SPC_GENERATOR_BIN, args);
+  ASSERT_TRUE(st.ok()) << st;
+  const std::string out = TempPath("tls.jsonl");
+  RemoveOnExit cleanup{out};
+  const CliRun run = RunCli(
+      SPC_LOADGEN_BIN,
+      {"--api", "http", "--addr", "localhost:" + std::to_string(server.http_port()), "--info-addr",
+       "localhost:" + std::to_string(server.grpc_port()), "--tls-ca", certs + "/ca.pem",
+       "--tls-cert", certs + "/client.pem", "--tls-key", certs + "/client.key", "--requests", "6",
+       "--concurrency", "3", "--output-tokens", "8", "--out", out, "--quiet"});
+  EXPECT_EQ(run.exit_code, 0) << run.err;
+  const Results r = ReadResults(out);
+  EXPECT_EQ(r.summary["completed"], 6) << r.summary.dump();
+  EXPECT_EQ(r.summary["total_output_tokens"], 48) << r.summary.dump();
 }
 
 TEST_F(LoadgenE2E, AllAtOnceAndNormalLengths) {

@@ -21,6 +21,7 @@
 #include "core/status_macros.h"
 #include "proto/specontext.grpc.pb.h"
 #include "tools/client/channel.h"
+#include "tools/client/serve_bench_http.h"
 #include "tools/client/serve_bench_runner.h"
 #include "tools/client/serve_bench_stats.h"
 #include "tools/client/serve_bench_workload.h"
@@ -29,7 +30,14 @@ namespace specontext::client {
 namespace {
 
 void DefineFlags(Args& a) {
-  a.Define({"addr", "generator address HOST:PORT", false, false, "127.0.0.1:50051"});
+  a.Define({"api", "grpc (Generate streams) or http (POST /v1/completions, streamed)", false, false,
+            "grpc"});
+  a.Define({"addr", "generator address HOST:PORT (with --api http: its --http-port)", false, false,
+            "127.0.0.1:50051"});
+  a.Define({"info-addr",
+            "with --api http: gRPC address HOST:PORT asked for the model's vocabulary, EOS ids and "
+            "context (default: --addr's host, port 50051)",
+            false, false, ""});
   a.Define({"tls-ca", "PEM CA of the server certificate: use TLS", false, false, ""});
   a.Define({"tls-cert", "PEM client certificate (mutual TLS)", false, false, ""});
   a.Define({"tls-key", "PEM key of --tls-cert", false, false, ""});
@@ -68,7 +76,9 @@ void DefineFlags(Args& a) {
 }
 
 struct BenchConfig {
-  ChannelOptions channel;
+  bool http = false;   // --api http
+  HttpTarget http_target;
+  ChannelOptions channel;  // gRPC: the calls; HTTP: model info only
   int64_t concurrency = 0;  // > 0: closed loop
   double request_rate = 0;  // > 0 (or +inf): open loop
   int64_t max_concurrency = 0;
@@ -103,6 +113,29 @@ absl::StatusOr<BenchConfig> ParseConfig(const Args& args) {
   c.channel.tls_cert_path = args.GetString("tls-cert");
   c.channel.tls_key_path = args.GetString("tls-key");
   c.channel.tls_server_name = args.GetString("tls-server-name");
+  const std::string api = args.GetString("api");
+  if (api != "grpc" && api != "http") return absl::InvalidArgumentError("--api must be grpc or http");
+  c.http = api == "http";
+  if (!c.http && !args.GetString("info-addr").empty()) {
+    return absl::InvalidArgumentError("--info-addr needs --api http");
+  }
+  if (c.http) {
+    auto target = ParseHttpAddress(c.channel.address);
+    if (!target.ok()) return target.status();
+    c.http_target = *target;
+    c.http_target.tls_ca_path = c.channel.tls_ca_path;
+    c.http_target.tls_cert_path = c.channel.tls_cert_path;
+    c.http_target.tls_key_path = c.channel.tls_key_path;
+    if (!c.channel.tls_server_name.empty()) {
+      return absl::InvalidArgumentError("--tls-server-name is not supported with --api http");
+    }
+    const std::string info = args.GetString("info-addr");
+    c.channel.address = info.empty() ? absl::StrCat(c.http_target.host.find(':') != std::string::npos
+                                                         ? "[" + c.http_target.host + "]"
+                                                         : c.http_target.host,
+                                                     ":50051")
+                                     : info;
+  }
   const bool has_rate = !args.GetString("request-rate").empty();
   const bool has_concurrency = !args.GetString("concurrency").empty();
   if (has_rate && has_concurrency) {
@@ -154,6 +187,9 @@ absl::StatusOr<BenchConfig> ParseConfig(const Args& args) {
   if (!(c.temperature >= 0) || std::isinf(c.temperature)) {
     return absl::InvalidArgumentError("--temperature must be a finite number >= 0");
   }
+  if (c.http && c.temperature > 2) {
+    return absl::InvalidArgumentError("--temperature must be in [0, 2] with --api http (OpenAI's range)");
+  }
   ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed"));
   c.seed = static_cast<uint64_t>(seed);
   c.dense = args.GetBool("dense");
@@ -186,6 +222,7 @@ std::string ModeText(const BenchConfig& c) {
 nlohmann::ordered_json ConfigJson(const BenchConfig& c, const v1::ModelInfo& info,
                                   int64_t clamped) {
   nlohmann::ordered_json j;
+  j["api"] = c.http ? "http" : "grpc";
   j["mode"] = c.concurrency > 0 ? "concurrency" : "request_rate";
   if (c.concurrency > 0) {
     j["concurrency"] = c.concurrency;
@@ -268,12 +305,14 @@ absl::Status WriteJsonl(const BenchConfig& c, const BenchSummary& summary,
 
 // Why a run stopped sending (LoadResult::stop_code).
 std::string StopReason(const BenchConfig& c, const LoadResult& r) {
+  const std::string addr = c.http ? absl::StrCat(c.http_target.host, ":", c.http_target.port)
+                                  : c.channel.address;
   if (r.stop_code == static_cast<int>(grpc::StatusCode::DEADLINE_EXCEEDED)) {
-    return absl::StrCat("a request to ", c.channel.address, " passed its deadline (--timeout-s ",
+    return absl::StrCat("a request to ", addr, " passed its deadline (--timeout-s ",
                         c.timeout_s,
                         ", DEADLINE_EXCEEDED): the generator stopped answering in time");
   }
-  return absl::StrCat("the generator at ", c.channel.address, " became unavailable (UNAVAILABLE)");
+  return absl::StrCat("the generator at ", addr, " became unavailable (UNAVAILABLE)");
 }
 
 absl::Status Run(const BenchConfig& c) {
@@ -294,6 +333,7 @@ absl::Status Run(const BenchConfig& c) {
                        GrpcCodeName(static_cast<int>(st.error_code())), ": ", st.error_message()));
     }
   }
+  if (c.http) RETURN_IF_ERROR(CheckHttpApi(c.http_target));
   int64_t clamped = 0, warmup_clamped = 0;
   ASSIGN_OR_RETURN(auto requests, BuildRequests(c, info, c.requests, 0, &clamped));
   ASSIGN_OR_RETURN(auto warmup, BuildRequests(c, info, c.warmup_requests, 1, &warmup_clamped));
@@ -312,7 +352,8 @@ absl::Status Run(const BenchConfig& c) {
     // Warmup: the same load mode, all sent as soon as the cap allows; not timed.
     load.phase = "warmup";
     load.arrivals_s.assign(warmup.size(), 0.0);
-    const LoadResult w = RunLoad(stub.get(), warmup, load);
+    const LoadResult w =
+        c.http ? RunLoadHttp(c.http_target, warmup, load) : RunLoad(stub.get(), warmup, load);
     if (w.stop_code != 0) {
       return absl::UnavailableError(absl::StrCat("the warmup stopped: ", StopReason(c, w)));
     }
@@ -324,7 +365,8 @@ absl::Status Run(const BenchConfig& c) {
   }
   load.phase = "benchmark";
   load.duration_s = c.duration_s;
-  const LoadResult result = RunLoad(stub.get(), requests, load);
+  const LoadResult result =
+      c.http ? RunLoadHttp(c.http_target, requests, load) : RunLoad(stub.get(), requests, load);
 
   const BenchSummary summary = Summarize(result.records);
   const nlohmann::ordered_json config = ConfigJson(c, info, clamped);
@@ -335,7 +377,7 @@ absl::Status Run(const BenchConfig& c) {
   for (const RequestRecord& r : result.records) {
     if (r.ok() || shown++ >= 5) continue;
     std::fprintf(stderr, "specontext-loadgen: request %lld: %s: %s\n",
-                 static_cast<long long>(r.index), GrpcCodeName(r.code).c_str(), r.error.c_str());
+                 static_cast<long long>(r.index), r.CodeName().c_str(), r.error.c_str());
   }
   if (result.stop_code != 0) {
     return absl::UnavailableError(absl::StrCat(StopReason(c, result), "; stopped with ",

@@ -46,6 +46,10 @@ std::string GrpcCodeName(int code) {
   return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
 }
 
+std::string RequestRecord::CodeName() const {
+  return code_name.empty() ? GrpcCodeName(code) : code_name;
+}
+
 BenchSummary Summarize(const std::vector<RequestRecord>& records) {
   BenchSummary s;
   std::vector<double> ttft, tpot, itl, e2el;
@@ -53,7 +57,7 @@ BenchSummary Summarize(const std::vector<RequestRecord>& records) {
     s.duration_s = std::max(s.duration_s, r.send_s + r.latency_s);
     if (!r.ok()) {
       ++s.failed;
-      ++s.errors[GrpcCodeName(r.code)];
+      ++s.errors[r.CodeName()];
       continue;
     }
     ++s.completed;
@@ -129,7 +133,7 @@ nlohmann::ordered_json RequestJson(const RequestRecord& r) {
   itl_ms.reserve(r.itl_s.size());
   for (double g : r.itl_s) itl_ms.push_back(g * 1e3);
   j["itl_ms"] = itl_ms;
-  j["code"] = GrpcCodeName(r.code);
+  j["code"] = r.CodeName();
   if (!r.ok()) j["error"] = r.error;
   return j;
 }

@@ -44,12 +44,16 @@ struct RequestRecord {
   int64_t output_tokens = 0;  // tokens streamed
   int64_t output_tokens_asked = 0;
   std::vector<double> itl_s;  // output_tokens - 1 gaps (fewer when the stream broke)
-  int code = 0;               // grpc::StatusCode
+  int code = 0;               // grpc::StatusCode (HTTP: the HTTP status when code_name says so)
+  std::string code_name;      // when set, the name of the failure instead of GrpcCodeName(code)
+                              // ("HTTP_429" for an HTTP answer of status 429)
   std::string error;          // the status message when code != 0
 
   bool ok() const { return code == 0; }
   /// (latency - ttft) / (output_tokens - 1); 0 when fewer than 2 tokens.
   double tpot_s() const;
+  /// code_name when set, else GrpcCodeName(code).
+  std::string CodeName() const;
 };
 
 /// The name of a gRPC status code ("OK", "UNAVAILABLE", ...; "CODE_N" for unknown values).
