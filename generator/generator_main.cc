@@ -102,6 +102,7 @@ void DefineFlags(Args& a) {
 }
 
 absl::Status Run(const Args& args) {
+  RETURN_IF_ERROR(RemoveStalePortFile(args.GetString("port-file")));
   RETURN_IF_ERROR(ApplyLogLevelFlag(args));
   ASSIGN_OR_RETURN(RuntimeOptions ro, RuntimeOptionsFromArgs(args));
 

@@ -136,6 +136,13 @@ bool WriteAll(int fd, const std::string& data) {
 
 }  // namespace
 
+absl::Status RemoveStalePortFile(const std::string& path) {
+  if (path.empty()) return absl::OkStatus();
+  if (::unlink(path.c_str()) == 0 || errno == ENOENT) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("cannot remove the port file ", path, " of an earlier run: ", std::strerror(errno)));
+}
+
 absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_port, int http_port) {
   if (path.empty()) return absl::OkStatus();
   // A unique name, so two processes given the same --port-file cannot interleave their writes.

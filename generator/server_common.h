@@ -56,6 +56,9 @@ int WaitForTerminationSignal();
 /// naming the path and the cause (the caller must not report serving then). A no-op when `path` is
 /// empty.
 absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_port, int http_port = -1);
+/// Removes the port file an earlier run left (a missing file is fine), before anything can fail: a
+/// supervisor waiting for the file must not read a dead server's ports.
+absl::Status RemoveStalePortFile(const std::string& path);
 
 /// Reads a whole file (NotFound naming it when it cannot be opened).
 absl::StatusOr<std::string> ReadWholeFile(const std::string& path);

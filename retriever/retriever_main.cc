@@ -67,6 +67,7 @@ absl::StatusOr<std::unique_ptr<RetrievalHead>> LoadHead(const std::string& head_
 }
 
 absl::Status Run(const Args& args) {
+  RETURN_IF_ERROR(RemoveStalePortFile(args.GetString("port-file")));
   if (args.GetString("head").empty()) return absl::InvalidArgumentError("--head is required");
   RETURN_IF_ERROR(ApplyLogLevelFlag(args));
   SessionLimits limits;

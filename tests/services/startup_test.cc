@@ -1,6 +1,7 @@
 // Startup failures of the real binaries end the process with a non-zero exit and a message naming
 // the problem, never with a server that runs half-started: a gRPC port another server listens on, a
-// port file that cannot be written, a model path that is a FIFO.
+// port file that cannot be written (and the port file of an earlier run, which goes first), a model
+// path that is a FIFO.
 #include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -163,6 +164,30 @@ TEST_F(Startup, APortFileThatCannotBeWrittenIsAFailedStart) {
     EXPECT_THAT(run.output, HasSubstr("File too large"));
     // Neither a partial port file nor its temporary is left for a supervisor to read.
     EXPECT_TRUE(std::filesystem::is_empty(dir.path)) << "left in " << dir.path;
+  }
+}
+
+TEST_F(Startup, AFailedStartRemovesTheEarlierRunsPortFile) {
+  for (const Binary& b : binaries_) {
+    SCOPED_TRACE(b.name);
+    char tmpl[] = "/tmp/spc_startup_test_XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    RemoveOnExit dir{tmpl};
+    const std::string port_file = dir.path + "/ports";
+    { std::ofstream(port_file) << "50051 9464\n"; }  // a dead server's ports
+    std::vector<std::string> argv = {b.path};
+    argv.insert(argv.end(), b.args.begin(), b.args.end());
+    // The model (generator) or head (retriever) does not exist: the start fails after the flags parse.
+    for (std::string& a : argv) {
+      if (a.ends_with("stories260K.bin") || a == head_.path) a = dir.path + "/missing";
+    }
+    for (const char* a : {"--listen", "127.0.0.1:0", "--metrics-port", "0", "--port-file"}) argv.push_back(a);
+    argv.push_back(port_file);
+
+    const Exited run = RunToExit(argv, /*timeout_s=*/60);
+    EXPECT_NE(run.exit_code, 0) << run.output;
+    EXPECT_NE(run.exit_code, -1) << run.output;
+    EXPECT_FALSE(std::filesystem::exists(port_file)) << "the stale port file is still there: " << ReadText(port_file);
   }
 }
 
