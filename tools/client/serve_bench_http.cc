@@ -4,9 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
-#include <condition_variable>
 #include <cstdio>
-#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -28,13 +26,8 @@ constexpr int kInternal = 13;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
-struct HttpState {
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t in_flight = 0, issued = 0, completed = 0, failed = 0, tokens = 0;
-  int stop_code = 0;
-  bool done = false;
-  std::vector<RequestRecord> records;
+// The HTTP run's state: one thread per request in flight.
+struct HttpState : LoadState {
   std::map<int64_t, std::thread> threads;  // one per request sent and not yet joined
   std::vector<int64_t> ended;              // requests whose thread finished, to join
 };
@@ -198,28 +191,6 @@ RequestRecord RunOne(const HttpTarget& target, int64_t index, const v1::Generate
   return r;
 }
 
-void ProgressLoop(HttpState* state, const std::string& phase, size_t total, Clock::time_point start) {
-  std::unique_lock<std::mutex> lock(state->mu);
-  Clock::time_point last = start;
-  int64_t tokens_before = 0;
-  while (true) {
-    if (state->cv.wait_until(lock, last + std::chrono::seconds(1), [&] { return state->done; })) {
-      return;
-    }
-    const Clock::time_point now = Clock::now();
-    const double rate = static_cast<double>(state->tokens - tokens_before) / Seconds(now - last);
-    tokens_before = state->tokens;
-    last = now;
-    std::fprintf(stderr,
-                 "specontext-loadgen %s %.0fs: %lld/%lld completed/issued (of %zu), %lld errors, "
-                 "%.0f output tok/s\n",
-                 phase.c_str(), Seconds(now - start),
-                 static_cast<long long>(state->completed + state->failed),
-                 static_cast<long long>(state->issued), total,
-                 static_cast<long long>(state->failed), rate);
-  }
-}
-
 // Joins the threads of the requests that ended; called without the lock held.
 void JoinEnded(HttpState* state) {
   std::vector<std::thread> ended;
@@ -295,70 +266,24 @@ json CompletionBody(const v1::GenerateRequest& r) {
 LoadResult RunLoadHttp(const HttpTarget& target, const std::vector<v1::GenerateRequest>& requests,
                        const LoadOptions& o) {
   HttpState state;
-  const bool closed = o.concurrency > 0;
-  const int64_t cap =
-      closed ? o.concurrency
-             : (o.max_concurrency > 0 ? o.max_concurrency : std::numeric_limits<int64_t>::max());
-  const Clock::time_point start = Clock::now();
-  const bool bounded = o.duration_s > 0;
-  const Clock::time_point stop_at =
-      start + std::chrono::microseconds(static_cast<int64_t>(std::min(o.duration_s, 1e9) * 1e6));
-  std::thread progress;
-  if (o.progress) progress = std::thread(ProgressLoop, &state, o.phase, requests.size(), start);
-
-  size_t sent = 0;
-  for (; sent < requests.size(); ++sent) {
-    JoinEnded(&state);
-    std::unique_lock<std::mutex> lock(state.mu);
-    if (!closed && sent < o.arrivals_s.size()) {
-      const Clock::time_point at =
-          start + std::chrono::microseconds(static_cast<int64_t>(o.arrivals_s[sent] * 1e6));
-      if (bounded && at >= stop_at) break;
-      state.cv.wait_until(lock, at, [&] { return state.stop_code != 0; });
-    }
-    const auto may_send = [&] { return state.in_flight < cap || state.stop_code != 0; };
-    if (bounded) {
-      state.cv.wait_until(lock, stop_at, may_send);
-    } else {
-      state.cv.wait(lock, may_send);
-    }
-    if (state.stop_code != 0 || (bounded && Clock::now() >= stop_at)) break;
-    ++state.in_flight;
-    ++state.issued;
-    const auto index = static_cast<int64_t>(sent);
-    const v1::GenerateRequest* request = &requests[sent];
-    const Clock::time_point send = Clock::now();
-    // Started under the lock: the thread's end (which takes it) cannot come before its entry.
-    state.threads.emplace(index, std::thread([&state, &target, index, request, start, send, &o] {
-      RequestRecord r = RunOne(target, index, *request, start, send, o.timeout_s, &state);
-      std::lock_guard<std::mutex> lock(state.mu);
-      --state.in_flight;
-      ++(r.ok() ? state.completed : state.failed);
-      if (state.stop_code == 0 && (r.code == kUnavailable || r.code == kDeadlineExceeded) &&
-          r.code_name.empty()) {
-        state.stop_code = r.code;
-      }
-      state.records.push_back(std::move(r));
-      state.ended.push_back(index);
-      state.cv.notify_all();
-    }));
-  }
-
-  LoadResult result;
-  {
-    std::unique_lock<std::mutex> lock(state.mu);
-    state.cv.wait(lock, [&] { return state.in_flight == 0; });
-    state.done = true;
-    if (sent < requests.size()) result.stop_code = state.stop_code;
-    result.records = std::move(state.records);
-  }
-  state.cv.notify_all();
-  if (progress.joinable()) progress.join();
-  JoinEnded(&state);
-  result.not_sent = static_cast<int64_t>(requests.size() - sent);
-  std::sort(result.records.begin(), result.records.end(),
-            [](const RequestRecord& a, const RequestRecord& b) { return a.index < b.index; });
-  return result;
+  return DriveLoad(
+      &state, requests.size(), o,
+      [&](size_t i, Clock::time_point start, std::unique_lock<std::mutex>&) {
+        const auto index = static_cast<int64_t>(i);
+        const v1::GenerateRequest* request = &requests[i];
+        const Clock::time_point send = Clock::now();
+        // Started under the lock: the thread's end (which takes it) cannot come before its entry.
+        state.threads.emplace(
+            index, std::thread([&state, &target, index, request, start, send, &o] {
+              RequestRecord r = RunOne(target, index, *request, start, send, o.timeout_s, &state);
+              std::lock_guard<std::mutex> lock(state.mu);
+              state.ended.push_back(index);
+              const bool stops =
+                  (r.code == kUnavailable || r.code == kDeadlineExceeded) && r.code_name.empty();
+              state.EndLocked(std::move(r), stops);
+            }));
+      },
+      [&] { JoinEnded(&state); });
 }
 
 }  // namespace specontext::client

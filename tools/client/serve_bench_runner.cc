@@ -21,20 +21,10 @@ double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).coun
 
 class StreamCall;
 
-// What the calls of one run share with the thread that sends them. Guarded by mu.
-struct LoadState {
-  std::mutex mu;
-  std::condition_variable cv;  // a call ended, or the run is over (progress thread)
-  int64_t in_flight = 0;
-  int64_t issued = 0;
-  int64_t completed = 0;
-  int64_t failed = 0;
-  int64_t tokens = 0;
-  int stop_code = 0;  // the first UNAVAILABLE or DEADLINE_EXCEEDED: send no more
-  bool done = false;
-  std::vector<RequestRecord> records;
-  // Calls whose OnDone ran, for the sending thread to delete: a call never deletes itself, so none
-  // is still being torn down on a gRPC thread once the run has returned (and the process may exit).
+// The gRPC run's state: calls whose OnDone ran, for the sending thread to delete: a call never
+// deletes itself, so none is still being torn down on a gRPC thread once the run has returned (and
+// the process may exit).
+struct GrpcState : LoadState {
   std::vector<StreamCall*> ended;
 };
 
@@ -42,7 +32,7 @@ struct LoadState {
 // call into it) has handed over its record.
 class StreamCall final : public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
-  StreamCall(LoadState* state, int64_t index, const v1::GenerateRequest& request,
+  StreamCall(GrpcState* state, int64_t index, const v1::GenerateRequest& request,
              Clock::time_point run_start, double timeout_s)
       : state_(state), index_(index), request_(request), run_start_(run_start) {
     ctx_.set_deadline(std::chrono::system_clock::now() +
@@ -86,22 +76,17 @@ class StreamCall final : public grpc::ClientReadReactor<v1::GenerateResponse> {
     r.code = static_cast<int>(status.error_code());
     if (!status.ok()) r.error = status.error_message();
     {
-      std::lock_guard<std::mutex> lock(state_->mu);
-      --state_->in_flight;
-      ++(r.ok() ? state_->completed : state_->failed);
-      if (state_->stop_code == 0 && (status.error_code() == grpc::StatusCode::UNAVAILABLE ||
-                                     status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED)) {
-        state_->stop_code = r.code;
-      }
-      state_->records.push_back(std::move(r));
-      state_->ended.push_back(this);
       // Under the lock: once it is released, the run may end and the state and this call go away.
-      state_->cv.notify_all();
+      std::lock_guard<std::mutex> lock(state_->mu);
+      state_->ended.push_back(this);
+      state_->EndLocked(std::move(r),
+                        status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                            status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED);
     }
   }
 
  private:
-  LoadState* state_;
+  GrpcState* state_;
   int64_t index_;
   v1::GenerateRequest request_;
   Clock::time_point run_start_;
@@ -138,7 +123,7 @@ void ProgressLoop(LoadState* state, const std::string& phase, size_t total,
 }
 
 // Deletes the calls that ended; called without the lock held.
-void DeleteEnded(LoadState* state) {
+void DeleteEnded(GrpcState* state) {
   std::vector<StreamCall*> ended;
   {
     std::lock_guard<std::mutex> lock(state->mu);
@@ -149,9 +134,18 @@ void DeleteEnded(LoadState* state) {
 
 }  // namespace
 
-LoadResult RunLoad(v1::Generator::Stub* stub, const std::vector<v1::GenerateRequest>& requests,
-                   const LoadOptions& o) {
-  LoadState state;
+void LoadState::EndLocked(RequestRecord r, bool stops) {
+  --in_flight;
+  ++(r.ok() ? completed : failed);
+  if (stops && stop_code == 0) stop_code = r.code;
+  records.push_back(std::move(r));
+  cv.notify_all();
+}
+
+LoadResult DriveLoad(
+    LoadState* state, size_t n, const LoadOptions& o,
+    const std::function<void(size_t, Clock::time_point, std::unique_lock<std::mutex>&)>& send,
+    const std::function<void()>& reap) {
   const bool closed = o.concurrency > 0;
   const int64_t cap =
       closed ? o.concurrency
@@ -161,47 +155,58 @@ LoadResult RunLoad(v1::Generator::Stub* stub, const std::vector<v1::GenerateRequ
   const Clock::time_point stop_at =
       start + std::chrono::microseconds(static_cast<int64_t>(std::min(o.duration_s, 1e9) * 1e6));
   std::thread progress;
-  if (o.progress) progress = std::thread(ProgressLoop, &state, o.phase, requests.size(), start);
+  if (o.progress) progress = std::thread(ProgressLoop, state, o.phase, n, start);
 
   size_t sent = 0;
-  for (; sent < requests.size(); ++sent) {
-    DeleteEnded(&state);
-    std::unique_lock<std::mutex> lock(state.mu);
+  for (; sent < n; ++sent) {
+    reap();
+    std::unique_lock<std::mutex> lock(state->mu);
     if (!closed && sent < o.arrivals_s.size()) {
       const Clock::time_point at =
           start + std::chrono::microseconds(static_cast<int64_t>(o.arrivals_s[sent] * 1e6));
       if (bounded && at >= stop_at) break;
-      state.cv.wait_until(lock, at, [&] { return state.stop_code != 0; });
+      state->cv.wait_until(lock, at, [&] { return state->stop_code != 0; });
     }
-    const auto may_send = [&] { return state.in_flight < cap || state.stop_code != 0; };
+    const auto may_send = [&] { return state->in_flight < cap || state->stop_code != 0; };
     if (bounded) {
-      state.cv.wait_until(lock, stop_at, may_send);
+      state->cv.wait_until(lock, stop_at, may_send);
     } else {
-      state.cv.wait(lock, may_send);
+      state->cv.wait(lock, may_send);
     }
-    if (state.stop_code != 0 || (bounded && Clock::now() >= stop_at)) break;
-    ++state.in_flight;
-    ++state.issued;
-    lock.unlock();
-    (new StreamCall(&state, static_cast<int64_t>(sent), requests[sent], start, o.timeout_s))
-        ->Start(stub);
+    if (state->stop_code != 0 || (bounded && Clock::now() >= stop_at)) break;
+    ++state->in_flight;
+    ++state->issued;
+    send(sent, start, lock);
   }
 
   LoadResult result;
   {
-    std::unique_lock<std::mutex> lock(state.mu);
-    state.cv.wait(lock, [&] { return state.in_flight == 0; });
-    state.done = true;
-    if (sent < requests.size()) result.stop_code = state.stop_code;
-    result.records = std::move(state.records);
+    std::unique_lock<std::mutex> lock(state->mu);
+    state->cv.wait(lock, [&] { return state->in_flight == 0; });
+    state->done = true;
+    if (sent < n) result.stop_code = state->stop_code;
+    result.records = std::move(state->records);
   }
-  state.cv.notify_all();
+  state->cv.notify_all();
   if (progress.joinable()) progress.join();
-  DeleteEnded(&state);
-  result.not_sent = static_cast<int64_t>(requests.size() - sent);
+  reap();
+  result.not_sent = static_cast<int64_t>(n - sent);
   std::sort(result.records.begin(), result.records.end(),
             [](const RequestRecord& a, const RequestRecord& b) { return a.index < b.index; });
   return result;
+}
+
+LoadResult RunLoad(v1::Generator::Stub* stub, const std::vector<v1::GenerateRequest>& requests,
+                   const LoadOptions& o) {
+  GrpcState state;
+  return DriveLoad(
+      &state, requests.size(), o,
+      [&](size_t i, Clock::time_point start, std::unique_lock<std::mutex>& lock) {
+        lock.unlock();
+        (new StreamCall(&state, static_cast<int64_t>(i), requests[i], start, o.timeout_s))
+            ->Start(stub);
+      },
+      [&] { DeleteEnded(&state); });
 }
 
 }  // namespace specontext::client

@@ -11,7 +11,11 @@
 // deadline) and the run returns, instead of spending the rest of the plan on a dead server.
 #pragma once
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -35,6 +39,35 @@ struct LoadResult {
   int64_t not_sent = 0;  // requests left when the duration or a failure stopped the sending
   int stop_code = 0;     // UNAVAILABLE or DEADLINE_EXCEEDED when such a failure stopped it
 };
+
+// What the requests of one run share with the thread that sends them, whatever the transport
+// (gRPC here, HTTP in serve_bench_http.cc). Guarded by mu.
+struct LoadState {
+  std::mutex mu;
+  std::condition_variable cv;  // a request ended, or the run is over (progress thread)
+  int64_t in_flight = 0;
+  int64_t issued = 0;
+  int64_t completed = 0;
+  int64_t failed = 0;
+  int64_t tokens = 0;
+  int stop_code = 0;  // the first UNAVAILABLE or DEADLINE_EXCEEDED: send no more
+  bool done = false;
+  std::vector<RequestRecord> records;
+
+  /// A request's end, called with mu held: counts it and keeps its record; `stops` (its failure
+  /// means the server is gone or hung) stops the sending unless an earlier one did. Wakes the
+  /// sender.
+  void EndLocked(RequestRecord r, bool stops);
+};
+
+/// The load modes above over any transport: starts requests 0..n-1 in the order and at the times
+/// `options` says, then waits for every one sent to end. `send(i, run_start, lock)` starts request
+/// i with `lock` (on state->mu) held, and may release it; the request's end must call EndLocked.
+/// `reap()` runs without the lock before each send and after the last end (to free ended requests).
+LoadResult DriveLoad(LoadState* state, size_t n, const LoadOptions& options,
+                     const std::function<void(size_t, std::chrono::steady_clock::time_point,
+                                              std::unique_lock<std::mutex>&)>& send,
+                     const std::function<void()>& reap);
 
 /// Sends `requests` to `stub` as `options` says and waits for every call sent to end. Records are
 /// timed from the start of this run. output_tokens_asked is each request's max_new_tokens;
