@@ -13,6 +13,7 @@
 #include "absl/time/clock.h"
 #include "core/echo.h"
 #include "core/log.h"
+#include "core/status_macros.h"
 #include "core/metrics/connection_threads.h"
 #include "core/status_http.h"
 #include "generator/openai_request.h"
@@ -278,7 +279,7 @@ void HandleGenerate(GeneratorService* service, OpenAiEndpoint endpoint, const ht
 }  // namespace
 
 absl::Status OpenAiHttpServer::Start() {
-  if (server_ != nullptr) return absl::FailedPreconditionError("http: server already started");
+  if (listener_.started()) return absl::FailedPreconditionError("http: server already started");
   const bool tls = !options_.tls_cert_file.empty() || !options_.tls_key_file.empty();
   std::unique_ptr<httplib::Server> server;
   if (tls) {
@@ -296,15 +297,7 @@ absl::Status OpenAiHttpServer::Start() {
   } else {
     server = std::make_unique<httplib::Server>();
   }
-  // As for /metrics: no SO_REUSEPORT (a second server must not share a busy port).
-  auto listen_fd = std::make_shared<int>(-1);
-  server->set_socket_options([listen_fd](socket_t sock) {
-    int yes = 1;
-    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-    *listen_fd = sock;
-  });
-  const int max_connections = options_.max_connections;
-  server->new_task_queue = [max_connections] { return new metrics::ConnectionThreads(max_connections); };
+  listener_.Configure(server.get(), options_.max_connections);
   // Headers and body leave in separate writes: with Nagle's algorithm and the peer's delayed ACK
   // every response would wait ~40 ms (measured: +85 ms a request against gRPC without this).
   server->set_tcp_nodelay(true);
@@ -356,34 +349,12 @@ absl::Status OpenAiHttpServer::Start() {
     return httplib::Server::HandlerResponse::Handled;
   }));
 
-  int port = port_;
-  if (port == 0) {
-    port = server->bind_to_any_port(host_);
-  } else if (!server->bind_to_port(host_, port)) {
-    port = -1;
-  }
-  if (port < 0) {
-    return absl::UnavailableError(absl::StrCat("http: cannot listen on ", host_, ":", port_,
-                                               " (port in use or address invalid)"));
-  }
-  if (*listen_fd >= 0) ::listen(*listen_fd, SOMAXCONN);  // cpp-httplib's backlog of 5 drops bursts
-  bound_port_ = port;
-  httplib::Server* raw = server.get();
-  server_ = std::move(server);
-  thread_ = std::thread([raw] { raw->listen_after_bind(); });
-  for (int i = 0; i < 5000 && !raw->is_running(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  SPC_LOG(INFO) << "http: serving the OpenAI-compatible API" << Kv("host", host_) << Kv("port", bound_port_)
+  RETURN_IF_ERROR(listener_.Listen(std::move(server), host_, port_));
+  SPC_LOG(INFO) << "http: serving the OpenAI-compatible API" << Kv("host", host_) << Kv("port", listener_.port())
                 << Kv("tls", tls);
   return absl::OkStatus();
 }
 
-void OpenAiHttpServer::Stop() {
-  if (server_ == nullptr) return;
-  server_->stop();
-  if (thread_.joinable()) thread_.join();
-  server_.reset();
-}
+void OpenAiHttpServer::Stop() { listener_.Stop(); }
 
 }  // namespace specontext::generator

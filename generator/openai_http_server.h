@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "core/metrics/http_listener.h"
 #include "generator/generator_service.h"
 
 namespace httplib {
@@ -46,16 +47,14 @@ class OpenAiHttpServer {
   absl::Status Start();
   /// Stops accepting and joins the threads. Idempotent.
   void Stop();
-  int port() const { return bound_port_; }
+  int port() const { return listener_.port(); }
 
  private:
   GeneratorService* service_;
   std::string host_;
   int port_;
   OpenAiHttpOptions options_;
-  int bound_port_ = -1;
-  std::unique_ptr<httplib::Server> server_;
-  std::thread thread_;
+  metrics::HttpListener listener_{"http"};
 };
 
 }  // namespace specontext::generator

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "core/metrics/http_listener.h"
 #include "core/metrics/metrics.h"
 
 namespace httplib {
@@ -54,17 +55,15 @@ class MetricsServer {
   /// Stops serving and joins the threads. Idempotent.
   void Stop();
   /// The bound port (the real one when constructed with 0); -1 before Start().
-  int port() const { return bound_port_; }
+  int port() const { return listener_.port(); }
 
  private:
   const Registry* registry_;
   std::string host_;
   int port_;
   MetricsServerOptions options_;
-  int bound_port_ = -1;
   std::function<bool()> ready_;
-  std::unique_ptr<httplib::Server> server_;
-  std::thread thread_;
+  HttpListener listener_{"metrics"};
 };
 
 }  // namespace specontext::metrics
