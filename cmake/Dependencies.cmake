@@ -22,3 +22,18 @@ if(SPECONTEXT_SERVICES)
   find_program(GRPC_CPP_PLUGIN grpc_cpp_plugin REQUIRED)
   pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)
 endif()
+
+# spc_system_python(OUT MODULES...): the Python that a test needing Debian's python3-* packages
+# should run: /usr/bin/python3 when it imports MODULES, else Python3::Interpreter (whichever python3
+# comes first in PATH: pyenv or a virtualenv, which lacks them, so the test then reports SKIPPED).
+function(spc_system_python out)
+  set(python Python3::Interpreter)
+  if(EXISTS /usr/bin/python3)
+    list(JOIN ARGN ", " modules)
+    execute_process(COMMAND /usr/bin/python3 -c "import ${modules}" RESULT_VARIABLE rc OUTPUT_QUIET ERROR_QUIET)
+    if(rc EQUAL 0)
+      set(python /usr/bin/python3)
+    endif()
+  endif()
+  set(${out} ${python} PARENT_SCOPE)
+endfunction()
