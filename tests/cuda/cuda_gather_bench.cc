@@ -4,10 +4,14 @@
 // index-set overlaps 0.5-0.95. Time is wall time of the 32 ElasticLoad calls until the copy stream is idle
 // (launch overhead included), best of --reps. Then the decode kernels against their floors
 // (cuda_decode_bench.inc): sparse attention over a shape sweep, selection at R in {1, 8, 32}, S in {8K, 32K}.
+// --alloc runs the elastic section once per host tier (cuda_gather_host_tier.inc): pinned (AllocPinnedHost,
+// the default), the HostPinMode kinds, vmmhost, and kvstore (a /dev/shm kvstore segment registered as the
+// generator's --kvstore registers it).
 // --section footprint (not part of "all": it pins tens of GiB) is the decode benchmark's host tier at full
 // size, per host allocation mode (cuda_gather_footprint.inc has its flags).
 //
 //   cuda_gather_bench [--capacity 16384] [--reps 5] [--section all|elastic|attn|select|footprint]
+//                     [--alloc pinned,hostalloc,register4k,thp,hugetlb,vmmhost,kvstore]
 //   cuda_gather_bench --section footprint --footprint-gib 80 --sequences 32 --alloc hostalloc,thp
 #include <cuda_runtime.h>
 
@@ -26,6 +30,9 @@
 #include "core/cuda/selection.h"
 #include "core/sparse/elastic.h"
 #include "core/sparse/index_sets.h"
+#include "core/status_macros.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace specontext {
 namespace {
@@ -89,19 +96,34 @@ double TimeLoads(cuda::CudaBackend& b, const CopyList& cl, int reps) {
   return best;
 }
 
-void Run(int hd, int capacity, int reps) {
+}  // namespace
+}  // namespace specontext
+
+#include "tests/cuda/cuda_gather_footprint.inc"
+#include "tests/cuda/cuda_gather_host_tier.inc"
+
+namespace specontext {
+namespace {
+
+// The elastic section with the host tensors from `mode` (cuda_gather_host_tier.inc).
+void Run(int hd, int capacity, int reps, const std::string& mode) {
   auto made = MakeCudaBackend({});
   CHECK_OK(made.status());
   auto* b = dynamic_cast<cuda::CudaBackend*>(made->get());
   const int64_t row_bytes = int64_t{hd} * 2;
+  const int64_t tensor_bytes = int64_t{kKv} * capacity * row_bytes;
+  // Declared before the tensors: the tier (a kvstore segment's views) must outlive them.
+  auto tier = host_tier::HostTier::Make(mode, b, 2 * kLayers, tensor_bytes);
+  CHECK_OK(tier.status());
   SequenceKv kv;
   kv.capacity = capacity;
   kv.slot_budget = kBudget;
   for (int l = 0; l < kLayers; ++l) {
     for (auto* v : {&kv.host_k, &kv.host_v}) {
-      auto t = b->AllocPinnedHost(DType::kBF16, {kKv, capacity, hd}, MemoryKind::kKvCache);
+      bool cpu_access = true;
+      auto t = (*tier)->Alloc({kKv, capacity, hd}, &cpu_access);
       CHECK_OK(t.status());
-      std::memset(t->data(), l + 1, t->nbytes());
+      if (cpu_access) std::memset(t->data(), l + 1, t->nbytes());
       v->push_back(*t);
     }
     kv.k.push_back(kv.host_k.back());
@@ -112,6 +134,8 @@ void Run(int hd, int capacity, int reps) {
       v->push_back(*t);
     }
   }
+  std::printf("host tier %s, row %lld B: %s\n", mode.c_str(), static_cast<long long>(row_bytes),
+              (*tier)->Describe().c_str());
   BatchDesc batch;
   batch.seqs = {{0, 1, capacity - 1}};
   batch.kv = {&kv};
@@ -141,15 +165,15 @@ void Run(int hd, int capacity, int reps) {
     cudaStreamSynchronize(st);
     const double t0 = Seconds();
     for (int l = 0; l < kLayers; ++l) {
-      cudaMemcpyAsync(dst, kv.host_k[l].data(), std::min(per_layer, kv.host_k[l].nbytes()), cudaMemcpyHostToDevice, st);
+      cudaMemcpyAsync(dst, kv.host_k[l].data(), std::min(per_layer, kv.host_k[l].nbytes()), cudaMemcpyDefault, st);
     }
     cudaStreamSynchronize(st);
     if (r > 0) t_bulk = std::min(t_bulk, Seconds() - t0);
   }
   const double bulk_bytes = double(std::min(per_layer, kv.host_k[0].nbytes())) * kLayers;
-  std::printf("row %lld B | full reload: %d layers x %d KV heads x %d rows x K+V = %.1f MB in %.3f ms = %.1f GB/s "
-              "(gather of mapped pinned rows) | pinned bulk copy: %.1f GB/s\n",
-              static_cast<long long>(row_bytes), kLayers, kKv, kBudget, full_bytes / 1e6, t_full * 1e3,
+  std::printf("%s row %lld B | full reload: %d layers x %d KV heads x %d rows x K+V = %.1f MB in %.3f ms = %.1f GB/s "
+              "(gather of mapped rows) | bulk copy from the same memory: %.1f GB/s\n",
+              mode.c_str(), static_cast<long long>(row_bytes), kLayers, kKv, kBudget, full_bytes / 1e6, t_full * 1e3,
               full_bytes / t_full / 1e9, bulk_bytes / t_bulk / 1e9);
   CHECK_OK(ApplyElasticPlan(*plan0, last, mm));
 
@@ -159,9 +183,9 @@ void Run(int hd, int capacity, int reps) {
     CHECK_OK(plan.status());
     const double bytes = 2.0 * plan->copies.head_rows * row_bytes * kLayers;
     const double t = TimeLoads(*b, plan->copies, reps);
-    std::printf("row %lld B | overlap %.2f: elastic %lld rows/layer (K+V) %.1f MB in %.3f ms (%.1f GB/s) vs full "
+    std::printf("%s row %lld B | overlap %.2f: elastic %lld rows/layer (K+V) %.1f MB in %.3f ms (%.1f GB/s) vs full "
                 "%.1f MB in %.3f ms: %.2fx less time\n",
-                static_cast<long long>(row_bytes), plan->overlap_ratio(),
+                mode.c_str(), static_cast<long long>(row_bytes), plan->overlap_ratio(),
                 static_cast<long long>(2 * plan->copies.head_rows), bytes / 1e6, t * 1e3, bytes / t / 1e9,
                 full_bytes / 1e6, t_full * 1e3, t_full / t);
     CHECK_OK(ApplyElasticPlan(*plan, now, mm));
@@ -175,35 +199,66 @@ void Run(int hd, int capacity, int reps) {
 }  // namespace specontext
 
 #include "tests/cuda/cuda_decode_bench.inc"
-#include "tests/cuda/cuda_gather_footprint.inc"
 
 int main(int argc, char** argv) {
   int capacity = 16384, reps = 5;
   std::string section = "all";
+  std::vector<std::string> modes;  // the elastic section's host tiers (--alloc; default pinned)
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--capacity") capacity = std::atoi(argv[i + 1]);
     else if (a == "--reps") reps = std::atoi(argv[i + 1]);
     else if (a == "--section") section = argv[i + 1];
+    else if (a == "--alloc") {
+      std::stringstream ss(argv[i + 1]);
+      for (std::string m; std::getline(ss, m, ',');) modes.push_back(m);
+    }
   }
-  if (specontext::CudaDeviceCount() == 0) {
-    std::fprintf(stderr, "no CUDA device\n");
-    return 1;
-  }
+  if (modes.empty()) modes = {"pinned"};
   if (capacity <= specontext::kBudget) {
     std::fprintf(stderr, "--capacity must exceed the budget %d\n", specontext::kBudget);
     return 1;
   }
   if (section == "footprint") {
+    if (specontext::CudaDeviceCount() == 0) {
+      std::fprintf(stderr, "no CUDA device\n");
+      return 1;
+    }
     specontext::footprint::Options o;
     if (!specontext::footprint::Parse(argc, argv, &o)) return 1;
     for (auto mode : o.modes) specontext::footprint::RunMode(o, mode);
     return 0;
   }
+  const bool elastic = section == "all" || section == "elastic";
+  for (const auto& m : modes) {
+    if (elastic && !specontext::host_tier::KnownMode(m)) {
+      std::fprintf(stderr, "--alloc: unknown mode '%s' (pinned, hostalloc, register4k, thp, hugetlb, vmmhost, "
+                   "kvstore)\n", m.c_str());
+      return 1;
+    }
+#if SPC_GATHER_BENCH_KVSTORE
+    if (elastic && m == "kvstore") {
+      // The largest segment of the section (512-byte rows), checked before anything runs.
+      const int64_t tensor_bytes = int64_t{specontext::kKv} * capacity * 512;
+      auto plan = specontext::host_tier::PlanSegment("spc_gather_bench_check", 2 * specontext::kLayers, tensor_bytes);
+      absl::Status st = plan.ok() ? specontext::host_tier::CheckShm(plan->segment_bytes) : plan.status();
+      if (!st.ok()) {
+        std::fprintf(stderr, "%s\n", std::string(st.message()).c_str());
+        return 1;
+      }
+    }
+#endif
+  }
+  if (specontext::CudaDeviceCount() == 0) {
+    std::fprintf(stderr, "no CUDA device\n");
+    return 1;
+  }
   const double copy_gbs = specontext::bench::CopyBandwidth();
   std::printf("device copy bandwidth (read + write, 1 GiB D2D): %.0f GB/s: the floors below use it\n", copy_gbs);
-  if (section == "all" || section == "elastic") {
-    for (int hd : {128, 256}) specontext::Run(hd, capacity, reps);
+  if (elastic) {
+    for (const auto& m : modes) {
+      for (int hd : {128, 256}) specontext::Run(hd, capacity, reps, m);
+    }
   }
   if (section == "all" || section == "attn") specontext::bench::AttentionSweep(copy_gbs, std::max(reps, 10));
   if (section == "all" || section == "select") specontext::bench::SelectionSweep(copy_gbs, std::max(reps, 10));
