@@ -16,7 +16,15 @@
 #   paper-dense  the same served densely at SPC_PAPER_DENSE_REQUESTS (12): the largest count that fits
 #   split     sparse at concurrency 32 with the retriever in-process vs as a separate process: step time
 #             and fallback rate under load
-# Environment: SPC_SERVE_SECONDS caps each loadgen run (default 90); SPC_BACKEND=cpu smoke-tests the script.
+#   kvstore-8b  the kvstore host tier with layers really offloaded, on the served 8B shape: a
+#             --gpu-memory-limit computed from a calibration start makes the planner move layers to host;
+#             16 streams of 2K prompts x 512 out with --kvstore and with the pinned host tier (out tok/s,
+#             TPOT, the tier gauges sampled during the run), then SIGKILL with 8 streams in flight, restart
+#             on the same segment, inspect before/after, one greedy request's text before == after
+#             (kvstore_8b.txt; SPC_KV8B_{STREAMS,PROMPT,OUT,BUDGET,HEADROOM,BLOCK_BYTES,KILL_OUT}; the segment
+#             and the load follow `df /dev/shm`)
+# Environment: SPC_SERVE_SECONDS caps each loadgen run (default 90); SPC_BACKEND=cpu smoke-tests the script
+# (with SPC_SERVE_PRESET=tiny-llama for the parts that serve the 8B shape).
 set -u
 BUNDLE=$(cd "$1" && pwd); OUT=$2; PARTS=${3:-equal}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -248,4 +256,163 @@ if has split; then
     spc_stop $SPC_PID
     [ $where = split ] && spc_stop $rpid
   done
+fi
+
+# ---- kvstore-8b: the kvstore host tier under load, with layers offloaded ---------------------------------
+# The served 8B shape (SPC_SERVE_PRESET), sparse B 2048, with a --gpu-memory-limit that makes the memory
+# planner offload layers near the end of the load: a calibration start (no limit) reads the bytes the planner
+# counts as fixed (spc_device_memory_bytes at start), the limit adds the planner's per-step workspace bound
+# and the KV of R streams at the end of their outputs with SPC_KV8B_HEADROOM (0.35) of the way from "every
+# layer offloaded" (R x B slot rows a layer) to "every layer resident" (R x (P + O) rows a layer): about
+# (1 - headroom) of the layers move to host over the last part of the outputs. (a) loadgen R x P prompt
+# tokens x O out with the host tier in a kvstore segment, then with pinned host memory (same flags);
+# (b) on the kvstore generator: one greedy request, 8 streams of longer prompts (so that layers move right
+# after their prefill), SIGKILL, restart on the same segment, inspect before/after, the same greedy request.
+kv8b_metric() {  # kv8b_metric FILE NAME: the value of an unlabelled metric (empty when absent)
+  awk -v n="$2" '$1 == n { print $2 }' "$1" 2> /dev/null | head -1
+}
+kv8b_sample() {  # kv8b_sample PORT FILE: every 2 s a line of the tier gauges, until killed
+  local t=0
+  while :; do
+    if spc_scrape "$1" $W/kv8b.sample.txt 2> /dev/null; then
+      echo "t=${t}s $(grep -E "^spc_(kvstore_used_blocks|kvstore_host_tier_bytes|kvstore_host_tier_fallbacks_total|resident_layers|offloaded_layers|host_kv_bytes|generator_running_sequences) " $W/kv8b.sample.txt | tr '\n' ' ')"
+    fi
+    sleep 2; t=$((t + 2))
+  done >> "$2"
+}
+kv8b_sample_summary() {  # kv8b_sample_summary FILE: maxima / minima over the samples
+  awk '{ for (i = 2; i < NF; i += 2) { v = $(i + 1) + 0; if (!($i in mx) || v > mx[$i]) mx[$i] = v;
+         if (!($i in mn) || v < mn[$i]) mn[$i] = v } }
+       END { for (k in mx) printf "  %s: min %g max %g\n", k, mn[k], mx[k] }' "$1" | sort
+}
+kv8b_planner() {  # kv8b_planner LOG: what the memory planner did
+  echo "  planner: $(grep -c 'layer moved to host' "$1") layer moves to host, $(grep -c 'moved back to the device' "$1") back; last: $(grep 'layer moved to host' "$1" | tail -1 | sed 's/.*msg=//')"
+}
+if has kvstore-8b; then
+  served_model
+  {
+    if [ "$BACKEND" = cpu ]; then E=4; P=${SPC_KV8B_PROMPT:-256}; O=${SPC_KV8B_OUT:-64}; B=${SPC_KV8B_BUDGET:-64}
+      BB=${SPC_KV8B_BLOCK_BYTES:-4096}; GREEDY_REPS=4
+      # The CPU prefill holds a chunk x context score matrix that the planner's workspace bound (a 512-token
+      # step's activations) leaves out: small chunks keep it under the bound.
+      EXTRA="--max-tokens-per-step 32"; OK=${SPC_KV8B_KILL_OUT:-1024}  # long enough to be killed mid-stream
+    else EXTRA="" OK=${SPC_KV8B_KILL_OUT:-512} E=2; P=${SPC_KV8B_PROMPT:-2048}; O=${SPC_KV8B_OUT:-512}; B=${SPC_KV8B_BUDGET:-2048}
+      BB=${SPC_KV8B_BLOCK_BYTES:-65536}; GREEDY_REPS=40
+    fi
+    R=${SPC_KV8B_STREAMS:-16}; KR=8; HROOM=${SPC_KV8B_HEADROOM:-0.35}
+    # Model shape: layers, KV heads, head dim, and what the planner's workspace bound uses; the head's K/V.
+    read -r L H D HID INTER QD KVD VOCAB HL HH HD < <(python3 - "$MODEL/config.json" "$HEAD/config.json" << 'PY'
+import json, sys
+c, h = (json.load(open(p)) for p in sys.argv[1:3])
+hd = lambda x: x.get("head_dim") or x["hidden_size"] // x["num_attention_heads"]
+print(c["num_hidden_layers"], c["num_key_value_heads"], hd(c), c["hidden_size"], c["intermediate_size"],
+      c["num_attention_heads"] * hd(c), c["num_key_value_heads"] * hd(c), c["vocab_size"],
+      h["num_hidden_layers"], h["num_key_value_heads"], hd(h))
+PY
+)
+    K=$((2 * H * D * E))                  # KV bytes per token and layer
+    RC=$((HL * 2 * HH * HD * E))          # retrieval head cache per token (K and V: an upper bound)
+    CAP=$((P + O))
+    # The kill test's prompts: long enough that 8 streams need layers on the host right after the prefill.
+    X_OF() { python3 -c "r,L,k,B,cap,h,rc=$1,$L,$K,$B,$CAP,$HROOM,$RC; print(int(r*L*k*(B+h*(cap-B)) + r*cap*rc))"; }
+    X=$(X_OF $R)
+    PK=$(python3 -c "import math; print(max($P, math.ceil(1.3 * $X / ($KR * ($L * $K + $RC)) / 256) * 256))")
+    CTX=$((PK + OK))
+    echo "model $PRESET: $L layers x $H KV heads x $D, KV $K B/token/layer; R $R streams of $P + $O tokens, B $B;" \
+      "kill test $KR streams of $PK + $OK"
+    # The segment: every layer of every stream of either load on the host (the worst case), within /dev/shm.
+    per_stream() { echo $(( L * 2 * (($1 * H * D * E + BB - 1) / BB) * BB )); }
+    df -h /dev/shm
+    AVAIL=$(( $(df -Pk /dev/shm | awk 'NR == 2 { print $4 }') * 1024 ))
+    USABLE=$((AVAIL * 9 / 10 - (8 << 20)))
+    NEED=$(( R * $(per_stream $CAP) )); NEED_K=$(( KR * $(per_stream $CTX) ))
+    [ $NEED_K -gt $NEED ] && NEED=$NEED_K
+    if [ $NEED -gt $USABLE ]; then
+      R2=$(( USABLE / $(per_stream $CAP) ))
+      echo "/dev/shm: $((AVAIL >> 20)) MiB free, the worst case needs $((NEED >> 20)) MiB: lowering the load to" \
+        "$R2 streams (the kill test's layers that do not fit go to pinned memory and are counted)"
+      R=$R2; X=$(X_OF $R); NEED=$USABLE
+    fi
+    if [ "$R" -lt 1 ]; then
+      echo "/dev/shm too small for one stream ($((AVAIL >> 20)) MiB free): skipping kvstore-8b"
+    else
+      BLOCKS=$((NEED / BB))
+      name=spc-kv8b-$$
+      specontext-kvstore remove --name $name > /dev/null 2>&1
+      base="--retrieval-head $HEAD --retriever inproc --budget $B --max-batch $R --max-context $CTX $EXTRA"
+      # Calibration: what the planner counts as fixed at start.
+      if serve_model kv8b-calib $base; then
+        F=$(awk '/^spc_device_memory_bytes\{/ { s += $2 } END { printf "%d", s }' "$OUT/metrics_kv8b-calib_before.txt")
+        spc_stop $SPC_PID
+        WS=$(( 512 * (4 * HID + 2 * INTER + QD + 2 * KVD) * E + 32 * VOCAB * 4 ))
+        [ "$BACKEND" != cpu ] && WS=$(( WS + $(python3 -c "print(min(2 * $KVD * $CTX * $E, 1 << 30))") ))
+        LIMIT=$((F + WS + X))
+        echo "planner inputs: fixed at start $((F >> 20)) MiB + step workspace $((WS >> 20)) MiB + KV $((X >> 20)) MiB" \
+          "(headroom $HROOM) => --gpu-memory-limit $LIMIT ($((LIMIT >> 20)) MiB)"
+        echo "segment: $BLOCKS blocks x $BB B = $(((BLOCKS * BB) >> 20)) MiB in /dev/shm"
+        kvargs="$base --gpu-memory-limit $LIMIT --kvstore $name --kvstore-blocks $BLOCKS --kvstore-block-bytes $BB"
+        GREEDY=$(for i in $(seq $GREEDY_REPS); do printf '%s ' "${PROMPTS[2]}"; done)
+        # (a) the kvstore tier under load.
+        if serve_model kv8b-kvstore $kvargs; then
+          gpid=$SPC_PID; gport=$SPC_PORT; mport=$SPC_METRICS_PORT
+          grep -iE "kvstore segment|register" $LOGS/gen-kv8b-kvstore.log | head -3 | sed 's/^/  /'
+          rm -f $W/kv8b.samples.kvstore; kv8b_sample $mport $W/kv8b.samples.kvstore & spid=$!
+          loadgen kv8b_kvstore $gport --concurrency $R --requests $R --prompt-tokens $P --output-tokens $O
+          kill $spid; wait $spid 2> /dev/null
+          spc_scrape $mport "$OUT/metrics_kv8b-kvstore_after.txt"
+          echo "kvstore tier: gauges sampled every 2 s during the run (spc_kvstore_used_blocks is refreshed by the" \
+            "tracker's 1 s heartbeat, spc_kvstore_host_tier_bytes at once):"; kv8b_sample_summary $W/kv8b.samples.kvstore
+          cp $W/kv8b.samples.kvstore "$OUT/kv8b_samples_kvstore.txt"
+          kv8b_planner $LOGS/gen-kv8b-kvstore.log
+          # (b) greedy text, 8 streams, SIGKILL mid-stream, restart on the same segment.
+          specontext-client generate --addr 127.0.0.1:$gport --prompt "$GREEDY" --max-new-tokens 64 --timeout-s 120 \
+            > $W/kv8b.greedy.before 2> $W/kv8b.greedy.before.err
+          echo "greedy before the kill: $(wc -c < $W/kv8b.greedy.before) bytes"
+          timeout 300 specontext-loadgen --addr 127.0.0.1:$gport --quiet --concurrency $KR --requests $KR \
+            --prompt-tokens $PK --output-tokens $OK --timeout-s 240 --out $W/kv8b.kill.jsonl \
+            > $LOGS/loadgen_kv8b_kill.txt 2>&1 & lpid=$!
+          used=0; running=0
+          for i in $(seq 120); do
+            spc_scrape $mport $W/kv8b.m.txt 2> /dev/null
+            used=$(kv8b_metric $W/kv8b.m.txt spc_kvstore_used_blocks); running=$(kv8b_metric $W/kv8b.m.txt spc_generator_running_sequences)
+            [ "${used%.*}" -gt 0 ] 2> /dev/null && [ "${running%.*}" -ge $KR ] 2> /dev/null && break
+            sleep 0.5
+          done
+          sleep 1
+          echo "before the kill: running $running, used blocks $used, offloaded layers $(kv8b_metric $W/kv8b.m.txt spc_offloaded_layers)"
+          specontext-kvstore inspect --name $name | grep -E "blocks:|sequences:|pid" | sed 's/^/  /'
+          echo "SIGKILL the generator (pid $gpid) with $KR streams running"; kill -KILL $gpid; wait $gpid 2> /dev/null
+          wait $lpid 2> /dev/null
+          echo "after the kill:"; specontext-kvstore inspect --name $name | grep -E "blocks:|sequences:|pid" | sed 's/^/  /'
+          if serve_model kv8b-restart $kvargs; then
+            echo "restart: $(grep -iE 'kvstore segment' $LOGS/gen-kv8b-restart.log | head -1 | sed 's/.*msg=//')"
+            echo "after the restart:"; specontext-kvstore inspect --name $name | grep -E "blocks:|sequences:|pid" | sed 's/^/  /'
+            used=$(specontext-kvstore inspect --name $name | awk '/blocks:/ { print $4 }')
+            [ "$used" = 0 ] && echo "every block of the dead owner reclaimed" || echo "NOT reclaimed: $used blocks used"
+            specontext-client generate --addr 127.0.0.1:$SPC_PORT --prompt "$GREEDY" --max-new-tokens 64 --timeout-s 120 \
+              > $W/kv8b.greedy.after 2> $W/kv8b.greedy.after.err
+            if [ -s $W/kv8b.greedy.before ] && cmp -s $W/kv8b.greedy.before $W/kv8b.greedy.after; then
+              echo "greedy text after the restart == before the kill"
+            else
+              echo "greedy text after the restart DIFFERS:"; head -c 200 $W/kv8b.greedy.before; echo; head -c 200 $W/kv8b.greedy.after; echo
+            fi
+            spc_stop $SPC_PID
+          fi
+        fi
+        specontext-kvstore remove --name $name > /dev/null 2>&1
+        # (a) the same with the pinned host tier.
+        if serve_model kv8b-pinned $base --gpu-memory-limit $LIMIT; then
+          rm -f $W/kv8b.samples.pinned; kv8b_sample $SPC_METRICS_PORT $W/kv8b.samples.pinned & spid=$!
+          loadgen kv8b_pinned $SPC_PORT --concurrency $R --requests $R --prompt-tokens $P --output-tokens $O
+          kill $spid; wait $spid 2> /dev/null
+          spc_scrape $SPC_METRICS_PORT "$OUT/metrics_kv8b-pinned_after.txt"
+          echo "pinned tier: gauges sampled every 2 s during the run:"; kv8b_sample_summary $W/kv8b.samples.pinned
+          cp $W/kv8b.samples.pinned "$OUT/kv8b_samples_pinned.txt"
+          kv8b_planner $LOGS/gen-kv8b-pinned.log
+          spc_stop $SPC_PID
+        fi
+      fi
+    fi
+    spc_stop_all
+  } 2>&1 | tee "$OUT/kvstore_8b.txt"
 fi
