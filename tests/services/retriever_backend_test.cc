@@ -9,7 +9,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <iterator>
 #include <random>
 #include <thread>
 
@@ -181,7 +183,9 @@ void RunAgainstHostPath(std::unique_ptr<Backend> backend, const HeadShape& shape
         ASSERT_TRUE(head.Observe(ids, fused_t, refs[s].cache.get(), &q).ok());
         refs[s].last_q = *q.Rows(n - 1, n).Reshape({nh, hd});
       }
-      if (same_bytes) EXPECT_EQ(host_totals.cache_bytes.load(), dev_totals.cache_bytes.load());
+      if (same_bytes) {
+        EXPECT_EQ(host_totals.cache_bytes.load(), dev_totals.cache_bytes.load());
+      }
       for (int32_t budget : budgets) {
         for (int32_t sink : sinks) {
           if (sink > budget) continue;
@@ -191,7 +195,9 @@ void RunAgainstHostPath(std::unique_ptr<Backend> backend, const HeadShape& shape
           auto got = dev.Select({10, 11, 12}, budget, sink, mode);
           ASSERT_TRUE(got.ok()) << got.status();
           CompareSelections(head, refs, *want, *got, sink, mode, tie_eps, mass_tol, &overlap);
-          if (budget >= 5000) EXPECT_EQ(want->sets.indices, got->sets.indices);  // every position: exact
+          if (budget >= 5000) {
+            EXPECT_EQ(want->sets.indices, got->sets.indices);  // every position: exact
+          }
         }
       }
       // A subset, in another order.

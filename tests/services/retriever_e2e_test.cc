@@ -5,6 +5,7 @@
 // direct computation up to near-ties.
 #include <algorithm>
 #include <filesystem>
+#include <iterator>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -177,7 +178,9 @@ void RetrieverE2E::ExpectSelectionsEqualDirectComputation(double min_overlap) {
       EXPECT_LE(m, 1.0f + 1e-3f);
     }
   }
-  if (kept > 0) EXPECT_GE(double(shared) / kept, min_overlap) << shared << " of " << kept << " positions shared";
+  if (kept > 0) {
+    EXPECT_GE(double(shared) / kept, min_overlap) << shared << " of " << kept << " positions shared";
+  }
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
   ExpectFreed();
