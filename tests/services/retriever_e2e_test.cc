@@ -16,6 +16,7 @@
 #include <grpcpp/create_channel.h>
 
 #include "absl/time/clock.h"
+#include "core/runtime/runtime.h"
 #include "core/sparse/retrieval_head.h"
 #include "core/sparse/selection.h"
 #include "retriever/retriever_session.h"
@@ -325,6 +326,23 @@ TEST(RetrieverLimits, HostileSessionsAreRefusedBeforeAnyWork) {
   EXPECT_TRUE(fourth->Finish().ok());
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
+}
+
+// --backend: an unknown name, or cuda on a build or machine without one, fails startup with exit 1.
+TEST(RetrieverBackendFlag, RefusedBackendsFailStartup) {
+  std::mt19937 rng(std::random_device{}());
+  const std::string dir = WriteRandomHead(rng);
+  RemoveOnExit dir_guard{dir};
+  auto start = [&](const std::string& backend) {
+    int code = -1;
+    RunCommand({SPC_RETRIEVER_BIN, "--head", dir, "--backend", backend, "--listen", "127.0.0.1:0", "--metrics-port",
+                "0", "--log-level", "error"},
+               &code);
+    return code;
+  };
+  EXPECT_EQ(start("gpu"), 1);
+  if (MakeBackend("cuda", 0).ok()) GTEST_SKIP() << "this machine has a GPU: --backend cuda serves";
+  EXPECT_EQ(start("cuda"), 1);
 }
 
 TEST(RetrieverSessionInProcess, ClosingAndDestroyingFreeEverything) {
