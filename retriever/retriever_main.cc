@@ -99,18 +99,20 @@ absl::Status Run(const Args& args) {
   TlsOptions tls{args.GetString("tls-cert"), args.GetString("tls-key"), args.GetString("tls-client-ca")};
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, MakeServerCredentials(tls));
 
+  const std::string backend_name = args.GetString("backend");
+  if (backend_name != "cpu" && backend_name != "cuda" && backend_name != "auto") {
+    return absl::InvalidArgumentError(absl::StrCat("--backend must be cpu, cuda or auto, got \"", backend_name, "\""));
+  }
+  ASSIGN_OR_RETURN(int64_t gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
+  if (gpu_memory_limit < 0) return absl::InvalidArgumentError("--gpu-memory-limit must be >= 0");
+
   Checkpoint checkpoint;
   ASSIGN_OR_RETURN(std::unique_ptr<RetrievalHead> head,
                    LoadHead(args.GetString("head"), args.GetString("model"), &checkpoint));
   // cpu keeps the f32 host reference (RetrievalHead + SelectTopB, the numbers the tests compare against)
   // rather than the CPU Backend: the two agree only to rounding, and the sidecar's figures stay as they were.
-  const std::string backend_name = args.GetString("backend");
-  ASSIGN_OR_RETURN(int64_t gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
   std::unique_ptr<HeadRunner> runner;
   if (backend_name != "cpu") {
-    if (backend_name != "cuda" && backend_name != "auto") {
-      return absl::InvalidArgumentError(absl::StrCat("--backend must be cpu, cuda or auto, got \"", backend_name, "\""));
-    }
     ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeBackend(backend_name, gpu_memory_limit));
     ASSIGN_OR_RETURN(runner, HeadRunner::Create(*head, std::move(backend)));
   }
