@@ -14,6 +14,7 @@
 #include "core/io/weight_source.h"
 #include "core/log.h"
 #include "core/metrics/metrics_server.h"
+#include "core/runtime/runtime.h"
 #include "core/status_macros.h"
 #include "generator/server_common.h"
 #include "retriever/retriever_service.h"
@@ -24,6 +25,11 @@ namespace {
 void DefineFlags(Args& a) {
   a.Define({"head", "retrieval head directory (config.json + model.safetensors)", false, false, ""});
   a.Define({"model", "target model: needed when the head shares the target's embedding", false, false, ""});
+  a.Define({"backend", "where the head runs and selects: cpu (the f32 host reference), cuda (the GPU: for split "
+            "mode at GPU rates) or auto (cuda when built and a GPU is present, else the CPU backend)", false, false,
+            "cpu"});
+  a.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all); with --backend cuda or auto", false, false,
+            "0"});
   a.Define({"listen", "gRPC address HOST:PORT (port 0 picks a free one)", false, false, "127.0.0.1:50052"});
   a.Define({"metrics-port", "port of the Prometheus /metrics server (0 picks a free one)", false, false, "9465"});
   a.Define({"metrics-host", "address the /metrics and /healthz server binds (all interfaces by default)", false,
@@ -93,13 +99,27 @@ absl::Status Run(const Args& args) {
   TlsOptions tls{args.GetString("tls-cert"), args.GetString("tls-key"), args.GetString("tls-client-ca")};
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, MakeServerCredentials(tls));
 
+  const std::string backend_name = args.GetString("backend");
+  if (backend_name != "cpu" && backend_name != "cuda" && backend_name != "auto") {
+    return absl::InvalidArgumentError(absl::StrCat("--backend must be cpu, cuda or auto, got \"", backend_name, "\""));
+  }
+  ASSIGN_OR_RETURN(int64_t gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
+  if (gpu_memory_limit < 0) return absl::InvalidArgumentError("--gpu-memory-limit must be >= 0");
+
   Checkpoint checkpoint;
   ASSIGN_OR_RETURN(std::unique_ptr<RetrievalHead> head,
                    LoadHead(args.GetString("head"), args.GetString("model"), &checkpoint));
+  // cpu keeps the f32 host reference (RetrievalHead + SelectTopB, the numbers the tests compare against)
+  // rather than the CPU Backend: the two agree only to rounding, and the sidecar's figures stay as they were.
+  std::unique_ptr<HeadRunner> runner;
+  if (backend_name != "cpu") {
+    ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, MakeBackend(backend_name, gpu_memory_limit));
+    ASSIGN_OR_RETURN(runner, HeadRunner::Create(*head, std::move(backend)));
+  }
   metrics::Registry registry;
   ASSIGN_OR_RETURN(RetrieverMetrics rm, RegisterRetrieverMetrics(&registry));
   RetrieverService service(head.get(), ArtifactNameFromPath(args.GetString("head")), limits, &rm,
-                           static_cast<int32_t>(max_sessions));
+                           static_cast<int32_t>(max_sessions), runner.get());
 
   EnableStandardServices();
   grpc::ServerBuilder builder;
@@ -134,6 +154,7 @@ absl::Status Run(const Args& args) {
   }
   SPC_LOG(INFO) << "specontext-retriever serving" << Kv("grpc_port", grpc_port)
                 << Kv("metrics_port", metrics_server.port()) << Kv("head", args.GetString("head"))
+                << Kv("backend", runner != nullptr ? runner->backend_name() : "cpu (host reference)")
                 << Kv("parameters", head->parameter_count());
   const int sig = WaitForTerminationSignal();
   SPC_LOG(INFO) << "stopping" << Kv("signal", sig);

@@ -90,7 +90,7 @@ grpc::Status RetrieverService::Session(grpc::ServerContext* context,
       if (self->max_sessions_ > 0) --self->session_slots_;
     }
   } slot_release{this};
-  auto owned = std::make_unique<RetrieverSession>(head_, limits_, &totals_);
+  auto owned = std::make_unique<RetrieverSession>(head_, limits_, &totals_, runner_);
   RetrieverSession& session = *owned;
   Refresh();
   v1::RetrieverRequest req;

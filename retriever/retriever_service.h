@@ -25,11 +25,12 @@ absl::StatusOr<RetrieverMetrics> RegisterRetrieverMetrics(metrics::Registry* reg
 class RetrieverService final : public v1::Retriever::Service {
  public:
   /// Everything passed in must outlive the service. `max_sessions`: Session streams open at once over
-  /// all clients (one more gets RESOURCE_EXHAUSTED); 0 = no bound.
+  /// all clients (one more gets RESOURCE_EXHAUSTED); 0 = no bound. `runner`: the head on a Backend shared by
+  /// every session (`--backend cuda|auto`), or null for the f32 host reference (`--backend cpu`).
   RetrieverService(const RetrievalHead* head, std::string head_name, SessionLimits limits, RetrieverMetrics* metrics,
-                   int32_t max_sessions = 0)
+                   int32_t max_sessions = 0, HeadRunner* runner = nullptr)
       : head_(head), head_name_(std::move(head_name)), limits_(limits), metrics_(metrics),
-        max_sessions_(max_sessions) {}
+        max_sessions_(max_sessions), runner_(runner) {}
 
   grpc::Status Session(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<v1::RetrieverResponse, v1::RetrieverRequest>* stream) override;
@@ -46,6 +47,7 @@ class RetrieverService final : public v1::Retriever::Service {
   SessionLimits limits_;
   RetrieverMetrics* metrics_;
   int32_t max_sessions_;
+  HeadRunner* runner_;
   std::atomic<int32_t> session_slots_{0};  // Session calls holding a slot under max_sessions_
   RetrieverTotals totals_;
 };

@@ -8,28 +8,47 @@
 
 namespace specontext::retriever {
 
-RetrieverSession::RetrieverSession(const RetrievalHead* head, SessionLimits limits, RetrieverTotals* totals)
-    : head_(head), limits_(limits), totals_(totals) {
+RetrieverSession::RetrieverSession(const RetrievalHead* head, SessionLimits limits, RetrieverTotals* totals,
+                                   HeadRunner* runner)
+    : head_(head), limits_(limits), totals_(totals), runner_(runner) {
   if (totals_ != nullptr) ++totals_->sessions;
 }
 
 RetrieverSession::~RetrieverSession() {
-  if (totals_ == nullptr) return;
   for (auto& [id, s] : seqs_) {
+    Free(s);
+    if (totals_ == nullptr) continue;
     totals_->cache_bytes -= s.accounted_bytes;
     --totals_->sequences;
   }
-  --totals_->sessions;
+  if (totals_ != nullptr) --totals_->sessions;
+}
+
+void RetrieverSession::Free(Sequence& s) {
+  if (runner_ == nullptr) return;
+  std::vector<Tensor> tensors;
+  tensors.push_back(std::move(s.k));
+  tensors.push_back(std::move(s.last_q));
+  runner_->Release(std::move(tensors));
 }
 
 void RetrieverSession::Account(Sequence& s) {
-  const int64_t now = s.cache->bytes() + static_cast<int64_t>(s.last_q.nbytes());
+  const int64_t cache = runner_ != nullptr ? (s.k.empty() ? 0 : static_cast<int64_t>(s.k.nbytes())) : s.cache->bytes();
+  const int64_t now = cache + static_cast<int64_t>(s.last_q.nbytes());
   if (totals_ != nullptr) totals_->cache_bytes += now - s.accounted_bytes;
   s.accounted_bytes = now;
 }
 
 int64_t RetrieverSession::CacheBytes(int64_t rows) const {
-  return (head_->n_kv_heads() * rows + head_->n_heads()) * head_->head_dim() * static_cast<int64_t>(sizeof(float));
+  const int64_t element = runner_ != nullptr ? runner_->element_bytes() : static_cast<int64_t>(sizeof(float));
+  return (head_->n_kv_heads() * rows + head_->n_heads()) * head_->head_dim() * element;
+}
+
+int64_t RetrieverSession::RowsFor(const Sequence& s, int64_t len) const {
+  const int64_t now = runner_ != nullptr ? (s.k.empty() ? 0 : s.k.dim(1)) : (s.cache ? s.cache->k().dim(1) : 0);
+  int64_t rows = now > 0 ? now : std::min<int64_t>(s.max_tokens, 256);
+  while (rows < len) rows *= 2;
+  return runner_ != nullptr ? std::min<int64_t>(rows, std::max<int64_t>(s.max_tokens, len)) : rows;
 }
 
 absl::Status RetrieverSession::Reserve(Sequence& s, int64_t bytes, const char* what, uint64_t id) {
@@ -59,10 +78,17 @@ absl::Status RetrieverSession::Open(uint64_t id, int32_t max_tokens) {
                                                    "], got ", max_tokens));
   }
   Sequence s;
-  const int64_t rows = std::min<int64_t>(max_tokens, 256);
-  RETURN_IF_ERROR(Reserve(s, CacheBytes(rows), "open", id));
-  s.cache = std::make_unique<RetrievalKvCache>(head_->n_kv_heads(), head_->head_dim(), rows);
   s.max_tokens = max_tokens;
+  const int64_t rows = RowsFor(s, 0);
+  RETURN_IF_ERROR(Reserve(s, CacheBytes(rows), "open", id));
+  if (runner_ != nullptr) {
+    if (absl::Status st = runner_->Grow(&s.k, rows); !st.ok()) {
+      if (totals_ != nullptr) totals_->cache_bytes -= s.accounted_bytes;
+      return st;
+    }
+  } else {
+    s.cache = std::make_unique<RetrievalKvCache>(head_->n_kv_heads(), head_->head_dim(), rows);
+  }
   auto [it, inserted] = seqs_.emplace(id, std::move(s));
   Account(it->second);
   if (totals_ != nullptr) ++totals_->sequences;
@@ -78,8 +104,9 @@ absl::Status RetrieverSession::Observe(uint64_t id, const std::vector<int32_t>& 
     return absl::InvalidArgumentError(absl::StrCat("observe: 1 to ", limits_.max_tokens_per_observe,
                                                    " token ids per message, got ", n));
   }
-  if (s.cache->len() + n > s.max_tokens) {
-    return absl::ResourceExhaustedError(absl::StrCat("observe: sequence ", id, " would hold ", s.cache->len() + n,
+  const int32_t len = Len(s);
+  if (len + n > s.max_tokens) {
+    return absl::ResourceExhaustedError(absl::StrCat("observe: sequence ", id, " would hold ", len + n,
                                                      " tokens; it was opened for ", s.max_tokens));
   }
   const int64_t vocab = head_->config().attn.vocab_size;
@@ -90,21 +117,29 @@ absl::Status RetrieverSession::Observe(uint64_t id, const std::vector<int32_t>& 
     }
   }
   const int64_t fw = head_->fused_width();
-  Tensor fused_t;
   if (fw > 0) {
     if (static_cast<int64_t>(fused.size()) != n * fw) {
       return absl::InvalidArgumentError(absl::StrCat("observe: hidden must hold ", n, " x ", fw, " floats, got ",
                                                      fused.size()));
     }
-    fused_t = Tensor::HostEmpty(DType::kF32, {n, fw});
-    std::memcpy(fused_t.as<float>(), fused.data(), fused.size() * sizeof(float));
   } else if (!fused.empty()) {
     return absl::InvalidArgumentError("observe: this head takes no hidden states");
   }
-  // The cache doubles its rows when full (RetrievalKvCache::Append): reserve what it will hold after.
-  int64_t rows = std::max<int64_t>(1, s.cache->k().dim(1));
-  while (rows < s.cache->len() + n) rows *= 2;
+  // Reserve the rows the cache will have after (it doubles when full), before any work.
+  const int64_t rows = RowsFor(s, len + n);
   RETURN_IF_ERROR(Reserve(s, std::max(s.accounted_bytes, CacheBytes(rows)), "observe", id));
+  if (runner_ != nullptr) {
+    absl::Status st = runner_->Grow(&s.k, rows);
+    if (st.ok()) st = runner_->Observe(ids, fused, &s.k, len, &s.last_q);
+    if (st.ok()) s.len = len + static_cast<int32_t>(n);
+    Account(s);
+    return st;
+  }
+  Tensor fused_t;
+  if (fw > 0) {
+    fused_t = Tensor::HostEmpty(DType::kF32, {n, fw});
+    std::memcpy(fused_t.as<float>(), fused.data(), fused.size() * sizeof(float));
+  }
   const int64_t nh = head_->n_heads(), hd = head_->head_dim();
   Tensor q = Tensor::HostEmpty(DType::kF32, {n, nh, hd});
   RETURN_IF_ERROR(head_->Observe(ids, fused_t, s.cache.get(), &q));
@@ -136,7 +171,7 @@ absl::StatusOr<SelectionResult> RetrieverSession::Select(const std::vector<uint6
     }
     auto it = seqs_.find(id);
     if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("select: sequence ", id, " is not open"));
-    const int64_t past = std::max(0, it->second.cache->len() - 1);
+    const int64_t past = std::max(0, Len(it->second) - 1);
     // indices (up to 4 bytes each once varint-coded below 2^28) + indptr, seq_len and mass per sequence.
     reply_bytes += sets * (std::min<int64_t>(budget, past) * 4 + 4) + 4 + head_->n_heads() * 4;
   }
@@ -152,13 +187,13 @@ absl::StatusOr<SelectionResult> RetrieverSession::Select(const std::vector<uint6
     auto it = seqs_.find(id);
     if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("select: sequence ", id, " is not open"));
     const Sequence& s = it->second;
-    if (s.cache->len() == 0) {
+    if (Len(s) == 0) {
       return absl::FailedPreconditionError(absl::StrCat("select: sequence ", id, " has observed no token"));
     }
     SelectionQuery q;
     q.q = s.last_q;
-    q.k_cache = s.cache->k();
-    q.len = s.cache->len() - 1;  // the current token's past
+    q.k_cache = runner_ != nullptr ? s.k : s.cache->k();
+    q.len = Len(s) - 1;  // the current token's past
     q.budget = budget;
     batch.push_back(std::move(q));
   }
@@ -166,6 +201,7 @@ absl::StatusOr<SelectionResult> RetrieverSession::Select(const std::vector<uint6
   options.budget = budget;
   options.sink = sink;
   options.mode = mode;
+  if (runner_ != nullptr) return runner_->Select(batch, options);
   return SelectTopB(batch, options);
 }
 
@@ -176,6 +212,7 @@ absl::Status RetrieverSession::Close(uint64_t id) {
     totals_->cache_bytes -= it->second.accounted_bytes;
     --totals_->sequences;
   }
+  Free(it->second);
   seqs_.erase(it);
   return absl::OkStatus();
 }

@@ -3,7 +3,14 @@
 // appends their K to the sequence's retrieval K cache) and are selected in batches (top-B index sets
 // per sequence x KV head, core/sparse's CSR layout). Everything is freed when the session is destroyed.
 //
-// Threading: one session is used by one thread at a time; sessions share the (const) head.
+// The head runs on the f32 host reference (RetrievalHead, RetrievalKvCache, SelectTopB) or, given a
+// HeadRunner (`--backend cuda|auto`), on a Backend: each sequence's K cache and last query are then backend
+// tensors and Select is one Backend::SelectIndexSets over the batch. Limits, error codes and messages are
+// the same on both paths; bytes are accounted in the dtype the cache is kept in (f32 on the host and on the
+// CPU backend, bf16 on CUDA).
+//
+// Threading: one session is used by one thread at a time; sessions share the (const) head and the runner
+// (which serialises the backend work itself).
 #pragma once
 
 #include <atomic>
@@ -15,6 +22,7 @@
 #include "absl/status/statusor.h"
 #include "core/sparse/retrieval_head.h"
 #include "core/sparse/selection.h"
+#include "retriever/head_runner.h"
 
 namespace specontext::retriever {
 
@@ -41,8 +49,10 @@ struct RetrieverTotals {
 
 class RetrieverSession {
  public:
-  /// `head` and `totals` (may be null) must outlive the session.
-  RetrieverSession(const RetrievalHead* head, SessionLimits limits, RetrieverTotals* totals);
+  /// `head`, `totals` (may be null) and `runner` (may be null: the host reference path) must outlive the
+  /// session; `runner` must have been created from `head`.
+  RetrieverSession(const RetrievalHead* head, SessionLimits limits, RetrieverTotals* totals,
+                   HeadRunner* runner = nullptr);
   ~RetrieverSession();
   RetrieverSession(const RetrieverSession&) = delete;
   RetrieverSession& operator=(const RetrieverSession&) = delete;
@@ -70,21 +80,31 @@ class RetrieverSession {
 
  private:
   struct Sequence {
-    std::unique_ptr<RetrievalKvCache> cache;
-    Tensor last_q;  // [n_heads, head_dim] the latest token's query
+    std::unique_ptr<RetrievalKvCache> cache;  // host path
+    Tensor k;         // runner path: [n_kv_heads, rows, head_dim] backend tensor, rows [0, len) written
+    int32_t len = 0;  // runner path: tokens observed
+    Tensor last_q;    // [n_heads, head_dim] the latest token's query (host f32, or the runner's backend)
     int32_t max_tokens = 0;
     int64_t accounted_bytes = 0;
   };
+  int32_t Len(const Sequence& s) const { return runner_ != nullptr ? s.len : s.cache->len(); }
+  // Frees a sequence's storage (the runner's tensors under its mutex).
+  void Free(Sequence& s);
   void Account(Sequence& s);
   // Raises the sequence's accounted bytes to `bytes` ahead of an allocation, refusing (ResourceExhausted)
   // when the process total would pass max_total_cache_bytes. `what` names the operation in the message.
   absl::Status Reserve(Sequence& s, int64_t bytes, const char* what, uint64_t id);
   // Bytes of a retrieval K cache of `rows` rows plus the query of one token.
   int64_t CacheBytes(int64_t rows) const;
+  // Rows a sequence's cache has once it holds `len` tokens: the host cache starts at min(max_tokens, 256)
+  // rows and doubles when full (RetrievalKvCache); the runner's doubles the same way, capped at max_tokens
+  // (backend memory is the scarce kind).
+  int64_t RowsFor(const Sequence& s, int64_t len) const;
 
   const RetrievalHead* head_;
   SessionLimits limits_;
   RetrieverTotals* totals_;
+  HeadRunner* runner_;
   absl::flat_hash_map<uint64_t, Sequence> seqs_;
 };
 
