@@ -15,7 +15,8 @@
 #             generating SPC_PAPER_NEW (16384) tokens each, sparse B 2048, wall-clock output tokens/s
 #   paper-dense  the same served densely at SPC_PAPER_DENSE_REQUESTS (12): the largest count that fits
 #   split     sparse at concurrency 32 with the retriever in-process vs as a separate process: step time
-#             and fallback rate under load
+#             and fallback rate under load (SPC_SPLIT_MODES, default "inproc split"; the separate retriever
+#             runs the head on SPC_RETRIEVER_BACKEND, default cpu: cuda puts it on the same GPU)
 #   kvstore-8b  the kvstore host tier with layers really offloaded, on the served 8B shape: a
 #             --gpu-memory-limit computed from a calibration start makes the planner move layers to host;
 #             16 streams of 2K prompts x 512 out with --kvstore and with the pinned host tier (out tok/s,
@@ -241,10 +242,12 @@ fi
 # ---- split retriever vs in-process under load -------------------------------------------------------------
 if has split; then
   served_model
-  for where in inproc split; do
+  for where in ${SPC_SPLIT_MODES:-inproc split}; do
     if [ $where = split ]; then
       spc_start retriever-big $LOGS specontext-retriever --head $HEAD --model "$MODEL" \
-        --listen 127.0.0.1:0 --metrics-port 0 || continue
+        --backend ${SPC_RETRIEVER_BACKEND:-cpu} --listen 127.0.0.1:0 --metrics-port 0 || continue
+      spc_scrape $SPC_METRICS_PORT "$OUT/metrics_retriever_before.txt"
+      rport=$SPC_METRICS_PORT
       rpid=$SPC_PID; raddr=127.0.0.1:$SPC_PORT
     else
       raddr=inproc
@@ -254,7 +257,7 @@ if has split; then
     spc_scrape $SPC_METRICS_PORT "$OUT/metrics_split-${where}_after.txt"
     metrics_vs_client split-$where "$OUT/serve_split_${where}_c32.jsonl"
     spc_stop $SPC_PID
-    [ $where = split ] && spc_stop $rpid
+    if [ $where = split ]; then spc_scrape $rport "$OUT/metrics_retriever_after.txt"; spc_stop $rpid; fi
   done
 fi
 
