@@ -84,6 +84,8 @@ absl::StatusOr<BatchRunStats> BatchRunner::Run(std::vector<GenerationRequest> re
   const SparseEngineStats end_stats = engine_->sparse_stats();
   run.sparse_steps = end_stats.sparse_steps - start_stats.sparse_steps;
   run.dense_steps = end_stats.dense_steps - start_stats.dense_steps;
+  run.weak_retrieval_fallback_steps =
+      end_stats.weak_retrieval_fallback_steps - start_stats.weak_retrieval_fallback_steps;
   run.overlap = overlap_.samples();
   return run;
 }

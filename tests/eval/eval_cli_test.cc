@@ -171,6 +171,7 @@ TEST_F(EvalCliTest, BudgetAboveEverySequenceGivesTheDenseResults) {
   for (const json& j : OfType(lines, "overlap")) overlap[j["budget"].get<int>()] = j;
   EXPECT_EQ(settings[4096]["sparse_steps"], 0);
   EXPECT_GT(settings[8]["sparse_steps"], 0);
+  EXPECT_EQ(settings[8]["weak_retrieval_fallback_steps"], 0);
   EXPECT_EQ(overlap[8]["samples"], 4 * (16 - 2));
   EXPECT_GT(overlap[8]["p50"].get<double>(), 0.0);
   EXPECT_EQ(overlap[4096]["samples"], 0);
@@ -178,6 +179,26 @@ TEST_F(EvalCliTest, BudgetAboveEverySequenceGivesTheDenseResults) {
   EXPECT_NE(r.out.find("overlap budget=8 samples=56"), std::string::npos) << r.out;
   EXPECT_EQ(lines[0]["selection_source"], "head");
   EXPECT_EQ(lines[0]["fallback_mass"], 0.0);
+}
+
+TEST_F(EvalCliTest, SettingLineCountsWeakRetrievalFallbackSteps) {
+  // Mass 1: a head that keeps 8 of more past positions always keeps less than all of its softmax mass, so every
+  // sparse step falls back; the setting line says so (and the outputs are the dense ones).
+  CliRun r = EvalTiny({"--sparse", "--retrieval-head", Path("head"), "--budgets", "8", "--dense", "--fallback-mass",
+                       "1", "--tasks", Path("tasks.jsonl"), "--out", Path("fallback.jsonl")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::vector<json> lines = ReadLines(Path("fallback.jsonl"));
+  EXPECT_EQ(lines[0]["fallback_mass"], 1.0);
+  std::map<int, json> settings;
+  for (const json& j : OfType(lines, "setting")) settings[j["budget"].is_null() ? 0 : j["budget"].get<int>()] = j;
+  ASSERT_GT(settings[8]["sparse_steps"].get<int64_t>(), 0);
+  EXPECT_EQ(settings[8]["weak_retrieval_fallback_steps"], settings[8]["sparse_steps"]);
+  EXPECT_EQ(settings[0]["weak_retrieval_fallback_steps"], 0);
+  auto results = Results(lines, "result");
+  for (int i = 0; i < 4; ++i) {
+    const std::string id = absl::StrCat("t", i);
+    EXPECT_EQ(At(results, id, "sparse", 8)["output"], At(results, id, "dense", 0)["output"]) << id;
+  }
 }
 
 TEST_F(EvalCliTest, PerLayerSourcesRecordNoOverlap) {

@@ -59,6 +59,7 @@ json RunJson(const EvalSetting& s, const BatchRunStats& run, size_t items) {
   j["tokens_per_s"] = run.wall_seconds > 0 ? run.generated_tokens / run.wall_seconds : 0.0;
   j["sparse_steps"] = run.sparse_steps;
   j["dense_steps"] = run.dense_steps;
+  j["weak_retrieval_fallback_steps"] = run.weak_retrieval_fallback_steps;
   return j;
 }
 
