@@ -88,7 +88,16 @@ compare_cli_service() {
   wait "${clients[@]}"
   for k in 0 1 2 3 4 5 6 7; do
     for j in 0 1 2 3; do
-      if cmp -s $W/$tag.conc.$k.$j $W/$tag.svc.$j; then c_same=$((c_same + 1)); else c_diff=$((c_diff + 1)); fi
+      if cmp -s $W/$tag.conc.$k.$j $W/$tag.svc.$j; then c_same=$((c_same + 1)); else
+        c_diff=$((c_diff + 1))
+        # The first two differences in full, with where they part (a late near-tie or garbage from the start).
+        if [ $c_diff -le 2 ]; then
+          echo "  $tag stream $k prompt $j differs from its single run at byte $(cmp $W/$tag.conc.$k.$j $W/$tag.svc.$j \
+            | awk '{print $5}' | tr -d ,):"
+          echo "    single: $(head -c 400 $W/$tag.svc.$j | tr '\n' ' ')"
+          echo "    stream: $(head -c 400 $W/$tag.conc.$k.$j | tr '\n' ' ')"
+        fi
+      fi
     done
   done
   echo "$tag 32 concurrent vs single: $c_same equal, $c_diff differ"
