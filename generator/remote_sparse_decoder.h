@@ -59,6 +59,7 @@ struct RemoteSparseOptions {
   int64_t gpu_memory_limit = 0;                     // planner's device limit (0: the backend's; both 0: off)
   int32_t kv_grow_rows = 2048;                      // device KV growth chunk (SparseOptions::kv_grow_rows)
   int32_t max_context = 0;                          // SparseOptions::max_context (0: the model's context)
+  SparseStepShape step;                             // SparseOptions::step (the engine's largest step)
   absl::Duration backoff_min = absl::Milliseconds(50);
   absl::Duration backoff_max = absl::Seconds(2);
   metrics::Histogram* retrieval_latency = nullptr;  // Select -> Selection, seconds (may be null)
@@ -85,6 +86,8 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   absl::Status Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs,
                        Tensor* logits) override;
   int32_t default_budget() const override { return options_.budget; }
+  int32_t max_step_tokens() const override { return options_.step.max_tokens_per_step; }
+  int32_t max_step_seqs() const override { return options_.step.max_batch; }
   SparseEngineStats stats() const override;
 
   /// Any thread.
