@@ -215,7 +215,10 @@ absl::Status Run(const Args& args) {
       eo.sparse = std::make_shared<KvStoreHooks>(eo.sparse, kvstore.get(), rt.backend.get(), registered.ok());
     }
   }
-  eo.max_kv_bytes = max_kv_bytes >= 0 ? max_kv_bytes : DefaultKvBudgetBytes(*rt.backend);
+  // auto: what is left once the model is loaded, less the transient bytes of the largest step.
+  const int64_t step_workspace = rt.model->ForwardWorkspaceBytes(
+      std::max(eo.max_tokens_per_step, eo.max_batch), eo.max_batch);
+  eo.max_kv_bytes = max_kv_bytes >= 0 ? max_kv_bytes : DefaultKvBudgetBytes(*rt.backend, step_workspace);
   if (eo.sparse == nullptr) {
     SPC_LOG(INFO) << "dense KV budget" << Kv("max_kv_bytes", eo.max_kv_bytes)
                   << Kv("tokens", eo.max_kv_bytes / rt.model->KvBytesPerToken());
