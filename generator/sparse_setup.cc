@@ -89,6 +89,8 @@ absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, con
   ASSIGN_OR_RETURN(ro.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
   ASSIGN_OR_RETURN(int64_t max_context, args.GetInt("max-context"));
   ro.max_context = static_cast<int32_t>(max_context);  // range checked by generator_main and Create
+  ASSIGN_OR_RETURN(ro.step, StepShapeFromArgs(args));
+  ASSIGN_OR_RETURN(ro.max_message_bytes, args.GetBytes("max-message-bytes"));  // range checked by generator_main
   ro.retrieval_latency = metrics != nullptr ? metrics->retrieval_latency : nullptr;
   ClientTlsOptions tls{args.GetString("retriever-tls-ca"), args.GetString("retriever-tls-cert"),
                        args.GetString("retriever-tls-key")};
