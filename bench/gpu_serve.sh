@@ -305,14 +305,12 @@ if has kvstore-8b; then
   {
     if [ "$BACKEND" = cpu ]; then E=4; P=${SPC_KV8B_PROMPT:-256}; O=${SPC_KV8B_OUT:-64}; B=${SPC_KV8B_BUDGET:-64}
       BB=${SPC_KV8B_BLOCK_BYTES:-4096}; GREEDY_REPS=4
-      # The CPU prefill holds a chunk x context score matrix that the planner's workspace bound (a 512-token
-      # step's activations) leaves out: small chunks keep it under the bound.
-      EXTRA="--max-tokens-per-step 32"; OK=${SPC_KV8B_KILL_OUT:-1024}  # long enough to be killed mid-stream
+      EXTRA=""; OK=${SPC_KV8B_KILL_OUT:-1024}  # long enough to be killed mid-stream
     else EXTRA="" OK=${SPC_KV8B_KILL_OUT:-512} E=2; P=${SPC_KV8B_PROMPT:-2048}; O=${SPC_KV8B_OUT:-512}; B=${SPC_KV8B_BUDGET:-2048}
       BB=${SPC_KV8B_BLOCK_BYTES:-65536}; GREEDY_REPS=40
     fi
     R=${SPC_KV8B_STREAMS:-16}; KR=8; HROOM=${SPC_KV8B_HEADROOM:-0.35}
-    # Model shape: layers, KV heads, head dim, and what the planner's workspace bound uses; the head's K/V.
+    # Model shape: layers, KV heads, head dim; the head's K/V.
     read -r L H D HID INTER QD KVD VOCAB HL HH HD < <(python3 - "$MODEL/config.json" "$HEAD/config.json" << 'PY'
 import json, sys
 c, h = (json.load(open(p)) for p in sys.argv[1:3])
@@ -356,8 +354,10 @@ PY
       if serve_model kv8b-calib $base; then
         F=$(awk '/^spc_device_memory_bytes\{/ { s += $2 } END { printf "%d", s }' "$OUT/metrics_kv8b-calib_before.txt")
         spc_stop $SPC_PID
-        WS=$(( 512 * (4 * HID + 2 * INTER + QD + 2 * KVD) * E + 32 * VOCAB * 4 ))
-        [ "$BACKEND" != cpu ] && WS=$(( WS + $(python3 -c "print(min(2 * $KVD * $CTX * $E, 1 << 30))") ))
+        # The planner's own step bound (transient bytes of the largest step, prefill staging on a GPU), as the
+        # generator logged it at start.
+        WS=$(grep -o 'planner_workspace_bytes=[0-9]*' "$LOGS/gen-kv8b-calib.log" | head -1 | cut -d= -f2)
+        if [ -z "$WS" ]; then echo "no planner_workspace_bytes in $LOGS/gen-kv8b-calib.log"; WS=0; fi
         LIMIT=$((F + WS + X))
         echo "planner inputs: fixed at start $((F >> 20)) MiB + step workspace $((WS >> 20)) MiB + KV $((X >> 20)) MiB" \
           "(headroom $HROOM) => --gpu-memory-limit $LIMIT ($((LIMIT >> 20)) MiB)"

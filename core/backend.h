@@ -6,6 +6,7 @@
 // backend's compute stream; results are visible to the host after Synchronize() or ToHost().
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <functional>
@@ -46,7 +47,19 @@ struct MemoryReport {
   int64_t total = 0;                                                      // sum of bytes
   int64_t peak = 0;                                                       // highest total seen
   int64_t limit = 0;                                                      // 0 = no limit
+  // Highest live bytes seen per kind (each kind's own maximum; they need not coincide in time). Zeros on a
+  // backend that does not track them.
+  std::array<int64_t, static_cast<size_t>(MemoryKind::kCount)> peak_bytes{};
 };
+
+// The most bytes a backend allocation of `bytes` takes from the memory limit on any backend: the CPU rounds
+// up to 64 bytes, CUDA to 256 and, for workspace above 64 KiB, to a size class at most 1/16 larger
+// (core/cuda/cuda_memory.cc WorkspaceBytes). For bounds of transient bytes (the memory planner's step
+// workspace) that must hold on every backend.
+inline int64_t AllocationBoundBytes(int64_t bytes) {
+  const int64_t rounded = std::max<int64_t>(256, (bytes + 255) / 256 * 256);
+  return rounded <= (int64_t{64} << 10) ? rounded : rounded + (rounded + 15) / 16;
+}
 
 // One sequence's part of a ragged batch. The new tokens of all sequences are concatenated, in
 // order, into the rows of the step's activations.
@@ -253,6 +266,15 @@ class Backend {
   // result StartSelectIndexSets filled); no-op when nothing is pending. InvalidArgument for non-finite
   // scores, as SelectIndexSets.
   virtual absl::Status FinishSelectIndexSets(SelectionResult* out) { return absl::OkStatus(); }
+  // The most backend bytes (kWorkspace) one SelectIndexSets / StartSelectIndexSets call allocates for
+  // `n_seqs` sequences of up to `max_len` positions, `n_q` query heads, `sets_per_seq` sets of up to
+  // `budget` positions each: part of the memory planner's step bound. Derived from the layout the call
+  // allocates (CUDA: core/cuda/cuda_selection.cc, one block of scores [n_seqs, n_q, max_len] f32 and more);
+  // 0 where the selection's scratch is host memory (CPU).
+  virtual int64_t SelectionWorkspaceBytes(int32_t n_seqs, int32_t n_q, int32_t sets_per_seq, int32_t max_len,
+                                          int32_t budget) const {
+    return 0;
+  }
   // Fills a device tensor with zeros, ordered on the compute stream.
   virtual absl::Status Zero(Tensor* t) { return absl::UnimplementedError("Zero is not implemented by this backend"); }
   virtual absl::Status Synchronize() = 0;

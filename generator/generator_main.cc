@@ -86,7 +86,9 @@ void DefineFlags(Args& a) {
   a.Define({"max-kv-bytes", "dense mode: KV cache bytes the running requests may reserve together (a request "
             "needing more alone: RESOURCE_EXHAUSTED; otherwise it waits); auto = 90% of the memory free after "
             "loading, 0 = no bound", false, false, "auto"});
-  a.Define({"max-message-bytes", "largest gRPC message accepted or sent", false, false, "4MiB"});
+  a.Define({"max-message-bytes", "largest gRPC message accepted or sent, also the largest reply taken from a "
+            "split-mode --retriever (its Selection replies grow with sequences x budget x KV heads x 4 bytes: "
+            "raise it toward the retriever's own --max-message-bytes for large batches)", false, false, "4MiB"});
   a.Define({"max-prompt-bytes", "largest prompt text", false, false, "1MiB"});
   a.Define({"max-request-id-bytes", "longest request_id a client may set (INVALID_ARGUMENT beyond)",
             false, false, "256"});
@@ -215,7 +217,10 @@ absl::Status Run(const Args& args) {
       eo.sparse = std::make_shared<KvStoreHooks>(eo.sparse, kvstore.get(), rt.backend.get(), registered.ok());
     }
   }
-  eo.max_kv_bytes = max_kv_bytes >= 0 ? max_kv_bytes : DefaultKvBudgetBytes(*rt.backend);
+  // auto: what is left once the model is loaded, less the transient bytes of the largest step.
+  const int64_t step_workspace = rt.model->ForwardWorkspaceBytes(
+      std::max(eo.max_tokens_per_step, eo.max_batch), eo.max_batch);
+  eo.max_kv_bytes = max_kv_bytes >= 0 ? max_kv_bytes : DefaultKvBudgetBytes(*rt.backend, step_workspace);
   if (eo.sparse == nullptr) {
     SPC_LOG(INFO) << "dense KV budget" << Kv("max_kv_bytes", eo.max_kv_bytes)
                   << Kv("tokens", eo.max_kv_bytes / rt.model->KvBytesPerToken());

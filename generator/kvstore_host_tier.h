@@ -51,6 +51,8 @@ class KvStoreHooks : public SparseDecodeHooks {
                        Tensor* logits) override;
   absl::StatusOr<Tensor> ForwardDevice(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs) override;
   int32_t default_budget() const override { return inner_->default_budget(); }
+  int32_t max_step_tokens() const override { return inner_->max_step_tokens(); }
+  int32_t max_step_seqs() const override { return inner_->max_step_seqs(); }
   /// The inner stats with host_kv_bytes counting the kvstore tier too.
   SparseEngineStats stats() const override;
 

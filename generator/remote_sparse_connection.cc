@@ -1,6 +1,7 @@
 // RemoteSparseDecoder's connection to the retriever: the background connect/reconnect loop with
 // backoff, failure detection, and the re-opening of live sequences on a new session.
 #include <algorithm>
+#include <limits>
 
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
@@ -10,6 +11,14 @@
 #include "generator/remote_sparse_stream.h"
 
 namespace specontext::generator {
+
+grpc::ChannelArguments RetrieverChannelArguments(const RemoteSparseOptions& options) {
+  grpc::ChannelArguments args;
+  if (!options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
+  // Selection replies grow with sequences x budget x KV heads: accept what the flag allows, not gRPC's 4 MiB.
+  args.SetMaxReceiveMessageSize(static_cast<int>(std::min<int64_t>(options.max_message_bytes, std::numeric_limits<int>::max())));
+  return args;
+}
 
 void RemoteSparseDecoder::ConnectLoop() {
   absl::Duration backoff = options_.backoff_min;
@@ -28,8 +37,7 @@ void RemoteSparseDecoder::ConnectLoop() {
       if (old->reader.joinable()) old->reader.join();
     }
     auto s = std::make_shared<Stream>();
-    grpc::ChannelArguments channel_args;
-    if (!options_.tls_server_name.empty()) channel_args.SetSslTargetNameOverride(options_.tls_server_name);
+    grpc::ChannelArguments channel_args = RetrieverChannelArguments(options_);
     auto channel = grpc::CreateCustomChannel(
         options_.address,
         options_.credentials != nullptr ? options_.credentials : grpc::InsecureChannelCredentials(), channel_args);

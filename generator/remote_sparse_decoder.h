@@ -29,6 +29,7 @@
 #include <vector>
 
 #include <grpcpp/security/credentials.h>
+#include <grpcpp/support/channel_arguments.h>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
@@ -55,14 +56,22 @@ struct RemoteSparseOptions {
   int32_t sink = 1;
   bool batch_level = false;                         // one index set per sequence for all KV heads
   size_t observe_message_bytes = 1 << 20;           // largest features payload of one Observe (chunks prompts)
+  // Largest message the channel receives (the generator's --max-message-bytes): a Selection reply holds
+  // sequences x budget x KV heads x 4 bytes of positions, past gRPC's 4 MiB default for large batches.
+  int64_t max_message_bytes = int64_t{4} << 20;
   absl::Duration step_deadline = absl::Milliseconds(200);
   int64_t gpu_memory_limit = 0;                     // planner's device limit (0: the backend's; both 0: off)
   int32_t kv_grow_rows = 2048;                      // device KV growth chunk (SparseOptions::kv_grow_rows)
   int32_t max_context = 0;                          // SparseOptions::max_context (0: the model's context)
+  SparseStepShape step;                             // SparseOptions::step (the engine's largest step)
   absl::Duration backoff_min = absl::Milliseconds(50);
   absl::Duration backoff_max = absl::Seconds(2);
   metrics::Histogram* retrieval_latency = nullptr;  // Select -> Selection, seconds (may be null)
 };
+
+/// The arguments of the channel to the retriever: the receive limit (max_message_bytes) and the TLS name
+/// override (tls_server_name).
+grpc::ChannelArguments RetrieverChannelArguments(const RemoteSparseOptions& options);
 
 /// Checks a retriever's answer to one Select against what the decode forward will require, so a bad
 /// answer becomes a fallback step instead of failing the batch: valid sets (ValidateIndexSets), of
@@ -85,6 +94,8 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   absl::Status Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs,
                        Tensor* logits) override;
   int32_t default_budget() const override { return options_.budget; }
+  int32_t max_step_tokens() const override { return options_.step.max_tokens_per_step; }
+  int32_t max_step_seqs() const override { return options_.step.max_batch; }
   SparseEngineStats stats() const override;
 
   /// Any thread.

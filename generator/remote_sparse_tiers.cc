@@ -45,7 +45,10 @@ absl::Status RemoteSparseDecoder::MakePlanner() {
   // The same planner and tier moves as in-process decoding, so both modes move layers at the same points.
   ASSIGN_OR_RETURN(std::optional<MemoryPlanner> planner,
                    MakeMeasuredPlanner(*model_, options_.budget, options_.gpu_memory_limit,
-                                       /*retrieval_cache_per_token=*/0, options_.max_context));
+                                       /*retrieval_cache_per_token=*/0, options_.max_context,
+                                       SparseStepWorkspaceBytes(*model_, /*head=*/nullptr, options_.step,
+                                                                options_.max_context, options_.budget,
+                                                                SelectionMode::kHeadLevel, false)));
   tiers_.emplace(model_->backend(), static_cast<int32_t>(model_->config().num_hidden_layers), std::move(planner),
                  options_.kv_grow_rows);
   return absl::OkStatus();

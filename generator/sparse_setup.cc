@@ -9,6 +9,20 @@
 #include "generator/server_common.h"
 
 namespace specontext::generator {
+namespace {
+
+// The engine's largest step (--max-tokens-per-step, --max-batch; range checked by generator_main): the
+// sparse decoder's planner sizes its step bound for it.
+absl::StatusOr<SparseStepShape> StepShapeFromArgs(const Args& args) {
+  ASSIGN_OR_RETURN(int64_t tokens, args.GetInt("max-tokens-per-step"));
+  ASSIGN_OR_RETURN(int64_t batch, args.GetInt("max-batch"));
+  SparseStepShape step;
+  step.max_tokens_per_step = static_cast<int32_t>(tokens);
+  step.max_batch = static_cast<int32_t>(batch);
+  return step;
+}
+
+}  // namespace
 
 absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, const std::string& retriever,
                                         GeneratorMetrics* metrics) {
@@ -50,6 +64,7 @@ absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, con
     so.selection = args.GetString("selection");
     ASSIGN_OR_RETURN(so.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
     ASSIGN_OR_RETURN(so.max_context, args.GetInt("max-context"));
+    ASSIGN_OR_RETURN(so.step, StepShapeFromArgs(args));
     ASSIGN_OR_RETURN(out.inproc, MakeSparseRuntime(rt, so));
     out.hooks = out.inproc.decoder;
     SPC_LOG(INFO) << "sparse decoding in process" << Kv("head", head) << Kv("source", source) << Kv("budget", so.budget)
@@ -74,6 +89,8 @@ absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, con
   ASSIGN_OR_RETURN(ro.gpu_memory_limit, args.GetBytes("gpu-memory-limit"));
   ASSIGN_OR_RETURN(int64_t max_context, args.GetInt("max-context"));
   ro.max_context = static_cast<int32_t>(max_context);  // range checked by generator_main and Create
+  ASSIGN_OR_RETURN(ro.step, StepShapeFromArgs(args));
+  ASSIGN_OR_RETURN(ro.max_message_bytes, args.GetBytes("max-message-bytes"));  // range checked by generator_main
   ro.retrieval_latency = metrics != nullptr ? metrics->retrieval_latency : nullptr;
   ClientTlsOptions tls{args.GetString("retriever-tls-ca"), args.GetString("retriever-tls-cert"),
                        args.GetString("retriever-tls-key")};

@@ -24,9 +24,13 @@ absl::StatusOr<Tensor> CpuMemory::Alloc(DType dtype, Shape shape, MemoryKind kin
     total_.fetch_sub(rounded);
     return absl::ResourceExhaustedError(absl::StrCat("out of host memory allocating ", bytes, " bytes"));
   }
-  bytes_[static_cast<size_t>(kind)].fetch_add(rounded);
+  const int64_t kind_bytes = bytes_[static_cast<size_t>(kind)].fetch_add(rounded) + rounded;
   int64_t peak = peak_.load();
   while (total > peak && !peak_.compare_exchange_weak(peak, total)) {
+  }
+  std::atomic<int64_t>& kind_peak = peak_bytes_[static_cast<size_t>(kind)];
+  int64_t kp = kind_peak.load();
+  while (kind_bytes > kp && !kind_peak.compare_exchange_weak(kp, kind_bytes)) {
   }
   std::shared_ptr<CpuMemory> self = shared_from_this();
   std::shared_ptr<void> storage(p, [self, kind, rounded](void* q) {
@@ -46,6 +50,7 @@ MemoryReport CpuMemory::Report() const {
   for (size_t i = 0; i < r.bytes.size(); ++i) r.bytes[i] = bytes_[i].load();
   r.total = total_.load();
   r.peak = peak_.load();
+  for (size_t i = 0; i < r.peak_bytes.size(); ++i) r.peak_bytes[i] = peak_bytes_[i].load();
   r.limit = limit_;
   return r;
 }

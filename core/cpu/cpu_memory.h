@@ -24,6 +24,7 @@ class CpuMemory : public std::enable_shared_from_this<CpuMemory> {
   std::atomic<int64_t> bytes_[static_cast<size_t>(MemoryKind::kCount)] = {};
   std::atomic<int64_t> total_{0};
   std::atomic<int64_t> peak_{0};
+  std::atomic<int64_t> peak_bytes_[static_cast<size_t>(MemoryKind::kCount)] = {};
 };
 
 }  // namespace specontext

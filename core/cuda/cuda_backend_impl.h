@@ -54,6 +54,8 @@ class CudaBackend : public Backend {
   absl::Status StartSelectIndexSets(const SelectionQuery* batch, size_t n, const SelectionOptions& options,
                                     SelectionResult* out) override;
   absl::Status FinishSelectIndexSets(SelectionResult* out) override;
+  int64_t SelectionWorkspaceBytes(int32_t n_seqs, int32_t n_q, int32_t sets_per_seq, int32_t max_len,
+                                  int32_t budget) const override;
   absl::Status Synchronize() override;
   MemoryReport memory_report() const override { return memory_->Report(); }
   int64_t available_bytes() const override { return memory_->Available(); }

@@ -54,10 +54,28 @@ absl::Status CheckQuery(const SelectionQuery& s, size_t i, int64_t* n_q, int64_t
   return absl::OkStatus();
 }
 
-// What SelectTopB and the deferred selection share: the validated batch, `out`'s layout, the kernels'
-// parameters over one workspace block and the per-sequence table to upload.
 size_t Align256(size_t v) { return (v + 255) / 256 * 256; }
 
+// The workspace block's parts: [seqs][logits][stats][combined][indices][mass][flag], each 256-aligned.
+// SetUpSelection allocates it; CudaBackend::SelectionWorkspaceBytes bounds it for the memory planner.
+struct SelectionBlock {
+  size_t seqs = 0, logits = 0, stats = 0, combined = 0, indices = 0, mass = 0;
+  size_t total() const { return seqs + logits + stats + combined + indices + mass + 256; }
+};
+
+SelectionBlock SelectionBlockLayout(int n_seqs, int64_t n_q, int64_t sets_per_seq, int32_t max_len, int32_t total) {
+  SelectionBlock b;
+  b.seqs = Align256(sizeof(cuda::SelSeq) * n_seqs);
+  b.logits = Align256(sizeof(float) * size_t(n_seqs) * n_q * max_len);
+  b.stats = Align256(sizeof(float) * cuda::SelectionStatsFloats(n_seqs, static_cast<int>(n_q), max_len));
+  b.combined = Align256(sizeof(float) * size_t(n_seqs) * sets_per_seq * max_len);
+  b.indices = Align256(sizeof(int32_t) * std::max<int32_t>(total, 1));
+  b.mass = Align256(sizeof(float) * size_t(n_seqs) * n_q);
+  return b;
+}
+
+// What SelectTopB and the deferred selection share: the validated batch, `out`'s layout, the kernels'
+// parameters over one workspace block and the per-sequence table to upload.
 struct SelectionLaunch {
   cuda::SelectionParams p;
   std::vector<cuda::SelSeq> seqs;
@@ -121,14 +139,10 @@ absl::Status SetUpSelection(Backend& backend, std::span<const SelectionQuery> ba
   out->captured_mass.assign(size_t(n_seqs) * n_q, 0.0f);
 
   // One workspace block: [seqs][logits][stats][combined][indices][mass][flag].
-  const size_t b_seqs = Align256(sizeof(cuda::SelSeq) * n_seqs);
-  const size_t b_logits = Align256(sizeof(float) * size_t(n_seqs) * n_q * max_len);
-  const size_t b_stats =
-      Align256(sizeof(float) * cuda::SelectionStatsFloats(n_seqs, static_cast<int>(n_q), max_len));
-  const size_t b_comb = Align256(sizeof(float) * size_t(n_seqs) * sets_per_seq * max_len);
-  const size_t b_idx = Align256(sizeof(int32_t) * std::max<int32_t>(total, 1));
-  const size_t b_mass = Align256(sizeof(float) * out->captured_mass.size());
-  const size_t bytes = b_seqs + b_logits + b_stats + b_comb + b_idx + b_mass + 256;
+  const SelectionBlock block = SelectionBlockLayout(n_seqs, n_q, sets_per_seq, max_len, total);
+  const size_t b_seqs = block.seqs, b_logits = block.logits, b_stats = block.stats, b_comb = block.combined;
+  const size_t b_idx = block.indices, b_mass = block.mass;
+  const size_t bytes = block.total();
   ASSIGN_OR_RETURN(l->work, backend.Alloc(DType::kU8, {static_cast<int64_t>(bytes)}, MemoryKind::kWorkspace));
   char* base = static_cast<char*>(l->work.data());
   cuda::SelectionParams& p = l->p;
@@ -207,6 +221,14 @@ absl::Status cuda::CudaBackend::SelectIndexSets(const SelectionQuery* batch, siz
   ASSIGN_OR_RETURN(SparseState * sp, Sparse());
   RETURN_IF_ERROR(WaitPendingSelection(sp));  // its copies read the pinned buffer this call reuses
   return SelectTopB(*this, std::span<const SelectionQuery>(batch, n), options, out, sp->select_pinned);
+}
+
+int64_t cuda::CudaBackend::SelectionWorkspaceBytes(int32_t n_seqs, int32_t n_q, int32_t sets_per_seq,
+                                                   int32_t max_len, int32_t budget) const {
+  if (n_seqs <= 0 || max_len <= 0) return 0;
+  const int32_t total = n_seqs * sets_per_seq * std::min(budget, max_len);
+  const SelectionBlock block = SelectionBlockLayout(n_seqs, n_q, sets_per_seq, max_len, total);
+  return AllocationBoundBytes(static_cast<int64_t>(block.total()));
 }
 
 // The deferred selection: the kernels write the positions straight into the sparse state's index-set

@@ -46,6 +46,20 @@ struct Engine::Sequence {
 
 Engine::Engine(Transformer* model, const Tokenizer* tokenizer, EngineOptions options)
     : model_(model), tokenizer_(tokenizer), options_(options) {
+  if (options_.sparse != nullptr) {
+    // The sparse decoder's memory plan covers steps up to its shape (SparseOptions::step): keep within it.
+    const int32_t tokens = options_.sparse->max_step_tokens(), seqs = options_.sparse->max_step_seqs();
+    if (tokens > 0 && options_.max_tokens_per_step > tokens) {
+      SPC_LOG(WARNING) << "max_tokens_per_step lowered to the sparse decoder's planned step"
+                       << Kv("asked", options_.max_tokens_per_step) << Kv("planned", tokens);
+      options_.max_tokens_per_step = tokens;
+    }
+    if (seqs > 0 && options_.max_batch > seqs) {
+      SPC_LOG(WARNING) << "max_batch lowered to the sparse decoder's planned step" << Kv("asked", options_.max_batch)
+                       << Kv("planned", seqs);
+      options_.max_batch = seqs;
+    }
+  }
   for (int64_t id : model->config().eos_token_ids) eos_ids_.push_back(static_cast<int32_t>(id));
   if (tokenizer != nullptr) {
     for (int32_t id : tokenizer->eos_ids()) {

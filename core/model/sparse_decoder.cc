@@ -84,6 +84,13 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
     return absl::InvalidArgumentError(absl::StrCat("synthetic overlap must be in [0, 1], got ",
                                                    options.synthetic_overlap));
   }
+  if (options.step.max_tokens_per_step < 1 || options.step.max_batch < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("sparse step shape must be >= 1 token and sequence, got ",
+                                                   options.step.max_tokens_per_step, " tokens, ",
+                                                   options.step.max_batch, " sequences"));
+  }
+  const int32_t context = static_cast<int32_t>(ContextLimit(options.max_context, c.max_position_embeddings));
+  const bool recall = static_cast<bool>(options.recall_observer);
   std::unique_ptr<SparseDecoder> d(new SparseDecoder(model, head, options));
   if (options.synthetic_overlap > 0) d->synthetic_.emplace(options.synthetic_overlap);
   d->layer_spec_.source = options.source;
@@ -91,7 +98,9 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
   d->layer_spec_.mode = options.mode;
   if (head == nullptr) {
     ASSIGN_OR_RETURN(std::optional<MemoryPlanner> planner,
-                     MakeMeasuredPlanner(*model, options.budget, options.gpu_memory_limit, 0, options.max_context));
+                     MakeMeasuredPlanner(*model, options.budget, options.gpu_memory_limit, 0, options.max_context,
+                                         SparseStepWorkspaceBytes(*model, nullptr, options.step, context,
+                                                                  options.budget, options.mode, recall)));
     d->tiers_.emplace(model->backend(), static_cast<int32_t>(c.num_hidden_layers), std::move(planner),
                       options.kv_grow_rows);
     return d;
@@ -110,7 +119,9 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
   ASSIGN_OR_RETURN(d->dhead_, DeviceRetrievalHead::Create(*head, model->backend(), shared));
   ASSIGN_OR_RETURN(std::optional<MemoryPlanner> planner,
                    MakeMeasuredPlanner(*model, options.budget, options.gpu_memory_limit,
-                                       d->dhead_->cache_bytes_per_token(), options.max_context));
+                                       d->dhead_->cache_bytes_per_token(), options.max_context,
+                                       SparseStepWorkspaceBytes(*model, d->dhead_.get(), options.step, context,
+                                                                options.budget, options.mode, recall)));
   d->tiers_.emplace(model->backend(), static_cast<int32_t>(c.num_hidden_layers), std::move(planner),
                     options.kv_grow_rows);
   return d;

@@ -86,6 +86,10 @@ struct SparseOptions {
   /// Attention recall probe (null: off, nothing runs): called after every decode step with the recall of
   /// each sequence, layer and query head (core/model/attention_recall_probe.h). Probed steps run op by op.
   AttentionRecallObserver recall_observer;
+  /// The engine's largest step (EngineOptions::max_tokens_per_step, max_batch): the planner counts one step's
+  /// transient bytes at this shape (SparseStepWorkspaceBytes) as fixed, so a step of the engine never meets
+  /// a device limit the planner filled with KV. An engine with larger steps than this is refused.
+  SparseStepShape step;
 };
 
 // The measured-mode memory planner for `model` under `gpu_memory_limit` (0: the backend's own limit);
@@ -94,11 +98,29 @@ struct SparseOptions {
 // device bytes of the retrieval head's K cache per token (0 when the head runs elsewhere); the head's
 // weights already on the device are measured as kRetrieval.
 // `max_context`: the longest sequence admitted (0: the model's context), which sizes the prefill staging
-// reserve.
+// reserve. `step_workspace`: the transient bytes of one step (SparseStepWorkspaceBytes), counted as fixed.
+// ResourceExhausted, naming the step bound, when the fixed bytes alone do not fit the limit.
 absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transformer& model, int32_t budget,
                                                                  int64_t gpu_memory_limit,
-                                                                 int64_t retrieval_cache_per_token = 0,
-                                                                 int32_t max_context = 0);
+                                                                 int64_t retrieval_cache_per_token,
+                                                                 int32_t max_context, int64_t step_workspace);
+
+// The most transient backend bytes one engine step over a sparse decoder holds at once, from the shapes the
+// code allocates: the forward's activations and f32 logits (Transformer::ForwardWorkspaceBytes) for a
+// prompt chunk of max(max_tokens_per_step, max_batch) tokens and max_batch logits rows; with a retrieval
+// head (`head` non-null; null for a decoder whose head runs elsewhere): its hidden capture and the
+// prompt-chunk Observe beside the logits (DeviceRetrievalHead::ObserveWorkspaceBytes), the decode head
+// buffers of every batch size, the backend's selection scratch over `max_context` positions
+// (Backend::SelectionWorkspaceBytes) and the recall probe's lse when `recall_probe`; the logits a pass keeps
+// while the other pass runs and the merged device logits ([max_batch, vocab] f32 each). The device's prefill
+// staging (sized by max_context) is added by MakeMeasuredPlanner.
+// The device's prefill staging reserve (0 on the CPU): one sequence of `max_context` tokens (0: the model's
+// context) of one layer's K and V, at most 1 GiB (core/cuda/cuda_prefill_staging.cc).
+int64_t PrefillStagingReserveBytes(const Transformer& model, int32_t max_context);
+
+int64_t SparseStepWorkspaceBytes(const Transformer& model, const DeviceRetrievalHead* head,
+                                 const SparseStepShape& step, int32_t max_context, int32_t budget,
+                                 SelectionMode mode, bool recall_probe);
 
 class SparseDecoder : public SparseDecodeHooks {
  public:
@@ -116,6 +138,8 @@ class SparseDecoder : public SparseDecodeHooks {
                        Tensor* logits) override;
   absl::StatusOr<Tensor> ForwardDevice(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs) override;
   int32_t default_budget() const override { return options_.budget; }
+  int32_t max_step_tokens() const override { return options_.step.max_tokens_per_step; }
+  int32_t max_step_seqs() const override { return options_.step.max_batch; }
   SparseEngineStats stats() const override;
 
   /// Moves layers [gpu_layers, L) of every live sequence (and of later ones) to host now, and keeps at most

@@ -54,6 +54,13 @@ struct SparseStepSeq {
   int32_t budget = 0;  // resolved per-request budget (>= 1)
 };
 
+// The largest step the engine runs over a sparse decoder (EngineOptions of the same names; the generator
+// passes its --max-tokens-per-step and --max-batch to both): what the planner's step bound is sized for.
+struct SparseStepShape {
+  int32_t max_tokens_per_step = 512;
+  int32_t max_batch = 32;
+};
+
 class SparseDecodeHooks {
  public:
   virtual ~SparseDecodeHooks() = default;
@@ -75,6 +82,10 @@ class SparseDecodeHooks {
   /// The budget a request gets when it names none.
   virtual int32_t default_budget() const = 0;
   virtual SparseEngineStats stats() const = 0;
+  /// The largest step its memory plan covers: tokens of one step, sequences of one step (0: no bound). The
+  /// engine keeps its steps within them (EngineOptions::max_tokens_per_step, max_batch).
+  virtual int32_t max_step_tokens() const { return 0; }
+  virtual int32_t max_step_seqs() const { return 0; }
 };
 
 }  // namespace specontext

@@ -248,6 +248,21 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
   return b.AddRmsNorm(&residual, o, next_norm, eps, &h);
 }
 
+int64_t Transformer::ForwardWorkspaceBytes(int64_t n, int64_t n_out) const {
+  const ModelConfig& c = config_;
+  const int64_t es = static_cast<int64_t>(DTypeSize(backend_->compute_dtype()));
+  auto t = [](int64_t bytes) { return AllocationBoundBytes(bytes); };
+  // ForwardDevice: ids, positions, residual, h (live through every layer).
+  const int64_t outer = 2 * t(n * 4) + 2 * t(n * c.hidden_size * es);
+  // Layer: qkv and its q, k, v copies (SplitColumns), attn, o, act, gate_up and its gate, up copies.
+  const int64_t layer = t(n * (c.q_dim() + 2 * c.kv_dim()) * es) + t(n * c.q_dim() * es) + 2 * t(n * c.kv_dim() * es) +
+                        t(n * c.q_dim() * es) + t(n * c.hidden_size * es) + t(n * c.intermediate_size * es) +
+                        t(n * 2 * c.intermediate_size * es) + 2 * t(n * c.intermediate_size * es);
+  // After the layers: the last rows' indices and hidden states, the f32 logits.
+  const int64_t tail = t(n_out * 4) + t(n_out * c.hidden_size * es) + t(n_out * c.vocab_size * 4);
+  return outer + std::max(layer, tail);
+}
+
 absl::Status Transformer::IssueElasticLoads(const SparseForward& sparse) {
   // Consecutive layers with the same list go together (the backend may gather them at once).
   const std::vector<const CopyList*>& lists = sparse.layer_copies;

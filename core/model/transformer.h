@@ -112,6 +112,11 @@ class Transformer {
   // token runs through Backend::RunStepGraph (a CUDA graph per batch size; transformer_graph.cc).
   absl::StatusOr<Tensor> ForwardDevice(std::span<const ForwardSeq> seqs, bool all_tokens,
                                        const SparseForward* sparse = nullptr, HiddenCapture* capture = nullptr);
+  // The most backend bytes (MemoryKind::kWorkspace, AllocationBoundBytes each) ForwardDevice holds at once
+  // for `n_tokens` tokens and `n_out` logits rows, counting the logits it returns: the shapes Layer and
+  // ForwardDevice allocate (the unfused gate/up path, the larger one); backend-internal scratch not included.
+  // Part of the memory planner's step bound (core/model/sparse_planner.cc).
+  int64_t ForwardWorkspaceBytes(int64_t n_tokens, int64_t n_out) const;
   ~Transformer();
 
  private:

@@ -58,8 +58,8 @@ int64_t HostMemoryAvailable() {
 
 }  // namespace
 
-int64_t DefaultKvBudgetBytes(const Backend& backend) {
-  int64_t avail = backend.available_bytes();
+int64_t DefaultKvBudgetBytes(const Backend& backend, int64_t step_workspace) {
+  int64_t avail = backend.available_bytes() - std::max<int64_t>(0, step_workspace);
   if (backend.name() == "cpu") avail = std::min(avail, HostMemoryAvailable());
   return std::max<int64_t>(1, avail / 10 * 9);
 }

@@ -43,10 +43,11 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options);
 
 // The default KV budget of a serving engine (EngineOptions::max_kv_bytes, the generator's --max-kv-bytes
 // auto): 90% of what `backend` may still allocate once the model is loaded (its limit or free device
-// memory), for the CPU backend also at most 90% of the host's available memory (MemAvailable, and the
-// cgroup's memory.max less memory.current), so a request is refused or queued instead of the process being
-// killed by the OOM killer. At least 1 byte.
-int64_t DefaultKvBudgetBytes(const Backend& backend);
+// memory) less `step_workspace`, the transient bytes of the engine's largest step
+// (Transformer::ForwardWorkspaceBytes), for the CPU backend also at most 90% of the host's available memory
+// (MemAvailable, and the cgroup's memory.max less memory.current), so a request is refused or queued instead
+// of a step failing past the limit or the process being killed by the OOM killer. At least 1 byte.
+int64_t DefaultKvBudgetBytes(const Backend& backend, int64_t step_workspace = 0);
 
 class Args;
 // RuntimeOptions from the flags the serving CLIs share: --model (required), --tokenizer, --backend,

@@ -33,6 +33,7 @@ absl::StatusOr<SparseRuntime> MakeSparseRuntime(const Runtime& rt, const SparseR
     return absl::InvalidArgumentError(absl::StrCat("--max-context: ", st.message()));
   }
   so.max_context = static_cast<int32_t>(o.max_context);
+  so.step = o.step;
   if (!(o.synthetic_overlap >= 0.0 && o.synthetic_overlap <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat("--synthetic-overlap must be in [0, 1], got ", o.synthetic_overlap));
   }

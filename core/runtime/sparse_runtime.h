@@ -21,6 +21,7 @@ struct SparseRuntimeOptions {
   int64_t gpu_memory_limit = 0;   // --gpu-memory-limit for the planner (0: the backend's limit, else off)
   double synthetic_overlap = 0;   // benchmarks only: SparseOptions::synthetic_overlap (0 = off)
   int64_t max_context = 0;        // --max-context: SparseOptions::max_context (0 = the model's context)
+  SparseStepShape step;           // --max-tokens-per-step, --max-batch: SparseOptions::step (the engine's step)
   // --selection-source: head, window, oracle or quest (SparseOptions::source); the last three load no head
   // (a --retrieval-head given with them is ignored, with a warning).
   std::string selection_source = "head";

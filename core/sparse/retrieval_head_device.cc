@@ -178,6 +178,18 @@ absl::Status DeviceRetrievalHead::Forward(const Tensor& ids, const Tensor& posit
   return b.Rope(k, positions, rope_);
 }
 
+int64_t DeviceRetrievalHead::ObserveWorkspaceBytes(int64_t n) const {
+  const ModelConfig& a = head_.config().attn;
+  const int64_t es = static_cast<int64_t>(DTypeSize(backend_->compute_dtype()));
+  const int64_t hidden = a.hidden_size, in = head_.config().proj_in(), hd = a.head_dim;
+  const int64_t nq = a.num_attention_heads, nkv = a.num_key_value_heads;
+  auto t = [](int64_t bytes) { return AllocationBoundBytes(bytes); };
+  const bool eagle3 = head_.config().kind == RetrievalHeadKind::kEagle3;
+  int64_t forward = t(n * hidden * es) + t(n * in * es) + t(n * (nq + nkv) * hd * es);
+  if (eagle3) forward += t(n * fused_width() * es) + t(n * hidden * es);  // normed, part
+  return t(2 * n * 4) + t(n * nkv * hd * es) + forward;
+}
+
 absl::Status DeviceRetrievalHead::Observe(std::span<const int32_t> ids, std::span<const Seq> seqs,
                                           const Tensor* fused, Tensor* q) {
   Backend& b = *backend_;

@@ -66,6 +66,9 @@ class DeviceRetrievalHead {
   /// q [n, n_heads, head_dim] backend tensor (compute dtype) receives every token's query. One upload of
   /// ids and positions, one forward, one ScatterRows. OutOfRange when a sequence's tokens pass its capacity.
   absl::Status Observe(std::span<const int32_t> ids, std::span<const Seq> seqs, const Tensor* fused, Tensor* q);
+  /// The most backend bytes (kWorkspace, AllocationBoundBytes each) Observe of n tokens allocates at once
+  /// (its ids/positions and k, and Forward's e, normed, x, part, qk), not counting the caller's q and fused.
+  int64_t ObserveWorkspaceBytes(int64_t n) const;
 
  private:
   DeviceRetrievalHead(const RetrievalHead& head, Backend* backend) : head_(head), backend_(backend) {}

@@ -62,8 +62,9 @@ class SparseServices : public ::testing::Test {
   // *cli_out gets that run's text. Empty when none does.
   std::string OffloadLimit(int max_new, std::string* cli_out) const {
     std::string limit;
-    // Above the planner's fixed bytes (weights plus a step's workspace bound, ~2.6 MB here).
-    for (int kib = 2560; kib <= 3584 && limit.empty(); kib += 32) {
+    // Above the planner's fixed bytes (weights plus the step bound of 512-token steps of one sequence, ~4 MB
+    // here; the first limit that runs and offloads was 4096 KiB).
+    for (int kib = 3584; kib <= 5120 && limit.empty(); kib += 32) {
       const std::string candidate = absl::StrCat(kib, "KiB");
       std::vector<std::string> argv = {"/bin/sh", "-c", "exec \"$@\" 2>&1", "sh", SPC_ENGINE_CLI_BIN, "generate",
                                        "--model", dir_ + "/stories260K.bin", "--tokenizer", dir_ + "/tok512.bin",

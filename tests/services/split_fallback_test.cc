@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -313,6 +314,28 @@ TEST(ValidateSelection, RefusesWhatTheForwardWouldRefuse) {
   IndexSets bad = good;
   bad.indptr.back() += 1;  // not ValidateIndexSets-valid
   EXPECT_FALSE(generator::ValidateSelection(bad, past, 2, 2, kBudget).ok());
+}
+
+// The channel to the retriever receives what the generator's --max-message-bytes allows: a Selection of
+// 64 sequences x B 4096 x 8 KV heads x 4 bytes (8 MiB) passes gRPC's 4 MiB default.
+TEST(RetrieverChannelTest, ReceiveLimitFollowsMaxMessageBytes) {
+  auto receive_limit = [](const generator::RemoteSparseOptions& o) -> int64_t {
+    const grpc::ChannelArguments args = generator::RetrieverChannelArguments(o);
+    grpc_channel_args c;
+    args.SetChannelArgs(&c);
+    for (size_t i = 0; i < c.num_args; ++i) {
+      if (std::string(c.args[i].key) == GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH && c.args[i].type == GRPC_ARG_INTEGER) {
+        return c.args[i].value.integer;
+      }
+    }
+    return -1;  // not set: gRPC's 4 MiB default
+  };
+  generator::RemoteSparseOptions o;
+  EXPECT_EQ(receive_limit(o), int64_t{4} << 20);
+  o.max_message_bytes = int64_t{64} << 20;
+  EXPECT_EQ(receive_limit(o), int64_t{64} << 20);
+  o.max_message_bytes = int64_t{1} << 40;  // clamped to what gRPC takes
+  EXPECT_EQ(receive_limit(o), std::numeric_limits<int>::max());
 }
 
 }  // namespace

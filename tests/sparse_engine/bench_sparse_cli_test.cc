@@ -81,8 +81,10 @@ class BenchSparseCliTest : public ::testing::Test {
   }
   // The planner's fixed bytes for this model (weights, workspace bound, other live bytes), from the setup line
   // of a run under a roomy limit.
-  static int64_t PlannerFixedBytes(const std::string& backend = "cpu") {
-    CliRun r = Bench({"--gpu-memory-limit", backend == "cpu" ? "64MiB" : "2GiB", "--context", "40"}, backend);
+  // The planner's fixed bytes with `requests` sequences per step (its step bound grows with them).
+  static int64_t PlannerFixedBytes(const std::string& backend = "cpu", const std::string& requests = "1") {
+    CliRun r = Bench({"--gpu-memory-limit", backend == "cpu" ? "64MiB" : "2GiB", "--context", "40", "--requests",
+                      requests}, backend);
     EXPECT_EQ(r.exit_code, 0) << r.err;
     const std::vector<json> setup = OfKind(Lines(r.out), "setup");
     if (setup.size() != 1) {
@@ -163,9 +165,9 @@ TEST_F(BenchSparseCliTest, GridLinesHaveSaneFigures) {
 }
 
 TEST_F(BenchSparseCliTest, TrajectoryOffloadsUnderALimitAndIntegratesStepTimes) {
-  const int64_t fixed = PlannerFixedBytes();
+  const int64_t fixed = PlannerFixedBytes("cpu", "2");
   ASSERT_GT(fixed, 0);
-  // Planner limit = limit - limit/8 (chunk <= 512 adds no activations): room for some layers' KV only.
+  // Planner limit = limit - limit/8 (the margin): room for some layers' KV only.
   const int64_t limit = (fixed + 40000) * 8 / 7;
   CliRun r = Bench({"--requests", "2", "--trajectory", "32:96", "--measure-every", "32", "--synthetic-overlap", "0.75",
                     "--gpu-memory-limit", std::to_string(limit), "--kv-grow-rows", "16"});

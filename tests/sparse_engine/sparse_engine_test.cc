@@ -517,5 +517,60 @@ TEST_F(SparseEngineTest, LayersReturnToTheDeviceWhenSequencesFinish) {
   EXPECT_EQ(dec->gpu_layers(), 1);
 }
 
+// A binding device limit (the backend's allocator cap, as --gpu-memory-limit sets it) between "every layer
+// offloaded" and "every layer resident" for 16 concurrent prompts of 256 tokens: the planner fills the cap
+// with KV up to its bound of a step's transient bytes, so every request must complete, and the bound must
+// cover the transient bytes the backend saw.
+TEST_F(SparseEngineTest, BindingDeviceLimitCompletesConcurrentLongPrompts) {
+  constexpr int32_t kB = 16, kStreams = 16, kPrompt = 256, kOut = 16;
+  std::shared_ptr<SparseDecoder> probe = MakeDecoder(*tiny_, kB, int64_t{1} << 40);
+  const MemoryPlanner& p = *probe->planner();
+  const int32_t n_layers = static_cast<int32_t>(tiny_->checkpoint.config.num_hidden_layers);
+  const int64_t tokens = int64_t{kStreams} * (kPrompt + kOut);
+  const double all_off = p.PredictBytes(n_layers, tokens, kStreams), all_in = p.PredictBytes(0, tokens, kStreams);
+  const int64_t limit =
+      static_cast<int64_t>(all_off + 0.35 * (all_in - all_off)) + probe->device_head().weight_bytes();
+  probe.reset();
+  auto t = testing::LoadTiny(7, limit);
+  ASSERT_TRUE(t.ok()) << t.status();
+  Tiny& tiny = **t;
+  EngineOptions eo;
+  std::shared_ptr<SparseDecoder> dec = MakeDecoder(tiny, kB, limit);
+  ASSERT_NE(dec, nullptr);
+  eo.sparse = dec;
+  Engine e(tiny.model.get(), nullptr, eo);
+  const int32_t vocab = static_cast<int32_t>(tiny.checkpoint.config.vocab_size);
+  std::vector<std::vector<int32_t>> got(kStreams);
+  std::vector<absl::Status> status(kStreams);
+  int done = 0;
+  for (int i = 0; i < kStreams; ++i) {
+    GenerationRequest r;
+    r.prompt = RandomPrompt(kPrompt, vocab, 100 + i);
+    r.max_new_tokens = kOut;
+    r.ignore_eos = true;
+    ASSERT_TRUE(e.Submit(r, [&, i](const StreamEvent& ev) {
+                   if (ev.token >= 0) got[i].push_back(ev.token);
+                   if (ev.done) {
+                     status[i] = ev.status;
+                     ++done;
+                   }
+                 }).ok());
+  }
+  while (e.HasWork()) ASSERT_TRUE(e.Step().ok());
+  EXPECT_EQ(done, kStreams);
+  for (int i = 0; i < kStreams; ++i) {
+    EXPECT_TRUE(status[i].ok()) << "request " << i << ": " << status[i];
+    EXPECT_EQ(got[i].size(), static_cast<size_t>(kOut)) << "request " << i;
+  }
+  // The planner's step bound covers every transient byte the backend saw (workspace) and layers did move.
+  const MemoryReport rep = tiny.backend->memory_report();
+  EXPECT_LE(rep.peak, limit);
+  EXPECT_LE(rep.peak_bytes[static_cast<size_t>(MemoryKind::kWorkspace)], dec->planner()->config().measured.workspace);
+  EXPECT_GT(e.sparse_stats().layer_moves, 0);
+  std::cerr << "limit " << limit << " peak " << rep.peak << " fixed " << dec->planner()->fixed_bytes()
+            << " workspace bound " << dec->planner()->config().measured.workspace << " workspace peak "
+            << rep.peak_bytes[static_cast<size_t>(MemoryKind::kWorkspace)] << "\n";
+}
+
 }  // namespace
 }  // namespace specontext

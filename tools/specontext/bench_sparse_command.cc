@@ -198,6 +198,10 @@ absl::Status RunBenchSparse(const Args& args) {
   ASSIGN_OR_RETURN(sro.sink, args.GetInt("sink"));
   sro.selection = args.GetString("selection");
   sro.gpu_memory_limit = ro.gpu_memory_limit;
+  // The largest step run here (a prefill chunk of one sequence, a decode step of the most requests): the
+  // planner's step bound (SparseStepWorkspaceBytes) is sized for it.
+  sro.step.max_tokens_per_step = static_cast<int32_t>(std::min<int64_t>(s.chunk, INT32_MAX));
+  sro.step.max_batch = static_cast<int32_t>(*std::max_element(requests.begin(), requests.end()));
 
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
   SparseRuntime sr;
@@ -226,13 +230,14 @@ absl::Status RunBenchSparse(const Args& args) {
     return absl::InvalidArgumentError("--kv-grow-rows must be >= 0 (0: KV at full capacity from admission)");
   }
   s.options.kv_grow_rows = static_cast<int32_t>(grow);
+  s.options.step = sro.step;
   // The planner's fixed bytes (weights, workspace bound, other live bytes) under the flag's limit.
   const double fixed_bytes =
       sr.decoder != nullptr && sr.decoder->planner().has_value() ? sr.decoder->planner()->fixed_bytes() : 0.0;
   sr.decoder.reset();
   // The planner's device limit: --gpu-memory-limit, else (CUDA) the GPU's memory (bytes in use + free), less
-  // the activations of one prefill chunk beyond the 512-token step the planner already counts, and a margin
-  // for allocator slack and library workspaces the allocator does not see: 256 MiB (at most 1/8 of the limit)
+  // a margin (the planner counts one step's transient bytes at the chunk and request count set above) for
+  // allocator slack and library workspaces the allocator does not see: 256 MiB (at most 1/8 of the limit)
   // under a given limit; 2.5 GiB when planning for the whole GPU (with 256 MiB the last KV allocation of
   // 32 sequences of 34K tokens failed in cudaMalloc on the H100, 2026-11-24; with 2 GiB, once the planner's
   // prefill staging reserve was sized for the run's sequences instead of the model's 131K context (395 MB
@@ -245,13 +250,10 @@ absl::Status RunBenchSparse(const Args& args) {
     limit = rep.total + b.available_bytes();
     margin = int64_t{5} << 29;
   }
-  const int64_t elem = static_cast<int64_t>(DTypeSize(b.compute_dtype()));
-  const int64_t headroom =
-      std::max<int64_t>(0, s.chunk - 512) * (4 * c.hidden_size + 2 * c.intermediate_size + c.q_dim() + 2 * c.kv_dim()) *
-          elem + margin;
+  const int64_t headroom = margin;
   if (limit > 0 && limit <= headroom) {
     return absl::InvalidArgumentError(absl::StrCat("--gpu-memory-limit ", limit, " bytes leaves nothing after ",
-                                                   headroom, " bytes of prefill headroom (lower --prefill-chunk)"));
+                                                   headroom, " bytes of margin"));
   }
   s.options.gpu_memory_limit = limit > 0 ? limit - headroom : 0;
   ASSIGN_OR_RETURN(s.bw, MeasureBandwidths(b, b.device() == DeviceKind::kCuda));

@@ -70,7 +70,10 @@ absl::Status RunGenerate(const Args& args) {
   }
   req.ignore_eos = args.GetBool("ignore-eos");
 
-  ASSIGN_OR_RETURN(const std::optional<SparseRuntimeOptions> sparse, SparseOptionsFromArgs(args, ro.gpu_memory_limit));
+  ASSIGN_OR_RETURN(std::optional<SparseRuntimeOptions> sparse, SparseOptionsFromArgs(args, ro.gpu_memory_limit));
+  // One request: the planner's step bound is sized for one sequence per step (a generator started with
+  // --max-batch 1 plans the same).
+  if (sparse) sparse->step.max_batch = 1;
 
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
   // Like HF, a checkpoint whose generation_config.json samples sets the defaults; flags override them.
@@ -83,6 +86,7 @@ absl::Status RunGenerate(const Args& args) {
   }
   SparseRuntime srt;
   EngineOptions eo;
+  eo.max_batch = 1;
   // Long prompts take a while to prefill: show how far it got (stderr, every chunk).
   eo.prefill_progress = [](uint64_t, int32_t done, int32_t total) {
     if (total < 4096) return;
