@@ -31,7 +31,9 @@ class Group {
       done_ = true;
     } else {
       s = Wait([this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return aborted_ || done_; });
-      if (!s.ok()) return Unlock(s);
+      // A result that is ready is delivered even when a rank has aborted since (e.g. one that finished and
+      // aborted on its way out after this, its last collective).
+      if (!s.ok() && !(done_ && absl::IsAborted(s))) return Unlock(s);
     }
     const absl::Status result = result_;
     mu_.Unlock();

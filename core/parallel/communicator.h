@@ -47,8 +47,10 @@ struct InProcessOptions {
 /// 0, 1, ..., size - 1 in f32 (bf16 inputs rounded once at the end) and every rank copies out the same
 /// bits. Calls are numbered by a generation counter: a call's result stays in place until every rank has
 /// copied it out, so a fast rank entering the next collective waits for the slowest one to leave the
-/// previous. Abort() (any rank) or a timeout sets the group's abort flag: waiters wake and return Aborted,
-/// and every later collective returns Aborted at once; the flag is never cleared.
+/// previous. Abort() (any rank) or a timeout sets the group's abort flag: waiters whose collective is still
+/// incomplete wake and return Aborted (one already complete still delivers its result), and every later
+/// collective returns Aborted at once; the flag is never cleared. So a rank that is done may Abort() on its
+/// way out: ranks still expecting a collective from it fail instead of waiting forever.
 std::vector<std::unique_ptr<Communicator>> CreateInProcessGroup(int size, const InProcessOptions& options = {});
 
 }  // namespace specontext
