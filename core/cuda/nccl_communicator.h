@@ -18,7 +18,9 @@
 
 namespace specontext {
 
-/// One communicator per rank: rank r uses `backends[r]` (made by MakeCudaBackend on `devices[r]`).
+/// One communicator per rank: rank r uses `backends[r]` (made by MakeCudaBackend on `devices[r]`). The
+/// backend's ops do not select their device: each rank's thread makes its device current (cudaSetDevice)
+/// before it drives its backend and communicator.
 /// AllReduceSum takes device tensors (f32 or bf16) of that backend; Barrier also waits on the host for
 /// the rank's stream. Abort aborts every communicator of the group (ncclCommAbort): kernels of pending
 /// collectives return and later calls fail with Aborted. FailedPrecondition when NCCL cannot initialise.
