@@ -158,6 +158,42 @@ TEST(TensorParallel, RandomFamilies) {
   ExpectMatchesUnsharded(RandomCheckpoint(biased, 4), 4);
 }
 
+TEST(TensorParallel, RaggedBatchMatchesUnsharded) {
+  // Two sequences of different lengths in one forward, every token's logits.
+  const Checkpoint ck = RandomCheckpoint(Stories260kShape(), 9);
+  const std::vector<std::vector<int32_t>> prompts = {Prompt(13, 512), Prompt(5, 512)};
+  auto run = [&](const TensorParallel& tp) -> absl::StatusOr<std::vector<float>> {
+    std::unique_ptr<Backend> backend = MakeCpuBackend();
+    auto model = Transformer::Load(ck, backend.get(), {}, tp);
+    if (!model.ok()) return model.status();
+    std::vector<std::unique_ptr<SequenceKv>> kvs;
+    std::vector<ForwardSeq> seqs;
+    for (const auto& p : prompts) {
+      kvs.push_back((*model)->AllocateKv(32).value());
+      seqs.push_back({p, 0, kvs.back().get()});
+    }
+    Tensor logits = Tensor::HostEmpty(DType::kF32, {18, 512});
+    if (absl::Status st = (*model)->Forward(seqs, true, &logits); !st.ok()) return st;
+    return std::vector<float>(logits.as<float>(), logits.as<float>() + logits.numel());
+  };
+  auto ref = run({});
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  auto comms = CreateInProcessGroup(4);
+  std::vector<absl::StatusOr<std::vector<float>>> got(4, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 4; ++r) {
+    threads.emplace_back([&, r] {
+      got[r] = run({r, 4, comms[r].get()});
+      if (!got[r].ok()) comms[r]->Abort();
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int r = 0; r < 4; ++r) ASSERT_TRUE(got[r].ok()) << got[r].status();
+  for (size_t i = 0; i < ref->size(); ++i) {
+    ASSERT_LE(std::fabs((*got[0])[i] - (*ref)[i]), 1e-4f * (1 + std::fabs((*ref)[i]))) << "logit " << i;
+  }
+}
+
 TEST(TensorParallel, RefusesSplitsTheModelDoesNotAllow) {
   const Checkpoint ck = RandomCheckpoint(TinyConfig(Architecture::kLlama, 4), 1);
   std::unique_ptr<Backend> backend = MakeCpuBackend();
