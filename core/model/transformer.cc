@@ -30,8 +30,8 @@ absl::StatusOr<ModelConfig> ShardConfig(const ModelConfig& config, const TensorP
   }
   if (config.num_attention_heads % tp.size != 0 || config.intermediate_size % tp.size != 0) {
     return absl::InvalidArgumentError(absl::StrCat("tensor parallelism ", tp.size, " does not divide the model's ",
-                                                   config.num_attention_heads, " attention heads and intermediate size ",
-                                                   config.intermediate_size));
+                                                   config.num_attention_heads, " attention heads and ",
+                                                   "intermediate size ", config.intermediate_size));
   }
   ModelConfig c = config;
   c.num_attention_heads /= tp.size;
@@ -121,7 +121,9 @@ absl::Status Transformer::LoadWeights(const WeightSource& weights, const LoadPro
   const int64_t q_rows = c.q_dim(), kv_rows = c.kv_dim(), ff = c.intermediate_size;  // the rank's
   const Slice q_slice{Slice::kRows, tp_.rank * q_rows, q_rows}, kv_slice{Slice::kRows, tp_.rank * kv_rows, kv_rows};
   const Slice ff_slice{Slice::kRows, tp_.rank * ff, ff};
-  auto shard = [sharded](std::initializer_list<Slice> s) { return sharded ? std::vector<Slice>(s) : std::vector<Slice>{}; };
+  auto shard = [sharded](std::initializer_list<Slice> s) {
+    return sharded ? std::vector<Slice>(s) : std::vector<Slice>{};
+  };
   std::vector<Wanted> wanted;
   wanted.push_back({{"model.embed_tokens.weight"}, &embed_});
   layers_.resize(c.num_hidden_layers);
@@ -138,7 +140,8 @@ absl::Status Transformer::LoadWeights(const WeightSource& weights, const LoadPro
                       &w.w_qkv, shard({q_slice, kv_slice, kv_slice})});
     wanted.push_back({names({"self_attn.o_proj.weight"}), &w.wo,
                       shard({{Slice::kColumns, tp_.rank * q_rows, q_rows}})});
-    wanted.push_back({names({"mlp.gate_proj.weight", "mlp.up_proj.weight"}), &w.w_gate_up, shard({ff_slice, ff_slice})});
+    wanted.push_back({names({"mlp.gate_proj.weight", "mlp.up_proj.weight"}), &w.w_gate_up,
+                      shard({ff_slice, ff_slice})});
     wanted.push_back({names({"mlp.down_proj.weight"}), &w.w_down, shard({{Slice::kColumns, tp_.rank * ff, ff}})});
     if (c.attention_bias) {
       wanted.push_back({names({"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}),

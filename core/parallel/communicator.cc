@@ -65,7 +65,8 @@ class Group {
   absl::Status Wait(Pred pred) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!mu_.AwaitWithTimeout(absl::Condition(&pred), timeout_)) {
       aborted_ = true;
-      return absl::DeadlineExceededError(absl::StrCat("collective ", generation_, ": the other ranks did not arrive within ",
+      return absl::DeadlineExceededError(absl::StrCat("collective ", generation_,
+                                                      ": the other ranks did not arrive within ",
                                                       absl::FormatDuration(timeout_), "; group aborted"));
     }
     if (aborted_) return absl::AbortedError(absl::StrCat("collective ", generation_, ": the group was aborted"));

@@ -164,8 +164,9 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
   if (tp < 1) return absl::InvalidArgumentError("--tensor-parallel must be at least 1");
   if (tp > 1) {
     if (rt.backend->name() != "cpu") {
-      return absl::InvalidArgumentError(absl::StrCat("--tensor-parallel ", tp, " runs on the CPU backend only for now "
-                                                     "(NCCL ranks are not wired into the runtime yet): pass --backend cpu"));
+      return absl::InvalidArgumentError(absl::StrCat("--tensor-parallel ", tp,
+                                                     " runs on the CPU backend only for now (NCCL ranks are not "
+                                                     "wired into the runtime yet): pass --backend cpu"));
     }
     rt.tp_comms = CreateInProcessGroup(tp);
     for (int r = 1; r < tp; ++r) {

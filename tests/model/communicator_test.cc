@@ -73,7 +73,8 @@ TEST_P(AllReduce, EqualsSerialSumOnEveryRank) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Sizes, AllReduce,
-                         ::testing::Combine(::testing::Values(1, 2, 3, 4), ::testing::Values(DType::kF32, DType::kBF16)));
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4),
+                                            ::testing::Values(DType::kF32, DType::kBF16)));
 
 TEST(InProcessGroup, ManyBackToBackCollectives) {
   // Fast ranks run ahead into the next call while slow ones still copy the previous result out.

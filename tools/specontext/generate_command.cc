@@ -52,8 +52,8 @@ void DefineGenerateFlags(Args& args) {
 // same bits, the LM head is replicated and the sampler is seeded by the request, so the ranks pick the same
 // tokens and stop at the same step (checked afterwards). A rank that is done aborts the group on its way out,
 // so a rank that would still wait for it fails instead of hanging.
-absl::StatusOr<GenerationResult> GenerateTensorParallel(Runtime& rt, const EngineOptions& eo, GenerationRequest req,
-                                                        const StreamCallback& stream) {
+absl::StatusOr<GenerationResult> GenerateTensorParallel(Runtime& rt, Engine& rank0, const EngineOptions& eo,
+                                                        GenerationRequest req, const StreamCallback& stream) {
   const int tp = static_cast<int>(rt.tp_comms.size());
   std::vector<absl::StatusOr<GenerationResult>> others(tp - 1, absl::UnknownError("not run"));
   std::vector<std::thread> threads;
@@ -66,8 +66,7 @@ absl::StatusOr<GenerationResult> GenerateTensorParallel(Runtime& rt, const Engin
       rt.tp_comms[r]->Abort();
     });
   }
-  Engine engine(rt.model.get(), rt.tokenizer.get(), eo);
-  absl::StatusOr<GenerationResult> result = engine.Generate(std::move(req), stream);
+  absl::StatusOr<GenerationResult> result = rank0.Generate(std::move(req), stream);
   rt.tp_comms[0]->Abort();
   for (std::thread& t : threads) t.join();
   RETURN_IF_ERROR(result.status());
@@ -162,7 +161,7 @@ absl::Status RunGenerate(const Args& args) {
   Engine engine(rt.model.get(), rt.tokenizer.get(), eo);
   const absl::Time start = absl::Now();
   ASSIGN_OR_RETURN(GenerationResult result, ro.tensor_parallel > 1
-                                                ? GenerateTensorParallel(rt, eo, std::move(req), stream)
+                                                ? GenerateTensorParallel(rt, engine, eo, std::move(req), stream)
                                                 : engine.Generate(std::move(req), stream));
   const double total_s = absl::ToDoubleSeconds(absl::Now() - start);
   std::fputc('\n', stdout);
