@@ -1,12 +1,12 @@
 #include "core/parallel/communicator.h"
 
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <utility>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "core/dtype.h"
 
 namespace specontext {
@@ -21,22 +21,23 @@ class Group {
 
   // One collective of rank `rank`; `t` is null for a barrier.
   absl::Status Collective(int rank, Tensor* t) {
-    mu_.Lock();
+    std::unique_lock<std::mutex> lock(mu_);
     // Wait until the previous collective has been copied out by every rank.
-    absl::Status s = Wait([this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return aborted_ || !done_; });
-    if (!s.ok()) return Unlock(s);
+    absl::Status s = Wait(lock, [this] { return aborted_ || !done_; });
+    if (!s.ok()) return s;
     posted_[rank] = t;
     if (++arrived_ == size_) {
       result_ = Reduce();
       done_ = true;
+      cv_.notify_all();
     } else {
-      s = Wait([this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return aborted_ || done_; });
+      s = Wait(lock, [this] { return aborted_ || done_; });
       // A result that is ready is delivered even when a rank has aborted since (e.g. one that finished and
       // aborted on its way out after this, its last collective).
-      if (!s.ok() && !(done_ && absl::IsAborted(s))) return Unlock(s);
+      if (!s.ok() && !(done_ && absl::IsAborted(s))) return s;
     }
     const absl::Status result = result_;
-    mu_.Unlock();
+    lock.unlock();
     // `sum_` stays put until every rank has departed: copy outside the lock.
     if (result.ok() && t != nullptr) {
       if (t->dtype() == DType::kF32) {
@@ -45,26 +46,33 @@ class Group {
         ConvertFromF32(sum_.data(), t->dtype(), t->data(), sum_.size());
       }
     }
-    absl::MutexLock lock(&mu_);
+    lock.lock();
     if (++departed_ == size_) {
       done_ = false;
       arrived_ = departed_ = 0;
       ++generation_;
       for (Tensor*& p : posted_) p = nullptr;
+      cv_.notify_all();
     }
     return result;
   }
 
   void Abort() {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     aborted_ = true;
+    cv_.notify_all();
   }
 
  private:
+  // Waits (mu_ held) until pred() holds: DeadlineExceeded (and the group aborted) past the timeout, Aborted
+  // when the group is aborted.
   template <typename Pred>
-  absl::Status Wait(Pred pred) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!mu_.AwaitWithTimeout(absl::Condition(&pred), timeout_)) {
+  absl::Status Wait(std::unique_lock<std::mutex>& lock, Pred pred) {
+    if (timeout_ == absl::InfiniteDuration()) {
+      cv_.wait(lock, pred);
+    } else if (!cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout_), pred)) {
       aborted_ = true;
+      cv_.notify_all();
       return absl::DeadlineExceededError(absl::StrCat("collective ", generation_,
                                                       ": the other ranks did not arrive within ",
                                                       absl::FormatDuration(timeout_), "; group aborted"));
@@ -73,13 +81,8 @@ class Group {
     return absl::OkStatus();
   }
 
-  absl::Status Unlock(absl::Status s) ABSL_UNLOCK_FUNCTION(mu_) {
-    mu_.Unlock();
-    return s;
-  }
-
   // Checks the posted tensors agree and sums them in rank order into sum_ (f32).
-  absl::Status Reduce() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  absl::Status Reduce() {
     const Tensor* first = posted_[0];
     for (int r = 0; r < size_; ++r) {
       const Tensor* t = posted_[r];
@@ -119,16 +122,19 @@ class Group {
     return absl::OkStatus();
   }
 
+  // std::mutex rather than absl::Mutex: sanitizers see its synchronisation with an uninstrumented Abseil.
   const int size_;
   const absl::Duration timeout_;
-  absl::Mutex mu_;
-  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
-  int arrived_ ABSL_GUARDED_BY(mu_) = 0;
-  int departed_ ABSL_GUARDED_BY(mu_) = 0;
-  bool done_ ABSL_GUARDED_BY(mu_) = false;
-  bool aborted_ ABSL_GUARDED_BY(mu_) = false;
-  std::vector<Tensor*> posted_ ABSL_GUARDED_BY(mu_);  // [size], this generation's tensors
-  absl::Status result_ ABSL_GUARDED_BY(mu_);
+  std::mutex mu_;
+  std::condition_variable cv_;
+  // Guarded by mu_:
+  uint64_t generation_ = 0;
+  int arrived_ = 0;
+  int departed_ = 0;
+  bool done_ = false;
+  bool aborted_ = false;
+  std::vector<Tensor*> posted_;  // [size], this generation's tensors
+  absl::Status result_;
   std::vector<float> sum_;  // written by the last arriving rank, read by all until they depart
 };
 
