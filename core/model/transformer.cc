@@ -14,11 +14,40 @@ std::string LayerName(int l, const char* suffix) { return absl::StrCat("model.la
 
 }  // namespace
 
+absl::StatusOr<ModelConfig> ShardConfig(const ModelConfig& config, const TensorParallel& tp) {
+  if (tp.size < 1 || tp.rank < 0 || tp.rank >= tp.size) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallelism: rank ", tp.rank, " of ", tp.size));
+  }
+  if (tp.size == 1) return config;
+  if (tp.comm == nullptr || tp.comm->size() != tp.size || tp.comm->rank() != tp.rank) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallelism: rank ", tp.rank, " of ", tp.size,
+                                                   " needs a communicator of that rank and size"));
+  }
+  const int64_t nkv = config.num_key_value_heads;
+  if (tp.size > nkv || nkv % tp.size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallelism ", tp.size, " does not split the model's ", nkv,
+                                                   " KV heads: it must be at most and divide the KV heads"));
+  }
+  if (config.num_attention_heads % tp.size != 0 || config.intermediate_size % tp.size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallelism ", tp.size, " does not divide the model's ",
+                                                   config.num_attention_heads, " attention heads and ",
+                                                   "intermediate size ", config.intermediate_size));
+  }
+  ModelConfig c = config;
+  c.num_attention_heads /= tp.size;
+  c.num_key_value_heads /= tp.size;
+  c.intermediate_size /= tp.size;
+  return c;
+}
+
 absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const Checkpoint& checkpoint,
                                                                Backend* backend,
-                                                               const LoadProgress& progress) {
+                                                               const LoadProgress& progress,
+                                                               const TensorParallel& tp) {
   if (checkpoint.weights == nullptr) return absl::InvalidArgumentError("checkpoint has no weights");
-  std::unique_ptr<Transformer> model(new Transformer(checkpoint.config, backend));
+  ASSIGN_OR_RETURN(ModelConfig config, ShardConfig(checkpoint.config, tp));
+  std::unique_ptr<Transformer> model(new Transformer(config, backend));
+  model->tp_ = tp;
   RETURN_IF_ERROR(model->LoadWeights(*checkpoint.weights, progress));
   ASSIGN_OR_RETURN(RopeFrequencies freqs, ComputeRopeFrequencies(model->config_));
   Tensor host(freqs.inv_freq.data(), DType::kF32, {static_cast<int64_t>(freqs.inv_freq.size())});
@@ -57,14 +86,43 @@ absl::StatusOr<Tensor> ConcatRows(const std::vector<Tensor>& parts) {
   return out;
 }
 
+// Columns [begin, begin + count) of a host matrix [rows, cols] (a copy).
+absl::StatusOr<Tensor> SliceColumns(const Tensor& t, int64_t begin, int64_t count) {
+  if (t.ndim() != 2 || begin + count > t.dim(1) || !IsFloating(t.dtype())) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallelism: cannot take columns [", begin, ", ",
+                                                   begin + count, ") of ", t.DebugString()));
+  }
+  const size_t es = DTypeSize(t.dtype());
+  Tensor out = Tensor::HostEmpty(t.dtype(), {t.dim(0), count});
+  for (int64_t r = 0; r < t.dim(0); ++r) {
+    std::memcpy(static_cast<char*>(out.data()) + r * count * es,
+                static_cast<const char*>(t.data()) + (r * t.dim(1) + begin) * es, count * es);
+  }
+  return out;
+}
+
 }  // namespace
 
 absl::Status Transformer::LoadWeights(const WeightSource& weights, const LoadProgress& progress) {
   const ModelConfig& c = config_;
   // Each destination tensor is filled from one or more checkpoint tensors (stacked by rows).
+  // Under tensor parallelism each part may be a slice of its checkpoint tensor: rows (column-parallel
+  // projections and their biases) or columns (row-parallel ones) [begin, begin + count).
+  struct Slice {
+    enum Kind { kWhole, kRows, kColumns } kind = kWhole;
+    int64_t begin = 0, count = 0;
+  };
   struct Wanted {
     std::vector<std::string> names;
     Tensor* dst;
+    std::vector<Slice> slices = {};  // per name; empty: every part whole
+  };
+  const bool sharded = tp_.size > 1;
+  const int64_t q_rows = c.q_dim(), kv_rows = c.kv_dim(), ff = c.intermediate_size;  // the rank's
+  const Slice q_slice{Slice::kRows, tp_.rank * q_rows, q_rows}, kv_slice{Slice::kRows, tp_.rank * kv_rows, kv_rows};
+  const Slice ff_slice{Slice::kRows, tp_.rank * ff, ff};
+  auto shard = [sharded](std::initializer_list<Slice> s) {
+    return sharded ? std::vector<Slice>(s) : std::vector<Slice>{};
   };
   std::vector<Wanted> wanted;
   wanted.push_back({{"model.embed_tokens.weight"}, &embed_});
@@ -79,18 +137,21 @@ absl::Status Transformer::LoadWeights(const WeightSource& weights, const LoadPro
     wanted.push_back({names({"input_layernorm.weight"}), &w.input_norm});
     wanted.push_back({names({"post_attention_layernorm.weight"}), &w.post_attention_norm});
     wanted.push_back({names({"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"}),
-                      &w.w_qkv});
-    wanted.push_back({names({"self_attn.o_proj.weight"}), &w.wo});
-    wanted.push_back({names({"mlp.gate_proj.weight", "mlp.up_proj.weight"}), &w.w_gate_up});
-    wanted.push_back({names({"mlp.down_proj.weight"}), &w.w_down});
+                      &w.w_qkv, shard({q_slice, kv_slice, kv_slice})});
+    wanted.push_back({names({"self_attn.o_proj.weight"}), &w.wo,
+                      shard({{Slice::kColumns, tp_.rank * q_rows, q_rows}})});
+    wanted.push_back({names({"mlp.gate_proj.weight", "mlp.up_proj.weight"}), &w.w_gate_up,
+                      shard({ff_slice, ff_slice})});
+    wanted.push_back({names({"mlp.down_proj.weight"}), &w.w_down, shard({{Slice::kColumns, tp_.rank * ff, ff}})});
     if (c.attention_bias) {
       wanted.push_back({names({"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}),
-                        &w.b_qkv});
+                        &w.b_qkv, shard({q_slice, kv_slice, kv_slice})});
     }
-    if (c.o_proj_bias) wanted.push_back({names({"self_attn.o_proj.bias"}), &w.b_o});
+    // The row-parallel biases are added once, by rank 0, before the all-reduce.
+    if (c.o_proj_bias && tp_.rank == 0) wanted.push_back({names({"self_attn.o_proj.bias"}), &w.b_o});
     if (c.mlp_bias) {
-      wanted.push_back({names({"mlp.gate_proj.bias", "mlp.up_proj.bias"}), &w.b_gate_up});
-      wanted.push_back({names({"mlp.down_proj.bias"}), &w.b_down});
+      wanted.push_back({names({"mlp.gate_proj.bias", "mlp.up_proj.bias"}), &w.b_gate_up, shard({ff_slice, ff_slice})});
+      if (tp_.rank == 0) wanted.push_back({names({"mlp.down_proj.bias"}), &w.b_down});
     }
     if (c.qk_norm) {
       wanted.push_back({names({"self_attn.q_norm.weight"}), &w.q_norm});
@@ -114,8 +175,21 @@ absl::Status Transformer::LoadWeights(const WeightSource& weights, const LoadPro
   }
   for (size_t i = 0; i < wanted.size(); ++i) {
     std::vector<Tensor> host;
-    for (const std::string& name : wanted[i].names) {
-      ASSIGN_OR_RETURN(Tensor t, weights.Get(name));
+    for (size_t j = 0; j < wanted[i].names.size(); ++j) {
+      ASSIGN_OR_RETURN(Tensor t, weights.Get(wanted[i].names[j]));
+      if (!wanted[i].slices.empty()) {
+        const Slice& sl = wanted[i].slices[j];
+        if (sl.kind == Slice::kRows) {
+          if (t.ndim() < 1 || sl.begin + sl.count > t.dim(0)) {
+            return absl::InvalidArgumentError(absl::StrCat("tensor parallelism: ", wanted[i].names[j], " ",
+                                                           t.DebugString(), " has no rows [", sl.begin, ", ",
+                                                           sl.begin + sl.count, ")"));
+          }
+          t = t.Rows(sl.begin, sl.begin + sl.count);  // a view
+        } else if (sl.kind == Slice::kColumns) {
+          ASSIGN_OR_RETURN(t, SliceColumns(t, sl.begin, sl.count));
+        }
+      }
       host.push_back(std::move(t));
     }
     Tensor src = host[0];
@@ -227,6 +301,7 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
   ASSIGN_OR_RETURN(Tensor o, b.Alloc(dt, {n, c.hidden_size}, MemoryKind::kWorkspace));
   auto bias = [](const Tensor& t) { return t.empty() ? nullptr : &t; };
   RETURN_IF_ERROR(b.Linear(attn2, w.wo, bias(w.b_o), &o));
+  if (tp_.size > 1) RETURN_IF_ERROR(tp_.comm->AllReduceSum(&o));  // the heads' partial sums
   const float eps = static_cast<float>(c.rms_norm_eps);
   RETURN_IF_ERROR(b.AddRmsNorm(&residual, o, w.post_attention_norm, eps, &h));
 
@@ -244,6 +319,7 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
     RETURN_IF_ERROR(fused);
   }
   RETURN_IF_ERROR(b.Linear(act, w.w_down, bias(w.b_down), &o));
+  if (tp_.size > 1) RETURN_IF_ERROR(tp_.comm->AllReduceSum(&o));  // the intermediate ranges' partial sums
   const Tensor& next_norm = l + 1 < c.num_hidden_layers ? layers_[l + 1].input_norm : final_norm_;
   return b.AddRmsNorm(&residual, o, next_norm, eps, &h);
 }
@@ -331,6 +407,9 @@ absl::StatusOr<Tensor> Transformer::ForwardDevice(std::span<const ForwardSeq> se
                                                   const SparseForward* sparse, HiddenCapture* capture) {
   const ModelConfig& c = config_;
   Backend& b = *backend_;
+  if (tp_.size > 1 && sparse != nullptr) {
+    return absl::InvalidArgumentError("tensor parallelism supports dense decoding only for now");
+  }
   BatchDesc batch;
   std::vector<int32_t> ids, positions, last_rows;
   for (const ForwardSeq& s : seqs) {

@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "core/backend.h"
 #include "core/io/weight_source.h"
+#include "core/parallel/communicator.h"
 #include "core/rope/rope_frequencies.h"
 
 namespace specontext {
@@ -81,14 +82,33 @@ struct ForwardSeq {
   SequenceKv* kv = nullptr;
 };
 
+// Megatron-style tensor parallelism (docs/tensor-parallel.md): rank `rank` of `size` holds the q/k/v rows
+// of its attention and KV heads and the gate/up rows of its intermediate range (column-parallel), the matching
+// o_proj and down_proj columns (row-parallel, one all-reduce over `comm` after each, before the residual add;
+// their biases on rank 0 only), and replicated embeddings, norms and LM head: every rank computes the full
+// logits. Needs size <= KV heads, size dividing the KV heads and the intermediate size. Dense decoding only.
+struct TensorParallel {
+  int rank = 0;
+  int size = 1;
+  Communicator* comm = nullptr;  // required when size > 1: comm->rank() == rank, comm->size() == size
+};
+
+// The configuration rank `tp.rank` computes with: attention heads, KV heads and intermediate size divided by
+// tp.size (head_dim and everything else unchanged). InvalidArgument for a split the model does not allow.
+absl::StatusOr<ModelConfig> ShardConfig(const ModelConfig& config, const TensorParallel& tp);
+
 class Transformer {
  public:
-  // Uploads the checkpoint's weights to `backend` (which must outlive the model).
+  // Uploads the checkpoint's weights to `backend` (which must outlive the model): with tp.size > 1 only
+  // the rank's shard (the model's config() is then the rank's, ShardConfig). The default is the whole model.
   static absl::StatusOr<std::unique_ptr<Transformer>> Load(const Checkpoint& checkpoint,
                                                            Backend* backend,
-                                                           const LoadProgress& progress = {});
+                                                           const LoadProgress& progress = {},
+                                                           const TensorParallel& tp = {});
 
+  // With tensor parallelism the rank's shard configuration (heads, KV heads, intermediate size per rank).
   const ModelConfig& config() const { return config_; }
+  const TensorParallel& tensor_parallel() const { return tp_; }
   Backend* backend() const { return backend_; }
   // The token embedding table on the backend [vocab, hidden] (weight dtype); a retrieval head sharing the
   // target's embedding reads it instead of uploading a copy.
@@ -159,6 +179,7 @@ class Transformer {
 
   ModelConfig config_;
   Backend* backend_;
+  TensorParallel tp_;
   Tensor embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;
   Tensor inv_freq_;

@@ -89,7 +89,8 @@ Transformer::~Transformer() {
 int Transformer::GraphableLayers(std::span<const ForwardSeq> seqs, int64_t n_tokens, const SparseForward* sparse,
                                  const HiddenCapture* capture) const {
   const int n_layers = config_.num_hidden_layers;
-  if (!backend_->step_graphs() || n_tokens != static_cast<int64_t>(seqs.size()) || n_tokens > kMaxGraphBatch) {
+  // Tensor-parallel steps run op by op (no collective inside a recorded graph yet).
+  if (tp_.size > 1 || !backend_->step_graphs() || n_tokens != static_cast<int64_t>(seqs.size()) || n_tokens > kMaxGraphBatch) {
     return 0;
   }
   // Offloaded layers wait for elastic loads the host enqueues between the two recordings (DecodeStep's

@@ -160,8 +160,29 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
   ASSIGN_OR_RETURN(rt.backend, MakeBackend(options.backend, options.gpu_memory_limit));
   rt.backend->set_step_graphs(options.cuda_graphs);
   ProgressLine progress(options.show_progress);
+  const int tp = options.tensor_parallel;
+  if (tp < 1) return absl::InvalidArgumentError("--tensor-parallel must be at least 1");
+  if (tp > 1) {
+    if (rt.backend->name() != "cpu") {
+      return absl::InvalidArgumentError(absl::StrCat("--tensor-parallel ", tp,
+                                                     " runs on the CPU backend only for now (NCCL ranks are not "
+                                                     "wired into the runtime yet): pass --backend cpu"));
+    }
+    rt.tp_comms = CreateInProcessGroup(tp);
+    for (int r = 1; r < tp; ++r) {
+      ASSIGN_OR_RETURN(std::unique_ptr<Backend> b, MakeBackend("cpu", options.gpu_memory_limit));
+      rt.tp_backends.push_back(std::move(b));
+    }
+  }
+  // Shards load one after the other (no collective runs while loading); rank 0's shows the progress.
   ASSIGN_OR_RETURN(rt.model, Transformer::Load(rt.checkpoint, rt.backend.get(),
-                                               [&](int64_t done, int64_t total) { progress.Update(done, total); }));
+                                               [&](int64_t done, int64_t total) { progress.Update(done, total); },
+                                               {0, tp, tp > 1 ? rt.tp_comms[0].get() : nullptr}));
+  for (int r = 1; r < tp; ++r) {
+    ASSIGN_OR_RETURN(std::unique_ptr<Transformer> m,
+                     Transformer::Load(rt.checkpoint, rt.tp_backends[r - 1].get(), {}, {r, tp, rt.tp_comms[r].get()}));
+    rt.tp_models.push_back(std::move(m));
+  }
   return rt;
 }
 

@@ -24,6 +24,9 @@ struct RuntimeOptions {
   int threads = 0;              // CPU threads, 0 = DefaultCpuThreads() (the usable CPUs)
   bool show_progress = false;   // a progress line on stderr while weights load
   bool cuda_graphs = true;      // record dense decode steps as CUDA graphs (Backend::set_step_graphs)
+  // Ranks of tensor parallelism (docs/tensor-parallel.md): > 1 loads one model shard per rank, each on its
+  // own CPU backend, joined by an in-process communicator. CPU backend only for now.
+  int tensor_parallel = 1;
 };
 
 struct Runtime {
@@ -31,6 +34,12 @@ struct Runtime {
   Checkpoint checkpoint;
   std::unique_ptr<Transformer> model;
   std::unique_ptr<Tokenizer> tokenizer;  // null when none was found
+  // With RuntimeOptions::tensor_parallel > 1: `backend` and `model` are rank 0's shard; `tp_comms` has every
+  // rank's communicator (index = rank) and `tp_backends` / `tp_models` ranks 1.. (index = rank - 1). Each
+  // rank's model is driven by its own thread, every rank running the same forwards in the same order.
+  std::vector<std::unique_ptr<Communicator>> tp_comms;
+  std::vector<std::unique_ptr<Backend>> tp_backends;
+  std::vector<std::unique_ptr<Transformer>> tp_models;
   // The tokenizer_config.json text that came with the tokenizer (beside tokenizer.json, or embedded
   // in a GGUF); "" when none. Holds the model's chat_template.
   std::string tokenizer_config_json;

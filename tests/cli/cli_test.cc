@@ -121,6 +121,45 @@ TEST_F(CliTest, GenerationConfigSetsSamplingDefaults) {
   ExpectError(Cli({"generate", "--model", d, "--prompt", "x"}), "generation_config.json");
 }
 
+// --tensor-parallel N (one thread and model shard per rank, CPU backend) writes the text of one rank, greedy
+// and sampled; splits the model does not allow and sparse decoding under TP fail with a message.
+TEST_F(CliTest, TensorParallelWritesTheTextOfOneRank) {
+  const std::vector<std::string> stories = {"generate", "--model", SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin",
+                                            "--tokenizer", SPECONTEXT_MODEL_DIR "/stories260K/tok512.bin",
+                                            "--backend", "cpu", "--prompt", "Once upon", "--max-new-tokens", "80"};
+  auto run = [](std::vector<std::string> args, std::vector<std::string> extra) {
+    args.insert(args.end(), extra.begin(), extra.end());
+    CliRun r = Cli(args);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r;
+  };
+  const CliRun one = run(stories, {"--temperature", "0", "--tensor-parallel", "1"});
+  EXPECT_GT(one.out.size(), 40u) << one.out;
+  for (const char* n : {"2", "4"}) {  // stories260K: 8 heads, 4 KV heads
+    const CliRun tp = run(stories, {"--temperature", "0", "--tensor-parallel", n});
+    EXPECT_EQ(tp.out, one.out) << "--tensor-parallel " << n;
+    EXPECT_TRUE(absl::StrContains(tp.err, absl::StrCat("tensor_parallel=", n))) << tp.err;
+  }
+  const std::vector<std::string> sampled = {"--temperature", "0.9", "--top-k", "40", "--seed", "11"};
+  std::vector<std::string> tp2 = sampled;
+  tp2.insert(tp2.end(), {"--tensor-parallel", "2"});
+  EXPECT_EQ(run(stories, tp2).out, run(stories, sampled).out);
+
+  const std::vector<std::string> tiny = {"generate", "--model", Good(), "--prompt", "Hello world",
+                                         "--max-new-tokens", "20", "--temperature", "0", "--backend", "cpu"};
+  EXPECT_EQ(run(tiny, {"--tensor-parallel", "2"}).out, run(tiny, {}).out);
+
+  std::vector<std::string> bad = stories;
+  bad.insert(bad.end(), {"--tensor-parallel", "3"});
+  ExpectError(Cli(bad), "KV heads");
+  bad = stories;
+  bad.insert(bad.end(), {"--tensor-parallel", "0"});
+  ExpectError(Cli(bad), "--tensor-parallel");
+  bad = stories;
+  bad.insert(bad.end(), {"--tensor-parallel", "2", "--sparse", "--retrieval-head", Good()});
+  ExpectError(Cli(bad), "dense decoding only");
+}
+
 TEST_F(CliTest, StoriesFromBos) {
   CliRun r = Cli({"generate", "--model", SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin", "--tokenizer",
                SPECONTEXT_MODEL_DIR "/stories260K/tok512.bin", "--prompt", "", "--max-new-tokens", "30",

@@ -3,6 +3,7 @@
 #include "tools/specontext/sparse_flags.h"
 
 #include <cstdio>
+#include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
@@ -39,15 +40,57 @@ void DefineGenerateFlags(Args& args) {
   args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   args.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
   args.Define({"threads", "CPU threads (0 = the CPUs this process may use)", false, false, "0"});
+  args.Define({"tensor-parallel", "ranks of tensor parallelism, one thread and model shard each (CPU backend; "
+                                  "dense decoding only)", false, false, "1"});
   DefineSparseFlags(args);
   args.Define({"log-level", "debug, info, warning or error", false, false, "warning"});
   DefineCudaGraphsFlag(args);
+}
+
+// Runs `req` on every tensor-parallel rank at once: rank 0 on this thread with `stream`, the others on a thread
+// each. Every rank samples its own token from its own logits: the in-process all-reduce gives every rank the
+// same bits, the LM head is replicated and the sampler is seeded by the request, so the ranks pick the same
+// tokens and stop at the same step (checked afterwards). A rank that is done aborts the group on its way out,
+// so a rank that would still wait for it fails instead of hanging.
+absl::StatusOr<GenerationResult> GenerateTensorParallel(Runtime& rt, Engine& rank0, const EngineOptions& eo,
+                                                        GenerationRequest req, const StreamCallback& stream) {
+  const int tp = static_cast<int>(rt.tp_comms.size());
+  std::vector<absl::StatusOr<GenerationResult>> others(tp - 1, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  EngineOptions quiet = eo;
+  quiet.prefill_progress = nullptr;
+  for (int r = 1; r < tp; ++r) {
+    threads.emplace_back([&, r, req] {
+      Engine engine(rt.tp_models[r - 1].get(), rt.tokenizer.get(), quiet);
+      others[r - 1] = engine.Generate(req);
+      rt.tp_comms[r]->Abort();
+    });
+  }
+  absl::StatusOr<GenerationResult> result = rank0.Generate(std::move(req), stream);
+  rt.tp_comms[0]->Abort();
+  for (std::thread& t : threads) t.join();
+  RETURN_IF_ERROR(result.status());
+  for (int r = 1; r < tp; ++r) {
+    if (!others[r - 1].ok()) {
+      return absl::Status(others[r - 1].status().code(),
+                          absl::StrCat("tensor-parallel rank ", r, ": ", others[r - 1].status().message()));
+    }
+    if (others[r - 1]->tokens != result->tokens) {
+      return absl::InternalError(absl::StrCat("tensor-parallel rank ", r, " generated other tokens than rank 0"));
+    }
+  }
+  return result;
 }
 
 absl::Status RunGenerate(const Args& args) {
   RETURN_IF_ERROR(ApplyLogLevelFlag(args));
   ASSIGN_OR_RETURN(RuntimeOptions ro, RuntimeOptionsFromArgs(args));
   ro.show_progress = true;
+  ASSIGN_OR_RETURN(int64_t tensor_parallel, args.GetInt("tensor-parallel"));
+  if (tensor_parallel < 1 || tensor_parallel > 256) {
+    return absl::InvalidArgumentError("--tensor-parallel must be a number of ranks from 1 to 256");
+  }
+  ro.tensor_parallel = static_cast<int>(tensor_parallel);
 
   GenerationRequest req;
   ASSIGN_OR_RETURN(int64_t max_new, args.GetInt("max-new-tokens"));
@@ -71,6 +114,10 @@ absl::Status RunGenerate(const Args& args) {
   req.ignore_eos = args.GetBool("ignore-eos");
 
   ASSIGN_OR_RETURN(std::optional<SparseRuntimeOptions> sparse, SparseOptionsFromArgs(args, ro.gpu_memory_limit));
+  if (sparse && ro.tensor_parallel > 1) {
+    return absl::InvalidArgumentError("tensor parallelism supports dense decoding only for now: drop the sparse flags "
+                                      "or --tensor-parallel");
+  }
   // One request: the planner's step bound is sized for one sequence per step (a generator started with
   // --max-batch 1 plans the same).
   if (sparse) sparse->step.max_batch = 1;
@@ -109,14 +156,17 @@ absl::Status RunGenerate(const Args& args) {
     ASSIGN_OR_RETURN(req.prompt, EncodePrompt(rt, prompt));
   }
 
+  const StreamCallback stream = [](const StreamEvent& ev) {
+    if (!ev.text.empty()) {
+      std::fwrite(ev.text.data(), 1, ev.text.size(), stdout);
+      std::fflush(stdout);
+    }
+  };
   Engine engine(rt.model.get(), rt.tokenizer.get(), eo);
   const absl::Time start = absl::Now();
-  ASSIGN_OR_RETURN(GenerationResult result, engine.Generate(std::move(req), [](const StreamEvent& ev) {
-                     if (!ev.text.empty()) {
-                       std::fwrite(ev.text.data(), 1, ev.text.size(), stdout);
-                       std::fflush(stdout);
-                     }
-                   }));
+  ASSIGN_OR_RETURN(GenerationResult result, ro.tensor_parallel > 1
+                                                ? GenerateTensorParallel(rt, engine, eo, std::move(req), stream)
+                                                : engine.Generate(std::move(req), stream));
   const double total_s = absl::ToDoubleSeconds(absl::Now() - start);
   std::fputc('\n', stdout);
   std::fflush(stdout);
@@ -125,11 +175,12 @@ absl::Status RunGenerate(const Args& args) {
   std::fprintf(stderr,
                "%s",
                absl::StrFormat("[summary] prompt_tokens=%d generated_tokens=%d tokens_per_s=%.2f "
-                               "ttft_ms=%.1f total_s=%.2f finish=%s backend=%s\n",
+                               "ttft_ms=%.1f total_s=%.2f finish=%s backend=%s tensor_parallel=%d\n",
                                result.stats.prompt_tokens, gen,
                                gen > 1 && decode_s > 0 ? (gen - 1) / decode_s : (total_s > 0 ? gen / total_s : 0),
                                result.stats.time_to_first_token_ms, total_s,
-                               std::string(FinishReasonName(result.reason)), rt.backend->name())
+                               std::string(FinishReasonName(result.reason)), rt.backend->name(),
+                               ro.tensor_parallel)
                    .c_str());
   if (sparse) {
     const SparseEngineStats st = engine.sparse_stats();
