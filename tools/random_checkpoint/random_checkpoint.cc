@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "core/io/torch_zip_writer.h"
 #include "core/io/weight_source.h"
+#include "core/parallel/cpu_limits.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -171,7 +172,9 @@ absl::Status WriteRandomTensors(std::vector<TensorSpec> specs, const std::string
     in_shard += b;
     total += b;
   }
-  const int threads = opt.num_threads > 0 ? opt.num_threads : std::max(1u, std::thread::hardware_concurrency());
+  // The CPUs this process may use (affinity, cgroup quota), not the node's: a pod limited to 2 of 64 cores
+  // would otherwise start 64 generator threads.
+  const int threads = opt.num_threads > 0 ? opt.num_threads : DefaultCpuThreads();
   const auto start = std::chrono::steady_clock::now();
   uint64_t before = 0;
   int last_pct = -1;
