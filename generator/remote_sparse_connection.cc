@@ -123,19 +123,25 @@ std::shared_ptr<RemoteSparseDecoder::Stream> RemoteSparseDecoder::Usable() {
   if (s == nullptr) return nullptr;
   if (!s->resynced) {
     LearnHead(*s);
-    // A new session knows none of the live sequences: open them and replay their tokens (and features).
+    // A new session knows none of the live sequences: open them and replay their tokens (and features),
+    // batched as a step's observes are (each sequence's Open goes before the batch naming it).
+    PendingObserves replay;
     for (auto& [id, seq] : seqs_) {
       if (seq.session == s->generation) continue;  // already open on it
       if (fused_width_ > 0 && !seq.features_complete) continue;  // cannot be replayed: stays on the fallback
       v1::RetrieverRequest open;
       open.mutable_open()->set_sequence_id(id);
       open.mutable_open()->set_max_tokens(seq.capacity);
-      const bool ok = Send(*s, open) && SendObserves(*s, id, seq, 0, seq.tokens.size());
+      const bool ok = Send(*s, open) && QueueObserves(*s, replay, id, seq, 0, seq.tokens.size());
       if (!ok) {
         MarkBroken(s);
         return nullptr;
       }
       seq.session = s->generation;
+    }
+    if (!FlushObserves(*s, replay)) {
+      MarkBroken(s);
+      return nullptr;
     }
     s->resynced = true;
   }

@@ -286,8 +286,17 @@ absl::Status RemoteSparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::
     for (Seq* q : seqs) {
       if (fw > 0 && q->tokens.empty()) q->last_features.assign(fw, 0.0f);  // position 0 pairs with zeros
     }
+    // The pass's observes go out as one ObserveBatch (the retriever runs one head forward over them), before
+    // the pass's Select (SelectRemote, in Decode).
+    PendingObserves batch;
     auto observe = [&](size_t j, const float* fused) {
-      if (!ObserveTokens(s.get(), ids[j], *seqs[j], part[j].tokens, fused) && s != nullptr) {
+      if (!ObserveTokens(s.get(), batch, ids[j], *seqs[j], part[j].tokens, fused) && s != nullptr) {
+        MarkBroken(s);
+        s = nullptr;
+      }
+    };
+    auto flush = [&] {
+      if (s != nullptr && !FlushObserves(*s, batch)) {
         MarkBroken(s);
         s = nullptr;
       }
@@ -299,6 +308,7 @@ absl::Status RemoteSparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::
         observe(j, fw > 0 && seqs[j]->last_features.size() == static_cast<size_t>(fw) ? seqs[j]->last_features.data()
                                                                                       : nullptr);
       }
+      flush();
     }
     Tensor out = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(part.size()), vocab});
     if (pass == 0) {
@@ -316,6 +326,7 @@ absl::Status RemoteSparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::
       row += n;
       seqs[j]->last_features.assign(capture.out.as<float>() + (row - 1) * fw, capture.out.as<float>() + row * fw);
     }
+    flush();
     for (size_t j = 0; j < part.size(); ++j) {
       std::memcpy(logits->as<float>() + rows[j] * vocab, out.as<float>() + j * vocab, vocab * sizeof(float));
     }

@@ -1,6 +1,8 @@
 // Split-mode sparse decoding: a SparseDecodeHooks whose index sets come from a specontext-retriever over
 // one Retriever.Session stream (DESIGN.md §2). Per step the generator streams the observed tokens
-// (prompt chunks and each decode token) and, for decode steps whose past exceeds the budget, sends a
+// (prompt chunks and each decode token) of all its sequences as one ObserveBatch (the retriever runs one
+// head forward over them; a retriever of the same version is needed) and, for decode steps whose past
+// exceeds the budget, sends a
 // Select and waits up to `step_deadline` for the Selection (CSR index sets). KV tiers, elastic loads and
 // the memory planner work as in SparseDecoder (remote_sparse_tiers.cc). A step whose selection is
 // missing — retriever down, late or in error — falls back and is counted; the request never fails for it:
@@ -32,6 +34,7 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -142,11 +145,25 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
                       Tensor* out, HiddenCapture* capture);
   // remote_sparse_observe.cc. Engine thread: takes the head's feature needs from a stream's GetInfo.
   void LearnHead(const Stream& s);
+  // The Observes of one engine step (or of a replay) gathered into ObserveBatch messages: one per step,
+  // more only past the retriever's max_tokens_per_observe over the batch, observe_message_bytes of
+  // features, or a sequence whose tokens take several chunks (an id appears once per batch).
+  struct PendingObserves {
+    v1::RetrieverRequest req;  // its observe_batch
+    absl::flat_hash_set<uint64_t> ids;
+    size_t tokens = 0;
+    size_t bytes = 0;
+  };
   // Records `tokens` of `seq` (with their fused rows: [n, fused_width] f32, null for a head without features)
-  // and sends them to `s` (may be null) when the sequence is open on it; false when a send failed.
-  bool ObserveTokens(Stream* s, uint64_t id, Seq& seq, std::span<const int32_t> tokens, const float* fused);
-  // Sends tokens [from, to) of `seq` (and their recorded features) in messages within the size limit.
-  bool SendObserves(Stream& s, uint64_t id, const Seq& seq, size_t from, size_t to);
+  // and queues them in `batch` for `s` (may be null) when the sequence is open on it; false when a send
+  // (of a full batch) failed.
+  bool ObserveTokens(Stream* s, PendingObserves& batch, uint64_t id, Seq& seq, std::span<const int32_t> tokens,
+                     const float* fused);
+  // Queues tokens [from, to) of `seq` (and their recorded features) in `batch`, in chunks within the limits,
+  // sending the batch first whenever a chunk would not fit it.
+  bool QueueObserves(Stream& s, PendingObserves& batch, uint64_t id, const Seq& seq, size_t from, size_t to);
+  // Sends `batch` as one ObserveBatch (nothing when empty) and empties it; false when the send failed.
+  bool FlushObserves(Stream& s, PendingObserves& batch);
   // Rows for `n` tokens of a prompt chunk whose forward captured `capture` from row `first_row` on.
   std::vector<float> PromptFeatures(const Seq& seq, const HiddenCapture& capture, int64_t first_row, int64_t n) const;
   size_t feature_bytes() const { return static_cast<size_t>(fused_width_) * (features_bf16_ ? 2 : 4); }

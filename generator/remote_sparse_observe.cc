@@ -50,8 +50,8 @@ std::vector<float> RemoteSparseDecoder::PromptFeatures(const Seq& seq, const Hid
   return rows;
 }
 
-bool RemoteSparseDecoder::ObserveTokens(Stream* s, uint64_t id, Seq& seq, std::span<const int32_t> tokens,
-                                        const float* fused) {
+bool RemoteSparseDecoder::ObserveTokens(Stream* s, PendingObserves& batch, uint64_t id, Seq& seq,
+                                        std::span<const int32_t> tokens, const float* fused) {
   const size_t from = seq.tokens.size();
   seq.tokens.insert(seq.tokens.end(), tokens.begin(), tokens.end());
   if (fused_width_ > 0) {
@@ -79,28 +79,44 @@ bool RemoteSparseDecoder::ObserveTokens(Stream* s, uint64_t id, Seq& seq, std::s
     return true;
   }
   if (fused_width_ > 0 && !seq.features_complete) return true;  // the retriever cannot use it any more
-  return SendObserves(*s, id, seq, from, seq.tokens.size());
+  return QueueObserves(*s, batch, id, seq, from, seq.tokens.size());
 }
 
-bool RemoteSparseDecoder::SendObserves(Stream& s, uint64_t id, const Seq& seq, size_t from, size_t to) {
+bool RemoteSparseDecoder::QueueObserves(Stream& s, PendingObserves& batch, uint64_t id, const Seq& seq, size_t from,
+                                        size_t to) {
   const size_t row_bytes = fused_width_ > 0 ? feature_bytes() : 0;
-  size_t chunk = static_cast<size_t>(std::max(1, observe_tokens_));
+  const size_t max_tokens = static_cast<size_t>(std::max(1, observe_tokens_));
+  size_t chunk = max_tokens;
   // The features payload of one message stays within options_.observe_message_bytes (default 1 MiB, far below
   // gRPC's default 4 MiB message limit) whatever the head's width.
   if (row_bytes > 0) chunk = std::clamp<size_t>(options_.observe_message_bytes / row_bytes, 1, chunk);
   for (size_t at = from; at < to; at += chunk) {
-    const size_t end = std::min(to, at + chunk);
-    v1::RetrieverRequest req;
-    v1::Observe* obs = req.mutable_observe();
+    const size_t end = std::min(to, at + chunk), n = end - at, bytes = n * row_bytes;
+    // The retriever refuses an id named twice in a batch and more than max_tokens_per_observe over it.
+    const bool full = batch.tokens + n > max_tokens || batch.bytes + bytes > options_.observe_message_bytes;
+    if (batch.tokens > 0 && (full || batch.ids.contains(id)) && !FlushObserves(s, batch)) return false;
+    v1::Observe* obs = batch.req.mutable_observe_batch()->add_observes();
     obs->set_sequence_id(id);
     obs->mutable_token_ids()->Add(seq.tokens.begin() + at, seq.tokens.begin() + end);
     if (row_bytes > 0) {
       obs->set_features_dtype(features_bf16_ ? v1::FEATURE_DTYPE_BF16 : v1::FEATURE_DTYPE_F32);
-      obs->set_features(seq.features.data() + at * row_bytes, (end - at) * row_bytes);
+      obs->set_features(seq.features.data() + at * row_bytes, bytes);
     }
-    if (!Send(s, req)) return false;
+    batch.ids.insert(id);
+    batch.tokens += n;
+    batch.bytes += bytes;
   }
   return true;
+}
+
+bool RemoteSparseDecoder::FlushObserves(Stream& s, PendingObserves& batch) {
+  if (batch.tokens == 0) return true;
+  const bool ok = Send(s, batch.req);
+  batch.req.Clear();
+  batch.ids.clear();
+  batch.tokens = 0;
+  batch.bytes = 0;
+  return ok;
 }
 
 }  // namespace specontext::generator

@@ -1,6 +1,7 @@
 #include "retriever/head_runner.h"
 
 #include <cstring>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
@@ -39,32 +40,53 @@ absl::Status HeadRunner::Grow(Tensor* cache, int64_t rows) {
   return absl::OkStatus();
 }
 
-absl::Status HeadRunner::Observe(std::span<const int32_t> ids, std::span<const float> fused, Tensor* cache,
-                                 int32_t pos, Tensor* last_q) {
-  const int64_t n = static_cast<int64_t>(ids.size());
-  if (n == 0) return absl::InvalidArgumentError("observe: no token ids");
+absl::Status HeadRunner::Observe(std::span<const ObserveSeq> batch) {
+  if (batch.empty()) return absl::InvalidArgumentError("observe: no sequences");
+  const int64_t fw = head_->fused_width();
+  int64_t n = 0;
+  for (const ObserveSeq& o : batch) {
+    if (o.ids.empty()) return absl::InvalidArgumentError("observe: no token ids");
+    if (fw > 0 && static_cast<int64_t>(o.fused.size()) != static_cast<int64_t>(o.ids.size()) * fw) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("observe: fused features must hold ", o.ids.size(), " x ", fw, " floats"));
+    }
+    n += static_cast<int64_t>(o.ids.size());
+  }
+  // The batch's ids (and fused rows) in batch order, as DeviceRetrievalHead::Observe takes them.
+  std::vector<int32_t> ids;
+  ids.reserve(n);
+  std::vector<DeviceRetrievalHead::Seq> seqs;
+  seqs.reserve(batch.size());
+  Tensor host_fused;
+  if (fw > 0) host_fused = Tensor::HostEmpty(DType::kF32, {n, fw});
+  for (const ObserveSeq& o : batch) {
+    if (fw > 0) {
+      std::memcpy(host_fused.as<float>() + static_cast<int64_t>(ids.size()) * fw, o.fused.data(),
+                  o.fused.size() * sizeof(float));
+    }
+    ids.insert(ids.end(), o.ids.begin(), o.ids.end());
+    seqs.push_back({o.cache, static_cast<int32_t>(o.ids.size()), o.pos});
+  }
   absl::MutexLock lock(&mu_);
   Backend& b = *backend_;
   const DType dt = b.compute_dtype();
-  const int64_t nh = head_->n_heads(), hd = head_->head_dim(), fw = head_->fused_width();
+  const int64_t nh = head_->n_heads(), hd = head_->head_dim();
   Tensor fused_dev;
   if (fw > 0) {
-    if (static_cast<int64_t>(fused.size()) != n * fw) {
-      return absl::InvalidArgumentError(absl::StrCat("observe: fused features must hold ", n, " x ", fw, " floats"));
-    }
-    Tensor host = Tensor::HostEmpty(DType::kF32, {n, fw});
-    std::memcpy(host.as<float>(), fused.data(), fused.size() * sizeof(float));
-    ASSIGN_OR_RETURN(fused_dev, b.ToDevice(host, dt, MemoryKind::kWorkspace));
+    ASSIGN_OR_RETURN(fused_dev, b.ToDevice(host_fused, dt, MemoryKind::kWorkspace));
   }
   ASSIGN_OR_RETURN(Tensor q, b.Alloc(dt, {n, nh, hd}, MemoryKind::kWorkspace));
-  const DeviceRetrievalHead::Seq seq{cache, static_cast<int32_t>(n), pos};
-  RETURN_IF_ERROR(head_->Observe(ids, std::span<const DeviceRetrievalHead::Seq>(&seq, 1),
-                                 fw > 0 ? &fused_dev : nullptr, &q));
-  if (last_q->empty()) {
-    ASSIGN_OR_RETURN(*last_q, b.Alloc(dt, {nh, hd}, MemoryKind::kRetrieval));
+  RETURN_IF_ERROR(head_->Observe(ids, seqs, fw > 0 ? &fused_dev : nullptr, &q));
+  int64_t end = 0;
+  for (const ObserveSeq& o : batch) {
+    end += static_cast<int64_t>(o.ids.size());
+    if (o.last_q->empty()) {
+      ASSIGN_OR_RETURN(*o.last_q, b.Alloc(dt, {nh, hd}, MemoryKind::kRetrieval));
+    }
+    ASSIGN_OR_RETURN(Tensor last_row, q.Rows(end - 1, end).Reshape({nh, hd}));
+    RETURN_IF_ERROR(b.CopyDevice(last_row, o.last_q));
   }
-  ASSIGN_OR_RETURN(Tensor last_row, q.Rows(n - 1, n).Reshape({nh, hd}));
-  return b.CopyDevice(last_row, last_q);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<SelectionResult> HeadRunner::Select(std::span<const SelectionQuery> batch,

@@ -43,12 +43,20 @@ class HeadRunner {
   /// its rows; no-op when it already has `rows`. ResourceExhausted past the backend's memory.
   absl::Status Grow(Tensor* cache, int64_t rows);
 
-  /// Observes one sequence's new tokens `ids` at positions [pos, pos + n): their K goes to rows
-  /// [pos, pos + n) of `cache`; `*last_q` ([n_heads, head_dim], allocated on first use) receives the last
-  /// token's query. `fused`: [n, fused_width] f32 host rows (eagle3), empty otherwise; converted to the
-  /// compute dtype on upload.
-  absl::Status Observe(std::span<const int32_t> ids, std::span<const float> fused, Tensor* cache, int32_t pos,
-                       Tensor* last_q);
+  /// One sequence's part of an Observe batch: its new tokens `ids` at positions [pos, pos + n); their K goes
+  /// to rows [pos, pos + n) of `*cache`; `*last_q` ([n_heads, head_dim], allocated on first use) receives
+  /// the last token's query. `fused`: [n, fused_width] f32 host rows (eagle3), empty otherwise.
+  struct ObserveSeq {
+    std::span<const int32_t> ids;
+    std::span<const float> fused;
+    Tensor* cache = nullptr;
+    int32_t pos = 0;
+    Tensor* last_q = nullptr;
+  };
+  /// Observes a ragged batch in one DeviceRetrievalHead::Observe (one upload of the ids and features,
+  /// converted to the compute dtype, one forward, one scatter); each sequence's rows are those a single
+  /// Observe of it would write. The caller has grown every cache to hold its new rows.
+  absl::Status Observe(std::span<const ObserveSeq> batch);
 
   /// Backend::SelectIndexSets of `batch` (q and k_cache from Observe and Grow); the result is host memory.
   absl::StatusOr<SelectionResult> Select(std::span<const SelectionQuery> batch, const SelectionOptions& options);

@@ -67,6 +67,25 @@ void ToProto(const SelectionResult& sel, uint64_t step, v1::Selection* out) {
   out->mutable_attention_mass()->Add(sel.captured_mass.begin(), sel.captured_mass.end());
 }
 
+absl::Status ObserveBatch(RetrieverSession& session, const v1::ObserveBatch& batch, uint64_t* failed) {
+  const int n = batch.observes_size();
+  std::vector<std::vector<int32_t>> ids(n);
+  std::vector<std::vector<float>> fused(n);
+  std::vector<RetrieverSession::ObserveEntry> entries(n);
+  for (int i = 0; i < n; ++i) {
+    const v1::Observe& o = batch.observes(i);
+    absl::StatusOr<std::vector<float>> f = FeaturesFromProto(o);
+    if (!f.ok()) {
+      *failed = o.sequence_id();
+      return f.status();
+    }
+    fused[i] = *std::move(f);
+    ids[i].assign(o.token_ids().begin(), o.token_ids().end());
+    entries[i] = {o.sequence_id(), ids[i], fused[i]};
+  }
+  return session.ObserveBatch(entries, failed);
+}
+
 void RetrieverService::Refresh() {
   metrics_->sessions->Set(static_cast<double>(totals_.sessions.load()));
   metrics_->sequences->Set(static_cast<double>(totals_.sequences.load()));
@@ -102,9 +121,11 @@ grpc::Status RetrieverService::Session(grpc::ServerContext* context,
     uint64_t seq = 0;
     v1::RetrieverResponse resp;
     bool reply = false;
-    const int n_set = req.has_open() + req.has_observe() + req.has_select() + req.has_close();
+    const int n_set =
+        req.has_open() + req.has_observe() + req.has_select() + req.has_close() + req.has_observe_batch();
     if (n_set != 1) {
-      st = absl::InvalidArgumentError("a RetrieverRequest must set exactly one of open, observe, select, close");
+      st = absl::InvalidArgumentError(
+          "a RetrieverRequest must set exactly one of open, observe, select, close, observe_batch");
       count("invalid");
     } else if (req.has_open()) {
       count("open");
@@ -117,6 +138,9 @@ grpc::Status RetrieverService::Session(grpc::ServerContext* context,
       st = fused.ok() ? session.Observe(seq, {req.observe().token_ids().begin(), req.observe().token_ids().end()},
                                         *fused)
                       : fused.status();
+    } else if (req.has_observe_batch()) {
+      count("observe_batch");
+      st = ObserveBatch(session, req.observe_batch(), &seq);
     } else if (req.has_select()) {
       count("select");
       const absl::Time t0 = absl::Now();

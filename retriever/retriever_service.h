@@ -58,4 +58,8 @@ void ToProto(const SelectionResult& selection, uint64_t step, v1::Selection* out
 /// for both set, a byte count that is not whole values, or an unknown dtype.
 absl::StatusOr<std::vector<float>> FeaturesFromProto(const v1::Observe& observe);
 
+/// Runs an ObserveBatch message on `session` (RetrieverSession::ObserveBatch: all or nothing); on error
+/// `*failed` is the refused entry's sequence id (its features, when malformed, refuse the batch too).
+absl::Status ObserveBatch(RetrieverSession& session, const v1::ObserveBatch& batch, uint64_t* failed);
+
 }  // namespace specontext::retriever

@@ -96,10 +96,13 @@ absl::Status RetrieverSession::Open(uint64_t id, int32_t max_tokens) {
 }
 
 absl::Status RetrieverSession::Observe(uint64_t id, const std::vector<int32_t>& ids, const std::vector<float>& fused) {
-  auto it = seqs_.find(id);
-  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("observe: sequence ", id, " is not open"));
-  Sequence& s = it->second;
-  const int64_t n = static_cast<int64_t>(ids.size());
+  const ObserveEntry entry{id, ids, fused};
+  return ObserveBatch(std::span<const ObserveEntry>(&entry, 1));
+}
+
+absl::Status RetrieverSession::CheckObserve(const ObserveEntry& e, const Sequence& s) const {
+  const uint64_t id = e.sequence_id;
+  const int64_t n = static_cast<int64_t>(e.ids.size());
   if (n == 0 || n > limits_.max_tokens_per_observe) {
     return absl::InvalidArgumentError(absl::StrCat("observe: 1 to ", limits_.max_tokens_per_observe,
                                                    " token ids per message, got ", n));
@@ -110,7 +113,7 @@ absl::Status RetrieverSession::Observe(uint64_t id, const std::vector<int32_t>& 
                                                      " tokens; it was opened for ", s.max_tokens));
   }
   const int64_t vocab = head_->config().attn.vocab_size;
-  for (int32_t t : ids) {
+  for (int32_t t : e.ids) {
     if (t < 0 || t >= vocab) {
       return absl::InvalidArgumentError(absl::StrCat("observe: token id ", t, " is outside the vocabulary [0, ",
                                                      vocab, ")"));
@@ -118,34 +121,95 @@ absl::Status RetrieverSession::Observe(uint64_t id, const std::vector<int32_t>& 
   }
   const int64_t fw = head_->fused_width();
   if (fw > 0) {
-    if (static_cast<int64_t>(fused.size()) != n * fw) {
+    if (static_cast<int64_t>(e.fused.size()) != n * fw) {
       return absl::InvalidArgumentError(absl::StrCat("observe: hidden must hold ", n, " x ", fw, " floats, got ",
-                                                     fused.size()));
+                                                     e.fused.size()));
     }
-  } else if (!fused.empty()) {
+  } else if (!e.fused.empty()) {
     return absl::InvalidArgumentError("observe: this head takes no hidden states");
   }
-  // Reserve the rows the cache will have after (it doubles when full), before any work.
-  const int64_t rows = RowsFor(s, len + n);
-  RETURN_IF_ERROR(Reserve(s, std::max(s.accounted_bytes, CacheBytes(rows)), "observe", id));
+  return absl::OkStatus();
+}
+
+absl::Status RetrieverSession::ObserveBatch(std::span<const ObserveEntry> batch, uint64_t* failed) {
+  if (batch.empty()) return absl::InvalidArgumentError("observe batch: no observes");
+  uint64_t unused = 0;
+  if (failed == nullptr) failed = &unused;
+  // Everything is checked before any work or accounting: ids, sizes and features of every entry.
+  std::vector<Sequence*> seqs;
+  seqs.reserve(batch.size());
+  absl::flat_hash_set<uint64_t> seen;
+  seen.reserve(batch.size());
+  int64_t total = 0;
+  for (const ObserveEntry& e : batch) {
+    *failed = e.sequence_id;
+    auto it = seqs_.find(e.sequence_id);
+    if (it == seqs_.end()) {
+      return absl::NotFoundError(absl::StrCat("observe: sequence ", e.sequence_id, " is not open"));
+    }
+    if (!seen.insert(e.sequence_id).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("observe: sequence ", e.sequence_id, " is named more than once in one batch"));
+    }
+    RETURN_IF_ERROR(CheckObserve(e, it->second));
+    total += static_cast<int64_t>(e.ids.size());
+    seqs.push_back(&it->second);
+  }
+  if (total > limits_.max_tokens_per_observe) {
+    *failed = batch.front().sequence_id;
+    return absl::InvalidArgumentError(absl::StrCat("observe: 1 to ", limits_.max_tokens_per_observe,
+                                                   " token ids per message, got ", total, " in ", batch.size(),
+                                                   " observes"));
+  }
+  // Reserve the rows each cache will have after (it doubles when full), all or none, before any work.
+  std::vector<int64_t> before(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Sequence& s = *seqs[i];
+    before[i] = s.accounted_bytes;
+    *failed = batch[i].sequence_id;
+    const int64_t rows = RowsFor(s, Len(s) + static_cast<int64_t>(batch[i].ids.size()));
+    if (absl::Status st = Reserve(s, std::max(s.accounted_bytes, CacheBytes(rows)), "observe", batch[i].sequence_id);
+        !st.ok()) {
+      for (size_t j = 0; j < i; ++j) {
+        if (totals_ != nullptr) totals_->cache_bytes -= seqs[j]->accounted_bytes - before[j];
+        seqs[j]->accounted_bytes = before[j];
+      }
+      return st;
+    }
+  }
+  *failed = 0;
   if (runner_ != nullptr) {
-    absl::Status st = runner_->Grow(&s.k, rows);
-    if (st.ok()) st = runner_->Observe(ids, fused, &s.k, len, &s.last_q);
-    if (st.ok()) s.len = len + static_cast<int32_t>(n);
-    Account(s);
+    absl::Status st;
+    std::vector<HeadRunner::ObserveSeq> work;
+    work.reserve(batch.size());
+    for (size_t i = 0; i < batch.size() && st.ok(); ++i) {
+      Sequence& s = *seqs[i];
+      st = runner_->Grow(&s.k, RowsFor(s, s.len + static_cast<int64_t>(batch[i].ids.size())));
+      work.push_back({batch[i].ids, batch[i].fused, &s.k, s.len, &s.last_q});
+    }
+    if (st.ok()) st = runner_->Observe(work);
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (st.ok()) seqs[i]->len += static_cast<int32_t>(batch[i].ids.size());
+      Account(*seqs[i]);
+    }
     return st;
   }
-  Tensor fused_t;
-  if (fw > 0) {
-    fused_t = Tensor::HostEmpty(DType::kF32, {n, fw});
-    std::memcpy(fused_t.as<float>(), fused.data(), fused.size() * sizeof(float));
+  const int64_t fw = head_->fused_width(), nh = head_->n_heads(), hd = head_->head_dim();
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const ObserveEntry& e = batch[i];
+    Sequence& s = *seqs[i];
+    const int64_t n = static_cast<int64_t>(e.ids.size());
+    Tensor fused_t;
+    if (fw > 0) {
+      fused_t = Tensor::HostEmpty(DType::kF32, {n, fw});
+      std::memcpy(fused_t.as<float>(), e.fused.data(), e.fused.size() * sizeof(float));
+    }
+    Tensor q = Tensor::HostEmpty(DType::kF32, {n, nh, hd});
+    RETURN_IF_ERROR(head_->Observe({e.ids.begin(), e.ids.end()}, fused_t, s.cache.get(), &q));
+    if (s.last_q.data() == nullptr) s.last_q = Tensor::HostEmpty(DType::kF32, {nh, hd});
+    std::memcpy(s.last_q.as<float>(), q.as<float>() + (n - 1) * nh * hd, nh * hd * sizeof(float));
+    Account(s);
   }
-  const int64_t nh = head_->n_heads(), hd = head_->head_dim();
-  Tensor q = Tensor::HostEmpty(DType::kF32, {n, nh, hd});
-  RETURN_IF_ERROR(head_->Observe(ids, fused_t, s.cache.get(), &q));
-  if (s.last_q.data() == nullptr) s.last_q = Tensor::HostEmpty(DType::kF32, {nh, hd});
-  std::memcpy(s.last_q.as<float>(), q.as<float>() + (n - 1) * nh * hd, nh * hd * sizeof(float));
-  Account(s);
   return absl::OkStatus();
 }
 

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -64,6 +65,19 @@ class RetrieverSession {
   /// ResourceExhausted, before any work, when the cache would grow past max_total_cache_bytes.
   /// `fused`: [n, head.fused_width()] f32 for EAGLE-3 heads, empty otherwise.
   absl::Status Observe(uint64_t sequence_id, const std::vector<int32_t>& ids, const std::vector<float>& fused);
+  /// One sequence's new tokens in an ObserveBatch (the spans must stay valid for the call).
+  struct ObserveEntry {
+    uint64_t sequence_id = 0;
+    std::span<const int32_t> ids;
+    std::span<const float> fused;  // [ids.size(), head.fused_width()] or empty
+  };
+  /// Observes several sequences at once, with the same result as Observe of each entry in order (the same
+  /// K caches and queries). All or nothing: every entry is checked first with the codes and messages of
+  /// Observe, plus InvalidArgument for an id named twice and for more than max_tokens_per_observe tokens
+  /// over the whole batch, and the cache bytes of all entries are reserved together; one refused entry
+  /// leaves every sequence and the byte totals as they were. On the runner path the batch is one head
+  /// forward. InvalidArgument for an empty batch. `failed` (may be null) receives the refused entry's id.
+  absl::Status ObserveBatch(std::span<const ObserveEntry> batch, uint64_t* failed = nullptr);
   /// Index sets of the batch, in order: the last observed token's query scored against the past
   /// (every earlier position); `sink` first positions always kept. NotFound for an unknown id, FailedPrecondition before any Observe,
   /// InvalidArgument for an id named twice, ResourceExhausted when the reply could pass max_reply_bytes
@@ -91,6 +105,8 @@ class RetrieverSession {
   // Frees a sequence's storage (the runner's tensors under its mutex).
   void Free(Sequence& s);
   void Account(Sequence& s);
+  // Observe's checks of one entry (size, capacity, token ids, feature width); no state changes.
+  absl::Status CheckObserve(const ObserveEntry& e, const Sequence& s) const;
   // Raises the sequence's accounted bytes to `bytes` ahead of an allocation, refusing (ResourceExhausted)
   // when the process total would pass max_total_cache_bytes. `what` names the operation in the message.
   absl::Status Reserve(Sequence& s, int64_t bytes, const char* what, uint64_t id);

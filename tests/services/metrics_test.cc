@@ -73,6 +73,11 @@ class ServicesMetrics : public ::testing::Test {
     for (int i = 0; i < 9; ++i) r.mutable_observe()->add_token_ids(static_cast<int32_t>(rng_() % 512));
     ASSERT_TRUE(stream->Write(r));
     r.Clear();
+    v1::Observe* o = r.mutable_observe_batch()->add_observes();
+    o->set_sequence_id(1);
+    for (int i = 0; i < 5; ++i) o->add_token_ids(static_cast<int32_t>(rng_() % 512));
+    ASSERT_TRUE(stream->Write(r));
+    r.Clear();
     r.mutable_select()->add_sequence_ids(1);
     r.mutable_select()->set_budget(4);
     ASSERT_TRUE(stream->Write(r));
@@ -104,6 +109,9 @@ TEST_F(ServicesMetrics, PromtoolAcceptsBothExpositions) {
   EXPECT_THAT(*gen, ::testing::HasSubstr("spc_time_per_output_token_seconds_bucket"));
   auto ret = FetchMetrics(retriever_.metrics_port());
   EXPECT_GE(MetricValue(*ret, "spc_retrieval_latency_seconds_count").value_or(0), 1);
+  // Single observes and batches are counted apart.
+  EXPECT_EQ(MetricValue(*ret, "spc_retriever_messages_total{kind=\"observe\"}").value_or(-1), 1);
+  EXPECT_EQ(MetricValue(*ret, "spc_retriever_messages_total{kind=\"observe_batch\"}").value_or(-1), 1);
 }
 
 TEST_F(ServicesMetrics, PrometheusScrapesBothServices) {

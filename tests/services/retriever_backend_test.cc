@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cmath>
 #include <iterator>
+#include <map>
 #include <random>
 #include <thread>
 
@@ -344,6 +345,228 @@ TEST(RetrieverSessionCpuBackend, LimitsAndErrorsAreUnchanged) {
     EXPECT_EQ(same("close again", [](RetrieverSession& s) { return s.Close(2); }).code(),
               absl::StatusCode::kNotFound);
     EXPECT_TRUE(same("open after close", open(4, 100)).ok());
+  }
+}
+
+// The host path (no runner) and the CPU backend path, for the ObserveBatch tests.
+struct SessionPath {
+  const char* name;
+  bool runner;
+};
+constexpr SessionPath kPaths[] = {{"host", false}, {"cpu backend", true}};
+
+std::vector<int32_t> RandomTokens(std::mt19937& rng, int64_t n, int64_t vocab) {
+  std::vector<int32_t> ids(n);
+  for (int32_t& t : ids) t = static_cast<int32_t>(rng() % vocab);
+  return ids;
+}
+
+std::vector<float> RandomFused(std::mt19937& rng, int64_t n, int64_t fw) {
+  std::vector<float> fused(n * fw);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  for (float& f : fused) f = u(rng);
+  return fused;
+}
+
+void ExpectSameSelection(const absl::StatusOr<SelectionResult>& a, const absl::StatusOr<SelectionResult>& b) {
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(a->sets.seq_len, b->sets.seq_len);
+  EXPECT_EQ(a->sets.indptr, b->sets.indptr);
+  EXPECT_EQ(a->sets.indices, b->sets.indices);
+  EXPECT_EQ(a->captured_mass, b->captured_mass);
+}
+
+// One ObserveBatch per step (prompts of odd lengths, then decode tokens, in a shuffled sequence order)
+// leaves the same caches as the same Observes one by one. Host path: bit for bit (the same loop), so
+// identical Selections. CPU backend: the batch is one forward of all its rows (as the in-process decoder
+// observes a step) where one by one each Observe is its own, and the f32 GEMM rounds a row differently
+// for another row count (sgemv at one row, sgemm blocks above): identical up to near-ties, every position
+// exact, and the same accounted bytes on both.
+TEST(RetrieverSessionObserveBatch, EqualsTheObservesOneByOne) {
+  for (const auto& [shape, max_prompt] : Shapes()) {
+    for (const SessionPath& path : kPaths) {
+      const uint32_t seed = FreshSeed();
+      SCOPED_TRACE(absl::StrCat(path.name, " seed ", seed, " max_prompt ", max_prompt));
+      std::mt19937 rng(seed);
+      auto rh = testing_sparse::MakeRandomHead(shape, rng);
+      ASSERT_TRUE(rh.ok()) << rh.status();
+      const RetrievalHead& head = *rh->head;
+      std::unique_ptr<HeadRunner> runner;
+      if (path.runner) {
+        auto r = HeadRunner::Create(head, MakeCpuBackend());
+        ASSERT_TRUE(r.ok()) << r.status();
+        runner = *std::move(r);
+      }
+      RetrieverTotals one_totals, batch_totals;
+      RetrieverSession one(&head, {}, &one_totals, runner.get());
+      RetrieverSession batched(&head, {}, &batch_totals, runner.get());
+      std::vector<uint64_t> ids = {3, 17, 5, 8};
+      std::map<uint64_t, Reference> refs;  // the host reference's caches, to weigh near-ties
+      Overlap overlap;
+      for (uint64_t id : ids) {
+        ASSERT_TRUE(one.Open(id, 1500).ok());
+        ASSERT_TRUE(batched.Open(id, 1500).ok());
+        refs[id].cache = std::make_unique<RetrievalKvCache>(head.n_kv_heads(), head.head_dim());
+      }
+      const int64_t fw = head.fused_width(), nh = head.n_heads(), hd = head.head_dim();
+      for (int step = 0; step < 5; ++step) {
+        std::shuffle(ids.begin(), ids.end(), rng);
+        const size_t n_seqs = step == 2 ? 1 : ids.size();  // one step of a single sequence
+        std::vector<std::vector<int32_t>> tokens(n_seqs);
+        std::vector<std::vector<float>> fused(n_seqs);
+        std::vector<RetrieverSession::ObserveEntry> entries;
+        for (size_t i = 0; i < n_seqs; ++i) {
+          const int64_t n = step == 0 ? std::uniform_int_distribution<int>(1, max_prompt)(rng) : (step == 3 ? 3 : 1);
+          tokens[i] = RandomTokens(rng, n, shape.vocab);
+          fused[i] = RandomFused(rng, n, fw);
+          ASSERT_TRUE(one.Observe(ids[i], tokens[i], fused[i]).ok());
+          entries.push_back({ids[i], tokens[i], fused[i]});
+          Tensor fused_t;
+          if (fw > 0) {
+            fused_t = Tensor::HostEmpty(DType::kF32, {n, fw});
+            std::copy(fused[i].begin(), fused[i].end(), fused_t.as<float>());
+          }
+          Tensor q = Tensor::HostEmpty(DType::kF32, {n, nh, hd});
+          ASSERT_TRUE(head.Observe(tokens[i], fused_t, refs[ids[i]].cache.get(), &q).ok());
+          refs[ids[i]].last_q = *q.Rows(n - 1, n).Reshape({nh, hd});
+        }
+        absl::Status st = batched.ObserveBatch(entries);
+        ASSERT_TRUE(st.ok()) << st;
+        EXPECT_EQ(one_totals.cache_bytes.load(), batch_totals.cache_bytes.load()) << "step " << step;
+        for (int32_t budget : {1, 9, 64, 5000}) {
+          for (SelectionMode mode : {SelectionMode::kHeadLevel, SelectionMode::kBatchLevel}) {
+            SCOPED_TRACE(absl::StrCat("step ", step, " budget ", budget));
+            const std::vector<uint64_t> order = {3, 17, 5, 8};
+            auto want = one.Select(order, budget, 1, mode);
+            auto got = batched.Select(order, budget, 1, mode);
+            if (!path.runner) {
+              ExpectSameSelection(want, got);
+              continue;
+            }
+            ASSERT_TRUE(want.ok() && got.ok());
+            std::vector<Reference> sub;
+            for (uint64_t id : order) {
+              Reference& r = refs[id];
+              sub.push_back({std::move(r.cache), r.last_q});
+            }
+            CompareSelections(head, sub, *want, *got, 1, mode, 1e-5, 1e-4, &overlap);
+            for (size_t i = 0; i < order.size(); ++i) refs[order[i]].cache = std::move(sub[i].cache);
+            if (budget >= 5000) EXPECT_EQ(want->sets.indices, got->sets.indices);
+          }
+        }
+      }
+      EXPECT_GE(overlap.ratio(), 0.99) << overlap.shared << " of " << overlap.kept << " positions shared";
+    }
+  }
+}
+
+// A batch with one bad entry is refused whole, with the error a single Observe of that entry gets (or
+// InvalidArgument for an id named twice, too many tokens over the batch, or no entry), and changes
+// nothing: the byte totals stay, and later Selections equal those of a session that never saw the batch.
+TEST(RetrieverSessionObserveBatch, OneBadEntryRefusesTheWholeBatch) {
+  HeadShape e;
+  e.kind = RetrievalHeadKind::kEagle3;
+  for (const HeadShape& shape : {HeadShape(), e}) {
+    for (const SessionPath& path : kPaths) {
+      const uint32_t seed = FreshSeed();
+      SCOPED_TRACE(absl::StrCat(path.name, " seed ", seed, shape.kind == RetrievalHeadKind::kEagle3 ? " eagle3" : ""));
+      std::mt19937 rng(seed);
+      auto rh = testing_sparse::MakeRandomHead(shape, rng);
+      ASSERT_TRUE(rh.ok()) << rh.status();
+      const RetrievalHead& head = *rh->head;
+      std::unique_ptr<HeadRunner> runner;
+      if (path.runner) {
+        auto r = HeadRunner::Create(head, MakeCpuBackend());
+        ASSERT_TRUE(r.ok()) << r.status();
+        runner = *std::move(r);
+      }
+      SessionLimits limits;
+      limits.max_tokens_per_sequence = 600;
+      limits.max_tokens_per_observe = 50;
+      // Sequences 1 and 2 at 256 rows and 3 at 300 of its 310 tokens (512 rows on the host, capped at 310 on
+      // a backend), with room for one of 1 or 2 doubling to 512, not both.
+      const int64_t rows3 = path.runner ? 310 : 512;
+      limits.max_total_cache_bytes =
+          ((rows3 + 256 + 256 + 256 + 100) * head.n_kv_heads() + 3 * head.n_heads()) * head.head_dim() * 4;
+      RetrieverTotals ref_totals, totals;
+      RetrieverSession ref(&head, limits, &ref_totals, runner.get());
+      RetrieverSession session(&head, limits, &totals, runner.get());
+      const int64_t fw = head.fused_width();
+      struct Obs {
+        uint64_t id;
+        std::vector<int32_t> tokens;
+        std::vector<float> fused;
+      };
+      auto make = [&](uint64_t id, int64_t n) {
+        return Obs{id, RandomTokens(rng, n, shape.vocab), RandomFused(rng, n, fw)};
+      };
+      auto entries = [](const std::vector<Obs>& v) {
+        std::vector<RetrieverSession::ObserveEntry> out;
+        for (const Obs& o : v) out.push_back({o.id, o.tokens, o.fused});
+        return out;
+      };
+      auto both = [&](const std::vector<Obs>& v) {
+        ASSERT_TRUE(ref.ObserveBatch(entries(v)).ok());
+        ASSERT_TRUE(session.ObserveBatch(entries(v)).ok());
+      };
+      for (uint64_t id : {1, 2, 3}) {
+        ASSERT_TRUE(ref.Open(id, id == 3 ? 310 : 600).ok());
+        ASSERT_TRUE(session.Open(id, id == 3 ? 310 : 600).ok());
+      }
+      // Sequence 3 to 300 tokens, 1 and 2 to 250 (256 rows).
+      for (int i = 0; i < 5; ++i) both({make(1, 25), make(2, 25)});
+      for (int i = 0; i < 5; ++i) both({make(1, 25), make(2, 25)});
+      for (int i = 0; i < 6; ++i) both({make(3, 50)});
+      ASSERT_EQ(ref_totals.cache_bytes.load(), totals.cache_bytes.load());
+      const int64_t bytes = totals.cache_bytes.load();
+
+      auto expect_refused = [&](const char* what, std::vector<Obs> batch, size_t bad, absl::StatusCode code) {
+        SCOPED_TRACE(what);
+        uint64_t failed = 0;
+        const absl::Status st = session.ObserveBatch(entries(batch), &failed);
+        EXPECT_EQ(st.code(), code) << st;
+        if (bad < batch.size()) {
+          // The single Observe of the bad entry: the same code and message, and the failing id.
+          const absl::Status single = session.Observe(batch[bad].id, batch[bad].tokens, batch[bad].fused);
+          EXPECT_EQ(single.code(), st.code()) << single;
+          EXPECT_EQ(single.message(), st.message());
+          EXPECT_EQ(failed, batch[bad].id);
+        }
+        EXPECT_EQ(totals.cache_bytes.load(), bytes);
+        EXPECT_EQ(totals.sequences.load(), 3);
+      };
+      using absl::StatusCode;
+      expect_refused("unknown id", {make(1, 1), make(9, 1), make(2, 1)}, 1, StatusCode::kNotFound);
+      expect_refused("id twice", {make(1, 1), make(2, 1), make(1, 1)}, 99, StatusCode::kInvalidArgument);
+      expect_refused("no tokens", {make(1, 1), make(2, 0)}, 1, StatusCode::kInvalidArgument);
+      Obs vocab = make(2, 2);
+      vocab.tokens[1] = static_cast<int32_t>(shape.vocab);
+      expect_refused("token past the vocabulary", {make(1, 1), vocab}, 1, StatusCode::kInvalidArgument);
+      Obs width = make(2, 2);
+      width.fused.push_back(0.5f);
+      expect_refused("fused width", {make(3, 1), width}, 1, StatusCode::kInvalidArgument);
+      expect_refused("past the sequence's capacity", {make(1, 1), make(3, 11)}, 1, StatusCode::kResourceExhausted);
+      expect_refused("too many tokens in one observe", {make(1, 1), make(3, 51)}, 1, StatusCode::kInvalidArgument);
+      expect_refused("too many tokens over the batch", {make(1, 25), make(2, 25), make(3, 5)}, 99,
+                     StatusCode::kInvalidArgument);
+      // Sequence 1 alone may double to 512 rows (its entry is reserved first), not 2 after it as well.
+      const std::vector<Obs> grow = {make(1, 7), make(2, 7)};
+      expect_refused("past --max-cache-bytes", grow, 99, StatusCode::kResourceExhausted);
+      uint64_t failed = 0;
+      EXPECT_EQ(session.ObserveBatch(entries(grow), &failed).code(), StatusCode::kResourceExhausted);
+      EXPECT_EQ(failed, 2u);
+      EXPECT_EQ(session.ObserveBatch({}).code(), StatusCode::kInvalidArgument);
+      EXPECT_EQ(totals.cache_bytes.load(), bytes);
+
+      // Nothing changed: the same steps on both sessions give the same Selections.
+      for (int step = 0; step < 3; ++step) {
+        both({make(2, 1), make(3, 1), make(1, 1)});
+        ExpectSameSelection(ref.Select({1, 2, 3}, 16, 1), session.Select({1, 2, 3}, 16, 1));
+        ExpectSameSelection(ref.Select({3, 1}, 300, 4), session.Select({3, 1}, 300, 4));
+      }
+      EXPECT_EQ(ref_totals.cache_bytes.load(), totals.cache_bytes.load());
+    }
   }
 }
 

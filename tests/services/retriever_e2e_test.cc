@@ -222,6 +222,23 @@ TEST_F(RetrieverE2E, ErrorsKeepTheStreamOpenAndLimitsHold) {
   sel.mutable_select()->set_budget(0);
   expect_error(sel, absl::StatusCode::kInvalidArgument, "budget");
   expect_error(v1::RetrieverRequest(), absl::StatusCode::kInvalidArgument, "exactly one");
+  // An ObserveBatch with one bad entry is refused whole, naming that entry; an empty one is invalid.
+  v1::RetrieverRequest batch;
+  *batch.mutable_observe_batch()->add_observes() = ObserveReq(0, {1, 2}).observe();
+  *batch.mutable_observe_batch()->add_observes() = ObserveReq(2, std::vector<int32_t>(401, 5)).observe();
+  expect_error(batch, absl::StatusCode::kResourceExhausted, "opened for");
+  EXPECT_EQ(resp.error().sequence_id(), 2u);
+  v1::RetrieverRequest empty;
+  empty.mutable_observe_batch();
+  expect_error(empty, absl::StatusCode::kInvalidArgument, "no observes");
+  v1::RetrieverRequest both = batch;
+  *both.mutable_observe() = ObserveReq(0, {1}).observe();
+  expect_error(both, absl::StatusCode::kInvalidArgument, "exactly one");
+  // Sequence 0 observed nothing (the batch was refused), so selecting it still fails.
+  v1::RetrieverRequest sel0;
+  sel0.mutable_select()->add_sequence_ids(0);
+  sel0.mutable_select()->set_budget(4);
+  expect_error(sel0, absl::StatusCode::kFailedPrecondition, "observed no token");
   // Still serving: a valid observe + select on the same stream.
   ASSERT_TRUE(stream->Write(ObserveReq(3, {1, 5, 9, 11})));
   sel.mutable_select()->set_budget(2);

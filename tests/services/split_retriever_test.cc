@@ -49,6 +49,10 @@ TEST_F(SparseServices, SplitMatchesInprocAndSurvivesRetrieverRestart) {
   EXPECT_EQ(r.final.sparsity().retrieval_steps(), kNew - 1);
   EXPECT_GE(Metric(gen.metrics_port(), "spc_retrieval_remote_steps_total"), kNew - 8);
   EXPECT_EQ(Metric(gen.metrics_port(), "spc_retrieval_fallback_steps_total"), 0);
+  // One ObserveBatch per step (the prompt's, then each decode token's), no single Observes.
+  EXPECT_GE(Metric(ret.metrics_port(), "spc_retriever_messages_total{kind=\"observe_batch\"}"), kNew - 1);
+  EXPECT_LE(Metric(ret.metrics_port(), "spc_retriever_messages_total{kind=\"observe_batch\"}"), kNew + 1);
+  EXPECT_LE(Metric(ret.metrics_port(), "spc_retriever_messages_total{kind=\"observe\"}"), 0);
 
   // Fault: clients stream continuously while the retriever is SIGKILLed and later restarted on its port.
   std::atomic<bool> stop{false};
