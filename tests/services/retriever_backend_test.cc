@@ -355,6 +355,12 @@ struct SessionPath {
 };
 constexpr SessionPath kPaths[] = {{"host", false}, {"cpu backend", true}};
 
+// The path's runner: none on the host path, one on a fresh CPU backend otherwise.
+absl::StatusOr<std::unique_ptr<HeadRunner>> RunnerFor(const SessionPath& path, const RetrievalHead& head) {
+  if (!path.runner) return std::unique_ptr<HeadRunner>();
+  return HeadRunner::Create(head, MakeCpuBackend());
+}
+
 std::vector<int32_t> RandomTokens(std::mt19937& rng, int64_t n, int64_t vocab) {
   std::vector<int32_t> ids(n);
   for (int32_t& t : ids) t = static_cast<int32_t>(rng() % vocab);
@@ -392,15 +398,11 @@ TEST(RetrieverSessionObserveBatch, EqualsTheObservesOneByOne) {
       auto rh = testing_sparse::MakeRandomHead(shape, rng);
       ASSERT_TRUE(rh.ok()) << rh.status();
       const RetrievalHead& head = *rh->head;
-      std::unique_ptr<HeadRunner> runner;
-      if (path.runner) {
-        auto r = HeadRunner::Create(head, MakeCpuBackend());
-        ASSERT_TRUE(r.ok()) << r.status();
-        runner = *std::move(r);
-      }
+      auto runner = RunnerFor(path, head);
+      ASSERT_TRUE(runner.ok()) << runner.status();
       RetrieverTotals one_totals, batch_totals;
-      RetrieverSession one(&head, {}, &one_totals, runner.get());
-      RetrieverSession batched(&head, {}, &batch_totals, runner.get());
+      RetrieverSession one(&head, {}, &one_totals, runner->get());
+      RetrieverSession batched(&head, {}, &batch_totals, runner->get());
       std::vector<uint64_t> ids = {3, 17, 5, 8};
       std::map<uint64_t, Reference> refs;  // the host reference's caches, to weigh near-ties
       Overlap overlap;
@@ -475,12 +477,8 @@ TEST(RetrieverSessionObserveBatch, OneBadEntryRefusesTheWholeBatch) {
       auto rh = testing_sparse::MakeRandomHead(shape, rng);
       ASSERT_TRUE(rh.ok()) << rh.status();
       const RetrievalHead& head = *rh->head;
-      std::unique_ptr<HeadRunner> runner;
-      if (path.runner) {
-        auto r = HeadRunner::Create(head, MakeCpuBackend());
-        ASSERT_TRUE(r.ok()) << r.status();
-        runner = *std::move(r);
-      }
+      auto runner = RunnerFor(path, head);
+      ASSERT_TRUE(runner.ok()) << runner.status();
       SessionLimits limits;
       limits.max_tokens_per_sequence = 600;
       limits.max_tokens_per_observe = 50;
@@ -490,8 +488,8 @@ TEST(RetrieverSessionObserveBatch, OneBadEntryRefusesTheWholeBatch) {
       limits.max_total_cache_bytes =
           ((rows3 + 256 + 256 + 256 + 100) * head.n_kv_heads() + 3 * head.n_heads()) * head.head_dim() * 4;
       RetrieverTotals ref_totals, totals;
-      RetrieverSession ref(&head, limits, &ref_totals, runner.get());
-      RetrieverSession session(&head, limits, &totals, runner.get());
+      RetrieverSession ref(&head, limits, &ref_totals, runner->get());
+      RetrieverSession session(&head, limits, &totals, runner->get());
       const int64_t fw = head.fused_width();
       struct Obs {
         uint64_t id;
