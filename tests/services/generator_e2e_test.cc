@@ -16,24 +16,17 @@
 namespace specontext::testing {
 namespace {
 
-class GeneratorE2E : public ::testing::Test {
+class GeneratorE2E : public SharedGeneratorSuite {
  protected:
   static void SetUpTestSuite() {
     const std::string dir = ModelDir();
-    if (dir.empty()) return;
-    server_ = new ServerProcess();
-    absl::Status st = server_->Start(SPC_GENERATOR_BIN, {"--model", dir + "/stories260K.bin", "--tokenizer",
-                                                         dir + "/tok512.bin", "--backend", "cpu", "--threads", "1",
-                                                         "--log-level", "warning", "--max-batch", "32"});
-    ASSERT_TRUE(st.ok()) << st;
-  }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
+    StartSharedServer(SPC_GENERATOR_BIN, {"--model", dir + "/stories260K.bin", "--tokenizer", dir + "/tok512.bin",
+                                          "--backend", "cpu", "--threads", "1", "--log-level", "warning",
+                                          "--max-batch", "32"});
   }
   void SetUp() override {
-    if (ModelDir().empty()) GTEST_FAIL() << "stories260K not found in models/";
-    ASSERT_NE(server_, nullptr);
+    SharedGeneratorSuite::SetUp();
+    if (HasFatalFailure()) return;
     stub_ = GeneratorStub(server_->address());
   }
 
@@ -55,10 +48,8 @@ class GeneratorE2E : public ::testing::Test {
            << " active_calls=" << calls;
   }
 
-  static ServerProcess* server_;
   std::unique_ptr<v1::Generator::Stub> stub_;
 };
-ServerProcess* GeneratorE2E::server_ = nullptr;
 
 std::string RandomPrompt(std::mt19937& rng) {
   static const char* const kWords[] = {"Once", "upon", "a", "time", "there", "was", "little", "girl", "named",

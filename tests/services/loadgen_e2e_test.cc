@@ -64,22 +64,9 @@ Results ReadResults(const std::string& path) {
   return r;
 }
 
-class LoadgenE2E : public ::testing::Test {
+class LoadgenE2E : public SharedGeneratorSuite {
  protected:
-  static void SetUpTestSuite() {
-    if (ModelDir().empty()) return;
-    server_ = new ServerProcess();
-    const absl::Status st = server_->Start(SPC_GENERATOR_BIN, ServerArgs());
-    ASSERT_TRUE(st.ok()) << st;
-  }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  void SetUp() override {
-    if (ModelDir().empty()) GTEST_FAIL() << "stories260K not found in models/";
-    ASSERT_NE(server_, nullptr);
-  }
+  static void SetUpTestSuite() { StartSharedServer(SPC_GENERATOR_BIN, ServerArgs()); }
 
   // Runs the loadgen with `flags` writing per-request JSONL; checks what holds in both modes.
   // With `http`, over the OpenAI-compatible HTTP API (--api http), model info over gRPC.
@@ -131,9 +118,7 @@ class LoadgenE2E : public ::testing::Test {
     return r;
   }
 
-  static ServerProcess* server_;
 };
-ServerProcess* LoadgenE2E::server_ = nullptr;
 
 std::vector<int64_t> AskedOutputs(const Results& r) {
   std::vector<int64_t> v;

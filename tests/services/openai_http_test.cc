@@ -80,21 +80,12 @@ std::string StreamText(const SseResult& r, bool chat) {
   return text;
 }
 
-class OpenAiHttp : public ::testing::Test {
+class OpenAiHttp : public SharedGeneratorSuite {
  protected:
-  static void SetUpTestSuite() {
-    if (ModelDir().empty()) return;
-    server_ = new ServerProcess();
-    absl::Status st = server_->Start(SPC_GENERATOR_BIN, ServerArgs());
-    ASSERT_TRUE(st.ok()) << st;
-  }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
+  static void SetUpTestSuite() { StartSharedServer(SPC_GENERATOR_BIN, ServerArgs()); }
   void SetUp() override {
-    if (ModelDir().empty()) GTEST_FAIL() << "stories260K not found in models/";
-    ASSERT_NE(server_, nullptr);
+    SharedGeneratorSuite::SetUp();
+    if (HasFatalFailure()) return;
     ASSERT_GT(server_->http_port(), 0) << "no HTTP port in the port file";
     stub_ = GeneratorStub(server_->address());
     http_ = std::make_unique<httplib::Client>("127.0.0.1", server_->http_port());
@@ -139,11 +130,9 @@ class OpenAiHttp : public ::testing::Test {
     FAIL() << "not idle: active_calls=" << calls << " running=" << running;
   }
 
-  static ServerProcess* server_;
   std::unique_ptr<v1::Generator::Stub> stub_;
   std::unique_ptr<httplib::Client> http_;
 };
-ServerProcess* OpenAiHttp::server_ = nullptr;
 
 const char* const kPrompts[] = {"Once upon a time", "Lily and the dog", "The sun was", "Tom had a big ball"};
 

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "absl/status/statusor.h"
 #include "proto/specontext.grpc.pb.h"
 
@@ -74,5 +76,29 @@ struct StreamResult {
   grpc::Status status;
 };
 StreamResult CallGenerate(v1::Generator::Stub* stub, const v1::GenerateRequest& req, double timeout_s = 120);
+
+/// A suite whose tests share one generator process: the derived suite's SetUpTestSuite calls
+/// StartSharedServer with the generator binary and its flags; the server stops after the suite. Every test
+/// fails (not skips) without the embedded stories260K model; a derived SetUp calls this SetUp first and
+/// returns on HasFatalFailure().
+class SharedGeneratorSuite : public ::testing::Test {
+ protected:
+  static void StartSharedServer(const std::string& binary, const std::vector<std::string>& args) {
+    if (ModelDir().empty()) return;
+    server_ = new ServerProcess();
+    const absl::Status st = server_->Start(binary, args);
+    ASSERT_TRUE(st.ok()) << st;
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  void SetUp() override {
+    if (ModelDir().empty()) GTEST_FAIL() << "stories260K not found in models/";
+    ASSERT_NE(server_, nullptr);
+  }
+
+  static inline ServerProcess* server_ = nullptr;
+};
 
 }  // namespace specontext::testing
