@@ -15,8 +15,9 @@
 #             generating SPC_PAPER_NEW (16384) tokens each, sparse B 2048, wall-clock output tokens/s
 #   paper-dense  the same served densely at SPC_PAPER_DENSE_REQUESTS (12): the largest count that fits
 #   split     sparse at concurrency 32 with the retriever in-process vs as a separate process: step time
-#             and fallback rate under load (SPC_SPLIT_MODES, default "inproc split"; the separate retriever
-#             runs the head on SPC_RETRIEVER_BACKEND, default cpu: cuda puts it on the same GPU)
+#             and fallback rate under load (SPC_SPLIT_MODES, default "inproc split"; "dense" adds our dense
+#             engine at the same load; the separate retriever runs the head on SPC_RETRIEVER_BACKEND,
+#             default cpu: cuda puts it on the same GPU)
 #   kvstore-8b  the kvstore host tier with layers really offloaded, on the served 8B shape: a
 #             --gpu-memory-limit computed from a calibration start makes the planner move layers to host;
 #             16 streams of 2K prompts x 512 out with --kvstore and with the pinned host tier (out tok/s,
@@ -261,7 +262,11 @@ if has split; then
     else
       raddr=inproc
     fi
-    serve_model split-$where --retrieval-head $HEAD --retriever $raddr --budget 2048 || continue
+    if [ $where = dense ]; then  # our dense engine at the same load, the baseline beside both
+      serve_model split-dense || continue
+    else
+      serve_model split-$where --retrieval-head $HEAD --retriever $raddr --budget 2048 || continue
+    fi
     loadgen split_${where}_c32 $SPC_PORT --concurrency 32 --requests 64 --prompt-tokens 2048 --output-tokens 512
     spc_scrape $SPC_METRICS_PORT "$OUT/metrics_split-${where}_after.txt"
     metrics_vs_client split-$where "$OUT/serve_split_${where}_c32.jsonl"
