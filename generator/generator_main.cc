@@ -56,6 +56,9 @@ void DefineFlags(Args& a) {
             "densely in the resident layers (0 = off)", false, false, "0"});
   a.Define({"retriever-deadline-ms", "split mode: longest wait for a step's index sets before falling back",
             false, false, "200"});
+  a.Define({"retriever-max-message-bytes", "split mode: largest reply taken from the retriever (a Selection holds "
+            "sequences x budget x KV heads x 4 bytes; a larger one makes the step fall back): at least the "
+            "retriever's own --max-message-bytes", false, false, "64MiB"});
 
   a.Define({"retriever-tls-ca", "split mode: PEM CA the retriever's certificate must chain to (TLS to the "
             "retriever)", false, false, ""});
@@ -86,9 +89,7 @@ void DefineFlags(Args& a) {
   a.Define({"max-kv-bytes", "dense mode: KV cache bytes the running requests may reserve together (a request "
             "needing more alone: RESOURCE_EXHAUSTED; otherwise it waits); auto = 90% of the memory free after "
             "loading, 0 = no bound", false, false, "auto"});
-  a.Define({"max-message-bytes", "largest gRPC message accepted or sent, also the largest reply taken from a "
-            "split-mode --retriever (its Selection replies grow with sequences x budget x KV heads x 4 bytes: "
-            "raise it toward the retriever's own --max-message-bytes for large batches)", false, false, "4MiB"});
+  a.Define({"max-message-bytes", "largest gRPC message accepted from or sent to clients", false, false, "4MiB"});
   a.Define({"max-prompt-bytes", "largest prompt text", false, false, "1MiB"});
   a.Define({"max-request-id-bytes", "longest request_id a client may set (INVALID_ARGUMENT beyond)",
             false, false, "256"});

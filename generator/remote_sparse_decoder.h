@@ -59,9 +59,10 @@ struct RemoteSparseOptions {
   int32_t sink = 1;
   bool batch_level = false;                         // one index set per sequence for all KV heads
   size_t observe_message_bytes = 1 << 20;           // largest features payload of one Observe (chunks prompts)
-  // Largest message the channel receives (the generator's --max-message-bytes): a Selection reply holds
-  // sequences x budget x KV heads x 4 bytes of positions, past gRPC's 4 MiB default for large batches.
-  int64_t max_message_bytes = int64_t{4} << 20;
+  // Largest message the channel receives (--retriever-max-message-bytes, the retriever's own default): a
+  // Selection reply holds sequences x budget x KV heads x 4 bytes of positions, 4 MiB at 64 sequences of
+  // B = 2048 over 8 KV heads, past gRPC's 4 MiB default.
+  int64_t max_message_bytes = int64_t{64} << 20;
   absl::Duration step_deadline = absl::Milliseconds(200);
   int64_t gpu_memory_limit = 0;                     // planner's device limit (0: the backend's; both 0: off)
   int32_t kv_grow_rows = 2048;                      // device KV growth chunk (SparseOptions::kv_grow_rows)

@@ -151,6 +151,7 @@ TEST_F(SparseServices, BadSparseFlagsAreRejected) {
       {{"--retriever", "inproc", "--retrieval-head", head_, "--budget", "4", "--sink", "9"}, "--sink"},
       {{"--retriever", "inproc", "--retrieval-head", "/nonexistent/head"}, "--retrieval-head"},
       {{"--retriever", "127.0.0.1:1", "--retriever-deadline-ms", "0"}, "--retriever-deadline-ms"},
+      {{"--retriever", "127.0.0.1:1", "--retriever-max-message-bytes", "100"}, "--retriever-max-message-bytes"},
       {{"--retriever", "127.0.0.1:1", "--selection", "tokens"}, "--selection"},
       {{"--kvstore", "spc_bad_flags", "--kvstore-block-bytes", "100"}, "--kvstore-block-bytes"},
       {{"--kvstore", "bad/name"}, "--kvstore"},

@@ -316,9 +316,10 @@ TEST(ValidateSelection, RefusesWhatTheForwardWouldRefuse) {
   EXPECT_FALSE(generator::ValidateSelection(bad, past, 2, 2, kBudget).ok());
 }
 
-// The channel to the retriever receives what the generator's --max-message-bytes allows: a Selection of
-// 64 sequences x B 4096 x 8 KV heads x 4 bytes (8 MiB) passes gRPC's 4 MiB default.
-TEST(RetrieverChannelTest, ReceiveLimitFollowsMaxMessageBytes) {
+// The channel to the retriever receives what the generator's --retriever-max-message-bytes allows (by
+// default the retriever's own send limit): a Selection of 64 sequences x B 4096 x 8 KV heads x 4 bytes
+// (8 MiB) passes gRPC's 4 MiB default.
+TEST(RetrieverChannelTest, ReceiveLimitFollowsRetrieverMaxMessageBytes) {
   auto receive_limit = [](const generator::RemoteSparseOptions& o) -> int64_t {
     const grpc::ChannelArguments args = generator::RetrieverChannelArguments(o);
     grpc_channel_args c;
@@ -331,9 +332,9 @@ TEST(RetrieverChannelTest, ReceiveLimitFollowsMaxMessageBytes) {
     return -1;  // not set: gRPC's 4 MiB default
   };
   generator::RemoteSparseOptions o;
+  EXPECT_EQ(receive_limit(o), int64_t{64} << 20);  // the retriever's default send limit
+  o.max_message_bytes = int64_t{4} << 20;
   EXPECT_EQ(receive_limit(o), int64_t{4} << 20);
-  o.max_message_bytes = int64_t{64} << 20;
-  EXPECT_EQ(receive_limit(o), int64_t{64} << 20);
   o.max_message_bytes = int64_t{1} << 40;  // clamped to what gRPC takes
   EXPECT_EQ(receive_limit(o), std::numeric_limits<int>::max());
 }
