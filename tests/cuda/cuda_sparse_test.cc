@@ -239,7 +239,9 @@ void Step(Backend& cpu, Backend& gpu, const Case& c, std::vector<Seq>& seqs, std
   ASSERT_TRUE(cpu.PrepareBatch(cb).ok());
   absl::Status st = gpu.PrepareBatch(gb);
   ASSERT_TRUE(st.ok()) << st;
-  SparseDecodeDesc desc{&sets, plan->slots};
+  SparseDecodeDesc desc;
+  desc.sets = &sets;
+  desc.slots = plan->slots;
   desc.dense_resident = c.dense;
   ASSERT_TRUE(cpu.PrepareSparseDecode(desc).ok());
   st = gpu.PrepareSparseDecode(desc);
