@@ -11,7 +11,7 @@
 #   tasks     `specontext eval` of the task file SPC_TASKS: the head SPC_TASK_HEAD (NAME=DIR) dense and at
 #             SPC_TASK_BUDGETS (512,1024,2048), then each source of SPC_SOURCES at SPC_TASK_SOURCE_BUDGETS (1024)
 #   fallback  the weak-retrieval fallback (SPC_FALLBACK, 0.8) of SPC_TASK_HEAD: perplexity of the first window
-#             and the task file at SPC_TASK_SOURCE_BUDGETS, with its step counts and tokens/s
+#             and the task file at SPC_TASK_SOURCE_BUDGETS, with its fallback step and sequence-step counts and tokens/s
 #   fidelity  `specontext eval --fidelity` of SPC_PROMPTS (SPC_FIDELITY_TOKENS, 1024, tokens each, past EOS):
 #             SPC_TASK_HEAD at 1024 and 2048 against the dense continuations
 # SPC_BACKEND=cpu (and small SPC_* lists) checks this script on a machine without a GPU.

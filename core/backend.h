@@ -158,6 +158,15 @@ struct SparseDecodeDesc {
   // device: PrepareSparseDecode uploads the layout (indptr) and the slots only, and `sets->indices` need not
   // hold them yet (the host reads them with FinishSelectIndexSets while the forward runs).
   bool positions_on_device = false;
+  // Per-sequence weak-retrieval fallback (SparseOptions::fallback_mass): empty, or [n_seqs] where 1 makes
+  // sequence i's SparseAttention in resident layers read every past position [0, seq_len[i]) of its full
+  // cache instead of its sets (exact dense attention for that sequence alone); 0 keeps its sets. Offloaded
+  // layers read the sets' slot rows for every sequence (their rows come from host: a fallback does not load
+  // a whole past). A flag per sequence rather than sets of every past position: the sets stay what the
+  // elastic plan and the offloaded layers use, nothing of size past goes up, and the step graph's shape
+  // does not depend on which sequences are weak. CUDA: needs the positions on the host (not
+  // positions_on_device).
+  std::span<const uint8_t> dense_resident;
 };
 
 // A ragged batch: its slices and, per slice, the sequence's KV storage.

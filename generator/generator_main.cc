@@ -52,8 +52,9 @@ void DefineFlags(Args& a) {
   a.Define({"selection", "head (one set per KV head) or batch (one set per sequence)", false, false, "head"});
   a.Define({"selection-source", "inproc: where index sets come from: head (the retrieval head), or for evaluation "
             "window (sink + most recent), oracle or quest (each layer's own; no head needed)", false, false, "head"});
-  a.Define({"fallback-mass", "inproc, head source: a step whose head kept less than this attention mass attends "
-            "densely in the resident layers (0 = off)", false, false, "0"});
+  a.Define({"fallback-mass", "inproc, head source: a sequence whose head kept less than this attention mass "
+            "attends densely in the resident layers for that step; the other sequences keep their sets and "
+            "offloaded layers their selected rows (0 = off)", false, false, "0"});
   a.Define({"retriever-deadline-ms", "split mode: longest wait for a step's index sets before falling back",
             false, false, "200"});
   a.Define({"retriever-max-message-bytes", "split mode: largest reply taken from the retriever (a Selection holds "

@@ -29,6 +29,7 @@ void SparseMetrics::Update(const SparseEngineStats& s, const RetrievalPathStats&
   AdvanceTo(kv_grows, static_cast<double>(s.kv_grows));
   AdvanceTo(remote_steps, static_cast<double>(r.remote_steps));
   AdvanceTo(weak_fallback_steps, static_cast<double>(s.weak_retrieval_fallback_steps));
+  AdvanceTo(weak_fallback_sequences, static_cast<double>(s.weak_retrieval_fallback_sequences));
   AdvanceTo(prefetch_hidden, s.elastic.copy_hidden_seconds());
   AdvanceTo(prefetch_exposed, s.elastic.copy_exposed_seconds);
   offloaded_layers->Set(s.offloaded_layers);
@@ -62,8 +63,12 @@ absl::StatusOr<SparseMetrics> RegisterSparseMetrics(metrics::Registry* r) {
                                            "Decode steps whose index sets came from the retriever service."));
   ASSIGN_OR_RETURN(m.weak_fallback_steps,
                    counter("spc_weak_retrieval_fallback_steps_total",
-                           "Decode steps whose retrieval head kept less than --fallback-mass of its attention mass "
-                           "(the resident layers attended densely)."));
+                           "Decode steps with at least one sequence whose retrieval head kept less than "
+                           "--fallback-mass of its attention mass."));
+  ASSIGN_OR_RETURN(m.weak_fallback_sequences,
+                   counter("spc_weak_retrieval_fallback_sequences_total",
+                           "Sequence-steps that fell back: a sequence whose retrieval head kept less than "
+                           "--fallback-mass of its attention mass attended densely in the resident layers."));
   ASSIGN_OR_RETURN(m.prefetch_hidden, counter("spc_prefetch_hidden_seconds_total",
                                               "Elastic prefetch time hidden behind compute (copy time the compute "
                                               "stream did not wait for; GPU only)."));

@@ -32,6 +32,7 @@ struct SparseMetrics {
   metrics::Counter* kv_grows = nullptr;          // spc_kv_grows_total
   metrics::Counter* remote_steps = nullptr;      // spc_retrieval_remote_steps_total
   metrics::Counter* weak_fallback_steps = nullptr;  // spc_weak_retrieval_fallback_steps_total
+  metrics::Counter* weak_fallback_sequences = nullptr;  // spc_weak_retrieval_fallback_sequences_total
   metrics::Counter* prefetch_hidden = nullptr;   // spc_prefetch_hidden_seconds_total
   metrics::Counter* prefetch_exposed = nullptr;  // spc_prefetch_exposed_seconds_total
   metrics::Gauge* offloaded_layers = nullptr;    // spc_offloaded_layers

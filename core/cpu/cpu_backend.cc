@@ -287,6 +287,7 @@ absl::Status CpuBackend::PrepareBatch(const BatchDesc& batch) {
   if (n != batch.n_tokens) return absl::InvalidArgumentError("batch: n_tokens differs from the slices' sum");
   batch_ = batch;
   sparse_sets_.n_seqs = -1;  // a new batch needs its own PrepareSparseDecode
+  dense_resident_sets_.n_seqs = 0;
   return absl::OkStatus();
 }
 

@@ -79,6 +79,9 @@ class CpuBackend : public Backend {
   BatchDesc batch_;
   IndexSets sparse_sets_;            // copy of the prepared sparse decode sets
   std::vector<int32_t> sparse_slots_;
+  // SparseDecodeDesc::dense_resident: the prepared sets with every flagged sequence's sets replaced by all of
+  // its past [0, seq_len) (budget raised to fit); what resident layers read. n_seqs 0: no flag set.
+  IndexSets dense_resident_sets_;
 };
 
 // Shape checks shared by the backends' argument validation.

@@ -1,6 +1,7 @@
 // KV tiers and sparse decode on the CPU backend: the reference the CUDA ops are tested against.
 // Sparse attention and the elastic copies reuse the core/sparse CPU references, so the engine path and the
 // algorithm's oracle cannot drift apart.
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -57,6 +58,29 @@ absl::Status CpuBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   const IndexSets& sets = *desc.sets;
   sparse_sets_ = sets;
   sparse_slots_.assign(desc.slots.begin(), desc.slots.end());
+  dense_resident_sets_.n_seqs = 0;
+  if (std::find(desc.dense_resident.begin(), desc.dense_resident.end(), 1) == desc.dense_resident.end()) {
+    return absl::OkStatus();
+  }
+  // The reference of the per-sequence fallback: the flagged sequences' sets are every past position.
+  int32_t budget = sets.budget;
+  for (int32_t i = 0; i < sets.n_seqs; ++i) {
+    if (desc.dense_resident[i] != 0) budget = std::max(budget, sets.seq_len[i]);
+  }
+  IndexSets& d = dense_resident_sets_;
+  d.Reset(sets.n_seqs, sets.n_kv_heads, sets.sets_per_seq, budget);
+  d.seq_len = sets.seq_len;
+  for (int32_t i = 0; i < sets.n_seqs; ++i) {
+    for (int32_t k = 0; k < sets.sets_per_seq; ++k) {
+      if (desc.dense_resident[i] != 0) {
+        for (int32_t p = 0; p < sets.seq_len[i]; ++p) d.indices.push_back(p);
+      } else {
+        const std::span<const int32_t> p = sets.SetPositions(i * sets.sets_per_seq + k);
+        d.indices.insert(d.indices.end(), p.begin(), p.end());
+      }
+      d.indptr.push_back(static_cast<int32_t>(d.indices.size()));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -96,7 +120,11 @@ absl::Status CpuBackend::SparseAttention(int layer, const Tensor& q, const Tenso
   }
   SparseAttentionArgs args;
   args.sets = &sparse_sets_;
-  if (offloaded) args.slots = sparse_slots_;
+  if (offloaded) {
+    args.slots = sparse_slots_;
+  } else if (dense_resident_sets_.n_seqs > 0) {
+    args.sets = &dense_resident_sets_;
+  }
   args.kv = views;
   args.q = q;
   args.k_cur = k_cur;

@@ -43,10 +43,17 @@ struct SparseSignature {
   int64_t sum_keys = 0;
   size_t off_pos = 0, off_slots = 0;
   bool has_slots = false;
+  // Per-sequence dense resident layers (SparseDecodeDesc::dense_resident): whether the resident layers read
+  // dense_len, and their plan's inputs (rounded, so the same for many steps of one set of weak sequences).
+  bool has_dense = false;
+  size_t off_dense = 0;
+  int dense_max_keys = 0;
+  int64_t dense_sum_keys = 0;
   bool operator==(const SparseSignature& o) const {
     return std::tie(sets, tables, partials, n_seqs, sets_per_seq, max_keys, sum_keys, off_pos, off_slots,
-                    has_slots) == std::tie(o.sets, o.tables, o.partials, o.n_seqs, o.sets_per_seq, o.max_keys,
-                                           o.sum_keys, o.off_pos, o.off_slots, o.has_slots);
+                    has_slots, has_dense, off_dense, dense_max_keys, dense_sum_keys) ==
+           std::tie(o.sets, o.tables, o.partials, o.n_seqs, o.sets_per_seq, o.max_keys, o.sum_keys, o.off_pos,
+                    o.off_slots, o.has_slots, o.has_dense, o.off_dense, o.dense_max_keys, o.dense_sum_keys);
   }
 };
 
@@ -62,6 +69,12 @@ SparseSignature SignatureOf(const CudaBackend::SparseState& sp) {
   s.off_pos = sp.off_pos;
   s.off_slots = sp.off_slots;
   s.has_slots = sp.has_slots;
+  s.has_dense = sp.has_dense;
+  if (sp.has_dense) {
+    s.off_dense = sp.off_dense;
+    s.dense_max_keys = sp.dense_max_keys;
+    s.dense_sum_keys = sp.dense_sum_keys;
+  }
   return s;
 }
 

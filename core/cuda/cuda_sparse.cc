@@ -309,6 +309,12 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   const size_t n_ptr = sets.indptr.size(), n_idx = sets.indices.size();
   const bool has_slots = !desc.slots.empty();
   const bool on_device = desc.positions_on_device;
+  const bool has_dense =
+      std::find(desc.dense_resident.begin(), desc.dense_resident.end(), 1) != desc.dense_resident.end();
+  if (has_dense && on_device) {
+    // The flags go up with the layout of a host upload; the weak-retrieval fallback waits for its sets anyway.
+    return absl::InvalidArgumentError("sparse decode: dense_resident needs the positions on the host");
+  }
   size_t total = 0;
   if (on_device) {
     // The started selection wrote the positions into sets_buf (sized by it): keep them, use its layout.
@@ -325,6 +331,10 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
     sp->off_pos = Align16Bytes(sizeof(int32_t) * n_ptr);
     sp->off_slots = sp->off_pos + Align16Bytes(sizeof(int32_t) * n_idx);
     total = std::max<size_t>(sp->off_slots + sizeof(int32_t) * (has_slots ? n_idx : 0), 16);
+    if (has_dense) {
+      sp->off_dense = Align16Bytes(total);
+      total = sp->off_dense + sizeof(int32_t) * n_seqs;
+    }
   }
   // [indptr][positions][slots] straight into the pinned staging buffer (one pass over each array; the
   // slots are range-checked while they are copied). With the positions on the device only the layout goes up,
@@ -336,6 +346,10 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
     ASSIGN_OR_RETURN(host, StagingReserve(sp->sets_staging, on_device ? sizeof(int32_t) * n_ptr : total));
     std::memcpy(host, sets.indptr.data(), sizeof(int32_t) * n_ptr);
     if (n_idx > 0 && !on_device) std::memcpy(host + sp->off_pos, sets.indices.data(), sizeof(int32_t) * n_idx);
+    if (has_dense) {
+      int32_t* dense_len = reinterpret_cast<int32_t*>(host + sp->off_dense);
+      for (int i = 0; i < n_seqs; ++i) dense_len[i] = desc.dense_resident[i] != 0 ? sets.seq_len[i] : -1;
+    }
   }
   // Slots index every offloaded layer's slot buffer: check them against the smallest of the sequence's.
   // With the positions on the device (the deferred selection: this call comes once the resident layers are
@@ -410,12 +424,20 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   sp->has_slots = has_slots;
   sp->sum_keys = 0;
   sp->max_keys = 0;
+  sp->has_dense = has_dense;
+  sp->dense_sum_keys = 0;
+  sp->dense_max_keys = 0;
+  constexpr int kQuantum = SparseState::kDensePlanKeys;
   for (int i = 0; i < n_seqs; ++i) {
+    const bool dense = has_dense && desc.dense_resident[i] != 0;
+    const int dense_keys = (sets.seq_len[i] + 1 + kQuantum - 1) / kQuantum * kQuantum;
     for (int g = 0; g < n_kv_; ++g) {
       const int32_t s = sets.SetIndex(i, g);
       const int keys = sets.indptr[s + 1] - sets.indptr[s] + 1;
       sp->sum_keys += keys;
       sp->max_keys = std::max(sp->max_keys, keys);
+      sp->dense_sum_keys += dense ? dense_keys : keys;
+      sp->dense_max_keys = std::max(sp->dense_max_keys, dense ? dense_keys : keys);
     }
   }
   sp->sets_valid = true;

@@ -224,6 +224,10 @@ absl::Status CudaBackend::SparseAttention(int layer, const Tensor& q, const Tens
   const char* sets = static_cast<const char*>(sp->sets_buf.data());
   p.indptr = reinterpret_cast<const int32_t*>(sets);
   p.rows = reinterpret_cast<const int32_t*>(sets + (offloaded ? sp->off_slots : sp->off_pos));
+  // The weak-retrieval fallback's sequences read their whole past in resident layers (SparseAttnParams::
+  // dense_len); an offloaded layer reads every sequence's set from its slot buffer.
+  const bool dense = sp->has_dense && !offloaded;
+  if (dense) p.dense_len = reinterpret_cast<const int32_t*>(sets + sp->off_dense);
   p.sets_per_seq = sp->sets_per_seq;
   p.n_seqs = n_seqs;
   p.n_heads = static_cast<int>(n_heads);
@@ -231,7 +235,8 @@ absl::Status CudaBackend::SparseAttention(int layer, const Tensor& q, const Tens
   p.head_dim = head_dim_;
   p.scale = scale;
   // Split-K over the (sequence, KV head) lists: the kernel file owns the plan (the benchmark uses it too).
-  PlanSparseAttention(sp->sum_keys, sp->max_keys, sm_count_, &p);
+  PlanSparseAttention(dense ? sp->dense_sum_keys : sp->sum_keys, dense ? sp->dense_max_keys : sp->max_keys,
+                      sm_count_, &p);
   if (p.max_splits > 1) {
     const size_t rows = size_t(n_seqs) * n_kv_ * p.max_splits * group;
     const size_t off_lse = Align16Bytes(rows * head_dim_ * sizeof(float));

@@ -22,7 +22,8 @@ struct HostCounters {
 };
 
 // Where the deferred selection (StartSelectIndexSets) puts its results in SparseState::sets_buf:
-// [indptr][positions][mass][flag][slots], the middle three downloaded in one copy.
+// [indptr][positions][mass][flag][slots], the middle three downloaded in one copy. (A host upload,
+// PrepareSparseDecode, lays out [indptr][positions][slots][dense_len].)
 struct SelectLayout {
   bool valid = false;  // sets_buf holds this selection's positions (a host upload of positions clears it)
   size_t n_ptr = 0, n_idx = 0, mass_floats = 0;
@@ -65,6 +66,15 @@ struct CudaBackend::SparseState {
   bool has_slots = false;
   int64_t sum_keys = 0;  // Σ over (seq, KV head) of |set| + 1
   int max_keys = 0;
+  // SparseDecodeDesc::dense_resident: whether some sequence is flagged, then its dense_len array [n_seqs]
+  // (past or -1) at off_dense of sets_buf and the resident layers' plan inputs, the flagged sequences' lists
+  // counted at their past rounded up to kDensePlanKeys (so that the plan, and a step graph recorded with it,
+  // stays the same for many steps while the flagged sequences grow).
+  bool has_dense = false;
+  size_t off_dense = 0;
+  int64_t dense_sum_keys = 0;
+  int dense_max_keys = 0;
+  static constexpr int kDensePlanKeys = 1024;
   Tensor sets_buf;
   size_t off_pos = 0, off_slots = 0;
   PinnedStaging sets_staging;

@@ -86,6 +86,8 @@ absl::StatusOr<BatchRunStats> BatchRunner::Run(std::vector<GenerationRequest> re
   run.dense_steps = end_stats.dense_steps - start_stats.dense_steps;
   run.weak_retrieval_fallback_steps =
       end_stats.weak_retrieval_fallback_steps - start_stats.weak_retrieval_fallback_steps;
+  run.weak_retrieval_fallback_sequences =
+      end_stats.weak_retrieval_fallback_sequences - start_stats.weak_retrieval_fallback_sequences;
   run.overlap = overlap_.samples();
   return run;
 }

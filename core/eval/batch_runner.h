@@ -26,9 +26,10 @@ struct BatchRunStats {
   int64_t generated_tokens = 0;
   int64_t sparse_steps = 0;       // decode steps on the sparse path (SparseEngineStats), during this run
   int64_t dense_steps = 0;
-  // Of the sparse steps, those the weak-retrieval fallback ran densely on the resident layers (a step falls
-  // back for the whole batch when one sequence's head kept too little mass).
+  // Weak-retrieval fallback: sparse steps with at least one weak sequence, and the sequence-steps that fell
+  // back (only the weak sequence attends densely in the resident layers; the others keep their sets).
   int64_t weak_retrieval_fallback_steps = 0;
+  int64_t weak_retrieval_fallback_sequences = 0;
   std::vector<double> overlap;    // OverlapRecorder samples of this run (sparse mode)
 };
 

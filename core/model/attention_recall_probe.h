@@ -26,9 +26,10 @@ struct AttentionRecallStep {
       head_mass;  // [n_seqs] head source: mean mass the head's own selection kept; else empty
   // Every past was within its budget: exact dense attention, recall 1 everywhere.
   bool dense = false;
-  // Weak-retrieval fallback (SparseOptions::fallback_mass): the resident layers attended densely
-  // (recall 1).
-  bool fallback = false;
+  // [n_seqs] weak-retrieval fallback (SparseOptions::fallback_mass), per sequence: 1 where the sequence's
+  // resident layers attended to every past position (recall 1 there; its offloaded layers read the head's
+  // sets as every other sequence's do).
+  std::vector<uint8_t> fallback;
 
   float at(int32_t seq, int32_t layer, int32_t head) const {
     return recall[(static_cast<size_t>(seq) * n_layers + layer) * n_heads + head];

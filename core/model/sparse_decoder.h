@@ -76,12 +76,14 @@ struct SparseOptions {
   /// head for them). oracle and quest select in every layer (SparseForward::layer_selection) and need every
   /// layer resident: a step with offloaded layers fails with FailedPrecondition.
   SelectionSource source = SelectionSource::kHead;
-  /// Weak-retrieval fallback, head source only; 0 = off. A decode step where some sequence's head selection
+  /// Weak-retrieval fallback, head source only; 0 = off. Decided per sequence: a sequence whose head selection
   /// kept a mean attention mass (SelectionResult::captured_mass over its query heads, the head's own
-  /// softmax) below this attends densely in every resident layer (SparseForward::dense_resident_layers:
-  /// exact, no new sets or copies; offloaded layers keep the sets, their slot buffers hold only those rows).
-  /// Counted in SparseEngineStats::weak_retrieval_fallback_steps. The step waits for its sets before the
-  /// forward (no deferred selection).
+  /// softmax) below this attends to every past position in every resident layer (SparseDecodeDesc::
+  /// dense_resident: exact for it, no new sets or copies); the other sequences of the step keep their sets,
+  /// and offloaded layers keep the head's sets for every sequence (their slot buffers hold only those rows;
+  /// a fallback does not load a whole past from host). Counted in SparseEngineStats::
+  /// weak_retrieval_fallback_steps (steps with a weak sequence) and weak_retrieval_fallback_sequences
+  /// (sequence-steps that fell back). The step waits for its sets before the forward (no deferred selection).
   double fallback_mass = 0;
   /// Attention recall probe (null: off, nothing runs): called after every decode step with the recall of
   /// each sequence, layer and query head (core/model/attention_recall_probe.h). Probed steps run op by op.
@@ -197,7 +199,7 @@ class SparseDecoder : public SparseDecodeHooks {
   // records its captured mass.
   absl::Status TakeSelection();
   // The head source's step: the selection (deferred unless something needs the sets first), into sf->desc;
-  // with fallback_mass, a weak selection sets sf->dense_resident_layers (sparse_decoder_sources.cc).
+  // with fallback_mass, the weak sequences go into sf->desc.dense_resident (sparse_decoder_sources.cc).
   absl::Status SelectWithHead(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, const Tensor& q,
                               SparseForward* sf);
   // The other sources' step: window sets (oracle, quest: their layout, each layer choosing the positions).
@@ -237,6 +239,7 @@ class SparseDecoder : public SparseDecodeHooks {
   SelectionResult selection_;
   LayerSelectionSpec layer_spec_;  // oracle, quest: what each layer selects by
   std::vector<int32_t> lens_, budgets_;  // SelectWithoutHead scratch
+  std::vector<uint8_t> weak_;            // [n_seqs] the step's weak-retrieval flags (SparseDecodeDesc::dense_resident)
   // Recall probe: [n_layers, n_seqs, n_heads, 2] f32 on the backend and its host copy, the step's record.
   Tensor recall_lse_, recall_host_;
   AttentionRecallStep recall_step_;

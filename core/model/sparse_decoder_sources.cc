@@ -52,16 +52,29 @@ absl::Status SparseDecoder::SelectWithHead(std::span<const ForwardSeq> fwd,
     RETURN_IF_ERROR(b.SelectIndexSets(queries_.data(), queries_.size(), so, &selection_));
   }
   if (!selection_.pending) RETURN_IF_ERROR(TakeSelection());
+  weak_.clear();
   if (fallback) {
-    // Weak retrieval: some sequence's head kept less than the threshold of its own attention mass
-    // (mean over its query heads). The resident layers then attend to everything they hold.
+    // Weak retrieval, per sequence: a sequence whose head kept less than the threshold of its own attention
+    // mass (mean over its query heads) attends to every past position in the resident layers; the others keep
+    // their sets. A per-sequence flag (SparseDecodeDesc::dense_resident) rather than a step-wide dense
+    // attention: one weak sequence of 64 must not make the step dense for all, and the flag changes neither
+    // the sets (the elastic plan and the offloaded layers keep the head's) nor the step graph's variant.
     const size_t nqh = static_cast<size_t>(selection_.n_q_heads);
-    for (size_t i = 0; i < fwd.size() && nqh > 0 && !sf->dense_resident_layers; ++i) {
+    int64_t n_weak = 0;
+    weak_.assign(fwd.size(), 0);
+    for (size_t i = 0; i < fwd.size() && nqh > 0; ++i) {
       double mass = 0;
       for (size_t h = 0; h < nqh; ++h) mass += selection_.captured_mass[i * nqh + h];
-      sf->dense_resident_layers = mass / static_cast<double>(nqh) < options_.fallback_mass;
+      weak_[i] = mass / static_cast<double>(nqh) < options_.fallback_mass ? 1 : 0;
+      n_weak += weak_[i];
     }
-    if (sf->dense_resident_layers) ++stats_.weak_retrieval_fallback_steps;
+    if (n_weak > 0) {
+      ++stats_.weak_retrieval_fallback_steps;
+      stats_.weak_retrieval_fallback_sequences += n_weak;
+      sf->desc.dense_resident = weak_;
+    } else {
+      weak_.clear();
+    }
   }
   return absl::OkStatus();
 }
@@ -113,7 +126,17 @@ absl::Status SparseDecoder::FinishRecallProbe(std::span<const ForwardSeq> fwd,
   }
   r.step = decode_steps_;
   r.dense = sf.dense_attention;
-  r.fallback = sf.dense_resident_layers;
+  // The weak sequences' resident layers read every past position: recall 1 there, whatever the backend's
+  // probe measured over the head's sets (the offloaded layers read those sets and keep their recall).
+  r.fallback.assign(n_seqs, 0);
+  const int32_t resident = tiers_->gpu_layers();
+  for (int32_t i = 0; i < n_seqs && !sf.desc.dense_resident.empty(); ++i) {
+    if (sf.desc.dense_resident[i] == 0) continue;
+    r.fallback[i] = 1;
+    for (int32_t l = 0; l < resident && l < r.n_layers; ++l) {
+      std::fill_n(r.recall.begin() + (static_cast<size_t>(i) * r.n_layers + l) * r.n_heads, r.n_heads, 1.0f);
+    }
+  }
   r.ids.resize(n_seqs);
   r.positions.resize(n_seqs);
   for (int32_t i = 0; i < n_seqs; ++i) {

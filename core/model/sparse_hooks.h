@@ -43,8 +43,11 @@ struct SparseEngineStats {
   int64_t host_kv_bytes = 0;      // now: pinned host bytes (Backend::host_memory_report total)
   int64_t device_bytes = 0;       // now: device bytes (Backend::memory_report total)
   double last_captured_mass = 1;  // last step: mean attention mass the selection kept (retrieval head)
-  // Decode steps whose retrieval was weak (SparseOptions::fallback_mass): the resident layers attended densely.
+  // Weak-retrieval fallback (SparseOptions::fallback_mass): decode steps with at least one weak sequence, and
+  // the sequence-steps that fell back (each weak sequence of a step counts one; its resident layers attended
+  // densely, the other sequences' did not).
   int64_t weak_retrieval_fallback_steps = 0;
+  int64_t weak_retrieval_fallback_sequences = 0;
   SparseStepSeconds decode_seconds;  // host time of decode steps by phase (SparseDecoder only)
 };
 

@@ -149,6 +149,10 @@ absl::Status ValidateSparseDecode(const SparseDecodeDesc& desc, const BatchDesc&
                                                      sets.seq_len[i], " (need 1 token and equal past)"));
     }
   }
+  if (!desc.dense_resident.empty() && desc.dense_resident.size() != static_cast<size_t>(sets.n_seqs)) {
+    return absl::InvalidArgumentError(absl::StrCat("sparse decode: ", desc.dense_resident.size(),
+                                                   " dense_resident flags for ", sets.n_seqs, " sequences"));
+  }
   if (!desc.slots.empty() && desc.slots.size() != sets.indices.size()) {
     return absl::InvalidArgumentError(absl::StrCat("sparse decode: ", desc.slots.size(), " slots for ",
                                                    sets.indices.size(), " positions"));

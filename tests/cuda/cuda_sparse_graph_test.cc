@@ -6,9 +6,12 @@
 // decode pass alone is graphed; batch size 2 gets its own graph) and layers move to host (the resident
 // layers before them recorded as a prefix graph, the offloaded ones and the LM head as a suffix graph
 // waiting on the elastic loads the host enqueues on the copy stream in between). Both decoders share one backend and one model; the backend's graph switch is
-// flipped before each call, which also checks that another decoder's state in between is not replayed.
+// flipped before each call, which also checks that another decoder's state in between is not replayed. With
+// the weak-retrieval fallback on, the weak sequences' resident layers read their whole past (a per-sequence
+// flag the recording reads, not a variant of its own).
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -63,7 +66,7 @@ struct Stream {
 
 // Drives `graph` (step graphs on) and `eager` (off) through the same steps and compares their logits
 // bitwise. `overlap` > 0 turns the synthetic-overlap rewrite on. Returns the graph stats delta.
-void CompareRuns(Fixture& f, const RetrievalHead& head, double overlap, uint32_t seed) {
+void CompareRuns(Fixture& f, const RetrievalHead& head, double overlap, uint32_t seed, double fallback_mass = 0) {
   auto* cuda = dynamic_cast<cuda::CudaBackend*>(f.backend.get());
   ASSERT_NE(cuda, nullptr);
   const int64_t vocab = f.checkpoint.config.vocab_size;
@@ -72,6 +75,7 @@ void CompareRuns(Fixture& f, const RetrievalHead& head, double overlap, uint32_t
   o.budget = kB;
   o.kv_grow_rows = 8;  // the resident KV moves every 8 tokens
   o.synthetic_overlap = overlap;
+  o.fallback_mass = fallback_mass;
   Run runs[2];
   for (Run& r : runs) {
     auto d = SparseDecoder::Create(f.model.get(), &head, o);
@@ -137,6 +141,21 @@ void CompareRuns(Fixture& f, const RetrievalHead& head, double overlap, uint32_t
   }
   const auto after = cuda->graph_stats();
   EXPECT_GT(decode_compares, 100);
+  const SparseEngineStats gs = runs[0].dec->stats(), es = runs[1].dec->stats();
+  EXPECT_EQ(gs.weak_retrieval_fallback_sequences, es.weak_retrieval_fallback_sequences);
+  if (fallback_mass == 1.0) {
+    // Every sequence weak at every sparse step: the plan's rounded lengths keep one recording for many steps.
+    EXPECT_EQ(gs.weak_retrieval_fallback_steps, gs.sparse_steps);
+  } else if (fallback_mass > 0) {
+    // The weak sequences change from step to step (a changed set of them re-records): the logits must still be
+    // bitwise the op-by-op ones; how often the graphs replay depends on the head.
+    std::printf("fallback %.2f: %lld weak sequence-steps of %lld steps, %lld replays, %lld captures\n", fallback_mass,
+                static_cast<long long>(gs.weak_retrieval_fallback_sequences),
+                static_cast<long long>(gs.sparse_steps), static_cast<long long>(after.replays - before.replays),
+                static_cast<long long>(after.captures - before.captures));
+    EXPECT_EQ(after.fallbacks, before.fallbacks) << "a sparse step could not be recorded";
+    return;
+  }
   // Batch sizes 1 and 2 were recorded (again when the KV moved or a set size changed) and replayed often.
   EXPECT_GE(after.captures - before.captures, 2);
   EXPECT_GT(after.replays - before.replays, 40);
@@ -163,6 +182,17 @@ TEST(CudaSparseGraph, SyntheticOverlapReplaysGiveBitwiseTheOpByOpLogits) {
   auto f = Load(std::move(gpu), 7);
   ASSERT_NE(f, nullptr);
   CompareRuns(*f, *f->layer_head, 0.6, FreshSeed());
+}
+
+// The weak-retrieval fallback per sequence: every sequence weak (threshold 1), and a threshold in between.
+TEST(CudaSparseGraph, WeakRetrievalFallbackReplaysGiveBitwiseTheOpByOpLogits) {
+  SPC_GPU_OR_SKIP(gpu);
+  auto f = Load(std::move(gpu), 7);
+  ASSERT_NE(f, nullptr);
+  for (double mass : {1.0, 0.5}) {
+    SCOPED_TRACE(mass);
+    CompareRuns(*f, *f->layer_head, 0, FreshSeed(), mass);
+  }
 }
 
 // An EAGLE-3 head: the forward captures hidden states into the decoder's buffer inside the graph.

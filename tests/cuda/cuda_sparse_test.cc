@@ -3,7 +3,9 @@
 // offloaded layers (GQA 1/2/3/4/8/12/16, head_dim 32/64/80/128/256, lengths 1 to 5000, odd budgets, head- and
 // batch-level sets, split-K; both the tensor-core and the generic kernel), elastic
 // loads over several steps (slot buffers bit-exact against a host mirror, sentinel rows around and between
-// them untouched), KV appends to pinned host memory, pinned host accounting. Selection: cuda_selection_test.cc.
+// them untouched), KV appends to pinned host memory, pinned host accounting; per-sequence dense resident
+// layers (SparseDecodeDesc::dense_resident: flagged sequences read every past position in the resident layer,
+// their sets in the offloaded one). Selection: cuda_selection_test.cc.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -31,12 +33,15 @@ struct Case {
   int budget;
   bool batch_level;
   std::vector<int> lens;  // past tokens per sequence
+  std::vector<uint8_t> dense = {};  // SparseDecodeDesc::dense_resident (empty: none)
 };
 
 std::string Name(const Case& c) {
   std::string s = absl::StrCat("hd=", c.head_dim, " n_kv=", c.n_kv, " group=", c.group, " B=", c.budget,
                                c.batch_level ? " batch-level" : " head-level", " lens=");
   for (int l : c.lens) absl::StrAppend(&s, l, ",");
+  if (!c.dense.empty()) absl::StrAppend(&s, " dense=");
+  for (uint8_t d : c.dense) absl::StrAppend(&s, d, ",");
   return s;
 }
 
@@ -234,7 +239,10 @@ void Step(Backend& cpu, Backend& gpu, const Case& c, std::vector<Seq>& seqs, std
   ASSERT_TRUE(cpu.PrepareBatch(cb).ok());
   absl::Status st = gpu.PrepareBatch(gb);
   ASSERT_TRUE(st.ok()) << st;
-  SparseDecodeDesc desc{&sets, plan->slots};
+  SparseDecodeDesc desc;
+  desc.sets = &sets;
+  desc.slots = plan->slots;
+  desc.dense_resident = c.dense;
   ASSERT_TRUE(cpu.PrepareSparseDecode(desc).ok());
   st = gpu.PrepareSparseDecode(desc);
   ASSERT_TRUE(st.ok()) << what << ": " << st;
@@ -314,6 +322,21 @@ TEST(CudaSparseTest, TensorCoreKernelShapes) {
   std::vector<int> lens;
   for (int i = 0; i < 12; ++i) lens.push_back(1 + 397 * i);
   RunCase(*gpu, {128, 2, 4, 1000, false, lens}, 2);
+}
+
+// The weak-retrieval fallback per sequence: flagged sequences attend to their whole past in the resident
+// layer (the CPU backend's reference: sets of every past position) and to their sets in the offloaded one,
+// beside unflagged ones; both kernels, head- and batch-level sets, lists far longer than the budget (split-K
+// planned for the resident layer's longest list).
+TEST(CudaSparseTest, DenseResidentSequences) {
+  SPC_GPU_OR_SKIP(gpu);
+  RunCase(*gpu, {128, 2, 4, 7, false, {1, 17, 2049}, {0, 1, 1}});
+  RunCase(*gpu, {64, 8, 4, 257, false, {3000, 17, 1, 700, 256}, {1, 0, 1, 1, 0}});
+  RunCase(*gpu, {128, 8, 8, 33, false, {5000, 97}, {0, 1}}, 4);
+  RunCase(*gpu, {128, 4, 4, 65, true, {17, 2049, 1}, {0, 1, 0}});
+  RunCase(*gpu, {80, 2, 3, 33, false, {50, 17, 2049}, {1, 0, 1}});  // generic kernel (head_dim 80)
+  RunCase(*gpu, {128, 1, 12, 65, false, {300, 97}, {1, 1}});        // generic kernel (group 12)
+  RunCase(*gpu, {64, 2, 1, 101, false, {1, 2, 150}, {1, 1, 1}});
 }
 
 TEST(CudaSparseTest, WideHeadsAndLargeGroups) {

@@ -172,6 +172,7 @@ TEST_F(EvalCliTest, BudgetAboveEverySequenceGivesTheDenseResults) {
   EXPECT_EQ(settings[4096]["sparse_steps"], 0);
   EXPECT_GT(settings[8]["sparse_steps"], 0);
   EXPECT_EQ(settings[8]["weak_retrieval_fallback_steps"], 0);
+  EXPECT_EQ(settings[8]["weak_retrieval_fallback_sequences"], 0);
   EXPECT_EQ(overlap[8]["samples"], 4 * (16 - 2));
   EXPECT_GT(overlap[8]["p50"].get<double>(), 0.0);
   EXPECT_EQ(overlap[4096]["samples"], 0);
@@ -194,6 +195,12 @@ TEST_F(EvalCliTest, SettingLineCountsWeakRetrievalFallbackSteps) {
   ASSERT_GT(settings[8]["sparse_steps"].get<int64_t>(), 0);
   EXPECT_EQ(settings[8]["weak_retrieval_fallback_steps"], settings[8]["sparse_steps"]);
   EXPECT_EQ(settings[0]["weak_retrieval_fallback_steps"], 0);
+  EXPECT_EQ(settings[0]["weak_retrieval_fallback_sequences"], 0);
+  // Every sequence of every sparse step fell back: at least one per step, at most the 4 tasks per step.
+  const int64_t steps = settings[8]["sparse_steps"].get<int64_t>();
+  const int64_t seqs = settings[8]["weak_retrieval_fallback_sequences"].get<int64_t>();
+  EXPECT_GE(seqs, steps);
+  EXPECT_LE(seqs, 4 * steps);
   auto results = Results(lines, "result");
   for (int i = 0; i < 4; ++i) {
     const std::string id = absl::StrCat("t", i);

@@ -103,6 +103,8 @@ TEST_F(SparseServices, InprocSelectionSourceAndFallback) {
   const double fallback = Metric(gen.metrics_port(), "spc_weak_retrieval_fallback_steps_total");
   EXPECT_GT(fallback, 0);
   EXPECT_EQ(fallback, Metric(gen.metrics_port(), "spc_sparse_decode_steps_total"));
+  // One request: one weak sequence per fallback step.
+  EXPECT_EQ(Metric(gen.metrics_port(), "spc_weak_retrieval_fallback_sequences_total"), fallback);
   ExpectPromtoolAccepts(gen.metrics_port());
 }
 

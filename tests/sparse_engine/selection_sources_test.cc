@@ -13,13 +13,20 @@
 //   - window sets through the Engine are exactly sink + most recent, offloaded or not; oracle with
 //   offloaded
 //     layers fails with a clear message; the fallback triggers, is counted and gives the dense
-//     tokens.
+//     tokens;
+//   - the fallback is per sequence: in a batch only the weak sequence attends to every past position in
+//     the resident layers (its logits the dense run's, or the reference's with an offloaded layer reading
+//     the head's set), the others' logits are those of the batch without the fallback, and both counters
+//     (steps with a weak sequence, weak sequence-steps) count exactly; a threshold of 1 makes every
+//     sequence of a batch dense.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 #include <random>
+#include <vector>
 
 #include "core/cpu/cpu_backend.h"
 #include "core/model/engine.h"
@@ -338,16 +345,213 @@ TEST_F(SourcesTest, WeakRetrievalFallbackTriggersAndIsCounted) {
     ASSERT_GT(st.sparse_steps, 0);
     if (threshold == 1.0) {
       EXPECT_EQ(st.weak_retrieval_fallback_steps, st.sparse_steps);
+      EXPECT_EQ(st.weak_retrieval_fallback_sequences, st.sparse_steps);  // one sequence per step
       EXPECT_EQ(got, dense);
-      EXPECT_TRUE(last_.fallback);
+      EXPECT_EQ(last_.fallback, std::vector<uint8_t>{1});
       for (float v : last_.recall) EXPECT_EQ(v, 1.0f);  // what the resident layers read: everything
     } else {
       EXPECT_EQ(st.weak_retrieval_fallback_steps, 0);
-      EXPECT_FALSE(last_.fallback);
+      EXPECT_EQ(st.weak_retrieval_fallback_sequences, 0);
+      EXPECT_EQ(last_.fallback, std::vector<uint8_t>{0});
     }
     ASSERT_EQ(last_.head_mass.size(), 1u);
     EXPECT_LT(last_.head_mass[0], 1.0f);
   }
+}
+
+// A teacher-forced batch decode through `dec` (driven directly): the prompts' forward, then `steps` decode
+// steps of the tokens RandomPrompt(steps, vocab, 100 + i) for sequence i. Per decode step: the logits
+// [n_seqs][vocab], the probe's record and, per sequence, the reference's logits where `ref_sets` is given
+// (it names the positions sequence `seq` read in layer `layer`, KV head g at that step).
+struct BatchRun {
+  std::vector<std::vector<std::vector<float>>> logits;  // [step][seq][vocab]
+  std::vector<AttentionRecallStep> probes;              // [step]
+  std::vector<std::vector<double>> ref_error;           // [step][seq] max relative logit error (or -1)
+  SparseEngineStats stats;
+};
+
+using BatchRefSets = std::function<std::vector<int32_t>(int seq, int layer, int g, int32_t past)>;
+
+BatchRun RunBatch(Tiny& t, SparseDecoder& dec, const AttentionRecallStep& last,
+                  const std::vector<int32_t>& budgets, int steps, const BatchRefSets& ref_sets = {}) {
+  BatchRun out;
+  const ModelConfig& c = t.checkpoint.config;
+  const int n = static_cast<int>(budgets.size());
+  auto ref = ReferenceDecoder::Create(t.checkpoint);
+  EXPECT_TRUE(ref.ok()) << ref.status();
+  std::vector<std::vector<int32_t>> prompts(n), tokens(n);
+  std::vector<std::unique_ptr<SequenceKv>> kvs(n);
+  std::vector<SparseStepSeq> seqs;
+  std::vector<ForwardSeq> fwd;
+  for (int i = 0; i < n; ++i) {
+    prompts[i] = RandomPrompt(12, c.vocab_size, 50 + i);
+    tokens[i] = RandomPrompt(steps, c.vocab_size, 100 + i);
+    auto kv = dec.AllocateKv(i + 1, 64, budgets[i]);
+    EXPECT_TRUE(kv.ok()) << kv.status();
+    if (!kv.ok()) {
+      return out;
+    }
+    kvs[i] = *std::move(kv);
+    seqs.push_back({static_cast<uint64_t>(i + 1), budgets[i]});
+    fwd.push_back({prompts[i], 0, kvs[i].get()});
+  }
+  Tensor logits = Tensor::HostEmpty(DType::kF32, {n, c.vocab_size});
+  absl::Status st = dec.Forward(fwd, seqs, &logits);
+  EXPECT_TRUE(st.ok()) << st;
+  for (int s = 0; s < steps && st.ok(); ++s) {
+    for (int i = 0; i < n; ++i) {
+      fwd[i] = {std::span<const int32_t>(&tokens[i][s], 1), static_cast<int32_t>(prompts[i].size()) + s,
+                kvs[i].get()};
+    }
+    st = dec.Forward(fwd, seqs, &logits);
+    EXPECT_TRUE(st.ok()) << st;
+    out.probes.push_back(last);
+    out.logits.emplace_back();
+    out.ref_error.emplace_back(n, -1.0);
+    for (int i = 0; i < n; ++i) {
+      const float* row = logits.as<float>() + static_cast<int64_t>(i) * c.vocab_size;
+      out.logits.back().emplace_back(row, row + c.vocab_size);
+      if (!ref_sets || !ref.ok()) {
+        continue;
+      }
+      const int32_t past = fwd[i].past_len;
+      const ReferenceStep r = ref->Step(tokens[i][s], past, *kvs[i], [&](int l, int g, const std::vector<double>&,
+                                                                          const Tensor&) {
+        return ref_sets(i, l, g, past);
+      });
+      double err = 0;
+      for (int64_t v = 0; v < c.vocab_size; ++v) {
+        err = std::max(err, std::abs(row[v] - r.logits[v]) / (1 + std::abs(r.logits[v])));
+      }
+      out.ref_error.back()[i] = err;
+    }
+  }
+  out.stats = dec.stats();
+  for (int i = 0; i < n; ++i) dec.Release(i + 1);
+  return out;
+}
+
+// The dense engine path (Transformer::Forward, no sparse hooks) on sequence `i` of RunBatch alone: its
+// logits per decode step.
+std::vector<std::vector<float>> DenseAlone(Tiny& t, int i, int steps) {
+  const ModelConfig& c = t.checkpoint.config;
+  const std::vector<int32_t> prompt = RandomPrompt(12, c.vocab_size, 50 + i),
+                             tokens = RandomPrompt(steps, c.vocab_size, 100 + i);
+  auto kv = t.model->AllocateKv(64);
+  EXPECT_TRUE(kv.ok()) << kv.status();
+  if (!kv.ok()) {
+    return {};
+  }
+  Tensor logits = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
+  std::vector<ForwardSeq> fwd = {{prompt, 0, kv->get()}};
+  EXPECT_TRUE(t.model->Forward(fwd, false, &logits).ok());
+  std::vector<std::vector<float>> out;
+  for (int s = 0; s < steps; ++s) {
+    fwd = {{std::span<const int32_t>(&tokens[s], 1), static_cast<int32_t>(prompt.size()) + s, kv->get()}};
+    EXPECT_TRUE(t.model->Forward(fwd, false, &logits).ok());
+    out.emplace_back(logits.as<float>(), logits.as<float>() + c.vocab_size);
+  }
+  return out;
+}
+
+double MaxRelDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  double err = a.size() == b.size() ? 0 : INFINITY;
+  for (size_t v = 0; v < a.size() && v < b.size(); ++v) {
+    err = std::max(err, std::abs(double(a[v]) - b[v]) / (1 + std::abs(double(b[v]))));
+  }
+  return err;
+}
+
+// The fallback is decided per sequence: in a batch of three where the threshold makes only sequence 0 weak
+// (budget 2 against 10 for the others), sequence 0 attends to every past position in the resident layers
+// (and the head's set in an offloaded one), the others' logits are those of the same batch without the
+// fallback, and the counters say one weak sequence per step.
+TEST_F(SourcesTest, WeakRetrievalFallbackIsPerSequence) {
+  constexpr int kSteps = 8;
+  const std::vector<int32_t> budgets = {2, 10, 10};
+  const std::vector<std::vector<float>> dense0 = DenseAlone(*tiny_, 0, kSteps);
+  for (int offload = 0; offload < 2; ++offload) {
+    SCOPED_TRACE(offload ? "layer 2 offloaded" : "every layer resident");
+    auto off = Decoder(SelectionSource::kHead, 10);
+    ASSERT_NE(off, nullptr);
+    if (offload) {
+      ASSERT_TRUE(off->OffloadLayers(2).ok());
+    }
+    const BatchRun a = RunBatch(*tiny_, *off, last_, budgets, kSteps);
+    ASSERT_EQ(a.probes.size(), static_cast<size_t>(kSteps));
+    // A threshold between sequence 0's largest captured mass and the others' smallest.
+    float weak_hi = 0, strong_lo = 1;
+    for (const AttentionRecallStep& p : a.probes) {
+      ASSERT_EQ(p.head_mass.size(), 3u);
+      weak_hi = std::max(weak_hi, p.head_mass[0]);
+      strong_lo = std::min({strong_lo, p.head_mass[1], p.head_mass[2]});
+    }
+    ASSERT_LT(weak_hi, strong_lo) << "the budgets do not separate the sequences' captured mass";
+    EXPECT_EQ(a.stats.weak_retrieval_fallback_steps, 0);
+    EXPECT_EQ(a.stats.weak_retrieval_fallback_sequences, 0);
+
+    auto on = Decoder(SelectionSource::kHead, 10, (weak_hi + strong_lo) / 2);
+    ASSERT_NE(on, nullptr);
+    if (offload) {
+      ASSERT_TRUE(on->OffloadLayers(2).ok());
+    }
+    SparseDecoder* d = on.get();
+    const int resident = offload ? 2 : 3;
+    const BatchRun b = RunBatch(*tiny_, *on, last_, budgets, kSteps, [&](int seq, int layer, int g, int32_t past) {
+      std::vector<int32_t> all(past);
+      std::iota(all.begin(), all.end(), 0);
+      if (seq == 0 && layer < resident) return all;
+      auto p = d->last_sets().Positions(seq, g);
+      return std::vector<int32_t>(p.begin(), p.end());
+    });
+    ASSERT_EQ(b.probes.size(), static_cast<size_t>(kSteps));
+    for (int s = 0; s < kSteps; ++s) {
+      SCOPED_TRACE(absl::StrCat("step ", s));
+      EXPECT_EQ(b.probes[s].fallback, (std::vector<uint8_t>{1, 0, 0}));
+      EXPECT_LT(b.ref_error[s][0], 1e-4);  // every past position in the resident layers
+      if (!offload) {
+        EXPECT_LT(MaxRelDiff(b.logits[s][0], dense0[s]), 1e-4);  // = the dense run of it alone
+      }
+      for (int i = 1; i < 3; ++i) {
+        EXPECT_EQ(b.logits[s][i], a.logits[s][i]) << "sequence " << i << " changed by another's fallback";
+        EXPECT_LT(b.ref_error[s][i], 1e-4);
+      }
+      // Recall 1 where sequence 0 read everything; its offloaded layer read the head's set (budget 2).
+      for (int l = 0; l < b.probes[s].n_layers; ++l) {
+        for (int h = 0; h < b.probes[s].n_heads && l < resident; ++h) {
+          EXPECT_EQ(b.probes[s].at(0, l, h), 1.0f);
+        }
+      }
+    }
+    // Sequence 0 differs from its sparse decode without the fallback (budget 2 of >= 12 past tokens).
+    EXPECT_GT(MaxRelDiff(b.logits[0][0], a.logits[0][0]), 1e-4);
+    EXPECT_EQ(b.stats.weak_retrieval_fallback_steps, kSteps);
+    EXPECT_EQ(b.stats.weak_retrieval_fallback_sequences, kSteps);
+  }
+}
+
+// Threshold 1: every sequence of a batch is weak at every step (a budget below the past keeps less than all
+// of the mass), so with every layer resident each sequence's logits are its dense ones.
+TEST_F(SourcesTest, WeakRetrievalFallbackOfOneGivesEverySequenceDenseResults) {
+  constexpr int kSteps = 6;
+  const std::vector<int32_t> budgets = {4, 3, 6};
+  auto dec = Decoder(SelectionSource::kHead, 4, 1.0);
+  ASSERT_NE(dec, nullptr);
+  const BatchRun b = RunBatch(*tiny_, *dec, last_, budgets, kSteps);
+  ASSERT_EQ(b.probes.size(), static_cast<size_t>(kSteps));
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<std::vector<float>> dense = DenseAlone(*tiny_, i, kSteps);
+    ASSERT_EQ(dense.size(), static_cast<size_t>(kSteps));
+    for (int s = 0; s < kSteps; ++s) {
+      EXPECT_LT(MaxRelDiff(b.logits[s][i], dense[s]), 1e-4) << "sequence " << i << " step " << s;
+    }
+  }
+  for (const AttentionRecallStep& p : b.probes) {
+    EXPECT_EQ(p.fallback, (std::vector<uint8_t>{1, 1, 1}));
+    for (float v : p.recall) EXPECT_EQ(v, 1.0f);
+  }
+  EXPECT_EQ(b.stats.weak_retrieval_fallback_steps, kSteps);
+  EXPECT_EQ(b.stats.weak_retrieval_fallback_sequences, 3 * kSteps);
 }
 
 TEST_F(SourcesTest, CreateRefusesBadCombinations) {

@@ -102,6 +102,7 @@ TEST_F(SparseCliTest, ScoreWithSelectionSourcesAndRecall) {
     EXPECT_NE(r.out.find(absl::StrCat("\"selection_source\":\"", source, "\"")), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("\"recall\":{"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("\"weak_retrieval_fallback_steps\":0"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("\"weak_retrieval_fallback_sequences\":0"), std::string::npos) << r.out;
     std::ifstream f(out);
     std::string line;
     int lines = 0;

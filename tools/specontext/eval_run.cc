@@ -60,6 +60,7 @@ json RunJson(const EvalSetting& s, const BatchRunStats& run, size_t items) {
   j["sparse_steps"] = run.sparse_steps;
   j["dense_steps"] = run.dense_steps;
   j["weak_retrieval_fallback_steps"] = run.weak_retrieval_fallback_steps;
+  j["weak_retrieval_fallback_sequences"] = run.weak_retrieval_fallback_sequences;
   return j;
 }
 

@@ -187,11 +187,12 @@ absl::Status RunGenerate(const Args& args) {
     std::fprintf(stderr, "%s",
                  absl::StrFormat("[sparse] budget=%d source=%s sparse_steps=%d dense_steps=%d overlap=%.3f "
                                  "rows_loaded=%d bytes_loaded=%d bytes_full_reload=%d offloaded_layers=%d "
-                                 "captured_mass=%.3f weak_retrieval_fallback_steps=%d\n",
+                                 "captured_mass=%.3f weak_retrieval_fallback_steps=%d "
+                                 "weak_retrieval_fallback_sequences=%d\n",
                                  sparse->budget, sparse->selection_source, st.sparse_steps, st.dense_steps,
                                  st.elastic.overlap_ratio(), st.elastic.rows_loaded, st.elastic.bytes_loaded,
                                  st.elastic.bytes_full_reload, st.offloaded_layers, st.last_captured_mass,
-                                 st.weak_retrieval_fallback_steps)
+                                 st.weak_retrieval_fallback_steps, st.weak_retrieval_fallback_sequences)
                      .c_str());
   }
   return absl::OkStatus();

@@ -42,7 +42,7 @@ nlohmann::ordered_json RecallStepLine(const AttentionRecallStep& step, int32_t s
   if (static_cast<size_t>(seq) < step.head_mass.size())
     line["head_mass"] = Round4(step.head_mass[seq]);
   if (step.dense) line["dense"] = true;
-  if (step.fallback) line["fallback"] = true;
+  if (static_cast<size_t>(seq) < step.fallback.size() && step.fallback[seq] != 0) line["fallback"] = true;
   return line;
 }
 

@@ -236,6 +236,7 @@ absl::Status RunScore(const Args& args) {
     out["dense_steps"] = st.dense_steps;
     out["fallback_mass"] = sparse->fallback_mass;
     out["weak_retrieval_fallback_steps"] = st.weak_retrieval_fallback_steps;
+    out["weak_retrieval_fallback_sequences"] = st.weak_retrieval_fallback_sequences;
     if (recall) out["recall"] = recall_summary.ToJson();
   }
   if (recall_file != nullptr && std::fclose(recall_closer.release()) != 0) {

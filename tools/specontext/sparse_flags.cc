@@ -15,8 +15,9 @@ void DefineSparseFlags(Args& args) {
   args.Define({"selection-source", "sparse: where index sets come from: head (the retrieval head), window "
                "(sink + most recent), oracle (each layer's exact top-B) or quest (each layer's Quest pages)",
                false, false, "head"});
-  args.Define({"fallback-mass", "sparse, head source: a step whose head kept less than this attention mass attends "
-               "densely in the resident layers (0 = off)", false, false, "0"});
+  args.Define({"fallback-mass", "sparse, head source: a sequence whose head kept less than this attention mass "
+               "attends densely in the resident layers for that step; the other sequences keep their sets and "
+               "offloaded layers their selected rows (0 = off)", false, false, "0"});
 }
 
 absl::StatusOr<std::optional<SparseRuntimeOptions>> SparseOptionsFromArgs(const Args& args,

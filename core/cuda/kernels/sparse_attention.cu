@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) SparseAttentionKernel(SparseAttnPara
   const int seq = blockIdx.z, g = blockIdx.y, split = blockIdx.x;
   const int group = p.n_heads / p.n_kv, hd = p.head_dim;
   const SetKeys keys = KeysOf(p, seq, g);  // the layout: before the wait (see the top)
-  const int b = keys.b, n_set = keys.n_set, total = keys.total;
+  const int n_set = keys.n_set, total = keys.total;
   const int k0 = split * p.chunk;
   if (k0 >= total) return;
   const int k1 = min(total, k0 + p.chunk);
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) SparseAttentionKernel(SparseAttnPara
       const int key = t0 + j;
       const bf16* src;
       if (key < n_set) {
-        src = (is_v ? v_head : k_head) + int64_t(p.rows[b + key]) * hd;
+        src = (is_v ? v_head : k_head) + int64_t(RowOf(p, keys, key)) * hd;
       } else {
         src = is_v ? v_cur : k_cur;
       }
@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 3) SparseAttentionMmaKernel(Sp
     // prefetch is only a hint, so a stale position costs bandwidth, never a wrong result.
     const int key = k0 + warp * kMmaTile + (lane & 15);
     if (key < min(k1, n_set) && kv.rows > 0) {
-      const int row = min(max(__ldcg(p.rows + b + key), 0), static_cast<int>(kv.rows - 1));
+      const int row = min(max(keys.dense ? key : __ldcg(p.rows + b + key), 0), static_cast<int>(kv.rows - 1));
       const char* src = reinterpret_cast<const char*>((lane < 16 ? k_head : v_head) + int64_t(row) * HD);
 #pragma unroll
       for (int o = 0; o < HD * 2; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(src + o));
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 3) SparseAttentionMmaKernel(Sp
 
   // Lane l < 16 holds the row of key t + l (-1: the current token); the next tile's is loaded one
   // iteration ahead so that the gather does not wait on the index load.
-  auto row_of = [&](int key) { return key < n_set ? __ldg(rows + key) : -1; };
+  auto row_of = [&](int key) { return key < n_set ? (keys.dense ? key : __ldg(rows + key)) : -1; };
   int t = k0 + warp * kMmaTile;
   int my_row = lane < kMmaTile && t + lane < k1 ? row_of(t + lane) : 0;
   for (; t < k1; t += kMmaWarps * kMmaTile) {

@@ -33,6 +33,10 @@ struct SparseAttnParams {
   const SparseKvPtrs* kv = nullptr;  // [n_seqs] for the layer
   const int32_t* indptr = nullptr;   // [n_seqs * sets_per_seq + 1]
   const int32_t* rows = nullptr;     // [indptr[n_sets]] row of each set entry (position or slot)
+  // [n_seqs] or null (SparseDecodeDesc::dense_resident; resident layers only): a sequence with dense_len[seq]
+  // >= 0 attends to rows [0, dense_len[seq]) of its full cache (every past position: the weak-retrieval
+  // fallback) instead of its set. Uploaded with the sets' layout: read before the PDL wait.
+  const int32_t* dense_len = nullptr;
   int sets_per_seq = 1;
   int n_seqs = 0;
   int n_heads = 0;
@@ -55,15 +59,25 @@ struct SparseAttnParams {
 
 #if defined(__CUDACC__)
 // The keys of the set of (sequence, KV head g): rows [b, b + n_set) of p.rows, then the current token
-// (total = n_set + 1). Batch-level sets (one per sequence) serve every head.
+// (total = n_set + 1). Batch-level sets (one per sequence) serve every head. A dense sequence (p.dense_len)
+// reads rows 0 .. n_set - 1 themselves (RowOf), its whole past.
 struct SetKeys {
   int b, n_set, total;
+  bool dense;
 };
 __device__ __forceinline__ SetKeys KeysOf(const SparseAttnParams& p, int seq, int g) {
+  if (p.dense_len != nullptr) {
+    const int n = p.dense_len[seq];
+    if (n >= 0) return {0, n, n + 1, true};
+  }
   const int set = seq * p.sets_per_seq + (p.sets_per_seq == 1 ? 0 : g);
   const int b = p.indptr[set];
   const int n_set = p.indptr[set + 1] - b;
-  return {b, n_set, n_set + 1};
+  return {b, n_set, n_set + 1, false};
+}
+// The cache row of key `key` < keys.n_set (a set entry: position or slot; a dense sequence: the key itself).
+__device__ __forceinline__ int RowOf(const SparseAttnParams& p, const SetKeys& keys, int key) {
+  return keys.dense ? key : __ldg(p.rows + keys.b + key);
 }
 #endif
 
