@@ -70,6 +70,7 @@ void DefineFlags(Args& a) {
   a.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   a.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
   DefineCudaGraphsFlag(a);
+  DefineBatchInvariantFlag(a);
   a.Define({"threads", "CPU threads of the backend (0 = the CPUs this process may use)", false,
             false, "0"});
   a.Define({"max-context", "longest sequence (prompt + generated tokens) a request may reach; 0 = the model's "
