@@ -292,7 +292,7 @@ absl::Status Run(const Args& args) {
   SPC_LOG(INFO) << "specontext-generator serving" << Kv("grpc_port", grpc_port)
                 << Kv("metrics_port", metrics_server.port())
                 << Kv("http_port", http_server != nullptr ? http_server->port() : -1) << Kv("backend", rt.backend->name())
-                << Kv("retriever", so.retriever);
+                << Kv("retriever", so.retriever) << Kv("batch_invariant", rt.backend->batch_invariant());
 
   const int sig = WaitForTerminationSignal();
   SPC_LOG(INFO) << "draining" << Kv("signal", sig) << Kv("active_calls", service.active_calls());
