@@ -80,7 +80,7 @@ constexpr int kDecodeKeysPerStage = 64;  // 4 warps x 16 keys; split sizes are m
 constexpr int kMaxDecodeSplits = 64;
 // Batch-invariant mode (CudaBackendOptions::batch_invariant): the max_splits of every batch, so that a
 // sequence's split plan (DecodeSplitPlan) follows from its length alone: one split up to 128 keys, then
-// splits of whole stages, 16 from 2,048 keys on.
+// splits of whole stages (one per 128 keys), 16 from 1,921 keys on.
 constexpr int kBatchInvariantDecodeSplits = 16;
 
 // Split-K plan of one decoding sequence of `len` keys (cached + the new one), computed the same way
