@@ -120,9 +120,10 @@ if has equal; then
       "--retrieval-head $W/tiny-head --retriever inproc --budget 8"
     if spc_start retriever-tiny $LOGS specontext-retriever --head $W/tiny-head --model $W/tiny \
         --listen 127.0.0.1:0 --metrics-port 0; then
+      RETRIEVER_PID=$SPC_PID  # compare_cli_service's generator start overwrites SPC_PID
       compare_cli_service tiny-split $W/tiny "--sparse --retrieval-head $W/tiny-head --budget 8" \
         "--retrieval-head $W/tiny-head --retriever 127.0.0.1:$SPC_PORT --budget 8"
-      spc_stop $SPC_PID
+      spc_stop $RETRIEVER_PID
     fi
     if [ -n "${SPC_SERVE_MODEL:-}" ]; then  # a real model (e.g. SmolLM2-135M) and its trained head
       compare_cli_service real-dense "$SPC_SERVE_MODEL" "" ""
