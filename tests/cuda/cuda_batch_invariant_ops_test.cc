@@ -7,10 +7,14 @@
 // same alone, among 32 decoding sequences of other lengths, and in a mixed batch beside a prefilling
 // sequence, and close to a reference (as must the prefill rows of the mixed batch). With the mode off the
 // same comparisons are printed (max |diff|), not asserted: that is the batch dependence the mode removes.
+// Sparse attention: a sequence's output over its index sets is the same alone and among 31 sequences whose
+// sets and lengths change the default split plan.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -19,6 +23,7 @@
 #include "core/backend.h"
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/kernels/gemm_invariant.h"
+#include "core/sparse/index_sets.h"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace specontext::testing {
@@ -337,6 +342,117 @@ TEST(CudaBatchInvariant, DecodeAttentionBatchDependenceWithTheModeOffIsOnlyRepor
   for (const AttnShape& s : kAttnShapes) {
     std::printf("[ info ] mode off: decode attention n_kv %d group %d hd %d: max |batched - alone| = %g\n", s.n_kv,
                 s.group, s.hd, DecodeAttentionAloneVsBatched(*gpu, s, rng));
+  }
+}
+
+// ---- sparse attention (resident layer: sets address the full caches) ----
+
+struct SparseSeq {
+  SequenceKv kv;
+  int past = 0;
+  std::vector<std::vector<int32_t>> sets;  // [n_kv] ascending positions < past
+};
+
+std::unique_ptr<SparseSeq> MakeSparseSeq(Backend& gpu, const AttnShape& s, int past, int set_size, std::mt19937& rng) {
+  auto q = std::make_unique<SparseSeq>();
+  q->past = past;
+  q->kv.capacity = past + 1;
+  q->kv.k.push_back(*gpu.ToDevice(RandomHost({s.n_kv, past + 1, s.hd}, rng), DType::kBF16, MemoryKind::kKvCache));
+  q->kv.v.push_back(*gpu.ToDevice(RandomHost({s.n_kv, past + 1, s.hd}, rng), DType::kBF16, MemoryKind::kKvCache));
+  std::vector<int32_t> all(past);
+  std::iota(all.begin(), all.end(), 0);
+  for (int g = 0; g < s.n_kv; ++g) {
+    std::shuffle(all.begin(), all.end(), rng);
+    std::vector<int32_t> set(all.begin(), all.begin() + std::min(past, set_size));
+    std::sort(set.begin(), set.end());
+    q->sets.push_back(std::move(set));
+  }
+  return q;
+}
+
+// One SparseAttention of layer 0 over `batch`; the target's q, k_cur and v_cur rows are the given ones.
+// Returns the bytes of the target's output row.
+std::vector<uint8_t> SparseStep(Backend& gpu, const AttnShape& s, const std::vector<SparseSeq*>& batch,
+                                SparseSeq* target, const Tensor& tq, const Tensor& tk, const Tensor& tv,
+                                std::mt19937& rng, const std::string& what) {
+  const int n = static_cast<int>(batch.size()), n_heads = s.n_kv * s.group, hd = s.hd;
+  IndexSets sets;
+  sets.n_seqs = n;
+  sets.n_kv_heads = s.n_kv;
+  sets.sets_per_seq = s.n_kv;
+  sets.indptr.push_back(0);
+  BatchDesc b;
+  int target_row = -1;
+  for (int i = 0; i < n; ++i) {
+    sets.seq_len.push_back(batch[i]->past);
+    for (const auto& set : batch[i]->sets) {
+      sets.indices.insert(sets.indices.end(), set.begin(), set.end());
+      sets.indptr.push_back(static_cast<int32_t>(sets.indices.size()));
+      sets.budget = std::max(sets.budget, static_cast<int32_t>(set.size()));
+    }
+    b.seqs.push_back({i, 1, batch[i]->past});
+    b.kv.push_back(&batch[i]->kv);
+    if (batch[i] == target) target_row = i;
+  }
+  b.n_tokens = n;
+  Tensor q = RandomHost({n, n_heads, hd}, rng), k = RandomHost({n, s.n_kv, hd}, rng), v = RandomHost({n, s.n_kv, hd}, rng);
+  std::memcpy(q.as<float>() + size_t(target_row) * n_heads * hd, tq.data(), tq.nbytes());
+  std::memcpy(k.as<float>() + size_t(target_row) * s.n_kv * hd, tk.data(), tk.nbytes());
+  std::memcpy(v.as<float>() + size_t(target_row) * s.n_kv * hd, tv.data(), tv.nbytes());
+  auto qd = gpu.ToDevice(q, DType::kBF16, MemoryKind::kWorkspace);
+  auto kd = gpu.ToDevice(k, DType::kBF16, MemoryKind::kWorkspace);
+  auto vd = gpu.ToDevice(v, DType::kBF16, MemoryKind::kWorkspace);
+  auto out = gpu.Alloc(DType::kBF16, {n, n_heads, hd}, MemoryKind::kWorkspace);
+  EXPECT_TRUE(qd.ok() && kd.ok() && vd.ok() && out.ok()) << what;
+  absl::Status st = gpu.PrepareBatch(b);
+  EXPECT_TRUE(st.ok()) << what << ": " << st;
+  st = gpu.PrepareSparseDecode(SparseDecodeDesc{&sets, {}});
+  EXPECT_TRUE(st.ok()) << what << ": " << st;
+  st = gpu.SparseAttention(0, *qd, *kd, *vd, 1.0f / std::sqrt(static_cast<float>(hd)), &*out);
+  EXPECT_TRUE(st.ok()) << what << ": " << st;
+  const std::vector<uint8_t> all = Bytes(gpu, *out);
+  const size_t row_bytes = size_t(n_heads) * hd * 2;
+  return std::vector<uint8_t>(all.begin() + target_row * row_bytes, all.begin() + (target_row + 1) * row_bytes);
+}
+
+// The target (past 2,500, sets of 700 positions) alone, then among 31 sequences of 1..4,000 past tokens and
+// sets of up to 2,000 positions (the default plan's chunk follows the batch's key count and longest list).
+double SparseAloneVsBatched(Backend& gpu, const AttnShape& s, std::mt19937& rng) {
+  const int n_heads = s.n_kv * s.group;
+  std::unique_ptr<SparseSeq> target = MakeSparseSeq(gpu, s, 2500, 700, rng);
+  const Tensor tq = RandomHost({1, n_heads, s.hd}, rng);
+  const Tensor tk = RandomHost({1, s.n_kv, s.hd}, rng), tv = RandomHost({1, s.n_kv, s.hd}, rng);
+  std::vector<std::unique_ptr<SparseSeq>> others;
+  std::uniform_int_distribution<int> past(1, 4000), size(1, 2000);
+  for (int i = 0; i < 31; ++i) others.push_back(MakeSparseSeq(gpu, s, past(rng), size(rng), rng));
+  const std::string what = absl::StrCat("sparse n_kv ", s.n_kv, " group ", s.group, " hd ", s.hd);
+  const std::vector<uint8_t> alone = SparseStep(gpu, s, {target.get()}, target.get(), tq, tk, tv, rng, what + " alone");
+  std::vector<SparseSeq*> batch;
+  for (auto& o : others) batch.push_back(o.get());
+  batch.insert(batch.begin() + 9, target.get());
+  const std::vector<uint8_t> in32 = SparseStep(gpu, s, batch, target.get(), tq, tk, tv, rng, what + " among 32");
+  return alone == in32 ? 0.0 : std::max(MaxDiff(alone, in32, DType::kBF16), 1e-30);
+}
+
+// Head dims 64/128 with group <= 8 take the tensor-core sparse kernel; head_dim 80 the generic one.
+const AttnShape kSparseShapes[] = {{3, 3, 64}, {8, 4, 128}, {2, 5, 80}};
+
+TEST(CudaBatchInvariant, SparseAttentionOfASequenceIsTheSameAloneAndAmong32) {
+  SPC_GPU_OR_SKIP(gpu, Invariant(true));
+  const uint32_t seed = FreshSeed();
+  std::mt19937 rng(seed);
+  for (const AttnShape& s : kSparseShapes) {
+    EXPECT_EQ(SparseAloneVsBatched(*gpu, s, rng), 0.0)
+        << "n_kv " << s.n_kv << " group " << s.group << " hd " << s.hd << " seed " << seed;
+  }
+}
+
+TEST(CudaBatchInvariant, SparseAttentionBatchDependenceWithTheModeOffIsOnlyReported) {
+  SPC_GPU_OR_SKIP(gpu, Invariant(false));
+  std::mt19937 rng(FreshSeed());
+  for (const AttnShape& s : kSparseShapes) {
+    std::printf("[ info ] mode off: sparse attention n_kv %d group %d hd %d: max |among 32 - alone| = %g\n", s.n_kv,
+                s.group, s.hd, SparseAloneVsBatched(*gpu, s, rng));
   }
 }
 
