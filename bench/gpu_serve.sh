@@ -4,7 +4,9 @@
 # Usage: bench/gpu_serve.sh BUNDLE_DIR OUT_DIR PARTS   PARTS: comma list of
 #   equal     greedy text of the service on CUDA == `specontext generate` on CUDA, for stories260K and a tiny
 #             random GQA checkpoint: dense, sparse in-process, sparse with a separate retriever; then 32
-#             concurrent streams == their single-stream runs (equal.txt)
+#             concurrent streams == their single-stream runs (equal.txt). SPC_EQUAL_BATCH_INVARIANT=1 runs the
+#             generator and the CLI with --batch-invariant (docs/gpu.md "Batch-invariant decoding"); equal.txt
+#             says which mode each line ran in. The separate retriever of tiny-split has no such mode.
 #   kvstore   generator with --kvstore on CUDA (segment registered with CUDA): requests served from the host
 #             tier, SIGKILL mid-stream, restart on the same segment, every block reclaimed (kvstore.txt)
 #   serve     serving figures with specontext-loadgen on a random Llama-3.1-8B shape (SPC_SERVE_PRESET; or a
@@ -57,17 +59,19 @@ HEAD=${SPC_SERVE_HEAD:-/tmp/$PRESET-head}
 served_model() { [ -n "${SPC_SERVE_MODEL:-}" ] || spc_model $PRESET; }
 
 # ---- equal ----------------------------------------------------------------------------------------------
+EQUAL_BI=""; EQUAL_MODE="batch-invariant off"
+if [ "${SPC_EQUAL_BATCH_INVARIANT:-0}" = 1 ]; then EQUAL_BI="--batch-invariant"; EQUAL_MODE="batch-invariant on"; fi
 PROMPTS=("Once upon a time" "The little dog ran to the" "Lily wanted to play with her friend" "One day, a big")
 # compare_cli_service TAG MODEL GEN_ARGS SERVER_ARGS: each prompt through `specontext generate` and the
 # service, texts compared; then every prompt 8 times at once (32 streams) against the single runs.
 compare_cli_service() {
   local tag=$1 model=$2 gen_args=$3 server_args=$4 i=0 p same=0 diff=0
   spc_start gen-$tag $LOGS specontext-generator --model "$model" --backend $BACKEND --listen 127.0.0.1:0 \
-    --metrics-port 0 $server_args || return
+    --metrics-port 0 $server_args $EQUAL_BI || return
   local gpid=$SPC_PID port=$SPC_PORT
   for p in "${PROMPTS[@]}"; do
     specontext generate --model "$model" --backend $BACKEND --prompt "$p" --max-new-tokens 96 --temperature 0 \
-      $gen_args > $W/$tag.cli.$i 2> $W/$tag.cli.$i.err
+      $gen_args $EQUAL_BI > $W/$tag.cli.$i 2> $W/$tag.cli.$i.err
     specontext-client generate --addr 127.0.0.1:$port --prompt "$p" --max-new-tokens 96 --timeout-s 60 \
       > $W/$tag.svc.$i 2> $W/$tag.svc.$i.err
     if cmp -s $W/$tag.cli.$i $W/$tag.svc.$i; then same=$((same + 1)); else
@@ -76,7 +80,7 @@ compare_cli_service() {
     fi
     i=$((i + 1))
   done
-  echo "$tag service vs cli: $same equal, $diff differ"
+  echo "$tag service vs cli ($EQUAL_MODE): $same equal, $diff differ"
   # 32 concurrent streams (8 per prompt) vs the single-stream service runs.
   local k j c_same=0 c_diff=0 clients=()
   for k in 0 1 2 3 4 5 6 7; do
@@ -101,12 +105,13 @@ compare_cli_service() {
       fi
     done
   done
-  echo "$tag 32 concurrent vs single: $c_same equal, $c_diff differ"
+  echo "$tag 32 concurrent vs single ($EQUAL_MODE): $c_same equal, $c_diff differ"
   spc_stop $gpid
 }
 if has equal; then
   tiny_models
   {
+    echo "equal: $EQUAL_MODE (SPC_EQUAL_BATCH_INVARIANT=${SPC_EQUAL_BATCH_INVARIANT:-0})"
     compare_cli_service stories-dense "$STORIES" "$STOK" "$STOK"
     # stories260K is a llama2.c checkpoint (no layer head to prune): each layer's own top-B (oracle).
     compare_cli_service stories-oracle "$STORIES" "$STOK --sparse --selection-source oracle --budget 16" \
@@ -116,9 +121,10 @@ if has equal; then
       "--retrieval-head $W/tiny-head --retriever inproc --budget 8"
     if spc_start retriever-tiny $LOGS specontext-retriever --head $W/tiny-head --model $W/tiny \
         --listen 127.0.0.1:0 --metrics-port 0; then
+      RETRIEVER_PID=$SPC_PID  # compare_cli_service's generator start overwrites SPC_PID
       compare_cli_service tiny-split $W/tiny "--sparse --retrieval-head $W/tiny-head --budget 8" \
         "--retrieval-head $W/tiny-head --retriever 127.0.0.1:$SPC_PORT --budget 8"
-      spc_stop $SPC_PID
+      spc_stop $RETRIEVER_PID
     fi
     if [ -n "${SPC_SERVE_MODEL:-}" ]; then  # a real model (e.g. SmolLM2-135M) and its trained head
       compare_cli_service real-dense "$SPC_SERVE_MODEL" "" ""

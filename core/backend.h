@@ -17,6 +17,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "core/tensor.h"
 
 namespace specontext {
@@ -449,6 +450,17 @@ class Backend {
   // stream, read after a Synchronize or ToHost).
   virtual absl::Status AttentionRecall(int layer, const Tensor& q, float scale, Tensor* lse) {
     return absl::UnimplementedError("AttentionRecall is not implemented by this backend");
+  }
+
+  // ---- batch invariance (optional; default: off and not offered) ------------------------------------
+  // Batch-invariant mode: every op computes a row (a token of a sequence) with a reduction order that does
+  // not depend on the other rows of the batch, their number or their lengths, so a sequence's logits are
+  // bitwise the same whatever it is batched with (docs/gpu.md "Batch-invariant decoding"). Costs speed.
+  virtual bool batch_invariant() const { return false; }
+  // Turns the mode on or off. Unimplemented when `enabled` and the backend has no such mode.
+  virtual absl::Status set_batch_invariant(bool enabled) {
+    if (!enabled) return absl::OkStatus();
+    return absl::UnimplementedError(absl::StrCat("backend ", name(), " has no batch-invariant mode"));
   }
 
   // ---- step graphs and device-side token selection (optional; defaults: none) --------------------

@@ -74,6 +74,7 @@ void DefineFlags(Args& a) {
   a.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   a.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
   DefineCudaGraphsFlag(a);
+  DefineBatchInvariantFlag(a);
   a.Define({"threads", "CPU threads of the backend (0 = the CPUs this process may use)", false,
             false, "0"});
   a.Define({"max-context", "longest sequence (prompt + generated tokens) a request may reach; 0 = the model's "
@@ -293,7 +294,7 @@ absl::Status Run(const Args& args) {
   SPC_LOG(INFO) << "specontext-generator serving" << Kv("grpc_port", grpc_port)
                 << Kv("metrics_port", metrics_server.port())
                 << Kv("http_port", http_server != nullptr ? http_server->port() : -1) << Kv("backend", rt.backend->name())
-                << Kv("retriever", so.retriever);
+                << Kv("retriever", so.retriever) << Kv("batch_invariant", rt.backend->batch_invariant());
 
   const int sig = WaitForTerminationSignal();
   SPC_LOG(INFO) << "draining" << Kv("signal", sig) << Kv("active_calls", service.active_calls());

@@ -107,8 +107,9 @@ absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::
   SparseForward sf;
   std::optional<IndexSets> sets;
   if (all_small) {
-    // Every past position is selected: the sets need no retriever (offloaded layers still need them).
-    if (offloaded) sets = WindowSets(part, budgets, options_.sink, n_kv, n_sets);
+    // Every past position is selected: the sets need no retriever (offloaded layers still need them, and so
+    // does the batch-invariant mode: a short sequence keeps the sparse kernel it gets beside a long one).
+    if (offloaded || model_->backend()->batch_invariant()) sets = WindowSets(part, budgets, options_.sink, n_kv, n_sets);
   } else {
     sets = SelectRemote(seqs, ids, past);
     if (sets.has_value()) {

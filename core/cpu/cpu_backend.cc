@@ -224,9 +224,9 @@ absl::Status CpuBackend::Linear(const Tensor& x, const Tensor& w, const Tensor* 
   }
   if (n == 0) return absl::OkStatus();
   if (w.dtype() == DType::kBF16) {
-    LinearBf16(x.as<float>(), w.as<uint16_t>(), out->as<float>(), n, k, m);
+    LinearBf16(x.as<float>(), w.as<uint16_t>(), out->as<float>(), n, k, m, batch_invariant_);
   } else {
-    LinearF32(x.as<float>(), w.as<float>(), out->as<float>(), n, k, m);
+    LinearF32(x.as<float>(), w.as<float>(), out->as<float>(), n, k, m, batch_invariant_);
   }
   if (bias != nullptr) {
     for (int64_t i = 0; i < n; ++i) {

@@ -70,6 +70,14 @@ class CpuBackend : public Backend {
   // QuestSelectTopB over the layer's own q and K, the recall by AttentionRecallCpu.
   absl::Status SelectLayerIndexSets(int layer, const Tensor& q, const LayerSelectionSpec& spec) override;
   absl::Status AttentionRecall(int layer, const Tensor& q, float scale, Tensor* lse) override;
+  // Linear is the only op whose per-row bits depend on the batch (GEMV for up to 8 rows, sgemm above, whose
+  // kernels follow the shape); attention, norms and the rest compute each row alone. The mode runs every
+  // row of a Linear on the one-row path (cpu_gemm.h).
+  bool batch_invariant() const override { return batch_invariant_; }
+  absl::Status set_batch_invariant(bool enabled) override {
+    batch_invariant_ = enabled;
+    return absl::OkStatus();
+  }
   /// The sets SparseAttention reads now (the prepared ones, or a layer's after SelectLayerIndexSets): tests.
   const IndexSets& prepared_sparse_sets() const { return sparse_sets_; }
 
@@ -82,6 +90,7 @@ class CpuBackend : public Backend {
   // SparseDecodeDesc::dense_resident: the prepared sets with every flagged sequence's sets replaced by all of
   // its past [0, seq_len) (budget raised to fit); what resident layers read. n_seqs 0: no flag set.
   IndexSets dense_resident_sets_;
+  bool batch_invariant_ = false;
 };
 
 // Shape checks shared by the backends' argument validation.

@@ -85,8 +85,12 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void Bf16RowsToF32(
 
 }  // namespace
 
-void LinearF32(const float* x, const float* w, float* out, int64_t n, int64_t k, int64_t m) {
+void LinearF32(const float* x, const float* w, float* out, int64_t n, int64_t k, int64_t m, bool row_invariant) {
   SingleThreadedBlas();
+  if (row_invariant) {
+    for (int64_t i = 0; i < n; ++i) SgemvRows(x + i * k, w, out + i * m, k, m);
+    return;
+  }
   if (n == 1) {
     SgemvRows(x, w, out, k, m);
   } else {
@@ -94,8 +98,10 @@ void LinearF32(const float* x, const float* w, float* out, int64_t n, int64_t k,
   }
 }
 
-void LinearBf16(const float* x, const uint16_t* w, float* out, int64_t n, int64_t k, int64_t m) {
-  if (n <= kGemvMaxRows) {
+void LinearBf16(const float* x, const uint16_t* w, float* out, int64_t n, int64_t k, int64_t m,
+                bool row_invariant) {
+  // The GEMV computes each (row, output) dot product alone, in the same order for any n.
+  if (n <= kGemvMaxRows || row_invariant) {
     ParallelFor(m, n * k, [&](int64_t j0, int64_t j1) { GemvBf16Rows(x, w, out, n, k, m, j0, j1); });
     return;
   }

@@ -7,7 +7,9 @@
 // each length, on a grid fixed by the batch size (DecodeSplitPlan), so Attention uploads nothing and a
 // CUDA graph of the step stays valid as the sequences grow. Other batches: the first Attention call
 // builds the work lists (prefill tiles; decode splits sized to fill the GPU) for the model's head
-// count and uploads them in a second copy; later layers reuse both.
+// count and uploads them in a second copy; later layers reuse both. In the batch-invariant mode the
+// decoding rows of every batch take the device plan with a fixed split limit (kBatchInvariantDecodeSplits),
+// so their splits and merge depend on their own length only, and the lists hold the prefill tiles alone.
 #include <algorithm>
 #include <cstring>
 
@@ -115,9 +117,12 @@ absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
   // partials for the most splits it may use, here, so that Attention uploads and allocates nothing.
   decode_only_ = true;
   for (const SeqSlice& s : batch.seqs) decode_only_ = decode_only_ && s.n_tokens == 1;
+  // Batch-invariant mode: every batch gets the device plan for its decoding rows, with a split count fixed
+  // by each sequence's length alone (not by the batch size, which sizes the grid for the SMs otherwise).
   max_splits_ = 0;
-  if (decode_only_ && MmaHeadDimSupported(static_cast<int>(hd)) && n_kv > 0) {
-    max_splits_ = DecodeMaxSplits(n_seqs, static_cast<int>(n_kv), sm_count_);
+  if ((decode_only_ || batch_invariant_) && MmaHeadDimSupported(static_cast<int>(hd)) && n_kv > 0) {
+    max_splits_ = batch_invariant_ ? kBatchInvariantDecodeSplits
+                                   : DecodeMaxSplits(n_seqs, static_cast<int>(n_kv), sm_count_);
     if (max_splits_ > 1) {
       const size_t rows = size_t(n_seqs) * max_splits_ * n_kv * kDecodeBlockM;
       const void* old_partials = partials_.data();
@@ -142,6 +147,8 @@ absl::Status CudaBackend::PlanAttention(int n_heads) {
   std::vector<AttnWorkItem> prefill, decode;
   std::vector<AttnCombineItem> combine;
   const bool decode_ok = group <= kDecodeBlockM;
+  // Batch-invariant mode: the decoding rows run with the device plan (Attention), not from these lists.
+  const bool device_decode = max_splits_ > 0 && decode_ok;
   int64_t decode_keys = 0;
   for (const SeqSlice& s : batch_.seqs) {
     if (s.n_tokens == 1 && decode_ok) decode_keys += s.past_len + 1;
@@ -158,7 +165,7 @@ absl::Status CudaBackend::PlanAttention(int n_heads) {
     const SeqSlice& s = batch_.seqs[i];
     // Prefill items stay grouped by sequence, in order: prefill staging launches them a few sequences at a time.
     prefill_item_begin_[i] = static_cast<int32_t>(prefill.size());
-    if (s.n_tokens == 0) continue;
+    if (s.n_tokens == 0 || (s.n_tokens == 1 && device_decode)) continue;
     if (s.n_tokens == 1 && decode_ok) {
       const int len = s.past_len + 1;
       int splits = static_cast<int>((len + chunk - 1) / chunk);
@@ -275,15 +282,18 @@ absl::Status CudaBackend::Attention(int layer, const Tensor& q, float scale, Ten
     return absl::OkStatus();
   }
   if (max_splits_ > 0 && n_heads / n_kv_ <= kDecodeBlockM) {
-    p.n_seqs = n_seqs;
-    p.max_splits = max_splits_;
+    AttnParams d = p;
+    d.n_seqs = n_seqs;
+    d.max_splits = max_splits_;
     if (max_splits_ > 1) {
       const size_t rows = size_t(n_seqs) * max_splits_ * n_kv_ * kDecodeBlockM;
-      p.partial_o = partials_.as<float>();
-      p.partial_lse = p.partial_o + rows * head_dim_;
+      d.partial_o = partials_.as<float>();
+      d.partial_lse = d.partial_o + rows * head_dim_;
     }
-    RETURN_IF_CUDA_ERROR(LaunchAttentionDecode(p, stream_));
-    return absl::OkStatus();
+    // Decode-only: the whole batch. Batch-invariant mixed batch: its decoding rows (the kernels skip the
+    // others), then the prefill tiles below; PlanAttention leaves the decoding rows out.
+    RETURN_IF_CUDA_ERROR(LaunchAttentionDecode(d, stream_));
+    if (decode_only_) return absl::OkStatus();
   }
   if (planned_heads_ != n_heads) RETURN_IF_ERROR(PlanAttention(static_cast<int>(n_heads)));
   char* plan = static_cast<char*>(plan_.data());

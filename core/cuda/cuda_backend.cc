@@ -9,6 +9,7 @@
 #include "core/cuda/cuda_backend_impl.h"
 #include "core/cuda/cuda_check.h"
 #include "core/cuda/kernels/elementwise.h"
+#include "core/cuda/kernels/gemm_invariant.h"
 #include "core/cuda/kernels/gemv.h"
 #include "core/log.h"
 #include "core/status_macros.h"
@@ -66,6 +67,7 @@ absl::StatusOr<ElemType> FloatType(const Tensor& t, const char* what) {
 }  // namespace
 
 CudaBackend::CudaBackend(const CudaBackendOptions& options) : options_(options) {
+  batch_invariant_ = options.batch_invariant;
   set_host_kv_interleaved(options.interleaved_host_kv);
   set_host_kv_layer_group(options.host_kv_layer_group);
 }
@@ -120,6 +122,17 @@ absl::Status CudaBackend::Init() {
   }
   SPC_LOG(INFO) << "cuda backend ready" << Kv("device", name_) << Kv("sms", sm_count_)
                 << Kv("memory_limit", options_.memory_limit);
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::set_batch_invariant(bool enabled) {
+  if (capturing_) return absl::FailedPreconditionError("set_batch_invariant: a step graph is being recorded");
+  if (enabled == batch_invariant_) return absl::OkStatus();
+  batch_invariant_ = enabled;
+  // Recorded steps hold the other mode's kernels and plans; the current batch must be prepared again.
+  DestroyGraphs();
+  batch_valid_ = false;
+  planned_heads_ = 0;
   return absl::OkStatus();
 }
 
@@ -338,6 +351,21 @@ absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& w, const Tensor*
   g.k = static_cast<int>(k);
   g.out_type = out_type;
   g.bias_type = bias_type;
+  if (batch_invariant_) {
+    // One kernel and one order of sums for every row count (kernels/gemm_invariant.h).
+    GemmInvariantParams q;
+    q.x = g.x;
+    q.w = g.w;
+    q.bias = g.bias;
+    q.out = g.out;
+    q.n = g.n;
+    q.m = g.m;
+    q.k = g.k;
+    q.out_type = out_type;
+    q.bias_type = bias_type;
+    RETURN_IF_CUDA_ERROR(LaunchGemmInvariant(q, stream_));
+    return absl::OkStatus();
+  }
   if (n <= options_.gemv_max_n && GemvSupported(g)) {
     RETURN_IF_CUDA_ERROR(LaunchGemv(g, stream_));
     return absl::OkStatus();

@@ -26,6 +26,10 @@ struct CudaBackendOptions {
   int64_t cublas_workspace_bytes = int64_t{32} << 20;  // fixed cuBLAS workspace (graph capture)
   // Record dense decode steps as CUDA graphs (Backend::RunStepGraph); Backend::set_step_graphs changes it.
   bool cuda_graphs = true;
+  // Batch-invariant mode (Backend::set_batch_invariant changes it): Linear through one tensor-core GEMM
+  // kernel for every row count (kernels/gemm_invariant.cu, no GEMV, no cuBLAS), no fused LinearSwiGlu, and
+  // the split of decode and sparse attention fixed by each sequence's own length, never by the batch.
+  bool batch_invariant = false;
   // Host tiers of offloaded layers with a token's K and V rows side by side (SequenceKv "Host layout");
   // Backend::set_host_kv_interleaved changes it.
   bool interleaved_host_kv = true;

@@ -119,6 +119,11 @@ class CudaBackend : public Backend {
   void set_prefill_staging_limit(int64_t bytes) { prefill_staging_limit_ = bytes < 0 ? 0 : bytes; }
   int64_t prefill_staging_limit() const { return prefill_staging_limit_; }
 
+  // ---- batch-invariant mode (CudaBackendOptions::batch_invariant) ----
+  // Takes effect at the next PrepareBatch / PrepareSparseDecode; recorded step graphs are dropped.
+  bool batch_invariant() const override { return batch_invariant_; }
+  absl::Status set_batch_invariant(bool enabled) override;
+
   // ---- step graphs (cuda_graph.cc) and token selection (cuda_sampling_ops.cc) ----
   bool step_graphs() const override { return graphs_enabled_; }
   void set_step_graphs(bool enabled) override { graphs_enabled_ = enabled; }
@@ -186,6 +191,9 @@ class CudaBackend : public Backend {
   PinnedStaging plan_staging_;
 
   // ---- decode-only batches: split plan on the device (cuda_attention.cc) ----
+  // Batch-invariant mode also runs the decode rows of mixed batches with this plan (max_splits_ is then
+  // kBatchInvariantDecodeSplits for every batch), so a decoding row sees the same splits and merge either way.
+  bool batch_invariant_ = false;
   bool decode_only_ = false;
   int max_splits_ = 0;  // 0: not a decode-only batch the device plan serves
 

@@ -1,6 +1,7 @@
 // CudaBackend's fused ops for small-batch decode: fewer, larger kernels per layer (each kernel of a decode
 // step at batch 1 is latency-bound, so one launch less is a few microseconds less per layer).
-//   LinearSwiGlu   the gate/up GEMV with SwiGLU in its epilogue (kernels/gemv.cu), n <= gemv_max_n.
+//   LinearSwiGlu   the gate/up GEMV with SwiGLU in its epilogue (kernels/gemv.cu), n <= gemv_max_n (not in
+//                  the batch-invariant mode).
 //   RopeKvAppend   RoPE of q and k and the KV append of a resident layer in one kernel (kernels/rope.cu).
 #include <algorithm>
 #include <cstdint>
@@ -54,8 +55,9 @@ absl::Status CudaBackend::LinearSwiGlu(const Tensor& x, const Tensor& w, Tensor*
   g.m = static_cast<int>(std::min(m, kIntMax));
   g.k = static_cast<int>(std::min(k, kIntMax));
   g.swiglu = true;
-  // Batches the GEMV does not serve (cuBLAS) keep the two-op path: Unimplemented tells the caller so.
-  if (n > options_.gemv_max_n || 2 * m > kIntMax || k > kIntMax || !GemvSupported(g)) {
+  // Batches the GEMV does not serve (cuBLAS) keep the two-op path: Unimplemented tells the caller so. So
+  // does the batch-invariant mode: its Linear is one kernel for every row count, the GEMV serves a few rows.
+  if (batch_invariant_ || n > options_.gemv_max_n || 2 * m > kIntMax || k > kIntMax || !GemvSupported(g)) {
     return absl::UnimplementedError(absl::StrCat("linear+swiglu: no fused path for n ", n, ", k ", k));
   }
   RETURN_IF_CUDA_ERROR(LaunchGemv(g, stream_));

@@ -235,8 +235,13 @@ absl::Status CudaBackend::SparseAttention(int layer, const Tensor& q, const Tens
   p.head_dim = head_dim_;
   p.scale = scale;
   // Split-K over the (sequence, KV head) lists: the kernel file owns the plan (the benchmark uses it too).
-  PlanSparseAttention(dense ? sp->dense_sum_keys : sp->sum_keys, dense ? sp->dense_max_keys : sp->max_keys,
-                      sm_count_, &p);
+  // Batch-invariant mode: a fixed chunk, so a list's splits do not depend on the other lists.
+  if (batch_invariant_) {
+    PlanSparseAttentionInvariant(dense ? sp->dense_max_keys : sp->max_keys, &p);
+  } else {
+    PlanSparseAttention(dense ? sp->dense_sum_keys : sp->sum_keys, dense ? sp->dense_max_keys : sp->max_keys,
+                        sm_count_, &p);
+  }
   if (p.max_splits > 1) {
     const size_t rows = size_t(n_seqs) * n_kv_ * p.max_splits * group;
     const size_t off_lse = Align16Bytes(rows * head_dim_ * sizeof(float));

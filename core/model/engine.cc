@@ -351,6 +351,11 @@ absl::Status Engine::Step() {
   if (running_.empty()) return absl::OkStatus();
 
   // Decode tokens first (one each), then prompt chunks within the step's token budget.
+  // Batch-invariant mode (Backend::batch_invariant): the backend runs a one-token chunk as a decoding row
+  // (CUDA: the split decode attention), not as a prefill row, so a prompt token's bits would follow where the
+  // chunks are cut, and the cuts follow the other requests' prompts. No prompt longer than one pending token
+  // is then cut into a one-token chunk (with at least 3 tokens per step there is always another cut).
+  const bool no_single_chunks = model_->backend()->batch_invariant() && options_.max_tokens_per_step >= 3;
   std::vector<Sequence*> included;
   std::vector<ForwardSeq> fwd;
   std::vector<int32_t> taken;
@@ -365,6 +370,10 @@ absl::Status Engine::Step() {
       if (!decoding) {
         if (budget <= 0) continue;
         take = std::min(pending, budget);
+        if (no_single_chunks && pending > 1) {
+          if (pending - take == 1) --take;  // leave two for the next step
+          if (take < 2) continue;           // wait for a step with more budget left
+        }
         budget -= take;
       }
       included.push_back(&s);

@@ -418,7 +418,9 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
   bool all_small = true;
   for (size_t i = 0; i < fwd.size(); ++i) all_small = all_small && fwd[i].past_len <= states[i]->budget;
   SparseForward sf;
-  sf.dense_attention = all_small && !offloaded;
+  // Batch-invariant mode: a short sequence must not switch between the dense kernels (alone, or beside other
+  // short ones) and the sparse kernel over all its tokens (beside a long one): always the sparse path.
+  sf.dense_attention = all_small && !offloaded && !model_->backend()->batch_invariant();
   bool planned = false;
   maps_.clear();
   if (!sf.dense_attention) {

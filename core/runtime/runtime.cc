@@ -159,6 +159,9 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
   }
   ASSIGN_OR_RETURN(rt.backend, MakeBackend(options.backend, options.gpu_memory_limit));
   rt.backend->set_step_graphs(options.cuda_graphs);
+  if (absl::Status s = rt.backend->set_batch_invariant(options.batch_invariant); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("--batch-invariant: ", s.message()));
+  }
   ProgressLine progress(options.show_progress);
   const int tp = options.tensor_parallel;
   if (tp < 1) return absl::InvalidArgumentError("--tensor-parallel must be at least 1");
@@ -171,6 +174,7 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
     rt.tp_comms = CreateInProcessGroup(tp);
     for (int r = 1; r < tp; ++r) {
       ASSIGN_OR_RETURN(std::unique_ptr<Backend> b, MakeBackend("cpu", options.gpu_memory_limit));
+      RETURN_IF_ERROR(b->set_batch_invariant(options.batch_invariant));
       rt.tp_backends.push_back(std::move(b));
     }
   }
@@ -196,7 +200,14 @@ absl::StatusOr<RuntimeOptions> RuntimeOptionsFromArgs(const Args& args) {
   ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads"));
   ro.threads = static_cast<int>(threads);
   ASSIGN_OR_RETURN(ro.cuda_graphs, CudaGraphsFromArgs(args));
+  ro.batch_invariant = args.GetBool("batch-invariant");
   return ro;
+}
+
+void DefineBatchInvariantFlag(Args& args) {
+  args.Define({"batch-invariant",
+               "bitwise the same tokens for a request whatever else is batched with it (slower; docs/gpu.md)", true,
+               false, "false"});
 }
 
 void DefineCudaGraphsFlag(Args& args) {

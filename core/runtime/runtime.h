@@ -24,6 +24,9 @@ struct RuntimeOptions {
   int threads = 0;              // CPU threads, 0 = DefaultCpuThreads() (the usable CPUs)
   bool show_progress = false;   // a progress line on stderr while weights load
   bool cuda_graphs = true;      // record dense decode steps as CUDA graphs (Backend::set_step_graphs)
+  // Bitwise the same results for a sequence whatever else is batched with it (Backend::set_batch_invariant;
+  // docs/gpu.md "Batch-invariant decoding"). Slower; refused by a backend without the mode.
+  bool batch_invariant = false;
   // Ranks of tensor parallelism (docs/tensor-parallel.md): > 1 loads one model shard per rank, each on its
   // own CPU backend, joined by an in-process communicator. CPU backend only for now.
   int tensor_parallel = 1;
@@ -60,13 +63,16 @@ int64_t DefaultKvBudgetBytes(const Backend& backend, int64_t step_workspace = 0)
 
 class Args;
 // RuntimeOptions from the flags the serving CLIs share: --model (required), --tokenizer, --backend,
-// --gpu-memory-limit, --threads, and --cuda-graphs=true|false where the CLI defines it (see
-// DefineCudaGraphsFlag).
+// --gpu-memory-limit, --threads, and --cuda-graphs=true|false and --batch-invariant where the CLI defines
+// them (see DefineCudaGraphsFlag, DefineBatchInvariantFlag).
 absl::StatusOr<RuntimeOptions> RuntimeOptionsFromArgs(const Args& args);
 // Defines --cuda-graphs (default true) on a CLI's Args.
 void DefineCudaGraphsFlag(Args& args);
 // Parses --cuda-graphs: true when the flag is not defined or not given.
 absl::StatusOr<bool> CudaGraphsFromArgs(const Args& args);
+// Defines --batch-invariant (a switch, default off) on a CLI's Args; RuntimeOptionsFromArgs reads it
+// (false where a CLI does not define it).
+void DefineBatchInvariantFlag(Args& args);
 
 // Tokenizes a prompt (with the tokenizer's default BOS unless `templated`: chat templates write
 // their own). Empty text gives just BOS (the config's when the tokenizer has none).

@@ -103,6 +103,26 @@ TEST_F(CliTest, GeneratesFromAnHfDirectory) {
   EXPECT_EQ(r.out, again.out);
 }
 
+// --batch-invariant (generate, eval, score, bench): accepted on the CPU backend, which has the mode; a value
+// other than true/false is refused with the flag's name.
+TEST_F(CliTest, BatchInvariantFlag) {
+  const std::vector<std::string> base = {"generate", "--model", Good(), "--backend", "cpu", "--prompt", "Hello world",
+                                         "--max-new-tokens", "7", "--temperature", "0"};
+  std::vector<std::string> on = base;
+  on.push_back("--batch-invariant");
+  CliRun r = Cli(on);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("generated_tokens=7"), std::string::npos) << r.err;
+  EXPECT_EQ(Cli(on).out, r.out);
+  std::vector<std::string> bad = base;
+  bad.push_back("--batch-invariant=maybe");
+  ExpectError(Cli(bad), "--batch-invariant");
+  for (const std::string command : {"eval", "score", "bench"}) {
+    const CliRun help = Cli({command, "--help"});
+    EXPECT_TRUE(absl::StrContains(help.out, "--batch-invariant")) << command << ": " << help.out;
+  }
+}
+
 TEST_F(CliTest, GenerationConfigSetsSamplingDefaults) {
   const std::string d = Copy("sampling");
   Write(d + "/generation_config.json", R"({"do_sample": true, "temperature": 1.3, "top_p": 0.95, "top_k": 50})");

@@ -1,6 +1,7 @@
 // Kernel micro-benchmarks of the CUDA backend on the GPU machine, each figure beside its floor:
 //   copy      device-to-device copy bandwidth (the roofline used for every floor below)
 //   linear    cuBLAS vs the custom GEMV for n = 1..32 on Llama-3.1-8B projection shapes
+//   invariant cuBLAS vs the batch-invariant GEMM (kernels/gemm_invariant.h) for n = 1..2048, same shapes
 //   decode    split-K decode attention, batch x context, Llama-3.1-8B heads (8 KV x 4, hd 128)
 //   prefill   causal prefill attention of one prompt (TFLOP/s)
 // Usage: cuda_kernel_bench [--out results.jsonl] [--quick]. Prints a table; writes JSON lines.
@@ -141,6 +142,45 @@ void Linear(Backend& cublas, Backend& gemv, double bw, bool quick, Out& out, std
   }
 }
 
+// The batch-invariant mode's Linear against cuBLAS, decode row counts and prefill-sized ones.
+void LinearInvariant(Backend& cublas, Backend& inv, double bw, bool quick, Out& out, std::mt19937& rng) {
+  struct Mk {
+    const char* name;
+    int64_t m, k;
+  };
+  const std::vector<Mk> shapes = {{"qkv", 6144, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336},
+                                  {"lm_head", 128256, 4096}};
+  std::printf("\nlinear, batch-invariant GEMM vs cuBLAS (bf16)\n%-8s %5s %10s %10s %10s %8s %10s %10s\n", "shape",
+              "n", "floor_us", "cublas_us", "invar_us", "invar_x", "cub_tflops", "inv_tflops");
+  for (const Mk& s : shapes) {
+    Tensor w = Must(cublas.Alloc(DType::kBF16, {s.m, s.k}, MemoryKind::kWeights));
+    FillRandom(cublas, &w, rng, 0.02f);
+    Tensor w2 = Must(inv.Alloc(DType::kBF16, {s.m, s.k}, MemoryKind::kWeights));
+    FillRandom(inv, &w2, rng, 0.02f);
+    for (int64_t n : {1, 8, 16, 17, 32, 64, 512, 2048}) {
+      if (quick && n != 1 && n != 32 && n != 2048) continue;
+      if (s.m * n > (int64_t{1} << 28)) continue;  // lm_head at prefill sizes: not a shape the model runs
+      Tensor x = Must(cublas.Alloc(DType::kBF16, {n, s.k}, MemoryKind::kOther));
+      FillRandom(cublas, &x, rng);
+      Tensor o = Must(cublas.Alloc(DType::kBF16, {n, s.m}, MemoryKind::kOther));
+      Tensor x2 = Must(inv.Alloc(DType::kBF16, {n, s.k}, MemoryKind::kOther));
+      FillRandom(inv, &x2, rng);
+      Tensor o2 = Must(inv.Alloc(DType::kBF16, {n, s.m}, MemoryKind::kOther));
+      const double bytes = 2.0 * (s.m * s.k + n * s.k + n * s.m);
+      const double floor_us = bytes / (bw * 1e9) * 1e6;
+      const double cub = TimeMs(cublas, [&] { CHECK_OK(cublas.Linear(x, w, nullptr, &o)); }) * 1e3;
+      const double iv = TimeMs(inv, [&] { CHECK_OK(inv.Linear(x2, w2, nullptr, &o2)); }) * 1e3;
+      const double flop = 2.0 * s.m * s.k * n;
+      std::printf("%-8s %5ld %10.1f %10.1f %10.1f %8.2f %10.1f %10.1f\n", s.name, static_cast<long>(n), floor_us, cub,
+                  iv, iv / floor_us, flop / (cub * 1e-6) / 1e12, flop / (iv * 1e-6) / 1e12);
+      out.Line(std::string("{\"bench\":\"linear_invariant\",\"shape\":\"") + s.name + "\",\"m\":" +
+               std::to_string(s.m) + ",\"k\":" + std::to_string(s.k) + ",\"n\":" + std::to_string(n) +
+               ",\"floor_us\":" + std::to_string(floor_us) + ",\"cublas_us\":" + std::to_string(cub) +
+               ",\"invariant_us\":" + std::to_string(iv) + "}");
+    }
+  }
+}
+
 // One layer's attention for `batch` sequences of `past` cached tokens plus `n_new` new ones each.
 double AttentionMs(Backend& b, int batch, int past, int n_new, int n_kv, int group, int hd, std::mt19937& rng,
                    double* single_ms = nullptr) {
@@ -225,12 +265,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "no CUDA device\n");
     return 1;
   }
-  CudaBackendOptions a, g;
+  CudaBackendOptions a, g, iv;
   g.gemv_max_n = 8;
+  iv.batch_invariant = true;
   auto cublas = MakeCudaBackend(a);
   auto gemv = MakeCudaBackend(g);
-  if (!cublas.ok() || !gemv.ok()) {
-    std::fprintf(stderr, "backend: %s\n", (cublas.ok() ? gemv.status() : cublas.status()).ToString().c_str());
+  auto inv = MakeCudaBackend(iv);
+  if (!cublas.ok() || !gemv.ok() || !inv.ok()) {
+    std::fprintf(stderr, "backend: %s\n",
+                 (!cublas.ok() ? cublas.status() : !gemv.ok() ? gemv.status() : inv.status()).ToString().c_str());
     return 1;
   }
   Out out;
@@ -238,6 +281,7 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1234);
   const double bw = CopyBandwidth(**cublas, out);
   Linear(**cublas, **gemv, bw, quick, out, rng);
+  LinearInvariant(**cublas, **inv, bw, quick, out, rng);
   Decode(**cublas, bw, quick, out, rng);
   Prefill(**cublas, out, rng);
   return 0;

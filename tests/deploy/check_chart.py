@@ -34,7 +34,7 @@ VALUE_SETS = [
     ("inproc-cpu", ["-f", "values/inproc-cpu.yaml"]),
     ("set-flags", ["--set", r"model.retrievalHead=/models/head,generator.resources.limits.nvidia\.com/gpu=1",
                    "--set", "replicaCount=3,serviceMonitor.interval=30s,generator.drainTimeoutS=60",
-                   "--set", "terminationGracePeriodSeconds=90"]),
+                   "--set", "terminationGracePeriodSeconds=90,generator.batchInvariant=true"]),
 ]
 # Value sets the chart must refuse, with a piece of the message it must give.
 BAD_VALUE_SETS = [

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
 #include <random>
 
@@ -79,6 +80,43 @@ TEST_F(EngineFixture, ReportsPrefillProgressPerChunk) {
   Engine e(model.get(), nullptr, opts);
   ASSERT_TRUE(e.Generate(Request(std::vector<int32_t>(10, 3), 3)).ok());
   EXPECT_EQ(seen, (std::vector<std::pair<int32_t, int32_t>>{{4, 10}, {8, 10}, {10, 10}}));
+}
+
+// Batch-invariant mode: a prompt is never cut into a one-token chunk (the backend would run that token as a
+// decoding row), whatever the other prompts leave of a step's budget; the tokens stay those of single runs.
+TEST_F(EngineFixture, BatchInvariantModeCutsNoOneTokenPromptChunk) {
+  ASSERT_TRUE(backend->set_batch_invariant(true).ok());
+  const std::vector<GenerationRequest> reqs = {Request(std::vector<int32_t>(9, 3), 4), Request({5, 6, 7, 8, 9}, 4),
+                                               Request({11, 12}, 4), Request({13}, 4)};
+  std::vector<std::vector<int32_t>> alone;
+  for (const auto& r : reqs) {
+    Engine e(model.get(), nullptr, EngineOptions{});
+    alone.push_back(e.Generate(r).value().tokens);
+  }
+  EngineOptions opts;
+  opts.max_tokens_per_step = 4;
+  std::map<uint64_t, std::vector<int32_t>> done_by_id;  // cumulative prefilled tokens per request, per chunk
+  opts.prefill_progress = [&](uint64_t id, int32_t done, int32_t) { done_by_id[id].push_back(done); };
+  Engine engine(model.get(), nullptr, opts);
+  std::vector<std::vector<int32_t>> got(reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_TRUE(engine.Submit(reqs[i], [&, i](const StreamEvent& ev) {
+                        if (ev.token >= 0) got[i].push_back(ev.token);
+                      }).ok());
+  }
+  for (int steps = 0; engine.HasWork(); ++steps) {
+    ASSERT_TRUE(engine.Step().ok());
+    ASSERT_LT(steps, 1000);
+  }
+  ASSERT_EQ(done_by_id.size(), reqs.size());
+  for (const auto& [id, done] : done_by_id) {
+    for (size_t c = 0; c < done.size(); ++c) {
+      const int32_t chunk = done[c] - (c == 0 ? 0 : done[c - 1]);
+      EXPECT_TRUE(chunk > 1 || done.back() == 1) << "request " << id << " chunk " << c << " of one token";
+    }
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) EXPECT_EQ(got[i], alone[i]) << "request " << i;
+  ASSERT_TRUE(backend->set_batch_invariant(false).ok());
 }
 
 TEST_F(EngineFixture, StopTokenAndCancel) {

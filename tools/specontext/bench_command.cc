@@ -111,6 +111,7 @@ absl::Status RunBench(const Args& args) {
     return absl::InvalidArgumentError(absl::StrCat("--cuda-graphs expects true, false or both, got \"", graphs_flag, "\""));
   }
   ro.cuda_graphs = graphs_flag != "false";
+  ro.batch_invariant = args.GetBool("batch-invariant");
   ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
   Backend& b = *rt.backend;
   const bool graphs_default = b.step_graphs();
@@ -125,8 +126,8 @@ absl::Status RunBench(const Args& args) {
   const int64_t weight_bytes = b.memory_report().bytes[static_cast<size_t>(MemoryKind::kWeights)];
   const int64_t kv_token = model.KvBytesPerToken();
   emit.Line(absl::StrFormat(
-      R"({"kind":"setup","backend":"%s","model":"%s","layers":%d,"hidden":%d,"weight_bytes":%d,"kv_bytes_per_token":%d,"copy_bandwidth_gbs":%.1f})",
-      b.name(), ro.model_path, c.num_hidden_layers, c.hidden_size, weight_bytes, kv_token, bw / 1e9));
+      R"({"kind":"setup","backend":"%s","batch_invariant":%s,"model":"%s","layers":%d,"hidden":%d,"weight_bytes":%d,"kv_bytes_per_token":%d,"copy_bandwidth_gbs":%.1f})",
+      b.name(), b.batch_invariant() ? "true" : "false", ro.model_path, c.num_hidden_layers, c.hidden_size, weight_bytes, kv_token, bw / 1e9));
 
   std::vector<int32_t> tokens;
   for (int64_t p : prefills) {
@@ -209,6 +210,7 @@ int BenchMain(int argc, char** argv) {
   args.Define({"prefill-chunk", "prefill chunk size", false, false, "8192"});
   args.Define({"steps", "timed decode steps per point", false, false, "20"});
   args.Define({"cuda-graphs", "decode with CUDA graphs: true, false or both (one line each)", false, false, "both"});
+  DefineBatchInvariantFlag(args);
   args.Define({"out", "append JSON lines to this file"});
   return RunCommand("specontext bench", args, argc, argv, 2, RunBench);
 }

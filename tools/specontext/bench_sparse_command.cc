@@ -270,6 +270,7 @@ absl::Status RunBenchSparse(const Args& args) {
              {"host_kv_layout", b.host_kv_interleaved() ? "interleaved" : "plain"},
              {"host_kv_layer_group", b.host_kv_interleaved() ? b.host_kv_layer_group() : 1},
              {"cuda_graphs", ro.cuda_graphs},
+             {"batch_invariant", b.batch_invariant()},
              {"backend", b.name()},
              {"model", ro.model_path},
              {"layers", c.num_hidden_layers},
@@ -305,6 +306,7 @@ int BenchSparseMain(int argc, char** argv) {
   args.Define({"sparse", "SpeContext decode benchmark (this mode)", true, false, ""});
   args.Define({"dense", "dense attention over the same sequences in the same harness", true, false, ""});
   args.Define({"cuda-graphs", "decode steps replayed from CUDA graphs: true or false (A/B)", false, false, "true"});
+  DefineBatchInvariantFlag(args);
   args.Define({"plain-host-kv", "host tiers with K and V apart, not interleaved (A/B of the layout)", true, false, ""});
   args.Define({"host-kv-layer-group", "offloaded layers per interleaved host allocation (default: the backend's)",
                false, false, ""});

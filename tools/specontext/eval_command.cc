@@ -51,6 +51,7 @@ void DefineEvalFlags(Args& args) {
   args.Define({"log-level", "debug, info, warning or error", false, false, "warning"});
   DefineSparseFlags(args);
   DefineCudaGraphsFlag(args);
+  DefineBatchInvariantFlag(args);
 }
 
 // The flags, checked before anything is loaded so that a bad command fails at once.

@@ -45,6 +45,7 @@ void DefineGenerateFlags(Args& args) {
   DefineSparseFlags(args);
   args.Define({"log-level", "debug, info, warning or error", false, false, "warning"});
   DefineCudaGraphsFlag(args);
+  DefineBatchInvariantFlag(args);
 }
 
 // Runs `req` on every tensor-parallel rank at once: rank 0 on this thread with `stream`, the others on a thread

@@ -53,6 +53,7 @@ void DefineScoreFlags(Args& args) {
   args.Define({"log-level", "debug, info, warning or error", false, false, "warning"});
   DefineSparseFlags(args);
   DefineCudaGraphsFlag(args);
+  DefineBatchInvariantFlag(args);
 }
 
 absl::StatusOr<std::vector<int32_t>> ReadTokenIds(const std::string& path) {

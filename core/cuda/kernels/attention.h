@@ -78,6 +78,10 @@ constexpr int kDecodeBlockM = 16;   // query rows per decode CTA (the group, pad
 constexpr int kDecodeKeysPerStage = 64;  // 4 warps x 16 keys; split sizes are multiples of it
 
 constexpr int kMaxDecodeSplits = 64;
+// Batch-invariant mode (CudaBackendOptions::batch_invariant): the max_splits of every batch, so that a
+// sequence's split plan (DecodeSplitPlan) follows from its length alone: one split up to 128 keys, then
+// splits of whole stages (one per 128 keys), 16 from 1,921 keys on.
+constexpr int kBatchInvariantDecodeSplits = 16;
 
 // Split-K plan of one decoding sequence of `len` keys (cached + the new one), computed the same way
 // on the host and in the kernels: at most `max_splits` splits of at least two stages each, equal
@@ -102,7 +106,9 @@ inline int DecodeMaxSplits(int n_seqs, int n_kv, int sm_count) {
 enum class AttnKernel : uint8_t { kPrefill, kDecode };
 // Decode-only batch (every sequence one new token, group <= kDecodeBlockM, MMA head dim): split-K
 // attention with the plan derived on the device from each sequence's length (grid n_seqs x
-// max_splits x n_kv; CTAs past a sequence's split count exit at once), then the merge of the
+// max_splits x n_kv; CTAs past a sequence's split count exit at once, and so do all CTAs of a sequence
+// without exactly one new token: the batch-invariant mode runs the decoding rows of a mixed batch through
+// this launch too, the prefill rows through LaunchAttentionMma), then the merge of the
 // splits (grid n_seqs x n_kv x group; measured faster on the H100 at batch 1 than merging in the last
 // split's CTA, which serialises the merge on one CTA). p.items is unused.
 cudaError_t LaunchAttentionDecode(const AttnParams& p, cudaStream_t stream);

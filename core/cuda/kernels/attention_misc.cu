@@ -66,6 +66,7 @@ __global__ void DecodeCombineKernel(AttnParams p) {
   PdlTrigger();
   const int s_idx = blockIdx.x, kvh = blockIdx.y, row = blockIdx.z;
   const AttnSeq s = p.seqs[s_idx];  // batch metadata (PrepareBatch's upload): before the wait
+  if (s.n_tokens != 1) return;     // not a decoding sequence (mixed batch, batch-invariant mode)
   int splits, per;
   DecodeSplitPlan(s.past_len + 1, p.max_splits, &splits, &per);
   if (splits <= 1) return;  // the decode kernel wrote the output itself

@@ -81,6 +81,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   } else {
     // Decode-only batch: this CTA is split j of sequence s; the plan follows from the length alone.
     const int s = blockIdx.x / p.max_splits, j = blockIdx.x % p.max_splits;
+    if (p.seqs[s].n_tokens != 1) return;  // a prefilling sequence of a mixed batch (batch-invariant mode)
     const int len = p.seqs[s].past_len + 1;
     int splits, per;
     DecodeSplitPlan(len, p.max_splits, &splits, &per);

@@ -451,6 +451,12 @@ void PlanSparseAttention(int64_t sum_keys, int max_keys, int sm_count, SparseAtt
   p->max_splits = static_cast<int>((max_keys + chunk - 1) / chunk);
 }
 
+void PlanSparseAttentionInvariant(int max_keys, SparseAttnParams* p) {
+  static_assert(kBatchInvariantSparseChunk % (kMmaWarps * kMmaTile) == 0 && kBatchInvariantSparseChunk % kSparseTile == 0);
+  p->chunk = kBatchInvariantSparseChunk;
+  p->max_splits = std::max(2, (std::max(max_keys, 1) + kBatchInvariantSparseChunk - 1) / kBatchInvariantSparseChunk);
+}
+
 size_t SparseAttnSmemBytes(int group, int head_dim) { return static_cast<size_t>(Layout(group, head_dim).total); }
 
 cudaError_t LaunchSparseAttention(const SparseAttnParams& p, cudaStream_t stream) {

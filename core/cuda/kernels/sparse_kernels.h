@@ -86,6 +86,11 @@ __device__ __forceinline__ int RowOf(const SparseAttnParams& p, const SetKeys& k
 // Sets p->chunk and p->max_splits (the partial buffers need
 // n_seqs * n_kv * max_splits * group * (head_dim + 1) floats when max_splits > 1).
 void PlanSparseAttention(int64_t sum_keys, int max_keys, int sm_count, SparseAttnParams* p);
+// Batch-invariant mode: chunks of kBatchInvariantSparseChunk keys for every batch (a multiple of both kernels'
+// units), and at least two splits so that every list, even of one chunk, is written through the combine pass:
+// a list's splits and merge then follow from its own length alone.
+constexpr int kBatchInvariantSparseChunk = 256;
+void PlanSparseAttentionInvariant(int max_keys, SparseAttnParams* p);
 
 // Dynamic shared memory the generic attention kernel needs (the tensor-core kernel uses static memory).
 size_t SparseAttnSmemBytes(int group, int head_dim);
