@@ -101,8 +101,8 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
   const int32_t context = static_cast<int32_t>(ContextLimit(options.max_context, c.max_position_embeddings));
   const bool recall = static_cast<bool>(options.recall_observer);
   std::unique_ptr<SparseDecoder> d(new SparseDecoder(model, head, options));
-  // Under TP the sets are taken on the host right after selection (TakeSelection sizes batch-level sets for
-  // the rank's KV heads there), and layer moves are agreed on by all ranks at every plan.
+  // Under TP the sets are taken on the host right after selection: TakeSelection addresses batch-level sets
+  // to the rank's KV heads before anything reads their layout.
   if (tp.size > 1) d->options_.defer_selection = false;
   if (options.synthetic_overlap > 0) d->synthetic_.emplace(options.synthetic_overlap);
   d->layer_spec_.source = options.source;
@@ -549,7 +549,8 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
 
 absl::Status SparseDecoder::TakeSelection() {
   RETURN_IF_ERROR(model_->backend()->FinishSelectIndexSets(&selection_));
-  // A batch-level set is shared by the KV heads of the rank's shard (the head scored all of them).
+  // The sets address the rank's KV heads: head-level ones already do (selected from its heads' share); a
+  // batch-level set, scored over every head, is shared by the KV heads of the rank's shard.
   if (model_->tensor_parallel().size > 1) {
     selection_.sets.n_kv_heads = static_cast<int32_t>(model_->config().num_key_value_heads);
   }

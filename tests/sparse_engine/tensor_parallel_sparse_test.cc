@@ -4,7 +4,9 @@
 // unsharded sparse decoder, over a ragged batch (three sequences of different prompt lengths and budgets, one
 // admitted while the others decode) with budgets well below the pasts: logits within 1e-4 relative, the same
 // greedy tokens, every rank's logits bit-identical, and each rank's index sets equal to the unsharded sets of
-// its KV heads. Covered: head- and batch-level selection, the window source, layers offloaded from the start
+// its KV heads. Covered: head- and batch-level selection, layer and eagle3 heads (the eagle3 head reads the
+// target's hidden states, which TP reproduces within f32 rounding: its sets match here because no score is
+// that close to a tie), the window and oracle sources, layers offloaded from the start
 // (elastic loads on every rank) and planner-driven layer moves under different per-rank memory limits (the
 // ranks agree on every move). Refusals: options that would depend on heads a rank does not hold.
 #include <gtest/gtest.h>
@@ -222,6 +224,7 @@ struct Case {
   SelectionMode mode = SelectionMode::kHeadLevel;
   SelectionSource source = SelectionSource::kHead;
   int32_t offload_to = -1;
+  bool eagle3 = false;  // a random eagle3 head (4 query heads, fed the target's hidden states) for the layer head
 };
 
 class SparseTensorParallel : public ::testing::TestWithParam<Case> {};
@@ -230,6 +233,12 @@ TEST_P(SparseTensorParallel, MatchesUnshardedSparse) {
   const Case& c = GetParam();
   absl::StatusOr<Files> files = c.stories ? Stories260kShapedFiles() : TinyGqaFiles();
   ASSERT_TRUE(files.ok()) << files.status();
+  if (c.eagle3) {
+    absl::StatusOr<Checkpoint> ck = OpenCheckpoint(files->model);
+    ASSERT_TRUE(ck.ok()) << ck.status();
+    files->head = testing::WriteRandomEagle3Head(ck->config, 5, c.name + "_eagle3");
+    ASSERT_FALSE(files->head.empty());
+  }
   RunSetup setup;
   setup.options.budget = 6;
   setup.options.mode = c.mode;
@@ -248,7 +257,9 @@ INSTANTIATE_TEST_SUITE_P(
                            SelectionSource::kHead, 3},
                       Case{"stories_tp4_window_offloaded", true, 4, SelectionMode::kHeadLevel,
                            SelectionSource::kWindow, 3},
-                      Case{"stories_tp2_oracle", true, 2, SelectionMode::kHeadLevel, SelectionSource::kOracle}),
+                      Case{"stories_tp2_oracle", true, 2, SelectionMode::kHeadLevel, SelectionSource::kOracle},
+                      Case{"stories_tp4_eagle3_offloaded", true, 4, SelectionMode::kHeadLevel, SelectionSource::kHead,
+                           3, true}),
     [](const auto& info) { return info.param.name; });
 
 TEST(SparseTensorParallelPlanner, RanksAgreeOnLayerMoves) {
