@@ -146,8 +146,9 @@ void SparseDecoder::AgreeOnLayerMoves() {
   if (tp.size <= 1) return;
   Communicator* comm = tp.comm;
   Backend* backend = model_->backend();
-  tiers_->set_agreement([comm, backend](const absl::StatusOr<int32_t>& target) {
-    return AgreeOnGpuLayers(*comm, *backend, target);
+  auto scratch = std::make_shared<Tensor>();  // the all-reduce's [size] buffer, allocated by the first plan
+  tiers_->set_agreement([comm, backend, scratch](const absl::StatusOr<int32_t>& target) {
+    return AgreeOnGpuLayers(*comm, *backend, target, scratch.get());
   });
 }
 

@@ -18,6 +18,8 @@
 // The host time of each decode phase is accumulated in SparseEngineStats::decode_seconds (no device
 // syncs added), and a step allocates no host memory once its scratch has grown (plan, copy lists and
 // index sets are reused; last_sets() is the step's sets swapped out, not copied).
+// Under tensor parallelism (the model's tensor_parallel().size > 1) each rank has its own decoder over its
+// shard, with a replicated head, its own sets, tiers and loads (core/model/sparse_tensor_parallel.h).
 // Engine thread only.
 #pragma once
 

@@ -44,17 +44,20 @@ Tensor RankPart(const Tensor& t, const TensorParallel& tp) {
                 std::move(shape), t.device(), t.storage());
 }
 
-absl::StatusOr<int32_t> AgreeOnGpuLayers(Communicator& comm, Backend& backend, const absl::StatusOr<int32_t>& mine) {
+absl::StatusOr<int32_t> AgreeOnGpuLayers(Communicator& comm, Backend& backend, const absl::StatusOr<int32_t>& mine,
+                                         Tensor* scratch) {
   const int size = comm.size();
   // Each rank writes its target (or -1 for an error) at its own index, zeros elsewhere: the sum holds every
   // rank's value exactly (small integers in f32) and in the same bits on every rank.
   std::vector<float> values(size, 0.0f);
   values[comm.rank()] = mine.ok() ? static_cast<float>(*mine) : -1.0f;
   Tensor host(values.data(), DType::kF32, {size});
-  ASSIGN_OR_RETURN(Tensor d, backend.Alloc(DType::kF32, {size}, MemoryKind::kWorkspace));
-  RETURN_IF_ERROR(backend.CopyToDevice(host, &d));
-  RETURN_IF_ERROR(comm.AllReduceSum(&d));
-  RETURN_IF_ERROR(backend.ToHost(d, &host));
+  if (scratch->empty()) {
+    ASSIGN_OR_RETURN(*scratch, backend.Alloc(DType::kF32, {size}, MemoryKind::kWorkspace));
+  }
+  RETURN_IF_ERROR(backend.CopyToDevice(host, scratch));
+  RETURN_IF_ERROR(comm.AllReduceSum(scratch));
+  RETURN_IF_ERROR(backend.ToHost(*scratch, &host));
   if (!mine.ok()) return mine.status();
   int32_t agreed = *mine;
   for (int r = 0; r < size; ++r) {

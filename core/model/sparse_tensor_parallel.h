@@ -37,8 +37,10 @@ Tensor RankPart(const Tensor& t, const TensorParallel& tp);
 /// The resident layer count every rank of `comm`'s group takes: the smallest of the ranks' `mine` (each
 /// rank's own planner target: the most conservative plan fits every rank's memory). An error on any rank
 /// (no plan fits) becomes an error on every rank: the failing rank's own status there, ResourceExhausted
-/// naming that rank elsewhere. One AllReduceSum of f32 [size] on `backend` (every rank must call it at the same
-/// point: the tiers plan at the same steps on every rank because the ranks run the same requests).
-absl::StatusOr<int32_t> AgreeOnGpuLayers(Communicator& comm, Backend& backend, const absl::StatusOr<int32_t>& mine);
+/// naming that rank elsewhere. One AllReduceSum of f32 [size] in `scratch` on `backend` (allocated there,
+/// MemoryKind::kWorkspace, when empty; reused after). Every rank must call it at the same point: the tiers plan
+/// at the same steps on every rank because the ranks run the same requests.
+absl::StatusOr<int32_t> AgreeOnGpuLayers(Communicator& comm, Backend& backend, const absl::StatusOr<int32_t>& mine,
+                                         Tensor* scratch);
 
 }  // namespace specontext

@@ -286,9 +286,10 @@ TEST(SparseTensorParallelPlanner, AgreeOnGpuLayersTakesTheSmallestAndSharesError
   for (int r = 0; r < kRanks; ++r) {
     threads.emplace_back([&, r] {
       std::unique_ptr<Backend> b = MakeCpuBackend();
+      Tensor scratch;
       absl::StatusOr<int32_t> mine = r == 1 ? absl::StatusOr<int32_t>(absl::ResourceExhaustedError("full"))
                                             : absl::StatusOr<int32_t>(2);
-      got[r] = AgreeOnGpuLayers(*comms[r], *b, mine);
+      got[r] = AgreeOnGpuLayers(*comms[r], *b, mine, &scratch);
     });
   }
   for (std::thread& t : threads) t.join();
@@ -303,7 +304,9 @@ TEST(SparseTensorParallelPlanner, AgreeOnGpuLayersTakesTheSmallestAndSharesError
   for (int r = 0; r < kRanks; ++r) {
     threads.emplace_back([&, r] {
       std::unique_ptr<Backend> b = MakeCpuBackend();
-      got[r] = AgreeOnGpuLayers(*again[r], *b, 5 - r);
+      Tensor scratch;
+      got[r] = AgreeOnGpuLayers(*again[r], *b, 5 - r, &scratch);
+      if (got[r].ok()) got[r] = AgreeOnGpuLayers(*again[r], *b, *got[r] + r, &scratch);  // 3, 4, 5: reused
     });
   }
   for (std::thread& t : threads) t.join();
