@@ -32,18 +32,26 @@ bool LayerTiers::any_reload_pending() const {
 
 void LayerTiers::ClearReloads() { std::fill(reload_pending_.begin(), reload_pending_.end(), false); }
 
-absl::Status LayerTiers::Plan(int64_t rows, int32_t n_seqs, std::span<const TierSeq> seqs) {
-  if (!planner_.has_value() || n_seqs == 0) return absl::OkStatus();
+absl::StatusOr<int32_t> LayerTiers::Target(int64_t rows, int32_t n_seqs, std::span<const TierSeq> seqs) const {
   ASSIGN_OR_RETURN(LayerMovePlan plan, planner_->PlanMoves(gpu_layers_, rows, n_seqs, /*allow_return=*/true));
-  if (plan.gpu_layers_after < gpu_layers_) return MoveToHost(plan.gpu_layers_after, seqs);
+  if (plan.gpu_layers_after < gpu_layers_) return plan.gpu_layers_after;
   if (plan.gpu_layers_after > gpu_layers_ && gpu_layers_ < cap_) {
     int64_t margin = rows / 8;
     for (const TierSeq& s : seqs) margin += std::clamp<int64_t>(s.capacity - s.rows, 0, std::max(grow_rows_, 0));
     absl::StatusOr<int32_t> keep = planner_->GpuLayersFor(rows + margin, n_seqs);
-    if (!keep.ok()) return absl::OkStatus();  // no room to spare: stay as we are
-    const int32_t target = std::min({*keep, plan.gpu_layers_after, cap_});
-    if (target > gpu_layers_) return MoveToDevice(target, seqs);
+    if (!keep.ok()) return gpu_layers_;  // no room to spare: stay as we are
+    return std::max(gpu_layers_, std::min({*keep, plan.gpu_layers_after, cap_}));
   }
+  return gpu_layers_;
+}
+
+absl::Status LayerTiers::Plan(int64_t rows, int32_t n_seqs, std::span<const TierSeq> seqs) {
+  if (!planner_.has_value() || n_seqs == 0) return absl::OkStatus();
+  absl::StatusOr<int32_t> target = Target(rows, n_seqs, seqs);
+  if (agreement_) target = agreement_(target);
+  RETURN_IF_ERROR(target.status());
+  if (*target < gpu_layers_) return MoveToHost(*target, seqs);
+  if (*target > gpu_layers_) return MoveToDevice(*target, seqs);
   return absl::OkStatus();
 }
 

@@ -6,11 +6,13 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "core/backend.h"
 #include "core/sparse/memory_planner.h"
 
@@ -33,6 +35,12 @@ struct TierCounters {
 
 class LayerTiers {
  public:
+  /// Turns this tier's resident-layer target (or its error) into the one to apply. Tensor parallelism sets it
+  /// so that every rank applies the same move at the same step (core/model/sparse_tensor_parallel.h
+  /// AgreeOnGpuLayers): each rank's planner sees its own backend, yet all ranks must keep the same layers
+  /// offloaded or their forwards diverge. Called by every Plan that has a planner and sequences.
+  using Agreement = std::function<absl::StatusOr<int32_t>(const absl::StatusOr<int32_t>& target)>;
+
   /// `backend` must outlive the tiers. `grow_rows`: the sequences' device KV growth chunk (the margin a
   /// returning layer needs per sequence). Every layer starts resident.
   LayerTiers(Backend* backend, int32_t n_layers, std::optional<MemoryPlanner> planner, int32_t grow_rows);
@@ -54,11 +62,15 @@ class LayerTiers {
   /// and each sequence's next growth chunk, so that the next growth does not send them straight back), up to
   /// the cap. ResourceExhausted when even every layer offloaded does not fit. No-op without a planner.
   absl::Status Plan(int64_t rows, int32_t n_seqs, std::span<const TierSeq> seqs);
+  /// Sets the agreement Plan applies its target through (null: the target as is).
+  void set_agreement(Agreement agreement) { agreement_ = std::move(agreement); }
   /// Moves layers [gpu_layers, L) of `seqs` to host now and caps the resident layers at `gpu_layers` from
   /// then on (operators, tests). InvalidArgument outside [0, L].
   absl::Status Offload(int32_t gpu_layers, std::span<const TierSeq> seqs);
 
  private:
+  // The resident layers Plan aims for (gpu_layers_ when nothing should move); mutates nothing.
+  absl::StatusOr<int32_t> Target(int64_t rows, int32_t n_seqs, std::span<const TierSeq> seqs) const;
   absl::Status MoveToHost(int32_t gpu_layers, std::span<const TierSeq> seqs);
   absl::Status MoveToDevice(int32_t gpu_layers, std::span<const TierSeq> seqs);
 
@@ -70,6 +82,7 @@ class LayerTiers {
   int32_t cap_;
   std::vector<bool> reload_pending_;
   TierCounters counters_;
+  Agreement agreement_;
 };
 
 }  // namespace specontext

@@ -11,6 +11,7 @@
 #include "core/log.h"
 #include "core/model/kv_tiers.h"
 #include "core/model/sparse_decoder_state.h"
+#include "core/model/sparse_tensor_parallel.h"
 #include "core/sparse/elastic.h"
 #include "core/status_macros.h"
 
@@ -67,10 +68,18 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
                                                    SelectionSourceName(options.source)));
   }
   const ModelConfig& c = model->config();
-  if (head != nullptr) RETURN_IF_ERROR(ValidateHeadForTarget(head->config(), c));
-  if (head != nullptr && head->n_kv_heads() != c.num_key_value_heads) {
+  // Under tensor parallelism the head is replicated: it fits the whole model, not the rank's shard.
+  const TensorParallel& tp = model->tensor_parallel();
+  RETURN_IF_ERROR(ValidateSparseTensorParallel(options, tp));
+  const ModelConfig whole = UnshardedConfig(c, tp);
+  if (head != nullptr) RETURN_IF_ERROR(ValidateHeadForTarget(head->config(), whole));
+  if (head != nullptr && head->n_kv_heads() != whole.num_key_value_heads) {
     return absl::FailedPreconditionError(absl::StrCat("retrieval head has ", head->n_kv_heads(),
-                                                      " KV heads but the model has ", c.num_key_value_heads));
+                                                      " KV heads but the model has ", whole.num_key_value_heads));
+  }
+  if (head != nullptr && head->n_heads() % tp.size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallelism ", tp.size, " does not divide the retrieval "
+                                                   "head's ", head->n_heads(), " query heads"));
   }
   {
     absl::Status st = ValidateBudget(options.budget, options.sink, c.max_position_embeddings);
@@ -92,6 +101,9 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
   const int32_t context = static_cast<int32_t>(ContextLimit(options.max_context, c.max_position_embeddings));
   const bool recall = static_cast<bool>(options.recall_observer);
   std::unique_ptr<SparseDecoder> d(new SparseDecoder(model, head, options));
+  // Under TP the sets are taken on the host right after selection: TakeSelection addresses batch-level sets
+  // to the rank's KV heads before anything reads their layout.
+  if (tp.size > 1) d->options_.defer_selection = false;
   if (options.synthetic_overlap > 0) d->synthetic_.emplace(options.synthetic_overlap);
   d->layer_spec_.source = options.source;
   d->layer_spec_.sink = options.sink;
@@ -103,6 +115,7 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
                                                                   options.budget, options.mode, recall)));
     d->tiers_.emplace(model->backend(), static_cast<int32_t>(c.num_hidden_layers), std::move(planner),
                       options.kv_grow_rows);
+    d->AgreeOnLayerMoves();
     return d;
   }
   // The head's weights go up before the planner measures the device. A head that shares the target's
@@ -124,7 +137,25 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
                                                                 options.budget, options.mode, recall)));
   d->tiers_.emplace(model->backend(), static_cast<int32_t>(c.num_hidden_layers), std::move(planner),
                     options.kv_grow_rows);
+  d->AgreeOnLayerMoves();
   return d;
+}
+
+void SparseDecoder::AgreeOnLayerMoves() {
+  const TensorParallel& tp = model_->tensor_parallel();
+  if (tp.size <= 1) return;
+  Communicator* comm = tp.comm;
+  Backend* backend = model_->backend();
+  auto scratch = std::make_shared<Tensor>();  // the all-reduce's [size] buffer, allocated by the first plan
+  tiers_->set_agreement([comm, backend, scratch](const absl::StatusOr<int32_t>& target) {
+    return AgreeOnGpuLayers(*comm, *backend, target, scratch.get());
+  });
+}
+
+Tensor SparseDecoder::SelectionPart(const Tensor& t) const {
+  // Head-level sets are per KV head, so the rank's sets need only its KV heads' query and K-cache heads;
+  // batch-level ones take a max over every query head, so every rank scores them all.
+  return options_.mode == SelectionMode::kHeadLevel ? RankPart(t, model_->tensor_parallel()) : t;
 }
 
 absl::StatusOr<int32_t> SparseDecoder::TakeHiddenSlot() {
@@ -521,6 +552,11 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
 
 absl::Status SparseDecoder::TakeSelection() {
   RETURN_IF_ERROR(model_->backend()->FinishSelectIndexSets(&selection_));
+  // The sets address the rank's KV heads: head-level ones already do (selected from its heads' share); a
+  // batch-level set, scored over every head, is shared by the KV heads of the rank's shard.
+  if (model_->tensor_parallel().size > 1) {
+    selection_.sets.n_kv_heads = static_cast<int32_t>(model_->config().num_key_value_heads);
+  }
   double mass = 0;
   for (float m : selection_.captured_mass) mass += m;
   if (!selection_.captured_mass.empty()) stats_.last_captured_mass = mass / selection_.captured_mass.size();

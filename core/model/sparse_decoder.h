@@ -18,6 +18,8 @@
 // The host time of each decode phase is accumulated in SparseEngineStats::decode_seconds (no device
 // syncs added), and a step allocates no host memory once its scratch has grown (plan, copy lists and
 // index sets are reused; last_sets() is the step's sets swapped out, not copied).
+// Under tensor parallelism (the model's tensor_parallel().size > 1) each rank has its own decoder over its
+// shard, with a replicated head, its own sets, tiers and loads (core/model/sparse_tensor_parallel.h).
 // Engine thread only.
 #pragma once
 
@@ -195,6 +197,11 @@ class SparseDecoder : public SparseDecodeHooks {
   // gather of the pool rows) is replayed as a step graph (Backend::RunStepGraph) over fixed buffers of
   // decode_heads_, one upload of its inputs before and the K-cache append after. q views a fixed buffer.
   absl::Status ObserveDecode(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, Tensor* q);
+  // Under tensor parallelism: makes the tiers apply the layer moves all ranks agree on.
+  void AgreeOnLayerMoves();
+  // The part of the head's query [n_q_heads, hd] or K cache [n_kv_heads, rows, hd] this rank selects with: its
+  // KV heads' share for head-level selection under TP, `t` itself otherwise.
+  Tensor SelectionPart(const Tensor& t) const;
   // Waits for the step's selection where it is still on the device (Backend::FinishSelectIndexSets) and
   // records its captured mass.
   absl::Status TakeSelection();

@@ -26,8 +26,8 @@ absl::Status SparseDecoder::SelectWithHead(std::span<const ForwardSeq> fwd,
   const int64_t nq = head_->n_heads(), hd = head_->head_dim();
   queries_.resize(fwd.size());
   for (size_t i = 0; i < fwd.size(); ++i) {
-    queries_[i].q = View(q, static_cast<int64_t>(i) * nq * hd, {nq, hd});
-    queries_[i].k_cache = states[i]->cache;
+    queries_[i].q = SelectionPart(View(q, static_cast<int64_t>(i) * nq * hd, {nq, hd}));
+    queries_[i].k_cache = SelectionPart(states[i]->cache);
     queries_[i].len = fwd[i].past_len;
     queries_[i].budget = states[i]->budget;
   }

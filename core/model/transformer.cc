@@ -407,9 +407,6 @@ absl::StatusOr<Tensor> Transformer::ForwardDevice(std::span<const ForwardSeq> se
                                                   const SparseForward* sparse, HiddenCapture* capture) {
   const ModelConfig& c = config_;
   Backend& b = *backend_;
-  if (tp_.size > 1 && sparse != nullptr) {
-    return absl::InvalidArgumentError("tensor parallelism supports dense decoding only for now");
-  }
   BatchDesc batch;
   std::vector<int32_t> ids, positions, last_rows;
   for (const ForwardSeq& s : seqs) {

@@ -86,7 +86,8 @@ struct ForwardSeq {
 // of its attention and KV heads and the gate/up rows of its intermediate range (column-parallel), the matching
 // o_proj and down_proj columns (row-parallel, one all-reduce over `comm` after each, before the residual add;
 // their biases on rank 0 only), and replicated embeddings, norms and LM head: every rank computes the full
-// logits. Needs size <= KV heads, size dividing the KV heads and the intermediate size. Dense decoding only.
+// logits. Needs size <= KV heads, size dividing the KV heads and the intermediate size. Sparse decoding works
+// on each rank's shard (core/model/sparse_tensor_parallel.h).
 struct TensorParallel {
   int rank = 0;
   int size = 1;

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
+#include "core/model/sparse_tensor_parallel.h"
 #include "core/sparse/index_sets.h"
 #include "core/sparse/selection_source.h"
 #include "core/status_macros.h"
@@ -50,26 +51,41 @@ absl::StatusOr<SparseRuntime> MakeSparseRuntime(const Runtime& rt, const SparseR
   so.fallback_mass = o.fallback_mass;
   so.recall_observer = o.recall_observer;
   SparseRuntime out;
+  // One decoder per tensor-parallel rank, each over its own shard (the head, when there is one, is shared:
+  // every decoder uploads its own copy to its rank's backend).
+  auto make_decoders = [&]() -> absl::Status {
+    std::vector<Transformer*> models = {rt.model.get()};
+    for (const auto& m : rt.tp_models) models.push_back(m.get());
+    for (Transformer* model : models) {
+      auto dec = SparseDecoder::Create(model, out.head.get(), so);
+      if (!dec.ok()) return absl::Status(dec.status().code(), absl::StrCat("--sparse: ", dec.status().message()));
+      std::shared_ptr<SparseDecoder> d(std::move(*dec));
+      if (out.decoder == nullptr) {
+        out.decoder = std::move(d);
+      } else {
+        out.tp_decoders.push_back(std::move(d));
+      }
+    }
+    return absl::OkStatus();
+  };
   if (so.source != SelectionSource::kHead) {
     if (!o.retrieval_head.empty()) {
       SPC_LOG(WARNING) << "--retrieval-head is not used by --selection-source " << SelectionSourceName(so.source);
     }
-    auto dec = SparseDecoder::Create(rt.model.get(), nullptr, so);
-    if (!dec.ok()) return absl::Status(dec.status().code(), absl::StrCat("--sparse: ", dec.status().message()));
-    out.decoder = std::shared_ptr<SparseDecoder>(std::move(*dec));
+    RETURN_IF_ERROR(make_decoders());
     return out;
   }
   if (o.retrieval_head.empty()) {
     return absl::InvalidArgumentError("--sparse needs --retrieval-head DIR (write one with `specontext prune`)");
   }
-  auto head = RetrievalHead::Load(o.retrieval_head, rt.model->config(), rt.checkpoint.weights.get());
+  // The head fits the whole model (under tensor parallelism rt.model's config is rank 0's shard).
+  auto head = RetrievalHead::Load(o.retrieval_head, UnshardedConfig(rt.model->config(), rt.model->tensor_parallel()),
+                                  rt.checkpoint.weights.get());
   if (!head.ok()) {
     return absl::Status(head.status().code(), absl::StrCat("--retrieval-head: ", head.status().message()));
   }
   out.head = *std::move(head);
-  auto dec = SparseDecoder::Create(rt.model.get(), out.head.get(), so);
-  if (!dec.ok()) return absl::Status(dec.status().code(), absl::StrCat("--sparse: ", dec.status().message()));
-  out.decoder = std::shared_ptr<SparseDecoder>(std::move(*dec));
+  RETURN_IF_ERROR(make_decoders());
   return out;
 }
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/model/sparse_decoder.h"
@@ -33,9 +34,13 @@ struct SparseRuntime {
   std::unique_ptr<RetrievalHead> head;      // must outlive the decoder (declared first, destroyed last); null
                                             // for the sources that need none
   std::shared_ptr<SparseDecoder> decoder;   // put into EngineOptions::sparse
+  // With tensor parallelism: the decoders of ranks 1.. over Runtime::tp_models (index = rank - 1), each with
+  // its own copy of the head on its rank's backend, its own KV tiers and planner; `decoder` is rank 0's.
+  std::vector<std::shared_ptr<SparseDecoder>> tp_decoders;
 };
 
-/// Validates the options against the loaded model and builds the sparse decoder. Errors name the flag.
+/// Validates the options against the loaded model and builds the sparse decoder (one per tensor-parallel rank).
+/// Errors name the flag.
 absl::StatusOr<SparseRuntime> MakeSparseRuntime(const Runtime& runtime, const SparseRuntimeOptions& options);
 
 }  // namespace specontext

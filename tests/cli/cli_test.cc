@@ -142,7 +142,8 @@ TEST_F(CliTest, GenerationConfigSetsSamplingDefaults) {
 }
 
 // --tensor-parallel N (one thread and model shard per rank, CPU backend) writes the text of one rank, greedy
-// and sampled; splits the model does not allow and sparse decoding under TP fail with a message.
+// and sampled; splits the model does not allow fail with a message (sparse decoding under TP:
+// tests/sparse_engine/sparse_cli_test.cc).
 TEST_F(CliTest, TensorParallelWritesTheTextOfOneRank) {
   const std::vector<std::string> stories = {"generate", "--model", SPECONTEXT_MODEL_DIR "/stories260K/stories260K.bin",
                                             "--tokenizer", SPECONTEXT_MODEL_DIR "/stories260K/tok512.bin",
@@ -175,9 +176,6 @@ TEST_F(CliTest, TensorParallelWritesTheTextOfOneRank) {
   bad = stories;
   bad.insert(bad.end(), {"--tensor-parallel", "0"});
   ExpectError(Cli(bad), "--tensor-parallel");
-  bad = stories;
-  bad.insert(bad.end(), {"--tensor-parallel", "2", "--sparse", "--retrieval-head", Good()});
-  ExpectError(Cli(bad), "dense decoding only");
 }
 
 TEST_F(CliTest, StoriesFromBos) {

@@ -3,7 +3,7 @@
 // steps give the logits of the unsharded model within f32 tolerance and the same tokens, for TP = 2 and 4
 // where the KV heads allow, on the tiny HF checkpoints and random ones (GQA, MHA, biases, qk-norm, a
 // stories260K-shaped GQA model); every rank computes bit-identical logits. Splits the model does not allow
-// and sparse decoding under TP are refused with InvalidArgument.
+// are refused with InvalidArgument. Sparse decoding under TP: tests/sparse_engine/tensor_parallel_sparse_test.cc.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -208,33 +208,6 @@ TEST(TensorParallel, RefusesSplitsTheModelDoesNotAllow) {
   EXPECT_TRUE(absl::IsInvalidArgument(model.status())) << model.status();
   model = Transformer::Load(ck, backend.get(), {}, {2, 2, three[2].get()});  // rank out of range
   EXPECT_TRUE(absl::IsInvalidArgument(model.status())) << model.status();
-}
-
-TEST(TensorParallel, RefusesSparseDecoding) {
-  const Checkpoint ck = RandomCheckpoint(TinyConfig(Architecture::kLlama, 2), 1);
-  auto comms = CreateInProcessGroup(2);
-  std::vector<absl::Status> st(2);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      std::unique_ptr<Backend> backend = MakeCpuBackend();
-      auto model = Transformer::Load(ck, backend.get(), {}, {r, 2, comms[r].get()});
-      if (!model.ok()) {
-        st[r] = model.status();
-        return;
-      }
-      auto kv = (*model)->AllocateKv(8).value();
-      const std::vector<int32_t> tok = {3};
-      ForwardSeq s{tok, 0, kv.get()};
-      SparseForward sparse;
-      st[r] = (*model)->ForwardDevice({&s, 1}, false, &sparse).status();
-    });
-  }
-  for (std::thread& t : threads) t.join();
-  for (const absl::Status& s : st) {
-    EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
-    EXPECT_NE(s.message().find("dense decoding only"), std::string::npos) << s;
-  }
 }
 
 }  // namespace

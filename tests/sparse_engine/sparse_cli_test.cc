@@ -76,6 +76,35 @@ TEST_F(SparseCliTest, PruneThenGenerateSparse) {
   EXPECT_EQ(small.err.find("sparse_steps=0"), std::string::npos) << small.err;
 }
 
+// --tensor-parallel 2 --sparse (one thread, model shard and sparse decoder per rank, the head replicated)
+// writes the text of the unsharded sparse decoder with a budget that prunes, head- and batch-level; options
+// that depend on other ranks' heads are refused with a message.
+TEST_F(SparseCliTest, TensorParallelSparseWritesTheUnshardedText) {
+  const std::string head = Dir("tp_head");
+  CliRun p = Cli({"prune", "--source", Model(), "--kind", "layer", "--target", Model(), "--out", head});
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  for (const char* selection : {"head", "batch"}) {
+    SCOPED_TRACE(selection);
+    const std::vector<std::string> sparse = {"--prompt", "hello world, once upon a time", "--max-new-tokens", "24",
+                                             "--sparse", "--retrieval-head", head, "--budget", "4", "--sink", "2",
+                                             "--selection", selection};
+    CliRun one = Generate(sparse);
+    ASSERT_EQ(one.exit_code, 0) << one.err;
+    EXPECT_EQ(one.err.find("sparse_steps=0"), std::string::npos) << one.err;
+    std::vector<std::string> tp2 = sparse;
+    tp2.insert(tp2.end(), {"--tensor-parallel", "2"});
+    CliRun two = Generate(tp2);
+    ASSERT_EQ(two.exit_code, 0) << two.err;
+    EXPECT_EQ(two.out, one.out);
+    EXPECT_NE(two.err.find("tensor_parallel=2"), std::string::npos) << two.err;
+    EXPECT_EQ(two.err.find("sparse_steps=0"), std::string::npos) << two.err;
+  }
+  CliRun refused = Generate({"--prompt", "hello", "--sparse", "--retrieval-head", head, "--budget", "4",
+                             "--fallback-mass", "0.5", "--tensor-parallel", "2"});
+  EXPECT_NE(refused.exit_code, 0) << refused.out;
+  EXPECT_NE(refused.err.find("weak-retrieval fallback"), std::string::npos) << refused.err;
+}
+
 // `score` with each selection source and the recall probe: one JSONL line per decode step (position, a
 // recall per layer in [0, 1]), the summary in the score line; window/oracle/quest need no head.
 TEST_F(SparseCliTest, ScoreWithSelectionSourcesAndRecall) {

@@ -3,6 +3,8 @@
 #include "tools/specontext/sparse_flags.h"
 
 #include <cstdio>
+#include <memory>
+#include <span>
 #include <thread>
 
 #include "absl/strings/numbers.h"
@@ -41,7 +43,7 @@ void DefineGenerateFlags(Args& args) {
   args.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
   args.Define({"threads", "CPU threads (0 = the CPUs this process may use)", false, false, "0"});
   args.Define({"tensor-parallel", "ranks of tensor parallelism, one thread and model shard each (CPU backend; "
-                                  "dense decoding only)", false, false, "1"});
+                                  "dense or sparse)", false, false, "1"});
   DefineSparseFlags(args);
   args.Define({"log-level", "debug, info, warning or error", false, false, "warning"});
   DefineCudaGraphsFlag(args);
@@ -52,8 +54,10 @@ void DefineGenerateFlags(Args& args) {
 // each. Every rank samples its own token from its own logits: the in-process all-reduce gives every rank the
 // same bits, the LM head is replicated and the sampler is seeded by the request, so the ranks pick the same
 // tokens and stop at the same step (checked afterwards). A rank that is done aborts the group on its way out,
-// so a rank that would still wait for it fails instead of hanging.
+// so a rank that would still wait for it fails instead of hanging. In sparse mode rank r's engine drives
+// `sparse[r - 1]` (SparseRuntime::tp_decoders).
 absl::StatusOr<GenerationResult> GenerateTensorParallel(Runtime& rt, Engine& rank0, const EngineOptions& eo,
+                                                        std::span<const std::shared_ptr<SparseDecoder>> sparse,
                                                         GenerationRequest req, const StreamCallback& stream) {
   const int tp = static_cast<int>(rt.tp_comms.size());
   std::vector<absl::StatusOr<GenerationResult>> others(tp - 1, absl::UnknownError("not run"));
@@ -62,7 +66,9 @@ absl::StatusOr<GenerationResult> GenerateTensorParallel(Runtime& rt, Engine& ran
   quiet.prefill_progress = nullptr;
   for (int r = 1; r < tp; ++r) {
     threads.emplace_back([&, r, req] {
-      Engine engine(rt.tp_models[r - 1].get(), rt.tokenizer.get(), quiet);
+      EngineOptions rank_eo = quiet;
+      if (eo.sparse != nullptr) rank_eo.sparse = sparse[r - 1];
+      Engine engine(rt.tp_models[r - 1].get(), rt.tokenizer.get(), rank_eo);
       others[r - 1] = engine.Generate(req);
       rt.tp_comms[r]->Abort();
     });
@@ -115,10 +121,6 @@ absl::Status RunGenerate(const Args& args) {
   req.ignore_eos = args.GetBool("ignore-eos");
 
   ASSIGN_OR_RETURN(std::optional<SparseRuntimeOptions> sparse, SparseOptionsFromArgs(args, ro.gpu_memory_limit));
-  if (sparse && ro.tensor_parallel > 1) {
-    return absl::InvalidArgumentError("tensor parallelism supports dense decoding only for now: drop the sparse flags "
-                                      "or --tensor-parallel");
-  }
   // One request: the planner's step bound is sized for one sequence per step (a generator started with
   // --max-batch 1 plans the same).
   if (sparse) sparse->step.max_batch = 1;
@@ -166,7 +168,7 @@ absl::Status RunGenerate(const Args& args) {
   Engine engine(rt.model.get(), rt.tokenizer.get(), eo);
   const absl::Time start = absl::Now();
   ASSIGN_OR_RETURN(GenerationResult result, ro.tensor_parallel > 1
-                                                ? GenerateTensorParallel(rt, engine, eo, std::move(req), stream)
+                                                ? GenerateTensorParallel(rt, engine, eo, srt.tp_decoders, std::move(req), stream)
                                                 : engine.Generate(std::move(req), stream));
   const double total_s = absl::ToDoubleSeconds(absl::Now() - start);
   std::fputc('\n', stdout);

@@ -1,0 +1,355 @@
+// SpeContext sparse decoding under tensor parallelism on the CPU backend (core/model/sparse_tensor_parallel.h):
+// one thread per rank, each with its own backend, model shard, SparseDecoder (replicated `layer` retrieval
+// head, its own KV tiers, slot buffers and elastic loads), joined by the in-process communicator. Against the
+// unsharded sparse decoder, over a ragged batch (three sequences of different prompt lengths and budgets, one
+// admitted while the others decode) with budgets well below the pasts: logits within 1e-4 relative, the same
+// greedy tokens, every rank's logits bit-identical, and each rank's index sets equal to the unsharded sets of
+// its KV heads. Covered: head- and batch-level selection, layer and eagle3 heads (the eagle3 head reads the
+// target's hidden states, which TP reproduces within f32 rounding: its sets match here because no score is
+// that close to a tie), the window and oracle sources, layers offloaded from the start
+// (elastic loads on every rank) and planner-driven layer moves under different per-rank memory limits (the
+// ranks agree on every move). Refusals: options that would depend on heads a rank does not hold.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/model/sparse_tensor_parallel.h"
+#include "tests/sparse_engine/tiny_setup.h"
+
+namespace specontext {
+namespace {
+
+using testing::RandomPrompt;
+using testing::TestDir;
+
+constexpr int kDecodeSteps = 14;
+
+struct Files {
+  std::string model, head;
+};
+
+// stories260K's shape (llama2.c): dim 64, 5 layers, 8 heads over 4 KV heads, hidden 172, vocab 512.
+absl::StatusOr<Files> Stories260kShapedFiles() {
+  Files f{TestDir("stories260k_model"), TestDir("stories260k_head")};
+  if (std::filesystem::exists(f.head + "/config.json")) return f;
+  ASSIGN_OR_RETURN(ModelConfig c, RandomCheckpointPreset("tiny-llama-tied-gqa"));
+  c.vocab_size = 512;
+  c.hidden_size = 64;
+  c.intermediate_size = 172;
+  c.num_hidden_layers = 5;
+  c.num_attention_heads = 8;
+  c.num_key_value_heads = 4;
+  c.head_dim = 8;
+  RandomCheckpointOptions o;
+  o.dtype = DType::kF32;
+  o.seed = 11;
+  o.num_threads = 2;
+  RETURN_IF_ERROR(WriteRandomCheckpoint(c, f.model, o));
+  RETURN_IF_ERROR(PruneToRetrievalHead(f.model, RetrievalHeadKind::kLayer, c, "stories260k-shaped", f.head).status());
+  return f;
+}
+
+absl::StatusOr<Files> TinyGqaFiles() {
+  ASSIGN_OR_RETURN(auto files, testing::TinyFiles(7));
+  return Files{files.first, files.second};
+}
+
+struct RunSetup {
+  SparseOptions options;
+  int32_t offload_to = -1;  // OffloadLayers(offload_to) before the first admission; -1: none
+  // Per-rank planner limits, in rows of one resident layer set beyond the fixed bytes (0: planner off).
+  std::vector<int32_t> limit_rows;
+};
+
+// Every step's logits [n_seqs][vocab] (rows in the step's sequence order), greedy tokens per sequence, the
+// sets of each decode step and the resident layers after each step.
+struct Trace {
+  std::vector<std::vector<float>> logits;
+  std::vector<std::vector<int32_t>> tokens;
+  std::vector<IndexSets> sets;
+  std::vector<int32_t> gpu_layers;
+  SparseEngineStats stats;
+};
+
+// Runs the ragged batch on one rank: sequences 0 and 1 prefill together, decode; sequence 2 is admitted at
+// decode step 3 (its prompt runs beside the others' decode tokens) and decodes from then on.
+absl::StatusOr<Trace> RunRank(const Checkpoint& ck, const RetrievalHead* head, const TensorParallel& tp,
+                              const RunSetup& setup) {
+  std::unique_ptr<Backend> backend = MakeCpuBackend();
+  ASSIGN_OR_RETURN(std::unique_ptr<Transformer> model, Transformer::Load(ck, backend.get(), {}, tp));
+  SparseOptions o = setup.options;
+  std::unique_ptr<SparseDecoder> probe;
+  if (!setup.limit_rows.empty()) {
+    // A probe decoder (kept alive: its head copy is part of what the real one measures) gives the fixed bytes.
+    SparseOptions po = o;
+    po.gpu_memory_limit = int64_t{1} << 40;
+    ASSIGN_OR_RETURN(probe, SparseDecoder::Create(model.get(), head, po));
+    const MemoryPlanner& p = *probe->planner();
+    o.gpu_memory_limit = static_cast<int64_t>(p.fixed_bytes() + probe->device_head().weight_bytes() +
+                                              setup.limit_rows[tp.rank] * p.PerTokenBytes(0));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<SparseDecoder> dec, SparseDecoder::Create(model.get(), head, o));
+  if (setup.offload_to >= 0) RETURN_IF_ERROR(dec->OffloadLayers(setup.offload_to));
+  const int64_t vocab = model->config().vocab_size;
+  const std::vector<std::vector<int32_t>> prompts = {RandomPrompt(21, vocab, 1), RandomPrompt(9, vocab, 2),
+                                                     RandomPrompt(15, vocab, 3)};
+  const std::vector<int32_t> budgets = {6, 4, 8};
+  std::vector<std::unique_ptr<SequenceKv>> kvs(3);
+  std::vector<int32_t> past(3, 0);
+  std::vector<std::vector<int32_t>> next = prompts;
+  Trace trace;
+  trace.tokens.resize(3);
+  auto admit = [&](int i) -> absl::Status {
+    ASSIGN_OR_RETURN(kvs[i], dec->AllocateKv(i + 1, static_cast<int32_t>(prompts[i].size()) + kDecodeSteps + 2,
+                                             budgets[i]));
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(admit(0));
+  RETURN_IF_ERROR(admit(1));
+  for (int step = 0; step <= kDecodeSteps; ++step) {
+    if (step == 3) RETURN_IF_ERROR(admit(2));
+    std::vector<ForwardSeq> fwd;
+    std::vector<SparseStepSeq> seqs;
+    std::vector<int> which;
+    for (int i = 0; i < 3; ++i) {
+      if (kvs[i] == nullptr) continue;
+      fwd.push_back({next[i], past[i], kvs[i].get()});
+      seqs.push_back({static_cast<uint64_t>(i + 1), budgets[i]});
+      which.push_back(i);
+    }
+    Tensor logits = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(fwd.size()), vocab});
+    RETURN_IF_ERROR(dec->Forward(fwd, seqs, &logits));
+    for (size_t j = 0; j < which.size(); ++j) {
+      const int i = which[j];
+      const float* row = logits.as<float>() + j * vocab;
+      trace.logits.emplace_back(row, row + vocab);
+      past[i] += static_cast<int32_t>(next[i].size());
+      const int32_t tok = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+      trace.tokens[i].push_back(tok);
+      next[i] = {tok};
+    }
+    trace.sets.push_back(dec->last_sets());
+    trace.gpu_layers.push_back(dec->gpu_layers());
+  }
+  trace.stats = dec->stats();
+  return trace;
+}
+
+std::vector<absl::StatusOr<Trace>> RunTensorParallel(const Checkpoint& ck, const RetrievalHead* head, int size,
+                                                     const RunSetup& setup) {
+  auto comms = CreateInProcessGroup(size);
+  std::vector<absl::StatusOr<Trace>> out(size, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < size; ++r) {
+    threads.emplace_back([&, r] {
+      out[r] = RunRank(ck, head, {r, size, comms[r].get()}, setup);
+      if (!out[r].ok()) comms[r]->Abort();
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  return out;
+}
+
+// The sets rank `rank` of `size` must hold: the unsharded sets of its KV heads (head-level), or the same
+// shared sets addressed to its KV heads (batch-level).
+void ExpectRankSets(const IndexSets& want, const IndexSets& got, int rank, int size, int step) {
+  ASSERT_EQ(got.n_seqs, want.n_seqs) << "step " << step;
+  if (want.n_seqs == 0) return;
+  ASSERT_EQ(got.n_kv_heads * size, want.n_kv_heads) << "step " << step;
+  ASSERT_EQ(got.sets_per_seq, want.sets_per_seq == 1 ? 1 : got.n_kv_heads) << "step " << step;
+  ASSERT_EQ(got.seq_len, want.seq_len) << "step " << step;
+  for (int32_t s = 0; s < got.n_seqs; ++s) {
+    for (int32_t g = 0; g < got.n_kv_heads; ++g) {
+      const auto a = got.Positions(s, g), b = want.Positions(s, rank * got.n_kv_heads + g);
+      ASSERT_EQ(std::vector<int32_t>(a.begin(), a.end()), std::vector<int32_t>(b.begin(), b.end()))
+          << "rank " << rank << " step " << step << " sequence " << s << " KV head " << g;
+    }
+  }
+}
+
+void ExpectMatchesUnsharded(const Files& files, int size, const RunSetup& setup) {
+  absl::StatusOr<Checkpoint> ck = OpenCheckpoint(files.model);
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  std::unique_ptr<RetrievalHead> head;
+  if (setup.options.source == SelectionSource::kHead) {
+    auto h = RetrievalHead::Load(files.head, ck->config, ck->weights.get());
+    ASSERT_TRUE(h.ok()) << h.status();
+    head = *std::move(h);
+  }
+  RunSetup ref_setup = setup;
+  ref_setup.offload_to = -1;  // the reference keeps every layer resident: moves must not change outputs
+  ref_setup.limit_rows.clear();
+  absl::StatusOr<Trace> ref = RunRank(*ck, head.get(), {}, ref_setup);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  ASSERT_GT(ref->stats.sparse_steps, 0);
+  auto ranks = RunTensorParallel(*ck, head.get(), size, setup);
+  for (int r = 0; r < size; ++r) ASSERT_TRUE(ranks[r].ok()) << "rank " << r << ": " << ranks[r].status();
+  const Trace& tp = *ranks[0];
+  ASSERT_EQ(tp.tokens, ref->tokens) << "TP " << size << " greedy tokens differ";
+  ASSERT_EQ(tp.logits.size(), ref->logits.size());
+  for (size_t k = 0; k < ref->logits.size(); ++k) {
+    for (size_t i = 0; i < ref->logits[k].size(); ++i) {
+      const float want = ref->logits[k][i], got = tp.logits[k][i];
+      ASSERT_TRUE(std::isfinite(got)) << "row " << k << " logit " << i;
+      ASSERT_LE(std::fabs(got - want) / (1 + std::fabs(want)), 1e-4f)
+          << "TP " << size << " row " << k << " logit " << i << ": " << got << " vs " << want;
+    }
+  }
+  bool pruned = false;
+  for (int r = 0; r < size; ++r) {
+    const Trace& t = *ranks[r];
+    EXPECT_EQ(t.logits, tp.logits) << "rank " << r << " computed other logits than rank 0";
+    EXPECT_EQ(t.gpu_layers, tp.gpu_layers) << "rank " << r << " kept other layers resident than rank 0";
+    EXPECT_EQ(t.stats.sparse_steps, ref->stats.sparse_steps) << "rank " << r;
+    for (size_t step = 0; step < ref->sets.size(); ++step) {
+      ExpectRankSets(ref->sets[step], t.sets[step], r, size, static_cast<int>(step));
+      const IndexSets& s = t.sets[step];
+      for (int32_t q = 0; q < s.n_seqs; ++q) pruned = pruned || s.Positions(q, 0).size() < size_t(s.seq_len[q]);
+    }
+    if (setup.offload_to >= 0 || !setup.limit_rows.empty()) {
+      EXPECT_GT(t.stats.elastic.rows_loaded, 0) << "rank " << r << " loaded nothing";
+    }
+  }
+  EXPECT_TRUE(pruned) << "no set was smaller than its past: selection did not prune";
+}
+
+struct Case {
+  std::string name;
+  bool stories;  // the stories260K-shaped model (4 KV heads); else tiny-llama-tied-gqa (2 KV heads)
+  int size;
+  SelectionMode mode = SelectionMode::kHeadLevel;
+  SelectionSource source = SelectionSource::kHead;
+  int32_t offload_to = -1;
+  bool eagle3 = false;  // a random eagle3 head (4 query heads, fed the target's hidden states) for the layer head
+};
+
+class SparseTensorParallel : public ::testing::TestWithParam<Case> {};
+
+TEST_P(SparseTensorParallel, MatchesUnshardedSparse) {
+  const Case& c = GetParam();
+  absl::StatusOr<Files> files = c.stories ? Stories260kShapedFiles() : TinyGqaFiles();
+  ASSERT_TRUE(files.ok()) << files.status();
+  if (c.eagle3) {
+    absl::StatusOr<Checkpoint> ck = OpenCheckpoint(files->model);
+    ASSERT_TRUE(ck.ok()) << ck.status();
+    files->head = testing::WriteRandomEagle3Head(ck->config, 5, c.name + "_eagle3");
+    ASSERT_FALSE(files->head.empty());
+  }
+  RunSetup setup;
+  setup.options.budget = 6;
+  setup.options.mode = c.mode;
+  setup.options.source = c.source;
+  setup.offload_to = c.offload_to;
+  ExpectMatchesUnsharded(*files, c.size, setup);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Tp, SparseTensorParallel,
+    ::testing::Values(Case{"tiny_gqa_tp2", false, 2}, Case{"tiny_gqa_tp2_offloaded", false, 2,
+                                                           SelectionMode::kHeadLevel, SelectionSource::kHead, 1},
+                      Case{"stories_tp2", true, 2}, Case{"stories_tp4", true, 4},
+                      Case{"stories_tp4_offloaded", true, 4, SelectionMode::kHeadLevel, SelectionSource::kHead, 2},
+                      Case{"stories_tp2_batch_level_offloaded", true, 2, SelectionMode::kBatchLevel,
+                           SelectionSource::kHead, 3},
+                      Case{"stories_tp4_window_offloaded", true, 4, SelectionMode::kHeadLevel,
+                           SelectionSource::kWindow, 3},
+                      Case{"stories_tp2_oracle", true, 2, SelectionMode::kHeadLevel, SelectionSource::kOracle},
+                      Case{"stories_tp4_eagle3_offloaded", true, 4, SelectionMode::kHeadLevel, SelectionSource::kHead,
+                           3, true}),
+    [](const auto& info) { return info.param.name; });
+
+TEST(SparseTensorParallelPlanner, RanksAgreeOnLayerMoves) {
+  // Rank 0 may keep ~120 rows of every layer resident (all it needs), the others ~56: without agreement rank 0 would move
+  // layers later than the rest. Sequences grow in chunks of 4 rows, so the planner moves layers mid-run.
+  absl::StatusOr<Files> files = Stories260kShapedFiles();
+  ASSERT_TRUE(files.ok()) << files.status();
+  for (int size : {2, 4}) {
+    SCOPED_TRACE(size);
+    RunSetup setup;
+    setup.options.budget = 6;
+    setup.options.kv_grow_rows = 4;
+    setup.limit_rows.assign(size, 56);
+    setup.limit_rows[0] = 120;
+    ExpectMatchesUnsharded(*files, size, setup);
+  }
+}
+
+TEST(SparseTensorParallelPlanner, AgreeOnGpuLayersTakesTheSmallestAndSharesErrors) {
+  constexpr int kRanks = 3;
+  auto comms = CreateInProcessGroup(kRanks);
+  std::vector<absl::StatusOr<int32_t>> got(kRanks, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kRanks; ++r) {
+    threads.emplace_back([&, r] {
+      std::unique_ptr<Backend> b = MakeCpuBackend();
+      Tensor scratch;
+      absl::StatusOr<int32_t> mine = r == 1 ? absl::StatusOr<int32_t>(absl::ResourceExhaustedError("full"))
+                                            : absl::StatusOr<int32_t>(2);
+      got[r] = AgreeOnGpuLayers(*comms[r], *b, mine, &scratch);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int r = 0; r < kRanks; ++r) {
+    EXPECT_TRUE(absl::IsResourceExhausted(got[r].status())) << "rank " << r << ": " << got[r].status();
+  }
+  EXPECT_EQ(got[1].status().message(), "full");
+  EXPECT_NE(got[0].status().message().find("rank 1"), std::string::npos) << got[0].status();
+  // Without errors every rank gets the smallest.
+  auto again = CreateInProcessGroup(kRanks);
+  threads.clear();
+  for (int r = 0; r < kRanks; ++r) {
+    threads.emplace_back([&, r] {
+      std::unique_ptr<Backend> b = MakeCpuBackend();
+      Tensor scratch;
+      got[r] = AgreeOnGpuLayers(*again[r], *b, 5 - r, &scratch);
+      if (got[r].ok()) got[r] = AgreeOnGpuLayers(*again[r], *b, *got[r] + r, &scratch);  // 3, 4, 5: reused
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int r = 0; r < kRanks; ++r) {
+    ASSERT_TRUE(got[r].ok()) << got[r].status();
+    EXPECT_EQ(*got[r], 3);
+  }
+}
+
+TEST(SparseTensorParallel, RefusesOptionsThatDependOnOtherRanksHeads) {
+  absl::StatusOr<Files> files = TinyGqaFiles();
+  ASSERT_TRUE(files.ok()) << files.status();
+  absl::StatusOr<Checkpoint> ck = OpenCheckpoint(files->model);
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  auto head = RetrievalHead::Load(files->head, ck->config, ck->weights.get());
+  ASSERT_TRUE(head.ok()) << head.status();
+  auto comms = CreateInProcessGroup(2);
+  std::unique_ptr<Backend> backend = MakeCpuBackend();
+  auto model = Transformer::Load(*ck, backend.get(), {}, {0, 2, comms[0].get()});
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto expect_refused = [&](const SparseOptions& o, const RetrievalHead* h, const std::string& what) {
+    auto d = SparseDecoder::Create(model->get(), h, o);
+    ASSERT_TRUE(absl::IsInvalidArgument(d.status())) << what << ": " << d.status();
+    EXPECT_NE(d.status().message().find("tensor parallelism"), std::string::npos) << d.status();
+    EXPECT_NE(d.status().message().find(what), std::string::npos) << d.status();
+  };
+  SparseOptions o;
+  o.budget = 6;
+  o.fallback_mass = 0.5;
+  expect_refused(o, head->get(), "fallback");
+  o = {};
+  o.recall_observer = [](const AttentionRecallStep&) {};
+  expect_refused(o, head->get(), "recall probe");
+  o = {};
+  o.synthetic_overlap = 0.5;
+  expect_refused(o, head->get(), "synthetic overlap");
+  o = {};
+  o.source = SelectionSource::kQuest;
+  o.mode = SelectionMode::kBatchLevel;
+  expect_refused(o, nullptr, "batch-level");
+  o = {};
+  EXPECT_TRUE(SparseDecoder::Create(model->get(), head->get(), o).ok()) << "plain head-level selection is supported";
+}
+
+}  // namespace
+}  // namespace specontext
