@@ -3,7 +3,8 @@
 R=$(cd "$(dirname "$0")" && pwd)
 python3 "$R/../../../../tools/eval/accuracy_report.py" --subset 12 \
   --tasks head-w1=$R/tasks_ruler1400_head-w1.jsonl.gz --tasks window=$R/tasks_ruler1400_window.jsonl.gz \
-  --tasks head-max=$R/tasks_ruler336_head-max.jsonl.gz \
+  --tasks head-max=$R/tasks_ruler336_head-max.jsonl.gz --tasks head-max-fallback0.9=$R/tasks_ruler336_head-max_fallback0.9.jsonl.gz \
+  --tasks head-max-fallback0.95=$R/tasks_ruler336_head-max_fallback0.95.jsonl.gz \
   --tasks head-w4=$R/tasks_ruler336_head-w4.jsonl.gz --tasks oracle=$R/tasks_ruler336_oracle.jsonl.gz \
   --tasks quest=$R/tasks_ruler336_quest.jsonl.gz --tasks head-w1-fallback0.8=$R/tasks_ruler336_head-w1-fallback0.8.jsonl.gz \
   --tasks head-w1-fallback0.95=$R/tasks_ruler336_head-w1-fallback0.95.jsonl.gz \
