@@ -10,9 +10,9 @@
 #            YaRN x4 to the target's 8K, as the paper stretches published drafts
 #   train-b  the same trained on windows of 8K, RoPE base of the target, no scaling
 #   train-c  train-b plus attention distillation (train/eagle3/attn.py): the head's per-KV-head selection
-#            distribution pulled towards the target's attention, mean over layers and the group's heads.
+#            distribution pulled towards the target's attention, element-wise max over layers and the group's heads.
 #            SPC_ATTN_SEQ=2048 trains it like train-a instead (YaRN x4 at 8K); SPC_ATTN_WEIGHT (1),
-#            SPC_ATTN_AGG (mean|max), SPC_ATTN_LOSS (kl|topk) pick the loss; SPC_DISTILL_CACHE keeps the
+#            SPC_ATTN_AGG (max|mean), SPC_ATTN_LOSS (kl|topk) pick the loss; SPC_DISTILL_CACHE keeps the
 #            target's self-distillation answers for the next run
 #   attn-ab  short variants of the attention loss in one process (train/eagle3/ab.py), one recall table:
 #            no distillation, KL mean, KL max, top-k mean, KL mean x4; at 2K (SPC_AB_SEQ=8192: at 8K)
@@ -87,7 +87,7 @@ ctx() {  # the context recipe of train-a (2048) or train-b (8192)
 if has train-c; then
   n=${SPC_ATTN_SEQ:-8192} w=${SPC_ATTN_WEIGHT:-1}
   train head-$((n / 1024))k-attn-w$w $(ctx $n) --steps 1200 --minutes ${SPC_TRAIN_MINUTES:-5} \
-    --attn-distill $w --attn-agg ${SPC_ATTN_AGG:-mean} --attn-loss ${SPC_ATTN_LOSS:-kl} \
+    --attn-distill $w --attn-agg ${SPC_ATTN_AGG:-max} --attn-loss ${SPC_ATTN_LOSS:-kl} \
     ${SPC_DISTILL_CACHE:+--distill-cache $SPC_DISTILL_CACHE}
 fi
 if has attn-ab; then
@@ -95,8 +95,8 @@ if has attn-ab; then
   C="--gguf $GGUF --corpora $CORPORA $(ctx $n) --steps 250 --minutes 0.9 --self-distill 0 --eval-every 50
      --eval-batches 2 --recall-windows 4"
   python3 train/eagle3/ab.py --out $OUT/attn-ab-$((n / 1024))k --work /tmp/spc-ab --common "$C" \
-    --run base="--attn-distill 0" --run kl_mean="--attn-distill 1" --run kl_max="--attn-distill 1 --attn-agg max" \
-    --run topk_mean="--attn-distill 1 --attn-loss topk" --run kl_mean_w4="--attn-distill 4" \
+    --run base="--attn-distill 0" --run kl_mean="--attn-distill 1 --attn-agg mean" --run kl_max="--attn-distill 1 --attn-agg max" \
+    --run topk_mean="--attn-distill 1 --attn-agg mean --attn-loss topk" --run kl_mean_w4="--attn-distill 4 --attn-agg mean" \
     2>&1 | grep -v -i warn | tail -12
 fi
 if has recall; then

@@ -4,7 +4,7 @@ target's answers shared through --distill-cache), then one table of their held-o
 attention recall. For comparing recipes inside one 10-minute device call.
 
   python3 train/eagle3/ab.py --out OUT --common "--gguf M.gguf --corpora C --seq-len 2048 --steps 300" \\
-      --run base="--attn-distill 0" --run kl="--attn-distill 1" --run kl_max="--attn-distill 1 --attn-agg max"
+      --run base="--attn-distill 0" --run kl_mean="--attn-distill 1 --attn-agg mean" --run kl_max="--attn-distill 1 --attn-agg max"
 
 Each variant writes WORK/NAME (train.py's outputs, the draft included); OUT gets only ab.json (each variant's
 summary and recall, rewritten after each variant, so a cut-off call keeps what finished) and NAME_train_log.jsonl.

@@ -188,7 +188,7 @@ def main(argv=None):
     p.add_argument("--distill-cache", default="", help="JSON of the target's answers: read if it exists, else written")
     # Attention distillation of the retrieval head (attn.py): KL(P || Q) per sampled query and KV head.
     p.add_argument("--attn-distill", type=float, default=0.0, help="weight of the attention loss (0: off)")
-    p.add_argument("--attn-agg", choices=("mean", "max"), default="mean",
+    p.add_argument("--attn-agg", choices=("mean", "max"), default="max",
                    help="how the target's attention is combined over layers and a group's query heads")
     p.add_argument("--attn-loss", choices=("kl", "topk"), default="kl")
     p.add_argument("--attn-topk", type=int, default=256, help="positions kept of P by --attn-loss topk")
