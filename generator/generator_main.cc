@@ -124,9 +124,6 @@ absl::Status Run(const Args& args) {
       return absl::InvalidArgumentError("--tensor-parallel runs on the CPU backend only for now (NCCL ranks are "
                                         "not wired into the runtime yet): pass --backend cpu");
     }
-    if (!args.GetString("kvstore").empty()) {
-      return absl::InvalidArgumentError("--tensor-parallel with --kvstore is not supported yet");
-    }
   }
 
   ServiceOptions so;
@@ -244,6 +241,8 @@ absl::Status Run(const Args& args) {
     if (!registered.ok()) {
       SPC_LOG(WARNING) << "kvstore: host KV tiers stay in pinned memory" << Kv("status", registered.ToString());
     }
+    // Under tensor parallelism this is rank 0's decoder: its host tier lives in the segment, the other ranks'
+    // in their own host memory (where a layer's tier lives changes no scheduling decision).
     if (eo.sparse != nullptr) {
       eo.sparse = std::make_shared<KvStoreHooks>(eo.sparse, kvstore.get(), rt.backend.get(), registered.ok());
     }

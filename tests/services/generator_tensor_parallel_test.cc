@@ -1,6 +1,6 @@
 // End to end: specontext-generator --tensor-parallel N (CPU backend, one thread, shard and engine per rank)
 // serves concurrent greedy requests with the text of --tensor-parallel 1, dense and sparse (a random layer
-// head with a budget below the pasts); a request cancelled mid-stream leaves the others' text unchanged and
+// head with a budget below the pasts, with a kvstore segment); a request cancelled mid-stream leaves the others' text unchanged and
 // frees its state (every rank's: the ranks' running and queued counts are compared after each step, and a
 // later request still runs); bad values fail at startup naming the flag.
 #include <filesystem>
@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "tests/services/kvstore_segment.h"
 #include "tests/services/random_head.h"
 #include "tests/services/service_harness.h"
 
@@ -170,7 +171,14 @@ TEST_F(GeneratorTensorParallel, SparseConcurrentGreedyEqualsOneRank) {
   const std::vector<v1::GenerateRequest> reqs = Requests();
   ServerProcess one, two;
   ASSERT_TRUE(one.Start(SPC_GENERATOR_BIN, Args(1, sparse)).ok());
-  const absl::Status st = two.Start(SPC_GENERATOR_BIN, Args(2, sparse));
+  // Rank 0's host KV tier in a kvstore segment, the other rank's in its own memory.
+  SegmentGuard segment("spc_tp_test_");
+  std::vector<std::string> with_kvstore = sparse;
+  for (const std::string& a : {std::string("--kvstore"), segment.name, std::string("--kvstore-blocks"),
+                               std::string("256"), std::string("--kvstore-block-bytes"), std::string("1KiB")}) {
+    with_kvstore.push_back(a);
+  }
+  const absl::Status st = two.Start(SPC_GENERATOR_BIN, Args(2, with_kvstore));
   ASSERT_TRUE(st.ok()) << st;
   const std::vector<StreamResult> want = Concurrent(one, reqs);
   const std::vector<StreamResult> got = Concurrent(two, reqs);
