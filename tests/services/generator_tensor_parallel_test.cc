@@ -1,5 +1,5 @@
 // End to end: specontext-generator --tensor-parallel N (CPU backend, one thread, shard and engine per rank)
-// serves concurrent greedy requests with the text of --tensor-parallel 1, dense and sparse (a random layer
+// serves concurrent greedy requests (and a sampled one) with the text of --tensor-parallel 1, dense and sparse (a random layer
 // head with a budget below the pasts, with a kvstore segment); a request cancelled mid-stream leaves the others' text unchanged and
 // frees its state (every rank's: the ranks' running and queued counts are compared after each step, and a
 // later request still runs); bad values fail at startup naming the flag.
@@ -48,6 +48,11 @@ class GeneratorTensorParallel : public ::testing::Test {
       req.set_prompt(p);
       req.set_max_new_tokens(24 + 9 * i++);
       req.set_ignore_eos(true);
+      if (i == 2) {  // one sampled request: every rank draws from the request's seed
+        req.mutable_sampling()->set_temperature(0.9f);
+        req.mutable_sampling()->set_top_k(40);
+        req.mutable_sampling()->set_seed(11);
+      }
       reqs.push_back(req);
     }
     return reqs;
@@ -122,6 +127,18 @@ TEST_F(GeneratorTensorParallel, DenseConcurrentGreedyEqualsOneRank) {
     EXPECT_EQ(info.n_kv_heads(), 4);
     ExpectStateFreed(server);
   }
+}
+
+// A batch of 2 and prompt chunks of 5 tokens: requests wait in the queue and join while others decode, and
+// prompts are prefilled over several steps, on every rank alike.
+TEST_F(GeneratorTensorParallel, QueuedAndChunkedRequestsEqualOneRank) {
+  const std::vector<std::string> small = {"--max-batch", "2", "--max-tokens-per-step", "5"};
+  const std::vector<v1::GenerateRequest> reqs = Requests();
+  ServerProcess one, two;
+  ASSERT_TRUE(one.Start(SPC_GENERATOR_BIN, Args(1, small)).ok());
+  ASSERT_TRUE(two.Start(SPC_GENERATOR_BIN, Args(2, small)).ok());
+  ExpectSame(Concurrent(two, reqs), Concurrent(one, reqs), reqs, "--tensor-parallel 2, batch 2, chunks of 5");
+  ExpectStateFreed(two);
 }
 
 TEST_F(GeneratorTensorParallel, CancelMidStreamLeavesTheOthersAndFreesItsState) {
