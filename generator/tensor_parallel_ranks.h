@@ -1,6 +1,6 @@
-// The engines of tensor-parallel ranks 1..N-1 behind the generator's engine loop (docs/tensor-parallel.md,
-// "Services"). Rank 0's engine is the loop's own; each other rank's engine runs on a long-lived thread of its
-// own, and one step of the group is one Engine::Step() on every rank at once.
+// The engines of tensor-parallel ranks 1..N-1 behind the generator's engine loop (docs/services.md,
+// "Tensor parallelism"). Rank 0's engine is the loop's own; each other rank's engine runs on a long-lived
+// thread of its own, and one step of the group is one Engine::Step() on every rank at once.
 //
 // Lockstep: an Engine's scheduling (cancellations, admission, chunking, sampling) is a function of what was
 // submitted and cancelled before each Step() and of its options; the clock only fills GenerationStats. So
