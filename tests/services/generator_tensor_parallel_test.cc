@@ -202,6 +202,9 @@ TEST_F(GeneratorTensorParallel, SparseConcurrentGreedyEqualsOneRank) {
   ExpectSame(got, want, reqs, "sparse --tensor-parallel 2");
   for (const StreamResult& r : got) EXPECT_TRUE(r.final.sparsity().sparse());
   EXPECT_GT(Metric(two, "spc_sparse_decode_steps_total"), 0);
+  ServerProcess four;
+  ASSERT_TRUE(four.Start(SPC_GENERATOR_BIN, Args(4, sparse)).ok());
+  ExpectSame(Concurrent(four, reqs), want, reqs, "sparse --tensor-parallel 4");
 }
 
 TEST_F(GeneratorTensorParallel, BadValuesFailAtStartupNamingTheFlag) {
