@@ -1,10 +1,15 @@
 // specontext-generator: the generation service (specontext.v1.Generator, grpc.health.v1, reflection)
 // with Prometheus /metrics on its own port and, with --http-port, an OpenAI-compatible HTTP API. SIGTERM/SIGINT drain: new calls are refused, calls in
 // flight finish, then the process exits 0.
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/server.h>
@@ -346,8 +351,26 @@ absl::Status Run(const Args& args) {
                 << Kv("retriever", so.retriever) << Kv("batch_invariant", rt.backend->batch_invariant())
                 << Kv("tensor_parallel", tp);
 
+  // A tensor-parallel group that failed cannot serve again: drain (its requests already ended with INTERNAL)
+  // and exit 1, so that a supervisor restarts the process.
+  std::atomic<bool> signalled{false};
+  std::thread group_watch;
+  if (tp > 1) {
+    group_watch = std::thread([&loop, &signalled] {
+      while (!signalled.load()) {
+        if (loop.failed()) {
+          kill(getpid(), SIGTERM);
+          return;
+        }
+        absl::SleepFor(absl::Milliseconds(100));
+      }
+    });
+  }
   const int sig = WaitForTerminationSignal();
-  SPC_LOG(INFO) << "draining" << Kv("signal", sig) << Kv("active_calls", service.active_calls());
+  signalled = true;
+  if (group_watch.joinable()) group_watch.join();
+  SPC_LOG(INFO) << "draining" << Kv("signal", sig) << Kv("active_calls", service.active_calls())
+                << Kv("tensor_parallel_failed", loop.failed());
   service.StartDraining();
   gm.draining->Set(1);
   server->GetHealthCheckService()->SetServingStatus(false);
@@ -361,6 +384,9 @@ absl::Status Run(const Args& args) {
   loop.Stop();
   metrics_server.Stop();
   SPC_LOG(INFO) << "drained; exiting";
+  if (loop.failed()) {
+    return absl::InternalError("the tensor-parallel ranks failed (see the log above); restart the generator");
+  }
   return absl::OkStatus();
 }
 
