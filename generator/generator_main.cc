@@ -1,15 +1,21 @@
 // specontext-generator: the generation service (specontext.v1.Generator, grpc.health.v1, reflection)
 // with Prometheus /metrics on its own port and, with --http-port, an OpenAI-compatible HTTP API. SIGTERM/SIGINT drain: new calls are refused, calls in
 // flight finish, then the process exits 0.
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
@@ -75,6 +81,8 @@ void DefineFlags(Args& a) {
   a.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
   DefineCudaGraphsFlag(a);
   DefineBatchInvariantFlag(a);
+  a.Define({"tensor-parallel", "ranks of tensor parallelism, one thread, model shard and engine each, stepped in "
+            "lockstep (CPU backend; dense or in-process sparse); must divide the model's KV heads", false, false, "1"});
   a.Define({"threads", "CPU threads of the backend (0 = the CPUs this process may use)", false,
             false, "0"});
   a.Define({"max-context", "longest sequence (prompt + generated tokens) a request may reach; 0 = the model's "
@@ -110,6 +118,18 @@ absl::Status Run(const Args& args) {
   RETURN_IF_ERROR(RemoveStalePortFile(args.GetString("port-file")));
   RETURN_IF_ERROR(ApplyLogLevelFlag(args));
   ASSIGN_OR_RETURN(RuntimeOptions ro, RuntimeOptionsFromArgs(args));
+  ASSIGN_OR_RETURN(int64_t tensor_parallel, args.GetInt("tensor-parallel"));
+  if (tensor_parallel < 1 || tensor_parallel > 256) {
+    return absl::InvalidArgumentError("--tensor-parallel must be a number of ranks from 1 to 256");
+  }
+  ro.tensor_parallel = static_cast<int>(tensor_parallel);
+  if (ro.tensor_parallel > 1) {
+    // Refused before the model loads. --backend auto that finds a GPU is refused by LoadRuntime.
+    if (ro.backend == "cuda") {
+      return absl::InvalidArgumentError("--tensor-parallel runs on the CPU backend only for now (NCCL ranks are "
+                                        "not wired into the runtime yet): pass --backend cpu");
+    }
+  }
 
   ServiceOptions so;
   so.model_name = ArtifactNameFromPath(ro.model_path);
@@ -172,11 +192,21 @@ absl::Status Run(const Args& args) {
       std::vector<std::string>(absl::StrSplit(so.retriever, ':')).size() < 2) {
     return absl::InvalidArgumentError("--retriever must be none, inproc or HOST:PORT");
   }
+  if (ro.tensor_parallel > 1 && so.retriever != "none" && so.retriever != "inproc") {
+    // Each rank would need its own retriever session over its KV heads.
+    return absl::InvalidArgumentError("--tensor-parallel needs --retriever none or inproc (split mode is not "
+                                      "supported with tensor parallelism yet)");
+  }
 
   TlsOptions tls{args.GetString("tls-cert"), args.GetString("tls-key"), args.GetString("tls-client-ca")};
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, MakeServerCredentials(tls));
 
-  ASSIGN_OR_RETURN(Runtime rt, LoadRuntime(ro));
+  absl::StatusOr<Runtime> loaded = LoadRuntime(ro);
+  if (!loaded.ok() && ro.tensor_parallel > 1 && absl::StrContains(loaded.status().message(), "tensor parallelism")) {
+    return absl::Status(loaded.status().code(),
+                        absl::StrCat("--tensor-parallel ", ro.tensor_parallel, ": ", loaded.status().message()));
+  }
+  ASSIGN_OR_RETURN(Runtime rt, std::move(loaded));
   if (chat_template == "auto") {
     absl::StatusOr<ChatTemplate> resolved = ResolveChatTemplate(chat_template, rt);
     if (!resolved.ok()) {
@@ -216,20 +246,44 @@ absl::Status Run(const Args& args) {
     if (!registered.ok()) {
       SPC_LOG(WARNING) << "kvstore: host KV tiers stay in pinned memory" << Kv("status", registered.ToString());
     }
+    // Under tensor parallelism this is rank 0's decoder: its host tier lives in the segment, the other ranks'
+    // in their own host memory (where a layer's tier lives changes no scheduling decision).
     if (eo.sparse != nullptr) {
       eo.sparse = std::make_shared<KvStoreHooks>(eo.sparse, kvstore.get(), rt.backend.get(), registered.ok());
     }
   }
-  // auto: what is left once the model is loaded, less the transient bytes of the largest step.
+  // auto: what is left once the model is loaded, less the transient bytes of the largest step. Under tensor
+  // parallelism the budget is in one rank's KV bytes (its shard's heads, equal on every rank) and every rank
+  // gets the same one, the smallest of theirs, so they admit the same requests; CPU ranks share the host.
   const int64_t step_workspace = rt.model->ForwardWorkspaceBytes(
       std::max(eo.max_tokens_per_step, eo.max_batch), eo.max_batch);
-  eo.max_kv_bytes = max_kv_bytes >= 0 ? max_kv_bytes : DefaultKvBudgetBytes(*rt.backend, step_workspace);
+  const int tp = ro.tensor_parallel;
+  eo.max_kv_bytes = max_kv_bytes >= 0 ? max_kv_bytes : DefaultKvBudgetBytes(*rt.backend, step_workspace, tp);
+  for (int r = 1; r < tp && max_kv_bytes < 0; ++r) {
+    eo.max_kv_bytes = std::min(eo.max_kv_bytes, DefaultKvBudgetBytes(*rt.tp_backends[r - 1], step_workspace, tp));
+  }
   if (eo.sparse == nullptr) {
     SPC_LOG(INFO) << "dense KV budget" << Kv("max_kv_bytes", eo.max_kv_bytes)
-                  << Kv("tokens", eo.max_kv_bytes / rt.model->KvBytesPerToken());
+                  << Kv("tokens", eo.max_kv_bytes / rt.model->KvBytesPerToken()) << Kv("tensor_parallel", tp);
   }
   Engine engine(rt.model.get(), rt.tokenizer.get(), eo);
-  EngineLoop loop(&engine, rt.backend.get(), &gm);
+  // Ranks 1..N-1: the same options over their shard (sparse: their own decoder); stepped with rank 0's.
+  std::vector<std::unique_ptr<Engine>> rank_engines;
+  std::unique_ptr<TensorParallelRanks> ranks;
+  if (tp > 1) {
+    std::vector<Engine*> engines;
+    std::vector<Communicator*> comms;
+    for (const auto& c : rt.tp_comms) comms.push_back(c.get());
+    for (int r = 1; r < tp; ++r) {
+      EngineOptions rank_eo = eo;
+      if (eo.sparse != nullptr) rank_eo.sparse = sparse.inproc.tp_decoders[r - 1];
+      rank_engines.push_back(std::make_unique<Engine>(rt.tp_models[r - 1].get(), rt.tokenizer.get(), rank_eo));
+      engines.push_back(rank_engines.back().get());
+    }
+    ranks = std::make_unique<TensorParallelRanks>(std::move(engines), std::move(comms));
+  }
+  gm.tensor_parallel_ranks->Set(tp);
+  EngineLoop loop(&engine, rt.backend.get(), &gm, ranks.get());
   if (sparse.path_stats) loop.SetRetrievalStats(sparse.path_stats);
   GeneratorService service(&rt, &loop, &gm, so);
 
@@ -257,7 +311,7 @@ absl::Status Run(const Args& args) {
   metrics_options.tls_key_file = args.GetString("metrics-tls-key");
   metrics::MetricsServer metrics_server(&registry, args.GetString("metrics-host"), static_cast<int>(metrics_port),
                                         metrics_options);
-  metrics_server.SetReadiness([&service] { return !service.draining(); });
+  metrics_server.SetReadiness([&service, &loop] { return !service.draining() && !loop.failed(); });
   if (absl::Status st = metrics_server.Start(); !st.ok()) {
     server->Shutdown();
     loop.Stop();
@@ -294,10 +348,29 @@ absl::Status Run(const Args& args) {
   SPC_LOG(INFO) << "specontext-generator serving" << Kv("grpc_port", grpc_port)
                 << Kv("metrics_port", metrics_server.port())
                 << Kv("http_port", http_server != nullptr ? http_server->port() : -1) << Kv("backend", rt.backend->name())
-                << Kv("retriever", so.retriever) << Kv("batch_invariant", rt.backend->batch_invariant());
+                << Kv("retriever", so.retriever) << Kv("batch_invariant", rt.backend->batch_invariant())
+                << Kv("tensor_parallel", tp);
 
+  // A tensor-parallel group that failed cannot serve again: drain (its requests already ended with INTERNAL)
+  // and exit 1, so that a supervisor restarts the process.
+  std::atomic<bool> signalled{false};
+  std::thread group_watch;
+  if (tp > 1) {
+    group_watch = std::thread([&loop, &signalled] {
+      while (!signalled.load()) {
+        if (loop.failed()) {
+          kill(getpid(), SIGTERM);
+          return;
+        }
+        absl::SleepFor(absl::Milliseconds(100));
+      }
+    });
+  }
   const int sig = WaitForTerminationSignal();
-  SPC_LOG(INFO) << "draining" << Kv("signal", sig) << Kv("active_calls", service.active_calls());
+  signalled = true;
+  if (group_watch.joinable()) group_watch.join();
+  SPC_LOG(INFO) << "draining" << Kv("signal", sig) << Kv("active_calls", service.active_calls())
+                << Kv("tensor_parallel_failed", loop.failed());
   service.StartDraining();
   gm.draining->Set(1);
   server->GetHealthCheckService()->SetServingStatus(false);
@@ -311,6 +384,9 @@ absl::Status Run(const Args& args) {
   loop.Stop();
   metrics_server.Stop();
   SPC_LOG(INFO) << "drained; exiting";
+  if (loop.failed()) {
+    return absl::InternalError("the tensor-parallel ranks failed (see the log above); restart the generator");
+  }
   return absl::OkStatus();
 }
 

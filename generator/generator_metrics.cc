@@ -80,6 +80,8 @@ absl::StatusOr<GeneratorMetrics> RegisterGeneratorMetrics(metrics::Registry* r) 
   ASSIGN_OR_RETURN(m.running, gauge("spc_generator_running_sequences", "Sequences in the running batch."));
   ASSIGN_OR_RETURN(m.active_calls, gauge("spc_generator_active_calls", "Generate calls being served."));
   ASSIGN_OR_RETURN(m.draining, gauge("spc_generator_draining", "1 while draining after SIGTERM."));
+  ASSIGN_OR_RETURN(m.tensor_parallel_ranks,
+                   gauge("spc_tensor_parallel_ranks", "Ranks of tensor parallelism (--tensor-parallel); 1 = none."));
   ASSIGN_OR_RETURN(m.device_memory, r->AddGauge("spc_device_memory_bytes",
                                                 "Live backend memory by kind.", {"kind"}));
   ASSIGN_OR_RETURN(m.device_memory_peak, gauge("spc_device_memory_peak_bytes", "Peak live backend memory."));

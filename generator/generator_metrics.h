@@ -27,6 +27,7 @@ struct GeneratorMetrics {
   metrics::Gauge* running = nullptr;
   metrics::Gauge* active_calls = nullptr;
   metrics::Gauge* draining = nullptr;
+  metrics::Gauge* tensor_parallel_ranks = nullptr;  // --tensor-parallel; memory gauges are rank 0's
   metrics::GaugeFamily* device_memory = nullptr;  // spc_device_memory_bytes{kind}
   metrics::Gauge* device_memory_peak = nullptr;
   metrics::Gauge* host_rss = nullptr;

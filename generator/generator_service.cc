@@ -235,8 +235,10 @@ grpc::Status GeneratorService::GetModelInfo(grpc::ServerContext*, const v1::Mode
   info->set_max_context(options_.max_context > 0 ? options_.max_context
                                                 : static_cast<int32_t>(c.max_position_embeddings));
   info->set_n_layers(static_cast<int32_t>(c.num_hidden_layers));
-  info->set_n_heads(static_cast<int32_t>(c.num_attention_heads));
-  info->set_n_kv_heads(static_cast<int32_t>(c.num_key_value_heads));
+  // Under tensor parallelism `c` is rank 0's shard: report the whole model's heads.
+  const int64_t ranks = std::max<int64_t>(1, static_cast<int64_t>(runtime_->tp_comms.size()));
+  info->set_n_heads(static_cast<int32_t>(c.num_attention_heads * ranks));
+  info->set_n_kv_heads(static_cast<int32_t>(c.num_key_value_heads * ranks));
   info->set_head_dim(static_cast<int32_t>(c.head_dim));
   info->set_backend(std::string(runtime_->backend->name()));
   info->set_has_tokenizer(runtime_->tokenizer != nullptr);

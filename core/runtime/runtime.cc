@@ -58,9 +58,9 @@ int64_t HostMemoryAvailable() {
 
 }  // namespace
 
-int64_t DefaultKvBudgetBytes(const Backend& backend, int64_t step_workspace) {
+int64_t DefaultKvBudgetBytes(const Backend& backend, int64_t step_workspace, int host_sharers) {
   int64_t avail = backend.available_bytes() - std::max<int64_t>(0, step_workspace);
-  if (backend.name() == "cpu") avail = std::min(avail, HostMemoryAvailable());
+  if (backend.name() == "cpu") avail = std::min(avail, HostMemoryAvailable() / std::max(1, host_sharers));
   return std::max<int64_t>(1, avail / 10 * 9);
 }
 

@@ -59,7 +59,9 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options);
 // (Transformer::ForwardWorkspaceBytes), for the CPU backend also at most 90% of the host's available memory
 // (MemAvailable, and the cgroup's memory.max less memory.current), so a request is refused or queued instead
 // of a step failing past the limit or the process being killed by the OOM killer. At least 1 byte.
-int64_t DefaultKvBudgetBytes(const Backend& backend, int64_t step_workspace = 0);
+// `host_sharers` CPU backends of this process taking a budget each (tensor-parallel ranks) get that share of
+// the host's available memory each.
+int64_t DefaultKvBudgetBytes(const Backend& backend, int64_t step_workspace = 0, int host_sharers = 1);
 
 class Args;
 // RuntimeOptions from the flags the serving CLIs share: --model (required), --tokenizer, --backend,

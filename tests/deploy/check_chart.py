@@ -32,14 +32,26 @@ VALUE_SETS = [
     ("default", []),
     ("split-tls", ["-f", "values/split-tls.yaml"]),
     ("inproc-cpu", ["-f", "values/inproc-cpu.yaml"]),
+    ("tensor-parallel", ["-f", "values/tensor-parallel.yaml"]),
+    ("tensor-parallel-cpu", ["-f", "values/inproc-cpu.yaml", "--set", "generator.tensorParallel=4"]),
     ("set-flags", ["--set", r"model.retrievalHead=/models/head,generator.resources.limits.nvidia\.com/gpu=1",
                    "--set", "replicaCount=3,serviceMonitor.interval=30s,generator.drainTimeoutS=60",
                    "--set", "terminationGracePeriodSeconds=90,generator.batchInvariant=true"]),
 ]
+# What a value set's render must hold besides the general checks: generator flags and its GPU limit.
+EXPECTED = {
+    "default": {"args": {"tensor-parallel": "1"}, "gpus": 1},
+    "tensor-parallel": {"args": {"tensor-parallel": "2", "retriever": "inproc"}, "gpus": 2},
+    "tensor-parallel-cpu": {"args": {"tensor-parallel": "4", "retriever": "inproc"}, "gpus": 0},
+}
 # Value sets the chart must refuse, with a piece of the message it must give.
 BAD_VALUE_SETS = [
     ("tls-without-secret", ["--set", "tls.enabled=true"], "tls.secretName"),
     ("unknown-retriever-mode", ["--set", "model.retrievalHead=/h,generator.retrieverMode=remote"], "retrieverMode"),
+    ("tensor-parallel-zero", ["--set", "generator.tensorParallel=0"], "generator.tensorParallel"),
+    ("tensor-parallel-sidecar", ["--set", "model.retrievalHead=/h,generator.tensorParallel=2"], "retrieverMode inproc"),
+    ("tensor-parallel-gpu-count", ["--set", r"generator.tensorParallel=2,generator.resources.limits.nvidia\.com/gpu=4"],
+     "generator.tensorParallel"),
 ]
 BINARIES = {"specontext-generator": "generator", "specontext-retriever": "retriever", "specontext-kvstore": "kvstore"}
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
@@ -253,11 +265,39 @@ def check_pod(deploy, flags, errors):
                 if mem is not None and gpus > 0 and k8s_schema.parse_quantity(mem) < segment:
                     errors.append(f"{where}: generator memory {section} {mem} < the page-locked kvstore segment "
                                   f"{segment / 2**30:.1f} GiB")
+    # Tensor parallelism: one GPU per rank when the generator asks for GPUs; no split mode.
+    tp = as_int(gen.get("tensor-parallel"), 1)
+    gres = containers["generator"].get("resources") or {}
+    gpus = as_int((gres.get("limits") or {}).get(GPU), 0) or 0
+    if tp is None or tp < 1:
+        errors.append(f"{where}: --tensor-parallel={gen.get('tensor-parallel')} is not a number of ranks")
+    elif gpus > 0 and gpus != tp:
+        errors.append(f"{where}: generator {GPU}={gpus} but --tensor-parallel={tp} (one GPU per rank)")
+    elif tp > 1 and mode not in ("none", "inproc"):
+        errors.append(f"{where}: --tensor-parallel={tp} with --retriever={mode} (the generator refuses split mode)")
     # Draining: the grace period outlasts the generator's --drain-timeout-s.
     drain = as_int(gen.get("drain-timeout-s"), 300)
     grace = pod.get("terminationGracePeriodSeconds", 30)
     if drain is not None and grace <= drain:
         errors.append(f"{where}: terminationGracePeriodSeconds {grace} <= --drain-timeout-s {drain}")
+
+
+def check_expected(objs, expected, errors):
+    """The generator container's flags and GPU limit that a value set asks for."""
+    deploy = next(o for o in objs if o["kind"] == "Deployment")
+    gen = next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "generator")
+    args = dict(a[2:].partition("=")[::2] for a in map(str, gen.get("args") or []) if a.startswith("--"))
+    for flag, value in expected.get("args", {}).items():
+        if args.get(flag) != value:
+            errors.append(f"generator --{flag}={args.get(flag)}, expected {value}")
+    if "gpus" in expected:
+        res = gen.get("resources") or {}
+        got = as_int((res.get("limits") or {}).get(GPU), 0) or 0
+        if got != expected["gpus"]:
+            errors.append(f"generator {GPU} limit {got}, expected {expected['gpus']}")
+        req = (res.get("requests") or {}).get(GPU)
+        if req is not None and as_int(req, 0) != expected["gpus"]:
+            errors.append(f"generator {GPU} request {req}, expected {expected['gpus']}")
 
 
 def check_objects(objs, flags, errors):
@@ -348,6 +388,8 @@ def main():
                 errors += k8s_schema.validate(obj, f"document {i}")
             if not errors:
                 check_objects(objs, flags, errors)
+            if not errors and name in EXPECTED:
+                check_expected(objs, EXPECTED[name], errors)
         kinds = "" if out.returncode else ", ".join(re.findall(r"^kind: (\w+)", out.stdout, re.M))
         print(f"[{'FAIL' if errors else 'ok'}] {name}: {kinds}")
         for e in errors:
