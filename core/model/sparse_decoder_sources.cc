@@ -113,7 +113,7 @@ absl::Status SparseDecoder::SumMassOverRanks(size_t n_seqs) {
   }
   const int64_t n = static_cast<int64_t>(n_seqs);
   Backend& b = *model_->backend();
-  if (seq_mass_scratch_.numel() < n) {
+  if (seq_mass_scratch_.empty() || seq_mass_scratch_.numel() < n) {
     const int64_t rows = std::max<int64_t>(n, options_.step.max_batch);
     ASSIGN_OR_RETURN(seq_mass_scratch_, b.Alloc(DType::kF32, {rows}, MemoryKind::kWorkspace));
   }
