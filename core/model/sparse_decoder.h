@@ -19,7 +19,8 @@
 // syncs added), and a step allocates no host memory once its scratch has grown (plan, copy lists and
 // index sets are reused; last_sets() is the step's sets swapped out, not copied).
 // Under tensor parallelism (the model's tensor_parallel().size > 1) each rank has its own decoder over its
-// shard, with a replicated head, its own sets, tiers and loads (core/model/sparse_tensor_parallel.h).
+// shard, with a replicated head, its own sets, tiers and loads; layer moves and weak-retrieval fallback
+// decisions are agreed on by all-reduce (core/model/sparse_tensor_parallel.h).
 // Engine thread only.
 #pragma once
 

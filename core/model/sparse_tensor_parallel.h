@@ -2,7 +2,9 @@
 // rank's SparseDecoder needs beyond its model shard. The retrieval head is replicated on every rank (it is
 // small: one layer); with head-level selection each rank scores only the query heads and K-cache heads of
 // its own KV heads, so it emits exactly the sets the unsharded decoder emits for those KV heads. Layer moves
-// are agreed on by all ranks (AgreeOnGpuLayers) so that their forwards keep the same layers offloaded.
+// are agreed on by all ranks (AgreeOnGpuLayers) so that their forwards keep the same layers offloaded, and the
+// weak-retrieval fallback decides from the ranks' captured mass summed over the group (SparseDecoder::
+// SumMassOverRanks), so that every rank falls back for the same sequences.
 #pragma once
 
 #include <cstdint>
