@@ -19,7 +19,8 @@
 // syncs added), and a step allocates no host memory once its scratch has grown (plan, copy lists and
 // index sets are reused; last_sets() is the step's sets swapped out, not copied).
 // Under tensor parallelism (the model's tensor_parallel().size > 1) each rank has its own decoder over its
-// shard, with a replicated head, its own sets, tiers and loads (core/model/sparse_tensor_parallel.h).
+// shard, with a replicated head, its own sets, tiers and loads; layer moves and weak-retrieval fallback
+// decisions are agreed on by all-reduce (core/model/sparse_tensor_parallel.h).
 // Engine thread only.
 #pragma once
 
@@ -86,6 +87,8 @@ struct SparseOptions {
   /// a fallback does not load a whole past from host). Counted in SparseEngineStats::
   /// weak_retrieval_fallback_steps (steps with a weak sequence) and weak_retrieval_fallback_sequences
   /// (sequence-steps that fell back). The step waits for its sets before the forward (no deferred selection).
+  /// Under tensor parallelism the ranks add their query heads' mass with one all-reduce per step
+  /// (f32 [n_seqs]), so every rank takes the same decisions (docs/tensor-parallel.md "Sparse decoding").
   double fallback_mass = 0;
   /// Attention recall probe (null: off, nothing runs): called after every decode step with the recall of
   /// each sequence, layer and query head (core/model/attention_recall_probe.h). Probed steps run op by op.
@@ -209,6 +212,11 @@ class SparseDecoder : public SparseDecodeHooks {
   // with fallback_mass, the weak sequences go into sf->desc.dense_resident (sparse_decoder_sources.cc).
   absl::Status SelectWithHead(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, const Tensor& q,
                               SparseForward* sf);
+  // Under TP with the fallback on: seq_mass_[i] = the sum over every query head of the whole model of
+  // sequence i's captured mass, the same bits on every rank. Each rank sums its own query heads (batch-level:
+  // its share of them) and one AllReduceSum over the group adds the ranks; every rank calls it at the same
+  // point of each decode step that selects.
+  absl::Status SumMassOverRanks(size_t n_seqs);
   // The other sources' step: window sets (oracle, quest: their layout, each layer choosing the positions).
   void SelectWithoutHead(std::span<const ForwardSeq> fwd, std::span<SeqState* const> states, SparseForward* sf);
   // Recall probe around the forward of a sparse step: the lse buffer into sf (zeroed, so that layers which
@@ -247,6 +255,11 @@ class SparseDecoder : public SparseDecodeHooks {
   LayerSelectionSpec layer_spec_;  // oracle, quest: what each layer selects by
   std::vector<int32_t> lens_, budgets_;  // SelectWithoutHead scratch
   std::vector<uint8_t> weak_;            // [n_seqs] the step's weak-retrieval flags (SparseDecodeDesc::dense_resident)
+  // Weak-retrieval fallback under TP: each rank's per-sequence sum of its query heads' captured mass, summed
+  // over the ranks (SumMassOverRanks). Host f32 [n_seqs] and its backend buffer f32 [max_batch] (allocated at
+  // the first step, reused).
+  std::vector<float> seq_mass_;
+  Tensor seq_mass_scratch_;
   // Recall probe: [n_layers, n_seqs, n_heads, 2] f32 on the backend and its host copy, the step's record.
   Tensor recall_lse_, recall_host_;
   AttentionRecallStep recall_step_;

@@ -59,14 +59,26 @@ absl::Status SparseDecoder::SelectWithHead(std::span<const ForwardSeq> fwd,
     // their sets. A per-sequence flag (SparseDecodeDesc::dense_resident) rather than a step-wide dense
     // attention: one weak sequence of 64 must not make the step dense for all, and the flag changes neither
     // the sets (the elastic plan and the offloaded layers keep the head's) nor the step graph's variant.
+    // Under TP a rank holds only its query heads' mass: the ranks add theirs (one all-reduce) and every rank
+    // divides the same sums by the whole head's query heads, so all take the same decisions and their
+    // forwards stay in lockstep.
     const size_t nqh = static_cast<size_t>(selection_.n_q_heads);
     int64_t n_weak = 0;
     weak_.assign(fwd.size(), 0);
-    for (size_t i = 0; i < fwd.size() && nqh > 0; ++i) {
-      double mass = 0;
-      for (size_t h = 0; h < nqh; ++h) mass += selection_.captured_mass[i * nqh + h];
-      weak_[i] = mass / static_cast<double>(nqh) < options_.fallback_mass ? 1 : 0;
-      n_weak += weak_[i];
+    if (model_->tensor_parallel().size > 1) {
+      RETURN_IF_ERROR(SumMassOverRanks(fwd.size()));
+      const double all_heads = static_cast<double>(head_->n_heads());
+      for (size_t i = 0; i < fwd.size(); ++i) {
+        weak_[i] = static_cast<double>(seq_mass_[i]) / all_heads < options_.fallback_mass ? 1 : 0;
+        n_weak += weak_[i];
+      }
+    } else {
+      for (size_t i = 0; i < fwd.size() && nqh > 0; ++i) {
+        double mass = 0;
+        for (size_t h = 0; h < nqh; ++h) mass += selection_.captured_mass[i * nqh + h];
+        weak_[i] = mass / static_cast<double>(nqh) < options_.fallback_mass ? 1 : 0;
+        n_weak += weak_[i];
+      }
     }
     if (n_weak > 0) {
       ++stats_.weak_retrieval_fallback_steps;
@@ -77,6 +89,39 @@ absl::Status SparseDecoder::SelectWithHead(std::span<const ForwardSeq> fwd,
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status SparseDecoder::SumMassOverRanks(size_t n_seqs) {
+  const TensorParallel& tp = model_->tensor_parallel();
+  const size_t nqh = static_cast<size_t>(selection_.n_q_heads);
+  if (selection_.captured_mass.size() != n_seqs * nqh) {
+    return absl::InternalError(absl::StrCat("captured mass has ", selection_.captured_mass.size(), " values for ",
+                                            n_seqs, " sequences of ", nqh, " query heads"));
+  }
+  // Head-level: captured_mass holds the rank's query heads only. Batch-level: every rank scored every query
+  // head; each adds its share [rank * nqh / N, (rank + 1) * nqh / N) so that the sum counts each head once.
+  size_t h0 = 0, h1 = nqh;
+  if (options_.mode != SelectionMode::kHeadLevel) {
+    h0 = static_cast<size_t>(tp.rank) * nqh / tp.size;
+    h1 = static_cast<size_t>(tp.rank + 1) * nqh / tp.size;
+  }
+  seq_mass_.assign(n_seqs, 0.0f);
+  for (size_t i = 0; i < n_seqs; ++i) {
+    double mass = 0;
+    for (size_t h = h0; h < h1; ++h) mass += selection_.captured_mass[i * nqh + h];
+    seq_mass_[i] = static_cast<float>(mass);
+  }
+  const int64_t n = static_cast<int64_t>(n_seqs);
+  Backend& b = *model_->backend();
+  if (seq_mass_scratch_.empty() || seq_mass_scratch_.numel() < n) {
+    const int64_t rows = std::max<int64_t>(n, options_.step.max_batch);
+    ASSIGN_OR_RETURN(seq_mass_scratch_, b.Alloc(DType::kF32, {rows}, MemoryKind::kWorkspace));
+  }
+  Tensor device = View(seq_mass_scratch_, 0, {n});
+  Tensor host(seq_mass_.data(), DType::kF32, {n});
+  RETURN_IF_ERROR(b.CopyToDevice(host, &device));
+  RETURN_IF_ERROR(tp.comm->AllReduceSum(&device));
+  return b.ToHost(device, &host);
 }
 
 void SparseDecoder::SelectWithoutHead(std::span<const ForwardSeq> fwd,

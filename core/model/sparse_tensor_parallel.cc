@@ -23,7 +23,6 @@ absl::Status ValidateSparseTensorParallel(const SparseOptions& o, const TensorPa
     return absl::InvalidArgumentError(absl::StrCat("tensor parallelism (", tp.size, " ranks) does not support ", what,
                                                    " in sparse mode yet"));
   };
-  if (o.fallback_mass != 0) return refuse("the weak-retrieval fallback (--fallback-mass)");
   if (o.recall_observer) return refuse("the attention recall probe");
   if (o.synthetic_overlap != 0) return refuse("a synthetic overlap (--synthetic-overlap)");
   if (IsPerLayerSource(o.source) && o.mode == SelectionMode::kBatchLevel) {

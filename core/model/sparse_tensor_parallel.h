@@ -2,7 +2,9 @@
 // rank's SparseDecoder needs beyond its model shard. The retrieval head is replicated on every rank (it is
 // small: one layer); with head-level selection each rank scores only the query heads and K-cache heads of
 // its own KV heads, so it emits exactly the sets the unsharded decoder emits for those KV heads. Layer moves
-// are agreed on by all ranks (AgreeOnGpuLayers) so that their forwards keep the same layers offloaded.
+// are agreed on by all ranks (AgreeOnGpuLayers) so that their forwards keep the same layers offloaded, and the
+// weak-retrieval fallback decides from the ranks' captured mass summed over the group (SparseDecoder::
+// SumMassOverRanks), so that every rank falls back for the same sequences.
 #pragma once
 
 #include <cstdint>
@@ -23,9 +25,10 @@ struct SparseOptions;  // core/model/sparse_decoder.h
 ModelConfig UnshardedConfig(const ModelConfig& shard, const TensorParallel& tp);
 
 /// InvalidArgument naming the option for what sparse decoding does not support under tensor parallelism
-/// (tp.size > 1): options whose result would depend on the heads a rank does not hold (the weak-retrieval
-/// fallback and the recall probe read every query head's mass; oracle/quest batch-level selection takes a max
-/// over all query heads inside each layer) or that rewrite sets per rank (synthetic overlap). OK for tp.size 1.
+/// (tp.size > 1): options whose result would depend on the heads a rank does not hold (the recall probe
+/// reports every layer's recall of every query head; oracle/quest batch-level selection takes a max over all
+/// query heads inside each layer) or that rewrite sets per rank (synthetic overlap). OK for tp.size 1. The
+/// weak-retrieval fallback is supported: the ranks sum their heads' captured mass with one all-reduce per step.
 absl::Status ValidateSparseTensorParallel(const SparseOptions& options, const TensorParallel& tp);
 
 /// Rank tp.rank's part of `t` along its first dimension: a view (no copy) of rows

@@ -2,7 +2,8 @@
 // serves concurrent greedy requests (and a sampled one) with the text of --tensor-parallel 1, dense and sparse (a random layer
 // head with a budget below the pasts, with a kvstore segment); a request cancelled mid-stream leaves the others' text unchanged and
 // frees its state (every rank's: the ranks' running and queued counts are compared after each step, and a
-// later request still runs); bad values fail at startup naming the flag.
+// later request still runs); the weak-retrieval fallback gives the text of one rank; bad values fail at startup
+// naming the flag.
 #include <filesystem>
 #include <memory>
 #include <random>
@@ -205,6 +206,30 @@ TEST_F(GeneratorTensorParallel, SparseConcurrentGreedyEqualsOneRank) {
   ServerProcess four;
   ASSERT_TRUE(four.Start(SPC_GENERATOR_BIN, Args(4, sparse)).ok());
   ExpectSame(Concurrent(four, reqs), want, reqs, "sparse --tensor-parallel 4");
+}
+
+// --fallback-mass under TP: the ranks add their query heads' captured mass each step (one all-reduce), so
+// the sequences that attend densely, and so the text, are those of one rank. The fallback counts sequence-steps
+// per sequence (independent of how the concurrent requests were batched): the same total on both. Threshold 1
+// (every sequence-step whose head kept less than all of its mass): the random head differs from run to run,
+// so no lower threshold is sure to make any sequence weak (tensor_parallel_sparse_test covers thresholds that
+// split the sequences).
+TEST_F(GeneratorTensorParallel, SparseWeakRetrievalFallbackEqualsOneRank) {
+  std::mt19937 rng(std::random_device{}());
+  const std::string head = WriteRandomHead(rng);
+  RemoveOnExit cleanup{head};
+  const std::vector<std::string> sparse = {"--retriever", "inproc", "--retrieval-head", head, "--budget", "4",
+                                           "--sink", "1", "--fallback-mass", "1"};
+  const std::vector<v1::GenerateRequest> reqs = Requests();
+  ServerProcess one, two;
+  ASSERT_TRUE(one.Start(SPC_GENERATOR_BIN, Args(1, sparse)).ok());
+  ASSERT_TRUE(two.Start(SPC_GENERATOR_BIN, Args(2, sparse)).ok());
+  const std::vector<StreamResult> want = Concurrent(one, reqs);
+  const std::vector<StreamResult> got = Concurrent(two, reqs);
+  ExpectSame(got, want, reqs, "sparse --fallback-mass --tensor-parallel 2");
+  const double weak = Metric(one, "spc_weak_retrieval_fallback_sequences_total");
+  EXPECT_GT(weak, 0);
+  EXPECT_EQ(Metric(two, "spc_weak_retrieval_fallback_sequences_total"), weak);
 }
 
 TEST_F(GeneratorTensorParallel, BadValuesFailAtStartupNamingTheFlag) {

@@ -8,7 +8,8 @@
 // target's hidden states, which TP reproduces within f32 rounding: its sets match here because no score is
 // that close to a tie), the window and oracle sources, layers offloaded from the start
 // (elastic loads on every rank) and planner-driven layer moves under different per-rank memory limits (the
-// ranks agree on every move). Refusals: options that would depend on heads a rank does not hold.
+// ranks agree on every move), the weak-retrieval fallback (decided from every rank's heads). Refusals: options
+// that would depend on heads a rank does not hold.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -181,7 +182,9 @@ void ExpectMatchesUnsharded(const Files& files, int size, const RunSetup& setup)
     head = *std::move(h);
   }
   RunSetup ref_setup = setup;
-  ref_setup.offload_to = -1;  // the reference keeps every layer resident: moves must not change outputs
+  // The reference keeps every layer resident: moves must not change outputs. Except with the weak-retrieval
+  // fallback, which reads every past position in the resident layers only: there the reference offloads too.
+  if (setup.options.fallback_mass == 0) ref_setup.offload_to = -1;
   ref_setup.limit_rows.clear();
   absl::StatusOr<Trace> ref = RunRank(*ck, head.get(), {}, ref_setup);
   ASSERT_TRUE(ref.ok()) << ref.status();
@@ -205,6 +208,9 @@ void ExpectMatchesUnsharded(const Files& files, int size, const RunSetup& setup)
     EXPECT_EQ(t.logits, tp.logits) << "rank " << r << " computed other logits than rank 0";
     EXPECT_EQ(t.gpu_layers, tp.gpu_layers) << "rank " << r << " kept other layers resident than rank 0";
     EXPECT_EQ(t.stats.sparse_steps, ref->stats.sparse_steps) << "rank " << r;
+    EXPECT_EQ(t.stats.weak_retrieval_fallback_steps, ref->stats.weak_retrieval_fallback_steps) << "rank " << r;
+    EXPECT_EQ(t.stats.weak_retrieval_fallback_sequences, ref->stats.weak_retrieval_fallback_sequences)
+        << "rank " << r;
     for (size_t step = 0; step < ref->sets.size(); ++step) {
       ExpectRankSets(ref->sets[step], t.sets[step], r, size, static_cast<int>(step));
       const IndexSets& s = t.sets[step];
@@ -316,6 +322,63 @@ TEST(SparseTensorParallelPlanner, AgreeOnGpuLayersTakesTheSmallestAndSharesError
   }
 }
 
+// The weak-retrieval fallback under TP: the ranks add their query heads' captured mass (one all-reduce per
+// step) and take the unsharded decoder's per-sequence decisions. The threshold comes from the TP 1 run
+// without the fallback (the middle of the widest gap among the middle half of its sequences' masses) so that
+// some but not all sequences fall back; TP 2 and 4 then match TP 1 with the same threshold (logits, tokens,
+// sets, and every rank's fallback counters equal to TP 1's), with every layer resident and with layers
+// offloaded (the reference offloads the same layers: the fallback attends densely in resident layers only).
+TEST(SparseTensorParallelFallback, RanksTakeTheUnshardedDecisions) {
+  absl::StatusOr<Files> files = Stories260kShapedFiles();
+  ASSERT_TRUE(files.ok()) << files.status();
+  absl::StatusOr<Checkpoint> ck = OpenCheckpoint(files->model);
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  auto head = RetrievalHead::Load(files->head, ck->config, ck->weights.get());
+  ASSERT_TRUE(head.ok()) << head.status();
+  for (SelectionMode mode : {SelectionMode::kHeadLevel, SelectionMode::kBatchLevel}) {
+    for (int32_t offload_to : {-1, 2}) {
+      SCOPED_TRACE(absl::StrCat(mode == SelectionMode::kHeadLevel ? "head" : "batch", "-level, offload to ",
+                                offload_to));
+      RunSetup setup;
+      setup.options.budget = 6;
+      setup.options.mode = mode;
+      setup.offload_to = offload_to;
+      std::vector<float> masses;
+      setup.options.recall_observer = [&](const AttentionRecallStep& r) {
+        masses.insert(masses.end(), r.head_mass.begin(), r.head_mass.end());
+      };
+      ASSERT_TRUE(RunRank(*ck, head->get(), {}, setup).ok());
+      std::sort(masses.begin(), masses.end());
+      ASSERT_GE(masses.size(), 8u);
+      // The first gap of at least 1e-3 from the median up: a margin far above the rounding of the ranks' f32
+      // sums, and a threshold amid the masses, where one rank's heads alone would often decide otherwise.
+      double threshold = 0;
+      for (size_t i = masses.size() / 2; i + 1 < masses.size() && threshold == 0; ++i) {
+        if (masses[i + 1] - masses[i] >= 1e-3f) threshold = (static_cast<double>(masses[i]) + masses[i + 1]) / 2;
+      }
+      ASSERT_GT(threshold, 0) << "no threshold separates the sequences' captured masses";
+      // TP 1 with the fallback: some sequence-steps fall back, not all.
+      setup.options.fallback_mass = threshold;
+      int64_t seq_steps = 0, weak = 0;
+      setup.options.recall_observer = [&](const AttentionRecallStep& r) {
+        if (r.dense) return;
+        seq_steps += static_cast<int64_t>(r.fallback.size());
+        for (uint8_t f : r.fallback) weak += f;
+      };
+      absl::StatusOr<Trace> one = RunRank(*ck, head->get(), {}, setup);
+      ASSERT_TRUE(one.ok()) << one.status();
+      EXPECT_EQ(one->stats.weak_retrieval_fallback_sequences, weak);
+      EXPECT_GT(weak, 0) << "threshold " << threshold;
+      EXPECT_LT(weak, seq_steps) << "threshold " << threshold;
+      setup.options.recall_observer = nullptr;
+      for (int size : {2, 4}) {
+        SCOPED_TRACE(absl::StrCat("TP ", size));
+        ExpectMatchesUnsharded(*files, size, setup);
+      }
+    }
+  }
+}
+
 TEST(SparseTensorParallel, RefusesOptionsThatDependOnOtherRanksHeads) {
   absl::StatusOr<Files> files = TinyGqaFiles();
   ASSERT_TRUE(files.ok()) << files.status();
@@ -334,10 +397,6 @@ TEST(SparseTensorParallel, RefusesOptionsThatDependOnOtherRanksHeads) {
     EXPECT_NE(d.status().message().find(what), std::string::npos) << d.status();
   };
   SparseOptions o;
-  o.budget = 6;
-  o.fallback_mass = 0.5;
-  expect_refused(o, head->get(), "fallback");
-  o = {};
   o.recall_observer = [](const AttentionRecallStep&) {};
   expect_refused(o, head->get(), "recall probe");
   o = {};
@@ -349,6 +408,8 @@ TEST(SparseTensorParallel, RefusesOptionsThatDependOnOtherRanksHeads) {
   expect_refused(o, nullptr, "batch-level");
   o = {};
   EXPECT_TRUE(SparseDecoder::Create(model->get(), head->get(), o).ok()) << "plain head-level selection is supported";
+  o.fallback_mass = 0.5;
+  EXPECT_TRUE(SparseDecoder::Create(model->get(), head->get(), o).ok()) << "the weak-retrieval fallback is supported";
 }
 
 }  // namespace
