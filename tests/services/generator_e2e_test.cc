@@ -30,23 +30,6 @@ class GeneratorE2E : public SharedGeneratorSuite {
     stub_ = GeneratorStub(server_->address());
   }
 
-  // Waits until the engine holds no request and no KV memory: every sequence was freed.
-  void ExpectStateFreed() {
-    double running = -1, queued = -1, kv = -1, calls = -1;
-    const absl::Time give_up = absl::Now() + absl::Seconds(20);
-    while (absl::Now() < give_up) {
-      auto body = FetchMetrics(server_->metrics_port());
-      ASSERT_TRUE(body.ok()) << body.status();
-      running = MetricValue(*body, "spc_generator_running_sequences").value_or(-1);
-      queued = MetricValue(*body, "spc_generator_queue_depth").value_or(-1);
-      kv = MetricValue(*body, "spc_device_memory_bytes{kind=\"kv_cache\"}").value_or(-1);
-      calls = MetricValue(*body, "spc_generator_active_calls").value_or(-1);
-      if (running == 0 && queued == 0 && kv == 0 && calls == 0) return;
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    FAIL() << "state not freed: running=" << running << " queued=" << queued << " kv_bytes=" << kv
-           << " active_calls=" << calls;
-  }
 
   std::unique_ptr<v1::Generator::Stub> stub_;
 };
@@ -116,7 +99,7 @@ TEST_F(GeneratorE2E, ConcurrentStreamsEqualSingleStream) {
     EXPECT_EQ(concurrent[i].tokens, single[i].tokens) << "stream " << i << " prompt \"" << reqs[i].prompt() << "\"";
     EXPECT_EQ(concurrent[i].text, single[i].text);
   }
-  ExpectStateFreed();
+  ExpectGeneratorStateFreed(server_->metrics_port());
 }
 
 TEST_F(GeneratorE2E, ChatMessagesMatchTextPromptAndStopStringsStop) {
@@ -161,7 +144,7 @@ TEST_F(GeneratorE2E, ClientCancellationFreesState) {
     }
     EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   }
-  ExpectStateFreed();
+  ExpectGeneratorStateFreed(server_->metrics_port());
   auto body = FetchMetrics(server_->metrics_port());
   ASSERT_TRUE(body.ok());
   EXPECT_GE(MetricValue(*body, "spc_generator_cancelled_total").value_or(0), 4);
@@ -175,7 +158,7 @@ TEST_F(GeneratorE2E, DeadlineFreesState) {
   StreamResult r = CallGenerate(stub_.get(), req, /*timeout_s=*/0.01);
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << r.status.error_message();
   EXPECT_LT(r.tokens.size(), 500u);
-  ExpectStateFreed();
+  ExpectGeneratorStateFreed(server_->metrics_port());
   // The server keeps serving.
   req.set_max_new_tokens(4);
   r = CallGenerate(stub_.get(), req);

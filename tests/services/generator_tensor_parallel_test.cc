@@ -82,23 +82,6 @@ class GeneratorTensorParallel : public ::testing::Test {
       EXPECT_EQ(got[i].text, want[i].text) << what;
     }
   }
-  // Waits until rank 0 holds no request, no KV memory and no call.
-  static void ExpectStateFreed(const ServerProcess& server) {
-    double running = -1, queued = -1, kv = -1, calls = -1;
-    const absl::Time give_up = absl::Now() + absl::Seconds(20);
-    while (absl::Now() < give_up) {
-      auto body = FetchMetrics(server.metrics_port());
-      ASSERT_TRUE(body.ok()) << body.status();
-      running = MetricValue(*body, "spc_generator_running_sequences").value_or(-1);
-      queued = MetricValue(*body, "spc_generator_queue_depth").value_or(-1);
-      kv = MetricValue(*body, "spc_device_memory_bytes{kind=\"kv_cache\"}").value_or(-1);
-      calls = MetricValue(*body, "spc_generator_active_calls").value_or(-1);
-      if (running == 0 && queued == 0 && kv == 0 && calls == 0) return;
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    FAIL() << "state not freed: running=" << running << " queued=" << queued << " kv_bytes=" << kv
-           << " active_calls=" << calls;
-  }
   static double Metric(const ServerProcess& server, const std::string& name) {
     auto body = FetchMetrics(server.metrics_port());
     return body.ok() ? MetricValue(*body, name).value_or(-1) : -1;
@@ -126,7 +109,7 @@ TEST_F(GeneratorTensorParallel, DenseConcurrentGreedyEqualsOneRank) {
     ASSERT_TRUE(stub->GetModelInfo(&ctx, v1::ModelInfoRequest(), &info).ok());
     EXPECT_EQ(info.n_heads(), 8);
     EXPECT_EQ(info.n_kv_heads(), 4);
-    ExpectStateFreed(server);
+    ExpectGeneratorStateFreed(server.metrics_port());  // rank 0
   }
 }
 
@@ -139,7 +122,7 @@ TEST_F(GeneratorTensorParallel, QueuedAndChunkedRequestsEqualOneRank) {
   ASSERT_TRUE(one.Start(SPC_GENERATOR_BIN, Args(1, small)).ok());
   ASSERT_TRUE(two.Start(SPC_GENERATOR_BIN, Args(2, small)).ok());
   ExpectSame(Concurrent(two, reqs), Concurrent(one, reqs), reqs, "--tensor-parallel 2, batch 2, chunks of 5");
-  ExpectStateFreed(two);
+  ExpectGeneratorStateFreed(two.metrics_port());  // rank 0
 }
 
 TEST_F(GeneratorTensorParallel, CancelMidStreamLeavesTheOthersAndFreesItsState) {
@@ -174,7 +157,7 @@ TEST_F(GeneratorTensorParallel, CancelMidStreamLeavesTheOthersAndFreesItsState) 
   EXPECT_GE(cancelled_after, 8);
   EXPECT_LT(cancelled_after, 400);
   ExpectSame(got, want, reqs, "--tensor-parallel 2 beside a cancelled request");
-  ExpectStateFreed(two);
+  ExpectGeneratorStateFreed(two.metrics_port());  // rank 0
   // Every rank dropped it: ranks whose running or queued counts differed would have failed the group.
   EXPECT_EQ(Metric(two, "spc_generator_engine_step_errors_total"), 0);
   ExpectSame(Concurrent(two, {reqs[0]}), {want[0]}, {reqs[0]}, "--tensor-parallel 2 after the cancellation");

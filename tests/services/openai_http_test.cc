@@ -115,20 +115,6 @@ class OpenAiHttp : public SharedGeneratorSuite {
     return CallGenerate(stub_.get(), req);
   }
 
-  // Waits until no call is active and no sequence runs: the engine freed every request.
-  void ExpectIdle() {
-    double calls = -1, running = -1;
-    const absl::Time give_up = absl::Now() + absl::Seconds(20);
-    while (absl::Now() < give_up) {
-      auto body = FetchMetrics(server_->metrics_port());
-      ASSERT_TRUE(body.ok()) << body.status();
-      calls = MetricValue(*body, "spc_generator_active_calls").value_or(-1);
-      running = MetricValue(*body, "spc_generator_running_sequences").value_or(-1);
-      if (calls == 0 && running == 0) return;
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    FAIL() << "not idle: active_calls=" << calls << " running=" << running;
-  }
 
   std::unique_ptr<v1::Generator::Stub> stub_;
   std::unique_ptr<httplib::Client> http_;
@@ -326,7 +312,7 @@ TEST_F(OpenAiHttp, EachBadRequestGetsItsCodeAndTheServerKeepsServing) {
     ASSERT_TRUE(ok);
     EXPECT_EQ(ok->status, 200) << ok->body;
   }
-  ExpectIdle();
+  ExpectGeneratorStateFreed(server_->metrics_port());
 }
 
 // Opens a raw connection, sends a streaming request and reads until `events` events arrived.
@@ -363,7 +349,7 @@ TEST_F(OpenAiHttp, DisconnectMidStreamCancels) {
   const int fd = OpenStream(server_->http_port(), body.dump(), 3);
   ASSERT_GE(fd, 0);
   close(fd);
-  ExpectIdle();
+  ExpectGeneratorStateFreed(server_->metrics_port());
   auto after = FetchMetrics(server_->metrics_port());
   ASSERT_TRUE(after.ok());
   EXPECT_EQ(MetricValue(*after, "spc_generator_cancelled_total").value_or(0), cancelled_before + 1);
@@ -382,7 +368,7 @@ TEST_F(OpenAiHttp, DisconnectDuringANonStreamingRequestCancels) {
   ASSERT_GE(fd, 0);
   absl::SleepFor(absl::Milliseconds(20));
   close(fd);
-  ExpectIdle();
+  ExpectGeneratorStateFreed(server_->metrics_port());
   auto after = FetchMetrics(server_->metrics_port());
   ASSERT_TRUE(after.ok());
   EXPECT_EQ(MetricValue(*after, cancelled).value_or(0), cancelled_before + 1);

@@ -134,6 +134,23 @@ absl::StatusOr<double> MetricValue(const std::string& body, const std::string& n
   return absl::NotFoundError(absl::StrCat("no sample ", name_with_labels));
 }
 
+void ExpectGeneratorStateFreed(int metrics_port) {
+  double running = -1, queued = -1, kv = -1, calls = -1;
+  const absl::Time give_up = absl::Now() + absl::Seconds(20);
+  while (absl::Now() < give_up) {
+    auto body = FetchMetrics(metrics_port);
+    ASSERT_TRUE(body.ok()) << body.status();
+    running = MetricValue(*body, "spc_generator_running_sequences").value_or(-1);
+    queued = MetricValue(*body, "spc_generator_queue_depth").value_or(-1);
+    kv = MetricValue(*body, "spc_device_memory_bytes{kind=\"kv_cache\"}").value_or(-1);
+    calls = MetricValue(*body, "spc_generator_active_calls").value_or(-1);
+    if (running == 0 && queued == 0 && kv == 0 && calls == 0) return;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  FAIL() << "state not freed: running=" << running << " queued=" << queued << " kv_bytes=" << kv
+         << " active_calls=" << calls;
+}
+
 std::string RunCommand(const std::vector<std::string>& argv, int* exit_code) {
   int out[2];
   if (pipe(out) != 0) return "";

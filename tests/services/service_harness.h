@@ -64,6 +64,10 @@ struct RemoveOnExit {
 absl::StatusOr<std::string> FetchMetrics(int port);
 /// Value of the sample `name_with_labels` (e.g. `spc_device_memory_bytes{kind="kv_cache"}`).
 absl::StatusOr<double> MetricValue(const std::string& body, const std::string& name_with_labels);
+/// Waits (20 s at most) until the generator serving /metrics on `metrics_port` holds no running or queued
+/// request, no KV memory and no active call (every request's state was freed); fails the test naming the
+/// values otherwise.
+void ExpectGeneratorStateFreed(int metrics_port);
 
 /// Runs a command, returns its stdout; the exit code goes to *exit_code.
 std::string RunCommand(const std::vector<std::string>& argv, int* exit_code);
