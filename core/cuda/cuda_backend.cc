@@ -341,31 +341,25 @@ absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& w, const Tensor*
   if (n == 0 || m == 0) return absl::OkStatus();
   constexpr int64_t kIntMax = 0x7fffffff;
   if (n > kIntMax || m > kIntMax || k > kIntMax) return absl::InvalidArgumentError("linear: dimension too large");
-  GemvParams g;
-  g.x = x.data();
-  g.w = w.data();
-  g.bias = bias != nullptr ? bias->data() : nullptr;
-  g.out = out->data();
-  g.n = static_cast<int>(n);
-  g.m = static_cast<int>(m);
-  g.k = static_cast<int>(k);
-  g.out_type = out_type;
-  g.bias_type = bias_type;
+  LinearOperands ops;
+  ops.x = x.data();
+  ops.w = w.data();
+  ops.bias = bias != nullptr ? bias->data() : nullptr;
+  ops.out = out->data();
+  ops.n = static_cast<int>(n);
+  ops.m = static_cast<int>(m);
+  ops.k = static_cast<int>(k);
+  ops.out_type = out_type;
+  ops.bias_type = bias_type;
   if (batch_invariant_) {
     // One kernel and one order of sums for every row count (kernels/gemm_invariant.h).
     GemmInvariantParams q;
-    q.x = g.x;
-    q.w = g.w;
-    q.bias = g.bias;
-    q.out = g.out;
-    q.n = g.n;
-    q.m = g.m;
-    q.k = g.k;
-    q.out_type = out_type;
-    q.bias_type = bias_type;
+    static_cast<LinearOperands&>(q) = ops;
     RETURN_IF_CUDA_ERROR(LaunchGemmInvariant(q, stream_));
     return absl::OkStatus();
   }
+  GemvParams g;
+  static_cast<LinearOperands&>(g) = ops;
   if (n <= options_.gemv_max_n && GemvSupported(g)) {
     RETURN_IF_CUDA_ERROR(LaunchGemv(g, stream_));
     return absl::OkStatus();

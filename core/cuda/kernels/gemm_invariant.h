@@ -13,20 +13,12 @@
 
 #include <cuda_runtime.h>
 
-#include "core/cuda/kernels/elementwise.h"
+#include "core/cuda/kernels/linear_operands.h"
 
 namespace specontext::cuda {
 
-struct GemmInvariantParams {
-  const void* x = nullptr;     // bf16 [n, k]
-  const void* w = nullptr;     // bf16 [m, k]
-  const void* bias = nullptr;  // [m] of bias_type, or null: added to the f32 sum before the one rounding
-  void* out = nullptr;         // [n, m] of out_type
-  int n = 0;
-  int m = 0;
-  int k = 0;
-  ElemType out_type = ElemType::kBF16;
-  ElemType bias_type = ElemType::kBF16;
+// The bias, when set, is added to the f32 sum before the one rounding.
+struct GemmInvariantParams : LinearOperands {
   // 0: by n (16-row tiles up to kGemmInvariantSmallN rows, 64-row tiles above); 16 or 64 forces one (tests
   // check that both give the same bits).
   int tile_rows = 0;

@@ -9,21 +9,13 @@
 #include <cuda_runtime.h>
 
 #include "core/cuda/kernels/elementwise.h"
+#include "core/cuda/kernels/linear_operands.h"
 
 namespace specontext::cuda {
 
 constexpr int kGemvMaxN = 8;
 
-struct GemvParams {
-  const void* x = nullptr;     // bf16 [n, k]
-  const void* w = nullptr;     // bf16 [m, k]
-  const void* bias = nullptr;  // [m] of bias_type, or null
-  void* out = nullptr;         // [n, m] of out_type
-  int n = 0;
-  int m = 0;
-  int k = 0;
-  ElemType out_type = ElemType::kBF16;
-  ElemType bias_type = ElemType::kBF16;
+struct GemvParams : LinearOperands {
   // Gated MLP input projection with SwiGLU in the epilogue: w is [2 m, k] (gate rows, then up rows) and
   // out [n, m] bf16 = silu(g) * u with g = x·w[j], u = x·w[m + j] each rounded to bf16 first, so the
   // result is bitwise that of the plain GEMV into [n, 2 m] followed by LaunchSwiGlu. No bias.
