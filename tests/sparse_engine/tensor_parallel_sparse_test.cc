@@ -324,8 +324,8 @@ TEST(SparseTensorParallelPlanner, AgreeOnGpuLayersTakesTheSmallestAndSharesError
 
 // The weak-retrieval fallback under TP: the ranks add their query heads' captured mass (one all-reduce per
 // step) and take the unsharded decoder's per-sequence decisions. The threshold comes from the TP 1 run
-// without the fallback (the middle of the widest gap among the middle half of its sequences' masses) so that
-// some but not all sequences fall back; TP 2 and 4 then match TP 1 with the same threshold (logits, tokens,
+// without the fallback (the middle of the first gap of at least 1e-3 between its sorted masses from the
+// median up) so that some but not all sequences fall back; TP 2 and 4 then match TP 1 with the same threshold (logits, tokens,
 // sets, and every rank's fallback counters equal to TP 1's), with every layer resident and with layers
 // offloaded (the reference offloads the same layers: the fallback attends densely in resident layers only).
 TEST(SparseTensorParallelFallback, RanksTakeTheUnshardedDecisions) {
