@@ -174,10 +174,7 @@ absl::Status Run(const Args& args) {
     ASSIGN_OR_RETURN(max_kv_bytes, args.GetBytes("max-kv-bytes"));
     if (max_kv_bytes < 0) return absl::InvalidArgumentError("--max-kv-bytes must be auto or >= 0");
   }
-  ASSIGN_OR_RETURN(int64_t max_message, args.GetBytes("max-message-bytes"));
-  if (max_message < 1024 || max_message > (int64_t{1} << 30)) {
-    return absl::InvalidArgumentError("--max-message-bytes must be between 1KiB and 1GiB");
-  }
+  ASSIGN_OR_RETURN(int64_t max_message, MessageBytesFlag(args, "max-message-bytes"));
   ASSIGN_OR_RETURN(int64_t drain_timeout_s, args.GetInt("drain-timeout-s"));
   ASSIGN_OR_RETURN(int64_t metrics_port, args.GetInt("metrics-port"));
   int64_t http_port = -1;  // off

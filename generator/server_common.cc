@@ -17,6 +17,7 @@
 #include <grpcpp/security/server_credentials.h>
 
 #include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
 
 namespace specontext {
 
@@ -186,6 +187,14 @@ std::string ArtifactNameFromPath(const std::string& path) {
   const std::string ext = p.extension().string();
   if (ext == ".safetensors" || ext == ".json") return p.parent_path().filename().string();
   return p.stem().string();
+}
+
+absl::StatusOr<int64_t> MessageBytesFlag(const Args& args, const std::string& name) {
+  ASSIGN_OR_RETURN(int64_t bytes, args.GetBytes(name));
+  if (bytes < 1024 || bytes > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be between 1KiB and 1GiB"));
+  }
+  return bytes;
 }
 
 }  // namespace specontext

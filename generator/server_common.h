@@ -10,6 +10,7 @@
 #include <grpcpp/server_builder.h>
 
 #include "absl/status/statusor.h"
+#include "core/cli/args.h"
 
 namespace specontext {
 
@@ -35,6 +36,10 @@ struct ClientTlsOptions {
 /// `flag_prefix` names the flags in messages ("--retriever-tls-").
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(const ClientTlsOptions& tls,
                                                                                const std::string& flag_prefix);
+
+/// The gRPC message size flag `--name` (e.g. "max-message-bytes"): bytes in [1KiB, 1GiB] (gRPC's limits are
+/// ints), else InvalidArgument naming the flag.
+absl::StatusOr<int64_t> MessageBytesFlag(const Args& args, const std::string& name);
 
 /// Makes servers built by `builder` fail to start on a port another socket is bound to. gRPC turns
 /// SO_REUSEPORT on by default, so a second server on a busy port would start and silently take part

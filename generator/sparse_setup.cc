@@ -90,10 +90,7 @@ absl::StatusOr<SparseSetup> SetUpSparse(const Args& args, const Runtime& rt, con
   ASSIGN_OR_RETURN(int64_t max_context, args.GetInt("max-context"));
   ro.max_context = static_cast<int32_t>(max_context);  // range checked by generator_main and Create
   ASSIGN_OR_RETURN(ro.step, StepShapeFromArgs(args));
-  ASSIGN_OR_RETURN(ro.max_message_bytes, args.GetBytes("retriever-max-message-bytes"));
-  if (ro.max_message_bytes < 1024 || ro.max_message_bytes > (int64_t{1} << 30)) {
-    return absl::InvalidArgumentError("--retriever-max-message-bytes must be between 1KiB and 1GiB");
-  }
+  ASSIGN_OR_RETURN(ro.max_message_bytes, MessageBytesFlag(args, "retriever-max-message-bytes"));
   ro.retrieval_latency = metrics != nullptr ? metrics->retrieval_latency : nullptr;
   ClientTlsOptions tls{args.GetString("retriever-tls-ca"), args.GetString("retriever-tls-cert"),
                        args.GetString("retriever-tls-key")};

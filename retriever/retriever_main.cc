@@ -84,10 +84,7 @@ absl::Status Run(const Args& args) {
   }
   limits.max_sequences = static_cast<int32_t>(max_seqs);
   limits.max_tokens_per_sequence = static_cast<int32_t>(max_tokens);
-  ASSIGN_OR_RETURN(int64_t max_message, args.GetBytes("max-message-bytes"));
-  if (max_message < 1024 || max_message > (int64_t{1} << 30)) {
-    return absl::InvalidArgumentError("--max-message-bytes must be between 1KiB and 1GiB");
-  }
+  ASSIGN_OR_RETURN(int64_t max_message, MessageBytesFlag(args, "max-message-bytes"));
   limits.max_reply_bytes = max_message;
   ASSIGN_OR_RETURN(int64_t max_sessions, args.GetInt("max-sessions"));
   if (max_sessions < 1 || max_sessions > (1 << 16)) {
