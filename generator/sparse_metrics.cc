@@ -15,6 +15,17 @@ void AdvanceTo(metrics::Counter* c, double value) {
 
 }  // namespace
 
+std::vector<std::pair<const char*, double>> SplitStepSeconds::Phases() const {
+  std::vector<std::pair<const char*, double>> p = {
+      {"plan_layers", plan_layers}, {"observe", observe}, {"select_wait", select_wait},
+      {"selection", selection},     {"elastic_plan", elastic_plan}, {"forward", forward},
+      {"features", features},       {"logits", logits},   {"apply", apply}};
+  double named = 0;
+  for (const auto& [name, s] : p) named += s;
+  p.push_back({"other", std::max(0.0, total - named)});
+  return p;
+}
+
 void SparseMetrics::Update(const SparseEngineStats& s, const RetrievalPathStats& r) {
   overlap_ratio->Set(s.elastic.overlap_ratio());
   AdvanceTo(rows_loaded, static_cast<double>(s.elastic.rows_loaded));
