@@ -16,7 +16,8 @@ namespace specontext::generator {
 
 /// Cumulative host wall seconds of split mode's engine steps (RemoteSparseDecoder's Forward or ForwardDevice
 /// calls, both passes) by phase: absl::Now() at each phase boundary, no device synchronisation added, so a
-/// phase that waits for the device includes that wait.
+/// phase that waits for the device includes that wait. Exported as spc_split_step_seconds_total{phase} (with
+/// `other`, the rest of the calls, so that the phases add up to their wall time) and spc_split_steps_total.
 struct SplitStepSeconds {
   int64_t steps = 0;          // calls timed
   double plan_layers = 0;     // PlanLayers: the tier planner, layer moves, device KV growth
@@ -69,12 +70,19 @@ struct SparseMetrics {
   metrics::Gauge* host_kv_bytes = nullptr;       // spc_host_kv_bytes
   metrics::Gauge* captured_mass = nullptr;       // spc_captured_attention_mass
   metrics::Gauge* retriever_connected = nullptr; // spc_retriever_connected
+  metrics::Counter* split_steps = nullptr;       // spc_split_steps_total
+  // spc_split_step_seconds_total{phase}, one child per SplitStepSeconds::Phases() label, in that order.
+  std::vector<metrics::Counter*> split_step_seconds;
 
   /// Brings the families up to `s` (cumulative counters advance by the difference). Engine thread.
   void Update(const SparseEngineStats& s, const RetrievalPathStats& r);
 };
 
 absl::StatusOr<SparseMetrics> RegisterSparseMetrics(metrics::Registry* registry);
+
+/// One line of split mode's step phases, milliseconds per step: "steps=N select_wait=9.1 forward=3.2 ..."
+/// (every phase, in Phases() order); "steps=0" before the first step.
+std::string SplitStepSummary(const SplitStepSeconds& s);
 
 /// Engine-wide counters into a final response's statistics (per-request fields are set by the caller).
 void FillSparsityStats(const SparseEngineStats& s, const RetrievalPathStats& r, v1::SparsityStats* out);

@@ -1,22 +1,27 @@
-// Split mode's device logits, in process (a Retriever service on loopback), on the tiny
+// Split mode's device logits and step phases, in process (a Retriever service on loopback), on the tiny
 // random checkpoint of tests/sparse_engine (3 layers, GQA 8/2), CPU:
 //   1. RemoteSparseDecoder::ForwardDevice (what the engine calls when its backend samples on the device; the
 //      CPU backend does not, so it is called here directly) gives the logits Forward gives, bit for bit, on
 //      steps that mix prompt chunks and decode tokens in both orders (two passes whose rows are put back in
 //      the step's order), with layers offloaded, past the budget (index sets from the retriever), for a layer
 //      head and an EAGLE-3 head (hidden states captured on the device and streamed).
+//   2. The phase counters of split steps advance with each step and appear in the generator's metrics text
+//      (spc_split_step_seconds_total{phase}, spc_split_steps_total).
 #include <algorithm>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "generator/remote_sparse_decoder.h"
+#include "generator/sparse_metrics.h"
 #include "tests/services/in_process_retriever.h"
+#include "tests/services/service_harness.h"
 #include "tests/sparse_engine/tiny_setup.h"
 
 namespace specontext::testing {
@@ -149,6 +154,74 @@ TEST_P(SplitDeviceLogits, ForwardDeviceEqualsForwardOnMixedSteps) {
 
 INSTANTIATE_TEST_SUITE_P(Heads, SplitDeviceLogits, ::testing::Bool(),
                          [](const auto& info) { return std::string(info.param ? "Eagle3" : "Layer"); });
+
+TEST(SplitStepPhases, CountersAdvanceAndAppearInMetrics) {
+  auto tiny = LoadTiny(13);
+  ASSERT_TRUE(tiny.ok()) << tiny.status();
+  Tiny& t = **tiny;
+  const ModelConfig& c = t.checkpoint.config;
+  const std::string head_dir = TinyFiles(13)->second;
+  auto ret = StartRetriever(t.head.get(), head_dir);
+  ASSERT_NE(ret, nullptr);
+  auto dec = Connect(t.model.get(), ret->port);
+  ASSERT_TRUE(dec.ok()) << dec.status();
+  metrics::Registry registry;
+  auto m = generator::RegisterSparseMetrics(&registry);
+  ASSERT_TRUE(m.ok()) << m.status();
+  // Before any step: every phase is exported, at 0.
+  m->Update((*dec)->stats(), (*dec)->path_stats());
+  std::string text = registry.Serialize();
+  for (const auto& [phase, secs] : generator::SplitStepSeconds{}.Phases()) {
+    EXPECT_EQ(MetricValue(text, absl::StrCat("spc_split_step_seconds_total{phase=\"", phase, "\"}")).value_or(-1), 0)
+        << phase;
+  }
+  EXPECT_EQ(MetricValue(text, "spc_split_steps_total").value_or(-1), 0);
+  EXPECT_EQ(generator::SplitStepSummary((*dec)->path_stats().step_seconds), "steps=0");
+
+  auto kv = (*dec)->AllocateKv(1, kCap, kBudget);
+  ASSERT_TRUE(kv.ok());
+  std::vector<int32_t> tokens = RandomPrompt(12, c.vocab_size, 3);
+  const SparseStepSeq seq{1, kBudget};
+  size_t cached = 0;
+  double last_total = 0;
+  constexpr int kSteps = 6;
+  for (int step = 0; step < kSteps; ++step) {
+    std::span<const int32_t> fresh(tokens.data() + cached, tokens.size() - cached);
+    ForwardSeq f{fresh, static_cast<int32_t>(cached), kv->get()};
+    Tensor logits = Tensor::HostEmpty(DType::kF32, {1, c.vocab_size});
+    ASSERT_TRUE((*dec)->Forward({&f, 1}, {&seq, 1}, &logits).ok());
+    cached = tokens.size();
+    const float* lg = logits.as<float>();
+    tokens.push_back(static_cast<int32_t>(std::max_element(lg, lg + c.vocab_size) - lg));
+    const generator::SplitStepSeconds s = (*dec)->path_stats().step_seconds;
+    EXPECT_EQ(s.steps, step + 1);
+    EXPECT_GT(s.total, last_total);
+    last_total = s.total;
+  }
+  const generator::RetrievalPathStats r = (*dec)->path_stats();
+  ASSERT_EQ(r.remote_steps, kSteps - 1);  // the prompt step selects nothing
+  const generator::SplitStepSeconds& s = r.step_seconds;
+  for (double phase : {s.plan_layers, s.observe, s.select_wait, s.selection, s.elastic_plan, s.forward, s.apply}) {
+    EXPECT_GT(phase, 0);
+  }
+  EXPECT_EQ(s.features, 0);  // a layer head captures nothing
+  double named = 0;
+  for (const auto& [phase, secs] : s.Phases()) named += secs;
+  EXPECT_NEAR(named, s.total, 1e-9);
+
+  m->Update((*dec)->stats(), r);
+  text = registry.Serialize();
+  EXPECT_EQ(MetricValue(text, "spc_split_steps_total").value_or(-1), kSteps);
+  for (const auto& [phase, secs] : s.Phases()) {
+    EXPECT_NEAR(MetricValue(text, absl::StrCat("spc_split_step_seconds_total{phase=\"", phase, "\"}")).value_or(-1),
+                secs, 1e-9 + 1e-6 * secs)
+        << phase;
+  }
+  EXPECT_THAT(generator::SplitStepSummary(s),
+              ::testing::AllOf(::testing::HasSubstr(absl::StrCat("steps=", kSteps)),
+                               ::testing::HasSubstr("select_wait_ms="), ::testing::HasSubstr("other_ms=")));
+  (*dec)->Release(1);
+}
 
 }  // namespace
 }  // namespace specontext::testing
