@@ -380,6 +380,10 @@ absl::Status Run(const Args& args) {
   if (http_server != nullptr) http_server->Stop();
   loop.Stop();
   metrics_server.Stop();
+  if (sparse.path_stats) {
+    // Where split mode's steps spent their host time (spc_split_step_seconds_total{phase}, per step).
+    SPC_LOG(INFO) << "split-mode steps, ms per step: " << SplitStepSummary(sparse.path_stats().step_seconds);
+  }
   SPC_LOG(INFO) << "drained; exiting";
   if (loop.failed()) {
     return absl::InternalError("the tensor-parallel ranks failed (see the log above); restart the generator");

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/dtype.h"
 #include "core/log.h"
 #include "core/model/kv_tiers.h"
 #include "core/sparse/index_sets.h"
@@ -105,18 +106,16 @@ void RemoteSparseDecoder::Release(uint64_t id) {
 
 namespace {
 
-// The proto's index sets (one Select's answer) into core/sparse's struct, validated.
-absl::StatusOr<IndexSets> FromProto(const v1::IndexSets& p) {
-  IndexSets s;
-  s.n_seqs = p.n_seqs();
-  s.n_kv_heads = p.n_kv_heads();
-  s.sets_per_seq = p.sets_per_seq();
-  s.budget = p.budget();
-  s.seq_len.assign(p.seq_len().begin(), p.seq_len().end());
-  s.indptr.assign(p.indptr().begin(), p.indptr().end());
-  s.indices.assign(p.indices().begin(), p.indices().end());
-  RETURN_IF_ERROR(ValidateIndexSets(s));
-  return s;
+// The proto's index sets (one Select's answer) into core/sparse's struct, reusing its buffers; not validated
+// (ValidateSelection does that).
+void FromProto(const v1::IndexSets& p, IndexSets* s) {
+  s->n_seqs = p.n_seqs();
+  s->n_kv_heads = p.n_kv_heads();
+  s->sets_per_seq = p.sets_per_seq();
+  s->budget = p.budget();
+  s->seq_len.assign(p.seq_len().begin(), p.seq_len().end());
+  s->indptr.assign(p.indptr().begin(), p.indptr().end());
+  s->indices.assign(p.indices().begin(), p.indices().end());
 }
 
 }  // namespace
@@ -145,40 +144,53 @@ absl::Status ValidateSelection(const IndexSets& sets, std::span<const int32_t> p
   return absl::OkStatus();
 }
 
-std::optional<IndexSets> RemoteSparseDecoder::SelectRemote(std::span<Seq* const> seqs,
-                                                           std::span<const uint64_t> ids,
-                                                           std::span<const int32_t> past) {
+void RemoteSparseDecoder::EndPhase(double* phase) {
+  const absl::Time now = absl::Now();
+  *phase += absl::ToDoubleSeconds(now - phase_start_);
+  phase_start_ = now;
+}
+
+bool RemoteSparseDecoder::SelectRemote(std::span<Seq* const> seqs, std::span<const uint64_t> ids,
+                                       std::span<const int32_t> past, IndexSets* out) {
   std::shared_ptr<Stream> s = Usable();
-  if (s == nullptr) return std::nullopt;
+  if (s == nullptr) return false;
   const absl::Time t0 = absl::Now();
   const absl::Time deadline = t0 + options_.step_deadline;
-  // One Select per distinct budget (the service takes one budget per Select); merged in batch order.
-  std::vector<int32_t> budgets;
-  for (Seq* q : seqs) budgets.push_back(q->budget);
-  std::sort(budgets.begin(), budgets.end());
-  budgets.erase(std::unique(budgets.begin(), budgets.end()), budgets.end());
-  absl::flat_hash_map<uint64_t, std::pair<const IndexSets*, int32_t>> where;  // id -> (answer, row)
-  std::vector<IndexSets> answers(budgets.size());
-  for (size_t g = 0; g < budgets.size(); ++g) {
+  // One Select per distinct budget (the service takes one budget per Select), merged in batch order:
+  // sequence i is row row_of_[i] of group group_of_[i]'s answer. One group (the usual step) answers into *out.
+  group_budgets_.clear();
+  for (Seq* q : seqs) group_budgets_.push_back(q->budget);
+  std::sort(group_budgets_.begin(), group_budgets_.end());
+  group_budgets_.erase(std::unique(group_budgets_.begin(), group_budgets_.end()), group_budgets_.end());
+  const size_t n_groups = group_budgets_.size();
+  group_of_.assign(seqs.size(), 0);
+  row_of_.assign(seqs.size(), 0);
+  std::vector<int32_t> group_rows(n_groups, 0);
+  for (size_t i = 0; i < seqs.size() && n_groups > 1; ++i) {
+    const auto at = std::lower_bound(group_budgets_.begin(), group_budgets_.end(), seqs[i]->budget);
+    group_of_[i] = static_cast<int32_t>(at - group_budgets_.begin());
+    row_of_[i] = group_rows[group_of_[i]]++;
+  }
+  if (n_groups > 1 && answers_.size() < n_groups) answers_.resize(n_groups);
+  const int32_t n_kv = static_cast<int32_t>(model_->config().num_key_value_heads);
+  std::vector<int32_t> group_past;
+  for (size_t g = 0; g < n_groups; ++g) {
     v1::RetrieverRequest req;
     v1::Select* sel = req.mutable_select();
-    std::vector<uint64_t> group;
-    std::vector<int32_t> group_past;
+    group_past.clear();
     for (size_t i = 0; i < seqs.size(); ++i) {
-      if (seqs[i]->budget == budgets[g]) {
-        group.push_back(ids[i]);
-        group_past.push_back(past[i]);
-      }
+      if (group_of_[i] != static_cast<int32_t>(g)) continue;
+      sel->add_sequence_ids(ids[i]);
+      group_past.push_back(past[i]);
     }
-    sel->mutable_sequence_ids()->Add(group.begin(), group.end());
-    sel->set_budget(budgets[g]);
-    sel->set_sink(std::min(options_.sink, budgets[g]));
+    sel->set_budget(group_budgets_[g]);
+    sel->set_sink(std::min(options_.sink, group_budgets_[g]));
     sel->set_batch_level(options_.batch_level);
     const uint64_t step = ++step_;
     sel->set_step(step);
     if (!Send(*s, req)) {
       MarkBroken(s);
-      return std::nullopt;
+      return false;
     }
     // Wait for this step's answer; answers of earlier (abandoned) steps are dropped.
     std::optional<v1::RetrieverResponse> got;
@@ -202,18 +214,17 @@ std::optional<IndexSets> RemoteSparseDecoder::SelectRemote(std::span<Seq* const>
         if (!s->mu.AwaitWithDeadline(absl::Condition(&ready), deadline)) break;
       }
     }
-    if (!got.has_value()) return std::nullopt;  // late or down: this step falls back
+    EndPhase(&step_secs_.select_wait);
+    if (!got.has_value()) return false;  // late or down: this step falls back
     if (got->has_error()) {
       SPC_LOG(WARNING) << "retriever select failed" << Kv("message", got->error().message());
       s->resynced = false;  // the session may have lost sequences: re-open them next step
-      return std::nullopt;
+      return false;
     }
-    absl::StatusOr<IndexSets> sets = FromProto(got->selection().sets());
-    const int32_t n_kv = static_cast<int32_t>(model_->config().num_key_value_heads);
-    absl::Status valid = sets.status();
-    if (valid.ok()) {
-      valid = ValidateSelection(*sets, group_past, n_kv, options_.batch_level ? 1 : n_kv, budgets[g]);
-    }
+    IndexSets* answer = n_groups == 1 ? out : &answers_[g];
+    FromProto(got->selection().sets(), answer);
+    const absl::Status valid =
+        ValidateSelection(*answer, group_past, n_kv, options_.batch_level ? 1 : n_kv, group_budgets_[g]);
     if (!valid.ok()) {
       // Checked here, not in the forward: there it would fail every stream of the batch.
       if (!s->malformed_logged) {
@@ -222,51 +233,105 @@ std::optional<IndexSets> RemoteSparseDecoder::SelectRemote(std::span<Seq* const>
             << "retriever sent malformed index sets; such steps fall back (logged once per session)"
             << Kv("step", step) << Kv("status", valid.ToString());
       }
-      return std::nullopt;
+      EndPhase(&step_secs_.selection);
+      return false;
     }
     double mass = 0;
     for (float m : got->selection().attention_mass()) mass += m;
     if (got->selection().attention_mass_size() > 0) last_mass_ = mass / got->selection().attention_mass_size();
-    answers[g] = *std::move(sets);
-    for (size_t r = 0; r < group.size(); ++r) where[group[r]] = {&answers[g], static_cast<int32_t>(r)};
+    EndPhase(&step_secs_.selection);
   }
   if (options_.retrieval_latency != nullptr) {
     options_.retrieval_latency->Observe(absl::ToDoubleSeconds(absl::Now() - t0));
   }
-  if (answers.size() == 1) return std::move(answers[0]);
-  IndexSets merged;
-  merged.n_seqs = static_cast<int32_t>(ids.size());
-  merged.n_kv_heads = answers[0].n_kv_heads;
-  merged.sets_per_seq = answers[0].sets_per_seq;
-  merged.indptr.push_back(0);
-  for (const IndexSets& a : answers) merged.budget = std::max(merged.budget, a.budget);
-  for (uint64_t id : ids) {
-    const auto [a, row] = where[id];
-    merged.seq_len.push_back(a->seq_len[row]);
-    for (int32_t h = 0; h < a->sets_per_seq; ++h) {
-      const int32_t set = row * a->sets_per_seq + h;
-      merged.indices.insert(merged.indices.end(), a->indices.begin() + a->indptr[set],
-                            a->indices.begin() + a->indptr[set + 1]);
-      merged.indptr.push_back(static_cast<int32_t>(merged.indices.size()));
+  if (n_groups == 1) return true;
+  out->n_seqs = static_cast<int32_t>(ids.size());
+  out->n_kv_heads = answers_[0].n_kv_heads;
+  out->sets_per_seq = answers_[0].sets_per_seq;
+  out->budget = 0;
+  out->seq_len.clear();
+  out->indptr.assign(1, 0);
+  out->indices.clear();
+  for (size_t g = 0; g < n_groups; ++g) out->budget = std::max(out->budget, answers_[g].budget);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const IndexSets& a = answers_[group_of_[i]];
+    const int32_t row = row_of_[i];
+    out->seq_len.push_back(a.seq_len[row]);
+    for (int32_t h = 0; h < a.sets_per_seq; ++h) {
+      const int32_t set = row * a.sets_per_seq + h;
+      out->indices.insert(out->indices.end(), a.indices.begin() + a.indptr[set], a.indices.begin() + a.indptr[set + 1]);
+      out->indptr.push_back(static_cast<int32_t>(out->indices.size()));
     }
   }
-  return merged;
+  EndPhase(&step_secs_.selection);
+  return true;
 }
 
 absl::Status RemoteSparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps,
                                           Tensor* logits) {
+  return Run(fwd, steps, logits, /*device=*/false);
+}
+
+absl::StatusOr<Tensor> RemoteSparseDecoder::ForwardDevice(std::span<const ForwardSeq> fwd,
+                                                          std::span<const SparseStepSeq> steps) {
+  Tensor logits;
+  RETURN_IF_ERROR(Run(fwd, steps, &logits, /*device=*/true));
+  return logits;
+}
+
+absl::Status RemoteSparseDecoder::Run(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps,
+                                      Tensor* logits, bool device) {
+  const absl::Time start = absl::Now();
+  phase_start_ = start;
+  const absl::Status st = RunPasses(fwd, steps, logits, device);
+  step_secs_.total += absl::ToDoubleSeconds(absl::Now() - start);
+  ++step_secs_.steps;
+  absl::MutexLock lock(&secs_mu_);
+  published_secs_ = step_secs_;
+  return st;
+}
+
+absl::StatusOr<HiddenCapture*> RemoteSparseDecoder::PrepareCapture(int64_t n_tokens) {
+  if (fused_width_ == 0) return nullptr;
+  capture_.layers = fusion_layers_;
+  RETURN_IF_ERROR(PrepareDeviceCapture(*model_->backend(), n_tokens, fused_width_, &capture_buffer_, &capture_));
+  return &capture_;
+}
+
+absl::Status RemoteSparseDecoder::DownloadCapture() {
+  const Tensor& d = capture_.out;  // [n, fused_width] compute dtype
+  const size_t values = static_cast<size_t>(d.numel());
+  captured_.resize(values);
+  if (d.dtype() == DType::kF32) {
+    Tensor host(captured_.data(), DType::kF32, d.shape());
+    return model_->backend()->ToHost(d, &host);
+  }
+  capture_host_.resize(values * DTypeSize(d.dtype()));
+  Tensor host(capture_host_.data(), d.dtype(), d.shape());
+  RETURN_IF_ERROR(model_->backend()->ToHost(d, &host));
+  ConvertToF32(capture_host_.data(), d.dtype(), captured_.data(), values);
+  return absl::OkStatus();
+}
+
+absl::Status RemoteSparseDecoder::RunPasses(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps,
+                                            Tensor* logits, bool device) {
   if (fwd.size() != steps.size()) return absl::InvalidArgumentError("sparse forward: one SparseStepSeq per sequence");
   RETURN_IF_ERROR(PlanLayers(fwd, steps));
+  EndPhase(&step_secs_.plan_layers);
   const int64_t vocab = model_->config().vocab_size;
   // As SparseDecoder: prompt chunks and decode tokens run as two forwards (uniform attention per forward).
   for (int pass = 0; pass < 2; ++pass) {
-    std::vector<ForwardSeq> part;
-    std::vector<Seq*> seqs;
-    std::vector<uint64_t> ids;
-    std::vector<size_t> rows;
+    // Scratch reused across steps (pass 0 is done with them before pass 1 refills them).
+    std::vector<ForwardSeq>& part = pass_fwd_;
+    std::vector<Seq*>& seqs = pass_seqs_;
+    std::vector<uint64_t>& ids = pass_ids_;
+    std::vector<size_t>& rows = pass_rows_;
+    part.clear();
+    seqs.clear();
+    ids.clear();
+    rows.clear();
     for (size_t i = 0; i < fwd.size(); ++i) {
-      const bool decode = fwd[i].tokens.size() == 1 && fwd[i].past_len > 0;
-      if (decode != (pass == 1)) continue;
+      if (IsDecodeRow(fwd[i]) != (pass == 1)) continue;
       auto it = seqs_.find(steps[i].id);
       if (it == seqs_.end() || it->second.kv != fwd[i].kv) {
         return absl::FailedPreconditionError(absl::StrCat("sparse forward: sequence ", steps[i].id,
@@ -280,9 +345,6 @@ absl::Status RemoteSparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::
     if (part.empty()) continue;
     std::shared_ptr<Stream> s = Usable();
     const int64_t fw = fused_width_;
-    HiddenCapture capture;
-    capture.layers = fusion_layers_;
-    HiddenCapture* cap = fw > 0 ? &capture : nullptr;
     for (Seq* q : seqs) {
       if (fw > 0 && q->tokens.empty()) q->last_features.assign(fw, 0.0f);  // position 0 pairs with zeros
     }
@@ -310,26 +372,39 @@ absl::Status RemoteSparseDecoder::Forward(std::span<const ForwardSeq> fwd, std::
       }
       flush();
     }
-    Tensor out = Tensor::HostEmpty(DType::kF32, {static_cast<int64_t>(part.size()), vocab});
-    if (pass == 0) {
-      RETURN_IF_ERROR(model_->Forward(part, /*all_tokens=*/false, &out, nullptr, cap));
+    EndPhase(&step_secs_.observe);
+    int64_t n_tokens = 0;
+    for (const ForwardSeq& f : part) n_tokens += static_cast<int64_t>(f.tokens.size());
+    ASSIGN_OR_RETURN(HiddenCapture * cap, PrepareCapture(n_tokens));
+    const int64_t n_part = static_cast<int64_t>(part.size()), n_all = static_cast<int64_t>(fwd.size());
+    Tensor out = pass_logits_.Target(*logits, n_part, n_all, vocab, device);
+    if (pass == 1) {
+      RETURN_IF_ERROR(Decode(part, seqs, ids, &out, cap, device));
+    } else if (device) {
+      ASSIGN_OR_RETURN(out, model_->ForwardDevice(part, /*all_tokens=*/false, nullptr, cap));
+      EndPhase(&step_secs_.forward);
     } else {
-      RETURN_IF_ERROR(Decode(part, seqs, ids, &out, cap));
+      RETURN_IF_ERROR(model_->Forward(part, /*all_tokens=*/false, &out, nullptr, cap));
+      EndPhase(&step_secs_.forward);
     }
-    int64_t row = 0;
-    for (size_t j = 0; j < part.size() && fw > 0; ++j) {
-      const int64_t n = static_cast<int64_t>(part[j].tokens.size());
-      if (pass == 0) {
-        std::vector<float> rows = PromptFeatures(*seqs[j], capture, row, n);
-        observe(j, seqs[j]->last_features.size() == static_cast<size_t>(fw) ? rows.data() : nullptr);
+    if (cap != nullptr) {
+      RETURN_IF_ERROR(DownloadCapture());
+      EndPhase(&step_secs_.features);
+      int64_t row = 0;
+      for (size_t j = 0; j < part.size(); ++j) {
+        const int64_t n = static_cast<int64_t>(part[j].tokens.size());
+        if (pass == 0) {
+          std::vector<float> prompt_rows = PromptFeatures(*seqs[j], captured_.data(), row, n);
+          observe(j, seqs[j]->last_features.size() == static_cast<size_t>(fw) ? prompt_rows.data() : nullptr);
+        }
+        row += n;
+        seqs[j]->last_features.assign(captured_.data() + (row - 1) * fw, captured_.data() + row * fw);
       }
-      row += n;
-      seqs[j]->last_features.assign(capture.out.as<float>() + (row - 1) * fw, capture.out.as<float>() + row * fw);
+      flush();
+      EndPhase(&step_secs_.observe);
     }
-    flush();
-    for (size_t j = 0; j < part.size(); ++j) {
-      std::memcpy(logits->as<float>() + rows[j] * vocab, out.as<float>() + j * vocab, vocab * sizeof(float));
-    }
+    RETURN_IF_ERROR(pass_logits_.Place(*model_->backend(), out, rows, n_all, device, logits));
+    EndPhase(&step_secs_.logits);
   }
   return absl::OkStatus();
 }
@@ -349,6 +424,10 @@ SparseEngineStats RemoteSparseDecoder::stats() const {
 
 RetrievalPathStats RemoteSparseDecoder::path_stats() const {
   RetrievalPathStats r;
+  {
+    absl::MutexLock lock(&secs_mu_);
+    r.step_seconds = published_secs_;
+  }
   r.remote_steps = remote_steps_;
   r.fallback_steps = fallback_steps_;
   r.reconnects = reconnects_;

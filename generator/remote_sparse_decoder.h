@@ -11,11 +11,18 @@
 // A background thread reconnects with exponential backoff; the engine thread then re-opens every live
 // sequence on the new session and re-observes its tokens, after which sparse steps resume.
 //
+// Logits: Forward writes host logits; ForwardDevice leaves them on the backend (the engine samples there and
+// downloads token ids only), the prompt and decode passes' rows assembled as SparseDecoder does
+// (core/model/pass_outputs.h). A decode forward is recorded as a step graph where SparseDecoder's would be
+// (Transformer::GraphableLayers). Each step's host time by phase is kept for the metrics (SplitStepSeconds,
+// path_stats()).
+//
 // EAGLE-3 heads (RetrieverInfo.fused_width > 0, learnt from GetInfo at connect): the forwards capture the
-// target's hidden states at the head's fusion layers and every Observe carries, per token, the fused
-// features of the position before it (remote_sparse_observe.cc): decode tokens are observed before their
-// forward (their features came from the previous one), prompt chunks after theirs, split into messages of
-// at most observe_message_bytes. The features are sent (and kept for replay after a reconnect: fused_width x 2 or 4
+// target's hidden states at the head's fusion layers (on the device, into a buffer kept across steps so that
+// the decode step can still be graphed; downloaded once after each forward) and every Observe carries, per
+// token, the fused features of the position before it (remote_sparse_observe.cc): decode tokens are
+// observed before their forward (their features came from the previous one), prompt chunks after theirs,
+// split into messages of at most observe_message_bytes. The features are sent (and kept for replay after a reconnect: fused_width x 2 or 4
 // bytes per token) in bf16 when the backend computes in bf16 (lossless), else in f32, so split mode selects
 // exactly what in-process mode does. A sequence prefilled before the head's needs were known cannot be
 // replayed and stays on the fallback.
@@ -44,6 +51,7 @@
 #include "core/sparse/elastic.h"
 #include "core/sparse/index_sets.h"
 #include "core/model/layer_tiers.h"
+#include "core/model/pass_outputs.h"
 #include "core/model/pinned_host_cache.h"
 #include "core/sparse/memory_planner.h"
 #include "generator/sparse_metrics.h"
@@ -97,12 +105,15 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   void Release(uint64_t id) override;
   absl::Status Forward(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs,
                        Tensor* logits) override;
+  /// The same step with its logits left on the model's backend: f32 [fwd.size(), vocab], valid until the next
+  /// call. Any backend (the CPU backend's "device" is host memory).
+  absl::StatusOr<Tensor> ForwardDevice(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> seqs) override;
   int32_t default_budget() const override { return options_.budget; }
   int32_t max_step_tokens() const override { return options_.step.max_tokens_per_step; }
   int32_t max_step_seqs() const override { return options_.step.max_batch; }
   SparseEngineStats stats() const override;
 
-  /// Any thread.
+  /// Any thread. Its step_seconds are those of the steps completed so far.
   RetrievalPathStats path_stats() const;
   /// Moves layers [gpu_layers, L) of every live sequence (and of later ones) to host now and caps the
   /// resident layers there (as SparseDecoder::OffloadLayers; LayerTiers::Offload). Engine thread.
@@ -131,10 +142,11 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   // Engine thread: the live stream, re-opening sequences on it when it is new; null when down.
   std::shared_ptr<Stream> Usable();
   bool Send(Stream& s, const v1::RetrieverRequest& req);
-  // Engine thread: sends Select for `ids` and waits for the answer; nullopt when down, late or in
-  // error. `past[i]`: the past tokens of seqs[i] this step attends over (answers must match it).
-  std::optional<IndexSets> SelectRemote(std::span<Seq* const> seqs, std::span<const uint64_t> ids,
-                                        std::span<const int32_t> past);
+  // Engine thread: sends one Select per budget group of `ids` and waits for the answers, into *out (the
+  // groups merged in batch order); false when down, late or in error. `past[i]`: the past tokens of seqs[i]
+  // this step attends over (answers must match it).
+  bool SelectRemote(std::span<Seq* const> seqs, std::span<const uint64_t> ids, std::span<const int32_t> past,
+                    IndexSets* out);
   void MarkBroken(const std::shared_ptr<Stream>& s);
   // remote_sparse_tiers.cc: the planner and layer moves, and one decode forward.
   absl::Status MakePlanner();
@@ -142,8 +154,20 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   absl::Status PlanLayers(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps);
   int64_t DeviceRowsInFlight() const;
   std::span<const TierSeq> TierSeqs();  // the live sequences for tiers_ (in tier_seqs_, reused)
+  // `device`: as Run's, for this pass's `*out`.
   absl::Status Decode(std::span<const ForwardSeq> part, std::span<Seq* const> seqs, std::span<const uint64_t> ids,
-                      Tensor* out, HiddenCapture* capture);
+                      Tensor* out, HiddenCapture* capture, bool device);
+  // Forward (`device` false: writes the host *logits) and ForwardDevice (true: sets *logits to device logits).
+  absl::Status Run(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps, Tensor* logits,
+                   bool device);
+  absl::Status RunPasses(std::span<const ForwardSeq> fwd, std::span<const SparseStepSeq> steps, Tensor* logits,
+                         bool device);
+  // EAGLE-3 heads: capture_ set up for a forward of n_tokens rows (null for a head without features), and its
+  // rows downloaded into captured_ (f32 [n_tokens, fused_width]) after the forward.
+  absl::StatusOr<HiddenCapture*> PrepareCapture(int64_t n_tokens);
+  absl::Status DownloadCapture();
+  // Adds the time since the last phase boundary to `*phase` (a field of step_secs_) and starts the next phase.
+  void EndPhase(double* phase);
   // remote_sparse_observe.cc. Engine thread: takes the head's feature needs from a stream's GetInfo.
   void LearnHead(const Stream& s);
   // The Observes of one engine step (or of a replay) gathered into ObserveBatch messages: one per step,
@@ -165,8 +189,9 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   bool QueueObserves(Stream& s, PendingObserves& batch, uint64_t id, const Seq& seq, size_t from, size_t to);
   // Sends `batch` as one ObserveBatch (nothing when empty) and empties it; false when the send failed.
   bool FlushObserves(Stream& s, PendingObserves& batch);
-  // Rows for `n` tokens of a prompt chunk whose forward captured `capture` from row `first_row` on.
-  std::vector<float> PromptFeatures(const Seq& seq, const HiddenCapture& capture, int64_t first_row, int64_t n) const;
+  // Rows for `n` tokens of a prompt chunk whose forward captured `captured` (f32 [rows, fused_width]) from row
+  // `first_row` on.
+  std::vector<float> PromptFeatures(const Seq& seq, const float* captured, int64_t first_row, int64_t n) const;
   size_t feature_bytes() const { return static_cast<size_t>(fused_width_) * (features_bf16_ ? 2 : 4); }
 
   Transformer* model_;
@@ -183,6 +208,28 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   bool head_known_ = false;             // a GetInfo was seen
   bool features_bf16_ = false;          // wire dtype of features: bf16 when the backend computes in bf16
 
+  // Engine thread: per-step scratch, reused so that a step allocates little once grown.
+  std::vector<ForwardSeq> pass_fwd_;  // Run's split into the prompt and the decode pass
+  std::vector<Seq*> pass_seqs_;
+  std::vector<uint64_t> pass_ids_;
+  std::vector<size_t> pass_rows_;
+  PassLogits pass_logits_;            // both passes' logits rows (steps with both passes)
+  HiddenCapture capture_;             // EAGLE-3: the forward's on-device capture, a view of capture_buffer_
+  Tensor capture_buffer_;             // [most rows so far, fused_width] compute dtype
+  std::vector<uint8_t> capture_host_; // its download in the compute dtype (when not f32)
+  std::vector<float> captured_;       // f32 [rows, fused_width]: the last forward's captured features
+  std::vector<int32_t> budgets_, past_;  // Decode: per sequence
+  std::vector<int32_t> group_budgets_, group_of_, row_of_;  // SelectRemote: distinct budgets; per sequence
+  std::vector<IndexSets> answers_;    // SelectRemote: one per budget group when a step has several
+  IndexSets sets_;                    // the decode pass's index sets (read by its forward)
+  ElasticPlan plan_;                  // the decode pass's elastic plan (buffers reused)
+  CopyList full_;                     // full reload of layers moved since the last step
+  std::vector<SlotMap*> maps_;
+  std::vector<const SlotMap*> cmaps_;
+  std::vector<const CopyList*> layer_copies_;  // moved into the step's SparseForward and back
+  SplitStepSeconds step_secs_;        // the running totals, published into published_secs_ after each step
+  absl::Time phase_start_;            // the running step's last phase boundary
+
   mutable absl::Mutex mu_;
   std::shared_ptr<Stream> stream_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
@@ -193,6 +240,8 @@ class RemoteSparseDecoder : public SparseDecodeHooks {
   std::atomic<int64_t> remote_steps_{0}, fallback_steps_{0}, reconnects_{0};
   std::atomic<bool> connected_{false};
   std::atomic<double> last_mass_{1.0};
+  mutable absl::Mutex secs_mu_;
+  SplitStepSeconds published_secs_ ABSL_GUARDED_BY(secs_mu_);
 };
 
 }  // namespace specontext::generator

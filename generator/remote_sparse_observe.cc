@@ -38,14 +38,14 @@ void RemoteSparseDecoder::LearnHead(const Stream& s) {
   }
 }
 
-std::vector<float> RemoteSparseDecoder::PromptFeatures(const Seq& seq, const HiddenCapture& capture,
-                                                      int64_t first_row, int64_t n) const {
+std::vector<float> RemoteSparseDecoder::PromptFeatures(const Seq& seq, const float* captured, int64_t first_row,
+                                                      int64_t n) const {
   const int64_t fw = fused_width_;
   std::vector<float> rows(static_cast<size_t>(n * fw));
   // EAGLE-3 pairs token t with the features of position t-1 (zeros for position 0).
   std::copy(seq.last_features.begin(), seq.last_features.end(), rows.begin());
   for (int64_t j = 1; j < n; ++j) {
-    std::memcpy(rows.data() + j * fw, capture.out.as<float>() + (first_row + j - 1) * fw, fw * sizeof(float));
+    std::memcpy(rows.data() + j * fw, captured + (first_row + j - 1) * fw, fw * sizeof(float));
   }
   return rows;
 }

@@ -15,28 +15,29 @@ namespace specontext::generator {
 namespace {
 
 // Per sequence and set: every past position when the past fits the budget, else the first `sink` positions
-// and the most recent budget - sink ones. The same layout SelectTopB produces (ascending CSR, sets_per_seq =
-// n_kv_heads, or 1 for batch-level selection).
-IndexSets WindowSets(std::span<const ForwardSeq> part, std::span<const int32_t> budgets, int32_t sink,
-                     int32_t n_kv, int32_t sets_per_seq) {
-  IndexSets s;
-  s.n_seqs = static_cast<int32_t>(part.size());
-  s.n_kv_heads = n_kv;
-  s.sets_per_seq = sets_per_seq;
-  s.indptr.push_back(0);
+// and the most recent budget - sink ones, into *s (its buffers reused). The same layout SelectTopB produces
+// (ascending CSR, sets_per_seq = n_kv_heads, or 1 for batch-level selection).
+void WindowSets(std::span<const ForwardSeq> part, std::span<const int32_t> budgets, int32_t sink, int32_t n_kv,
+                int32_t sets_per_seq, IndexSets* s) {
+  s->n_seqs = static_cast<int32_t>(part.size());
+  s->n_kv_heads = n_kv;
+  s->sets_per_seq = sets_per_seq;
+  s->budget = 0;
+  s->seq_len.clear();
+  s->indptr.assign(1, 0);
+  s->indices.clear();
   for (size_t i = 0; i < part.size(); ++i) {
     const int32_t past = part[i].past_len, b = budgets[i];
-    s.budget = std::max(s.budget, b);
-    s.seq_len.push_back(past);
+    s->budget = std::max(s->budget, b);
+    s->seq_len.push_back(past);
     const int32_t keep_first = past <= b ? past : std::min(sink, b);
     const int32_t recent_from = past <= b ? past : past - (b - keep_first);
     for (int32_t h = 0; h < sets_per_seq; ++h) {
-      for (int32_t t = 0; t < keep_first; ++t) s.indices.push_back(t);
-      for (int32_t t = std::max(recent_from, keep_first); t < past; ++t) s.indices.push_back(t);
-      s.indptr.push_back(static_cast<int32_t>(s.indices.size()));
+      for (int32_t t = 0; t < keep_first; ++t) s->indices.push_back(t);
+      for (int32_t t = std::max(recent_from, keep_first); t < past; ++t) s->indices.push_back(t);
+      s->indptr.push_back(static_cast<int32_t>(s->indices.size()));
     }
   }
-  return s;
 }
 
 }  // namespace
@@ -92,65 +93,88 @@ absl::Status RemoteSparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, st
 absl::Status RemoteSparseDecoder::OffloadLayers(int32_t gpu_layers) { return tiers_->Offload(gpu_layers, TierSeqs()); }
 
 absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::span<Seq* const> seqs,
-                                         std::span<const uint64_t> ids, Tensor* out, HiddenCapture* capture) {
+                                         std::span<const uint64_t> ids, Tensor* out, HiddenCapture* capture,
+                                         bool device) {
   const int32_t n_layers = static_cast<int32_t>(model_->config().num_hidden_layers);
   const int32_t n_kv = static_cast<int32_t>(model_->config().num_key_value_heads);
   const int32_t n_sets = options_.batch_level ? 1 : n_kv;
   const bool offloaded = tiers_->any_offloaded();
   bool all_small = true;
-  std::vector<int32_t> budgets, past;
+  budgets_.clear();
+  past_.clear();
   for (size_t j = 0; j < part.size(); ++j) {
     all_small = all_small && part[j].past_len <= seqs[j]->budget;
-    budgets.push_back(seqs[j]->budget);
-    past.push_back(part[j].past_len);
+    budgets_.push_back(seqs[j]->budget);
+    past_.push_back(part[j].past_len);
   }
   SparseForward sf;
-  std::optional<IndexSets> sets;
+  bool has_sets = false;
   if (all_small) {
     // Every past position is selected: the sets need no retriever (offloaded layers still need them, and so
     // does the batch-invariant mode: a short sequence keeps the sparse kernel it gets beside a long one).
-    if (offloaded || model_->backend()->batch_invariant()) sets = WindowSets(part, budgets, options_.sink, n_kv, n_sets);
+    if (offloaded || model_->backend()->batch_invariant()) {
+      WindowSets(part, budgets_, options_.sink, n_kv, n_sets, &sets_);
+      has_sets = true;
+      EndPhase(&step_secs_.selection);
+    }
   } else {
-    sets = SelectRemote(seqs, ids, past);
-    if (sets.has_value()) {
+    has_sets = SelectRemote(seqs, ids, past_, &sets_);
+    if (has_sets) {
       ++remote_steps_;
     } else {
       ++fallback_steps_;
       // Resident layers attend densely; offloaded ones to what their slots can hold (sink + recent window).
       if (offloaded) {
-        sets = WindowSets(part, budgets, options_.sink, n_kv, n_sets);
+        WindowSets(part, budgets_, options_.sink, n_kv, n_sets, &sets_);
+        has_sets = true;
         sf.dense_resident_layers = true;
       }
+      EndPhase(&step_secs_.selection);
     }
   }
-  sf.dense_attention = !sets.has_value();
-  std::optional<ElasticPlan> plan;
-  CopyList full;
-  std::vector<SlotMap*> maps;
-  if (sets.has_value()) {
-    sf.desc.sets = &*sets;
+  sf.dense_attention = !has_sets;
+  bool planned = false;
+  maps_.clear();
+  if (has_sets) {
+    sf.desc.sets = &sets_;
     if (offloaded) {
-      for (Seq* q : seqs) maps.push_back(q->map.get());
-      std::vector<const SlotMap*> cmaps(maps.begin(), maps.end());
-      ASSIGN_OR_RETURN(plan, PlanElasticLoads(cmaps, *sets));
-      sf.desc.slots = plan->slots;
-      if (tiers_->any_reload_pending()) {
-        full = FullReloadCopies(*sets, plan->slots);
+      // Every offloaded layer's copies from one plan, its buffers reused (as SparseDecoder's).
+      cmaps_.clear();
+      for (Seq* q : seqs) {
+        maps_.push_back(q->map.get());
+        cmaps_.push_back(q->map.get());
       }
-      sf.layer_copies.assign(n_layers, nullptr);
+      RETURN_IF_ERROR(PlanElasticLoads(cmaps_, sets_, &plan_));
+      planned = true;
+      sf.desc.slots = plan_.slots;
+      if (tiers_->any_reload_pending()) FullReloadCopies(sets_, plan_.slots, &full_);
+      layer_copies_.assign(n_layers, nullptr);
       for (int32_t l = tiers_->gpu_layers(); l < n_layers; ++l) {
-        sf.layer_copies[l] = tiers_->reload_pending(l) ? &full : &plan->copies;
+        layer_copies_[l] = tiers_->reload_pending(l) ? &full_ : &plan_.copies;
       }
+      sf.layer_copies = std::move(layer_copies_);
       sf.counters = &stats_.elastic;
-      stats_.elastic.AddPlan(*plan);
+      stats_.elastic.AddPlan(plan_);
+      EndPhase(&step_secs_.elastic_plan);
     }
   }
-  RETURN_IF_ERROR(model_->Forward(part, /*all_tokens=*/false, out, &sf, capture));
-  if (plan.has_value()) {
-    RETURN_IF_ERROR(ApplyElasticPlan(*plan, *sets, maps));
+  absl::Status fst;
+  if (device) {
+    absl::StatusOr<Tensor> d = model_->ForwardDevice(part, /*all_tokens=*/false, &sf, capture);
+    fst = d.status();
+    if (d.ok()) *out = *std::move(d);
+  } else {
+    fst = model_->Forward(part, /*all_tokens=*/false, out, &sf, capture);
+  }
+  if (!sf.layer_copies.empty()) layer_copies_ = std::move(sf.layer_copies);  // back to the scratch
+  RETURN_IF_ERROR(fst);
+  EndPhase(&step_secs_.forward);
+  if (planned) {
+    RETURN_IF_ERROR(ApplyElasticPlan(plan_, sets_, maps_));
     tiers_->ClearReloads();
   }
   ++(sf.dense_attention ? stats_.dense_steps : stats_.sparse_steps);
+  EndPhase(&step_secs_.apply);
   return absl::OkStatus();
 }
 

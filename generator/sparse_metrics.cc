@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
+
 #include "core/status_macros.h"
 
 namespace specontext::generator {
@@ -14,6 +16,26 @@ void AdvanceTo(metrics::Counter* c, double value) {
 }
 
 }  // namespace
+
+std::vector<std::pair<const char*, double>> SplitStepSeconds::Phases() const {
+  std::vector<std::pair<const char*, double>> p = {
+      {"plan_layers", plan_layers}, {"observe", observe}, {"select_wait", select_wait},
+      {"selection", selection},     {"elastic_plan", elastic_plan}, {"forward", forward},
+      {"features", features},       {"logits", logits},   {"apply", apply}};
+  double named = 0;
+  for (const auto& [name, s] : p) named += s;
+  p.push_back({"other", std::max(0.0, total - named)});
+  return p;
+}
+
+std::string SplitStepSummary(const SplitStepSeconds& s) {
+  std::string out = absl::StrCat("steps=", s.steps);
+  if (s.steps == 0) return out;
+  const double per_step_ms = 1e3 / static_cast<double>(s.steps);
+  absl::StrAppend(&out, " total_ms=", absl::SixDigits(s.total * per_step_ms));
+  for (const auto& [name, secs] : s.Phases()) absl::StrAppend(&out, " ", name, "_ms=", absl::SixDigits(secs * per_step_ms));
+  return out;
+}
 
 void SparseMetrics::Update(const SparseEngineStats& s, const RetrievalPathStats& r) {
   overlap_ratio->Set(s.elastic.overlap_ratio());
@@ -37,6 +59,11 @@ void SparseMetrics::Update(const SparseEngineStats& s, const RetrievalPathStats&
   host_kv_bytes->Set(static_cast<double>(s.host_kv_bytes));
   captured_mass->Set(s.last_captured_mass);
   retriever_connected->Set(r.connected ? 1 : 0);
+  AdvanceTo(split_steps, static_cast<double>(r.step_seconds.steps));
+  const auto phases = r.step_seconds.Phases();
+  for (size_t i = 0; i < phases.size() && i < split_step_seconds.size(); ++i) {
+    AdvanceTo(split_step_seconds[i], phases[i].second);
+  }
 }
 
 absl::StatusOr<SparseMetrics> RegisterSparseMetrics(metrics::Registry* r) {
@@ -81,6 +108,17 @@ absl::StatusOr<SparseMetrics> RegisterSparseMetrics(metrics::Registry* r) {
                                           "Last step: mean retrieval-head attention mass the selection kept."));
   ASSIGN_OR_RETURN(m.retriever_connected, gauge("spc_retriever_connected",
                                                 "1 while the session with a remote retriever is up."));
+  ASSIGN_OR_RETURN(m.split_steps, counter("spc_split_steps_total",
+                                          "Split mode: engine steps run by the remote-retriever sparse decoder."));
+  ASSIGN_OR_RETURN(metrics::CounterFamily * phases,
+                   r->AddCounter("spc_split_step_seconds_total",
+                                 "Split mode: host wall seconds of the engine steps by phase (docs/services.md); "
+                                 "the phases add up to the steps' wall time.",
+                                 {"phase"}));
+  for (const auto& [name, secs] : SplitStepSeconds{}.Phases()) {
+    ASSIGN_OR_RETURN(metrics::Counter * c, phases->WithLabels({name}));
+    m.split_step_seconds.push_back(c);
+  }
   return m;
 }
 

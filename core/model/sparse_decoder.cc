@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
 #include "core/model/kv_tiers.h"
+#include "core/model/pass_outputs.h"
 #include "core/model/sparse_decoder_state.h"
 #include "core/model/sparse_tensor_parallel.h"
 #include "core/sparse/elastic.h"
@@ -278,14 +279,9 @@ absl::Status SparseDecoder::PlanLayers(std::span<const ForwardSeq> fwd, std::spa
 absl::StatusOr<HiddenCapture*> SparseDecoder::PrepareCapture(int64_t n_tokens) {
   const int64_t fw = head_ != nullptr ? head_->fused_width() : 0;
   if (fw == 0) return nullptr;
-  Backend& b = *model_->backend();
-  capture_.on_device = true;
   capture_.layers.clear();
   for (int64_t l : head_->config().fusion_layers) capture_.layers.push_back(static_cast<int32_t>(l));
-  if (capture_buffer_.empty() || capture_buffer_.dim(0) < n_tokens) {
-    ASSIGN_OR_RETURN(capture_buffer_, b.Alloc(b.compute_dtype(), {n_tokens, fw}, MemoryKind::kWorkspace));
-  }
-  capture_.out = View(capture_buffer_, 0, {n_tokens, fw});
+  RETURN_IF_ERROR(PrepareDeviceCapture(*model_->backend(), n_tokens, fw, &capture_buffer_, &capture_));
   return &capture_;
 }
 
@@ -591,8 +587,7 @@ absl::Status SparseDecoder::Run(std::span<const ForwardSeq> fwd, std::span<const
     states.clear();
     rows.clear();
     for (size_t i = 0; i < fwd.size(); ++i) {
-      const bool decode = fwd[i].tokens.size() == 1 && fwd[i].past_len > 0;
-      if (decode != (pass == 1)) continue;
+      if (IsDecodeRow(fwd[i]) != (pass == 1)) continue;
       auto it = seqs_.find(seqs[i].id);
       if (it == seqs_.end() || it->second->kv != fwd[i].kv) {
         return absl::FailedPreconditionError(absl::StrCat("sparse forward: sequence ", seqs[i].id,
@@ -603,31 +598,13 @@ absl::Status SparseDecoder::Run(std::span<const ForwardSeq> fwd, std::span<const
       rows.push_back(i);
     }
     if (part.empty()) continue;
-    // A pass holding every sequence writes the caller's logits directly (the usual decode step).
-    const bool whole = part.size() == fwd.size();
+    // A pass holding every sequence writes the caller's logits directly (the usual decode step); otherwise its
+    // rows go to their place (pass_outputs.h, shared with split mode's decoder).
     const int64_t n_part = static_cast<int64_t>(part.size()), n_all = static_cast<int64_t>(fwd.size());
-    if (!device && !whole && (pass_logits_.empty() || pass_logits_.dim(0) < n_part || pass_logits_.dim(1) != vocab)) {
-      pass_logits_ = Tensor::HostEmpty(DType::kF32, {n_all, vocab});
-    }
-    Tensor out = whole || device ? *logits : Tensor(pass_logits_.data(), DType::kF32, {n_part, vocab});
+    Tensor out = pass_logits_.Target(*logits, n_part, n_all, vocab, device);
     RETURN_IF_ERROR(pass == 0 ? Prefill(part, states, &out, device) : Decode(part, states, &out, device));
-    if (device && whole) *logits = out;
-    if (device && !whole) {
-      // The pass's device logits live until the next forward: its rows go to their place in one buffer.
-      Backend& b = *model_->backend();
-      if (device_logits_.empty() || device_logits_.dim(0) < n_all || device_logits_.dim(1) != vocab) {
-        ASSIGN_OR_RETURN(device_logits_, b.Alloc(DType::kF32, {n_all, vocab}, MemoryKind::kWorkspace));
-      }
-      for (size_t j = 0; j < part.size(); ++j) {
-        Tensor dst = View(device_logits_, static_cast<int64_t>(rows[j]) * vocab, {1, vocab});
-        RETURN_IF_ERROR(b.CopyDevice(View(out, static_cast<int64_t>(j) * vocab, {1, vocab}), &dst));
-      }
-      *logits = View(device_logits_, 0, {n_all, vocab});
-    }
+    RETURN_IF_ERROR(pass_logits_.Place(*model_->backend(), out, rows, n_all, device, logits));
     for (size_t j = 0; j < part.size(); ++j) {
-      if (!whole && !device) {
-        std::memcpy(logits->as<float>() + rows[j] * vocab, out.as<float>() + j * vocab, vocab * sizeof(float));
-      }
       states[j]->len = part[j].past_len + static_cast<int32_t>(part[j].tokens.size());
     }
   }

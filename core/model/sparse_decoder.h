@@ -35,6 +35,7 @@
 #include "absl/status/statusor.h"
 #include "core/model/attention_recall_probe.h"
 #include "core/model/layer_tiers.h"
+#include "core/model/pass_outputs.h"
 #include "core/model/pinned_host_cache.h"
 #include "core/model/sparse_hooks.h"
 #include "core/model/transformer.h"
@@ -287,8 +288,7 @@ class SparseDecoder : public SparseDecodeHooks {
   };
   std::map<int64_t, DecodeHead> decode_heads_;
   uint64_t graph_id_ = 0;  // this decoder's range of step-graph keys (ObserveDecode)
-  Tensor pass_logits_;    // host logits of one pass when a step mixes prompt chunks and decode tokens
-  Tensor device_logits_;  // ForwardDevice of such a step: both passes' rows [rows, vocab] f32 on the device
+  PassLogits pass_logits_;  // both passes' logits rows when a step mixes prompt chunks and decode tokens
 };
 
 }  // namespace specontext

@@ -249,6 +249,11 @@ TEST(SparseServicesTiny, PrunedHeadInprocAndSplitMatchEngineCli) {
     EXPECT_EQ(r.text + "\n", cli);
     EXPECT_EQ(r.final.sparsity().fallback_steps(), 0);
     EXPECT_GT(Metric(gen.metrics_port(), "spc_retrieval_remote_steps_total"), 0);
+    // The split steps' phase timing: one per engine step (the prompt's and 39 decode steps; the metrics may lag
+    // the reply by a step).
+    EXPECT_GE(Metric(gen.metrics_port(), "spc_split_steps_total"), 39);
+    EXPECT_GT(Metric(gen.metrics_port(), "spc_split_step_seconds_total{phase=\"select_wait\"}"), 0);
+    EXPECT_GT(Metric(gen.metrics_port(), "spc_split_step_seconds_total{phase=\"forward\"}"), 0);
   }
   std::filesystem::remove_all(root);
 }

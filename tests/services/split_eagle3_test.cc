@@ -19,6 +19,7 @@
 #include "core/model/sparse_decoder.h"
 #include "generator/remote_sparse_decoder.h"
 #include "retriever/retriever_service.h"
+#include "tests/services/in_process_retriever.h"
 #include "tests/sparse_engine/tiny_setup.h"
 
 namespace specontext::testing {
@@ -26,33 +27,6 @@ namespace {
 
 std::string WriteEagle3Head(const ModelConfig& target, uint32_t seed) {
   return WriteRandomEagle3Head(target, seed, absl::StrCat("split_eagle3_", seed), 0.5f, 0.5f);
-}
-
-// The retriever service on a loopback port of this process.
-struct InProcessRetriever {
-  metrics::Registry registry;
-  retriever::RetrieverMetrics metrics;
-  std::unique_ptr<retriever::RetrieverService> service;
-  std::unique_ptr<grpc::Server> server;
-  int port = 0;
-  ~InProcessRetriever() {
-    if (server != nullptr) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
-  }
-};
-
-std::unique_ptr<InProcessRetriever> StartRetriever(const RetrievalHead* head, const std::string& path) {
-  auto r = std::make_unique<InProcessRetriever>();
-  auto m = retriever::RegisterRetrieverMetrics(&r->registry);
-  EXPECT_TRUE(m.ok()) << m.status();
-  if (!m.ok()) return nullptr;
-  r->metrics = *m;
-  r->service = std::make_unique<retriever::RetrieverService>(head, path, retriever::SessionLimits{}, &r->metrics);
-  grpc::ServerBuilder b;
-  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &r->port);
-  b.RegisterService(r->service.get());
-  r->server = b.BuildAndStart();
-  EXPECT_TRUE(r->server != nullptr && r->port > 0);
-  return r->server != nullptr ? std::move(r) : nullptr;
 }
 
 struct Mode {
