@@ -10,8 +10,8 @@
 //   - sparse TP 2 and 4 against sparse TP 1 (tests/sparse_engine/tensor_parallel_sparse_harness.h): the ragged
 //     batch with budgets below the pasts, head- and batch-level, layers offloaded; logits as above and each
 //     rank's index sets exactly TP 1's sets of its KV heads.
-//   - the runtime: --tensor-parallel-devices shared loads N ranks on GPU 0 with 1/N of its memory each; separate
-//     with more ranks than GPUs is refused with InvalidArgument.
+//   - the runtime: --tensor-parallel-devices shared loads N ranks on GPU 0 with 1/N of its memory each, and their
+//     engines sample the same tokens; separate with more ranks than GPUs is refused with InvalidArgument.
 // NCCL over separate GPUs: tests/cuda/nccl_tensor_parallel_test.cc.
 #include <gtest/gtest.h>
 
@@ -27,6 +27,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/cuda/cuda_backend.h"
 #include "core/io/weight_source.h"
+#include "core/model/engine.h"
 #include "core/parallel/communicator.h"
 #include "core/runtime/runtime.h"
 #include "tests/cuda/cuda_test_util.h"
@@ -276,6 +277,45 @@ TEST(TensorParallelRuntime, SharedDevicesLoadEveryRankOnGpuZero) {
     EXPECT_LE(b->available_bytes(), free_before / 2) << b->name();
   }
   EXPECT_EQ(rt->model->config().num_key_value_heads * 2, rt->checkpoint.config.num_key_value_heads);
+}
+
+TEST(TensorParallelRuntime, SharedDevicesEnginesSampleTheSameTokens) {
+  // What `specontext generate --backend cuda --tensor-parallel 2 --tensor-parallel-devices shared` does: an engine
+  // per rank on its own thread, sampling on the device from its own logits; the ranks' logits are the same bits,
+  // so they sample the same tokens.
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  RuntimeOptions o;
+  o.model_path = SPECONTEXT_TEST_DATA "/tiny/tiny-llama";
+  o.backend = "cuda";
+  o.tensor_parallel = 2;
+  o.tensor_parallel_devices = TensorParallelDevices::kShared;
+  absl::StatusOr<Runtime> rt = LoadRuntime(o);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  GenerationRequest req;
+  req.prompt = TpPrompt(9, rt->checkpoint.config.vocab_size);
+  req.max_new_tokens = 24;
+  req.ignore_eos = true;
+  req.sampling.temperature = 0.9f;
+  req.sampling.top_k = 40;
+  req.sampling.seed = 5;
+  std::vector<Transformer*> models = {rt->model.get(), rt->tp_models[0].get()};
+  std::vector<absl::StatusOr<GenerationResult>> got(2, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      if (absl::Status s = models[r]->backend()->MakeCurrent(); !s.ok()) {
+        got[r] = s;
+      } else {
+        Engine engine(models[r], nullptr, EngineOptions{});
+        got[r] = engine.Generate(req);
+      }
+      rt->tp_comms[r]->Abort();  // a rank that is done must not leave the other waiting
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int r = 0; r < 2; ++r) ASSERT_TRUE(got[r].ok()) << "rank " << r << ": " << got[r].status();
+  EXPECT_EQ(got[0]->tokens.size(), 24u);
+  EXPECT_EQ(got[1]->tokens, got[0]->tokens);
 }
 
 TEST(TensorParallelRuntime, RefusesMoreRanksThanGpus) {
