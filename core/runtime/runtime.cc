@@ -125,10 +125,6 @@ std::string ReadConfigBeside(const std::string& tokenizer_path) {
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
-}  // namespace
-
-namespace {
-
 // The backends of ranks 1.. (rt.tp_backends) and every rank's communicator (rt.tp_comms), rt.backend being
 // rank 0's; for the shared-device mode rank 0's backend is made again with its share of the GPU.
 absl::Status MakeTensorParallelRanks(const RuntimeOptions& options, Runtime& rt) {
