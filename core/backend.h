@@ -288,6 +288,10 @@ class Backend {
   // Fills a device tensor with zeros, ordered on the compute stream.
   virtual absl::Status Zero(Tensor* t) { return absl::UnimplementedError("Zero is not implemented by this backend"); }
   virtual absl::Status Synchronize() = 0;
+  /// Makes the backend's device current on the calling thread (CUDA: cudaSetDevice; CPU: nothing). The ops do
+  /// not select their device: a thread that drives a backend on another device than the thread's current one
+  /// (a tensor-parallel rank's thread, a loader on the main thread) calls this before its first op.
+  virtual absl::Status MakeCurrent() { return absl::OkStatus(); }
   virtual MemoryReport memory_report() const = 0;
   // Bytes the backend may still allocate (limit or free device memory).
   virtual int64_t available_bytes() const = 0;

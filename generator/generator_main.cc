@@ -82,7 +82,9 @@ void DefineFlags(Args& a) {
   DefineCudaGraphsFlag(a);
   DefineBatchInvariantFlag(a);
   a.Define({"tensor-parallel", "ranks of tensor parallelism, one thread, model shard and engine each, stepped in "
-            "lockstep (CPU backend; dense or in-process sparse); must divide the model's KV heads", false, false, "1"});
+            "lockstep (dense or in-process sparse; CUDA: see --tensor-parallel-devices); must divide the model's KV "
+            "heads", false, false, "1"});
+  DefineTensorParallelDevicesFlag(a);
   a.Define({"threads", "CPU threads of the backend (0 = the CPUs this process may use)", false,
             false, "0"});
   a.Define({"max-context", "longest sequence (prompt + generated tokens) a request may reach; 0 = the model's "
@@ -123,13 +125,6 @@ absl::Status Run(const Args& args) {
     return absl::InvalidArgumentError("--tensor-parallel must be a number of ranks from 1 to 256");
   }
   ro.tensor_parallel = static_cast<int>(tensor_parallel);
-  if (ro.tensor_parallel > 1) {
-    // Refused before the model loads. --backend auto that finds a GPU is refused by LoadRuntime.
-    if (ro.backend == "cuda") {
-      return absl::InvalidArgumentError("--tensor-parallel runs on the CPU backend only for now (NCCL ranks are "
-                                        "not wired into the runtime yet): pass --backend cpu");
-    }
-  }
 
   ServiceOptions so;
   so.model_name = ArtifactNameFromPath(ro.model_path);

@@ -108,6 +108,9 @@ void TensorParallelRanks::Abort() { comms_[0]->Abort(); }
 
 void TensorParallelRanks::RunRank(Rank* r) {
   uint64_t done = 0;
+  // The rank's backend may sit on another GPU than this thread's current one (CUDA ranks on separate GPUs).
+  // A failure here fails the rank's first step instead (its ops would run on the wrong device).
+  const absl::Status bound = r->engine->model()->backend()->MakeCurrent();
   while (true) {
     {
       absl::MutexLock lock(&r->mu);
@@ -115,7 +118,7 @@ void TensorParallelRanks::RunRank(Rank* r) {
       r->mu.Await(absl::Condition(&ready));
       if (r->stop && r->started == done) return;
     }
-    const absl::Status st = r->engine->Step();
+    const absl::Status st = bound.ok() ? r->engine->Step() : bound;
     if (!st.ok()) {
       SPC_LOG(ERROR) << "tensor-parallel rank step failed" << Kv("rank", r->comm->rank()) << Kv("status", st.ToString());
     }

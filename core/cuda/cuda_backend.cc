@@ -40,6 +40,19 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOption
   return std::unique_ptr<Backend>(std::move(backend));
 }
 
+int64_t CudaDeviceFreeBytes(int device) {
+  int current = 0;
+  size_t free_bytes = 0, total = 0;
+  if (cudaGetDevice(&current) != cudaSuccess || cudaSetDevice(device) != cudaSuccess ||
+      cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) {
+    cudaGetLastError();
+    cudaSetDevice(current);
+    return 0;
+  }
+  cudaSetDevice(current);
+  return static_cast<int64_t>(free_bytes);
+}
+
 absl::StatusOr<void*> CudaComputeStream(Backend& backend) {
   auto* cuda = dynamic_cast<cuda::CudaBackend*>(&backend);
   if (cuda == nullptr) return absl::InvalidArgumentError(absl::StrCat("backend ", backend.name(), " is not CUDA"));
@@ -149,6 +162,11 @@ absl::Status CudaBackend::SyncAndCheck() {
 absl::Status CudaBackend::Synchronize() {
   RETURN_IF_ERROR(SyncCopyStream());
   return SyncAndCheck();
+}
+
+absl::Status CudaBackend::MakeCurrent() {
+  RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Tensor> CudaBackend::Alloc(DType dtype, Shape shape, MemoryKind kind) {

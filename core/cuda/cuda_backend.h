@@ -46,6 +46,10 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOption
 // Number of CUDA devices the runtime sees (0 without a driver or GPU). Never fails.
 int CudaDeviceCount();
 
+// Free memory of CUDA device `device` now (cudaMemGetInfo; 0 when it cannot be read). Leaves the calling
+// thread's current device as it was.
+int64_t CudaDeviceFreeBytes(int device);
+
 // The compute stream of a backend made by MakeCudaBackend, as a `cudaStream_t` cast to void*, for
 // CUDA code outside the backend (sampling, graph capture). InvalidArgument for other backends.
 absl::StatusOr<void*> CudaComputeStream(Backend& backend);

@@ -57,6 +57,7 @@ class CudaBackend : public Backend {
   int64_t SelectionWorkspaceBytes(int32_t n_seqs, int32_t n_q, int32_t sets_per_seq, int32_t max_len,
                                   int32_t budget) const override;
   absl::Status Synchronize() override;
+  absl::Status MakeCurrent() override;
   MemoryReport memory_report() const override { return memory_->Report(); }
   int64_t available_bytes() const override { return memory_->Available(); }
 

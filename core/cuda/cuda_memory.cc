@@ -20,6 +20,30 @@
 namespace specontext::cuda {
 namespace {
 
+// Makes `device` current for the scope and gives the calling thread its own device back: one backend's memory
+// may be allocated or freed from a thread that drives another GPU (a tensor-parallel rank's tensors released
+// elsewhere), and that thread's later launches must still go to its own device.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) : device_(device) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) {
+      cudaGetLastError();
+      previous_ = -1;
+    }
+    if (previous_ != device_) cudaSetDevice(device_);
+  }
+  ~DeviceScope() {
+    if (previous_ >= 0 && previous_ != device_) cudaSetDevice(previous_);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  const int device_;
+  int previous_ = -1;
+};
+
+
 // 256-byte granularity keeps every tensor aligned for 16-byte vector accesses and cp.async.
 constexpr int64_t kAlign = 256;
 
@@ -98,7 +122,7 @@ absl::StatusOr<void*> CudaMemory::RawAlloc(int64_t bytes, MemoryKind kind) {
       }
     }
     if (!outgrown.empty()) {
-      cudaSetDevice(device_);
+      DeviceScope scope(device_);
       for (auto& [q, size] : outgrown) {
         cudaFree(q);
         bytes_[static_cast<size_t>(MemoryKind::kWorkspace)].fetch_sub(size);
@@ -115,7 +139,7 @@ absl::StatusOr<void*> CudaMemory::RawAlloc(int64_t bytes, MemoryKind kind) {
           " allocation of ", bytes, " bytes with ", total_.load(), " bytes in use"));
     }
   }
-  cudaSetDevice(device_);
+  DeviceScope scope(device_);
   void* p = nullptr;
   cudaError_t err = cudaMalloc(&p, static_cast<size_t>(bytes));
   if (err != cudaSuccess) {
@@ -140,7 +164,7 @@ void CudaMemory::Release(void* p, int64_t bytes, MemoryKind kind) {
     ws_cache_[bytes].insert(p);
     return;
   }
-  cudaSetDevice(device_);
+  DeviceScope scope(device_);
   cudaFree(p);  // errors at process exit (context gone) are harmless here
   bytes_[static_cast<size_t>(kind)].fetch_sub(bytes);
   Unreserve(bytes);
@@ -153,7 +177,7 @@ void CudaMemory::TrimWorkspaceCache() {
     cache.swap(ws_cache_);
   }
   if (cache.empty()) return;
-  cudaSetDevice(device_);
+  DeviceScope scope(device_);
   for (auto& [bytes, blocks] : cache) {
     for (void* p : blocks) {
       cudaFree(p);
@@ -217,7 +241,7 @@ MemoryReport CudaMemory::Report() const {
 
 int64_t CudaMemory::Available() const {
   size_t free_bytes = 0, total_bytes = 0;
-  cudaSetDevice(device_);
+  DeviceScope scope(device_);
   if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
     cudaGetLastError();
     free_bytes = 0;

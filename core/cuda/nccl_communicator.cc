@@ -1,11 +1,14 @@
 #include "core/cuda/nccl_communicator.h"
 
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #include <nccl.h>
 
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
+#include <string>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "core/cuda/cuda_backend.h"
@@ -15,15 +18,61 @@
 namespace specontext {
 namespace {
 
+// libnccl is opened at the first group, not linked: it is ~200 MiB, more than the GPU bundle may carry
+// (docs/gpu.md), and a process that never creates a group must not need it. The five entry points below are
+// all this file calls.
+struct NcclApi {
+  decltype(&ncclCommInitAll) CommInitAll = nullptr;
+  decltype(&ncclAllReduce) AllReduce = nullptr;
+  decltype(&ncclCommDestroy) CommDestroy = nullptr;
+  decltype(&ncclCommAbort) CommAbort = nullptr;
+  decltype(&ncclGetErrorString) GetErrorString = nullptr;
+};
+
+// The library, opened once per process: SPC_NCCL_LIBRARY (a path) when set, else libnccl.so.2 (or libnccl.so)
+// from the loader's search path. FailedPrecondition saying what is missing when it cannot be opened.
+absl::StatusOr<const NcclApi*> Nccl() {
+  static const absl::StatusOr<NcclApi> api = []() -> absl::StatusOr<NcclApi> {
+    const char* env = std::getenv("SPC_NCCL_LIBRARY");
+    std::string name = env != nullptr && *env != '\0' ? env : "libnccl.so.2";
+    void* lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr && env == nullptr) {
+      name = "libnccl.so";
+      lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+    }
+    if (lib == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat("NCCL is not available (", dlerror(),
+                                                        "): install libnccl2 or set SPC_NCCL_LIBRARY to its path"));
+    }
+    NcclApi a;
+    bool ok = true;
+    auto get = [&](auto& fn, const char* sym) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, sym));
+      ok = ok && fn != nullptr;
+    };
+    get(a.CommInitAll, "ncclCommInitAll");
+    get(a.AllReduce, "ncclAllReduce");
+    get(a.CommDestroy, "ncclCommDestroy");
+    get(a.CommAbort, "ncclCommAbort");
+    get(a.GetErrorString, "ncclGetErrorString");
+    if (!ok) return absl::FailedPreconditionError(absl::StrCat(name, " lacks an NCCL entry point"));
+    return a;  // the library stays open for the process's life
+  }();
+  if (!api.ok()) return api.status();
+  return &*api;
+}
+
 absl::Status NcclStatus(ncclResult_t r, const char* what) {
   if (r == ncclSuccess) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(what, " failed: ", ncclGetErrorString(r)));
+  auto api = Nccl();
+  return absl::InternalError(absl::StrCat(what, " failed: ", api.ok() ? (*api)->GetErrorString(r) : "?"));
 }
 
 #define RETURN_IF_NCCL_ERROR(expr) RETURN_IF_ERROR(NcclStatus((expr), #expr))
 
 // The communicators of one group, for Abort (which ends all of them) and their destruction.
 struct NcclGroup {
+  const NcclApi* api = nullptr;
   std::vector<ncclComm_t> comms;
   std::atomic<bool> aborted{false};
   std::mutex abort_mu;
@@ -32,13 +81,13 @@ struct NcclGroup {
     std::lock_guard<std::mutex> lock(abort_mu);
     if (aborted.exchange(true)) return;
     for (ncclComm_t& c : comms) {
-      ncclCommAbort(c);
+      api->CommAbort(c);
       c = nullptr;
     }
   }
   ~NcclGroup() {
     if (aborted.load()) return;
-    for (ncclComm_t c : comms) ncclCommDestroy(c);
+    for (ncclComm_t c : comms) api->CommDestroy(c);
   }
 };
 
@@ -67,7 +116,7 @@ class NcclCommunicator : public Communicator {
     }
     RETURN_IF_ERROR(CheckNotAborted());
     RETURN_IF_CUDA_ERROR(cudaSetDevice(device_));
-    RETURN_IF_NCCL_ERROR(ncclAllReduce(inout->data(), inout->data(), static_cast<size_t>(inout->numel()), type,
+    RETURN_IF_NCCL_ERROR(group_->api->AllReduce(inout->data(), inout->data(), static_cast<size_t>(inout->numel()), type,
                                        ncclSum, group_->comms[rank_], stream_));
     return absl::OkStatus();
   }
@@ -76,7 +125,7 @@ class NcclCommunicator : public Communicator {
     RETURN_IF_ERROR(CheckNotAborted());
     RETURN_IF_CUDA_ERROR(cudaSetDevice(device_));
     if (scratch_ == nullptr) RETURN_IF_CUDA_ERROR(cudaMalloc(&scratch_, sizeof(float)));
-    RETURN_IF_NCCL_ERROR(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, group_->comms[rank_], stream_));
+    RETURN_IF_NCCL_ERROR(group_->api->AllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, group_->comms[rank_], stream_));
     RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
     return CheckNotAborted();
   }
@@ -108,15 +157,17 @@ absl::StatusOr<std::vector<std::unique_ptr<Communicator>>> CreateNcclGroup(std::
     ASSIGN_OR_RETURN(void* s, CudaComputeStream(*b));
     streams.push_back(s);
   }
+  ASSIGN_OR_RETURN(const NcclApi* api, Nccl());
   // NVLink SHARP / multicast stays off (docs/tensor-parallel.md); a user's explicit setting wins.
   setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
   auto group = std::make_shared<NcclGroup>();
+  group->api = api;
   group->comms.resize(backends.size());
-  const ncclResult_t r = ncclCommInitAll(group->comms.data(), static_cast<int>(backends.size()), devices.data());
+  const ncclResult_t r = api->CommInitAll(group->comms.data(), static_cast<int>(backends.size()), devices.data());
   if (r != ncclSuccess) {
     group->aborted = true;  // nothing to destroy
     return absl::FailedPreconditionError(absl::StrCat("ncclCommInitAll over ", backends.size(),
-                                                      " GPUs failed: ", ncclGetErrorString(r)));
+                                                      " GPUs failed: ", api->GetErrorString(r)));
   }
   std::vector<std::unique_ptr<Communicator>> out;
   for (size_t i = 0; i < backends.size(); ++i) {

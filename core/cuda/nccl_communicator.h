@@ -6,6 +6,10 @@
 // only its own communicator. Collectives are enqueued on the rank backend's compute stream (in stream
 // order with the model's kernels; the host does not wait). NVLink multicast (NVLS) stays off: the
 // group sets NCCL_NVLS_ENABLE=0 before init unless the environment already sets it.
+//
+// libnccl is not linked but opened (dlopen) by the first CreateNcclGroup: SPC_NCCL_LIBRARY when set, else
+// libnccl.so.2 from the loader's path. So every CUDA binary may carry NCCL support (the GPU bundle cannot
+// carry the library itself) and a machine without NCCL fails only when a group is made.
 #pragma once
 
 #include <memory>
@@ -23,7 +27,8 @@ namespace specontext {
 /// before it drives its backend and communicator.
 /// AllReduceSum takes device tensors (f32 or bf16) of that backend; Barrier also waits on the host for
 /// the rank's stream. Abort aborts every communicator of the group (ncclCommAbort): kernels of pending
-/// collectives return and later calls fail with Aborted. FailedPrecondition when NCCL cannot initialise.
+/// collectives return and later calls fail with Aborted. FailedPrecondition when libnccl cannot be opened or
+/// NCCL cannot initialise.
 absl::StatusOr<std::vector<std::unique_ptr<Communicator>>> CreateNcclGroup(std::span<Backend* const> backends,
                                                                           std::span<const int> devices);
 

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/dtype.h"
+#include "core/status_macros.h"
 
 namespace specontext {
 namespace {
@@ -156,7 +157,57 @@ class InProcessCommunicator : public Communicator {
   const int rank_, size_;
 };
 
+// A rank of the host-staged group: the in-process rank above behind a download and an upload.
+class HostStagedCommunicator : public Communicator {
+ public:
+  HostStagedCommunicator(std::unique_ptr<Communicator> inner, Backend* backend)
+      : inner_(std::move(inner)), backend_(backend) {}
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+
+  absl::Status AllReduceSum(Tensor* inout) override {
+    if (inout == nullptr) return absl::InvalidArgumentError("all-reduce: null tensor");
+    if (inout->device() == DeviceKind::kCpu) return inner_->AllReduceSum(inout);
+    // Another dtype passes through as it is: the group's check refuses it on every rank alike.
+    const size_t bytes = inout->nbytes();
+    if (staging_.size() < bytes) staging_.resize(bytes);
+    Tensor host(staging_.data(), inout->dtype(), inout->shape());
+    if (absl::Status s = backend_->ToHost(*inout, &host); !s.ok()) return Fail(s, "download");
+    RETURN_IF_ERROR(inner_->AllReduceSum(&host));
+    if (absl::Status s = backend_->CopyToDevice(host, inout); !s.ok()) return Fail(s, "upload");
+    // A pageable upload has left `staging_` once CopyToDevice returns, so the buffer may be reused.
+    return absl::OkStatus();
+  }
+
+  absl::Status Barrier() override {
+    if (absl::Status s = backend_->Synchronize(); !s.ok()) return Fail(s, "barrier");
+    return inner_->Barrier();
+  }
+  void Abort() override { inner_->Abort(); }
+
+ private:
+  absl::Status Fail(const absl::Status& s, const char* what) {
+    inner_->Abort();
+    return absl::Status(s.code(), absl::StrCat("host-staged all-reduce, rank ", inner_->rank(), " ", what, ": ",
+                                               s.message()));
+  }
+
+  std::unique_ptr<Communicator> inner_;
+  Backend* backend_;
+  std::vector<char> staging_;  // the rank's tensor on the host, grown to the largest all-reduce
+};
+
 }  // namespace
+
+std::vector<std::unique_ptr<Communicator>> CreateHostStagedGroup(std::span<Backend* const> backends,
+                                                                 const InProcessOptions& options) {
+  std::vector<std::unique_ptr<Communicator>> inner = CreateInProcessGroup(static_cast<int>(backends.size()), options);
+  std::vector<std::unique_ptr<Communicator>> out;
+  for (size_t r = 0; r < inner.size(); ++r) {
+    out.push_back(std::make_unique<HostStagedCommunicator>(std::move(inner[r]), backends[r]));
+  }
+  return out;
+}
 
 std::vector<std::unique_ptr<Communicator>> CreateInProcessGroup(int size, const InProcessOptions& options) {
   std::vector<std::unique_ptr<Communicator>> out;

@@ -2,14 +2,17 @@
 //
 // A rank is one thread of this process driving its own Backend and model shard. The in-process
 // group below serves the CPU backend (ranks share host memory); NcclCommunicator (core/cuda) serves
-// CUDA backends, one GPU per rank.
+// CUDA backends, one GPU per rank; the host-staged group serves device backends whose ranks share one
+// device (the one-GPU test mode: every all-reduce goes through host memory).
 #pragma once
 
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "core/backend.h"
 #include "core/tensor.h"
 
 namespace specontext {
@@ -52,5 +55,17 @@ struct InProcessOptions {
 /// collective returns Aborted at once; the flag is never cleared. So a rank that is done may Abort() on its
 /// way out: ranks still expecting a collective from it fail instead of waiting forever.
 std::vector<std::unique_ptr<Communicator>> CreateInProcessGroup(int size, const InProcessOptions& options = {});
+
+/// A group of `backends.size()` ranks whose tensors live on a device (CUDA backends that share one GPU, the
+/// `--tensor-parallel-devices shared` test mode of docs/tensor-parallel.md): rank r's AllReduceSum downloads
+/// its tensor with `backends[r]->ToHost` (which waits for the rank's stream), takes the in-process group's sum
+/// above (rank order, f32, the same bits on every rank) and uploads it back with `CopyToDevice` (enqueued on
+/// the rank's stream). Host tensors skip the staging. Barrier also waits for the rank's backend. A rank whose
+/// download or upload fails aborts the group (the others return Aborted instead of waiting). Every rank's
+/// thread must make its backend current (Backend::MakeCurrent). The backends must outlive the communicators.
+/// Each collective costs two copies over PCIe and a host synchronisation of every rank: a test mode, not a
+/// way to serve.
+std::vector<std::unique_ptr<Communicator>> CreateHostStagedGroup(std::span<Backend* const> backends,
+                                                                 const InProcessOptions& options = {});
 
 }  // namespace specontext

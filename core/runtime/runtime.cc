@@ -16,6 +16,9 @@
 #ifdef SPECONTEXT_HAVE_CUDA
 #include "core/cuda/cuda_backend.h"
 #endif
+#ifdef SPECONTEXT_HAVE_NCCL
+#include "core/cuda/nccl_communicator.h"
+#endif
 
 extern "C" void openblas_set_num_threads(int num_threads);
 
@@ -122,6 +125,65 @@ std::string ReadConfigBeside(const std::string& tokenizer_path) {
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
+// The backends of ranks 1.. (rt.tp_backends) and every rank's communicator (rt.tp_comms), rt.backend being
+// rank 0's; for the shared-device mode rank 0's backend is made again with its share of the GPU.
+absl::Status MakeTensorParallelRanks(const RuntimeOptions& options, Runtime& rt) {
+  const int tp = options.tensor_parallel;
+  if (rt.backend->device() == DeviceKind::kCpu) {
+    rt.tp_comms = CreateInProcessGroup(tp);
+    for (int r = 1; r < tp; ++r) {
+      ASSIGN_OR_RETURN(std::unique_ptr<Backend> b, MakeBackend("cpu", options.gpu_memory_limit));
+      RETURN_IF_ERROR(b->set_batch_invariant(options.batch_invariant));
+      rt.tp_backends.push_back(std::move(b));
+    }
+    return absl::OkStatus();
+  }
+#ifdef SPECONTEXT_HAVE_CUDA
+  const TensorParallelDevices mode = options.tensor_parallel_devices;
+  ASSIGN_OR_RETURN(std::vector<int> devices, TensorParallelDeviceIds(tp, mode, CudaDeviceCount()));
+  int64_t limit = options.gpu_memory_limit;
+  if (mode == TensorParallelDevices::kShared && limit == 0) {
+    // N backends on one GPU each see all of its free memory: without a split every rank's KV budget and
+    // planner would count the same bytes N times.
+    limit = CudaDeviceFreeBytes(0) / tp;
+    SPC_LOG(INFO) << "tensor-parallel ranks share GPU 0" << Kv("ranks", tp) << Kv("memory_limit_per_rank", limit);
+  }
+  auto make = [&](int device) -> absl::StatusOr<std::unique_ptr<Backend>> {
+    CudaBackendOptions co;
+    co.device = device;
+    co.memory_limit = limit;
+    co.cuda_graphs = options.cuda_graphs;
+    co.batch_invariant = options.batch_invariant;
+    return MakeCudaBackend(co);
+  };
+  if (limit != options.gpu_memory_limit) {
+    rt.backend.reset();
+    ASSIGN_OR_RETURN(rt.backend, make(devices[0]));
+  }
+  std::vector<Backend*> backends = {rt.backend.get()};
+  for (int r = 1; r < tp; ++r) {
+    ASSIGN_OR_RETURN(std::unique_ptr<Backend> b, make(devices[r]));
+    backends.push_back(b.get());
+    rt.tp_backends.push_back(std::move(b));
+  }
+  if (mode == TensorParallelDevices::kShared) {
+    rt.tp_comms = CreateHostStagedGroup(backends);
+    return absl::OkStatus();
+  }
+#ifdef SPECONTEXT_HAVE_NCCL
+  ASSIGN_OR_RETURN(rt.tp_comms, CreateNcclGroup(backends, devices));
+  return absl::OkStatus();
+#else
+  return absl::FailedPreconditionError(absl::StrCat(
+      "--tensor-parallel ", tp, " over separate GPUs needs NCCL, and this build has none (nccl.h was not found "
+      "at configure time); --tensor-parallel-devices shared runs every rank on GPU 0 without it"));
+#endif
+#else
+  return absl::InvalidArgumentError(absl::StrCat("--tensor-parallel ", tp, ": backend ", rt.backend->name(),
+                                                 " has no tensor-parallel communicator"));
+#endif
+}
+
 }  // namespace
 
 absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
@@ -165,28 +227,20 @@ absl::StatusOr<Runtime> LoadRuntime(const RuntimeOptions& options) {
   ProgressLine progress(options.show_progress);
   const int tp = options.tensor_parallel;
   if (tp < 1) return absl::InvalidArgumentError("--tensor-parallel must be at least 1");
-  if (tp > 1) {
-    if (rt.backend->name() != "cpu") {
-      return absl::InvalidArgumentError(absl::StrCat("--tensor-parallel ", tp,
-                                                     " runs on the CPU backend only for now (NCCL ranks are not "
-                                                     "wired into the runtime yet): pass --backend cpu"));
-    }
-    rt.tp_comms = CreateInProcessGroup(tp);
-    for (int r = 1; r < tp; ++r) {
-      ASSIGN_OR_RETURN(std::unique_ptr<Backend> b, MakeBackend("cpu", options.gpu_memory_limit));
-      RETURN_IF_ERROR(b->set_batch_invariant(options.batch_invariant));
-      rt.tp_backends.push_back(std::move(b));
-    }
-  }
-  // Shards load one after the other (no collective runs while loading); rank 0's shows the progress.
+  if (tp > 1) RETURN_IF_ERROR(MakeTensorParallelRanks(options, rt));
+  // Shards load one after the other (no collective runs while loading), each with its backend's device
+  // current; rank 0's shows the progress and is current again at the end.
+  RETURN_IF_ERROR(rt.backend->MakeCurrent());
   ASSIGN_OR_RETURN(rt.model, Transformer::Load(rt.checkpoint, rt.backend.get(),
                                                [&](int64_t done, int64_t total) { progress.Update(done, total); },
                                                {0, tp, tp > 1 ? rt.tp_comms[0].get() : nullptr}));
   for (int r = 1; r < tp; ++r) {
+    RETURN_IF_ERROR(rt.tp_backends[r - 1]->MakeCurrent());
     ASSIGN_OR_RETURN(std::unique_ptr<Transformer> m,
                      Transformer::Load(rt.checkpoint, rt.tp_backends[r - 1].get(), {}, {r, tp, rt.tp_comms[r].get()}));
     rt.tp_models.push_back(std::move(m));
   }
+  RETURN_IF_ERROR(rt.backend->MakeCurrent());
   return rt;
 }
 
@@ -201,7 +255,17 @@ absl::StatusOr<RuntimeOptions> RuntimeOptionsFromArgs(const Args& args) {
   ro.threads = static_cast<int>(threads);
   ASSIGN_OR_RETURN(ro.cuda_graphs, CudaGraphsFromArgs(args));
   ro.batch_invariant = args.GetBool("batch-invariant");
+  if (const std::string devices = args.GetString("tensor-parallel-devices"); !devices.empty()) {
+    ASSIGN_OR_RETURN(ro.tensor_parallel_devices, ParseTensorParallelDevices(devices));
+  }
   return ro;
+}
+
+void DefineTensorParallelDevicesFlag(Args& args) {
+  args.Define({"tensor-parallel-devices",
+               "CUDA ranks of --tensor-parallel: separate (rank r on GPU r, NCCL) or shared (every rank on GPU 0, "
+               "all-reduces through host memory: a test mode for one-GPU machines)",
+               false, false, "separate"});
 }
 
 void DefineBatchInvariantFlag(Args& args) {

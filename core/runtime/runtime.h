@@ -11,6 +11,7 @@
 #include "core/backend.h"
 #include "core/io/weight_source.h"
 #include "core/model/transformer.h"
+#include "core/parallel/tensor_parallel_devices.h"
 #include "core/tokenizer/chat_template.h"
 #include "core/tokenizer/tokenizer.h"
 
@@ -28,8 +29,13 @@ struct RuntimeOptions {
   // docs/gpu.md "Batch-invariant decoding"). Slower; refused by a backend without the mode.
   bool batch_invariant = false;
   // Ranks of tensor parallelism (docs/tensor-parallel.md): > 1 loads one model shard per rank, each on its
-  // own CPU backend, joined by an in-process communicator. CPU backend only for now.
+  // own backend. CPU: joined by an in-process communicator. CUDA: see tensor_parallel_devices.
   int tensor_parallel = 1;
+  // CUDA backend under tensor parallelism: kSeparate puts rank r on GPU r with NCCL (refused when fewer GPUs
+  // are visible than ranks); kShared puts every rank on GPU 0 with its own backend (stream, cuBLAS handle,
+  // memory accounting) and stages each all-reduce through host memory: a test mode for one-GPU machines. There
+  // each rank's --gpu-memory-limit defaults to 1/N of the GPU's free memory. Ignored by the CPU backend.
+  TensorParallelDevices tensor_parallel_devices = TensorParallelDevices::kSeparate;
 };
 
 struct Runtime {
@@ -39,7 +45,9 @@ struct Runtime {
   std::unique_ptr<Tokenizer> tokenizer;  // null when none was found
   // With RuntimeOptions::tensor_parallel > 1: `backend` and `model` are rank 0's shard; `tp_comms` has every
   // rank's communicator (index = rank) and `tp_backends` / `tp_models` ranks 1.. (index = rank - 1). Each
-  // rank's model is driven by its own thread, every rank running the same forwards in the same order.
+  // rank's model is driven by its own thread, every rank running the same forwards in the same order; a
+  // rank's thread calls its backend's MakeCurrent() first (CUDA ranks may sit on different GPUs).
+  // LoadRuntime leaves rank 0's backend current on the calling thread.
   std::vector<std::unique_ptr<Communicator>> tp_comms;
   std::vector<std::unique_ptr<Backend>> tp_backends;
   std::vector<std::unique_ptr<Transformer>> tp_models;
@@ -65,9 +73,13 @@ int64_t DefaultKvBudgetBytes(const Backend& backend, int64_t step_workspace = 0,
 
 class Args;
 // RuntimeOptions from the flags the serving CLIs share: --model (required), --tokenizer, --backend,
-// --gpu-memory-limit, --threads, and --cuda-graphs=true|false and --batch-invariant where the CLI defines
-// them (see DefineCudaGraphsFlag, DefineBatchInvariantFlag).
+// --gpu-memory-limit, --threads, and --cuda-graphs=true|false, --batch-invariant and --tensor-parallel-devices
+// where the CLI defines them (see DefineCudaGraphsFlag, DefineBatchInvariantFlag,
+// DefineTensorParallelDevicesFlag).
 absl::StatusOr<RuntimeOptions> RuntimeOptionsFromArgs(const Args& args);
+// Defines --tensor-parallel-devices (separate or shared, default separate) on a CLI's Args;
+// RuntimeOptionsFromArgs reads it (separate where a CLI does not define it).
+void DefineTensorParallelDevicesFlag(Args& args);
 // Defines --cuda-graphs (default true) on a CLI's Args.
 void DefineCudaGraphsFlag(Args& args);
 // Parses --cuda-graphs: true when the flag is not defined or not given.

@@ -57,6 +57,7 @@ absl::StatusOr<SparseRuntime> MakeSparseRuntime(const Runtime& rt, const SparseR
     std::vector<Transformer*> models = {rt.model.get()};
     for (const auto& m : rt.tp_models) models.push_back(m.get());
     for (Transformer* model : models) {
+      RETURN_IF_ERROR(model->backend()->MakeCurrent());  // a rank's decoder works on its rank's GPU
       auto dec = SparseDecoder::Create(model, out.head.get(), so);
       if (!dec.ok()) return absl::Status(dec.status().code(), absl::StrCat("--sparse: ", dec.status().message()));
       std::shared_ptr<SparseDecoder> d(std::move(*dec));
@@ -66,7 +67,7 @@ absl::StatusOr<SparseRuntime> MakeSparseRuntime(const Runtime& rt, const SparseR
         out.tp_decoders.push_back(std::move(d));
       }
     }
-    return absl::OkStatus();
+    return rt.backend->MakeCurrent();
   };
   if (so.source != SelectionSource::kHead) {
     if (!o.retrieval_head.empty()) {

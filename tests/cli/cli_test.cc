@@ -169,6 +169,8 @@ TEST_F(CliTest, TensorParallelWritesTheTextOfOneRank) {
   const std::vector<std::string> tiny = {"generate", "--model", Good(), "--prompt", "Hello world",
                                          "--max-new-tokens", "20", "--temperature", "0", "--backend", "cpu"};
   EXPECT_EQ(run(tiny, {"--tensor-parallel", "2"}).out, run(tiny, {}).out);
+  // The CPU ranks share host memory whatever --tensor-parallel-devices says (it places CUDA ranks).
+  EXPECT_EQ(run(tiny, {"--tensor-parallel", "2", "--tensor-parallel-devices", "shared"}).out, run(tiny, {}).out);
 
   std::vector<std::string> bad = stories;
   bad.insert(bad.end(), {"--tensor-parallel", "3"});
@@ -176,6 +178,9 @@ TEST_F(CliTest, TensorParallelWritesTheTextOfOneRank) {
   bad = stories;
   bad.insert(bad.end(), {"--tensor-parallel", "0"});
   ExpectError(Cli(bad), "--tensor-parallel");
+  bad = stories;
+  bad.insert(bad.end(), {"--tensor-parallel", "2", "--tensor-parallel-devices", "both"});
+  ExpectError(Cli(bad), "--tensor-parallel-devices expects separate or shared");
 }
 
 TEST_F(CliTest, StoriesFromBos) {

@@ -1,7 +1,8 @@
 // NCCL tensor parallelism over the GPUs of one host (core/cuda/nccl_communicator.h): the all-reduce against
 // the serial sum at odd sizes (f32 and bf16), identical on every rank; a TP = 2 Transformer (one thread and
-// GPU per rank) against TP = 1 on one GPU over prefill and 16 decode steps fed the same tokens. Skips with
-// fewer than two GPUs (compiled in CI, run on a multi-GPU machine).
+// GPU per rank) against TP = 1 on one GPU over prefill and 16 decode steps fed the same tokens, and TP = every
+// visible GPU likewise. Skips with fewer than two GPUs or when libnccl cannot be opened (compiled in CI, carried
+// by the GPU bundle, run on a multi-GPU machine).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include "core/io/weight_source.h"
 #include "core/model/transformer.h"
 #include "tests/cuda/cuda_test_util.h"
+#include "tests/model/tensor_parallel_harness.h"
 
 namespace specontext::testing {
 namespace {
@@ -25,6 +27,21 @@ struct Group {
   std::vector<std::unique_ptr<Backend>> backends;
   std::vector<std::unique_ptr<Communicator>> comms;
 };
+
+// Why the NCCL tests cannot run here ("" when they can): fewer than two GPUs, or no libnccl to open.
+std::string NcclSkipReason() {
+  if (CudaDeviceCount() < 2) return "fewer than two CUDA devices";
+  auto b = MakeCudaBackend({.device = 0});
+  if (!b.ok()) return b.status().ToString();
+  Backend* raw = b->get();
+  const int device = 0;
+  auto one = CreateNcclGroup({&raw, 1}, {&device, 1});
+  if (!one.ok() && absl::IsFailedPrecondition(one.status())) return std::string(one.status().message());
+  return "";
+}
+
+#define SPC_NCCL_OR_SKIP()                                        \
+  if (const std::string why = NcclSkipReason(); !why.empty()) GTEST_SKIP() << why
 
 // `size` CUDA backends on devices 0..size-1 and their NCCL group; empty when there are fewer GPUs.
 Group MakeGroup(int size) {
@@ -62,8 +79,8 @@ void RunRanks(Group& g, const std::function<absl::Status(int)>& fn) {
 }
 
 TEST(Nccl, AllReduceEqualsSerialSum) {
+  SPC_NCCL_OR_SKIP();
   const int size = std::min(CudaDeviceCount(), 4);
-  if (size < 2) GTEST_SKIP() << "fewer than two CUDA devices";
   Group g = MakeGroup(size);
   ASSERT_EQ(g.comms.size(), static_cast<size_t>(size));
   std::mt19937 rng(FreshSeed());
@@ -96,7 +113,7 @@ TEST(Nccl, AllReduceEqualsSerialSum) {
 }
 
 TEST(Nccl, TransformerTp2MatchesOneGpu) {
-  if (CudaDeviceCount() < 2) GTEST_SKIP() << "fewer than two CUDA devices";
+  SPC_NCCL_OR_SKIP();
   auto ck = OpenCheckpoint(SPECONTEXT_TEST_DATA "/tiny/tiny-llama-tied-gqa");
   ASSERT_TRUE(ck.ok()) << ck.status();
   const int64_t vocab = ck->config.vocab_size;
@@ -148,6 +165,37 @@ TEST(Nccl, TransformerTp2MatchesOneGpu) {
     // bf16 activations: the partial sums round differently from the unsharded GEMMs.
     ExpectClose(got[0][step], ref[step], {3e-2, 3e-2, 2e-2}, absl::StrCat("TP 2 step ", step));
     EXPECT_EQ(std::memcmp(got[1][step].data(), got[0][step].data(), got[0][step].nbytes()), 0) << "step " << step;
+  }
+}
+
+TEST(Nccl, TransformerOnEveryGpuMatchesOneGpu) {
+  // TP = every visible GPU, on a random GQA model with one KV head per rank (tests/model/tensor_parallel_harness.h),
+  // fed TP 1's greedy tokens: logits within bf16 tolerance, every rank's bit-identical.
+  SPC_NCCL_OR_SKIP();
+  const int size = CudaDeviceCount();
+  ModelConfig c = Stories260kShape();
+  c.num_key_value_heads = size;
+  c.num_attention_heads = 2 * size;
+  c.intermediate_size = 48 * size;
+  const Checkpoint ck = RandomCheckpoint(c, 13);
+  absl::StatusOr<TpTrace> ref;
+  {
+    SPC_GPU_OR_SKIP(backend);
+    ref = RunTpRank(ck, backend.get(), {});
+  }
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  Group g = MakeGroup(size);
+  ASSERT_EQ(g.comms.size(), static_cast<size_t>(size));
+  std::vector<Backend*> backends;
+  for (const auto& b : g.backends) backends.push_back(b.get());
+  auto ranks = RunTpRanks(ck, backends, g.comms, &ref->tokens);
+  for (int r = 0; r < size; ++r) ASSERT_TRUE(ranks[r].ok()) << "rank " << r << ": " << ranks[r].status();
+  for (size_t step = 0; step < ref->logits.size(); ++step) {
+    std::vector<float> want = ref->logits[step], got = ranks[0]->logits[step];
+    ExpectClose(Tensor(got.data(), DType::kF32, {static_cast<int64_t>(got.size())}),
+                Tensor(want.data(), DType::kF32, {static_cast<int64_t>(want.size())}), {3e-2, 3e-2, 2e-2},
+                absl::StrCat("TP ", size, " step ", step));
+    for (int r = 1; r < size; ++r) EXPECT_EQ(ranks[r]->logits[step], got) << "rank " << r << " step " << step;
   }
 }
 

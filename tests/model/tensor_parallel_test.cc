@@ -3,7 +3,8 @@
 // steps give the logits of the unsharded model within f32 tolerance and the same tokens, for TP = 2 and 4
 // where the KV heads allow, on the tiny HF checkpoints and random ones (GQA, MHA, biases, qk-norm, a
 // stories260K-shaped GQA model); every rank computes bit-identical logits. Splits the model does not allow
-// are refused with InvalidArgument. Sparse decoding under TP: tests/sparse_engine/tensor_parallel_sparse_test.cc.
+// are refused with InvalidArgument. Sparse decoding under TP: tests/sparse_engine/tensor_parallel_sparse_test.cc;
+// the same runs on the CUDA backend: tests/cuda/cuda_tensor_parallel_test.cc (tests/model/tensor_parallel_harness.h).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -14,78 +15,39 @@
 #include <vector>
 
 #include "core/model/transformer.h"
-#include "tests/model/random_model.h"
+#include "tests/model/tensor_parallel_harness.h"
 
 namespace specontext {
 namespace {
 
 using testing::RandomCheckpoint;
+using testing::Stories260kShape;
 using testing::TinyConfig;
+using testing::TpPrompt;
+using testing::TpTrace;
 
-constexpr int kDecodeSteps = 16;
-
-std::vector<int32_t> Prompt(int n, int64_t vocab) {
-  std::vector<int32_t> out;
-  for (int i = 0; i < n; ++i) out.push_back(static_cast<int32_t>((7 * i * i + 3 * i + 1) % vocab));
-  return out;
-}
-
-int32_t Greedy(const float* logits, int64_t vocab) {
-  return static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);
-}
-
-// The logits of the prefill's last token and of every decode step ([1 + kDecodeSteps][vocab]) and the
-// greedy tokens, for one rank.
-struct Trace {
-  std::vector<std::vector<float>> logits;
-  std::vector<int32_t> tokens;
-};
-
-// Loads the rank's shard on its own CPU backend and runs prefill + greedy decode.
-absl::StatusOr<Trace> RunRank(const Checkpoint& ck, const TensorParallel& tp) {
-  std::unique_ptr<Backend> backend = MakeCpuBackend();
-  auto model = Transformer::Load(ck, backend.get(), {}, tp);
-  if (!model.ok()) return model.status();
-  const int64_t vocab = (*model)->config().vocab_size;
-  const std::vector<int32_t> prompt = Prompt(11, vocab);
-  auto kv = (*model)->AllocateKv(static_cast<int32_t>(prompt.size()) + kDecodeSteps + 1);
-  if (!kv.ok()) return kv.status();
-  Trace trace;
-  Tensor logits = Tensor::HostEmpty(DType::kF32, {1, vocab});
-  std::vector<int32_t> next = prompt;
-  int32_t past = 0;
-  for (int step = 0; step <= kDecodeSteps; ++step) {
-    ForwardSeq s{next, past, kv->get()};
-    if (absl::Status st = (*model)->Forward({&s, 1}, false, &logits); !st.ok()) return st;
-    past += static_cast<int32_t>(next.size());
-    trace.logits.emplace_back(logits.as<float>(), logits.as<float>() + vocab);
-    trace.tokens.push_back(Greedy(logits.as<float>(), vocab));
-    next = {trace.tokens.back()};
-  }
-  return trace;
-}
-
-// One thread per rank; a rank that fails aborts the group so that the others return instead of waiting.
-std::vector<absl::StatusOr<Trace>> RunTensorParallel(const Checkpoint& ck, int size) {
-  auto comms = CreateInProcessGroup(size);
-  std::vector<absl::StatusOr<Trace>> out(size, absl::UnknownError("not run"));
-  std::vector<std::thread> threads;
+// One CPU backend per rank joined by the in-process group (tests/model/tensor_parallel_harness.h runs them).
+std::vector<absl::StatusOr<TpTrace>> RunTensorParallel(const Checkpoint& ck, int size) {
+  std::vector<std::unique_ptr<Backend>> owned;
+  std::vector<Backend*> backends;
   for (int r = 0; r < size; ++r) {
-    threads.emplace_back([&, r] {
-      out[r] = RunRank(ck, {r, size, comms[r].get()});
-      if (!out[r].ok()) comms[r]->Abort();
-    });
+    owned.push_back(MakeCpuBackend());
+    backends.push_back(owned.back().get());
   }
-  for (std::thread& t : threads) t.join();
-  return out;
+  return testing::RunTpRanks(ck, backends, CreateInProcessGroup(size));
+}
+
+absl::StatusOr<TpTrace> RunUnsharded(const Checkpoint& ck) {
+  std::unique_ptr<Backend> backend = MakeCpuBackend();
+  return testing::RunTpRank(ck, backend.get(), {});
 }
 
 void ExpectMatchesUnsharded(const Checkpoint& ck, int size) {
-  absl::StatusOr<Trace> ref = RunRank(ck, {});
+  absl::StatusOr<TpTrace> ref = RunUnsharded(ck);
   ASSERT_TRUE(ref.ok()) << ref.status();
   auto ranks = RunTensorParallel(ck, size);
   for (int r = 0; r < size; ++r) ASSERT_TRUE(ranks[r].ok()) << "rank " << r << ": " << ranks[r].status();
-  const Trace& tp = *ranks[0];
+  const TpTrace& tp = *ranks[0];
   ASSERT_EQ(tp.tokens, ref->tokens) << "TP " << size << " greedy tokens differ";
   float max_rel = 0;
   for (size_t step = 0; step < ref->logits.size(); ++step) {
@@ -124,20 +86,6 @@ INSTANTIATE_TEST_SUITE_P(Tp, TinyCheckpoints,
                            return n;
                          });
 
-// stories260K's shape (llama2.c): dim 64, 5 layers, 8 heads, 4 KV heads, hidden 172 (divisible by 4), vocab 512.
-ModelConfig Stories260kShape() {
-  ModelConfig c = TinyConfig();
-  c.vocab_size = 512;
-  c.hidden_size = 64;
-  c.intermediate_size = 172;
-  c.num_hidden_layers = 5;
-  c.num_attention_heads = 8;
-  c.num_key_value_heads = 4;
-  c.head_dim = 8;
-  c.max_position_embeddings = 512;
-  return c;
-}
-
 TEST(TensorParallel, Stories260kShapedGqa) {
   for (int size : {2, 4}) {
     SCOPED_TRACE(size);
@@ -161,7 +109,7 @@ TEST(TensorParallel, RandomFamilies) {
 TEST(TensorParallel, RaggedBatchMatchesUnsharded) {
   // Two sequences of different lengths in one forward, every token's logits.
   const Checkpoint ck = RandomCheckpoint(Stories260kShape(), 9);
-  const std::vector<std::vector<int32_t>> prompts = {Prompt(13, 512), Prompt(5, 512)};
+  const std::vector<std::vector<int32_t>> prompts = {TpPrompt(13, 512), TpPrompt(5, 512)};
   auto run = [&](const TensorParallel& tp) -> absl::StatusOr<std::vector<float>> {
     std::unique_ptr<Backend> backend = MakeCpuBackend();
     auto model = Transformer::Load(ck, backend.get(), {}, tp);

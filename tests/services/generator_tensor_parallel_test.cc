@@ -223,7 +223,8 @@ TEST_F(GeneratorTensorParallel, BadValuesFailAtStartupNamingTheFlag) {
   const std::vector<Case> cases = {
       {{"--tensor-parallel", "0"}, "--tensor-parallel"},
       {{"--tensor-parallel", "3"}, "--tensor-parallel 3: tensor parallelism 3 does not split the model's 4 KV heads"},
-      {{"--tensor-parallel", "2", "--backend", "cuda"}, "--tensor-parallel runs on the CPU backend only"},
+      {{"--tensor-parallel", "2", "--tensor-parallel-devices", "both"},
+       "--tensor-parallel-devices expects separate or shared"},
       {{"--tensor-parallel", "2", "--retriever", "127.0.0.1:1"}, "--tensor-parallel needs --retriever none or inproc"},
   };
   for (const Case& c : cases) {

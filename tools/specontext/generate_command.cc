@@ -42,8 +42,9 @@ void DefineGenerateFlags(Args& args) {
   args.Define({"backend", "cpu, cuda or auto", false, false, "auto"});
   args.Define({"gpu-memory-limit", "cap on device memory, e.g. 4GiB (0 = all)", false, false, "0"});
   args.Define({"threads", "CPU threads (0 = the CPUs this process may use)", false, false, "0"});
-  args.Define({"tensor-parallel", "ranks of tensor parallelism, one thread and model shard each (CPU backend; "
-                                  "dense or sparse)", false, false, "1"});
+  args.Define({"tensor-parallel", "ranks of tensor parallelism, one thread and model shard each (dense or sparse; "
+                                  "CUDA: see --tensor-parallel-devices)", false, false, "1"});
+  DefineTensorParallelDevicesFlag(args);
   DefineSparseFlags(args);
   args.Define({"log-level", "debug, info, warning or error", false, false, "warning"});
   DefineCudaGraphsFlag(args);
@@ -66,6 +67,11 @@ absl::StatusOr<GenerationResult> GenerateTensorParallel(Runtime& rt, Engine& ran
   quiet.prefill_progress = nullptr;
   for (int r = 1; r < tp; ++r) {
     threads.emplace_back([&, r, req] {
+      if (absl::Status s = rt.tp_backends[r - 1]->MakeCurrent(); !s.ok()) {
+        others[r - 1] = s;
+        rt.tp_comms[r]->Abort();
+        return;
+      }
       EngineOptions rank_eo = quiet;
       if (eo.sparse != nullptr) rank_eo.sparse = sparse[r - 1];
       Engine engine(rt.tp_models[r - 1].get(), rt.tokenizer.get(), rank_eo);

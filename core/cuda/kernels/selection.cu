@@ -12,6 +12,8 @@
 //    soon as the threshold's bin is taken whole), an ordered compaction (every weight above the threshold,
 //    and the lowest positions among those equal to it: the CPU reference's tie rule) in contiguous
 //    per-thread segments, and the mass each head captured.
+#include <atomic>
+
 #include "core/cuda/kernels/common.cuh"
 #include "core/cuda/kernels/selection_kernels.h"
 
@@ -488,15 +490,22 @@ cudaError_t LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
   // The combined weights are copied to shared memory when they fit beside the head statistics.
-  static int smem_optin = -1;
-  if (smem_optin < 0) {
-    int dev = 0, v = 0;
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  // Per device (0 = not yet set): the attribute is the current device's, and tensor-parallel ranks launch the
+  // kernel on several GPUs from their own threads.
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> smem_optin_of[kMaxDevices] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  int smem_optin = dev < kMaxDevices ? smem_optin_of[dev].load(std::memory_order_relaxed) : 0;
+  if (smem_optin <= 0) {
+    int v = 0;
+    e = cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (e != cudaSuccess) return e;
     e = cudaFuncSetAttribute(TopKKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v - 4 * 1024);
     if (e != cudaSuccess) return e;
     smem_optin = v - 4 * 1024;  // room for the static arrays
+    if (dev < kMaxDevices) smem_optin_of[dev].store(smem_optin, std::memory_order_relaxed);
   }
   const int padded = (p.max_len + 31) / 32 * 32;
   const bool fits = padded > 0 && size_t(padded) * 4 + stats_bytes <= size_t(smem_optin);

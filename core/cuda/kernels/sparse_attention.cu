@@ -478,7 +478,9 @@ cudaError_t LaunchSparseAttention(const SparseAttnParams& p, cudaStream_t stream
     err = LaunchPdl(p.head_dim == 64 ? SparseAttentionMmaKernel<64> : SparseAttentionMmaKernel<128>, grid,
                     dim3(kMmaWarps * 32), 0, stream, q);
   } else {
-    static const cudaError_t attr = cudaFuncSetAttribute(
+    // The limit is the current device's: set on every launch (cheap, idempotent, like attention_mma.cu), not
+    // once per process, since tensor-parallel ranks launch this kernel on several GPUs.
+    const cudaError_t attr = cudaFuncSetAttribute(
         SparseAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
         static_cast<int>(SparseAttnSmemBytes(kSparseMaxGroup, kSparseMaxHeadDim)));
     if (attr != cudaSuccess) return attr;
