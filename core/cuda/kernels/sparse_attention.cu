@@ -457,6 +457,18 @@ void PlanSparseAttentionInvariant(int max_keys, SparseAttnParams* p) {
   p->max_splits = std::max(2, (std::max(max_keys, 1) + kBatchInvariantSparseChunk - 1) / kBatchInvariantSparseChunk);
 }
 
+int SparseAttentionMaxSplits(int64_t max_keys, bool batch_invariant) {
+  max_keys = std::max<int64_t>(max_keys, 1);
+  if (batch_invariant) {
+    const int64_t chunks = (max_keys + kBatchInvariantSparseChunk - 1) / kBatchInvariantSparseChunk;
+    return static_cast<int>(std::max<int64_t>(2, chunks));
+  }
+  // The tensor-core plan's chunks are whole units of kMmaWarps x kMmaTile keys; the generic plan's at least
+  // four tiles.
+  constexpr int kMinChunk = std::min(kMmaWarps * kMmaTile, 4 * kSparseTile);
+  return static_cast<int>((max_keys + kMinChunk - 1) / kMinChunk);
+}
+
 size_t SparseAttnSmemBytes(int group, int head_dim) { return static_cast<size_t>(Layout(group, head_dim).total); }
 
 cudaError_t LaunchSparseAttention(const SparseAttnParams& p, cudaStream_t stream) {

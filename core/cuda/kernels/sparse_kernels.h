@@ -91,6 +91,11 @@ void PlanSparseAttention(int64_t sum_keys, int max_keys, int sm_count, SparseAtt
 // a list's splits and merge then follow from its own length alone.
 constexpr int kBatchInvariantSparseChunk = 256;
 void PlanSparseAttentionInvariant(int max_keys, SparseAttnParams* p);
+// The most splits either plan gives lists of at most `max_keys` keys, whatever the other lists and the SMs:
+// the batch-invariant plan's (fixed chunks, at least two), or, for PlanSparseAttention, max_keys over the
+// smallest chunk of either kernel (its cost model picks from the batch, but never a chunk below that).
+// Sizes the memory planner's bound of the partial buffers (CudaBackend::AttentionWorkspaceBytes).
+int SparseAttentionMaxSplits(int64_t max_keys, bool batch_invariant);
 
 // Dynamic shared memory the generic attention kernel needs (the tensor-core kernel uses static memory).
 size_t SparseAttnSmemBytes(int group, int head_dim);
