@@ -279,15 +279,23 @@ int64_t CudaBackend::SparseAttentionWorkspaceBytes(const AttentionWorkspaceShape
   bytes += bound(TierTablesLayoutOf(std::max(0, s.n_layers), seqs).total);
   const int n_kv = s.n_kv_heads, hd = s.head_dim, group = s.n_heads / n_kv;
   if (group < 1 || group > kSparseMaxGroup || hd > kSparseMaxHeadDim || hd % 8 != 0) return bytes;  // refused
-  // The longest (sequence, KV head) list: a set and the current token or, for a sequence flagged dense_resident
-  // (resident layers), its whole past and the current token rounded up to kDensePlanKeys (PrepareSparseDecode).
-  int64_t keys = int64_t{s.budget} + 1;
+  // The split count of the plan of the current batch-invariant mode (set before the planner measures) for the
+  // longest (sequence, KV head) list: a set and the current token (any length up to budget + 1: the plan's
+  // ceiling) or, for a sequence flagged dense_resident (resident layers), its whole past and the current token
+  // rounded up to kDensePlanKeys (PrepareSparseDecode), each multiple up to max_context + 1: the plan's largest
+  // pick over the batches, from n_kv such lists (that sequence alone) to n_kv lists of it per sequence.
+  int splits = SparseAttentionSplitsCeiling(int64_t{s.budget} + 1, batch_invariant_);
   if (s.dense_fallback) {
     constexpr int64_t q = SparseState::kDensePlanKeys;
-    keys = std::max(keys, (int64_t{s.max_context} + 1 + q - 1) / q * q);
+    SparseAttnParams shape;
+    shape.n_heads = s.n_heads;
+    shape.n_kv = n_kv;
+    shape.head_dim = hd;
+    for (int64_t keys = q; keys < int64_t{s.max_context} + 1 + q; keys += q) {
+      splits = std::max(splits, SparseAttentionMaxSplits(keys, n_kv, static_cast<int64_t>(seqs) * n_kv, sm_count_,
+                                                         batch_invariant_, shape));
+    }
   }
-  // The plan of the current batch-invariant mode (set before the planner measures).
-  const int splits = SparseAttentionMaxSplits(keys, batch_invariant_);
   if (splits > 1) bytes += bound(SparsePartialsBytes(seqs * n_kv * splits * group, hd));
   return bytes;
 }

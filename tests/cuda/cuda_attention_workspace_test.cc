@@ -5,7 +5,8 @@
 // partials, batch metadata and work lists, index sets) on demand as MemoryKind::kWorkspace; past the limit an
 // allocation fails with ResourceExhausted (the planner's step bound exists so that it never does mid-run).
 // Each case runs twice: without a limit, to read the memory report before and after (what the steps held),
-// then under the limit.
+// then under the limit. The sparse plan's split bounds against the plan itself, over the sums of keys (host
+// code: runs without a GPU too, with the occupancy the plan then assumes).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -14,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/backend.h"
+#include "core/cuda/kernels/sparse_kernels.h"
 #include "core/sparse/index_sets.h"
 #include "tests/cuda/cuda_test_util.h"
 
@@ -217,6 +219,49 @@ void RunCase(const Case& c) {
     ASSERT_EQ(gpu->memory_report().total, before) << what << ": the setup allocates differently the second time";
     const absl::Status st = RunSteps(*gpu, c, setup);
     EXPECT_TRUE(st.ok()) << what << " under a limit of the setup plus the bound (" << bound << " bytes): " << st;
+  }
+}
+
+// SparseAttentionMaxSplits against PlanSparseAttention at every sum of keys of the range (or a fine sample of a
+// long one): never fewer, and for the tensor-core plan the same maximum where every sum is tried.
+TEST(CudaAttentionWorkspace, SparseSplitBoundsCoverThePlan) {
+  using cuda::PlanSparseAttention;
+  using cuda::PlanSparseAttentionInvariant;
+  using cuda::SparseAttentionMaxSplits;
+  using cuda::SparseAttentionSplitsCeiling;
+  using cuda::SparseAttnParams;
+  struct Shape {
+    int n_heads, n_kv, head_dim;
+  };
+  for (const Shape sh : {Shape{32, 8, 128}, Shape{16, 2, 64}, Shape{32, 2, 128}}) {  // the last: generic kernel
+    SparseAttnParams shape;
+    shape.n_heads = sh.n_heads;
+    shape.n_kv = sh.n_kv;
+    shape.head_dim = sh.head_dim;
+    for (int sm : {1, 16, 132}) {
+      for (int keys : {1, 63, 129, 1024, 2049, 5120, 33792}) {
+        for (auto [lo, hi] : {std::pair<int64_t, int64_t>{1, 1}, {2, 9}, {8, 512}}) {
+          const int bound = SparseAttentionMaxSplits(keys, lo, hi, sm, false, shape);
+          EXPECT_LE(bound, SparseAttentionSplitsCeiling(keys, false));
+          const int64_t span = (hi - lo) * keys, step = std::max<int64_t>(1, span / 20000);
+          int most = 0;
+          for (int64_t sum = lo * keys; sum <= hi * keys; sum += step) {
+            SparseAttnParams p = shape;
+            PlanSparseAttention(sum, keys, sm, &p);
+            most = std::max(most, p.max_splits);
+            ASSERT_LE(p.max_splits, bound) << "n_heads=" << sh.n_heads << " n_kv=" << sh.n_kv << " hd=" << sh.head_dim
+                                           << " sm=" << sm << " max_keys=" << keys << " sum_keys=" << sum;
+          }
+          if (step == 1 && sh.n_heads / sh.n_kv <= 8) EXPECT_EQ(most, bound) << "max_keys=" << keys << " sm=" << sm;
+        }
+      }
+    }
+  }
+  for (int keys : {1, 255, 257, 33792}) {
+    SparseAttnParams p;
+    PlanSparseAttentionInvariant(keys, &p);
+    EXPECT_EQ(p.max_splits, SparseAttentionSplitsCeiling(keys, true));
+    EXPECT_EQ(p.max_splits, SparseAttentionMaxSplits(keys, 1, 64, 132, true, p));
   }
 }
 
