@@ -62,6 +62,27 @@ inline int64_t AllocationBoundBytes(int64_t bytes) {
   return rounded <= (int64_t{64} << 10) ? rounded : rounded + (rounded + 15) / 16;
 }
 
+// The steps a bound of the backend's attention buffers covers (Backend::AttentionWorkspaceBytes): any batch of
+// at most `max_seqs` sequences and `max_tokens` new tokens over a model of these dimensions and, when `budget`
+// > 0, the sparse decode of such batches with index sets of at most `budget` positions over sequences of at
+// most `max_context` positions.
+struct AttentionWorkspaceShape {
+  int32_t max_seqs = 1;    // sequences of one step (prompt chunks and decoding rows together)
+  int32_t max_tokens = 1;  // new tokens of one step, all sequences together
+  int32_t n_layers = 0;
+  int32_t n_heads = 0;     // query heads of the model
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+  // Sparse decode (Backend::PrepareSparseDecode, SparseAttention, StartSelectIndexSets); 0: dense attention only.
+  int32_t budget = 0;
+  int32_t max_context = 0;    // positions of the longest sequence
+  int32_t sets_per_seq = 1;   // index sets per sequence (n_kv_heads: head-level; 1: batch-level)
+  int32_t select_q_heads = 0;  // query heads of the selection (its captured mass per head); 0: n_heads
+  // SparseDecodeDesc::dense_resident may flag sequences (the weak-retrieval fallback): their resident layers
+  // attend to the whole past.
+  bool dense_fallback = false;
+};
+
 // One sequence's part of a ragged batch. The new tokens of all sequences are concatenated, in
 // order, into the rows of the step's activations.
 struct SeqSlice {
@@ -285,6 +306,17 @@ class Backend {
                                           int32_t budget) const {
     return 0;
   }
+  // The most device bytes (allocation rounding included) the backend's own attention buffers, which it keeps
+  // and grows between steps, hold for the steps of `shape`: part of the memory planner's step bound.
+  // CUDA (core/cuda/cuda_attention.cc, cuda_sparse_ops.cc, cuda_sparse.cc): the batch metadata and work
+  // lists, the split-K partial outputs and LSE of Attention (the host-built plan, the decode-only device
+  // plan, the batch-invariant decode's fixed splits) and of SparseAttention (the sets' lists and the
+  // weak-retrieval fallback's whole pasts), the sparse step's index-set buffer (kWorkspace) and its per-layer
+  // KV tables (kPrefetch), each from
+  // the layout function its allocation uses, in the backend's current batch-invariant mode (set_batch_invariant
+  // comes first: the runtime sets it before the planner measures). 0 where attention keeps no device buffers
+  // (CPU: its scratch is host memory).
+  virtual int64_t AttentionWorkspaceBytes(const AttentionWorkspaceShape& shape) const { return 0; }
   // Fills a device tensor with zeros, ordered on the compute stream.
   virtual absl::Status Zero(Tensor* t) { return absl::UnimplementedError("Zero is not implemented by this backend"); }
   virtual absl::Status Synchronize() = 0;

@@ -25,6 +25,40 @@ namespace {
 
 size_t Align16(size_t v) { return (v + 15) / 16 * 16; }
 
+// PrepareBatch's metadata upload (meta_): [AttnSeq L x S][row_seq i32 x T][k ptrs L x S][v ptrs L x S].
+struct BatchMetaLayout {
+  size_t off_row_seq = 0, off_k_ptrs = 0, off_v_ptrs = 0, total = 0;
+};
+BatchMetaLayout BatchMetaLayoutOf(size_t n_layers, size_t n_seqs, size_t n_tokens) {
+  BatchMetaLayout l;
+  l.off_row_seq = Align16(sizeof(AttnSeq) * n_layers * n_seqs);
+  l.off_k_ptrs = l.off_row_seq + Align16(sizeof(int32_t) * n_tokens);
+  l.off_v_ptrs = l.off_k_ptrs + sizeof(void*) * n_layers * n_seqs;
+  l.total = l.off_v_ptrs + sizeof(void*) * n_layers * n_seqs;
+  return l;
+}
+
+// PlanAttention's work lists (plan_): [prefill items][decode items][combine items].
+size_t PlanBytes(size_t n_prefill, size_t n_decode, size_t n_combine) {
+  return sizeof(AttnWorkItem) * (n_prefill + n_decode) + sizeof(AttnCombineItem) * n_combine;
+}
+
+// The split-K partials (partials_) of `slots` split slots, either plan: O [slots, n_kv, kDecodeBlockM, head_dim]
+// f32, then LSE [slots, n_kv, kDecodeBlockM] f32 at DecodePartialsLseOffset.
+size_t DecodePartialsLseOffset(size_t slots, int n_kv, int head_dim) {
+  return slots * n_kv * kDecodeBlockM * head_dim * sizeof(float);
+}
+size_t DecodePartialsBytes(size_t slots, int n_kv, int head_dim) {
+  return DecodePartialsLseOffset(slots, n_kv, head_dim) + slots * n_kv * kDecodeBlockM * sizeof(float);
+}
+
+// Split slots of the host-built plan (PlanAttention) for `n_decode` decoding sequences of a mixed batch:
+// each takes ceil(len / chunk) <= len / chunk + 1 slots and chunk >= decode_keys * n_kv / (2 * sm_count), so
+// all of them fewer than 2 * sm_count / n_kv + n_decode.
+size_t PlannedDecodeSlotsBound(int n_decode, int n_kv, int sm_count) {
+  return size_t(2 * sm_count / n_kv + 1) + size_t(n_decode);
+}
+
 }  // namespace
 
 absl::Status CudaBackend::EnsureBuffer(Tensor* buf, size_t bytes) {
@@ -101,10 +135,11 @@ absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
       row_seq[s.token_begin + t] = i;
     }
   }
-  off_row_seq_ = Align16(sizeof(AttnSeq) * seqs.size());
-  off_k_ptrs_ = off_row_seq_ + Align16(sizeof(int32_t) * row_seq.size());
-  off_v_ptrs_ = off_k_ptrs_ + sizeof(void*) * k_ptrs.size();
-  const size_t total = off_v_ptrs_ + sizeof(void*) * v_ptrs.size();
+  const BatchMetaLayout lay = BatchMetaLayoutOf(n_layers, n_seqs, row_seq.size());
+  off_row_seq_ = lay.off_row_seq;
+  off_k_ptrs_ = lay.off_k_ptrs;
+  off_v_ptrs_ = lay.off_v_ptrs;
+  const size_t total = lay.total;
   std::vector<char> host(total, 0);
   std::memcpy(host.data(), seqs.data(), sizeof(AttnSeq) * seqs.size());
   std::memcpy(host.data() + off_row_seq_, row_seq.data(), sizeof(int32_t) * row_seq.size());
@@ -124,9 +159,9 @@ absl::Status CudaBackend::PrepareBatch(const BatchDesc& batch) {
     max_splits_ = batch_invariant_ ? kBatchInvariantDecodeSplits
                                    : DecodeMaxSplits(n_seqs, static_cast<int>(n_kv), sm_count_);
     if (max_splits_ > 1) {
-      const size_t rows = size_t(n_seqs) * max_splits_ * n_kv * kDecodeBlockM;
       const void* old_partials = partials_.data();
-      RETURN_IF_ERROR(EnsureBuffer(&partials_, rows * (hd + 1) * sizeof(float)));
+      RETURN_IF_ERROR(EnsureBuffer(&partials_, DecodePartialsBytes(size_t(n_seqs) * max_splits_, static_cast<int>(n_kv),
+                                                                   static_cast<int>(hd))));
       if (partials_.data() != old_partials) ++layout_epoch_;
     }
   }
@@ -191,9 +226,9 @@ absl::Status CudaBackend::PlanAttention(int n_heads) {
     }
   }
   prefill_item_begin_.back() = static_cast<int32_t>(prefill.size());
-  off_decode_ = sizeof(AttnWorkItem) * prefill.size();
-  off_combine_ = off_decode_ + sizeof(AttnWorkItem) * decode.size();
-  const size_t total = off_combine_ + sizeof(AttnCombineItem) * combine.size();
+  off_decode_ = PlanBytes(prefill.size(), 0, 0);
+  off_combine_ = PlanBytes(prefill.size(), decode.size(), 0);
+  const size_t total = PlanBytes(prefill.size(), decode.size(), combine.size());
   std::vector<char> host(total);
   if (!prefill.empty()) std::memcpy(host.data(), prefill.data(), off_decode_);
   if (!decode.empty()) std::memcpy(host.data() + off_decode_, decode.data(), sizeof(AttnWorkItem) * decode.size());
@@ -201,10 +236,9 @@ absl::Status CudaBackend::PlanAttention(int n_heads) {
   RETURN_IF_ERROR(EnsureBuffer(&plan_, total));
   RETURN_IF_ERROR(Upload(plan_staging_, host.data(), total, plan_.data()));
   if (slots > 0) {
-    const size_t rows = size_t(slots) * n_kv_ * kDecodeBlockM;
-    off_lse_ = rows * head_dim_ * sizeof(float);
+    off_lse_ = DecodePartialsLseOffset(slots, n_kv_, head_dim_);
     const void* old_partials = partials_.data();
-    RETURN_IF_ERROR(EnsureBuffer(&partials_, rows * (head_dim_ + 1) * sizeof(float)));
+    RETURN_IF_ERROR(EnsureBuffer(&partials_, DecodePartialsBytes(slots, n_kv_, head_dim_)));
     if (partials_.data() != old_partials) ++layout_epoch_;
   }
   n_prefill_items_ = static_cast<int>(prefill.size());
@@ -286,9 +320,9 @@ absl::Status CudaBackend::Attention(int layer, const Tensor& q, float scale, Ten
     d.n_seqs = n_seqs;
     d.max_splits = max_splits_;
     if (max_splits_ > 1) {
-      const size_t rows = size_t(n_seqs) * max_splits_ * n_kv_ * kDecodeBlockM;
       d.partial_o = partials_.as<float>();
-      d.partial_lse = d.partial_o + rows * head_dim_;
+      d.partial_lse = reinterpret_cast<float*>(static_cast<char*>(partials_.data()) +
+                                               DecodePartialsLseOffset(size_t(n_seqs) * max_splits_, n_kv_, head_dim_));
     }
     // Decode-only: the whole batch. Batch-invariant mixed batch: its decoding rows (the kernels skip the
     // others), then the prefill tiles below; PlanAttention leaves the decoding rows out.
@@ -328,6 +362,35 @@ absl::Status CudaBackend::LaunchPlannedDecode(AttnParams p) {
     RETURN_IF_CUDA_ERROR(LaunchAttentionCombine(p, stream_));
   }
   return absl::OkStatus();
+}
+
+int64_t CudaBackend::AttentionWorkspaceBytes(const AttentionWorkspaceShape& shape) const {
+  return DenseAttentionWorkspaceBytes(shape) + SparseAttentionWorkspaceBytes(shape);
+}
+
+// meta_, plan_ and partials_ at their largest for the steps of `s`, each as EnsureBuffer grows it.
+int64_t CudaBackend::DenseAttentionWorkspaceBytes(const AttentionWorkspaceShape& s) const {
+  if (s.n_layers <= 0 || s.n_heads <= 0 || s.n_kv_heads <= 0 || s.head_dim <= 0) return 0;
+  auto bound = [](size_t most) { return AllocationBoundBytes(static_cast<int64_t>(GrownBufferBoundBytes(most))); };
+  const int seqs = std::max(1, s.max_seqs), tokens = std::max(s.max_tokens, seqs);
+  const int n_kv = s.n_kv_heads, hd = s.head_dim, group = s.n_heads / n_kv;
+  int64_t bytes = bound(BatchMetaLayoutOf(s.n_layers, seqs, tokens).total);
+  if (!MmaHeadDimSupported(hd)) return bytes;  // the simple kernel: no work lists, no partials
+  // plan_: the prefill tiles (ceil(rows / kPrefillBlockM) per sequence, rows = its tokens x group), a decode
+  // item per split slot or per unsplit sequence, a combine item per split sequence.
+  const size_t planned_slots = group <= kDecodeBlockM ? PlannedDecodeSlotsBound(seqs, n_kv, sm_count_) : 0;
+  const size_t tiles = (size_t(tokens) * group + kPrefillBlockM - 1) / kPrefillBlockM + size_t(seqs);
+  bytes += bound(PlanBytes(tiles, planned_slots + seqs, seqs));
+  // partials_: the host-built plan's slots, or the device plan's n_seqs x max_splits: decode-only batches of any
+  // size up to seqs or, in the batch-invariant mode (the current one: the runtime sets it before the planner
+  // measures), every batch with kBatchInvariantDecodeSplits.
+  size_t slots = planned_slots;
+  if (batch_invariant_) {
+    slots = std::max(slots, size_t(seqs) * kBatchInvariantDecodeSplits);
+  } else {
+    for (int b = 1; b <= seqs; ++b) slots = std::max(slots, size_t(b) * DecodeMaxSplits(b, n_kv, sm_count_));
+  }
+  return bytes + bound(DecodePartialsBytes(slots, n_kv, hd));
 }
 
 }  // namespace specontext::cuda

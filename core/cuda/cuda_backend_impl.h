@@ -56,6 +56,8 @@ class CudaBackend : public Backend {
   absl::Status FinishSelectIndexSets(SelectionResult* out) override;
   int64_t SelectionWorkspaceBytes(int32_t n_seqs, int32_t n_q, int32_t sets_per_seq, int32_t max_len,
                                   int32_t budget) const override;
+  // Attention's buffers (cuda_attention.cc) plus SparseAttention's and the index sets' (cuda_sparse_ops.cc).
+  int64_t AttentionWorkspaceBytes(const AttentionWorkspaceShape& shape) const override;
   absl::Status Synchronize() override;
   absl::Status MakeCurrent() override;
   MemoryReport memory_report() const override { return memory_->Report(); }
@@ -151,6 +153,10 @@ class CudaBackend : public Backend {
   absl::Status Upload(PinnedStaging& staging, const void* src, size_t bytes, void* dst);
   // Grows a device byte buffer (kWorkspace) to at least `bytes`.
   absl::Status EnsureBuffer(Tensor* buf, size_t bytes);
+  // The parts of AttentionWorkspaceBytes: meta_, plan_ and partials_ (cuda_attention.cc); the sparse
+  // partials and sets_buf (cuda_sparse_ops.cc; 0 without a budget).
+  int64_t DenseAttentionWorkspaceBytes(const AttentionWorkspaceShape& shape) const;
+  int64_t SparseAttentionWorkspaceBytes(const AttentionWorkspaceShape& shape) const;
   // Builds and uploads the attention work lists of the current batch for `n_heads` query heads.
   absl::Status PlanAttention(int n_heads);
   // Launches the planned decode items of the batch (plan_) and their split-K combine pass.

@@ -67,9 +67,14 @@ absl::Status CheckSparseBf16(const Tensor& t, const char* what, int64_t d0, int6
   return absl::OkStatus();
 }
 
+size_t GrownBufferBytes(size_t held, size_t bytes) { return std::max(bytes, held == 0 ? size_t{4096} : held * 2); }
+
+// A growth from `held` < request <= most gives max(request, 4096, 2 * held) <= max(4096, 2 * most).
+size_t GrownBufferBoundBytes(size_t most) { return std::max(size_t{4096}, 2 * most); }
+
 absl::Status EnsureDeviceBuffer(CudaMemory& memory, Tensor* buf, size_t bytes, MemoryKind kind) {
   if (!buf->empty() && buf->nbytes() >= bytes) return absl::OkStatus();
-  const size_t grown = std::max(bytes, buf->empty() ? size_t{4096} : buf->nbytes() * 2);
+  const size_t grown = GrownBufferBytes(buf->empty() ? 0 : buf->nbytes(), bytes);
   *buf = Tensor();  // a kPrefetch block is freed with cudaFree, which waits for the device first
   ASSIGN_OR_RETURN(*buf, memory.Alloc(DType::kU8, {static_cast<int64_t>(grown)}, kind));
   return absl::OkStatus();
@@ -280,8 +285,9 @@ absl::Status CudaBackend::EnsureTierTables(int layer) {
   }
   sp->tab_kv = batch_.kv;
   const size_t attn_bytes = sizeof(SparseKvPtrs) * sp->attn_tab.size();
-  sp->off_elastic = Align16Bytes(attn_bytes);
-  const size_t total = sp->off_elastic + sizeof(ElasticSeqPtrs) * sp->elastic_tab.size();
+  const TierTablesLayout lay = TierTablesLayoutOf(n_layers_, n_seqs);
+  sp->off_elastic = lay.off_elastic;
+  const size_t total = lay.total;
   std::vector<char> host(total, 0);
   std::memcpy(host.data(), sp->attn_tab.data(), attn_bytes);
   std::memcpy(host.data() + sp->off_elastic, sp->elastic_tab.data(), sizeof(ElasticSeqPtrs) * sp->elastic_tab.size());
@@ -328,13 +334,11 @@ absl::Status CudaBackend::PrepareSparseDecode(const SparseDecodeDesc& desc) {
   } else {
     sp->select_layout.valid = false;  // the upload below replaces the selection's positions
     sp->indptr_select = 0;
-    sp->off_pos = Align16Bytes(sizeof(int32_t) * n_ptr);
-    sp->off_slots = sp->off_pos + Align16Bytes(sizeof(int32_t) * n_idx);
-    total = std::max<size_t>(sp->off_slots + sizeof(int32_t) * (has_slots ? n_idx : 0), 16);
-    if (has_dense) {
-      sp->off_dense = Align16Bytes(total);
-      total = sp->off_dense + sizeof(int32_t) * n_seqs;
-    }
+    const SetsUploadLayout lay = SetsUploadLayoutOf(n_ptr, n_idx, has_slots, has_dense, n_seqs);
+    sp->off_pos = lay.off_pos;
+    sp->off_slots = lay.off_slots;
+    if (has_dense) sp->off_dense = lay.off_dense;
+    total = lay.total;
   }
   // [indptr][positions][slots] straight into the pinned staging buffer (one pass over each array; the
   // slots are range-checked while they are copied). With the positions on the device only the layout goes up,

@@ -40,6 +40,13 @@ bool SameHostGroup(const std::vector<ElasticSeqPtrs>& tab, int n_seqs, int begin
   return true;
 }
 
+// SparseAttention's split-K partials for rows = n_seqs x n_kv x max_splits x group: O [rows, head_dim] f32
+// (normalised), then LSE [rows] f32 at SparsePartialsLseOffset.
+size_t SparsePartialsLseOffset(size_t rows, int head_dim) { return Align16Bytes(rows * head_dim * sizeof(float)); }
+size_t SparsePartialsBytes(size_t rows, int head_dim) {
+  return SparsePartialsLseOffset(rows, head_dim) + rows * sizeof(float);
+}
+
 }  // namespace
 
 absl::Status EnsureLayerEvents(CudaBackend::SparseState* sp, int n_layers) {
@@ -244,16 +251,53 @@ absl::Status CudaBackend::SparseAttention(int layer, const Tensor& q, const Tens
   }
   if (p.max_splits > 1) {
     const size_t rows = size_t(n_seqs) * n_kv_ * p.max_splits * group;
-    const size_t off_lse = Align16Bytes(rows * head_dim_ * sizeof(float));
-    RETURN_IF_ERROR(EnsureBuffer(&sp->partials, off_lse + rows * sizeof(float)));
+    RETURN_IF_ERROR(EnsureBuffer(&sp->partials, SparsePartialsBytes(rows, head_dim_)));
     p.partial_o = sp->partials.as<float>();
-    p.partial_lse = reinterpret_cast<float*>(static_cast<char*>(sp->partials.data()) + off_lse);
+    p.partial_lse = reinterpret_cast<float*>(static_cast<char*>(sp->partials.data()) +
+                                             SparsePartialsLseOffset(rows, head_dim_));
   }
   // An offloaded layer waits only for its own load (an event never recorded is complete).
   if (offloaded) RETURN_IF_ERROR(WaitForElasticLoad(sp, stream_, layer, capturing_));
   RETURN_IF_CUDA_ERROR(LaunchSparseAttention(p, stream_));
   RETURN_IF_CUDA_ERROR(RecordEvent(sp->attn_done[layer], stream_, capturing_));
   return absl::OkStatus();
+}
+
+// sp->sets_buf, sp->tables and sp->partials at their largest for the steps of `s`, each as EnsureDeviceBuffer
+// grows it.
+int64_t CudaBackend::SparseAttentionWorkspaceBytes(const AttentionWorkspaceShape& s) const {
+  if (s.budget <= 0 || s.n_heads <= 0 || s.n_kv_heads <= 0 || s.head_dim <= 0) return 0;
+  auto bound = [](size_t most) { return AllocationBoundBytes(static_cast<int64_t>(GrownBufferBoundBytes(most))); };
+  const size_t seqs = static_cast<size_t>(std::max(1, s.max_seqs));
+  const int32_t set_len = s.max_context > 0 ? std::min(s.budget, s.max_context) : s.budget;
+  // sets_buf: a host upload of the positions (PrepareSparseDecode) or a started selection's (StartSelectIndexSets).
+  const size_t n_sets = seqs * std::max(1, s.sets_per_seq), n_idx = n_sets * set_len;
+  const size_t q_heads = static_cast<size_t>(s.select_q_heads > 0 ? s.select_q_heads : s.n_heads);
+  int64_t bytes = bound(std::max(SetsUploadLayoutOf(n_sets + 1, n_idx, true, s.dense_fallback, seqs).total,
+                                 SelectLayoutOf(n_sets + 1, n_idx, seqs * q_heads).bytes));
+  // sp->tables (kPrefetch: the copy stream reads them), where every layer's K/V of every sequence are.
+  bytes += bound(TierTablesLayoutOf(std::max(0, s.n_layers), seqs).total);
+  const int n_kv = s.n_kv_heads, hd = s.head_dim, group = s.n_heads / n_kv;
+  if (group < 1 || group > kSparseMaxGroup || hd > kSparseMaxHeadDim || hd % 8 != 0) return bytes;  // refused
+  // The split count of the plan of the current batch-invariant mode (set before the planner measures) for the
+  // longest (sequence, KV head) list: a set and the current token (any length up to budget + 1: the plan's
+  // ceiling) or, for a sequence flagged dense_resident (resident layers), its whole past and the current token
+  // rounded up to kDensePlanKeys (PrepareSparseDecode), each multiple up to max_context + 1: the plan's largest
+  // pick over the batches, from n_kv such lists (that sequence alone) to n_kv lists of it per sequence.
+  int splits = SparseAttentionSplitsCeiling(int64_t{s.budget} + 1, batch_invariant_);
+  if (s.dense_fallback) {
+    constexpr int64_t q = SparseState::kDensePlanKeys;
+    SparseAttnParams shape;
+    shape.n_heads = s.n_heads;
+    shape.n_kv = n_kv;
+    shape.head_dim = hd;
+    for (int64_t keys = q; keys < int64_t{s.max_context} + 1 + q; keys += q) {
+      splits = std::max(splits, SparseAttentionMaxSplits(keys, n_kv, static_cast<int64_t>(seqs) * n_kv, sm_count_,
+                                                         batch_invariant_, shape));
+    }
+  }
+  if (splits > 1) bytes += bound(SparsePartialsBytes(seqs * n_kv * splits * group, hd));
+  return bytes;
 }
 
 }  // namespace specontext::cuda

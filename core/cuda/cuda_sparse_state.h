@@ -44,6 +44,35 @@ inline SelectLayout SelectLayoutOf(size_t n_ptr, size_t n_idx, size_t mass_float
   return l;
 }
 
+// The per-(layer, sequence) tables of EnsureTierTables (sp->tables, kPrefetch):
+// [SparseKvPtrs x L*S][ElasticSeqPtrs x L*S at off_elastic].
+struct TierTablesLayout {
+  size_t off_elastic = 0, total = 0;
+};
+inline TierTablesLayout TierTablesLayoutOf(size_t n_layers, size_t n_seqs) {
+  TierTablesLayout l;
+  l.off_elastic = Align16Bytes(sizeof(SparseKvPtrs) * n_layers * n_seqs);
+  l.total = l.off_elastic + sizeof(ElasticSeqPtrs) * n_layers * n_seqs;
+  return l;
+}
+
+// PrepareSparseDecode's upload of host positions into sets_buf: [indptr][positions][slots] and, when a sequence
+// is flagged dense_resident, [dense_len i32 x n_seqs] at off_dense.
+struct SetsUploadLayout {
+  size_t off_pos = 0, off_slots = 0, off_dense = 0, total = 0;
+};
+inline SetsUploadLayout SetsUploadLayoutOf(size_t n_ptr, size_t n_idx, bool has_slots, bool has_dense, size_t n_seqs) {
+  SetsUploadLayout l;
+  l.off_pos = Align16Bytes(sizeof(int32_t) * n_ptr);
+  l.off_slots = l.off_pos + Align16Bytes(sizeof(int32_t) * n_idx);
+  l.total = std::max<size_t>(l.off_slots + sizeof(int32_t) * (has_slots ? n_idx : 0), 16);
+  if (has_dense) {
+    l.off_dense = Align16Bytes(l.total);
+    l.total = l.off_dense + sizeof(int32_t) * n_seqs;
+  }
+  return l;
+}
+
 struct CudaBackend::SparseState {
   cudaStream_t copy = nullptr;
   std::shared_ptr<HostCounters> host = std::make_shared<HostCounters>();
@@ -150,6 +179,12 @@ absl::Status StagingCommit(PinnedStaging& staging, size_t bytes, void* dst, cuda
 // Grows `buf` to at least `bytes`, allocated as `kind`. Buffers the copy stream reads use kPrefetch, not
 // kWorkspace: a released workspace block is handed out again at once, ordered only on the compute stream.
 absl::Status EnsureDeviceBuffer(CudaMemory& memory, Tensor* buf, size_t bytes, MemoryKind kind);
+// What EnsureDeviceBuffer allocates for a request of `bytes` a buffer of `held` bytes (0: none) does not cover:
+// at least 4 KiB, and at least twice what it held (so that a buffer growing step by step reallocates rarely).
+size_t GrownBufferBytes(size_t held, size_t bytes);
+// The most a buffer EnsureDeviceBuffer grows holds while no request exceeds `most` bytes, before the allocator's
+// rounding: the doubling can leave it just under twice the largest request. For the memory planner's bounds.
+size_t GrownBufferBoundBytes(size_t most);
 // One load_done, attn_done and append_done event per layer, created when the layer count is first seen.
 absl::Status EnsureLayerEvents(CudaBackend::SparseState* sp, int n_layers);
 // Copy timing (cuda_sparse.cc). RecordLoadStart/End bracket a layer's gather on the copy stream; before

@@ -135,7 +135,8 @@ absl::StatusOr<std::unique_ptr<SparseDecoder>> SparseDecoder::Create(Transformer
                    MakeMeasuredPlanner(*model, options.budget, options.gpu_memory_limit,
                                        d->dhead_->cache_bytes_per_token(), options.max_context,
                                        SparseStepWorkspaceBytes(*model, d->dhead_.get(), options.step, context,
-                                                                options.budget, options.mode, recall)));
+                                                                options.budget, options.mode, recall,
+                                                                options.fallback_mass > 0)));
   d->tiers_.emplace(model->backend(), static_cast<int32_t>(c.num_hidden_layers), std::move(planner),
                     options.kv_grow_rows);
   d->AgreeOnLayerMoves();

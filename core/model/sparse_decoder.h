@@ -120,7 +120,10 @@ absl::StatusOr<std::optional<MemoryPlanner>> MakeMeasuredPlanner(const Transform
 // prompt-chunk Observe beside the logits (DeviceRetrievalHead::ObserveWorkspaceBytes), the decode head
 // buffers of every batch size, the backend's selection scratch over `max_context` positions
 // (Backend::SelectionWorkspaceBytes) and the recall probe's lse when `recall_probe`; the logits a pass keeps
-// while the other pass runs and the merged device logits ([max_batch, vocab] f32 each). The device's prefill
+// while the other pass runs and the merged device logits ([max_batch, vocab] f32 each); the buffers the
+// backend's attention keeps between steps (Backend::AttentionWorkspaceBytes: split-K partials of dense and
+// sparse attention, batch metadata, index sets), with the weak-retrieval fallback's whole pasts when
+// `dense_fallback` (SparseOptions::fallback_mass > 0). The device's prefill
 // staging (sized by max_context) is added by MakeMeasuredPlanner.
 // The device's prefill staging reserve (0 on the CPU): one sequence of `max_context` tokens (0: the model's
 // context) of one layer's K and V, at most 1 GiB (core/cuda/cuda_prefill_staging.cc).
@@ -128,7 +131,7 @@ int64_t PrefillStagingReserveBytes(const Transformer& model, int32_t max_context
 
 int64_t SparseStepWorkspaceBytes(const Transformer& model, const DeviceRetrievalHead* head,
                                  const SparseStepShape& step, int32_t max_context, int32_t budget,
-                                 SelectionMode mode, bool recall_probe);
+                                 SelectionMode mode, bool recall_probe, bool dense_fallback = false);
 
 class SparseDecoder : public SparseDecodeHooks {
  public:

@@ -22,7 +22,7 @@ int64_t PrefillStagingReserveBytes(const Transformer& model, int32_t max_context
 
 int64_t SparseStepWorkspaceBytes(const Transformer& model, const DeviceRetrievalHead* head,
                                  const SparseStepShape& step, int32_t max_context, int32_t budget,
-                                 SelectionMode mode, bool recall_probe) {
+                                 SelectionMode mode, bool recall_probe, bool dense_fallback) {
   const ModelConfig& c = model.config();
   const Backend& b = *model.backend();
   const int64_t es = static_cast<int64_t>(DTypeSize(b.compute_dtype()));
@@ -33,7 +33,18 @@ int64_t SparseStepWorkspaceBytes(const Transformer& model, const DeviceRetrieval
   // SparseDecoder::Forward: a pass's device logits stay while the other pass runs, then both go to the
   // merged buffer (device_logits_).
   int64_t kept = 2 * logits;
-  int64_t peak = model.ForwardWorkspaceBytes(n, seqs);
+  // The attention's own buffers (split-K partials, batch metadata, the index sets), kept between steps at the
+  // largest any step asked for: every step shape up to the largest, sparse decode with the fallback's whole
+  // pasts when on, either batch-invariant mode (Backend::AttentionWorkspaceBytes).
+  const int32_t context = static_cast<int32_t>(ContextLimit(max_context, c.max_position_embeddings));
+  AttentionWorkspaceShape attention = model.AttentionShape(n, seqs);
+  attention.budget = budget;
+  attention.max_context = context;
+  attention.sets_per_seq = mode == SelectionMode::kHeadLevel ? static_cast<int32_t>(c.num_key_value_heads) : 1;
+  attention.select_q_heads = head != nullptr ? static_cast<int32_t>(head->n_heads()) : 0;
+  attention.dense_fallback = dense_fallback;
+  kept += b.AttentionWorkspaceBytes(attention);
+  int64_t peak = model.ForwardWorkspaceBytes(n, seqs, /*attention_buffers=*/false);
   if (head != nullptr) {
     const int64_t fw = head->fused_width(), hq = head->n_heads(), hkv = head->n_kv_heads(), hd = head->head_dim();
     // The hidden capture of a prompt chunk (kept by the decoder for the next chunk).
@@ -45,11 +56,9 @@ int64_t SparseStepWorkspaceBytes(const Transformer& model, const DeviceRetrieval
     if (fw > 0) observe += t((seqs + n) * 4) + t(n * fw * es) + t(seqs * fw * es);
     peak = std::max(peak, observe);
     // Decode: the selection's scratch over every position admitted, then the forward.
-    const int32_t sets = mode == SelectionMode::kHeadLevel ? static_cast<int32_t>(c.num_key_value_heads) : 1;
-    const int64_t select = b.SelectionWorkspaceBytes(static_cast<int32_t>(seqs), static_cast<int32_t>(hq), sets,
-                                                     static_cast<int32_t>(ContextLimit(max_context, c.max_position_embeddings)),
-                                                     budget);
-    peak = std::max(peak, select + model.ForwardWorkspaceBytes(seqs, seqs));
+    const int64_t select = b.SelectionWorkspaceBytes(static_cast<int32_t>(seqs), static_cast<int32_t>(hq),
+                                                     attention.sets_per_seq, context, budget);
+    peak = std::max(peak, select + model.ForwardWorkspaceBytes(seqs, seqs, /*attention_buffers=*/false));
   }
   // The recall probe's lse [n_layers, n_seqs, n_heads, 2] f32 (kept).
   if (recall_probe) kept += t(c.num_hidden_layers * seqs * c.num_attention_heads * 2 * 4);

@@ -324,7 +324,19 @@ absl::Status Transformer::Layer(int l, int64_t n, Tensor& residual, Tensor& h, c
   return b.AddRmsNorm(&residual, o, next_norm, eps, &h);
 }
 
-int64_t Transformer::ForwardWorkspaceBytes(int64_t n, int64_t n_out) const {
+AttentionWorkspaceShape Transformer::AttentionShape(int64_t n_tokens, int64_t n_seqs) const {
+  const ModelConfig& c = config_;
+  AttentionWorkspaceShape a;
+  a.max_seqs = static_cast<int32_t>(std::max<int64_t>(1, n_seqs));
+  a.max_tokens = static_cast<int32_t>(std::max<int64_t>(n_tokens, a.max_seqs));
+  a.n_layers = static_cast<int32_t>(c.num_hidden_layers);
+  a.n_heads = static_cast<int32_t>(c.num_attention_heads);
+  a.n_kv_heads = static_cast<int32_t>(c.num_key_value_heads);
+  a.head_dim = static_cast<int32_t>(c.head_dim);
+  return a;
+}
+
+int64_t Transformer::ForwardWorkspaceBytes(int64_t n, int64_t n_out, bool attention_buffers) const {
   const ModelConfig& c = config_;
   const int64_t es = static_cast<int64_t>(DTypeSize(backend_->compute_dtype()));
   auto t = [](int64_t bytes) { return AllocationBoundBytes(bytes); };
@@ -336,7 +348,9 @@ int64_t Transformer::ForwardWorkspaceBytes(int64_t n, int64_t n_out) const {
                         t(n * 2 * c.intermediate_size * es) + 2 * t(n * c.intermediate_size * es);
   // After the layers: the last rows' indices and hidden states, the f32 logits.
   const int64_t tail = t(n_out * 4) + t(n_out * c.hidden_size * es) + t(n_out * c.vocab_size * 4);
-  return outer + std::max(layer, tail);
+  // The attention's own buffers stay allocated between steps (split-K partials, batch metadata).
+  const int64_t attention = attention_buffers ? backend_->AttentionWorkspaceBytes(AttentionShape(n, n_out)) : 0;
+  return outer + std::max(layer, tail) + attention;
 }
 
 absl::Status Transformer::IssueElasticLoads(const SparseForward& sparse) {

@@ -135,9 +135,15 @@ class Transformer {
                                        const SparseForward* sparse = nullptr, HiddenCapture* capture = nullptr);
   // The most backend bytes (MemoryKind::kWorkspace, AllocationBoundBytes each) ForwardDevice holds at once
   // for `n_tokens` tokens and `n_out` logits rows, counting the logits it returns: the shapes Layer and
-  // ForwardDevice allocate (the unfused gate/up path, the larger one); backend-internal scratch not included.
-  // Part of the memory planner's step bound (core/model/sparse_planner.cc).
-  int64_t ForwardWorkspaceBytes(int64_t n_tokens, int64_t n_out) const;
+  // ForwardDevice allocate (the unfused gate/up path, the larger one) and, when `attention_buffers`, the
+  // buffers the backend's attention keeps between steps, for any step of up to `n_out` sequences and
+  // `n_tokens` tokens (Backend::AttentionWorkspaceBytes, dense attention). Other backend-internal scratch
+  // is not included. Part of the memory planner's step bound (core/model/sparse_planner.cc, which counts the
+  // attention buffers itself, with sparse decode's) and of dense mode's `--max-kv-bytes auto`.
+  int64_t ForwardWorkspaceBytes(int64_t n_tokens, int64_t n_out, bool attention_buffers = true) const;
+  // The shape of AttentionWorkspaceBytes for this model's attention: steps of up to `n_seqs` sequences and
+  // `n_tokens` tokens, dense attention only (the caller adds the sparse fields).
+  AttentionWorkspaceShape AttentionShape(int64_t n_tokens, int64_t n_seqs) const;
   ~Transformer();
 
  private:

@@ -23,6 +23,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "core/cuda/kernels/common.cuh"
 #include "core/cuda/kernels/elementwise.h"
@@ -404,6 +406,35 @@ bool UseMma(const SparseAttnParams& p) {
   return p.variant == 0 && group >= 1 && group <= kMmaMaxGroup && (p.head_dim == 64 || p.head_dim == 128);
 }
 
+constexpr int kMmaUnit = kMmaWarps * kMmaTile;  // the tensor-core plan's chunks are whole units
+
+// CTAs of the tensor-core kernel one SM holds at once (queried once per head dim; 3 when the query fails).
+int MmaBlocksPerSm(int head_dim) {
+  static int per_sm[2] = {0, 0};  // head_dim 64, 128
+  int& occ = per_sm[head_dim == 64 ? 0 : 1];
+  if (occ == 0) {
+    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &occ, head_dim == 64 ? SparseAttentionMmaKernel<64> : SparseAttentionMmaKernel<128>, kMmaWarps * 32, 0);
+    if (e != cudaSuccess || occ <= 0) occ = 3;
+  }
+  return occ;
+}
+
+// The tensor-core plan's candidate chunks, distinct, in the order it tries them (largest first): the list cut
+// into 1..512 even pieces of whole units, then the smallest chunk.
+template <typename F>
+void ForEachMmaChunk(int64_t max_keys, F&& f) {
+  int64_t prev = -1;
+  for (int64_t split = 1;; ++split) {  // up to 512 even cuts, then the smallest chunk
+    const int64_t chunk = split > 512 ? kMmaUnit
+                                      : std::max<int64_t>(kMmaUnit, ((max_keys + split - 1) / split + kMmaUnit - 1) /
+                                                                        kMmaUnit * kMmaUnit);
+    if (chunk != prev) f(chunk);
+    prev = chunk;
+    if (chunk == kMmaUnit) break;
+  }
+}
+
 }  // namespace
 
 void PlanSparseAttention(int64_t sum_keys, int max_keys, int sm_count, SparseAttnParams* p) {
@@ -413,31 +444,17 @@ void PlanSparseAttention(int64_t sum_keys, int max_keys, int sm_count, SparseAtt
     // chunk (the list cut into s even pieces of whole warp tiles) that minimises waves x (chunk + a
     // per-CTA overhead of half a tile round), i.e. the busiest SM's work. A short batch gets one partial
     // wave of the smallest chunks (latency); a long one few splits in full waves (no tail).
-    constexpr int kUnit = kMmaWarps * kMmaTile;
-    static int per_sm[2] = {0, 0};  // head_dim 64, 128
-    int& occ = per_sm[p->head_dim == 64 ? 0 : 1];
-    if (occ == 0) {
-      const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &occ, p->head_dim == 64 ? SparseAttentionMmaKernel<64> : SparseAttentionMmaKernel<128>, kMmaWarps * 32, 0);
-      if (e != cudaSuccess || occ <= 0) occ = 3;
-    }
-    const double resident = double(sm_count) * occ, lists = double(sum_keys) / max_keys;
-    int64_t best_chunk = 0, prev = -1;
+    const double resident = double(sm_count) * MmaBlocksPerSm(p->head_dim), lists = double(sum_keys) / max_keys;
+    int64_t best_chunk = 0;
     double best = 0;
-    for (int64_t split = 1;; ++split) {  // up to 512 even cuts, then the smallest chunk
-      const int64_t chunk =
-          split > 512 ? kUnit : std::max<int64_t>(kUnit, ((max_keys + split - 1) / split + kUnit - 1) / kUnit * kUnit);
-      if (chunk != prev) {
-        const int64_t splits = (max_keys + chunk - 1) / chunk;
-        const double cost = std::ceil(std::ceil(lists * splits - 1e-9) / resident) * double(chunk + kUnit / 2);
-        if (best_chunk == 0 || cost < best) {
-          best = cost;
-          best_chunk = chunk;
-        }
-        prev = chunk;
+    ForEachMmaChunk(max_keys, [&](int64_t chunk) {
+      const int64_t splits = (max_keys + chunk - 1) / chunk;
+      const double cost = std::ceil(std::ceil(lists * splits - 1e-9) / resident) * double(chunk + kMmaUnit / 2);
+      if (best_chunk == 0 || cost < best) {
+        best = cost;
+        best_chunk = chunk;
       }
-      if (chunk == kUnit) break;
-    }
+    });
     p->chunk = static_cast<int>(best_chunk);
     p->max_splits = static_cast<int>((max_keys + best_chunk - 1) / best_chunk);
     return;
@@ -455,6 +472,71 @@ void PlanSparseAttentionInvariant(int max_keys, SparseAttnParams* p) {
   static_assert(kBatchInvariantSparseChunk % (kMmaWarps * kMmaTile) == 0 && kBatchInvariantSparseChunk % kSparseTile == 0);
   p->chunk = kBatchInvariantSparseChunk;
   p->max_splits = std::max(2, (std::max(max_keys, 1) + kBatchInvariantSparseChunk - 1) / kBatchInvariantSparseChunk);
+}
+
+int SparseAttentionSplitsCeiling(int64_t max_keys, bool batch_invariant) {
+  max_keys = std::max<int64_t>(max_keys, 1);
+  if (batch_invariant) {
+    const int64_t chunks = (max_keys + kBatchInvariantSparseChunk - 1) / kBatchInvariantSparseChunk;
+    return static_cast<int>(std::max<int64_t>(2, chunks));
+  }
+  // The tensor-core plan's chunks are whole units of kMmaWarps x kMmaTile keys; the generic plan's at least
+  // four tiles.
+  constexpr int kMinChunk = std::min(kMmaUnit, 4 * kSparseTile);
+  return static_cast<int>((max_keys + kMinChunk - 1) / kMinChunk);
+}
+
+int SparseMmaMaxSplits(int64_t max_keys, int64_t min_lists, int64_t max_lists, int64_t resident) {
+  max_keys = std::max<int64_t>(max_keys, 1);
+  min_lists = std::max<int64_t>(min_lists, 1);
+  max_lists = std::max(max_lists, min_lists);
+  resident = std::max<int64_t>(resident, 1);
+  std::vector<std::pair<int64_t, int64_t>> cand;  // {chunk + kMmaUnit / 2 (the cost's factor), splits}
+  ForEachMmaChunk(max_keys, [&](int64_t chunk) {
+    cand.push_back({chunk + kMmaUnit / 2, (max_keys + chunk - 1) / chunk});
+  });
+  std::vector<size_t> order(cand.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return cand[a].second > cand[b].second; });
+  // With lists = sum_keys / max_keys the plan's cost of candidate i is ceil(lists x splits_i / resident) x
+  // factor_i: a step function of lists, non-decreasing. Candidate j is the plan's pick at some lists in
+  // [min_lists, max_lists] iff it is at the end of one of its own steps (its cost stays, the others' only
+  // grow), lists = k x resident / splits_j (or max_lists): the first of the smallest costs there, as the
+  // plan takes it. The first such j of the most splits is the answer. Exact integer arithmetic: at lists =
+  // k x resident / splits_j, candidate i's waves are ceil(k x splits_i / splits_j).
+  for (size_t j : order) {
+    const int64_t fj = cand[j].first, nj = cand[j].second;
+    const int64_t k0 = std::max<int64_t>(1, (min_lists * nj + resident - 1) / resident);
+    const int64_t k1 = (max_lists * nj + resident - 1) / resident;
+    for (int64_t k = k0; k <= k1; ++k) {
+      const bool at_end = k * resident <= max_lists * nj;  // else the range ends inside this step
+      auto waves = [&](int64_t n) {
+        return at_end ? (k * n + nj - 1) / nj : (max_lists * n + resident - 1) / resident;
+      };
+      const int64_t cost_j = waves(nj) * fj;
+      bool wins = true;
+      for (size_t i = 0; i < cand.size() && wins; ++i) {
+        if (i == j) continue;
+        const int64_t cost_i = waves(cand[i].second) * cand[i].first;
+        wins = i < j ? cost_i > cost_j : cost_i >= cost_j;
+      }
+      if (wins) return static_cast<int>(nj);
+    }
+  }
+  return 1;
+}
+
+int SparseAttentionMaxSplits(int64_t max_keys, int64_t min_lists, int64_t max_lists, int sm_count,
+                             bool batch_invariant, const SparseAttnParams& shape) {
+  max_keys = std::max<int64_t>(max_keys, 1);
+  if (batch_invariant) return SparseAttentionSplitsCeiling(max_keys, true);
+  if (UseMma(shape)) {
+    return SparseMmaMaxSplits(max_keys, min_lists, max_lists, int64_t{sm_count} * MmaBlocksPerSm(shape.head_dim));
+  }
+  // The generic plan's chunk grows with the keys of the batch: the fewest give the most splits.
+  SparseAttnParams p = shape;
+  PlanSparseAttention(std::max<int64_t>(min_lists, 1) * max_keys, static_cast<int>(max_keys), sm_count, &p);
+  return p.max_splits;
 }
 
 size_t SparseAttnSmemBytes(int group, int head_dim) { return static_cast<size_t>(Layout(group, head_dim).total); }

@@ -91,6 +91,22 @@ void PlanSparseAttention(int64_t sum_keys, int max_keys, int sm_count, SparseAtt
 // a list's splits and merge then follow from its own length alone.
 constexpr int kBatchInvariantSparseChunk = 256;
 void PlanSparseAttentionInvariant(int max_keys, SparseAttnParams* p);
+// Bounds of the plans' split counts, which size the memory planner's bound of the partial buffers
+// (CudaBackend::AttentionWorkspaceBytes).
+// For every batch whose longest list has at most `max_keys` keys, whatever the other lists and the SMs: the
+// batch-invariant plan's count (fixed chunks, at least two), or, for PlanSparseAttention, max_keys over the
+// smallest chunk of either kernel (its cost model picks from the batch, but never a chunk below that).
+int SparseAttentionSplitsCeiling(int64_t max_keys, bool batch_invariant);
+// The most splits the plan gives a batch whose longest list has exactly `max_keys` keys and whose lists hold
+// sum_keys in [min_lists, max_lists] x max_keys keys, for the kernel `shape` selects (n_heads, n_kv,
+// head_dim, variant) on `sm_count` SMs: the batch-invariant plan's count, the generic plan's at the fewest
+// keys (its chunk grows with them), the tensor-core plan's largest pick over the range (SparseMmaMaxSplits).
+int SparseAttentionMaxSplits(int64_t max_keys, int64_t min_lists, int64_t max_lists, int sm_count,
+                             bool batch_invariant, const SparseAttnParams& shape);
+// The tensor-core plan's largest split count over sum_keys in [min_lists, max_lists] x max_keys with `resident`
+// CTAs at once (SMs x blocks per SM). Its cost is not monotone in the keys (a wave more can favour smaller
+// chunks): every candidate is checked at the end of each step of its cost.
+int SparseMmaMaxSplits(int64_t max_keys, int64_t min_lists, int64_t max_lists, int64_t resident);
 
 // Dynamic shared memory the generic attention kernel needs (the tensor-core kernel uses static memory).
 size_t SparseAttnSmemBytes(int group, int head_dim);
