@@ -258,13 +258,19 @@ INSTANTIATE_TEST_SUITE_P(
                       SparseCase{"stories_tp2_batch_level_offloaded", true, 2, SelectionMode::kBatchLevel, 3}),
     [](const auto& info) { return info.param.name; });
 
-TEST(TensorParallelRuntime, SharedDevicesLoadEveryRankOnGpuZero) {
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+// The runtime of `--backend cuda --tensor-parallel 2 --tensor-parallel-devices shared` on the tiny model.
+RuntimeOptions SharedTp2Options() {
   RuntimeOptions o;
   o.model_path = SPECONTEXT_TEST_DATA "/tiny/tiny-llama";
   o.backend = "cuda";
   o.tensor_parallel = 2;
   o.tensor_parallel_devices = TensorParallelDevices::kShared;
+  return o;
+}
+
+TEST(TensorParallelRuntime, SharedDevicesLoadEveryRankOnGpuZero) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  const RuntimeOptions o = SharedTp2Options();
   const int64_t free_before = CudaDeviceFreeBytes(0);
   absl::StatusOr<Runtime> rt = LoadRuntime(o);
   ASSERT_TRUE(rt.ok()) << rt.status();
@@ -284,11 +290,7 @@ TEST(TensorParallelRuntime, SharedDevicesEnginesSampleTheSameTokens) {
   // per rank on its own thread, sampling on the device from its own logits; the ranks' logits are the same bits,
   // so they sample the same tokens.
   if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
-  RuntimeOptions o;
-  o.model_path = SPECONTEXT_TEST_DATA "/tiny/tiny-llama";
-  o.backend = "cuda";
-  o.tensor_parallel = 2;
-  o.tensor_parallel_devices = TensorParallelDevices::kShared;
+  const RuntimeOptions o = SharedTp2Options();
   absl::StatusOr<Runtime> rt = LoadRuntime(o);
   ASSERT_TRUE(rt.ok()) << rt.status();
   GenerationRequest req;

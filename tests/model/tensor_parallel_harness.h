@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/model/transformer.h"
+#include "tests/common/stories260k_shape.h"
 #include "tests/model/random_model.h"
 
 namespace specontext::testing {
@@ -27,16 +28,9 @@ inline int32_t Greedy(const float* logits, int64_t vocab) {
   return static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);
 }
 
-// stories260K's shape (llama2.c): dim 64, 5 layers, 8 heads, 4 KV heads, hidden 172 (divisible by 4), vocab 512.
 inline ModelConfig Stories260kShape() {
   ModelConfig c = TinyConfig();
-  c.vocab_size = 512;
-  c.hidden_size = 64;
-  c.intermediate_size = 172;
-  c.num_hidden_layers = 5;
-  c.num_attention_heads = 8;
-  c.num_key_value_heads = 4;
-  c.head_dim = 8;
+  SetStories260kShape(c);
   c.max_position_embeddings = 512;
   return c;
 }

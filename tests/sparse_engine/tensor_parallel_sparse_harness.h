@@ -14,6 +14,7 @@
 #include <gtest/gtest.h>
 
 #include "core/model/sparse_tensor_parallel.h"
+#include "tests/common/stories260k_shape.h"
 #include "tests/sparse_engine/tiny_setup.h"
 
 namespace specontext::testing {
@@ -24,18 +25,12 @@ struct SparseTpFiles {
   std::string model, head;
 };
 
-// stories260K's shape (llama2.c): dim 64, 5 layers, 8 heads over 4 KV heads, hidden 172, vocab 512.
+// A random checkpoint of stories260K's shape and its pruned layer head.
 inline absl::StatusOr<SparseTpFiles> Stories260kShapedFiles() {
   SparseTpFiles f{TestDir("stories260k_model"), TestDir("stories260k_head")};
   if (std::filesystem::exists(f.head + "/config.json")) return f;
   ASSIGN_OR_RETURN(ModelConfig c, RandomCheckpointPreset("tiny-llama-tied-gqa"));
-  c.vocab_size = 512;
-  c.hidden_size = 64;
-  c.intermediate_size = 172;
-  c.num_hidden_layers = 5;
-  c.num_attention_heads = 8;
-  c.num_key_value_heads = 4;
-  c.head_dim = 8;
+  SetStories260kShape(c);
   RandomCheckpointOptions o;
   o.dtype = DType::kF32;
   o.seed = 11;
