@@ -6,12 +6,12 @@
 #include <algorithm>
 #include <memory>
 #include <span>
-#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/model/transformer.h"
 #include "tests/common/stories260k_shape.h"
+#include "tests/common/tensor_parallel_ranks.h"
 #include "tests/model/random_model.h"
 
 namespace specontext::testing {
@@ -73,21 +73,9 @@ inline absl::StatusOr<TpTrace> RunTpRank(const Checkpoint& ck, Backend* backend,
 inline std::vector<absl::StatusOr<TpTrace>> RunTpRanks(const Checkpoint& ck, std::span<Backend* const> backends,
                                                        std::span<const std::unique_ptr<Communicator>> comms,
                                                        const std::vector<int32_t>* feed = nullptr) {
-  const int size = static_cast<int>(comms.size());
-  std::vector<absl::StatusOr<TpTrace>> out(size, absl::UnknownError("not run"));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < size; ++r) {
-    threads.emplace_back([&, r] {
-      if (absl::Status s = backends[r]->MakeCurrent(); !s.ok()) {
-        out[r] = s;
-      } else {
-        out[r] = RunTpRank(ck, backends[r], {r, size, comms[r].get()}, feed);
-      }
-      if (!out[r].ok()) comms[r]->Abort();
-    });
-  }
-  for (std::thread& t : threads) t.join();
-  return out;
+  return RunOnRanks<TpTrace>(backends, comms, [&](Backend* backend, TensorParallel tp) {
+    return RunTpRank(ck, backend, tp, feed);
+  });
 }
 
 }  // namespace specontext::testing

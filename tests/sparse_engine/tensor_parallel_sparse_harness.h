@@ -8,13 +8,13 @@
 #include <memory>
 #include <span>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include "core/model/sparse_tensor_parallel.h"
 #include "tests/common/stories260k_shape.h"
+#include "tests/common/tensor_parallel_ranks.h"
 #include "tests/sparse_engine/tiny_setup.h"
 
 namespace specontext::testing {
@@ -137,21 +137,9 @@ inline std::vector<absl::StatusOr<SparseTpTrace>> RunSparseTpRanks(const Checkpo
                                                                    std::span<const std::unique_ptr<Communicator>> comms,
                                                                    const SparseTpSetup& setup,
                                                                    const SparseTpFeed* feed = nullptr) {
-  const int size = static_cast<int>(comms.size());
-  std::vector<absl::StatusOr<SparseTpTrace>> out(size, absl::UnknownError("not run"));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < size; ++r) {
-    threads.emplace_back([&, r] {
-      if (absl::Status s = backends[r]->MakeCurrent(); !s.ok()) {
-        out[r] = s;
-      } else {
-        out[r] = RunSparseTpRank(ck, head, backends[r], {r, size, comms[r].get()}, setup, feed);
-      }
-      if (!out[r].ok()) comms[r]->Abort();
-    });
-  }
-  for (std::thread& t : threads) t.join();
-  return out;
+  return RunOnRanks<SparseTpTrace>(backends, comms, [&](Backend* backend, TensorParallel tp) {
+    return RunSparseTpRank(ck, head, backend, tp, setup, feed);
+  });
 }
 
 // The sets rank `rank` of `size` must hold: the unsharded sets of its KV heads (head-level), or the same
