@@ -158,16 +158,7 @@ absl::Status RemoteSparseDecoder::Decode(std::span<const ForwardSeq> part, std::
       EndPhase(&step_secs_.elastic_plan);
     }
   }
-  absl::Status fst;
-  if (device) {
-    absl::StatusOr<Tensor> d = model_->ForwardDevice(part, /*all_tokens=*/false, &sf, capture);
-    fst = d.status();
-    if (d.ok()) *out = *std::move(d);
-  } else {
-    fst = model_->Forward(part, /*all_tokens=*/false, out, &sf, capture);
-  }
-  if (!sf.layer_copies.empty()) layer_copies_ = std::move(sf.layer_copies);  // back to the scratch
-  RETURN_IF_ERROR(fst);
+  RETURN_IF_ERROR(SparseForwardInto(*model_, part, device, sf, capture, out, &layer_copies_));
   EndPhase(&step_secs_.forward);
   if (planned) {
     RETURN_IF_ERROR(ApplyElasticPlan(plan_, sets_, maps_));

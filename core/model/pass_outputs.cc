@@ -61,4 +61,19 @@ absl::Status PrepareDeviceCapture(Backend& b, int64_t n_tokens, int64_t width, T
   return absl::OkStatus();
 }
 
+absl::Status SparseForwardInto(Transformer& model, std::span<const ForwardSeq> part, bool device, SparseForward& sf,
+                               HiddenCapture* capture, Tensor* out,
+                               std::vector<const CopyList*>* copies_scratch) {
+  absl::Status st;
+  if (device) {
+    absl::StatusOr<Tensor> d = model.ForwardDevice(part, /*all_tokens=*/false, &sf, capture);
+    st = d.status();
+    if (d.ok()) *out = *std::move(d);
+  } else {
+    st = model.Forward(part, /*all_tokens=*/false, out, &sf, capture);
+  }
+  if (!sf.layer_copies.empty()) *copies_scratch = std::move(sf.layer_copies);
+  return st;
+}
+
 }  // namespace specontext

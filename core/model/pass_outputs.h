@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "core/backend.h"
@@ -45,5 +46,12 @@ class PassLogits {
 /// (Transformer::ForwardDevice; the graph remembers the address). `capture->layers` is left to the caller.
 absl::Status PrepareDeviceCapture(Backend& b, int64_t n_tokens, int64_t width, Tensor* buffer,
                                   HiddenCapture* capture);
+
+/// One sparse forward of `part`: `device` true sets `*out` to the device logits (Transformer::ForwardDevice),
+/// false fills the host `*out` (Transformer::Forward). `sf.layer_copies` goes back into `*copies_scratch`
+/// whatever the outcome, so the decoder's per-layer copy list is reused by the next step.
+absl::Status SparseForwardInto(Transformer& model, std::span<const ForwardSeq> part, bool device, SparseForward& sf,
+                               HiddenCapture* capture, Tensor* out,
+                               std::vector<const CopyList*>* copies_scratch);
 
 }  // namespace specontext

@@ -513,16 +513,8 @@ absl::Status SparseDecoder::Decode(std::span<const ForwardSeq> fwd, std::span<Se
     RETURN_IF_ERROR(StartRecallProbe(static_cast<int64_t>(fwd.size()), &sf));
   }
   ASSIGN_OR_RETURN(HiddenCapture * cap, PrepareCapture(static_cast<int64_t>(fwd.size())));
-  absl::Status fst;
-  if (device) {
-    absl::StatusOr<Tensor> d = model_->ForwardDevice(fwd, /*all_tokens=*/false, &sf, cap);
-    fst = d.status();
-    if (d.ok()) *logits = *std::move(d);
-  } else {
-    fst = model_->Forward(fwd, /*all_tokens=*/false, logits, &sf, cap);
-  }
-  if (!sf.layer_copies.empty()) layer_copies_ = std::move(sf.layer_copies);  // back to the scratch
-  RETURN_IF_ERROR(fst);  // a pending selection is waited for by the next one
+  // An error leaves a pending selection to be waited for by the next one.
+  RETURN_IF_ERROR(SparseForwardInto(*model_, fwd, device, sf, cap, logits, &layer_copies_));
   secs.forward += Lap(t);
   if (selection_.pending) {
     RETURN_IF_ERROR(TakeSelection());  // complete by now: it came down while the forward ran
